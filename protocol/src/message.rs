@@ -1,0 +1,328 @@
+//! The closed set of helper requests and their answers.
+//!
+//! Adding an operation means adding a variant at the *end* of [`Request`] (and, if it needs one,
+//! of [`Response`]) and bumping [`crate::PROTOCOL_VERSION`] only when an existing variant changes
+//! shape. The client never sends a path, a kernel name, a firewall rule or a command line: it names
+//! objects by [`VmId`] and role, and the helper derives everything kernel-visible itself.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::HelperError;
+use crate::ids::{InstallId, VmId};
+
+/// One request from a daemon to the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The first frame of every connection: the client's protocol version and the install whose
+    /// objects this connection manages.
+    Hello {
+        /// The client's [`crate::PROTOCOL_VERSION`].
+        version: u32,
+        /// The install that tags every object made on this connection.
+        install_id: InstallId,
+    },
+    /// Health check; answered with [`Response::Pong`].
+    Ping,
+    /// Lease the caller's subnet from the policy's address pool (stable per uid).
+    LeaseSubnet,
+    /// Create the TAP of a VM (persistent, owned by the caller, host address set, link up).
+    TapCreate {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Delete the TAP of a VM; absent is success.
+    TapDelete {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Install the VM's NAT and forwarding rules (idempotent).
+    NatUp {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Remove the VM's NAT and forwarding rules; absent is success.
+    NatDown {
+        /// The VM.
+        vm: VmId,
+    },
+    /// Set a sysctl that the policy allowlists, to a value it allows.
+    SysctlSet {
+        /// The key in dotted form, e.g. `net.ipv4.ip_forward`.
+        key: String,
+        /// The value to write.
+        value: String,
+    },
+    /// Attach a loop device to the backing file passed *as a file descriptor* beside this frame.
+    /// Read-write is granted only when `read_only` is false and the fd was opened for writing.
+    LoopAttach {
+        /// The VM the device belongs to.
+        vm: VmId,
+        /// What the device is for.
+        role: LoopRole,
+        /// Attach read-only.
+        read_only: bool,
+    },
+    /// Detach the caller's loop device of this VM and role; absent is success.
+    LoopDetach {
+        /// The VM.
+        vm: VmId,
+        /// The device's role.
+        role: LoopRole,
+    },
+    /// List every object the caller owns, across all of its installs.
+    ListOwned,
+    /// Tear down everything of several VMs of this install (rules, TAPs, loops) in one go.
+    TeardownVms {
+        /// The VMs; at most [`crate::MAX_TEARDOWN_VMS`].
+        #[serde(deserialize_with = "bounded::vec")]
+        vms: Vec<VmId>,
+    },
+}
+
+impl Request {
+    /// How many file descriptors must travel beside this request. Any other count is refused
+    /// and every received descriptor closed.
+    pub fn expected_fds(&self) -> usize {
+        match self {
+            Request::LoopAttach { .. } => 1,
+            Request::Hello { .. }
+            | Request::Ping
+            | Request::LeaseSubnet
+            | Request::TapCreate { .. }
+            | Request::TapDelete { .. }
+            | Request::NatUp { .. }
+            | Request::NatDown { .. }
+            | Request::SysctlSet { .. }
+            | Request::LoopDetach { .. }
+            | Request::ListOwned
+            | Request::TeardownVms { .. } => 0,
+        }
+    }
+
+    /// A short stable name of the operation, for audit records and errors.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Ping => "ping",
+            Request::LeaseSubnet => "lease-subnet",
+            Request::TapCreate { .. } => "tap-create",
+            Request::TapDelete { .. } => "tap-delete",
+            Request::NatUp { .. } => "nat-up",
+            Request::NatDown { .. } => "nat-down",
+            Request::SysctlSet { .. } => "sysctl-set",
+            Request::LoopAttach { .. } => "loop-attach",
+            Request::LoopDetach { .. } => "loop-detach",
+            Request::ListOwned => "list-owned",
+            Request::TeardownVms { .. } => "teardown-vms",
+        }
+    }
+}
+
+/// What a loop device is for; with the VM id it names the device within an install.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LoopRole {
+    /// The read-only base image.
+    Base,
+    /// The VM's copy-on-write file.
+    Cow,
+    /// The VM's work disk.
+    Work,
+}
+
+impl LoopRole {
+    /// Every role, in a fixed order.
+    pub const ALL: [LoopRole; 3] = [LoopRole::Base, LoopRole::Cow, LoopRole::Work];
+
+    /// The role's lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoopRole::Base => "base",
+            LoopRole::Cow => "cow",
+            LoopRole::Work => "work",
+        }
+    }
+}
+
+/// One answer from the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The answer to a successful `Hello`.
+    Hello(HelloReply),
+    /// The answer to `Ping`.
+    Pong,
+    /// The caller's lease.
+    Lease(LeaseInfo),
+    /// A TAP that exists now.
+    Tap(TapInfo),
+    /// NAT that is in place now.
+    Nat(NatInfo),
+    /// A loop device that is attached now.
+    Loop(LoopInfo),
+    /// The operation finished and has nothing to report (deletes, detaches, sysctl).
+    Done,
+    /// Everything the caller owns.
+    Owned(OwnedObjects),
+    /// What a bulk teardown did.
+    Teardown(TeardownReport),
+    /// The request failed; nothing it would have made was left behind.
+    Error(HelperError),
+}
+
+/// The helper's side of the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The helper's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// The helper's release, e.g. `0.1.0`.
+    pub helper_version: String,
+    /// What this helper can do on this host.
+    pub capabilities: Capabilities,
+}
+
+/// What a helper offers on this host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// The kernel has device-mapper (`/dev/mapper/control`), so dm-snapshot roots are possible.
+    pub device_mapper: bool,
+    /// A jailer is configured in the policy.
+    pub jailer: bool,
+    /// The kernel accepts `LOOP_CONFIGURE` (atomic loop attach).
+    pub loop_configure: bool,
+    /// The policy lets TAPs keep IPv6.
+    pub ipv6: bool,
+}
+
+/// A user's slice of the address pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// The first address of the lease.
+    pub network: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix_len: u8,
+}
+
+/// A VM's TAP and its point-to-point subnet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapInfo {
+    /// The install that owns it.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// The interface name (at most 15 bytes), derived by the helper.
+    pub name: String,
+    /// The host side's address: the gateway of the VM's subnet.
+    pub host_ip: Ipv4Addr,
+    /// The address the guest must use.
+    pub guest_ip: Ipv4Addr,
+    /// The prefix length of the VM's subnet.
+    pub prefix_len: u8,
+    /// The MAC the guest NIC should use, `xx:xx:xx:xx:xx:xx`.
+    pub guest_mac: String,
+}
+
+/// A VM's NAT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatInfo {
+    /// The install that owns it.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// The guest address being masqueraded.
+    pub guest_ip: Ipv4Addr,
+    /// The uplink interface.
+    pub uplink: String,
+}
+
+/// An attached loop device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopInfo {
+    /// The install that owns it.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// Its role.
+    pub role: LoopRole,
+    /// The device node, e.g. `/dev/loop7`, owned by the caller while attached.
+    pub device: String,
+    /// Whether it is read-only.
+    pub read_only: bool,
+}
+
+/// Every object one uid owns, across its installs, with their tags.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedObjects {
+    /// The uid's lease, if it has one.
+    pub lease: Option<LeaseInfo>,
+    /// TAPs.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub taps: Vec<TapInfo>,
+    /// NAT rule sets.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub nat: Vec<NatInfo>,
+    /// Loop devices.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub loops: Vec<LoopInfo>,
+}
+
+/// The outcome of a bulk teardown: everything that could be removed was removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownReport {
+    /// VMs of which nothing is left.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub torn_down: Vec<VmId>,
+    /// What could not be removed, and why.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub failures: Vec<TeardownFailure>,
+}
+
+/// One object a teardown could not remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TeardownFailure {
+    /// The VM.
+    pub vm: VmId,
+    /// Which object, e.g. `tap bg1a2b3c4d5e6f`.
+    pub object: String,
+    /// Why.
+    pub error: HelperError,
+}
+
+/// Deserialization of lists that never trusts a claimed length: more than [`crate::MAX_LIST_LEN`]
+/// elements is an error before anything is allocated, so a hostile frame cannot make the decoder
+/// reserve memory for elements it does not carry.
+mod bounded {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    use crate::MAX_LIST_LEN;
+
+    pub(super) fn vec<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a list of at most {MAX_LIST_LEN} elements")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                let claimed = seq.size_hint().unwrap_or(0);
+                if claimed > MAX_LIST_LEN {
+                    return Err(A::Error::custom(format!(
+                        "list of {claimed} elements is over the limit of {MAX_LIST_LEN}"
+                    )));
+                }
+                let mut out = Vec::with_capacity(claimed);
+                while let Some(item) = seq.next_element()? {
+                    if out.len() == MAX_LIST_LEN {
+                        return Err(A::Error::custom(format!("list is over the limit of {MAX_LIST_LEN}")));
+                    }
+                    out.push(item);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(V(PhantomData))
+    }
+}
