@@ -1,0 +1,10 @@
+//! banger: the `banger` CLI and the per-user `bangerd` daemon.
+//!
+//! The daemon owns durable intent ([`store`], the SQLite `vms` table), momentary reality
+//! ([`handles`], an in-memory cache mirrored to each VM's `handles.json`), liveness
+//! ([`liveness`]) and reconciliation after crashes ([`reconcile`]). It reaches the kernel only
+//! through the root helper ([`helper_client`]) and talks to each VMM through its API socket
+//! ([`firecracker`]).
+
+pub mod ids;
+pub mod model;

@@ -1,0 +1,192 @@
+//! What a VM is (durable intent, [`VmRuntime`], kept in SQLite) and what is true about it right
+//! now (momentary reality, [`VmHandles`], kept in memory and mirrored to `handles.json`).
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use banger_protocol::VmId;
+use serde::{Deserialize, Serialize};
+
+/// The intended state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Defined, never started.
+    Created,
+    /// A start is in progress.
+    Starting,
+    /// Should be running.
+    Running,
+    /// A stop is in progress.
+    Stopping,
+    /// Stopped (by the user, or demoted by reconcile with a reason in `last_error`).
+    Stopped,
+    /// A start failed; `last_error` says why.
+    Failed,
+}
+
+impl VmState {
+    /// The lowercase name stored in the database and shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+
+    /// Whether the intent is for the VM to be up (reconcile checks these).
+    pub fn wants_running(self) -> bool {
+        matches!(self, VmState::Starting | VmState::Running | VmState::Stopping)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VmState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "created" => VmState::Created,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "stopping" => VmState::Stopping,
+            "stopped" => VmState::Stopped,
+            "failed" => VmState::Failed,
+            other => return Err(format!("unknown vm state {other:?}")),
+        })
+    }
+}
+
+/// How the VM's writable root was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageKind {
+    /// A reflink clone of the image's rootfs.
+    Reflink,
+    /// A sparse copy of the image's rootfs.
+    SparseCopy,
+    /// A dm-snapshot over loop devices.
+    DmSnapshot,
+}
+
+impl StorageKind {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageKind::Reflink => "reflink",
+            StorageKind::SparseCopy => "sparse-copy",
+            StorageKind::DmSnapshot => "dm-snapshot",
+        }
+    }
+}
+
+impl FromStr for StorageKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "reflink" => StorageKind::Reflink,
+            "sparse-copy" => StorageKind::SparseCopy,
+            "dm-snapshot" => StorageKind::DmSnapshot,
+            other => return Err(format!("unknown storage kind {other:?}")),
+        })
+    }
+}
+
+/// A VM's durable intent: one row of the `vms` table. Everything here is durable or
+/// deterministic from the id; never a PID, TAP, loop or dm name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    /// Generated id (16 hex digits).
+    pub id: VmId,
+    /// The name users type (a DNS label, unique per install).
+    pub name: String,
+    /// Intended state.
+    pub state: VmState,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Image name.
+    pub image: String,
+    /// Guest address, once the helper assigned one.
+    pub guest_ip: Option<Ipv4Addr>,
+    /// The host side of the VM's subnet (its gateway), once assigned.
+    pub gateway_ip: Option<Ipv4Addr>,
+    /// Firecracker API socket.
+    pub api_socket: PathBuf,
+    /// Hybrid vsock socket.
+    pub vsock_path: PathBuf,
+    /// Guest vsock CID.
+    pub vsock_cid: u32,
+    /// Serial console log.
+    pub log_path: PathBuf,
+    /// Firecracker metrics file.
+    pub metrics_path: PathBuf,
+    /// DNS name (`NAME.banger.internal`-style, informational).
+    pub dns_name: String,
+    /// The VM's directory.
+    pub vm_dir: PathBuf,
+    /// The VM's writable root (copy-on-write overlay or full copy).
+    pub overlay_path: PathBuf,
+    /// Optional work disk.
+    pub work_disk_path: Option<PathBuf>,
+    /// How the writable root was made, once made.
+    pub storage: Option<StorageKind>,
+    /// Why the last start failed or why reconcile stopped it.
+    pub last_error: Option<String>,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+    /// Seconds since the epoch.
+    pub updated_at: i64,
+}
+
+/// The format version of `handles.json`.
+pub const HANDLES_VERSION: u32 = 1;
+
+/// What is true about a running VM right now. Never stored in SQLite.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHandles {
+    /// Format version ([`HANDLES_VERSION`]); newer fields default when absent.
+    #[serde(default)]
+    pub version: u32,
+    /// The VMM's pid.
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// The TAP device.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Base image loop device.
+    #[serde(default)]
+    pub base_loop: Option<String>,
+    /// Copy-on-write loop device.
+    #[serde(default)]
+    pub cow_loop: Option<String>,
+    /// Device-mapper name.
+    #[serde(default)]
+    pub dm_name: Option<String>,
+    /// Device-mapper device node.
+    #[serde(default)]
+    pub dm_device: Option<String>,
+}
+
+impl VmHandles {
+    /// Whether no handle is held.
+    pub fn is_empty(&self) -> bool {
+        self.pid.is_none()
+            && self.tap.is_none()
+            && self.base_loop.is_none()
+            && self.cow_loop.is_none()
+            && self.dm_name.is_none()
+            && self.dm_device.is_none()
+    }
+}
