@@ -1,0 +1,429 @@
+//! The ownership ledger as data: which uid, install and VM each helper-made object belongs to.
+//!
+//! The helper persists it (atomically, as JSON) and reconciles it with the kernel; here it is plain
+//! data that [`crate::authorize`] reads for quotas and ownership checks, with the pure queries
+//! and updates the helper needs.
+//!
+//! An object is keyed by `(uid, install, vm, kind)` ([`ObjectKind`]): one TAP and one NAT rule set
+//! per VM, one loop device per VM and [`LoopRole`]. Every query takes the caller's uid and only
+//! ever looks at that uid's entries, so one user's objects can never stand in for another's.
+//! Leases are per uid (not per install): all installs of one user share one slice of the pool.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use banger_protocol::{InstallId, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, TapInfo, VmId};
+use serde::{Deserialize, Serialize};
+
+use crate::Network;
+use crate::addr::guest_mac;
+
+/// Every object the helper made and still answers for, and every uid's lease.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// uid → index of its lease within the pool (stable for the uid).
+    pub leases: std::collections::BTreeMap<u32, u32>,
+    /// The objects.
+    pub entries: Vec<LedgerEntry>,
+}
+
+/// One object with its owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    /// The owner.
+    pub uid: u32,
+    /// The owner's install.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// The object.
+    pub object: Object,
+}
+
+/// A kernel object the helper made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Object {
+    /// A TAP and the VM slot (subnet index within the owner's lease) it uses.
+    Tap {
+        /// Interface name.
+        name: String,
+        /// Subnet index within the lease.
+        slot: u32,
+        /// Host-side address.
+        host_ip: Ipv4Addr,
+        /// Guest address.
+        guest_ip: Ipv4Addr,
+    },
+    /// The VM's NAT rule set.
+    Nat {
+        /// Guest address masqueraded.
+        guest_ip: Ipv4Addr,
+        /// Uplink used.
+        uplink: String,
+    },
+    /// A loop device.
+    Loop {
+        /// Its role.
+        role: LoopRole,
+        /// `/dev/loopN`.
+        device: String,
+        /// Read-only or not.
+        read_only: bool,
+    },
+}
+
+/// What kind of object an entry is: with the uid, install and VM it names one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum ObjectKind {
+    /// The VM's TAP.
+    Tap,
+    /// The VM's NAT rule set.
+    Nat,
+    /// The VM's loop device of this role.
+    Loop(LoopRole),
+}
+
+impl Object {
+    /// The object's kind.
+    pub fn kind(&self) -> ObjectKind {
+        match self {
+            Object::Tap { .. } => ObjectKind::Tap,
+            Object::Nat { .. } => ObjectKind::Nat,
+            Object::Loop { role, .. } => ObjectKind::Loop(*role),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectKind {
+    /// `tap`, `nat`, or `loop base` / `loop cow` / `loop work`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ObjectKind::Tap => f.write_str("tap"),
+            ObjectKind::Nat => f.write_str("nat"),
+            ObjectKind::Loop(role) => write!(f, "loop {}", role.as_str()),
+        }
+    }
+}
+
+impl LedgerEntry {
+    /// The entry's kind.
+    pub fn kind(&self) -> ObjectKind {
+        self.object.kind()
+    }
+
+    /// Whether this entry is the object `(uid, install, vm, kind)`.
+    pub fn is(&self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> bool {
+        self.uid == uid && &self.install == install && &self.vm == vm && self.kind() == kind
+    }
+}
+
+impl Ledger {
+    /// The lease index of `uid`, if it has one.
+    pub fn lease_of(&self, uid: u32) -> Option<u32> {
+        self.leases.get(&uid).copied()
+    }
+
+    /// The lowest lease index below `total` that no uid holds.
+    pub fn next_free_lease(&self, total: u32) -> Option<u32> {
+        let taken: BTreeSet<u32> = self.leases.values().copied().collect();
+        (0..total).find(|index| !taken.contains(index))
+    }
+
+    /// The lease of `uid`, assigning it the lowest free index below `total` if it has none.
+    /// `None` when the uid has no lease and the pool is exhausted.
+    pub fn lease_or_assign(&mut self, uid: u32, total: u32) -> Option<u32> {
+        if let Some(index) = self.lease_of(uid) {
+            return Some(index);
+        }
+        let index = self.next_free_lease(total)?;
+        self.leases.insert(uid, index);
+        Some(index)
+    }
+
+    /// The object `(uid, install, vm, kind)`, if the ledger has it.
+    pub fn find(&self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> Option<&LedgerEntry> {
+        self.entries.iter().find(|e| e.is(uid, install, vm, kind))
+    }
+
+    /// Every object of `uid`, across its installs, in ledger order.
+    pub fn entries_of(&self, uid: u32) -> impl Iterator<Item = &LedgerEntry> {
+        self.entries.iter().filter(move |e| e.uid == uid)
+    }
+
+    /// Every object of one VM of one install of `uid`, in ledger order.
+    pub fn entries_of_vm<'a>(
+        &'a self,
+        uid: u32,
+        install: &'a InstallId,
+        vm: &'a VmId,
+    ) -> impl Iterator<Item = &'a LedgerEntry> {
+        self.entries.iter().filter(move |e| e.uid == uid && &e.install == install && &e.vm == vm)
+    }
+
+    /// How many TAPs `uid` owns, across its installs.
+    pub fn count_taps(&self, uid: u32) -> u32 {
+        count(self.entries_of(uid).filter(|e| e.kind() == ObjectKind::Tap))
+    }
+
+    /// How many loop devices `uid` owns, across its installs.
+    pub fn count_loops(&self, uid: u32) -> u32 {
+        count(self.entries_of(uid).filter(|e| matches!(e.kind(), ObjectKind::Loop(_))))
+    }
+
+    /// How many VMs `uid` has: distinct `(install, vm)` pairs with at least one object.
+    pub fn count_vms(&self, uid: u32) -> u32 {
+        let vms: BTreeSet<(&InstallId, &VmId)> = self.entries_of(uid).map(|e| (&e.install, &e.vm)).collect();
+        u32::try_from(vms.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether `uid` has any object for this VM of this install.
+    pub fn has_vm(&self, uid: u32, install: &InstallId, vm: &VmId) -> bool {
+        self.entries_of_vm(uid, install, vm).next().is_some()
+    }
+
+    /// The lowest VM slot below `slots_per_lease` that no TAP of `uid` uses, across its installs
+    /// (they share the uid's lease).
+    pub fn free_slot(&self, uid: u32, slots_per_lease: u32) -> Option<u32> {
+        let used: BTreeSet<u32> = self
+            .entries_of(uid)
+            .filter_map(|e| match e.object {
+                Object::Tap { slot, .. } => Some(slot),
+                _ => None,
+            })
+            .collect();
+        (0..slots_per_lease).find(|slot| !used.contains(slot))
+    }
+
+    /// Records `entry`, replacing (and returning) the entry with the same
+    /// `(uid, install, vm, kind)` if there was one.
+    pub fn insert(&mut self, entry: LedgerEntry) -> Option<LedgerEntry> {
+        match self.entries.iter_mut().find(|e| e.is(entry.uid, &entry.install, &entry.vm, entry.kind())) {
+            Some(old) => Some(std::mem::replace(old, entry)),
+            None => {
+                self.entries.push(entry);
+                None
+            }
+        }
+    }
+
+    /// Forgets the object `(uid, install, vm, kind)` and returns it; `None` if it was not there.
+    pub fn remove(&mut self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> Option<LedgerEntry> {
+        let at = self.entries.iter().position(|e| e.is(uid, install, vm, kind))?;
+        Some(self.entries.remove(at))
+    }
+
+    /// Everything `uid` owns, in the protocol's shape, for `ListOwned`. `network` turns the lease
+    /// index into addresses and gives the VM prefix length; the guest MAC is
+    /// [`guest_mac`] of the guest address.
+    pub fn owned_objects(&self, uid: u32, network: &Network) -> OwnedObjects {
+        let lease = self
+            .lease_of(uid)
+            .and_then(|index| network.lease(index))
+            .map(|net| LeaseInfo { network: net.network(), prefix_len: net.prefix_len() });
+        let mut owned = OwnedObjects { lease, ..OwnedObjects::default() };
+        for e in self.entries_of(uid) {
+            let (install, vm) = (e.install.clone(), e.vm.clone());
+            match &e.object {
+                Object::Tap { name, host_ip, guest_ip, .. } => owned.taps.push(TapInfo {
+                    install,
+                    vm,
+                    name: name.clone(),
+                    host_ip: *host_ip,
+                    guest_ip: *guest_ip,
+                    prefix_len: network.vm_prefix,
+                    guest_mac: guest_mac(*guest_ip),
+                }),
+                Object::Nat { guest_ip, uplink } => {
+                    owned.nat.push(NatInfo { install, vm, guest_ip: *guest_ip, uplink: uplink.clone() })
+                }
+                Object::Loop { role, device, read_only } => owned.loops.push(LoopInfo {
+                    install,
+                    vm,
+                    role: *role,
+                    device: device.clone(),
+                    read_only: *read_only,
+                }),
+            }
+        }
+        owned
+    }
+
+    /// Every uid that has an object or a lease.
+    pub fn uids(&self) -> BTreeSet<u32> {
+        self.leases.keys().copied().chain(self.entries.iter().map(|e| e.uid)).collect()
+    }
+}
+
+fn count<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> u32 {
+    u32::try_from(entries.count()).unwrap_or(u32::MAX)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Policy;
+
+    fn install(s: &str) -> InstallId {
+        InstallId::new(s).unwrap()
+    }
+
+    fn vm(s: &str) -> VmId {
+        VmId::new(s).unwrap()
+    }
+
+    fn tap(uid: u32, inst: &str, v: &str, slot: u32) -> LedgerEntry {
+        LedgerEntry {
+            uid,
+            install: install(inst),
+            vm: vm(v),
+            object: Object::Tap {
+                name: format!("bg{uid}{v}"),
+                slot,
+                host_ip: Ipv4Addr::new(172, 30, 0, (slot * 4 + 1) as u8),
+                guest_ip: Ipv4Addr::new(172, 30, 0, (slot * 4 + 2) as u8),
+            },
+        }
+    }
+
+    fn lp(uid: u32, inst: &str, v: &str, role: LoopRole) -> LedgerEntry {
+        LedgerEntry {
+            uid,
+            install: install(inst),
+            vm: vm(v),
+            object: Object::Loop { role, device: "/dev/loop3".into(), read_only: role == LoopRole::Base },
+        }
+    }
+
+    fn nat(uid: u32, inst: &str, v: &str) -> LedgerEntry {
+        LedgerEntry {
+            uid,
+            install: install(inst),
+            vm: vm(v),
+            object: Object::Nat { guest_ip: Ipv4Addr::new(172, 30, 0, 2), uplink: "eth0".into() },
+        }
+    }
+
+    fn sample() -> Ledger {
+        let mut l = Ledger::default();
+        l.leases.insert(1000, 0);
+        l.leases.insert(1001, 2);
+        for e in [
+            tap(1000, "a", "vm1", 0),
+            nat(1000, "a", "vm1"),
+            lp(1000, "a", "vm1", LoopRole::Base),
+            lp(1000, "a", "vm1", LoopRole::Cow),
+            tap(1000, "b", "vm1", 2),
+            lp(1000, "b", "vm2", LoopRole::Base),
+            tap(1001, "a", "vm1", 1),
+            lp(1001, "a", "vm9", LoopRole::Work),
+        ] {
+            assert_eq!(l.insert(e), None);
+        }
+        l
+    }
+
+    #[test]
+    fn counts_are_per_uid_across_installs() {
+        let l = sample();
+        assert_eq!((l.count_taps(1000), l.count_loops(1000), l.count_vms(1000)), (2, 3, 3));
+        assert_eq!((l.count_taps(1001), l.count_loops(1001), l.count_vms(1001)), (1, 1, 2));
+        assert_eq!((l.count_taps(7), l.count_loops(7), l.count_vms(7)), (0, 0, 0));
+        assert_eq!(l.entries_of(1000).count(), 6);
+        assert_eq!(l.entries_of_vm(1000, &install("a"), &vm("vm1")).count(), 4);
+        assert!(l.has_vm(1000, &install("b"), &vm("vm2")));
+        assert!(!l.has_vm(1001, &install("b"), &vm("vm2")));
+        assert_eq!(l.uids(), BTreeSet::from([1000, 1001]));
+    }
+
+    #[test]
+    fn find_matches_every_part_of_the_key() {
+        let l = sample();
+        let (a, v1) = (install("a"), vm("vm1"));
+        assert!(l.find(1000, &a, &v1, ObjectKind::Tap).is_some());
+        assert!(l.find(1000, &a, &v1, ObjectKind::Nat).is_some());
+        assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Cow)).is_some());
+        assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Work)).is_none());
+        assert!(l.find(1001, &a, &v1, ObjectKind::Nat).is_none(), "another uid's key");
+        assert!(l.find(1000, &install("c"), &v1, ObjectKind::Tap).is_none(), "another install");
+        assert!(l.find(1000, &a, &vm("vm2"), ObjectKind::Tap).is_none(), "another vm");
+    }
+
+    #[test]
+    fn free_slot_skips_slots_of_every_install_of_the_uid_only() {
+        let l = sample();
+        // uid 1000 uses 0 (install a) and 2 (install b); 1001's slot 1 is in another lease.
+        assert_eq!(l.free_slot(1000, 64), Some(1));
+        assert_eq!(l.free_slot(1001, 64), Some(0));
+        assert_eq!(l.free_slot(1000, 1), None);
+        assert_eq!(l.free_slot(1000, 0), None);
+        assert_eq!(l.free_slot(5, 1), Some(0));
+    }
+
+    #[test]
+    fn leases_are_stable_and_the_lowest_free_one_is_handed_out() {
+        let mut l = sample();
+        assert_eq!(l.lease_of(1000), Some(0));
+        assert_eq!(l.lease_of(1002), None);
+        assert_eq!(l.next_free_lease(4), Some(1));
+        assert_eq!(l.lease_or_assign(1002, 4), Some(1));
+        assert_eq!(l.lease_or_assign(1002, 4), Some(1), "stable");
+        assert_eq!(l.lease_or_assign(1000, 4), Some(0));
+        assert_eq!(l.lease_or_assign(1003, 4), Some(3));
+        assert_eq!(l.next_free_lease(4), None);
+        assert_eq!(l.lease_or_assign(1004, 4), None, "pool exhausted");
+        assert_eq!(l.lease_of(1004), None);
+    }
+
+    #[test]
+    fn insert_replaces_the_same_key_and_remove_returns_it() {
+        let mut l = sample();
+        let before = l.entries.len();
+        let old = l.insert(tap(1000, "a", "vm1", 5)).expect("replaced");
+        assert!(matches!(old.object, Object::Tap { slot: 0, .. }));
+        assert_eq!(l.entries.len(), before);
+        let (a, v1) = (install("a"), vm("vm1"));
+        assert!(matches!(
+            l.find(1000, &a, &v1, ObjectKind::Tap).unwrap().object,
+            Object::Tap { slot: 5, .. }
+        ));
+        assert_eq!(l.remove(1001, &a, &v1, ObjectKind::Nat), None, "not 1001's");
+        let gone = l.remove(1000, &a, &v1, ObjectKind::Nat).unwrap();
+        assert_eq!(gone.kind(), ObjectKind::Nat);
+        assert_eq!(l.remove(1000, &a, &v1, ObjectKind::Nat), None);
+        assert_eq!(l.entries.len(), before - 1);
+        assert!(l.find(1001, &a, &v1, ObjectKind::Tap).is_some(), "others untouched");
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let l = sample();
+        let json = serde_json::to_string_pretty(&l).unwrap();
+        let back: Ledger = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, l);
+        let bad = json.replace("\"vm9\"", "\"VM/../9\"");
+        assert!(serde_json::from_str::<Ledger>(&bad).is_err(), "ids are re-validated on load");
+    }
+
+    #[test]
+    fn owned_objects_lists_only_the_uid_with_addresses_from_the_policy() {
+        let l = sample();
+        let network = Policy::default_policy().network;
+        let owned = l.owned_objects(1000, &network);
+        assert_eq!(owned.lease, Some(LeaseInfo { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 24 }));
+        assert_eq!(owned.taps.len(), 2);
+        assert_eq!(owned.nat.len(), 1);
+        assert_eq!(owned.loops.len(), 3);
+        assert!(owned.taps.iter().all(|t| t.prefix_len == 30 && t.guest_mac.starts_with("06:00:")));
+        let other = l.owned_objects(1001, &network);
+        assert_eq!(other.lease.unwrap().network, Ipv4Addr::new(172, 30, 2, 0));
+        assert_eq!((other.taps.len(), other.nat.len(), other.loops.len()), (1, 0, 1));
+        assert_eq!(l.owned_objects(4242, &network), OwnedObjects::default());
+    }
+
+    #[test]
+    fn object_kinds_read_as_names() {
+        assert_eq!(ObjectKind::Tap.to_string(), "tap");
+        assert_eq!(ObjectKind::Loop(LoopRole::Cow).to_string(), "loop cow");
+    }
+}

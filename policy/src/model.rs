@@ -1,0 +1,172 @@
+//! The policy as data, after parsing and validation. Field docs say what an admin writes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Who may connect to the helper.
+    pub access: Access,
+    /// Per-user limits.
+    pub quotas: Quotas,
+    /// Per-user overrides of [`Policy::quotas`], by user name.
+    pub user_quotas: BTreeMap<String, Quotas>,
+    /// Addresses, uplink and what guests may reach.
+    pub network: Network,
+    /// The sysctls a client may set, with their allowed values.
+    pub sysctls: Vec<SysctlRule>,
+    /// Where audit records go.
+    pub audit: Audit,
+}
+
+/// `[access]`: who may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Access {
+    /// User names (or decimal uids) allowed to connect.
+    pub users: Vec<String>,
+    /// Group names (or decimal gids) whose members may connect.
+    pub groups: Vec<String>,
+    /// The group that owns the helper socket (mode 0660). Default `banger`.
+    pub socket_group: String,
+}
+
+/// `[quotas]`: per-user limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// VMs with any kernel object at once.
+    pub max_vms: u32,
+    /// TAP devices.
+    pub max_taps: u32,
+    /// Loop devices.
+    pub max_loops: u32,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// The pool every lease is cut from. Default `172.30.0.0/16`.
+    pub pool: Ipv4Net,
+    /// Prefix length of one user's lease. Default 24.
+    pub lease_prefix: u8,
+    /// Prefix length of one VM's point-to-point subnet. Default 30.
+    pub vm_prefix: u8,
+    /// The interface guests' traffic leaves by.
+    pub uplink: Uplink,
+    /// Whether TAPs keep IPv6 (default false: disabled on each TAP).
+    pub ipv6: bool,
+    /// Whether a guest may reach other guests (default false).
+    pub guest_to_guest: bool,
+    /// What new connections a guest may open to the host itself.
+    pub guest_to_host: GuestToHost,
+}
+
+/// Which interface is the uplink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uplink {
+    /// The interface of the default route, looked up when NAT is set up.
+    Auto,
+    /// A named interface.
+    Named(String),
+}
+
+/// What a guest may open to the host itself (replies to the host are always allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestToHost {
+    /// Allow every new connection to the host (default false).
+    pub allow_all: bool,
+    /// Ports on the VM's gateway address a guest may reach, e.g. DNS (`udp/53`).
+    pub allow: Vec<PortRule>,
+}
+
+/// One protocol and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRule {
+    /// The transport protocol.
+    pub proto: Proto,
+    /// The destination port.
+    pub port: u16,
+}
+
+/// A transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One allowlisted sysctl.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlRule {
+    /// The key, dotted (`net.ipv4.ip_forward`); only `[a-z0-9_.-]` and no `..`.
+    pub key: String,
+    /// The values a client may write.
+    pub values: Vec<String>,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Audit {
+    /// Where records go.
+    pub target: AuditTarget,
+}
+
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// One JSON line per record appended to this file.
+    File(PathBuf),
+    /// The helper's standard error (and so the journal under systemd).
+    Stderr,
+}
+
+impl Proto {
+    /// The protocol's lowercase name, as written in the policy (`tcp`, `udp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Proto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for PortRule {
+    /// Written as in the policy: `udp/53`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.proto, self.port)
+    }
+}
+
+impl std::fmt::Display for Uplink {
+    /// `auto` or the interface name, as written in the policy.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Uplink::Auto => f.write_str("auto"),
+            Uplink::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+impl SysctlRule {
+    /// Whether `value` is one of the values this rule allows.
+    pub fn allows(&self, value: &str) -> bool {
+        self.values.iter().any(|v| v == value)
+    }
+}
+
+impl Policy {
+    /// The allowlist entry for sysctl `key`, if the policy has one.
+    pub fn sysctl_rule(&self, key: &str) -> Option<&SysctlRule> {
+        self.sysctls.iter().find(|rule| rule.key == key)
+    }
+}

@@ -1,0 +1,1000 @@
+//! Reading and validating the TOML file.
+//!
+//! The file is parsed into a spanned document first (`toml::de::DeTable`), then walked section
+//! by section in file order: every key is either known or an error naming its line (a misspelt
+//! key must never silently fall back to a default), and every value is checked for type and
+//! range where it is read. Checks that tie several keys together (the prefix lengths) run once the
+//! section is read and point at the key the admin wrote. The first problem found is reported.
+//!
+//! The layout the file must follow is documented on the crate ([`crate`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use toml::Spanned;
+use toml::de::{DeString, DeTable, DeValue};
+
+use crate::{
+    Access, Audit, AuditTarget, GuestToHost, Network, Policy, PortRule, Proto, Quotas, SysctlRule, Uplink,
+};
+
+/// Why a policy file was refused: always with the line and a reason an admin can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct PolicyError {
+    /// The file name as given (or `<policy>`).
+    pub file: String,
+    /// 1-based line (of the offending key or table; 1 when unknown).
+    pub line: usize,
+    /// What is wrong and what to write instead.
+    pub reason: String,
+}
+
+/// The largest value any quota may take; higher would mean "unlimited", which the policy does not
+/// offer.
+pub const MAX_QUOTA: u32 = 65536;
+
+/// The longest user or group name accepted in the policy.
+const MAX_NAME_LEN: usize = 256;
+
+/// The longest sysctl key or value accepted in the policy.
+const MAX_SYSCTL_LEN: usize = 256;
+
+/// Networks a pool must not overlap: guests there would shadow the host's own addressing.
+const RESERVED: [(&str, &str); 4] = [
+    ("0.0.0.0/8", "\"this network\""),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/3", "multicast and reserved"),
+];
+
+const TOP_KEYS: &[&str] = &["access", "quotas", "network", "sysctl", "audit"];
+const ACCESS_KEYS: &[&str] = &["users", "groups", "socket_group"];
+const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops"];
+const QUOTAS_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "users"];
+const NETWORK_KEYS: &[&str] =
+    &["pool", "lease_prefix", "vm_prefix", "uplink", "ipv6", "guest_to_guest", "guest_to_host"];
+const GUEST_TO_HOST_KEYS: &[&str] = &["allow_all", "allow"];
+const SYSCTL_KEYS: &[&str] = &["key", "values"];
+const AUDIT_KEYS: &[&str] = &["log"];
+
+impl Policy {
+    /// Parses and validates a policy file's text. `file` is only used in error messages.
+    pub fn from_toml(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let doc = Doc { file, text };
+        let root = DeTable::parse(text).map_err(|e| {
+            let line = e.span().map_or(1, |span| doc.line(&span));
+            doc.at_line(line, format!("not valid TOML: {}", e.message().trim_end_matches('.')))
+        })?;
+        let mut policy = Policy::default_policy();
+        for (name, key, value) in sorted(root.get_ref()) {
+            match name {
+                "access" => policy.access = read_access(&doc, value)?,
+                "quotas" => {
+                    let (quotas, users) = read_quotas(&doc, value)?;
+                    policy.quotas = quotas;
+                    policy.user_quotas = users;
+                }
+                "network" => policy.network = read_network(&doc, value)?,
+                "sysctl" => policy.sysctls = read_sysctls(&doc, value)?,
+                "audit" => policy.audit = read_audit(&doc, value)?,
+                _ => return Err(doc.unknown("", key, TOP_KEYS)),
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The policy used when the file is empty: every default, nobody allowed.
+    pub fn default_policy() -> Policy {
+        Policy {
+            access: Access { users: Vec::new(), groups: Vec::new(), socket_group: "banger".to_owned() },
+            quotas: Quotas { max_vms: 16, max_taps: 16, max_loops: 32 },
+            user_quotas: BTreeMap::new(),
+            network: Network {
+                pool: Ipv4Net::new(std::net::Ipv4Addr::new(172, 30, 0, 0), 16).expect("valid prefix"),
+                lease_prefix: 24,
+                vm_prefix: 30,
+                uplink: Uplink::Auto,
+                ipv6: false,
+                guest_to_guest: false,
+                guest_to_host: GuestToHost { allow_all: false, allow: Vec::new() },
+            },
+            sysctls: vec![SysctlRule { key: "net.ipv4.ip_forward".to_owned(), values: vec!["1".to_owned()] }],
+            audit: Audit { target: AuditTarget::Stderr },
+        }
+    }
+
+    /// The quotas of `user` (its override, or the defaults).
+    pub fn quotas_for(&self, user: Option<&str>) -> crate::Quotas {
+        user.and_then(|name| self.user_quotas.get(name)).copied().unwrap_or(self.quotas)
+    }
+
+    /// The quotas of a peer: the override written for its user name, else the one written for
+    /// its decimal uid, else the defaults.
+    pub fn quotas_for_uid(&self, user: Option<&str>, uid: u32) -> crate::Quotas {
+        user.and_then(|name| self.user_quotas.get(name))
+            .or_else(|| self.user_quotas.get(&uid.to_string()))
+            .copied()
+            .unwrap_or(self.quotas)
+    }
+}
+
+/// The text being parsed, for turning spans into lines.
+struct Doc<'t> {
+    file: &'t str,
+    text: &'t str,
+}
+
+type Key<'i> = Spanned<DeString<'i>>;
+type Value<'i> = Spanned<DeValue<'i>>;
+
+impl Doc<'_> {
+    fn line(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    }
+
+    fn at_line(&self, line: usize, reason: impl Into<String>) -> PolicyError {
+        PolicyError { file: self.file.to_owned(), line, reason: reason.into() }
+    }
+
+    fn at(&self, span: &Range<usize>, reason: impl Into<String>) -> PolicyError {
+        self.at_line(self.line(span), reason)
+    }
+
+    /// The source text of a value, shortened for messages.
+    fn src(&self, span: &Range<usize>) -> String {
+        let text = self.text.get(span.clone()).unwrap_or("").trim();
+        let mut out: String = text.chars().take(40).collect();
+        if out.len() < text.len() {
+            out.push('…');
+        }
+        out
+    }
+
+    fn unknown(&self, section: &str, key: &Key<'_>, known: &[&str]) -> PolicyError {
+        let name = key.get_ref().as_ref();
+        let path = join(section, name);
+        let hint = match closest(name, known) {
+            Some(guess) => format!("did you mean `{}`? ", join(section, guess)),
+            None => String::new(),
+        };
+        let place = if section.is_empty() { "at the top level".to_owned() } else { format!("in [{section}]") };
+        self.at(&key.span(), format!("unknown key `{path}`; {hint}(known keys {place}: {})", known.join(", ")))
+    }
+
+    fn wrong_type(&self, path: &str, want: &str, value: &Value<'_>) -> PolicyError {
+        self.at(&value.span(), format!("{path} must be {want}, got {}", a_type(value.get_ref())))
+    }
+
+    fn table<'a, 'i>(&self, path: &str, value: &'a Value<'i>) -> Result<&'a DeTable<'i>, PolicyError> {
+        match value.get_ref() {
+            DeValue::Table(t) => Ok(t),
+            _ => Err(self.wrong_type(path, &format!("a table ([{path}])"), value)),
+        }
+    }
+
+    fn string<'a>(&self, path: &str, value: &'a Value<'_>) -> Result<&'a str, PolicyError> {
+        match value.get_ref() {
+            DeValue::String(s) => Ok(s.as_ref()),
+            _ => Err(self.wrong_type(path, "a string (in double quotes)", value)),
+        }
+    }
+
+    fn boolean(&self, path: &str, value: &Value<'_>) -> Result<bool, PolicyError> {
+        match value.get_ref() {
+            DeValue::Boolean(b) => Ok(*b),
+            _ => Err(self.wrong_type(path, "true or false", value)),
+        }
+    }
+
+    /// An integer in `min..=max`, with `what` describing the range for the message.
+    fn integer(&self, path: &str, value: &Value<'_>, min: u32, max: u32, what: &str) -> Result<u32, PolicyError> {
+        let bad = || self.at(&value.span(), format!("{path} must be {what}, got {}", self.src(&value.span())));
+        match value.get_ref() {
+            DeValue::Integer(int) => {
+                let n = i64::from_str_radix(int.as_str(), int.radix()).map_err(|_| bad())?;
+                u32::try_from(n).ok().filter(|n| (min..=max).contains(n)).ok_or_else(bad)
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// A list of strings, each with its span.
+    fn strings<'a>(&self, path: &str, value: &'a Value<'_>) -> Result<Vec<(&'a str, Range<usize>)>, PolicyError> {
+        let DeValue::Array(items) = value.get_ref() else {
+            return Err(self.wrong_type(path, "a list of strings, e.g. [\"a\", \"b\"]", value));
+        };
+        items
+            .iter()
+            .map(|item| match item.get_ref() {
+                DeValue::String(s) => Ok((s.as_ref(), item.span())),
+                _ => Err(self.wrong_type(&format!("each entry of {path}"), "a string (in double quotes)", item)),
+            })
+            .collect()
+    }
+
+    /// Refuses the second occurrence of any entry.
+    fn no_duplicates(&self, path: &str, items: &[(String, Range<usize>)]) -> Result<(), PolicyError> {
+        let mut seen = BTreeSet::new();
+        for (item, span) in items {
+            if !seen.insert(item.as_str()) {
+                return Err(self.at(span, format!("{path} lists {item:?} twice; remove one")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A table's entries in file order (the map itself is ordered by key).
+fn sorted<'a, 'i>(table: &'a DeTable<'i>) -> Vec<(&'a str, &'a Key<'i>, &'a Value<'i>)> {
+    let mut out: Vec<_> = table.iter().map(|(k, v)| (k.get_ref().as_ref(), k, v)).collect();
+    out.sort_by_key(|(_, k, v)| (k.span().start, v.span().start));
+    out
+}
+
+fn join(section: &str, key: &str) -> String {
+    if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") }
+}
+
+fn a_type(value: &DeValue<'_>) -> &'static str {
+    match value {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a date",
+        DeValue::Array(_) => "a list",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+/// The known key nearest to a misspelt one, if it is close enough to be a typo.
+fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(name, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Checks a user or group name (or a decimal id) as written in the policy.
+pub(crate) fn check_account(kind: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{kind} names must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("{kind} name {name:?} is longer than {MAX_NAME_LEN} bytes"));
+    }
+    if name.bytes().all(|b| b.is_ascii_digit()) && name.parse::<u32>().map_or(true, |id| id == u32::MAX) {
+        return Err(format!("{kind} id {name} is out of range (0 to 4294967294)"));
+    }
+    if name.starts_with('-') {
+        return Err(format!("{kind} name {name:?} must not start with '-'"));
+    }
+    if name.contains(['*', '?', '[', ']']) {
+        return Err(format!("{kind} name {name:?} has a wildcard; list each {kind} by name or id"));
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | ',' | '/' | '\\')) {
+        return Err(format!(
+            "{kind} name {name:?} may not contain whitespace, control characters, ':', ',', '/' or '\\'"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a list of account names into strings, refusing bad and duplicate entries.
+fn accounts(doc: &Doc<'_>, path: &str, kind: &str, value: &Value<'_>) -> Result<Vec<String>, PolicyError> {
+    let items: Vec<(String, Range<usize>)> =
+        doc.strings(path, value)?.into_iter().map(|(s, span)| (s.to_owned(), span)).collect();
+    for (name, span) in &items {
+        check_account(kind, name).map_err(|reason| doc.at(span, format!("{path}: {reason}")))?;
+    }
+    doc.no_duplicates(path, &items)?;
+    Ok(items.into_iter().map(|(name, _)| name).collect())
+}
+
+fn read_access(doc: &Doc<'_>, value: &Value<'_>) -> Result<Access, PolicyError> {
+    let mut access = Policy::default_policy().access;
+    for (name, key, value) in sorted(doc.table("access", value)?) {
+        match name {
+            "users" => access.users = accounts(doc, "access.users", "user", value)?,
+            "groups" => access.groups = accounts(doc, "access.groups", "group", value)?,
+            "socket_group" => {
+                let group = doc.string("access.socket_group", value)?;
+                check_account("group", group)
+                    .map_err(|reason| doc.at(&value.span(), format!("access.socket_group: {reason}")))?;
+                access.socket_group = group.to_owned();
+            }
+            _ => return Err(doc.unknown("access", key, ACCESS_KEYS)),
+        }
+    }
+    Ok(access)
+}
+
+/// Quotas as written in one table, before missing ones fall back to the defaults.
+#[derive(Default)]
+struct QuotaFields {
+    max_vms: Option<u32>,
+    max_taps: Option<u32>,
+    max_loops: Option<u32>,
+}
+
+impl QuotaFields {
+    fn or(&self, base: Quotas) -> Quotas {
+        Quotas {
+            max_vms: self.max_vms.unwrap_or(base.max_vms),
+            max_taps: self.max_taps.unwrap_or(base.max_taps),
+            max_loops: self.max_loops.unwrap_or(base.max_loops),
+        }
+    }
+
+    /// Reads one quota key into `self`; `false` if `name` is not a quota key.
+    fn read(&mut self, doc: &Doc<'_>, section: &str, name: &str, value: &Value<'_>) -> Result<bool, PolicyError> {
+        let slot = match name {
+            "max_vms" => &mut self.max_vms,
+            "max_taps" => &mut self.max_taps,
+            "max_loops" => &mut self.max_loops,
+            _ => return Ok(false),
+        };
+        let what = format!("a positive integer no larger than {MAX_QUOTA}");
+        *slot = Some(doc.integer(&join(section, name), value, 1, MAX_QUOTA, &what)?);
+        Ok(true)
+    }
+}
+
+fn read_quotas(doc: &Doc<'_>, value: &Value<'_>) -> Result<(Quotas, BTreeMap<String, Quotas>), PolicyError> {
+    let mut defaults = QuotaFields::default();
+    let mut users = Vec::new();
+    for (name, key, value) in sorted(doc.table("quotas", value)?) {
+        if name == "users" {
+            for (user, user_key, table) in sorted(doc.table("quotas.users", value)?) {
+                let section = format!("quotas.users.{user}");
+                check_account("user", user).map_err(|reason| doc.at(&user_key.span(), format!("{section}: {reason}")))?;
+                let mut fields = QuotaFields::default();
+                let DeValue::Table(entries) = table.get_ref() else {
+                    return Err(doc.wrong_type(&section, &format!("a table ([{section}]) of max_vms, max_taps, max_loops"), table));
+                };
+                for (q, q_key, q_value) in sorted(entries) {
+                    if !fields.read(doc, &section, q, q_value)? {
+                        return Err(doc.unknown(&section, q_key, QUOTA_KEYS));
+                    }
+                }
+                users.push((user.to_owned(), fields));
+            }
+        } else if !defaults.read(doc, "quotas", name, value)? {
+            return Err(doc.unknown("quotas", key, QUOTAS_KEYS));
+        }
+    }
+    let quotas = defaults.or(Policy::default_policy().quotas);
+    let users = users.into_iter().map(|(user, fields)| (user, fields.or(quotas))).collect();
+    Ok((quotas, users))
+}
+
+fn read_network(doc: &Doc<'_>, value: &Value<'_>) -> Result<Network, PolicyError> {
+    let mut network = Policy::default_policy().network;
+    let (mut pool_at, mut lease_at, mut vm_at) = (None, None, None);
+    for (name, key, value) in sorted(doc.table("network", value)?) {
+        match name {
+            "pool" => {
+                network.pool = read_pool(doc, value)?;
+                pool_at = Some(value.span());
+            }
+            "lease_prefix" => {
+                network.lease_prefix =
+                    prefix(doc.integer("network.lease_prefix", value, 0, 30, "an integer from 0 to 30")?);
+                lease_at = Some(value.span());
+            }
+            "vm_prefix" => {
+                let what = "an integer from 0 to 30 (a guest and its gateway need at least a /30)";
+                network.vm_prefix = prefix(doc.integer("network.vm_prefix", value, 0, 30, what)?);
+                vm_at = Some(value.span());
+            }
+            "uplink" => network.uplink = read_uplink(doc, value)?,
+            "ipv6" => network.ipv6 = doc.boolean("network.ipv6", value)?,
+            "guest_to_guest" => network.guest_to_guest = doc.boolean("network.guest_to_guest", value)?,
+            "guest_to_host" => network.guest_to_host = read_guest_to_host(doc, value)?,
+            _ => return Err(doc.unknown("network", key, NETWORK_KEYS)),
+        }
+    }
+    let (pool, lease, vm) = (network.pool, network.lease_prefix, network.vm_prefix);
+    if lease < pool.prefix_len() {
+        let span = lease_at.or(pool_at).unwrap_or(0..0);
+        return Err(doc.at(
+            &span,
+            format!(
+                "network.lease_prefix ({lease}) must be at least the prefix length of network.pool \
+                 {pool} ({}): a lease must fit in the pool; use a larger pool or a longer lease_prefix",
+                pool.prefix_len()
+            ),
+        ));
+    }
+    if vm < lease {
+        let span = vm_at.or(lease_at).unwrap_or(0..0);
+        return Err(doc.at(
+            &span,
+            format!(
+                "network.vm_prefix ({vm}) must be at least network.lease_prefix ({lease}): a VM subnet \
+                 must fit in a lease"
+            ),
+        ));
+    }
+    Ok(network)
+}
+
+fn prefix(n: u32) -> u8 {
+    u8::try_from(n).expect("range-checked to 0..=30")
+}
+
+fn read_pool(doc: &Doc<'_>, value: &Value<'_>) -> Result<Ipv4Net, PolicyError> {
+    let text = doc.string("network.pool", value)?;
+    let span = value.span();
+    let pool: Ipv4Net = text.parse().map_err(|_| {
+        doc.at(&span, format!("network.pool must be an IPv4 network like \"172.30.0.0/16\", got {text:?}"))
+    })?;
+    if pool != pool.trunc() {
+        return Err(doc.at(
+            &span,
+            format!("network.pool {text} has bits set past its prefix; did you mean \"{}\"?", pool.trunc()),
+        ));
+    }
+    for (reserved, what) in RESERVED {
+        let reserved: Ipv4Net = reserved.parse().expect("valid constant");
+        if reserved.contains(&pool.network()) || pool.contains(&reserved.network()) {
+            return Err(doc.at(
+                &span,
+                format!(
+                    "network.pool {pool} overlaps the {what} range {reserved}; use a private range such as \
+                     172.30.0.0/16"
+                ),
+            ));
+        }
+    }
+    Ok(pool)
+}
+
+/// Whether the kernel would accept `name` as an interface name (its `dev_valid_name`).
+pub(crate) fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
+        && name.is_ascii()
+}
+
+fn read_uplink(doc: &Doc<'_>, value: &Value<'_>) -> Result<Uplink, PolicyError> {
+    let text = doc.string("network.uplink", value)?;
+    if text == "auto" {
+        return Ok(Uplink::Auto);
+    }
+    if !valid_ifname(text) {
+        return Err(doc.at(
+            &value.span(),
+            format!(
+                "network.uplink must be \"auto\" or an interface name (1 to 15 ASCII bytes, no '/', ':' or \
+                 whitespace), got {text:?}"
+            ),
+        ));
+    }
+    Ok(Uplink::Named(text.to_owned()))
+}
+
+fn read_guest_to_host(doc: &Doc<'_>, value: &Value<'_>) -> Result<GuestToHost, PolicyError> {
+    let path = "network.guest_to_host";
+    let mut out = GuestToHost { allow_all: false, allow: Vec::new() };
+    for (name, key, value) in sorted(doc.table(path, value)?) {
+        match name {
+            "allow_all" => out.allow_all = doc.boolean("network.guest_to_host.allow_all", value)?,
+            "allow" => {
+                let mut seen = BTreeSet::new();
+                for (entry, span) in doc.strings("network.guest_to_host.allow", value)? {
+                    let rule = parse_port_rule(entry).ok_or_else(|| {
+                        doc.at(
+                            &span,
+                            format!(
+                                "network.guest_to_host.allow entries must look like \"udp/53\" (tcp or udp, \
+                                 port 1 to 65535), got {entry:?}"
+                            ),
+                        )
+                    })?;
+                    if !seen.insert(rule) {
+                        return Err(doc.at(&span, format!("network.guest_to_host.allow lists {rule} twice")));
+                    }
+                    out.allow.push(rule);
+                }
+            }
+            _ => return Err(doc.unknown(path, key, GUEST_TO_HOST_KEYS)),
+        }
+    }
+    Ok(out)
+}
+
+/// `tcp/22`, `udp/53`: lowercase protocol, decimal port 1–65535 without sign or leading zeros.
+fn parse_port_rule(text: &str) -> Option<PortRule> {
+    let (proto, port) = text.split_once('/')?;
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None,
+    };
+    if port.is_empty() || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    Some(PortRule { proto, port })
+}
+
+/// Checks a sysctl key: dotted, `[a-z0-9_.-]`, at least two components, none empty.
+pub(crate) fn check_sysctl_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_SYSCTL_LEN {
+        return Err(format!("sysctl key {key:?} must be 1 to {MAX_SYSCTL_LEN} characters long"));
+    }
+    if !key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')) {
+        return Err(format!("sysctl key {key:?} may contain only a-z, 0-9, '_', '.' and '-'"));
+    }
+    if key.starts_with('.') || key.ends_with('.') || key.contains("..") {
+        return Err(format!("sysctl key {key:?} must be dotted words without empty parts, like net.ipv4.ip_forward"));
+    }
+    if !key.contains('.') {
+        return Err(format!("sysctl key {key:?} must name one setting, like net.ipv4.ip_forward"));
+    }
+    Ok(())
+}
+
+/// Checks a sysctl value: printable ASCII, no whitespace.
+pub(crate) fn check_sysctl_value(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_SYSCTL_LEN {
+        return Err(format!("sysctl value {value:?} must be 1 to {MAX_SYSCTL_LEN} characters long"));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!("sysctl value {value:?} must be printable ASCII without spaces or newlines"));
+    }
+    Ok(())
+}
+
+fn read_sysctls(doc: &Doc<'_>, value: &Value<'_>) -> Result<Vec<SysctlRule>, PolicyError> {
+    let DeValue::Array(items) = value.get_ref() else {
+        return Err(doc.at(
+            &value.span(),
+            format!(
+                "sysctl must be written as [[sysctl]] tables (one per key, with key and values), got {}",
+                a_type(value.get_ref())
+            ),
+        ));
+    };
+    let mut rules: Vec<SysctlRule> = Vec::new();
+    for item in items.iter() {
+        let DeValue::Table(table) = item.get_ref() else {
+            return Err(doc.wrong_type("each sysctl entry", "a [[sysctl]] table with key and values", item));
+        };
+        let (mut key, mut values) = (None, None);
+        for (name, k, v) in sorted(table) {
+            match name {
+                "key" => {
+                    let text = doc.string("sysctl.key", v)?;
+                    check_sysctl_key(text).map_err(|reason| doc.at(&v.span(), reason))?;
+                    if rules.iter().any(|rule| rule.key == text) {
+                        return Err(doc.at(
+                            &v.span(),
+                            format!("sysctl {text} is listed twice; put all its values in one [[sysctl]]"),
+                        ));
+                    }
+                    key = Some(text.to_owned());
+                }
+                "values" => {
+                    let list: Vec<(String, Range<usize>)> = doc
+                        .strings("sysctl.values", v)?
+                        .into_iter()
+                        .map(|(s, span)| (s.to_owned(), span))
+                        .collect();
+                    if list.is_empty() {
+                        return Err(doc.at(
+                            &v.span(),
+                            "sysctl.values must list at least one value; remove the [[sysctl]] to allow none",
+                        ));
+                    }
+                    for (text, span) in &list {
+                        check_sysctl_value(text).map_err(|reason| doc.at(span, reason))?;
+                    }
+                    doc.no_duplicates("sysctl.values", &list)?;
+                    values = Some(list.into_iter().map(|(s, _)| s).collect());
+                }
+                _ => return Err(doc.unknown("sysctl", k, SYSCTL_KEYS)),
+            }
+        }
+        match (key, values) {
+            (Some(key), Some(values)) => rules.push(SysctlRule { key, values }),
+            (None, _) => {
+                return Err(doc.at(&item.span(), "this [[sysctl]] has no key; add key = \"net.ipv4.ip_forward\""));
+            }
+            (Some(key), None) => {
+                return Err(doc.at(
+                    &item.span(),
+                    format!("the [[sysctl]] for {key} has no values; add values = [\"1\"] (the values clients may write)"),
+                ));
+            }
+        }
+    }
+    Ok(rules)
+}
+
+/// Checks an audit log path: absolute, normal (no `.`/`..` parts, no trailing '/'), printable.
+pub(crate) fn check_audit_path(text: &str) -> Result<PathBuf, String> {
+    let path = Path::new(text);
+    let bad = |why: &str| Err(format!("audit.log must be \"stderr\" or an absolute file path, got {text:?}: {why}"));
+    if !path.is_absolute() {
+        return bad("the path is not absolute");
+    }
+    if text.ends_with('/') {
+        return bad("the path names a directory");
+    }
+    if text.chars().any(char::is_control) {
+        return bad("the path has control characters");
+    }
+    if text.len() > 4095 {
+        return bad("the path is too long");
+    }
+    if text.split('/').skip(1).any(|part| matches!(part, "" | "." | "..")) {
+        return bad("write the path without '.', '..' or '//'");
+    }
+    Ok(path.to_path_buf())
+}
+
+fn read_audit(doc: &Doc<'_>, value: &Value<'_>) -> Result<Audit, PolicyError> {
+    let mut audit = Policy::default_policy().audit;
+    for (name, key, value) in sorted(doc.table("audit", value)?) {
+        match name {
+            "log" => {
+                let text = doc.string("audit.log", value)?;
+                audit.target = if text == "stderr" {
+                    AuditTarget::Stderr
+                } else {
+                    AuditTarget::File(check_audit_path(text).map_err(|reason| doc.at(&value.span(), reason))?)
+                };
+            }
+            _ => return Err(doc.unknown("audit", key, AUDIT_KEYS)),
+        }
+    }
+    Ok(audit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Policy {
+        Policy::from_toml("policy.toml", text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The error's line and reason.
+    fn refuse(text: &str) -> (usize, String) {
+        match Policy::from_toml("policy.toml", text) {
+            Ok(p) => panic!("accepted: {p:?}"),
+            Err(e) => {
+                assert_eq!(e.file, "policy.toml");
+                assert!(!e.reason.ends_with('.'), "no trailing period: {e}");
+                (e.line, e.reason)
+            }
+        }
+    }
+
+    fn assert_refused(text: &str, line: usize, needles: &[&str]) {
+        let (got_line, reason) = refuse(text);
+        assert_eq!(got_line, line, "wrong line for {reason:?}");
+        for needle in needles {
+            assert!(reason.contains(needle), "{reason:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_default_policy_with_nobody_allowed() {
+        for text in ["", "\n\n", "# only a comment\n"] {
+            let p = parse(text);
+            assert_eq!(p, Policy::default_policy());
+            assert!(p.access.users.is_empty() && p.access.groups.is_empty());
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let p = Policy::default_policy();
+        assert_eq!(p.access.socket_group, "banger");
+        assert_eq!(p.quotas, Quotas { max_vms: 16, max_taps: 16, max_loops: 32 });
+        assert_eq!(p.network.pool.to_string(), "172.30.0.0/16");
+        assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (24, 30));
+        assert_eq!(p.network.uplink, Uplink::Auto);
+        assert!(!p.network.ipv6 && !p.network.guest_to_guest);
+        assert_eq!(p.network.guest_to_host, GuestToHost { allow_all: false, allow: vec![] });
+        assert_eq!(p.sysctls, vec![SysctlRule { key: "net.ipv4.ip_forward".into(), values: vec!["1".into()] }]);
+        assert_eq!(p.audit.target, AuditTarget::Stderr);
+    }
+
+    #[test]
+    fn full_file_is_read() {
+        let p = parse(
+            r#"
+[access]
+users = ["alice", "1005"]
+groups = ["kvm", "200"]
+socket_group = "banger-users"
+
+[quotas]
+max_vms = 4
+max_taps = 0x5
+max_loops = 1_0
+
+[quotas.users.alice]
+max_vms = 8
+
+[quotas.users.1005]
+max_loops = 2
+
+[network]
+pool = "10.20.0.0/16"
+lease_prefix = 26
+vm_prefix = 29
+uplink = "eth0"
+ipv6 = true
+guest_to_guest = true
+
+[network.guest_to_host]
+allow_all = false
+allow = ["udp/53", "tcp/53", "tcp/8080"]
+
+[[sysctl]]
+key = "net.ipv4.ip_forward"
+values = ["1"]
+
+[[sysctl]]
+key = "net.ipv4.conf.all.route_localnet"
+values = ["0", "1"]
+
+[audit]
+log = "/var/log/banger/audit.log"
+"#,
+        );
+        assert_eq!(p.access.users, ["alice", "1005"]);
+        assert_eq!(p.access.groups, ["kvm", "200"]);
+        assert_eq!(p.access.socket_group, "banger-users");
+        assert_eq!(p.quotas, Quotas { max_vms: 4, max_taps: 5, max_loops: 10 });
+        assert_eq!(p.user_quotas["alice"], Quotas { max_vms: 8, max_taps: 5, max_loops: 10 });
+        assert_eq!(p.user_quotas["1005"], Quotas { max_vms: 4, max_taps: 5, max_loops: 2 });
+        assert_eq!(p.network.pool.to_string(), "10.20.0.0/16");
+        assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (26, 29));
+        assert_eq!(p.network.uplink, Uplink::Named("eth0".into()));
+        assert!(p.network.ipv6 && p.network.guest_to_guest);
+        assert_eq!(
+            p.network.guest_to_host.allow,
+            [
+                PortRule { proto: Proto::Udp, port: 53 },
+                PortRule { proto: Proto::Tcp, port: 53 },
+                PortRule { proto: Proto::Tcp, port: 8080 }
+            ]
+        );
+        assert_eq!(p.sysctls.len(), 2);
+        assert_eq!(p.sysctls[1].values, ["0", "1"]);
+        assert_eq!(p.audit.target, AuditTarget::File("/var/log/banger/audit.log".into()));
+    }
+
+    #[test]
+    fn user_overrides_inherit_defaults_written_after_them() {
+        let p = parse("[quotas.users.bob]\nmax_taps = 2\n\n[quotas]\nmax_vms = 3\n");
+        assert_eq!(p.user_quotas["bob"], Quotas { max_vms: 3, max_taps: 2, max_loops: 32 });
+        assert_eq!(p.quotas_for(Some("bob")).max_taps, 2);
+        assert_eq!(p.quotas_for(Some("carol")), p.quotas);
+        assert_eq!(p.quotas_for(None), p.quotas);
+    }
+
+    #[test]
+    fn quotas_by_uid_apply_when_the_name_has_none() {
+        let p = parse("[quotas.users.1005]\nmax_vms = 1\n[quotas.users.alice]\nmax_vms = 2\n");
+        assert_eq!(p.quotas_for_uid(Some("zed"), 1005).max_vms, 1);
+        assert_eq!(p.quotas_for_uid(None, 1005).max_vms, 1);
+        assert_eq!(p.quotas_for_uid(Some("alice"), 1005).max_vms, 2, "the name wins");
+        assert_eq!(p.quotas_for_uid(None, 7).max_vms, 16);
+    }
+
+    #[test]
+    fn inline_tables_and_dotted_keys_are_the_same_file() {
+        let a = parse("access = { users = [\"a\"] }\nnetwork.guest_to_host.allow = [\"udp/53\"]\n");
+        let b = parse("[access]\nusers = [\"a\"]\n[network.guest_to_host]\nallow = [\"udp/53\"]\n");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn sysctl_section_replaces_the_default_allowlist() {
+        let p = parse("[[sysctl]]\nkey = \"net.ipv4.conf.all.forwarding\"\nvalues = [\"1\"]\n");
+        assert_eq!(p.sysctls.len(), 1);
+        assert!(p.sysctl_rule("net.ipv4.ip_forward").is_none());
+        assert!(parse("sysctl = []\n").sysctls.is_empty(), "an empty list allows none");
+    }
+
+    #[test]
+    fn quota_errors_name_the_key_line_and_value() {
+        let (line, reason) = refuse("[access]\nusers = []\n\n[quotas]\nmax_taps = 3\nmax_vms = -1\n");
+        assert_eq!(line, 6);
+        assert_eq!(reason, "quotas.max_vms must be a positive integer no larger than 65536, got -1");
+        assert_eq!(
+            Policy::from_toml("policy.toml", "[quotas]\nmax_vms = -1\n").unwrap_err().to_string(),
+            "policy.toml:2: quotas.max_vms must be a positive integer no larger than 65536, got -1"
+        );
+        assert_refused("[quotas]\nmax_loops = 0\n", 2, &["quotas.max_loops", "got 0"]);
+        assert_refused("[quotas]\nmax_loops = 65537\n", 2, &["got 65537"]);
+        assert_refused("[quotas]\nmax_loops = 99999999999999999999999\n", 2, &["quotas.max_loops"]);
+        assert_refused("[quotas]\nmax_loops = \"4\"\n", 2, &["got \"4\""]);
+        assert_refused("[quotas]\nmax_loops = 4.0\n", 2, &["got 4.0"]);
+        assert_refused("[quotas.users.alice]\n\nmax_taps = 0\n", 3, &["quotas.users.alice.max_taps"]);
+        assert_refused("[quotas.users]\nalice = 3\n", 2, &["quotas.users.alice must be a table"]);
+        assert_refused("[quotas.users.\"al ice\"]\nmax_vms = 1\n", 1, &["quotas.users.al ice", "whitespace"]);
+        assert_refused("quotas = 3\n", 1, &["quotas must be a table ([quotas]), got an integer"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_line_and_a_suggestion() {
+        assert_refused(
+            "[quotas]\nmax_vms = 2\nmax_vm = 3\n",
+            3,
+            &["unknown key `quotas.max_vm`", "did you mean `quotas.max_vms`?", "max_loops"],
+        );
+        assert_refused("[acess]\nusers = []\n", 1, &["unknown key `acess`", "did you mean `access`?"]);
+        assert_refused("\n\n[network]\nuplnk = \"eth0\"\n", 4, &["`network.uplink`"]);
+        assert_refused("[network.guest_to_host]\nallow_al = true\n", 2, &["network.guest_to_host.allow_all"]);
+        assert_refused("[quotas.users.bob]\nmax_cpus = 2\n", 2, &["unknown key `quotas.users.bob.max_cpus`"]);
+        assert_refused("[[sysctl]]\nkey = \"a.b\"\nvalue = [\"1\"]\n", 3, &["did you mean `sysctl.values`?"]);
+        assert_refused("[audit]\npath = \"/x\"\n", 2, &["unknown key `audit.path`", "log"]);
+        assert_refused("[access]\nsocket_group = \"x\"\nwheel = 1\n", 3, &["unknown key `access.wheel`"]);
+        let (_, reason) = refuse("[firecracker]\npath = \"/x\"\n");
+        assert!(!reason.contains("did you mean"), "no far-fetched guess: {reason}");
+    }
+
+    #[test]
+    fn toml_syntax_errors_carry_their_line() {
+        assert_refused("[access]\nusers = [\"a\",\n", 2, &["not valid TOML"]);
+        assert_refused("[quotas]\nmax_vms = 1\nmax_vms = 2\n", 3, &["not valid TOML", "duplicate key"]);
+        assert_refused("[access]\n\nusers = alice\n", 3, &["not valid TOML"]);
+    }
+
+    #[test]
+    fn access_lists_are_checked() {
+        assert_refused("[access]\nusers = \"alice\"\n", 2, &["access.users must be a list of strings"]);
+        assert_refused("[access]\nusers = [\n  \"alice\",\n  3,\n]\n", 4, &["each entry of access.users"]);
+        assert_refused("[access]\nusers = [\"\"]\n", 2, &["access.users", "must not be empty"]);
+        assert_refused("[access]\nusers = [\"*\"]\n", 2, &["wildcard"]);
+        assert_refused("[access]\ngroups = [\"a b\"]\n", 2, &["access.groups", "whitespace"]);
+        assert_refused("[access]\ngroups = [\"a:b\"]\n", 2, &["':'"]);
+        assert_refused("[access]\nusers = [\"-rf\"]\n", 2, &["start with '-'"]);
+        assert_refused("[access]\nusers = [\"4294967295\"]\n", 2, &["out of range"]);
+        assert_refused("[access]\nusers = [\"99999999999\"]\n", 2, &["out of range"]);
+        assert_refused("[access]\nusers = [\"alice\",\n \"alice\"]\n", 3, &["lists \"alice\" twice"]);
+        assert_refused("[access]\nsocket_group = \"\"\n", 2, &["access.socket_group"]);
+        assert_refused("[access]\nsocket_group = 5\n", 2, &["access.socket_group must be a string"]);
+        assert_eq!(parse("[access]\nusers = [\"0\", \"root\"]\n").access.users, ["0", "root"]);
+    }
+
+    #[test]
+    fn pool_is_a_proper_network_outside_reserved_ranges() {
+        assert_refused("[network]\npool = \"172.30.0.0\"\n", 2, &["network.pool must be an IPv4 network"]);
+        assert_refused("[network]\npool = \"fd00::/8\"\n", 2, &["IPv4"]);
+        assert_refused("[network]\npool = \"172.30.1.0/16\"\n", 2, &["did you mean \"172.30.0.0/16\"?"]);
+        assert_refused("[network]\npool = \"127.16.0.0/16\"\n", 2, &["loopback"]);
+        assert_refused("[network]\npool = \"0.0.0.0/0\"\nlease_prefix = 16\n", 2, &["overlaps"]);
+        assert_refused("[network]\npool = \"169.254.0.0/16\"\n", 2, &["link-local"]);
+        assert_refused("[network]\npool = \"239.0.0.0/16\"\n", 2, &["multicast"]);
+        assert_refused("[network]\npool = 17\n", 2, &["network.pool must be a string"]);
+        assert_eq!(parse("[network]\npool = \"10.0.0.0/8\"\n").network.pool.to_string(), "10.0.0.0/8");
+    }
+
+    #[test]
+    fn prefixes_must_nest_pool_lease_vm() {
+        assert_refused("[network]\nvm_prefix = 31\n", 2, &["network.vm_prefix", "/30", "got 31"]);
+        assert_refused("[network]\nlease_prefix = 33\n", 2, &["network.lease_prefix", "got 33"]);
+        assert_refused("[network]\nlease_prefix = -1\n", 2, &["got -1"]);
+        assert_refused("[network]\nlease_prefix = 8\n", 2, &["lease_prefix (8)", "network.pool 172.30.0.0/16 (16)"]);
+        // The pool is what the admin wrote, so the pool's line is blamed.
+        assert_refused("[network]\n\npool = \"10.0.0.0/25\"\n", 3, &["lease_prefix (24)", "(25)"]);
+        assert_refused("[network]\nvm_prefix = 20\n", 2, &["vm_prefix (20)", "lease_prefix (24)"]);
+        assert_refused("[network]\nlease_prefix = 30\nvm_prefix = 29\n", 3, &["vm_prefix (29)"]);
+        assert_eq!(parse("[network]\nlease_prefix = 30\n").network.slots_per_lease(), 1);
+        let p = parse("[network]\npool = \"10.9.8.0/24\"\nlease_prefix = 24\nvm_prefix = 24\n");
+        assert_eq!((p.network.lease_count(), p.network.slots_per_lease()), (1, 1));
+    }
+
+    #[test]
+    fn uplink_is_auto_or_an_interface_name() {
+        assert_eq!(parse("network.uplink = \"auto\"\n").network.uplink, Uplink::Auto);
+        assert_eq!(parse("network.uplink = \"enp0s31f6\"\n").network.uplink, Uplink::Named("enp0s31f6".into()));
+        assert_eq!(parse("network.uplink = \"br-lan.10\"\n").network.uplink, Uplink::Named("br-lan.10".into()));
+        for bad in ["", "a/b", "eth 0", "eth0:1", "sixteen-bytes-xx", ".", "..", "ä"] {
+            let text = format!("[network]\nuplink = {bad:?}\n");
+            assert_refused(&text, 2, &["network.uplink must be \"auto\" or an interface name"]);
+        }
+    }
+
+    #[test]
+    fn booleans_are_booleans() {
+        assert_refused("[network]\nipv6 = \"no\"\n", 2, &["network.ipv6 must be true or false, got a string"]);
+        assert_refused("[network]\nguest_to_guest = 0\n", 2, &["network.guest_to_guest"]);
+        assert_refused("[network.guest_to_host]\nallow_all = 1\n", 2, &["allow_all"]);
+    }
+
+    #[test]
+    fn guest_to_host_ports_are_proto_slash_port() {
+        let p = parse("[network.guest_to_host]\nallow_all = true\nallow = [\"tcp/65535\", \"udp/1\"]\n");
+        assert!(p.network.guest_to_host.allow_all);
+        assert_eq!(p.network.guest_to_host.allow[0].to_string(), "tcp/65535");
+        for bad in ["udp/0", "udp/65536", "udp", "53", "UDP/53", "sctp/5", "udp/-1", "udp/+53", "udp/053", "udp/5 3", "udp/"] {
+            let text = format!("[network.guest_to_host]\nallow = [\n  {bad:?},\n]\n");
+            assert_refused(&text, 3, &["must look like \"udp/53\"", bad]);
+        }
+        assert_refused("[network.guest_to_host]\nallow = [\"udp/53\", \"udp/53\"]\n", 2, &["udp/53 twice"]);
+        assert_refused("[network]\nguest_to_host = true\n", 2, &["network.guest_to_host must be a table"]);
+    }
+
+    #[test]
+    fn sysctl_keys_and_values_are_checked() {
+        let rule = |key: &str, values: &str| format!("[[sysctl]]\nkey = {key:?}\nvalues = {values}\n");
+        for bad in ["", "Net.ipv4.x", "net..ipv4", ".net.ipv4", "net.ipv4.", "net/ipv4/x", "net.ipv4.x y", "net"] {
+            assert_refused(&rule(bad, "[\"1\"]"), 2, &["sysctl key"]);
+        }
+        for bad in ["\"\"", "\"1 2\"", "\"1\\n\"", "\"é\"", "\"a\\tb\""] {
+            assert_refused(&rule("net.ipv4.ip_forward", &format!("[{bad}]")), 3, &["sysctl value"]);
+        }
+        assert_refused(&rule("a.b", "[1]"), 3, &["each entry of sysctl.values must be a string"]);
+        assert_refused(&rule("a.b", "[]"), 3, &["at least one value"]);
+        assert_refused(&rule("a.b", "[\"1\", \"1\"]"), 3, &["twice"]);
+        assert_refused("\n[[sysctl]]\nvalues = [\"1\"]\n", 2, &["has no key"]);
+        assert_refused("[[sysctl]]\nkey = \"a.b\"\n", 1, &["for a.b has no values"]);
+        assert_refused("[sysctl]\nkey = \"a.b\"\n", 1, &["[[sysctl]] tables"]);
+        assert_refused("sysctl = [\"a.b\"]\n", 1, &["[[sysctl]] table"]);
+        let twice = format!("{}\n{}", rule("a.b", "[\"1\"]"), rule("a.b", "[\"2\"]"));
+        assert_refused(&twice, 6, &["sysctl a.b is listed twice"]);
+        let p = parse(&rule("net.ipv4.conf.tap-0_x.forwarding", "[\"0\", \"1\", \"-1\", \"4096\"]"));
+        assert!(p.sysctls[0].allows("4096") && !p.sysctls[0].allows("2"));
+    }
+
+    #[test]
+    fn audit_log_is_stderr_or_an_absolute_path() {
+        assert_eq!(parse("audit.log = \"stderr\"\n").audit.target, AuditTarget::Stderr);
+        assert_eq!(parse("audit.log = \"/var/log/b.log\"\n").audit.target, AuditTarget::File("/var/log/b.log".into()));
+        for bad in ["", "audit.log", "var/log/x", "/var/log/", "/var/../etc/shadow", "/var/./x", "/a//b", "/a\nb", "STDERR"] {
+            let text = format!("[audit]\nlog = {bad:?}\n");
+            assert_refused(&text, 2, &["audit.log must be \"stderr\" or an absolute file path"]);
+        }
+        assert_refused("[audit]\nlog = true\n", 2, &["audit.log must be a string"]);
+    }
+
+    #[test]
+    fn first_problem_in_file_order_is_reported() {
+        // The map orders keys alphabetically; the report must still follow the file.
+        assert_refused("[quotas]\nmax_vms = 0\n[access]\nusers = [\"\"]\n", 2, &["quotas.max_vms"]);
+        assert_refused("[network]\nvm_prefix = 99\npool = \"x\"\n", 2, &["vm_prefix"]);
+    }
+
+    #[test]
+    fn edit_distance_and_suggestions() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(closest("max_vm", QUOTAS_KEYS), Some("max_vms"));
+        assert_eq!(closest("zzz", QUOTAS_KEYS), None);
+        assert_eq!(closest("x", &["y"]), None, "a one-letter key is not a typo of another");
+    }
+}
