@@ -9,3 +9,5 @@
 pub mod ids;
 pub mod model;
 pub mod store;
+pub mod paths;
+pub mod config;
