@@ -11,3 +11,4 @@ pub mod model;
 pub mod store;
 pub mod paths;
 pub mod config;
+pub mod handles;
