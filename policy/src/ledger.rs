@@ -207,7 +207,13 @@ impl Ledger {
     }
 
     /// Forgets the object `(uid, install, vm, kind)` and returns it; `None` if it was not there.
-    pub fn remove(&mut self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> Option<LedgerEntry> {
+    pub fn remove(
+        &mut self,
+        uid: u32,
+        install: &InstallId,
+        vm: &VmId,
+        kind: ObjectKind,
+    ) -> Option<LedgerEntry> {
         let at = self.entries.iter().position(|e| e.is(uid, install, vm, kind))?;
         Some(self.entries.remove(at))
     }
@@ -257,7 +263,6 @@ impl Ledger {
 fn count<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> u32 {
     u32::try_from(entries.count()).unwrap_or(u32::MAX)
 }
-
 
 #[cfg(test)]
 mod tests {

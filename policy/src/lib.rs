@@ -14,7 +14,7 @@ pub mod model;
 pub mod parse;
 
 pub use addr::VmSubnet;
-pub use authorize::{Decision, Peer, authorize};
+pub use authorize::{Admission, Decision, Peer, authorize};
 pub use explain::explain;
 pub use ledger::{Ledger, LedgerEntry, Object, ObjectKind};
 pub use model::*;

@@ -161,8 +161,12 @@ impl Doc<'_> {
             Some(guess) => format!("did you mean `{}`? ", join(section, guess)),
             None => String::new(),
         };
-        let place = if section.is_empty() { "at the top level".to_owned() } else { format!("in [{section}]") };
-        self.at(&key.span(), format!("unknown key `{path}`; {hint}(known keys {place}: {})", known.join(", ")))
+        let place =
+            if section.is_empty() { "at the top level".to_owned() } else { format!("in [{section}]") };
+        self.at(
+            &key.span(),
+            format!("unknown key `{path}`; {hint}(known keys {place}: {})", known.join(", ")),
+        )
     }
 
     fn wrong_type(&self, path: &str, want: &str, value: &Value<'_>) -> PolicyError {
@@ -191,8 +195,16 @@ impl Doc<'_> {
     }
 
     /// An integer in `min..=max`, with `what` describing the range for the message.
-    fn integer(&self, path: &str, value: &Value<'_>, min: u32, max: u32, what: &str) -> Result<u32, PolicyError> {
-        let bad = || self.at(&value.span(), format!("{path} must be {what}, got {}", self.src(&value.span())));
+    fn integer(
+        &self,
+        path: &str,
+        value: &Value<'_>,
+        min: u32,
+        max: u32,
+        what: &str,
+    ) -> Result<u32, PolicyError> {
+        let bad =
+            || self.at(&value.span(), format!("{path} must be {what}, got {}", self.src(&value.span())));
         match value.get_ref() {
             DeValue::Integer(int) => {
                 let n = i64::from_str_radix(int.as_str(), int.radix()).map_err(|_| bad())?;
@@ -203,7 +215,11 @@ impl Doc<'_> {
     }
 
     /// A list of strings, each with its span.
-    fn strings<'a>(&self, path: &str, value: &'a Value<'_>) -> Result<Vec<(&'a str, Range<usize>)>, PolicyError> {
+    fn strings<'a>(
+        &self,
+        path: &str,
+        value: &'a Value<'_>,
+    ) -> Result<Vec<(&'a str, Range<usize>)>, PolicyError> {
         let DeValue::Array(items) = value.get_ref() else {
             return Err(self.wrong_type(path, "a list of strings, e.g. [\"a\", \"b\"]", value));
         };
@@ -211,7 +227,11 @@ impl Doc<'_> {
             .iter()
             .map(|item| match item.get_ref() {
                 DeValue::String(s) => Ok((s.as_ref(), item.span())),
-                _ => Err(self.wrong_type(&format!("each entry of {path}"), "a string (in double quotes)", item)),
+                _ => Err(self.wrong_type(
+                    &format!("each entry of {path}"),
+                    "a string (in double quotes)",
+                    item,
+                )),
             })
             .collect()
     }
@@ -348,7 +368,13 @@ impl QuotaFields {
     }
 
     /// Reads one quota key into `self`; `false` if `name` is not a quota key.
-    fn read(&mut self, doc: &Doc<'_>, section: &str, name: &str, value: &Value<'_>) -> Result<bool, PolicyError> {
+    fn read(
+        &mut self,
+        doc: &Doc<'_>,
+        section: &str,
+        name: &str,
+        value: &Value<'_>,
+    ) -> Result<bool, PolicyError> {
         let slot = match name {
             "max_vms" => &mut self.max_vms,
             "max_taps" => &mut self.max_taps,
@@ -368,10 +394,15 @@ fn read_quotas(doc: &Doc<'_>, value: &Value<'_>) -> Result<(Quotas, BTreeMap<Str
         if name == "users" {
             for (user, user_key, table) in sorted(doc.table("quotas.users", value)?) {
                 let section = format!("quotas.users.{user}");
-                check_account("user", user).map_err(|reason| doc.at(&user_key.span(), format!("{section}: {reason}")))?;
+                check_account("user", user)
+                    .map_err(|reason| doc.at(&user_key.span(), format!("{section}: {reason}")))?;
                 let mut fields = QuotaFields::default();
                 let DeValue::Table(entries) = table.get_ref() else {
-                    return Err(doc.wrong_type(&section, &format!("a table ([{section}]) of max_vms, max_taps, max_loops"), table));
+                    return Err(doc.wrong_type(
+                        &section,
+                        &format!("a table ([{section}]) of max_vms, max_taps, max_loops"),
+                        table,
+                    ));
                 };
                 for (q, q_key, q_value) in sorted(entries) {
                     if !fields.read(doc, &section, q, q_value)? {
@@ -552,7 +583,9 @@ pub(crate) fn check_sysctl_key(key: &str) -> Result<(), String> {
         return Err(format!("sysctl key {key:?} may contain only a-z, 0-9, '_', '.' and '-'"));
     }
     if key.starts_with('.') || key.ends_with('.') || key.contains("..") {
-        return Err(format!("sysctl key {key:?} must be dotted words without empty parts, like net.ipv4.ip_forward"));
+        return Err(format!(
+            "sysctl key {key:?} must be dotted words without empty parts, like net.ipv4.ip_forward"
+        ));
     }
     if !key.contains('.') {
         return Err(format!("sysctl key {key:?} must name one setting, like net.ipv4.ip_forward"));
@@ -624,7 +657,9 @@ fn read_sysctls(doc: &Doc<'_>, value: &Value<'_>) -> Result<Vec<SysctlRule>, Pol
         match (key, values) {
             (Some(key), Some(values)) => rules.push(SysctlRule { key, values }),
             (None, _) => {
-                return Err(doc.at(&item.span(), "this [[sysctl]] has no key; add key = \"net.ipv4.ip_forward\""));
+                return Err(
+                    doc.at(&item.span(), "this [[sysctl]] has no key; add key = \"net.ipv4.ip_forward\"")
+                );
             }
             (Some(key), None) => {
                 return Err(doc.at(
@@ -640,7 +675,9 @@ fn read_sysctls(doc: &Doc<'_>, value: &Value<'_>) -> Result<Vec<SysctlRule>, Pol
 /// Checks an audit log path: absolute, normal (no `.`/`..` parts, no trailing '/'), printable.
 pub(crate) fn check_audit_path(text: &str) -> Result<PathBuf, String> {
     let path = Path::new(text);
-    let bad = |why: &str| Err(format!("audit.log must be \"stderr\" or an absolute file path, got {text:?}: {why}"));
+    let bad = |why: &str| {
+        Err(format!("audit.log must be \"stderr\" or an absolute file path, got {text:?}: {why}"))
+    };
     if !path.is_absolute() {
         return bad("the path is not absolute");
     }
@@ -724,7 +761,10 @@ mod tests {
         assert_eq!(p.network.uplink, Uplink::Auto);
         assert!(!p.network.ipv6 && !p.network.guest_to_guest);
         assert_eq!(p.network.guest_to_host, GuestToHost { allow_all: false, allow: vec![] });
-        assert_eq!(p.sysctls, vec![SysctlRule { key: "net.ipv4.ip_forward".into(), values: vec!["1".into()] }]);
+        assert_eq!(
+            p.sysctls,
+            vec![SysctlRule { key: "net.ipv4.ip_forward".into(), values: vec!["1".into()] }]
+        );
         assert_eq!(p.audit.target, AuditTarget::Stderr);
     }
 
@@ -908,7 +948,11 @@ log = "/var/log/banger/audit.log"
         assert_refused("[network]\nvm_prefix = 31\n", 2, &["network.vm_prefix", "/30", "got 31"]);
         assert_refused("[network]\nlease_prefix = 33\n", 2, &["network.lease_prefix", "got 33"]);
         assert_refused("[network]\nlease_prefix = -1\n", 2, &["got -1"]);
-        assert_refused("[network]\nlease_prefix = 8\n", 2, &["lease_prefix (8)", "network.pool 172.30.0.0/16 (16)"]);
+        assert_refused(
+            "[network]\nlease_prefix = 8\n",
+            2,
+            &["lease_prefix (8)", "network.pool 172.30.0.0/16 (16)"],
+        );
         // The pool is what the admin wrote, so the pool's line is blamed.
         assert_refused("[network]\n\npool = \"10.0.0.0/25\"\n", 3, &["lease_prefix (24)", "(25)"]);
         assert_refused("[network]\nvm_prefix = 20\n", 2, &["vm_prefix (20)", "lease_prefix (24)"]);
@@ -921,8 +965,14 @@ log = "/var/log/banger/audit.log"
     #[test]
     fn uplink_is_auto_or_an_interface_name() {
         assert_eq!(parse("network.uplink = \"auto\"\n").network.uplink, Uplink::Auto);
-        assert_eq!(parse("network.uplink = \"enp0s31f6\"\n").network.uplink, Uplink::Named("enp0s31f6".into()));
-        assert_eq!(parse("network.uplink = \"br-lan.10\"\n").network.uplink, Uplink::Named("br-lan.10".into()));
+        assert_eq!(
+            parse("network.uplink = \"enp0s31f6\"\n").network.uplink,
+            Uplink::Named("enp0s31f6".into())
+        );
+        assert_eq!(
+            parse("network.uplink = \"br-lan.10\"\n").network.uplink,
+            Uplink::Named("br-lan.10".into())
+        );
         for bad in ["", "a/b", "eth 0", "eth0:1", "sixteen-bytes-xx", ".", "..", "ä"] {
             let text = format!("[network]\nuplink = {bad:?}\n");
             assert_refused(&text, 2, &["network.uplink must be \"auto\" or an interface name"]);
@@ -931,7 +981,11 @@ log = "/var/log/banger/audit.log"
 
     #[test]
     fn booleans_are_booleans() {
-        assert_refused("[network]\nipv6 = \"no\"\n", 2, &["network.ipv6 must be true or false, got a string"]);
+        assert_refused(
+            "[network]\nipv6 = \"no\"\n",
+            2,
+            &["network.ipv6 must be true or false, got a string"],
+        );
         assert_refused("[network]\nguest_to_guest = 0\n", 2, &["network.guest_to_guest"]);
         assert_refused("[network.guest_to_host]\nallow_all = 1\n", 2, &["allow_all"]);
     }
@@ -941,7 +995,19 @@ log = "/var/log/banger/audit.log"
         let p = parse("[network.guest_to_host]\nallow_all = true\nallow = [\"tcp/65535\", \"udp/1\"]\n");
         assert!(p.network.guest_to_host.allow_all);
         assert_eq!(p.network.guest_to_host.allow[0].to_string(), "tcp/65535");
-        for bad in ["udp/0", "udp/65536", "udp", "53", "UDP/53", "sctp/5", "udp/-1", "udp/+53", "udp/053", "udp/5 3", "udp/"] {
+        for bad in [
+            "udp/0",
+            "udp/65536",
+            "udp",
+            "53",
+            "UDP/53",
+            "sctp/5",
+            "udp/-1",
+            "udp/+53",
+            "udp/053",
+            "udp/5 3",
+            "udp/",
+        ] {
             let text = format!("[network.guest_to_host]\nallow = [\n  {bad:?},\n]\n");
             assert_refused(&text, 3, &["must look like \"udp/53\"", bad]);
         }
@@ -952,7 +1018,9 @@ log = "/var/log/banger/audit.log"
     #[test]
     fn sysctl_keys_and_values_are_checked() {
         let rule = |key: &str, values: &str| format!("[[sysctl]]\nkey = {key:?}\nvalues = {values}\n");
-        for bad in ["", "Net.ipv4.x", "net..ipv4", ".net.ipv4", "net.ipv4.", "net/ipv4/x", "net.ipv4.x y", "net"] {
+        for bad in
+            ["", "Net.ipv4.x", "net..ipv4", ".net.ipv4", "net.ipv4.", "net/ipv4/x", "net.ipv4.x y", "net"]
+        {
             assert_refused(&rule(bad, "[\"1\"]"), 2, &["sysctl key"]);
         }
         for bad in ["\"\"", "\"1 2\"", "\"1\\n\"", "\"é\"", "\"a\\tb\""] {
@@ -974,8 +1042,21 @@ log = "/var/log/banger/audit.log"
     #[test]
     fn audit_log_is_stderr_or_an_absolute_path() {
         assert_eq!(parse("audit.log = \"stderr\"\n").audit.target, AuditTarget::Stderr);
-        assert_eq!(parse("audit.log = \"/var/log/b.log\"\n").audit.target, AuditTarget::File("/var/log/b.log".into()));
-        for bad in ["", "audit.log", "var/log/x", "/var/log/", "/var/../etc/shadow", "/var/./x", "/a//b", "/a\nb", "STDERR"] {
+        assert_eq!(
+            parse("audit.log = \"/var/log/b.log\"\n").audit.target,
+            AuditTarget::File("/var/log/b.log".into())
+        );
+        for bad in [
+            "",
+            "audit.log",
+            "var/log/x",
+            "/var/log/",
+            "/var/../etc/shadow",
+            "/var/./x",
+            "/a//b",
+            "/a\nb",
+            "STDERR",
+        ] {
             let text = format!("[audit]\nlog = {bad:?}\n");
             assert_refused(&text, 2, &["audit.log must be \"stderr\" or an absolute file path"]);
         }
