@@ -9,6 +9,7 @@
 pub mod ids;
 pub mod model;
 pub mod store;
+pub mod handles;
 pub mod paths;
 pub mod config;
-pub mod handles;
+pub mod storage;
