@@ -13,3 +13,4 @@ pub mod handles;
 pub mod paths;
 pub mod config;
 pub mod storage;
+pub mod liveness;
