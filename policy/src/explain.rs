@@ -1,9 +1,389 @@
 //! The policy in plain sentences, for `banger-helper policy explain`.
+//!
+//! One sentence per line, in the order of the file's sections: who may connect, how much each
+//! user may hold, the addresses and what guests may reach, the sysctls, the audit log. Asked
+//! about one user, only what applies to that user is said. Group membership lives in the account
+//! databases, which this crate does not read: [`explain`] says which groups would admit the user,
+//! and [`explain_with_groups`] takes the user's groups from a caller that looked them up.
 
-use crate::Policy;
+use crate::authorize::{entry_names, one_of};
+use crate::{AuditTarget, Policy, Quotas, Uplink};
 
 /// Describes what the policy lets each user (or only `user`) do, one sentence per line.
 pub fn explain(policy: &Policy, user: Option<&str>) -> String {
-    let _ = (policy, user);
-    todo!()
+    let lines = match user {
+        None => everyone(policy),
+        Some(user) => one_user(policy, user, None),
+    };
+    finish(lines)
+}
+
+/// Describes what `user` may do, knowing the groups it is in (names, or decimal gids for groups
+/// without a name), one sentence per line.
+pub fn explain_with_groups(policy: &Policy, user: &str, groups: &[String]) -> String {
+    finish(one_user(policy, user, Some(groups)))
+}
+
+fn finish(lines: Vec<String>) -> String {
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
+
+/// `alice` or `uid 1005`, for an `access.users` entry or a `quotas.users` key.
+fn user_label(entry: &str) -> String {
+    if is_id(entry) { format!("uid {entry}") } else { entry.to_owned() }
+}
+
+/// `group kvm` or `gid 300`, for an `access.groups` entry.
+fn group_label(entry: &str) -> String {
+    if is_id(entry) { format!("gid {entry}") } else { format!("group {entry}") }
+}
+
+fn is_id(entry: &str) -> bool {
+    !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn count(n: u32, one: &str, many: &str) -> String {
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
+}
+
+/// `a`, `a and b`, `a, b and c` (or `or`).
+fn list(items: &[String], last_word: &str) -> String {
+    match items {
+        [] => String::new(),
+        [only] => only.clone(),
+        [rest @ .., last] => format!("{} {last_word} {last}", rest.join(", ")),
+    }
+}
+
+fn limits(q: Quotas) -> String {
+    format!(
+        "{}, {} and {}",
+        count(q.max_vms, "VM", "VMs"),
+        count(q.max_taps, "TAP device", "TAP devices"),
+        count(q.max_loops, "loop device", "loop devices")
+    )
+}
+
+fn everyone(policy: &Policy) -> Vec<String> {
+    let access = &policy.access;
+    let mut lines = Vec::new();
+    if access.users.is_empty() && access.groups.is_empty() {
+        lines.push(
+            "Nobody may connect: access.users and access.groups are both empty, so every request is refused."
+                .to_owned(),
+        );
+    } else {
+        for entry in &access.users {
+            lines.push(format!("{} may connect (listed in access.users).", user_label(entry)));
+        }
+        for entry in &access.groups {
+            lines.push(format!("Members of {} may connect (listed in access.groups).", group_label(entry)));
+        }
+        lines.push(
+            "Nobody else may connect; root is not allowed unless listed like any other user.".to_owned(),
+        );
+    }
+    lines.push(socket_sentence(policy, "a user"));
+    lines.push(format!("Each user may run at most {}.", limits(policy.quotas)));
+    for (name, quotas) in &policy.user_quotas {
+        lines.push(format!(
+            "{} may run at most {} (quotas.users.{name}).",
+            user_label(name),
+            limits(*quotas)
+        ));
+    }
+    lines.extend(network(policy, "each user a"));
+    lines.push(format!(
+        "The pool has room for {}; a user keeps its lease.",
+        count(policy.network.lease_count(), "user", "users")
+    ));
+    lines.extend(sysctls(policy, "Clients"));
+    lines.push(audit(policy));
+    lines
+}
+
+/// How `user` gets in, or the sentence saying it cannot.
+enum Verdict {
+    /// Admitted, and why.
+    Yes(String),
+    /// Admitted only through group membership this crate cannot check.
+    Maybe(String),
+    /// Refused.
+    No,
+}
+
+fn verdict(policy: &Policy, user: &str, groups: Option<&[String]>) -> Verdict {
+    let access = &policy.access;
+    let (name, uid) = if is_id(user) { (None, user.parse().ok()) } else { (Some(user), None) };
+    if access.users.iter().any(|e| entry_names(e, name, uid)) {
+        return Verdict::Yes(format!("{} may connect (listed in access.users).", user_label(user)));
+    }
+    match groups {
+        Some(groups) => {
+            let hit = access.groups.iter().find(|entry| {
+                groups.iter().any(|g| {
+                    let (name, gid) =
+                        if is_id(g) { (None, g.parse().ok()) } else { (Some(g.as_str()), None) };
+                    entry_names(entry, name, gid)
+                })
+            });
+            match hit {
+                Some(entry) => Verdict::Yes(format!(
+                    "{} may connect (a member of {}, listed in access.groups).",
+                    user_label(user),
+                    group_label(entry)
+                )),
+                None => Verdict::No,
+            }
+        }
+        None if access.groups.is_empty() => Verdict::No,
+        None => {
+            let groups: Vec<String> = access.groups.iter().map(|g| group_label(g)).collect();
+            Verdict::Maybe(format!(
+                "{} is not in access.users and may connect only as a member of {} (access.groups).",
+                user_label(user),
+                list(&groups, "or")
+            ))
+        }
+    }
+}
+
+fn one_user(policy: &Policy, user: &str, groups: Option<&[String]>) -> Vec<String> {
+    let label = user_label(user);
+    let mut lines = match verdict(policy, user, groups) {
+        Verdict::No => {
+            return vec![format!(
+                "{label} may not connect: add {user} to access.users or one of its groups to access.groups."
+            )];
+        }
+        Verdict::Yes(line) | Verdict::Maybe(line) => vec![line],
+    };
+    lines.push(socket_sentence(policy, &label));
+    let (quotas, source) = match policy.user_quotas.get(user) {
+        Some(q) => (*q, format!("quotas.users.{user}")),
+        None => (policy.quotas, "the default quotas".to_owned()),
+    };
+    lines.push(format!("{label} may run at most {} ({source}).", limits(quotas)));
+    lines.extend(network(policy, &format!("{label} gets a")));
+    lines.extend(sysctls(policy, &label));
+    lines.push(audit(policy));
+    lines
+}
+
+fn socket_sentence(policy: &Policy, who: &str) -> String {
+    let group = group_label(&policy.access.socket_group);
+    format!(
+        "The helper's socket belongs to {group} (mode 0660), so {who} must also be in {group} to reach it."
+    )
+}
+
+/// The address plan and what guests may reach; `lease_phrase` is `each user a` or `alice gets a`.
+fn network(policy: &Policy, lease_phrase: &str) -> Vec<String> {
+    let n = &policy.network;
+    let mut lines = vec![format!(
+        "Guests get addresses from {}: {lease_phrase} /{} ({} of a /{} each).",
+        n.pool,
+        n.lease_prefix,
+        count(n.slots_per_lease(), "VM", "VMs"),
+        n.vm_prefix
+    )];
+    lines.push(match &n.uplink {
+        Uplink::Auto => "Guest traffic leaves, masqueraded, through the interface of the default route \
+                         (network.uplink = \"auto\")."
+            .to_owned(),
+        Uplink::Named(name) => format!("Guest traffic leaves, masqueraded, through {name} (network.uplink)."),
+    });
+    lines.push(
+        if n.guest_to_guest { "Guests may reach each other." } else { "Guests may not reach each other." }
+            .to_owned(),
+    );
+    let to_host = &n.guest_to_host;
+    lines.push(if to_host.allow_all {
+        "Guests may open any connection to the host.".to_owned()
+    } else if to_host.allow.is_empty() {
+        "Guests may not open connections to the host; they only get replies to connections the host opens."
+            .to_owned()
+    } else {
+        let ports: Vec<String> = to_host.allow.iter().map(ToString::to_string).collect();
+        format!(
+            "Guests may not open connections to the host, except {} on their gateway.",
+            list(&ports, "and")
+        )
+    });
+    lines
+        .push(if n.ipv6 { "TAP devices keep IPv6." } else { "TAP devices have IPv6 turned off." }.to_owned());
+    lines
+}
+
+fn sysctls(policy: &Policy, who: &str) -> Vec<String> {
+    if policy.sysctls.is_empty() {
+        return vec![format!("{who} may not set any sysctl.")];
+    }
+    policy
+        .sysctls
+        .iter()
+        .map(|rule| format!("{who} may set {} to {}.", rule.key, one_of(&rule.values)))
+        .collect()
+}
+
+fn audit(policy: &Policy) -> String {
+    match &policy.audit.target {
+        AuditTarget::Stderr => {
+            "Every request is logged to the helper's standard error (the journal under systemd).".to_owned()
+        }
+        AuditTarget::File(path) => {
+            format!("Every request is appended as one JSON line to {}.", path.display())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::from_toml("test.toml", text).unwrap()
+    }
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    const SAMPLE: &str = r#"
+[access]
+users = ["alice", "1005"]
+groups = ["kvm", "300"]
+
+[quotas.users.bob]
+max_vms = 1
+max_taps = 1
+max_loops = 1
+
+[network.guest_to_host]
+allow = ["udp/53", "tcp/53"]
+
+[audit]
+log = "/var/log/banger/audit.log"
+"#;
+
+    #[test]
+    fn default_policy_reads_as_sentences() {
+        let text = explain(&Policy::default_policy(), None);
+        assert_eq!(
+            lines(&text),
+            [
+                "Nobody may connect: access.users and access.groups are both empty, so every request is refused.",
+                "The helper's socket belongs to group banger (mode 0660), so a user must also be in group banger \
+                 to reach it.",
+                "Each user may run at most 16 VMs, 16 TAP devices and 32 loop devices.",
+                "Guests get addresses from 172.30.0.0/16: each user a /24 (64 VMs of a /30 each).",
+                "Guest traffic leaves, masqueraded, through the interface of the default route \
+                 (network.uplink = \"auto\").",
+                "Guests may not reach each other.",
+                "Guests may not open connections to the host; they only get replies to connections the host opens.",
+                "TAP devices have IPv6 turned off.",
+                "The pool has room for 256 users; a user keeps its lease.",
+                "Clients may set net.ipv4.ip_forward to 1.",
+                "Every request is logged to the helper's standard error (the journal under systemd).",
+            ]
+        );
+        assert!(text.ends_with(".\n"));
+    }
+
+    #[test]
+    fn listed_users_groups_and_overrides_are_named() {
+        let text = explain(&policy(SAMPLE), None);
+        for needle in [
+            "alice may connect (listed in access.users).",
+            "uid 1005 may connect (listed in access.users).",
+            "Members of group kvm may connect (listed in access.groups).",
+            "Members of gid 300 may connect (listed in access.groups).",
+            "Nobody else may connect; root is not allowed unless listed like any other user.",
+            "bob may run at most 1 VM, 1 TAP device and 1 loop device (quotas.users.bob).",
+            "Guests may not open connections to the host, except udp/53 and tcp/53 on their gateway.",
+            "Every request is appended as one JSON line to /var/log/banger/audit.log.",
+        ] {
+            assert!(text.lines().any(|l| l == needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn one_listed_user_sees_only_its_own_terms() {
+        let text = explain(&policy(SAMPLE), Some("alice"));
+        assert_eq!(lines(&text)[0], "alice may connect (listed in access.users).");
+        assert!(text.contains(
+            "alice may run at most 16 VMs, 16 TAP devices and 32 loop devices (the default quotas)."
+        ));
+        assert!(text.contains("alice gets a /24 (64 VMs of a /30 each)."));
+        assert!(text.contains("alice may set net.ipv4.ip_forward to 1."));
+        assert!(!text.contains("uid 1005") && !text.contains("bob"), "{text}");
+        let text = explain(&policy(SAMPLE), Some("1005"));
+        assert_eq!(lines(&text)[0], "uid 1005 may connect (listed in access.users).");
+    }
+
+    #[test]
+    fn user_outside_access_is_told_what_the_admin_must_add() {
+        let p = policy("[access]\nusers = [\"alice\"]\n");
+        assert_eq!(
+            explain(&p, Some("bob")),
+            "bob may not connect: add bob to access.users or one of its groups to access.groups.\n"
+        );
+        let text = explain(&Policy::default_policy(), Some("root"));
+        assert!(text.starts_with("root may not connect"), "{text}");
+    }
+
+    #[test]
+    fn group_membership_is_conditional_unless_the_groups_are_known() {
+        let p = policy(SAMPLE);
+        let text = explain(&p, Some("bob"));
+        assert_eq!(
+            lines(&text)[0],
+            "bob is not in access.users and may connect only as a member of group kvm or gid 300 (access.groups)."
+        );
+        assert!(
+            text.contains("bob may run at most 1 VM, 1 TAP device and 1 loop device (quotas.users.bob).")
+        );
+        let text = explain_with_groups(&p, "bob", &["users".into(), "kvm".into()]);
+        assert_eq!(lines(&text)[0], "bob may connect (a member of group kvm, listed in access.groups).");
+        let text = explain_with_groups(&p, "bob", &["users".into(), "300".into()]);
+        assert_eq!(lines(&text)[0], "bob may connect (a member of gid 300, listed in access.groups).");
+        let text = explain_with_groups(&p, "bob", &["users".into()]);
+        assert_eq!(
+            text,
+            "bob may not connect: add bob to access.users or one of its groups to access.groups.\n"
+        );
+    }
+
+    #[test]
+    fn network_variants_are_described() {
+        let text = explain(
+            &policy(
+                "[network]\npool = \"10.1.0.0/16\"\nlease_prefix = 30\nuplink = \"eth1\"\nipv6 = true\n\
+                 guest_to_guest = true\n[network.guest_to_host]\nallow_all = true\n",
+            ),
+            None,
+        );
+        for needle in [
+            "Guests get addresses from 10.1.0.0/16: each user a /30 (1 VM of a /30 each).",
+            "Guest traffic leaves, masqueraded, through eth1 (network.uplink).",
+            "Guests may reach each other.",
+            "Guests may open any connection to the host.",
+            "TAP devices keep IPv6.",
+            "The pool has room for 16384 users; a user keeps its lease.",
+        ] {
+            assert!(text.lines().any(|l| l == needle), "missing {needle:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn sysctl_variants_are_described() {
+        let text = explain(&policy("sysctl = []\n"), None);
+        assert!(text.contains("Clients may not set any sysctl."));
+        let p =
+            policy("[[sysctl]]\nkey = \"net.ipv4.conf.all.forwarding\"\nvalues = [\"0\", \"1\", \"2\"]\n");
+        let text = explain(&p, None);
+        assert!(text.contains("Clients may set net.ipv4.conf.all.forwarding to 0, 1 or 2."));
+    }
 }

@@ -1,7 +1,7 @@
 //! The ownership ledger as data: which uid, install and VM each helper-made object belongs to.
 //!
 //! The helper persists it (atomically, as JSON) and reconciles it with the kernel; here it is plain
-//! data that [`crate::authorize`] reads for quotas and ownership checks, with the pure queries
+//! data that [`authorize`](fn@crate::authorize) reads for quotas and ownership checks, with the pure queries
 //! and updates the helper needs.
 //!
 //! An object is keyed by `(uid, install, vm, kind)` ([`ObjectKind`]): one TAP and one NAT rule set

@@ -1070,6 +1070,59 @@ log = "/var/log/banger/audit.log"
         assert_refused("[network]\nvm_prefix = 99\npool = \"x\"\n", 2, &["vm_prefix"]);
     }
 
+    const PACKAGED: &str = include_str!("../../packaging/policy.toml");
+
+    #[test]
+    fn packaged_policy_is_valid_and_is_exactly_the_defaults() {
+        let p = Policy::from_toml("packaging/policy.toml", PACKAGED).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p, Policy::default_policy(), "the shipped file documents the built-in defaults");
+    }
+
+    #[test]
+    fn packaged_policy_examples_are_valid_when_uncommented() {
+        let examples = [
+            "# [quotas.users.alice]",
+            "# max_vms = 4",
+            "# max_taps = 4",
+            "# max_loops = 8",
+            "# allow = [\"udp/53\", \"tcp/53\"]",
+        ];
+        let mut text = String::new();
+        for line in PACKAGED.lines() {
+            if line == "allow = []" {
+                continue;
+            }
+            match examples.iter().find(|e| **e == line) {
+                Some(example) => text.push_str(&example[2..]),
+                None => text.push_str(line),
+            }
+            text.push('\n');
+        }
+        let p = parse(&text);
+        assert_eq!(p.user_quotas["alice"], Quotas { max_vms: 4, max_taps: 4, max_loops: 8 });
+        assert_eq!(p.network.guest_to_host.allow.len(), 2);
+        // Every inline example `e.g. key = value` and `Example: key = value` is valid too.
+        let mut checked = 0;
+        for line in PACKAGED.lines() {
+            for marker in ["Example: ", "e.g. "] {
+                if let Some((_, example)) = line.split_once(marker)
+                    && example.contains(" = ")
+                {
+                    let example = example.trim_end_matches('.');
+                    let section = match example.split(' ').next() {
+                        Some("users" | "groups") => "access",
+                        Some("uplink") => "network",
+                        Some("log") => "audit",
+                        other => panic!("example of unknown key {other:?}"),
+                    };
+                    parse(&format!("[{section}]\n{example}\n"));
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 4, "users, groups, uplink and log examples");
+    }
+
     #[test]
     fn edit_distance_and_suggestions() {
         assert_eq!(edit_distance("kitten", "sitting"), 3);
