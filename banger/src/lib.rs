@@ -14,3 +14,4 @@ pub mod paths;
 pub mod config;
 pub mod storage;
 pub mod liveness;
+pub mod firecracker;
