@@ -14,6 +14,7 @@
 //! - [`vm`]: the VMM state machine and Firecracker's error texts.
 //! - [`config`]: request bodies; [`cmdline`]: boot arguments and `ip=`; [`elf`]: the kernel check.
 //! - [`tap`]: TAP ioctls; [`guest`]: the emulated guest; [`logger`]: log and metrics output.
+//! - [`harness`]: starting the double and talking to it from tests.
 //!
 //! Other tests use [`write_test_kernel`] to make a kernel the double (and Firecracker) accepts.
 
@@ -23,6 +24,7 @@ pub mod cmdline;
 pub mod config;
 pub mod elf;
 pub mod guest;
+pub mod harness;
 pub mod logger;
 pub mod server;
 pub mod tap;

@@ -130,7 +130,7 @@ async fn handle(ctx: Arc<ApiContext>, req: Request<Incoming>) -> Result<Response
                 "fc_api",
                 "The request was executed successfully. Status code: 200 OK.",
             );
-            response(StatusCode::OK, Some(v.to_string()), deprecated)
+            response(StatusCode::OK, Some(v), deprecated)
         }
         Err(e) => {
             let msg = e.to_string();

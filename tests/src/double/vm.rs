@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use super::cmdline::{self, CmdlineError};
 use super::config::{
-    BlockDeviceConfig, BlockDeviceUpdateConfig, BootSourceConfig, LoggerConfig, MacAddr, MachineConfig,
+    BlockDeviceConfig, BlockDeviceUpdateConfig, BootSourceConfig, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdateConfig,
     VsockDeviceConfig,
 };
@@ -82,8 +82,8 @@ pub enum VmmAction {
 pub enum VmmData {
     /// 204, no body.
     Empty,
-    /// 200 with this JSON body.
-    Json(serde_json::Value),
+    /// 200 with this JSON body (serialised in Firecracker's field order).
+    Json(String),
 }
 
 /// `PUT /boot-source` errors.
@@ -314,6 +314,19 @@ impl VmState {
     }
 }
 
+/// `GET /` body, fields in Firecracker's order.
+#[derive(serde::Serialize)]
+struct InstanceInfo<'a> {
+    id: &'a str,
+    state: &'a str,
+    vmm_version: &'a str,
+    app_name: &'a str,
+}
+
+fn json_body<T: serde::Serialize>(v: &T) -> VmmData {
+    VmmData::Json(serde_json::to_string(v).expect("plain data serialises"))
+}
+
 struct BootSource {
     config: BootSourceConfig,
     kernel: File,
@@ -384,18 +397,16 @@ impl Vmm {
     pub fn handle(&mut self, action: VmmAction) -> Result<VmmData, VmmActionError> {
         use VmmAction::*;
         match action {
-            GetVmInstanceInfo => Ok(VmmData::Json(serde_json::json!({
-                "id": self.instance_id,
-                "state": self.state.as_str(),
-                "vmm_version": FIRECRACKER_VERSION,
-                "app_name": "Firecracker",
-            }))),
+            GetVmInstanceInfo => Ok(json_body(&InstanceInfo {
+                id: &self.instance_id,
+                state: self.state.as_str(),
+                vmm_version: FIRECRACKER_VERSION,
+                app_name: "Firecracker",
+            })),
             GetVmmVersion => {
-                Ok(VmmData::Json(serde_json::json!({ "firecracker_version": FIRECRACKER_VERSION })))
+                Ok(json_body(&serde_json::json!({ "firecracker_version": FIRECRACKER_VERSION })))
             }
-            GetVmMachineConfig => {
-                Ok(VmmData::Json(serde_json::to_value(&self.machine).expect("serialisable")))
-            }
+            GetVmMachineConfig => Ok(json_body(&self.machine)),
             NotEmulated(what) => Err(VmmActionError::NotEmulated(what)),
             _ if self.state == VmState::NotStarted => self.handle_preboot(action),
             _ => self.handle_runtime(action),
@@ -675,11 +686,6 @@ pub fn update_machine_config(
         track_dirty_pages: u.track_dirty_pages.unwrap_or(current.track_dirty_pages),
         huge_pages,
     })
-}
-
-/// The MAC of a configured interface, for the guest.
-pub fn guest_mac(net: &NetDevice) -> Option<MacAddr> {
-    net.config.guest_mac
 }
 
 #[cfg(test)]

@@ -204,7 +204,20 @@ fn setup_mounts() -> io::Result<()> {
     }
     fs::create_dir_all(STATE_DIR)?;
     fs::set_permissions(STATE_DIR, fs::Permissions::from_mode(0o700))?;
+    hide_tty_group();
     Ok(())
+}
+
+/// Only gid 0 exists in the guest's user namespace, so the host's `tty` group cannot own a
+/// terminal; without a `tty` group, dropbear leaves new terminals with the user's group (0).
+/// The guest therefore sees the host's `/etc/group` without its `tty` entry.
+fn hide_tty_group() {
+    let Ok(host) = fs::read_to_string("/etc/group") else { return };
+    let guest: String = host.lines().filter(|l| !l.starts_with("tty:")).map(|l| format!("{l}\n")).collect();
+    let path = Path::new(STATE_DIR).join("group");
+    if fs::write(&path, guest).is_ok() {
+        let _ = mount(Some(&path), "/etc/group", None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    }
 }
 
 /// Runs a guest tool; failures are reported on the console, as a boot script's would be.
