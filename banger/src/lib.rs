@@ -16,3 +16,4 @@ pub mod paths;
 pub mod config;
 pub mod storage;
 pub mod ssh;
+pub mod helper_client;

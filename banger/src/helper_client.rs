@@ -1,0 +1,1168 @@
+//! The daemon's side of the root helper's socket.
+//!
+//! [`HelperApi`] is the narrow seam through which bangerd asks for kernel objects: one method
+//! per helper request, each naming VMs by id (the helper derives every kernel-visible name).
+//! [`SocketHelper`] implements it over the helper's unix socket; [`fake::FakeHelper`] is an
+//! in-memory, recording implementation for tests of code built on it.
+//!
+//! A [`SocketHelper`] connection's life:
+//! 1. On first use it connects to the socket (`/run/banger/helper.sock` unless configured) and
+//!    sends `Hello { PROTOCOL_VERSION, install_id }`. A helper speaking another version answers
+//!    with [`HelperError::VersionMismatch`], returned as [`HelperClientError::Helper`].
+//! 2. The connection is kept and reused; requests take turns on it (a mutex), each one frame
+//!    answered by one frame. `LoopAttach` carries its backing file as an fd (SCM_RIGHTS).
+//! 3. If the connection turns out to be broken (the helper restarted, e.g. under socket
+//!    activation), the client reconnects, says `Hello` again and resends the request, once.
+//!    Resending is safe because every helper request is idempotent: `TapCreate` and
+//!    `LoopAttach` return the object that already exists for the VM (and role), deletes and
+//!    detaches treat "absent" as done, `NatUp` applies only the difference, the lease is stable.
+//!    A second break is [`HelperClientError::ConnectionLost`].
+//! 4. A helper that cannot be reached at all is [`HelperClientError::Unreachable`], whose message
+//!    says how to start it. Each exchange (including connecting) is bounded by a timeout; after a
+//!    timeout or a malformed answer the connection is dropped so no late answer is misread.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use banger_protocol::frame::{self, FrameError};
+use banger_protocol::{
+    HelperError, InstallId, LeaseInfo, LoopInfo, LoopRole, MAX_TEARDOWN_VMS, NatInfo, OwnedObjects,
+    PROTOCOL_VERSION, Request, Response, TapInfo, TeardownReport, VmId,
+};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::net::UnixStream;
+
+/// Where the helper listens unless configured otherwise.
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
+
+/// How long one exchange with the helper may take by default. Generous: a teardown of many
+/// VMs runs the firewall tools.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why a helper request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperClientError {
+    /// Nothing answers at the helper's socket.
+    #[error(
+        "cannot reach banger-helper at {socket}: is banger-helper running? start it with `sudo systemctl start banger-helper.socket` or `sudo banger-helper serve`"
+    )]
+    Unreachable {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The helper answered with a typed error.
+    #[error("banger-helper refused the request: {0}")]
+    Helper(HelperError),
+    /// The conversation broke the protocol (malformed or oversized frame).
+    #[error(
+        "protocol error talking to banger-helper at {socket}; install matching banger and banger-helper releases"
+    )]
+    Protocol {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: FrameError,
+    },
+    /// The helper answered with a response that does not fit the request.
+    #[error(
+        "banger-helper at {socket} answered {op} with {got}; install matching banger and banger-helper releases"
+    )]
+    UnexpectedResponse {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// The request.
+        op: &'static str,
+        /// What came back.
+        got: String,
+    },
+    /// The connection broke again after reconnecting.
+    #[error(
+        "the connection to banger-helper at {socket} broke twice during {op}: the helper may be restarting or crashing; see its log (`journalctl -u banger-helper`)"
+    )]
+    ConnectionLost {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// The request.
+        op: &'static str,
+        /// The last break.
+        #[source]
+        source: FrameError,
+    },
+    /// No answer in time.
+    #[error("banger-helper at {socket} did not answer {op} within {timeout:?}")]
+    Timeout {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// The request.
+        op: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+impl HelperClientError {
+    /// Whether the helper could not be reached (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, HelperClientError::Unreachable { .. })
+    }
+}
+
+/// The helper's operations, as the daemon uses them.
+pub trait HelperApi: Send + Sync {
+    /// Health check.
+    fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>>;
+    /// The caller's subnet lease (stable per uid).
+    fn lease(&self) -> BoxFuture<'_, Result<LeaseInfo, HelperClientError>>;
+    /// Creates (or returns the existing) TAP of `vm`.
+    fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>>;
+    /// Deletes the TAP of `vm`; absent is success.
+    fn tap_delete(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>>;
+    /// Installs the NAT of `vm` (idempotent).
+    fn nat_up(&self, vm: &VmId) -> BoxFuture<'_, Result<NatInfo, HelperClientError>>;
+    /// Removes the NAT of `vm`; absent is success.
+    fn nat_down(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>>;
+    /// Attaches a loop device to the open file `file` (passed as an fd, never a path).
+    fn loop_attach(
+        &self,
+        vm: &VmId,
+        role: LoopRole,
+        read_only: bool,
+        file: OwnedFd,
+    ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>>;
+    /// Detaches the loop device of `vm` with `role`; absent is success.
+    fn loop_detach(&self, vm: &VmId, role: LoopRole) -> BoxFuture<'_, Result<(), HelperClientError>>;
+    /// Everything the caller owns, across all of its installs (each object tagged).
+    fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>>;
+    /// Tears down everything of `vms` for this install (any number; sent in batches).
+    fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>>;
+}
+
+/// One attempt's failure: a broken connection may be retried, anything else may not.
+enum AttemptError {
+    Broken(FrameError),
+    Fatal(HelperClientError),
+}
+
+/// Whether a frame error means the connection is gone (rather than a malformed conversation).
+fn is_broken(e: &FrameError) -> bool {
+    match e {
+        FrameError::Closed | FrameError::Truncated => true,
+        FrameError::Io(io) => matches!(
+            io.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::UnexpectedEof
+        ),
+        FrameError::TooLarge(_) | FrameError::TooManyFds | FrameError::Codec(_) => false,
+    }
+}
+
+/// A short name of a response variant, for errors.
+fn response_name(r: &Response) -> String {
+    match r {
+        Response::Hello(_) => "hello".into(),
+        Response::Pong => "pong".into(),
+        Response::Lease(_) => "a lease".into(),
+        Response::Tap(_) => "a tap".into(),
+        Response::Nat(_) => "nat".into(),
+        Response::Loop(_) => "a loop device".into(),
+        Response::Done => "done".into(),
+        Response::Owned(_) => "a list of owned objects".into(),
+        Response::Teardown(_) => "a teardown report".into(),
+        Response::Error(e) => format!("error {e}"),
+    }
+}
+
+/// [`HelperApi`] over the helper's unix socket.
+#[derive(Debug)]
+pub struct SocketHelper {
+    socket: PathBuf,
+    install_id: InstallId,
+    timeout: Duration,
+    /// Guards the one connection to the helper (`None` before first use and after a failure).
+    /// Held for a whole exchange, so requests and answers never interleave.
+    conn: tokio::sync::Mutex<Option<UnixStream>>,
+}
+
+impl SocketHelper {
+    /// A client for the helper at `socket`, tagging its objects with `install_id`. Nothing is
+    /// connected until the first request.
+    pub fn new(socket: impl Into<PathBuf>, install_id: InstallId) -> Self {
+        Self {
+            socket: socket.into(),
+            install_id,
+            timeout: DEFAULT_TIMEOUT,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The same client with another per-exchange timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The helper's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The install id sent in `Hello`.
+    pub fn install_id(&self) -> &InstallId {
+        &self.install_id
+    }
+
+    fn protocol(&self, source: FrameError) -> HelperClientError {
+        HelperClientError::Protocol { socket: self.socket.clone(), source }
+    }
+
+    fn unexpected(&self, op: &'static str, got: &Response) -> HelperClientError {
+        HelperClientError::UnexpectedResponse { socket: self.socket.clone(), op, got: response_name(got) }
+    }
+
+    /// Connects and says `Hello`.
+    async fn connect(&self) -> Result<UnixStream, AttemptError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
+            AttemptError::Fatal(HelperClientError::Unreachable { socket: self.socket.clone(), source })
+        })?;
+        let hello = Request::Hello { version: PROTOCOL_VERSION, install_id: self.install_id.clone() };
+        match self.exchange(&stream, &hello, None).await? {
+            Response::Hello(reply) if reply.version == PROTOCOL_VERSION => {
+                tracing::debug!(socket = %self.socket.display(), helper = %reply.helper_version, "connected to banger-helper");
+                Ok(stream)
+            }
+            Response::Hello(reply) => {
+                Err(AttemptError::Fatal(HelperClientError::Helper(HelperError::VersionMismatch {
+                    client: PROTOCOL_VERSION,
+                    helper: reply.version,
+                })))
+            }
+            Response::Error(e) => Err(AttemptError::Fatal(HelperClientError::Helper(e))),
+            other => Err(AttemptError::Fatal(self.unexpected("hello", &other))),
+        }
+    }
+
+    /// Sends one request and reads its answer. Descriptors arriving with an answer are closed.
+    async fn exchange(
+        &self,
+        stream: &UnixStream,
+        req: &Request,
+        fd: Option<&OwnedFd>,
+    ) -> Result<Response, AttemptError> {
+        let classify = |e: FrameError| {
+            if is_broken(&e) { AttemptError::Broken(e) } else { AttemptError::Fatal(self.protocol(e)) }
+        };
+        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        frame::send(stream, req, &fds).await.map_err(classify)?;
+        let (resp, _fds) = frame::recv::<Response>(stream).await.map_err(classify)?;
+        Ok(resp)
+    }
+
+    /// One attempt on the current (or a fresh) connection.
+    async fn attempt(
+        &self,
+        conn: &mut Option<UnixStream>,
+        req: &Request,
+        fd: Option<&OwnedFd>,
+    ) -> Result<Response, AttemptError> {
+        if conn.is_none() {
+            *conn = Some(self.connect().await?);
+        }
+        let stream = conn.as_ref().expect("connected just above");
+        self.exchange(stream, req, fd).await
+    }
+
+    /// Sends `req` (with `fd` for `LoopAttach`) and returns the helper's answer; a typed error
+    /// answer becomes [`HelperClientError::Helper`]. Reconnects once on a broken connection.
+    async fn call(&self, req: Request, fd: Option<&OwnedFd>) -> Result<Response, HelperClientError> {
+        let op = req.op_name();
+        let mut conn = self.conn.lock().await;
+        let mut retried = false;
+        loop {
+            let attempt = tokio::time::timeout(self.timeout, self.attempt(&mut conn, &req, fd)).await;
+            let err = match attempt {
+                Ok(Ok(Response::Error(e))) => return Err(HelperClientError::Helper(e)),
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    *conn = None;
+                    return Err(HelperClientError::Timeout {
+                        socket: self.socket.clone(),
+                        op,
+                        timeout: self.timeout,
+                    });
+                }
+            };
+            *conn = None;
+            match err {
+                AttemptError::Broken(source) if !retried => {
+                    tracing::info!(socket = %self.socket.display(), op, error = %source, "connection to banger-helper broke; reconnecting");
+                    retried = true;
+                }
+                AttemptError::Broken(source) => {
+                    return Err(HelperClientError::ConnectionLost {
+                        socket: self.socket.clone(),
+                        op,
+                        source,
+                    });
+                }
+                AttemptError::Fatal(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn expect_done(&self, req: Request) -> Result<(), HelperClientError> {
+        let op = req.op_name();
+        match self.call(req, None).await? {
+            Response::Done => Ok(()),
+            other => Err(self.unexpected(op, &other)),
+        }
+    }
+}
+
+impl HelperApi for SocketHelper {
+    fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>> {
+        async move {
+            match self.call(Request::Ping, None).await? {
+                Response::Pong => Ok(()),
+                other => Err(self.unexpected("ping", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn lease(&self) -> BoxFuture<'_, Result<LeaseInfo, HelperClientError>> {
+        async move {
+            match self.call(Request::LeaseSubnet, None).await? {
+                Response::Lease(l) => Ok(l),
+                other => Err(self.unexpected("lease-subnet", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
+        let vm = vm.clone();
+        async move {
+            match self.call(Request::TapCreate { vm }, None).await? {
+                Response::Tap(t) => Ok(t),
+                other => Err(self.unexpected("tap-create", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn tap_delete(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>> {
+        let vm = vm.clone();
+        self.expect_done(Request::TapDelete { vm }).boxed()
+    }
+
+    fn nat_up(&self, vm: &VmId) -> BoxFuture<'_, Result<NatInfo, HelperClientError>> {
+        let vm = vm.clone();
+        async move {
+            match self.call(Request::NatUp { vm }, None).await? {
+                Response::Nat(n) => Ok(n),
+                other => Err(self.unexpected("nat-up", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn nat_down(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>> {
+        let vm = vm.clone();
+        self.expect_done(Request::NatDown { vm }).boxed()
+    }
+
+    fn loop_attach(
+        &self,
+        vm: &VmId,
+        role: LoopRole,
+        read_only: bool,
+        file: OwnedFd,
+    ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
+        let vm = vm.clone();
+        async move {
+            // `file` stays open here until the answer (or the retry) is done.
+            match self.call(Request::LoopAttach { vm, role, read_only }, Some(&file)).await? {
+                Response::Loop(l) => Ok(l),
+                other => Err(self.unexpected("loop-attach", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn loop_detach(&self, vm: &VmId, role: LoopRole) -> BoxFuture<'_, Result<(), HelperClientError>> {
+        let vm = vm.clone();
+        self.expect_done(Request::LoopDetach { vm, role }).boxed()
+    }
+
+    fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>> {
+        async move {
+            match self.call(Request::ListOwned, None).await? {
+                Response::Owned(o) => Ok(o),
+                other => Err(self.unexpected("list-owned", &other)),
+            }
+        }
+        .boxed()
+    }
+
+    fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
+        let vms = vms.to_vec();
+        async move {
+            let mut total = TeardownReport::default();
+            for batch in vms.chunks(MAX_TEARDOWN_VMS) {
+                match self.call(Request::TeardownVms { vms: batch.to_vec() }, None).await? {
+                    Response::Teardown(r) => {
+                        total.torn_down.extend(r.torn_down);
+                        total.failures.extend(r.failures);
+                    }
+                    other => return Err(self.unexpected("teardown-vms", &other)),
+                }
+            }
+            Ok(total)
+        }
+        .boxed()
+    }
+}
+
+/// An in-memory [`HelperApi`] that records every request, keeps the objects a helper would,
+/// and fails on demand.
+pub mod fake {
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+    use std::sync::{Mutex, MutexGuard};
+
+    use banger_protocol::TeardownFailure;
+
+    use super::*;
+
+    /// The socket path fake errors name.
+    pub const FAKE_SOCKET: &str = "/run/banger/fake-helper.sock";
+
+    #[derive(Debug, Default)]
+    struct State {
+        taps: Vec<TapInfo>,
+        nat: Vec<NatInfo>,
+        loops: Vec<LoopInfo>,
+        calls: Vec<Request>,
+        unreachable: bool,
+        failures: HashMap<&'static str, HelperError>,
+        teardown_failures: HashMap<VmId, HelperError>,
+        next_subnet: u32,
+        next_loop: u32,
+    }
+
+    /// A helper held in memory. Objects are tagged with the fake's install id (objects of
+    /// other installs can be added with the `insert_*` methods); `list_owned` returns all of
+    /// them, `teardown_vms` removes only this install's, like the real helper.
+    #[derive(Debug)]
+    pub struct FakeHelper {
+        install: InstallId,
+        /// Guards the fake's objects, its record of requests and its configured failures.
+        state: Mutex<State>,
+    }
+
+    /// The lease every fake hands out.
+    pub const FAKE_LEASE: LeaseInfo = LeaseInfo { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 16 };
+
+    impl FakeHelper {
+        /// A fake acting for `install`.
+        pub fn new(install: InstallId) -> Self {
+            Self { install, state: Mutex::new(State::default()) }
+        }
+
+        fn state(&self) -> MutexGuard<'_, State> {
+            self.state.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        /// Every request that reached the fake, in order (`LoopAttach` without its fd).
+        pub fn calls(&self) -> Vec<Request> {
+            self.state().calls.clone()
+        }
+
+        /// Forgets the recorded requests.
+        pub fn clear_calls(&self) {
+            self.state().calls.clear();
+        }
+
+        /// Makes every request fail with [`HelperClientError::Unreachable`] (not recorded).
+        pub fn set_unreachable(&self, unreachable: bool) {
+            self.state().unreachable = unreachable;
+        }
+
+        /// Makes every request of operation `op` (a [`Request::op_name`]) fail with `error`.
+        pub fn fail(&self, op: &'static str, error: HelperError) {
+            self.state().failures.insert(op, error);
+        }
+
+        /// Undoes [`FakeHelper::fail`] for every operation.
+        pub fn clear_failures(&self) {
+            self.state().failures.clear();
+        }
+
+        /// Makes teardowns report `error` for `vm` and leave its objects in place.
+        pub fn fail_teardown_of(&self, vm: &VmId, error: HelperError) {
+            self.state().teardown_failures.insert(vm.clone(), error);
+        }
+
+        /// Adds a TAP (of any install), as if made earlier.
+        pub fn insert_tap(&self, tap: TapInfo) {
+            self.state().taps.push(tap);
+        }
+
+        /// Adds NAT (of any install), as if made earlier.
+        pub fn insert_nat(&self, nat: NatInfo) {
+            self.state().nat.push(nat);
+        }
+
+        /// Adds a loop device (of any install), as if made earlier.
+        pub fn insert_loop(&self, l: LoopInfo) {
+            self.state().loops.push(l);
+        }
+
+        /// Everything the fake holds now.
+        pub fn owned(&self) -> OwnedObjects {
+            let s = self.state();
+            OwnedObjects {
+                lease: Some(FAKE_LEASE),
+                taps: s.taps.clone(),
+                nat: s.nat.clone(),
+                loops: s.loops.clone(),
+            }
+        }
+
+        /// A TAP the fake would make for `vm` of `install` as the `index`-th VM.
+        pub fn tap_for(install: &InstallId, vm: &VmId, index: u32) -> TapInfo {
+            let base = u32::from(FAKE_LEASE.network) + index * 4;
+            let guest = Ipv4Addr::from(base + 2);
+            let [_, _, g3, g4] = guest.octets();
+            let hash = format!("{install}/{vm}")
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+            TapInfo {
+                install: install.clone(),
+                vm: vm.clone(),
+                name: format!("bg{:013x}", hash & 0x000f_ffff_ffff_ffff),
+                host_ip: Ipv4Addr::from(base + 1),
+                guest_ip: guest,
+                prefix_len: 30,
+                guest_mac: format!("06:00:ac:1e:{g3:02x}:{g4:02x}"),
+            }
+        }
+
+        /// Records `req` and applies the configured failure, if any.
+        fn enter(&self, req: Request) -> Result<MutexGuard<'_, State>, HelperClientError> {
+            let mut s = self.state();
+            if s.unreachable {
+                return Err(HelperClientError::Unreachable {
+                    socket: FAKE_SOCKET.into(),
+                    source: io::Error::from(io::ErrorKind::ConnectionRefused),
+                });
+            }
+            let op = req.op_name();
+            s.calls.push(req);
+            if let Some(e) = s.failures.get(op) {
+                return Err(HelperClientError::Helper(e.clone()));
+            }
+            Ok(s)
+        }
+
+        fn mine(&self, install: &InstallId, vm: &VmId, other_vm: &VmId) -> bool {
+            install == &self.install && vm == other_vm
+        }
+    }
+
+    impl HelperApi for FakeHelper {
+        fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>> {
+            let r = self.enter(Request::Ping).map(drop);
+            async move { r }.boxed()
+        }
+
+        fn lease(&self) -> BoxFuture<'_, Result<LeaseInfo, HelperClientError>> {
+            let r = self.enter(Request::LeaseSubnet).map(|_| FAKE_LEASE);
+            async move { r }.boxed()
+        }
+
+        fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
+            let r = self.enter(Request::TapCreate { vm: vm.clone() }).map(|mut s| {
+                if let Some(t) = s.taps.iter().find(|t| self.mine(&t.install, &t.vm, vm)) {
+                    return t.clone();
+                }
+                let tap = Self::tap_for(&self.install, vm, s.next_subnet);
+                s.next_subnet += 1;
+                s.taps.push(tap.clone());
+                tap
+            });
+            async move { r }.boxed()
+        }
+
+        fn tap_delete(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>> {
+            let r = self.enter(Request::TapDelete { vm: vm.clone() }).map(|mut s| {
+                s.taps.retain(|t| !self.mine(&t.install, &t.vm, vm));
+            });
+            async move { r }.boxed()
+        }
+
+        fn nat_up(&self, vm: &VmId) -> BoxFuture<'_, Result<NatInfo, HelperClientError>> {
+            let r = self.enter(Request::NatUp { vm: vm.clone() }).and_then(|mut s| {
+                if let Some(n) = s.nat.iter().find(|n| self.mine(&n.install, &n.vm, vm)) {
+                    return Ok(n.clone());
+                }
+                let Some(tap) = s.taps.iter().find(|t| self.mine(&t.install, &t.vm, vm)) else {
+                    return Err(HelperClientError::Helper(HelperError::NotFound {
+                        what: format!("tap of vm {vm}: create it before its nat"),
+                    }));
+                };
+                let nat = NatInfo {
+                    install: self.install.clone(),
+                    vm: vm.clone(),
+                    guest_ip: tap.guest_ip,
+                    uplink: "eth0".into(),
+                };
+                s.nat.push(nat.clone());
+                Ok(nat)
+            });
+            async move { r }.boxed()
+        }
+
+        fn nat_down(&self, vm: &VmId) -> BoxFuture<'_, Result<(), HelperClientError>> {
+            let r = self.enter(Request::NatDown { vm: vm.clone() }).map(|mut s| {
+                s.nat.retain(|n| !self.mine(&n.install, &n.vm, vm));
+            });
+            async move { r }.boxed()
+        }
+
+        fn loop_attach(
+            &self,
+            vm: &VmId,
+            role: LoopRole,
+            read_only: bool,
+            file: OwnedFd,
+        ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
+            let r = self.enter(Request::LoopAttach { vm: vm.clone(), role, read_only }).and_then(|mut s| {
+                // Like the helper: a regular file, read-write only when asked and the fd allows it.
+                let st = nix::sys::stat::fstat(&file)
+                    .map_err(|e| HelperClientError::Helper(HelperError::kernel("fstat", e)))?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(HelperClientError::Helper(HelperError::invalid(
+                        "the backing file must be a regular file",
+                    )));
+                }
+                let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+                    .map_err(|e| HelperClientError::Helper(HelperError::kernel("fcntl", e)))?;
+                let writable = flags & libc::O_ACCMODE == libc::O_RDWR;
+                let read_only = read_only || !writable;
+                if let Some(l) = s.loops.iter().find(|l| self.mine(&l.install, &l.vm, vm) && l.role == role) {
+                    return Ok(l.clone());
+                }
+                let device = format!("/dev/loop{}", s.next_loop);
+                s.next_loop += 1;
+                let info =
+                    LoopInfo { install: self.install.clone(), vm: vm.clone(), role, device, read_only };
+                s.loops.push(info.clone());
+                Ok(info)
+            });
+            async move { r }.boxed()
+        }
+
+        fn loop_detach(&self, vm: &VmId, role: LoopRole) -> BoxFuture<'_, Result<(), HelperClientError>> {
+            let r = self.enter(Request::LoopDetach { vm: vm.clone(), role }).map(|mut s| {
+                s.loops.retain(|l| !(self.mine(&l.install, &l.vm, vm) && l.role == role));
+            });
+            async move { r }.boxed()
+        }
+
+        fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>> {
+            let r = self.enter(Request::ListOwned).map(drop).map(|()| self.owned());
+            async move { r }.boxed()
+        }
+
+        fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
+            let r = self.enter(Request::TeardownVms { vms: vms.to_vec() }).map(|mut s| {
+                let mut report = TeardownReport::default();
+                for vm in vms {
+                    if let Some(e) = s.teardown_failures.get(vm).cloned() {
+                        report.failures.push(TeardownFailure {
+                            vm: vm.clone(),
+                            object: format!("tap of vm {vm}"),
+                            error: e,
+                        });
+                        continue;
+                    }
+                    s.taps.retain(|t| !self.mine(&t.install, &t.vm, vm));
+                    s.nat.retain(|n| !self.mine(&n.install, &n.vm, vm));
+                    s.loops.retain(|l| !self.mine(&l.install, &l.vm, vm));
+                    report.torn_down.push(vm.clone());
+                }
+                report
+            });
+            async move { r }.boxed()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::{Arc, Mutex};
+
+    use banger_protocol::{Capabilities, HelloReply};
+    use tokio::net::UnixListener;
+
+    use super::fake::{FAKE_LEASE, FakeHelper};
+    use super::*;
+
+    fn install() -> InstallId {
+        InstallId::new("00112233aabbccdd").unwrap()
+    }
+
+    fn vm(s: &str) -> VmId {
+        VmId::new(s).unwrap()
+    }
+
+    /// What the test server does with one request.
+    #[derive(Clone)]
+    enum Act {
+        /// Answer through the fake helper.
+        Backend,
+        /// Answer through the fake helper, then hang up.
+        BackendThenClose,
+        /// Hang up without answering.
+        Close,
+        /// Answer with bytes that are no message.
+        Garbage,
+        /// Never answer.
+        Silent,
+        /// Answer this.
+        Reply(Response),
+    }
+
+    type Script = Arc<dyn Fn(usize, usize, &Request) -> Act + Send + Sync>;
+
+    #[derive(Debug, Default)]
+    struct Log {
+        connections: usize,
+        hellos: Vec<Request>,
+        requests: Vec<(usize, Request)>,
+        fds: Vec<(u64, u64)>,
+    }
+
+    struct Server {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        backend: Arc<FakeHelper>,
+        log: Arc<Mutex<Log>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl Server {
+        fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+            self.log.lock().unwrap()
+        }
+
+        fn client(&self) -> SocketHelper {
+            SocketHelper::new(&self.socket, install()).with_timeout(Duration::from_secs(5))
+        }
+    }
+
+    fn ok_hello() -> Response {
+        Response::Hello(HelloReply {
+            version: PROTOCOL_VERSION,
+            helper_version: "0.1.0".into(),
+            capabilities: Capabilities::default(),
+        })
+    }
+
+    /// Maps a request onto the fake helper, as the real helper's dispatch would.
+    async fn dispatch(fake: &FakeHelper, req: Request, mut fds: Vec<OwnedFd>) -> Response {
+        let r = match req {
+            Request::Ping => fake.ping().await.map(|()| Response::Pong),
+            Request::LeaseSubnet => fake.lease().await.map(Response::Lease),
+            Request::TapCreate { vm } => fake.tap_create(&vm).await.map(Response::Tap),
+            Request::TapDelete { vm } => fake.tap_delete(&vm).await.map(|()| Response::Done),
+            Request::NatUp { vm } => fake.nat_up(&vm).await.map(Response::Nat),
+            Request::NatDown { vm } => fake.nat_down(&vm).await.map(|()| Response::Done),
+            Request::LoopAttach { vm, role, read_only } => match fds.pop() {
+                Some(fd) => fake.loop_attach(&vm, role, read_only, fd).await.map(Response::Loop),
+                None => return Response::Error(HelperError::invalid("no fd")),
+            },
+            Request::LoopDetach { vm, role } => fake.loop_detach(&vm, role).await.map(|()| Response::Done),
+            Request::ListOwned => fake.list_owned().await.map(Response::Owned),
+            Request::TeardownVms { vms } => fake.teardown_vms(&vms).await.map(Response::Teardown),
+            Request::Hello { .. } | Request::SysctlSet { .. } => {
+                return Response::Error(HelperError::invalid("no"));
+            }
+        };
+        match r {
+            Ok(resp) => resp,
+            Err(HelperClientError::Helper(e)) => Response::Error(e),
+            Err(other) => Response::Error(HelperError::invalid(other.to_string())),
+        }
+    }
+
+    async fn serve_conn(
+        stream: UnixStream,
+        conn: usize,
+        hello: Response,
+        script: Script,
+        backend: Arc<FakeHelper>,
+        log: Arc<Mutex<Log>>,
+    ) {
+        let Ok((h, _)) = frame::recv::<Request>(&stream).await else { return };
+        log.lock().unwrap().hellos.push(h);
+        if frame::send(&stream, &hello, &[]).await.is_err() || !matches!(hello, Response::Hello(_)) {
+            return;
+        }
+        for n in 0.. {
+            let Ok((req, fds)) = frame::recv::<Request>(&stream).await else { return };
+            {
+                let mut l = log.lock().unwrap();
+                l.requests.push((conn, req.clone()));
+                for fd in &fds {
+                    let st = nix::sys::stat::fstat(fd).unwrap();
+                    l.fds.push((st.st_dev, st.st_ino));
+                }
+            }
+            match script(conn, n, &req) {
+                Act::Backend => {
+                    let resp = dispatch(&backend, req, fds).await;
+                    let _ = frame::send(&stream, &resp, &[]).await;
+                }
+                Act::BackendThenClose => {
+                    let resp = dispatch(&backend, req, fds).await;
+                    let _ = frame::send(&stream, &resp, &[]).await;
+                    return;
+                }
+                Act::Close => return,
+                Act::Garbage => {
+                    let _ = frame::write_frame(&stream, &[0xff; 7], &[]).await;
+                }
+                Act::Silent => std::future::pending::<()>().await,
+                Act::Reply(r) => {
+                    let _ = frame::send(&stream, &r, &[]).await;
+                }
+            }
+        }
+    }
+
+    fn server_with(
+        hello: Response,
+        script: impl Fn(usize, usize, &Request) -> Act + Send + Sync + 'static,
+    ) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("helper.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let backend = Arc::new(FakeHelper::new(install()));
+        let log = Arc::new(Mutex::new(Log::default()));
+        let script: Script = Arc::new(script);
+        let (b, l) = (Arc::clone(&backend), Arc::clone(&log));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let conn = {
+                    let mut l = l.lock().unwrap();
+                    l.connections += 1;
+                    l.connections - 1
+                };
+                tokio::spawn(serve_conn(
+                    stream,
+                    conn,
+                    hello.clone(),
+                    Arc::clone(&script),
+                    Arc::clone(&b),
+                    Arc::clone(&l),
+                ));
+            }
+        });
+        Server { _dir: dir, socket, backend, log, task }
+    }
+
+    fn server() -> Server {
+        server_with(ok_hello(), |_, _, _| Act::Backend)
+    }
+
+    #[tokio::test]
+    async fn hello_then_typed_calls_on_one_connection() {
+        let srv = server();
+        let c = srv.client();
+        c.ping().await.unwrap();
+        assert_eq!(c.lease().await.unwrap(), FAKE_LEASE);
+        let tap = c.tap_create(&vm("dev")).await.unwrap();
+        assert_eq!(tap, FakeHelper::tap_for(&install(), &vm("dev"), 0));
+        let nat = c.nat_up(&vm("dev")).await.unwrap();
+        assert_eq!(nat.guest_ip, tap.guest_ip);
+        let owned = c.list_owned().await.unwrap();
+        assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1));
+        c.nat_down(&vm("dev")).await.unwrap();
+        c.tap_delete(&vm("dev")).await.unwrap();
+        c.loop_detach(&vm("dev"), LoopRole::Cow).await.unwrap();
+        let report = c.teardown_vms(&[vm("dev")]).await.unwrap();
+        assert_eq!(report.torn_down, [vm("dev")]);
+
+        let log = srv.log();
+        assert_eq!(log.connections, 1, "the connection is reused");
+        assert_eq!(log.hellos, [Request::Hello { version: PROTOCOL_VERSION, install_id: install() }]);
+        let ops: Vec<&str> = log.requests.iter().map(|(_, r)| r.op_name()).collect();
+        assert_eq!(
+            ops,
+            [
+                "ping",
+                "lease-subnet",
+                "tap-create",
+                "nat-up",
+                "list-owned",
+                "nat-down",
+                "tap-delete",
+                "loop-detach",
+                "teardown-vms"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn loop_attach_passes_the_file_as_an_fd() {
+        let srv = server();
+        let c = srv.client();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cow.img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+
+        let ro = std::fs::File::open(&path).unwrap();
+        let info = c.loop_attach(&vm("dev"), LoopRole::Base, false, ro.into()).await.unwrap();
+        assert!(info.read_only, "a read-only fd can only give a read-only device");
+        assert_eq!((info.role, info.device.as_str()), (LoopRole::Base, "/dev/loop0"));
+
+        let rw = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let info = c.loop_attach(&vm("dev"), LoopRole::Cow, false, rw.into()).await.unwrap();
+        assert!(!info.read_only);
+
+        let log = srv.log();
+        assert_eq!(log.fds, [(meta.dev(), meta.ino()), (meta.dev(), meta.ino())], "the helper got our file");
+        assert_eq!(
+            log.requests[0].1,
+            Request::LoopAttach { vm: vm("dev"), role: LoopRole::Base, read_only: false }
+        );
+    }
+
+    #[tokio::test]
+    async fn typed_errors_pass_through_and_keep_the_connection() {
+        let srv = server();
+        let quota = HelperError::QuotaExceeded { resource: "taps".into(), limit: 4 };
+        srv.backend.fail("tap-create", quota.clone());
+        let c = srv.client();
+        let err = c.tap_create(&vm("dev")).await.unwrap_err();
+        match &err {
+            HelperClientError::Helper(e) => assert_eq!(e, &quota),
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("at most 4 taps"), "{err}");
+        c.ping().await.unwrap();
+        assert_eq!(srv.log().connections, 1);
+    }
+
+    #[tokio::test]
+    async fn reconnects_when_the_helper_dropped_an_idle_connection() {
+        // The first connection is closed right after its first answer (a helper restart).
+        let srv = server_with(
+            ok_hello(),
+            |conn, _, _| if conn == 0 { Act::BackendThenClose } else { Act::Backend },
+        );
+        let c = srv.client();
+        c.ping().await.unwrap();
+        // Let the server's close land before the next request.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let tap = c.tap_create(&vm("dev")).await.unwrap();
+        assert_eq!(tap.vm, vm("dev"));
+        let log = srv.log();
+        assert_eq!(log.connections, 2);
+        assert_eq!(log.hellos.len(), 2, "hello is said again on the new connection");
+    }
+
+    #[tokio::test]
+    async fn reconnects_and_resends_when_the_helper_dies_mid_request() {
+        let srv = server_with(ok_hello(), |conn, _, _| if conn == 0 { Act::Close } else { Act::Backend });
+        let c = srv.client();
+        let tap = c.tap_create(&vm("dev")).await.unwrap();
+        assert_eq!(tap, FakeHelper::tap_for(&install(), &vm("dev"), 0));
+        let log = srv.log();
+        assert_eq!(log.connections, 2);
+        let seen: Vec<(usize, &str)> = log.requests.iter().map(|(c, r)| (*c, r.op_name())).collect();
+        assert_eq!(seen, [(0, "tap-create"), (1, "tap-create")]);
+    }
+
+    #[tokio::test]
+    async fn a_second_break_is_connection_lost() {
+        let srv = server_with(ok_hello(), |_, _, _| Act::Close);
+        let c = srv.client();
+        let err = c.nat_up(&vm("dev")).await.unwrap_err();
+        assert!(matches!(err, HelperClientError::ConnectionLost { op: "nat-up", .. }), "{err:?}");
+        assert!(err.to_string().contains("journalctl"), "{err}");
+        assert_eq!(srv.log().connections, 2, "exactly one reconnect");
+    }
+
+    #[tokio::test]
+    async fn an_absent_helper_is_unreachable_with_a_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("helper.sock");
+        let c = SocketHelper::new(&missing, install());
+        let err = c.ping().await.unwrap_err();
+        assert!(err.is_unreachable(), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&missing.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("sudo systemctl start banger-helper.socket")
+                && msg.contains("sudo banger-helper serve")
+        );
+
+        // A socket file nobody listens on (a helper that died): refused, also unreachable.
+        drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
+        assert!(c.ping().await.unwrap_err().is_unreachable());
+    }
+
+    #[tokio::test]
+    async fn version_mismatch_is_a_typed_error() {
+        let refusing = server_with(
+            Response::Error(HelperError::VersionMismatch { client: PROTOCOL_VERSION, helper: 99 }),
+            |_, _, _| Act::Backend,
+        );
+        let err = refusing.client().ping().await.unwrap_err();
+        assert!(
+            matches!(err, HelperClientError::Helper(HelperError::VersionMismatch { helper: 99, .. })),
+            "{err:?}"
+        );
+
+        let newer = server_with(
+            Response::Hello(HelloReply {
+                version: PROTOCOL_VERSION + 1,
+                helper_version: "9".into(),
+                capabilities: Capabilities::default(),
+            }),
+            |_, _, _| Act::Backend,
+        );
+        let err = newer.client().ping().await.unwrap_err();
+        assert!(
+            matches!(err, HelperClientError::Helper(HelperError::VersionMismatch { helper, .. }) if helper == PROTOCOL_VERSION + 1),
+            "{err:?}"
+        );
+        assert!(newer.log().requests.is_empty(), "no request after a failed hello");
+    }
+
+    #[tokio::test]
+    async fn a_silent_helper_times_out_and_the_next_call_reconnects() {
+        let srv = server_with(ok_hello(), |conn, _, _| if conn == 0 { Act::Silent } else { Act::Backend });
+        let c = srv.client().with_timeout(Duration::from_millis(200));
+        let err = c.list_owned().await.unwrap_err();
+        assert!(matches!(err, HelperClientError::Timeout { op: "list-owned", .. }), "{err:?}");
+        c.ping().await.unwrap();
+        assert_eq!(srv.log().connections, 2);
+    }
+
+    #[tokio::test]
+    async fn malformed_and_mismatched_answers_are_errors() {
+        let srv = server_with(ok_hello(), |conn, n, _| match (conn, n) {
+            (0, 0) => Act::Garbage,
+            (1, 0) => Act::Reply(Response::Pong),
+            _ => Act::Backend,
+        });
+        let c = srv.client();
+        let err = c.ping().await.unwrap_err();
+        assert!(matches!(err, HelperClientError::Protocol { source: FrameError::Codec(_), .. }), "{err:?}");
+        let err = c.tap_create(&vm("dev")).await.unwrap_err();
+        assert!(
+            matches!(&err, HelperClientError::UnexpectedResponse { op: "tap-create", got, .. } if got == "pong"),
+            "{err:?}"
+        );
+        c.ping().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_callers_share_one_connection() {
+        let srv = server();
+        let c = Arc::new(srv.client());
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move { c.tap_create(&vm(&format!("vm{i}"))).await })
+            })
+            .collect();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let tap = t.await.unwrap().unwrap();
+            assert_eq!(tap.vm, vm(&format!("vm{i}")), "each caller gets its own answer");
+        }
+        let log = srv.log();
+        assert_eq!((log.connections, log.requests.len()), (1, 32));
+    }
+
+    #[tokio::test]
+    async fn large_teardowns_go_in_batches() {
+        let srv = server();
+        let vms: Vec<VmId> = (0..MAX_TEARDOWN_VMS + 44).map(|i| vm(&format!("vm{i}"))).collect();
+        let report = srv.client().teardown_vms(&vms).await.unwrap();
+        assert_eq!(report.torn_down, vms);
+        let sizes: Vec<usize> = srv
+            .log()
+            .requests
+            .iter()
+            .map(|(_, r)| match r {
+                Request::TeardownVms { vms } => vms.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [MAX_TEARDOWN_VMS, 44]);
+    }
+
+    #[tokio::test]
+    async fn fake_keeps_installs_apart_and_fails_on_demand() {
+        let fake = FakeHelper::new(install());
+        let other = InstallId::new("ffffffffffffffff").unwrap();
+        fake.insert_tap(FakeHelper::tap_for(&other, &vm("dev"), 9));
+        let mine = fake.tap_create(&vm("dev")).await.unwrap();
+        assert_eq!(fake.tap_create(&vm("dev")).await.unwrap(), mine, "tap-create is idempotent");
+        assert!(matches!(
+            fake.nat_up(&vm("nonat")).await,
+            Err(HelperClientError::Helper(HelperError::NotFound { .. }))
+        ));
+        fake.nat_up(&vm("dev")).await.unwrap();
+        let r = fake.teardown_vms(&[vm("dev")]).await.unwrap();
+        assert_eq!(r.torn_down, [vm("dev")]);
+        let left = fake.owned();
+        assert_eq!(left.taps.len(), 1);
+        assert_eq!(left.taps[0].install, other, "another install's tap is untouched");
+        assert!(left.nat.is_empty());
+
+        fake.fail_teardown_of(&vm("stuck"), HelperError::kernel("TUNSETPERSIST", nix::errno::Errno::EBUSY));
+        fake.tap_create(&vm("stuck")).await.unwrap();
+        let r = fake.teardown_vms(&[vm("stuck")]).await.unwrap();
+        assert_eq!((r.torn_down.len(), r.failures.len()), (0, 1));
+        assert_eq!(fake.owned().taps.len(), 2);
+
+        fake.set_unreachable(true);
+        let before = fake.calls().len();
+        assert!(fake.ping().await.unwrap_err().is_unreachable());
+        assert_eq!(fake.calls().len(), before, "unreached requests are not recorded");
+        fake.set_unreachable(false);
+
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_file = std::fs::File::open(dir.path()).unwrap();
+        assert!(matches!(
+            fake.loop_attach(&vm("dev"), LoopRole::Base, true, not_a_file.into()).await,
+            Err(HelperClientError::Helper(HelperError::InvalidRequest { .. }))
+        ));
+    }
+}
