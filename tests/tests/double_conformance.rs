@@ -75,7 +75,7 @@ impl Files {
 }
 
 #[test]
-fn api_transcript_matches_firecracker() {
+fn double_api_transcript_matches_firecracker() {
     let f = Files::new();
     write_test_kernel(Path::new(&f.path("vmlinux"))).unwrap();
     std::fs::write(f.path("bzImage"), [0x4d_u8; 512]).unwrap();
@@ -379,7 +379,7 @@ fn api_transcript_matches_firecracker() {
 }
 
 #[test]
-fn socket_in_use_is_refused_like_firecracker() {
+fn double_refuses_a_socket_in_use_like_firecracker() {
     let f = Files::new();
     let sock = f.dir.join("api.sock");
     std::fs::write(&sock, b"").unwrap();
@@ -397,7 +397,7 @@ fn socket_in_use_is_refused_like_firecracker() {
 }
 
 #[test]
-fn killed_double_leaves_socket_and_kills_guest() {
+fn double_killed_leaves_socket_and_kills_guest() {
     let f = Files::new();
     write_test_kernel(Path::new(&f.path("vmlinux"))).unwrap();
     let mut double = DoubleProcess::spawn(BIN.as_ref(), &f.dir, "kill-1").unwrap();

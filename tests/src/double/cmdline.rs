@@ -128,7 +128,7 @@ fn default_netmask(addr: Ipv4Addr) -> Ipv4Addr {
 /// Reads the last `ip=` parameter of a kernel command line (the kernel keeps the last one).
 pub fn ip_param(cmdline: &str) -> IpParam {
     let boot = cmdline.split(INIT_ARGS_SEPARATOR).next().unwrap_or("");
-    let Some(value) = boot.split_whitespace().filter_map(|a| a.strip_prefix("ip=")).last() else {
+    let Some(value) = boot.split_whitespace().rev().find_map(|a| a.strip_prefix("ip=")) else {
         return IpParam::Off;
     };
     match value {

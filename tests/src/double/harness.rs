@@ -3,7 +3,9 @@
 //! ```no_run
 //! use banger_tests::double::harness::{DoubleProcess, api_call};
 //! let dir = tempfile::tempdir().unwrap();
-//! let double = DoubleProcess::spawn(env!("CARGO_BIN_EXE_firecracker-double").as_ref(), dir.path(), "vm-1").unwrap();
+//! // In an integration test of this crate: env!("CARGO_BIN_EXE_firecracker-double").
+//! let bin = std::path::Path::new("target/debug/firecracker-double");
+//! let double = DoubleProcess::spawn(bin, dir.path(), "vm-1").unwrap();
 //! let (status, body) = api_call(double.socket(), "GET", "/", None).unwrap();
 //! assert_eq!(status, 200);
 //! ```

@@ -74,6 +74,8 @@ impl Console {
 /// Entry point of the guest process (`firecracker-double --firecracker-double-guest`).
 pub fn main() -> ExitCode {
     let console = Console { start: Instant::now() };
+    // Named like the VMM so process listings (and leak checks) attribute the guest to it.
+    let _ = nix::sys::prctl::set_name(c"firecracker-gst");
     let config: GuestConfig = match serde_json::from_reader(io::stdin().lock()) {
         Ok(c) => c,
         Err(e) => {
@@ -345,12 +347,11 @@ fn read_root_drive(config: &GuestConfig, console: &Console) -> RootFiles {
             .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
             .filter(|h| !h.is_empty());
     }
-    if Path::new("/etc/hostname").exists() {
-        if let Err(e) =
+    if Path::new("/etc/hostname").exists()
+        && let Err(e) =
             mount(Some(&hostname_file), "/etc/hostname", None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        {
-            console.line(&format!("cannot show the root drive's /etc/hostname: {e}"));
-        }
+    {
+        console.line(&format!("cannot show the root drive's /etc/hostname: {e}"));
     }
 
     let ssh_dir = Path::new("/root/.ssh");
