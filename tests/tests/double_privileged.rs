@@ -204,6 +204,8 @@ fn double_guest_is_reachable_over_ssh_and_shows_the_drive_hostname() {
 
     let mut netns = Netns::create(&ns_name);
     let mut tap = Tap::create(&ns_name, &tap_name, NOBODY, &format!("{host_ip}/30"));
+    let root_tap_name = format!("fcdroot{}", std::process::id() % 100_000);
+    let mut root_tap = Tap::create(&ns_name, &root_tap_name, 0, &format!("172.31.{n}.1/30"));
     let socket = run_dir.join("api.sock");
     let script = format!(
         "mount -t tmpfs -o mode=0755 tmpfs {tun} && mknod -m 0666 {tun}/tun c 10 200 && \
@@ -303,7 +305,9 @@ fn double_guest_is_reachable_over_ssh_and_shows_the_drive_hostname() {
     }
 
     drop(double);
+    assert!(root_tap.remove(), "TAP deletion failed");
     assert!(tap.remove(), "TAP deletion failed");
+    assert!(!tap.exists(&root_tap_name), "TAP still present");
     assert!(!tap.exists(&tap_name), "TAP still present");
     assert!(netns.remove(), "netns deletion failed");
     assert!(!Netns::exists(&ns_name), "netns still present");
