@@ -25,7 +25,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
@@ -497,10 +496,8 @@ fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console) -> i32 {
                 return shutdown(console);
             }
             Some(Control::Nics) | None => {
-                let mut msg = String::new();
-                let _ =
-                    write!(msg, "init: unexpected control message {:?}", String::from_utf8_lossy(&buf[..n]));
-                console.line(&msg);
+                let text = String::from_utf8_lossy(&buf[..n]);
+                console.line(&format!("init: unexpected control message {text:?}"));
             }
         }
     }

@@ -24,7 +24,7 @@ mod relay;
 mod rootfs;
 mod sys;
 
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
 use std::process::Stdio;
@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recvmsg, send, socketpair};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::logger::{Level, Logger};
@@ -251,19 +251,10 @@ async fn connect_nics(
 /// The host side of hybrid vsock for a guest with no vsock listeners: the `CONNECT <port>` line
 /// is read and the connection closed, as Firecracker does when the guest resets it.
 async fn vsock_without_listeners(listener: tokio::net::UnixListener) {
-    while let Ok((stream, _)) = listener.accept().await {
+    while let Ok((mut stream, _)) = listener.accept().await {
         tokio::spawn(async move {
-            let std = match stream.into_std() {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-            let _ = tokio::task::spawn_blocking(move || {
-                let _ = std.set_nonblocking(false);
-                let _ = std.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-                let mut line = [0u8; 32];
-                let _ = (&std).read(&mut line);
-            })
-            .await;
+            let mut line = [0u8; 32];
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut line)).await;
         });
     }
 }
