@@ -18,3 +18,4 @@ pub mod config;
 pub mod storage;
 pub mod ssh;
 pub mod personalize;
+pub mod images;

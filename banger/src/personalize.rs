@@ -190,7 +190,7 @@ fn needs_recovery(sb: &[u8; 128]) -> bool {
 }
 
 /// Finds an e2fsprogs tool on `PATH`, then in the sbin directories.
-fn find_tool(tool: &'static str) -> Result<PathBuf, PersonalizeError> {
+pub(crate) fn find_tool(tool: &'static str) -> Result<PathBuf, PersonalizeError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .filter(|d| d.is_absolute())

@@ -1,0 +1,584 @@
+//! Images: a kernel and a root filesystem a VM boots from, imported into the user's state.
+//!
+//! `banger image import NAME --kernel FILE --rootfs FILE` ([`import`]):
+//! 1. the name must be a DNS label (it names a directory) and not taken;
+//! 2. the kernel must be an uncompressed kernel Firecracker can boot (an ELF `vmlinux` for this
+//!    machine's architecture on x86_64; the arm64 `Image` format on aarch64); a compressed
+//!    `bzImage` gets a message saying how to extract the `vmlinux`;
+//! 3. the rootfs must be a regular file holding an ext2/3/4 filesystem, since every VM's copy is
+//!    personalized with debugfs ([`crate::personalize`]);
+//! 4. both are copied (reflink where possible, sparse otherwise, see [`crate::storage`]) into a
+//!    private staging directory inside `images/`, read-only (0400), and hashed (SHA-256) as
+//!    stored;
+//! 5. the row is inserted into the store (the unique name is the guard against two imports of
+//!    one name), then the staging directory is renamed to `images/<name>/` (holding `vmlinux`
+//!    and `rootfs.ext4`). If the rename fails the row is deleted again; any earlier failure
+//!    removes the staging directory, so nothing is left behind.
+//!
+//! The copy and the hashing take the longest and do not need the store: the daemon can run
+//! [`stage`] without holding the store's lock and [`StagedImage::commit`] with it.
+//!
+//! [`remove`] deletes the row first (the store refuses while a VM uses the image) and the files
+//! after; a directory left by a crash between the two is replaced by the next import of that
+//! name.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::ids::validate_name;
+use crate::paths::Paths;
+use crate::storage::{self, StorageError, StorageStrategy};
+use crate::store::{ImageRecord, Store, StoreError, unix_now};
+
+/// The kernel's file name inside an image's directory.
+pub const KERNEL_FILE: &str = "vmlinux";
+/// The rootfs's file name inside an image's directory.
+pub const ROOTFS_FILE: &str = "rootfs.ext4";
+/// How to import an image, for error messages.
+pub const IMPORT_HINT: &str = "import one with `banger image import NAME --kernel FILE --rootfs FILE`";
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The name is not a DNS label.
+    #[error(
+        "invalid image name {0:?}: use 1 to 63 lowercase letters, digits or '-', not starting or ending with '-'"
+    )]
+    InvalidName(String),
+    /// The name is taken.
+    #[error("image {0:?} already exists: remove it first with `banger image rm {0}`, or choose another name")]
+    Exists(String),
+    /// No image has this name.
+    #[error("unknown image {name:?}: {}; {IMPORT_HINT}", available_text(.available))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// The names that exist.
+        available: Vec<String>,
+    },
+    /// No image was named and none is configured.
+    #[error(
+        "no image given: pass --image NAME or set default_image in config.toml ({})",
+        available_text(.available)
+    )]
+    NoneChosen {
+        /// The names that exist.
+        available: Vec<String>,
+    },
+    /// The kernel file is unusable.
+    #[error("kernel {path} {problem}")]
+    Kernel {
+        /// The file given.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The rootfs file is unusable.
+    #[error("rootfs {path} {problem}")]
+    Rootfs {
+        /// The file given.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A file could not be copied into the image store.
+    #[error("cannot copy into the image store")]
+    Copy(#[source] StorageError),
+    /// The staging or image directory could not be made, moved or removed.
+    #[error("cannot {action} {path}")]
+    Dir {
+        /// What was being done.
+        action: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The store refused or failed (an image in use says which VMs use it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn available_text(available: &[String]) -> String {
+    if available.is_empty() {
+        "no images are imported yet".to_owned()
+    } else {
+        format!("available images: {}", available.join(", "))
+    }
+}
+
+/// The first bytes of a kernel file, enough for the checks below.
+const KERNEL_HEADER: usize = 0x210;
+
+/// Checks that `path` is a kernel Firecracker boots on this architecture.
+fn check_kernel(path: &Path) -> Result<(), ImageError> {
+    let problem = |p: &str| ImageError::Kernel { path: path.to_owned(), problem: p.to_owned() };
+    let mut file = File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+    if !file.metadata().map_err(|source| ImageError::Read { path: path.to_owned(), source })?.is_file() {
+        return Err(problem("is not a regular file"));
+    }
+    let mut head = Vec::with_capacity(KERNEL_HEADER);
+    (&mut file)
+        .take(KERNEL_HEADER as u64)
+        .read_to_end(&mut head)
+        .map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+    if head.get(0x202..0x206) == Some(b"HdrS") {
+        return Err(problem(
+            "is a compressed bzImage: Firecracker boots an uncompressed vmlinux (extract it with the kernel's scripts/extract-vmlinux)",
+        ));
+    }
+    kernel_format_ok(&head).map_err(|p| problem(&p))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn kernel_format_ok(head: &[u8]) -> Result<(), String> {
+    const EM_X86_64: u16 = 62;
+    if !head.starts_with(b"\x7fELF") {
+        return Err("is not an uncompressed kernel (an ELF vmlinux)".into());
+    }
+    // 64-bit, little-endian, e_machine at offset 18.
+    let machine = head.get(18..20).map(|m| u16::from_le_bytes([m[0], m[1]]));
+    if head.get(4) != Some(&2) || head.get(5) != Some(&1) || machine != Some(EM_X86_64) {
+        return Err("is an ELF file but not a 64-bit x86_64 kernel".into());
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "aarch64")]
+fn kernel_format_ok(head: &[u8]) -> Result<(), String> {
+    // The arm64 Image header carries "ARM\x64" at offset 56.
+    if head.get(56..60) == Some(b"ARM\x64") { Ok(()) } else { Err("is not an arm64 kernel Image".into()) }
+}
+
+/// Checks that `path` is a regular file holding an ext2/3/4 filesystem.
+fn check_rootfs(path: &Path) -> Result<(), ImageError> {
+    let read = |source| ImageError::Read { path: path.to_owned(), source };
+    if !fs::metadata(path).map_err(read)?.is_file() {
+        return Err(ImageError::Rootfs { path: path.to_owned(), problem: "is not a regular file".into() });
+    }
+    if !crate::personalize::is_ext_filesystem(path).map_err(read)? {
+        return Err(ImageError::Rootfs {
+            path: path.to_owned(),
+            problem: "is not an ext2/3/4 filesystem image: banger writes each VM's hostname and keys into it with debugfs (build it with mkfs.ext4)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    let read = |source| ImageError::Read { path: path.to_owned(), source };
+    let mut file = File::open(path).map_err(read)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(read)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// An image copied and hashed in a staging directory, not yet in the store. Dropping it
+/// removes the staging directory.
+#[derive(Debug)]
+pub struct StagedImage {
+    name: String,
+    staging: tempfile::TempDir,
+    kernel_sha256: String,
+    rootfs_sha256: String,
+    size_bytes: u64,
+}
+
+/// Checks the name and both files and copies them into a staging directory under the images
+/// directory (steps 1 to 4 of the module docs, except the "not taken" check).
+pub fn stage(paths: &Paths, name: &str, kernel: &Path, rootfs: &Path) -> Result<StagedImage, ImageError> {
+    validate_name(name).map_err(|_| ImageError::InvalidName(name.to_owned()))?;
+    check_kernel(kernel)?;
+    check_rootfs(rootfs)?;
+    let images = paths.images_dir();
+    let staging = tempfile::Builder::new().prefix(".import-").tempdir_in(&images).map_err(|source| {
+        ImageError::Dir { action: "create a staging directory in", path: images.clone(), source }
+    })?;
+    let mut size_bytes = 0;
+    let mut hashes = Vec::new();
+    for (src, file) in [(kernel, KERNEL_FILE), (rootfs, ROOTFS_FILE)] {
+        let dest = staging.path().join(file);
+        storage::copy_file(StorageStrategy::CloneOrCopy, src, &dest, 0o400).map_err(ImageError::Copy)?;
+        size_bytes +=
+            fs::metadata(&dest).map_err(|source| ImageError::Read { path: dest.clone(), source })?.len();
+        hashes.push(sha256_file(&dest)?);
+    }
+    let rootfs_sha256 = hashes.pop().unwrap_or_default();
+    let kernel_sha256 = hashes.pop().unwrap_or_default();
+    Ok(StagedImage { name: name.to_owned(), staging, kernel_sha256, rootfs_sha256, size_bytes })
+}
+
+impl StagedImage {
+    /// The image's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Records the image in the store and moves its files into place (step 5 of the module
+    /// docs).
+    pub fn commit(self, store: &Store, paths: &Paths) -> Result<ImageRecord, ImageError> {
+        let dir = paths.images_dir().join(&self.name);
+        let record = ImageRecord {
+            name: self.name.clone(),
+            kernel_path: dir.join(KERNEL_FILE),
+            rootfs_path: dir.join(ROOTFS_FILE),
+            kernel_sha256: self.kernel_sha256.clone(),
+            rootfs_sha256: self.rootfs_sha256.clone(),
+            size_bytes: self.size_bytes,
+            created_at: unix_now(),
+        };
+        store.insert_image(&record).map_err(|e| match e {
+            StoreError::DuplicateImage { name } => ImageError::Exists(name),
+            e => ImageError::Store(e),
+        })?;
+        if let Err(e) = self.move_into_place(&dir) {
+            if let Err(undo) = store.delete_image(&record.name) {
+                tracing::warn!(image = %record.name, error = %undo, "cannot forget the image after a failed import");
+            }
+            return Err(e);
+        }
+        Ok(record)
+    }
+
+    fn move_into_place(self, dir: &Path) -> Result<(), ImageError> {
+        // A directory left by a crash (its row is gone, and the row just inserted is this one).
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(ImageError::Dir {
+                    action: "replace the leftover directory",
+                    path: dir.to_owned(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        let staged = self.staging.path().to_owned();
+        fs::rename(&staged, dir).map_err(|source| ImageError::Dir {
+            action: "move the image to",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let _ = self.staging.keep();
+        let parent = dir.parent().unwrap_or(Path::new("/"));
+        File::open(parent).and_then(|d| d.sync_all()).map_err(|source| ImageError::Dir {
+            action: "sync",
+            path: parent.to_owned(),
+            source,
+        })
+    }
+}
+
+/// Imports an image: [`stage`] then [`StagedImage::commit`], refusing a taken name before
+/// copying anything.
+pub fn import(
+    store: &Store,
+    paths: &Paths,
+    name: &str,
+    kernel: &Path,
+    rootfs: &Path,
+) -> Result<ImageRecord, ImageError> {
+    validate_name(name).map_err(|_| ImageError::InvalidName(name.to_owned()))?;
+    if store.get_image(name)?.is_some() {
+        return Err(ImageError::Exists(name.to_owned()));
+    }
+    stage(paths, name, kernel, rootfs)?.commit(store, paths)
+}
+
+/// Every image, ordered by name.
+pub fn list(store: &Store) -> Result<Vec<ImageRecord>, ImageError> {
+    Ok(store.list_images()?)
+}
+
+fn unknown(store: &Store, name: &str) -> ImageError {
+    let available = store.list_images().map(|v| v.into_iter().map(|i| i.name).collect()).unwrap_or_default();
+    ImageError::Unknown { name: name.to_owned(), available }
+}
+
+/// The image named `name`; an unknown name is an error listing the available ones.
+pub fn get(store: &Store, name: &str) -> Result<ImageRecord, ImageError> {
+    store.get_image(name)?.ok_or_else(|| unknown(store, name))
+}
+
+/// The image a new VM uses: the one asked for, else the configured default, else the only
+/// image there is.
+pub fn select(
+    store: &Store,
+    requested: Option<&str>,
+    default: Option<&str>,
+) -> Result<ImageRecord, ImageError> {
+    if let Some(name) = requested.or(default) {
+        return get(store, name);
+    }
+    let mut all = store.list_images()?;
+    if all.len() == 1 {
+        return Ok(all.remove(0));
+    }
+    Err(ImageError::NoneChosen { available: all.into_iter().map(|i| i.name).collect() })
+}
+
+/// Removes an image: its row (refused while a VM uses it), then its directory. Returns what was
+/// removed.
+pub fn remove(store: &Store, paths: &Paths, name: &str) -> Result<ImageRecord, ImageError> {
+    let record = get(store, name)?;
+    store.delete_image(name).map_err(|e| match e {
+        StoreError::ImageNotFound { .. } => unknown(store, name),
+        e => ImageError::Store(e),
+    })?;
+    let dir = paths.images_dir().join(name);
+    match fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(ImageError::Dir { action: "remove the files of the removed image in", path: dir, source: e })
+        }
+        _ => Ok(record),
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    use super::*;
+    use crate::model::{VmRuntime, VmState};
+
+    struct Env {
+        _tmp: tempfile::TempDir,
+        paths: Paths,
+        store: Store,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+    }
+
+    /// A minimal ELF header for this machine's architecture, padded.
+    fn fake_kernel() -> Vec<u8> {
+        let mut k = vec![0u8; 4096];
+        k[..4].copy_from_slice(b"\x7fELF");
+        k[4] = 2; // 64-bit
+        k[5] = 1; // little-endian
+        k[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+        k[4000..4010].copy_from_slice(b"kernelbody");
+        k
+    }
+
+    fn env() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = Paths::under(&tmp.path().join("home"), nix::unistd::getuid().as_raw()).unwrap();
+        paths.ensure_dirs().unwrap();
+        let store = Store::open(&paths.db()).unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        fs::write(&kernel, fake_kernel()).unwrap();
+        let tree = tmp.path().join("tree");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(tree.join("etc/hostname"), "image\n").unwrap();
+        let rootfs = tmp.path().join("rootfs.ext4");
+        let out = Command::new(crate::personalize::find_tool("mkfs.ext4").unwrap())
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&rootfs)
+            .arg("16M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Env { _tmp: tmp, paths, store, kernel, rootfs }
+    }
+
+    fn vm_using(e: &Env, name: &str, image: &str) -> VmRuntime {
+        let id = crate::ids::new_vm_id();
+        VmRuntime {
+            name: name.into(),
+            state: VmState::Created,
+            vcpus: 1,
+            memory_mib: 128,
+            image: image.into(),
+            guest_ip: None,
+            gateway_ip: None,
+            api_socket: e.paths.vm_api_socket(&id),
+            vsock_path: e.paths.vm_vsock(&id),
+            vsock_cid: 3,
+            log_path: e.paths.vm_serial_log(&id),
+            metrics_path: e.paths.vm_metrics(&id),
+            dns_name: format!("{name}.banger.internal"),
+            vm_dir: e.paths.vm_dir(&id),
+            overlay_path: e.paths.vm_root(&id),
+            work_disk_path: None,
+            storage: None,
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+            id,
+        }
+    }
+
+    /// Entries of the images directory.
+    fn image_dir_entries(e: &Env) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(e.paths.images_dir())
+            .unwrap()
+            .map(|d| d.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn import_copies_hashes_and_records() {
+        let e = env();
+        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let dir = e.paths.images_dir().join("debian");
+        assert_eq!(img.kernel_path, dir.join("vmlinux"));
+        assert_eq!(img.rootfs_path, dir.join("rootfs.ext4"));
+        assert_eq!(fs::read(&img.kernel_path).unwrap(), fs::read(&e.kernel).unwrap());
+        assert_eq!(fs::read(&img.rootfs_path).unwrap(), fs::read(&e.rootfs).unwrap());
+        // Independent hashes of the originals, from coreutils.
+        let sum = |p: &Path| {
+            let out = Command::new("sha256sum").arg(p).output().unwrap();
+            String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+        };
+        assert_eq!(img.kernel_sha256, sum(&e.kernel));
+        assert_eq!(img.rootfs_sha256, sum(&e.rootfs));
+        assert_eq!(img.size_bytes, 4096 + 16 * 1024 * 1024);
+        assert_eq!(fs::metadata(&img.rootfs_path).unwrap().permissions().mode() & 0o777, 0o400);
+        assert_eq!(list(&e.store).unwrap(), vec![img.clone()]);
+        assert_eq!(get(&e.store, "debian").unwrap(), img);
+        // No staging directory is left.
+        assert_eq!(image_dir_entries(&e), ["debian"]);
+    }
+
+    #[test]
+    fn duplicate_and_invalid_imports_change_nothing() {
+        let e = env();
+        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let err = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap_err();
+        assert!(matches!(err, ImageError::Exists(_)), "{err}");
+        assert!(err.to_string().contains("banger image rm debian"), "{err}");
+
+        // A duplicate found only at commit (a racing import) is refused the same way.
+        let staged = stage(&e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let err = staged.commit(&e.store, &e.paths).unwrap_err();
+        assert!(matches!(err, ImageError::Exists(_)), "{err}");
+
+        let err = import(&e.store, &e.paths, "Bad_Name", &e.kernel, &e.rootfs).unwrap_err();
+        assert!(matches!(err, ImageError::InvalidName(_)), "{err}");
+        let err = import(&e.store, &e.paths, "x", &e.rootfs, &e.rootfs).unwrap_err();
+        assert!(matches!(err, ImageError::Kernel { .. }), "{err}");
+        assert!(err.to_string().contains("ELF vmlinux"), "{err}");
+        let err = import(&e.store, &e.paths, "x", &e.kernel, &e.kernel).unwrap_err();
+        assert!(matches!(err, ImageError::Rootfs { .. }), "{err}");
+        assert!(err.to_string().contains("mkfs.ext4"), "{err}");
+        let missing = e.paths.state_dir().join("nope");
+        let err = import(&e.store, &e.paths, "x", &missing, &e.rootfs).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = import(&e.store, &e.paths, "x", &e.kernel, e.paths.state_dir()).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+
+        assert_eq!(list(&e.store).unwrap().len(), 1);
+        assert_eq!(image_dir_entries(&e), ["debian"]);
+    }
+
+    #[test]
+    fn compressed_and_foreign_kernels_are_explained() {
+        let e = env();
+        let bz = e.paths.state_dir().join("bzImage");
+        let mut head = vec![0u8; 0x400];
+        head[0x202..0x206].copy_from_slice(b"HdrS");
+        fs::write(&bz, &head).unwrap();
+        let err = import(&e.store, &e.paths, "x", &bz, &e.rootfs).unwrap_err().to_string();
+        assert!(err.contains("bzImage") && err.contains("extract-vmlinux"), "{err}");
+
+        let mut arm = fake_kernel();
+        arm[18..20].copy_from_slice(&183u16.to_le_bytes());
+        let arm_path = e.paths.state_dir().join("arm-vmlinux");
+        fs::write(&arm_path, arm).unwrap();
+        let err = import(&e.store, &e.paths, "x", &arm_path, &e.rootfs).unwrap_err().to_string();
+        assert!(err.contains("not a 64-bit x86_64 kernel"), "{err}");
+    }
+
+    #[test]
+    fn unknown_images_list_what_exists() {
+        let e = env();
+        let err = get(&e.store, "nope").unwrap_err().to_string();
+        assert!(err.contains("no images are imported yet") && err.contains("banger image import"), "{err}");
+        import(&e.store, &e.paths, "alpine", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let err = get(&e.store, "nope").unwrap_err().to_string();
+        assert!(err.contains("available images: alpine, debian"), "{err}");
+    }
+
+    #[test]
+    fn select_prefers_the_request_then_the_default_then_the_only_image() {
+        let e = env();
+        assert!(matches!(select(&e.store, None, None).unwrap_err(), ImageError::NoneChosen { .. }));
+        import(&e.store, &e.paths, "alpine", &e.kernel, &e.rootfs).unwrap();
+        assert_eq!(select(&e.store, None, None).unwrap().name, "alpine");
+        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let err = select(&e.store, None, None).unwrap_err().to_string();
+        assert!(err.contains("--image") && err.contains("alpine, debian"), "{err}");
+        assert_eq!(select(&e.store, None, Some("debian")).unwrap().name, "debian");
+        assert_eq!(select(&e.store, Some("alpine"), Some("debian")).unwrap().name, "alpine");
+        assert!(matches!(select(&e.store, Some("gone"), None).unwrap_err(), ImageError::Unknown { .. }));
+    }
+
+    #[test]
+    fn remove_is_refused_while_a_vm_uses_the_image() {
+        let e = env();
+        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let vm = vm_using(&e, "dev", "debian");
+        e.store.insert_vm(&vm).unwrap();
+
+        let err = remove(&e.store, &e.paths, "debian").unwrap_err();
+        assert!(matches!(err, ImageError::Store(StoreError::ImageInUse { .. })), "{err}");
+        assert!(err.to_string().contains("dev"), "{err}");
+        assert!(e.paths.images_dir().join("debian/rootfs.ext4").exists());
+
+        e.store.delete_vm(&vm.id).unwrap();
+        let removed = remove(&e.store, &e.paths, "debian").unwrap();
+        assert_eq!(removed.name, "debian");
+        assert!(list(&e.store).unwrap().is_empty());
+        assert!(image_dir_entries(&e).is_empty());
+        let err = remove(&e.store, &e.paths, "debian").unwrap_err();
+        assert!(matches!(err, ImageError::Unknown { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_leftover_directory_is_replaced_and_a_failed_move_forgets_the_row() {
+        let e = env();
+        let leftover = e.paths.images_dir().join("debian");
+        fs::create_dir(&leftover).unwrap();
+        fs::write(leftover.join("junk"), "x").unwrap();
+        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        assert!(!leftover.join("junk").exists());
+        assert_eq!(fs::read(&img.kernel_path).unwrap(), fs::read(&e.kernel).unwrap());
+        remove(&e.store, &e.paths, "debian").unwrap();
+
+        // The image's directory cannot be put in place (its path runs through a file, which
+        // stops root as well as users): the move fails and the row is deleted again.
+        let staged = stage(&e.paths, "other", &e.kernel, &e.rootfs).unwrap();
+        let moved = e.paths.images_dir().join("other");
+        fs::write(&moved, "a file in the way").unwrap();
+        let blocked = Paths::under(&moved.join("x"), e.paths.uid()).unwrap();
+        let err = staged.commit(&e.store, &blocked).unwrap_err();
+        assert!(matches!(err, ImageError::Dir { .. }), "{err}");
+        assert!(e.store.get_image("other").unwrap().is_none());
+        assert_eq!(image_dir_entries(&e), ["other"]);
+    }
+}
