@@ -504,9 +504,11 @@ pub mod fake {
             self.state().failures.insert(op, error);
         }
 
-        /// Undoes [`FakeHelper::fail`] for every operation.
+        /// Undoes every [`FakeHelper::fail`] and [`FakeHelper::fail_teardown_of`].
         pub fn clear_failures(&self) {
-            self.state().failures.clear();
+            let mut s = self.state();
+            s.failures.clear();
+            s.teardown_failures.clear();
         }
 
         /// Makes teardowns report `error` for `vm` and leave its objects in place.

@@ -19,3 +19,4 @@ pub mod storage;
 pub mod ssh;
 pub mod personalize;
 pub mod images;
+pub mod reconcile;
