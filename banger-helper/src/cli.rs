@@ -1,0 +1,92 @@
+//! The command line: `serve`, `policy check`, `policy explain`, `--version`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Where the helper listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/banger/helper.sock";
+/// Where the ledger lives unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger-helper";
+
+/// The root helper of banger: typed, policy-checked kernel operations for unprivileged daemons.
+#[derive(Debug, Parser)]
+#[command(name = "banger-helper", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve requests on the helper socket (runs as root, drops what it does not need).
+    Serve {
+        /// The socket to listen on (ignored when systemd passes a listening socket).
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The policy file.
+        #[arg(long, default_value = banger_policy::DEFAULT_POLICY_PATH)]
+        policy: PathBuf,
+        /// The directory holding the ownership ledger.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Check or explain a policy file.
+    Policy {
+        /// What to do with the policy.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+/// `policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file; exits non-zero with file:line and the reason on any error.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Describe in plain sentences what a policy lets each user do.
+    Explain {
+        /// The policy file.
+        file: PathBuf,
+        /// Only this user.
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults() {
+        let cli = Cli::try_parse_from(["banger-helper", "serve"]).unwrap();
+        let Command::Serve { socket, policy, state_dir } = cli.command else { panic!() };
+        assert_eq!(socket, PathBuf::from("/run/banger/helper.sock"));
+        assert_eq!(policy, PathBuf::from("/etc/banger/policy.toml"));
+        assert_eq!(state_dir, PathBuf::from("/var/lib/banger-helper"));
+    }
+
+    #[test]
+    fn policy_subcommands() {
+        let cli =
+            Cli::try_parse_from(["banger-helper", "policy", "explain", "p.toml", "--user", "alice"]).unwrap();
+        let Command::Policy { command: PolicyCommand::Explain { file, user } } = cli.command else {
+            panic!()
+        };
+        assert_eq!((file, user.as_deref()), (PathBuf::from("p.toml"), Some("alice")));
+        assert!(Cli::try_parse_from(["banger-helper", "policy", "check"]).is_err());
+    }
+}

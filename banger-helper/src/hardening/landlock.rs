@@ -1,0 +1,82 @@
+//! Landlock: what the helper (and the tools it runs) may still reach in the filesystem.
+//!
+//! | path | access | who needs it |
+//! | --- | --- | --- |
+//! | `/usr`, `/lib*`, `/bin`, `/sbin` | read, execute | the iptables tools and their libraries |
+//! | a few files in `/etc` | read | account names (NSS), the iptables tools' tables |
+//! | `/proc`, `/sys` | read | the runtime and libc; `/proc/self/fd` for a two-step loop attach |
+//! | `/proc/sys/net` | read, write | `ip_forward`, per-TAP `disable_ipv6`, allowlisted net sysctls |
+//! | `/dev` | read, write, device ioctls | `/dev/net/tun`, `/dev/loop-control`, `/dev/loopN`, `/dev/null` |
+//! | the state directory | everything | the ledger's temporary file and rename |
+//! | `/run/xtables.lock` (legacy iptables only) | read, write | the legacy tools' lock |
+//!
+//! The socket, the policy, the audit log and the state lock are opened before, and stay open.
+//! TCP bind and connect are denied outright (the helper has no use for TCP), and on kernels that
+//! support scoping, signals and abstract unix sockets outside the sandbox are too. The ruleset is
+//! best effort: on a kernel without landlock the helper runs unconfined by it and says so.
+
+use landlock::{
+    ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, RulesetAttr, RulesetCreatedAttr,
+    RulesetStatus, Scope, path_beneath_rules,
+};
+
+use super::{HardeningError, Sandbox};
+
+/// The newest landlock ABI the rules are written for.
+const ABI_TARGET: ABI = ABI::V6;
+
+/// Files of `/etc` the helper and its tools read.
+const ETC_FILES: &[&str] = &[
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/ld.so.cache",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/ethertypes",
+    "/etc/xtables.conf",
+    "/etc/localtime",
+    "/etc/host.conf",
+];
+
+/// Applies the ruleset to this thread and every thread and child created after. Returns how far
+/// it is enforced on this kernel.
+pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
+    let abi = ABI_TARGET;
+    let read = AccessFs::from_read(abi);
+    let read_exec = read | AccessFs::Execute;
+    let read_write = read | AccessFs::WriteFile;
+    let dev = read | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let err = HardeningError::Landlock;
+    let mut ruleset = landlock::Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(err)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(err)?
+        .scope(Scope::from_all(abi))
+        .map_err(err)?
+        .create()
+        .map_err(err)?
+        .add_rules(path_beneath_rules(["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"], read_exec))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(ETC_FILES, read))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(["/proc", "/sys"], read))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(["/proc/sys/net"], read_write))
+        .map_err(err)?
+        .add_rules(path_beneath_rules(["/dev"], dev))
+        .map_err(err)?
+        .add_rules(path_beneath_rules([&sandbox.state_dir], AccessFs::from_all(abi)))
+        .map_err(err)?;
+    if let Some(lock) = &sandbox.xtables_lock {
+        ruleset = ruleset.add_rules(path_beneath_rules([lock], read_write)).map_err(err)?;
+    }
+    let status = ruleset.restrict_self().map_err(err)?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => "fully enforced".to_owned(),
+        RulesetStatus::PartiallyEnforced => "partially enforced (older kernel)".to_owned(),
+        RulesetStatus::NotEnforced => "not enforced (kernel without landlock)".to_owned(),
+    })
+}

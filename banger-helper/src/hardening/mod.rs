@@ -1,0 +1,107 @@
+//! The helper sanitises and confines itself before it serves anyone, in this order:
+//!
+//! 1. [`close_inherited_fds`]: every descriptor beyond stdio (and systemd's socket) is closed;
+//! 2. [`clear_environment`]: the environment is emptied but for a fixed `PATH` and `LC_ALL=C`;
+//! 3. `umask 077`;
+//! 4. then, in [`lock_down`], after everything that needs broader access was opened: no new
+//!    privileges, every capability but the few the operations need dropped ([`caps`]), the
+//!    filesystem confined with landlock ([`landlock`]), and the system calls with a seccomp
+//!    allowlist ([`seccomp`]).
+//!
+//! Landlock and seccomp apply to the calling thread and every thread and child made after, so
+//! [`lock_down`] runs before the tokio runtime starts; the iptables tools the helper runs inherit
+//! all of it.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+pub mod caps;
+pub mod landlock;
+pub mod seccomp;
+
+use crate::kernel::linux::iptables::SAFE_PATH;
+
+/// Why the helper could not confine itself.
+#[derive(Debug, thiserror::Error)]
+pub enum HardeningError {
+    /// `PR_SET_NO_NEW_PRIVS` failed.
+    #[error("cannot set no_new_privs")]
+    NoNewPrivs(#[source] nix::errno::Errno),
+    /// Capabilities could not be dropped.
+    #[error("cannot drop capabilities")]
+    Caps(#[source] ::caps::errors::CapsError),
+    /// Landlock failed (not merely unsupported).
+    #[error("cannot apply the landlock ruleset")]
+    Landlock(#[source] ::landlock::RulesetError),
+    /// Seccomp failed.
+    #[error("cannot install the seccomp filter")]
+    Seccomp(#[source] ::seccompiler::Error),
+    /// A path the sandbox must name does not exist or cannot be opened.
+    #[error("cannot open {0} for the sandbox")]
+    Path(PathBuf, #[source] std::io::Error),
+}
+
+/// Closes every inherited descriptor above stderr, except `keep` (systemd's socket).
+pub fn close_inherited_fds(keep: Option<RawFd>) {
+    let first = match keep {
+        Some(3) => 4,
+        _ => 3,
+    };
+    // SAFETY: close_range only closes descriptors; none above stderr is owned by anything yet
+    // (start-up is single-threaded and nothing was opened before), except `keep`, which is below
+    // `first`.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) };
+    if rc != 0 {
+        for fd in first..1024 {
+            // SAFETY: as above; closing a descriptor that is not open is harmless (EBADF).
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// Empties the environment but for a fixed `PATH` and `LC_ALL=C`.
+pub fn clear_environment() {
+    let keys: Vec<_> = std::env::vars_os().map(|(k, _)| k).collect();
+    for k in keys {
+        // SAFETY: start-up is single-threaded; nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(k) };
+    }
+    // SAFETY: as above.
+    unsafe {
+        std::env::set_var("PATH", SAFE_PATH);
+        std::env::set_var("LC_ALL", "C");
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// What the confined helper still reaches, besides the system's libraries and tools.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// The state directory (read-write).
+    pub state_dir: PathBuf,
+    /// The audit log file, if it is a file (append).
+    pub audit_file: Option<PathBuf>,
+    /// The legacy iptables lock file, if the legacy backend is in use (read-write).
+    pub xtables_lock: Option<PathBuf>,
+}
+
+/// How far the confinement went (landlock depends on the kernel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockDownReport {
+    /// The capabilities kept.
+    pub kept: Vec<String>,
+    /// Landlock's status: fully, partially or not enforced.
+    pub landlock: String,
+    /// How many system calls the seccomp filter allows.
+    pub seccomp_syscalls: usize,
+}
+
+/// Confines the process: no new privileges, capabilities, landlock, seccomp — in that order.
+/// Must run while the process is single-threaded.
+pub fn lock_down(sandbox: &Sandbox) -> Result<LockDownReport, HardeningError> {
+    nix::sys::prctl::set_no_new_privs().map_err(HardeningError::NoNewPrivs)?;
+    let kept = caps::drop_unneeded().map_err(HardeningError::Caps)?;
+    let landlock = landlock::restrict(sandbox)?;
+    let seccomp_syscalls = seccomp::install().map_err(HardeningError::Seccomp)?;
+    Ok(LockDownReport { kept, landlock, seccomp_syscalls })
+}

@@ -1,0 +1,203 @@
+//! The seccomp allowlist. It is inherited by the iptables tools the helper runs, so it allows
+//! what they need too; each group below says who needs it. Anything else fails with `EPERM`
+//! (rather than killing the helper), so a missed system call shows up as an operation error in
+//! the audit log instead of an outage.
+//!
+//! Not allowed, among others: ptrace, mount and namespaces (mount, umount2, pivot_root, chroot,
+//! setns, unshare), module loading, kexec, bpf, perf_event_open, keyrings, userfaultfd,
+//! process_vm_*, open_by_handle_at, io_uring, changing uids or gids, reboot, swapon.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+/// The allowed system calls, grouped by who needs them.
+fn allowed() -> Vec<(i64, &'static str)> {
+    let mut v: Vec<(i64, &'static str)> = vec![
+        // Memory (everyone).
+        (libc::SYS_brk, "malloc"),
+        (libc::SYS_mmap, "malloc, loader"),
+        (libc::SYS_munmap, "malloc, loader"),
+        (libc::SYS_mprotect, "loader, thread stacks"),
+        (libc::SYS_mremap, "realloc"),
+        (libc::SYS_madvise, "malloc, thread exit"),
+        // Threads and synchronisation (tokio runtime, glibc).
+        (libc::SYS_clone, "tokio worker threads; posix_spawn of the iptables tools"),
+        (libc::SYS_clone3, "tokio worker threads; posix_spawn of the iptables tools"),
+        (libc::SYS_futex, "locks, thread parking"),
+        (libc::SYS_set_robust_list, "glibc thread start"),
+        (libc::SYS_get_robust_list, "glibc"),
+        (libc::SYS_rseq, "glibc thread start"),
+        (libc::SYS_set_tid_address, "glibc start"),
+        (libc::SYS_sched_yield, "tokio"),
+        (libc::SYS_sched_getaffinity, "tokio, std available_parallelism"),
+        (libc::SYS_gettid, "tracing, glibc"),
+        (libc::SYS_getpid, "glibc, iptables (netlink port ids)"),
+        (libc::SYS_getppid, "glibc"),
+        (libc::SYS_exit, "thread exit"),
+        (libc::SYS_exit_group, "process exit"),
+        (libc::SYS_prctl, "thread names"),
+        (libc::SYS_arch_prctl, "loader of the iptables tools"),
+        (libc::SYS_getrandom, "hash seeds"),
+        (libc::SYS_prlimit64, "glibc, iptables"),
+        (libc::SYS_uname, "loader, loop attach (kernel version)"),
+        (libc::SYS_capget, "capability checks"),
+        (libc::SYS_getuid, "NSS, iptables"),
+        (libc::SYS_geteuid, "NSS, iptables"),
+        (libc::SYS_getgid, "NSS"),
+        (libc::SYS_getegid, "NSS"),
+        (libc::SYS_getgroups, "NSS"),
+        (libc::SYS_getcwd, "iptables"),
+        (libc::SYS_sysinfo, "glibc"),
+        // Signals (std, tokio process driver, posix_spawn).
+        (libc::SYS_rt_sigaction, "tokio SIGCHLD handling, posix_spawn"),
+        (libc::SYS_rt_sigprocmask, "posix_spawn, threads"),
+        (libc::SYS_rt_sigreturn, "signal delivery"),
+        (libc::SYS_sigaltstack, "std stack overflow handler"),
+        (libc::SYS_kill, "kill_on_drop of a stuck iptables tool"),
+        (libc::SYS_tgkill, "abort"),
+        // Time.
+        (libc::SYS_clock_gettime, "timers (when the vDSO is not used)"),
+        (libc::SYS_clock_nanosleep, "sleeps"),
+        (libc::SYS_nanosleep, "sleeps"),
+        (libc::SYS_gettimeofday, "glibc"),
+        // Event loop (tokio).
+        (libc::SYS_epoll_create1, "tokio"),
+        (libc::SYS_epoll_ctl, "tokio"),
+        (libc::SYS_epoll_pwait, "tokio"),
+        (libc::SYS_epoll_pwait2, "tokio"),
+        (libc::SYS_eventfd2, "tokio waker"),
+        (libc::SYS_ppoll, "iptables, glibc"),
+        (libc::SYS_pselect6, "iptables"),
+        // Files.
+        (libc::SYS_openat, "ledger, /dev nodes, /proc/sys, libraries"),
+        (libc::SYS_openat2, "std"),
+        (libc::SYS_close, "everyone"),
+        (libc::SYS_close_range, "posix_spawn"),
+        (libc::SYS_read, "everyone"),
+        (libc::SYS_pread64, "loader"),
+        (libc::SYS_readv, "std"),
+        (libc::SYS_write, "everyone"),
+        (libc::SYS_pwrite64, "std"),
+        (libc::SYS_writev, "std, tracing"),
+        (libc::SYS_lseek, "std, loader"),
+        (libc::SYS_fstat, "everyone"),
+        (libc::SYS_newfstatat, "stat of device nodes, loader"),
+        (libc::SYS_statx, "std metadata"),
+        (libc::SYS_statfs, "glibc"),
+        (libc::SYS_fstatfs, "loop backing file is not on FUSE"),
+        (libc::SYS_faccessat, "loader, iptables"),
+        (libc::SYS_faccessat2, "loader, iptables"),
+        (libc::SYS_readlinkat, "std, iptables"),
+        (libc::SYS_getdents64, "iptables extension lookup"),
+        (libc::SYS_fcntl, "descriptor flags, F_GETFL of the backing file"),
+        (libc::SYS_flock, "state directory lock; legacy iptables lock"),
+        (libc::SYS_fsync, "ledger"),
+        (libc::SYS_fdatasync, "ledger"),
+        (libc::SYS_ftruncate, "std"),
+        (libc::SYS_renameat, "ledger"),
+        (libc::SYS_renameat2, "ledger"),
+        (libc::SYS_unlinkat, "ledger temporary file"),
+        (libc::SYS_mkdirat, "state directory"),
+        (libc::SYS_fchownat, "loop device node owner"),
+        (libc::SYS_fchown, "loop device node owner"),
+        (libc::SYS_fchmodat, "loop device node mode"),
+        (libc::SYS_fchmod, "loop device node mode"),
+        (libc::SYS_umask, "start-up"),
+        (libc::SYS_ioctl, "tun and loop ioctls; terminal checks"),
+        (libc::SYS_pipe2, "posix_spawn, child stdio"),
+        (libc::SYS_dup, "std"),
+        (libc::SYS_dup3, "posix_spawn"),
+        // Processes (the iptables tools).
+        (libc::SYS_execve, "running iptables-save and iptables-restore"),
+        (libc::SYS_execveat, "posix_spawn"),
+        (libc::SYS_wait4, "reaping the iptables tools"),
+        (libc::SYS_waitid, "reaping the iptables tools"),
+        (libc::SYS_pidfd_open, "tokio child reaping"),
+        (libc::SYS_pidfd_send_signal, "tokio kill_on_drop"),
+        // Sockets: the helper socket, rtnetlink, NSS, the iptables tools (netlink, raw for legacy).
+        (libc::SYS_socket, "rtnetlink, NSS, iptables"),
+        (libc::SYS_socketpair, "tokio signal pipe"),
+        (libc::SYS_bind, "netlink"),
+        (libc::SYS_connect, "NSS daemons"),
+        (libc::SYS_accept4, "the helper socket"),
+        (libc::SYS_listen, "the helper socket"),
+        (libc::SYS_getsockname, "netlink"),
+        (libc::SYS_getpeername, "std"),
+        (libc::SYS_getsockopt, "SO_PEERCRED, SO_PEERGROUPS, legacy iptables"),
+        (libc::SYS_setsockopt, "netlink, legacy iptables"),
+        (libc::SYS_sendmsg, "frames with descriptors, netlink"),
+        (libc::SYS_recvmsg, "frames with descriptors, netlink"),
+        (libc::SYS_sendto, "netlink"),
+        (libc::SYS_recvfrom, "netlink"),
+        (libc::SYS_shutdown, "std"),
+        (libc::SYS_restart_syscall, "interrupted sleeps"),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
+        (libc::SYS_open, "older libraries"),
+        (libc::SYS_stat, "older libraries"),
+        (libc::SYS_lstat, "older libraries"),
+        (libc::SYS_access, "loader"),
+        (libc::SYS_readlink, "older libraries"),
+        (libc::SYS_poll, "glibc, iptables"),
+        (libc::SYS_select, "iptables"),
+        (libc::SYS_epoll_wait, "older tokio paths"),
+        (libc::SYS_pipe, "older libraries"),
+        (libc::SYS_dup2, "posix_spawn"),
+        (libc::SYS_vfork, "posix_spawn"),
+        (libc::SYS_fork, "fallback spawn"),
+        (libc::SYS_rename, "older libraries"),
+        (libc::SYS_unlink, "older libraries"),
+        (libc::SYS_getdents, "older libraries"),
+        (libc::SYS_time, "glibc"),
+    ]);
+    v
+}
+
+/// The compiled filter for this architecture.
+pub fn program() -> Result<(BpfProgram, usize), seccompiler::Error> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed().into_iter().map(|(nr, _)| (nr, vec![])).collect();
+    let count = rules.len();
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)?;
+    Ok((filter.try_into()?, count))
+}
+
+/// Installs the filter on every thread of the process (TSYNC). Returns how many system calls
+/// it allows.
+pub fn install() -> Result<usize, seccompiler::Error> {
+    let (prog, count) = program()?;
+    seccompiler::apply_filter_all_threads(&prog)?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_compiles_and_excludes_the_dangerous_calls() {
+        let (prog, count) = program().unwrap();
+        assert!(!prog.is_empty());
+        assert!(count > 50);
+        let allowed: Vec<i64> = allowed().into_iter().map(|(n, _)| n).collect();
+        for bad in [
+            libc::SYS_ptrace,
+            libc::SYS_mount,
+            libc::SYS_setns,
+            libc::SYS_unshare,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_bpf,
+            libc::SYS_setuid,
+            libc::SYS_setresuid,
+            libc::SYS_process_vm_writev,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_io_uring_setup,
+        ] {
+            assert!(!allowed.contains(&bad), "{bad} is allowed");
+        }
+    }
+}

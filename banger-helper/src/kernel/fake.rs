@@ -1,0 +1,308 @@
+//! A recording fake of the kernel for unit tests of the operations: it keeps links, firewall
+//! rules, loop devices and sysctls in memory, records every call in order, and fails any call on
+//! request, so rollback, idempotence and "keep going past a failure" can be tested without root.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
+
+use nix::errno::Errno;
+
+use super::{
+    BackingFile, Firewall, KResult, Kernel, KernelError, Links, LoopStatus, Loops, NodeState, Sysctl,
+};
+use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
+use crate::sysctl_key::SysctlKey;
+
+/// A TAP or other link in the fake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FakeLink {
+    /// `Some(uid)` for a TAP the fake created.
+    pub tap_owner: Option<u32>,
+    /// Addresses.
+    pub addresses: Vec<(Ipv4Addr, u8)>,
+    /// Up or not.
+    pub up: bool,
+}
+
+/// A loop device in the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeLoop {
+    /// What it is attached to.
+    pub status: Option<LoopStatus>,
+    /// Its node.
+    pub node: NodeState,
+}
+
+/// A failure to inject: calls named `op` whose object contains `object` fail with `errno`,
+/// `times` times.
+#[derive(Debug, Clone)]
+struct Injected {
+    op: &'static str,
+    object: String,
+    errno: Errno,
+    times: usize,
+}
+
+/// Everything the fake kernel holds.
+#[derive(Debug, Default)]
+pub struct FakeWorld {
+    /// Links by name.
+    pub links: BTreeMap<String, FakeLink>,
+    /// The interface of the default route.
+    pub default_route: Option<String>,
+    /// The helper's firewall chains.
+    pub firewall: FirewallView,
+    /// How many batches were applied.
+    pub firewall_batches: usize,
+    /// Loop devices by number.
+    pub loops: BTreeMap<u32, FakeLoop>,
+    /// Backing files by descriptor number.
+    pub backing: HashMap<RawFd, BackingFile>,
+    /// Sysctl values by key.
+    pub sysctls: BTreeMap<String, String>,
+    /// Every call, in order: `op object`.
+    pub calls: Vec<String>,
+    injected: Vec<Injected>,
+}
+
+/// The fake kernel. Implements every kernel trait on itself.
+#[derive(Debug, Default)]
+pub struct FakeKernel {
+    world: Mutex<FakeWorld>,
+}
+
+impl FakeKernel {
+    /// A fake with a default route via `eth0`, `ip_forward` at 0, IPv6 sysctls present for any
+    /// link, and eight free loop devices with root-owned nodes.
+    pub fn new() -> Self {
+        let mut w = FakeWorld { default_route: Some("eth0".into()), ..FakeWorld::default() };
+        w.links.insert("eth0".into(), FakeLink { up: true, ..FakeLink::default() });
+        w.sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
+        for n in 0..8 {
+            w.loops.insert(n, FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 } });
+        }
+        FakeKernel { world: Mutex::new(w) }
+    }
+
+    /// The world, for setting up and checking a test.
+    pub fn world(&self) -> MutexGuard<'_, FakeWorld> {
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the next `times` calls of `op` on an object containing `object` fail with `errno`.
+    pub fn fail(&self, op: &'static str, object: &str, errno: Errno, times: usize) {
+        self.world().injected.push(Injected { op, object: object.to_owned(), errno, times });
+    }
+
+    /// Registers what `inspect` reports for descriptor `fd`.
+    pub fn register_backing(&self, fd: BorrowedFd<'_>, file: BackingFile) {
+        self.world().backing.insert(fd.as_raw_fd(), file);
+    }
+
+    /// The recorded calls.
+    pub fn calls(&self) -> Vec<String> {
+        self.world().calls.clone()
+    }
+
+    /// Records a call and returns the injected failure for it, if any.
+    fn call(&self, op: &'static str, object: &str) -> KResult<MutexGuard<'_, FakeWorld>> {
+        let mut w = self.world();
+        w.calls.push(format!("{op} {object}"));
+        if let Some(inj) =
+            w.injected.iter_mut().find(|i| i.op == op && object.contains(&i.object) && i.times > 0)
+        {
+            inj.times -= 1;
+            return Err(KernelError::errno(op, object, inj.errno));
+        }
+        Ok(w)
+    }
+}
+
+impl Links for FakeKernel {
+    async fn create_tap(&self, name: &str, owner: u32) -> KResult<()> {
+        let mut w = self.call("create_tap", name)?;
+        if w.links.contains_key(name) {
+            return Err(KernelError::errno("create_tap", name, Errno::EEXIST));
+        }
+        w.links.insert(name.to_owned(), FakeLink { tap_owner: Some(owner), ..FakeLink::default() });
+        Ok(())
+    }
+
+    async fn add_address(&self, name: &str, addr: Ipv4Addr, prefix: u8) -> KResult<()> {
+        let mut w = self.call("add_address", name)?;
+        let link =
+            w.links.get_mut(name).ok_or_else(|| KernelError::errno("add_address", name, Errno::ENODEV))?;
+        link.addresses.push((addr, prefix));
+        Ok(())
+    }
+
+    async fn set_up(&self, name: &str) -> KResult<()> {
+        let mut w = self.call("set_up", name)?;
+        let link = w.links.get_mut(name).ok_or_else(|| KernelError::errno("set_up", name, Errno::ENODEV))?;
+        link.up = true;
+        Ok(())
+    }
+
+    async fn exists(&self, name: &str) -> KResult<bool> {
+        let w = self.call("exists", name)?;
+        Ok(w.links.contains_key(name))
+    }
+
+    async fn list(&self) -> KResult<Vec<String>> {
+        let w = self.call("list", "links")?;
+        Ok(w.links.keys().cloned().collect())
+    }
+
+    async fn delete(&self, names: &[String]) -> Vec<KResult<()>> {
+        self.world().calls.push(format!("delete_links {}", names.join(",")));
+        names
+            .iter()
+            .map(|n| {
+                let mut w = self.call("delete_link", n)?;
+                w.links.remove(n);
+                let disable = format!("net.ipv6.conf.{n}.disable_ipv6");
+                w.sysctls.remove(&disable);
+                Ok(())
+            })
+            .collect()
+    }
+
+    async fn default_route_interface(&self) -> KResult<Option<String>> {
+        let w = self.call("default_route", "")?;
+        Ok(w.default_route.clone())
+    }
+}
+
+impl Firewall for FakeKernel {
+    async fn read(&self) -> KResult<FirewallView> {
+        let w = self.call("firewall_read", "")?;
+        Ok(w.firewall.clone())
+    }
+
+    async fn apply(&self, batch: &FirewallBatch) -> KResult<()> {
+        let mut w = self.call("firewall_apply", &batch.render())?;
+        let next = apply_to_view(&w.firewall, batch)
+            .map_err(|e| KernelError::other("iptables-restore", "banger chains", e))?;
+        w.firewall = next;
+        w.firewall_batches += 1;
+        Ok(())
+    }
+}
+
+impl Loops for FakeKernel {
+    fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile> {
+        let w = self.call("loop_inspect", &fd.as_raw_fd().to_string())?;
+        w.backing.get(&fd.as_raw_fd()).copied().ok_or_else(|| KernelError::errno("fstat", "fd", Errno::EBADF))
+    }
+
+    fn get_free(&self) -> KResult<u32> {
+        let mut w = self.call("loop_get_free", "")?;
+        if let Some((n, _)) = w.loops.iter().find(|(_, l)| l.status.is_none()) {
+            return Ok(*n);
+        }
+        let n = w.loops.len() as u32;
+        w.loops.insert(n, FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 } });
+        Ok(n)
+    }
+
+    fn node(&self, n: u32) -> KResult<NodeState> {
+        let w = self.call("loop_node", &format!("/dev/loop{n}"))?;
+        w.loops
+            .get(&n)
+            .map(|l| l.node)
+            .ok_or_else(|| KernelError::errno("stat", format!("/dev/loop{n}"), Errno::ENOENT))
+    }
+
+    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()> {
+        let mut w = self.call("loop_set_node", &format!("/dev/loop{n} {uid}:{gid} {mode:o}"))?;
+        let l = w
+            .loops
+            .get_mut(&n)
+            .ok_or_else(|| KernelError::errno("chown", format!("/dev/loop{n}"), Errno::ENOENT))?;
+        l.node = NodeState { uid, gid, mode };
+        Ok(())
+    }
+
+    fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()> {
+        let mut w = self.call("loop_attach", &format!("/dev/loop{n} ro={read_only}"))?;
+        let b = *w
+            .backing
+            .get(&fd.as_raw_fd())
+            .ok_or_else(|| KernelError::errno("LOOP_CONFIGURE", "fd", Errno::EBADF))?;
+        let l = w
+            .loops
+            .get_mut(&n)
+            .ok_or_else(|| KernelError::errno("LOOP_CONFIGURE", format!("/dev/loop{n}"), Errno::ENXIO))?;
+        if l.status.is_some() {
+            return Err(KernelError::errno("LOOP_CONFIGURE", format!("/dev/loop{n}"), Errno::EBUSY));
+        }
+        l.status = Some(LoopStatus { backing_dev: b.dev, backing_ino: b.ino, read_only });
+        Ok(())
+    }
+
+    fn status(&self, n: u32) -> KResult<Option<LoopStatus>> {
+        let w = self.call("loop_status", &format!("/dev/loop{n}"))?;
+        Ok(w.loops.get(&n).and_then(|l| l.status))
+    }
+
+    fn detach(&self, n: u32) -> KResult<()> {
+        let mut w = self.call("loop_detach", &format!("/dev/loop{n}"))?;
+        if let Some(l) = w.loops.get_mut(&n) {
+            l.status = None;
+        }
+        Ok(())
+    }
+
+    fn has_configure(&self) -> bool {
+        true
+    }
+}
+
+impl Sysctl for FakeKernel {
+    fn read(&self, key: &SysctlKey) -> KResult<String> {
+        let w = self.call("sysctl_read", key.as_str())?;
+        w.sysctls
+            .get(key.as_str())
+            .cloned()
+            .ok_or_else(|| KernelError::errno("read", key.as_str(), Errno::ENOENT))
+    }
+
+    fn write(&self, key: &SysctlKey, value: &str) -> KResult<()> {
+        let mut w = self.call("sysctl_write", &format!("{key}={value}"))?;
+        let per_link = key.as_str().starts_with("net.ipv6.conf.")
+            && key.as_str().split('.').nth(3).is_some_and(|l| w.links.contains_key(l));
+        if !per_link && !w.sysctls.contains_key(key.as_str()) {
+            return Err(KernelError::errno("write", key.as_str(), Errno::ENOENT));
+        }
+        w.sysctls.insert(key.as_str().to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    fn exists(&self, key: &SysctlKey) -> bool {
+        let w = self.world();
+        w.sysctls.contains_key(key.as_str())
+            || (key.as_str().starts_with("net.ipv6.conf.")
+                && key.as_str().split('.').nth(3).is_some_and(|l| w.links.contains_key(l)))
+    }
+}
+
+impl Kernel for FakeKernel {
+    type Links = Self;
+    type Firewall = Self;
+    type Loops = Self;
+    type Sysctl = Self;
+    fn links(&self) -> &Self {
+        self
+    }
+    fn firewall(&self) -> &Self {
+        self
+    }
+    fn loops(&self) -> &Self {
+        self
+    }
+    fn sysctl(&self) -> &Self {
+        self
+    }
+}

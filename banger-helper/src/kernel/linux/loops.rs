@@ -1,0 +1,232 @@
+//! Loop devices on Linux: `/dev/loop-control` for a free device, `LOOP_CONFIGURE` to attach in one
+//! step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
+//! autoclear, `LOOP_GET_STATUS64` to see what a device holds, and the device nodes' owner and mode.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use linux_raw_sys::loop_device::{self as ld, loop_config, loop_info64};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, open};
+use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstat, lstat};
+use nix::sys::statfs::fstatfs;
+use nix::unistd::{Gid, Uid, fchownat};
+
+use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops, NodeState};
+
+nix::ioctl_none_bad!(loop_ctl_get_free, ld::LOOP_CTL_GET_FREE);
+nix::ioctl_write_ptr_bad!(loop_configure, ld::LOOP_CONFIGURE, loop_config);
+nix::ioctl_write_int_bad!(loop_set_fd, ld::LOOP_SET_FD);
+nix::ioctl_write_ptr_bad!(loop_set_status64, ld::LOOP_SET_STATUS64, loop_info64);
+nix::ioctl_read_bad!(loop_get_status64, ld::LOOP_GET_STATUS64, loop_info64);
+nix::ioctl_none_bad!(loop_clr_fd, ld::LOOP_CLR_FD);
+
+const LO_FLAGS_READ_ONLY: u32 = ld::LO_FLAGS_READ_ONLY as u32;
+
+/// Loop devices under a device directory (normally `/dev`).
+#[derive(Debug)]
+pub struct LinuxLoops {
+    dev: PathBuf,
+    /// Cleared the first time the kernel refuses `LOOP_CONFIGURE` as unknown.
+    configure: AtomicBool,
+}
+
+/// Whether `uname -r` is at least 5.8, where `LOOP_CONFIGURE` appeared.
+fn kernel_has_configure() -> bool {
+    let Ok(u) = nix::sys::utsname::uname() else { return true };
+    let release = u.release().to_string_lossy().into_owned();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (5, 8)
+}
+
+impl LinuxLoops {
+    /// Loop devices under `dev`.
+    pub fn new(dev: impl Into<PathBuf>) -> Self {
+        LinuxLoops { dev: dev.into(), configure: AtomicBool::new(kernel_has_configure()) }
+    }
+
+    fn node_path(&self, n: u32) -> PathBuf {
+        self.dev.join(format!("loop{n}"))
+    }
+
+    fn open_device(&self, n: u32, op: &'static str) -> KResult<OwnedFd> {
+        let path = self.node_path(n);
+        open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| KernelError::errno(op, path.display().to_string(), e))
+    }
+
+    /// The older two-step attach. Read-only from a writable descriptor needs a read-only one,
+    /// reopened through `/proc/self/fd`.
+    fn attach_two_step(
+        &self,
+        dev: &OwnedFd,
+        object: &str,
+        fd: BorrowedFd<'_>,
+        read_only: bool,
+    ) -> KResult<()> {
+        let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| KernelError::errno("F_GETFL", object, e))?;
+        let writable = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE == OFlag::O_RDWR;
+        let reopened;
+        let fd = if read_only && writable {
+            let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            reopened = open(proc_path.as_str(), OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                .map_err(|e| KernelError::errno("reopen read-only", object, e))?;
+            reopened.as_raw_fd()
+        } else {
+            fd.as_raw_fd()
+        };
+        // SAFETY: `dev` is an open loop device and `fd` an open descriptor, passed by value.
+        unsafe { loop_set_fd(dev.as_raw_fd(), fd) }
+            .map_err(|e| KernelError::errno("LOOP_SET_FD", object, e))?;
+        // SAFETY: loop_info64 is plain old data; all-zero is valid (no flags, no offset).
+        let info: loop_info64 = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid loop_info64 that outlives the call.
+        if let Err(e) = unsafe { loop_set_status64(dev.as_raw_fd(), &info) } {
+            // SAFETY: detaching the device just attached; no argument.
+            let _ = unsafe { loop_clr_fd(dev.as_raw_fd()) };
+            return Err(KernelError::errno("LOOP_SET_STATUS64", object, e));
+        }
+        Ok(())
+    }
+}
+
+impl Loops for LinuxLoops {
+    fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile> {
+        let st = fstat(fd).map_err(|e| KernelError::errno("fstat", "backing file", e))?;
+        let fs = fstatfs(fd).map_err(|e| KernelError::errno("fstatfs", "backing file", e))?;
+        let flags =
+            fcntl(fd, FcntlArg::F_GETFL).map_err(|e| KernelError::errno("F_GETFL", "backing file", e))?;
+        let flags = OFlag::from_bits_retain(flags);
+        let access = if flags.contains(OFlag::O_PATH) {
+            FdAccess::Path
+        } else {
+            match flags & OFlag::O_ACCMODE {
+                f if f == OFlag::O_RDWR => FdAccess::ReadWrite,
+                f if f == OFlag::O_WRONLY => FdAccess::WriteOnly,
+                _ => FdAccess::ReadOnly,
+            }
+        };
+        Ok(BackingFile {
+            regular: SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG,
+            uid: st.st_uid,
+            fs_magic: fs.filesystem_type().0 as i64,
+            access,
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    fn get_free(&self) -> KResult<u32> {
+        let path = self.dev.join("loop-control");
+        let ctl = open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| KernelError::errno("open", path.display().to_string(), e))?;
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns the device number.
+        let n = unsafe { loop_ctl_get_free(ctl.as_raw_fd()) }
+            .map_err(|e| KernelError::errno("LOOP_CTL_GET_FREE", "/dev/loop-control", e))?;
+        u32::try_from(n)
+            .map_err(|_| KernelError::errno("LOOP_CTL_GET_FREE", "/dev/loop-control", Errno::ERANGE))
+    }
+
+    fn node(&self, n: u32) -> KResult<NodeState> {
+        let path = self.node_path(n);
+        let st = lstat(&path).map_err(|e| KernelError::errno("stat", path.display().to_string(), e))?;
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
+            return Err(KernelError::other("stat", path.display().to_string(), "not a block device node"));
+        }
+        Ok(NodeState { uid: st.st_uid, gid: st.st_gid, mode: st.st_mode & 0o7777 })
+    }
+
+    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()> {
+        let path = self.node_path(n);
+        let object = path.display().to_string();
+        self.node(n)?;
+        let chown = || {
+            fchownat(
+                nix::fcntl::AT_FDCWD,
+                &path,
+                Some(Uid::from_raw(uid)),
+                Some(Gid::from_raw(gid)),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| KernelError::errno("chown", object.clone(), e))
+        };
+        let chmod = || {
+            fchmodat(
+                nix::fcntl::AT_FDCWD,
+                &path,
+                Mode::from_bits_truncate(mode),
+                FchmodatFlags::FollowSymlink,
+            )
+            .map_err(|e| KernelError::errno("chmod", object.clone(), e))
+        };
+        // Change the mode while root owns the node, so no capability beyond CAP_CHOWN is needed.
+        if uid == 0 {
+            chown()?;
+            chmod()
+        } else {
+            chmod()?;
+            chown()
+        }
+    }
+
+    fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()> {
+        let dev = self.open_device(n, "open loop device")?;
+        let object = self.node_path(n).display().to_string();
+        if self.configure.load(Ordering::Relaxed) {
+            // SAFETY: loop_config is plain old data; all-zero is valid.
+            let mut cfg: loop_config = unsafe { std::mem::zeroed() };
+            cfg.fd = fd.as_raw_fd() as u32;
+            cfg.info.lo_flags = if read_only { LO_FLAGS_READ_ONLY } else { 0 };
+            // SAFETY: `cfg` is a valid loop_config that outlives the call; its fd is open.
+            match unsafe { loop_configure(dev.as_raw_fd(), &cfg) } {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINVAL | Errno::ENOTTY) => {
+                    tracing::info!("LOOP_CONFIGURE refused by this kernel; attaching in two steps");
+                    self.configure.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(KernelError::errno("LOOP_CONFIGURE", object, e)),
+            }
+        }
+        self.attach_two_step(&dev, &object, fd, read_only)
+    }
+
+    fn status(&self, n: u32) -> KResult<Option<LoopStatus>> {
+        let path = self.node_path(n);
+        let dev = match open(&path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) {
+            Ok(d) => d,
+            Err(Errno::ENOENT | Errno::ENXIO) => return Ok(None),
+            Err(e) => return Err(KernelError::errno("open loop device", path.display().to_string(), e)),
+        };
+        // SAFETY: loop_info64 is plain old data; all-zero is valid.
+        let mut info: loop_info64 = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid, writable loop_info64 that outlives the call.
+        match unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) } {
+            Ok(_) => Ok(Some(LoopStatus {
+                backing_dev: info.lo_device,
+                backing_ino: info.lo_inode,
+                read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
+            })),
+            Err(Errno::ENXIO) => Ok(None),
+            Err(e) => Err(KernelError::errno("LOOP_GET_STATUS64", path.display().to_string(), e)),
+        }
+    }
+
+    fn detach(&self, n: u32) -> KResult<()> {
+        let dev = match self.open_device(n, "open loop device") {
+            Ok(d) => d,
+            Err(e) if matches!(e.errno_value(), Some(Errno::ENOENT | Errno::ENXIO)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: LOOP_CLR_FD takes no argument.
+        match unsafe { loop_clr_fd(dev.as_raw_fd()) } {
+            Ok(_) | Err(Errno::ENXIO) => Ok(()),
+            Err(e) => Err(KernelError::errno("LOOP_CLR_FD", self.node_path(n).display().to_string(), e)),
+        }
+    }
+
+    fn has_configure(&self) -> bool {
+        self.configure.load(Ordering::Relaxed)
+    }
+}

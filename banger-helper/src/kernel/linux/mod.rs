@@ -1,0 +1,64 @@
+//! The Linux implementation of the kernel traits.
+
+pub mod iptables;
+pub mod links;
+pub mod loops;
+pub mod sysctl;
+
+use super::Kernel;
+pub use iptables::Iptables;
+pub use links::NetlinkLinks;
+pub use loops::LinuxLoops;
+pub use sysctl::ProcSysctl;
+
+/// The real kernel: rtnetlink and tun ioctls, the iptables tools, loop ioctls, `/proc/sys`.
+#[derive(Debug)]
+pub struct LinuxKernel {
+    links: NetlinkLinks,
+    firewall: Iptables,
+    loops: LinuxLoops,
+    sysctl: ProcSysctl,
+}
+
+/// Why the Linux kernel access could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxKernelError {
+    /// No rtnetlink socket.
+    #[error("cannot open an rtnetlink socket")]
+    Netlink(#[source] std::io::Error),
+    /// The iptables tools are missing.
+    #[error(transparent)]
+    Tools(#[from] iptables::ToolMissing),
+}
+
+impl LinuxKernel {
+    /// Opens everything in the calling thread's network namespace; must run inside the tokio
+    /// runtime (the rtnetlink connection is a task on it).
+    pub fn new() -> Result<Self, LinuxKernelError> {
+        Ok(LinuxKernel {
+            links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
+            firewall: Iptables::locate()?,
+            loops: LinuxLoops::new("/dev"),
+            sysctl: ProcSysctl::new("/proc/sys"),
+        })
+    }
+}
+
+impl Kernel for LinuxKernel {
+    type Links = NetlinkLinks;
+    type Firewall = Iptables;
+    type Loops = LinuxLoops;
+    type Sysctl = ProcSysctl;
+    fn links(&self) -> &NetlinkLinks {
+        &self.links
+    }
+    fn firewall(&self) -> &Iptables {
+        &self.firewall
+    }
+    fn loops(&self) -> &LinuxLoops {
+        &self.loops
+    }
+    fn sysctl(&self) -> &ProcSysctl {
+        &self.sysctl
+    }
+}

@@ -1,0 +1,224 @@
+//! The kernel as the helper's operations see it: four narrow traits, one per domain, each with a
+//! Linux implementation ([`linux`]) and a recording fake ([`fake`]) passed in by the caller.
+//!
+//! - [`Links`]: TAP creation (tun ioctls), addresses, link state and deletion (rtnetlink), the
+//!   default route's interface;
+//! - [`Firewall`]: reading the helper's chains and applying one batch of changes;
+//! - [`Loops`]: loop devices and their nodes, and inspecting a backing file descriptor;
+//! - [`Sysctl`]: reading and writing `/proc/sys` keys.
+//!
+//! The traits take only names the helper derived itself; no method accepts a client's string.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::BorrowedFd;
+
+use banger_protocol::HelperError;
+use nix::errno::Errno;
+
+use crate::firewall::{FirewallBatch, FirewallView};
+use crate::sysctl_key::SysctlKey;
+
+pub mod fake;
+pub mod linux;
+
+/// A kernel operation that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// A syscall failed.
+    #[error("{op} on {object} failed")]
+    Errno {
+        /// The operation, e.g. `TUNSETIFF`.
+        op: &'static str,
+        /// What it was applied to.
+        object: String,
+        /// The errno.
+        #[source]
+        errno: Errno,
+    },
+    /// A tool or protocol failed without an errno (e.g. `iptables-restore` exited non-zero).
+    #[error("{op} on {object} failed: {detail}")]
+    Other {
+        /// The operation.
+        op: &'static str,
+        /// What it was applied to.
+        object: String,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+impl KernelError {
+    /// Shorthand for [`KernelError::Errno`].
+    pub fn errno(op: &'static str, object: impl Into<String>, errno: Errno) -> Self {
+        KernelError::Errno { op, object: object.into(), errno }
+    }
+
+    /// Shorthand for [`KernelError::Other`].
+    pub fn other(op: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Self {
+        KernelError::Other { op, object: object.into(), detail: detail.into() }
+    }
+
+    /// The errno, if the failure has one.
+    pub fn errno_value(&self) -> Option<Errno> {
+        match self {
+            KernelError::Errno { errno, .. } => Some(*errno),
+            KernelError::Other { .. } => None,
+        }
+    }
+
+    /// The wire form of this error.
+    pub fn to_helper(&self) -> HelperError {
+        match self {
+            KernelError::Errno { op, object, errno } => HelperError::Kernel {
+                op: (*op).to_owned(),
+                errno: *errno as i32,
+                detail: format!("{object}: {}", errno.desc()),
+            },
+            KernelError::Other { op, object, detail } => {
+                HelperError::Kernel { op: (*op).to_owned(), errno: 0, detail: format!("{object}: {detail}") }
+            }
+        }
+    }
+}
+
+impl From<KernelError> for HelperError {
+    fn from(e: KernelError) -> HelperError {
+        e.to_helper()
+    }
+}
+
+/// Result of a kernel call.
+pub type KResult<T> = Result<T, KernelError>;
+
+/// Network links: TAPs, addresses, link state, routes.
+pub trait Links: Send + Sync {
+    /// Creates a persistent TAP `name` owned by `owner`, with the flags Firecracker opens it with
+    /// (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, single queue). Fails if the name exists.
+    fn create_tap(&self, name: &str, owner: u32) -> impl Future<Output = KResult<()>> + Send;
+    /// Adds `addr/prefix` to the link.
+    fn add_address(&self, name: &str, addr: Ipv4Addr, prefix: u8)
+    -> impl Future<Output = KResult<()>> + Send;
+    /// Sets the link up.
+    fn set_up(&self, name: &str) -> impl Future<Output = KResult<()>> + Send;
+    /// Whether a link with this name exists.
+    fn exists(&self, name: &str) -> impl Future<Output = KResult<bool>> + Send;
+    /// The names of every link.
+    fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
+    /// Deletes these links, together where the kernel allows it (one RCU grace period for all).
+    /// A link that does not exist counts as deleted. One result per name, in order.
+    fn delete(&self, names: &[String]) -> impl Future<Output = Vec<KResult<()>>> + Send;
+    /// The interface of the IPv4 default route, if there is one.
+    fn default_route_interface(&self) -> impl Future<Output = KResult<Option<String>>> + Send;
+}
+
+/// The helper's firewall chains.
+pub trait Firewall: Send + Sync {
+    /// Reads the helper's chains, jumps and rules.
+    fn read(&self) -> impl Future<Output = KResult<FirewallView>> + Send;
+    /// Applies a batch atomically per table (one `iptables-restore --noflush` run).
+    fn apply(&self, batch: &FirewallBatch) -> impl Future<Output = KResult<()>> + Send;
+}
+
+/// What the helper learns about a backing file from its descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackingFile {
+    /// It is a regular file.
+    pub regular: bool,
+    /// Its owner.
+    pub uid: u32,
+    /// The magic number of its filesystem (`statfs.f_type`).
+    pub fs_magic: i64,
+    /// The descriptor's access mode (`O_ACCMODE` bits of `F_GETFL`), and whether it is `O_PATH`.
+    pub access: FdAccess,
+    /// Device and inode, to recognise the file later.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+}
+
+/// How a descriptor was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdAccess {
+    /// `O_RDONLY`.
+    ReadOnly,
+    /// `O_WRONLY`.
+    WriteOnly,
+    /// `O_RDWR`.
+    ReadWrite,
+    /// `O_PATH`: no I/O possible.
+    Path,
+}
+
+/// Owner and mode of a device node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeState {
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
+/// An attached loop device's backing file, as `LOOP_GET_STATUS64` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopStatus {
+    /// Backing file's device.
+    pub backing_dev: u64,
+    /// Backing file's inode.
+    pub backing_ino: u64,
+    /// Attached read-only.
+    pub read_only: bool,
+}
+
+/// Loop devices.
+pub trait Loops: Send + Sync {
+    /// Inspects a backing file descriptor (fstat, fstatfs, F_GETFL).
+    fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile>;
+    /// A free loop device number (`LOOP_CTL_GET_FREE`; may create the device).
+    fn get_free(&self) -> KResult<u32>;
+    /// Owner and mode of `/dev/loopN`.
+    fn node(&self, n: u32) -> KResult<NodeState>;
+    /// Sets owner, group and mode of `/dev/loopN`.
+    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()>;
+    /// Attaches `fd` to device `n` in one step where the kernel can (`LOOP_CONFIGURE`), never
+    /// with autoclear. `EBUSY` means another attach won the device.
+    fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()>;
+    /// What device `n` is attached to; `None` when it is free.
+    fn status(&self, n: u32) -> KResult<Option<LoopStatus>>;
+    /// Detaches device `n` (`LOOP_CLR_FD`); a free device counts as detached.
+    fn detach(&self, n: u32) -> KResult<()>;
+    /// Whether the kernel has `LOOP_CONFIGURE`.
+    fn has_configure(&self) -> bool;
+}
+
+/// `/proc/sys`.
+pub trait Sysctl: Send + Sync {
+    /// Reads a key's value (trimmed).
+    fn read(&self, key: &SysctlKey) -> KResult<String>;
+    /// Writes a key. `NotFound` keys are an error.
+    fn write(&self, key: &SysctlKey, value: &str) -> KResult<()>;
+    /// Whether a key exists.
+    fn exists(&self, key: &SysctlKey) -> bool;
+}
+
+/// The four domains together, as the helper's operations receive them.
+pub trait Kernel: Send + Sync + 'static {
+    /// Links.
+    type Links: Links;
+    /// Firewall.
+    type Firewall: Firewall;
+    /// Loops.
+    type Loops: Loops;
+    /// Sysctls.
+    type Sysctl: Sysctl;
+    /// Links.
+    fn links(&self) -> &Self::Links;
+    /// Firewall.
+    fn firewall(&self) -> &Self::Firewall;
+    /// Loops.
+    fn loops(&self) -> &Self::Loops;
+    /// Sysctls.
+    fn sysctl(&self) -> &Self::Sysctl;
+}

@@ -1,0 +1,266 @@
+//! The ownership ledger on disk and in memory.
+//!
+//! The ledger (the policy crate's [`Ledger`]) says which uid, install and VM every helper-made
+//! object belongs to, and which lease each uid holds. It lives in `<state-dir>/ledger.json` and is
+//! replaced atomically on every change: written to a temporary file, fsynced, renamed over the
+//! old one, and the directory fsynced. A lock file keeps a second helper off the same state dir.
+//!
+//! Beside the ledger the helper keeps the identity (device, inode) of each loop device's backing
+//! file, so a loop number that was released and reused is never taken for the caller's.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use banger_policy::{Ledger, LedgerEntry, Object, ObjectKind};
+use banger_protocol::{InstallId, VmId};
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+const FILE: &str = "ledger.json";
+const TEMP: &str = "ledger.json.tmp";
+const LOCK: &str = "lock";
+const FORMAT: u32 = 1;
+
+/// Why the ledger could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The state directory is unusable.
+    #[error("cannot use state directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Another process holds the state directory.
+    #[error("state directory {0} is in use by another banger-helper; give each helper its own --state-dir")]
+    Locked(PathBuf),
+    /// Reading or writing the ledger file failed.
+    #[error("cannot {action} ledger {path}")]
+    Io {
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The ledger file is not valid.
+    #[error(
+        "ledger {path} is corrupt; move it aside to start with an empty ledger (objects it listed are then reported as unknown)"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The identity of a loop device's backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backing {
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode of the file.
+    pub ino: u64,
+}
+
+/// What the state file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    /// Format version of this file.
+    pub format: u32,
+    /// The ownership ledger.
+    pub ledger: Ledger,
+    /// Backing file identity of every loop device in the ledger, by device path.
+    #[serde(default)]
+    pub loop_backing: BTreeMap<String, Backing>,
+}
+
+impl Stored {
+    /// The entry of this kind for this VM.
+    pub fn find(&self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> Option<&LedgerEntry> {
+        self.ledger.find(uid, install, vm, kind)
+    }
+
+    /// Removes the entry of this kind for this VM (and a loop device's backing identity),
+    /// returning it.
+    pub fn remove(
+        &mut self,
+        uid: u32,
+        install: &InstallId,
+        vm: &VmId,
+        kind: ObjectKind,
+    ) -> Option<LedgerEntry> {
+        let e = self.ledger.remove(uid, install, vm, kind)?;
+        if let Object::Loop { device, .. } = &e.object {
+            self.loop_backing.remove(device);
+        }
+        Some(e)
+    }
+
+    /// Adds an entry (replacing one of the same VM and kind).
+    pub fn insert(&mut self, entry: LedgerEntry) {
+        self.ledger.insert(entry);
+    }
+}
+
+/// The ledger file of one state directory, held exclusively while the helper runs.
+#[derive(Debug)]
+pub struct LedgerStore {
+    dir: PathBuf,
+    /// Held for the helper's lifetime; keeps other helpers off this directory.
+    _lock: Flock<File>,
+}
+
+impl LedgerStore {
+    /// Opens (creating, mode 0700) the state directory, locks it and loads the ledger (empty when
+    /// there is none yet).
+    pub fn open(dir: &Path) -> Result<(LedgerStore, Stored), StoreError> {
+        let dir_err = |source| StoreError::Dir { path: dir.to_owned(), source };
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(dir_err)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join(LOCK))
+            .map_err(dir_err)?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                StoreError::Locked(dir.to_owned())
+            } else {
+                dir_err(io::Error::from(errno))
+            }
+        })?;
+        let path = dir.join(FILE);
+        let stored = match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Stored { format: FORMAT, ..Stored::default() },
+            Err(source) => return Err(StoreError::Io { action: "read", path, source }),
+        };
+        Ok((LedgerStore { dir: dir.to_owned(), _lock: lock }, stored))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Replaces the ledger file atomically with `stored`.
+    pub fn save(&self, stored: &Stored) -> Result<(), StoreError> {
+        let path = self.dir.join(FILE);
+        let temp = self.dir.join(TEMP);
+        let io_err = |source| StoreError::Io { action: "write", path: path.clone(), source };
+        let mut bytes = serde_json::to_vec_pretty(stored).map_err(|e| io_err(io::Error::other(e)))?;
+        bytes.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&temp)
+            .map_err(io_err)?;
+        f.write_all(&bytes).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+        drop(f);
+        fs::rename(&temp, &path).map_err(io_err)?;
+        let d = File::open(&self.dir).map_err(io_err)?;
+        nix::unistd::fsync(d.as_fd()).map_err(|e| io_err(io::Error::from(e)))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use banger_protocol::LoopRole;
+
+    use super::*;
+
+    fn entry(uid: u32, vm: &str, object: Object) -> LedgerEntry {
+        LedgerEntry { uid, install: InstallId::new("home").unwrap(), vm: VmId::new(vm).unwrap(), object }
+    }
+
+    fn tap(slot: u32) -> Object {
+        Object::Tap {
+            name: format!("bg{slot:013}"),
+            slot,
+            host_ip: Ipv4Addr::new(172, 30, 0, 1),
+            guest_ip: Ipv4Addr::new(172, 30, 0, 2),
+        }
+    }
+
+    #[test]
+    fn saves_and_loads_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (store, mut stored) = LedgerStore::open(&state).unwrap();
+        assert_eq!(stored.format, FORMAT);
+        stored.ledger.leases.insert(1000, 3);
+        stored.insert(entry(1000, "a", tap(0)));
+        stored.insert(entry(
+            1000,
+            "a",
+            Object::Loop { role: LoopRole::Base, device: "/dev/loop3".into(), read_only: true },
+        ));
+        stored.loop_backing.insert("/dev/loop3".into(), Backing { dev: 1, ino: 2 });
+        store.save(&stored).unwrap();
+        assert!(!state.join(TEMP).exists());
+        drop(store);
+        let (_store, again) = LedgerStore::open(&state).unwrap();
+        assert_eq!(again, stored);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(state.join(FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_second_store_on_the_same_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_a, _) = LedgerStore::open(dir.path()).unwrap();
+        let err = LedgerStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("--state-dir"));
+    }
+
+    #[test]
+    fn a_corrupt_ledger_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(FILE), b"{not json").unwrap();
+        let err = LedgerStore::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("move it aside"), "{err}");
+    }
+
+    #[test]
+    fn remove_forgets_a_loop_devices_backing() {
+        let mut s = Stored::default();
+        s.insert(entry(
+            1,
+            "a",
+            Object::Loop { role: LoopRole::Cow, device: "/dev/loop1".into(), read_only: false },
+        ));
+        s.loop_backing.insert("/dev/loop1".into(), Backing { dev: 1, ino: 1 });
+        let home = InstallId::new("home").unwrap();
+        let a = VmId::new("a").unwrap();
+        assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
+        assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Base)).is_none());
+        assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
+        assert!(s.loop_backing.is_empty());
+        assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_none());
+    }
+}

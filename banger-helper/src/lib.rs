@@ -1,0 +1,30 @@
+//! `banger-helper`: the minimal root helper of banger.
+//!
+//! It answers typed requests from unprivileged `bangerd` daemons over a unix socket and does only
+//! small, audited kernel operations for them: TAPs, NAT rules, allowlisted sysctls and loop
+//! devices, each checked against the admin's policy and an ownership ledger.
+//!
+//! Map of the crate:
+//!
+//! - [`cli`]: the command line (`serve`, `policy check`, `policy explain`);
+//! - [`serve`]: start-up in order — sanitise the process, read the policy, bind the socket, load
+//!   the ledger, harden ([`hardening`]), then run the [`server`];
+//! - [`server`]: accept loop, peer credentials ([`peer`]), handshake, one task per connection;
+//! - [`ops`]: every operation, behind [`ops::Helper::handle`];
+//! - [`kernel`]: the narrow kernel traits with their Linux implementation and a fake;
+//! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;
+//! - [`ledger_store`]: the ownership ledger on disk; [`audit`]: one JSON line per request.
+
+pub mod audit;
+pub mod cli;
+pub mod firewall;
+pub mod hardening;
+pub mod kernel;
+pub mod ledger_store;
+pub mod names;
+pub mod ops;
+pub mod peer;
+pub mod serve;
+pub mod server;
+pub mod sysctl_key;
+pub mod systemd;

@@ -1,0 +1,34 @@
+//! The `banger-helper` binary: parses the command line and hands over to the library.
+
+use std::process::ExitCode;
+
+use banger_helper::cli::{Cli, Command, PolicyCommand};
+use banger_helper::serve::{ServeOptions, load_policy, serve};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let result = match cli.command {
+        Command::Serve { socket, policy, state_dir } => {
+            serve(&ServeOptions { socket, policy, state_dir }).map_err(anyhow::Error::from)
+        }
+        Command::Policy { command: PolicyCommand::Check { file } } => load_policy(&file)
+            .map(|_| {
+                println!("{}: ok", file.display());
+            })
+            .map_err(anyhow::Error::from),
+        Command::Policy { command: PolicyCommand::Explain { file, user } } => load_policy(&file)
+            .map(|p| print!("{}", banger_policy::explain(&p, user.as_deref())))
+            .map_err(anyhow::Error::from),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banger-helper: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The kernel-visible names the helper derives: TAP names and the tag carried by every firewall
+//! rule. (The guest MAC follows from the guest address: [`banger_policy::addr::guest_mac`].)
+//!
+//! All of them come from one digest of `(uid, install, vm)`, so a name can never be chosen by a
+//! client and two owners never share one. The digest input is unambiguous because install and VM
+//! ids cannot contain the NUL separator.
+
+use std::fmt::Write as _;
+
+use banger_protocol::{InstallId, VmId};
+use sha2::{Digest, Sha256};
+
+/// The prefix of every TAP the helper creates.
+pub const TAP_PREFIX: &str = "bg";
+
+/// How many hex digits of the digest follow [`TAP_PREFIX`]: `bg` + 13 = 15 bytes, the kernel's
+/// longest interface name (IFNAMSIZ - 1).
+pub const TAP_HASH_DIGITS: usize = 13;
+
+/// The words every firewall rule tag starts with.
+pub const TAG_PREFIX: &str = "banger ";
+
+/// The owner of a VM's objects: who, which install, which VM.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VmKey {
+    /// The owner's uid.
+    pub uid: u32,
+    /// The owner's install.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+}
+
+impl VmKey {
+    /// Bundles the three parts.
+    pub fn new(uid: u32, install: &InstallId, vm: &VmId) -> Self {
+        VmKey { uid, install: install.clone(), vm: vm.clone() }
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(b"banger-v1\0");
+        h.update(self.uid.to_string().as_bytes());
+        h.update(b"\0");
+        h.update(self.install.as_str().as_bytes());
+        h.update(b"\0");
+        h.update(self.vm.as_str().as_bytes());
+        h.finalize().into()
+    }
+
+    /// The VM's TAP name: `bg` and 13 hex digits of the digest (15 bytes).
+    pub fn tap_name(&self) -> String {
+        let d = self.digest();
+        let mut s = String::with_capacity(TAP_PREFIX.len() + TAP_HASH_DIGITS);
+        s.push_str(TAP_PREFIX);
+        for b in &d[..TAP_HASH_DIGITS.div_ceil(2)] {
+            let _ = write!(s, "{b:02x}");
+        }
+        s.truncate(TAP_PREFIX.len() + TAP_HASH_DIGITS);
+        s
+    }
+
+    /// The comment every firewall rule of this VM carries: `banger uid=U inst=I vm=V`.
+    pub fn rule_tag(&self) -> String {
+        format!("{TAG_PREFIX}uid={} inst={} vm={}", self.uid, self.install, self.vm)
+    }
+
+    /// Reads a tag written by [`VmKey::rule_tag`]; anything else is `None`.
+    pub fn parse_rule_tag(tag: &str) -> Option<VmKey> {
+        let rest = tag.strip_prefix(TAG_PREFIX)?;
+        let mut parts = rest.split(' ');
+        let uid = parts.next()?.strip_prefix("uid=")?.parse().ok()?;
+        let install = InstallId::new(parts.next()?.strip_prefix("inst=")?).ok()?;
+        let vm = VmId::new(parts.next()?.strip_prefix("vm=")?).ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(VmKey { uid, install, vm })
+    }
+}
+
+/// Whether `name` has the shape of a TAP the helper would create (`bg` + 13 lowercase hex).
+pub fn is_banger_tap_name(name: &str) -> bool {
+    name.len() == TAP_PREFIX.len() + TAP_HASH_DIGITS
+        && name.starts_with(TAP_PREFIX)
+        && name[TAP_PREFIX.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn key(uid: u32, install: &str, vm: &str) -> VmKey {
+        VmKey::new(uid, &InstallId::new(install).unwrap(), &VmId::new(vm).unwrap())
+    }
+
+    #[test]
+    fn tap_names_are_fifteen_bytes_and_recognised() {
+        let name = key(1000, "home", "dev").tap_name();
+        assert_eq!(name.len(), 15, "{name}");
+        assert!(is_banger_tap_name(&name), "{name}");
+        assert!(!is_banger_tap_name("eth0"));
+        assert!(!is_banger_tap_name("bgXXXXXXXXXXXXX"));
+        assert!(!is_banger_tap_name("bg0123456789ab"));
+    }
+
+    #[test]
+    fn names_are_stable_and_depend_on_every_part() {
+        let a = key(1000, "home", "dev");
+        assert_eq!(a.tap_name(), key(1000, "home", "dev").tap_name());
+        let others = [key(1001, "home", "dev"), key(1000, "work", "dev"), key(1000, "home", "dev2")];
+        for o in &others {
+            assert_ne!(a.tap_name(), o.tap_name());
+        }
+        // The separator keeps ("1", "23") and ("12", "3") apart.
+        assert_ne!(key(1, "a-b", "c").tap_name(), key(1, "a", "b-c").tap_name());
+    }
+
+    #[test]
+    fn many_vms_never_collide() {
+        let names: HashSet<String> =
+            (0..5000).map(|i| key(1000, "home", &format!("vm-{i}")).tap_name()).collect();
+        assert_eq!(names.len(), 5000);
+    }
+
+    #[test]
+    fn tags_round_trip_and_refuse_anything_else() {
+        let k = key(61001, "inst-1", "vm-a");
+        assert_eq!(k.rule_tag(), "banger uid=61001 inst=inst-1 vm=vm-a");
+        assert_eq!(VmKey::parse_rule_tag(&k.rule_tag()), Some(k));
+        for bad in [
+            "banger uid=x inst=a vm=b",
+            "banger uid=1 inst=a",
+            "banger uid=1 inst=a vm=b extra",
+            "other uid=1 inst=a vm=b",
+            "banger uid=1 inst=A vm=b",
+        ] {
+            assert_eq!(VmKey::parse_rule_tag(bad), None, "{bad}");
+        }
+    }
+}

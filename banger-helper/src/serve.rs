@@ -1,0 +1,253 @@
+//! `banger-helper serve`, step by step:
+//!
+//! 1. refuse to run as anyone but root;
+//! 2. take systemd's socket if one was passed, close every other inherited descriptor, empty the
+//!    environment;
+//! 3. read the policy; resolve the socket group;
+//! 4. bind the socket (mode 0660, the policy's group) unless systemd passed one; open the state
+//!    directory (locked against a second helper) and load the ledger; open the audit log;
+//! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities, landlock,
+//!    seccomp — everything after this runs confined, including the runtime's threads;
+//! 6. start the runtime, open the kernel access, reconcile the ledger with the kernel, serve until
+//!    SIGTERM or SIGINT, and let the operation in progress finish.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use banger_policy::{AuditTarget, Policy, PolicyError};
+use nix::unistd::{Gid, Group};
+
+use crate::audit::{AuditLog, AuditOpenError};
+use crate::hardening::{self, HardeningError, Sandbox};
+use crate::kernel::linux::iptables::SAFE_PATH;
+use crate::kernel::linux::{LinuxKernel, LinuxKernelError};
+use crate::ledger_store::{LedgerStore, StoreError};
+use crate::ops::Helper;
+use crate::server::{self, ServerConfig};
+use crate::systemd::{self, SystemdError};
+
+/// What `serve` was told.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The socket path.
+    pub socket: PathBuf,
+    /// The policy file.
+    pub policy: PathBuf,
+    /// The state directory.
+    pub state_dir: PathBuf,
+}
+
+/// Why the helper could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Not root.
+    #[error(
+        "banger-helper serve must run as root (it creates TAPs, loop devices and firewall rules, then drops what it does not need); start it with systemd (banger-helper.socket) or sudo"
+    )]
+    NotRoot,
+    /// systemd's socket is unusable.
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
+    /// The policy file could not be read.
+    #[error(transparent)]
+    PolicyFile(#[from] LoadPolicyError),
+    /// The socket group does not exist.
+    #[error(
+        "socket group `{0}` does not exist: create it with `groupadd --system {0}` and add the users who may run VMs, or name another group in the policy's access.socket_group"
+    )]
+    NoGroup(String),
+    /// Binding the socket failed.
+    #[error("cannot listen on {path}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Another helper answers on the socket.
+    #[error("another banger-helper is already serving {0}; stop it or choose another --socket")]
+    AlreadyServing(PathBuf),
+    /// The socket path is taken by something else.
+    #[error("{0} exists and is not a socket; remove it or choose another --socket")]
+    NotASocket(PathBuf),
+    /// The ledger could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditOpenError),
+    /// The helper could not confine itself.
+    #[error(transparent)]
+    Hardening(#[from] HardeningError),
+    /// The kernel access could not be set up.
+    #[error(transparent)]
+    Kernel(#[from] LinuxKernelError),
+    /// The runtime could not start.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] io::Error),
+}
+
+/// Why a policy file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadPolicyError {
+    /// Reading failed.
+    #[error("{path}: cannot read the policy")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The policy is invalid.
+    #[error(transparent)]
+    Invalid(#[from] PolicyError),
+}
+
+/// Reads and validates a policy file.
+pub fn load_policy(path: &Path) -> Result<Policy, LoadPolicyError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| LoadPolicyError::Read { path: name.clone(), source })?;
+    Ok(Policy::from_toml(&name, &text)?)
+}
+
+/// The gid of the socket group: a decimal gid, or a group name that must exist.
+pub fn socket_gid(group: &str) -> Result<u32, ServeError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) | Err(_) => Err(ServeError::NoGroup(group.to_owned())),
+    }
+}
+
+/// Binds the helper socket: 0660, owned by root and `gid`. A stale socket left by a helper that
+/// is gone is replaced; one that still answers is not.
+pub fn bind_socket(path: &Path, gid: u32) -> Result<UnixListener, ServeError> {
+    let sock_err = |source| ServeError::Socket { path: path.to_owned(), source };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(sock_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServeError::AlreadyServing(path.to_owned()));
+            }
+            std::fs::remove_file(path).map_err(sock_err)?;
+        }
+        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(sock_err(e)),
+    }
+    // Bind with a umask that leaves the socket reachable by root alone until its group is set.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(sock_err)?;
+    std::os::unix::fs::chown(path, Some(0), Some(Gid::from_raw(gid).as_raw())).map_err(sock_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock_err)?;
+    Ok(listener)
+}
+
+/// Whether the iptables tools in use are the legacy backend (which needs `/run/xtables.lock`).
+fn legacy_iptables() -> bool {
+    SAFE_PATH
+        .split(':')
+        .map(|d| Path::new(d).join("iptables-restore"))
+        .find(|p| p.exists())
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .is_some_and(|p| p.to_string_lossy().contains("legacy"))
+}
+
+/// Runs the helper until SIGTERM or SIGINT.
+pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(ServeError::NotRoot);
+    }
+    let passed = systemd::take_listener()?;
+    hardening::close_inherited_fds(passed.as_ref().map(AsRawFd::as_raw_fd));
+    hardening::clear_environment();
+
+    let policy = load_policy(&opts.policy)?;
+    let listener = match passed {
+        Some(fd) => {
+            tracing::info!("serving the socket passed by systemd");
+            UnixListener::from(fd)
+        }
+        None => {
+            let gid = socket_gid(&policy.access.socket_group)?;
+            bind_socket(&opts.socket, gid)?
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
+    let (store, stored) = LedgerStore::open(&opts.state_dir)?;
+    let audit = AuditLog::open(&policy.audit.target)?;
+    let xtables_lock = if legacy_iptables() {
+        let lock = PathBuf::from("/run/xtables.lock");
+        let _ = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock);
+        Some(lock)
+    } else {
+        None
+    };
+    let audit_file = match &policy.audit.target {
+        AuditTarget::File(p) => Some(p.clone()),
+        AuditTarget::Stderr => None,
+    };
+    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), audit_file, xtables_lock };
+    let report = hardening::lock_down(&sandbox)?;
+    tracing::info!(
+        "confined: capabilities kept {:?}; landlock {}; seccomp allows {} system calls",
+        report.kept,
+        report.landlock,
+        report.seccomp_syscalls
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("banger-helper")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Runtime)?;
+    runtime.block_on(async move {
+        let kernel = Arc::new(LinuxKernel::new()?);
+        let helper = Arc::new(Helper::new(policy, kernel, stored, Some(store), audit));
+        let r = helper.reconcile().await;
+        tracing::info!(
+            "ledger reconciled: {} dropped, {} unknown objects reported, {} checks failed",
+            r.dropped.len(),
+            r.unknown.len(),
+            r.errors.len()
+        );
+        for e in &r.errors {
+            tracing::warn!("reconcile: {e}");
+        }
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
+        tracing::info!("serving");
+        server::run(helper, listener, ServerConfig::default(), shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,88 @@
+//! A validated sysctl key: the only way a `/proc/sys` path is formed.
+//!
+//! A key is dotted (`net.ipv4.ip_forward`), made of non-empty components of `[a-z0-9_-]`, so the
+//! derived path `/proc/sys/net/ipv4/ip_forward` can never leave `/proc/sys`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why a key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sysctl key {0:?} is malformed: use dotted components of [a-z0-9_-], e.g. net.ipv4.ip_forward")]
+pub struct BadSysctlKey(pub String);
+
+/// A well-formed dotted sysctl key.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SysctlKey(String);
+
+impl SysctlKey {
+    /// The longest key accepted.
+    pub const MAX_LEN: usize = 128;
+
+    /// Checks and wraps a key.
+    pub fn new(key: &str) -> Result<Self, BadSysctlKey> {
+        let ok = !key.is_empty()
+            && key.len() <= Self::MAX_LEN
+            && key.split('.').all(|c| {
+                !c.is_empty()
+                    && c.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            });
+        if ok { Ok(SysctlKey(key.to_owned())) } else { Err(BadSysctlKey(key.to_owned())) }
+    }
+
+    /// The dotted key.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The file under `root` (normally `/proc/sys`) holding this key.
+    pub fn path_under(&self, root: &Path) -> PathBuf {
+        let mut p = root.to_path_buf();
+        for c in self.0.split('.') {
+            p.push(c);
+        }
+        p
+    }
+
+    /// The key `net.ipv6.conf.<link>.disable_ipv6` of a link the helper named.
+    pub fn disable_ipv6(link: &str) -> Result<Self, BadSysctlKey> {
+        Self::new(&format!("net.ipv6.conf.{link}.disable_ipv6"))
+    }
+
+    /// `net.ipv4.ip_forward`.
+    pub fn ip_forward() -> Self {
+        SysctlKey("net.ipv4.ip_forward".to_owned())
+    }
+}
+
+impl fmt::Display for SysctlKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_keys_map_under_the_root() {
+        let k = SysctlKey::new("net.ipv4.conf.bg0123456789abc.forwarding").unwrap();
+        assert_eq!(
+            k.path_under(Path::new("/proc/sys")),
+            PathBuf::from("/proc/sys/net/ipv4/conf/bg0123456789abc/forwarding")
+        );
+        assert_eq!(SysctlKey::ip_forward().as_str(), "net.ipv4.ip_forward");
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        for bad in
+            ["", ".", "net..ipv4", "../etc", "net/ipv4", "net.ipv4.", ".net", "Net.x", "a b", "a.\0", "net.*"]
+        {
+            assert!(SysctlKey::new(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(SysctlKey::new(&"a".repeat(129)).is_err());
+    }
+}
