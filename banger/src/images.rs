@@ -112,6 +112,40 @@ pub enum ImageError {
     Store(#[from] StoreError),
 }
 
+/// How an [`ImageError`] is best reported (e.g. as an HTTP status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageErrorKind {
+    /// The image does not exist.
+    NotFound,
+    /// The name is taken, or the image is in use.
+    Conflict,
+    /// The request is wrong (name, files).
+    Invalid,
+    /// Something failed on the host.
+    Failed,
+}
+
+impl ImageError {
+    /// How this error is best reported.
+    pub fn kind(&self) -> ImageErrorKind {
+        match self {
+            ImageError::Unknown { .. } | ImageError::Store(StoreError::ImageNotFound { .. }) => {
+                ImageErrorKind::NotFound
+            }
+            ImageError::Exists(_)
+            | ImageError::Store(StoreError::DuplicateImage { .. } | StoreError::ImageInUse { .. }) => {
+                ImageErrorKind::Conflict
+            }
+            ImageError::InvalidName(_)
+            | ImageError::NoneChosen { .. }
+            | ImageError::Kernel { .. }
+            | ImageError::Rootfs { .. }
+            | ImageError::Read { .. } => ImageErrorKind::Invalid,
+            ImageError::Copy(_) | ImageError::Dir { .. } | ImageError::Store(_) => ImageErrorKind::Failed,
+        }
+    }
+}
+
 fn available_text(available: &[String]) -> String {
     if available.is_empty() {
         "no images are imported yet".to_owned()
@@ -522,6 +556,22 @@ mod tests {
         import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
         let err = get(&e.store, "nope").unwrap_err().to_string();
         assert!(err.contains("available images: alpine, debian"), "{err}");
+    }
+
+    #[test]
+    fn errors_say_how_to_report_them() {
+        let e = env();
+        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let kind = |r: Result<ImageRecord, ImageError>| r.unwrap_err().kind();
+        assert_eq!(kind(get(&e.store, "nope")), ImageErrorKind::NotFound);
+        assert_eq!(
+            kind(import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs)),
+            ImageErrorKind::Conflict
+        );
+        assert_eq!(kind(import(&e.store, &e.paths, "-x", &e.kernel, &e.rootfs)), ImageErrorKind::Invalid);
+        assert_eq!(kind(import(&e.store, &e.paths, "x", &e.rootfs, &e.rootfs)), ImageErrorKind::Invalid);
+        e.store.insert_vm(&vm_using(&e, "dev", "debian")).unwrap();
+        assert_eq!(kind(remove(&e.store, &e.paths, "debian")), ImageErrorKind::Conflict);
     }
 
     #[test]
