@@ -30,10 +30,11 @@ pub fn build_dir() -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot find the build directory above {}", exe.display()))
 }
 
-/// Puts every binary of [`BINARIES`] into `dest` (mode 0755).
-pub fn stage_binaries(dest: &Path) -> anyhow::Result<()> {
+/// Puts every binary of [`BINARIES`] that was built into `dest` (mode 0755); fails unless those
+/// named in `required` are there.
+pub fn stage_binaries(dest: &Path, required: &[&str]) -> anyhow::Result<()> {
     let src = build_dir()?;
-    let missing: Vec<&str> = BINARIES.iter().copied().filter(|b| !src.join(b).is_file()).collect();
+    let missing: Vec<&str> = required.iter().copied().filter(|b| !src.join(b).is_file()).collect();
     if !missing.is_empty() {
         bail!(
             "missing binaries {missing:?} in {}: build them first with `cargo build --workspace --bins` \
@@ -43,7 +44,7 @@ pub fn stage_binaries(dest: &Path) -> anyhow::Result<()> {
     }
     fs::create_dir_all(dest)?;
     fs::set_permissions(dest, fs::Permissions::from_mode(0o755))?;
-    for b in BINARIES {
+    for b in BINARIES.iter().filter(|b| src.join(b).is_file()) {
         let (from, to) = (src.join(b), dest.join(b));
         if fs::hard_link(&from, &to).is_err() {
             fs::copy(&from, &to)

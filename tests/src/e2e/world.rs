@@ -89,7 +89,7 @@ impl World {
     /// Builds a world and imports the test image for user A (which starts A's daemon). Panics
     /// (after tearing down what was made) when any step fails.
     pub fn new() -> World {
-        let world = World::bare();
+        let world = World::build_with(&fixtures::BINARIES);
         world.import_image(Who::A);
         eprintln!(
             "e2e world {}: image imported for A after {:.1}s",
@@ -102,6 +102,10 @@ impl World {
     /// Builds a world without touching banger itself: users, network, binaries, image files and
     /// the helper.
     pub fn bare() -> World {
+        World::build_with(&["banger-helper"])
+    }
+
+    fn build_with(required: &[&str]) -> World {
         require_privileges();
         SWEEP.call_once(sweep_stale);
         let names = Names::fresh();
@@ -117,7 +121,7 @@ impl World {
             accounts: None,
             tempdir: None,
         };
-        if let Err(e) = world.build() {
+        if let Err(e) = world.build(required) {
             panic!("cannot build the end-to-end world {}: {e:#}", names.suffix);
         }
         eprintln!(
@@ -129,13 +133,13 @@ impl World {
         world
     }
 
-    fn build(&mut self) -> anyhow::Result<()> {
+    fn build(&mut self, required: &[&str]) -> anyhow::Result<()> {
         let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in("/tmp")?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         self.temp = dir.path().to_path_buf();
         self.tempdir = Some(dir);
         self.bin = self.temp.join("bin");
-        fixtures::stage_binaries(&self.bin)?;
+        fixtures::stage_binaries(&self.bin, required)?;
         let img = self.temp.join("img");
         fs::create_dir(&img)?;
         fs::set_permissions(&img, fs::Permissions::from_mode(0o755))?;
