@@ -371,10 +371,8 @@ pub fn select(
     Err(ImageError::NoneChosen { available: all.into_iter().map(|i| i.name).collect() })
 }
 
-/// Removes an image: its row (refused while a VM uses it), then its directory. Returns what was
-/// removed.
-pub fn remove(store: &Store, paths: &Paths, name: &str) -> Result<ImageRecord, ImageError> {
-    let record = get(store, name)?;
+/// Removes an image: its row (refused while a VM uses it), then its directory.
+pub fn remove(store: &Store, paths: &Paths, name: &str) -> Result<(), ImageError> {
     store.delete_image(name).map_err(|e| match e {
         StoreError::ImageNotFound { .. } => unknown(store, name),
         e => ImageError::Store(e),
@@ -384,7 +382,7 @@ pub fn remove(store: &Store, paths: &Paths, name: &str) -> Result<ImageRecord, I
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
             Err(ImageError::Dir { action: "remove the files of the removed image in", path: dir, source: e })
         }
-        _ => Ok(record),
+        _ => Ok(()),
     }
 }
 
@@ -563,6 +561,7 @@ mod tests {
         let e = env();
         import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
         let kind = |r: Result<ImageRecord, ImageError>| r.unwrap_err().kind();
+        let kind_of_remove = |r: Result<(), ImageError>| r.unwrap_err().kind();
         assert_eq!(kind(get(&e.store, "nope")), ImageErrorKind::NotFound);
         assert_eq!(
             kind(import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs)),
@@ -571,7 +570,8 @@ mod tests {
         assert_eq!(kind(import(&e.store, &e.paths, "-x", &e.kernel, &e.rootfs)), ImageErrorKind::Invalid);
         assert_eq!(kind(import(&e.store, &e.paths, "x", &e.rootfs, &e.rootfs)), ImageErrorKind::Invalid);
         e.store.insert_vm(&vm_using(&e, "dev", "debian")).unwrap();
-        assert_eq!(kind(remove(&e.store, &e.paths, "debian")), ImageErrorKind::Conflict);
+        assert_eq!(kind_of_remove(remove(&e.store, &e.paths, "debian")), ImageErrorKind::Conflict);
+        assert_eq!(kind_of_remove(remove(&e.store, &e.paths, "nope")), ImageErrorKind::NotFound);
     }
 
     #[test]
@@ -601,8 +601,7 @@ mod tests {
         assert!(e.paths.images_dir().join("debian/rootfs.ext4").exists());
 
         e.store.delete_vm(&vm.id).unwrap();
-        let removed = remove(&e.store, &e.paths, "debian").unwrap();
-        assert_eq!(removed.name, "debian");
+        remove(&e.store, &e.paths, "debian").unwrap();
         assert!(list(&e.store).unwrap().is_empty());
         assert!(image_dir_entries(&e).is_empty());
         let err = remove(&e.store, &e.paths, "debian").unwrap_err();
