@@ -1,0 +1,140 @@
+//! Loop attach and detach through the real helper, checked with `losetup` and the device nodes.
+
+mod common;
+
+use std::os::fd::AsFd;
+
+use banger_protocol::{HelperError, LoopRole, Request, Response};
+use common::*;
+
+fn attach(role: LoopRole, read_only: bool) -> Request {
+    Request::LoopAttach { vm: vm("disk"), role, read_only }
+}
+
+#[test]
+#[ignore = "needs root: loop devices and the real helper"]
+fn loop_attach_read_only_and_read_write_then_detach() {
+    if !root_or_skip("loop_attach_read_only_and_read_write_then_detach") {
+        return;
+    }
+    let (a, b) = (61031, 61032);
+    let ns = Netns::new("loop");
+    let h = Helper::start(&ns, &policy(&[a, b], ""));
+    let files = temp_dir();
+    let base = backing_file(files.path(), "base.img", a, 4 << 20);
+    let cow = backing_file(files.path(), "cow.img", a, 4 << 20);
+    let foreign = backing_file(files.path(), "foreign.img", b, 1 << 20);
+    std::fs::set_permissions(&foreign, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+
+    let socket = h.socket.clone();
+    let (base_c, cow_c, foreign_c) = (base.clone(), cow.clone(), foreign.clone());
+    let r = as_uid(a, move || {
+        let (c, hello) = Client::connect(&socket, "l").unwrap();
+        let ro_fd = std::fs::File::open(&base_c).unwrap();
+        let rw_fd = std::fs::OpenOptions::new().read(true).write(true).open(&cow_c).unwrap();
+        let cow_ro_fd = std::fs::File::open(&cow_c).unwrap();
+        let foreign_fd = std::fs::File::open(&foreign_c).unwrap();
+        vec![
+            hello,
+            // Read-write asked for, but the descriptor is read-only: read-only.
+            c.call_fds(attach(LoopRole::Base, false), &[ro_fd.as_fd()]),
+            c.call_fds(attach(LoopRole::Cow, false), &[rw_fd.as_fd()]),
+            // A file of another user, opened (it is world-readable), is still refused.
+            c.call_fds(attach(LoopRole::Work, true), &[foreign_fd.as_fd()]),
+            // No descriptor, two descriptors: refused.
+            c.call(attach(LoopRole::Work, true)),
+            c.call_fds(attach(LoopRole::Work, true), &[cow_ro_fd.as_fd(), ro_fd.as_fd()]),
+            c.call(Request::ListOwned),
+        ]
+    });
+    let Response::Loop(l_base) = &r[1] else { panic!("{:?}\n{}", r[1], h.log_text()) };
+    let Response::Loop(l_cow) = &r[2] else { panic!("{:?}\n{}", r[2], h.log_text()) };
+    assert!(l_base.read_only && !l_cow.read_only);
+    assert!(matches!(r[3], Response::Error(HelperError::Denied { .. })), "{:?}", r[3]);
+    assert!(matches!(r[4], Response::Error(HelperError::InvalidRequest { .. })), "{:?}", r[4]);
+    assert!(matches!(r[5], Response::Error(HelperError::InvalidRequest { .. })), "{:?}", r[5]);
+    let Response::Owned(o) = &r[6] else { panic!("{r:?}") };
+    assert_eq!(o.loops.len(), 2);
+
+    assert_eq!(loops_of(&base), vec![l_base.device.clone()]);
+    assert_eq!(loops_of(&cow), vec![l_cow.device.clone()]);
+    assert!(loops_of(&foreign).is_empty());
+    assert!(loop_read_only(&l_base.device));
+    assert!(!loop_read_only(&l_cow.device));
+    assert_eq!(node_owner(&l_base.device), (a, 0o600));
+    assert_eq!(node_owner(&l_cow.device), (a, 0o600));
+    let autoclear = std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/autoclear",
+        l_cow.device.trim_start_matches("/dev/")
+    ))
+    .unwrap();
+    assert_eq!(autoclear.trim(), "0", "a node handed to a user never relies on autoclear");
+
+    // b cannot detach a's devices, by any name.
+    let r = session(
+        &h,
+        b,
+        "l",
+        vec![
+            Request::LoopDetach { vm: vm("disk"), role: LoopRole::Base },
+            Request::TeardownVms { vms: vec![vm("disk")] },
+        ],
+    );
+    assert_eq!(r[1], Response::Done);
+    assert_eq!(loops_of(&base), vec![l_base.device.clone()], "b detached a's device");
+    assert_eq!(node_owner(&l_base.device), (a, 0o600));
+
+    // a detaches one, tears down the other: both released, nodes back to root first.
+    let r = session(
+        &h,
+        a,
+        "l",
+        vec![
+            Request::LoopDetach { vm: vm("disk"), role: LoopRole::Base },
+            Request::LoopDetach { vm: vm("disk"), role: LoopRole::Base },
+            Request::TeardownVms { vms: vec![vm("disk")] },
+        ],
+    );
+    assert_eq!((&r[1], &r[2]), (&Response::Done, &Response::Done));
+    assert!(matches!(&r[3], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(loops_of(&base).is_empty() && loops_of(&cow).is_empty());
+    assert_eq!(node_owner(&l_base.device), (0, 0o600));
+    assert_eq!(node_owner(&l_cow.device), (0, 0o600));
+    drop(h);
+    ns.finish();
+    assert!(loops_of(&base).is_empty() && loops_of(&cow).is_empty(), "loop device leaked");
+}
+
+#[test]
+#[ignore = "needs root: loop devices and the real helper"]
+fn loop_quota_is_a_typed_error() {
+    if !root_or_skip("loop_quota_is_a_typed_error") {
+        return;
+    }
+    let a = 61033;
+    let ns = Netns::new("loopq");
+    let h = Helper::start(&ns, &policy(&[a], "[quotas]\nmax_loops = 1\n"));
+    let files = temp_dir();
+    let one = backing_file(files.path(), "one.img", a, 1 << 20);
+    let two = backing_file(files.path(), "two.img", a, 1 << 20);
+    let socket = h.socket.clone();
+    let (one_c, two_c) = (one.clone(), two.clone());
+    let r = as_uid(a, move || {
+        let (c, hello) = Client::connect(&socket, "q").unwrap();
+        let f1 = std::fs::File::open(&one_c).unwrap();
+        let f2 = std::fs::File::open(&two_c).unwrap();
+        vec![
+            hello,
+            c.call_fds(attach(LoopRole::Base, true), &[f1.as_fd()]),
+            c.call_fds(attach(LoopRole::Cow, true), &[f2.as_fd()]),
+            c.call(Request::TeardownVms { vms: vec![vm("disk")] }),
+        ]
+    });
+    assert!(matches!(r[1], Response::Loop(_)), "{r:?}");
+    assert_eq!(r[2], Response::Error(HelperError::QuotaExceeded { resource: "loops".into(), limit: 1 }));
+    assert!(matches!(&r[3], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(loops_of(&two).is_empty(), "a refused attach left a device");
+    assert!(loops_of(&one).is_empty());
+    drop(h);
+    ns.finish();
+}

@@ -1,0 +1,316 @@
+//! The helper against hostile or unlucky clients and restarts: garbage and oversized frames,
+//! peers the policy refuses, a restart on the same ledger, socket activation, and start-up errors.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use banger_protocol::frame::{FrameError, recv_blocking};
+use banger_protocol::{HelperError, LoopRole, Request, Response};
+use common::*;
+
+/// Reads one answer, telling "closed" apart.
+fn next(c: &Client) -> Response {
+    match recv_blocking::<Response>(std::os::fd::AsFd::as_fd(&c.sock)) {
+        Ok((r, _)) => r,
+        Err(FrameError::Closed) => client_error("closed".into()),
+        Err(e) => client_error(format!("recv: {e}")),
+    }
+}
+
+fn closed() -> Response {
+    client_error("closed".into())
+}
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn hostile_frames_close_only_their_connection() {
+    if !root_or_skip("hostile_frames_close_only_their_connection") {
+        return;
+    }
+    let a = 61041;
+    let ns = Netns::new("hostile");
+    let h = Helper::start(&ns, &policy(&[a], ""));
+    let socket = h.socket.clone();
+    let r = as_uid(a, move || {
+        let (good, hello) = Client::connect(&socket, "h").unwrap();
+        let mut out = vec![hello, good.call(Request::Ping)];
+        // Garbage after hello: answered "invalid request", then closed.
+        let (bad, _) = Client::connect(&socket, "h").unwrap();
+        bad.send_raw_frame(&[0xff; 40]).unwrap();
+        out.push(next(&bad));
+        out.push(next(&bad));
+        // An oversized length: closed without reading on.
+        let (big, _) = Client::connect(&socket, "h").unwrap();
+        (&big.sock).write_all(&u32::MAX.to_be_bytes()).unwrap();
+        out.push(next(&big));
+        // Trailing bytes after a valid request.
+        let (trail, _) = Client::connect(&socket, "h").unwrap();
+        let mut bytes = banger_protocol::codec::encode(&Request::Ping).unwrap();
+        bytes.extend_from_slice(b"xx");
+        trail.send_raw_frame(&bytes).unwrap();
+        out.push(next(&trail));
+        // Garbage instead of hello.
+        let raw = UnixStream::connect(&socket).unwrap();
+        let pre = Client { sock: raw };
+        pre.send_raw_frame(b"hello?").unwrap();
+        out.push(next(&pre));
+        // A request before hello.
+        let early = Client { sock: UnixStream::connect(&socket).unwrap() };
+        out.push(early.call(Request::ListOwned));
+        out.push(next(&early));
+        // Half a frame, then hang up.
+        let mut half = UnixStream::connect(&socket).unwrap();
+        half.write_all(&100u32.to_be_bytes()).unwrap();
+        half.write_all(b"abc").unwrap();
+        drop(half);
+        // The first connection still works, and so does a new one.
+        out.push(good.call(Request::Ping));
+        let (again, _) = Client::connect(&socket, "h").unwrap();
+        out.push(again.call(Request::Ping));
+        out
+    });
+    assert!(matches!(r[0], Response::Hello(_)));
+    assert_eq!(r[1], Response::Pong);
+    assert!(matches!(r[2], Response::Error(HelperError::InvalidRequest { .. })), "{:?}", r[2]);
+    assert_eq!(r[3], closed());
+    assert_eq!(r[4], closed(), "oversized frame");
+    assert!(matches!(r[5], Response::Error(HelperError::InvalidRequest { .. })), "trailing: {:?}", r[5]);
+    assert!(matches!(r[6], Response::Error(HelperError::InvalidRequest { .. })), "{:?}", r[6]);
+    assert!(matches!(r[7], Response::Error(HelperError::InvalidRequest { .. })), "{:?}", r[7]);
+    assert_eq!(r[8], closed());
+    assert_eq!(r[9], Response::Pong, "the good connection was affected");
+    assert_eq!(r[10], Response::Pong);
+    let mut h = h;
+    assert!(h.alive());
+    drop(h);
+    ns.finish();
+}
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn refused_peers_are_denied_and_disconnected() {
+    if !root_or_skip("refused_peers_are_denied_and_disconnected") {
+        return;
+    }
+    let (allowed, stranger) = (61042, 61043);
+    let ns = Netns::new("deny");
+    let h = Helper::start(&ns, &policy(&[allowed], ""));
+    let socket = h.socket.clone();
+    let r = as_uid(stranger, move || {
+        let (c, hello) = Client::connect(&socket, "x").unwrap();
+        vec![hello, next(&c)]
+    });
+    assert!(matches!(&r[0], Response::Error(HelperError::Denied { rule, .. }) if rule == "access"), "{r:?}");
+    assert_eq!(r[1], closed());
+    // Without the socket's group, the socket itself is out of reach (mode 0660).
+    let socket = h.socket.clone();
+    let r = as_uid_with(allowed, false, move || match UnixStream::connect(&socket) {
+        Ok(_) => vec![Response::Pong],
+        Err(e) => vec![client_error(e.to_string())],
+    });
+    assert!(
+        matches!(&r[0], Response::Error(HelperError::Kernel { detail, .. }) if detail.contains("ermission denied")),
+        "{r:?}"
+    );
+    let log = h.log_text();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("\"uid\":{stranger}"))
+            && l.contains("\"op\":\"hello\"")
+            && l.contains("E001")),
+        "no audit record of the refusal:\n{log}"
+    );
+    drop(h);
+    ns.finish();
+}
+
+#[test]
+#[ignore = "needs root: the real helper, TAPs and loop devices"]
+fn the_ledger_survives_a_restart_and_is_reconciled() {
+    if !root_or_skip("the_ledger_survives_a_restart_and_is_reconciled") {
+        return;
+    }
+    let a = 61044;
+    let ns = Netns::new("restart");
+    let pol = policy(&[a], "");
+    let h = Helper::start(&ns, &pol);
+    let files = temp_dir();
+    let img = backing_file(files.path(), "img", a, 1 << 20);
+    let socket = h.socket.clone();
+    let img_c = img.clone();
+    let r = as_uid(a, move || {
+        let (c, hello) = Client::connect(&socket, "r").unwrap();
+        let f = std::fs::File::open(&img_c).unwrap();
+        vec![
+            hello,
+            c.call(Request::TapCreate { vm: vm("keep") }),
+            c.call(Request::TapCreate { vm: vm("lose") }),
+            c.call(Request::NatUp { vm: vm("keep") }),
+            c.call_fds(
+                Request::LoopAttach { vm: vm("keep"), role: LoopRole::Base, read_only: true },
+                &[std::os::fd::AsFd::as_fd(&f)],
+            ),
+            c.call(Request::ListOwned),
+        ]
+    });
+    let Response::Owned(before) = &r[5] else { panic!("{r:?}\n{}", h.log_text()) };
+    let Response::Tap(lose) = &r[2] else { panic!("{r:?}") };
+    assert_eq!((before.taps.len(), before.nat.len(), before.loops.len()), (2, 1, 1));
+
+    let dir = h.stop();
+    // While the helper is down, one TAP disappears.
+    ns.sh(&["ip", "link", "del", &lose.name]);
+    let h = Helper::start_in(&ns, dir, &pol);
+    assert!(h.log_text().contains("1 dropped"), "{}", h.log_text());
+    let r = session(&h, a, "r", vec![Request::ListOwned, Request::TapCreate { vm: vm("keep") }]);
+    let Response::Owned(after) = &r[1] else { panic!("{r:?}") };
+    assert_eq!(after.loops, before.loops);
+    assert_eq!(after.nat, before.nat);
+    assert_eq!(after.taps.len(), 1);
+    assert_eq!(after.taps[0].vm, vm("keep"));
+    assert_eq!(r[2], Response::Tap(after.taps[0].clone()), "the same tap, from the ledger");
+    assert_eq!(after.lease, before.lease);
+
+    let r = session(&h, a, "r", vec![Request::TeardownVms { vms: vec![vm("keep"), vm("lose")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(loops_of(&img).is_empty());
+    assert!(ns.taps().is_empty() && ns.banger_rules().is_empty());
+    drop(h);
+    ns.finish();
+}
+
+#[test]
+#[ignore = "needs root: the real helper with a socket passed as systemd does"]
+fn serves_a_socket_passed_by_systemd() {
+    if !root_or_skip("serves_a_socket_passed_by_systemd") {
+        return;
+    }
+    let a = 61045;
+    let ns = Netns::new("sdsock");
+    let dir = temp_dir();
+    let socket = dir.path().join("activated.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    std::os::unix::fs::chown(&socket, Some(0), Some(SOCKET_GID)).unwrap();
+    std::fs::set_permissions(&socket, std::os::unix::fs::PermissionsExt::from_mode(0o660)).unwrap();
+    let policy_file = dir.path().join("policy.toml");
+    std::fs::write(&policy_file, policy(&[a], "")).unwrap();
+    let log = dir.path().join("log");
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec ip netns exec \"$0\" \"$1\" serve --socket /nonexistent/ignored.sock --policy \"$2\" --state-dir \"$3\"")
+        .arg(&ns.name)
+        .arg(HELPER)
+        .arg(&policy_file)
+        .arg(dir.path().join("state"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: dup2 and fcntl are async-signal-safe; they put the listener on descriptor 3 without
+    // close-on-exec, as systemd does (dup2 onto itself would keep the flag, hence the fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    let s = socket.clone();
+    let r = as_uid(a, move || match Client::connect(&s, "sd") {
+        Ok((c, hello)) => vec![hello, c.call(Request::Ping)],
+        Err(e) => vec![client_error(e), client_error("no ping".into())],
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let status = child.wait().unwrap();
+    let mut text = String::new();
+    std::fs::File::open(&log).unwrap().read_to_string(&mut text).unwrap();
+    assert!(matches!(r[0], Response::Hello(_)), "{r:?}\n{text}");
+    assert_eq!(r[1], Response::Pong);
+    assert!(text.contains("passed by systemd"), "{text}");
+    assert!(status.success(), "{status}\n{text}");
+    ns.finish();
+}
+
+#[test]
+#[ignore = "needs root: starts the real helper"]
+fn start_up_errors_are_clear() {
+    if !root_or_skip("start_up_errors_are_clear") {
+        return;
+    }
+    let ns = Netns::new("startup");
+    let dir = temp_dir();
+    let p = dir.path();
+    let serve = |policy: &str, socket: &str, state: &str, uid: Option<u32>| {
+        let policy_file = p.join(format!("{socket}.toml"));
+        std::fs::write(&policy_file, policy).unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, HELPER, "serve", "--socket"])
+            .arg(p.join(socket))
+            .arg("--policy")
+            .arg(&policy_file)
+            .arg("--state-dir")
+            .arg(p.join(state));
+        if let Some(uid) = uid {
+            // Drop root only for the helper itself, after `ip netns exec` entered the namespace.
+            cmd = Command::new("setpriv");
+            cmd.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &uid.to_string(),
+                "--clear-groups",
+                HELPER,
+                "serve",
+                "--socket",
+            ])
+            .arg(p.join(socket))
+            .arg("--policy")
+            .arg(&policy_file);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = serve(&policy(&[1], ""), "a.sock", "a", Some(61046));
+    assert!(!ok && err.contains("must run as root"), "{err}");
+    let (ok, err) =
+        serve("[access]\nusers = []\nsocket_group = \"bgh-no-such-group\"\n", "b.sock", "b", None);
+    assert!(!ok && err.contains("`bgh-no-such-group`") && err.contains("groupadd"), "{err}");
+    let (ok, err) = serve("[access]\nbogus = 1\n", "c.sock", "c", None);
+    assert!(!ok && err.contains(".toml:2"), "{err}");
+    // A second helper on a running helper's socket, or on its state directory, is refused.
+    let h = Helper::start(&ns, &policy(&[1], ""));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, HELPER, "serve", "--socket"])
+        .arg(&h.socket)
+        .arg("--policy")
+        .arg(h.dir.path().join("policy.toml"))
+        .arg("--state-dir")
+        .arg(p.join("other-state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("already serving"), "{err}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, HELPER, "serve", "--socket"])
+        .arg(p.join("d.sock"))
+        .arg("--policy")
+        .arg(h.dir.path().join("policy.toml"))
+        .arg("--state-dir")
+        .arg(&h.state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("in use by another banger-helper"), "{err}");
+    drop(h);
+    ns.finish();
+}
