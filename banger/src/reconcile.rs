@@ -14,9 +14,9 @@
 //!    - the process table cannot be read → *undetermined*: the VM is left exactly as it is and
 //!      its kernel objects are protected from step 5 (acting on an unknown answer could cut a
 //!      running VM off its network);
-//!    - `running` and alive → *kept*: the cache is seeded with its handles. When `handles.json`
-//!      was missing or corrupt, the TAP and loop names come from the helper's list and the file
-//!      is rewritten;
+//!    - `running` and alive → *kept*: the cache is seeded with its handles. TAP and loop names
+//!      that `handles.json` lacks (all of them when it is missing or corrupt) come from the
+//!      helper's list, and the file is rewritten when it differs from what was found;
 //!    - `starting` or `stopping` and alive → the interrupted transition is settled: a start is
 //!      undone and a stop finished, both by killing the VMM (SIGKILL through a pidfd, only if it
 //!      still serves the VM's API socket) and waiting for it to exit; then as dead below. A VMM
@@ -244,8 +244,10 @@ impl<'a> Reconciler<'a> {
             tracing::warn!(vm = %vm.id, error = %e, "handles.json unusable; using what the os and the helper know");
         }
         let scratch_ok = r.scratch_error.is_none() && r.source != crate::liveness::HandleSource::None;
+        // The helper's list fills what the scratch file lacks (all of it when the file is
+        // missing or corrupt); fields the file has are kept.
         let mut handles = r.handles;
-        if !scratch_ok && let Some(owned) = owned {
+        if let Some(owned) = owned {
             fill_from_helper(&mut handles, owned, &vm.id);
         }
 
@@ -692,6 +694,21 @@ mod tests {
         let want = VmHandles { version: crate::model::HANDLES_VERSION, pid: Some(400), ..held };
         assert_eq!(w.cache.get(&vm.id), Some(want.clone()));
         assert_eq!(scratch(&vm.vm_dir), Some(want), "handles.json is repaired");
+    }
+
+    #[tokio::test]
+    async fn a_partial_scratch_of_an_alive_vm_is_completed_from_the_helper() {
+        let w = World::new();
+        let vm = w.add_vm("partial", VmState::Running);
+        let held = w.give_objects(&vm).await;
+        // Written while the helper was down: only the pid is known.
+        handles::write_scratch(&vm.vm_dir, &VmHandles { pid: Some(450), ..Default::default() }).unwrap();
+        w.procs.add_vmm(450, &vm.api_socket);
+
+        w.run().await;
+        let want = VmHandles { version: crate::model::HANDLES_VERSION, pid: Some(450), ..held };
+        assert_eq!(w.cache.get(&vm.id), Some(want.clone()));
+        assert_eq!(scratch(&vm.vm_dir), Some(want));
     }
 
     #[tokio::test]
