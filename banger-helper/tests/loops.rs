@@ -20,10 +20,10 @@ fn loop_attach_read_only_and_read_write_then_detach() {
     let (a, b) = (61031, 61032);
     let ns = Netns::new("loop");
     let h = Helper::start(&ns, &policy(&[a, b], ""));
-    let files = temp_dir();
-    let base = backing_file(files.path(), "base.img", a, 4 << 20);
-    let cow = backing_file(files.path(), "cow.img", a, 4 << 20);
-    let foreign = backing_file(files.path(), "foreign.img", b, 1 << 20);
+    let mut files = BackingFiles::new();
+    let base = files.file("base.img", a, 4 << 20);
+    let cow = files.file("cow.img", a, 4 << 20);
+    let foreign = files.file("foreign.img", b, 1 << 20);
     std::fs::set_permissions(&foreign, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
 
     let socket = h.socket.clone();
@@ -114,9 +114,9 @@ fn loop_quota_is_a_typed_error() {
     let a = 61033;
     let ns = Netns::new("loopq");
     let h = Helper::start(&ns, &policy(&[a], "[quotas]\nmax_loops = 1\n"));
-    let files = temp_dir();
-    let one = backing_file(files.path(), "one.img", a, 1 << 20);
-    let two = backing_file(files.path(), "two.img", a, 1 << 20);
+    let mut files = BackingFiles::new();
+    let one = files.file("one.img", a, 1 << 20);
+    let two = files.file("two.img", a, 1 << 20);
     let socket = h.socket.clone();
     let (one_c, two_c) = (one.clone(), two.clone());
     let r = as_uid(a, move || {

@@ -138,8 +138,8 @@ fn the_ledger_survives_a_restart_and_is_reconciled() {
     let ns = Netns::new("restart");
     let pol = policy(&[a], "");
     let h = Helper::start(&ns, &pol);
-    let files = temp_dir();
-    let img = backing_file(files.path(), "img", a, 1 << 20);
+    let mut files = BackingFiles::new();
+    let img = files.file("img", a, 1 << 20);
     let socket = h.socket.clone();
     let img_c = img.clone();
     let r = as_uid(a, move || {

@@ -411,14 +411,41 @@ pub fn open_tap_as(ns: &Netns, name: &str, uid: u32) -> Result<(), i32> {
     }
 }
 
-/// A backing file of `size` bytes owned by `uid` in `dir`.
-pub fn backing_file(dir: &Path, name: &str, uid: u32, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    let f = std::fs::File::create(&path).unwrap();
-    f.set_len(size).unwrap();
-    std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
+/// Backing files for loop devices, in a private directory. On drop, any loop device still
+/// attached to one of them (a test that failed half-way) is given back to root and detached, so
+/// a failing test leaves no device behind either.
+pub struct BackingFiles {
+    dir: tempfile::TempDir,
+    files: Vec<PathBuf>,
+}
+
+impl BackingFiles {
+    pub fn new() -> Self {
+        BackingFiles { dir: temp_dir(), files: Vec::new() }
+    }
+
+    /// A file of `size` bytes owned by `uid` (mode 0600).
+    pub fn file(&mut self, name: &str, uid: u32, size: u64) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        self.files.push(path.clone());
+        path
+    }
+}
+
+impl Drop for BackingFiles {
+    fn drop(&mut self) {
+        for f in &self.files {
+            for dev in loops_of(f) {
+                let _ = std::os::unix::fs::chown(&dev, Some(0), Some(0));
+                let _ = std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600));
+                let _ = Command::new("losetup").args(["-d", &dev]).output();
+            }
+        }
+    }
 }
 
 /// The loop devices attached to `file`, from `losetup -j`.
