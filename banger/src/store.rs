@@ -496,6 +496,14 @@ fn migrate(conn: &mut Connection, path: &Path, migrations: &[&str]) -> Result<()
     let open_err = |source| StoreError::Open { path: path.to_owned(), source };
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(open_err)?;
     let latest = migrations.len() as i64;
+    if current < 0 {
+        return Err(StoreError::Corrupt {
+            table: "database header",
+            key: "user_version".into(),
+            column: "user_version",
+            detail: format!("{current} is not a banger schema version"),
+        });
+    }
     if current > latest {
         return Err(StoreError::TooNew { path: path.to_owned(), found: current, supported: latest });
     }
@@ -819,6 +827,15 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&path.display().to_string()) && msg.contains("upgrade banger"), "{msg}");
         assert_eq!(user_version(&path), SCHEMA_VERSION + 1);
+    }
+
+    #[test]
+    fn a_negative_schema_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", -3).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { column: "user_version", .. }), "{err:?}");
     }
 
     #[test]
