@@ -10,23 +10,21 @@
 //! | `/etc/hosts` | 0644 | the existing file with `127.0.1.1 <name>` (any older `127.0.1.1` line replaced; a localhost line added if missing) |
 //! | `/root/.ssh/` | 0700 | (forced even if it existed, as sshd's `StrictModes` wants) |
 //! | `/root/.ssh/authorized_keys` | 0600 | the user's banger public key |
-//! | `/etc/ssh/ssh_host_ed25519_key` | 0600 | the VM's own host key ([`crate::ssh::ensure_host_key`]) |
+//! | `/etc/ssh/ssh_host_ed25519_key` | 0600 | an ed25519 host key generated for this VM |
 //! | `/etc/ssh/ssh_host_ed25519_key.pub` | 0644 | its public half |
 //!
 //! Missing directories (`/etc`, `/etc/ssh`, `/root`) are created (0755, `/root` 0700); existing
-//! ones keep their mode. Running it again (every start) rewrites everything. Other host keys an
-//! image may carry (RSA, ECDSA) are left alone: clients pin the ed25519 key under the VM's id
-//! (see [`crate::ssh::pin_host_key`]) and so negotiate that one.
+//! ones keep their mode. Running it again (every start) rewrites everything and generates a
+//! new host key, which the caller pins (see [`crate::ssh::pin_host_key`]).
 //!
 //! Steps:
-//! 1. check the inputs (hostname a DNS label, keys one-line OpenSSH keys, the host key's
-//!    private half readable), that the image is a writable regular file with an ext2/3/4
-//!    superblock;
+//! 1. check the inputs (hostname a DNS label, keys one-line OpenSSH keys), that the image is a
+//!    writable regular file with an ext2/3/4 superblock;
 //! 2. if the superblock says the journal needs recovery (the guest was killed), replay it with
 //!    `e2fsck -E journal_only` first; otherwise the guest's own replay at mount time could write
 //!    stale blocks over what is written here;
-//! 3. look at what exists (`debugfs -R stat`) and stage every file in a private temporary
-//!    directory beside the image;
+//! 3. look at what exists (`debugfs -R stat`), generate the host key with `ssh-keygen`, and
+//!    stage every file in a private temporary directory beside the image;
 //! 4. run one `debugfs -w -f <script>` session. Its `mkdir`, `rm` and `write` take a name
 //!    relative to the current directory (an absolute top-level path is resolved against the
 //!    current directory in debugfs 1.47), so the script `cd`s into each parent first; `write`
@@ -44,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use crate::ids::validate_name;
-use crate::ssh::{KeyPair, SshError, check_public_key};
+use crate::ssh::{SshError, check_public_key, generate_keypair};
 
 /// Where tools missing from `PATH` are also looked for.
 const SBIN_DIRS: [&str; 2] = ["/usr/sbin", "/sbin"];
@@ -144,15 +142,9 @@ pub enum PersonalizeError {
         /// What the write session printed on stderr.
         stderr: String,
     },
-    /// The host key is unusable.
-    #[error("cannot use the vm's ssh host key {path}")]
-    HostKey {
-        /// The private key file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    /// The host key could not be generated.
+    #[error("cannot generate the vm's ssh host key")]
+    HostKey(#[source] SshError),
     /// The staging directory could not be made or written.
     #[error("cannot stage files in {dir}")]
     Stage {
@@ -169,10 +161,8 @@ pub enum PersonalizeError {
 pub struct Personalization<'a> {
     /// The guest's hostname (the VM's name).
     pub hostname: &'a str,
-    /// The key allowed to log in as root: one OpenSSH public key line (the user's banger key).
-    pub authorized_key: &'a str,
-    /// The VM's SSH host key.
-    pub host_key: &'a KeyPair,
+    /// The keys allowed to log in as root: OpenSSH public key lines (the user's banger key).
+    pub authorized_keys: &'a [String],
 }
 
 /// Whether the file at `path` starts with an ext2/3/4 superblock.
@@ -367,14 +357,15 @@ const DIRS: [DirSpec; 4] = [
     DirSpec { path: "/root/.ssh", parent: "/root", name: ".ssh", mode: 0o700, force: true },
 ];
 
-/// Writes hostname, hosts, the authorized key and the VM's SSH host key into the ext4 image
-/// `root` (see the module docs).
-pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<(), PersonalizeError> {
+/// Writes hostname, hosts, authorized keys and a new SSH host key into the ext4 image `root`
+/// (see the module docs). Returns the host's public key line, to be pinned.
+pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, PersonalizeError> {
     validate_name(p.hostname).map_err(|_| PersonalizeError::Hostname(p.hostname.to_owned()))?;
-    let authorized = format!("{}\n", check_public_key(p.authorized_key).map_err(PersonalizeError::Key)?);
-    let host_public = check_public_key(&p.host_key.public).map_err(PersonalizeError::Key)?;
-    let host_private = fs::read(&p.host_key.private)
-        .map_err(|source| PersonalizeError::HostKey { path: p.host_key.private.clone(), source })?;
+    let mut authorized = String::new();
+    for key in p.authorized_keys {
+        authorized.push_str(&check_public_key(key).map_err(PersonalizeError::Key)?);
+        authorized.push('\n');
+    }
 
     let open_err = |source| PersonalizeError::Open { path: root.to_owned(), source };
     let mut image = OpenOptions::new().read(true).write(true).open(root).map_err(open_err)?;
@@ -403,6 +394,10 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<(), Personali
     let dir = root.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let stage_err = |source| PersonalizeError::Stage { dir: dir.to_owned(), source };
     let stage = tempfile::Builder::new().prefix(".personalize-").tempdir_in(dir).map_err(stage_err)?;
+    let host_key = stage.path().join("host_key");
+    let host_public =
+        generate_keypair(&host_key, &format!("root@{}", p.hostname)).map_err(PersonalizeError::HostKey)?;
+    let host_private = fs::read(&host_key).map_err(stage_err)?;
 
     let existing_hosts = match debugfs.stat("/etc/hosts")? {
         Some(info) if info.kind == Kind::Regular => {
@@ -518,7 +513,7 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<(), Personali
             return Err(fail(f.path, "content differs".into()));
         }
     }
-    Ok(())
+    Ok(host_public)
 }
 
 /// Appends the `sif` lines that give `name` (in the current directory) `mode` and root
@@ -612,15 +607,8 @@ mod tests {
         );
     }
 
-    /// A host key in a `vm` directory under `dir`, as a VM directory holds it.
-    fn host_key(dir: &Path) -> KeyPair {
-        let vm_dir = dir.join("vm");
-        fs::create_dir_all(&vm_dir).unwrap();
-        crate::ssh::ensure_host_key(&vm_dir).unwrap()
-    }
-
-    fn with<'a>(hostname: &'a str, host_key: &'a KeyPair) -> Personalization<'a> {
-        Personalization { hostname, authorized_key: USER_KEY, host_key }
+    fn keys() -> Vec<String> {
+        vec![USER_KEY.to_owned()]
     }
 
     #[test]
@@ -633,12 +621,16 @@ mod tests {
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
 
-        let key = host_key(tmp.path());
-        personalize(&image, &with("handles-test", &key)).unwrap();
+        let host_pub =
+            personalize(&image, &Personalization { hostname: "handles-test", authorized_keys: &keys() })
+                .unwrap();
+        assert!(
+            host_pub.starts_with("ssh-ed25519 ") && host_pub.ends_with("root@handles-test"),
+            "{host_pub}"
+        );
         // Nothing staged is left beside the image.
-        let mut names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        names.sort();
-        assert_eq!(names, ["root.ext4", "tree", "vm"]);
+        let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
 
         assert_eq!(read_back(&image, "/etc/hostname"), "handles-test\n");
         assert_eq!(
@@ -646,10 +638,17 @@ mod tests {
             "127.0.0.1 localhost\n10.0.0.1 db\n127.0.1.1\thandles-test\n"
         );
         assert_eq!(read_back(&image, "/root/.ssh/authorized_keys"), format!("{USER_KEY}\n"));
-        assert_eq!(read_back(&image, "/etc/ssh/ssh_host_ed25519_key.pub"), format!("{}\n", key.public));
+        assert_eq!(read_back(&image, "/etc/ssh/ssh_host_ed25519_key.pub"), format!("{host_pub}\n"));
         let private = read_back(&image, "/etc/ssh/ssh_host_ed25519_key");
         assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"), "{private}");
-        assert_eq!(private, fs::read_to_string(&key.private).unwrap());
+
+        // The private key in the image is the pair of the returned public key.
+        let key_file = tmp.path().join("check_key");
+        fs::write(&key_file, &private).unwrap();
+        fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let derived = Command::new("ssh-keygen").arg("-y").arg("-f").arg(&key_file).output().unwrap();
+        let derived = String::from_utf8(derived.stdout).unwrap();
+        assert_eq!(derived.split_whitespace().nth(1), host_pub.split_whitespace().nth(1));
 
         let root = listing(&image, "/");
         assert_eq!(root["root"], ("40700".into(), "0".into(), "0".into()));
@@ -673,8 +672,8 @@ mod tests {
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
 
-        let first_key = host_key(tmp.path());
-        personalize(&image, &with("one", &first_key)).unwrap();
+        let first =
+            personalize(&image, &Personalization { hostname: "one", authorized_keys: &keys() }).unwrap();
         assert_eq!(read_back(&image, "/etc/hostname"), "one\n");
         let hosts = read_back(&image, "/etc/hosts");
         assert!(
@@ -686,25 +685,17 @@ mod tests {
         assert_eq!(root["root"].0, "40700");
         assert_eq!(listing(&image, "/etc")["ssh"].0, "40755");
 
-        // Again, renamed, with other keys: everything replaced, one hosts line.
-        let other = tempfile::tempdir().unwrap();
-        let second_key = host_key(other.path());
-        let user_key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNlY29uZC1rZXk other@host";
-        personalize(
-            &image,
-            &Personalization { hostname: "two", authorized_key: user_key, host_key: &second_key },
-        )
-        .unwrap();
+        // Again, renamed: everything replaced, one hosts line, a new host key.
+        let two_keys =
+            vec![USER_KEY.to_owned(), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNlY29uZC1rZXk".to_owned()];
+        let second =
+            personalize(&image, &Personalization { hostname: "two", authorized_keys: &two_keys }).unwrap();
+        assert_ne!(first, second);
         assert_eq!(read_back(&image, "/etc/hostname"), "two\n");
         let hosts = read_back(&image, "/etc/hosts");
         assert_eq!(hosts.matches("127.0.1.1").count(), 1, "{hosts}");
         assert!(hosts.ends_with("127.0.1.1\ttwo\n"));
-        assert_eq!(read_back(&image, "/root/.ssh/authorized_keys"), format!("{user_key}\n"));
-        assert_ne!(first_key.public, second_key.public);
-        assert_eq!(
-            read_back(&image, "/etc/ssh/ssh_host_ed25519_key.pub"),
-            format!("{}\n", second_key.public)
-        );
+        assert_eq!(read_back(&image, "/root/.ssh/authorized_keys").lines().count(), 2);
         assert_clean(&image);
     }
 
@@ -724,7 +715,7 @@ mod tests {
         let sb = read_superblock(&mut File::open(&image).unwrap()).unwrap().unwrap();
         assert!(needs_recovery(&sb), "the test image should need recovery");
 
-        personalize(&image, &with("after-crash", &host_key(tmp.path()))).unwrap();
+        personalize(&image, &Personalization { hostname: "after-crash", authorized_keys: &keys() }).unwrap();
         let sb = read_superblock(&mut File::open(&image).unwrap()).unwrap().unwrap();
         assert!(!needs_recovery(&sb));
         assert_eq!(read_back(&image, "/etc/hostname"), "after-crash\n");
@@ -742,7 +733,8 @@ mod tests {
         }
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &["-N", "16"]);
-        let err = personalize(&image, &with("full", &host_key(tmp.path()))).unwrap_err();
+        let err =
+            personalize(&image, &Personalization { hostname: "full", authorized_keys: &keys() }).unwrap_err();
         let PersonalizeError::Verify { stderr, .. } = &err else { panic!("{err}") };
         assert!(stderr.contains("allocate"), "{err}");
     }
@@ -756,26 +748,29 @@ mod tests {
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
         let before = fs::read(&image).unwrap();
-        let key = host_key(tmp.path());
 
-        let err = personalize(&image, &with("Bad Name", &key)).unwrap_err();
+        let err = personalize(&image, &Personalization { hostname: "Bad Name", authorized_keys: &keys() })
+            .unwrap_err();
         assert!(matches!(err, PersonalizeError::Hostname(_)), "{err}");
-        let bad = Personalization { hostname: "ok", authorized_key: "not a key; rm -rf /", host_key: &key };
-        let err = personalize(&image, &bad).unwrap_err();
+        let bad_key = vec!["not a key; rm -rf /".to_owned()];
+        let err =
+            personalize(&image, &Personalization { hostname: "ok", authorized_keys: &bad_key }).unwrap_err();
         assert!(matches!(err, PersonalizeError::Key(_)), "{err}");
-        let lost = KeyPair { private: tmp.path().join("gone"), public: key.public.clone() };
-        let err = personalize(&image, &with("ok", &lost)).unwrap_err();
-        assert!(matches!(err, PersonalizeError::HostKey { .. }), "{err}");
         assert!(fs::read(&image).unwrap() == before, "the image changed");
 
         let not_ext = tmp.path().join("zeros.img");
         File::create(&not_ext).unwrap().set_len(4 << 20).unwrap();
-        let err = personalize(&not_ext, &with("ok", &key)).unwrap_err();
+        let err =
+            personalize(&not_ext, &Personalization { hostname: "ok", authorized_keys: &keys() }).unwrap_err();
         assert!(matches!(err, PersonalizeError::NotExt { .. }), "{err}");
         assert!(!is_ext_filesystem(&not_ext).unwrap());
         assert!(is_ext_filesystem(&image).unwrap());
 
-        let err = personalize(&tmp.path().join("missing"), &with("ok", &key)).unwrap_err();
+        let err = personalize(
+            &tmp.path().join("missing"),
+            &Personalization { hostname: "ok", authorized_keys: &keys() },
+        )
+        .unwrap_err();
         assert!(matches!(err, PersonalizeError::Open { .. }), "{err}");
     }
 
@@ -787,7 +782,8 @@ mod tests {
         fs::write(tree.join("root"), "not a dir").unwrap();
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
-        let err = personalize(&image, &with("ok", &host_key(tmp.path()))).unwrap_err();
+        let err =
+            personalize(&image, &Personalization { hostname: "ok", authorized_keys: &keys() }).unwrap_err();
         assert!(matches!(err, PersonalizeError::NotADirectory { dir: "/root", .. }), "{err}");
     }
 

@@ -2,11 +2,8 @@
 //! waiting until a guest's SSH server answers.
 //!
 //! - The user's key ([`ensure_user_key`]) is an ed25519 key without passphrase in banger's keys
-//!   directory, made with `ssh-keygen` on first use. Each VM has its own ed25519 host key
-//!   ([`ensure_host_key`]) kept in its VM directory, made on its first start and written into
-//!   its root at every start, so its pin stays valid across restarts. Keys are generated in a
-//!   temporary directory and hard-linked into place, so two commands racing on first use end
-//!   up with one key.
+//!   directory, made with `ssh-keygen` on first use. It is generated in a temporary directory
+//!   and hard-linked into place, so two commands racing on first use end up with one key.
 //! - Host keys are pinned by VM id, not by address: each VM's entry in banger's known_hosts is
 //!   `<vm-id> <type> <base64>` and ssh is told `HostKeyAlias=<vm-id>`, so a guest address reused
 //!   by a later VM never meets a stale key, and a VM's key is checked strictly
@@ -99,16 +96,13 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> SshErr
     move |source| SshError::Io { action, path, source }
 }
 
-/// The file name of a VM's host key in its VM directory.
-pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
-
 /// An SSH key pair on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPair {
-    /// The private key file (the public half is beside it, with `.pub`).
-    pub private: PathBuf,
+    /// The private key file.
+    pub private_key: PathBuf,
     /// The public key, one line (`ssh-ed25519 AAAA... comment`), without newline.
-    pub public: String,
+    pub public_key: String,
 }
 
 /// The public key path OpenSSH pairs with `private_key`.
@@ -168,20 +162,8 @@ pub fn check_public_key(key: &str) -> Result<String, SshError> {
     Ok(key.to_owned())
 }
 
-/// The user's banger key ([`Paths::ssh_key`]), generated on first use.
-pub fn ensure_user_key(paths: &Paths) -> Result<KeyPair, SshError> {
-    ensure_key(&paths.ssh_key(), "banger")
-}
-
-/// A VM's host key, `<vm_dir>/ssh_host_ed25519_key`, generated on first use.
-pub fn ensure_host_key(vm_dir: &Path) -> Result<KeyPair, SshError> {
-    ensure_key(&vm_dir.join(HOST_KEY_FILE), "root@banger-vm")
-}
-
-/// The ed25519 key at `private_key` (with its `.pub` beside it), generated with `comment` if
-/// it does not exist yet. A missing or damaged public half is derived again from the private
-/// key.
-pub fn ensure_key(private_key: &Path, comment: &str) -> Result<KeyPair, SshError> {
+/// The user's banger key at `private_key` (with its `.pub` beside it), generated on first use.
+pub fn ensure_user_key(private_key: &Path) -> Result<KeyPair, SshError> {
     let public = public_key_path(private_key);
     if fs::symlink_metadata(private_key).is_err() {
         let dir = private_key.parent().unwrap_or(Path::new("."));
@@ -190,7 +172,7 @@ pub fn ensure_key(private_key: &Path, comment: &str) -> Result<KeyPair, SshError
             .tempdir_in(dir)
             .map_err(io_err("create a key in", dir))?;
         let tmp_key = tmp.path().join("key");
-        generate_keypair(&tmp_key, comment)?;
+        generate_keypair(&tmp_key, "banger")?;
         match fs::hard_link(&tmp_key, private_key) {
             Ok(()) => fs::rename(public_key_path(&tmp_key), &public).map_err(io_err("write", &public))?,
             // Another command made the key first: use that one.
@@ -198,7 +180,7 @@ pub fn ensure_key(private_key: &Path, comment: &str) -> Result<KeyPair, SshError
             Err(e) => return Err(io_err("write", private_key)(e)),
         }
     }
-    let public_line = match fs::read_to_string(&public).ok().and_then(|s| check_public_key(&s).ok()) {
+    let public_key = match fs::read_to_string(&public).ok().and_then(|s| check_public_key(&s).ok()) {
         Some(key) => key,
         None => {
             // The public half is missing or damaged: derive it again from the private key.
@@ -208,7 +190,7 @@ pub fn ensure_key(private_key: &Path, comment: &str) -> Result<KeyPair, SshError
             key
         }
     };
-    Ok(KeyPair { private: private_key.to_owned(), public: public_line })
+    Ok(KeyPair { private_key: private_key.to_owned(), public_key })
 }
 
 /// Writes `contents` to `path` through a temporary file in the same directory (mode `mode`),
@@ -314,32 +296,10 @@ pub enum Tty {
     Force,
 }
 
-/// The `ssh` command that logs into `vm` as root at `guest_ip` with the user's banger key
-/// (generated if it does not exist yet) and banger's known_hosts, running `remote` (each
-/// argument quoted for the remote shell) or, when `remote` is empty, a login shell. ssh
-/// decides about a terminal ([`Tty::Auto`]).
-pub fn ssh_command(
-    paths: &Paths,
-    vm: &VmId,
-    guest_ip: Ipv4Addr,
-    remote: &[String],
-) -> Result<Command, SshError> {
-    ssh_command_with_tty(paths, vm, guest_ip, remote, Tty::Auto)
-}
-
-/// [`ssh_command`] with the terminal choice given.
-pub fn ssh_command_with_tty(
-    paths: &Paths,
-    vm: &VmId,
-    guest_ip: Ipv4Addr,
-    remote: &[String],
-    tty: Tty,
-) -> Result<Command, SshError> {
-    ensure_user_key(paths)?;
-    Ok(build_ssh_command(paths, vm, guest_ip, remote, tty))
-}
-
-fn build_ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[String], tty: Tty) -> Command {
+/// The `ssh` command that logs into `vm` as root at `guest_ip` with the user's banger key and
+/// banger's known_hosts, running `remote` (each argument quoted for the remote shell) or, when
+/// `remote` is empty, a login shell.
+pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[String], tty: Tty) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-F").arg("/dev/null").arg("-i").arg(paths.ssh_key());
     let mut known = std::ffi::OsString::from("UserKnownHostsFile=");
@@ -389,14 +349,9 @@ async fn read_banner(addr: SocketAddr) -> Result<String, String> {
     }
 }
 
-/// Waits until the guest's SSH server (port 22 of `guest_ip`) answers with its identification
-/// line, trying again until `timeout` has passed. Returns that line.
-pub async fn wait_for_ssh(guest_ip: Ipv4Addr, timeout: Duration) -> Result<String, SshError> {
-    wait_for_ssh_at(SocketAddr::from((guest_ip, 22)), timeout).await
-}
-
-/// [`wait_for_ssh`] for any address.
-pub async fn wait_for_ssh_at(addr: SocketAddr, timeout: Duration) -> Result<String, SshError> {
+/// Waits until an SSH server answers at `addr` with its identification line, trying again
+/// until `timeout` has passed. Returns that line.
+pub async fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<String, SshError> {
     let start = Instant::now();
     let deadline = start + timeout;
     let mut last = String::from("not tried");
@@ -432,45 +387,26 @@ mod tests {
     #[test]
     fn user_key_is_generated_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let paths = Paths::under(tmp.path(), 1000).unwrap();
-        fs::create_dir(paths.keys_dir()).unwrap();
-        let key = paths.ssh_key();
-        let first = ensure_user_key(&paths).unwrap();
-        assert_eq!(first.private, key);
-        assert!(
-            first.public.starts_with("ssh-ed25519 ") && first.public.ends_with(" banger"),
-            "{}",
-            first.public
-        );
+        let key = tmp.path().join("id_ed25519");
+        let first = ensure_user_key(&key).unwrap();
+        assert!(first.public_key.starts_with("ssh-ed25519 "), "{}", first.public_key);
         assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
         let private = fs::read(&key).unwrap();
 
-        let second = ensure_user_key(&paths).unwrap();
+        let second = ensure_user_key(&key).unwrap();
         assert_eq!(first, second);
         assert_eq!(fs::read(&key).unwrap(), private);
 
         // A lost public half is derived again from the private key.
         fs::remove_file(public_key_path(&key)).unwrap();
-        let third = ensure_user_key(&paths).unwrap();
+        let third = ensure_user_key(&key).unwrap();
         let fields = |k: &str| k.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        assert_eq!(fields(&third.public), fields(&first.public));
+        assert_eq!(fields(&third.public_key), fields(&first.public_key));
         assert!(public_key_path(&key).exists());
         // Only the key pair is left in the directory.
-        let mut names: Vec<_> =
-            fs::read_dir(paths.keys_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["id_ed25519", "id_ed25519.pub"]);
-    }
-
-    #[test]
-    fn host_keys_live_in_the_vm_dir_and_are_kept() {
-        let tmp = tempfile::tempdir().unwrap();
-        let first = ensure_host_key(tmp.path()).unwrap();
-        assert_eq!(first.private, tmp.path().join("ssh_host_ed25519_key"));
-        assert!(first.public.starts_with("ssh-ed25519 "), "{}", first.public);
-        assert_eq!(ensure_host_key(tmp.path()).unwrap(), first);
-        let other = tempfile::tempdir().unwrap();
-        assert_ne!(ensure_host_key(other.path()).unwrap().public, first.public);
     }
 
     #[test]
@@ -478,12 +414,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let key = tmp.path().join("id_ed25519");
         let keys: Vec<KeyPair> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| ensure_key(&key, "c").unwrap())).collect();
+            let handles: Vec<_> = (0..4).map(|_| s.spawn(|| ensure_user_key(&key).unwrap())).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         let on_disk = fs::read_to_string(public_key_path(&key)).unwrap();
         for k in &keys {
-            assert_eq!(k.public, on_disk.trim());
+            assert_eq!(k.public_key, on_disk.trim());
         }
     }
 
@@ -555,7 +491,7 @@ mod tests {
             ["printf", "%s\\n", "two words", "it's", "$(touch /tmp/pwned)", ";", "`id`", "", "a\nb", "-v"]
                 .map(String::from)
                 .to_vec();
-        let cmd = build_ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &remote, Tty::Auto);
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &remote, Tty::Auto);
         assert_eq!(cmd.get_program(), "ssh");
         let args: Vec<String> = cmd.get_args().map(|a| a.to_str().unwrap().to_owned()).collect();
         let expected_prefix = [
@@ -599,20 +535,18 @@ mod tests {
         assert!(!Path::new("/tmp/pwned").exists());
 
         // No remote command: a login shell; Tty::Force adds -t.
-        let cmd = build_ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force);
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force);
         let args: Vec<_> = cmd.get_args().collect();
         assert_eq!(&args[args.len() - 3..], ["-t", "--", "root@172.30.0.2"]);
 
         // OpenSSH itself accepts every option and resolves them as intended (`-G` prints the
-        // effective configuration without connecting). The public entry points generate the
-        // user's key first (ssh drops an identity file that does not exist).
+        // effective configuration without connecting). It drops an identity file that does not
+        // exist, so give it one.
         let tmp = tempfile::tempdir().unwrap();
         let paths = Paths::under(tmp.path(), 1000).unwrap();
         fs::create_dir(paths.keys_dir()).unwrap();
-        let cmd = ssh_command_with_tty(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force).unwrap();
-        assert!(paths.ssh_key().exists() && public_key_path(&paths.ssh_key()).exists());
-        let auto = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[]).unwrap();
-        assert!(!auto.get_args().any(|a| a == "-t"));
+        fs::write(paths.ssh_key(), "").unwrap();
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force);
         let out = Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let effective = String::from_utf8(out.stdout).unwrap();
@@ -658,7 +592,7 @@ mod tests {
             // Other lines may come before the identification line.
             s.write_all(b"hello there\r\nSSH-2.0-test\r\n").await.unwrap();
         });
-        let banner = wait_for_ssh_at(addr, Duration::from_secs(5)).await.unwrap();
+        let banner = wait_for_ssh(addr, Duration::from_secs(5)).await.unwrap();
         assert_eq!(banner, "SSH-2.0-test");
         server.await.unwrap();
     }
@@ -674,7 +608,7 @@ mod tests {
             s.write_all(b"SSH-2.0-late\r\n").await.unwrap();
         });
         let started = Instant::now();
-        let banner = wait_for_ssh_at(addr, Duration::from_secs(10)).await.unwrap();
+        let banner = wait_for_ssh(addr, Duration::from_secs(10)).await.unwrap();
         assert_eq!(banner, "SSH-2.0-late");
         assert!(started.elapsed() >= Duration::from_millis(500));
         server.await.unwrap();
@@ -692,7 +626,7 @@ mod tests {
             }
         });
         let started = Instant::now();
-        let err = wait_for_ssh_at(addr, Duration::from_millis(1200)).await.unwrap_err();
+        let err = wait_for_ssh(addr, Duration::from_millis(1200)).await.unwrap_err();
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(1200) && waited < Duration::from_secs(3), "{waited:?}");
         let msg = err.to_string();
@@ -703,7 +637,7 @@ mod tests {
     #[tokio::test]
     async fn wait_for_ssh_reports_refused_connections_and_non_ssh_servers() {
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let err = wait_for_ssh_at(addr, Duration::from_millis(300)).await.unwrap_err().to_string();
+        let err = wait_for_ssh(addr, Duration::from_millis(300)).await.unwrap_err().to_string();
         assert!(err.contains("connect"), "{err}");
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -714,7 +648,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
             }
         });
-        let err = wait_for_ssh_at(addr, Duration::from_millis(300)).await.unwrap_err().to_string();
+        let err = wait_for_ssh(addr, Duration::from_millis(300)).await.unwrap_err().to_string();
         assert!(err.contains("closed before an ssh banner"), "{err}");
         server.abort();
     }
