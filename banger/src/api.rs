@@ -1,0 +1,133 @@
+//! The daemon's HTTP server: JSON over HTTP/1.1 on the daemon's unix socket, one endpoint per verb
+//! (the table is in [`crate::api_types`]). Each connection is served on its own task; a handler
+//! error becomes a 4xx/5xx answer with an [`ErrorBody`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixListener;
+
+use crate::api_types::ErrorBody;
+use crate::daemon::{Daemon, DaemonError};
+
+/// The largest request body accepted.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Serves the API until the daemon is asked to stop.
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = daemon.shutdown.notified() => return,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let daemon = daemon.clone();
+                async move { Ok::<_, Infallible>(handle(&daemon, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "api connection ended with an error");
+            }
+        });
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).expect("api answers serialize");
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn error(status: u16, message: String) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &ErrorBody { error: message },
+    )
+}
+
+fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Full<Bytes>> {
+    match r {
+        Ok(v) => json(status, &v),
+        Err(e) => error(e.status(), e.to_string()),
+    }
+}
+
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, DaemonError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| DaemonError::Invalid(format!("cannot read request body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| DaemonError::Invalid(format!("invalid request body: {e}")))
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Routes one request.
+pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let ok = StatusCode::OK;
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => answer(ok, daemon.status().await),
+        (&Method::POST, ["v1", "daemon", "stop"]) => {
+            daemon.shutdown.notify_one();
+            json(ok, &serde_json::json!({}))
+        }
+        (&Method::GET, ["v1", "vms"]) => answer(ok, daemon.list().await),
+        (&Method::POST, ["v1", "vms"]) => match body(req).await {
+            Ok(b) => answer(StatusCode::CREATED, daemon.create(b).await),
+            Err(e) => answer::<()>(ok, Err(e)),
+        },
+        (&Method::GET, ["v1", "vms", name]) => answer(ok, daemon.show(name).await),
+        (&Method::DELETE, ["v1", "vms", name]) => {
+            answer(ok, daemon.delete(name).await.map(|()| serde_json::json!({})))
+        }
+        (&Method::POST, ["v1", "vms", name, "start"]) => answer(ok, daemon.start(name).await),
+        (&Method::POST, ["v1", "vms", name, "stop"]) => answer(ok, daemon.stop(name).await),
+        (&Method::POST, ["v1", "vms", name, "restart"]) => answer(ok, daemon.restart(name).await),
+        (&Method::GET, ["v1", "vms", name, "logs"]) => {
+            let bytes = query_u64(&req, "bytes").unwrap_or(16 * 1024);
+            match daemon.logs(name, bytes).await {
+                Ok(text) => Response::builder()
+                    .status(ok)
+                    .header("content-type", "text/plain; charset=utf-8")
+                    .body(Full::new(Bytes::from(text)))
+                    .expect("static response parts are valid"),
+                Err(e) => error(e.status(), e.to_string()),
+            }
+        }
+        (&Method::GET, ["v1", "images"]) => answer(ok, daemon.images().await),
+        (&Method::POST, ["v1", "images"]) => match body(req).await {
+            Ok(b) => answer(StatusCode::CREATED, daemon.import_image(b).await),
+            Err(e) => answer::<()>(ok, Err(e)),
+        },
+        (&Method::DELETE, ["v1", "images", name]) => {
+            answer(ok, daemon.remove_image(name).await.map(|()| serde_json::json!({})))
+        }
+        _ => error(404, format!("no endpoint {method} {path}: see the table in the api documentation")),
+    }
+}

@@ -1,0 +1,131 @@
+//! The daemon's JSON API: the bodies the CLI and `bangerd` exchange over the daemon socket.
+//!
+//! Endpoints (HTTP/1.1 on `bangerd.sock`, one per verb; `curl --unix-socket` works):
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/status` | | [`Status`] |
+//! | POST | `/v1/daemon/stop` | | `{}` |
+//! | GET | `/v1/vms` | | `[VmView]` |
+//! | POST | `/v1/vms` | [`CreateVm`] | [`VmView`] (201) |
+//! | GET | `/v1/vms/{name}` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/start` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/stop` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/restart` | | [`VmView`] |
+//! | DELETE | `/v1/vms/{name}` | | `{}` |
+//! | GET | `/v1/vms/{name}/logs?bytes=N` | | serial log tail (text) |
+//! | GET | `/v1/images` | | `[ImageView]` |
+//! | POST | `/v1/images` | [`ImportImage`] | [`ImageView`] (201) |
+//! | DELETE | `/v1/images/{name}` | | `{}` |
+//!
+//! Errors answer 4xx/5xx with [`ErrorBody`].
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// The VM's name.
+    pub name: String,
+    /// Image name; the configured default when absent.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// vCPUs; the configured default when absent.
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB; the configured default when absent.
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+}
+
+/// A VM as the API shows it: intent plus what is live now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmView {
+    /// Name.
+    pub name: String,
+    /// Id.
+    pub id: String,
+    /// Intended state (`running` only while the VMM is alive).
+    pub state: String,
+    /// Guest address.
+    pub guest_ip: Option<Ipv4Addr>,
+    /// Why the last start failed or why it was stopped behind the user's back.
+    pub last_error: Option<String>,
+    /// Image.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The VMM's pid while alive.
+    pub pid: Option<i32>,
+    /// The TAP while it exists.
+    pub tap: Option<String>,
+    /// How the writable root was made.
+    pub storage: Option<String>,
+    /// The VM's directory.
+    pub vm_dir: PathBuf,
+    /// The serial console log.
+    pub log_path: PathBuf,
+    /// The API socket.
+    pub api_socket: PathBuf,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's pid.
+    pub pid: i32,
+    /// The daemon's release.
+    pub version: String,
+    /// The install id sent to the helper.
+    pub install_id: String,
+    /// The helper socket this daemon uses.
+    pub helper_socket: PathBuf,
+    /// The VMM binary this daemon starts.
+    pub firecracker: PathBuf,
+    /// Whether the helper answered a ping just now.
+    pub helper_reachable: bool,
+    /// How many VMs are running.
+    pub running_vms: usize,
+}
+
+/// `POST /v1/images`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    /// The image's name.
+    pub name: String,
+    /// An uncompressed kernel (ELF vmlinux), absolute path.
+    pub kernel: PathBuf,
+    /// An ext4 root filesystem image, absolute path.
+    pub rootfs: PathBuf,
+}
+
+/// An image as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageView {
+    /// Name.
+    pub name: String,
+    /// Kernel sha256.
+    pub kernel_sha256: String,
+    /// Rootfs sha256.
+    pub rootfs_sha256: String,
+    /// Total bytes.
+    pub size_bytes: u64,
+    /// Seconds since the epoch.
+    pub created_at: i64,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong and what to do.
+    pub error: String,
+}

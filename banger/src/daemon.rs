@@ -1,0 +1,690 @@
+//! The daemon's core: the VM lifecycle on top of the store (intent), the handle cache (reality),
+//! the helper (kernel objects) and the VMM (Firecracker's API).
+//!
+//! Every operation on one VM holds that VM's lock (keyed by name, so a create and a delete of the
+//! same name cannot interleave); different VMs proceed in parallel. Every state change is one
+//! store transaction, made *before* the step it announces (`starting` before any kernel object,
+//! `stopping` before any teardown), so a daemon that dies anywhere leaves a row reconcile can
+//! finish or undo.
+//!
+//! `start`, step by step: state `starting`; TAP (helper) and record it in the handles; NAT
+//! (helper); the VM's writable root (made once, from the image) and its personalization
+//! (hostname, keys); the VMM spawned and configured through its API; `InstanceStart`; handles
+//! recorded with the PID; state `running`. A failure at any step undoes what was done (VMM killed,
+//! NAT and TAP removed through the helper, handles forgotten) and records `failed` with the
+//! reason.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use banger_protocol::InstallId;
+
+use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
+use crate::config::Config;
+use crate::firecracker::{self, FirecrackerClient};
+use crate::handles::HandleCache;
+use crate::helper_client::HelperApi;
+use crate::ids::{new_vm_id, validate_name};
+use crate::liveness::{PidState, ProcessTable, rediscover_handles, vm_alive};
+use crate::model::{VmHandles, VmRuntime, VmState};
+use crate::paths::Paths;
+use crate::store::{Store, StoreError, unix_now};
+use crate::{images, logfile, personalize, ssh, storage, vmm};
+
+/// How long a guest gets to shut down after Ctrl-Alt-Del before its VMM is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Why a daemon operation failed; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The request is malformed or names something invalid (400).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such VM or image (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// It conflicts with what exists (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The helper is needed and cannot be reached (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else (500).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DaemonError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            DaemonError::Invalid(_) => 400,
+            DaemonError::NotFound(_) => 404,
+            DaemonError::Conflict(_) => 409,
+            DaemonError::Unavailable(_) => 503,
+            DaemonError::Failed(_) => 500,
+        }
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> DaemonError {
+    DaemonError::Failed(chain(&e))
+}
+
+/// An error with its causes, each once.
+fn chain(e: &dyn std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn store_err(e: StoreError) -> DaemonError {
+    match e {
+        StoreError::DuplicateName { .. } => DaemonError::Conflict(e.to_string()),
+        StoreError::ImageInUse { .. } => DaemonError::Conflict(e.to_string()),
+        other => failed(with_sources(&other)),
+    }
+}
+
+/// Formats an error and its `source()` chain on one line.
+pub fn with_sources(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+/// The daemon: everything a request handler needs.
+pub struct Daemon {
+    /// Where this install keeps its files.
+    pub paths: Paths,
+    /// The settings in effect (fixed for the daemon's life).
+    pub config: Config,
+    /// The VMM binary, resolved at start (`None` when it could not be: starts then fail clearly).
+    firecracker: Result<PathBuf, String>,
+    /// This daemon's own executable (it doubles as the serial log relay).
+    relay_exe: PathBuf,
+    /// This install's id, sent to the helper.
+    install_id: InstallId,
+    /// Guards the SQLite connection; held only for single short queries or transactions.
+    store: Mutex<Store>,
+    /// What is live now, per VM.
+    pub cache: HandleCache,
+    /// The root helper.
+    helper: Arc<dyn HelperApi>,
+    /// The process table.
+    procs: Arc<dyn ProcessTable>,
+    /// Guards the map of per-VM operation locks (by VM name); each inner lock serializes the
+    /// operations on one VM.
+    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Notified when `POST /v1/daemon/stop` asks the daemon to exit.
+    pub shutdown: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon").field("paths", &self.paths).field("install_id", &self.install_id).finish()
+    }
+}
+
+impl Daemon {
+    /// Builds a daemon over an opened store.
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        store: Store,
+        helper: Arc<dyn HelperApi>,
+        procs: Arc<dyn ProcessTable>,
+        relay_exe: PathBuf,
+    ) -> Self {
+        let firecracker = config.resolve_firecracker().map_err(|e| with_sources(&e));
+        let install_id = store.install_id().clone();
+        Daemon {
+            paths,
+            config,
+            firecracker,
+            relay_exe,
+            install_id,
+            store: Mutex::new(store),
+            cache: HandleCache::new(),
+            helper,
+            procs,
+            vm_locks: Mutex::new(HashMap::new()),
+            shutdown: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Reconciles every VM with the system (see [`crate::reconcile`]).
+    pub async fn reconcile(
+        &self,
+    ) -> Result<crate::reconcile::ReconcileReport, crate::reconcile::ReconcileError> {
+        crate::reconcile::reconcile(&self.store, &self.cache, self.helper.as_ref(), self.procs.as_ref()).await
+    }
+
+    /// The install id.
+    pub fn install_id(&self) -> &InstallId {
+        &self.install_id
+    }
+
+    /// The helper client.
+    pub fn helper(&self) -> &Arc<dyn HelperApi> {
+        &self.helper
+    }
+
+    /// The process table.
+    pub fn procs(&self) -> &Arc<dyn ProcessTable> {
+        &self.procs
+    }
+
+    /// Runs `f` on the store.
+    pub fn with_store<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, DaemonError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&store).map_err(store_err)
+    }
+
+    fn vm_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.vm_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn find(&self, name: &str) -> Result<VmRuntime, DaemonError> {
+        validate_name(name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        self.with_store(|s| s.get_vm_by_name(name))?.ok_or_else(|| {
+            DaemonError::NotFound(format!("no vm named {name:?}: see `banger vm list` for your vms"))
+        })
+    }
+
+    fn set_state(
+        &self,
+        vm: &mut VmRuntime,
+        state: VmState,
+        last_error: Option<String>,
+    ) -> Result<(), DaemonError> {
+        self.with_store(|s| s.set_state(&vm.id, state, last_error.as_deref()))?;
+        vm.state = state;
+        vm.last_error = last_error;
+        Ok(())
+    }
+
+    /// The VM's handles: the cache, else what the OS and scratch file say.
+    fn handles_of(&self, vm: &VmRuntime) -> VmHandles {
+        self.cache.get(&vm.id).unwrap_or_else(|| rediscover_handles(vm, self.procs.as_ref()).handles)
+    }
+
+    fn view(&self, vm: &VmRuntime) -> VmView {
+        let handles = self.cache.get(&vm.id).unwrap_or_default();
+        let alive = vm_alive(vm, &handles, self.procs.as_ref());
+        VmView {
+            name: vm.name.clone(),
+            id: vm.id.to_string(),
+            state: vm.state.to_string(),
+            guest_ip: vm.guest_ip,
+            last_error: vm.last_error.clone(),
+            image: vm.image.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            pid: if alive { handles.pid } else { None },
+            tap: handles.tap.clone(),
+            storage: vm.storage.map(|s| s.as_str().to_owned()),
+            vm_dir: vm.vm_dir.clone(),
+            log_path: vm.log_path.clone(),
+            api_socket: vm.api_socket.clone(),
+            created_at: vm.created_at,
+        }
+    }
+
+    /// Notices VMs whose VMM died while the daemon ran (guest reboot, crash, kill) and demotes
+    /// them, tearing down their kernel objects. VMs with an operation in progress are skipped.
+    async fn refresh(&self, vm: VmRuntime) -> VmRuntime {
+        if vm.state != VmState::Running {
+            return vm;
+        }
+        let lock = self.vm_lock(&vm.name);
+        let Ok(_guard) = lock.try_lock() else { return vm };
+        // Re-read under the lock: another operation may just have finished.
+        let Ok(Some(mut vm)) = self.with_store(|s| s.get_vm(&vm.id)) else { return vm };
+        let handles = self.handles_of(&vm);
+        if vm.state != VmState::Running || vm_alive(&vm, &handles, self.procs.as_ref()) {
+            return vm;
+        }
+        tracing::warn!(vm = %vm.name, id = %vm.id, "vmm is gone; tearing the vm down");
+        let reason = match self.teardown(&vm, &handles).await {
+            Ok(()) => "the vmm exited (guest shutdown or crash)".to_owned(),
+            Err(e) => format!("the vmm exited; cleanup is incomplete and will be retried: {e}"),
+        };
+        let _ = self.set_state(&mut vm, VmState::Stopped, Some(reason));
+        vm
+    }
+
+    /// `GET /v1/vms`.
+    pub async fn list(&self) -> Result<Vec<VmView>, DaemonError> {
+        let vms = self.with_store(|s| s.list_vms())?;
+        let mut out = Vec::with_capacity(vms.len());
+        for vm in vms {
+            let vm = self.refresh(vm).await;
+            out.push(self.view(&vm));
+        }
+        Ok(out)
+    }
+
+    /// `GET /v1/vms/{name}`.
+    pub async fn show(&self, name: &str) -> Result<VmView, DaemonError> {
+        let vm = self.find(name)?;
+        let vm = self.refresh(vm).await;
+        Ok(self.view(&vm))
+    }
+
+    /// `POST /v1/vms`.
+    pub async fn create(&self, req: CreateVm) -> Result<VmView, DaemonError> {
+        validate_name(&req.name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        let lock = self.vm_lock(&req.name);
+        let _guard = lock.lock().await;
+        if self.with_store(|s| s.get_vm_by_name(&req.name))?.is_some() {
+            return Err(DaemonError::Conflict(format!(
+                "a vm named {:?} already exists: pick another name or `banger vm delete {}` first",
+                req.name, req.name
+            )));
+        }
+        let image = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            images::select(&store, req.image.as_deref(), self.config.default_image.as_deref())
+                .map_err(image_err)?
+        }
+        .name;
+        let vcpus = req.vcpus.unwrap_or(self.config.default_vcpus);
+        if !(1..=32).contains(&vcpus) {
+            return Err(DaemonError::Invalid(format!("--vcpus {vcpus} is out of range: use 1 to 32")));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(self.config.default_memory_mib);
+        if memory_mib < 128 {
+            return Err(DaemonError::Invalid(format!(
+                "--memory {memory_mib} MiB is too small: use at least 128"
+            )));
+        }
+        let id = new_vm_id();
+        let now = unix_now();
+        let vm = VmRuntime {
+            name: req.name.clone(),
+            state: VmState::Created,
+            vcpus,
+            memory_mib,
+            image,
+            guest_ip: None,
+            gateway_ip: None,
+            api_socket: self.paths.vm_api_socket(&id),
+            vsock_path: self.paths.vm_vsock(&id),
+            vsock_cid: 3,
+            log_path: self.paths.vm_serial_log(&id),
+            metrics_path: self.paths.vm_metrics(&id),
+            dns_name: format!("{}.vm.banger.internal", req.name),
+            vm_dir: self.paths.vm_dir(&id),
+            overlay_path: self.paths.vm_root(&id),
+            work_disk_path: None,
+            storage: None,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            id,
+        };
+        crate::paths::check_socket_path_len(&vm.api_socket, 0)
+            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        crate::paths::check_socket_path_len(&vm.vsock_path, 6)
+            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        create_private_dir(&vm.vm_dir)
+            .map_err(|e| failed(format!("cannot create {}: {e}", vm.vm_dir.display())))?;
+        if let Err(e) = self.with_store(|s| s.insert_vm(&vm)) {
+            let _ = std::fs::remove_dir_all(&vm.vm_dir);
+            return Err(e);
+        }
+        tracing::info!(vm = %vm.name, id = %vm.id, "created");
+        Ok(self.view(&vm))
+    }
+
+    fn image(&self, name: &str) -> Result<crate::store::ImageRecord, DaemonError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        images::get(&store, name).map_err(image_err)
+    }
+
+    /// `POST /v1/vms/{name}/start`.
+    pub async fn start(&self, name: &str) -> Result<VmView, DaemonError> {
+        let lock = self.vm_lock(name);
+        let _guard = lock.lock().await;
+        let mut vm = self.find(name)?;
+        let handles = self.handles_of(&vm);
+        if vm_alive(&vm, &handles, self.procs.as_ref()) {
+            return Ok(self.view(&vm));
+        }
+        let vmm_bin = self.firecracker.clone().map_err(DaemonError::Invalid)?;
+        let image = self.image(&vm.image)?;
+        // Whatever a previous run left (a crash between reconciles) goes first.
+        if !handles.is_empty() || vm.state.wants_running() {
+            self.teardown(&vm, &handles).await?;
+        }
+        self.set_state(&mut vm, VmState::Starting, None)?;
+        match self.boot(&mut vm, &image, &vmm_bin).await {
+            Ok(()) => {
+                self.set_state(&mut vm, VmState::Running, None)?;
+                tracing::info!(vm = %vm.name, id = %vm.id, "running");
+                Ok(self.view(&vm))
+            }
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, id = %vm.id, error = %e, "start failed; undoing");
+                let handles = self.handles_of(&vm);
+                let undo = self.teardown(&vm, &handles).await;
+                let mut msg = e.to_string();
+                if let Err(u) = undo {
+                    msg.push_str(&format!(" (cleanup incomplete: {u})"));
+                }
+                let _ = self.set_state(&mut vm, VmState::Failed, Some(msg.clone()));
+                Err(match e {
+                    DaemonError::Unavailable(_) => DaemonError::Unavailable(msg),
+                    DaemonError::Invalid(_) => DaemonError::Invalid(msg),
+                    _ => DaemonError::Failed(msg),
+                })
+            }
+        }
+    }
+
+    async fn boot(
+        &self,
+        vm: &mut VmRuntime,
+        image: &crate::store::ImageRecord,
+        vmm_bin: &Path,
+    ) -> Result<(), DaemonError> {
+        let helper_err = |e: crate::helper_client::HelperClientError| helper_error(&e);
+        let tap = self.helper.tap_create(&vm.id).await.map_err(helper_err)?;
+        let mut handles = VmHandles { tap: Some(tap.name.clone()), ..VmHandles::default() };
+        self.cache.record(&vm.id, &vm.vm_dir, handles.clone()).map_err(|e| failed(with_sources(&e)))?;
+        self.helper.nat_up(&vm.id).await.map_err(helper_err)?;
+        vm.guest_ip = Some(tap.guest_ip);
+        vm.gateway_ip = Some(tap.host_ip);
+
+        // The writable root: made once from the image, then personalized at every start.
+        if !vm.overlay_path.exists() {
+            let kind = storage::prepare_root(
+                storage::StorageStrategy::default(),
+                &image.rootfs_path,
+                &vm.overlay_path,
+            )
+            .map_err(|e| failed(with_sources(&e)))?;
+            vm.storage = Some(kind);
+        }
+        let user_key = ssh::ensure_user_key(&self.paths.ssh_key()).map_err(|e| failed(with_sources(&e)))?;
+        let host_key = personalize::personalize(
+            &vm.overlay_path,
+            &personalize::Personalization {
+                hostname: &vm.name,
+                authorized_keys: std::slice::from_ref(&user_key.public_key),
+            },
+        )
+        .map_err(|e| failed(with_sources(&e)))?;
+        ssh::pin_host_key(&self.paths.known_hosts(), &vm.id, &host_key)
+            .map_err(|e| failed(with_sources(&e)))?;
+        vm.updated_at = unix_now();
+        self.with_store(|s| s.update_vm(vm))?;
+
+        let spawned = vmm::spawn_direct(&vmm::SpawnSpec {
+            vmm: vmm_bin,
+            relay: &self.relay_exe,
+            id: vm.id.as_str(),
+            api_socket: &vm.api_socket,
+            serial_log: &vm.log_path,
+            serial_cap: logfile::SERIAL_LOG_CAP,
+        })
+        .await
+        .map_err(|e| failed(with_sources(&e)))?;
+        handles.pid = Some(spawned.pid);
+        self.cache.record(&vm.id, &vm.vm_dir, handles).map_err(|e| failed(with_sources(&e)))?;
+
+        let fc = FirecrackerClient::new(&vm.api_socket);
+        let api = |e: firecracker::FirecrackerError| {
+            let text = with_sources(&e);
+            let hint = vmm::device_hint(&text);
+            failed(format!("{text}{hint}"))
+        };
+        // Firecracker appends to the metrics file; it must exist.
+        touch(&vm.metrics_path)
+            .map_err(|e| failed(format!("cannot create {}: {e}", vm.metrics_path.display())))?;
+        fc.put_metrics(&firecracker::Metrics { metrics_path: vm.metrics_path.clone() }).await.map_err(api)?;
+        fc.put_machine_config(&firecracker::MachineConfig {
+            vcpu_count: vm.vcpus,
+            mem_size_mib: vm.memory_mib,
+            smt: None,
+            track_dirty_pages: None,
+            huge_pages: None,
+        })
+        .await
+        .map_err(api)?;
+        fc.put_boot_source(&firecracker::BootSource {
+            kernel_image_path: image.kernel_path.clone(),
+            boot_args: Some(boot_args(vm, tap.guest_ip, tap.host_ip, tap.prefix_len)),
+            initrd_path: None,
+        })
+        .await
+        .map_err(api)?;
+        fc.put_drive(&firecracker::Drive {
+            drive_id: "rootfs".into(),
+            is_root_device: true,
+            path_on_host: vm.overlay_path.clone(),
+            is_read_only: false,
+            cache_type: None,
+            io_engine: None,
+            partuuid: None,
+        })
+        .await
+        .map_err(api)?;
+        fc.put_network_interface(&firecracker::NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: tap.name.clone(),
+            guest_mac: Some(tap.guest_mac.clone()),
+        })
+        .await
+        .map_err(api)?;
+        fc.put_vsock(&firecracker::Vsock { guest_cid: vm.vsock_cid, uds_path: vm.vsock_path.clone() })
+            .await
+            .map_err(api)?;
+        fc.instance_start().await.map_err(api)?;
+        Ok(())
+    }
+
+    /// Removes everything a VM holds: kills its VMM if it still serves the VM's socket, then
+    /// NAT, TAP and loops through the helper, then its handles and sockets. Idempotent.
+    async fn teardown(&self, vm: &VmRuntime, handles: &VmHandles) -> Result<(), DaemonError> {
+        if let Some(pid) = handles.pid {
+            let _ = self.procs.kill_vmm(pid, &vm.api_socket);
+            self.wait_gone(pid, Duration::from_secs(5)).await;
+        }
+        let report =
+            self.helper.teardown_vms(std::slice::from_ref(&vm.id)).await.map_err(|e| helper_error(&e))?;
+        if let Some(f) = report.failures.first() {
+            return Err(failed(format!(
+                "helper could not remove {} of vm {}: {}",
+                f.object, vm.name, f.error
+            )));
+        }
+        self.cache.forget(&vm.id, &vm.vm_dir).map_err(|e| failed(with_sources(&e)))?;
+        for sock in [&vm.api_socket, &vm.vsock_path] {
+            let _ = std::fs::remove_file(sock);
+        }
+        Ok(())
+    }
+
+    async fn wait_gone(&self, pid: i32, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.procs.pid_state(pid) {
+                Ok(PidState::Gone | PidState::Zombie) | Err(_) => return true,
+                Ok(PidState::Live(_)) if Instant::now() >= deadline => return false,
+                Ok(PidState::Live(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// `POST /v1/vms/{name}/stop`.
+    pub async fn stop(&self, name: &str) -> Result<VmView, DaemonError> {
+        let lock = self.vm_lock(name);
+        let _guard = lock.lock().await;
+        let mut vm = self.find(name)?;
+        self.stop_locked(&mut vm).await?;
+        Ok(self.view(&vm))
+    }
+
+    async fn stop_locked(&self, vm: &mut VmRuntime) -> Result<(), DaemonError> {
+        let handles = self.handles_of(vm);
+        if !vm.state.wants_running() && handles.is_empty() {
+            return Ok(());
+        }
+        let was_alive = vm_alive(vm, &handles, self.procs.as_ref());
+        self.set_state(vm, VmState::Stopping, None)?;
+        if was_alive && let Some(pid) = handles.pid {
+            let fc = FirecrackerClient::new(&vm.api_socket);
+            match fc.send_ctrl_alt_del().await {
+                Ok(()) => {
+                    if !self.wait_gone(pid, STOP_GRACE).await {
+                        tracing::warn!(vm = %vm.name, "guest did not shut down in time; killing the vmm");
+                    }
+                }
+                Err(e) => tracing::warn!(vm = %vm.name, error = %e, "ctrl-alt-del failed; killing the vmm"),
+            }
+        }
+        self.teardown(vm, &handles).await?;
+        self.set_state(vm, VmState::Stopped, None)?;
+        tracing::info!(vm = %vm.name, id = %vm.id, "stopped");
+        Ok(())
+    }
+
+    /// `POST /v1/vms/{name}/restart`.
+    pub async fn restart(&self, name: &str) -> Result<VmView, DaemonError> {
+        {
+            let lock = self.vm_lock(name);
+            let _guard = lock.lock().await;
+            let mut vm = self.find(name)?;
+            self.stop_locked(&mut vm).await?;
+        }
+        self.start(name).await
+    }
+
+    /// `DELETE /v1/vms/{name}`.
+    pub async fn delete(&self, name: &str) -> Result<(), DaemonError> {
+        let lock = self.vm_lock(name);
+        let _guard = lock.lock().await;
+        let mut vm = self.find(name)?;
+        self.stop_locked(&mut vm).await?;
+        // Kernel objects of a VM that never ran (or that a crash left) go too.
+        self.teardown(&vm, &VmHandles::default()).await?;
+        ssh::unpin_host_key(&self.paths.known_hosts(), &vm.id).map_err(|e| failed(with_sources(&e)))?;
+        match std::fs::remove_dir_all(&vm.vm_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(format!("cannot remove {}: {e}", vm.vm_dir.display()))),
+        }
+        self.with_store(|s| s.delete_vm(&vm.id))?;
+        self.vm_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        tracing::info!(vm = %vm.name, id = %vm.id, "deleted");
+        Ok(())
+    }
+
+    /// `GET /v1/vms/{name}/logs`.
+    pub async fn logs(&self, name: &str, bytes: u64) -> Result<String, DaemonError> {
+        let vm = self.find(name)?;
+        logfile::tail(&vm.log_path, bytes)
+            .map_err(|e| failed(format!("cannot read {}: {e}", vm.log_path.display())))
+    }
+
+    /// `GET /v1/status`.
+    pub async fn status(&self) -> Result<Status, DaemonError> {
+        let helper_reachable = self.helper.ping().await.is_ok();
+        let vms = self.with_store(|s| s.list_vms())?;
+        let running_vms = vms
+            .iter()
+            .filter(|vm| vm_alive(vm, &self.cache.get(&vm.id).unwrap_or_default(), self.procs.as_ref()))
+            .count();
+        Ok(Status {
+            pid: std::process::id() as i32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            install_id: self.install_id.to_string(),
+            helper_socket: self.config.helper_socket.clone(),
+            firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
+            helper_reachable,
+            running_vms,
+        })
+    }
+
+    /// `GET /v1/images`.
+    pub async fn images(&self) -> Result<Vec<ImageView>, DaemonError> {
+        Ok(self.with_store(|s| s.list_images())?.into_iter().map(image_view).collect())
+    }
+
+    /// `POST /v1/images`.
+    pub async fn import_image(&self, req: ImportImage) -> Result<ImageView, DaemonError> {
+        crate::ids::validate_name(&req.name)
+            .map_err(|_| image_err(images::ImageError::InvalidName(req.name.clone())))?;
+        if self.with_store(|s| s.get_image(&req.name))?.is_some() {
+            return Err(image_err(images::ImageError::Exists(req.name.clone())));
+        }
+        // Copy and hash without holding the store; only the commit takes it.
+        let paths = self.paths.clone();
+        let staged =
+            tokio::task::spawn_blocking(move || images::stage(&paths, &req.name, &req.kernel, &req.rootfs))
+                .await
+                .map_err(failed)?
+                .map_err(image_err)?;
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(image_view(staged.commit(&store, &self.paths).map_err(image_err)?))
+    }
+
+    /// `DELETE /v1/images/{name}`.
+    pub async fn remove_image(&self, name: &str) -> Result<(), DaemonError> {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        images::remove(&store, &self.paths, name).map_err(image_err)
+    }
+}
+
+fn image_view(i: crate::store::ImageRecord) -> ImageView {
+    ImageView {
+        name: i.name,
+        kernel_sha256: i.kernel_sha256,
+        rootfs_sha256: i.rootfs_sha256,
+        size_bytes: i.size_bytes,
+        created_at: i.created_at,
+    }
+}
+
+fn image_err(e: images::ImageError) -> DaemonError {
+    let text = with_sources(&e);
+    match e.kind() {
+        images::ImageErrorKind::NotFound => DaemonError::NotFound(text),
+        images::ImageErrorKind::Conflict => DaemonError::Conflict(text),
+        images::ImageErrorKind::Invalid => DaemonError::Invalid(text),
+        images::ImageErrorKind::Failed => DaemonError::Failed(text),
+    }
+}
+
+fn helper_error(e: &crate::helper_client::HelperClientError) -> DaemonError {
+    let text = with_sources(e);
+    if e.is_unreachable() { DaemonError::Unavailable(text) } else { DaemonError::Failed(text) }
+}
+
+/// The kernel command line: console, reboot on Ctrl-Alt-Del, and the guest's address.
+pub fn boot_args(vm: &VmRuntime, guest: Ipv4Addr, gateway: Ipv4Addr, prefix_len: u8) -> String {
+    let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0));
+    format!("console=ttyS0 reboot=k panic=1 pci=off ip={guest}::{gateway}:{mask}:{}:eth0:off", vm.name)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+fn touch(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map(drop)
+}

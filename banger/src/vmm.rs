@@ -1,0 +1,255 @@
+//! Starting a VMM in direct mode: Firecracker (or anything that speaks its API, named by
+//! `BANGER_FIRECRACKER`) runs as the user, in a session of its own so it outlives the daemon,
+//! with its console on a pipe into a size-capped serial log written by a small relay process
+//! (`bangerd serial-relay`), since a guest decides how much it prints.
+//!
+//! Flow of [`spawn_direct`]: remove a stale API socket (a killed VMM leaves it behind and
+//! Firecracker refuses to start on an existing path), start the relay, start the VMM with its
+//! stdout and stderr on the relay's pipe, then wait (bounded) until the API socket answers. If the
+//! VMM exits first, the error carries the tail of the serial log and, where the log shows a device
+//! it could not open, the fix.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::logfile;
+
+/// How long a VMM may take to open its API socket.
+pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a VMM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary is not there.
+    #[error(
+        "vmm binary {path} not found: install firecracker or point BANGER_FIRECRACKER (or `firecracker` in config.toml) at it"
+    )]
+    BinaryMissing {
+        /// The path looked for.
+        path: PathBuf,
+    },
+    /// A process could not be spawned.
+    #[error("cannot start {what} {path}")]
+    Spawn {
+        /// Which process.
+        what: &'static str,
+        /// Its binary.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stale socket could not be removed.
+    #[error("cannot remove stale api socket {path}")]
+    StaleSocket {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM exited before serving its API.
+    #[error("vmm exited ({status}) before opening its api socket{hint}; serial log tail:\n{tail}")]
+    ExitedEarly {
+        /// How it exited.
+        status: String,
+        /// A fix, when the log names one.
+        hint: String,
+        /// The end of its console output.
+        tail: String,
+    },
+    /// The VMM did not open its API socket in time.
+    #[error("vmm did not open its api socket {path} within {secs} s; serial log tail:\n{tail}")]
+    SocketTimeout {
+        /// The socket.
+        path: PathBuf,
+        /// The timeout.
+        secs: u64,
+        /// The end of its console output.
+        tail: String,
+    },
+}
+
+/// A started VMM.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid.
+    pub pid: i32,
+}
+
+/// What a VMM needs to start.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec<'a> {
+    /// The VMM binary (absolute).
+    pub vmm: &'a Path,
+    /// The relay binary (this daemon's own executable).
+    pub relay: &'a Path,
+    /// The VM id, passed as `--id`.
+    pub id: &'a str,
+    /// The API socket path.
+    pub api_socket: &'a Path,
+    /// The serial log.
+    pub serial_log: &'a Path,
+    /// The serial log's cap in bytes.
+    pub serial_cap: u64,
+}
+
+fn setsid_command(path: &Path) -> Command {
+    let mut cmd = Command::new(path);
+    cmd.stdin(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    cmd
+}
+
+/// Hints for errors a VMM prints when the user cannot open a device it needs.
+pub fn device_hint(log: &str) -> String {
+    let lower = log.to_lowercase();
+    let denied = lower.contains("permission denied") || lower.contains("os error 13");
+    if denied && lower.contains("kvm") {
+        return " (the user cannot open /dev/kvm: add the user to the kvm group or grant an ACL, e.g. `sudo setfacl -m u:$USER:rw /dev/kvm`)".into();
+    }
+    if denied && (lower.contains("/dev/net/tun") || lower.contains("tap")) {
+        return " (the user cannot open /dev/net/tun or the vm's tap: /dev/net/tun must be mode 0666, e.g. `sudo chmod 0666 /dev/net/tun`)".into();
+    }
+    String::new()
+}
+
+/// Starts the relay and the VMM; returns once the API socket answers.
+pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
+    if !spec.vmm.is_file() {
+        return Err(VmmError::BinaryMissing { path: spec.vmm.to_owned() });
+    }
+    match std::fs::symlink_metadata(spec.api_socket) {
+        Ok(m) if m.file_type().is_socket() || m.is_file() => std::fs::remove_file(spec.api_socket)
+            .map_err(|source| VmmError::StaleSocket { path: spec.api_socket.to_owned(), source })?,
+        _ => {}
+    }
+    let mut relay = setsid_command(spec.relay);
+    relay
+        .arg("serial-relay")
+        .arg(spec.serial_log)
+        .arg(spec.serial_cap.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut relay = relay.spawn().map_err(|source| VmmError::Spawn {
+        what: "serial relay",
+        path: spec.relay.into(),
+        source,
+    })?;
+    let pipe = relay.stdin.take().expect("stdin was piped");
+    let pipe = pipe.into_owned_fd().map_err(|source| VmmError::Spawn {
+        what: "serial relay",
+        path: spec.relay.into(),
+        source,
+    })?;
+    let pipe2 = pipe.try_clone().map_err(|source| VmmError::Spawn {
+        what: "serial relay",
+        path: spec.relay.into(),
+        source,
+    })?;
+    let mut vmm = setsid_command(spec.vmm);
+    vmm.arg("--api-sock").arg(spec.api_socket).arg("--id").arg(spec.id).stdout(pipe).stderr(pipe2);
+    let child =
+        vmm.spawn().map_err(|source| VmmError::Spawn { what: "vmm", path: spec.vmm.into(), source })?;
+    // Our copies of the pipe went into the Command and are closed with it; the relay ends when
+    // the VMM does. Both children are reaped by the runtime once dropped.
+    drop(vmm);
+    drop(relay);
+    wait_for_api(child, spec).await
+}
+
+async fn wait_for_api(mut child: Child, spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let deadline = Instant::now() + API_SOCKET_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            // Give the relay a moment to write what the VMM printed last.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let tail = logfile::tail(spec.serial_log, 2048).unwrap_or_default();
+            return Err(VmmError::ExitedEarly { status: status.to_string(), hint: device_hint(&tail), tail });
+        }
+        if UnixStream::connect(spec.api_socket).await.is_ok() {
+            return Ok(Spawned { pid });
+        }
+        if Instant::now() >= deadline {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            let tail = logfile::tail(spec.serial_log, 2048).unwrap_or_default();
+            return Err(VmmError::SocketTimeout {
+                path: spec.api_socket.to_owned(),
+                secs: API_SOCKET_TIMEOUT.as_secs(),
+                tail,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_name_the_device_and_the_fix() {
+        let kvm = device_hint("Error creating KVM object: Permission denied (os error 13)");
+        assert!(kvm.contains("/dev/kvm") && kvm.contains("kvm group"), "{kvm}");
+        let tun = device_hint(
+            "Open tap device failed: Error while creating ifreq structure: Permission denied (os error 13). Invalid TUN/TAP Backend provided by bg123. Check our documentation on setting up the network devices.",
+        );
+        assert!(tun.contains("/dev/net/tun") && tun.contains("0666"), "{tun}");
+        assert_eq!(device_hint("all good"), "");
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SpawnSpec {
+            vmm: &dir.path().join("nope"),
+            relay: Path::new("/bin/cat"),
+            id: "x",
+            api_socket: &dir.path().join("api.sock"),
+            serial_log: &dir.path().join("serial.log"),
+            serial_cap: 1024,
+        };
+        let e = spawn_direct(&spec).await.unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("BANGER_FIRECRACKER"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn early_exit_reports_the_console_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        // A "vmm" that prints and exits; the relay is a shell loop copying stdin to the log.
+        let vmm = dir.path().join("vmm");
+        std::fs::write(
+            &vmm,
+            "#!/bin/sh\necho 'Error creating KVM object: Permission denied (os error 13)'\nexit 1\n",
+        )
+        .unwrap();
+        let relay = dir.path().join("relay");
+        std::fs::write(&relay, "#!/bin/sh\n[ \"$1\" = serial-relay ] && cat > \"$2\"\n").unwrap();
+        for p in [&vmm, &relay] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let log = dir.path().join("serial.log");
+        let spec = SpawnSpec {
+            vmm: &vmm,
+            relay: &relay,
+            id: "x",
+            api_socket: &dir.path().join("api.sock"),
+            serial_log: &log,
+            serial_cap: 1024,
+        };
+        let e = spawn_direct(&spec).await.unwrap_err().to_string();
+        assert!(e.contains("exited") && e.contains("KVM object") && e.contains("kvm group"), "{e}");
+    }
+}
