@@ -131,3 +131,71 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
         _ => error(404, format!("no endpoint {method} {path}: see the table in the api documentation")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::client::{ClientError, DaemonClient};
+    use crate::config::Config;
+    use crate::helper_client::fake::FakeHelper;
+    use crate::liveness::fake::FakeProcesses;
+    use crate::paths::Paths;
+    use crate::store::Store;
+
+    async fn served() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>) {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::under(&dir.path().join("h"), nix::unistd::getuid().as_raw()).unwrap();
+        paths.ensure_dirs().unwrap();
+        let store = Store::open_in_memory().unwrap();
+        let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let daemon = Arc::new(Daemon::new(
+            paths.clone(),
+            Config::default(),
+            store,
+            helper,
+            Arc::new(FakeProcesses::new()),
+            PathBuf::from("/bin/true"),
+        ));
+        let sock = paths.daemon_socket();
+        let listener = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(serve(listener, daemon.clone()));
+        (dir, DaemonClient::new(sock), daemon)
+    }
+
+    #[tokio::test]
+    async fn the_api_answers_json_and_typed_errors() {
+        let (_dir, client, daemon) = served().await;
+        let status = client.status().await.unwrap();
+        assert_eq!(status.install_id, daemon.install_id().to_string());
+        assert_eq!(status.running_vms, 0);
+
+        let list: serde_json::Value = client.call::<(), _>(Method::GET, "/v1/vms", None).await.unwrap();
+        assert_eq!(list, serde_json::json!([]));
+
+        // Unknown VM: 404 with a message naming it.
+        let err = client.call::<(), serde_json::Value>(Method::GET, "/v1/vms/ghost", None).await.unwrap_err();
+        match err {
+            ClientError::Api { status: 404, message } => assert!(message.contains("ghost"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        // A body with an unknown field: 400.
+        let bad = serde_json::json!({"name": "x", "colour": "red"});
+        let err = client.call::<_, serde_json::Value>(Method::POST, "/v1/vms", Some(&bad)).await.unwrap_err();
+        assert!(matches!(err, ClientError::Api { status: 400, .. }), "{err:?}");
+        // No image imported: the create is refused with what to do.
+        let body = serde_json::json!({"name": "dev"});
+        let err =
+            client.call::<_, serde_json::Value>(Method::POST, "/v1/vms", Some(&body)).await.unwrap_err();
+        match err {
+            ClientError::Api { status: 400, message } => assert!(message.contains("--image"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        // Unknown endpoint.
+        let (code, _) = client.raw(Method::PUT, "/v1/nothing", None).await.unwrap();
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        // Stop: the server loop ends.
+        let _: serde_json::Value = client.call::<(), _>(Method::POST, "/v1/daemon/stop", None).await.unwrap();
+    }
+}

@@ -688,3 +688,206 @@ fn touch(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use banger_protocol::Request;
+
+    use super::*;
+    use crate::helper_client::fake::FakeHelper;
+    use crate::liveness::fake::FakeProcesses;
+    use crate::store::ImageRecord;
+
+    struct Env {
+        _dir: tempfile::TempDir,
+        daemon: Daemon,
+        helper: Arc<FakeHelper>,
+        procs: Arc<FakeProcesses>,
+    }
+
+    /// A daemon over a temp install with one image, a fake helper and a fake process table.
+    /// `vmm` is the VMM's shell script body.
+    fn env(vmm: &str) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("h");
+        let paths = Paths::under(&home, nix::unistd::getuid().as_raw()).unwrap();
+        paths.ensure_dirs().unwrap();
+        let fc = dir.path().join("vmm");
+        std::fs::write(&fc, format!("#!/bin/sh\n{vmm}\n")).unwrap();
+        std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let rootfs = dir.path().join("rootfs.ext4");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&rootfs)
+            .arg("8M")
+            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let relay = dir.path().join("relay");
+        std::fs::write(&relay, "#!/bin/sh\n[ \"$1\" = serial-relay ] && exec cat >> \"$2\"\n").unwrap();
+        std::fs::set_permissions(&relay, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = Store::open_in_memory().unwrap();
+        store
+            .insert_image(&ImageRecord {
+                name: "base".into(),
+                kernel_path: fc.clone(),
+                rootfs_path: rootfs,
+                kernel_sha256: "0".repeat(64),
+                rootfs_sha256: "0".repeat(64),
+                size_bytes: 1,
+                created_at: 0,
+            })
+            .unwrap();
+        let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let procs = Arc::new(FakeProcesses::new());
+        let config = Config { firecracker: fc, ..Config::default() };
+        let daemon = Daemon::new(paths, config, store, helper.clone(), procs.clone(), relay);
+        Env { _dir: dir, daemon, helper, procs }
+    }
+
+    fn create(name: &str) -> CreateVm {
+        CreateVm { name: name.into(), image: Some("base".into()), vcpus: None, memory_mib: None }
+    }
+
+    #[tokio::test]
+    async fn create_validates_and_refuses_duplicates_without_side_effects() {
+        let e = env("exit 1");
+        let vm = e.daemon.create(create("dev")).await.unwrap();
+        assert_eq!((vm.name.as_str(), vm.state.as_str()), ("dev", "created"));
+        assert!(vm.vm_dir.is_dir());
+
+        let dup = e.daemon.create(create("dev")).await.unwrap_err();
+        assert_eq!(dup.status(), 409, "{dup}");
+        assert!(dup.to_string().contains("already exists"), "{dup}");
+
+        let bad = e.daemon.create(create("Bad_Name")).await.unwrap_err();
+        assert_eq!(bad.status(), 400);
+        assert!(bad.to_string().contains("invalid vm name"), "{bad}");
+
+        let unknown =
+            e.daemon.create(CreateVm { image: Some("nope".into()), ..create("other") }).await.unwrap_err();
+        assert_eq!(unknown.status(), 404, "{unknown}");
+        assert!(unknown.to_string().contains("nope") && unknown.to_string().contains("base"), "{unknown}");
+
+        let vcpus = e.daemon.create(CreateVm { vcpus: Some(64), ..create("other") }).await.unwrap_err();
+        assert_eq!(vcpus.status(), 400, "{vcpus}");
+
+        // Only the first create left anything.
+        let list = e.daemon.list().await.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(std::fs::read_dir(e.daemon.paths.vms_dir()).unwrap().count(), 1);
+        assert!(e.helper.calls().is_empty(), "create never needs the helper");
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_undoes_everything_and_records_why() {
+        let e = env("echo 'Error creating KVM object: Permission denied (os error 13)'; exit 1");
+        e.daemon.create(create("dev")).await.unwrap();
+        let err = e.daemon.start("dev").await.unwrap_err().to_string();
+        assert!(err.contains("/dev/kvm") && err.contains("kvm group"), "{err}");
+
+        let vm = e.daemon.show("dev").await.unwrap();
+        assert_eq!(vm.state, "failed");
+        assert!(vm.last_error.as_deref().unwrap_or("").contains("KVM object"), "{vm:?}");
+        assert!(vm.pid.is_none() && vm.tap.is_none());
+        // The TAP and NAT made for it were removed through the helper, and nothing is owned now.
+        let calls = e.helper.calls();
+        assert!(matches!(calls[0], Request::TapCreate { .. }), "{calls:?}");
+        assert!(calls.iter().any(|c| matches!(c, Request::NatUp { .. })), "{calls:?}");
+        assert!(matches!(calls.last(), Some(Request::TeardownVms { .. })), "{calls:?}");
+        let owned = e.helper.owned();
+        assert!(owned.taps.is_empty() && owned.nat.is_empty(), "{owned:?}");
+        assert!(!crate::handles::scratch_path(&vm.vm_dir).exists());
+        // The root was made once and keeps the hostname written into it.
+        assert_eq!(vm.storage.as_deref().map(|s| s == "reflink" || s == "sparse-copy"), Some(true));
+    }
+
+    #[tokio::test]
+    async fn start_without_a_helper_says_how_to_start_it() {
+        let e = env("exit 1");
+        e.daemon.create(create("dev")).await.unwrap();
+        e.helper.set_unreachable(true);
+        let err = e.daemon.start("dev").await.unwrap_err();
+        assert_eq!(err.status(), 503, "{err}");
+        assert!(err.to_string().contains("banger-helper"), "{err}");
+        // List and show still work without the helper.
+        assert_eq!(e.daemon.list().await.unwrap()[0].state, "failed");
+    }
+
+    #[tokio::test]
+    async fn stopping_a_stopped_vm_changes_nothing_and_delete_removes_everything() {
+        let e = env("exit 1");
+        let created = e.daemon.create(create("dev")).await.unwrap();
+        let stopped = e.daemon.stop("dev").await.unwrap();
+        assert_eq!(stopped.state, "created");
+        assert!(e.helper.calls().is_empty());
+        e.daemon.delete("dev").await.unwrap();
+        assert!(!created.vm_dir.exists());
+        assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+        assert!(e.daemon.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_died_under_a_running_daemon_is_demoted_with_its_objects_removed() {
+        let e = env("exit 1");
+        let view = e.daemon.create(create("dev")).await.unwrap();
+        // Pretend a start succeeded: a TAP at the helper, handles recorded, state running.
+        let id: banger_protocol::VmId = view.id.parse().unwrap();
+        e.helper.tap_create(&id).await.unwrap();
+        e.daemon.with_store(|s| s.set_state(&id, VmState::Running, None)).unwrap();
+        e.procs.add_vmm(4242, &view.api_socket);
+        let handles = VmHandles { pid: Some(4242), tap: Some("bgtest".into()), ..VmHandles::default() };
+        e.daemon.cache.record(&id, &view.vm_dir, handles).unwrap();
+        assert_eq!(e.daemon.show("dev").await.unwrap().pid, Some(4242));
+
+        // The VMM exits; the next read notices, tears down and demotes.
+        e.procs.make_zombie(4242);
+        let vm = e.daemon.show("dev").await.unwrap();
+        assert_eq!(vm.state, "stopped");
+        assert!(vm.last_error.unwrap().contains("vmm exited"));
+        assert!(e.helper.owned().taps.is_empty());
+        assert!(e.daemon.cache.get(&id).is_none());
+    }
+
+    #[test]
+    fn boot_args_carry_the_guest_address() {
+        let vm_name = "dev";
+        let mut vm = sample_vm();
+        vm.name = vm_name.into();
+        let args = boot_args(&vm, Ipv4Addr::new(172, 30, 0, 2), Ipv4Addr::new(172, 30, 0, 1), 30);
+        assert!(args.contains("ip=172.30.0.2::172.30.0.1:255.255.255.252:dev:eth0:off"), "{args}");
+        assert!(args.starts_with("console=ttyS0 reboot=k panic=1"), "{args}");
+    }
+
+    fn sample_vm() -> VmRuntime {
+        VmRuntime {
+            id: crate::ids::new_vm_id(),
+            name: "x".into(),
+            state: VmState::Created,
+            vcpus: 1,
+            memory_mib: 128,
+            image: "base".into(),
+            guest_ip: None,
+            gateway_ip: None,
+            api_socket: "/a".into(),
+            vsock_path: "/v".into(),
+            vsock_cid: 3,
+            log_path: "/l".into(),
+            metrics_path: "/m".into(),
+            dns_name: "x".into(),
+            vm_dir: "/d".into(),
+            overlay_path: "/o".into(),
+            work_disk_path: None,
+            storage: None,
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+}
