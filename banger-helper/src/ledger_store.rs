@@ -20,8 +20,8 @@ use banger_protocol::{InstallId, VmId};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-const FILE: &str = "ledger.json";
-const TEMP: &str = "ledger.json.tmp";
+const LEASES: &str = "leases.json";
+const OBJECTS: &str = "objects.json";
 const LOCK: &str = "lock";
 const FORMAT: u32 = 1;
 
@@ -113,12 +113,40 @@ impl Stored {
     }
 }
 
-/// The ledger file of one state directory, held exclusively while the helper runs.
+/// `leases.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LeasesFile {
+    format: u32,
+    leases: BTreeMap<u32, u32>,
+}
+
+/// `objects.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ObjectsFile {
+    format: u32,
+    entries: Vec<LedgerEntry>,
+    #[serde(default)]
+    loop_backing: BTreeMap<String, Backing>,
+}
+
+/// The ledger files of one state directory, held exclusively while the helper runs.
 #[derive(Debug)]
 pub struct LedgerStore {
     dir: PathBuf,
+    /// The leases as last synced to disk, to know when `leases.json` must be written again.
+    synced_leases: BTreeMap<u32, u32>,
     /// Held for the helper's lifetime; keeps other helpers off this directory.
     _lock: Flock<File>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Corrupt { path: path.to_owned(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io { action: "read", path: path.to_owned(), source }),
+    }
 }
 
 impl LedgerStore {
@@ -143,15 +171,24 @@ impl LedgerStore {
                 dir_err(io::Error::from(errno))
             }
         })?;
-        let path = dir.join(FILE);
-        let stored = match fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })?
+        let leases: LeasesFile = read_json(&dir.join(LEASES))?.unwrap_or_default();
+        let objects: ObjectsFile = match read_json(&dir.join(OBJECTS)) {
+            Ok(o) => o.unwrap_or_default(),
+            Err(e @ StoreError::Corrupt { .. }) => {
+                tracing::error!(
+                    "{e}; starting with no objects (after a power loss the kernel holds none either); \
+                     banger-named objects still in the kernel are reported by the reconcile"
+                );
+                ObjectsFile::default()
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Stored { format: FORMAT, ..Stored::default() },
-            Err(source) => return Err(StoreError::Io { action: "read", path, source }),
+            Err(e) => return Err(e),
         };
-        Ok((LedgerStore { dir: dir.to_owned(), _lock: lock }, stored))
+        let stored = Stored {
+            format: FORMAT,
+            ledger: Ledger { leases: leases.leases.clone(), entries: objects.entries },
+            loop_backing: objects.loop_backing,
+        };
+        Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, stored))
     }
 
     /// The state directory.
@@ -159,13 +196,12 @@ impl LedgerStore {
         &self.dir
     }
 
-    /// Replaces the ledger file atomically with `stored`.
-    pub fn save(&self, stored: &Stored) -> Result<(), StoreError> {
-        let path = self.dir.join(FILE);
-        let temp = self.dir.join(TEMP);
+    /// Writes `bytes` to `name` atomically (temporary file, rename), fsyncing file and directory
+    /// when `durable`.
+    fn replace(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+        let path = self.dir.join(name);
+        let temp = self.dir.join(format!("{name}.tmp"));
         let io_err = |source| StoreError::Io { action: "write", path: path.clone(), source };
-        let mut bytes = serde_json::to_vec_pretty(stored).map_err(|e| io_err(io::Error::other(e)))?;
-        bytes.push(b'\n');
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -174,14 +210,47 @@ impl LedgerStore {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&temp)
             .map_err(io_err)?;
-        f.write_all(&bytes).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
+        f.write_all(bytes).map_err(io_err)?;
+        if durable {
+            f.sync_all().map_err(io_err)?;
+        }
         drop(f);
         fs::rename(&temp, &path).map_err(io_err)?;
-        let d = File::open(&self.dir).map_err(io_err)?;
-        nix::unistd::fsync(d.as_fd()).map_err(|e| io_err(io::Error::from(e)))?;
+        if durable {
+            let d = File::open(&self.dir).map_err(io_err)?;
+            nix::unistd::fsync(d.as_fd()).map_err(|e| io_err(io::Error::from(e)))?;
+        }
         Ok(())
     }
+
+    /// Saves `stored`: the leases durably when they changed, the objects always.
+    pub fn save(&mut self, stored: &Stored) -> Result<(), StoreError> {
+        let encode_err = |path: &str, e: serde_json::Error| StoreError::Io {
+            action: "write",
+            path: self.dir.join(path),
+            source: io::Error::other(e),
+        };
+        if stored.ledger.leases != self.synced_leases {
+            let file = LeasesFile { format: FORMAT, leases: stored.ledger.leases.clone() };
+            let bytes = to_json(&file).map_err(|e| encode_err(LEASES, e))?;
+            self.replace(LEASES, &bytes, true)?;
+            self.synced_leases = file.leases;
+        }
+        let objects = ObjectsFile {
+            format: FORMAT,
+            entries: stored.ledger.entries.clone(),
+            loop_backing: stored.loop_backing.clone(),
+        };
+        let bytes = to_json(&objects).map_err(|e| encode_err(OBJECTS, e))?;
+        self.replace(OBJECTS, &bytes, false)
+    }
+}
+
+/// Pretty JSON with a trailing newline.
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut bytes = serde_json::to_vec_pretty(v)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -209,7 +278,7 @@ mod tests {
     fn saves_and_loads_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let (store, mut stored) = LedgerStore::open(&state).unwrap();
+        let (mut store, mut stored) = LedgerStore::open(&state).unwrap();
         assert_eq!(stored.format, FORMAT);
         stored.ledger.leases.insert(1000, 3);
         stored.insert(entry(1000, "a", tap(0)));
@@ -220,13 +289,15 @@ mod tests {
         ));
         stored.loop_backing.insert("/dev/loop3".into(), Backing { dev: 1, ino: 2 });
         store.save(&stored).unwrap();
-        assert!(!state.join(TEMP).exists());
+        assert!(!state.join("objects.json.tmp").exists() && !state.join("leases.json.tmp").exists());
         drop(store);
         let (_store, again) = LedgerStore::open(&state).unwrap();
         assert_eq!(again, stored);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(fs::metadata(state.join(FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        for f in [LEASES, OBJECTS] {
+            assert_eq!(fs::metadata(state.join(f)).unwrap().permissions().mode() & 0o777, 0o600);
+        }
     }
 
     #[test]
@@ -239,11 +310,41 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_ledger_is_an_error_that_says_what_to_do() {
+    fn a_corrupt_lease_file_is_an_error_that_says_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(FILE), b"{not json").unwrap();
+        fs::write(dir.path().join(LEASES), b"{not json").unwrap();
         let err = LedgerStore::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("move it aside"), "{err}");
+    }
+
+    #[test]
+    fn an_unreadable_objects_file_reads_as_empty_and_leases_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut store, mut stored) = LedgerStore::open(dir.path()).unwrap();
+            stored.ledger.leases.insert(7, 1);
+            stored.insert(entry(7, "a", tap(0)));
+            store.save(&stored).unwrap();
+        }
+        fs::write(dir.path().join(OBJECTS), b"").unwrap();
+        let (_store, stored) = LedgerStore::open(dir.path()).unwrap();
+        assert!(stored.ledger.entries.is_empty());
+        assert_eq!(stored.ledger.leases.get(&7), Some(&1));
+    }
+
+    #[test]
+    fn leases_are_rewritten_only_when_they_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, mut stored) = LedgerStore::open(dir.path()).unwrap();
+        stored.ledger.leases.insert(7, 1);
+        store.save(&stored).unwrap();
+        let first = fs::metadata(dir.path().join(LEASES)).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stored.insert(entry(7, "a", tap(0)));
+        store.save(&stored).unwrap();
+        assert_eq!(fs::metadata(dir.path().join(LEASES)).unwrap().modified().unwrap(), first);
+        let text = fs::read_to_string(dir.path().join(OBJECTS)).unwrap();
+        assert!(text.contains("\"entries\""), "{text}");
     }
 
     #[test]

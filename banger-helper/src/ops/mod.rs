@@ -49,8 +49,8 @@ pub struct State {
 
 impl State {
     /// Saves the ledger.
-    fn persist(&self) -> Result<(), HelperError> {
-        match &self.store {
+    fn persist(&mut self) -> Result<(), HelperError> {
+        match &mut self.store {
             Some(store) => store.save(&self.stored).map_err(|e| {
                 tracing::error!("{e}: {:?}", std::error::Error::source(&e));
                 HelperError::Kernel { op: "ledger-write".into(), errno: 0, detail: e.to_string() }

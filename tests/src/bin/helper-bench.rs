@@ -1,0 +1,712 @@
+//! `helper-bench`: how fast the root helper does its work, measured against doing the same kernel
+//! work by shelling out to `ip`, `iptables`, `sysctl` and `losetup`, and against calling the
+//! helper's operations in-process without the socket (the floor).
+//!
+//! Run as root, after building the helper (the benchmark starts the real binary):
+//!
+//! ```text
+//! cargo build --release -p banger-helper
+//! cargo run --release -p banger-tests --bin helper-bench
+//! ```
+//!
+//! Everything happens in a network namespace of its own (with a veth uplink carrying the default
+//! route), which the benchmark enters before it starts anything, so the helper, the shell commands
+//! and the in-process operations all work in it. What is measured:
+//!
+//! 1. ping round trip through the socket (p50, p99);
+//! 2. one VM's host setup (TAP, NAT up, two loop attaches; the lease is taken once before) and
+//!    its teardown (the reverse), through the helper, by shelling out, and in-process, the three
+//!    alternating round by round;
+//! 3. tearing down 20 VMs in one request against tearing down one.
+//!
+//! Loop devices are global: the benchmark detaches whatever it attached, even on failure.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use banger_helper::audit::AuditLog;
+use banger_helper::kernel::linux::LinuxKernel;
+use banger_helper::ledger_store::LedgerStore;
+use banger_helper::ops::Helper;
+use banger_policy::{Peer, Policy};
+use banger_protocol::frame::{recv_blocking, send_blocking};
+use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId};
+use clap::Parser;
+
+/// Benchmark of banger-helper against shelling out and against the in-process floor.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Setup/teardown rounds per path.
+    #[arg(long, default_value_t = 30)]
+    rounds: usize,
+    /// Pings to time.
+    #[arg(long, default_value_t = 20_000)]
+    pings: usize,
+    /// Rounds of the 20-VM against 1-VM teardown.
+    #[arg(long, default_value_t = 8)]
+    bulk_rounds: usize,
+    /// VMs in the bulk teardown.
+    #[arg(long, default_value_t = 20)]
+    bulk_vms: usize,
+    /// The helper binary (default: `banger-helper` next to this program).
+    #[arg(long)]
+    helper: Option<PathBuf>,
+}
+
+const UPLINK: &str = "up0";
+
+/// The policy the helper (and the in-process floor) runs with: root may connect, room for the
+/// bulk teardown, no guest-to-host ports.
+fn policy_text(audit: &Path) -> String {
+    format!(
+        "[access]\nusers = [\"0\"]\nsocket_group = \"0\"\n\n[quotas]\nmax_vms = 64\nmax_taps = 64\nmax_loops = 128\n\n\
+         [audit]\nlog = \"{}\"\n",
+        audit.display()
+    )
+}
+
+fn run(cmd: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn run_out(cmd: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The benchmark's network namespace; the process enters it, and it is deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create_and_enter() -> anyhow::Result<Netns> {
+        let name = format!("bgbench-{}", std::process::id());
+        run(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        let n = ns.name.as_str();
+        run(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+        run(&["ip", "-n", n, "link", "add", UPLINK, "type", "veth", "peer", "name", "up1"])?;
+        run(&["ip", "-n", n, "link", "set", UPLINK, "up"])?;
+        run(&["ip", "-n", n, "link", "set", "up1", "up"])?;
+        run(&["ip", "-n", n, "addr", "add", "10.201.0.1/24", "dev", UPLINK])?;
+        run(&["ip", "-n", n, "route", "add", "default", "via", "10.201.0.2", "dev", UPLINK])?;
+        let f = File::open(format!("/run/netns/{n}"))?;
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// The real helper process; stopped on drop.
+struct HelperProcess {
+    child: Child,
+}
+
+impl HelperProcess {
+    fn start(bin: &Path, dir: &Path, policy: &Path) -> anyhow::Result<(HelperProcess, PathBuf)> {
+        let socket = dir.join("helper.sock");
+        let log = dir.join("helper.log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--policy")
+            .arg(policy)
+            .arg("--state-dir")
+            .arg(dir.join("helper-state"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut p = HelperProcess { child };
+        let start = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            if let Some(status) = p.child.try_wait()? {
+                bail!("helper exited ({status}): {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                bail!("helper not serving after 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok((p, socket))
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The benchmark's backing files; any loop device still attached to them is detached on drop.
+struct Files {
+    base: PathBuf,
+    cow: PathBuf,
+}
+
+impl Files {
+    fn create(dir: &Path) -> anyhow::Result<Files> {
+        let base = dir.join("base.img");
+        let cow = dir.join("cow.img");
+        for p in [&base, &cow] {
+            File::create(p)?.set_len(64 << 20)?;
+        }
+        Ok(Files { base, cow })
+    }
+
+    fn open(&self) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+        let base = File::open(&self.base)?;
+        let cow = std::fs::OpenOptions::new().read(true).write(true).open(&self.cow)?;
+        Ok((base.into(), cow.into()))
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for f in [&self.base, &self.cow] {
+            let out = Command::new("losetup").arg("-j").arg(f).output();
+            let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            for dev in text.lines().filter_map(|l| l.split(':').next()) {
+                eprintln!("helper-bench: detaching leftover {dev}");
+                let _ = std::os::unix::fs::chown(dev, Some(0), Some(0));
+                let _ = Command::new("losetup").args(["-d", dev]).output();
+            }
+        }
+    }
+}
+
+/// A blocking client on the helper socket.
+struct Client {
+    sock: UnixStream,
+}
+
+impl Client {
+    fn connect(socket: &Path, install: &str) -> anyhow::Result<Client> {
+        let c = Client { sock: UnixStream::connect(socket)? };
+        let hello =
+            c.call(Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new(install)? }, &[])?;
+        if !matches!(hello, Response::Hello(_)) {
+            bail!("hello refused: {hello:?}");
+        }
+        Ok(c)
+    }
+
+    fn call(&self, req: Request, fds: &[BorrowedFd<'_>]) -> anyhow::Result<Response> {
+        send_blocking(self.sock.as_fd(), &req, fds)?;
+        let (r, _) = recv_blocking::<Response>(self.sock.as_fd())?;
+        if let Response::Error(e) = &r {
+            bail!("{} failed: {e}", req.op_name());
+        }
+        Ok(r)
+    }
+}
+
+fn vm(s: &str) -> VmId {
+    VmId::new(s).expect("valid vm id")
+}
+
+fn setup_requests(id: &str) -> [Request; 4] {
+    [
+        Request::TapCreate { vm: vm(id) },
+        Request::NatUp { vm: vm(id) },
+        Request::LoopAttach { vm: vm(id), role: LoopRole::Base, read_only: true },
+        Request::LoopAttach { vm: vm(id), role: LoopRole::Cow, read_only: false },
+    ]
+}
+
+fn teardown_requests(id: &str) -> [Request; 4] {
+    [
+        Request::LoopDetach { vm: vm(id), role: LoopRole::Cow },
+        Request::LoopDetach { vm: vm(id), role: LoopRole::Base },
+        Request::NatDown { vm: vm(id) },
+        Request::TapDelete { vm: vm(id) },
+    ]
+}
+
+/// One way of doing a VM's host setup and teardown.
+trait Path3 {
+    fn name(&self) -> &'static str;
+    fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration>;
+    fn teardown(&mut self, id: &str) -> anyhow::Result<Duration>;
+}
+
+/// Through the helper's socket.
+struct ViaHelper {
+    client: Client,
+    /// Time of each request by operation, for the breakdown.
+    per_op: std::collections::BTreeMap<&'static str, Vec<Duration>>,
+}
+
+impl ViaHelper {
+    fn timed(&mut self, req: Request, fds: &[BorrowedFd<'_>]) -> anyhow::Result<Response> {
+        let op = req.op_name();
+        let t = Instant::now();
+        let r = self.client.call(req, fds)?;
+        self.per_op.entry(op).or_default().push(t.elapsed());
+        Ok(r)
+    }
+}
+
+impl Path3 for ViaHelper {
+    fn name(&self) -> &'static str {
+        "helper"
+    }
+
+    fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration> {
+        let (base, cow) = files.open()?;
+        let start = Instant::now();
+        for req in setup_requests(id) {
+            let fds: Vec<BorrowedFd<'_>> = match &req {
+                Request::LoopAttach { role: LoopRole::Base, .. } => vec![base.as_fd()],
+                Request::LoopAttach { .. } => vec![cow.as_fd()],
+                _ => vec![],
+            };
+            self.timed(req, &fds)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    fn teardown(&mut self, id: &str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        for req in teardown_requests(id) {
+            self.timed(req, &[])?;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// The helper's operations called in-process, without socket or process boundary (the floor).
+struct InProcess {
+    rt: Arc<tokio::runtime::Runtime>,
+    helper: Arc<Helper<LinuxKernel>>,
+    peer: Peer,
+}
+
+impl InProcess {
+    fn call(&self, req: Request, fds: Vec<OwnedFd>) -> anyhow::Result<Response> {
+        let op = req.op_name();
+        let r = self.rt.block_on(self.helper.handle(&self.peer, req, fds));
+        if let Response::Error(e) = &r {
+            bail!("{op} failed: {e}");
+        }
+        Ok(r)
+    }
+}
+
+impl Path3 for InProcess {
+    fn name(&self) -> &'static str {
+        "in-process"
+    }
+
+    fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration> {
+        let (base, cow) = files.open()?;
+        let (mut base, mut cow) = (Some(base), Some(cow));
+        let start = Instant::now();
+        for req in setup_requests(id) {
+            let fds = match &req {
+                Request::LoopAttach { role: LoopRole::Base, .. } => base.take().into_iter().collect(),
+                Request::LoopAttach { .. } => cow.take().into_iter().collect(),
+                _ => vec![],
+            };
+            self.call(req, fds)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    fn teardown(&mut self, id: &str) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        for req in teardown_requests(id) {
+            self.call(req, vec![])?;
+        }
+        Ok(start.elapsed())
+    }
+}
+
+/// The same kernel work by shelling out, one command per step, into chains of its own.
+struct Shell {
+    devices: Vec<String>,
+}
+
+const SH_FWD: &str = "SHELL-FORWARD";
+const SH_IN: &str = "SHELL-INPUT";
+const SH_POST: &str = "SHELL-POSTROUTING";
+
+impl Shell {
+    fn addresses(id: &str) -> (String, Ipv4Addr, Ipv4Addr) {
+        let i: u32 = id.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().unwrap_or(0);
+        let base = u32::from(Ipv4Addr::new(172, 31, 0, 0)) + 4 * (i % 16_000);
+        (format!("bgsh{i:011}"), Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+    }
+
+    /// The rules, as `iptables` arguments after the table and `-A`/`-D`.
+    fn rules(id: &str) -> Vec<Vec<String>> {
+        let (tap, _host, guest) = Self::addresses(id);
+        let tag = format!("banger uid=0 inst=shell vm={id}");
+        let g = format!("{guest}/32");
+        let sv = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+        let c = ["-m", "comment", "--comment", tag.as_str()];
+        let est = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"];
+        vec![
+            sv(&[&["-t", "nat", SH_POST, "-s", &g, "-o", UPLINK][..], &c, &["-j", "MASQUERADE"]].concat()),
+            sv(&[&["-t", "filter", SH_FWD, "-s", &g, "-i", &tap, "-o", UPLINK][..], &c, &["-j", "ACCEPT"]]
+                .concat()),
+            sv(&[
+                &["-t", "filter", SH_FWD, "-d", &g, "-i", UPLINK, "-o", &tap][..],
+                &est,
+                &c,
+                &["-j", "ACCEPT"],
+            ]
+            .concat()),
+            sv(&[&["-t", "filter", SH_FWD, "-i", &tap][..], &c, &["-j", "DROP"]].concat()),
+            sv(&[&["-t", "filter", SH_FWD, "-o", &tap][..], &c, &["-j", "DROP"]].concat()),
+            sv(&[&["-t", "filter", SH_IN, "-i", &tap][..], &est, &c, &["-j", "ACCEPT"]].concat()),
+            sv(&[&["-t", "filter", SH_IN, "-i", &tap][..], &c, &["-j", "DROP"]].concat()),
+        ]
+    }
+
+    fn iptables(action: &str, rule: &[String]) -> anyhow::Result<()> {
+        // rule = ["-t", table, chain, spec...]
+        let mut args: Vec<&str> =
+            vec!["iptables", "-w", rule[0].as_str(), rule[1].as_str(), action, rule[2].as_str()];
+        args.extend(rule[3..].iter().map(String::as_str));
+        run(&args)
+    }
+}
+
+impl Path3 for Shell {
+    fn name(&self) -> &'static str {
+        "shell"
+    }
+
+    fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration> {
+        let (tap, host, _guest) = Self::addresses(id);
+        let base = files.base.to_string_lossy().into_owned();
+        let cow = files.cow.to_string_lossy().into_owned();
+        let start = Instant::now();
+        run(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr", "user", "0"])?;
+        run(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])?;
+        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &tap])?;
+        run(&["ip", "link", "set", &tap, "up"])?;
+        run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        for (table, chain, parent) in
+            [("filter", SH_FWD, "FORWARD"), ("filter", SH_IN, "INPUT"), ("nat", SH_POST, "POSTROUTING")]
+        {
+            run(&["iptables", "-w", "-t", table, "-N", chain])?;
+            run(&["iptables", "-w", "-t", table, "-I", parent, "-j", chain])?;
+        }
+        for rule in Self::rules(id) {
+            Self::iptables("-A", &rule)?;
+        }
+        for (file, ro) in [(&base, true), (&cow, false)] {
+            let mut args = vec!["losetup", "--find", "--show"];
+            if ro {
+                args.push("--read-only");
+            }
+            args.push(file);
+            let dev = run_out(&args)?;
+            run(&["chmod", "600", &dev])?;
+            run(&["chown", "0:0", &dev])?;
+            self.devices.push(dev);
+        }
+        Ok(start.elapsed())
+    }
+
+    fn teardown(&mut self, id: &str) -> anyhow::Result<Duration> {
+        let (tap, _, _) = Self::addresses(id);
+        let devices = std::mem::take(&mut self.devices);
+        let start = Instant::now();
+        for dev in devices.iter().rev() {
+            run(&["chown", "0:0", dev])?;
+            run(&["losetup", "-d", dev])?;
+        }
+        for rule in Self::rules(id) {
+            Self::iptables("-D", &rule)?;
+        }
+        for (table, chain, parent) in
+            [("filter", SH_FWD, "FORWARD"), ("filter", SH_IN, "INPUT"), ("nat", SH_POST, "POSTROUTING")]
+        {
+            run(&["iptables", "-w", "-t", table, "-D", parent, "-j", chain])?;
+            run(&["iptables", "-w", "-t", table, "-X", chain])?;
+        }
+        run(&["ip", "link", "del", &tap])?;
+        Ok(start.elapsed())
+    }
+}
+
+/// Sorted samples.
+struct Stats(Vec<Duration>);
+
+impl Stats {
+    fn new(mut v: Vec<Duration>) -> Stats {
+        v.sort();
+        Stats(v)
+    }
+    fn pct(&self, p: usize) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0[(self.0.len() * p / 100).min(self.0.len() - 1)]
+    }
+    fn median(&self) -> Duration {
+        self.pct(50)
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("helper-bench must run as root: it starts the helper and creates TAPs, rules and loop devices");
+    }
+    let helper_bin = match &args.helper {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("banger-helper"),
+    };
+    if !helper_bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p banger-helper) or pass --helper",
+            helper_bin.display()
+        );
+    }
+    let work = tempfile::Builder::new().prefix("helper-bench-").tempdir()?;
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
+    let ns = Netns::create_and_enter()?;
+    let files = Files::create(work.path())?;
+    let policy_file = work.path().join("policy.toml");
+    let audit = work.path().join("audit.log");
+    std::fs::write(&policy_file, policy_text(&audit))?;
+    let (helper_proc, socket) = HelperProcess::start(&helper_bin, work.path(), &policy_file)?;
+    println!("helper-bench: netns {}, helper {}, {} rounds", ns.name, helper_bin.display(), args.rounds);
+
+    // The floor: the same operations, same policy, a ledger on disk, no socket.
+    let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?);
+    let policy = Policy::from_toml("policy.toml", &std::fs::read_to_string(&policy_file)?)?;
+    let (store, stored) = LedgerStore::open(&work.path().join("floor-state"))?;
+    let floor_helper = {
+        let _guard = rt.enter();
+        let kernel = Arc::new(LinuxKernel::new()?);
+        Arc::new(Helper::new(
+            policy,
+            kernel,
+            stored,
+            Some(store),
+            AuditLog::open(&banger_policy::AuditTarget::File(work.path().join("floor-audit.log")))?,
+        ))
+    };
+    let peer = Peer {
+        uid: 0,
+        gid: 0,
+        pid: std::process::id() as i32,
+        user: Some("root".into()),
+        groups: vec![0],
+        group_names: vec!["root".into()],
+        install: Some(InstallId::new("floor")?),
+    };
+    let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer };
+    let mut via = ViaHelper { client: Client::connect(&socket, "sock")?, per_op: Default::default() };
+    let mut shell = Shell { devices: Vec::new() };
+
+    // 1. Ping.
+    for _ in 0..1000 {
+        via.client.call(Request::Ping, &[])?;
+    }
+    let mut samples = Vec::with_capacity(args.pings);
+    for _ in 0..args.pings {
+        let t = Instant::now();
+        via.client.call(Request::Ping, &[])?;
+        samples.push(t.elapsed());
+    }
+    let ping = Stats::new(samples);
+
+    // 2. One VM, three ways, alternating.
+    via.client.call(Request::LeaseSubnet, &[])?;
+    floor.call(Request::LeaseSubnet, vec![])?;
+    let mut setup: [Vec<Duration>; 3] = Default::default();
+    let mut teardown: [Vec<Duration>; 3] = Default::default();
+    let warmup = 2;
+    for round in 0..args.rounds + warmup {
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let path: &mut dyn Path3 = match which {
+                0 => &mut via,
+                1 => &mut shell,
+                _ => &mut floor,
+            };
+            let id = format!("v{round}");
+            let s = path.setup(&id, &files).with_context(|| format!("{} setup", path.name()))?;
+            let t = path.teardown(&id).with_context(|| format!("{} teardown", path.name()))?;
+            if round >= warmup {
+                setup[which].push(s);
+                teardown[which].push(t);
+            }
+        }
+    }
+    let setup = setup.map(Stats::new);
+    let teardown = teardown.map(Stats::new);
+    let per_op: Vec<(&str, Stats)> =
+        std::mem::take(&mut via.per_op).into_iter().map(|(k, v)| (k, Stats::new(v))).collect();
+
+    // 3. Bulk teardown: N VMs in one request against one VM, through the helper and in-process.
+    let mut bulk: [Vec<Duration>; 4] = Default::default();
+    for round in 0..args.bulk_rounds {
+        for (k, count) in [(0, args.bulk_vms), (1, 1)] {
+            let ids: Vec<String> = (0..count).map(|i| format!("b{round}-{k}-{i}")).collect();
+            for id in &ids {
+                via.setup(id, &files)?;
+                floor.setup(id, &files)?;
+            }
+            let vms: Vec<VmId> = ids.iter().map(|i| vm(i)).collect();
+            let t = Instant::now();
+            let r = via.client.call(Request::TeardownVms { vms: vms.clone() }, &[])?;
+            bulk[k].push(t.elapsed());
+            let t = Instant::now();
+            let f = floor.call(Request::TeardownVms { vms }, vec![])?;
+            bulk[2 + k].push(t.elapsed());
+            for r in [r, f] {
+                if let Response::Teardown(rep) = r
+                    && !rep.failures.is_empty()
+                {
+                    bail!("bulk teardown failures: {:?}", rep.failures);
+                }
+            }
+        }
+    }
+    let bulk = bulk.map(Stats::new);
+
+    let [h_s, sh_s, f_s] = &setup;
+    let [h_t, sh_t, f_t] = &teardown;
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "ping round trip:  p50 {}  p99 {}   (target p50 <= 50 µs, p99 <= 200 µs)",
+        us(ping.median()),
+        us(ping.pct(99))
+    )?;
+    writeln!(out)?;
+    writeln!(out, "one VM (medians of {} rounds)   helper      shell       in-process", args.rounds)?;
+    writeln!(
+        out,
+        "  setup (tap, nat, 2 loops)      {:<11} {:<11} {}",
+        ms(h_s.median()),
+        ms(sh_s.median()),
+        ms(f_s.median())
+    )?;
+    writeln!(
+        out,
+        "  teardown (the reverse)         {:<11} {:<11} {}",
+        ms(h_t.median()),
+        ms(sh_t.median()),
+        ms(f_t.median())
+    )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "  setup:    shell / helper = {:.1}x faster through the helper (target >= 4x); helper / in-process = {:.2} (target median <= 5 ms)",
+        ratio(sh_s.median(), h_s.median()),
+        ratio(h_s.median(), f_s.median())
+    )?;
+    writeln!(
+        out,
+        "  teardown: shell / helper = {:.1}x; helper / in-process = {:.2} (target <= 1.2)",
+        ratio(sh_t.median(), h_t.median()),
+        ratio(h_t.median(), f_t.median())
+    )?;
+    writeln!(
+        out,
+        "  p90: setup helper {} shell {} in-process {}; teardown helper {} shell {} in-process {}",
+        ms(h_s.pct(90)),
+        ms(sh_s.pct(90)),
+        ms(f_s.pct(90)),
+        ms(h_t.pct(90)),
+        ms(sh_t.pct(90)),
+        ms(f_t.pct(90))
+    )?;
+    let ops: Vec<String> = per_op.iter().map(|(op, st)| format!("{op} {}", ms(st.median()))).collect();
+    writeln!(out, "  per request through the helper (median): {}", ops.join(", "))?;
+    writeln!(out)?;
+    writeln!(out, "bulk teardown, one request (medians of {} rounds)", args.bulk_rounds)?;
+    writeln!(
+        out,
+        "  helper:     {} VMs {}   1 VM {}   ratio {:.2} (target <= 3)",
+        args.bulk_vms,
+        ms(bulk[0].median()),
+        ms(bulk[1].median()),
+        ratio(bulk[0].median(), bulk[1].median())
+    )?;
+    writeln!(
+        out,
+        "  in-process: {} VMs {}   1 VM {}   ratio {:.2}",
+        args.bulk_vms,
+        ms(bulk[2].median()),
+        ms(bulk[3].median()),
+        ratio(bulk[2].median(), bulk[3].median())
+    )?;
+    drop(out);
+
+    drop(via);
+    drop(helper_proc);
+    drop(floor);
+    if let Ok(rt) = Arc::try_unwrap(rt) {
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
+    drop(files);
+    drop(ns);
+    Ok(())
+}
