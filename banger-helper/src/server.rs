@@ -221,3 +221,126 @@ async fn connection<K: Kernel>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use banger_protocol::frame::{read_frame, recv, send, write_frame};
+    use banger_protocol::{InstallId, PROTOCOL_VERSION, Request, Response};
+    use tokio::net::{UnixListener, UnixStream};
+
+    use super::*;
+    use crate::audit::AuditLog;
+    use crate::kernel::fake::FakeKernel;
+    use crate::ledger_store::Stored;
+
+    /// A server over the fake kernel whose policy admits this process's uid, on a temporary socket.
+    async fn server(config: ServerConfig) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut policy = crate::ops::testing::test_policy();
+        policy.access.users = vec![nix::unistd::getuid().as_raw().to_string()];
+        let helper = Arc::new(Helper::new(
+            policy,
+            Arc::new(FakeKernel::new()),
+            Stored::default(),
+            None,
+            AuditLog::memory().0,
+        ));
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(run(helper, listener, config, std::future::pending()));
+        (dir, path)
+    }
+
+    async fn hello(path: &std::path::Path) -> UnixStream {
+        let s = UnixStream::connect(path).await.unwrap();
+        let req = Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("t").unwrap() };
+        send(&s, &req, &[]).await.unwrap();
+        let (r, _) = recv::<Response>(&s).await.unwrap();
+        assert!(matches!(r, Response::Hello(_)), "{r:?}");
+        s
+    }
+
+    async fn ping(s: &UnixStream) -> Response {
+        send(s, &Request::Ping, &[]).await.unwrap();
+        recv::<Response>(s).await.unwrap().0
+    }
+
+    fn quick() -> ServerConfig {
+        ServerConfig {
+            hello_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(300),
+            max_connections_per_uid: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_and_silent_connections_are_closed() {
+        let (_dir, path) = server(quick()).await;
+        let silent = UnixStream::connect(&path).await.unwrap();
+        let s = hello(&path).await;
+        assert_eq!(ping(&s).await, Response::Pong);
+        let start = Instant::now();
+        assert!(matches!(read_frame(&s).await, Err(FrameError::Closed)));
+        assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+        assert!(matches!(read_frame(&silent).await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_ends_only_its_own_connection() {
+        let (_dir, path) = server(ServerConfig::default()).await;
+        let good = hello(&path).await;
+        let bad = hello(&path).await;
+        write_frame(&bad, &[0xde, 0xad], &[]).await.unwrap();
+        let (r, _) = recv::<Response>(&bad).await.unwrap();
+        assert!(matches!(r, Response::Error(HelperError::InvalidRequest { .. })), "{r:?}");
+        assert!(matches!(read_frame(&bad).await, Err(FrameError::Closed)));
+        let big = hello(&path).await;
+        use tokio::io::AsyncWriteExt;
+        let mut big_w = big;
+        big_w.write_all(&(64u32 * 1024 * 1024).to_be_bytes()).await.unwrap();
+        assert!(matches!(read_frame(&big_w).await, Err(FrameError::Closed)));
+        assert_eq!(ping(&good).await, Response::Pong);
+    }
+
+    #[tokio::test]
+    async fn too_many_descriptors_end_the_connection() {
+        let (_dir, path) = server(ServerConfig::default()).await;
+        let s = hello(&path).await;
+        let files: Vec<std::fs::File> = (0..6).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        let payload = banger_protocol::codec::encode(&Request::Ping).unwrap();
+        write_frame(&s, &payload, &fds).await.unwrap();
+        // Closed, or reset because the helper hung up on a frame it did not finish reading.
+        let r = read_frame(&s).await;
+        assert!(matches!(r, Err(FrameError::Closed | FrameError::Io(_))), "{r:?}");
+        let again = hello(&path).await;
+        assert_eq!(ping(&again).await, Response::Pong);
+    }
+
+    #[tokio::test]
+    async fn connections_per_uid_are_capped() {
+        let (_dir, path) = server(quick()).await;
+        let held: Vec<UnixStream> = futures::future::join_all((0..3).map(|_| hello(&path))).await;
+        let extra = UnixStream::connect(&path).await.unwrap();
+        let (r, _) = recv::<Response>(&extra).await.unwrap();
+        assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = hello(&path).await;
+        assert_eq!(ping(&s).await, Response::Pong);
+    }
+
+    #[tokio::test]
+    async fn the_first_frame_must_be_hello() {
+        let (_dir, path) = server(ServerConfig::default()).await;
+        let s = UnixStream::connect(&path).await.unwrap();
+        send(&s, &Request::Ping, &[]).await.unwrap();
+        let (r, _) = recv::<Response>(&s).await.unwrap();
+        assert!(matches!(r, Response::Error(HelperError::InvalidRequest { .. })), "{r:?}");
+        assert!(matches!(read_frame(&s).await, Err(FrameError::Closed)));
+    }
+}

@@ -83,6 +83,29 @@ fn nat_up_is_idempotent_and_down_removes_everything() {
     assert_eq!((&r[1], &r[2]), (&Response::Done, &Response::Done));
     assert_eq!(ns.banger_rules(), Vec::<String>::new());
 
+    // Sysctls: only what the policy allowlists (the default: ip_forward=1).
+    let set = |key: &str, value: &str| Request::SysctlSet { key: key.into(), value: value.into() };
+    let r = session(
+        &h,
+        a,
+        "n",
+        vec![
+            set("net.ipv4.ip_forward", "1"),
+            set("net.ipv4.ip_forward", "0"),
+            set("kernel.panic", "1"),
+            set("net/ipv4/../../kernel/panic", "1"),
+        ],
+    );
+    assert_eq!(r[1], Response::Done);
+    assert!(
+        r[2..].iter().all(|x| matches!(
+            x,
+            Response::Error(HelperError::Denied { .. } | HelperError::InvalidRequest { .. })
+        )),
+        "{r:?}"
+    );
+    assert_eq!(ns.read("/proc/sys/net/ipv4/ip_forward").as_deref(), Some("1"));
+
     let r = session(&h, a, "n", vec![Request::TapDelete { vm: vm("web") }, Request::ListOwned]);
     let Response::Owned(o) = &r[2] else { panic!("{r:?}") };
     assert!(o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty(), "{o:?}");

@@ -314,3 +314,45 @@ fn start_up_errors_are_clear() {
     drop(h);
     ns.finish();
 }
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn the_helper_runs_confined_and_still_resolves_names() {
+    if !root_or_skip("the_helper_runs_confined_and_still_resolves_names") {
+        return;
+    }
+    let ns = Netns::new("confined");
+    // Admitted by user name (nobody) and by group name (daemon, gid 1): the account databases
+    // must still be readable inside the sandbox.
+    let h = Helper::start(
+        &ns,
+        &format!("[access]\nusers = [\"nobody\"]\ngroups = [\"daemon\"]\nsocket_group = \"{SOCKET_GID}\"\n"),
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", h.pid())).unwrap();
+    let field =
+        |k: &str| status.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
+    assert_eq!(field("Name:"), "banger-helper");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "seccomp filter mode");
+    // CAP_CHOWN (0), CAP_NET_ADMIN (12), CAP_NET_RAW (13), in every set that matters.
+    for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(field(set), "0000000000003001", "{set}");
+    }
+    assert_eq!(field("CapInh:"), "0000000000000000");
+    assert_eq!(field("CapAmb:"), "0000000000000000");
+    let log = h.log_text();
+    assert!(log.contains("landlock fully enforced"), "{log}");
+
+    let nobody = session(&h, 65534, "c", vec![Request::Ping]);
+    assert!(matches!(nobody[0], Response::Hello(_)), "nobody by name: {nobody:?}");
+    let socket = h.socket.clone();
+    let by_group = as_uid_groups(61047, &[SOCKET_GID, 1], move || match Client::connect(&socket, "c") {
+        Ok((_, hello)) => vec![hello],
+        Err(e) => vec![client_error(e)],
+    });
+    assert!(matches!(by_group[0], Response::Hello(_)), "daemon by group name: {by_group:?}");
+    let stranger = session(&h, 61048, "c", vec![]);
+    assert!(matches!(&stranger[0], Response::Error(HelperError::Denied { .. })), "{stranger:?}");
+    drop(h);
+    ns.finish();
+}

@@ -299,6 +299,12 @@ pub fn client_error(reason: String) -> Response {
 /// Runs `f` in a forked child as `uid` (gid `uid`, supplementary group [`SOCKET_GID`] when
 /// `socket_group`), and returns what it returned. The child has 60 s.
 pub fn as_uid_with<F: FnOnce() -> Vec<Response>>(uid: u32, socket_group: bool, f: F) -> Vec<Response> {
+    let groups: &[u32] = if socket_group { &[SOCKET_GID] } else { &[] };
+    as_uid_groups(uid, groups, f)
+}
+
+/// Runs `f` in a forked child as `uid` (gid `uid`) with these supplementary groups.
+pub fn as_uid_groups<F: FnOnce() -> Vec<Response>>(uid: u32, groups: &[u32], f: F) -> Vec<Response> {
     let (rd, wr) = nix::unistd::pipe().unwrap();
     // SAFETY: the child only runs the closure (syscalls and allocation; glibc's malloc is fork
     // safe) and leaves with _exit; it never returns into the test harness.
@@ -307,7 +313,7 @@ pub fn as_uid_with<F: FnOnce() -> Vec<Response>>(uid: u32, socket_group: bool, f
             drop(rd);
             // SAFETY: alarm only arms a timer.
             unsafe { libc::alarm(60) };
-            let groups = if socket_group { vec![Gid::from_raw(SOCKET_GID)] } else { vec![] };
+            let groups: Vec<Gid> = groups.iter().map(|g| Gid::from_raw(*g)).collect();
             let ok = nix::unistd::setgroups(&groups).is_ok()
                 && nix::unistd::setresgid(Gid::from_raw(uid), Gid::from_raw(uid), Gid::from_raw(uid)).is_ok()
                 && nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).is_ok();
