@@ -624,4 +624,35 @@ COMMIT
         let batch = plan_vm_rules(&view, &[(key("b"), wanted)], &[]);
         assert_eq!(batch.changes, vec![Change::InsertJump(Table::Filter, FORWARD_CHAIN)]);
     }
+
+    proptest::proptest! {
+        /// Whatever the order of ups and downs, every plan applies cleanly, applying it again is a
+        /// no-op, exactly the VMs that are up have exactly their rules, and the chains and jumps
+        /// exist (once each) exactly while some VM is up.
+        #[test]
+        fn any_sequence_of_ups_and_downs_converges(
+            steps in proptest::collection::vec((0u8..6, proptest::bool::ANY), 1..40)
+        ) {
+            let mut view = FirewallView::default();
+            let mut up = std::collections::BTreeSet::new();
+            let rules_of = |i: u8| vm_rules(&vm(&format!("vm{i}"), [172, 30, 0, 4 * i + 2]), &net());
+            for (i, is_up) in steps {
+                let k = key(&format!("vm{i}"));
+                let plan = |v: &FirewallView| {
+                    if is_up { plan_vm_rules(v, &[(k.clone(), rules_of(i))], &[]) } else { plan_vm_rules(v, &[], &[k.clone()]) }
+                };
+                view = apply_to_view(&view, &plan(&view)).map_err(proptest::test_runner::TestCaseError::fail)?;
+                proptest::prop_assert!(plan(&view).is_empty());
+                if is_up { up.insert(i); } else { up.remove(&i); }
+                for j in 0u8..6 {
+                    let have: Vec<Rule> = view.tagged(&key(&format!("vm{j}")).rule_tag()).cloned().collect();
+                    let want = if up.contains(&j) { rules_of(j) } else { vec![] };
+                    proptest::prop_assert_eq!(have, want);
+                }
+                let expect_chains = if up.is_empty() { 0 } else { 3 };
+                proptest::prop_assert_eq!(view.chains.len(), expect_chains);
+                proptest::prop_assert_eq!(view.jumps.values().filter(|n| **n == 1).count(), expect_chains);
+            }
+        }
+    }
 }

@@ -16,9 +16,30 @@ use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
 use banger_policy::ObjectKind;
 
+/// Whether an interface name can go into a rule line as it is.
+pub(crate) fn rule_safe_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
+}
+
 impl<K: Kernel> Helper<K> {
-    /// The interface guests' traffic leaves by.
+    /// The interface guests' traffic leaves by, checked to be safe in a rule: iptables would read
+    /// a trailing `+` as a wildcard, and quotes or `#` would change how a rule line is parsed.
     async fn uplink(&self) -> Result<String, HelperError> {
+        let name = self.uplink_name().await?;
+        if !rule_safe_ifname(&name) {
+            return Err(HelperError::Conflict {
+                what: format!(
+                    "uplink {name:?} cannot be used in firewall rules (only letters, digits, '_', '.', '@' and '-'); \
+                     name another interface in the policy (network.uplink)"
+                ),
+            });
+        }
+        Ok(name)
+    }
+
+    async fn uplink_name(&self) -> Result<String, HelperError> {
         match &self.policy.network.uplink {
             Uplink::Named(name) => Ok(name.clone()),
             Uplink::Auto => self.kernel.links().default_route_interface().await?.ok_or_else(|| {
@@ -198,6 +219,21 @@ mod tests {
         t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
         let Response::Nat(nat) = t.req(&p, Request::NatUp { vm: vm("dev") }).await else { panic!() };
         assert_eq!(nat.uplink, "wan0");
+    }
+
+    #[tokio::test]
+    async fn an_uplink_name_that_would_change_a_rule_is_refused() {
+        for bad in ["eth+", "we\"ird", "a#b", "-x"] {
+            let mut policy = test_policy();
+            policy.network.uplink = Uplink::Named(bad.into());
+            let t = TestHelper::with_policy(policy);
+            let p = t.peer(1000, "home");
+            t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
+            let r = t.req(&p, Request::NatUp { vm: vm("dev") }).await;
+            assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{bad}: {r:?}");
+            assert_eq!(t.kernel.world().firewall_batches, 0);
+        }
+        assert!(super::rule_safe_ifname("br-lan.10") && super::rule_safe_ifname("eth0@if5"));
     }
 
     #[tokio::test]
