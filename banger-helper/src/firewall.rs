@@ -639,7 +639,7 @@ COMMIT
             for (i, is_up) in steps {
                 let k = key(&format!("vm{i}"));
                 let plan = |v: &FirewallView| {
-                    if is_up { plan_vm_rules(v, &[(k.clone(), rules_of(i))], &[]) } else { plan_vm_rules(v, &[], &[k.clone()]) }
+                    if is_up { plan_vm_rules(v, &[(k.clone(), rules_of(i))], &[]) } else { plan_vm_rules(v, &[], std::slice::from_ref(&k)) }
                 };
                 view = apply_to_view(&view, &plan(&view)).map_err(proptest::test_runner::TestCaseError::fail)?;
                 proptest::prop_assert!(plan(&view).is_empty());
