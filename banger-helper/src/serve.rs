@@ -18,7 +18,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use banger_policy::{AuditTarget, Policy, PolicyError};
+use banger_policy::{Policy, PolicyError};
 use nix::unistd::{Gid, Group};
 
 use crate::audit::{AuditLog, AuditOpenError};
@@ -28,6 +28,7 @@ use crate::kernel::linux::{LinuxKernel, LinuxKernelError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
 use crate::server::{self, ServerConfig};
+use crate::sysctl_key::SysctlKey;
 use crate::systemd::{self, SystemdError};
 
 /// What `serve` was told.
@@ -198,11 +199,14 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     } else {
         None
     };
-    let audit_file = match &policy.audit.target {
-        AuditTarget::File(p) => Some(p.clone()),
-        AuditTarget::Stderr => None,
-    };
-    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), audit_file, xtables_lock };
+    let sysctl_files = policy
+        .sysctls
+        .iter()
+        .filter_map(|r| SysctlKey::new(&r.key).ok())
+        .filter(|k| !k.as_str().starts_with("net."))
+        .map(|k| k.path_under(Path::new("/proc/sys")))
+        .collect();
+    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), xtables_lock, sysctl_files };
     let report = hardening::lock_down(&sandbox)?;
     tracing::info!(
         "confined: capabilities kept {:?}; landlock {}; seccomp allows {} system calls",

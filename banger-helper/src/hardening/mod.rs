@@ -79,10 +79,10 @@ pub fn clear_environment() {
 pub struct Sandbox {
     /// The state directory (read-write).
     pub state_dir: PathBuf,
-    /// The audit log file, if it is a file (append).
-    pub audit_file: Option<PathBuf>,
     /// The legacy iptables lock file, if the legacy backend is in use (read-write).
     pub xtables_lock: Option<PathBuf>,
+    /// The files of the policy's allowlisted sysctls outside `/proc/sys/net` (read-write).
+    pub sysctl_files: Vec<PathBuf>,
 }
 
 /// How far the confinement went (landlock depends on the kernel).
