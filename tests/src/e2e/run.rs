@@ -66,6 +66,16 @@ impl Output {
         self
     }
 
+    /// Panics unless stdout+stderr mention at least one of `words` (case-insensitive).
+    #[track_caller]
+    pub fn mentions_any(&self, words: &[&str]) -> &Self {
+        let text = self.text_lower();
+        if !words.iter().any(|w| text.contains(&w.to_lowercase())) {
+            panic!("output mentions none of {words:?}:\n{self}");
+        }
+        self
+    }
+
     /// Standard output and standard error together, lowercased, for matching key words.
     pub fn text_lower(&self) -> String {
         format!("{}\n{}", self.stdout, self.stderr).to_lowercase()

@@ -282,10 +282,17 @@ impl World {
         parse_object(&self.banger_ok(who, &["daemon", "status", "--json"]))
     }
 
-    /// The bangerd processes of `who`, from the process table.
+    /// The bangerd daemons of `who`, from the process table: `bangerd` processes without a
+    /// subcommand (`bangerd serial-relay …` belongs to a VM, not to the daemon).
     pub fn daemon_pids(&self, who: Who) -> Vec<u32> {
         let uid = self.account(who).uid;
-        proc::find(|p| p.uid == uid && p.comm == "bangerd" && p.state != 'Z').iter().map(|p| p.pid).collect()
+        proc::find(|p| {
+            let sub = p.cmdline.split_whitespace().nth(1);
+            p.uid == uid && p.comm == "bangerd" && p.state != 'Z' && sub.is_none_or(|a| a.starts_with('-'))
+        })
+        .iter()
+        .map(|p| p.pid)
+        .collect()
     }
 
     /// Polls `vm show` until the VM is in `state`; panics with the last view on timeout.
