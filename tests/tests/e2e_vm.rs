@@ -50,7 +50,11 @@ fn the_guest_reaches_the_outside_through_nat_but_not_the_host() {
     // Out through the host's uplink, masqueraded: the outside answers.
     let out = world.ssh(A, "e2e", &["curl", "-s", "-m", "5", &format!("http://{OUTSIDE_IP}/from-guest")]);
     out.ok();
-    assert_eq!(out.stdout.trim(), format!("outside {}", world.names.suffix), "{out}");
+    assert_eq!(
+        out.stdout,
+        format!("outside {}\npeer {HOST_IP}\n", world.names.suffix),
+        "not masqueraded:\n{out}"
+    );
 
     // The host service listens on every host address (reachable from the host itself) …
     let probe = world

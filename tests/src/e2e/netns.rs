@@ -82,7 +82,8 @@ impl Drop for Netns {
     }
 }
 
-/// A tiny HTTP/1.0 server answering every request with a fixed body, stopped on drop.
+/// A tiny HTTP/1.0 server answering every request with a fixed body followed by the line
+/// `peer <client address>` (so a test sees whether NAT rewrote the source), stopped on drop.
 #[derive(Debug)]
 pub struct HttpServer {
     /// Where it listens (inside its namespace).
@@ -119,7 +120,7 @@ impl HttpServer {
                 };
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
-                        Ok((conn, _)) => answer(conn, &body),
+                        Ok((conn, peer)) => answer(conn, &format!("{body}peer {}\n", peer.ip())),
                         Err(_) => thread::sleep(Duration::from_millis(10)),
                     }
                 }

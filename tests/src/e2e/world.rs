@@ -8,6 +8,10 @@
 //! T/helper/   policy.toml, helper.sock, helper.log, audit.log, state/ (0700)
 //! T/a T/b T/c each user's BANGER_HOME (0700, owned by the user), with config.toml
 //! ```
+//!
+//! When a test fails, the world prints its diagnostics before tearing down; with
+//! `BANGER_E2E_KEEP=1` it also keeps `T` (logs, databases, VM directories) for a post-mortem.
+//! `BANGER_E2E_RUST_LOG` sets `RUST_LOG` for the daemons, `BANGER_E2E_HELPER_LOG` for the helper.
 
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, chown};
@@ -415,7 +419,7 @@ impl World {
                         format!("helper ledger of {who:?}: loop {} (vm {})", l.device, l.vm.as_str())
                     }));
                 }
-                other => leaks.push(format!("helper ledger of {who:?} cannot be listed: {other:?}")),
+                _ => leaks.push(format!("helper ledger of {who:?} cannot be listed: {s:?}")),
             }
         }
         leaks
@@ -515,7 +519,16 @@ impl World {
                 eprintln!("e2e teardown: {f}");
             }
         }
-        self.tempdir = None;
+        let keep = std::thread::panicking() && std::env::var_os("BANGER_E2E_KEEP").is_some();
+        if let Some(dir) = self.tempdir.take()
+            && keep
+        {
+            eprintln!(
+                "e2e world {}: BANGER_E2E_KEEP is set, keeping {}",
+                self.names.suffix,
+                dir.keep().display()
+            );
+        }
     }
 }
 
