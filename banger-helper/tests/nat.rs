@@ -67,6 +67,16 @@ fn nat_up_is_idempotent_and_down_removes_everything() {
     let r = session(&h, a, "n", vec![Request::NatUp { vm: vm("web") }]);
     assert_eq!(&r[1], &Response::Nat(nat.clone()));
     assert_eq!(ns.banger_rules(), rules, "up twice changed the rules");
+    if ns.sh(&["iptables", "--version"]).contains("nf_tables") {
+        assert!(h.log_text().contains("iptables-save skipped"), "the nf_tables generation was not used");
+    }
+
+    // Someone else removes one of the rules: the helper notices and puts it back on the next up.
+    ns.sh(&["iptables", "-D", "BANGER-FORWARD", "-o", t, "-m", "comment", "--comment", &tag, "-j", "DROP"]);
+    assert_ne!(ns.banger_rules(), rules);
+    let r = session(&h, a, "n", vec![Request::NatUp { vm: vm("web") }]);
+    assert_eq!(&r[1], &Response::Nat(nat.clone()));
+    assert_eq!(ns.banger_rules(), rules, "an outside change was not noticed");
 
     // b cannot remove a's rules, whatever it names.
     let r = session(

@@ -24,9 +24,10 @@
 use std::fs::File;
 use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -86,28 +87,20 @@ fn run(cmd: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_out(cmd: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// The benchmark's network namespace; the process enters it, and it is deleted on drop.
+/// A network namespace of the benchmark (with a veth uplink carrying the default route), deleted
+/// on drop.
 struct Netns {
     name: String,
+    /// `/run/netns/<name>`, to enter it.
+    file: File,
 }
 
 impl Netns {
-    fn create_and_enter() -> anyhow::Result<Netns> {
-        let name = format!("bgbench-{}", std::process::id());
+    fn create(role: &str) -> anyhow::Result<Netns> {
+        let name = format!("bgbench-{role}-{}", std::process::id());
         run(&["ip", "netns", "add", &name])?;
-        let ns = Netns { name };
+        let file = File::open(format!("/run/netns/{name}"))?;
+        let ns = Netns { name, file };
         let n = ns.name.as_str();
         run(&["ip", "-n", n, "link", "set", "lo", "up"])?;
         run(&["ip", "-n", n, "link", "add", UPLINK, "type", "veth", "peer", "name", "up1"])?;
@@ -115,9 +108,26 @@ impl Netns {
         run(&["ip", "-n", n, "link", "set", "up1", "up"])?;
         run(&["ip", "-n", n, "addr", "add", "10.201.0.1/24", "dev", UPLINK])?;
         run(&["ip", "-n", n, "route", "add", "default", "via", "10.201.0.2", "dev", UPLINK])?;
-        let f = File::open(format!("/run/netns/{n}"))?;
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
         Ok(ns)
+    }
+
+    /// Moves the calling thread (and the threads and children it creates after) into it.
+    fn enter(&self) -> anyhow::Result<()> {
+        nix::sched::setns(self.file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).context("setns")
+    }
+
+    /// Makes `cmd` run inside it.
+    fn put(&self, cmd: &mut Command) {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; the child only enters the namespace before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
 }
 
@@ -133,10 +143,12 @@ struct HelperProcess {
 }
 
 impl HelperProcess {
-    fn start(bin: &Path, dir: &Path, policy: &Path) -> anyhow::Result<(HelperProcess, PathBuf)> {
+    fn start(bin: &Path, dir: &Path, policy: &Path, ns: &Netns) -> anyhow::Result<(HelperProcess, PathBuf)> {
         let socket = dir.join("helper.sock");
         let log = dir.join("helper.log");
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        ns.put(&mut cmd);
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -367,9 +379,27 @@ impl Path3 for InProcess {
     }
 }
 
-/// The same kernel work by shelling out, one command per step, into chains of its own.
+/// The same kernel work by shelling out, one command per step, in a namespace of its own.
 struct Shell {
     devices: Vec<String>,
+    ns: Netns,
+}
+
+impl Shell {
+    fn run(&self, cmd: &[&str]) -> anyhow::Result<()> {
+        self.run_out(cmd).map(|_| ())
+    }
+
+    fn run_out(&self, cmd: &[&str]) -> anyhow::Result<String> {
+        let mut c = Command::new(cmd[0]);
+        c.args(&cmd[1..]).stdin(Stdio::null());
+        self.ns.put(&mut c);
+        let out = c.output().with_context(|| format!("{cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
 }
 
 const SH_FWD: &str = "SHELL-FORWARD";
@@ -409,12 +439,12 @@ impl Shell {
         ]
     }
 
-    fn iptables(action: &str, rule: &[String]) -> anyhow::Result<()> {
+    fn iptables(&self, action: &str, rule: &[String]) -> anyhow::Result<()> {
         // rule = ["-t", table, chain, spec...]
         let mut args: Vec<&str> =
             vec!["iptables", "-w", rule[0].as_str(), rule[1].as_str(), action, rule[2].as_str()];
         args.extend(rule[3..].iter().map(String::as_str));
-        run(&args)
+        self.run(&args)
     }
 }
 
@@ -428,19 +458,19 @@ impl Path3 for Shell {
         let base = files.base.to_string_lossy().into_owned();
         let cow = files.cow.to_string_lossy().into_owned();
         let start = Instant::now();
-        run(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr", "user", "0"])?;
-        run(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])?;
-        run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &tap])?;
-        run(&["ip", "link", "set", &tap, "up"])?;
-        run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        self.run(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr", "user", "0"])?;
+        self.run(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])?;
+        self.run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &tap])?;
+        self.run(&["ip", "link", "set", &tap, "up"])?;
+        self.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         for (table, chain, parent) in
             [("filter", SH_FWD, "FORWARD"), ("filter", SH_IN, "INPUT"), ("nat", SH_POST, "POSTROUTING")]
         {
-            run(&["iptables", "-w", "-t", table, "-N", chain])?;
-            run(&["iptables", "-w", "-t", table, "-I", parent, "-j", chain])?;
+            self.run(&["iptables", "-w", "-t", table, "-N", chain])?;
+            self.run(&["iptables", "-w", "-t", table, "-I", parent, "-j", chain])?;
         }
         for rule in Self::rules(id) {
-            Self::iptables("-A", &rule)?;
+            self.iptables("-A", &rule)?;
         }
         for (file, ro) in [(&base, true), (&cow, false)] {
             let mut args = vec!["losetup", "--find", "--show"];
@@ -448,9 +478,9 @@ impl Path3 for Shell {
                 args.push("--read-only");
             }
             args.push(file);
-            let dev = run_out(&args)?;
-            run(&["chmod", "600", &dev])?;
-            run(&["chown", "0:0", &dev])?;
+            let dev = self.run_out(&args)?;
+            self.run(&["chmod", "600", &dev])?;
+            self.run(&["chown", "0:0", &dev])?;
             self.devices.push(dev);
         }
         Ok(start.elapsed())
@@ -461,19 +491,19 @@ impl Path3 for Shell {
         let devices = std::mem::take(&mut self.devices);
         let start = Instant::now();
         for dev in devices.iter().rev() {
-            run(&["chown", "0:0", dev])?;
-            run(&["losetup", "-d", dev])?;
+            self.run(&["chown", "0:0", dev])?;
+            self.run(&["losetup", "-d", dev])?;
         }
         for rule in Self::rules(id) {
-            Self::iptables("-D", &rule)?;
+            self.iptables("-D", &rule)?;
         }
         for (table, chain, parent) in
             [("filter", SH_FWD, "FORWARD"), ("filter", SH_IN, "INPUT"), ("nat", SH_POST, "POSTROUTING")]
         {
-            run(&["iptables", "-w", "-t", table, "-D", parent, "-j", chain])?;
-            run(&["iptables", "-w", "-t", table, "-X", chain])?;
+            self.run(&["iptables", "-w", "-t", table, "-D", parent, "-j", chain])?;
+            self.run(&["iptables", "-w", "-t", table, "-X", chain])?;
         }
-        run(&["ip", "link", "del", &tap])?;
+        self.run(&["ip", "link", "del", &tap])?;
         Ok(start.elapsed())
     }
 }
@@ -526,13 +556,24 @@ fn main() -> anyhow::Result<()> {
     }
     let work = tempfile::Builder::new().prefix("helper-bench-").tempdir()?;
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
-    let ns = Netns::create_and_enter()?;
+    // One namespace per path, so that no path's firewall changes are another's.
+    let helper_ns = Netns::create("helper")?;
+    let shell_ns = Netns::create("shell")?;
+    let floor_ns = Netns::create("floor")?;
+    floor_ns.enter()?;
     let files = Files::create(work.path())?;
     let policy_file = work.path().join("policy.toml");
     let audit = work.path().join("audit.log");
     std::fs::write(&policy_file, policy_text(&audit))?;
-    let (helper_proc, socket) = HelperProcess::start(&helper_bin, work.path(), &policy_file)?;
-    println!("helper-bench: netns {}, helper {}, {} rounds", ns.name, helper_bin.display(), args.rounds);
+    let (helper_proc, socket) = HelperProcess::start(&helper_bin, work.path(), &policy_file, &helper_ns)?;
+    println!(
+        "helper-bench: helper {} in netns {}; shell in {}; in-process in {}; {} rounds",
+        helper_bin.display(),
+        helper_ns.name,
+        shell_ns.name,
+        floor_ns.name,
+        args.rounds
+    );
 
     // The floor: the same operations, same policy, a ledger on disk, no socket.
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?);
@@ -560,7 +601,7 @@ fn main() -> anyhow::Result<()> {
     };
     let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer };
     let mut via = ViaHelper { client: Client::connect(&socket, "sock")?, per_op: Default::default() };
-    let mut shell = Shell { devices: Vec::new() };
+    let mut shell = Shell { devices: Vec::new(), ns: shell_ns };
 
     // 1. Ping.
     for _ in 0..1000 {
@@ -707,6 +748,8 @@ fn main() -> anyhow::Result<()> {
         rt.shutdown_timeout(Duration::from_secs(2));
     }
     drop(files);
-    drop(ns);
+    drop(shell);
+    drop(helper_ns);
+    drop(floor_ns);
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod iptables;
 pub mod links;
 pub mod loops;
+pub mod nft_gen;
 pub mod sysctl;
 
 use super::Kernel;
