@@ -36,7 +36,7 @@ use super::users::{Account, Accounts, Who, remove_group, remove_user};
 pub const IMAGE: &str = "e2e";
 
 /// Tools the harness and the product need on the machine.
-const TOOLS: [&str; 10] = [
+const TOOLS: [&str; 11] = [
     "ip",
     "iptables-save",
     "losetup",
@@ -47,6 +47,7 @@ const TOOLS: [&str; 10] = [
     "unshare",
     "ssh",
     "useradd",
+    "curl",
 ];
 
 /// Fails the test unless it runs as root with every tool it needs. Never skips silently: the
