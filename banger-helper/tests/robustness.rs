@@ -353,6 +353,20 @@ fn the_helper_runs_confined_and_still_resolves_names() {
     assert!(matches!(by_group[0], Response::Hello(_)), "daemon by group name: {by_group:?}");
     let stranger = session(&h, 61048, "c", vec![]);
     assert!(matches!(&stranger[0], Response::Error(HelperError::Denied { .. })), "{stranger:?}");
+
+    // An account change replaces /etc/group and /etc/passwd with new files; names must still
+    // resolve afterwards (a sandbox rule on the old files would lock every group member out).
+    let temp_group = format!("bgh-lock-{}", std::process::id());
+    let added = std::process::Command::new("groupadd").args(["--system", &temp_group]).status().unwrap();
+    assert!(added.success(), "groupadd {temp_group}");
+    let socket = h.socket.clone();
+    let after = as_uid_groups(61047, &[SOCKET_GID, 1], move || match Client::connect(&socket, "c") {
+        Ok((_, hello)) => vec![hello],
+        Err(e) => vec![client_error(e)],
+    });
+    let removed = std::process::Command::new("groupdel").arg(&temp_group).status().unwrap();
+    assert!(removed.success(), "groupdel {temp_group}");
+    assert!(matches!(after[0], Response::Hello(_)), "by group name after groupadd: {after:?}");
     drop(h);
     ns.finish();
 }

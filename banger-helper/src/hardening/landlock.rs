@@ -3,7 +3,7 @@
 //! | path | access | who needs it |
 //! | --- | --- | --- |
 //! | `/usr`, `/lib*`, `/bin`, `/sbin` | read, execute | the iptables tools and their libraries |
-//! | a few files in `/etc` | read | account names (NSS), the iptables tools' tables |
+//! | `/etc` | read | account names (NSS), `ld.so.cache`, the iptables tools' tables |
 //! | `/proc`, `/sys` | read | the runtime and libc; `/proc/self/fd` for a two-step loop attach |
 //! | `/proc/sys/net` | read, write | `ip_forward`, per-TAP `disable_ipv6`, allowlisted net sysctls |
 //! | other allowlisted sysctls | read, write | the policy's `[[sysctl]]` keys outside `net` |
@@ -26,20 +26,12 @@ use super::{HardeningError, Sandbox};
 /// The newest landlock ABI the rules are written for.
 const ABI_TARGET: ABI = ABI::V6;
 
-/// Files of `/etc` the helper and its tools read.
-const ETC_FILES: &[&str] = &[
-    "/etc/passwd",
-    "/etc/group",
-    "/etc/nsswitch.conf",
-    "/etc/ld.so.cache",
-    "/etc/protocols",
-    "/etc/services",
-    "/etc/ethertypes",
-    "/etc/xtables.conf",
-    "/etc/localtime",
-    "/etc/host.conf",
-];
-
+/// The helper reads the account databases (`/etc/passwd`, `/etc/group`) for every new peer and
+/// its tools read a few more files of `/etc`. The rule is on the directory, not on those files:
+/// landlock ties a rule to an inode, and `useradd`, `groupadd` or `usermod` replace the databases
+/// with new files, so a rule on the files would lock everyone who is allowed by a group out after
+/// the first account change.
+const ETC: &str = "/etc";
 /// Applies the ruleset to this thread and every thread and child created after. Returns how far
 /// it is enforced on this kernel.
 pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
@@ -61,7 +53,7 @@ pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
         .map_err(err)?
         .add_rules(path_beneath_rules(["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin"], read_exec))
         .map_err(err)?
-        .add_rules(path_beneath_rules(ETC_FILES, read))
+        .add_rules(path_beneath_rules([ETC], read))
         .map_err(err)?
         .add_rules(path_beneath_rules(["/proc", "/sys"], read))
         .map_err(err)?
