@@ -104,7 +104,11 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
         },
         (&Method::GET, ["v1", "vms", name]) => answer(ok, daemon.show(name).await),
         (&Method::DELETE, ["v1", "vms", name]) => {
-            answer(ok, daemon.delete(name).await.map(|()| serde_json::json!({})))
+            let deleted = daemon.delete(name).await;
+            answer(
+                ok,
+                deleted.map(|w| w.map_or(serde_json::json!({}), |w| serde_json::json!({ "warning": w }))),
+            )
         }
         (&Method::POST, ["v1", "vms", name, "start"]) => answer(ok, daemon.start(name).await),
         (&Method::POST, ["v1", "vms", name, "stop"]) => answer(ok, daemon.stop(name).await),

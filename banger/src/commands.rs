@@ -197,7 +197,7 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
         VmCommand::Delete { name } => {
-            let _: serde_json::Value = d.call::<(), _>(Method::DELETE, &vm_path(&name, ""), None).await?;
+            delete_vm(&d, &name).await?;
             println!("vm {name} deleted");
         }
         VmCommand::List { json } => {
@@ -230,6 +230,14 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn delete_vm(d: &DaemonClient, name: &str) -> anyhow::Result<()> {
+    let answer: serde_json::Value = d.call::<(), _>(Method::DELETE, &vm_path(name, ""), None).await?;
+    if let Some(w) = answer.get("warning").and_then(|w| w.as_str()) {
+        eprintln!("warning: {w}");
+    }
+    Ok(())
 }
 
 fn ip_of(vm: &VmView) -> String {
@@ -299,7 +307,7 @@ async fn vm_run(
     }
     .await;
     if rm {
-        let _: serde_json::Value = d.call::<(), _>(Method::DELETE, &vm_path(name, ""), None).await?;
+        delete_vm(d, name).await?;
     }
     result
 }

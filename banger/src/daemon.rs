@@ -431,6 +431,8 @@ impl Daemon {
         vm.updated_at = unix_now();
         self.with_store(|s| s.update_vm(vm))?;
 
+        // The vsock socket is bound at PUT /vsock; one left by a killed VMM would make it fail.
+        vmm::remove_stale_socket(&vm.vsock_path).map_err(|e| failed(with_sources(&e)))?;
         let spawned = vmm::spawn_direct(&vmm::SpawnSpec {
             vmm: vmm_bin,
             relay: &self.relay_exe,
@@ -502,6 +504,11 @@ impl Daemon {
             let _ = self.procs.kill_vmm(pid, &vm.api_socket);
             self.wait_gone(pid, Duration::from_secs(5)).await;
         }
+        for sock in [&vm.api_socket, &vm.vsock_path] {
+            let _ = vmm::remove_stale_socket(sock);
+        }
+        // The handles stay recorded until the helper confirms, so a later reconcile still knows
+        // what to remove if this fails.
         let report =
             self.helper.teardown_vms(std::slice::from_ref(&vm.id)).await.map_err(|e| helper_error(&e))?;
         if let Some(f) = report.failures.first() {
@@ -511,9 +518,6 @@ impl Daemon {
             )));
         }
         self.cache.forget(&vm.id, &vm.vm_dir).map_err(|e| failed(with_sources(&e)))?;
-        for sock in [&vm.api_socket, &vm.vsock_path] {
-            let _ = std::fs::remove_file(sock);
-        }
         Ok(())
     }
 
@@ -572,14 +576,30 @@ impl Daemon {
         self.start(name).await
     }
 
-    /// `DELETE /v1/vms/{name}`.
-    pub async fn delete(&self, name: &str) -> Result<(), DaemonError> {
+    /// `DELETE /v1/vms/{name}`. Returns a warning when the VM is gone but kernel objects it may
+    /// have left could not be checked (the helper was unreachable): no row claims them any more,
+    /// so the next reconcile with the helper reachable removes them.
+    pub async fn delete(&self, name: &str) -> Result<Option<String>, DaemonError> {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
-        self.stop_locked(&mut vm).await?;
-        // Kernel objects of a VM that never ran (or that a crash left) go too.
-        self.teardown(&vm, &VmHandles::default()).await?;
+        let handles = self.handles_of(&vm);
+        let mut warning = None;
+        if vm_alive(&vm, &handles, self.procs.as_ref()) {
+            self.stop_locked(&mut vm).await?;
+        } else {
+            // Kernel objects of a VM that is not running (never started, or left by a crash).
+            match self.teardown(&vm, &handles).await {
+                Ok(()) => {}
+                Err(DaemonError::Unavailable(why)) => {
+                    self.cache.remove(&vm.id);
+                    warning = Some(format!(
+                        "could not check vm {name} for leftover network devices ({why}); any are removed at the next daemon start with banger-helper reachable"
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         ssh::unpin_host_key(&self.paths.known_hosts(), &vm.id).map_err(|e| failed(with_sources(&e)))?;
         match std::fs::remove_dir_all(&vm.vm_dir) {
             Ok(()) => {}
@@ -588,8 +608,8 @@ impl Daemon {
         }
         self.with_store(|s| s.delete_vm(&vm.id))?;
         self.vm_locks.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
-        tracing::info!(vm = %vm.name, id = %vm.id, "deleted");
-        Ok(())
+        tracing::info!(vm = %vm.name, id = %vm.id, warning = warning.as_deref().unwrap_or(""), "deleted");
+        Ok(warning)
     }
 
     /// `GET /v1/vms/{name}/logs`.
@@ -853,6 +873,21 @@ mod tests {
         assert!(vm.last_error.unwrap().contains("vmm exited"));
         assert!(e.helper.owned().taps.is_empty());
         assert!(e.daemon.cache.get(&id).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_stopped_vm_can_be_deleted_while_the_helper_is_down_with_a_warning() {
+        let e = env("exit 1");
+        let created = e.daemon.create(create("dev")).await.unwrap();
+        e.helper.set_unreachable(true);
+        let warning = e.daemon.delete("dev").await.unwrap().expect("a warning");
+        assert!(warning.contains("banger-helper") && warning.contains("next daemon start"), "{warning}");
+        assert!(!created.vm_dir.exists());
+        assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+        // With the helper up, deleting asks it and warns about nothing.
+        e.helper.set_unreachable(false);
+        e.daemon.create(create("dev")).await.unwrap();
+        assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
     }
 
     #[test]

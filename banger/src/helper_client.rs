@@ -56,6 +56,17 @@ pub enum HelperClientError {
         #[source]
         source: io::Error,
     },
+    /// The socket exists but this user may not open it.
+    #[error(
+        "permission denied on banger-helper's socket {socket}: your user is not in the group that may use it; ask an admin to add you to that group (see `ls -l {socket}`) and to the helper's policy, then log in again"
+    )]
+    NoAccess {
+        /// The helper's socket.
+        socket: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The helper answered with a typed error.
     #[error("banger-helper refused the request: {0}")]
     Helper(HelperError),
@@ -107,10 +118,18 @@ pub enum HelperClientError {
     },
 }
 
+/// What a failed `connect()` to the helper's socket means for the user.
+fn connect_error(socket: PathBuf, source: io::Error) -> HelperClientError {
+    match source.kind() {
+        io::ErrorKind::PermissionDenied => HelperClientError::NoAccess { socket, source },
+        _ => HelperClientError::Unreachable { socket, source },
+    }
+}
+
 impl HelperClientError {
-    /// Whether the helper could not be reached (as opposed to answering with an error).
+    /// Whether the helper could not be reached or opened (as opposed to answering with an error).
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, HelperClientError::Unreachable { .. })
+        matches!(self, HelperClientError::Unreachable { .. } | HelperClientError::NoAccess { .. })
     }
 }
 
@@ -231,9 +250,9 @@ impl SocketHelper {
 
     /// Connects and says `Hello`.
     async fn connect(&self) -> Result<UnixStream, AttemptError> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-            AttemptError::Fatal(HelperClientError::Unreachable { socket: self.socket.clone(), source })
-        })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| AttemptError::Fatal(connect_error(self.socket.clone(), source)))?;
         let hello = Request::Hello { version: PROTOCOL_VERSION, install_id: self.install_id.clone() };
         match self.exchange(&stream, &hello, None).await? {
             Response::Hello(reply) if reply.version == PROTOCOL_VERSION => {
@@ -1035,6 +1054,16 @@ mod tests {
         // A socket file nobody listens on (a helper that died): refused, also unreachable.
         drop(std::os::unix::net::UnixListener::bind(&missing).unwrap());
         assert!(c.ping().await.unwrap_err().is_unreachable());
+    }
+
+    #[test]
+    fn a_socket_the_user_may_not_open_says_so_rather_than_start_the_helper() {
+        let err =
+            connect_error("/run/banger/helper.sock".into(), io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(err.is_unreachable());
+        let msg = err.to_string();
+        assert!(msg.contains("permission denied") && msg.contains("group"), "{msg}");
+        assert!(!msg.contains("systemctl start"), "{msg}");
     }
 
     #[tokio::test]

@@ -6,26 +6,26 @@
 //! through the root helper ([`helper_client`]) and talks to each VMM through its API socket
 //! ([`firecracker`]).
 
-pub mod ids;
-pub mod model;
-pub mod store;
-pub mod handles;
-pub mod liveness;
-pub mod firecracker;
-pub mod helper_client;
-pub mod reconcile;
-pub mod paths;
-pub mod config;
-pub mod storage;
-pub mod ssh;
-pub mod personalize;
-pub mod images;
 pub mod api;
 pub mod api_types;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod config;
 pub mod daemon;
+pub mod firecracker;
+pub mod handles;
+pub mod helper_client;
+pub mod ids;
+pub mod images;
+pub mod liveness;
 pub mod logfile;
+pub mod model;
+pub mod paths;
+pub mod personalize;
+pub mod reconcile;
+pub mod ssh;
 pub mod startup;
+pub mod storage;
+pub mod store;
 pub mod vmm;

@@ -44,8 +44,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The stale socket could not be removed.
-    #[error("cannot remove stale api socket {path}")]
+    /// A stale socket could not be removed.
+    #[error("cannot remove stale socket {path}")]
     StaleSocket {
         /// The socket.
         path: PathBuf,
@@ -122,16 +122,22 @@ pub fn device_hint(log: &str) -> String {
     String::new()
 }
 
+/// Removes a socket file a killed VMM left behind (Firecracker refuses to bind an existing path).
+/// Callers make sure no live VMM serves it.
+pub fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() || m.is_file() => std::fs::remove_file(path)
+            .map_err(|source| VmmError::StaleSocket { path: path.to_owned(), source }),
+        _ => Ok(()),
+    }
+}
+
 /// Starts the relay and the VMM; returns once the API socket answers.
 pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
     if !spec.vmm.is_file() {
         return Err(VmmError::BinaryMissing { path: spec.vmm.to_owned() });
     }
-    match std::fs::symlink_metadata(spec.api_socket) {
-        Ok(m) if m.file_type().is_socket() || m.is_file() => std::fs::remove_file(spec.api_socket)
-            .map_err(|source| VmmError::StaleSocket { path: spec.api_socket.to_owned(), source })?,
-        _ => {}
-    }
+    remove_stale_socket(spec.api_socket)?;
     let mut relay = setsid_command(spec.relay);
     relay
         .arg("serial-relay")
