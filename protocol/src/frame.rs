@@ -3,18 +3,18 @@
 //!
 //! Reading is bounded: the length is checked against [`MAX_FRAME_LEN`] before the payload buffer is
 //! allocated, at most [`MAX_FDS_PER_FRAME`] descriptors are accepted (the kernel closes any beyond
-//! the control buffer; those that did arrive are closed when the error drops them), and every
-//! received descriptor is close-on-exec. Each read asks for exactly the bytes the frame still
+//! the small control buffer; those that did arrive are owned at once and closed when the error
+//! drops them, so no descriptor ever leaks), and every received descriptor is close-on-exec. Each read asks for exactly the bytes the frame still
 //! needs, so a frame never consumes bytes (or descriptors) of the next one.
 //!
 //! Both a blocking flavour (any socket fd) and an async flavour ([`tokio::net::UnixStream`]) share
 //! the same two syscall wrappers.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::Interest;
@@ -22,9 +22,6 @@ use tokio::net::UnixStream;
 
 use crate::codec::{self, CodecError};
 use crate::{MAX_FDS_PER_FRAME, MAX_FRAME_LEN};
-
-/// The kernel's limit on descriptors in one SCM_RIGHTS message.
-const SCM_MAX_FD: usize = 253;
 
 /// Why a frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -59,27 +56,55 @@ pub struct Frame {
 }
 
 /// Receives up to `buf.len()` bytes and any descriptors sent with them.
+///
+/// The control buffer has room for one descriptor more than a frame may carry, so a sender of
+/// too many is always noticed; the kernel closes whatever does not fit (and says so with
+/// `MSG_CTRUNC`). Every descriptor that *was* installed in our table is taken into an [`OwnedFd`]
+/// before anything is checked, so none can leak whatever the peer sends. (This walks the control
+/// messages itself because nix refuses to iterate them once `MSG_CTRUNC` is set.)
 fn recv_some(fd: RawFd, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-    let mut iov = [IoSliceMut::new(buf)];
-    // Room for the most descriptors the kernel passes in one message (SCM_MAX_FD), so it never
-    // has to truncate: every descriptor that arrives is owned here and closed if refused.
-    let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        return Err(io::Error::other(FrameTooManyFds));
+    const ROOM: usize = (MAX_FDS_PER_FRAME + 1) * std::mem::size_of::<libc::c_int>();
+    // u64 elements keep the buffer aligned for cmsghdr.
+    let mut control = [0u64; 16];
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(ROOM as libc::c_uint) } as usize;
+    debug_assert!(space <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at a live iovec over `buf` and a live control buffer of `space` bytes.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
-    for c in msg.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for r in raw {
-                // SAFETY: the kernel just installed `r` in our table for us; nothing else owns it.
-                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+    // SAFETY: msg was filled by the kernel; CMSG_FIRSTHDR/NXTHDR stay within msg_controllen.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        // SAFETY: cmsg is non-null and points at a header inside the control buffer.
+        let hdr = unsafe { &*cmsg };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_LEN(0) is arithmetic.
+            let header = unsafe { libc::CMSG_LEN(0) } as usize;
+            let count = (hdr.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<libc::c_int>();
+            // SAFETY: the data of an SCM_RIGHTS message is `count` ints right after the header.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<libc::c_int>();
+            for i in 0..count {
+                // SAFETY: within the message's data (count was derived from cmsg_len); the
+                // kernel just installed each of these descriptors for us and nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(data.add(i).read_unaligned()) });
             }
         }
+        // SAFETY: msg and cmsg are valid as above.
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
     }
-    if fds.len() > MAX_FDS_PER_FRAME {
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 || fds.len() > MAX_FDS_PER_FRAME {
         return Err(io::Error::other(FrameTooManyFds));
     }
-    Ok(msg.bytes)
+    Ok(n as usize)
 }
 
 /// Marker carried inside an [`io::Error`] so the caller can map it back to [`FrameError::TooManyFds`].
@@ -321,6 +346,22 @@ mod tests {
         write_frame_blocking(a.as_fd(), b"x", &borrowed).unwrap();
         let r = read_frame_blocking(b.as_fd());
         assert!(matches!(r, Err(FrameError::TooManyFds)), "{r:?}");
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_flood_of_descriptors_is_refused_and_none_leaks() {
+        let (a, b) = pair();
+        let file = tempfile_fd();
+        // The kernel's maximum in one message.
+        let many: Vec<BorrowedFd<'_>> = (0..253).map(|_| file.as_fd()).collect();
+        let before = open_fds();
+        write_frame_blocking(a.as_fd(), b"x", &many).unwrap();
+        assert!(matches!(read_frame_blocking(b.as_fd()), Err(FrameError::TooManyFds)));
+        assert_eq!(open_fds(), before, "descriptors leaked");
     }
 
     #[test]
