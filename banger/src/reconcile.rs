@@ -376,6 +376,13 @@ impl<'a> Reconciler<'a> {
                 report.warnings.push(format!("vm {}: {e}", d.vm.id));
             }
             self.cache.remove(&d.vm.id);
+            // Its VMM is gone: the sockets it left would make the next start fail (Firecracker
+            // refuses to bind an existing path).
+            for sock in [&d.vm.api_socket, &d.vm.vsock_path] {
+                if let Err(e) = crate::vmm::remove_stale_socket(sock) {
+                    report.warnings.push(format!("vm {}: {e}", d.vm.id));
+                }
+            }
             if let Err(e) = self.store().set_state(&d.vm.id, d.to, last_error.as_deref()) {
                 report.warnings.push(format!("vm {}: cannot record state {}: {e}", d.vm.id, d.to));
             }
@@ -620,8 +627,12 @@ mod tests {
         let held = VmHandles { pid: Some(200), ..w.give_objects(&vm).await };
         handles::write_scratch(&vm.vm_dir, &held).unwrap();
         w.cache.set(vm.id.clone(), held.clone());
+        // The killed VMM left its sockets behind.
+        let _api = std::os::unix::net::UnixListener::bind(&vm.api_socket).unwrap();
+        let _vsock = std::os::unix::net::UnixListener::bind(&vm.vsock_path).unwrap();
 
         let r = w.run().await;
+        assert!(!vm.api_socket.exists() && !vm.vsock_path.exists(), "stale sockets are removed");
         assert_eq!(r.demoted.len(), 1);
         let d = &r.demoted[0];
         assert_eq!(
