@@ -138,3 +138,96 @@ fn loop_quota_is_a_typed_error() {
     drop(h);
     ns.finish();
 }
+
+/// A descriptor a former owner kept on a loop device must never see the next owner's disk: uid a
+/// detaches the device behind the helper's back (`LOOP_CLR_FD` on its own node), reopens the free
+/// node and keeps that descriptor across its detach; then uid b attaches. Either b gets another
+/// device, or a's descriptor does not see b's data.
+#[test]
+#[ignore = "needs root: loop devices and the real helper"]
+fn a_kept_descriptor_never_reaches_the_next_owners_disk() {
+    if !root_or_skip("a_kept_descriptor_never_reaches_the_next_owners_disk") {
+        return;
+    }
+    nix::ioctl_none_bad!(loop_clr_fd, linux_raw_sys::loop_device::LOOP_CLR_FD);
+    let (a, b) = (61034, 61035);
+    let ns = Netns::new("loopkeep");
+    let h = Helper::start(&ns, &policy(&[a, b], ""));
+    let mut files = BackingFiles::new();
+    let a_img = files.file("a.img", a, 1 << 20);
+    let b_img = files.file("b.img", b, 1 << 20);
+    let secret = vec![0x5a_u8; 4096];
+    std::fs::write(&b_img, &secret).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&b_img).unwrap().set_len(1 << 20).unwrap();
+
+    let socket = h.socket.clone();
+    let a_img_c = a_img.clone();
+    let r = as_uid(a, move || {
+        let (c, hello) = Client::connect(&socket, "k").unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&a_img_c).unwrap();
+        vec![hello, c.call_fds(attach(LoopRole::Cow, false), &[f.as_fd()])]
+    });
+    let Response::Loop(la) = &r[1] else { panic!("{:?}\n{}", r[1], h.log_text()) };
+    let device_a = la.device.clone();
+    assert_eq!(node_owner(&device_a), (a, 0o600));
+
+    // As a: detach it himself, reopen the now free node (still a's) and hand the descriptor out,
+    // so it outlives the child.
+    let (keep_rx, keep_tx) = std::os::unix::net::UnixStream::pair().unwrap();
+    let dev = device_a.clone();
+    let r = as_uid(a, move || {
+        let clear = (|| {
+            let d = std::fs::OpenOptions::new().read(true).write(true).open(&dev)?;
+            // SAFETY: LOOP_CLR_FD takes no argument; `d` is an open loop device.
+            unsafe { loop_clr_fd(std::os::fd::AsRawFd::as_raw_fd(&d)) }.map_err(std::io::Error::from)?;
+            drop(d);
+            std::fs::OpenOptions::new().read(true).write(true).open(&dev)
+        })();
+        match clear {
+            Ok(kept) => {
+                let sent =
+                    banger_protocol::frame::send_blocking(keep_tx.as_fd(), &Response::Done, &[kept.as_fd()]);
+                vec![if sent.is_ok() {
+                    Response::Done
+                } else {
+                    client_error("cannot pass the descriptor".into())
+                }]
+            }
+            Err(e) => vec![client_error(format!("as uid a: {e}"))],
+        }
+    });
+    assert_eq!(r, vec![Response::Done], "the attack setup failed");
+    let (_, mut kept) = banger_protocol::frame::recv_blocking::<Response>(keep_rx.as_fd()).unwrap();
+    let kept = kept.pop().expect("the kept descriptor");
+    assert!(loops_of(&a_img).is_empty(), "a detached the device himself");
+
+    let r = session(&h, a, "k", vec![Request::LoopDetach { vm: vm("disk"), role: LoopRole::Cow }]);
+    assert_eq!(r[1], Response::Done);
+
+    let socket = h.socket.clone();
+    let b_img_c = b_img.clone();
+    let r = as_uid(b, move || {
+        let (c, hello) = Client::connect(&socket, "k").unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&b_img_c).unwrap();
+        vec![hello, c.call_fds(attach(LoopRole::Cow, false), &[f.as_fd()])]
+    });
+    let Response::Loop(lb) = &r[1] else { panic!("{:?}\n{}", r[1], h.log_text()) };
+    assert_eq!(loops_of(&b_img), vec![lb.device.clone()]);
+
+    let mut seen = vec![0u8; 4096];
+    let n = nix::sys::uio::pread(&kept, &mut seen, 0).unwrap_or(0);
+    let leaked = lb.device == device_a && n > 0 && seen[..n] == secret[..n];
+    drop(kept);
+    let r = session(&h, b, "k", vec![Request::TeardownVms { vms: vec![vm("disk")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(!leaked, "uid a's kept descriptor on {device_a} reads uid b's disk");
+    assert!(lb.device != device_a || n == 0, "b got the device a holds open: {}", lb.device);
+    assert!(
+        h.log_text().contains(&format!("{device_a} is held open by someone")),
+        "the device a holds open was not quarantined:\n{}",
+        h.log_text()
+    );
+    drop(h);
+    ns.finish();
+    assert!(loops_of(&b_img).is_empty(), "loop device leaked");
+}

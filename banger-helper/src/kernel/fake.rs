@@ -33,6 +33,8 @@ pub struct FakeLoop {
     pub status: Option<LoopStatus>,
     /// Its node.
     pub node: NodeState,
+    /// Someone holds the device open (then it cannot be removed).
+    pub held_open: bool,
 }
 
 /// A failure to inject: calls named `op` whose object contains `object` fail with `errno`,
@@ -81,7 +83,10 @@ impl FakeKernel {
         w.links.insert("eth0".into(), FakeLink { up: true, ..FakeLink::default() });
         w.sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
         for n in 0..8 {
-            w.loops.insert(n, FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 } });
+            w.loops.insert(
+                n,
+                FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 }, held_open: false },
+            );
         }
         FakeKernel { world: Mutex::new(w) }
     }
@@ -197,13 +202,48 @@ impl Loops for FakeKernel {
         w.backing.get(&fd.as_raw_fd()).copied().ok_or_else(|| KernelError::errno("fstat", "fd", Errno::EBADF))
     }
 
-    fn get_free(&self) -> KResult<u32> {
-        let mut w = self.call("loop_get_free", "")?;
-        if let Some((n, _)) = w.loops.iter().find(|(_, l)| l.status.is_none()) {
-            return Ok(*n);
+    fn unbound(&self) -> KResult<Vec<u32>> {
+        let w = self.call("loop_unbound", "")?;
+        Ok(w.loops.iter().filter(|(_, l)| l.status.is_none()).map(|(n, _)| *n).collect())
+    }
+
+    fn is_bound(&self, n: u32) -> KResult<bool> {
+        let w = self.call("loop_is_bound", &format!("/dev/loop{n}"))?;
+        match w.loops.get(&n) {
+            Some(l) => Ok(l.status.is_some()),
+            None => Err(KernelError::errno("stat", format!("/sys/block/loop{n}"), Errno::ENOENT)),
         }
-        let n = w.loops.len() as u32;
-        w.loops.insert(n, FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 } });
+    }
+
+    fn remove(&self, n: u32) -> KResult<()> {
+        let mut w = self.call("loop_remove", &format!("/dev/loop{n}"))?;
+        match w.loops.get(&n) {
+            None => Err(KernelError::errno("LOOP_CTL_REMOVE", format!("/dev/loop{n}"), Errno::ENODEV)),
+            Some(l) if l.status.is_some() || l.held_open => {
+                Err(KernelError::errno("LOOP_CTL_REMOVE", format!("/dev/loop{n}"), Errno::EBUSY))
+            }
+            Some(_) => {
+                w.loops.remove(&n);
+                Ok(())
+            }
+        }
+    }
+
+    fn add(&self, n: Option<u32>) -> KResult<u32> {
+        let mut w =
+            self.call("loop_add", &n.map_or_else(|| "any".to_owned(), |n| format!("/dev/loop{n}")))?;
+        let n = match n {
+            Some(n) if w.loops.contains_key(&n) => {
+                return Err(KernelError::errno("LOOP_CTL_ADD", format!("/dev/loop{n}"), Errno::EEXIST));
+            }
+            Some(n) => n,
+            None => (0..).find(|n| !w.loops.contains_key(n)).unwrap_or(u32::MAX),
+        };
+        // A new node, as devtmpfs makes it: root's, 0600.
+        w.loops.insert(
+            n,
+            FakeLoop { status: None, node: NodeState { uid: 0, gid: 0, mode: 0o600 }, held_open: false },
+        );
         Ok(n)
     }
 

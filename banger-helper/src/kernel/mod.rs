@@ -176,8 +176,17 @@ pub struct LoopStatus {
 pub trait Loops: Send + Sync {
     /// Inspects a backing file descriptor (fstat, fstatfs, F_GETFL).
     fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile>;
-    /// A free loop device number (`LOOP_CTL_GET_FREE`; may create the device).
-    fn get_free(&self) -> KResult<u32>;
+    /// The loop devices that exist and are not attached (no `/sys/block/loopN/loop`), ascending.
+    /// Nothing is opened to find them.
+    fn unbound(&self) -> KResult<Vec<u32>>;
+    /// Whether device `n` is attached, from sysfs, without opening it.
+    fn is_bound(&self, n: u32) -> KResult<bool>;
+    /// Removes device `n` (`LOOP_CTL_REMOVE`), its node with it. `EBUSY` while it is attached or
+    /// anyone holds it open: the proof that nobody does.
+    fn remove(&self, n: u32) -> KResult<()>;
+    /// Creates device `n`, or the lowest unused number when `None` (`LOOP_CTL_ADD`), with a new
+    /// node; returns its number. `EEXIST` when `n` exists.
+    fn add(&self, n: Option<u32>) -> KResult<u32>;
     /// Owner and mode of `/dev/loopN`.
     fn node(&self, n: u32) -> KResult<NodeState>;
     /// Sets owner, group and mode of `/dev/loopN`.

@@ -3,15 +3,20 @@
 //! Attach, in order: the backing file arrives as a descriptor the client opened (proving it may
 //! open it); it must be a regular file owned by the caller and not on FUSE. It is attached
 //! read-only unless the client asked for read-write *and* the descriptor is open read-write. A
-//! free device is found; if its node is not root-owned 0600 it is reset first (device-node
-//! hygiene); the attach is one `LOOP_CONFIGURE` without autoclear, retried on another device when
-//! a concurrent attach won the race; only then is the node given to the caller (0600).
+//! device is chosen that nobody holds open, proven by [`scrub`]: its node is given to root (0600),
+//! then the device is removed (`LOOP_CTL_REMOVE`, which the kernel refuses while anyone holds it
+//! open) and created again with a new root-owned node. A device someone holds open is
+//! quarantined (tried again only after the others); when no free device can be proven unused a
+//! new one is created. The attach is one `LOOP_CONFIGURE` without autoclear, retried on another
+//! device when a concurrent attach won the race; only then is the node given to the caller (0600).
 //!
 //! Detach touches only a device the ledger gives to this caller for this VM and role, and only
 //! while it is still attached to the recorded file: the node goes back to root (0600) first, then
-//! the device is detached, so a reused device number never reaches its former owner.
+//! the device is detached and proven unused again (or quarantined), so a descriptor its former
+//! owner kept never reaches the next owner's disk.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use banger_policy::{LedgerEntry, Object};
 use banger_protocol::{HelperError, LoopInfo, LoopRole, VmId};
@@ -19,7 +24,7 @@ use nix::errno::Errno;
 
 use super::rollback::Rollback;
 use super::{Caller, Helper, State};
-use crate::kernel::{FdAccess, Kernel, Loops as _};
+use crate::kernel::{FdAccess, KResult, Kernel, Loops, NodeState};
 use banger_policy::ObjectKind;
 
 use crate::ledger_store::Backing;
@@ -29,6 +34,72 @@ pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 /// How often an attach is retried when another attach takes the free device first.
 const ATTACH_TRIES: usize = 16;
+
+/// What [`scrub`] found out about a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Proof {
+    /// Removed and created again: nobody holds it open, its node is root's (0600).
+    Clean,
+    /// Attached, or held open by someone: the kernel refused to remove it.
+    Held,
+    /// Someone else (another root tool) removed, created or attached it meanwhile.
+    Raced,
+}
+
+/// The node every device has before the helper attaches it, and after it takes it back.
+const ROOT_NODE: NodeState = NodeState { uid: 0, gid: 0, mode: 0o600 };
+
+/// Gives `/dev/loopN` to root (0600) unless it already is.
+pub(crate) fn root_node<L: Loops>(loops: &L, n: u32) -> KResult<()> {
+    let node = loops.node(n)?;
+    if node != ROOT_NODE {
+        tracing::info!(
+            "/dev/loop{n} had owner {}:{} mode {:o}; reset to root 0600",
+            node.uid,
+            node.gid,
+            node.mode
+        );
+        loops.set_node(n, 0, 0, 0o600)?;
+    }
+    Ok(())
+}
+
+/// Proves that nobody holds device `n` open: its node is given to root (0600) first, so nobody
+/// can open it anew (not even by reopening a descriptor kept on that node), then the device is
+/// removed, which the kernel refuses while it is attached or anyone holds it open, and created
+/// again, with a new node that root owns. A device someone holds open is [`Proof::Held`].
+pub(crate) fn scrub<L: Loops>(loops: &L, n: u32) -> KResult<Proof> {
+    match loops.node(n) {
+        Ok(node) if node == ROOT_NODE => {}
+        // Attached to something else meanwhile: not a free device to reset.
+        Ok(_) if loops.is_bound(n)? => return Ok(Proof::Held),
+        Ok(_) => root_node(loops, n)?,
+        Err(e) if e.errno_value() == Some(Errno::ENOENT) => return Ok(Proof::Raced),
+        Err(e) => return Err(e),
+    }
+    match loops.remove(n) {
+        Ok(()) => {}
+        Err(e) if e.errno_value() == Some(Errno::EBUSY) => return Ok(Proof::Held),
+        Err(e) if e.errno_value() == Some(Errno::ENODEV) => return Ok(Proof::Raced),
+        Err(e) => return Err(e),
+    }
+    match loops.add(Some(n)) {
+        Ok(_) => {}
+        Err(e) if e.errno_value() == Some(Errno::EEXIST) => return Ok(Proof::Raced),
+        Err(e) => return Err(e),
+    }
+    root_node(loops, n)?;
+    Ok(Proof::Clean)
+}
+
+/// Whether an attach lost a race for its device (try another), or its error.
+fn attach_raced(r: KResult<()>) -> Result<bool, HelperError> {
+    match r {
+        Ok(()) => Ok(false),
+        Err(e) if matches!(e.errno_value(), Some(Errno::EBUSY | Errno::ENOENT | Errno::ENXIO)) => Ok(true),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// The device number of `/dev/loopN`.
 pub(crate) fn loop_number(device: &str) -> Option<u32> {
@@ -88,7 +159,7 @@ impl<K: Kernel> Helper<K> {
         let new_vm = !st.stored.ledger.has_vm(c.uid, c.install, vm);
         self.check_quota(st, c, ObjectKind::Loop(role), new_vm)?;
 
-        let n = self.attach_free(fd.as_fd(), read_only)?;
+        let n = self.attach_clean(fd.as_fd(), read_only)?;
         drop(fd);
         let device = format!("/dev/loop{n}");
         names.push(device.clone());
@@ -111,26 +182,40 @@ impl<K: Kernel> Helper<K> {
         Ok(self.loop_info(&entry))
     }
 
-    /// Attaches `fd` to a free device whose node is root's, returning its number.
-    fn attach_free(&self, fd: std::os::fd::BorrowedFd<'_>, read_only: bool) -> Result<u32, HelperError> {
+    /// Attaches `fd` to a device nobody holds open, whose node is root's, returning its number.
+    ///
+    /// Free devices are tried first, those found held open before last; each is proven unused
+    /// by [`scrub`] (given to root, removed, created again) just before the attach. When none
+    /// can be proven unused, a new device is created.
+    fn attach_clean(&self, fd: BorrowedFd<'_>, read_only: bool) -> Result<u32, HelperError> {
         let loops = self.kernel.loops();
+        let mut candidates = loops.unbound()?;
+        {
+            let held = self.quarantine();
+            candidates.sort_by_key(|n| (held.contains(n), *n));
+        }
+        for n in candidates.into_iter().take(ATTACH_TRIES) {
+            match scrub(loops, n)? {
+                Proof::Clean => self.unquarantine(n),
+                Proof::Held => {
+                    self.quarantine_add(n);
+                    continue;
+                }
+                Proof::Raced => continue,
+            }
+            if attach_raced(loops.attach(n, fd, read_only))? {
+                continue;
+            }
+            return Ok(n);
+        }
         for _ in 0..ATTACH_TRIES {
-            let n = loops.get_free()?;
-            let node = loops.node(n)?;
-            if (node.uid, node.gid, node.mode) != (0, 0, 0o600) {
-                tracing::warn!(
-                    "free /dev/loop{n} had owner {}:{} mode {:o}; reset to root 0600 before use",
-                    node.uid,
-                    node.gid,
-                    node.mode
-                );
-                loops.set_node(n, 0, 0, 0o600)?;
+            // A device that did not exist until now: nobody can hold it open.
+            let n = loops.add(None)?;
+            root_node(loops, n)?;
+            if attach_raced(loops.attach(n, fd, read_only))? {
+                continue;
             }
-            match loops.attach(n, fd, read_only) {
-                Ok(()) => return Ok(n),
-                Err(e) if e.errno_value() == Some(Errno::EBUSY) => continue,
-                Err(e) => return Err(e.into()),
-            }
+            return Ok(n);
         }
         Err(HelperError::Kernel {
             op: "LOOP_CONFIGURE".into(),
@@ -139,6 +224,36 @@ impl<K: Kernel> Helper<K> {
                 "every free loop device was taken by someone else {ATTACH_TRIES} times in a row; retry"
             ),
         })
+    }
+
+    /// After a device of ours was released: proves it unused again (so its number is clean for
+    /// the next owner), or quarantines it while someone still holds it open.
+    pub(crate) fn scrub_released(&self, n: u32) {
+        match scrub(self.kernel.loops(), n) {
+            Ok(Proof::Clean) => self.unquarantine(n),
+            Ok(Proof::Held) => self.quarantine_add(n),
+            Ok(Proof::Raced) => {}
+            Err(e) => tracing::warn!("/dev/loop{n} released, but cannot prove it unused: {e}"),
+        }
+    }
+
+    fn quarantine(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.quarantined.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn quarantine_add(&self, n: u32) {
+        if self.quarantine().insert(n) {
+            tracing::warn!(
+                "/dev/loop{n} is held open by someone (or attached outside the helper); quarantined: \
+                 never handed out until nobody holds it"
+            );
+        }
+    }
+
+    fn unquarantine(&self, n: u32) {
+        if self.quarantine().remove(&n) {
+            tracing::info!("/dev/loop{n} is no longer held open; out of quarantine");
+        }
     }
 
     /// Takes back a device the ledger gives to `uid`, deciding by its node, which the helper never
@@ -162,6 +277,7 @@ impl<K: Kernel> Helper<K> {
             if loops.status(n)?.is_some() {
                 loops.detach(n)?;
             }
+            self.scrub_released(n);
         } else if node.uid == 0 {
             match loops.status(n)? {
                 Some(s)
@@ -169,9 +285,10 @@ impl<K: Kernel> Helper<K> {
                         == Some(&Backing { dev: s.backing_dev, ino: s.backing_ino }) =>
                 {
                     loops.detach(n)?;
+                    self.scrub_released(n);
                 }
                 Some(_) => tracing::warn!("{device} holds another file now; not touched"),
-                None => {}
+                None => self.scrub_released(n),
             }
         } else {
             tracing::warn!("{device} now belongs to uid {}; not touched", node.uid);
@@ -251,18 +368,33 @@ mod tests {
             assert!(w.loops[&0].status.is_some());
         }
         let calls = t.kernel.calls();
-        let hygiene = calls.iter().position(|c| c.starts_with("loop_set_node /dev/loop0 0:0")).unwrap();
-        let attach_at = calls.iter().position(|c| c.starts_with("loop_attach")).unwrap();
-        let give = calls.iter().position(|c| c.starts_with("loop_set_node /dev/loop0 1000:0")).unwrap();
-        assert!(hygiene < attach_at && attach_at < give, "{calls:?}");
+        let at =
+            |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p}: {calls:?}"));
+        // Root's node first, then the proof that nobody holds it (remove, create again), then the
+        // attach, and only then the node goes to the caller.
+        let order = [
+            at("loop_set_node /dev/loop0 0:0 600"),
+            at("loop_remove /dev/loop0"),
+            at("loop_add /dev/loop0"),
+            at("loop_attach"),
+            at("loop_set_node /dev/loop0 1000:0"),
+        ];
+        assert!(order.is_sorted(), "{calls:?}");
 
         let before = t.kernel.calls().len();
         let r = t.req(&p, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await;
         assert_eq!(r, Response::Done);
         let calls = t.kernel.calls()[before..].to_vec();
-        let reset = calls.iter().position(|c| c.starts_with("loop_set_node /dev/loop0 0:0 600")).unwrap();
-        let detach = calls.iter().position(|c| c.starts_with("loop_detach")).unwrap();
-        assert!(reset < detach, "{calls:?}");
+        let at =
+            |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p}: {calls:?}"));
+        // Released: root's node, detached, then removed and created again so the number is clean.
+        let order = [
+            at("loop_set_node /dev/loop0 0:0 600"),
+            at("loop_detach"),
+            at("loop_remove /dev/loop0"),
+            at("loop_add /dev/loop0"),
+        ];
+        assert!(order.is_sorted(), "{calls:?}");
         assert!(t.kernel.world().loops[&0].status.is_none());
         assert_eq!(
             t.req(&p, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await,
@@ -348,13 +480,12 @@ mod tests {
         let t = TestHelper::new();
         t.kernel.world().loops.get_mut(&0).unwrap().node = NodeState { uid: 1001, gid: 1001, mode: 0o600 };
         t.kernel.fail("loop_attach", "/dev/loop0", Errno::EBUSY, 1);
-        // The fake hands out loop0 again after the lost race; make the second try use loop1.
         let p = t.peer(1000, "home");
         let f = file(&t, 1000, FdAccess::ReadOnly, 10);
         let Response::Loop(info) = t.req_fds(&p, attach(LoopRole::Base, true), vec![f]).await else {
             panic!()
         };
-        assert_eq!(info.device, "/dev/loop0");
+        assert_eq!(info.device, "/dev/loop1");
         let calls = t.kernel.calls();
         assert_eq!(calls.iter().filter(|c| c.starts_with("loop_attach")).count(), 2, "{calls:?}");
         assert!(calls.iter().any(|c| c == "loop_set_node /dev/loop0 0:0 600"));
@@ -447,5 +578,99 @@ mod tests {
         ));
         let r = t.req_fds(&p, attach(LoopRole::Cow, true), vec![file(&t, 1000, FdAccess::ReadOnly, 2)]).await;
         assert_eq!(r, Response::Error(HelperError::QuotaExceeded { resource: "loops".into(), limit: 1 }));
+    }
+
+    /// The attack: a owns the node while attached, detaches the device himself, reopens the free
+    /// node and keeps that descriptor. The kernel refuses to remove a device held open, so the
+    /// device is quarantined and b gets another one.
+    #[tokio::test]
+    async fn a_device_someone_holds_open_is_never_handed_out() {
+        let t = TestHelper::new();
+        let a = t.peer(1000, "home");
+        let b = t.peer(1001, "home");
+        let Response::Loop(la) =
+            t.req_fds(&a, attach(LoopRole::Cow, false), vec![file(&t, 1000, FdAccess::ReadWrite, 10)]).await
+        else {
+            panic!()
+        };
+        assert_eq!(la.device, "/dev/loop0");
+        {
+            let mut w = t.kernel.world();
+            let l = w.loops.get_mut(&0).unwrap();
+            l.status = None;
+            l.held_open = true;
+        }
+        assert_eq!(
+            t.req(&a, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await,
+            Response::Done
+        );
+        assert_eq!(t.kernel.world().loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
+        let Response::Loop(lb) =
+            t.req_fds(&b, attach(LoopRole::Cow, false), vec![file(&t, 1001, FdAccess::ReadWrite, 11)]).await
+        else {
+            panic!()
+        };
+        assert_ne!(lb.device, "/dev/loop0", "b got the device a holds open");
+        assert!(
+            !t.kernel.calls().iter().any(|c| c.starts_with("loop_attach /dev/loop0") && c.contains("ino"))
+        );
+        assert_eq!(t.kernel.world().loops[&0].status, None);
+        // Once a lets go, the number is proven unused and handed out again (here the only free one).
+        {
+            let mut w = t.kernel.world();
+            w.loops.get_mut(&0).unwrap().held_open = false;
+            for l in w.loops.values_mut().skip(1) {
+                l.status.get_or_insert(crate::kernel::LoopStatus {
+                    backing_dev: 9,
+                    backing_ino: 9,
+                    read_only: true,
+                });
+            }
+        }
+        let Response::Loop(l2) =
+            t.req_fds(&b, attach(LoopRole::Base, true), vec![file(&t, 1001, FdAccess::ReadOnly, 12)]).await
+        else {
+            panic!()
+        };
+        assert_eq!(l2.device, "/dev/loop0");
+        assert!(t.helper.quarantine().is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_every_free_device_is_held_open_a_new_one_is_made() {
+        let t = TestHelper::new();
+        for l in t.kernel.world().loops.values_mut() {
+            l.held_open = true;
+        }
+        let p = t.peer(1000, "home");
+        let Response::Loop(l) =
+            t.req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
+        else {
+            panic!()
+        };
+        assert_eq!(l.device, "/dev/loop8");
+        assert!(t.kernel.calls().iter().any(|c| c == "loop_add any"));
+        assert_eq!(t.helper.quarantine().len(), 8);
+        let w = t.kernel.world();
+        assert!(w.loops.iter().all(|(n, l)| (*n == 8) == l.status.is_some()));
+    }
+
+    #[tokio::test]
+    async fn a_user_owned_free_node_goes_to_root_before_it_is_removed() {
+        let t = TestHelper::new();
+        for l in t.kernel.world().loops.values_mut() {
+            l.node = NodeState { uid: 1001, gid: 1001, mode: 0o600 };
+        }
+        let p = t.peer(1000, "home");
+        let Response::Loop(l) =
+            t.req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
+        else {
+            panic!()
+        };
+        assert_eq!(l.device, "/dev/loop0");
+        let calls = t.kernel.calls();
+        let reset = calls.iter().position(|c| c == "loop_set_node /dev/loop0 0:0 600").unwrap();
+        let remove = calls.iter().position(|c| c == "loop_remove /dev/loop0").unwrap();
+        assert!(reset < remove, "{calls:?}");
     }
 }

@@ -80,6 +80,8 @@ pub struct Helper<K: Kernel> {
     state: Mutex<State>,
     audit: AuditLog,
     capabilities: Capabilities,
+    /// Loop devices found held open by someone: never handed out until proven unused again.
+    quarantined: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl<K: Kernel> std::fmt::Debug for Helper<K> {
@@ -107,7 +109,14 @@ impl<K: Kernel> Helper<K> {
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
         };
-        Helper { policy, kernel, state: Mutex::new(State { stored, store }), audit, capabilities }
+        Helper {
+            policy,
+            kernel,
+            state: Mutex::new(State { stored, store }),
+            audit,
+            capabilities,
+            quarantined: std::sync::Mutex::default(),
+        }
     }
 
     /// The policy in force.

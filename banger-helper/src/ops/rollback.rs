@@ -15,7 +15,7 @@ use crate::kernel::{Kernel, Links as _, Loops as _};
 enum Step {
     /// Delete a link the setup created.
     Link(String),
-    /// Give `/dev/loopN` back to root (0600), then detach it.
+    /// Give `/dev/loopN` back to root (0600), detach it, and prove it unused again.
     Loop(u32),
 }
 
@@ -71,6 +71,15 @@ fn undo_loop<K: Kernel>(kernel: &K, n: u32) {
     }
     if let Err(e) = loops.detach(n) {
         tracing::error!("rollback: cannot detach /dev/loop{n}: {e}");
+        return;
+    }
+    // The caller may have opened the node in the meantime: prove the number unused again.
+    match super::loopdev::scrub(loops, n) {
+        Ok(super::loopdev::Proof::Held) => {
+            tracing::warn!("rollback: /dev/loop{n} is held open by someone; it is not used until they let go")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("rollback: cannot prove /dev/loop{n} unused: {e}"),
     }
 }
 

@@ -1,5 +1,5 @@
-//! Loop devices on Linux: `/dev/loop-control` for a free device, `LOOP_CONFIGURE` to attach in one
-//! step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
+//! Loop devices on Linux: sysfs for the free devices, `/dev/loop-control` to remove and re-create
+//! a device (proving nobody holds it open), `LOOP_CONFIGURE` to attach in one step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
 //! autoclear, `LOOP_GET_STATUS64` to see what a device holds, and the device nodes' owner and mode.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -15,7 +15,8 @@ use nix::unistd::{Gid, Uid, fchownat};
 
 use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops, NodeState};
 
-nix::ioctl_none_bad!(loop_ctl_get_free, ld::LOOP_CTL_GET_FREE);
+nix::ioctl_write_int_bad!(loop_ctl_add, ld::LOOP_CTL_ADD);
+nix::ioctl_write_int_bad!(loop_ctl_remove, ld::LOOP_CTL_REMOVE);
 nix::ioctl_write_ptr_bad!(loop_configure, ld::LOOP_CONFIGURE, loop_config);
 nix::ioctl_write_int_bad!(loop_set_fd, ld::LOOP_SET_FD);
 nix::ioctl_write_ptr_bad!(loop_set_status64, ld::LOOP_SET_STATUS64, loop_info64);
@@ -28,6 +29,8 @@ const LO_FLAGS_READ_ONLY: u32 = ld::LO_FLAGS_READ_ONLY as u32;
 #[derive(Debug)]
 pub struct LinuxLoops {
     dev: PathBuf,
+    /// `/sys/block`.
+    sys_block: PathBuf,
     /// Cleared the first time the kernel refuses `LOOP_CONFIGURE` as unknown.
     configure: AtomicBool,
 }
@@ -42,9 +45,26 @@ fn kernel_has_configure() -> bool {
 }
 
 impl LinuxLoops {
-    /// Loop devices under `dev`.
-    pub fn new(dev: impl Into<PathBuf>) -> Self {
-        LinuxLoops { dev: dev.into(), configure: AtomicBool::new(kernel_has_configure()) }
+    /// Loop devices with nodes under `dev` and sysfs entries under `sys_block`.
+    pub fn new(dev: impl Into<PathBuf>, sys_block: impl Into<PathBuf>) -> Self {
+        LinuxLoops {
+            dev: dev.into(),
+            sys_block: sys_block.into(),
+            configure: AtomicBool::new(kernel_has_configure()),
+        }
+    }
+
+    /// Runs one `/dev/loop-control` request.
+    fn control(
+        &self,
+        op: &'static str,
+        object: String,
+        f: impl FnOnce(i32) -> nix::Result<i32>,
+    ) -> KResult<i32> {
+        let path = self.dev.join("loop-control");
+        let ctl = open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| KernelError::errno("open", path.display().to_string(), e))?;
+        f(ctl.as_raw_fd()).map_err(|e| KernelError::errno(op, object, e))
     }
 
     fn node_path(&self, n: u32) -> PathBuf {
@@ -118,15 +138,48 @@ impl Loops for LinuxLoops {
         })
     }
 
-    fn get_free(&self) -> KResult<u32> {
-        let path = self.dev.join("loop-control");
-        let ctl = open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| KernelError::errno("open", path.display().to_string(), e))?;
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns the device number.
-        let n = unsafe { loop_ctl_get_free(ctl.as_raw_fd()) }
-            .map_err(|e| KernelError::errno("LOOP_CTL_GET_FREE", "/dev/loop-control", e))?;
-        u32::try_from(n)
-            .map_err(|_| KernelError::errno("LOOP_CTL_GET_FREE", "/dev/loop-control", Errno::ERANGE))
+    fn unbound(&self) -> KResult<Vec<u32>> {
+        let object = self.sys_block.display().to_string();
+        let dir = std::fs::read_dir(&self.sys_block).map_err(|e| {
+            KernelError::errno("read_dir", object.clone(), Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+        })?;
+        let mut free: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("loop")?.parse().ok())
+            .filter(|n| matches!(self.is_bound(*n), Ok(false)))
+            .collect();
+        free.sort_unstable();
+        Ok(free)
+    }
+
+    fn is_bound(&self, n: u32) -> KResult<bool> {
+        let path = self.sys_block.join(format!("loop{n}"));
+        // The `loop` attribute group exists exactly while the device is attached.
+        match lstat(&path.join("loop")) {
+            Ok(_) => Ok(true),
+            Err(Errno::ENOENT) => match lstat(&path) {
+                Ok(_) => Ok(false),
+                Err(e) => Err(KernelError::errno("stat", path.display().to_string(), e)),
+            },
+            Err(e) => Err(KernelError::errno("stat", path.display().to_string(), e)),
+        }
+    }
+
+    fn remove(&self, n: u32) -> KResult<()> {
+        let arg = n as i32;
+        // SAFETY: LOOP_CTL_REMOVE takes the device number by value.
+        self.control("LOOP_CTL_REMOVE", self.node_path(n).display().to_string(), |ctl| unsafe {
+            loop_ctl_remove(ctl, arg)
+        })
+        .map(|_| ())
+    }
+
+    fn add(&self, n: Option<u32>) -> KResult<u32> {
+        let arg = n.map_or(-1, |n| n as i32);
+        let object =
+            n.map_or_else(|| "a new loop device".to_owned(), |n| self.node_path(n).display().to_string());
+        // SAFETY: LOOP_CTL_ADD takes the device number (or -1) by value and returns the number.
+        let got = self.control("LOOP_CTL_ADD", object.clone(), |ctl| unsafe { loop_ctl_add(ctl, arg) })?;
+        u32::try_from(got).map_err(|_| KernelError::errno("LOOP_CTL_ADD", object, Errno::ERANGE))
     }
 
     fn node(&self, n: u32) -> KResult<NodeState> {

@@ -39,7 +39,7 @@ impl LinuxKernel {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
             firewall: Iptables::locate()?,
-            loops: LinuxLoops::new("/dev"),
+            loops: LinuxLoops::new("/dev", "/sys/block"),
             sysctl: ProcSysctl::new("/proc/sys"),
         })
     }
