@@ -1,8 +1,8 @@
 //! `banger-helper serve`, step by step:
 //!
 //! 1. refuse to run as anyone but root;
-//! 2. take systemd's socket if one was passed, close every other inherited descriptor, empty the
-//!    environment;
+//! 2. raise the soft open-file limit to the hard one; take systemd's socket if one was passed,
+//!    close every other inherited descriptor, empty the environment;
 //! 3. read the policy; resolve the socket group;
 //! 4. bind the socket (mode 0660, the policy's group) unless systemd passed one; open the state
 //!    directory (locked against a second helper) and load the ledger; open the audit log;
@@ -172,6 +172,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(ServeError::NotRoot);
     }
+    let nofile = hardening::raise_nofile()?;
     let passed = systemd::take_listener()?;
     hardening::close_inherited_fds(passed.as_ref().map(AsRawFd::as_raw_fd));
     hardening::clear_environment();
@@ -237,7 +238,13 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         let listener = tokio::net::UnixListener::from_std(listener)
             .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
         tracing::info!("serving");
-        server::run(helper, listener, ServerConfig::default(), shutdown_signal()).await;
+        let config = ServerConfig::for_nofile(nofile);
+        tracing::info!(
+            "open-file limit {nofile}: at most {} connections, {} per uid",
+            config.max_connections,
+            config.max_connections_per_uid
+        );
+        server::run(helper, listener, config, shutdown_signal()).await;
         tracing::info!("stopped");
         Ok(())
     })

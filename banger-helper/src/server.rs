@@ -10,8 +10,10 @@
 //! 4. any frame that is oversized, truncated, undecodable or carries too many descriptors ends
 //!    that connection only (an undecodable one is answered "invalid request" first).
 //!
-//! The number of connections per uid is capped, so one user cannot exhaust the helper's
-//! descriptors for everyone else.
+//! The number of connections is capped per uid, so one user cannot take every slot, and in total,
+//! so all users together cannot exhaust the helper's descriptors (each connection holds its socket
+//! and at most [`banger_protocol::MAX_FDS_PER_FRAME`] received descriptors at a time). A refused connection
+//! is answered, audited and closed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,6 +38,25 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections one uid may hold at once.
     pub max_connections_per_uid: usize,
+    /// Connections all uids together may hold at once.
+    pub max_connections: usize,
+}
+
+/// Descriptors kept for the helper itself (ledger, audit log, netlink, the tools' pipes).
+const RESERVED_FDS: u64 = 64;
+
+/// Most connections ever allowed at once, whatever the descriptor limit.
+const MAX_CONNECTIONS: usize = 1024;
+
+impl ServerConfig {
+    /// The default limits, with the total number of connections kept within `nofile`
+    /// descriptors: each connection may hold its socket and a frame's descriptors at once.
+    pub fn for_nofile(nofile: u64) -> Self {
+        let per_connection = 1 + banger_protocol::MAX_FDS_PER_FRAME as u64;
+        let fit = nofile.saturating_sub(RESERVED_FDS) / per_connection;
+        let max_connections = usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, MAX_CONNECTIONS);
+        ServerConfig { max_connections, ..ServerConfig::default() }
+    }
 }
 
 impl Default for ServerConfig {
@@ -44,12 +65,19 @@ impl Default for ServerConfig {
             hello_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_connections_per_uid: 64,
+            max_connections: MAX_CONNECTIONS,
         }
     }
 }
 
-/// Open connections per uid.
-type Counts = Arc<Mutex<HashMap<u32, usize>>>;
+/// Open connections, per uid and in total.
+#[derive(Debug, Default)]
+struct Open {
+    per_uid: HashMap<u32, usize>,
+    total: usize,
+}
+
+type Counts = Arc<Mutex<Open>>;
 
 /// Releases a connection's slot when the connection ends.
 struct Slot {
@@ -60,10 +88,11 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = c.get_mut(&self.uid) {
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_uid.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
-                c.remove(&self.uid);
+                c.per_uid.remove(&self.uid);
             }
         }
     }
@@ -134,28 +163,33 @@ async fn connection<K: Kernel>(
             return;
         }
     };
-    let slot = {
+    let refused = {
         let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = c.entry(peer.uid).or_default();
-        if *n >= config.max_connections_per_uid {
-            None
+        let held = c.per_uid.get(&peer.uid).copied().unwrap_or(0);
+        if held >= config.max_connections_per_uid {
+            Some(format!(
+                "uid {} already holds {held} connections to the helper, the most one uid may; close some first",
+                peer.uid
+            ))
+        } else if c.total >= config.max_connections {
+            Some(format!(
+                "the helper already serves {} connections, the most it takes at once; retry shortly",
+                c.total
+            ))
         } else {
-            *n += 1;
-            Some(Slot { counts: counts.clone(), uid: peer.uid })
+            *c.per_uid.entry(peer.uid).or_default() += 1;
+            c.total += 1;
+            None
         }
     };
-    let Some(_slot) = slot else {
-        tracing::warn!(
-            "uid {} already holds {} connections; refusing another",
-            peer.uid,
-            config.max_connections_per_uid
-        );
-        let e = HelperError::Conflict {
-            what: format!("too many connections from uid {}; close some first", peer.uid),
-        };
+    if let Some(what) = refused {
+        tracing::warn!("refusing a connection: {what}");
+        let e = HelperError::Conflict { what };
+        helper.audit_refusal(&peer, "connect", &e);
         send(&stream, &Response::Error(e)).await;
         return;
-    };
+    }
+    let _slot = Slot { counts: counts.clone(), uid: peer.uid };
 
     match timeout(config.hello_timeout, frame::recv::<Request>(&stream)).await {
         Err(_) => {
@@ -239,20 +273,29 @@ mod tests {
 
     /// A server over the fake kernel whose policy admits this process's uid, on a temporary socket.
     async fn server(config: ServerConfig) -> (tempfile::TempDir, std::path::PathBuf) {
+        let (dir, path, _) = server_audited(config).await;
+        (dir, path)
+    }
+
+    /// [`server`], with its audit log.
+    async fn server_audited(
+        config: ServerConfig,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Arc<std::sync::Mutex<Vec<u8>>>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let mut policy = crate::ops::testing::test_policy();
         policy.access.users = vec![nix::unistd::getuid().as_raw().to_string()];
-        let helper = Arc::new(Helper::new(
-            policy,
-            Arc::new(FakeKernel::new()),
-            Stored::default(),
-            None,
-            AuditLog::memory().0,
-        ));
+        let (audit, records) = AuditLog::memory();
+        let helper =
+            Arc::new(Helper::new(policy, Arc::new(FakeKernel::new()), Stored::default(), None, audit));
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(run(helper, listener, config, std::future::pending()));
-        (dir, path)
+        (dir, path, records)
+    }
+
+    fn audit_lines(records: &std::sync::Mutex<Vec<u8>>) -> Vec<crate::audit::Record> {
+        let buf = records.lock().unwrap();
+        String::from_utf8_lossy(&buf).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 
     async fn hello(path: &std::path::Path) -> UnixStream {
@@ -274,6 +317,7 @@ mod tests {
             hello_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_millis(300),
             max_connections_per_uid: 3,
+            max_connections: 5,
         }
     }
 
@@ -332,6 +376,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = hello(&path).await;
         assert_eq!(ping(&s).await, Response::Pong);
+    }
+
+    #[tokio::test]
+    async fn connections_in_total_are_capped_and_refusals_audited() {
+        let config = ServerConfig { max_connections_per_uid: 10, max_connections: 2, ..quick() };
+        let (_dir, path, records) = server_audited(config).await;
+        let held: Vec<UnixStream> = futures::future::join_all((0..2).map(|_| hello(&path))).await;
+        let extra = UnixStream::connect(&path).await.unwrap();
+        let (r, _) = recv::<Response>(&extra).await.unwrap();
+        assert!(
+            matches!(&r, Response::Error(HelperError::Conflict { what }) if what.contains("2 connections")),
+            "{r:?}"
+        );
+        let refused: Vec<_> = audit_lines(&records).into_iter().filter(|r| r.op == "connect").collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(
+            (refused[0].uid, refused[0].result.as_str(), refused[0].code.as_deref()),
+            (
+                nix::unistd::getuid().as_raw(),
+                "error",
+                Some(HelperError::Conflict { what: String::new() }.code().to_string().as_str())
+            )
+        );
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let s = hello(&path).await;
+        assert_eq!(ping(&s).await, Response::Pong);
+    }
+
+    #[test]
+    fn the_total_cap_fits_the_descriptor_limit() {
+        assert_eq!(ServerConfig::for_nofile(1024).max_connections, (1024 - 64) / 5);
+        assert_eq!(ServerConfig::for_nofile(65536).max_connections, 1024);
+        assert_eq!(ServerConfig::for_nofile(10).max_connections, 1);
+        assert_eq!(ServerConfig::for_nofile(65536).max_connections_per_uid, 64);
     }
 
     #[tokio::test]

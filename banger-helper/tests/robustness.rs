@@ -370,3 +370,22 @@ fn the_helper_runs_confined_and_still_resolves_names() {
     drop(h);
     ns.finish();
 }
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn the_open_file_limit_is_raised_and_bounds_the_connections() {
+    if !root_or_skip("the_open_file_limit_is_raised_and_bounds_the_connections") {
+        return;
+    }
+    let ns = Netns::new("nofile");
+    let h = Helper::start_limited(&ns, temp_dir(), &policy(&[61049], ""), Some(256));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", h.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(nums[0], nums[1], "soft limit not raised to the hard one: {line}");
+    assert_ne!(nums[0], "256", "{line}");
+    let log = h.log_text();
+    assert!(log.contains(&format!("open-file limit {}", nums[1])), "{log}");
+    drop(h);
+    ns.finish();
+}

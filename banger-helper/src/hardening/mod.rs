@@ -3,7 +3,10 @@
 //! 1. [`close_inherited_fds`]: every descriptor beyond stdio (and systemd's socket) is closed;
 //! 2. [`clear_environment`]: the environment is emptied but for a fixed `PATH` and `LC_ALL=C`;
 //! 3. `umask 077`;
-//! 4. then, in [`lock_down`], after everything that needs broader access was opened: no new
+//! 4. [`raise_nofile`]: the soft descriptor limit is raised to the hard one, so the connection caps
+//!    (not the kernel's default soft limit of 1024) bound how many descriptors clients can make
+//!    the helper hold;
+//! 5. then, in [`lock_down`], after everything that needs broader access was opened: no new
 //!    privileges, every capability but the few the operations need dropped ([`caps`]), the
 //!    filesystem confined with landlock ([`landlock`]), and the system calls with a seccomp
 //!    allowlist ([`seccomp`]).
@@ -36,6 +39,9 @@ pub enum HardeningError {
     /// Seccomp failed.
     #[error("cannot install the seccomp filter")]
     Seccomp(#[source] ::seccompiler::Error),
+    /// The descriptor limit could not be read or raised.
+    #[error("cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit")]
+    NoFile(#[source] nix::errno::Errno),
     /// A path the sandbox must name does not exist or cannot be opened.
     #[error("cannot open {0} for the sandbox")]
     Path(PathBuf, #[source] std::io::Error),
@@ -72,6 +78,23 @@ pub fn clear_environment() {
         std::env::set_var("LC_ALL", "C");
     }
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new limit.
+pub fn raise_nofile() -> Result<u64, HardeningError> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a valid, writable rlimit that outlives the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(HardeningError::NoFile(nix::errno::Errno::last()));
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit that outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(HardeningError::NoFile(nix::errno::Errno::last()));
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// What the confined helper still reaches, besides the system's libraries and tools.

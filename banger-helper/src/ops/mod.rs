@@ -165,6 +165,11 @@ impl<K: Kernel> Helper<K> {
         result
     }
 
+    /// Audits a connection refused before any request (e.g. over the connection caps).
+    pub fn audit_refusal(&self, peer: &Peer, op: &str, error: &HelperError) {
+        self.audit.write(&Record::new(peer.uid, peer.pid, None, op, vec![], Err(error)));
+    }
+
     fn check_hello(&self, peer: &Peer, request: &Request, version: u32) -> Result<HelloReply, HelperError> {
         if let Decision::Refuse(e) = authorize(&self.policy, peer, request, &Ledger::default()) {
             return Err(e);

@@ -161,12 +161,41 @@ impl Helper {
 
     /// Starts the helper with its socket, state and policy in `dir` (to restart on a kept state).
     pub fn start_in(ns: &Netns, dir: tempfile::TempDir, policy: &str) -> Helper {
+        Self::start_limited(ns, dir, policy, None)
+    }
+
+    /// [`Helper::start_in`], with the soft open-file limit the helper starts with set to
+    /// `soft_nofile` (the hard one is left as it is).
+    pub fn start_limited(
+        ns: &Netns,
+        dir: tempfile::TempDir,
+        policy: &str,
+        soft_nofile: Option<u64>,
+    ) -> Helper {
         let socket = dir.path().join("helper.sock");
         let state = dir.path().join("state");
         let log = dir.path().join("helper.log");
         let policy_file = dir.path().join("policy.toml");
         std::fs::write(&policy_file, policy).unwrap();
-        let child = Self::spawn(&ns.name, &socket, &policy_file, &state, &log);
+        let mut cmd = Self::command(&ns.name, &socket, &policy_file, &state, &log);
+        if let Some(soft) = soft_nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure runs between fork and exec and only makes two system calls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().unwrap();
         let mut h = Helper { child: Some(child), dir, socket, state, log, ns: ns.name.clone() };
         h.wait_ready();
         h
@@ -174,9 +203,14 @@ impl Helper {
 
     /// Runs `banger-helper serve` in `ns` without waiting for it.
     pub fn spawn(ns: &str, socket: &Path, policy: &Path, state: &Path, log: &Path) -> Child {
+        Self::command(ns, socket, policy, state, log).spawn().unwrap()
+    }
+
+    /// The command [`Helper::spawn`] runs.
+    pub fn command(ns: &str, socket: &Path, policy: &Path, state: &Path, log: &Path) -> Command {
         let log = std::fs::File::create(log).unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", ns, HELPER, "serve", "--socket"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, HELPER, "serve", "--socket"])
             .arg(socket)
             .arg("--policy")
             .arg(policy)
@@ -185,9 +219,8 @@ impl Helper {
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+            .stderr(log);
+        cmd
     }
 
     fn wait_ready(&mut self) {
