@@ -107,6 +107,11 @@ impl Stored {
         Some(e)
     }
 
+    /// Whether any entry, of any owner, holds the TAP `name`.
+    pub fn ledger_names_tap(&self, name: &str) -> bool {
+        self.ledger.entries.iter().any(|e| matches!(&e.object, Object::Tap { name: n, .. } if n == name))
+    }
+
     /// Adds an entry (replacing one of the same VM and kind).
     pub fn insert(&mut self, entry: LedgerEntry) {
         self.ledger.insert(entry);

@@ -10,7 +10,8 @@ use std::sync::{Mutex, MutexGuard};
 use nix::errno::Errno;
 
 use super::{
-    BackingFile, Firewall, KResult, Kernel, KernelError, Links, LoopStatus, Loops, NodeState, Sysctl,
+    BackingFile, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus, Loops, NodeState,
+    Sysctl,
 };
 use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
 use crate::sysctl_key::SysctlKey;
@@ -153,6 +154,15 @@ impl Links for FakeKernel {
     async fn exists(&self, name: &str) -> KResult<bool> {
         let w = self.call("exists", name)?;
         Ok(w.links.contains_key(name))
+    }
+
+    async fn owner(&self, name: &str) -> KResult<LinkOwner> {
+        let w = self.call("link_owner", name)?;
+        Ok(match w.links.get(name) {
+            None => LinkOwner::Absent,
+            Some(FakeLink { tap_owner: Some(uid), .. }) => LinkOwner::Uid(*uid),
+            Some(_) => LinkOwner::Unowned,
+        })
     }
 
     async fn list(&self) -> KResult<Vec<String>> {

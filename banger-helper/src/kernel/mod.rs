@@ -105,11 +105,24 @@ pub trait Links: Send + Sync {
     fn exists(&self, name: &str) -> impl Future<Output = KResult<bool>> + Send;
     /// The names of every link.
     fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
+    /// Who owns the link `name` as a TUN/TAP device (`/sys/class/net/<name>/owner`).
+    fn owner(&self, name: &str) -> impl Future<Output = KResult<LinkOwner>> + Send;
     /// Deletes these links, together where the kernel allows it (one RCU grace period for all).
     /// A link that does not exist counts as deleted. One result per name, in order.
     fn delete(&self, names: &[String]) -> impl Future<Output = Vec<KResult<()>>> + Send;
     /// The interface of the IPv4 default route, if there is one.
     fn default_route_interface(&self) -> impl Future<Output = KResult<Option<String>>> + Send;
+}
+
+/// The owner of a link, as the tun driver records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOwner {
+    /// No link of that name.
+    Absent,
+    /// A link without an owner (not a TUN/TAP, or one nobody owns).
+    Unowned,
+    /// A TUN/TAP owned by this uid.
+    Uid(u32),
 }
 
 /// The helper's firewall chains.

@@ -5,14 +5,17 @@
 //! opens it with, turn IPv6 off on it unless the policy keeps it, give it the host address of the
 //! VM's point-to-point subnet, set it up, and record it. A failure after the TAP exists deletes it.
 //!
-//! Delete removes only the TAP named after the caller's own `(uid, install, vm)`; absent is done.
+//! Delete removes only the TAP the ledger holds for the caller's own `(uid, install, vm)`, under
+//! the name derived from it, and only while the kernel says it belongs to the caller's uid;
+//! absent is done. A derived name proves nothing by itself: another key may derive the same one,
+//! so create answers `conflict` rather than replace a link of that name that is not the caller's.
 
 use banger_policy::{LedgerEntry, Object};
 use banger_protocol::{HelperError, InstallId, TapInfo, VmId};
 
 use super::rollback::Rollback;
 use super::{Caller, Helper, State};
-use crate::kernel::{Kernel, Links as _, Sysctl as _};
+use crate::kernel::{Kernel, KernelError, LinkOwner, Links as _, Sysctl as _};
 use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
 use banger_policy::ObjectKind;
@@ -46,10 +49,14 @@ impl<K: Kernel> Helper<K> {
         let mut reuse_slot = None;
         if let Some(entry) = st.stored.find(c.uid, c.install, vm, ObjectKind::Tap) {
             let object = entry.object.clone();
-            if links.exists(&name).await? {
-                return self
-                    .tap_info(c.install, vm, &object)
-                    .ok_or_else(|| HelperError::invalid("ledger entry is not a tap"));
+            match links.owner(&name).await? {
+                LinkOwner::Absent => {}
+                LinkOwner::Uid(u) if u == c.uid => {
+                    return self
+                        .tap_info(c.install, vm, &object)
+                        .ok_or_else(|| HelperError::invalid("ledger entry is not a tap"));
+                }
+                owner => return Err(name_taken(&name, owner)),
             }
             tracing::warn!(
                 "tap {name} of uid {} is in the ledger but gone from the kernel; recreating it",
@@ -76,11 +83,19 @@ impl<K: Kernel> Helper<K> {
         let subnet = net.vm_subnet(lease, slot).ok_or_else(|| HelperError::Conflict {
             what: format!("slot {slot} of lease {lease} is outside the policy's pool"),
         })?;
-        if links.exists(&name).await? {
-            tracing::warn!("tap {name} exists without a ledger entry (left by a crash); replacing it");
-            if let Some(Err(e)) = links.delete(std::slice::from_ref(&name)).await.pop() {
-                return Err(e.into());
+        match links.owner(&name).await? {
+            LinkOwner::Absent => {}
+            // The caller's own TAP that no ledger entry holds: left by a crash between its
+            // creation and the ledger write. Replacing it touches nobody else's.
+            LinkOwner::Uid(u) if u == c.uid && !st.stored.ledger_names_tap(&name) => {
+                tracing::warn!(
+                    "tap {name} of uid {u} exists without a ledger entry (left by a crash); replacing it"
+                );
+                if let Some(Err(e)) = links.delete(std::slice::from_ref(&name)).await.pop() {
+                    return Err(e.into());
+                }
             }
+            owner => return Err(name_taken(&name, owner)),
         }
 
         links.create_tap(&name, c.uid).await?;
@@ -134,8 +149,13 @@ impl<K: Kernel> Helper<K> {
     ) -> Result<(), HelperError> {
         let name = VmKey::new(c.uid, c.install, vm).tap_name();
         names.push(name.clone());
-        if let Some(Err(e)) = self.kernel.links().delete(std::slice::from_ref(&name)).await.pop() {
-            return Err(e.into());
+        match self.own_tap(st, c, vm, &name).await? {
+            OwnTap::Delete => {
+                if let Some(Err(e)) = self.kernel.links().delete(std::slice::from_ref(&name)).await.pop() {
+                    return Err(e.into());
+                }
+            }
+            OwnTap::NotInLedger | OwnTap::Gone | OwnTap::NotOurs(_) => {}
         }
         if st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap).is_some()
             && let Err(e) = st.persist()
@@ -144,6 +164,62 @@ impl<K: Kernel> Helper<K> {
             tracing::error!("tap {name} deleted but the ledger could not be saved: {e}");
         }
         Ok(())
+    }
+
+    /// Whether the TAP `name` derived for the caller's `vm` is the caller's to delete: only when
+    /// the ledger holds exactly that name for this `(uid, install, vm)` and the kernel says the
+    /// TAP belongs to the uid. A name alone proves nothing (another key may derive it).
+    pub(crate) async fn own_tap(
+        &self,
+        st: &State,
+        c: Caller<'_>,
+        vm: &VmId,
+        name: &str,
+    ) -> Result<OwnTap, KernelError> {
+        let held = matches!(
+            st.stored.find(c.uid, c.install, vm, ObjectKind::Tap),
+            Some(LedgerEntry { object: Object::Tap { name: n, .. }, .. }) if n == name
+        );
+        if !held {
+            return Ok(OwnTap::NotInLedger);
+        }
+        Ok(match self.kernel.links().owner(name).await? {
+            LinkOwner::Absent => OwnTap::Gone,
+            LinkOwner::Uid(u) if u == c.uid => OwnTap::Delete,
+            owner => {
+                tracing::warn!(
+                    "tap {name} is in the ledger for uid {} but the kernel's link of that name belongs to {owner:?}; left alone",
+                    c.uid
+                );
+                OwnTap::NotOurs(owner)
+            }
+        })
+    }
+}
+
+/// What [`Helper::own_tap`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OwnTap {
+    /// The caller's: delete it.
+    Delete,
+    /// In the ledger, gone from the kernel.
+    Gone,
+    /// The ledger does not hold this name for this VM: not the caller's to delete.
+    NotInLedger,
+    /// A link of that name exists but does not belong to the caller.
+    NotOurs(LinkOwner),
+}
+
+/// The error for a derived TAP name already taken by a link that is not the caller's.
+fn name_taken(name: &str, owner: LinkOwner) -> HelperError {
+    let whose = match owner {
+        LinkOwner::Uid(u) => format!("a TAP of uid {u}"),
+        LinkOwner::Unowned | LinkOwner::Absent => "a link the helper did not create".to_owned(),
+    };
+    HelperError::Conflict {
+        what: format!(
+            "the interface name {name} derived for this VM is taken by {whose}; use another VM id, or ask the admin to remove that interface"
+        ),
     }
 }
 
@@ -256,5 +332,74 @@ mod tests {
         assert!(t.helper.snapshot().await.ledger.entries.is_empty());
         // Absent: done.
         assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
+    }
+
+    fn derived(uid: u32, install: &str, v: &str) -> String {
+        crate::names::VmKey::new(uid, &banger_protocol::InstallId::new(install).unwrap(), &vm(v)).tap_name()
+    }
+
+    fn link_owned_by(t: &TestHelper, name: &str, uid: u32) {
+        t.kernel.world().links.insert(
+            name.to_owned(),
+            crate::kernel::fake::FakeLink { tap_owner: Some(uid), ..Default::default() },
+        );
+    }
+
+    /// Another key deriving the same name (a second preimage): its TAP is never replaced or
+    /// deleted by the caller, whose requests answer conflict or leave it alone.
+    #[tokio::test]
+    async fn a_link_of_the_derived_name_that_is_not_the_callers_is_never_touched() {
+        let t = TestHelper::new();
+        let a = t.peer(1000, "home");
+        let name = derived(1000, "home", "dev");
+        link_owned_by(&t, &name, 1001);
+        let r = t.req(&a, Request::TapCreate { vm: vm("dev") }).await;
+        assert!(
+            matches!(&r, Response::Error(HelperError::Conflict { what }) if what.contains(&name) && what.contains("1001")),
+            "{r:?}"
+        );
+        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
+        let Response::Teardown(report) = t.req(&a, Request::TeardownVms { vms: vec![vm("dev")] }).await
+        else {
+            panic!()
+        };
+        assert!(report.failures.is_empty(), "{report:?}");
+        assert_eq!(t.kernel.world().links[&name].tap_owner, Some(1001), "another owner's tap was touched");
+        let calls = t.kernel.calls();
+        assert!(
+            !calls.iter().any(|c| c.starts_with("delete_link ") || c.starts_with("create_tap")),
+            "{calls:?}"
+        );
+        // A link the helper did not create (no owner) is not replaced either.
+        t.kernel.world().links.get_mut(&name).unwrap().tap_owner = None;
+        let r = t.req(&a, Request::TapCreate { vm: vm("dev") }).await;
+        assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_ledger_entry_whose_link_changed_hands_is_dropped_without_deleting_it() {
+        let t = TestHelper::new();
+        let a = t.peer(1000, "home");
+        let Response::Tap(tap) = t.req(&a, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
+        t.kernel.world().links.get_mut(&tap.name).unwrap().tap_owner = Some(1001);
+        let r = t.req(&a, Request::TapCreate { vm: vm("dev") }).await;
+        assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
+        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
+        assert!(t.kernel.world().links.contains_key(&tap.name));
+        assert!(t.helper.snapshot().await.ledger.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_callers_own_leftover_without_a_ledger_entry_is_replaced() {
+        let t = TestHelper::new();
+        let a = t.peer(1000, "home");
+        let name = derived(1000, "home", "dev");
+        link_owned_by(&t, &name, 1000);
+        let Response::Tap(tap) = t.req(&a, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
+        assert_eq!(tap.name, name);
+        let calls = t.kernel.calls();
+        let del = calls.iter().position(|c| c == &format!("delete_link {name}")).unwrap();
+        let create = calls.iter().position(|c| c == &format!("create_tap {name}")).unwrap();
+        assert!(del < create, "{calls:?}");
     }
 }

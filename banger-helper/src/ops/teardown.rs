@@ -2,7 +2,8 @@
 //!
 //! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
 //! removing the rules of every listed VM, the deletion of all their TAPs together, and the
-//! release of their loop devices. Absent objects count as removed; a failure is reported for its
+//! release of their loop devices. A TAP is deleted only when the ledger holds it for that VM and
+//! the kernel says it belongs to the caller. Absent objects count as removed; a failure is reported for its
 //! object and the rest still goes. A VM is reported torn down when nothing of it failed.
 
 use std::collections::BTreeSet;
@@ -10,6 +11,7 @@ use std::collections::BTreeSet;
 use banger_policy::Object;
 use banger_protocol::{HelperError, TeardownFailure, TeardownReport, VmId};
 
+use super::tap::OwnTap;
 use super::{Caller, Helper, State};
 use crate::firewall::plan_vm_rules;
 use crate::kernel::{Firewall as _, Kernel, Links as _};
@@ -38,7 +40,18 @@ impl<K: Kernel> Helper<K> {
             }
             Ok::<_, crate::kernel::KernelError>(affected)
         };
-        let links = self.kernel.links().delete(&taps);
+        // Only TAPs the ledger holds for these VMs and the kernel says are the caller's.
+        let mut tap_checks = Vec::with_capacity(vms.len());
+        for (vm, tap) in vms.iter().zip(&taps) {
+            tap_checks.push(self.own_tap(st, c, vm, tap).await);
+        }
+        let doomed: Vec<String> = taps
+            .iter()
+            .zip(&tap_checks)
+            .filter(|(_, check)| matches!(check, Ok(OwnTap::Delete)))
+            .map(|(tap, _)| tap.clone())
+            .collect();
+        let links = self.kernel.links().delete(&doomed);
         let loops = async {
             let mut results = Vec::new();
             for vm in &vms {
@@ -75,7 +88,13 @@ impl<K: Kernel> Helper<K> {
                 }
             }
         }
-        for ((vm, tap), r) in vms.iter().zip(&taps).zip(link_results) {
+        let mut link_results = link_results.into_iter();
+        for ((vm, tap), check) in vms.iter().zip(&taps).zip(tap_checks) {
+            let r = match check {
+                Ok(OwnTap::Delete) => link_results.next().unwrap_or(Ok(())),
+                Ok(OwnTap::Gone | OwnTap::NotInLedger | OwnTap::NotOurs(_)) => Ok(()),
+                Err(e) => Err(e),
+            };
             match r {
                 Ok(()) => {
                     st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap);

@@ -7,6 +7,7 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use futures::TryStreamExt;
 use futures::future::join_all;
@@ -17,7 +18,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-use crate::kernel::{KResult, KernelError, Links};
+use crate::kernel::{KResult, KernelError, LinkOwner, Links};
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
@@ -95,6 +96,35 @@ fn create_tap_ioctls(name: &str, owner: u32) -> Result<(), (&'static str, Errno)
     // SAFETY: TUNSETPERSIST takes a flag by value.
     unsafe { tun_set_persist(tun.as_raw_fd(), 1) }.map_err(|e| ("TUNSETPERSIST", e))?;
     Ok(())
+}
+
+/// Where the links of the helper's network namespace appear in sysfs.
+const SYS_CLASS_NET: &str = "/sys/class/net";
+
+/// Reads `<class_net>/<name>/owner`: the uid a TUN/TAP belongs to (`-1`: nobody).
+pub fn tap_owner(class_net: &Path, name: &str) -> KResult<LinkOwner> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(KernelError::errno("read owner", name, Errno::EINVAL));
+    }
+    let dir = class_net.join(name);
+    let read_err = |e: std::io::Error| {
+        KernelError::errno("read owner", name, Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+    };
+    match std::fs::read_to_string(dir.join("owner")) {
+        Ok(text) => match text.trim() {
+            "-1" => Ok(LinkOwner::Unowned),
+            t => t
+                .parse()
+                .map(LinkOwner::Uid)
+                .map_err(|_| KernelError::other("read owner", name, format!("unexpected owner {t:?}"))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(&dir) {
+            Ok(_) => Ok(LinkOwner::Unowned),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LinkOwner::Absent),
+            Err(e) => Err(read_err(e)),
+        },
+        Err(e) => Err(read_err(e)),
+    }
 }
 
 impl NetlinkLinks {
@@ -188,11 +218,18 @@ impl Links for NetlinkLinks {
         }
     }
 
+    async fn owner(&self, name: &str) -> KResult<LinkOwner> {
+        tap_owner(Path::new(SYS_CLASS_NET), name)
+    }
+
     async fn list(&self) -> KResult<Vec<String>> {
         Ok(self.dump().await?.iter().filter_map(link_name).map(str::to_owned).collect())
     }
 
     async fn delete(&self, names: &[String]) -> Vec<KResult<()>> {
+        if names.is_empty() {
+            return Vec::new();
+        }
         let all = match self.dump().await {
             Ok(all) => all,
             Err(e) => return names.iter().map(|_| Err(e.clone())).collect(),
@@ -252,5 +289,26 @@ impl Links for NetlinkLinks {
             Ok(None) => Ok(None),
             Err(e) => Err(nl_err("RTM_GETLINK", "default route interface", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_taps_owner_from_sysfs() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, owner) in [("bgmine", Some("1000\n")), ("bgnobody", Some("-1\n")), ("eth0", None)] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            if let Some(o) = owner {
+                std::fs::write(dir.path().join(name).join("owner"), o).unwrap();
+            }
+        }
+        assert_eq!(tap_owner(dir.path(), "bgmine"), Ok(LinkOwner::Uid(1000)));
+        assert_eq!(tap_owner(dir.path(), "bgnobody"), Ok(LinkOwner::Unowned));
+        assert_eq!(tap_owner(dir.path(), "eth0"), Ok(LinkOwner::Unowned));
+        assert_eq!(tap_owner(dir.path(), "gone"), Ok(LinkOwner::Absent));
+        assert!(tap_owner(dir.path(), "../x").is_err());
     }
 }
