@@ -6,7 +6,9 @@
 //! old one, and the directory fsynced. A lock file keeps a second helper off the same state dir.
 //!
 //! Beside the ledger the helper keeps the identity (device, inode) of each loop device's backing
-//! file, so a loop number that was released and reused is never taken for the caller's.
+//! file, per ledger entry (owner, install, VM, role and device), so a loop number that was
+//! released and reused is never taken for the caller's, and one owner's record never vouches for
+//! another's device.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,7 +18,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use banger_policy::{Ledger, LedgerEntry, Object, ObjectKind};
-use banger_protocol::{InstallId, VmId};
+use banger_protocol::{InstallId, LoopRole, VmId};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +75,30 @@ pub struct Backing {
     pub ino: u64,
 }
 
+/// The backing file identity of one loop entry of the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopBacking {
+    /// The entry's owner.
+    pub uid: u32,
+    /// The entry's install.
+    pub install: InstallId,
+    /// The entry's VM.
+    pub vm: VmId,
+    /// The entry's role.
+    pub role: LoopRole,
+    /// The entry's device.
+    pub device: String,
+    /// The file it was attached to.
+    pub backing: Backing,
+}
+
+impl LoopBacking {
+    fn is_for(&self, e: &LedgerEntry) -> bool {
+        matches!(&e.object, Object::Loop { role, device, .. }
+            if (self.uid, &self.install, &self.vm, self.role, &self.device) == (e.uid, &e.install, &e.vm, *role, device))
+    }
+}
+
 /// What the state file holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stored {
@@ -80,9 +106,9 @@ pub struct Stored {
     pub format: u32,
     /// The ownership ledger.
     pub ledger: Ledger,
-    /// Backing file identity of every loop device in the ledger, by device path.
+    /// Backing file identity of every loop entry in the ledger.
     #[serde(default)]
-    pub loop_backing: BTreeMap<String, Backing>,
+    pub loop_backings: Vec<LoopBacking>,
 }
 
 impl Stored {
@@ -101,10 +127,49 @@ impl Stored {
         kind: ObjectKind,
     ) -> Option<LedgerEntry> {
         let e = self.ledger.remove(uid, install, vm, kind)?;
-        if let Object::Loop { device, .. } = &e.object {
-            self.loop_backing.remove(device);
-        }
+        self.loop_backings.retain(|b| !b.is_for(&e));
         Some(e)
+    }
+
+    /// Removes `entry` exactly (and its backing identity), if the ledger has it.
+    pub fn remove_entry(&mut self, entry: &LedgerEntry) {
+        self.ledger.entries.retain(|e| e != entry);
+        self.loop_backings.retain(|b| !b.is_for(entry));
+    }
+
+    /// The backing file identity recorded for this loop entry.
+    pub fn backing_of(&self, entry: &LedgerEntry) -> Option<Backing> {
+        self.loop_backings.iter().find(|b| b.is_for(entry)).map(|b| b.backing)
+    }
+
+    /// Records a loop entry with its backing identity. Every other entry naming the same device,
+    /// of any owner, is stale (the device was free to attach) and is removed; they are returned.
+    pub fn insert_loop(&mut self, entry: LedgerEntry, backing: Backing) -> Vec<LedgerEntry> {
+        let Object::Loop { role, device, .. } = &entry.object else {
+            self.insert(entry);
+            return Vec::new();
+        };
+        let (role, device) = (*role, device.clone());
+        let stale: Vec<LedgerEntry> = self
+            .ledger
+            .entries
+            .iter()
+            .filter(|e| matches!(&e.object, Object::Loop { device: d, .. } if *d == device))
+            .cloned()
+            .collect();
+        for e in &stale {
+            self.remove_entry(e);
+        }
+        self.loop_backings.push(LoopBacking {
+            uid: entry.uid,
+            install: entry.install.clone(),
+            vm: entry.vm.clone(),
+            role,
+            device,
+            backing,
+        });
+        self.insert(entry);
+        stale
     }
 
     /// Whether any entry, of any owner, holds the TAP `name`.
@@ -130,8 +195,39 @@ struct LeasesFile {
 struct ObjectsFile {
     format: u32,
     entries: Vec<LedgerEntry>,
-    #[serde(default)]
+    /// Backing identities by device path, as earlier versions wrote them: read, never written.
+    #[serde(default, skip_serializing)]
     loop_backing: BTreeMap<String, Backing>,
+    #[serde(default)]
+    loop_backings: Vec<LoopBacking>,
+}
+
+/// Backing identities by device path (earlier versions) as per-entry ones: kept only where exactly
+/// one entry names the device; an ambiguous one is dropped (the device then counts as not the
+/// entry's unless its node still belongs to the entry's owner).
+fn migrate_backings(entries: &[LedgerEntry], legacy: BTreeMap<String, Backing>) -> Vec<LoopBacking> {
+    legacy
+        .into_iter()
+        .filter_map(|(path, backing)| {
+            let mut naming = entries.iter().filter_map(|e| match &e.object {
+                Object::Loop { role, device, .. } if *device == path => Some((e, *role)),
+                _ => None,
+            });
+            let (e, role) = naming.next()?;
+            if naming.next().is_some() {
+                tracing::warn!("{path} is named by several ledger entries; its backing identity is dropped");
+                return None;
+            }
+            Some(LoopBacking {
+                uid: e.uid,
+                install: e.install.clone(),
+                vm: e.vm.clone(),
+                role,
+                device: path,
+                backing,
+            })
+        })
+        .collect()
 }
 
 /// The ledger files of one state directory, held exclusively while the helper runs.
@@ -188,10 +284,12 @@ impl LedgerStore {
             }
             Err(e) => return Err(e),
         };
+        let mut loop_backings = objects.loop_backings;
+        loop_backings.extend(migrate_backings(&objects.entries, objects.loop_backing));
         let stored = Stored {
             format: FORMAT,
             ledger: Ledger { leases: leases.leases.clone(), entries: objects.entries },
-            loop_backing: objects.loop_backing,
+            loop_backings,
         };
         Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, stored))
     }
@@ -244,7 +342,8 @@ impl LedgerStore {
         let objects = ObjectsFile {
             format: FORMAT,
             entries: stored.ledger.entries.clone(),
-            loop_backing: stored.loop_backing.clone(),
+            loop_backing: BTreeMap::new(),
+            loop_backings: stored.loop_backings.clone(),
         };
         let bytes = to_json(&objects).map_err(|e| encode_err(OBJECTS, e))?;
         self.replace(OBJECTS, &bytes, false)
@@ -287,12 +386,14 @@ mod tests {
         assert_eq!(stored.format, FORMAT);
         stored.ledger.leases.insert(1000, 3);
         stored.insert(entry(1000, "a", tap(0)));
-        stored.insert(entry(
-            1000,
-            "a",
-            Object::Loop { role: LoopRole::Base, device: "/dev/loop3".into(), read_only: true },
-        ));
-        stored.loop_backing.insert("/dev/loop3".into(), Backing { dev: 1, ino: 2 });
+        stored.insert_loop(
+            entry(
+                1000,
+                "a",
+                Object::Loop { role: LoopRole::Base, device: "/dev/loop3".into(), read_only: true },
+            ),
+            Backing { dev: 1, ino: 2 },
+        );
         store.save(&stored).unwrap();
         assert!(!state.join("objects.json.tmp").exists() && !state.join("leases.json.tmp").exists());
         drop(store);
@@ -355,18 +456,69 @@ mod tests {
     #[test]
     fn remove_forgets_a_loop_devices_backing() {
         let mut s = Stored::default();
-        s.insert(entry(
-            1,
-            "a",
-            Object::Loop { role: LoopRole::Cow, device: "/dev/loop1".into(), read_only: false },
-        ));
-        s.loop_backing.insert("/dev/loop1".into(), Backing { dev: 1, ino: 1 });
+        s.insert_loop(
+            entry(
+                1,
+                "a",
+                Object::Loop { role: LoopRole::Cow, device: "/dev/loop1".into(), read_only: false },
+            ),
+            Backing { dev: 1, ino: 1 },
+        );
         let home = InstallId::new("home").unwrap();
         let a = VmId::new("a").unwrap();
         assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
         assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Base)).is_none());
         assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
-        assert!(s.loop_backing.is_empty());
+        assert!(s.loop_backings.is_empty());
         assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_none());
+    }
+
+    fn lp(role: LoopRole, device: &str) -> Object {
+        Object::Loop { role, device: device.into(), read_only: true }
+    }
+
+    #[test]
+    fn a_new_loop_entry_replaces_every_stale_one_naming_its_device_and_keeps_its_own_backing() {
+        let mut s = Stored::default();
+        let a = entry(1, "a", lp(LoopRole::Base, "/dev/loop1"));
+        let a_other = entry(1, "a", lp(LoopRole::Cow, "/dev/loop2"));
+        assert!(s.insert_loop(a.clone(), Backing { dev: 1, ino: 1 }).is_empty());
+        s.insert_loop(a_other.clone(), Backing { dev: 1, ino: 2 });
+        let b = entry(2, "b", lp(LoopRole::Base, "/dev/loop1"));
+        let stale = s.insert_loop(b.clone(), Backing { dev: 9, ino: 9 });
+        assert_eq!(stale, vec![a.clone()]);
+        assert_eq!(s.backing_of(&a), None, "a's identity must not vouch for b's device");
+        assert_eq!(s.backing_of(&b), Some(Backing { dev: 9, ino: 9 }));
+        assert_eq!(s.backing_of(&a_other), Some(Backing { dev: 1, ino: 2 }));
+        assert_eq!(s.ledger.entries.len(), 2);
+        // Removing b's entry leaves a's other device alone.
+        s.remove(
+            2,
+            &InstallId::new("home").unwrap(),
+            &VmId::new("b").unwrap(),
+            ObjectKind::Loop(LoopRole::Base),
+        );
+        assert_eq!(s.loop_backings.len(), 1);
+    }
+
+    #[test]
+    fn backings_by_device_from_earlier_versions_are_migrated_when_unambiguous() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = entry(1, "a", lp(LoopRole::Base, "/dev/loop1"));
+        let two =
+            [entry(1, "b", lp(LoopRole::Base, "/dev/loop2")), entry(2, "c", lp(LoopRole::Cow, "/dev/loop2"))];
+        let legacy = serde_json::json!({
+            "format": 1,
+            "entries": [one, two[0], two[1]],
+            "loop_backing": { "/dev/loop1": { "dev": 1, "ino": 1 }, "/dev/loop2": { "dev": 2, "ino": 2 } },
+        });
+        fs::write(dir.path().join(OBJECTS), serde_json::to_vec(&legacy).unwrap()).unwrap();
+        let (mut store, stored) = LedgerStore::open(dir.path()).unwrap();
+        assert_eq!(stored.backing_of(&one), Some(Backing { dev: 1, ino: 1 }));
+        assert_eq!(stored.backing_of(&two[0]), None);
+        assert_eq!(stored.backing_of(&two[1]), None);
+        store.save(&stored).unwrap();
+        let text = fs::read_to_string(dir.path().join(OBJECTS)).unwrap();
+        assert!(!text.contains("\"loop_backing\""), "{text}");
     }
 }

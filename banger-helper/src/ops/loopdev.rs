@@ -172,10 +172,18 @@ impl<K: Kernel> Helper<K> {
             vm: vm.clone(),
             object: Object::Loop { role, device: device.clone(), read_only },
         };
-        st.stored.insert(entry.clone());
-        st.stored.loop_backing.insert(device, backing);
+        // On a failed save the ledger is left exactly as it was, backing identity included.
+        let before = st.stored.clone();
+        for stale in st.stored.insert_loop(entry.clone(), backing) {
+            tracing::info!(
+                "{device} was free, so the entry of uid {} install {} vm {} naming it was stale; dropped",
+                stale.uid,
+                stale.install,
+                stale.vm
+            );
+        }
         if let Err(e) = st.persist() {
-            st.stored.remove(c.uid, c.install, vm, ObjectKind::Loop(role));
+            st.stored = before;
             return Err(e);
         }
         undo.commit();
@@ -264,7 +272,9 @@ impl<K: Kernel> Helper<K> {
     /// - node owned by root: detached only while it holds the recorded file (a crash between the
     ///   two steps above, or an attach that never reached the chown);
     /// - node owned by anyone else: it was released and handed to someone else; left alone.
-    pub(crate) fn release_loop(&self, st: &State, uid: u32, device: &str) -> Result<(), HelperError> {
+    pub(crate) fn release_loop(&self, st: &State, entry: &LedgerEntry) -> Result<(), HelperError> {
+        let Object::Loop { device, .. } = &entry.object else { return Ok(()) };
+        let uid = entry.uid;
         let Some(n) = loop_number(device) else { return Ok(()) };
         let loops = self.kernel.loops();
         let node = match loops.node(n) {
@@ -281,8 +291,8 @@ impl<K: Kernel> Helper<K> {
         } else if node.uid == 0 {
             match loops.status(n)? {
                 Some(s)
-                    if st.stored.loop_backing.get(device)
-                        == Some(&Backing { dev: s.backing_dev, ino: s.backing_ino }) =>
+                    if st.stored.backing_of(entry)
+                        == Some(Backing { dev: s.backing_dev, ino: s.backing_ino }) =>
                 {
                     loops.detach(n)?;
                     self.scrub_released(n);
@@ -304,13 +314,12 @@ impl<K: Kernel> Helper<K> {
         role: LoopRole,
         names: &mut Vec<String>,
     ) -> Result<(), HelperError> {
-        let Some(LedgerEntry { object: Object::Loop { device, .. }, .. }) =
-            st.stored.find(c.uid, c.install, vm, ObjectKind::Loop(role)).cloned()
-        else {
+        let Some(entry) = st.stored.find(c.uid, c.install, vm, ObjectKind::Loop(role)).cloned() else {
             return Ok(());
         };
+        let Object::Loop { device, .. } = &entry.object else { return Ok(()) };
         names.push(device.clone());
-        self.release_loop(st, c.uid, &device)?;
+        self.release_loop(st, &entry)?;
         st.stored.remove(c.uid, c.install, vm, ObjectKind::Loop(role));
         if let Err(e) = st.persist() {
             tracing::error!("{device} detached but the ledger could not be saved: {e}");
@@ -672,5 +681,78 @@ mod tests {
         let reset = calls.iter().position(|c| c == "loop_set_node /dev/loop0 0:0 600").unwrap();
         let remove = calls.iter().position(|c| c == "loop_remove /dev/loop0").unwrap();
         assert!(reset < remove, "{calls:?}");
+    }
+
+    /// a detached his device himself, so it was free and b got it: a's entry naming it is stale
+    /// and dropped, so a's detach can never take b's device, even when b's node is root's.
+    #[tokio::test]
+    async fn attaching_a_device_drops_every_stale_entry_naming_it() {
+        let t = TestHelper::new();
+        let a = t.peer(1000, "home");
+        let b = t.peer(1001, "home");
+        let Response::Loop(la) =
+            t.req_fds(&a, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
+        else {
+            panic!()
+        };
+        t.kernel.world().loops.get_mut(&0).unwrap().status = None;
+        let Response::Loop(lb) =
+            t.req_fds(&b, attach(LoopRole::Base, true), vec![file(&t, 1001, FdAccess::ReadOnly, 20)]).await
+        else {
+            panic!()
+        };
+        assert_eq!((la.device.as_str(), lb.device.as_str()), ("/dev/loop0", "/dev/loop0"));
+        let snap = t.helper.snapshot().await;
+        assert!(snap.ledger.entries.iter().all(|e| e.uid == 1001), "{:?}", snap.ledger.entries);
+        assert_eq!(snap.loop_backings.len(), 1);
+        assert_eq!(snap.loop_backings[0].uid, 1001);
+        t.kernel.world().loops.get_mut(&0).unwrap().node.uid = 0;
+        assert_eq!(
+            t.req(&a, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Base }).await,
+            Response::Done
+        );
+        let Response::Teardown(_) = t.req(&a, Request::TeardownVms { vms: vec![vm("dev")] }).await else {
+            panic!()
+        };
+        assert!(t.kernel.world().loops[&0].status.is_some(), "a's stale entry detached b's device");
+    }
+
+    #[tokio::test]
+    async fn a_failed_ledger_write_leaves_the_ledger_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, stored) = crate::ledger_store::LedgerStore::open(dir.path()).unwrap();
+        let kernel = std::sync::Arc::new(crate::kernel::fake::FakeKernel::new());
+        let helper = crate::ops::Helper::new(
+            test_policy(),
+            kernel.clone(),
+            stored,
+            Some(store),
+            crate::audit::AuditLog::memory().0,
+        );
+        // The objects file cannot be replaced: its temporary name is taken by a directory.
+        std::fs::create_dir(dir.path().join("objects.json.tmp")).unwrap();
+        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        kernel.register_backing(
+            fd.as_fd(),
+            BackingFile {
+                regular: true,
+                uid: 1000,
+                fs_magic: 0xEF53,
+                access: FdAccess::ReadOnly,
+                dev: 1,
+                ino: 10,
+            },
+        );
+        let t = TestHelper::new();
+        let r = helper.handle(&t.peer(1000, "home"), attach(LoopRole::Base, true), vec![fd]).await;
+        assert!(
+            matches!(&r, Response::Error(HelperError::Kernel { op, .. }) if op == "ledger-write"),
+            "{r:?}"
+        );
+        let snap = helper.snapshot().await;
+        assert!(snap.ledger.entries.is_empty() && snap.loop_backings.is_empty(), "{snap:?}");
+        let w = kernel.world();
+        assert!(w.loops.values().all(|l| l.status.is_none()), "the device stayed attached");
+        assert_eq!(w.loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
     }
 }

@@ -63,8 +63,7 @@ impl<K: Kernel> Helper<K> {
                     Some((n, Ok(node))) if node.uid == 0 => match loops.status(n) {
                         Ok(Some(s)) => st
                             .stored
-                            .loop_backing
-                            .get(device)
+                            .backing_of(&e)
                             .is_some_and(|b| (b.dev, b.ino) == (s.backing_dev, s.backing_ino)),
                         Ok(None) => false,
                         Err(err) => {
@@ -88,13 +87,11 @@ impl<K: Kernel> Helper<K> {
         }
         st.stored.ledger.entries = kept;
         for e in dropped {
+            st.stored.remove_entry(&e);
             let what = match &e.object {
                 Object::Tap { name, .. } => format!("tap {name}"),
                 Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
-                Object::Loop { device, .. } => {
-                    st.stored.loop_backing.remove(device);
-                    format!("loop {device}")
-                }
+                Object::Loop { device, .. } => format!("loop {device}"),
             };
             tracing::info!(
                 "uid {} install {} vm {}: {what} is gone from the kernel; dropped from the ledger",
@@ -185,7 +182,7 @@ mod tests {
         assert!(report.errors.is_empty());
         let snap = t.helper.snapshot().await;
         assert_eq!(snap.ledger.entries.len(), 2, "b's tap and a's nat remain: {:?}", snap.ledger.entries);
-        assert!(snap.loop_backing.is_empty());
+        assert!(snap.loop_backings.is_empty());
         // Nothing changes on a second run.
         let again = t.helper.reconcile().await;
         assert!(again.dropped.is_empty());

@@ -58,12 +58,7 @@ impl<K: Kernel> Helper<K> {
                 for e in st.stored.ledger.entries_of(c.uid).filter(|e| &e.install == c.install && &e.vm == vm)
                 {
                     if let Object::Loop { role, device, .. } = &e.object {
-                        results.push((
-                            vm.clone(),
-                            *role,
-                            device.clone(),
-                            self.release_loop(st, c.uid, device),
-                        ));
+                        results.push((vm.clone(), *role, device.clone(), self.release_loop(st, e)));
                     }
                 }
             }
