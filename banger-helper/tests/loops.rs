@@ -231,3 +231,71 @@ fn a_kept_descriptor_never_reaches_the_next_owners_disk() {
     ns.finish();
     assert!(loops_of(&b_img).is_empty(), "loop device leaked");
 }
+
+/// A mount made for one test, unmounted (lazily, so a failing test cannot keep it) on drop.
+struct TempMount {
+    dir: tempfile::TempDir,
+}
+
+impl TempMount {
+    fn new(fs: &str) -> TempMount {
+        let dir = temp_dir();
+        let out = std::process::Command::new("mount")
+            .args(["-t", fs, "-o", "mode=0755", fs])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount {fs}: {}", String::from_utf8_lossy(&out.stderr));
+        TempMount { dir }
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
+}
+
+#[test]
+#[ignore = "needs root: loop devices, mounts and the real helper"]
+fn only_files_on_local_filesystems_are_attached() {
+    if !root_or_skip("only_files_on_local_filesystems_are_attached") {
+        return;
+    }
+    let a = 61036;
+    let ns = Netns::new("loopfs");
+    // Mounted before the helper starts, so its mount table has them.
+    let (ramfs, tmpfs) = (TempMount::new("ramfs"), TempMount::new("tmpfs"));
+    let h = Helper::start(&ns, &policy(&[a], ""));
+    let mut paths = Vec::new();
+    for m in [&ramfs, &tmpfs] {
+        let p = m.dir.path().join("disk.img");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::chown(&p, Some(a), Some(a)).unwrap();
+        paths.push(p);
+    }
+    let socket = h.socket.clone();
+    let paths_c = paths.clone();
+    let r = as_uid(a, move || {
+        let (c, hello) = Client::connect(&socket, "fs").unwrap();
+        let on_ramfs = std::fs::File::open(&paths_c[0]).unwrap();
+        let on_tmpfs = std::fs::File::open(&paths_c[1]).unwrap();
+        vec![
+            hello,
+            c.call_fds(attach(LoopRole::Base, true), &[on_ramfs.as_fd()]),
+            c.call_fds(attach(LoopRole::Base, true), &[on_tmpfs.as_fd()]),
+            c.call(Request::TeardownVms { vms: vec![vm("disk")] }),
+        ]
+    });
+    assert!(
+        matches!(&r[1], Response::Error(HelperError::InvalidRequest { reason }) if reason.contains("of type ramfs")),
+        "{:?}",
+        r[1]
+    );
+    assert!(matches!(r[2], Response::Loop(_)), "{:?}\n{}", r[2], h.log_text());
+    assert!(matches!(&r[3], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(loops_of(&paths[0]).is_empty() && loops_of(&paths[1]).is_empty(), "loop device leaked");
+    drop(h);
+    ns.finish();
+}

@@ -63,6 +63,8 @@ pub struct FakeWorld {
     pub loops: BTreeMap<u32, FakeLoop>,
     /// Backing files by descriptor number.
     pub backing: HashMap<RawFd, BackingFile>,
+    /// How long inspecting a backing file takes (a filesystem that does not answer).
+    pub inspect_delay: Option<std::time::Duration>,
     /// Sysctl values by key.
     pub sysctls: BTreeMap<String, String>,
     /// Every call, in order: `op object`.
@@ -209,7 +211,17 @@ impl Firewall for FakeKernel {
 impl Loops for FakeKernel {
     fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile> {
         let w = self.call("loop_inspect", &fd.as_raw_fd().to_string())?;
-        w.backing.get(&fd.as_raw_fd()).copied().ok_or_else(|| KernelError::errno("fstat", "fd", Errno::EBADF))
+        let delay = w.inspect_delay;
+        let found = w
+            .backing
+            .get(&fd.as_raw_fd())
+            .cloned()
+            .ok_or_else(|| KernelError::errno("statx", "fd", Errno::EBADF));
+        drop(w);
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        found
     }
 
     fn unbound(&self) -> KResult<Vec<u32>> {
@@ -277,9 +289,10 @@ impl Loops for FakeKernel {
 
     fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()> {
         let mut w = self.call("loop_attach", &format!("/dev/loop{n} ro={read_only}"))?;
-        let b = *w
+        let b = w
             .backing
             .get(&fd.as_raw_fd())
+            .cloned()
             .ok_or_else(|| KernelError::errno("LOOP_CONFIGURE", "fd", Errno::EBADF))?;
         let l = w
             .loops

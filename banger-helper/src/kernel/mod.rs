@@ -133,15 +133,17 @@ pub trait Firewall: Send + Sync {
     fn apply(&self, batch: &FirewallBatch) -> impl Future<Output = KResult<()>> + Send;
 }
 
-/// What the helper learns about a backing file from its descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the helper learns about a backing file from its descriptor, without calling into the
+/// file's filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingFile {
     /// It is a regular file.
     pub regular: bool,
     /// Its owner.
     pub uid: u32,
-    /// The magic number of its filesystem (`statfs.f_type`).
-    pub fs_magic: i64,
+    /// The type of its filesystem, as the mount table names it (`ext4`, `fuse.sshfs`), or
+    /// `unknown` when its mount is not in the helper's mount table.
+    pub fs_type: String,
     /// The descriptor's access mode (`O_ACCMODE` bits of `F_GETFL`), and whether it is `O_PATH`.
     pub access: FdAccess,
     /// Device and inode, to recognise the file later.
@@ -187,7 +189,8 @@ pub struct LoopStatus {
 
 /// Loop devices.
 pub trait Loops: Send + Sync {
-    /// Inspects a backing file descriptor (fstat, fstatfs, F_GETFL).
+    /// Inspects a backing file descriptor (`statx` from cached attributes, the mount table,
+    /// `F_GETFL`), never calling into the file's filesystem.
     fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile>;
     /// The loop devices that exist and are not attached (no `/sys/block/loopN/loop`), ascending.
     /// Nothing is opened to find them.

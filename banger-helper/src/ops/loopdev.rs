@@ -1,7 +1,9 @@
 //! Loop attach and detach.
 //!
 //! Attach, in order: the backing file arrives as a descriptor the client opened (proving it may
-//! open it); it must be a regular file owned by the caller and not on FUSE. It is attached
+//! open it); it is inspected before the state lock is taken, on a blocking thread with a time
+//! limit, from cached attributes and the mount table only (never asking its filesystem); it must
+//! be a regular file owned by the caller on a local filesystem ([`LOCAL_FILESYSTEMS`]). It is attached
 //! read-only unless the client asked for read-write *and* the descriptor is open read-write. A
 //! device is chosen that nobody holds open, proven by [`scrub`]: its node is given to root (0600),
 //! then the device is removed (`LOOP_CTL_REMOVE`, which the kernel refuses while anyone holds it
@@ -24,13 +26,17 @@ use nix::errno::Errno;
 
 use super::rollback::Rollback;
 use super::{Caller, Helper, State};
-use crate::kernel::{FdAccess, KResult, Kernel, Loops, NodeState};
+use crate::kernel::{BackingFile, FdAccess, KResult, Kernel, Loops, NodeState};
 use banger_policy::ObjectKind;
 
 use crate::ledger_store::Backing;
 
-/// `statfs.f_type` of FUSE filesystems.
-pub const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+/// The filesystems a backing file may be on: local ones, which never wait on a server or a user
+/// process.
+pub const LOCAL_FILESYSTEMS: [&str; 7] = ["ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"];
+
+/// How long inspecting a backing file may take before the attach is refused.
+pub const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often an attach is retried when another attach takes the free device first.
 const ATTACH_TRIES: usize = 16;
@@ -107,6 +113,25 @@ pub(crate) fn loop_number(device: &str) -> Option<u32> {
 }
 
 impl<K: Kernel> Helper<K> {
+    /// Inspects a backing file descriptor on a blocking thread, before any lock is taken, and
+    /// gives up after [`Helper::inspect_timeout`]: nothing the file's filesystem does can hold up
+    /// other requests.
+    pub(crate) async fn inspect_backing(&self, fd: OwnedFd) -> Result<(OwnedFd, BackingFile), HelperError> {
+        let kernel = self.kernel.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let r = kernel.loops().inspect(fd.as_fd());
+            (fd, r)
+        });
+        match tokio::time::timeout(self.inspect_timeout, job).await {
+            Err(_) => Err(HelperError::invalid(format!(
+                "the backing file could not be inspected within {} s; put it on a local filesystem",
+                self.inspect_timeout.as_secs_f32()
+            ))),
+            Ok(Err(e)) => Err(HelperError::Kernel { op: "inspect".into(), errno: 0, detail: e.to_string() }),
+            Ok(Ok((fd, r))) => Ok((fd, r?)),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn loop_attach(
         &self,
@@ -115,11 +140,10 @@ impl<K: Kernel> Helper<K> {
         vm: &VmId,
         role: LoopRole,
         read_only: bool,
-        fd: OwnedFd,
+        (fd, file): (OwnedFd, BackingFile),
         names: &mut Vec<String>,
     ) -> Result<LoopInfo, HelperError> {
         let loops = self.kernel.loops();
-        let file = loops.inspect(fd.as_fd())?;
         if !file.regular {
             return Err(HelperError::invalid("the backing file must be a regular file"));
         }
@@ -132,10 +156,16 @@ impl<K: Kernel> Helper<K> {
                 ),
             });
         }
-        if file.fs_magic == FUSE_SUPER_MAGIC {
-            return Err(HelperError::invalid(
-                "the backing file is on a FUSE filesystem, which a loop device must not depend on; copy it to a local filesystem",
-            ));
+        if !LOCAL_FILESYSTEMS.contains(&file.fs_type.as_str()) {
+            let on = if file.fs_type == "unknown" {
+                "a filesystem missing from the helper's mount table".to_owned()
+            } else {
+                format!("a filesystem of type {}", file.fs_type)
+            };
+            return Err(HelperError::invalid(format!(
+                "the backing file is on {on}; loop devices are attached only over {} (a network or FUSE filesystem could hang the kernel); copy it to one of those",
+                LOCAL_FILESYSTEMS.join(", ")
+            )));
         }
         let read_only = match file.access {
             FdAccess::ReadWrite => read_only,
@@ -344,7 +374,6 @@ mod tests {
     use banger_protocol::{HelperError, LoopRole, Request, Response};
     use nix::errno::Errno;
 
-    use super::FUSE_SUPER_MAGIC;
     use crate::kernel::{BackingFile, FdAccess, NodeState};
     use crate::ops::testing::*;
 
@@ -352,7 +381,7 @@ mod tests {
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         t.kernel.register_backing(
             fd.as_fd(),
-            BackingFile { regular: true, uid, fs_magic: 0xEF53, access, dev: 1, ino },
+            BackingFile { regular: true, uid, fs_type: "ext4".into(), access, dev: 1, ino },
         );
         fd
     }
@@ -443,7 +472,7 @@ mod tests {
             BackingFile {
                 regular: true,
                 uid: 1000,
-                fs_magic: FUSE_SUPER_MAGIC,
+                fs_type: "fuse.sshfs".into(),
                 access: FdAccess::ReadOnly,
                 dev: 1,
                 ino: 2,
@@ -451,16 +480,41 @@ mod tests {
         );
         let r = t.req_fds(&p, attach(LoopRole::Base, true), vec![fd]).await;
         assert!(
-            matches!(&r, Response::Error(HelperError::InvalidRequest { reason }) if reason.contains("FUSE")),
+            matches!(&r, Response::Error(HelperError::InvalidRequest { reason }) if reason.contains("of type fuse.sshfs")),
             "{r:?}"
         );
+        // Only local filesystems: network ones and filesystems the helper cannot see are refused too.
+        for (fs, says) in [
+            ("nfs4", "of type nfs4"),
+            ("cifs", "of type cifs"),
+            ("overlay", "of type overlay"),
+            ("unknown", "missing from the helper's mount table"),
+        ] {
+            let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+            t.kernel.register_backing(
+                fd.as_fd(),
+                BackingFile {
+                    regular: true,
+                    uid: 1000,
+                    fs_type: fs.into(),
+                    access: FdAccess::ReadOnly,
+                    dev: 1,
+                    ino: 2,
+                },
+            );
+            let r = t.req_fds(&p, attach(LoopRole::Base, true), vec![fd]).await;
+            assert!(
+                matches!(&r, Response::Error(HelperError::InvalidRequest { reason }) if reason.contains(says)),
+                "{fs}: {r:?}"
+            );
+        }
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         t.kernel.register_backing(
             fd.as_fd(),
             BackingFile {
                 regular: false,
                 uid: 1000,
-                fs_magic: 1,
+                fs_type: "ext4".into(),
                 access: FdAccess::ReadOnly,
                 dev: 1,
                 ino: 3,
@@ -737,7 +791,7 @@ mod tests {
             BackingFile {
                 regular: true,
                 uid: 1000,
-                fs_magic: 0xEF53,
+                fs_type: "ext4".into(),
                 access: FdAccess::ReadOnly,
                 dev: 1,
                 ino: 10,
@@ -754,5 +808,31 @@ mod tests {
         let w = kernel.world();
         assert!(w.loops.values().all(|l| l.status.is_none()), "the device stayed attached");
         assert_eq!(w.loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
+    }
+
+    /// A backing file whose filesystem does not answer: the attach gives up, and other requests
+    /// go on meanwhile (the inspection holds no lock).
+    #[tokio::test]
+    async fn a_backing_file_that_does_not_answer_holds_up_nobody() {
+        let mut t = TestHelper::new();
+        t.helper.inspect_timeout = std::time::Duration::from_millis(300);
+        t.kernel.world().inspect_delay = Some(std::time::Duration::from_millis(1500));
+        let p = t.peer(1000, "home");
+        let f = file(&t, 1000, FdAccess::ReadOnly, 10);
+        let start = std::time::Instant::now();
+        let attach_req = t.req_fds(&p, attach(LoopRole::Base, true), vec![f]);
+        let other = async {
+            let r = t.req(&p, Request::TapCreate { vm: vm("other") }).await;
+            (r, start.elapsed())
+        };
+        let (r, (tap, tap_took)) = tokio::join!(attach_req, other);
+        assert!(
+            matches!(&r, Response::Error(HelperError::InvalidRequest { reason }) if reason.contains("within")),
+            "{r:?}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_millis(1200), "{:?}", start.elapsed());
+        assert!(matches!(tap, Response::Tap(_)), "{tap:?}");
+        assert!(tap_took < std::time::Duration::from_millis(250), "another request waited {tap_took:?}");
+        assert!(!t.kernel.calls().iter().any(|c| c.starts_with("loop_attach")));
     }
 }

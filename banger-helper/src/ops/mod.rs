@@ -80,6 +80,8 @@ pub struct Helper<K: Kernel> {
     state: Mutex<State>,
     audit: AuditLog,
     capabilities: Capabilities,
+    /// How long inspecting a loop backing file may take.
+    pub(crate) inspect_timeout: std::time::Duration,
     /// Loop devices found held open by someone: never handed out until proven unused again.
     quarantined: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
@@ -116,6 +118,7 @@ impl<K: Kernel> Helper<K> {
             audit,
             capabilities,
             quarantined: std::sync::Mutex::default(),
+            inspect_timeout: loopdev::INSPECT_TIMEOUT,
         }
     }
 
@@ -255,10 +258,12 @@ impl<K: Kernel> Helper<K> {
                 self.sysctl_set(key, value, names).map(|()| Response::Done)
             }
             Request::LoopAttach { vm, role, read_only } => {
-                let mut st = self.lock_authorized(peer, request).await?;
                 let fd =
                     fds.pop().ok_or_else(|| HelperError::invalid("loop-attach needs the backing file"))?;
-                self.loop_attach(&mut st, c, vm, *role, *read_only, fd, names).map(Response::Loop)
+                // Before the lock: inspecting the file must never hold up anyone else.
+                let backing = self.inspect_backing(fd).await?;
+                let mut st = self.lock_authorized(peer, request).await?;
+                self.loop_attach(&mut st, c, vm, *role, *read_only, backing, names).map(Response::Loop)
             }
             Request::LoopDetach { vm, role } => {
                 let mut st = self.lock_authorized(peer, request).await?;

@@ -156,7 +156,14 @@ mod tests {
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         t.kernel.register_backing(
             std::os::fd::AsFd::as_fd(&fd),
-            BackingFile { regular: true, uid: 1000, fs_magic: 1, access: FdAccess::ReadOnly, dev: 1, ino: 5 },
+            BackingFile {
+                regular: true,
+                uid: 1000,
+                fs_type: "ext4".into(),
+                access: FdAccess::ReadOnly,
+                dev: 1,
+                ino: 5,
+            },
         );
         let r = t
             .req_fds(&p, Request::LoopAttach { vm: vm("a"), role: LoopRole::Base, read_only: true }, vec![fd])

@@ -137,7 +137,14 @@ mod tests {
         let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         t.kernel.register_backing(
             fd.as_fd(),
-            BackingFile { regular: true, uid: p.uid, fs_magic: 1, access: FdAccess::ReadOnly, dev: 1, ino },
+            BackingFile {
+                regular: true,
+                uid: p.uid,
+                fs_type: "ext4".into(),
+                access: FdAccess::ReadOnly,
+                dev: 1,
+                ino,
+            },
         );
         let r = t
             .req_fds(p, Request::LoopAttach { vm: vm(name), role: LoopRole::Base, read_only: true }, vec![fd])

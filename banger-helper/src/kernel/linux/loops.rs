@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use linux_raw_sys::loop_device::{self as ld, loop_config, loop_info64};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, open};
-use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, fstat, lstat};
-use nix::sys::statfs::fstatfs;
+use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, lstat};
 use nix::unistd::{Gid, Uid, fchownat};
 
 use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops, NodeState};
@@ -31,8 +30,52 @@ pub struct LinuxLoops {
     dev: PathBuf,
     /// `/sys/block`.
     sys_block: PathBuf,
+    /// `/proc/self/mountinfo`: which filesystem a backing file is on.
+    mountinfo: PathBuf,
     /// Cleared the first time the kernel refuses `LOOP_CONFIGURE` as unknown.
     configure: AtomicBool,
+}
+
+/// `statx` of a descriptor from the attributes the kernel has cached (`AT_STATX_DONT_SYNC`), so
+/// a FUSE or network filesystem is not asked (it could take forever to answer).
+fn statx_cached(fd: BorrowedFd<'_>) -> KResult<libc::statx> {
+    // SAFETY: statx is plain old data; all-zero is valid.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    let mask = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_INO | libc::STATX_MNT_ID;
+    // SAFETY: the path is an empty C string, `fd` is open, `st` is writable and outlives the call.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            mask,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return Err(KernelError::errno("statx", "backing file", Errno::last()));
+    }
+    Ok(st)
+}
+
+/// The filesystem type of a mount in a `/proc/self/mountinfo` text: the mount with ID `mnt_id`,
+/// or else the first mount of the filesystem whose device is `dev` (what `st_dev` says).
+pub fn mount_fs_type(mountinfo: &str, mnt_id: Option<u64>, dev: (u32, u32)) -> Option<String> {
+    let parsed = mountinfo.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut l = left.split(' ');
+        let id: u64 = l.next()?.parse().ok()?;
+        let _parent = l.next()?;
+        let (major, minor) = l.next()?.split_once(':')?;
+        let dev = (major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?);
+        let fs_type = right.split(' ').next()?.to_owned();
+        Some((id, dev, fs_type))
+    });
+    let mounts: Vec<(u64, (u32, u32), String)> = parsed.collect();
+    mnt_id
+        .and_then(|m| mounts.iter().find(|(id, _, _)| *id == m))
+        .or_else(|| mounts.iter().find(|(_, d, _)| *d == dev))
+        .map(|(_, _, t)| t.clone())
 }
 
 /// Whether `uname -r` is at least 5.8, where `LOOP_CONFIGURE` appeared.
@@ -50,6 +93,7 @@ impl LinuxLoops {
         LinuxLoops {
             dev: dev.into(),
             sys_block: sys_block.into(),
+            mountinfo: PathBuf::from("/proc/self/mountinfo"),
             configure: AtomicBool::new(kernel_has_configure()),
         }
     }
@@ -114,8 +158,7 @@ impl LinuxLoops {
 
 impl Loops for LinuxLoops {
     fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile> {
-        let st = fstat(fd).map_err(|e| KernelError::errno("fstat", "backing file", e))?;
-        let fs = fstatfs(fd).map_err(|e| KernelError::errno("fstatfs", "backing file", e))?;
+        let st = statx_cached(fd)?;
         let flags =
             fcntl(fd, FcntlArg::F_GETFL).map_err(|e| KernelError::errno("F_GETFL", "backing file", e))?;
         let flags = OFlag::from_bits_retain(flags);
@@ -128,13 +171,23 @@ impl Loops for LinuxLoops {
                 _ => FdAccess::ReadOnly,
             }
         };
+        let mountinfo = std::fs::read_to_string(&self.mountinfo).map_err(|e| {
+            KernelError::errno(
+                "read",
+                self.mountinfo.display().to_string(),
+                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            )
+        })?;
+        let mnt_id = (st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id);
+        let fs_type = mount_fs_type(&mountinfo, mnt_id, (st.stx_dev_major, st.stx_dev_minor))
+            .unwrap_or_else(|| "unknown".to_owned());
         Ok(BackingFile {
-            regular: SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG,
-            uid: st.st_uid,
-            fs_magic: fs.filesystem_type().0 as i64,
+            regular: u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFREG,
+            uid: st.stx_uid,
+            fs_type,
             access,
-            dev: st.st_dev,
-            ino: st.st_ino,
+            dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
         })
     }
 
@@ -281,5 +334,56 @@ impl Loops for LinuxLoops {
 
     fn has_configure(&self) -> bool {
         self.configure.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:27 / /tmp rw,nosuid shared:9 - tmpfs tmpfs rw
+41 22 0:45 / /home/u/remote rw,nosuid,nodev shared:20 - fuse.sshfs u@h:/ rw,user_id=1000
+42 22 0:46 / /srv/nfs rw shared:21 master:3 - nfs4 h:/export rw
+";
+
+    #[test]
+    fn finds_the_filesystem_by_mount_id_then_by_device() {
+        assert_eq!(mount_fs_type(MOUNTINFO, Some(41), (0, 0)).as_deref(), Some("fuse.sshfs"));
+        assert_eq!(mount_fs_type(MOUNTINFO, Some(42), (254, 0)).as_deref(), Some("nfs4"));
+        // A mount of another namespace: by the filesystem's device.
+        assert_eq!(mount_fs_type(MOUNTINFO, Some(999), (0, 27)).as_deref(), Some("tmpfs"));
+        assert_eq!(mount_fs_type(MOUNTINFO, None, (254, 0)).as_deref(), Some("ext4"));
+        assert_eq!(mount_fs_type(MOUNTINFO, Some(999), (0, 99)), None);
+        assert_eq!(mount_fs_type("garbage\n\n", Some(1), (0, 0)), None);
+    }
+
+    #[test]
+    fn inspects_a_file_without_calling_into_its_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let loops = LinuxLoops::new("/dev", "/sys/block");
+        let b = loops.inspect(f.as_fd()).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).unwrap();
+        assert!(b.regular);
+        assert_eq!((b.uid, b.dev, b.ino, b.access), (m.uid(), m.dev(), m.ino(), FdAccess::ReadWrite));
+        let fs = String::from_utf8(
+            std::process::Command::new("findmnt")
+                .args(["-no", "FSTYPE", "-T"])
+                .arg(&path)
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        assert_eq!(b.fs_type, fs.trim());
+        let d = std::fs::File::open(dir.path()).unwrap();
+        assert!(!loops.inspect(d.as_fd()).unwrap().regular);
     }
 }
