@@ -1,10 +1,12 @@
 //! Who is on the other end of a connection, as the kernel says: uid, gid and pid from
 //! SO_PEERCRED, and the supplementary groups from SO_PEERGROUPS — both captured by the kernel when
 //! the peer connected, so a later exec, setuid or pid reuse cannot change them. Names come from
-//! the account databases, only to match the policy's user and group names.
+//! the account databases, only to match the policy's user and group names, looked up on a
+//! blocking thread so a slow database never stalls the runtime.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::Duration;
 
 use banger_policy::Peer;
 use nix::unistd::{Gid, Group, Uid, User};
@@ -44,15 +46,30 @@ pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
-/// Identifies the peer of a connected unix socket.
-pub fn identify(stream: &tokio::net::UnixStream) -> Result<Peer, PeerError> {
+/// How long the account databases may take to name a peer.
+pub const NAMES_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Identifies the peer of a connected unix socket. The names are looked up on a blocking thread
+/// (the account databases may be remote: LDAP, sssd) for at most [`NAMES_TIMEOUT`]; a peer whose
+/// names did not come in time has none, so only rules by number can admit it.
+pub async fn identify(stream: &tokio::net::UnixStream) -> Result<Peer, PeerError> {
     let cred = stream.peer_cred().map_err(PeerError)?;
     let mut groups = peer_groups(stream.as_fd()).map_err(PeerError)?;
     if !groups.contains(&cred.gid()) {
         groups.insert(0, cred.gid());
     }
     groups.dedup();
-    Ok(with_names(cred.uid(), cred.gid(), cred.pid().unwrap_or(0), groups))
+    let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid().unwrap_or(0));
+    let numbers = groups.clone();
+    let lookup = tokio::task::spawn_blocking(move || with_names(uid, gid, pid, numbers));
+    match tokio::time::timeout(NAMES_TIMEOUT, lookup).await {
+        Ok(Ok(peer)) => Ok(peer),
+        Ok(Err(e)) => Err(PeerError(io::Error::other(e))),
+        Err(_) => {
+            tracing::warn!("uid {uid}: the account databases did not answer in time; going by numbers only");
+            Ok(Peer { uid, gid, pid, user: None, groups, group_names: vec![], install: None })
+        }
+    }
 }
 
 /// Fills in the user and group names of a peer from the account databases.
@@ -72,7 +89,7 @@ mod tests {
     #[tokio::test]
     async fn identifies_this_process() {
         let (a, _b) = tokio::net::UnixStream::pair().unwrap();
-        let peer = identify(&a).unwrap();
+        let peer = identify(&a).await.unwrap();
         assert_eq!(peer.uid, nix::unistd::getuid().as_raw());
         assert_eq!(peer.gid, nix::unistd::getgid().as_raw());
         assert_eq!(peer.pid, std::process::id() as i32);

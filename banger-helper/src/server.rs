@@ -156,7 +156,7 @@ async fn connection<K: Kernel>(
     config: ServerConfig,
     counts: Counts,
 ) {
-    let mut peer = match peer::identify(&stream) {
+    let mut peer = match peer::identify(&stream).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!("{e}: {:?}", std::error::Error::source(&e));

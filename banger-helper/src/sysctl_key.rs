@@ -8,8 +8,18 @@ use std::path::{Path, PathBuf};
 
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("sysctl key {0:?} is malformed: use dotted components of [a-z0-9_-], e.g. net.ipv4.ip_forward")]
+#[error("sysctl key {0} is malformed: use dotted components of [a-z0-9_-], e.g. net.ipv4.ip_forward")]
 pub struct BadSysctlKey(pub String);
+
+/// The longest part of a client's text quoted back in an error or an audit record.
+pub const QUOTE_MAX: usize = 64;
+
+/// `text` quoted for an error message, cut after [`QUOTE_MAX`] characters (marked `…`), so a
+/// client's long value is never echoed whole into answers and the audit log.
+pub fn quoted(text: &str) -> String {
+    let short: String = text.chars().take(QUOTE_MAX).collect();
+    if short.len() < text.len() { format!("{short:?}…") } else { format!("{short:?}") }
+}
 
 /// A well-formed dotted sysctl key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -28,7 +38,7 @@ impl SysctlKey {
                     && c.bytes()
                         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
             });
-        if ok { Ok(SysctlKey(key.to_owned())) } else { Err(BadSysctlKey(key.to_owned())) }
+        if ok { Ok(SysctlKey(key.to_owned())) } else { Err(BadSysctlKey(quoted(key))) }
     }
 
     /// The dotted key.
@@ -74,6 +84,14 @@ mod tests {
             PathBuf::from("/proc/sys/net/ipv4/conf/bg0123456789abc/forwarding")
         );
         assert_eq!(SysctlKey::ip_forward().as_str(), "net.ipv4.ip_forward");
+    }
+
+    #[test]
+    fn a_long_bad_key_is_quoted_short() {
+        let long = "X".repeat(60_000);
+        let e = SysctlKey::new(&long).unwrap_err().to_string();
+        assert!(e.len() < 300 && e.contains('…'), "{} bytes", e.len());
+        assert_eq!(quoted("short"), "\"short\"");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use banger_protocol::HelperError;
 
 use super::Helper;
 use crate::kernel::{Kernel, Sysctl as _};
-use crate::sysctl_key::SysctlKey;
+use crate::sysctl_key::{SysctlKey, quoted};
 
 impl<K: Kernel> Helper<K> {
     pub(crate) fn sysctl_set(
@@ -26,7 +26,8 @@ impl<K: Kernel> Helper<K> {
             return Err(HelperError::Denied {
                 rule: format!("sysctls.{key}"),
                 reason: format!(
-                    "{value:?} is not an allowed value for {key}; allowed: {}",
+                    "{} is not an allowed value for {key}; allowed: {}",
+                    quoted(value),
                     rule.values.join(", ")
                 ),
             });
@@ -59,5 +60,22 @@ mod tests {
             );
         }
         assert_eq!(t.kernel.calls().iter().filter(|c| c.starts_with("sysctl_write")).count(), 1);
+    }
+
+    /// The helper's own check (behind the policy's) never echoes a long client value whole.
+    #[tokio::test]
+    async fn a_long_value_is_quoted_short_in_the_error_and_the_audit() {
+        let t = TestHelper::new();
+        let mut names = Vec::new();
+        let long = "9".repeat(60_000);
+        let e = t.helper.sysctl_set("net.ipv4.ip_forward", &long, &mut names).unwrap_err();
+        assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+        let long_key = format!("net.{}", "x".repeat(60_000));
+        let r = t.req(&t.peer(1000, "home"), Request::SysctlSet { key: long_key, value: long }).await;
+        let Response::Error(e) = r else { panic!() };
+        assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+        let audit = t.audit_lines();
+        let line = serde_json::to_string(audit.last().unwrap()).unwrap();
+        assert!(line.len() < 1000, "audit line of {} bytes", line.len());
     }
 }

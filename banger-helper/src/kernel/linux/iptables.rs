@@ -46,6 +46,8 @@ pub struct Iptables {
     /// The last view read or written and its generation; taken and put back, never held across
     /// an await.
     cache: Mutex<Option<(u32, FirewallView)>>,
+    /// How long one run of a tool may take.
+    timeout: std::time::Duration,
 }
 
 fn find(tool: &'static str) -> Result<PathBuf, ToolMissing> {
@@ -56,6 +58,18 @@ fn command(path: &Path) -> Command {
     let mut c = Command::new(path);
     c.env_clear().env("PATH", SAFE_PATH).env("LC_ALL", "C").kill_on_drop(true);
     c
+}
+
+/// How long one run of a tool may take (`iptables-restore` itself waits at most 10 s for the
+/// legacy backend's lock); a tool still running then is killed.
+pub const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn timed_out(op: &'static str, after: std::time::Duration) -> KernelError {
+    KernelError::other(
+        op,
+        "banger chains",
+        format!("still running after {:.1} s; killed", after.as_secs_f32()),
+    )
 }
 
 fn tool_error(op: &'static str, status: std::process::ExitStatus, stderr: &[u8]) -> KernelError {
@@ -80,7 +94,13 @@ impl Iptables {
         } else {
             None
         };
-        Ok(Iptables { save: find("iptables-save")?, restore, generation, cache: Mutex::new(None) })
+        Ok(Iptables {
+            save: find("iptables-save")?,
+            restore,
+            generation,
+            cache: Mutex::new(None),
+            timeout: TOOL_TIMEOUT,
+        })
     }
 
     /// Whether reads can be answered from the last view while nothing changes.
@@ -101,10 +121,10 @@ impl Iptables {
     }
 
     async fn save(&self) -> KResult<FirewallView> {
-        let out = command(&self.save)
-            .stdin(Stdio::null())
-            .output()
+        let run = command(&self.save).stdin(Stdio::null()).output();
+        let out = tokio::time::timeout(self.timeout, run)
             .await
+            .map_err(|_| timed_out("iptables-save", self.timeout))?
             .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))?;
         if !out.status.success() {
             return Err(tool_error("iptables-save", out.status, &out.stderr));
@@ -169,14 +189,63 @@ impl Iptables {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(input.as_bytes()).await.map_err(spawn_err)?;
-        }
-        let out = child.wait_with_output().await.map_err(spawn_err)?;
+        let run = async {
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin.write_all(input.as_bytes()).await?;
+            }
+            child.wait_with_output().await
+        };
+        // On a timeout the child is dropped, which kills it (`kill_on_drop`).
+        let out = tokio::time::timeout(self.timeout, run)
+            .await
+            .map_err(|_| timed_out("iptables-restore", self.timeout))?
+            .map_err(spawn_err)?;
         if !out.status.success() {
             tracing::debug!("iptables-restore input was:\n{input}");
             return Err(tool_error("iptables-restore", out.status, &out.stderr));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A tool that never finishes: it is killed at the time limit and the operation fails.
+    #[tokio::test]
+    async fn a_tool_that_hangs_is_killed_at_the_time_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let tool = dir.path().join("hang");
+        std::fs::write(&tool, format!("#!/bin/sh\necho $$ > {}\nexec sleep 30\n", pid_file.display()))
+            .unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fw = Iptables {
+            save: tool.clone(),
+            restore: tool,
+            generation: None,
+            cache: Mutex::new(None),
+            timeout: Duration::from_millis(300),
+        };
+        let start = Instant::now();
+        let e = fw.read().await.unwrap_err();
+        assert!(e.to_string().contains("killed"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let gone = (0..100).any(|_| {
+            let running = std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z "));
+            if running {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !running
+        });
+        assert!(gone, "the hung tool {} still runs", pid.trim());
+        let e = fw.apply(&FirewallBatch::default()).await.unwrap_err();
+        assert!(e.to_string().contains("iptables-restore") && e.to_string().contains("killed"), "{e}");
     }
 }
