@@ -3,14 +3,17 @@
 //! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
 //! removing the rules of every listed VM, the deletion of all their TAPs together, and the
 //! release of their loop devices. A TAP is deleted only when the ledger holds it for that VM and
-//! the kernel says it belongs to the caller. Absent objects count as removed; a failure is reported for its
-//! object and the rest still goes. A VM is reported torn down when nothing of it failed.
+//! the kernel says it belongs to the caller. Absent objects count as removed; a failure is
+//! reported for its object and the rest still goes. A VM is reported torn down when nothing of it failed. A report
+//! too large for one answer is cut (failures first), so a VM can then be in neither list: it had
+//! failures that did not fit.
 
 use std::collections::BTreeSet;
 
 use banger_policy::Object;
-use banger_protocol::{HelperError, TeardownFailure, TeardownReport, VmId};
+use banger_protocol::{HelperError, Response, TeardownFailure, TeardownReport, VmId};
 
+use super::list::{CutFrom, fit_lists};
 use super::tap::OwnTap;
 use super::{Caller, Helper, State};
 use crate::firewall::plan_vm_rules;
@@ -117,6 +120,18 @@ impl<K: Kernel> Helper<K> {
         }
         let failed: BTreeSet<&VmId> = report.failures.iter().map(|f| &f.vm).collect();
         report.torn_down = vms.iter().filter(|vm| !failed.contains(vm)).cloned().collect();
+        let dropped = fit_lists(
+            &mut report,
+            CutFrom::InOrder,
+            |r| vec![&mut r.failures, &mut r.torn_down],
+            |r| Response::Teardown(r.clone()),
+        );
+        if dropped > 0 {
+            tracing::warn!(
+                "teardown report for uid {} cut to fit one answer: {dropped} entries left out",
+                c.uid
+            );
+        }
         Ok(report)
     }
 }
@@ -216,5 +231,34 @@ mod tests {
         };
         assert!(retry.failures.is_empty());
         assert!(t.helper.snapshot().await.ledger.entries.is_empty());
+    }
+
+    #[test]
+    fn a_report_too_large_for_one_answer_is_cut_failures_first() {
+        use banger_protocol::{HelperError, Response, TeardownFailure, TeardownReport};
+        let id = |i: usize| vm(&format!("vm-with-a-rather-long-name-{i:05}"));
+        let mut report = TeardownReport {
+            torn_down: (0..200).map(id).collect(),
+            failures: (0..900)
+                .map(|i| TeardownFailure {
+                    vm: id(i),
+                    object: format!("loop /dev/loop{i}"),
+                    error: HelperError::Kernel {
+                        op: "LOOP_CLR_FD".into(),
+                        errno: 5,
+                        detail: "x".repeat(200),
+                    },
+                })
+                .collect(),
+        };
+        let dropped = crate::ops::list::fit_lists(
+            &mut report,
+            crate::ops::list::CutFrom::InOrder,
+            |r| vec![&mut r.failures, &mut r.torn_down],
+            |r| Response::Teardown(r.clone()),
+        );
+        assert_eq!(dropped, 1100 - report.failures.len() - report.torn_down.len());
+        assert_eq!(report.torn_down.len(), 200, "failures go first");
+        assert!(crate::ops::list::travels(&Response::Teardown(report)));
     }
 }
