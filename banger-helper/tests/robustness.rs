@@ -334,6 +334,7 @@ fn the_helper_runs_confined_and_still_resolves_names() {
     assert_eq!(field("Name:"), "banger-helper");
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(field("Seccomp:"), "2", "seccomp filter mode");
+    assert_eq!(field("Seccomp_filters:"), "2", "the allowlist and the clone3 filter");
     // CAP_CHOWN (0), CAP_NET_ADMIN (12), CAP_NET_RAW (13), in every set that matters.
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(field(set), "0000000000003001", "{set}");

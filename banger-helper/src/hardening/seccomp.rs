@@ -4,12 +4,29 @@
 //! the audit log instead of an outage.
 //!
 //! Not allowed, among others: ptrace, mount and namespaces (mount, umount2, pivot_root, chroot,
-//! setns, unshare), module loading, kexec, bpf, perf_event_open, keyrings, userfaultfd,
-//! process_vm_*, open_by_handle_at, io_uring, changing uids or gids, reboot, swapon.
+//! setns, unshare, and `clone` with any `CLONE_NEW*` flag), module loading, kexec, bpf,
+//! perf_event_open, keyrings, userfaultfd, process_vm_*, open_by_handle_at, io_uring, changing uids
+//! or gids, reboot, swapon.
+//!
+//! `clone` is allowed only without namespace flags. `clone3` takes its flags in a structure in
+//! memory, which a filter cannot read, so a second filter makes it fail with `ENOSYS`: glibc (thread
+//! creation, `posix_spawn`) then falls back to `clone`, whose flags the first filter checks.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
+
+/// The namespace flags `clone` may not carry.
+pub const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWCGROUP
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET) as u64;
 
 /// The allowed system calls, grouped by who needs them.
 fn allowed() -> Vec<(i64, &'static str)> {
@@ -22,8 +39,8 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_mremap, "realloc"),
         (libc::SYS_madvise, "malloc, thread exit"),
         // Threads and synchronisation (tokio runtime, glibc).
-        (libc::SYS_clone, "tokio worker threads; posix_spawn of the iptables tools"),
-        (libc::SYS_clone3, "tokio worker threads; posix_spawn of the iptables tools"),
+        (libc::SYS_clone, "tokio worker threads; posix_spawn of the iptables tools (no namespace flags)"),
+        (libc::SYS_clone3, "reaches the second filter, which answers ENOSYS (glibc then uses clone)"),
         (libc::SYS_futex, "locks, thread parking"),
         (libc::SYS_set_robust_list, "glibc thread start"),
         (libc::SYS_get_robust_list, "glibc"),
@@ -83,9 +100,9 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_lseek, "std, loader"),
         (libc::SYS_fstat, "everyone"),
         (libc::SYS_newfstatat, "stat of device nodes, loader"),
-        (libc::SYS_statx, "std metadata"),
+        (libc::SYS_statx, "std metadata; the loop backing file (cached attributes, mount ID)"),
         (libc::SYS_statfs, "glibc"),
-        (libc::SYS_fstatfs, "loop backing file is not on FUSE"),
+        (libc::SYS_fstatfs, "glibc (fstatvfs)"),
         (libc::SYS_faccessat, "loader, iptables"),
         (libc::SYS_faccessat2, "loader, iptables"),
         (libc::SYS_readlinkat, "std, iptables"),
@@ -155,20 +172,36 @@ fn allowed() -> Vec<(i64, &'static str)> {
     v
 }
 
-/// The compiled filter for this architecture.
+/// The compiled allowlist for this architecture, and how many system calls it allows.
 pub fn program() -> Result<(BpfProgram, usize), seccompiler::Error> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)?;
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed().into_iter().map(|(nr, _)| (nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed().into_iter().map(|(nr, _)| (nr, vec![])).collect();
+    let no_namespaces =
+        SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(CLONE_NAMESPACES), 0)?;
+    rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces])?]);
     let count = rules.len();
     let filter =
         SeccompFilter::new(rules, SeccompAction::Errno(libc::EPERM as u32), SeccompAction::Allow, arch)?;
     Ok((filter.try_into()?, count))
 }
 
-/// Installs the filter on every thread of the process (TSYNC). Returns how many system calls
-/// it allows.
+/// The second filter: `clone3` fails with `ENOSYS`, everything else is left to the allowlist.
+pub fn clone3_program() -> Result<BpfProgram, seccompiler::Error> {
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch)?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs both filters on every thread of the process (TSYNC). Returns how many system calls
+/// the allowlist allows.
 pub fn install() -> Result<usize, seccompiler::Error> {
     let (prog, count) = program()?;
+    let clone3 = clone3_program()?;
+    // The clone3 filter first: the allowlist does not allow installing another filter.
+    seccompiler::apply_filter_all_threads(&clone3)?;
     seccompiler::apply_filter_all_threads(&prog)?;
     Ok(count)
 }
@@ -198,6 +231,70 @@ mod tests {
             libc::SYS_io_uring_setup,
         ] {
             assert!(!allowed.contains(&bad), "{bad} is allowed");
+        }
+    }
+
+    /// In a forked child under both filters: threads and plain child processes still work,
+    /// `clone` with a namespace flag is refused, `clone3` answers `ENOSYS`.
+    #[test]
+    fn no_namespaces_under_the_filter_but_threads_and_children_work() {
+        let (prog, _) = program().unwrap();
+        let clone3 = clone3_program().unwrap();
+        // SAFETY: the child only makes system calls, spawns one thread and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = (|| {
+                    nix::sys::prctl::set_no_new_privs().map_err(|_| 10)?;
+                    seccompiler::apply_filter(&clone3).map_err(|_| 11)?;
+                    seccompiler::apply_filter(&prog).map_err(|_| 12)?;
+                    let clone = |flags: u64| {
+                        // SAFETY: clone without CLONE_VM and without a new stack behaves like
+                        // fork; the child leaves at once with _exit.
+                        let rc = unsafe {
+                            libc::syscall(libc::SYS_clone, flags | libc::SIGCHLD as u64, 0, 0, 0, 0)
+                        };
+                        if rc == 0 {
+                            // SAFETY: leaving the grandchild.
+                            unsafe { libc::_exit(0) }
+                        }
+                        if rc > 0 {
+                            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(rc as i32), None);
+                            Ok(())
+                        } else {
+                            Err(nix::errno::Errno::last())
+                        }
+                    };
+                    for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNET, libc::CLONE_NEWNS, libc::CLONE_NEWPID]
+                    {
+                        if clone(ns as u64) != Err(nix::errno::Errno::EPERM) {
+                            return Err(20);
+                        }
+                    }
+                    clone(0).map_err(|_| 21)?;
+                    // SAFETY: clone3 with a null argument; the filter answers before the kernel reads it.
+                    let rc = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
+                    if rc != -1 || nix::errno::Errno::last() != nix::errno::Errno::ENOSYS {
+                        return Err(22);
+                    }
+                    std::thread::spawn(|| 7)
+                        .join()
+                        .map_err(|_| 23)
+                        .and_then(|v| if v == 7 { Ok(()) } else { Err(24) })?;
+                    Ok::<(), i32>(())
+                })()
+                .err()
+                .unwrap_or(0);
+                // SAFETY: leaving the child without running the test harness's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(
+                    status,
+                    nix::sys::wait::WaitStatus::Exited(child, 0),
+                    "see the codes in the child"
+                );
+            }
         }
     }
 }
