@@ -310,30 +310,7 @@ impl Daemon {
             )));
         }
         let id = new_vm_id();
-        let now = unix_now();
-        let vm = VmRuntime {
-            name: req.name.clone(),
-            state: VmState::Created,
-            vcpus,
-            memory_mib,
-            image,
-            guest_ip: None,
-            gateway_ip: None,
-            api_socket: self.paths.vm_api_socket(&id),
-            vsock_path: self.paths.vm_vsock(&id),
-            vsock_cid: 3,
-            log_path: self.paths.vm_serial_log(&id),
-            metrics_path: self.paths.vm_metrics(&id),
-            dns_name: format!("{}.vm.banger.internal", req.name),
-            vm_dir: self.paths.vm_dir(&id),
-            overlay_path: self.paths.vm_root(&id),
-            work_disk_path: None,
-            storage: None,
-            last_error: None,
-            created_at: now,
-            updated_at: now,
-            id,
-        };
+        let vm = VmRuntime::new_created(&self.paths, id, &req.name, &image, vcpus, memory_mib, unix_now());
         crate::paths::check_socket_path_len(&vm.api_socket, 0)
             .map_err(|e| DaemonError::Invalid(e.to_string()))?;
         crate::paths::check_socket_path_len(&vm.vsock_path, 6)
@@ -901,28 +878,7 @@ mod tests {
     }
 
     fn sample_vm() -> VmRuntime {
-        VmRuntime {
-            id: crate::ids::new_vm_id(),
-            name: "x".into(),
-            state: VmState::Created,
-            vcpus: 1,
-            memory_mib: 128,
-            image: "base".into(),
-            guest_ip: None,
-            gateway_ip: None,
-            api_socket: "/a".into(),
-            vsock_path: "/v".into(),
-            vsock_cid: 3,
-            log_path: "/l".into(),
-            metrics_path: "/m".into(),
-            dns_name: "x".into(),
-            vm_dir: "/d".into(),
-            overlay_path: "/o".into(),
-            work_disk_path: None,
-            storage: None,
-            last_error: None,
-            created_at: 0,
-            updated_at: 0,
-        }
+        let paths = Paths::under(Path::new("/home/u/.b"), 1000).unwrap();
+        VmRuntime::new_created(&paths, crate::ids::new_vm_id(), "x", "base", 1, 128, 0)
     }
 }

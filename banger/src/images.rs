@@ -437,29 +437,7 @@ mod tests {
 
     fn vm_using(e: &Env, name: &str, image: &str) -> VmRuntime {
         let id = crate::ids::new_vm_id();
-        VmRuntime {
-            name: name.into(),
-            state: VmState::Created,
-            vcpus: 1,
-            memory_mib: 128,
-            image: image.into(),
-            guest_ip: None,
-            gateway_ip: None,
-            api_socket: e.paths.vm_api_socket(&id),
-            vsock_path: e.paths.vm_vsock(&id),
-            vsock_cid: 3,
-            log_path: e.paths.vm_serial_log(&id),
-            metrics_path: e.paths.vm_metrics(&id),
-            dns_name: format!("{name}.banger.internal"),
-            vm_dir: e.paths.vm_dir(&id),
-            overlay_path: e.paths.vm_root(&id),
-            work_disk_path: None,
-            storage: None,
-            last_error: None,
-            created_at: 0,
-            updated_at: 0,
-            id,
-        }
+        VmRuntime::new_created(&e.paths, id, name, image, 1, 128, 0)
     }
 
     /// Entries of the images directory.

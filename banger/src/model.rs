@@ -150,6 +150,43 @@ pub struct VmRuntime {
     pub updated_at: i64,
 }
 
+impl VmRuntime {
+    /// A new VM in state `created`: every path is derived from its id under `paths`.
+    pub fn new_created(
+        paths: &crate::paths::Paths,
+        id: VmId,
+        name: &str,
+        image: &str,
+        vcpus: u32,
+        memory_mib: u32,
+        now: i64,
+    ) -> VmRuntime {
+        VmRuntime {
+            name: name.to_owned(),
+            state: VmState::Created,
+            vcpus,
+            memory_mib,
+            image: image.to_owned(),
+            guest_ip: None,
+            gateway_ip: None,
+            api_socket: paths.vm_api_socket(&id),
+            vsock_path: paths.vm_vsock(&id),
+            vsock_cid: 3,
+            log_path: paths.vm_serial_log(&id),
+            metrics_path: paths.vm_metrics(&id),
+            dns_name: format!("{name}.vm.banger.internal"),
+            vm_dir: paths.vm_dir(&id),
+            overlay_path: paths.vm_root(&id),
+            work_disk_path: None,
+            storage: None,
+            last_error: None,
+            created_at: now,
+            updated_at: now,
+            id,
+        }
+    }
+}
+
 /// The format version of `handles.json`.
 pub const HANDLES_VERSION: u32 = 1;
 
