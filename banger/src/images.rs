@@ -392,7 +392,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::model::{VmRuntime, VmState};
+    use crate::model::VmRuntime;
 
     struct Env {
         _tmp: tempfile::TempDir,
