@@ -598,7 +598,9 @@ impl Daemon {
 
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, DaemonError> {
-        let helper_reachable = self.helper.ping().await.is_ok();
+        // Every CLI command asks for the status; a helper that hangs must not hang them.
+        let helper_reachable =
+            matches!(tokio::time::timeout(Duration::from_secs(2), self.helper.ping()).await, Ok(Ok(())));
         let vms = self.with_store(|s| s.list_vms())?;
         let running_vms = vms
             .iter()
