@@ -85,12 +85,6 @@ impl FakeKernel {
         let mut w = FakeWorld { default_route: Some("eth0".into()), ..FakeWorld::default() };
         w.links.insert("eth0".into(), FakeLink { up: true, ..FakeLink::default() });
         w.sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
-        for n in 0..8 {
-            w.loops.insert(
-                n,
-                FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 }, held_open: false },
-            );
-        }
         FakeKernel { world: Mutex::new(w) }
     }
 
@@ -224,19 +218,6 @@ impl Loops for FakeKernel {
         found
     }
 
-    fn unbound(&self) -> KResult<Vec<u32>> {
-        let w = self.call("loop_unbound", "")?;
-        Ok(w.loops.iter().filter(|(_, l)| l.status.is_none()).map(|(n, _)| *n).collect())
-    }
-
-    fn is_bound(&self, n: u32) -> KResult<bool> {
-        let w = self.call("loop_is_bound", &format!("/dev/loop{n}"))?;
-        match w.loops.get(&n) {
-            Some(l) => Ok(l.status.is_some()),
-            None => Err(KernelError::errno("stat", format!("/sys/block/loop{n}"), Errno::ENOENT)),
-        }
-    }
-
     fn remove(&self, n: u32) -> KResult<()> {
         let mut w = self.call("loop_remove", &format!("/dev/loop{n}"))?;
         match w.loops.get(&n) {
@@ -261,10 +242,10 @@ impl Loops for FakeKernel {
             Some(n) => n,
             None => (0..).find(|n| !w.loops.contains_key(n)).unwrap_or(u32::MAX),
         };
-        // A new node, as devtmpfs makes it: root's, 0600.
+        // A new node, as devtmpfs makes it: root:disk, 0660.
         w.loops.insert(
             n,
-            FakeLoop { status: None, node: NodeState { uid: 0, gid: 0, mode: 0o600 }, held_open: false },
+            FakeLoop { status: None, node: NodeState { uid: 0, gid: 6, mode: 0o660 }, held_open: false },
         );
         Ok(n)
     }

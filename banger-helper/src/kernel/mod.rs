@@ -192,11 +192,6 @@ pub trait Loops: Send + Sync {
     /// Inspects a backing file descriptor (`statx` from cached attributes, the mount table,
     /// `F_GETFL`), never calling into the file's filesystem.
     fn inspect(&self, fd: BorrowedFd<'_>) -> KResult<BackingFile>;
-    /// The loop devices that exist and are not attached (no `/sys/block/loopN/loop`), ascending.
-    /// Nothing is opened to find them.
-    fn unbound(&self) -> KResult<Vec<u32>>;
-    /// Whether device `n` is attached, from sysfs, without opening it.
-    fn is_bound(&self, n: u32) -> KResult<bool>;
     /// Removes device `n` (`LOOP_CTL_REMOVE`), its node with it. `EBUSY` while it is attached or
     /// anyone holds it open: the proof that nobody does.
     fn remove(&self, n: u32) -> KResult<()>;

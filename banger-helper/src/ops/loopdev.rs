@@ -4,20 +4,19 @@
 //! open it); it is inspected before the state lock is taken, on a blocking thread with a time
 //! limit, from cached attributes and the mount table only (never asking its filesystem); it must
 //! be a regular file owned by the caller on a local filesystem ([`LOCAL_FILESYSTEMS`]). It is attached
-//! read-only unless the client asked for read-write *and* the descriptor is open read-write. A
-//! device is chosen that nobody holds open, proven by [`scrub`]: its node is given to root (0600),
-//! then the device is removed (`LOOP_CTL_REMOVE`, which the kernel refuses while anyone holds it
-//! open) and created again with a new root-owned node. A device someone holds open is
-//! quarantined (tried again only after the others); when no free device can be proven unused a
-//! new one is created. The attach is one `LOOP_CONFIGURE` without autoclear, retried on another
-//! device when a concurrent attach won the race; only then is the node given to the caller (0600).
+//! read-only unless the client asked for read-write *and* the descriptor is open read-write. The
+//! device is always one the helper creates for this attach (`LOOP_CTL_ADD`): a device that did not
+//! exist a moment ago cannot be held open by anyone, so no descriptor a former owner kept on some
+//! loop node can ever reach this caller's disk. Its node is given to root (0600), the attach is one
+//! `LOOP_CONFIGURE` without autoclear, and only then is the node given to the caller (0600).
 //!
 //! Detach touches only a device the ledger gives to this caller for this VM and role, and only
 //! while it is still attached to the recorded file: the node goes back to root (0600) first, then
-//! the device is detached and proven unused again (or quarantined), so a descriptor its former
-//! owner kept never reaches the next owner's disk.
+//! the device is detached, then removed (`LOOP_CTL_REMOVE`, in the background: it waits for the
+//! kernel and the caller need not). The kernel refuses to remove a device anyone still holds open;
+//! such a device stays, empty and root's, and is never handed out again since the helper only ever
+//! binds devices it has just created.
 
-use std::collections::BTreeSet;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use banger_policy::{LedgerEntry, Object};
@@ -41,17 +40,6 @@ pub const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// How often an attach is retried when another attach takes the free device first.
 const ATTACH_TRIES: usize = 16;
 
-/// What [`scrub`] found out about a device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Proof {
-    /// Removed and created again: nobody holds it open, its node is root's (0600).
-    Clean,
-    /// Attached, or held open by someone: the kernel refused to remove it.
-    Held,
-    /// Someone else (another root tool) removed, created or attached it meanwhile.
-    Raced,
-}
-
 /// The node every device has before the helper attaches it, and after it takes it back.
 const ROOT_NODE: NodeState = NodeState { uid: 0, gid: 0, mode: 0o600 };
 
@@ -70,32 +58,18 @@ pub(crate) fn root_node<L: Loops>(loops: &L, n: u32) -> KResult<()> {
     Ok(())
 }
 
-/// Proves that nobody holds device `n` open: its node is given to root (0600) first, so nobody
-/// can open it anew (not even by reopening a descriptor kept on that node), then the device is
-/// removed, which the kernel refuses while it is attached or anyone holds it open, and created
-/// again, with a new node that root owns. A device someone holds open is [`Proof::Held`].
-pub(crate) fn scrub<L: Loops>(loops: &L, n: u32) -> KResult<Proof> {
-    match loops.node(n) {
-        Ok(node) if node == ROOT_NODE => {}
-        // Attached to something else meanwhile: not a free device to reset.
-        Ok(_) if loops.is_bound(n)? => return Ok(Proof::Held),
-        Ok(_) => root_node(loops, n)?,
-        Err(e) if e.errno_value() == Some(Errno::ENOENT) => return Ok(Proof::Raced),
-        Err(e) => return Err(e),
-    }
+/// Removes a released device (its node already root's, the device detached). The kernel
+/// refuses while anyone holds it open: such a device is left in place and, since only devices
+/// created for an attach are ever bound, never handed out again.
+pub(crate) fn remove_released<L: Loops>(loops: &L, n: u32) {
     match loops.remove(n) {
-        Ok(()) => {}
-        Err(e) if e.errno_value() == Some(Errno::EBUSY) => return Ok(Proof::Held),
-        Err(e) if e.errno_value() == Some(Errno::ENODEV) => return Ok(Proof::Raced),
-        Err(e) => return Err(e),
+        Ok(()) => tracing::debug!("/dev/loop{n} removed"),
+        Err(e) if e.errno_value() == Some(Errno::EBUSY) => tracing::warn!(
+            "/dev/loop{n} is held open by someone (or attached outside the helper); left in place, never handed out again"
+        ),
+        Err(e) if e.errno_value() == Some(Errno::ENODEV) => {}
+        Err(e) => tracing::warn!("cannot remove released /dev/loop{n}: {e}"),
     }
-    match loops.add(Some(n)) {
-        Ok(_) => {}
-        Err(e) if e.errno_value() == Some(Errno::EEXIST) => return Ok(Proof::Raced),
-        Err(e) => return Err(e),
-    }
-    root_node(loops, n)?;
-    Ok(Proof::Clean)
 }
 
 /// Whether an attach lost a race for its device (try another), or its error.
@@ -220,37 +194,15 @@ impl<K: Kernel> Helper<K> {
         Ok(self.loop_info(&entry))
     }
 
-    /// Attaches `fd` to a device nobody holds open, whose node is root's, returning its number.
-    ///
-    /// Free devices are tried first, those found held open before last; each is proven unused
-    /// by [`scrub`] (given to root, removed, created again) just before the attach. When none
-    /// can be proven unused, a new device is created.
+    /// Attaches `fd` to a device created for it (so nobody can hold it open), whose node is
+    /// root's, returning its number.
     fn attach_clean(&self, fd: BorrowedFd<'_>, read_only: bool) -> Result<u32, HelperError> {
         let loops = self.kernel.loops();
-        let mut candidates = loops.unbound()?;
-        {
-            let held = self.quarantine();
-            candidates.sort_by_key(|n| (held.contains(n), *n));
-        }
-        for n in candidates.into_iter().take(ATTACH_TRIES) {
-            match scrub(loops, n)? {
-                Proof::Clean => self.unquarantine(n),
-                Proof::Held => {
-                    self.quarantine_add(n);
-                    continue;
-                }
-                Proof::Raced => continue,
-            }
-            if attach_raced(loops.attach(n, fd, read_only))? {
-                continue;
-            }
-            return Ok(n);
-        }
         for _ in 0..ATTACH_TRIES {
-            // A device that did not exist until now: nobody can hold it open.
             let n = loops.add(None)?;
             root_node(loops, n)?;
             if attach_raced(loops.attach(n, fd, read_only))? {
+                // Another root tool bound it first; it is theirs now.
                 continue;
             }
             return Ok(n);
@@ -259,38 +211,18 @@ impl<K: Kernel> Helper<K> {
             op: "LOOP_CONFIGURE".into(),
             errno: Errno::EBUSY as i32,
             detail: format!(
-                "every free loop device was taken by someone else {ATTACH_TRIES} times in a row; retry"
+                "every new loop device was taken by someone else {ATTACH_TRIES} times in a row; retry"
             ),
         })
     }
 
-    /// After a device of ours was released: proves it unused again (so its number is clean for
-    /// the next owner), or quarantines it while someone still holds it open.
-    pub(crate) fn scrub_released(&self, n: u32) {
-        match scrub(self.kernel.loops(), n) {
-            Ok(Proof::Clean) => self.unquarantine(n),
-            Ok(Proof::Held) => self.quarantine_add(n),
-            Ok(Proof::Raced) => {}
-            Err(e) => tracing::warn!("/dev/loop{n} released, but cannot prove it unused: {e}"),
-        }
-    }
-
-    fn quarantine(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
-        self.quarantined.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn quarantine_add(&self, n: u32) {
-        if self.quarantine().insert(n) {
-            tracing::warn!(
-                "/dev/loop{n} is held open by someone (or attached outside the helper); quarantined: \
-                 never handed out until nobody holds it"
-            );
-        }
-    }
-
-    fn unquarantine(&self, n: u32) {
-        if self.quarantine().remove(&n) {
-            tracing::info!("/dev/loop{n} is no longer held open; out of quarantine");
+    /// Removes a released device in the background (removal waits for the kernel).
+    pub(crate) fn retire(&self, n: u32) {
+        let kernel = self.kernel.clone();
+        let job = move || remove_released(kernel.loops(), n);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(job)),
+            Err(_) => job(),
         }
     }
 
@@ -317,7 +249,7 @@ impl<K: Kernel> Helper<K> {
             if loops.status(n)?.is_some() {
                 loops.detach(n)?;
             }
-            self.scrub_released(n);
+            self.retire(n);
         } else if node.uid == 0 {
             match loops.status(n)? {
                 Some(s)
@@ -325,10 +257,10 @@ impl<K: Kernel> Helper<K> {
                         == Some(Backing { dev: s.backing_dev, ino: s.backing_ino }) =>
                 {
                     loops.detach(n)?;
-                    self.scrub_released(n);
+                    self.retire(n);
                 }
                 Some(_) => tracing::warn!("{device} holds another file now; not touched"),
-                None => self.scrub_released(n),
+                None => self.retire(n),
             }
         } else {
             tracing::warn!("{device} now belongs to uid {}; not touched", node.uid);
@@ -408,12 +340,11 @@ mod tests {
         let calls = t.kernel.calls();
         let at =
             |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p}: {calls:?}"));
-        // Root's node first, then the proof that nobody holds it (remove, create again), then the
+        // A device created for this attach (nobody can hold it open), its node root's, the
         // attach, and only then the node goes to the caller.
         let order = [
+            at("loop_add any"),
             at("loop_set_node /dev/loop0 0:0 600"),
-            at("loop_remove /dev/loop0"),
-            at("loop_add /dev/loop0"),
             at("loop_attach"),
             at("loop_set_node /dev/loop0 1000:0"),
         ];
@@ -422,18 +353,14 @@ mod tests {
         let before = t.kernel.calls().len();
         let r = t.req(&p, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await;
         assert_eq!(r, Response::Done);
+        removal_tried(&t, 0).await;
         let calls = t.kernel.calls()[before..].to_vec();
         let at =
             |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p}: {calls:?}"));
-        // Released: root's node, detached, then removed and created again so the number is clean.
-        let order = [
-            at("loop_set_node /dev/loop0 0:0 600"),
-            at("loop_detach"),
-            at("loop_remove /dev/loop0"),
-            at("loop_add /dev/loop0"),
-        ];
+        // Released: root's node, detached, then removed.
+        let order = [at("loop_set_node /dev/loop0 0:0 600"), at("loop_detach"), at("loop_remove /dev/loop0")];
         assert!(order.is_sorted(), "{calls:?}");
-        assert!(t.kernel.world().loops[&0].status.is_none());
+        assert!(!t.kernel.world().loops.contains_key(&0));
         assert_eq!(
             t.req(&p, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await,
             Response::Done
@@ -541,7 +468,6 @@ mod tests {
     #[tokio::test]
     async fn a_lost_race_retries_on_another_device_and_a_dirty_node_is_reset() {
         let t = TestHelper::new();
-        t.kernel.world().loops.get_mut(&0).unwrap().node = NodeState { uid: 1001, gid: 1001, mode: 0o600 };
         t.kernel.fail("loop_attach", "/dev/loop0", Errno::EBUSY, 1);
         let p = t.peer(1000, "home");
         let f = file(&t, 1000, FdAccess::ReadOnly, 10);
@@ -551,7 +477,9 @@ mod tests {
         assert_eq!(info.device, "/dev/loop1");
         let calls = t.kernel.calls();
         assert_eq!(calls.iter().filter(|c| c.starts_with("loop_attach")).count(), 2, "{calls:?}");
+        // devtmpfs makes new nodes root:disk 0660; each is reset to root 0600 before the attach.
         assert!(calls.iter().any(|c| c == "loop_set_node /dev/loop0 0:0 600"));
+        assert!(calls.iter().any(|c| c == "loop_set_node /dev/loop1 0:0 600"));
     }
 
     #[tokio::test]
@@ -562,11 +490,10 @@ mod tests {
         let f = file(&t, 1000, FdAccess::ReadOnly, 10);
         let r = t.req_fds(&p, attach(LoopRole::Base, true), vec![f]).await;
         assert!(matches!(r, Response::Error(HelperError::Kernel { .. })), "{r:?}");
-        {
-            let w = t.kernel.world();
-            assert!(w.loops[&0].status.is_none());
-            assert_eq!(w.loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
-        }
+        // Rolled back: root's node, detached, removed.
+        let calls = t.kernel.calls();
+        assert!(calls.iter().any(|c| c == "loop_remove /dev/loop0"), "{calls:?}");
+        assert!(!t.kernel.world().loops.contains_key(&0));
         assert!(t.helper.snapshot().await.ledger.entries.is_empty());
     }
 
@@ -643,9 +570,21 @@ mod tests {
         assert_eq!(r, Response::Error(HelperError::QuotaExceeded { resource: "loops".into(), limit: 1 }));
     }
 
+    /// Waits until the background removal of `/dev/loopN` has been tried.
+    async fn removal_tried(t: &TestHelper, n: u32) {
+        let call = format!("loop_remove /dev/loop{n}");
+        for _ in 0..200 {
+            if t.kernel.calls().contains(&call) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("{call} never happened: {:?}", t.kernel.calls());
+    }
+
     /// The attack: a owns the node while attached, detaches the device himself, reopens the free
-    /// node and keeps that descriptor. The kernel refuses to remove a device held open, so the
-    /// device is quarantined and b gets another one.
+    /// node and keeps that descriptor. The kernel refuses to remove a device held open, so it
+    /// stays, and b gets a device created for his attach.
     #[tokio::test]
     async fn a_device_someone_holds_open_is_never_handed_out() {
         let t = TestHelper::new();
@@ -656,10 +595,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(la.device, "/dev/loop0");
+        let held = super::loop_number(&la.device).unwrap();
         {
             let mut w = t.kernel.world();
-            let l = w.loops.get_mut(&0).unwrap();
+            let l = w.loops.get_mut(&held).unwrap();
             l.status = None;
             l.held_open = true;
         }
@@ -667,74 +606,70 @@ mod tests {
             t.req(&a, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Cow }).await,
             Response::Done
         );
-        assert_eq!(t.kernel.world().loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
+        removal_tried(&t, held).await;
+        assert_eq!(t.kernel.world().loops[&held].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
         let Response::Loop(lb) =
             t.req_fds(&b, attach(LoopRole::Cow, false), vec![file(&t, 1001, FdAccess::ReadWrite, 11)]).await
         else {
             panic!()
         };
-        assert_ne!(lb.device, "/dev/loop0", "b got the device a holds open");
-        assert!(
-            !t.kernel.calls().iter().any(|c| c.starts_with("loop_attach /dev/loop0") && c.contains("ino"))
-        );
-        assert_eq!(t.kernel.world().loops[&0].status, None);
-        // Once a lets go, the number is proven unused and handed out again (here the only free one).
-        {
-            let mut w = t.kernel.world();
-            w.loops.get_mut(&0).unwrap().held_open = false;
-            for l in w.loops.values_mut().skip(1) {
-                l.status.get_or_insert(crate::kernel::LoopStatus {
-                    backing_dev: 9,
-                    backing_ino: 9,
-                    read_only: true,
-                });
-            }
-        }
+        assert_ne!(lb.device, la.device, "b got the device a holds open");
+        assert_eq!(t.kernel.world().loops[&held].status, None);
+        // Even once a lets go, the number is not bound again by the helper while the device exists.
+        t.kernel.world().loops.get_mut(&held).unwrap().held_open = false;
         let Response::Loop(l2) =
             t.req_fds(&b, attach(LoopRole::Base, true), vec![file(&t, 1001, FdAccess::ReadOnly, 12)]).await
         else {
             panic!()
         };
-        assert_eq!(l2.device, "/dev/loop0");
-        assert!(t.helper.quarantine().is_empty());
+        assert_ne!(l2.device, la.device);
     }
 
     #[tokio::test]
-    async fn when_every_free_device_is_held_open_a_new_one_is_made() {
+    async fn attach_binds_a_device_created_for_it_and_never_an_existing_one() {
         let t = TestHelper::new();
-        for l in t.kernel.world().loops.values_mut() {
-            l.held_open = true;
-        }
+        let existing: Vec<u32> = t.kernel.world().loops.keys().copied().collect();
         let p = t.peer(1000, "home");
         let Response::Loop(l) =
             t.req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
         else {
             panic!()
         };
-        assert_eq!(l.device, "/dev/loop8");
-        assert!(t.kernel.calls().iter().any(|c| c == "loop_add any"));
-        assert_eq!(t.helper.quarantine().len(), 8);
-        let w = t.kernel.world();
-        assert!(w.loops.iter().all(|(n, l)| (*n == 8) == l.status.is_some()));
-    }
-
-    #[tokio::test]
-    async fn a_user_owned_free_node_goes_to_root_before_it_is_removed() {
-        let t = TestHelper::new();
-        for l in t.kernel.world().loops.values_mut() {
-            l.node = NodeState { uid: 1001, gid: 1001, mode: 0o600 };
-        }
-        let p = t.peer(1000, "home");
-        let Response::Loop(l) =
-            t.req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
-        else {
-            panic!()
-        };
-        assert_eq!(l.device, "/dev/loop0");
+        let n = super::loop_number(&l.device).unwrap();
+        assert!(!existing.contains(&n), "{n} existed before");
         let calls = t.kernel.calls();
-        let reset = calls.iter().position(|c| c == "loop_set_node /dev/loop0 0:0 600").unwrap();
-        let remove = calls.iter().position(|c| c == "loop_remove /dev/loop0").unwrap();
-        assert!(reset < remove, "{calls:?}");
+        assert!(calls.iter().any(|c| c == "loop_add any"), "{calls:?}");
+        for e in existing {
+            assert!(
+                !calls.iter().any(|c| c.ends_with(&format!("/dev/loop{e}"))),
+                "touched loop{e}: {calls:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_node_goes_to_root_before_the_device_is_detached_and_removed() {
+        let t = TestHelper::new();
+        let p = t.peer(1000, "home");
+        let Response::Loop(l) =
+            t.req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)]).await
+        else {
+            panic!()
+        };
+        let n = super::loop_number(&l.device).unwrap();
+        assert_eq!(
+            t.req(&p, Request::LoopDetach { vm: vm("dev"), role: LoopRole::Base }).await,
+            Response::Done
+        );
+        removal_tried(&t, n).await;
+        let calls = t.kernel.calls();
+        let at =
+            |c: String| calls.iter().position(|x| *x == c).unwrap_or_else(|| panic!("no {c}: {calls:?}"));
+        let reset = at(format!("loop_set_node /dev/loop{n} 0:0 600"));
+        let detach = calls.iter().rposition(|x| x.starts_with(&format!("loop_detach /dev/loop{n}"))).unwrap();
+        let remove = at(format!("loop_remove /dev/loop{n}"));
+        assert!(reset < detach && detach < remove, "{calls:?}");
+        assert!(!t.kernel.world().loops.contains_key(&n), "removed");
     }
 
     /// a detached his device himself, so it was free and b got it: a's entry naming it is stale
@@ -749,7 +684,9 @@ mod tests {
         else {
             panic!()
         };
-        t.kernel.world().loops.get_mut(&0).unwrap().status = None;
+        // a's device is gone behind the helper's back (a detached it himself and something removed
+        // it), so the number is free and the next created device is that number again.
+        t.kernel.world().loops.remove(&0);
         let Response::Loop(lb) =
             t.req_fds(&b, attach(LoopRole::Base, true), vec![file(&t, 1001, FdAccess::ReadOnly, 20)]).await
         else {
@@ -807,7 +744,7 @@ mod tests {
         assert!(snap.ledger.entries.is_empty() && snap.loop_backings.is_empty(), "{snap:?}");
         let w = kernel.world();
         assert!(w.loops.values().all(|l| l.status.is_none()), "the device stayed attached");
-        assert_eq!(w.loops[&0].node, NodeState { uid: 0, gid: 0, mode: 0o600 });
+        assert!(w.loops.values().all(|l| l.node == NodeState { uid: 0, gid: 0, mode: 0o600 }));
     }
 
     /// A backing file whose filesystem does not answer: the attach gives up, and other requests

@@ -82,8 +82,6 @@ pub struct Helper<K: Kernel> {
     capabilities: Capabilities,
     /// How long inspecting a loop backing file may take.
     pub(crate) inspect_timeout: std::time::Duration,
-    /// Loop devices found held open by someone: never handed out until proven unused again.
-    quarantined: std::sync::Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl<K: Kernel> std::fmt::Debug for Helper<K> {
@@ -117,7 +115,6 @@ impl<K: Kernel> Helper<K> {
             state: Mutex::new(State { stored, store }),
             audit,
             capabilities,
-            quarantined: std::sync::Mutex::default(),
             inspect_timeout: loopdev::INSPECT_TIMEOUT,
         }
     }

@@ -73,14 +73,8 @@ fn undo_loop<K: Kernel>(kernel: &K, n: u32) {
         tracing::error!("rollback: cannot detach /dev/loop{n}: {e}");
         return;
     }
-    // The caller may have opened the node in the meantime: prove the number unused again.
-    match super::loopdev::scrub(loops, n) {
-        Ok(super::loopdev::Proof::Held) => {
-            tracing::warn!("rollback: /dev/loop{n} is held open by someone; it is not used until they let go")
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("rollback: cannot prove /dev/loop{n} unused: {e}"),
-    }
+    // Never handed out again: removed, or left in place if the caller opened it meanwhile.
+    super::loopdev::remove_released(loops, n);
 }
 
 impl<K: Kernel> Drop for Rollback<K> {

@@ -1,5 +1,5 @@
-//! Loop devices on Linux: sysfs for the free devices, `/dev/loop-control` to remove and re-create
-//! a device (proving nobody holds it open), `LOOP_CONFIGURE` to attach in one step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
+//! Loop devices on Linux: `/dev/loop-control` to create a device for each attach and to remove it
+//! after release (refused while anyone holds it open), `LOOP_CONFIGURE` to attach in one step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
 //! autoclear, `LOOP_GET_STATUS64` to see what a device holds, and the device nodes' owner and mode.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
@@ -28,8 +28,6 @@ const LO_FLAGS_READ_ONLY: u32 = ld::LO_FLAGS_READ_ONLY as u32;
 #[derive(Debug)]
 pub struct LinuxLoops {
     dev: PathBuf,
-    /// `/sys/block`.
-    sys_block: PathBuf,
     /// `/proc/self/mountinfo`: which filesystem a backing file is on.
     mountinfo: PathBuf,
     /// Cleared the first time the kernel refuses `LOOP_CONFIGURE` as unknown.
@@ -88,11 +86,10 @@ fn kernel_has_configure() -> bool {
 }
 
 impl LinuxLoops {
-    /// Loop devices with nodes under `dev` and sysfs entries under `sys_block`.
-    pub fn new(dev: impl Into<PathBuf>, sys_block: impl Into<PathBuf>) -> Self {
+    /// Loop devices with nodes under `dev`.
+    pub fn new(dev: impl Into<PathBuf>) -> Self {
         LinuxLoops {
             dev: dev.into(),
-            sys_block: sys_block.into(),
             mountinfo: PathBuf::from("/proc/self/mountinfo"),
             configure: AtomicBool::new(kernel_has_configure()),
         }
@@ -189,32 +186,6 @@ impl Loops for LinuxLoops {
             dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
             ino: st.stx_ino,
         })
-    }
-
-    fn unbound(&self) -> KResult<Vec<u32>> {
-        let object = self.sys_block.display().to_string();
-        let dir = std::fs::read_dir(&self.sys_block).map_err(|e| {
-            KernelError::errno("read_dir", object.clone(), Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-        })?;
-        let mut free: Vec<u32> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("loop")?.parse().ok())
-            .filter(|n| matches!(self.is_bound(*n), Ok(false)))
-            .collect();
-        free.sort_unstable();
-        Ok(free)
-    }
-
-    fn is_bound(&self, n: u32) -> KResult<bool> {
-        let path = self.sys_block.join(format!("loop{n}"));
-        // The `loop` attribute group exists exactly while the device is attached.
-        match lstat(&path.join("loop")) {
-            Ok(_) => Ok(true),
-            Err(Errno::ENOENT) => match lstat(&path) {
-                Ok(_) => Ok(false),
-                Err(e) => Err(KernelError::errno("stat", path.display().to_string(), e)),
-            },
-            Err(e) => Err(KernelError::errno("stat", path.display().to_string(), e)),
-        }
     }
 
     fn remove(&self, n: u32) -> KResult<()> {
@@ -367,7 +338,7 @@ mod tests {
         let path = dir.path().join("f");
         std::fs::write(&path, b"x").unwrap();
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let loops = LinuxLoops::new("/dev", "/sys/block");
+        let loops = LinuxLoops::new("/dev");
         let b = loops.inspect(f.as_fd()).unwrap();
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&path).unwrap();

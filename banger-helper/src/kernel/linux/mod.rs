@@ -39,7 +39,7 @@ impl LinuxKernel {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
             firewall: Iptables::locate()?,
-            loops: LinuxLoops::new("/dev", "/sys/block"),
+            loops: LinuxLoops::new("/dev"),
             sysctl: ProcSysctl::new("/proc/sys"),
         })
     }
