@@ -71,12 +71,7 @@ impl DaemonError {
 }
 
 fn failed(e: impl std::fmt::Display) -> DaemonError {
-    DaemonError::Failed(chain(&e))
-}
-
-/// An error with its causes, each once.
-fn chain(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
+    DaemonError::Failed(e.to_string())
 }
 
 fn store_err(e: StoreError) -> DaemonError {
@@ -172,16 +167,6 @@ impl Daemon {
     /// The install id.
     pub fn install_id(&self) -> &InstallId {
         &self.install_id
-    }
-
-    /// The helper client.
-    pub fn helper(&self) -> &Arc<dyn HelperApi> {
-        &self.helper
-    }
-
-    /// The process table.
-    pub fn procs(&self) -> &Arc<dyn ProcessTable> {
-        &self.procs
     }
 
     /// Runs `f` on the store.
