@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use banger_tests::double::harness::{DoubleProcess, api_call, raw_call};
+use banger_tests::double::harness::{DoubleProcess, api_call, descendants, raw_call};
 use banger_tests::double::write_test_kernel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_firecracker-double");
@@ -427,20 +427,6 @@ fn double_killed_leaves_socket_and_kills_guest() {
         assert!(!alive(*c), "guest process {c} outlived the double");
     }
     assert!(sock.exists());
-}
-
-/// Every descendant of `pid` (through `pgrep -P`).
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(p) = queue.pop() {
-        let Ok(o) = Command::new("pgrep").args(["-P", &p.to_string()]).output() else { continue };
-        for c in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|c| c.parse().ok()) {
-            out.push(c);
-            queue.push(c);
-        }
-    }
-    out
 }
 
 /// Whether `pid` still runs (a zombie waiting for its reaper counts as gone).

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use banger_tests::double::harness::{DoubleProcess, api_call};
+use banger_tests::double::harness::{DoubleProcess, api_call, descendants};
 use banger_tests::double::write_test_kernel;
 
 const BIN: &str = env!("CARGO_BIN_EXE_firecracker-double");
@@ -149,19 +149,6 @@ fn build_root_image(dir: &Path, hostname: &str) -> (PathBuf, PathBuf, String) {
 
 fn chown_nobody(path: &Path) {
     std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
-}
-
-fn descendants(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut queue = vec![pid];
-    while let Some(p) = queue.pop() {
-        let Ok(o) = Command::new("pgrep").args(["-P", &p.to_string()]).output() else { continue };
-        for c in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|c| c.parse().ok()) {
-            out.push(c);
-            queue.push(c);
-        }
-    }
-    out
 }
 
 fn comm(pid: u32) -> Option<String> {

@@ -161,3 +161,17 @@ impl Drop for DoubleProcess {
         }
     }
 }
+
+/// Every descendant of `pid` (through `pgrep -P`).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(p) = queue.pop() {
+        let Ok(o) = Command::new("pgrep").args(["-P", &p.to_string()]).output() else { continue };
+        for c in String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|c| c.parse().ok()) {
+            out.push(c);
+            queue.push(c);
+        }
+    }
+    out
+}
