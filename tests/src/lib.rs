@@ -1,4 +1,6 @@
-//! Cross-crate integration and end-to-end tests of banger, and the Firecracker test double.
+//! Cross-crate integration and end-to-end tests of banger, the Firecracker test double, and the
+//! kernel tier (test binaries run in a real kernel under qemu).
 
 pub mod double;
 pub mod e2e;
+pub mod kernel_tier;
