@@ -3,7 +3,7 @@
 //!
 //! `init` mounts `/proc`, `/sys`, `/dev`; loads the initramfs's modules in order; mounts the run's
 //! directory (9p tag `out`), then the host's root read-only (9p tag `hostroot`) under an overlay
-//! with a tmpfs upper layer, with fresh `/proc`, `/sys`, `/dev`, `/run`, `/tmp` in it and the
+//! with a tmpfs upper layer, with fresh `/proc`, `/sys`, `/dev`, `/run` in it and the
 //! run's directory at its host path; binds the kernel's extracted modules at
 //! `/lib/modules/$(uname -r)`; runs each job's script with
 //! `chroot`, writing `status-N` to the run's directory; and ends through `isa-debug-exit` with

@@ -50,7 +50,9 @@ n=/newroot
 mount -t proc proc $n/proc && mount -t sysfs sysfs $n/sys && mount -t devtmpfs devtmpfs $n/dev \
   && mkdir -p $n/dev/pts $n/dev/shm && mount -t devpts devpts $n/dev/pts \
   && mount -t tmpfs -o mode=1777 tmpfs $n/dev/shm && mount -t tmpfs -o mode=0755 tmpfs $n/run \
-  && mount -t tmpfs -o mode=1777 tmpfs $n/tmp || fail "mounting /proc, /sys, /dev, /run and /tmp in the root"
+  || fail "mounting /proc, /sys, /dev and /run in the root"
+# /tmp stays the host's (seen through the overlay, writes kept in the guest), so that a working
+# directory or a build under /tmp is there too.
 mount -t cgroup2 cgroup2 $n/sys/fs/cgroup 2>/dev/null || say "no cgroup2 in the guest"
 mkdir -p "$n$KT_OUT" && mount --bind /out "$n$KT_OUT" || fail "binding the run's directory at $KT_OUT"
 

@@ -4,7 +4,7 @@
 //!
 //! Layout of the cache directory:
 //!
-//! - `lock`: `flock`ed exclusively while preparing, shared while a run boots;
+//! - `lock`: `flock`ed shared while a run boots, exclusively while preparing;
 //! - `debs/`: the downloaded packages;
 //! - `tree-RELEASE/`: `root/` (every package unpacked with `dpkg -x`, modules indexed with
 //!   `depmod -b`), `vmlinux` (the ELF kernel), `ready` (what it holds; written last);
@@ -158,28 +158,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PrepareError + '_ {
     move |source| PrepareError::Io { path: path.to_path_buf(), source }
 }
 
-/// The cache's lock: exclusive while preparing, then shared while booting.
+/// A shared lock on the cache: held while a run boots, so that no preparation replaces the tree
+/// under it (runs share it; preparing takes it exclusively).
 #[derive(Debug)]
-pub struct CacheLock(Flock<File>);
-
-impl CacheLock {
-    /// Lets other runs share the cache (and makes a refresh wait for this run).
-    pub fn share(&self) {
-        let _ = self.0.relock(FlockArg::LockShared);
-    }
+pub struct CacheLock {
+    _held: Flock<File>,
 }
 
 /// Makes the cache at `cache` ready (idempotent: a ready tree is used as it is unless `refresh`),
-/// holding its lock, which is returned exclusive.
+/// returning it with a shared lock on the cache.
 pub fn prepare(cache: &Path, refresh: bool) -> Result<(Prepared, CacheLock), PrepareError> {
     std::fs::create_dir_all(cache).map_err(io(cache))?;
     let lock_path = cache.join("lock");
+    let lock_error = |source| PrepareError::Lock { path: lock_path.clone(), source };
     let file = File::options().create(true).append(true).open(&lock_path).map_err(io(&lock_path))?;
-    let lock = Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, source)| PrepareError::Lock { path: lock_path.clone(), source })?;
-    let lock = CacheLock(lock);
+    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, source)| lock_error(source))?;
     if !refresh && let Some(prepared) = current(cache) {
-        return Ok((prepared, lock));
+        return Ok((prepared, CacheLock { _held: lock }));
+    }
+    // Exclusive (waiting for runs that boot from the cache), then look again: another process
+    // may have prepared it meanwhile.
+    lock.relock(FlockArg::LockExclusive).map_err(lock_error)?;
+    if !refresh && let Some(prepared) = current(cache) {
+        lock.relock(FlockArg::LockShared).map_err(lock_error)?;
+        return Ok((prepared, CacheLock { _held: lock }));
     }
     let started = Instant::now();
     check_host()?;
@@ -191,7 +193,8 @@ pub fn prepare(cache: &Path, refresh: bool) -> Result<(Prepared, CacheLock), Pre
     let prepared = build_tree(cache, &debs, &packages)?;
     remove_stale(cache, &debs, &prepared, &packages);
     say(&format!("cache ready in {:.1} s: {}", started.elapsed().as_secs_f64(), prepared.tree.display()));
-    Ok((prepared, lock))
+    lock.relock(FlockArg::LockShared).map_err(lock_error)?;
+    Ok((prepared, CacheLock { _held: lock }))
 }
 
 /// The ready tree `current` names, if any.

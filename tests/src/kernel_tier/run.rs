@@ -2,8 +2,9 @@
 //! the run (`runs/run-PID` in the cache), boot, and read each job's status back.
 //!
 //! The run's directory is shared with the guest (writable) at the same path, so a job can leave
-//! logs there (`$BANGER_KERNEL_TIER_OUT`); it also keeps the console (`console.log`). It is
-//! removed after a run whose jobs all passed, unless asked to keep it.
+//! logs there (`$BANGER_KERNEL_TIER_OUT`); it also keeps the console (`console.log`), the job
+//! scripts and their statuses. It is removed after a run whose jobs all passed, unless asked to
+//! keep it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -136,7 +137,6 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
     }
     let started = Instant::now();
     let (prepared, lock) = prepare::prepare(&options.cache, false)?;
-    lock.share();
     let prepare_time = started.elapsed();
 
     let out = run_dir(&options.cache)?;
@@ -169,6 +169,8 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
     let boot = qemu::boot(cmd, options.timeout, log)
         .map_err(|source| RunError::Spawn { binary: install.binary, source })?;
     drop(lock);
+    // Rebuilt for every run: not worth keeping.
+    let _ = std::fs::remove_file(&initramfs);
 
     let statuses: Vec<Option<i32>> = (1..=options.jobs.len())
         .map(|i| std::fs::read_to_string(out.join(format!("status-{i}"))).ok()?.trim().parse().ok())
