@@ -142,9 +142,13 @@ fn suite(cache: &std::path::Path, boot: BootArgs, manifest: &std::path::Path) ->
         Ok(s) => s,
         Err(e) => return fail(&chain(&e)),
     };
+    let packages = match cargo::workspace_packages() {
+        Ok(p) => p,
+        Err(e) => return fail(&chain(&e)),
+    };
     let mut all = Vec::new();
     for selection in &selections {
-        match cargo::build(selection) {
+        match cargo::build(selection, &packages) {
             Ok(binaries) => all.extend(binaries.iter().map(|b| cargo::job(b, &selection.test_args))),
             Err(e) => return fail(&chain(&e)),
         }
