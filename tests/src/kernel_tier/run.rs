@@ -1,5 +1,8 @@
-//! One run of the tier: prepare the cache, write the jobs and the initramfs into a directory of
-//! the run (`runs/run-PID` in the cache), boot, and read each job's status back.
+//! One run of the tier: prepare the cache, then
+//!
+//! 1. write the jobs and the initramfs into a directory of the run (`runs/run-PID` in the cache),
+//! 2. boot,
+//! 3. read each job's status back (or why the guest did not report every one).
 //!
 //! The run's directory is shared with the guest (writable) at the same path, so a job can leave
 //! logs there (`$BANGER_KERNEL_TIER_OUT`); it also keeps the console (`console.log`), the job
@@ -139,19 +142,13 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
     let (prepared, lock) = prepare::prepare(&options.cache, false)?;
     let prepare_time = started.elapsed();
 
+    // Step 1: the run's directory, its jobs and initramfs.
     let out = run_dir(&options.cache)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| RunError::Io { path, source }
-    };
-    let env = job_env(&options.env, &out);
-    for (i, job) in options.jobs.iter().enumerate() {
-        let path = out.join(format!("job-{}.sh", i + 1));
-        std::fs::write(&path, jobs::script(job, &env, &options.cwd)?).map_err(io(&path))?;
-    }
+    write_jobs(options, &out)?;
     let initramfs = out.join("initramfs.cpio");
     initramfs::build(&prepared, &out, options.jobs.len(), &initramfs).map_err(RunError::Initramfs)?;
 
+    // Step 2: the boot.
     let console = out.join("console.log");
     let log = std::fs::File::create(&console).map_err(io(&console))?;
     let cmdline = qemu::cmdline(options.verbose);
@@ -172,24 +169,8 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
     // Rebuilt for every run: not worth keeping.
     let _ = std::fs::remove_file(&initramfs);
 
-    let statuses: Vec<Option<i32>> = (1..=options.jobs.len())
-        .map(|i| std::fs::read_to_string(out.join(format!("status-{i}"))).ok()?.trim().parse().ok())
-        .collect();
-    let done = statuses.iter().filter(|s| s.is_some()).count();
-    if let Ok(reason) = std::fs::read_to_string(out.join("setup-error")) {
-        return Err(RunError::GuestSetup { reason: reason.trim().to_string(), console });
-    }
-    let reported = boot.guest_code().is_some_and(|code| code != SETUP_FAILED || done > 0);
-    if done < options.jobs.len() || !reported {
-        return Err(RunError::Incomplete {
-            end: boot.describe_end(),
-            elapsed: boot.started.elapsed(),
-            done,
-            total: options.jobs.len(),
-            console,
-            timed_out: boot.status.is_none(),
-        });
-    }
+    // Step 3: what the guest reported.
+    let statuses = collect(&boot, &out, options.jobs.len(), console)?;
     let (boot_to_job, job_times) = timings(&boot, options.jobs.len());
     let mut report = RunReport {
         prepared,
@@ -206,6 +187,44 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
         let _ = std::fs::remove_dir_all(&out);
     }
     Ok(report)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + use<> {
+    let path = path.to_path_buf();
+    move |source| RunError::Io { path, source }
+}
+
+/// Writes `job-N.sh` for each job into the run's directory `out`.
+fn write_jobs(options: &RunOptions, out: &Path) -> Result<(), RunError> {
+    let env = job_env(&options.env, out);
+    for (i, job) in options.jobs.iter().enumerate() {
+        let path = out.join(format!("job-{}.sh", i + 1));
+        std::fs::write(&path, jobs::script(job, &env, &options.cwd)?).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Each job's status as the guest wrote it to `out`, or why not every job has one.
+fn collect(boot: &Boot, out: &Path, jobs: usize, console: PathBuf) -> Result<Vec<Option<i32>>, RunError> {
+    let statuses: Vec<Option<i32>> = (1..=jobs)
+        .map(|i| std::fs::read_to_string(out.join(format!("status-{i}"))).ok()?.trim().parse().ok())
+        .collect();
+    let done = statuses.iter().filter(|s| s.is_some()).count();
+    if let Ok(reason) = std::fs::read_to_string(out.join("setup-error")) {
+        return Err(RunError::GuestSetup { reason: reason.trim().to_string(), console });
+    }
+    let reported = boot.guest_code().is_some_and(|code| code != SETUP_FAILED || done > 0);
+    if done < jobs || !reported {
+        return Err(RunError::Incomplete {
+            end: boot.describe_end(),
+            elapsed: boot.started.elapsed(),
+            done,
+            total: jobs,
+            console,
+            timed_out: boot.status.is_none(),
+        });
+    }
+    Ok(statuses)
 }
 
 /// A fresh directory for this run.
@@ -245,4 +264,90 @@ fn timings(boot: &Boot, jobs: usize) -> (Option<Duration>, Vec<Option<Duration>>
         })
         .collect();
     (first, times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt as _;
+    use std::process::ExitStatus;
+
+    /// A boot whose qemu exited with `code` (`None`: killed at the time limit), the guest having
+    /// printed `marks` at the given seconds after the start.
+    fn boot(code: Option<i32>, marks: &[(u64, &str)]) -> Boot {
+        let started = Instant::now();
+        Boot {
+            status: code.map(|c| ExitStatus::from_raw(c << 8)),
+            started,
+            marks: marks.iter().map(|(s, l)| (started + Duration::from_secs(*s), l.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn every_status_and_a_debug_exit_make_a_report() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("status-1"), "0\n").unwrap();
+        std::fs::write(dir.path().join("status-2"), "101\n").unwrap();
+        let statuses = collect(&boot(Some((101 << 1) | 1), &[]), dir.path(), 2, "c".into()).unwrap();
+        assert_eq!(statuses, [Some(0), Some(101)]);
+    }
+
+    #[test]
+    fn a_missing_status_a_panic_or_the_time_limit_are_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("status-1"), "0\n").unwrap();
+        let err = collect(&boot(Some(1), &[]), dir.path(), 2, "c".into()).unwrap_err();
+        assert!(matches!(err, RunError::Incomplete { done: 1, total: 2, timed_out: false, .. }), "{err}");
+        let err = collect(&boot(Some(0), &[]), dir.path(), 1, "c".into()).unwrap_err();
+        assert!(err.to_string().starts_with("the guest ended without reporting"), "{err}");
+        let err = collect(&boot(None, &[]), dir.path(), 1, "c".into()).unwrap_err();
+        assert!(err.timed_out(), "{err}");
+    }
+
+    #[test]
+    fn a_setup_failure_names_its_step() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("setup-error"), "mounting the host's root (9p tag hostroot)\n")
+            .unwrap();
+        let err =
+            collect(&boot(Some((125 << 1) | 1), &[]), dir.path(), 1, "/r/console.log".into()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the guest's set-up failed: mounting the host's root (9p tag hostroot); console in /r/console.log"
+        );
+    }
+
+    #[test]
+    fn timings_come_from_the_guest_marks() {
+        let marks = [
+            (3, "kernel-tier: guest ready after 2.9 s of guest time"),
+            (4, "kernel-tier: job 1 starts"),
+            (6, "kernel-tier: job 1 exited with status 0"),
+            (6, "kernel-tier: job 2 starts"),
+        ];
+        let (first, times) = timings(&boot(None, &marks), 2);
+        assert_eq!(first, Some(Duration::from_secs(4)));
+        assert_eq!(times, [Some(Duration::from_secs(2)), None]);
+    }
+
+    #[test]
+    fn the_exit_code_is_the_first_failing_jobs() {
+        let report = |statuses: Vec<Option<i32>>| RunReport {
+            prepared: Prepared {
+                tree: "/t".into(),
+                kernel_release: "r".into(),
+                kernel_package: "p".into(),
+                qemu_version: "q".into(),
+            },
+            statuses,
+            prepare_time: Duration::ZERO,
+            boot_to_job: None,
+            job_times: vec![],
+            boot_time: Duration::ZERO,
+            kept: None,
+        };
+        assert_eq!(report(vec![Some(0), Some(0)]).exit_code(), 0);
+        assert_eq!(report(vec![Some(0), Some(5), Some(7)]).exit_code(), 5);
+        assert_eq!(report(vec![None, Some(0)]).exit_code(), 1);
+    }
 }
