@@ -31,9 +31,11 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Some(Sub::SerialRelay { path, cap }) => {
-            banger::logfile::relay(std::io::stdin().lock(), &path, cap).map(drop).map_err(anyhow::Error::from)
+            banger::daemon::logs::relay(std::io::stdin().lock(), &path, cap)
+                .map(drop)
+                .map_err(anyhow::Error::from)
         }
-        None => banger::startup::run().map(drop),
+        None => banger::daemon::startup::run().map(drop),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,11 +19,11 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::config::Config;
 use crate::daemon::Daemon;
-use crate::helper_client::SocketHelper;
-use crate::liveness::ProcFs;
-use crate::logfile::{DAEMON_LOG_CAP, RotatingFile};
+use crate::daemon::helper_client::SocketHelper;
+use crate::daemon::liveness::ProcFs;
+use crate::daemon::logs::{DAEMON_LOG_CAP, RotatingFile};
+use crate::daemon::store::Store;
 use crate::paths::Paths;
-use crate::store::Store;
 
 /// Refuses uid 0 with the reason.
 pub fn refuse_root(program: &str) -> anyhow::Result<()> {
@@ -121,7 +121,7 @@ async fn serve(paths: Paths, config: Config) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let d = daemon.clone();
     tokio::select! {
-        () = crate::api::serve(listener, d) => {}
+        () = crate::daemon::api::serve(listener, d) => {}
         _ = term.recv() => {}
     }
     let _ = std::fs::remove_file(&socket);

@@ -10,15 +10,15 @@ use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 
 use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
-use crate::cli::{Cli, Command, DaemonCommand, ImageCommand, VmCommand, VmShape};
-use crate::client::{ClientError, DaemonClient, connect_or_start};
+use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, VmCommand, VmShape};
+use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
 use crate::config::Config;
 use crate::paths::Paths;
 use crate::ssh;
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    crate::startup::refuse_root("banger")?;
+    crate::daemon::startup::refuse_root("banger")?;
     let paths = Paths::from_env()?;
     paths.ensure_dirs()?;
     let config = Config::load(paths.config_file())?;

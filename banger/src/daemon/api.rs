@@ -141,12 +141,12 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::client::{ClientError, DaemonClient};
+    use crate::cli::client::{ClientError, DaemonClient};
     use crate::config::Config;
-    use crate::helper_client::fake::FakeHelper;
-    use crate::liveness::fake::FakeProcesses;
+    use crate::daemon::helper_client::fake::FakeHelper;
+    use crate::daemon::liveness::fake::FakeProcesses;
+    use crate::daemon::store::Store;
     use crate::paths::Paths;
-    use crate::store::Store;
 
     async fn served() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>) {
         let dir = tempfile::tempdir().unwrap();

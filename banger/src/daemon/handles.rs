@@ -3,7 +3,7 @@
 //!
 //! The in-memory [`HandleCache`] is what the daemon consults; the scratch file exists so that a
 //! daemon that died can find out, at its next start, which kernel objects its VMs held (see
-//! [`crate::reconcile`]). Both change together through [`HandleCache::record`] and
+//! [`crate::daemon::reconcile`]). Both change together through [`HandleCache::record`] and
 //! [`HandleCache::forget`]: the file is written first (temp file in the same directory, fsync,
 //! rename over `handles.json`, fsync of the directory), and only once it is durable does the cache
 //! change. A failed write leaves both as they were, so the cache never claims what the file does

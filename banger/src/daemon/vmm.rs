@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use crate::logfile;
+use crate::daemon::logs;
 
 /// How long a VMM may take to open its API socket.
 pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,7 +180,7 @@ async fn wait_for_api(mut child: Child, spec: &SpawnSpec<'_>) -> Result<Spawned,
         if let Ok(Some(status)) = child.try_wait() {
             // Give the relay a moment to write what the VMM printed last.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let tail = logfile::tail(spec.serial_log, 2048).unwrap_or_default();
+            let tail = logs::tail(spec.serial_log, 2048).unwrap_or_default();
             return Err(VmmError::ExitedEarly { status: status.to_string(), hint: device_hint(&tail), tail });
         }
         if UnixStream::connect(spec.api_socket).await.is_ok() {
@@ -189,7 +189,7 @@ async fn wait_for_api(mut child: Child, spec: &SpawnSpec<'_>) -> Result<Spawned,
         if Instant::now() >= deadline {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let tail = logfile::tail(spec.serial_log, 2048).unwrap_or_default();
+            let tail = logs::tail(spec.serial_log, 2048).unwrap_or_default();
             return Err(VmmError::SocketTimeout {
                 path: spec.api_socket.to_owned(),
                 secs: API_SOCKET_TIMEOUT.as_secs(),

@@ -9,7 +9,7 @@
 //! 2. Ask the helper once for everything this user owns (`ListOwned`). If it cannot be
 //!    reached, remember why and go on: liveness does not need it.
 //! 3. For each VM whose intent is to run (`starting`, `running`, `stopping`), rediscover its
-//!    handles ([`crate::liveness::rediscover_handles`]: the OS first, then `handles.json`) and
+//!    handles ([`crate::daemon::liveness::rediscover_handles`]: the OS first, then `handles.json`) and
 //!    decide:
 //!    - the process table cannot be read → *undetermined*: the VM is left exactly as it is and
 //!      its kernel objects are protected from step 5 (acting on an unknown answer could cut a
@@ -43,11 +43,11 @@ use std::time::Duration;
 
 use banger_protocol::{OwnedObjects, TeardownFailure, VmId};
 
-use crate::handles::{self, HandleCache};
-use crate::helper_client::{HelperApi, HelperClientError};
-use crate::liveness::{PidState, ProcessTable, rediscover_handles};
+use crate::daemon::handles::{self, HandleCache};
+use crate::daemon::helper_client::{HelperApi, HelperClientError};
+use crate::daemon::liveness::{PidState, ProcessTable, rediscover_handles};
+use crate::daemon::store::{Store, StoreError};
 use crate::model::{VmHandles, VmRuntime, VmState};
-use crate::store::{Store, StoreError};
 
 /// How long reconcile waits for a killed VMM to exit by default.
 pub const DEFAULT_KILL_WAIT: Duration = Duration::from_secs(5);
@@ -243,7 +243,7 @@ impl<'a> Reconciler<'a> {
         if let Some(e) = &r.scratch_error {
             tracing::warn!(vm = %vm.id, error = %e, "handles.json unusable; using what the os and the helper know");
         }
-        let scratch_ok = r.scratch_error.is_none() && r.source != crate::liveness::HandleSource::None;
+        let scratch_ok = r.scratch_error.is_none() && r.source != crate::daemon::liveness::HandleSource::None;
         // The helper's list fills what the scratch file lacks (all of it when the file is
         // missing or corrupt); fields the file has are kept.
         let mut handles = r.handles;
@@ -379,7 +379,7 @@ impl<'a> Reconciler<'a> {
             // Its VMM is gone: the sockets it left would make the next start fail (Firecracker
             // refuses to bind an existing path).
             for sock in [&d.vm.api_socket, &d.vm.vsock_path] {
-                if let Err(e) = crate::vmm::remove_stale_socket(sock) {
+                if let Err(e) = crate::daemon::vmm::remove_stale_socket(sock) {
                     report.warnings.push(format!("vm {}: {e}", d.vm.id));
                 }
             }
@@ -484,9 +484,9 @@ mod tests {
     use banger_protocol::{HelperError, InstallId, LoopInfo, LoopRole, NatInfo, Request};
 
     use super::*;
-    use crate::helper_client::fake::FakeHelper;
-    use crate::liveness::fake::{FakeProcess, FakeProcesses};
-    use crate::store::ImageRecord;
+    use crate::daemon::helper_client::fake::FakeHelper;
+    use crate::daemon::liveness::fake::{FakeProcess, FakeProcesses};
+    use crate::daemon::store::ImageRecord;
 
     struct World {
         dir: tempfile::TempDir,

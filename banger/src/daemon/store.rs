@@ -2,7 +2,7 @@
 //!
 //! What a VM *is* lives here and nowhere else: one row of `vms` per VM with every
 //! [`VmRuntime`] field, and one row of `images` per imported image. What is *currently true*
-//! about a VM (PID, TAP, loops) never enters the database; see [`crate::handles`].
+//! about a VM (PID, TAP, loops) never enters the database; see [`crate::daemon::handles`].
 //!
 //! Opening a database ([`Store::open`]):
 //! 1. the file is created mode 0600 if absent (SQLite's `-wal` and `-shm` files copy that mode);

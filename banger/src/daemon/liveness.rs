@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::handles::{self, HandlesError};
+use crate::daemon::handles::{self, HandlesError};
 use crate::model::{VmHandles, VmRuntime};
 
 /// `__SO_ACCEPTCON` in `/proc/net/unix`'s flags column: the socket is listening.

@@ -6,8 +6,8 @@
 //!    machine's architecture on x86_64; the arm64 `Image` format on aarch64); a compressed
 //!    `bzImage` gets a message saying how to extract the `vmlinux`;
 //! 3. the rootfs must be a regular file holding an ext2/3/4 filesystem, since every VM's copy is
-//!    personalized with debugfs ([`crate::personalize`]);
-//! 4. both are copied (reflink where possible, sparse otherwise, see [`crate::storage`]) into a
+//!    personalized with debugfs ([`crate::daemon::personalize`]);
+//! 4. both are copied (reflink where possible, sparse otherwise, see [`crate::daemon::storage`]) into a
 //!    private staging directory inside `images/`, read-only (0400), and hashed (SHA-256) as
 //!    stored;
 //! 5. the row is inserted into the store (the unique name is the guard against two imports of
@@ -28,10 +28,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::daemon::storage::{self, StorageError, StorageStrategy};
+use crate::daemon::store::{ImageRecord, Store, StoreError, unix_now};
 use crate::ids::validate_name;
 use crate::paths::Paths;
-use crate::storage::{self, StorageError, StorageStrategy};
-use crate::store::{ImageRecord, Store, StoreError, unix_now};
 
 /// The kernel's file name inside an image's directory.
 pub const KERNEL_FILE: &str = "vmlinux";
@@ -203,7 +203,7 @@ fn check_rootfs(path: &Path) -> Result<(), ImageError> {
     if !fs::metadata(path).map_err(read)?.is_file() {
         return Err(ImageError::Rootfs { path: path.to_owned(), problem: "is not a regular file".into() });
     }
-    if !crate::personalize::is_ext_filesystem(path).map_err(read)? {
+    if !crate::daemon::personalize::is_ext_filesystem(path).map_err(read)? {
         return Err(ImageError::Rootfs {
             path: path.to_owned(),
             problem: "is not an ext2/3/4 filesystem image: banger writes each VM's hostname and keys into it with debugfs (build it with mkfs.ext4)".into(),
@@ -424,7 +424,7 @@ mod tests {
         fs::create_dir_all(tree.join("etc")).unwrap();
         fs::write(tree.join("etc/hostname"), "image\n").unwrap();
         let rootfs = tmp.path().join("rootfs.ext4");
-        let out = Command::new(crate::personalize::find_tool("mkfs.ext4").unwrap())
+        let out = Command::new(crate::daemon::personalize::find_tool("mkfs.ext4").unwrap())
             .args(["-q", "-F", "-d"])
             .arg(&tree)
             .arg(&rootfs)

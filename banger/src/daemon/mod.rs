@@ -14,6 +14,20 @@
 //! NAT and TAP removed through the helper, handles forgotten) and records `failed` with the
 //! reason.
 
+pub mod api;
+pub mod firecracker;
+pub mod handles;
+pub mod helper_client;
+pub mod images;
+pub mod liveness;
+pub mod logs;
+pub mod personalize;
+pub mod reconcile;
+pub mod startup;
+pub mod storage;
+pub mod store;
+pub mod vmm;
+
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -24,15 +38,15 @@ use banger_protocol::InstallId;
 
 use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
 use crate::config::Config;
-use crate::firecracker::{self, FirecrackerClient};
-use crate::handles::HandleCache;
-use crate::helper_client::HelperApi;
+use crate::daemon::firecracker::FirecrackerClient;
+use crate::daemon::handles::HandleCache;
+use crate::daemon::helper_client::HelperApi;
+use crate::daemon::liveness::{PidState, ProcessTable, rediscover_handles, vm_alive};
+use crate::daemon::store::{Store, StoreError, unix_now};
 use crate::ids::{new_vm_id, validate_name};
-use crate::liveness::{PidState, ProcessTable, rediscover_handles, vm_alive};
 use crate::model::{VmHandles, VmRuntime, VmState};
 use crate::paths::Paths;
-use crate::store::{Store, StoreError, unix_now};
-use crate::{images, logfile, personalize, ssh, storage, vmm};
+use crate::ssh;
 
 /// How long a guest gets to shut down after Ctrl-Alt-Del before its VMM is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -157,11 +171,17 @@ impl Daemon {
         }
     }
 
-    /// Reconciles every VM with the system (see [`crate::reconcile`]).
+    /// Reconciles every VM with the system (see [`crate::daemon::reconcile`]).
     pub async fn reconcile(
         &self,
-    ) -> Result<crate::reconcile::ReconcileReport, crate::reconcile::ReconcileError> {
-        crate::reconcile::reconcile(&self.store, &self.cache, self.helper.as_ref(), self.procs.as_ref()).await
+    ) -> Result<crate::daemon::reconcile::ReconcileReport, crate::daemon::reconcile::ReconcileError> {
+        crate::daemon::reconcile::reconcile(
+            &self.store,
+            &self.cache,
+            self.helper.as_ref(),
+            self.procs.as_ref(),
+        )
+        .await
     }
 
     /// The install id.
@@ -310,7 +330,7 @@ impl Daemon {
         Ok(self.view(&vm))
     }
 
-    fn image(&self, name: &str) -> Result<crate::store::ImageRecord, DaemonError> {
+    fn image(&self, name: &str) -> Result<crate::daemon::store::ImageRecord, DaemonError> {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         images::get(&store, name).map_err(image_err)
     }
@@ -358,10 +378,10 @@ impl Daemon {
     async fn boot(
         &self,
         vm: &mut VmRuntime,
-        image: &crate::store::ImageRecord,
+        image: &crate::daemon::store::ImageRecord,
         vmm_bin: &Path,
     ) -> Result<(), DaemonError> {
-        let helper_err = |e: crate::helper_client::HelperClientError| helper_error(&e);
+        let helper_err = |e: crate::daemon::helper_client::HelperClientError| helper_error(&e);
         let tap = self.helper.tap_create(&vm.id).await.map_err(helper_err)?;
         let mut handles = VmHandles { tap: Some(tap.name.clone()), ..VmHandles::default() };
         self.cache.record(&vm.id, &vm.vm_dir, handles.clone()).map_err(|e| failed(with_sources(&e)))?;
@@ -401,7 +421,7 @@ impl Daemon {
             id: vm.id.as_str(),
             api_socket: &vm.api_socket,
             serial_log: &vm.log_path,
-            serial_cap: logfile::SERIAL_LOG_CAP,
+            serial_cap: logs::SERIAL_LOG_CAP,
         })
         .await
         .map_err(|e| failed(with_sources(&e)))?;
@@ -577,7 +597,7 @@ impl Daemon {
     /// `GET /v1/vms/{name}/logs`.
     pub async fn logs(&self, name: &str, bytes: u64) -> Result<String, DaemonError> {
         let vm = self.find(name)?;
-        logfile::tail(&vm.log_path, bytes)
+        logs::tail(&vm.log_path, bytes)
             .map_err(|e| failed(format!("cannot read {}: {e}", vm.log_path.display())))
     }
 
@@ -632,7 +652,7 @@ impl Daemon {
     }
 }
 
-fn image_view(i: crate::store::ImageRecord) -> ImageView {
+fn image_view(i: crate::daemon::store::ImageRecord) -> ImageView {
     ImageView {
         name: i.name,
         kernel_sha256: i.kernel_sha256,
@@ -652,7 +672,7 @@ fn image_err(e: images::ImageError) -> DaemonError {
     }
 }
 
-fn helper_error(e: &crate::helper_client::HelperClientError) -> DaemonError {
+fn helper_error(e: &crate::daemon::helper_client::HelperClientError) -> DaemonError {
     let text = with_sources(e);
     if e.is_unreachable() { DaemonError::Unavailable(text) } else { DaemonError::Failed(text) }
 }
@@ -680,9 +700,9 @@ mod tests {
     use banger_protocol::Request;
 
     use super::*;
-    use crate::helper_client::fake::FakeHelper;
-    use crate::liveness::fake::FakeProcesses;
-    use crate::store::ImageRecord;
+    use crate::daemon::helper_client::fake::FakeHelper;
+    use crate::daemon::liveness::fake::FakeProcesses;
+    use crate::daemon::store::ImageRecord;
 
     struct Env {
         _dir: tempfile::TempDir,
@@ -787,7 +807,7 @@ mod tests {
         assert!(matches!(calls.last(), Some(Request::TeardownVms { .. })), "{calls:?}");
         let owned = e.helper.owned();
         assert!(owned.taps.is_empty() && owned.nat.is_empty(), "{owned:?}");
-        assert!(!crate::handles::scratch_path(&vm.vm_dir).exists());
+        assert!(!crate::daemon::handles::scratch_path(&vm.vm_dir).exists());
         // The root was made once and keeps the hostname written into it.
         assert_eq!(vm.storage.as_deref().map(|s| s == "reflink" || s == "sparse-copy"), Some(true));
     }
