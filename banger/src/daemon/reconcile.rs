@@ -639,7 +639,9 @@ mod tests {
             (d.from, d.to, &d.teardown, d.killed),
             (VmState::Running, VmState::Stopped, &Teardown::Done, None)
         );
-        assert!(d.held.contains(&"pid 200".to_owned()) && d.held.iter().any(|h| h.starts_with("tap bg")));
+        assert!(
+            d.held.contains(&"pid 200".to_owned()) && d.held.iter().any(|h| h.starts_with("tap faketap"))
+        );
         assert_eq!(w.teardown_calls(), [vec![vm.id.clone()]]);
         assert_eq!(w.objects_of(&vm.id), 0);
         assert_eq!(w.state(&vm), (VmState::Stopped, Some(REASON_EXITED.to_owned())));

@@ -1,0 +1,247 @@
+//! An in-memory [`HelperApi`] that records every request, keeps the objects a helper would,
+//! and fails on demand. Its TAP names are its own (`faketapN`), not the helper's.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Mutex, MutexGuard};
+
+use banger_protocol::{LeaseInfo, TeardownFailure};
+
+use super::*;
+
+/// The socket path fake errors name.
+pub const FAKE_SOCKET: &str = "/run/banger/fake-helper.sock";
+
+#[derive(Debug, Default)]
+struct State {
+    taps: Vec<TapInfo>,
+    nat: Vec<NatInfo>,
+    loops: Vec<LoopInfo>,
+    calls: Vec<Request>,
+    unreachable: bool,
+    failures: HashMap<&'static str, HelperError>,
+    teardown_failures: HashMap<VmId, HelperError>,
+    next_subnet: u32,
+    next_loop: u32,
+}
+
+/// A helper held in memory. Objects are tagged with the fake's install id (objects of
+/// other installs can be added with the `insert_*` methods); `list_owned` returns all of
+/// them, `teardown_vms` removes only this install's, like the real helper.
+#[derive(Debug)]
+pub struct FakeHelper {
+    install: InstallId,
+    /// Guards the fake's objects, its record of requests and its configured failures.
+    state: Mutex<State>,
+}
+
+/// The lease every fake hands out.
+pub const FAKE_LEASE: LeaseInfo = LeaseInfo { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 16 };
+
+impl FakeHelper {
+    /// A fake acting for `install`.
+    pub fn new(install: InstallId) -> Self {
+        Self { install, state: Mutex::new(State::default()) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every request that reached the fake, in order (`LoopAttach` without its fd).
+    pub fn calls(&self) -> Vec<Request> {
+        self.state().calls.clone()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_calls(&self) {
+        self.state().calls.clear();
+    }
+
+    /// Makes every request fail with [`HelperClientError::Unreachable`] (not recorded).
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.state().unreachable = unreachable;
+    }
+
+    /// Makes every request of operation `op` (a [`Request::op_name`]) fail with `error`.
+    pub fn fail(&self, op: &'static str, error: HelperError) {
+        self.state().failures.insert(op, error);
+    }
+
+    /// Undoes every [`FakeHelper::fail`] and [`FakeHelper::fail_teardown_of`].
+    pub fn clear_failures(&self) {
+        let mut s = self.state();
+        s.failures.clear();
+        s.teardown_failures.clear();
+    }
+
+    /// Makes teardowns report `error` for `vm` and leave its objects in place.
+    pub fn fail_teardown_of(&self, vm: &VmId, error: HelperError) {
+        self.state().teardown_failures.insert(vm.clone(), error);
+    }
+
+    /// Adds a TAP (of any install), as if made earlier.
+    pub fn insert_tap(&self, tap: TapInfo) {
+        self.state().taps.push(tap);
+    }
+
+    /// Adds NAT (of any install), as if made earlier.
+    pub fn insert_nat(&self, nat: NatInfo) {
+        self.state().nat.push(nat);
+    }
+
+    /// Adds a loop device (of any install), as if made earlier.
+    pub fn insert_loop(&self, l: LoopInfo) {
+        self.state().loops.push(l);
+    }
+
+    /// Everything the fake holds now.
+    pub fn owned(&self) -> OwnedObjects {
+        let s = self.state();
+        OwnedObjects {
+            lease: Some(FAKE_LEASE),
+            taps: s.taps.clone(),
+            nat: s.nat.clone(),
+            loops: s.loops.clone(),
+        }
+    }
+
+    /// A TAP the fake would make for `vm` of `install` as the `index`-th VM: named `faketapN`
+    /// (not the way the helper derives names), in the `index`-th /30 of the fake lease.
+    pub fn tap_for(install: &InstallId, vm: &VmId, index: u32) -> TapInfo {
+        let base = u32::from(FAKE_LEASE.network) + index * 4;
+        let guest = Ipv4Addr::from(base + 2);
+        let [_, _, g3, g4] = guest.octets();
+        TapInfo {
+            install: install.clone(),
+            vm: vm.clone(),
+            name: format!("faketap{index}"),
+            host_ip: Ipv4Addr::from(base + 1),
+            guest_ip: guest,
+            prefix_len: 30,
+            guest_mac: format!("06:00:ac:1e:{g3:02x}:{g4:02x}"),
+        }
+    }
+
+    /// Records `req` and applies the configured failure, if any.
+    fn enter(&self, req: Request) -> Result<MutexGuard<'_, State>, HelperClientError> {
+        let mut s = self.state();
+        if s.unreachable {
+            return Err(HelperClientError::Unreachable {
+                socket: FAKE_SOCKET.into(),
+                source: io::Error::from(io::ErrorKind::ConnectionRefused),
+            });
+        }
+        let op = req.op_name();
+        s.calls.push(req);
+        if let Some(e) = s.failures.get(op) {
+            return Err(HelperClientError::Helper(e.clone()));
+        }
+        Ok(s)
+    }
+
+    fn mine(&self, install: &InstallId, vm: &VmId, other_vm: &VmId) -> bool {
+        install == &self.install && vm == other_vm
+    }
+}
+
+impl HelperApi for FakeHelper {
+    fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>> {
+        let r = self.enter(Request::Ping).map(drop);
+        async move { r }.boxed()
+    }
+
+    fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
+        let r = self.enter(Request::TapCreate { vm: vm.clone() }).map(|mut s| {
+            if let Some(t) = s.taps.iter().find(|t| self.mine(&t.install, &t.vm, vm)) {
+                return t.clone();
+            }
+            let tap = Self::tap_for(&self.install, vm, s.next_subnet);
+            s.next_subnet += 1;
+            s.taps.push(tap.clone());
+            tap
+        });
+        async move { r }.boxed()
+    }
+
+    fn nat_up(&self, vm: &VmId) -> BoxFuture<'_, Result<NatInfo, HelperClientError>> {
+        let r = self.enter(Request::NatUp { vm: vm.clone() }).and_then(|mut s| {
+            if let Some(n) = s.nat.iter().find(|n| self.mine(&n.install, &n.vm, vm)) {
+                return Ok(n.clone());
+            }
+            let Some(tap) = s.taps.iter().find(|t| self.mine(&t.install, &t.vm, vm)) else {
+                return Err(HelperClientError::Helper(HelperError::NotFound {
+                    what: format!("tap of vm {vm}: create it before its nat"),
+                }));
+            };
+            let nat = NatInfo {
+                install: self.install.clone(),
+                vm: vm.clone(),
+                guest_ip: tap.guest_ip,
+                uplink: "eth0".into(),
+            };
+            s.nat.push(nat.clone());
+            Ok(nat)
+        });
+        async move { r }.boxed()
+    }
+
+    fn loop_attach(
+        &self,
+        vm: &VmId,
+        role: LoopRole,
+        read_only: bool,
+        file: OwnedFd,
+    ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
+        let r = self.enter(Request::LoopAttach { vm: vm.clone(), role, read_only }).and_then(|mut s| {
+            // Like the helper: a regular file, read-write only when asked and the fd allows it.
+            let st = nix::sys::stat::fstat(&file)
+                .map_err(|e| HelperClientError::Helper(HelperError::kernel("fstat", e)))?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return Err(HelperClientError::Helper(HelperError::invalid(
+                    "the backing file must be a regular file",
+                )));
+            }
+            let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+                .map_err(|e| HelperClientError::Helper(HelperError::kernel("fcntl", e)))?;
+            let writable = flags & libc::O_ACCMODE == libc::O_RDWR;
+            let read_only = read_only || !writable;
+            if let Some(l) = s.loops.iter().find(|l| self.mine(&l.install, &l.vm, vm) && l.role == role) {
+                return Ok(l.clone());
+            }
+            let device = format!("/dev/loop{}", s.next_loop);
+            s.next_loop += 1;
+            let info = LoopInfo { install: self.install.clone(), vm: vm.clone(), role, device, read_only };
+            s.loops.push(info.clone());
+            Ok(info)
+        });
+        async move { r }.boxed()
+    }
+
+    fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>> {
+        let r = self.enter(Request::ListOwned).map(drop).map(|()| self.owned());
+        async move { r }.boxed()
+    }
+
+    fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
+        let r = self.enter(Request::TeardownVms { vms: vms.to_vec() }).map(|mut s| {
+            let mut report = TeardownReport::default();
+            for vm in vms {
+                if let Some(e) = s.teardown_failures.get(vm).cloned() {
+                    report.failures.push(TeardownFailure {
+                        vm: vm.clone(),
+                        object: format!("tap of vm {vm}"),
+                        error: e,
+                    });
+                    continue;
+                }
+                s.taps.retain(|t| !self.mine(&t.install, &t.vm, vm));
+                s.nat.retain(|n| !self.mine(&n.install, &n.vm, vm));
+                s.loops.retain(|l| !self.mine(&l.install, &l.vm, vm));
+                report.torn_down.push(vm.clone());
+            }
+            report
+        });
+        async move { r }.boxed()
+    }
+}

@@ -1,0 +1,129 @@
+//! An in-memory [`ProcessTable`] for tests of code built on liveness.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::*;
+
+/// One fake process.
+#[derive(Debug, Clone)]
+pub struct FakeProcess {
+    /// Its state.
+    pub state: PidState,
+    /// Its command line.
+    pub cmdline: Vec<OsString>,
+    /// Paths of unix sockets it listens at.
+    pub listening: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    procs: BTreeMap<i32, FakeProcess>,
+    kills: Vec<i32>,
+    broken: bool,
+    survive_kill: bool,
+}
+
+/// A process table held in memory. Killing a process makes it [`PidState::Gone`] (or leaves
+/// it running, see [`FakeProcesses::survive_kills`]); every kill is recorded.
+#[derive(Debug, Default)]
+pub struct FakeProcesses {
+    /// Guards the fake processes and the record of kills.
+    inner: Mutex<Inner>,
+}
+
+impl FakeProcesses {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a running VMM with PID `pid` listening at `socket`.
+    pub fn add_vmm(&self, pid: i32, socket: &Path) {
+        self.add(
+            pid,
+            FakeProcess {
+                state: PidState::Live('S'),
+                cmdline: vec!["firecracker".into(), "--api-sock".into(), socket.as_os_str().to_owned()],
+                listening: vec![socket.to_owned()],
+            },
+        );
+    }
+
+    /// Adds (or replaces) a process.
+    pub fn add(&self, pid: i32, process: FakeProcess) {
+        self.inner().procs.insert(pid, process);
+    }
+
+    /// Turns `pid` into a zombie (it keeps no sockets, as in the kernel).
+    pub fn make_zombie(&self, pid: i32) {
+        if let Some(p) = self.inner().procs.get_mut(&pid) {
+            p.state = PidState::Zombie;
+            p.cmdline.clear();
+            p.listening.clear();
+        }
+    }
+
+    /// Makes every call fail as if `/proc` were unreadable.
+    pub fn set_broken(&self, broken: bool) {
+        self.inner().broken = broken;
+    }
+
+    /// Makes killed processes keep running (a VMM stuck in the kernel).
+    pub fn survive_kills(&self, survive: bool) {
+        self.inner().survive_kill = survive;
+    }
+
+    /// The PIDs signalled so far, in order.
+    pub fn kills(&self) -> Vec<i32> {
+        self.inner().kills.clone()
+    }
+
+    fn check(&self) -> Result<std::sync::MutexGuard<'_, Inner>, LivenessError> {
+        let inner = self.inner();
+        if inner.broken {
+            return Err(LivenessError::Proc {
+                path: PathBuf::from("/proc/net/unix"),
+                source: io::Error::from_raw_os_error(libc::EACCES),
+            });
+        }
+        Ok(inner)
+    }
+}
+
+impl ProcessTable for FakeProcesses {
+    fn pid_state(&self, pid: i32) -> Result<PidState, LivenessError> {
+        Ok(self.check()?.procs.get(&pid).map_or(PidState::Gone, |p| p.state))
+    }
+
+    fn cmdline(&self, pid: i32) -> Result<Option<Vec<OsString>>, LivenessError> {
+        Ok(self.check()?.procs.get(&pid).map(|p| p.cmdline.clone()))
+    }
+
+    fn listening_pids(&self, socket: &Path) -> Result<Vec<i32>, LivenessError> {
+        Ok(self
+            .check()?
+            .procs
+            .iter()
+            .filter(|(_, p)| p.listening.iter().any(|l| l == socket))
+            .map(|(&pid, _)| pid)
+            .collect())
+    }
+
+    fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
+        let mut inner = self.check()?;
+        let serving = inner.procs.get(&pid).is_some_and(|p| p.listening.iter().any(|l| l == socket));
+        if !serving {
+            return Ok(false);
+        }
+        inner.kills.push(pid);
+        if !inner.survive_kill {
+            inner.procs.remove(&pid);
+        }
+        Ok(true)
+    }
+}
