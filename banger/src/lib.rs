@@ -9,13 +9,16 @@
 //!   ([`daemon::helper_client`]) and talks to each VMM through its API socket
 //!   ([`daemon::firecracker`]).
 //! - Shared by both: the API's bodies ([`api_types`]), settings ([`config`]), where an install
-//!   keeps its files ([`paths`]), VM names and ids ([`ids`]), what a VM is ([`model`]) and SSH
-//!   ([`ssh`]).
+//!   keeps its files ([`paths`]), VM names and ids ([`ids`]), what a VM is ([`model`]), SSH
+//!   ([`ssh`]), replacing files atomically ([`atomic_file`]) and starting processes in their
+//!   own session ([`detach`]).
 
 pub mod api_types;
+pub mod atomic_file;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod detach;
 pub mod ids;
 pub mod model;
 pub mod paths;

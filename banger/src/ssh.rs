@@ -19,7 +19,7 @@
 //!   deadline passes; the error says what the last attempt saw.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -193,18 +193,9 @@ pub fn ensure_user_key(private_key: &Path) -> Result<KeyPair, SshError> {
     Ok(KeyPair { private_key: private_key.to_owned(), public_key })
 }
 
-/// Writes `contents` to `path` through a temporary file in the same directory (mode `mode`),
-/// synced and renamed over `path`.
+/// Replaces `path` with `contents` (see [`crate::atomic_file`]).
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), SshError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".banger-")
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(io_err("write", path))?;
-    tmp.write_all(contents).and_then(|_| tmp.as_file().sync_all()).map_err(io_err("write", path))?;
-    tmp.persist(path).map_err(|e| io_err("write", path)(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
+    crate::atomic_file::write(path, contents, mode).map_err(io_err("write", path))
 }
 
 /// Holds the exclusive lock on `<known_hosts>.lock` while a pin is changed.

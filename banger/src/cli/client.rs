@@ -161,16 +161,12 @@ pub async fn connect_or_start(
     }
     let failed = |reason: String| ClientError::StartFailed { reason, log: daemon_log.to_owned() };
     let bin = bangerd_binary();
-    let mut cmd = tokio::process::Command::new(&bin);
+    let mut cmd = crate::detach::detached_command(&bin);
     // Anything bangerd prints before its own logging starts lands in its log.
     let early_log = std::fs::OpenOptions::new().create(true).append(true).open(daemon_log);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.stdout(Stdio::null());
     cmd.stderr(early_log.map(Stdio::from).unwrap_or_else(|_| Stdio::null()));
     cmd.envs(env.iter().map(|(k, v)| (*k, v)));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
-    }
     let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run {}: {e}", bin.display())))?;
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;
     loop {

@@ -16,11 +16,9 @@
 //! error naming the path, never a panic.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use banger_protocol::VmId;
@@ -79,12 +77,9 @@ pub fn scratch_path(vm_dir: &Path) -> PathBuf {
     vm_dir.join(SCRATCH_FILE)
 }
 
-/// Distinguishes temporary files of concurrent writers within one process.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `handles` to `<vm_dir>/handles.json` atomically and durably: readers see the old file
-/// or the new one, never a mix, and after a crash the new one if this returned `Ok`. The
-/// written version is always [`HANDLES_VERSION`].
+/// Writes `handles` to `<vm_dir>/handles.json` atomically and durably (see
+/// [`crate::atomic_file`]): readers see the old file or the new one, never a mix, and after a
+/// crash the new one if this returned `Ok`. The written version is always [`HANDLES_VERSION`].
 pub fn write_scratch(vm_dir: &Path, handles: &VmHandles) -> Result<(), HandlesError> {
     let path = scratch_path(vm_dir);
     let mut doc = handles.clone();
@@ -92,22 +87,7 @@ pub fn write_scratch(vm_dir: &Path, handles: &VmHandles) -> Result<(), HandlesEr
     let mut bytes = serde_json::to_vec_pretty(&doc)
         .map_err(|e| HandlesError::Write { path: path.clone(), source: io::Error::other(e) })?;
     bytes.push(b'\n');
-    let tmp = vm_dir.join(format!(
-        ".{SCRATCH_FILE}.{}.{}.tmp",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = |tmp: &Path| -> io::Result<()> {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        fs::rename(tmp, &path)?;
-        File::open(vm_dir)?.sync_all()
-    };
-    write(&tmp).map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        HandlesError::Write { path: path.clone(), source }
-    })
+    crate::atomic_file::write(&path, &bytes, 0o600).map_err(|source| HandlesError::Write { path, source })
 }
 
 /// Reads `<vm_dir>/handles.json`: `Ok(None)` when there is none.

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use banger_protocol::InstallId;
 
@@ -41,7 +41,7 @@ use crate::config::Config;
 use crate::daemon::firecracker::FirecrackerClient;
 use crate::daemon::handles::HandleCache;
 use crate::daemon::helper_client::HelperApi;
-use crate::daemon::liveness::{PidState, ProcessTable, rediscover_handles, vm_alive};
+use crate::daemon::liveness::{ProcessTable, kill_and_wait, rediscover_handles, vm_alive, wait_gone};
 use crate::daemon::store::{Store, StoreError, unix_now};
 use crate::ids::{new_vm_id, validate_name};
 use crate::model::{VmHandles, VmRuntime, VmState};
@@ -50,6 +50,9 @@ use crate::ssh;
 
 /// How long a guest gets to shut down after Ctrl-Alt-Del before its VMM is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a killed VMM gets to exit before its devices are torn down anyway.
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Why a daemon operation failed; each maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -482,9 +485,10 @@ impl Daemon {
     /// Removes everything a VM holds: kills its VMM if it still serves the VM's socket, then
     /// NAT, TAP and loops through the helper, then its handles and sockets. Idempotent.
     async fn teardown(&self, vm: &VmRuntime, handles: &VmHandles) -> Result<(), DaemonError> {
-        if let Some(pid) = handles.pid {
-            let _ = self.procs.kill_vmm(pid, &vm.api_socket);
-            self.wait_gone(pid, Duration::from_secs(5)).await;
+        if let Some(pid) = handles.pid
+            && let Err(e) = kill_and_wait(self.procs.as_ref(), pid, &vm.api_socket, KILL_WAIT).await
+        {
+            tracing::warn!(vm = %vm.name, pid, error = %e, "cannot kill the vmm; tearing its devices down anyway");
         }
         for sock in [&vm.api_socket, &vm.vsock_path] {
             let _ = vmm::remove_stale_socket(sock);
@@ -501,17 +505,6 @@ impl Daemon {
         }
         self.cache.forget(&vm.id, &vm.vm_dir).map_err(|e| failed(with_sources(&e)))?;
         Ok(())
-    }
-
-    async fn wait_gone(&self, pid: i32, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            match self.procs.pid_state(pid) {
-                Ok(PidState::Gone | PidState::Zombie) | Err(_) => return true,
-                Ok(PidState::Live(_)) if Instant::now() >= deadline => return false,
-                Ok(PidState::Live(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
     }
 
     /// `POST /v1/vms/{name}/stop`.
@@ -533,11 +526,15 @@ impl Daemon {
         if was_alive && let Some(pid) = handles.pid {
             let fc = FirecrackerClient::new(&vm.api_socket);
             match fc.send_ctrl_alt_del().await {
-                Ok(()) => {
-                    if !self.wait_gone(pid, STOP_GRACE).await {
-                        tracing::warn!(vm = %vm.name, "guest did not shut down in time; killing the vmm");
+                Ok(()) => match wait_gone(self.procs.as_ref(), pid, STOP_GRACE).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(vm = %vm.name, "guest did not shut down in time; killing the vmm")
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "cannot watch the vmm exit; killing it")
+                    }
+                },
                 Err(e) => tracing::warn!(vm = %vm.name, error = %e, "ctrl-alt-del failed; killing the vmm"),
             }
         }

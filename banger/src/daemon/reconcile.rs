@@ -45,7 +45,7 @@ use banger_protocol::{OwnedObjects, TeardownFailure, VmId};
 
 use crate::daemon::handles::{self, HandleCache};
 use crate::daemon::helper_client::{HelperApi, HelperClientError};
-use crate::daemon::liveness::{PidState, ProcessTable, rediscover_handles};
+use crate::daemon::liveness::{ProcessTable, kill_and_wait, rediscover_handles};
 use crate::daemon::store::{Store, StoreError};
 use crate::model::{VmHandles, VmRuntime, VmState};
 
@@ -279,9 +279,15 @@ impl<'a> Reconciler<'a> {
         if r.alive {
             // An interrupted start or stop whose VMM still runs: settle it by killing the VMM.
             let pid = handles.pid.expect("alive implies a pid");
-            match self.kill_and_wait(pid, &vm).await {
-                Ok(()) => killed = Some(pid),
-                Err(why) => {
+            match kill_and_wait(self.procs, pid, &vm.api_socket, self.kill_wait).await {
+                Ok(signalled) => {
+                    if signalled {
+                        tracing::info!(vm = %vm.id, pid, "killed the vmm of an interrupted {}", vm.state);
+                        killed = Some(pid);
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
                     tracing::warn!(vm = %vm.id, pid, %why, "cannot settle the interrupted {}", vm.state);
                     self.cache.set(vm.id.clone(), handles);
                     claimed.insert(vm.id.clone());
@@ -297,29 +303,6 @@ impl<'a> Reconciler<'a> {
             _ => (VmState::Stopped, Some(REASON_EXITED)),
         };
         Some(Dead { held: describe(&handles), vm, to, reason, killed })
-    }
-
-    /// Kills the VMM `pid` of `vm` and waits for it to exit (or become a zombie).
-    async fn kill_and_wait(&self, pid: i32, vm: &VmRuntime) -> Result<(), String> {
-        match self.procs.kill_vmm(pid, &vm.api_socket) {
-            Ok(true) => tracing::info!(vm = %vm.id, pid, "killed the vmm of an interrupted {}", vm.state),
-            // It stopped serving between the check and the kill: it is on its way out.
-            Ok(false) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        let deadline = tokio::time::Instant::now() + self.kill_wait;
-        loop {
-            match self.procs.pid_state(pid) {
-                Ok(PidState::Gone | PidState::Zombie) => return Ok(()),
-                Ok(PidState::Live(_)) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Ok(PidState::Live(_)) => {
-                    return Err(format!("vmm pid {pid} did not exit within {:?} of SIGKILL", self.kill_wait));
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
     }
 
     /// Step 4: tears down the dead VMs' objects and demotes them.
@@ -485,6 +468,7 @@ mod tests {
 
     use super::*;
     use crate::daemon::helper_client::fake::FakeHelper;
+    use crate::daemon::liveness::PidState;
     use crate::daemon::liveness::fake::{FakeProcess, FakeProcesses};
     use crate::daemon::store::ImageRecord;
 

@@ -15,9 +15,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use crate::daemon::logs;
+use crate::detach::detached_command;
 
 /// How long a VMM may take to open its API socket.
 pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,16 +100,6 @@ pub struct SpawnSpec<'a> {
     pub serial_cap: u64,
 }
 
-fn setsid_command(path: &Path) -> Command {
-    let mut cmd = Command::new(path);
-    cmd.stdin(Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
-    }
-    cmd
-}
-
 /// Hints for errors a VMM prints when the user cannot open a device it needs.
 pub fn device_hint(log: &str) -> String {
     let lower = log.to_lowercase();
@@ -138,7 +129,7 @@ pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
         return Err(VmmError::BinaryMissing { path: spec.vmm.to_owned() });
     }
     remove_stale_socket(spec.api_socket)?;
-    let mut relay = setsid_command(spec.relay);
+    let mut relay = detached_command(spec.relay);
     relay
         .arg("serial-relay")
         .arg(spec.serial_log)
@@ -162,7 +153,7 @@ pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
         path: spec.relay.into(),
         source,
     })?;
-    let mut vmm = setsid_command(spec.vmm);
+    let mut vmm = detached_command(spec.vmm);
     vmm.arg("--api-sock").arg(spec.api_socket).arg("--id").arg(spec.id).stdout(pipe).stderr(pipe2);
     let child =
         vmm.spawn().map_err(|source| VmmError::Spawn { what: "vmm", path: spec.vmm.into(), source })?;

@@ -27,6 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::daemon::handles::{self, HandlesError};
 use crate::model::{VmHandles, VmRuntime};
@@ -54,6 +55,14 @@ pub enum LivenessError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// A killed VMM did not exit in time (stuck in the kernel, e.g. on a device).
+    #[error("vmm pid {pid} did not exit within {waited:?} of SIGKILL")]
+    Survived {
+        /// The process.
+        pid: i32,
+        /// How long it was waited for.
+        waited: Duration,
     },
 }
 
@@ -113,6 +122,42 @@ pub fn vm_alive(vm: &VmRuntime, handles: &VmHandles, procs: &dyn ProcessTable) -
         tracing::warn!(vm = %vm.id, error = %e, "cannot tell whether the vmm is alive; treating it as not");
         false
     })
+}
+
+/// How often [`wait_gone`] looks at the process again.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+/// Waits until `pid` has exited (gone, or a zombie waiting to be reaped), for at most `limit`.
+/// Returns whether it did.
+pub async fn wait_gone(procs: &dyn ProcessTable, pid: i32, limit: Duration) -> Result<bool, LivenessError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match procs.pid_state(pid)? {
+            PidState::Gone | PidState::Zombie => return Ok(true),
+            PidState::Live(_) if tokio::time::Instant::now() >= deadline => return Ok(false),
+            PidState::Live(_) => tokio::time::sleep(WAIT_POLL).await,
+        }
+    }
+}
+
+/// Kills the VMM `pid` if, and only if, it still serves `socket` ([`ProcessTable::kill_vmm`]),
+/// then waits at most `limit` for it to exit. Returns whether a signal was sent: `false` means
+/// no process of this VM was there to kill (gone, or the PID now belongs to another process),
+/// and nothing is waited for. A VMM still running after `limit` is [`LivenessError::Survived`].
+pub async fn kill_and_wait(
+    procs: &dyn ProcessTable,
+    pid: i32,
+    socket: &Path,
+    limit: Duration,
+) -> Result<bool, LivenessError> {
+    if !procs.kill_vmm(pid, socket)? {
+        return Ok(false);
+    }
+    if wait_gone(procs, pid, limit).await? {
+        Ok(true)
+    } else {
+        Err(LivenessError::Survived { pid, waited: limit })
+    }
 }
 
 /// Where rediscovered handles came from.
@@ -748,6 +793,25 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL));
         assert!(!procs.kill_vmm(holder.pid(), &sock).unwrap(), "a reaped process is not signalled again");
         bystander.0.kill().unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_and_wait_kills_only_the_vmm_and_reports_one_that_survives() {
+        let procs = FakeProcesses::new();
+        let sock = Path::new("/run/fc.sock");
+        procs.add_vmm(9, sock);
+        let limit = Duration::from_millis(100);
+        assert!(!kill_and_wait(&procs, 9, Path::new("/run/other.sock"), limit).await.unwrap());
+        assert!(!kill_and_wait(&procs, 10, sock, limit).await.unwrap(), "nothing to kill");
+        assert!(kill_and_wait(&procs, 9, sock, limit).await.unwrap());
+        assert_eq!(procs.pid_state(9).unwrap(), PidState::Gone);
+
+        procs.add_vmm(11, sock);
+        procs.survive_kills(true);
+        let err = kill_and_wait(&procs, 11, sock, limit).await.unwrap_err();
+        assert!(matches!(err, LivenessError::Survived { pid: 11, .. }), "{err:?}");
+        assert!(err.to_string().contains("did not exit"), "{err}");
+        assert_eq!(procs.kills(), [9, 11]);
     }
 
     #[test]
