@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use crate::api_types::ErrorBody;
-use crate::daemon::{Daemon, DaemonError};
+use crate::daemon::{Daemon, DaemonError, chain};
 
 /// The largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -68,17 +68,14 @@ fn error(status: u16, message: String) -> Response<Full<Bytes>> {
 fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Full<Bytes>> {
     match r {
         Ok(v) => json(status, &v),
-        Err(e) => error(e.status(), e.to_string()),
+        Err(e) => error(e.status(), chain(&e)),
     }
 }
 
 async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, DaemonError> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| DaemonError::Invalid(format!("cannot read request body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| DaemonError::Invalid(format!("invalid request body: {e}")))
+    let bytes =
+        Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(DaemonError::BodyRead)?.to_bytes();
+    serde_json::from_slice(&bytes).map_err(DaemonError::Body)
 }
 
 fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
@@ -121,7 +118,7 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
                     .header("content-type", "text/plain; charset=utf-8")
                     .body(Full::new(Bytes::from(text)))
                     .expect("static response parts are valid"),
-                Err(e) => error(e.status(), e.to_string()),
+                Err(e) => error(e.status(), chain(&e)),
             }
         }
         (&Method::GET, ["v1", "images"]) => answer(ok, daemon.images().await),
@@ -138,14 +135,15 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
     use crate::cli::client::{ClientError, DaemonClient};
     use crate::config::Config;
+    use crate::daemon::Deps;
+    use crate::daemon::guest_prep::fake::FakePrep;
     use crate::daemon::helper_client::fake::FakeHelper;
     use crate::daemon::liveness::fake::FakeProcesses;
     use crate::daemon::store::Store;
+    use crate::daemon::vmm::fake::FakeVmm;
     use crate::paths::Paths;
 
     async fn served() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>) {
@@ -154,14 +152,14 @@ mod tests {
         paths.ensure_dirs().unwrap();
         let store = Store::open_in_memory().unwrap();
         let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
-        let daemon = Arc::new(Daemon::new(
-            paths.clone(),
-            Config::default(),
-            store,
+        let procs = Arc::new(FakeProcesses::new());
+        let deps = Deps {
             helper,
-            Arc::new(FakeProcesses::new()),
-            PathBuf::from("/bin/true"),
-        ));
+            procs: procs.clone(),
+            vmm: Arc::new(FakeVmm::new(procs)),
+            prep: Arc::new(FakePrep::default()),
+        };
+        let daemon = Arc::new(Daemon::new(paths.clone(), Config::default(), store, deps));
         let sock = paths.daemon_socket();
         let listener = UnixListener::bind(&sock).unwrap();
         tokio::spawn(serve(listener, daemon.clone()));

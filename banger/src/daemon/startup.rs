@@ -18,11 +18,13 @@ use anyhow::{Context, bail};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::config::Config;
-use crate::daemon::Daemon;
+use crate::daemon::guest_prep::HostTools;
 use crate::daemon::helper_client::SocketHelper;
 use crate::daemon::liveness::ProcFs;
 use crate::daemon::logs::{DAEMON_LOG_CAP, RotatingFile};
 use crate::daemon::store::Store;
+use crate::daemon::vmm::DirectVmm;
+use crate::daemon::{Daemon, Deps};
 use crate::paths::Paths;
 
 /// Refuses uid 0 with the reason.
@@ -97,13 +99,18 @@ async fn serve(paths: Paths, config: Config) -> anyhow::Result<()> {
     );
     let helper = Arc::new(SocketHelper::new(config.helper_socket.clone(), install_id));
     let relay = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("bangerd"));
-    let daemon =
-        Arc::new(Daemon::new(paths.clone(), config, store, helper, Arc::new(ProcFs::default()), relay));
+    let deps = Deps {
+        helper,
+        procs: Arc::new(ProcFs::default()),
+        vmm: Arc::new(DirectVmm::new(relay)),
+        prep: Arc::new(HostTools::default()),
+    };
+    let daemon = Arc::new(Daemon::new(paths.clone(), config, store, deps));
 
     match daemon.reconcile().await {
         Ok(report) => tracing::info!(?report, "reconciled"),
         Err(e) => {
-            tracing::error!(error = %crate::daemon::with_sources(&e), "reconcile failed; serving anyway")
+            tracing::error!(error = %crate::daemon::chain(&e), "reconcile failed; serving anyway")
         }
     }
 

@@ -192,3 +192,21 @@ pub enum InstanceState {
     #[serde(other)]
     Unknown,
 }
+
+/// A VM's whole pre-boot configuration: what [`super::FirecrackerClient::configure`] sends, in
+/// this order (the objects of Firecracker's `--config-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// `PUT /metrics` (the file must exist: Firecracker appends to it).
+    pub metrics: Metrics,
+    /// `PUT /machine-config`.
+    pub machine: MachineConfig,
+    /// `PUT /boot-source`.
+    pub boot_source: BootSource,
+    /// `PUT /drives/{id}`, each.
+    pub drives: Vec<Drive>,
+    /// `PUT /network-interfaces/{id}`, each.
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// `PUT /vsock`.
+    pub vsock: Option<Vsock>,
+}

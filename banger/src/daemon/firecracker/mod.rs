@@ -118,7 +118,7 @@ pub mod api;
 use self::api::Action;
 pub use self::api::{
     ActionType, BootSource, CacheType, Drive, HugePages, InstanceInfo, InstanceState, IoEngine, LogLevel,
-    Logger, MachineConfig, Metrics, NetworkInterface, Vsock,
+    Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
 };
 
 /// Client for one VMM's API socket.
@@ -180,6 +180,23 @@ impl FirecrackerClient {
     /// `PUT /metrics`.
     pub async fn put_metrics(&self, metrics: &Metrics) -> Result<(), FirecrackerError> {
         self.put("/metrics".into(), metrics).await
+    }
+
+    /// Sends every part of `config` in its order (see [`VmConfig`]); stops at the first refusal.
+    pub async fn configure(&self, config: &VmConfig) -> Result<(), FirecrackerError> {
+        self.put_metrics(&config.metrics).await?;
+        self.put_machine_config(&config.machine).await?;
+        self.put_boot_source(&config.boot_source).await?;
+        for drive in &config.drives {
+            self.put_drive(drive).await?;
+        }
+        for iface in &config.network_interfaces {
+            self.put_network_interface(iface).await?;
+        }
+        if let Some(vsock) = &config.vsock {
+            self.put_vsock(vsock).await?;
+        }
+        Ok(())
     }
 
     /// `PUT /actions {"action_type": "InstanceStart"}`.
@@ -612,6 +629,49 @@ mod tests {
             .map(|s| (s.path.as_str(), s.body.is_none()))
             .collect();
         assert_eq!(gets, [("/", true), ("/", true)]);
+    }
+
+    #[tokio::test]
+    async fn configure_sends_every_part_in_order_and_stops_at_a_refusal() {
+        let vmm = fake_vmm();
+        let fc = vmm.client();
+        let config = VmConfig {
+            metrics: Metrics { metrics_path: "/state/vms/a/metrics".into() },
+            machine: MachineConfig {
+                vcpu_count: 1,
+                mem_size_mib: 128,
+                smt: None,
+                track_dirty_pages: None,
+                huge_pages: None,
+            },
+            boot_source: BootSource { kernel_image_path: "/k".into(), boot_args: None, initrd_path: None },
+            drives: vec![root_drive()],
+            network_interfaces: vec![NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap0".into(),
+                guest_mac: None,
+            }],
+            vsock: Some(Vsock { guest_cid: 3, uds_path: "/state/vms/a/vsock".into() }),
+        };
+        fc.configure(&config).await.unwrap();
+        let paths: Vec<String> = vmm.seen().into_iter().map(|s| s.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "/metrics",
+                "/machine-config",
+                "/boot-source",
+                "/drives/rootfs",
+                "/network-interfaces/eth0",
+                "/vsock"
+            ]
+        );
+
+        // After boot every pre-boot part is refused: the first refusal ends it.
+        fc.instance_start().await.unwrap();
+        let err = fc.configure(&config).await.unwrap_err();
+        assert!(matches!(&err, FirecrackerError::Api { path, .. } if path == "/metrics"), "{err:?}");
+        assert_eq!(vmm.seen().len(), 8);
     }
 
     #[tokio::test]

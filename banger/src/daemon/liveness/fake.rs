@@ -59,6 +59,11 @@ impl FakeProcesses {
         self.inner().procs.insert(pid, process);
     }
 
+    /// Removes `pid`, as if it exited and was reaped.
+    pub fn remove(&self, pid: i32) {
+        self.inner().procs.remove(&pid);
+    }
+
     /// Turns `pid` into a zombie (it keeps no sockets, as in the kernel).
     pub fn make_zombie(&self, pid: i32) {
         if let Some(p) = self.inner().procs.get_mut(&pid) {

@@ -1,7 +1,13 @@
-//! Starting a VMM in direct mode: Firecracker (or anything that speaks its API, named by
+//! The VMM, behind the [`Vmm`] trait the daemon is given (like the helper and the process table):
+//! start one, send it the VM's configuration, boot it, ask its guest to shut down. Killing a VMM
+//! goes through the process table ([`crate::daemon::liveness::kill_and_wait`]), which checks that
+//! the PID still serves the VM's socket.
+//!
+//! [`DirectVmm`] is direct mode: Firecracker (or anything that speaks its API, named by
 //! `BANGER_FIRECRACKER`) runs as the user, in a session of its own so it outlives the daemon,
 //! with its console on a pipe into a size-capped serial log written by a small relay process
-//! (`bangerd serial-relay`), since a guest decides how much it prints.
+//! (`bangerd serial-relay`), since a guest decides how much it prints. It talks to the VMM
+//! through [`FirecrackerClient`].
 //!
 //! Flow of [`spawn_direct`]: remove a stale API socket (a killed VMM leaves it behind and
 //! Firecracker refuses to start on an existing path), start the relay, start the VMM with its
@@ -14,11 +20,17 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
+use crate::daemon::firecracker::{FirecrackerClient, FirecrackerError, VmConfig};
 use crate::daemon::logs;
 use crate::detach::detached_command;
+
+#[cfg(test)]
+pub(crate) mod fake;
 
 /// How long a VMM may take to open its API socket.
 pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,12 +96,10 @@ pub struct Spawned {
 }
 
 /// What a VMM needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct SpawnSpec<'a> {
     /// The VMM binary (absolute).
     pub vmm: &'a Path,
-    /// The relay binary (this daemon's own executable).
-    pub relay: &'a Path,
     /// The VM id, passed as `--id`.
     pub id: &'a str,
     /// The API socket path.
@@ -98,6 +108,61 @@ pub struct SpawnSpec<'a> {
     pub serial_log: &'a Path,
     /// The serial log's cap in bytes.
     pub serial_cap: u64,
+}
+
+/// What the daemon asks of a VMM. Implemented by [`DirectVmm`]; tests use a recording fake.
+pub trait Vmm: Send + Sync {
+    /// Starts a VMM serving its API at `spec.api_socket`; returns once the socket answers.
+    fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>>;
+
+    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order.
+    fn configure<'a>(
+        &'a self,
+        api_socket: &'a Path,
+        config: &'a VmConfig,
+    ) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+
+    /// Boots the configured guest (`InstanceStart`).
+    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del); the VMM exits when the guest has.
+    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+}
+
+/// [`Vmm`] in direct mode: spawned by the daemon as the user (see the module docs).
+#[derive(Debug, Clone)]
+pub struct DirectVmm {
+    /// The serial relay (this daemon's own executable, run as `bangerd serial-relay`).
+    relay: PathBuf,
+}
+
+impl DirectVmm {
+    /// Direct mode, relaying serial consoles through `relay`.
+    pub fn new(relay: impl Into<PathBuf>) -> Self {
+        Self { relay: relay.into() }
+    }
+}
+
+impl Vmm for DirectVmm {
+    fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>> {
+        spawn_direct(spec, &self.relay).boxed()
+    }
+
+    fn configure<'a>(
+        &'a self,
+        api_socket: &'a Path,
+        config: &'a VmConfig,
+    ) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { FirecrackerClient::new(api_socket).configure(config).await }.boxed()
+    }
+
+    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { FirecrackerClient::new(api_socket).instance_start().await }.boxed()
+    }
+
+    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { FirecrackerClient::new(api_socket).send_ctrl_alt_del().await }.boxed()
+    }
 }
 
 /// Hints for errors a VMM prints when the user cannot open a device it needs.
@@ -123,13 +188,14 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), VmmError> {
     }
 }
 
-/// Starts the relay and the VMM; returns once the API socket answers.
-pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
+/// Starts the relay (`RELAY_EXE serial-relay LOG CAP`) and the VMM; returns once the API socket
+/// answers.
+pub async fn spawn_direct(spec: SpawnSpec<'_>, relay_exe: &Path) -> Result<Spawned, VmmError> {
     if !spec.vmm.is_file() {
         return Err(VmmError::BinaryMissing { path: spec.vmm.to_owned() });
     }
     remove_stale_socket(spec.api_socket)?;
-    let mut relay = detached_command(spec.relay);
+    let mut relay = detached_command(relay_exe);
     relay
         .arg("serial-relay")
         .arg(spec.serial_log)
@@ -139,18 +205,18 @@ pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
         .stderr(Stdio::null());
     let mut relay = relay.spawn().map_err(|source| VmmError::Spawn {
         what: "serial relay",
-        path: spec.relay.into(),
+        path: relay_exe.into(),
         source,
     })?;
     let pipe = relay.stdin.take().expect("stdin was piped");
     let pipe = pipe.into_owned_fd().map_err(|source| VmmError::Spawn {
         what: "serial relay",
-        path: spec.relay.into(),
+        path: relay_exe.into(),
         source,
     })?;
     let pipe2 = pipe.try_clone().map_err(|source| VmmError::Spawn {
         what: "serial relay",
-        path: spec.relay.into(),
+        path: relay_exe.into(),
         source,
     })?;
     let mut vmm = detached_command(spec.vmm);
@@ -164,7 +230,7 @@ pub async fn spawn_direct(spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
     wait_for_api(child, spec).await
 }
 
-async fn wait_for_api(mut child: Child, spec: &SpawnSpec<'_>) -> Result<Spawned, VmmError> {
+async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, VmmError> {
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let deadline = Instant::now() + API_SOCKET_TIMEOUT;
     loop {
@@ -211,13 +277,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = SpawnSpec {
             vmm: &dir.path().join("nope"),
-            relay: Path::new("/bin/cat"),
             id: "x",
             api_socket: &dir.path().join("api.sock"),
             serial_log: &dir.path().join("serial.log"),
             serial_cap: 1024,
         };
-        let e = spawn_direct(&spec).await.unwrap_err().to_string();
+        let e = spawn_direct(spec, Path::new("/bin/cat")).await.unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("BANGER_FIRECRACKER"), "{e}");
     }
 
@@ -240,13 +305,12 @@ mod tests {
         let log = dir.path().join("serial.log");
         let spec = SpawnSpec {
             vmm: &vmm,
-            relay: &relay,
             id: "x",
             api_socket: &dir.path().join("api.sock"),
             serial_log: &log,
             serial_cap: 1024,
         };
-        let e = spawn_direct(&spec).await.unwrap_err().to_string();
+        let e = spawn_direct(spec, &relay).await.unwrap_err().to_string();
         assert!(e.contains("exited") && e.contains("KVM object") && e.contains("kvm group"), "{e}");
     }
 }

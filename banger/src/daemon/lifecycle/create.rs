@@ -1,0 +1,59 @@
+//! `create`: a new row in state `created` and the VM's private directory; nothing else.
+
+use super::create_private_dir;
+use crate::api_types::{CreateVm, VmView};
+use crate::daemon::error::{MAX_VCPUS, MIN_VM_MEMORY_MIB};
+use crate::daemon::store::unix_now;
+use crate::daemon::{Daemon, DaemonError, images};
+use crate::ids::{new_vm_id, validate_name};
+use crate::model::VmRuntime;
+use crate::paths::check_socket_path_len;
+
+impl Daemon {
+    /// `POST /v1/vms`.
+    pub async fn create(&self, req: CreateVm) -> Result<VmView, DaemonError> {
+        validate_name(&req.name)?;
+        let lock = self.vm_lock(&req.name);
+        let _guard = lock.lock().await;
+        if self.with_store(|s| s.get_vm_by_name(&req.name))?.is_some() {
+            return Err(DaemonError::VmExists(req.name));
+        }
+        let image = {
+            let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            images::select(&store, req.image.as_deref(), self.config.default_image.as_deref())?
+        }
+        .name;
+        let vcpus = req.vcpus.unwrap_or(self.config.default_vcpus);
+        if !(1..=MAX_VCPUS).contains(&vcpus) {
+            return Err(DaemonError::Vcpus(vcpus));
+        }
+        let memory_mib = req.memory_mib.unwrap_or(self.config.default_memory_mib);
+        if memory_mib < MIN_VM_MEMORY_MIB {
+            return Err(DaemonError::Memory(memory_mib));
+        }
+        let vm = VmRuntime::new_created(
+            &self.paths,
+            new_vm_id(),
+            &req.name,
+            &image,
+            vcpus,
+            memory_mib,
+            unix_now(),
+        );
+        check_socket_path_len(&vm.api_socket, 0)?;
+        check_socket_path_len(&vm.vsock_path, 6)?;
+        create_private_dir(&vm.vm_dir).map_err(|source| DaemonError::Io {
+            action: "create",
+            path: vm.vm_dir.clone(),
+            source,
+        })?;
+        if let Err(e) = self.with_store(|s| s.insert_vm(&vm)) {
+            if let Err(rm) = std::fs::remove_dir_all(&vm.vm_dir) {
+                tracing::warn!(dir = %vm.vm_dir.display(), error = %rm, "cannot remove the directory of a vm not created");
+            }
+            return Err(e);
+        }
+        tracing::info!(vm = %vm.name, id = %vm.id, "created");
+        Ok(self.view(&vm))
+    }
+}

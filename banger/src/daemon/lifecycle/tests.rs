@@ -1,0 +1,460 @@
+//! The lifecycle through its seams: a fake helper, process table, VMM and root-disk tools, so
+//! every path runs without root, processes or e2fsprogs (except where a test says otherwise).
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger_protocol::{HelperError, Request, VmId};
+
+use super::*;
+use crate::api_types::{CreateVm, VmView};
+use crate::config::Config;
+use crate::daemon::guest_prep::fake::{FakePrep, HOST_KEY, PrepCall, PrepOp, USER_KEY};
+use crate::daemon::handles::{read_scratch, scratch_path};
+use crate::daemon::helper_client::fake::FakeHelper;
+use crate::daemon::liveness::fake::FakeProcesses;
+use crate::daemon::liveness::{PidState, ProcessTable};
+use crate::daemon::store::{ImageRecord, Store};
+use crate::daemon::vmm::fake::{FakeVmm, VmmCall, VmmOp};
+use crate::daemon::vmm::{DirectVmm, Vmm};
+use crate::daemon::{Daemon, Deps};
+use crate::model::VmHandles;
+use crate::paths::Paths;
+
+struct Env {
+    dir: tempfile::TempDir,
+    daemon: Daemon,
+    helper: Arc<FakeHelper>,
+    procs: Arc<FakeProcesses>,
+    vmm: Arc<FakeVmm>,
+    prep: Arc<FakePrep>,
+}
+
+/// A daemon over a temp install with one image and fakes for everything it reaches.
+fn env() -> Env {
+    env_with(|_, fake| fake)
+}
+
+/// Like [`env`], with the VMM `vmm` returns (given the install's directory and the fake VMM).
+fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = Paths::under(&dir.path().join("h"), nix::unistd::getuid().as_raw()).unwrap();
+    paths.ensure_dirs().unwrap();
+    // The configured VMM binary must exist; the fake never runs it.
+    let fc = dir.path().join("firecracker");
+    std::fs::write(&fc, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = Store::open_in_memory().unwrap();
+    store
+        .insert_image(&ImageRecord {
+            name: "base".into(),
+            kernel_path: dir.path().join("vmlinux"),
+            rootfs_path: dir.path().join("rootfs.ext4"),
+            kernel_sha256: "0".repeat(64),
+            rootfs_sha256: "0".repeat(64),
+            size_bytes: 1,
+            created_at: 0,
+        })
+        .unwrap();
+    let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
+    let procs = Arc::new(FakeProcesses::new());
+    let fake_vmm = Arc::new(FakeVmm::new(procs.clone()));
+    let prep = Arc::new(FakePrep::default());
+    let deps = Deps {
+        helper: helper.clone(),
+        procs: procs.clone(),
+        vmm: vmm(dir.path(), fake_vmm.clone()),
+        prep: prep.clone(),
+    };
+    let config = Config { firecracker: fc, ..Config::default() };
+    let daemon = Daemon::new(paths, config, store, deps).with_timeouts(Timeouts {
+        stop_grace: Duration::from_millis(200),
+        kill_wait: Duration::from_millis(200),
+    });
+    Env { dir, daemon, helper, procs, vmm: fake_vmm, prep }
+}
+
+impl Env {
+    fn vm(&self, name: &str) -> VmRuntime {
+        self.daemon.with_store(|s| s.get_vm_by_name(name)).unwrap().unwrap()
+    }
+
+    fn scratch(&self, view: &VmView) -> Option<VmHandles> {
+        read_scratch(&view.vm_dir).unwrap()
+    }
+
+    fn pinned(&self, id: &str) -> bool {
+        let id: VmId = id.parse().unwrap();
+        crate::ssh::pinned_host_key(&self.daemon.paths.known_hosts(), &id).unwrap().is_some()
+    }
+
+    fn ops(&self) -> Vec<&'static str> {
+        self.helper.calls().iter().map(Request::op_name).collect()
+    }
+
+    fn owns_nothing(&self) -> bool {
+        let o = self.helper.owned();
+        o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty()
+    }
+}
+
+fn create(name: &str) -> CreateVm {
+    CreateVm { name: name.into(), image: Some("base".into()), vcpus: None, memory_mib: None }
+}
+
+/// Just the kind of each VMM call.
+fn kinds(calls: &[VmmCall]) -> Vec<&'static str> {
+    calls
+        .iter()
+        .map(|c| match c {
+            VmmCall::Spawn { .. } => "spawn",
+            VmmCall::Configure(..) => "configure",
+            VmmCall::Boot(_) => "boot",
+            VmmCall::Shutdown(_) => "shutdown",
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn create_validates_and_refuses_duplicates_without_side_effects() {
+    let e = env();
+    let vm = e.daemon.create(create("dev")).await.unwrap();
+    assert_eq!((vm.name.as_str(), vm.state.as_str()), ("dev", "created"));
+    assert!(vm.vm_dir.is_dir());
+
+    let dup = e.daemon.create(create("dev")).await.unwrap_err();
+    assert_eq!(dup.status(), 409, "{dup}");
+    assert!(dup.to_string().contains("already exists"), "{dup}");
+
+    let bad = e.daemon.create(create("Bad_Name")).await.unwrap_err();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.to_string().contains("invalid vm name"), "{bad}");
+
+    let unknown =
+        e.daemon.create(CreateVm { image: Some("nope".into()), ..create("other") }).await.unwrap_err();
+    assert_eq!(unknown.status(), 404, "{unknown}");
+    assert!(unknown.to_string().contains("nope") && unknown.to_string().contains("base"), "{unknown}");
+
+    let vcpus = e.daemon.create(CreateVm { vcpus: Some(64), ..create("other") }).await.unwrap_err();
+    assert_eq!(vcpus.status(), 400, "{vcpus}");
+    let memory = e.daemon.create(CreateVm { memory_mib: Some(64), ..create("other") }).await.unwrap_err();
+    assert_eq!(memory.status(), 400, "{memory}");
+
+    // Only the first create left anything.
+    let list = e.daemon.list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(std::fs::read_dir(e.daemon.paths.vms_dir()).unwrap().count(), 1);
+    assert!(e.helper.calls().is_empty(), "create never needs the helper");
+}
+
+#[tokio::test]
+async fn start_runs_every_step_in_order_and_records_what_runs() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    let vm = e.daemon.start("dev").await.unwrap();
+
+    assert_eq!(vm.state, "running");
+    let pid = vm.pid.expect("a live vmm");
+    let tap = vm.tap.clone().expect("a tap");
+    assert!(tap.starts_with("faketap"), "{tap}");
+    // The handles: the cache and handles.json agree.
+    let id: VmId = vm.id.parse().unwrap();
+    let cached = e.daemon.cache.get(&id).unwrap();
+    assert_eq!((cached.pid, cached.tap.as_deref()), (Some(pid), Some(tap.as_str())));
+    assert_eq!(e.scratch(&vm), Some(cached));
+    // The helper made the TAP, then NAT.
+    assert_eq!(e.ops(), ["tap-create", "nat-up"]);
+    let owned = e.helper.owned();
+    assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1));
+    // The root was made, then personalized with the user's key, and the host key pinned.
+    assert_eq!(
+        e.prep.calls(),
+        [
+            PrepCall::PrepareRoot(created.vm_dir.join("root.ext4")),
+            PrepCall::UserKey,
+            PrepCall::Personalize(created.vm_dir.join("root.ext4"), "dev".into(), vec![USER_KEY.into()]),
+        ]
+    );
+    let pin = crate::ssh::pinned_host_key(&e.daemon.paths.known_hosts(), &id).unwrap().unwrap();
+    assert!(HOST_KEY.starts_with(&pin), "{pin}");
+    // The VMM was spawned at the VM's socket, configured, then booted.
+    let calls = e.vmm.calls();
+    assert_eq!(kinds(&calls), ["spawn", "configure", "boot"]);
+    let VmmCall::Configure(socket, config) = &calls[1] else { unreachable!() };
+    assert_eq!(socket, &vm.api_socket);
+    assert_eq!((config.machine.vcpu_count, config.machine.mem_size_mib), (2, 1024));
+    assert_eq!(config.network_interfaces[0].host_dev_name, tap);
+    assert_eq!(config.drives[0].path_on_host, vm.vm_dir.join("root.ext4"));
+    let args = config.boot_source.boot_args.as_deref().unwrap();
+    let guest = vm.guest_ip.unwrap();
+    assert!(args.contains(&format!("ip={guest}::")) && args.contains(":dev:eth0:off"), "{args}");
+    assert!(config.metrics.metrics_path.is_file(), "the metrics file exists before configure");
+    // The row keeps the address and how the root was made.
+    let row = e.vm("dev");
+    assert_eq!((row.state, row.guest_ip, row.last_error), (VmState::Running, Some(guest), None));
+    assert_eq!(vm.storage.as_deref(), Some("sparse-copy"));
+
+    // Starting a running VM changes nothing.
+    let again = e.daemon.start("dev").await.unwrap();
+    assert_eq!(again.pid, Some(pid));
+    assert_eq!(e.vmm.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn stop_shuts_the_guest_down_then_tears_everything_down() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let running = e.daemon.start("dev").await.unwrap();
+    e.helper.clear_calls();
+
+    let vm = e.daemon.stop("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.pid, vm.tap.as_deref()), ("stopped", None, None));
+    assert_eq!(kinds(&e.vmm.calls()), ["spawn", "configure", "boot", "shutdown"]);
+    assert!(e.procs.kills().is_empty(), "the guest shut down by itself");
+    assert_eq!(e.ops(), ["teardown-vms"]);
+    assert!(e.owns_nothing());
+    let id: VmId = running.id.parse().unwrap();
+    assert_eq!(e.daemon.cache.get(&id), None);
+    assert!(!scratch_path(&running.vm_dir).exists());
+    assert_eq!((e.vm("dev").state, e.vm("dev").last_error), (VmState::Stopped, None));
+    // The host key stays pinned: the disk keeps the key.
+    assert!(e.pinned(&running.id));
+}
+
+#[tokio::test]
+async fn a_guest_that_ignores_ctrl_alt_del_is_killed_after_the_grace_period() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let running = e.daemon.start("dev").await.unwrap();
+    e.vmm.ignore_shutdown(true);
+    let vm = e.daemon.stop("dev").await.unwrap();
+    assert_eq!(vm.state, "stopped");
+    assert_eq!(e.procs.kills(), [running.pid.unwrap()]);
+    assert!(e.owns_nothing());
+}
+
+#[tokio::test]
+async fn restart_stops_then_starts_a_new_vmm() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let first = e.daemon.start("dev").await.unwrap();
+    let vm = e.daemon.restart("dev").await.unwrap();
+    assert_eq!(vm.state, "running");
+    assert_ne!(vm.pid, first.pid, "a new vmm");
+    assert_eq!(e.procs.pid_state(first.pid.unwrap()).unwrap(), PidState::Gone);
+    assert_eq!(
+        kinds(&e.vmm.calls()),
+        ["spawn", "configure", "boot", "shutdown", "spawn", "configure", "boot"]
+    );
+    assert_eq!(e.ops(), ["tap-create", "nat-up", "teardown-vms", "tap-create", "nat-up"]);
+    // The root is made once; personalization runs at every start.
+    let prepared = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::PrepareRoot(_))).count();
+    let personalized = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::Personalize(..))).count();
+    assert_eq!((prepared, personalized), (1, 2));
+    let id: VmId = vm.id.parse().unwrap();
+    assert_eq!(e.daemon.cache.get(&id).unwrap().pid, vm.pid);
+    assert_eq!(e.scratch(&vm).unwrap().pid, vm.pid);
+}
+
+#[tokio::test]
+async fn delete_of_a_running_vm_stops_it_and_removes_everything() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    e.daemon.start("dev").await.unwrap();
+    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert!(!created.vm_dir.exists());
+    assert!(!e.pinned(&created.id));
+    assert!(e.owns_nothing());
+    assert_eq!(kinds(&e.vmm.calls()).last(), Some(&"shutdown"));
+    assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+    assert!(e.daemon.list().await.unwrap().is_empty());
+    // The name is free again.
+    e.daemon.create(create("dev")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_step_undoes_itself_and_every_step_before_it() {
+    for step in StartStep::ALL {
+        let e = env();
+        let created = e.daemon.create(create("dev")).await.unwrap();
+        match step {
+            // The TAP exists when NAT fails.
+            StartStep::Network => e.helper.fail("nat-up", HelperError::invalid("no uplink")),
+            StartStep::RootDisk => e.prep.fail(Some(PrepOp::PrepareRoot)),
+            StartStep::Personalize => e.prep.fail(Some(PrepOp::Personalize)),
+            StartStep::Spawn => e.vmm.fail(VmmOp::Spawn),
+            StartStep::Configure => e.vmm.fail(VmmOp::Configure),
+            StartStep::Boot => e.vmm.fail(VmmOp::Boot),
+        }
+        let err = e.daemon.start("dev").await.unwrap_err();
+        assert!(
+            matches!(&err, DaemonError::Start { step: s, undo: None, .. } if *s == step),
+            "{step}: {err:?}"
+        );
+        let text = chain(&err);
+        assert!(text.starts_with(&format!("cannot start vm dev: {step} failed: ")), "{text}");
+
+        let vm = e.daemon.show("dev").await.unwrap();
+        assert_eq!(vm.state, "failed", "{step}");
+        let last = vm.last_error.clone().unwrap();
+        assert!(last.starts_with(&format!("{step} failed: ")), "{step}: {last}");
+        assert!((vm.pid, vm.tap.as_deref()) == (None, None), "{step}: {vm:?}");
+        // The network is gone (asked of the helper last), the vmm killed if it ran, the
+        // handles forgotten, the host key unpinned.
+        assert_eq!(e.ops().last(), Some(&"teardown-vms"), "{step}");
+        assert!(e.owns_nothing(), "{step}");
+        let spawned = step >= StartStep::Configure;
+        assert_eq!(e.procs.kills().len(), usize::from(spawned), "{step}");
+        let id: VmId = vm.id.parse().unwrap();
+        assert_eq!(e.daemon.cache.get(&id), None, "{step}");
+        assert!(!scratch_path(&created.vm_dir).exists(), "{step}");
+        assert!(!e.pinned(&created.id), "{step}");
+
+        // Once the cause is gone the same VM starts.
+        e.helper.clear_failures();
+        e.prep.fail(None);
+        e.vmm.clear_failures();
+        assert_eq!(e.daemon.start("dev").await.unwrap().state, "running", "{step}");
+    }
+}
+
+#[tokio::test]
+async fn a_tap_the_helper_refused_is_not_torn_down() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    e.helper.fail(
+        "tap-create",
+        HelperError::Denied { rule: "access.users".into(), reason: "uid 1000 is not allowed".into() },
+    );
+    let err = e.daemon.start("dev").await.unwrap_err();
+    assert!(matches!(err, DaemonError::Start { step: StartStep::Network, .. }), "{err:?}");
+    assert!(chain(&err).contains("not allowed"), "{err}");
+    assert_eq!(e.ops(), ["tap-create"], "nothing was made, so nothing is torn down");
+    assert_eq!(e.daemon.show("dev").await.unwrap().state, "failed");
+}
+
+#[tokio::test]
+async fn a_failed_start_through_a_real_vmm_says_what_the_vmm_printed_and_the_fix() {
+    // A "vmm" that cannot open /dev/kvm, started as a real process, with a shell relay.
+    let e = env_with(|dir, _| {
+        let relay = dir.join("relay");
+        std::fs::write(&relay, "#!/bin/sh\n[ \"$1\" = serial-relay ] && exec cat >> \"$2\"\n").unwrap();
+        std::fs::set_permissions(&relay, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Arc::new(DirectVmm::new(relay))
+    });
+    std::fs::write(
+        &e.daemon.config.firecracker,
+        "#!/bin/sh\necho 'Error creating KVM object: Permission denied (os error 13)'\nexit 1\n",
+    )
+    .unwrap();
+    e.daemon.create(create("dev")).await.unwrap();
+    let err = e.daemon.start("dev").await.unwrap_err();
+    assert_eq!(err.status(), 500);
+    let err = chain(&err);
+    assert!(err.contains("spawning the vmm failed"), "{err}");
+    assert!(err.contains("/dev/kvm") && err.contains("kvm group"), "{err}");
+
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "failed");
+    assert!(vm.last_error.as_deref().unwrap_or("").contains("KVM object"), "{vm:?}");
+    assert!(vm.pid.is_none() && vm.tap.is_none());
+    assert!(e.owns_nothing());
+    assert!(!scratch_path(&vm.vm_dir).exists());
+    // The root was made once and is kept.
+    assert_eq!(vm.storage.as_deref(), Some("sparse-copy"));
+    drop(e.dir);
+}
+
+#[tokio::test]
+async fn start_without_a_helper_says_how_to_start_it() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    e.helper.set_unreachable(true);
+    let err = e.daemon.start("dev").await.unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    assert!(chain(&err).contains("sudo banger-helper serve"), "{err}");
+    // List and show still work without the helper.
+    assert_eq!(e.daemon.list().await.unwrap()[0].state, "failed");
+}
+
+#[tokio::test]
+async fn a_missing_vmm_binary_is_refused_before_anything_is_made() {
+    let e = env();
+    std::fs::remove_file(&e.daemon.config.firecracker).unwrap();
+    let daemon = Daemon::new(
+        e.daemon.paths.clone(),
+        e.daemon.config.clone(),
+        Store::open_in_memory().unwrap(),
+        Deps { helper: e.helper.clone(), procs: e.procs.clone(), vmm: e.vmm.clone(), prep: e.prep.clone() },
+    );
+    daemon.with_store(|s| s.insert_image(&e.vm_image())).unwrap();
+    daemon.create(create("dev")).await.unwrap();
+    let err = daemon.start("dev").await.unwrap_err();
+    assert_eq!(err.status(), 400, "{err}");
+    assert!(chain(&err).contains("BANGER_FIRECRACKER"), "{err}");
+    assert!(e.helper.calls().is_empty() && e.vmm.calls().is_empty());
+    assert_eq!(daemon.show("dev").await.unwrap().state, "created");
+}
+
+impl Env {
+    fn vm_image(&self) -> ImageRecord {
+        self.daemon.with_store(|s| s.get_image("base")).unwrap().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn stopping_a_stopped_vm_changes_nothing_and_delete_removes_everything() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    let stopped = e.daemon.stop("dev").await.unwrap();
+    assert_eq!(stopped.state, "created");
+    assert!(e.helper.calls().is_empty());
+    e.daemon.delete("dev").await.unwrap();
+    assert!(!created.vm_dir.exists());
+    assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+    assert!(e.daemon.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_vmm_that_died_under_a_running_daemon_is_demoted_with_its_objects_removed() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let view = e.daemon.start("dev").await.unwrap();
+    let id: VmId = view.id.parse().unwrap();
+    assert!(view.pid.is_some());
+
+    // The VMM exits; the next read notices, tears down and demotes.
+    e.procs.make_zombie(view.pid.unwrap());
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "stopped");
+    assert!(vm.last_error.unwrap().contains("vmm exited"));
+    assert!(e.owns_nothing());
+    assert!(e.daemon.cache.get(&id).is_none());
+}
+
+#[tokio::test]
+async fn a_stopped_vm_can_be_deleted_while_the_helper_is_down_with_a_warning() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    e.helper.set_unreachable(true);
+    let warning = e.daemon.delete("dev").await.unwrap().expect("a warning");
+    assert!(warning.contains("banger-helper") && warning.contains("next daemon start"), "{warning}");
+    assert!(!created.vm_dir.exists());
+    assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+    // With the helper up, deleting asks it and warns about nothing.
+    e.helper.set_unreachable(false);
+    e.daemon.create(create("dev")).await.unwrap();
+    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+}
+
+#[test]
+fn boot_args_carry_the_guest_address() {
+    let paths = Paths::under(Path::new("/home/u/.b"), 1000).unwrap();
+    let vm = VmRuntime::new_created(&paths, crate::ids::new_vm_id(), "dev", "base", 1, 128, 0);
+    let args = boot_args(&vm, Ipv4Addr::new(172, 30, 0, 2), Ipv4Addr::new(172, 30, 0, 1), 30);
+    assert!(args.contains("ip=172.30.0.2::172.30.0.1:255.255.255.252:dev:eth0:off"), "{args}");
+    assert!(args.starts_with("console=ttyS0 reboot=k panic=1"), "{args}");
+}
