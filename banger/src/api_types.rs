@@ -55,6 +55,10 @@ pub struct VmView {
     pub guest_ip: Option<Ipv4Addr>,
     /// Why the last start failed or why it was stopped behind the user's back.
     pub last_error: Option<String>,
+    /// Why its network and disk devices are not removed yet, when a teardown failed (bangerd
+    /// retries it in the background). Absent: nothing pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cleanup_pending: Option<String>,
     /// Image.
     pub image: String,
     /// vCPUs.

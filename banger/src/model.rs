@@ -148,6 +148,10 @@ pub struct VmRuntime {
     pub created_at: i64,
     /// Seconds since the epoch.
     pub updated_at: i64,
+    /// Why the VM's kernel objects (NAT, TAP, loops) are not removed yet, when a teardown failed:
+    /// it is retried in the background and by the next command on the VM. `None`: nothing
+    /// pending.
+    pub cleanup_pending: Option<String>,
 }
 
 impl VmRuntime {
@@ -182,6 +186,7 @@ impl VmRuntime {
             last_error: None,
             created_at: now,
             updated_at: now,
+            cleanup_pending: None,
             id,
         }
     }

@@ -165,6 +165,12 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &vm.last_error {
         println!("last error: {e}");
     }
+    if let Some(p) = &vm.cleanup_pending {
+        println!("cleanup pending: {p}");
+        println!(
+            "  (its network and disk devices are still there; bangerd retries removing them in the background)"
+        );
+    }
     Ok(())
 }
 
@@ -172,8 +178,13 @@ fn print_table(vms: &[VmView]) {
     println!("{:<20} {:<9} {:<15} {:<12} {:<16} LAST ERROR", "NAME", "STATE", "GUEST IP", "IMAGE", "ID");
     for vm in vms {
         let ip = vm.guest_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-        let err = vm.last_error.as_deref().unwrap_or("").lines().next().unwrap_or("");
-        println!("{:<20} {:<9} {:<15} {:<12} {:<16} {}", vm.name, vm.state, ip, vm.image, vm.id, err);
+        let err = match (&vm.last_error, &vm.cleanup_pending) {
+            (Some(e), _) => e.lines().next().unwrap_or(""),
+            (None, Some(p)) => p.lines().next().unwrap_or(""),
+            (None, None) => "",
+        };
+        let pending = if vm.cleanup_pending.is_some() { "[cleanup pending] " } else { "" };
+        println!("{:<20} {:<9} {:<15} {:<12} {:<16} {pending}{err}", vm.name, vm.state, ip, vm.image, vm.id);
     }
 }
 

@@ -14,7 +14,7 @@ use crate::daemon::firecracker::FirecrackerError;
 use crate::daemon::handles::HandlesError;
 use crate::daemon::helper_client::HelperClientError;
 use crate::daemon::images::{ImageError, ImageErrorKind};
-use crate::daemon::lifecycle::StartStep;
+use crate::daemon::lifecycle::{Op, StartStep};
 use crate::daemon::personalize::PersonalizeError;
 use crate::daemon::storage::StorageError;
 use crate::daemon::store::StoreError;
@@ -130,10 +130,35 @@ pub enum DaemonError {
         #[source]
         source: Box<DaemonError>,
     },
+    /// A stop, restart or delete shut the guest down but could not remove its kernel objects:
+    /// the VM is `stopped` with its teardown pending, retried in the background (status of the
+    /// cause).
+    #[error("{}", incomplete(.vm, *.op))]
+    Incomplete {
+        /// The VM's name.
+        vm: String,
+        /// What was asked.
+        op: Op,
+        /// Why the teardown failed.
+        #[source]
+        source: Box<DaemonError>,
+    },
 }
 
 fn undo_note(undo: Option<&str>) -> String {
-    undo.map(|u| format!(" and undoing it is incomplete ({u})")).unwrap_or_default()
+    undo.map(|u| format!(" and undoing it is incomplete ({u}; bangerd retries in the background)"))
+        .unwrap_or_default()
+}
+
+fn incomplete(vm: &str, op: Op) -> String {
+    match op {
+        Op::Delete => format!(
+            "vm {vm} is not deleted: its guest is shut down, but removing its network and disk devices failed; run `banger vm delete {vm}` again (bangerd also retries the removal in the background)"
+        ),
+        Op::Stop | Op::Restart => format!(
+            "vm {vm} is stopped, but removing its network and disk devices failed; bangerd retries in the background, and `banger vm {op} {vm}` retries now"
+        ),
+    }
 }
 
 impl DaemonError {
@@ -161,7 +186,7 @@ impl DaemonError {
                 | StoreError::ImageInUse { .. },
             ) => 409,
             DaemonError::Helper(e) if e.is_unreachable() => 503,
-            DaemonError::Start { source, .. } => source.status(),
+            DaemonError::Start { source, .. } | DaemonError::Incomplete { source, .. } => source.status(),
             DaemonError::Store(_)
             | DaemonError::Helper(_)
             | DaemonError::Teardown { .. }

@@ -34,13 +34,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use banger_protocol::InstallId;
+use banger_protocol::{InstallId, VmId};
 
 pub use self::error::{DaemonError, chain};
 use self::guest_prep::GuestPrep;
 use self::handles::HandleCache;
 use self::helper_client::HelperApi;
-use self::lifecycle::Timeouts;
+use self::lifecycle::{Retry, Timeouts};
 use self::liveness::{ProcessTable, rediscover_handles, vm_alive};
 use self::store::{ImageRecord, Store, StoreError};
 use self::vmm::Vmm;
@@ -96,6 +96,8 @@ pub struct Daemon {
     /// Guards the map of per-VM operation locks (by VM name); each inner lock serializes the
     /// operations on one VM.
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Guards the background refresh's record of failed teardown retries, per VM (its backoff).
+    retries: Mutex<HashMap<VmId, Retry>>,
     /// Notified when `POST /v1/daemon/stop` asks the daemon to exit.
     pub shutdown: tokio::sync::Notify,
 }
@@ -124,6 +126,7 @@ impl Daemon {
             prep: deps.prep,
             timeouts: Timeouts::default(),
             vm_locks: Mutex::new(HashMap::new()),
+            retries: Mutex::new(HashMap::new()),
             shutdown: tokio::sync::Notify::new(),
         }
     }
@@ -182,6 +185,7 @@ impl Daemon {
             state: vm.state.to_string(),
             guest_ip: vm.guest_ip,
             last_error: vm.last_error.clone(),
+            cleanup_pending: vm.cleanup_pending.clone(),
             image: vm.image.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,

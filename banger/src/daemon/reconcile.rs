@@ -27,13 +27,16 @@
 //!      `running` → `stopped` with the reason in `last_error`; `starting` → `failed`;
 //!      `stopping` → `stopped`. What the VM held is reported from `handles.json`, or from the
 //!      helper's list when the file is missing or corrupt.
-//! 4. Helper unreachable or teardown failed: the VM is *still* demoted (its VMM is gone), and
-//!    `last_error` says its network and disk devices will be cleaned up when banger-helper is
-//!    reachable. Nothing is lost: a VM that does not want to run claims no kernel objects, so
-//!    the next reconcile with a reachable helper removes them in step 5.
+//! 4. Helper unreachable or teardown failed: the VM is *still* demoted (its VMM is gone), with
+//!    `cleanup_pending` saying why its network and disk devices are not removed yet, and its
+//!    `handles.json` kept. Nothing is lost: the daemon's background refresh retries the teardown
+//!    once the helper answers, and since a VM that does not want to run claims no kernel objects,
+//!    the next reconcile with a reachable helper removes them in step 5 anyway.
 //! 5. Orphans: every VM id that the helper lists for *this* install (TAPs, NAT, loops) and that
 //!    no VM claims (no row, or a row not wanting to run, and not handled in step 3) is torn down
-//!    in one `TeardownVms` and logged. Objects tagged with another install id are never touched.
+//!    in one `TeardownVms` and logged; a VM whose row said its teardown was pending has that
+//!    cleared and its `handles.json` removed. Objects tagged with another install id are never
+//!    touched.
 //!
 //! Everything that happened is returned in a [`ReconcileReport`].
 
@@ -91,6 +94,8 @@ pub struct Demoted {
     pub to: VmState,
     /// The `last_error` written (`None` for a stop that was simply finished).
     pub last_error: Option<String>,
+    /// The `cleanup_pending` written: why its kernel objects are not removed yet.
+    pub cleanup_pending: Option<String>,
     /// Whether reconcile killed its VMM (an interrupted start or stop).
     pub killed: Option<i32>,
     /// What it held, e.g. `pid 42`, `tap bg0123`, `cow loop /dev/loop3`.
@@ -341,17 +346,15 @@ impl<'a> Reconciler<'a> {
         }
 
         for (d, teardown) in dead.into_iter().zip(outcome) {
-            let last_error = match (&teardown, d.reason) {
-                (Teardown::Done, reason) => reason.map(str::to_owned),
-                (Teardown::Pending, reason) => Some(format!(
-                    "{}its network and disk devices will be cleaned up when banger-helper is reachable",
-                    reason.map(|r| format!("{r}; ")).unwrap_or_default()
+            let last_error = d.reason.map(str::to_owned);
+            // What is left is retried by the daemon's background refresh (and at the next start).
+            let cleanup_pending = match &teardown {
+                Teardown::Done => None,
+                Teardown::Pending => Some(format!(
+                    "banger-helper could not be reached: {}",
+                    report.helper_unreachable.as_deref().unwrap_or("no answer")
                 )),
-                (Teardown::Failed(fails), reason) => Some(format!(
-                    "{}cleaning up its network and disk devices failed ({}); banger retries when bangerd restarts",
-                    reason.map(|r| format!("{r}; ")).unwrap_or_default(),
-                    fails.join("; ")
-                )),
+                Teardown::Failed(fails) => Some(fails.join("; ")),
             };
             if teardown == Teardown::Done
                 && let Err(e) = handles::remove_scratch(&d.vm.vm_dir)
@@ -366,7 +369,9 @@ impl<'a> Reconciler<'a> {
                     report.warnings.push(format!("vm {}: {e}", d.vm.id));
                 }
             }
-            if let Err(e) = self.store().set_state(&d.vm.id, d.to, last_error.as_deref()) {
+            if let Err(e) =
+                self.store().set_state(&d.vm.id, d.to, last_error.as_deref(), cleanup_pending.as_deref())
+            {
                 report.warnings.push(format!("vm {}: cannot record state {}: {e}", d.vm.id, d.to));
             }
             tracing::info!(vm = %d.vm.id, name = %d.vm.name, from = %d.vm.state, to = %d.to, held = ?d.held, ?teardown, "demoted a vm whose vmm is gone");
@@ -376,6 +381,7 @@ impl<'a> Reconciler<'a> {
                 from: d.vm.state,
                 to: d.to,
                 last_error,
+                cleanup_pending,
                 killed: d.killed,
                 held: d.held,
                 teardown,
@@ -395,11 +401,36 @@ impl<'a> Reconciler<'a> {
                 for f in &r.failures {
                     tracing::warn!(vm = %f.vm, object = %f.object, error = %f.error, "cannot remove an orphaned object");
                 }
+                self.finish_pending(&r.torn_down, report);
                 report.orphans_removed.extend(r.torn_down);
                 report.teardown_failures.extend(r.failures);
             }
             Err(e) if e.is_unreachable() => self.note_helper_error(report, &e),
             Err(e) => report.warnings.push(format!("removing orphaned kernel objects failed: {e}")),
+        }
+    }
+}
+
+impl Reconciler<'_> {
+    /// For the VMs among `torn_down` whose row said their teardown was pending: it is done now,
+    /// so their `handles.json` goes and the row says nothing is pending.
+    fn finish_pending(&self, torn_down: &[VmId], report: &mut ReconcileReport) {
+        for id in torn_down {
+            let vm = match self.store().get_vm(id) {
+                Ok(Some(vm)) if vm.cleanup_pending.is_some() => vm,
+                Ok(_) => continue,
+                Err(e) => {
+                    report.warnings.push(format!("vm {id}: {e}"));
+                    continue;
+                }
+            };
+            if let Err(e) = handles::remove_scratch(&vm.vm_dir) {
+                report.warnings.push(format!("vm {id}: {e}"));
+                continue;
+            }
+            if let Err(e) = self.store().set_cleanup_pending(id, None) {
+                report.warnings.push(format!("vm {id}: cannot record its finished cleanup: {e}"));
+            }
         }
     }
 }
@@ -528,6 +559,7 @@ mod tests {
                 last_error: None,
                 created_at: 0,
                 updated_at: 0,
+                cleanup_pending: None,
             };
             self.store.lock().unwrap().insert_vm(&vm).unwrap();
             vm
@@ -552,6 +584,10 @@ mod tests {
         fn state(&self, vm: &VmRuntime) -> (VmState, Option<String>) {
             let v = self.store.lock().unwrap().get_vm(&vm.id).unwrap().unwrap();
             (v.state, v.last_error)
+        }
+
+        fn cleanup_pending(&self, vm: &VmRuntime) -> Option<String> {
+            self.store.lock().unwrap().get_vm(&vm.id).unwrap().unwrap().cleanup_pending
         }
 
         fn objects_of(&self, vm: &VmId) -> usize {
@@ -761,10 +797,10 @@ mod tests {
         assert!(r.helper_unreachable.as_deref().is_some_and(|m| m.contains("banger-helper")), "{r:?}");
         assert_eq!(r.kept, std::slice::from_ref(&alive.id));
         assert_eq!(r.demoted[0].teardown, Teardown::Pending);
-        let (state, err) = w.state(&dead);
-        assert_eq!(state, VmState::Stopped);
-        let err = err.unwrap();
-        assert!(err.starts_with(REASON_EXITED) && err.contains("when banger-helper is reachable"), "{err}");
+        assert_eq!(w.state(&dead), (VmState::Stopped, Some(REASON_EXITED.to_owned())));
+        let pending = w.cleanup_pending(&dead).expect("the teardown is pending");
+        assert!(pending.contains("banger-helper could not be reached"), "{pending}");
+        assert_eq!(r.demoted[0].cleanup_pending.as_ref(), Some(&pending));
         assert!(scratch(&dead.vm_dir).is_some(), "handles.json stays until the teardown happened");
         assert_eq!(w.cache.get(&dead.id), None);
         assert_eq!(w.objects_of(&dead.id), 3);
@@ -855,18 +891,25 @@ mod tests {
         let r = w.run().await;
         assert!(matches!(&r.demoted[0].teardown, Teardown::Failed(f) if f[0].contains("TUNSETPERSIST")));
         assert_eq!(r.teardown_failures.len(), 1);
-        let (state, err) = w.state(&vm);
-        assert_eq!(state, VmState::Stopped);
-        assert!(err.unwrap().contains("cleaning up its network and disk devices failed"));
+        assert_eq!(w.state(&vm), (VmState::Stopped, Some(REASON_EXITED.to_owned())));
+        assert!(
+            w.cleanup_pending(&vm).is_some_and(|p| p.contains("TUNSETPERSIST")),
+            "{:?}",
+            w.cleanup_pending(&vm)
+        );
         assert!(scratch(&vm.vm_dir).is_some());
         assert!(r.orphans_removed.is_empty(), "not retried within the same run");
 
-        // Once the helper can remove them, the next run does, as orphans of a stopped vm.
+        // Once the helper can remove them, the next run does, as orphans of a stopped vm, and the
+        // row no longer says a cleanup is pending.
         w.helper.clear_failures();
         let r = w.run().await;
         assert_eq!(r.orphans_removed, std::slice::from_ref(&vm.id));
         assert!(r.teardown_failures.is_empty());
         assert_eq!(w.objects_of(&vm.id), 0);
+        assert_eq!(w.cleanup_pending(&vm), None);
+        assert!(scratch(&vm.vm_dir).is_none());
+        assert_eq!(w.state(&vm), (VmState::Stopped, Some(REASON_EXITED.to_owned())));
     }
 
     #[tokio::test]

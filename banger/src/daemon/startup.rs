@@ -5,7 +5,8 @@
 //! 3. Take the install's daemon lock (`run/bangerd.lock`, flock): a second daemon started in a
 //!    race exits quietly, leaving the first to answer.
 //! 4. Log to `bangerd.log` (size-capped, rotated).
-//! 5. Open the store, build the helper client, reconcile every VM with the system.
+//! 5. Open the store, build the helper client, reconcile every VM with the system, then start the
+//!    background refresh (every few seconds: VMMs that died, teardowns to retry).
 //! 6. Bind the socket (mode 0600; a stale file from a killed daemon is replaced, which is safe
 //!    since we hold the lock) and serve until `POST /v1/daemon/stop` or SIGTERM.
 
@@ -113,6 +114,10 @@ async fn serve(paths: Paths, config: Config) -> anyhow::Result<()> {
             tracing::error!(error = %crate::daemon::chain(&e), "reconcile failed; serving anyway")
         }
     }
+
+    // VMMs that die, teardowns that failed, rows an operation could not finish: settled in the
+    // background from now on (see `lifecycle::refresh`).
+    tokio::spawn(daemon.clone().refresh_in_background());
 
     let socket = paths.daemon_socket();
     match std::fs::remove_file(&socket) {

@@ -1,7 +1,7 @@
 //! The VM lifecycle on top of the store (intent), the handle cache (reality), the helper (kernel
 //! objects) and the VMM: [`create`](Daemon::create), [`start`](Daemon::start),
-//! [`stop`](Daemon::stop), [`restart`](Daemon::restart), [`delete`](Daemon::delete), and noticing
-//! VMMs that died under a running daemon (`refresh`).
+//! [`stop`](Daemon::stop), [`restart`](Daemon::restart), [`delete`](Daemon::delete), and the
+//! refresh that notices VMMs that died and finishes what failed ([`refresh`]).
 //!
 //! Every operation on one VM holds that VM's lock (keyed by name, so a create and a delete of the
 //! same name cannot interleave); different VMs proceed in parallel. Every state change is one
@@ -18,18 +18,34 @@
 //! for it, remove the sockets it leaves, ask the helper to remove the VM's NAT, TAP and loop
 //! devices (`TeardownVms`), and only once that succeeded forget the VM's handles (cache and
 //! `handles.json`), so a teardown that fails can be retried from what is recorded.
+//!
+//! How each operation ends (`state`, `last_error`, `cleanup_pending`):
+//!
+//! | operation | success | failure |
+//! | --- | --- | --- |
+//! | start | `running` | `failed`, `last_error` = the step and its cause; the steps made are undone, and if that undo fails, `cleanup_pending` = why |
+//! | stop, restart (its stop) | `stopped` | the guest is down either way: `stopped`, `cleanup_pending` = why its devices are not removed |
+//! | delete | the row is gone | as a failed stop, `last_error` = [`delete_unfinished`]; the row stays so its devices can still be found |
+//! | the VMM exits by itself | `stopped`, `last_error` = why | the same, `cleanup_pending` = why |
+//!
+//! A VM with `cleanup_pending` keeps its handles. The teardown is retried by the next command on
+//! the VM (start, stop, restart, delete) and by the background refresh every few seconds
+//! ([`refresh::REFRESH_EVERY`]; after refusals by the helper, with a growing pause). When it
+//! succeeds, `cleanup_pending` is cleared and the state stays as it is.
 
 mod create;
 mod delete;
-mod refresh;
+pub mod refresh;
 pub mod start;
 mod stop;
 #[cfg(test)]
 mod tests;
 
+use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+pub use self::refresh::{REFRESH_EVERY, Retry};
 pub use self::start::{StartStep, boot_args};
 use super::{Daemon, DaemonError, chain};
 use crate::daemon::liveness::kill_and_wait;
@@ -51,22 +67,85 @@ impl Default for Timeouts {
     }
 }
 
+/// `last_error` of the VM `name` whose delete could not remove its devices.
+pub fn delete_unfinished(name: &str) -> String {
+    format!("a delete did not finish: run `banger vm delete {name}` again to remove the vm")
+}
+
+/// What a user asked for, when it could not be finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// `vm stop`.
+    Stop,
+    /// `vm restart`.
+    Restart,
+    /// `vm delete`.
+    Delete,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Stop => "stop",
+            Op::Restart => "restart",
+            Op::Delete => "delete",
+        })
+    }
+}
+
 impl Daemon {
-    /// Records `state` and `last_error` for `vm` in the store, then in `vm`. A store that refuses
-    /// is logged here and returned; `vm` is then left as it was.
+    /// Records `state`, `last_error` and `cleanup_pending` for `vm` in the store (one
+    /// statement), then in `vm`. A store that refuses is logged here and returned; `vm` is then
+    /// left as it was.
     fn record(
         &self,
         vm: &mut VmRuntime,
         state: VmState,
         last_error: Option<String>,
+        cleanup_pending: Option<String>,
     ) -> Result<(), DaemonError> {
-        if let Err(e) = self.with_store(|s| s.set_state(&vm.id, state, last_error.as_deref())) {
+        let stored = self
+            .with_store(|s| s.set_state(&vm.id, state, last_error.as_deref(), cleanup_pending.as_deref()));
+        if let Err(e) = stored {
             tracing::error!(vm = %vm.name, id = %vm.id, %state, error = %chain(&e), "cannot record the vm's state");
             return Err(e);
         }
         vm.state = state;
         vm.last_error = last_error;
+        vm.cleanup_pending = cleanup_pending;
         Ok(())
+    }
+
+    /// Records only `vm`'s `cleanup_pending`, when it changes; a store that refuses is logged.
+    fn record_cleanup(&self, vm: &mut VmRuntime, cleanup_pending: Option<String>) {
+        if vm.cleanup_pending == cleanup_pending {
+            return;
+        }
+        match self.with_store(|s| s.set_cleanup_pending(&vm.id, cleanup_pending.as_deref())) {
+            Ok(()) => vm.cleanup_pending = cleanup_pending,
+            Err(e) => {
+                tracing::error!(vm = %vm.name, id = %vm.id, error = %chain(&e), "cannot record the vm's pending cleanup")
+            }
+        }
+    }
+
+    /// Tears down what a VM not meant to run may still hold (left by a crash, or a teardown that
+    /// failed before) and records the outcome in `cleanup_pending`.
+    async fn finish_teardown(&self, vm: &mut VmRuntime) -> Result<(), DaemonError> {
+        let handles = self.handles_of(vm);
+        match self.teardown(vm, &handles).await {
+            Ok(()) => {
+                if vm.cleanup_pending.is_some() {
+                    tracing::info!(vm = %vm.name, id = %vm.id, "removed the devices an earlier failure left");
+                }
+                self.record_cleanup(vm, None);
+                Ok(())
+            }
+            Err(e) => {
+                self.record_cleanup(vm, Some(chain(&e)));
+                Err(e)
+            }
+        }
     }
 
     /// Kills the VM's VMM if it still serves the VM's API socket, waits for it, and removes the

@@ -3,7 +3,9 @@
 //! The row goes to `starting` before the first step and to `running` after the last. When a
 //! step fails, the steps made so far (the failed one included, since it may have done part of
 //! its work) are undone in reverse order, and the row goes to `failed` with the reason in
-//! `last_error`.
+//! `last_error` (and, if an undo failed, why in `cleanup_pending`, retried later). A store that
+//! cannot record `running` fails the start the same way: a VM is never left running while its
+//! row says otherwise.
 //!
 //! | step | does | undo |
 //! | --- | --- | --- |
@@ -106,11 +108,11 @@ impl Daemon {
         }
         let vmm_bin = self.firecracker.clone().map_err(DaemonError::VmmBinary)?;
         let image = self.image(&vm.image)?;
-        // Whatever a previous run left (a crash between reconciles) goes first.
-        if !handles.is_empty() || vm.state.wants_running() {
-            self.teardown(&vm, &handles).await?;
+        // Whatever a previous run left (a crash, a teardown that failed) goes first.
+        if !handles.is_empty() || vm.state.wants_running() || vm.cleanup_pending.is_some() {
+            self.finish_teardown(&mut vm).await?;
         }
-        self.record(&mut vm, VmState::Starting, None)?;
+        self.record(&mut vm, VmState::Starting, None, None)?;
 
         let mut run = Start::new(self, &mut vm, &image, &vmm_bin);
         let failed = match run.run_all().await {
@@ -124,7 +126,7 @@ impl Daemon {
         drop(run);
 
         let (step, cause, undo) = match failed {
-            None => match self.record(&mut vm, VmState::Running, None) {
+            None => match self.record(&mut vm, VmState::Running, None, None) {
                 Ok(()) => {
                     tracing::info!(vm = %vm.name, id = %vm.id, "running");
                     return Ok(self.view(&vm));
@@ -139,13 +141,10 @@ impl Daemon {
             },
             Some(f) => f,
         };
-        let last_error = format!(
-            "{step} failed{}: {}",
-            undo.as_ref().map(|u| format!(" and undoing it is incomplete ({u})")).unwrap_or_default(),
-            chain(&cause)
-        );
-        // A store that refuses is logged by `record`; the start's own error is the answer.
-        let _ = self.record(&mut vm, VmState::Failed, Some(last_error));
+        let last_error = format!("{step} failed: {}", chain(&cause));
+        // A store that refuses is logged by `record`, and a row left `starting` is settled by the
+        // background refresh; the start's own error is the answer.
+        let _ = self.record(&mut vm, VmState::Failed, Some(last_error), undo.clone());
         Err(DaemonError::Start { vm: vm.name, step, undo, source: Box::new(cause) })
     }
 }

@@ -1,6 +1,9 @@
 //! `stop` and `restart`: the guest asked to shut down (Ctrl-Alt-Del), its VMM given
-//! [`Timeouts::stop_grace`](super::Timeouts) to exit, then the teardown.
+//! [`Timeouts::stop_grace`](super::Timeouts) to exit, then the teardown. A teardown that fails
+//! leaves the VM `stopped` (its guest is down) with `cleanup_pending` saying why; the devices
+//! are removed by a later attempt (see the module docs of [`super`]).
 
+use super::{Op, delete_unfinished};
 use crate::api_types::VmView;
 use crate::daemon::liveness::{vm_alive, wait_gone};
 use crate::daemon::{Daemon, DaemonError, chain};
@@ -12,7 +15,7 @@ impl Daemon {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
-        self.stop_locked(&mut vm).await?;
+        self.stop_locked(&mut vm, Op::Stop).await?;
         Ok(self.view(&vm))
     }
 
@@ -22,26 +25,40 @@ impl Daemon {
             let lock = self.vm_lock(name);
             let _guard = lock.lock().await;
             let mut vm = self.find(name)?;
-            self.stop_locked(&mut vm).await?;
+            self.stop_locked(&mut vm, Op::Restart).await?;
         }
         self.start(name).await
     }
 
-    /// Stops `vm`; its lock is held by the caller.
-    pub(super) async fn stop_locked(&self, vm: &mut VmRuntime) -> Result<(), DaemonError> {
+    /// Stops `vm` for `op`; its lock is held by the caller. A teardown that fails is
+    /// [`DaemonError::Incomplete`], with the VM recorded `stopped` and its cleanup pending.
+    pub(super) async fn stop_locked(&self, vm: &mut VmRuntime, op: Op) -> Result<(), DaemonError> {
         let handles = self.handles_of(vm);
-        if !vm.state.wants_running() && handles.is_empty() {
+        if !vm.state.wants_running() && handles.is_empty() && vm.cleanup_pending.is_none() {
             return Ok(());
         }
         let was_alive = vm_alive(vm, &handles, self.procs.as_ref());
-        self.record(vm, VmState::Stopping, None)?;
+        let pending = vm.cleanup_pending.clone();
+        self.record(vm, VmState::Stopping, None, pending)?;
         if was_alive && let Some(pid) = handles.pid {
             self.shut_down_guest(vm, pid).await;
         }
-        self.teardown(vm, &handles).await?;
-        self.record(vm, VmState::Stopped, None)?;
-        tracing::info!(vm = %vm.name, id = %vm.id, "stopped");
-        Ok(())
+        match self.teardown(vm, &handles).await {
+            Ok(()) => {
+                self.record(vm, VmState::Stopped, None, None)?;
+                tracing::info!(vm = %vm.name, id = %vm.id, "stopped");
+                Ok(())
+            }
+            Err(e) => {
+                let why = chain(&e);
+                tracing::warn!(vm = %vm.name, id = %vm.id, error = %why, "the guest is down but its devices could not be removed; retrying in the background");
+                let last_error = (op == Op::Delete).then(|| delete_unfinished(&vm.name));
+                // A store that refuses is logged by `record`, and a row left `stopping` is
+                // settled by the background refresh.
+                let _ = self.record(vm, VmState::Stopped, last_error, Some(why));
+                Err(DaemonError::Incomplete { vm: vm.name.clone(), op, source: Box::new(e) })
+            }
+        }
     }
 
     /// Asks the guest to shut down and waits for its VMM to exit; a VMM still running after the

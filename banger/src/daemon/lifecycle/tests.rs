@@ -458,3 +458,264 @@ fn boot_args_carry_the_guest_address() {
     assert!(args.contains("ip=172.30.0.2::172.30.0.1:255.255.255.252:dev:eth0:off"), "{args}");
     assert!(args.starts_with("console=ttyS0 reboot=k panic=1"), "{args}");
 }
+
+// Failed transitions: each ends in a state that says what happened, the VM keeps its handles,
+// and the next command or the background refresh finishes the teardown.
+
+/// Starts `dev` and returns its view and id.
+async fn running(e: &Env) -> (VmView, VmId) {
+    e.daemon.create(create("dev")).await.unwrap();
+    let vm = e.daemon.start("dev").await.unwrap();
+    let id = vm.id.parse().unwrap();
+    (vm, id)
+}
+
+fn busy() -> HelperError {
+    HelperError::kernel("RTM_DELLINK", nix::errno::Errno::EBUSY)
+}
+
+impl Env {
+    /// How many teardowns reached the helper.
+    fn teardowns(&self) -> usize {
+        self.ops().iter().filter(|op| **op == "teardown-vms").count()
+    }
+
+    /// The VM still holds its TAP and NAT, and its handles are kept in the cache and the file.
+    #[track_caller]
+    fn holds_its_devices(&self, vm: &VmView, id: &VmId) {
+        let owned = self.helper.owned();
+        assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1), "{owned:?}");
+        let kept = self.daemon.cache.get(id).expect("the handles are kept");
+        assert!(kept.tap.is_some(), "{kept:?}");
+        assert_eq!(self.scratch(vm), Some(kept));
+    }
+
+    /// Everything is gone: the helper's objects, the cache entry, `handles.json`.
+    #[track_caller]
+    fn holds_nothing(&self, vm: &VmView, id: &VmId) {
+        assert!(self.owns_nothing(), "{:?}", self.helper.owned());
+        assert_eq!(self.daemon.cache.get(id), None);
+        assert!(!scratch_path(&vm.vm_dir).exists());
+    }
+}
+
+#[tokio::test]
+async fn a_stop_the_helper_cannot_finish_leaves_the_vm_stopped_until_the_refresh_finishes_it() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.set_unreachable(true);
+
+    let err = e.daemon.stop("dev").await.unwrap_err();
+    assert!(matches!(err, DaemonError::Incomplete { op: Op::Stop, .. }), "{err:?}");
+    assert_eq!(err.status(), 503);
+    let text = chain(&err);
+    assert!(
+        text.starts_with("vm dev is stopped, but removing its network and disk devices failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`banger vm stop dev` retries now") && text.contains("sudo banger-helper serve"),
+        "{text}"
+    );
+
+    // The guest is down; the VM says so, and why its devices are still there.
+    assert_eq!(kinds(&e.vmm.calls()).last(), Some(&"shutdown"));
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.pid, vm.last_error.as_deref()), ("stopped", None, None));
+    let pending = vm.cleanup_pending.clone().expect("the teardown is pending");
+    assert!(pending.contains("cannot reach banger-helper"), "{pending}");
+    e.holds_its_devices(&started, &id);
+
+    // Nothing changes while the helper stays away.
+    e.daemon.refresh_all().await;
+    e.holds_its_devices(&started, &id);
+
+    // Once it is back, the next background pass finishes the teardown.
+    e.helper.set_unreachable(false);
+    e.daemon.refresh_all().await;
+    e.holds_nothing(&started, &id);
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.last_error, vm.cleanup_pending), ("stopped", None, None));
+    assert_eq!(e.vm("dev").cleanup_pending, None);
+}
+
+#[tokio::test]
+async fn a_stop_the_helper_refuses_is_retried_with_backoff_and_finished_by_the_next_stop() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.fail_teardown_of(&id, busy());
+
+    let err = e.daemon.stop("dev").await.unwrap_err();
+    assert_eq!(err.status(), 500, "{err}");
+    assert!(chain(&err).contains("RTM_DELLINK"), "{err}");
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "stopped");
+    assert!(vm.cleanup_pending.as_deref().is_some_and(|p| p.contains("RTM_DELLINK")), "{vm:?}");
+    e.holds_its_devices(&started, &id);
+
+    // A refusal is retried at the next pass, then only after a pause that grows.
+    assert_eq!(e.teardowns(), 1);
+    e.daemon.refresh_all().await;
+    assert_eq!(e.teardowns(), 2);
+    e.daemon.refresh_all().await;
+    assert_eq!(e.teardowns(), 2, "one pass is skipped after the first refusal");
+    e.daemon.refresh_all().await;
+    assert_eq!(e.teardowns(), 3);
+
+    // The next stop retries at once and finishes.
+    e.helper.clear_failures();
+    let vm = e.daemon.stop("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.cleanup_pending), ("stopped", None));
+    e.holds_nothing(&started, &id);
+}
+
+#[tokio::test]
+async fn a_delete_the_helper_cannot_finish_keeps_the_vm_until_a_delete_can() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.set_unreachable(true);
+
+    let err = e.daemon.delete("dev").await.unwrap_err();
+    assert!(matches!(err, DaemonError::Incomplete { op: Op::Delete, .. }), "{err:?}");
+    assert_eq!(err.status(), 503);
+    assert!(chain(&err).starts_with("vm dev is not deleted"), "{err}");
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "stopped");
+    assert!(vm.last_error.as_deref().is_some_and(|l| l.contains("banger vm delete dev")), "{vm:?}");
+    assert!(vm.cleanup_pending.is_some());
+    assert!(started.vm_dir.is_dir() && e.pinned(&started.id));
+    e.holds_its_devices(&started, &id);
+
+    // A second delete with the helper back removes everything, without a warning.
+    e.helper.set_unreachable(false);
+    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert!(e.owns_nothing());
+    assert!(!started.vm_dir.exists() && !e.pinned(&started.id));
+    assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
+}
+
+#[tokio::test]
+async fn a_stopped_vm_with_devices_left_is_not_deleted_while_the_helper_is_down() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.set_unreachable(true);
+    e.daemon.stop("dev").await.unwrap_err();
+    // Not running, but holding devices: the delete must not forget them.
+    let err = e.daemon.delete("dev").await.unwrap_err();
+    assert!(matches!(err, DaemonError::Incomplete { op: Op::Delete, .. }), "{err:?}");
+    assert_eq!(e.daemon.show("dev").await.unwrap().state, "stopped");
+    e.holds_its_devices(&started, &id);
+    // The refresh removes them; the delete then needs nothing of the helper's.
+    e.helper.set_unreachable(false);
+    e.daemon.refresh_all().await;
+    e.holds_nothing(&started, &id);
+    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_restart_whose_stop_fails_is_finished_by_the_next_start() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.fail("teardown-vms", busy());
+
+    let err = e.daemon.restart("dev").await.unwrap_err();
+    assert!(matches!(err, DaemonError::Incomplete { op: Op::Restart, .. }), "{err:?}");
+    assert!(chain(&err).contains("`banger vm restart dev` retries now"), "{err}");
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "stopped");
+    assert!(vm.cleanup_pending.is_some());
+    e.holds_its_devices(&started, &id);
+
+    e.helper.clear_failures();
+    let vm = e.daemon.start("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.cleanup_pending), ("running", None));
+    assert_ne!(vm.pid, started.pid);
+    assert_eq!(
+        e.ops(),
+        ["tap-create", "nat-up", "teardown-vms", "teardown-vms", "tap-create", "nat-up"],
+        "the leftover teardown comes first"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_start_whose_undo_fails_is_cleaned_up_by_the_refresh() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    let id: VmId = created.id.parse().unwrap();
+    e.helper.fail("nat-up", HelperError::invalid("no uplink"));
+    e.helper.fail("teardown-vms", busy());
+
+    let err = e.daemon.start("dev").await.unwrap_err();
+    assert!(matches!(&err, DaemonError::Start { step: StartStep::Network, undo: Some(_), .. }), "{err:?}");
+    let text = chain(&err);
+    assert!(text.contains("undoing it is incomplete") && text.contains("no uplink"), "{text}");
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "failed");
+    let last = vm.last_error.clone().unwrap();
+    assert!(last.starts_with("setting up the network failed") && last.contains("no uplink"), "{last}");
+    assert!(vm.cleanup_pending.as_deref().is_some_and(|p| p.contains("RTM_DELLINK")), "{vm:?}");
+    assert_eq!(e.helper.owned().taps.len(), 1, "the tap it made is still there");
+
+    e.helper.clear_failures();
+    e.daemon.refresh_all().await;
+    e.holds_nothing(&created, &id);
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!((vm.state.as_str(), vm.last_error, vm.cleanup_pending), ("failed", Some(last), None));
+}
+
+#[tokio::test]
+async fn a_vmm_that_died_while_the_helper_is_down_is_demoted_then_cleaned_up_in_the_background() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.helper.set_unreachable(true);
+    e.procs.make_zombie(started.pid.unwrap());
+
+    // The background pass notices without any read.
+    e.daemon.refresh_all().await;
+    let row = e.vm("dev");
+    assert_eq!(row.state, VmState::Stopped);
+    assert!(row.last_error.as_deref().is_some_and(|l| l.contains("vmm exited")), "{row:?}");
+    assert!(row.cleanup_pending.is_some(), "{row:?}");
+    e.holds_its_devices(&started, &id);
+
+    e.helper.set_unreachable(false);
+    e.daemon.refresh_all().await;
+    e.holds_nothing(&started, &id);
+    let row = e.vm("dev");
+    assert_eq!(row.cleanup_pending, None);
+    assert!(row.last_error.as_deref().is_some_and(|l| l.contains("vmm exited")), "the reason stays");
+}
+
+#[tokio::test]
+async fn rows_left_starting_or_stopping_by_an_unrecorded_end_are_settled_by_the_refresh() {
+    let e = env();
+    let (started, id) = running(&e).await;
+    e.daemon.with_store(|s| s.set_state(&id, VmState::Stopping, None, None)).unwrap();
+    e.daemon.create(create("two")).await.unwrap();
+    let two = e.vm("two");
+    e.daemon.with_store(|s| s.set_state(&two.id, VmState::Starting, None, None)).unwrap();
+
+    e.daemon.refresh_all().await;
+    assert_eq!(e.procs.kills(), [started.pid.unwrap()], "the vmm of the unfinished stop is killed");
+    e.holds_nothing(&started, &id);
+    assert_eq!((e.vm("dev").state, e.vm("dev").last_error), (VmState::Stopped, None));
+    let two = e.vm("two");
+    assert_eq!(
+        (two.state, two.last_error.as_deref()),
+        (VmState::Failed, Some(refresh::REASON_START_UNRECORDED))
+    );
+}
+
+#[tokio::test]
+async fn the_refresh_does_nothing_when_nothing_waits() {
+    let e = env();
+    running(&e).await;
+    e.daemon.create(create("idle")).await.unwrap();
+    e.helper.clear_calls();
+    let before = e.vmm.calls().len();
+    e.daemon.refresh_all().await;
+    assert!(e.helper.calls().is_empty());
+    assert_eq!(e.vmm.calls().len(), before);
+    assert!(e.procs.kills().is_empty());
+    assert_eq!(e.vm("dev").state, VmState::Running);
+}

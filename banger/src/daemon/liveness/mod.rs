@@ -491,6 +491,7 @@ mod tests {
             last_error: None,
             created_at: 0,
             updated_at: 0,
+            cleanup_pending: None,
         }
     }
 

@@ -348,6 +348,7 @@ mod testing {
             last_error: None,
             created_at: 1_700_000_001,
             updated_at: 1_700_000_001,
+            cleanup_pending: None,
         }
     }
 
@@ -377,7 +378,7 @@ mod tests {
         assert_eq!(a.install_id(), b.install_id());
         a.insert_image(&image("base")).unwrap();
         a.insert_vm(&vm("k1", "dev")).unwrap();
-        b.set_state(&VmId::new("k1").unwrap(), VmState::Running, None).unwrap();
+        b.set_state(&VmId::new("k1").unwrap(), VmState::Running, None, None).unwrap();
         assert_eq!(a.get_vm_by_name("dev").unwrap().unwrap().state, VmState::Running);
     }
 }

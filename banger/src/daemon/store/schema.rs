@@ -49,6 +49,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
          updated_at     INTEGER NOT NULL
      ) STRICT;
      CREATE INDEX vms_image ON vms (image);",
+    // 2: why a VM's kernel objects are not removed yet (NULL: nothing pending).
+    "ALTER TABLE vms ADD COLUMN cleanup_pending TEXT;",
 ];
 
 /// The schema version this build writes and understands.
@@ -175,6 +177,27 @@ mod tests {
         assert_eq!(s.install_id(), &first);
         assert_eq!(user_version(&path), SCHEMA_VERSION);
         assert_eq!(s.get_vm_by_name("dev").unwrap().unwrap(), vm("aaaa", "dev"));
+    }
+
+    #[test]
+    fn a_version_1_database_gains_cleanup_pending_and_keeps_its_vms() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            migrate(&mut c, &path, &MIGRATIONS[..1]).unwrap();
+            c.execute_batch(
+                "INSERT INTO images VALUES ('base', '/k', '/r', 'a', 'b', 1, 0);
+                 INSERT INTO vms VALUES ('v1', 'old', 'stopped', 1, 128, 'base', NULL, NULL,
+                 '/run/a.sock', '/v/vsock', 3, '/v/log', '/v/metrics', 'old.banger.internal', '/v',
+                 '/v/root', NULL, NULL, 'it stopped', 1, 2);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        let vm = s.get_vm_by_name("old").unwrap().unwrap();
+        assert_eq!((vm.last_error.as_deref(), vm.cleanup_pending), (Some("it stopped"), None));
     }
 
     #[test]

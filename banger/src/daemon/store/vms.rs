@@ -11,14 +11,14 @@ use crate::model::{StorageKind, VmRuntime, VmState};
 
 const VM_COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, guest_ip, gateway_ip, api_socket, \
      vsock_path, vsock_cid, log_path, metrics_path, dns_name, vm_dir, overlay_path, work_disk_path, \
-     storage, last_error, created_at, updated_at";
+     storage, last_error, created_at, updated_at, cleanup_pending";
 
 impl Store {
     /// Adds a VM.
     pub fn insert_vm(&self, vm: &VmRuntime) -> Result<(), StoreError> {
         let sql_text = format!(
             "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
         );
         let values = vm_values(vm);
         self.conn
@@ -32,8 +32,8 @@ impl Store {
         let sql_text = "UPDATE vms SET name = ?2, state = ?3, vcpus = ?4, memory_mib = ?5, image = ?6, \
              guest_ip = ?7, gateway_ip = ?8, api_socket = ?9, vsock_path = ?10, vsock_cid = ?11, \
              log_path = ?12, metrics_path = ?13, dns_name = ?14, vm_dir = ?15, overlay_path = ?16, \
-             work_disk_path = ?17, storage = ?18, last_error = ?19, created_at = ?20, updated_at = ?21 \
-             WHERE id = ?1";
+             work_disk_path = ?17, storage = ?18, last_error = ?19, created_at = ?20, updated_at = ?21, \
+             cleanup_pending = ?22 WHERE id = ?1";
         let n = self
             .conn
             .execute(sql_text, rusqlite::params_from_iter(vm_values(vm)))
@@ -44,15 +44,37 @@ impl Store {
         Ok(())
     }
 
-    /// Sets a VM's state and its `last_error` (`None` clears it), stamping `updated_at`.
-    pub fn set_state(&self, id: &VmId, state: VmState, last_error: Option<&str>) -> Result<(), StoreError> {
+    /// Sets a VM's state, its `last_error` and its `cleanup_pending` (`None` clears either) in
+    /// one statement, stamping `updated_at`.
+    pub fn set_state(
+        &self,
+        id: &VmId,
+        state: VmState,
+        last_error: Option<&str>,
+        cleanup_pending: Option<&str>,
+    ) -> Result<(), StoreError> {
         let n = self
             .conn
             .execute(
-                "UPDATE vms SET state = ?2, last_error = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id.as_str(), state.as_str(), last_error, unix_now()],
+                "UPDATE vms SET state = ?2, last_error = ?3, cleanup_pending = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id.as_str(), state.as_str(), last_error, cleanup_pending, unix_now()],
             )
             .map_err(sql("set a vm's state"))?;
+        if n == 0 {
+            return Err(StoreError::VmNotFound { id: id.clone() });
+        }
+        Ok(())
+    }
+
+    /// Sets only a VM's `cleanup_pending` (`None` clears it), stamping `updated_at`.
+    pub fn set_cleanup_pending(&self, id: &VmId, cleanup_pending: Option<&str>) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE vms SET cleanup_pending = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.as_str(), cleanup_pending, unix_now()],
+            )
+            .map_err(sql("record a vm's pending cleanup"))?;
         if n == 0 {
             return Err(StoreError::VmNotFound { id: id.clone() });
         }
@@ -162,6 +184,7 @@ fn vm_values(vm: &VmRuntime) -> Vec<Value> {
         vm.last_error.clone().map_or(Value::Null, Value::Text),
         Value::Integer(vm.created_at),
         Value::Integer(vm.updated_at),
+        vm.cleanup_pending.clone().map_or(Value::Null, Value::Text),
     ]
 }
 
@@ -194,6 +217,7 @@ fn vm_from_row(row: &Row<'_>) -> Result<VmRuntime, StoreError> {
         last_error: c.opt_text(18, "last_error")?,
         created_at: c.int(19, "created_at")?,
         updated_at: c.int(20, "updated_at")?,
+        cleanup_pending: c.opt_text(21, "cleanup_pending")?,
     })
 }
 
@@ -216,6 +240,7 @@ mod tests {
         v.work_disk_path = Some(PathBuf::from(OsStr::from_bytes(b"/state/odd-\xff-name/work.img")));
         v.storage = Some(StorageKind::SparseCopy);
         v.last_error = Some("previous start failed".into());
+        v.cleanup_pending = Some("banger-helper could not be reached".into());
         s.insert_vm(&v).unwrap();
         assert_eq!(s.get_vm(&v.id).unwrap().unwrap(), v);
         assert_eq!(s.get_vm_by_name("dev").unwrap().unwrap(), v);
@@ -276,18 +301,24 @@ mod tests {
     }
 
     #[test]
-    fn set_state_sets_and_clears_last_error() {
+    fn set_state_sets_and_clears_last_error_and_cleanup_pending() {
         let s = store_with_image();
         let v = vm("d1", "dev");
         s.insert_vm(&v).unwrap();
-        s.set_state(&v.id, VmState::Failed, Some("tap busy")).unwrap();
+        s.set_state(&v.id, VmState::Failed, Some("tap busy"), Some("helper down")).unwrap();
         let got = s.get_vm(&v.id).unwrap().unwrap();
         assert_eq!((got.state, got.last_error.as_deref()), (VmState::Failed, Some("tap busy")));
-        assert!(got.updated_at >= unix_now() - 5, "updated_at is stamped");
-        s.set_state(&v.id, VmState::Running, None).unwrap();
+        assert_eq!(got.cleanup_pending.as_deref(), Some("helper down"));
+        s.set_cleanup_pending(&v.id, Some("helper still down")).unwrap();
         let got = s.get_vm(&v.id).unwrap().unwrap();
-        assert_eq!((got.state, got.last_error), (VmState::Running, None));
-        let err = s.set_state(&VmId::new("nope").unwrap(), VmState::Stopped, None).unwrap_err();
+        assert_eq!((got.state, got.cleanup_pending.as_deref()), (VmState::Failed, Some("helper still down")));
+        assert!(got.updated_at >= unix_now() - 5, "updated_at is stamped");
+        s.set_state(&v.id, VmState::Running, None, None).unwrap();
+        let got = s.get_vm(&v.id).unwrap().unwrap();
+        assert_eq!((got.state, got.last_error, got.cleanup_pending), (VmState::Running, None, None));
+        let err = s.set_state(&VmId::new("nope").unwrap(), VmState::Stopped, None, None).unwrap_err();
+        assert!(matches!(err, StoreError::VmNotFound { .. }), "{err:?}");
+        let err = s.set_cleanup_pending(&VmId::new("nope").unwrap(), None).unwrap_err();
         assert!(matches!(err, StoreError::VmNotFound { .. }), "{err:?}");
     }
 
@@ -310,7 +341,7 @@ mod tests {
             .execute(
                 "INSERT INTO vms VALUES ('h1', 'hand', 'stopped', 1, 128, 'base', '10.0.0.2', NULL,
                  '/run/a.sock', '/v/vsock', 3, '/v/log', '/v/metrics', 'hand.banger.internal', '/v',
-                 '/v/root', NULL, 'reflink', NULL, 1, 2)",
+                 '/v/root', NULL, 'reflink', NULL, 1, 2, NULL)",
                 [],
             )
             .unwrap();
