@@ -34,13 +34,45 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP exchange failed.
-    #[error("talking to bangerd at {socket} failed: {detail}")]
+    /// The daemon took the request, then its connection closed without an answer: it stopped
+    /// (crashed or was killed) while handling it.
+    #[error(
+        "bangerd stopped while handling the request{}; the next banger command starts it again, and it checks every vm against what really runs: see where this one got to with `banger vm list`",
+        log_note(.log.as_deref())
+    )]
+    DaemonStopped {
+        /// The daemon log, when known.
+        log: Option<PathBuf>,
+        /// How the connection ended. Not shown: it only restates the symptom ("connection
+        /// closed before message completed"); why the daemon stopped is in its log.
+        ended: hyper::Error,
+    },
+    /// The HTTP exchange failed otherwise.
+    #[error("talking to bangerd at {socket} failed")]
     Http {
         /// The socket.
         socket: PathBuf,
-        /// What failed.
-        detail: String,
+        /// The cause.
+        #[source]
+        source: hyper::Error,
+    },
+    /// A request could not be built (a path that is not a valid URI).
+    #[error("invalid request to bangerd for {path:?}")]
+    Request {
+        /// The request path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: hyper::http::Error,
+    },
+    /// The daemon answered with something that is not the expected JSON.
+    #[error("unexpected answer from bangerd at {socket}")]
+    BadAnswer {
+        /// The socket.
+        socket: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
     },
     /// The daemon answered with an error.
     #[error("{message}")]
@@ -60,16 +92,48 @@ pub enum ClientError {
     },
 }
 
+fn log_note(log: Option<&Path>) -> String {
+    log.map(|l| format!(" (see its log at {})", l.display())).unwrap_or_default()
+}
+
+/// Whether a failed exchange means the daemon went away while it had the request: the
+/// connection closed before a whole answer came, or was reset.
+fn daemon_went_away(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = c.source();
+    }
+    false
+}
+
 /// A connection target for the daemon API.
 #[derive(Debug, Clone)]
 pub struct DaemonClient {
     socket: PathBuf,
+    log: Option<PathBuf>,
 }
 
 impl DaemonClient {
     /// A client for the daemon listening on `socket`.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self { socket: socket.into(), log: None }
+    }
+
+    /// The same client, naming the daemon's log in errors.
+    pub fn with_log(mut self, log: impl Into<PathBuf>) -> Self {
+        self.log = Some(log.into());
+        self
     }
 
     /// The socket.
@@ -87,21 +151,30 @@ impl DaemonClient {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })?;
-        let http = |detail: String| ClientError::Http { socket: self.socket.clone(), detail };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http(e.to_string()))?;
+        let http = |source| ClientError::Http { socket: self.socket.clone(), source };
+        // Once the daemon accepted the connection, a connection that ends without an answer
+        // means the daemon stopped.
+        let lost = |source: hyper::Error| {
+            if daemon_went_away(&source) {
+                ClientError::DaemonStopped { log: self.log.clone(), ended: source }
+            } else {
+                ClientError::Http { socket: self.socket.clone(), source }
+            }
+        };
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
         tokio::spawn(conn);
         let has_body = body.is_some();
         let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
         if has_body {
             req = req.header("content-type", "application/json");
         }
-        let req =
-            req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| http(e.to_string()))?;
-        let resp = sender.send_request(req).await.map_err(|e| http(e.to_string()))?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|source| ClientError::Request { path: path.to_owned(), source })?;
+        let resp = sender.send_request(req).await.map_err(lost)?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| http(e.to_string()))?.to_bytes();
+        let bytes = resp.into_body().collect().await.map_err(lost)?.to_bytes();
         Ok((status, bytes))
     }
 
@@ -130,10 +203,8 @@ fn decode<T: DeserializeOwned>(socket: &Path, status: StatusCode, bytes: &[u8]) 
             .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
         return Err(ClientError::Api { status: status.as_u16(), message });
     }
-    serde_json::from_slice(bytes).map_err(|e| ClientError::Http {
-        socket: socket.to_owned(),
-        detail: format!("unexpected answer: {e}"),
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|source| ClientError::BadAnswer { socket: socket.to_owned(), source })
 }
 
 /// The `bangerd` binary to start: beside this executable, else on PATH.
@@ -153,7 +224,7 @@ pub async fn connect_or_start(
     daemon_log: &Path,
     env: &[(&str, std::ffi::OsString)],
 ) -> Result<(DaemonClient, Status), ClientError> {
-    let client = DaemonClient::new(socket);
+    let client = DaemonClient::new(socket).with_log(daemon_log);
     match client.status().await {
         Ok(status) => return Ok((client, status)),
         Err(ClientError::Unreachable { .. }) => {}
@@ -202,5 +273,48 @@ async fn wait_for(client: &DaemonClient, deadline: Instant) -> Result<Status, Cl
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_daemon_that_dies_with_the_request_is_reported_with_what_happens_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("bangerd.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // A "daemon" that reads the request and dies before answering.
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+        });
+        let log = dir.path().join("bangerd.log");
+        let client = DaemonClient::new(&socket).with_log(&log);
+        let err =
+            client.call::<(), serde_json::Value>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap_err();
+        server.await.unwrap();
+        assert!(matches!(err, ClientError::DaemonStopped { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("bangerd stopped while handling the request"), "{msg}");
+        assert!(msg.contains(&log.display().to_string()), "{msg}");
+        assert!(
+            msg.contains("the next banger command starts it again") && msg.contains("banger vm list"),
+            "{msg}"
+        );
+        let shown = format!("{:#}", anyhow::Error::from(err));
+        assert!(!shown.contains("connection closed"), "the cli shows the symptom: {shown}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = DaemonClient::new(dir.path().join("none.sock")).status().await.unwrap_err();
+        assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
     }
 }

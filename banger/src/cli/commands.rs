@@ -67,7 +67,7 @@ impl Ctx {
 }
 
 async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
-    let client = DaemonClient::new(ctx.paths.daemon_socket());
+    let client = DaemonClient::new(ctx.paths.daemon_socket()).with_log(ctx.paths.daemon_log());
     match client.status().await {
         Ok(s) => {
             if json {
@@ -99,7 +99,7 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 async fn daemon_stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
-    let client = DaemonClient::new(ctx.paths.daemon_socket());
+    let client = DaemonClient::new(ctx.paths.daemon_socket()).with_log(ctx.paths.daemon_log());
     let status = match client.status().await {
         Ok(s) => s,
         Err(ClientError::Unreachable { .. }) => {
@@ -121,14 +121,18 @@ async fn daemon_stop(ctx: &Ctx) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn vm_path(name: &str, verb: &str) -> String {
-    // Names are validated by the daemon; escape anything that would change the path.
-    let safe: String = name
-        .bytes()
+/// `name` escaped for one path segment. Names are validated by the daemon; this only keeps
+/// anything else from changing the path.
+fn path_segment(name: &str) -> String {
+    name.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b == b'-' { (b as char).to_string() } else { format!("%{b:02X}") }
         })
-        .collect();
+        .collect()
+}
+
+fn vm_path(name: &str, verb: &str) -> String {
+    let safe = path_segment(name);
     if verb.is_empty() { format!("/v1/vms/{safe}") } else { format!("/v1/vms/{safe}/{verb}") }
 }
 
@@ -352,7 +356,7 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
         ImageCommand::Rm { name } => {
             let _: serde_json::Value =
-                d.call::<(), _>(Method::DELETE, &format!("/v1/images/{name}"), None).await?;
+                d.call::<(), _>(Method::DELETE, &format!("/v1/images/{}", path_segment(&name)), None).await?;
             println!("image {name} removed");
         }
     }
