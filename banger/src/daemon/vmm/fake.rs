@@ -108,6 +108,7 @@ impl Vmm for FakeVmm {
         let r = if self.enter(call, VmmOp::Spawn) {
             Err(VmmError::ExitedEarly {
                 status: "exit status: 1".into(),
+                socket_opened: false,
                 hint: String::new(),
                 tail: "the fake vmm exits at once".into(),
             })

@@ -66,11 +66,16 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM exited before serving its API.
-    #[error("vmm exited ({status}) before opening its api socket{hint}; serial log tail:\n{tail}")]
+    /// The VMM exited before its API answered.
+    #[error(
+        "vmm exited ({status}) {}{hint}; serial log tail:\n{tail}",
+        if *.socket_opened { "after opening its api socket, before it answered" } else { "before opening its api socket" }
+    )]
     ExitedEarly {
         /// How it exited.
         status: String,
+        /// Whether it had created its API socket (a killed VMM leaves the file behind).
+        socket_opened: bool,
         /// A fix, when the log names one.
         hint: String,
         /// The end of its console output.
@@ -230,18 +235,28 @@ pub async fn spawn_direct(spec: SpawnSpec<'_>, relay_exe: &Path) -> Result<Spawn
     wait_for_api(child, spec).await
 }
 
+/// Waits until the API socket answers, the VMM exits, or [`API_SOCKET_TIMEOUT`] passes. The
+/// socket is tried first: a VMM that answered is started even if it exits right after (that is
+/// for the caller's next request to find). A VMM that exited is reported with whether it had
+/// created its socket (any stale one was removed before it started, so the file is its own).
 async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, VmmError> {
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let deadline = Instant::now() + API_SOCKET_TIMEOUT;
     loop {
+        if UnixStream::connect(spec.api_socket).await.is_ok() {
+            return Ok(Spawned { pid });
+        }
         if let Ok(Some(status)) = child.try_wait() {
+            let socket_opened = std::fs::symlink_metadata(spec.api_socket).is_ok();
             // Give the relay a moment to write what the VMM printed last.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let tail = logs::tail(spec.serial_log, 2048).unwrap_or_default();
-            return Err(VmmError::ExitedEarly { status: status.to_string(), hint: device_hint(&tail), tail });
-        }
-        if UnixStream::connect(spec.api_socket).await.is_ok() {
-            return Ok(Spawned { pid });
+            return Err(VmmError::ExitedEarly {
+                status: status.to_string(),
+                socket_opened,
+                hint: device_hint(&tail),
+                tail,
+            });
         }
         if Instant::now() >= deadline {
             let _ = child.start_kill();
@@ -286,6 +301,69 @@ mod tests {
         assert!(e.contains("nope") && e.contains("BANGER_FIRECRACKER"), "{e}");
     }
 
+    /// Writes an executable shell script.
+    fn script(path: &Path, body: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_vmm_killed_after_opening_its_socket_is_not_said_to_have_exited_before() {
+        let dir = tempfile::tempdir().unwrap();
+        // Makes its api socket (`--api-sock PATH` is $2), then is killed before it answers.
+        let vmm = dir.path().join("vmm");
+        script(&vmm, ": > \"$2\"\nkill -9 $$");
+        let relay = dir.path().join("relay");
+        script(&relay, "[ \"$1\" = serial-relay ] && cat > \"$2\"");
+        let spec = SpawnSpec {
+            vmm: &vmm,
+            id: "x",
+            api_socket: &dir.path().join("api.sock"),
+            serial_log: &dir.path().join("serial.log"),
+            serial_cap: 1024,
+        };
+        let e = spawn_direct(spec, &relay).await.unwrap_err();
+        assert!(matches!(e, VmmError::ExitedEarly { socket_opened: true, .. }), "{e:?}");
+        let e = e.to_string();
+        assert!(e.starts_with("vmm exited (signal: 9"), "{e}");
+        assert!(e.contains("after opening its api socket") && !e.contains("before opening"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_answers_is_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = dir.path().join("api.sock");
+        // Something already serves the socket when the vmm looks: the socket is tried first.
+        let vmm = dir.path().join("vmm");
+        script(&vmm, "exec sleep 30");
+        let relay = dir.path().join("relay");
+        script(&relay, "[ \"$1\" = serial-relay ] && cat > \"$2\"");
+        let spec = SpawnSpec {
+            vmm: &vmm,
+            id: "x",
+            api_socket: &api,
+            serial_log: &dir.path().join("serial.log"),
+            serial_cap: 1024,
+        };
+        let server = tokio::spawn({
+            let api = api.clone();
+            async move {
+                // After spawn_direct removed any stale file.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let l = tokio::net::UnixListener::bind(&api).unwrap();
+                loop {
+                    let _ = l.accept().await;
+                }
+            }
+        });
+        let spawned = spawn_direct(spec, &relay).await.unwrap();
+        assert!(spawned.pid > 0);
+        server.abort();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL)
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn early_exit_reports_the_console_tail() {
         let dir = tempfile::tempdir().unwrap();
@@ -312,5 +390,6 @@ mod tests {
         };
         let e = spawn_direct(spec, &relay).await.unwrap_err().to_string();
         assert!(e.contains("exited") && e.contains("KVM object") && e.contains("kvm group"), "{e}");
+        assert!(e.contains("before opening its api socket"), "{e}");
     }
 }
