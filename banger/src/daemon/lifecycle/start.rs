@@ -4,8 +4,8 @@
 //! step fails, the steps made so far (the failed one included, since it may have done part of
 //! its work) are undone in reverse order, and the row goes to `failed` with the reason in
 //! `last_error` (and, if an undo failed, why in `cleanup_pending`, retried later). A store that
-//! cannot record `running` fails the start the same way: a VM is never left running while its
-//! row says otherwise.
+//! cannot record `running` fails the boot step like any other cause: a VM is never left running
+//! while its row says otherwise.
 //!
 //! | step | does | undo |
 //! | --- | --- | --- |
@@ -14,7 +14,7 @@
 //! | personalize | the user's key; hostname, keys and a new host key written into the root; the host key pinned; the row saved | the pin is removed |
 //! | spawn | the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
 //! | configure | the metrics file; machine, kernel and boot arguments, root drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
-//! | boot | `InstanceStart` | none of its own: as above |
+//! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
 //!
 //! The root disk and personalize steps run host tools (copies, `debugfs`, `ssh-keygen`) through
 //! [`GuestPrep`](crate::daemon::guest_prep::GuestPrep), on a blocking thread.
@@ -125,21 +125,9 @@ impl Daemon {
         };
         drop(run);
 
-        let (step, cause, undo) = match failed {
-            None => match self.record(&mut vm, VmState::Running, None, None) {
-                Ok(()) => {
-                    tracing::info!(vm = %vm.name, id = %vm.id, "running");
-                    return Ok(self.view(&vm));
-                }
-                // A VM the store cannot call running is not left running behind its back.
-                Err(e) => {
-                    let mut run = Start::new(self, &mut vm, &image, &vmm_bin);
-                    run.adopt_running();
-                    let undo = run.rollback(StartStep::Boot).await.err().map(|e| chain(&e));
-                    (StartStep::Boot, e, undo)
-                }
-            },
-            Some(f) => f,
+        let Some((step, cause, undo)) = failed else {
+            tracing::info!(vm = %vm.name, id = %vm.id, "running");
+            return Ok(self.view(&vm));
         };
         let last_error = format!("{step} failed: {}", chain(&cause));
         // A store that refuses is logged by `record`, and a row left `starting` is settled by the
@@ -177,13 +165,6 @@ impl<'a> Start<'a> {
             network_made: false,
             pinned: false,
         }
-    }
-
-    /// Takes over a VM whose steps all ran (for undoing them): its handles from the cache.
-    fn adopt_running(&mut self) {
-        self.handles = self.daemon.cache.get(&self.vm.id).unwrap_or_default();
-        self.network_made = true;
-        self.pinned = true;
     }
 
     /// Runs every step in order; the first failure is returned with its step.
@@ -351,9 +332,11 @@ impl<'a> Start<'a> {
         self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)
     }
 
-    /// Boot: `InstanceStart`.
+    /// Boot: `InstanceStart`, then the row says `running`. A store that cannot record it fails
+    /// the step, so a VM never runs while its row says otherwise.
     async fn boot(&mut self) -> Result<(), DaemonError> {
-        self.daemon.vmm.boot(&self.vm.api_socket).await.map_err(DaemonError::vmm_api)
+        self.daemon.vmm.boot(&self.vm.api_socket).await.map_err(DaemonError::vmm_api)?;
+        self.daemon.record(self.vm, VmState::Running, None, None)
     }
 }
 
