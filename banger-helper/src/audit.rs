@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use banger_policy::AuditTarget;
-use banger_protocol::HelperError;
+use banger_policy::{AuditTarget, Peer};
+use banger_protocol::{HelperError, InstallId};
 use serde::Serialize;
 
 /// Why the audit log could not be opened.
@@ -22,6 +22,14 @@ pub struct AuditOpenError {
     #[source]
     pub source: io::Error,
 }
+
+/// The operation of a record about a connection rather than a request: refused over a cap, or
+/// closed without a `Hello` in time.
+pub const OP_CONNECT: &str = "connect";
+
+/// The operation of a record about a frame that could not be read as a request: oversized,
+/// undecodable, or carrying too many descriptors.
+pub const OP_FRAME: &str = "frame";
 
 /// Where records go. Writes are serialized so lines never interleave.
 pub struct AuditLog {
@@ -85,6 +93,15 @@ impl Record {
             code,
             error,
         }
+    }
+}
+
+impl Record {
+    /// The record of a refusal made before the request reached the operations (connection caps,
+    /// the handshake, an unreadable frame), stamped now.
+    pub fn refusal(peer: &Peer, op: &str, error: &HelperError) -> Record {
+        let install = peer.install.as_ref().map(InstallId::as_str);
+        Record::new(peer.uid, peer.pid, install, op, vec![], Err(error))
     }
 }
 

@@ -10,6 +10,9 @@
 //! 4. any frame that is oversized, truncated, undecodable or carries too many descriptors ends
 //!    that connection only (an undecodable one is answered "invalid request" first).
 //!
+//! Every refusal on the way, before `Hello` as after it, is written to the audit log with the
+//! peer's uid and pid ([`crate::audit::Record::refusal`]).
+//!
 //! The number of connections is capped per uid, so one user cannot take every slot, and in total,
 //! so all users together cannot exhaust the helper's descriptors (each connection holds its socket
 //! and at most [`banger_protocol::MAX_FDS_PER_FRAME`] received descriptors at a time). A refused connection
@@ -20,11 +23,13 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use banger_policy::Peer;
 use banger_protocol::frame::{self, FrameError};
 use banger_protocol::{HelperError, Request, Response};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::timeout;
 
+use crate::audit::{OP_CONNECT, OP_FRAME, Record};
 use crate::kernel::Kernel;
 use crate::ops::Helper;
 use crate::peer;
@@ -138,15 +143,37 @@ async fn send(stream: &UnixStream, response: &Response) -> bool {
     }
 }
 
-/// Why a connection ended early, for the log.
-fn frame_problem(e: &FrameError) -> Option<String> {
+/// Records a refusal in the audit log, then answers it.
+async fn refuse<K: Kernel>(helper: &Helper<K>, stream: &UnixStream, peer: &Peer, op: &str, e: HelperError) {
+    helper.audit().write(&Record::refusal(peer, op, &e));
+    send(stream, &Response::Error(e)).await;
+}
+
+/// What to do about a frame that could not be read: `None` when the peer simply went away (closed,
+/// hung up mid-frame, the socket failed), else the refusal to record. Only an undecodable frame is
+/// answered: after an oversized one or one with too many descriptors the stream is out of step.
+fn frame_refusal(e: &FrameError) -> Option<(HelperError, bool)> {
     match e {
-        FrameError::Closed => None,
-        FrameError::Truncated
-        | FrameError::TooLarge(_)
-        | FrameError::TooManyFds
-        | FrameError::Codec(_)
-        | FrameError::Io(_) => Some(e.to_string()),
+        FrameError::Closed | FrameError::Truncated | FrameError::Io(_) => None,
+        FrameError::Codec(_) => Some((HelperError::invalid(e.to_string()), true)),
+        FrameError::TooLarge(_) | FrameError::TooManyFds => {
+            Some((HelperError::invalid(e.to_string()), false))
+        }
+    }
+}
+
+/// Handles a frame that could not be read: records and (if it can) answers a refusal, or logs why
+/// the connection ended.
+async fn bad_frame<K: Kernel>(helper: &Helper<K>, stream: &UnixStream, peer: &Peer, e: &FrameError) {
+    match frame_refusal(e) {
+        Some((refusal, answer)) => {
+            tracing::info!("uid {} pid {}: closing after a bad frame: {e}", peer.uid, peer.pid);
+            helper.audit().write(&Record::refusal(peer, OP_FRAME, &refusal));
+            if answer {
+                send(stream, &Response::Error(refusal)).await;
+            }
+        }
+        None => tracing::debug!("uid {} pid {}: connection ended: {e}", peer.uid, peer.pid),
     }
 }
 
@@ -184,54 +211,14 @@ async fn connection<K: Kernel>(
     };
     if let Some(what) = refused {
         tracing::warn!("refusing a connection: {what}");
-        let e = HelperError::Conflict { what };
-        helper.audit_refusal(&peer, "connect", &e);
-        send(&stream, &Response::Error(e)).await;
+        refuse(&helper, &stream, &peer, OP_CONNECT, HelperError::Conflict { what }).await;
         return;
     }
     let _slot = Slot { counts: counts.clone(), uid: peer.uid };
 
-    match timeout(config.hello_timeout, frame::recv::<Request>(&stream)).await {
-        Err(_) => {
-            tracing::debug!("uid {} pid {}: no hello in time", peer.uid, peer.pid);
-            return;
-        }
-        Ok(Err(e)) => {
-            if let Some(p) = frame_problem(&e) {
-                tracing::info!("uid {} pid {}: bad first frame: {p}", peer.uid, peer.pid);
-                if matches!(e, FrameError::Codec(_)) {
-                    send(&stream, &Response::Error(HelperError::invalid(e.to_string()))).await;
-                }
-            }
-            return;
-        }
-        Ok(Ok((Request::Hello { version, install_id }, fds))) => {
-            if !fds.is_empty() {
-                drop(fds);
-                send(&stream, &Response::Error(HelperError::invalid("hello takes no file descriptors")))
-                    .await;
-                return;
-            }
-            match helper.hello(&mut peer, version, install_id) {
-                Ok(reply) => {
-                    if !send(&stream, &Response::Hello(reply)).await {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    send(&stream, &Response::Error(e)).await;
-                    return;
-                }
-            }
-        }
-        Ok(Ok((other, fds))) => {
-            drop(fds);
-            let e = HelperError::invalid(format!("the first request must be hello, not {}", other.op_name()));
-            send(&stream, &Response::Error(e)).await;
-            return;
-        }
+    if !handshake(&helper, &stream, &mut peer, config.hello_timeout).await {
+        return;
     }
-
     loop {
         let (request, fds) = match timeout(config.idle_timeout, frame::recv::<Request>(&stream)).await {
             Err(_) => {
@@ -239,12 +226,7 @@ async fn connection<K: Kernel>(
                 return;
             }
             Ok(Err(e)) => {
-                if let Some(p) = frame_problem(&e) {
-                    tracing::info!("uid {} pid {}: closing after a bad frame: {p}", peer.uid, peer.pid);
-                    if matches!(e, FrameError::Codec(_)) {
-                        send(&stream, &Response::Error(HelperError::invalid(e.to_string()))).await;
-                    }
-                }
+                bad_frame(&helper, &stream, &peer, &e).await;
                 return;
             }
             Ok(Ok(r)) => r,
@@ -252,6 +234,52 @@ async fn connection<K: Kernel>(
         let response = helper.handle(&peer, request, fds).await;
         if !send(&stream, &response).await {
             return;
+        }
+    }
+}
+
+/// Waits at most `wait` for the first frame, which must be a `Hello` without descriptors that the
+/// helper accepts. Every refusal is recorded and answered; returns whether the connection goes on.
+async fn handshake<K: Kernel>(
+    helper: &Helper<K>,
+    stream: &UnixStream,
+    peer: &mut Peer,
+    wait: Duration,
+) -> bool {
+    match timeout(wait, frame::recv::<Request>(stream)).await {
+        Err(_) => {
+            tracing::debug!("uid {} pid {}: no hello in time", peer.uid, peer.pid);
+            let e = HelperError::invalid(format!(
+                "no hello within {} s of connecting; a client must say hello first",
+                wait.as_secs_f64()
+            ));
+            refuse(helper, stream, peer, OP_CONNECT, e).await;
+            false
+        }
+        Ok(Err(e)) => {
+            bad_frame(helper, stream, peer, &e).await;
+            false
+        }
+        Ok(Ok((Request::Hello { version, install_id }, fds))) => {
+            if !fds.is_empty() {
+                drop(fds);
+                let e = HelperError::invalid("hello takes no file descriptors; all were closed");
+                refuse(helper, stream, peer, "hello", e).await;
+                return false;
+            }
+            match helper.hello(peer, version, install_id) {
+                Ok(reply) => send(stream, &Response::Hello(reply)).await,
+                Err(e) => {
+                    send(stream, &Response::Error(e)).await;
+                    false
+                }
+            }
+        }
+        Ok(Ok((other, fds))) => {
+            drop(fds);
+            let e = HelperError::invalid(format!("the first request must be hello, not {}", other.op_name()));
+            refuse(helper, stream, peer, other.op_name(), e).await;
+            false
         }
     }
 }
@@ -281,10 +309,20 @@ mod tests {
     async fn server_audited(
         config: ServerConfig,
     ) -> (tempfile::TempDir, std::path::PathBuf, Arc<std::sync::Mutex<Vec<u8>>>) {
+        server_for(config, true).await
+    }
+
+    /// A server whose policy admits this process's uid, or nobody, with its audit log.
+    async fn server_for(
+        config: ServerConfig,
+        admit_me: bool,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Arc<std::sync::Mutex<Vec<u8>>>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let mut policy = crate::ops::testing::test_policy();
-        policy.access.users = vec![nix::unistd::getuid().as_raw().to_string()];
+        policy.access.users =
+            if admit_me { vec![nix::unistd::getuid().as_raw().to_string()] } else { vec![] };
+        policy.access.groups = vec![];
         let (audit, records) = AuditLog::memory();
         let helper =
             Arc::new(Helper::new(policy, Arc::new(FakeKernel::new()), Stored::default(), None, audit));
@@ -330,7 +368,91 @@ mod tests {
         let start = Instant::now();
         assert!(matches!(read_frame(&s).await, Err(FrameError::Closed)));
         assert!(start.elapsed() >= Duration::from_millis(250), "{:?}", start.elapsed());
+        let (r, _) = recv::<Response>(&silent).await.unwrap();
+        assert!(
+            matches!(&r, Response::Error(HelperError::InvalidRequest { reason }) if reason.contains("no hello within 0.2 s")),
+            "{r:?}"
+        );
         assert!(matches!(read_frame(&silent).await, Err(FrameError::Closed)));
+    }
+
+    /// Reads the answer to a refused first frame and proves the connection was closed after it.
+    async fn refused(s: &UnixStream) -> Option<Response> {
+        let first = match recv::<Response>(s).await {
+            Ok((r, _)) => Some(r),
+            Err(FrameError::Closed) => return None,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(matches!(read_frame(s).await, Err(FrameError::Closed)));
+        first
+    }
+
+    #[tokio::test]
+    async fn every_refusal_before_hello_is_audited() {
+        let (_dir, path, records) = server_audited(quick()).await;
+        let me = nix::unistd::getuid().as_raw();
+        let invalid = Some("E005");
+        // The first request is not hello.
+        let s = UnixStream::connect(&path).await.unwrap();
+        send(&s, &Request::ListOwned, &[]).await.unwrap();
+        assert!(matches!(refused(&s).await, Some(Response::Error(HelperError::InvalidRequest { .. }))));
+        // Hello with a descriptor.
+        let s = UnixStream::connect(&path).await.unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let req = Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("t").unwrap() };
+        send(&s, &req, &[null.as_fd()]).await.unwrap();
+        assert!(matches!(refused(&s).await, Some(Response::Error(HelperError::InvalidRequest { .. }))));
+        // An undecodable first frame, then an oversized one (closed without an answer).
+        let s = UnixStream::connect(&path).await.unwrap();
+        write_frame(&s, b"hello?", &[]).await.unwrap();
+        assert!(matches!(refused(&s).await, Some(Response::Error(HelperError::InvalidRequest { .. }))));
+        let s = UnixStream::connect(&path).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        let mut w = s;
+        w.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        assert_eq!(refused(&w).await, None);
+        // Silent until the hello timeout.
+        let s = UnixStream::connect(&path).await.unwrap();
+        assert!(matches!(refused(&s).await, Some(Response::Error(HelperError::InvalidRequest { .. }))));
+        // A peer that hangs up before saying anything is not refused: nothing to record.
+        drop(UnixStream::connect(&path).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let got: Vec<_> = audit_lines(&records)
+            .into_iter()
+            .map(|r| {
+                assert_eq!((r.uid, r.pid, r.install.as_deref()), (me, std::process::id() as i32, None));
+                (r.op, r.code, r.error.unwrap_or_default())
+            })
+            .collect();
+        let want = [
+            ("list-owned", "the first request must be hello, not list-owned"),
+            ("hello", "hello takes no file descriptors"),
+            ("frame", "invalid request"),
+            ("frame", "over the"),
+            ("connect", "no hello within 0.2 s"),
+        ];
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for ((op, code, error), (want_op, want_error)) in got.iter().zip(want) {
+            assert_eq!((op.as_str(), code.as_deref()), (want_op, invalid), "{got:?}");
+            assert!(error.contains(want_error), "{error:?} lacks {want_error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_the_policy_does_not_admit_is_refused_and_audited() {
+        let (_dir, path, records) = server_for(quick(), false).await;
+        let s = UnixStream::connect(&path).await.unwrap();
+        let req = Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("t").unwrap() };
+        send(&s, &req, &[]).await.unwrap();
+        let r = refused(&s).await;
+        assert!(
+            matches!(&r, Some(Response::Error(HelperError::Denied { rule, .. })) if rule == "access"),
+            "{r:?}"
+        );
+        let audit = audit_lines(&records);
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!((audit[0].op.as_str(), audit[0].code.as_deref()), ("hello", Some("E001")));
     }
 
     #[tokio::test]

@@ -93,6 +93,86 @@ fn hostile_frames_close_only_their_connection() {
 
 #[test]
 #[ignore = "needs root: the real helper in a network namespace"]
+fn every_refusal_before_hello_is_audited() {
+    if !root_or_skip("every_refusal_before_hello_is_audited") {
+        return;
+    }
+    let (member, stranger) = (61050, 61051);
+    let ns = Netns::new("preaudit");
+    let h = Helper::start(&ns, &policy(&[member], ""));
+    let socket = h.socket.clone();
+    let r = as_uid(member, move || {
+        let raw = || Client { sock: UnixStream::connect(&socket).unwrap() };
+        let mut out = Vec::new();
+        // A request instead of hello.
+        let c = raw();
+        out.push(c.call(Request::ListOwned));
+        out.push(next(&c));
+        // Hello carrying a descriptor.
+        let c = raw();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let hello = Request::Hello {
+            version: banger_protocol::PROTOCOL_VERSION,
+            install_id: banger_protocol::InstallId::new("a").unwrap(),
+        };
+        out.push(c.call_fds(hello, &[std::os::fd::AsFd::as_fd(&null)]));
+        out.push(next(&c));
+        // Garbage, and an oversized length, instead of hello.
+        let c = raw();
+        c.send_raw_frame(b"hello?").unwrap();
+        out.push(next(&c));
+        out.push(next(&c));
+        let c = raw();
+        (&c.sock).write_all(&u32::MAX.to_be_bytes()).unwrap();
+        out.push(next(&c));
+        out
+    });
+    let invalid = |r: &Response| matches!(r, Response::Error(HelperError::InvalidRequest { .. }));
+    assert!(invalid(&r[0]) && r[1] == closed(), "{r:?}");
+    assert!(invalid(&r[2]) && r[3] == closed(), "{r:?}");
+    assert!(invalid(&r[4]) && r[5] == closed(), "{r:?}");
+    assert_eq!(r[6], closed());
+    // A peer the policy does not admit.
+    let r = session(&h, stranger, "s", vec![]);
+    assert!(matches!(&r[0], Response::Error(HelperError::Denied { .. })), "{r:?}");
+
+    // Each refusal left one record naming the uid, the pid, what was refused and why.
+    let want = [
+        (member, "list-owned", "E005", "the first request must be hello"),
+        (member, "hello", "E005", "hello takes no file descriptors"),
+        (member, "frame", "E005", "invalid request"),
+        (member, "frame", "E005", "over the 65536-byte cap"),
+        (stranger, "hello", "E001", "may not use banger-helper"),
+    ];
+    let audit = wait_for_audit(&h, want.len());
+    assert_eq!(audit.len(), want.len(), "{audit:#?}");
+    for (rec, (uid, op, code, why)) in audit.iter().zip(want) {
+        assert_eq!(
+            (rec.uid, rec.op.as_str(), rec.result.as_str(), rec.code.as_deref()),
+            (uid, op, "error", Some(code))
+        );
+        assert!(rec.pid > 1, "{rec:?}");
+        assert!(rec.error.as_deref().unwrap_or("").contains(why), "{rec:?} lacks {why:?}");
+    }
+    drop(h);
+    ns.finish();
+}
+
+/// The helper's audit records once there are at least `n` (the helper writes a record after
+/// answering some refusals), waiting at most 5 s.
+fn wait_for_audit(h: &Helper, n: usize) -> Vec<banger_helper::audit::Record> {
+    let start = std::time::Instant::now();
+    loop {
+        let audit = h.audit();
+        if audit.len() >= n || start.elapsed() > std::time::Duration::from_secs(5) {
+            return audit;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
 fn refused_peers_are_denied_and_disconnected() {
     if !root_or_skip("refused_peers_are_denied_and_disconnected") {
         return;

@@ -165,9 +165,9 @@ impl<K: Kernel> Helper<K> {
         result
     }
 
-    /// Audits a connection refused before any request (e.g. over the connection caps).
-    pub fn audit_refusal(&self, peer: &Peer, op: &str, error: &HelperError) {
-        self.audit.write(&Record::new(peer.uid, peer.pid, None, op, vec![], Err(error)));
+    /// The audit log (the server records refusals made before a request reaches [`Helper::handle`]).
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     fn check_hello(&self, peer: &Peer, request: &Request, version: u32) -> Result<HelloReply, HelperError> {

@@ -245,6 +245,16 @@ impl Helper {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The audit records the helper wrote so far (the test policy sends them to standard error,
+    /// which is the helper's log file, one JSON line each).
+    pub fn audit(&self) -> Vec<banger_helper::audit::Record> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l:?}: {e}")))
+            .collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }
