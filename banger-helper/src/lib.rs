@@ -9,7 +9,8 @@
 //! - [`cli`]: the command line (`serve`, `policy check`, `policy explain`);
 //! - [`serve`]: start-up in order — sanitise the process, read the policy, bind the socket, load
 //!   the ledger, harden ([`hardening`]), then run the [`server`];
-//! - [`server`]: accept loop, peer credentials ([`peer`]), handshake, one task per connection;
+//! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
+//!   one task per connection;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation and a fake;
 //! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;
@@ -26,5 +27,6 @@ pub mod ops;
 pub mod peer;
 pub mod serve;
 pub mod server;
+pub mod slots;
 pub mod sysctl_key;
 pub mod systemd;

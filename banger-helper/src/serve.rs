@@ -239,10 +239,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
         tracing::info!("serving");
         let config = ServerConfig::for_nofile(nofile);
+        let c = &config.caps;
         tracing::info!(
-            "open-file limit {nofile}: at most {} connections, {} per uid",
-            config.max_connections,
-            config.max_connections_per_uid
+            "open-file limit {nofile}: at most {} admitted connections ({} per uid), {} being identified ({} per uid), {} of peers not admitted ({} per uid)",
+            c.admitted.total,
+            c.admitted.per_uid,
+            c.arriving.total,
+            c.arriving.per_uid,
+            c.not_admitted.total,
+            c.not_admitted.per_uid
         );
         server::run(helper, listener, config, shutdown_signal()).await;
         tracing::info!("stopped");

@@ -2,65 +2,103 @@
 //!
 //! A connection goes like this:
 //!
-//! 1. the peer is identified from the socket ([`crate::peer`]); a peer that cannot be is dropped;
-//! 2. the first frame must be `Hello` within [`ServerConfig::hello_timeout`]; the policy and the
-//!    protocol version decide, and a refused peer gets its error and is disconnected;
-//! 3. then each frame is one request answered by one response, in order; a connection idle for
+//! 1. the kernel names the peer (`SO_PEERCRED`, `SO_PEERGROUPS`: [`peer::credentials`]) and the
+//!    connection takes an arriving slot ([`crate::slots`]) at once, in the accept loop; a
+//!    connection over the caps is answered, audited and closed right there, without a task;
+//! 2. the peer's names are looked up ([`peer::Lookups`]), then the policy says whether it admits
+//!    the peer, and the slot moves to the admitted pool or to the small pool of peers not
+//!    admitted (over either pool's caps: refused, audited, closed);
+//! 3. the first frame must be `Hello` within [`ServerConfig::hello_timeout`] (a peer the policy
+//!    does not admit gets only [`ServerConfig::refusal_timeout`], and whatever it sends is
+//!    refused); the policy and the protocol version decide, and a refused peer gets its error and
+//!    is disconnected, its slot given back at once;
+//! 4. then each frame is one request answered by one response, in order; a connection idle for
 //!    [`ServerConfig::idle_timeout`] is closed;
-//! 4. any frame that is oversized, truncated, undecodable or carries too many descriptors ends
+//! 5. any frame that is oversized, truncated, undecodable or carries too many descriptors ends
 //!    that connection only (an undecodable one is answered "invalid request" first).
 //!
 //! Every refusal on the way, before `Hello` as after it, is written to the audit log with the
 //! peer's uid and pid ([`crate::audit::Record::refusal`]).
 //!
-//! The number of connections is capped per uid, so one user cannot take every slot, and in total,
-//! so all users together cannot exhaust the helper's descriptors (each connection holds its socket
-//! and at most [`banger_protocol::MAX_FDS_PER_FRAME`] received descriptors at a time). A refused connection
-//! is answered, audited and closed.
+//! The pools never borrow from each other, and each caps every uid as well as its total, so
+//! peers that are not admitted can never keep admitted users out, and together all connections
+//! cannot exhaust the helper's descriptors ([`ServerConfig::for_nofile`]).
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use banger_policy::Peer;
 use banger_protocol::frame::{self, FrameError};
-use banger_protocol::{HelperError, Request, Response};
+use banger_protocol::{HelperError, MAX_FDS_PER_FRAME, Request, Response};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::timeout;
 
 use crate::audit::{OP_CONNECT, OP_FRAME, Record};
 use crate::kernel::Kernel;
 use crate::ops::Helper;
-use crate::peer;
+use crate::peer::{self, Credentials, Lookups};
+use crate::slots::{Cap, Caps, Pool, Slot, Slots};
 
 /// Limits of the server.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// How long a connection may wait before its `Hello`.
+    /// How long an admitted peer may take to send its `Hello`.
     pub hello_timeout: Duration,
+    /// How long a peer the policy does not admit may take to send its first frame (which is
+    /// refused whatever it is) before it is refused anyway.
+    pub refusal_timeout: Duration,
     /// How long a connection may stay silent between requests.
     pub idle_timeout: Duration,
-    /// Connections one uid may hold at once.
-    pub max_connections_per_uid: usize,
-    /// Connections all uids together may hold at once.
-    pub max_connections: usize,
+    /// How many connections each pool holds, per uid and in total.
+    pub caps: Caps,
+    /// How many account lookups may run at once ([`peer::Lookups`]).
+    pub max_lookups: usize,
+    /// How long a peer waits for its names before it goes by numbers only.
+    pub names_timeout: Duration,
 }
 
-/// Descriptors kept for the helper itself (ledger, audit log, netlink, the tools' pipes).
+/// Descriptors kept for the helper itself (ledger, audit log, netlink, the tools' pipes, the
+/// account lookups in flight).
 const RESERVED_FDS: u64 = 64;
 
-/// Most connections ever allowed at once, whatever the descriptor limit.
+/// Most admitted connections ever allowed at once, whatever the descriptor limit.
 const MAX_CONNECTIONS: usize = 1024;
 
+/// The default caps, when descriptors are plenty.
+const DEFAULT_CAPS: Caps = Caps {
+    arriving: Cap { per_uid: 16, total: 128 },
+    admitted: Cap { per_uid: 64, total: MAX_CONNECTIONS },
+    not_admitted: Cap { per_uid: 2, total: 32 },
+};
+
 impl ServerConfig {
-    /// The default limits, with the total number of connections kept within `nofile`
-    /// descriptors: each connection may hold its socket and a frame's descriptors at once.
+    /// The default limits, with every connection the pools can hold kept within `nofile`
+    /// descriptors: an arriving connection holds its socket; any other may also hold a frame's
+    /// descriptors; one more is the connection the accept loop is refusing.
     pub fn for_nofile(nofile: u64) -> Self {
-        let per_connection = 1 + banger_protocol::MAX_FDS_PER_FRAME as u64;
-        let fit = nofile.saturating_sub(RESERVED_FDS) / per_connection;
-        let max_connections = usize::try_from(fit).unwrap_or(usize::MAX).clamp(1, MAX_CONNECTIONS);
-        ServerConfig { max_connections, ..ServerConfig::default() }
+        let per_connection = 1 + MAX_FDS_PER_FRAME;
+        let budget = usize::try_from(nofile.saturating_sub(RESERVED_FDS + 1)).unwrap_or(usize::MAX);
+        let d = DEFAULT_CAPS;
+        let arriving = (budget / 8).clamp(1, d.arriving.total);
+        let not_admitted = (budget / 40).clamp(1, d.not_admitted.total);
+        let admitted = (budget.saturating_sub(arriving + not_admitted * per_connection) / per_connection)
+            .clamp(1, d.admitted.total);
+        let cap = |c: Cap, total: usize| Cap { per_uid: c.per_uid.min(total), total };
+        let caps = Caps {
+            arriving: cap(d.arriving, arriving),
+            admitted: cap(d.admitted, admitted),
+            not_admitted: cap(d.not_admitted, not_admitted),
+        };
+        ServerConfig { caps, ..ServerConfig::default() }
+    }
+
+    /// The most descriptors the connections can hold at once under these caps.
+    pub fn max_connection_fds(&self) -> usize {
+        let per_connection = 1 + MAX_FDS_PER_FRAME;
+        let c = &self.caps;
+        c.arriving.total + (c.admitted.total + c.not_admitted.total) * per_connection + 1
     }
 }
 
@@ -68,37 +106,11 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             hello_timeout: Duration::from_secs(10),
+            refusal_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
-            max_connections_per_uid: 64,
-            max_connections: MAX_CONNECTIONS,
-        }
-    }
-}
-
-/// Open connections, per uid and in total.
-#[derive(Debug, Default)]
-struct Open {
-    per_uid: HashMap<u32, usize>,
-    total: usize,
-}
-
-type Counts = Arc<Mutex<Open>>;
-
-/// Releases a connection's slot when the connection ends.
-struct Slot {
-    counts: Counts,
-    uid: u32,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_uid.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                c.per_uid.remove(&self.uid);
-            }
+            caps: DEFAULT_CAPS,
+            max_lookups: peer::MAX_LOOKUPS,
+            names_timeout: peer::NAMES_TIMEOUT,
         }
     }
 }
@@ -111,16 +123,20 @@ pub async fn run<K: Kernel>(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) {
-    let counts: Counts = Arc::default();
+    let slots = Slots::new(config.caps);
+    let lookups = Lookups::new(config.max_lookups, config.names_timeout);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    let Some((creds, slot)) = arrive(&helper, &stream, &slots) else { continue };
                     let helper = helper.clone();
                     let config = config.clone();
-                    let counts = counts.clone();
-                    tokio::spawn(async move { connection(helper, stream, config, counts).await });
+                    let lookups = lookups.clone();
+                    tokio::spawn(async move {
+                        connection(helper, stream, config, lookups, creds, slot).await;
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -131,6 +147,30 @@ pub async fn run<K: Kernel>(
         }
     }
     helper.quiesce().await;
+}
+
+/// Reads a new connection's credentials and takes its arriving slot, in the accept loop, before
+/// anything that can wait. A connection over the caps is refused here (recorded, answered if its
+/// socket takes the answer at once, closed), so it never holds a descriptor past this call.
+fn arrive<K: Kernel>(helper: &Helper<K>, stream: &UnixStream, slots: &Slots) -> Option<(Credentials, Slot)> {
+    let creds = match peer::credentials(stream) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("{e}: {:?}", std::error::Error::source(&e));
+            return None;
+        }
+    };
+    match slots.take(Pool::Arriving, creds.uid) {
+        Ok(slot) => Some((creds, slot)),
+        Err(full) => {
+            tracing::debug!("refusing a connection: {full}");
+            let e = HelperError::Conflict { what: full.to_string() };
+            helper.audit().write(&Record::refusal(&creds.peer(), OP_CONNECT, &e));
+            // The socket is non-blocking: an answer that does not fit at once is dropped.
+            let _ = frame::send_blocking(stream.as_fd(), &Response::Error(e), &[]);
+            None
+        }
+    }
 }
 
 async fn send(stream: &UnixStream, response: &Response) -> bool {
@@ -181,42 +221,28 @@ async fn connection<K: Kernel>(
     helper: Arc<Helper<K>>,
     stream: UnixStream,
     config: ServerConfig,
-    counts: Counts,
+    lookups: Lookups,
+    creds: Credentials,
+    arriving: Slot,
 ) {
-    let mut peer = match peer::identify(&stream).await {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!("{e}: {:?}", std::error::Error::source(&e));
+    let mut peer = lookups.identify(creds).await;
+    let admitted = helper.policy().access.admits(&peer).is_some();
+    let (pool, wait) = if admitted {
+        (Pool::Admitted, config.hello_timeout)
+    } else {
+        (Pool::NotAdmitted, config.refusal_timeout)
+    };
+    let _slot = match arriving.move_to(pool) {
+        Ok(slot) => slot,
+        Err(full) => {
+            tracing::debug!("refusing a connection: {full}");
+            refuse(&helper, &stream, &peer, OP_CONNECT, HelperError::Conflict { what: full.to_string() })
+                .await;
             return;
         }
     };
-    let refused = {
-        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
-        let held = c.per_uid.get(&peer.uid).copied().unwrap_or(0);
-        if held >= config.max_connections_per_uid {
-            Some(format!(
-                "uid {} already holds {held} connections to the helper, the most one uid may; close some first",
-                peer.uid
-            ))
-        } else if c.total >= config.max_connections {
-            Some(format!(
-                "the helper already serves {} connections, the most it takes at once; retry shortly",
-                c.total
-            ))
-        } else {
-            *c.per_uid.entry(peer.uid).or_default() += 1;
-            c.total += 1;
-            None
-        }
-    };
-    if let Some(what) = refused {
-        tracing::warn!("refusing a connection: {what}");
-        refuse(&helper, &stream, &peer, OP_CONNECT, HelperError::Conflict { what }).await;
-        return;
-    }
-    let _slot = Slot { counts: counts.clone(), uid: peer.uid };
-
-    if !handshake(&helper, &stream, &mut peer, config.hello_timeout).await {
+    // A peer the policy does not admit is refused by the handshake, whatever it sends.
+    if !handshake(&helper, &stream, &mut peer, wait).await {
         return;
     }
     loop {
@@ -250,7 +276,7 @@ async fn handshake<K: Kernel>(
         Err(_) => {
             tracing::debug!("uid {} pid {}: no hello in time", peer.uid, peer.pid);
             let e = HelperError::invalid(format!(
-                "no hello within {} s of connecting; a client must say hello first",
+                "no hello within {} s; a client must say hello first",
                 wait.as_secs_f64()
             ));
             refuse(helper, stream, peer, OP_CONNECT, e).await;
@@ -353,10 +379,22 @@ mod tests {
     fn quick() -> ServerConfig {
         ServerConfig {
             hello_timeout: Duration::from_millis(200),
+            refusal_timeout: Duration::from_millis(200),
             idle_timeout: Duration::from_millis(300),
-            max_connections_per_uid: 3,
-            max_connections: 5,
+            caps: Caps {
+                arriving: Cap { per_uid: 3, total: 4 },
+                admitted: Cap { per_uid: 3, total: 5 },
+                not_admitted: Cap { per_uid: 1, total: 2 },
+            },
+            ..ServerConfig::default()
         }
+    }
+
+    /// `quick` with other caps for admitted peers.
+    fn admitting(per_uid: usize, total: usize) -> ServerConfig {
+        let mut c = quick();
+        c.caps.admitted = Cap { per_uid, total };
+        c
     }
 
     #[tokio::test]
@@ -502,7 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_in_total_are_capped_and_refusals_audited() {
-        let config = ServerConfig { max_connections_per_uid: 10, max_connections: 2, ..quick() };
+        let config = admitting(10, 2);
         let (_dir, path, records) = server_audited(config).await;
         let held: Vec<UnixStream> = futures::future::join_all((0..2).map(|_| hello(&path))).await;
         let extra = UnixStream::connect(&path).await.unwrap();
@@ -528,11 +566,84 @@ mod tests {
     }
 
     #[test]
-    fn the_total_cap_fits_the_descriptor_limit() {
-        assert_eq!(ServerConfig::for_nofile(1024).max_connections, (1024 - 64) / 5);
-        assert_eq!(ServerConfig::for_nofile(65536).max_connections, 1024);
-        assert_eq!(ServerConfig::for_nofile(10).max_connections, 1);
-        assert_eq!(ServerConfig::for_nofile(65536).max_connections_per_uid, 64);
+    fn the_caps_fit_the_descriptor_limit() {
+        let plenty = ServerConfig::for_nofile(65536);
+        assert_eq!(plenty.caps, DEFAULT_CAPS);
+        assert!(plenty.max_connection_fds() + 64 <= 65536);
+        let tight = ServerConfig::for_nofile(1024);
+        assert_eq!(
+            tight.caps,
+            Caps {
+                arriving: Cap { per_uid: 16, total: 119 },
+                admitted: Cap { per_uid: 64, total: (959 - 119 - 23 * 5) / 5 },
+                not_admitted: Cap { per_uid: 2, total: 23 },
+            }
+        );
+        assert!(tight.max_connection_fds() + 64 <= 1024, "{}", tight.max_connection_fds());
+        let tiny = ServerConfig::for_nofile(10).caps;
+        for cap in [tiny.arriving, tiny.admitted, tiny.not_admitted] {
+            assert_eq!(cap, Cap { per_uid: 1, total: 1 });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_not_admitted_holds_few_slots_and_briefly() {
+        let (_dir, path, records) = server_for(quick(), false).await;
+        // The one slot a uid not admitted may hold, kept silent...
+        let silent = UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...so the next connection is refused at once, without waiting for its hello.
+        let start = Instant::now();
+        let extra = UnixStream::connect(&path).await.unwrap();
+        let r = refused(&extra).await;
+        assert!(start.elapsed() < Duration::from_millis(150), "{:?}", start.elapsed());
+        assert!(
+            matches!(&r, Some(Response::Error(HelperError::Conflict { what })) if what.contains("not admitted")),
+            "{r:?}"
+        );
+        // The silent one is refused after the refusal timeout, and its slot given back.
+        let r = refused(&silent).await;
+        assert!(matches!(&r, Some(Response::Error(HelperError::InvalidRequest { .. }))), "{r:?}");
+        let s = UnixStream::connect(&path).await.unwrap();
+        let req = Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("t").unwrap() };
+        send(&s, &req, &[]).await.unwrap();
+        assert!(matches!(refused(&s).await, Some(Response::Error(HelperError::Denied { .. }))));
+
+        let audit: Vec<_> = audit_lines(&records).into_iter().map(|r| (r.op, r.code.unwrap())).collect();
+        let want = [("connect", "E003"), ("connect", "E005"), ("hello", "E001")];
+        assert_eq!(audit, want.map(|(o, c)| (o.to_owned(), c.to_owned())));
+    }
+
+    #[tokio::test]
+    async fn connections_waiting_for_their_names_are_capped() {
+        // No lookup can start (as when every one is stuck in a database that does not answer).
+        let config = ServerConfig { max_lookups: 0, names_timeout: Duration::from_millis(300), ..quick() };
+        let (_dir, path, records) = server_audited(config).await;
+        let waiting: Vec<UnixStream> = futures::future::join_all((0..3).map(|_| UnixStream::connect(&path)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        let extra = UnixStream::connect(&path).await.unwrap();
+        let r = refused(&extra).await;
+        assert!(start.elapsed() < Duration::from_millis(200), "{:?}", start.elapsed());
+        assert!(
+            matches!(&r, Some(Response::Error(HelperError::Conflict { what })) if what.contains("waiting to be identified")),
+            "{r:?}"
+        );
+        let audit = audit_lines(&records);
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!((audit[0].op.as_str(), audit[0].code.as_deref()), ("connect", Some("E003")));
+        // Past the names timeout the waiting ones go by numbers (the policy lists this uid by
+        // number) and are served.
+        let req = Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("t").unwrap() };
+        for s in &waiting {
+            send(s, &req, &[]).await.unwrap();
+            assert!(matches!(recv::<Response>(s).await.unwrap().0, Response::Hello(_)));
+        }
+        assert_eq!(ping(&waiting[0]).await, Response::Pong);
     }
 
     #[tokio::test]

@@ -470,3 +470,77 @@ fn the_open_file_limit_is_raised_and_bounds_the_connections() {
     drop(h);
     ns.finish();
 }
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn peers_not_admitted_and_greedy_members_cannot_crowd_out_a_member() {
+    if !root_or_skip("peers_not_admitted_and_greedy_members_cannot_crowd_out_a_member") {
+        return;
+    }
+    let (greedy, silent_member, member) = (61056, 61057, 61058);
+    let (silent_stranger, stranger) = (61059, 61060);
+    let ns = Netns::new("crowd");
+    let h = Helper::start(&ns, &policy(&[greedy, silent_member, member], ""));
+    let baseline = open_fds(h.pid());
+    // Each opens more connections than any cap, and then goes idle: strangers (not admitted)
+    // silent or saying hello, a member silent before hello, a member after hello.
+    let held = [
+        hold_connections(&h.socket, silent_stranger, 300, false),
+        hold_connections(&h.socket, stranger, 300, true),
+        hold_connections(&h.socket, silent_member, 300, false),
+        hold_connections(&h.socket, greedy, 300, true),
+    ];
+    for c in &held {
+        assert_eq!(c.opened, 300);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // Another member is still served, at once.
+    let start = std::time::Instant::now();
+    let r = session(&h, member, "m", vec![Request::Ping]);
+    let took = start.elapsed();
+    assert!(matches!(r[0], Response::Hello(_)), "{r:?}\n{}", h.log_text());
+    assert_eq!(r[1], Response::Pong);
+    assert!(took < std::time::Duration::from_secs(1), "served after {took:?}");
+
+    // The helper holds 64 connections for each member and at most 2 for each stranger.
+    let during = open_fds(h.pid());
+    assert!(during <= baseline + 2 * 64 + 2 * 2 + 4, "{during} descriptors open, {baseline} before");
+
+    // Every connection not held was refused once, and recorded: over a cap (`connect`, conflict),
+    // or, saying hello while not admitted, by the policy.
+    let audit = h.audit();
+    let count = |uid: u32, op: &str, code: &str| {
+        audit.iter().filter(|r| r.uid == uid && r.op == op && r.code.as_deref() == Some(code)).count()
+    };
+    let over_cap = |uid| count(uid, "connect", "E003");
+    let summary: Vec<_> = [greedy, silent_member, silent_stranger, stranger]
+        .map(|u| (u, over_cap(u), count(u, "hello", "E001"), count(u, "hello", "ok")))
+        .into();
+    assert_eq!(over_cap(greedy), 300 - 64, "{summary:?}");
+    assert_eq!(audit.iter().filter(|r| r.uid == greedy && r.op == "hello" && r.result == "ok").count(), 64);
+    assert_eq!(over_cap(silent_member), 300 - 64, "{summary:?}");
+    assert_eq!(over_cap(silent_stranger), 300 - 2, "{summary:?}");
+    assert_eq!(over_cap(stranger) + count(stranger, "hello", "E001"), 300, "{summary:?}");
+    let named = audit.iter().filter(|r| r.code.as_deref() == Some("E003")).all(|r| {
+        let e = r.error.as_deref().unwrap_or("");
+        e.contains(&format!("uid {} ", r.uid)) && e.contains("the most one")
+    });
+    assert!(named, "a refusal over a cap does not name the uid's cap");
+
+    // Strangers' slots last only until their refusal: their silent connections are refused
+    // after 2 s.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(open_fds(h.pid()) <= baseline + 2 * 64 + 4);
+    let audit = h.audit();
+    let late = audit
+        .iter()
+        .filter(|r| {
+            r.uid == silent_stranger && r.error.as_deref().unwrap_or("").contains("no hello within 2 s")
+        })
+        .count();
+    assert_eq!(late, 2);
+    drop(held);
+    drop(h);
+    ns.finish();
+}

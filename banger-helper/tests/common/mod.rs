@@ -386,6 +386,70 @@ pub fn as_uid_groups<F: FnOnce() -> Vec<Response>>(uid: u32, groups: &[u32], f: 
     }
 }
 
+/// Connections a child running as `uid` (with the socket group) holds open until this is dropped.
+pub struct HeldConnections {
+    child: Pid,
+    /// How many connections the child opened.
+    pub opened: usize,
+}
+
+/// Opens up to `n` connections to `socket` as `uid`, eight every 10 ms, sending `Hello` on each if
+/// `hello` (without reading any answer), and keeps them open, idle, until the result is dropped.
+pub fn hold_connections(socket: &Path, uid: u32, n: usize, hello: bool) -> HeldConnections {
+    let (ready_rd, ready_wr) = nix::unistd::pipe().unwrap();
+    // SAFETY: the child makes syscalls and allocations only and leaves with _exit.
+    match unsafe { fork() }.unwrap() {
+        ForkResult::Child => {
+            drop(ready_rd);
+            // SAFETY: alarm only arms a timer.
+            unsafe { libc::alarm(60) };
+            let ok = nix::unistd::setgroups(&[Gid::from_raw(SOCKET_GID)]).is_ok()
+                && nix::unistd::setresgid(Gid::from_raw(uid), Gid::from_raw(uid), Gid::from_raw(uid)).is_ok()
+                && nix::unistd::setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid)).is_ok();
+            let mut held = Vec::new();
+            let req =
+                Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new("held").unwrap() };
+            while ok && held.len() < n {
+                let Ok(sock) = UnixStream::connect(socket) else { break };
+                if hello {
+                    // A connection the helper refused at once may already be closed: no matter.
+                    let _ = send_blocking(sock.as_fd(), &req, &[]);
+                }
+                held.push(sock);
+                // Paced, so that slots are taken by identified peers, not only by arriving ones.
+                if held.len() % 8 == 0 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let mut w = std::fs::File::from(ready_wr);
+            let _ = w.write_all(&(held.len() as u32).to_le_bytes());
+            drop(w);
+            // Killed when the parent is done with the connections (or by the alarm).
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+        ForkResult::Parent { child } => {
+            drop(ready_wr);
+            let mut b = [0u8; 4];
+            std::fs::File::from(ready_rd).read_exact(&mut b).unwrap();
+            HeldConnections { child, opened: u32::from_le_bytes(b) as usize }
+        }
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        let _ = kill(self.child, Signal::SIGKILL);
+        let _ = waitpid(self.child, None);
+    }
+}
+
+/// How many descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
 /// [`as_uid_with`] with the socket group.
 pub fn as_uid<F: FnOnce() -> Vec<Response>>(uid: u32, f: F) -> Vec<Response> {
     as_uid_with(uid, true, f)
