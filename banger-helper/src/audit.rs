@@ -1,15 +1,22 @@
-//! The audit log: one JSON line per request — when, who (uid, pid, install), which operation, the
+//! The audit log: one JSON line per record — when, who (uid, pid, install), which operation, the
 //! kernel names the helper derived for it, and how it ended.
+//!
+//! Every change and every refusal has a record of its own. Routine successes (requests that read
+//! and change nothing, [`routine`]) are summarised per connection and operation
+//! ([`Summaries`]): the first one is recorded, the ones after it are counted, and the count is
+//! written as one summary record at most every interval and when the connection closes. So a
+//! peer repeating cheap requests cannot flood the log (and make a rate-limiting journal drop
+//! other users' records), and nothing it did goes uncounted.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use banger_policy::{AuditTarget, Peer};
-use banger_protocol::{HelperError, InstallId};
+use banger_protocol::{HelperError, InstallId, Request};
 use serde::Serialize;
 
 /// Why the audit log could not be opened.
@@ -66,6 +73,13 @@ pub struct Record {
     /// The error message, on error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// On a summary: how many more successes of this operation the connection had since `since`
+    /// that have no record of their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// On a summary: the time of the first success it counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 impl Record {
@@ -92,6 +106,8 @@ impl Record {
             result: result.to_owned(),
             code,
             error,
+            count: None,
+            since: None,
         }
     }
 }
@@ -141,6 +157,112 @@ impl AuditLog {
             tracing::error!("cannot write audit record: {e}");
         }
     }
+}
+
+/// Whether a success of `request` is routine: it reads or answers and changes nothing, so its
+/// successes may be summarised. Anything that changes the kernel or the ledger, and the handshake,
+/// always has a record of its own (and so does every refusal, whatever the request).
+pub fn routine(request: &Request) -> bool {
+    match request {
+        Request::Ping | Request::ListOwned => true,
+        Request::Hello { .. }
+        | Request::LeaseSubnet
+        | Request::TapCreate { .. }
+        | Request::TapDelete { .. }
+        | Request::NatUp { .. }
+        | Request::NatDown { .. }
+        | Request::SysctlSet { .. }
+        | Request::LoopAttach { .. }
+        | Request::LoopDetach { .. }
+        | Request::TeardownVms { .. } => false,
+    }
+}
+
+/// One connection's routine successes not yet written, per operation.
+#[derive(Debug)]
+struct Tally {
+    /// The record of the first success (who, which operation).
+    first: Record,
+    /// When the last record of this operation was written.
+    written: Instant,
+    /// Successes counted since then.
+    count: u64,
+    /// The time of the first of them.
+    since: String,
+}
+
+/// The audit of one connection: writes each record, except routine successes after the first of
+/// their operation, which it counts and writes as one summary (a record with `count` and
+/// `since`) once `every` has passed since that operation's last record, and at
+/// [`Summaries::flush`] when the connection closes.
+#[derive(Debug)]
+pub struct Summaries {
+    every: Duration,
+    /// One per routine operation seen on the connection (at most one per [`routine`] request).
+    tallies: Vec<Tally>,
+}
+
+impl Summaries {
+    /// Summaries written at most every `every` per operation.
+    pub fn new(every: Duration) -> Summaries {
+        Summaries { every, tallies: Vec::new() }
+    }
+
+    /// Writes `record` to `log`, unless it is a routine success (`routine`: [`routine`] of its
+    /// request) of an operation already recorded on this connection: that one is counted.
+    pub fn record(&mut self, log: &AuditLog, record: Record, routine: bool, now: Instant) {
+        if !routine || record.result != "ok" {
+            log.write(&record);
+            return;
+        }
+        match self.tallies.iter_mut().find(|t| t.first.op == record.op) {
+            None => {
+                log.write(&record);
+                self.tallies.push(Tally { first: record, written: now, count: 0, since: String::new() });
+            }
+            Some(t) => {
+                if t.count == 0 {
+                    t.since = record.time;
+                }
+                t.count += 1;
+            }
+        }
+        self.flush_due(log, now);
+    }
+
+    /// When the next summary is due, if any success is counted.
+    pub fn due(&self) -> Option<Instant> {
+        self.tallies.iter().filter(|t| t.count > 0).map(|t| t.written + self.every).min()
+    }
+
+    /// Writes the summaries due at `now`.
+    pub fn flush_due(&mut self, log: &AuditLog, now: Instant) {
+        for t in &mut self.tallies {
+            if t.count > 0 && now >= t.written + self.every {
+                write_summary(log, t, now);
+            }
+        }
+    }
+
+    /// Writes every count still pending (the connection is closing).
+    pub fn flush(&mut self, log: &AuditLog) {
+        let now = Instant::now();
+        for t in &mut self.tallies {
+            if t.count > 0 {
+                write_summary(log, t, now);
+            }
+        }
+    }
+}
+
+fn write_summary(log: &AuditLog, t: &mut Tally, now: Instant) {
+    let mut summary =
+        Record::new(t.first.uid, t.first.pid, t.first.install.as_deref(), &t.first.op, vec![], Ok(()));
+    summary.count = Some(t.count);
+    summary.since = Some(std::mem::take(&mut t.since));
+    log.write(&summary);
+    t.count = 0;
+    t.written = now;
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, AuditOpenError> {
@@ -217,6 +339,107 @@ mod tests {
         assert_eq!(lines[0].names, vec!["bg0123".to_owned()]);
         assert_eq!(lines[1].code.as_deref(), Some("E004"));
         assert!(lines[1].error.as_deref().unwrap().contains("taps"));
+    }
+
+    fn ok(op: &str) -> Record {
+        Record::new(1000, 42, Some("home"), op, vec![], Ok(()))
+    }
+
+    fn lines(buf: &Mutex<Vec<u8>>) -> Vec<Record> {
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// (op, result, count) of each record.
+    fn kept(buf: &Mutex<Vec<u8>>) -> Vec<(String, String, Option<u64>)> {
+        lines(buf).into_iter().map(|r| (r.op, r.result, r.count)).collect()
+    }
+
+    fn k(op: &str, result: &str, count: Option<u64>) -> (String, String, Option<u64>) {
+        (op.to_owned(), result.to_owned(), count)
+    }
+
+    #[test]
+    fn routine_successes_are_counted_changes_and_refusals_recorded() {
+        let (log, buf) = AuditLog::memory();
+        let mut s = Summaries::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let denied = HelperError::Denied { rule: "access".into(), reason: "no".into() };
+        for i in 0..1000 {
+            s.record(&log, ok("ping"), true, t0 + Duration::from_millis(i));
+        }
+        s.record(&log, ok("tap-create"), false, t0);
+        s.record(&log, ok("tap-create"), false, t0);
+        s.record(&log, Record::new(1000, 42, Some("home"), "ping", vec![], Err(&denied)), true, t0);
+        s.record(&log, Record::new(1000, 42, Some("home"), "ping", vec![], Err(&denied)), true, t0);
+        s.record(&log, ok("list-owned"), true, t0);
+        s.record(&log, ok("list-owned"), true, t0);
+        assert_eq!(
+            kept(&buf),
+            [
+                k("ping", "ok", None),
+                k("tap-create", "ok", None),
+                k("tap-create", "ok", None),
+                k("ping", "error", None),
+                k("ping", "error", None),
+                k("list-owned", "ok", None),
+            ]
+        );
+        assert_eq!(s.due(), Some(t0 + Duration::from_secs(60)));
+        s.flush(&log);
+        let all = lines(&buf);
+        assert_eq!(all.len(), 8);
+        let (ping, list) = (&all[6], &all[7]);
+        assert_eq!((ping.op.as_str(), ping.result.as_str(), ping.count), ("ping", "ok", Some(999)));
+        assert_eq!((ping.uid, ping.pid, ping.install.as_deref()), (1000, 42, Some("home")));
+        assert!(ping.since.as_deref().is_some_and(|t| t <= ping.time.as_str()), "{ping:?}");
+        assert_eq!((list.op.as_str(), list.count), ("list-owned", Some(1)));
+        // Nothing left to write.
+        s.flush(&log);
+        assert_eq!(s.due(), None);
+        assert_eq!(lines(&buf).len(), 8);
+    }
+
+    #[test]
+    fn a_summary_at_most_every_interval() {
+        let (log, buf) = AuditLog::memory();
+        let every = Duration::from_secs(10);
+        let mut s = Summaries::new(every);
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // One ping a second for 25 s: the first recorded, then one summary each 10 s.
+        for sec in 0..25 {
+            s.record(&log, ok("ping"), true, at(sec));
+        }
+        assert_eq!(kept(&buf), [k("ping", "ok", None), k("ping", "ok", Some(10)), k("ping", "ok", Some(10))]);
+        assert_eq!(s.due(), Some(at(30)));
+        // A summary falls due while the connection is quiet.
+        s.flush_due(&log, at(29));
+        assert_eq!(lines(&buf).len(), 3);
+        s.flush_due(&log, at(30));
+        assert_eq!(lines(&buf).last().unwrap().count, Some(4));
+        assert_eq!(s.due(), None);
+        // After a quiet interval the next success is written at once, as a summary of one.
+        s.record(&log, ok("ping"), true, at(100));
+        assert_eq!(lines(&buf).len(), 5);
+        assert_eq!(lines(&buf).last().unwrap().count, Some(1));
+        s.record(&log, ok("ping"), true, at(101));
+        s.flush(&log);
+        assert_eq!(kept(&buf)[5..], [k("ping", "ok", Some(1))]);
+    }
+
+    #[test]
+    fn only_reads_are_routine() {
+        let vm = banger_protocol::VmId::new("v").unwrap();
+        assert!(routine(&Request::Ping) && routine(&Request::ListOwned));
+        for r in [
+            Request::LeaseSubnet,
+            Request::TapCreate { vm: vm.clone() },
+            Request::NatUp { vm: vm.clone() },
+            Request::TeardownVms { vms: vec![vm] },
+        ] {
+            assert!(!routine(&r), "{r:?}");
+        }
     }
 
     #[test]

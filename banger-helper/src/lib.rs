@@ -14,7 +14,8 @@
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation and a fake;
 //! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;
-//! - [`ledger_store`]: the ownership ledger on disk; [`audit`]: one JSON line per request.
+//! - [`ledger_store`]: the ownership ledger on disk; [`audit`]: one JSON line per request (routine
+//!   successes summarised per connection).
 
 pub mod audit;
 pub mod cli;

@@ -18,7 +18,8 @@
 //!    that connection only (an undecodable one is answered "invalid request" first).
 //!
 //! Every refusal on the way, before `Hello` as after it, is written to the audit log with the
-//! peer's uid and pid ([`crate::audit::Record::refusal`]).
+//! peer's uid and pid ([`crate::audit::Record::refusal`]); each request's record goes through the
+//! connection's [`Summaries`], which count routine successes instead of writing each one.
 //!
 //! The pools never borrow from each other, and each caps every uid as well as its total, so
 //! peers that are not admitted can never keep admitted users out, and together all connections
@@ -35,7 +36,7 @@ use banger_protocol::{HelperError, MAX_FDS_PER_FRAME, Request, Response};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::timeout;
 
-use crate::audit::{OP_CONNECT, OP_FRAME, Record};
+use crate::audit::{self, OP_CONNECT, OP_FRAME, Record, Summaries};
 use crate::kernel::Kernel;
 use crate::ops::Helper;
 use crate::peer::{self, Credentials, Lookups};
@@ -57,6 +58,9 @@ pub struct ServerConfig {
     pub max_lookups: usize,
     /// How long a peer waits for its names before it goes by numbers only.
     pub names_timeout: Duration,
+    /// How often at most a connection's routine successes are summarised in the audit log, per
+    /// operation ([`Summaries`]).
+    pub audit_summary_every: Duration,
 }
 
 /// Descriptors kept for the helper itself (ledger, audit log, netlink, the tools' pipes, the
@@ -111,6 +115,7 @@ impl Default for ServerConfig {
             caps: DEFAULT_CAPS,
             max_lookups: peer::MAX_LOOKUPS,
             names_timeout: peer::NAMES_TIMEOUT,
+            audit_summary_every: Duration::from_secs(60),
         }
     }
 }
@@ -245,20 +250,50 @@ async fn connection<K: Kernel>(
     if !handshake(&helper, &stream, &mut peer, wait).await {
         return;
     }
+    let mut summaries = Summaries::new(config.audit_summary_every);
+    requests(&helper, &stream, &peer, config.idle_timeout, &mut summaries).await;
+    summaries.flush(helper.audit());
+}
+
+/// Serves a connection's requests, one at a time, until it closes, sends a bad frame or stays
+/// idle for `idle`. While waiting for a request, writes the audit summaries that fall due.
+async fn requests<K: Kernel>(
+    helper: &Helper<K>,
+    stream: &UnixStream,
+    peer: &Peer,
+    idle: Duration,
+    summaries: &mut Summaries,
+) {
     loop {
-        let (request, fds) = match timeout(config.idle_timeout, frame::recv::<Request>(&stream)).await {
-            Err(_) => {
+        // One read for the whole wait: cancelling it half-way would lose a frame's bytes.
+        let recv = frame::recv::<Request>(stream);
+        let idle_at = tokio::time::sleep(idle);
+        tokio::pin!(recv, idle_at);
+        let received = loop {
+            let due = summaries.due().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                r = &mut recv => break Some(r),
+                () = &mut idle_at => break None,
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                    summaries.flush_due(helper.audit(), tokio::time::Instant::now().into_std());
+                }
+            }
+        };
+        let (request, fds) = match received {
+            None => {
                 tracing::debug!("uid {} pid {}: idle, closing", peer.uid, peer.pid);
                 return;
             }
-            Ok(Err(e)) => {
-                bad_frame(&helper, &stream, &peer, &e).await;
+            Some(Err(e)) => {
+                bad_frame(helper, stream, peer, &e).await;
                 return;
             }
-            Ok(Ok(r)) => r,
+            Some(Ok(r)) => r,
         };
-        let response = helper.handle(&peer, request, fds).await;
-        if !send(&stream, &response).await {
+        let routine = audit::routine(&request);
+        let (response, record) = helper.respond(peer, request, fds).await;
+        summaries.record(helper.audit(), record, routine, tokio::time::Instant::now().into_std());
+        if !send(stream, &response).await {
             return;
         }
     }
@@ -563,6 +598,70 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = hello(&path).await;
         assert_eq!(ping(&s).await, Response::Pong);
+    }
+
+    /// (op, result, count) of each audit record.
+    fn kept(records: &std::sync::Mutex<Vec<u8>>) -> Vec<(String, String, Option<u64>)> {
+        audit_lines(records).into_iter().map(|r| (r.op, r.result, r.count)).collect()
+    }
+
+    fn k(op: &str, result: &str, count: Option<u64>) -> (String, String, Option<u64>) {
+        (op.to_owned(), result.to_owned(), count)
+    }
+
+    #[tokio::test]
+    async fn routine_successes_are_summarised_when_the_connection_closes() {
+        let (_dir, path, records) = server_audited(ServerConfig::default()).await;
+        let s = hello(&path).await;
+        for _ in 0..1000 {
+            assert_eq!(ping(&s).await, Response::Pong);
+        }
+        send(&s, &Request::LeaseSubnet, &[]).await.unwrap();
+        assert!(matches!(recv::<Response>(&s).await.unwrap().0, Response::Lease(_)));
+        for _ in 0..3 {
+            send(&s, &Request::ListOwned, &[]).await.unwrap();
+            assert!(matches!(recv::<Response>(&s).await.unwrap().0, Response::Owned(_)));
+        }
+        let before_close = kept(&records);
+        assert_eq!(
+            before_close,
+            [
+                k("hello", "ok", None),
+                k("ping", "ok", None),
+                k("lease-subnet", "ok", None),
+                k("list-owned", "ok", None)
+            ]
+        );
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let all = audit_lines(&records);
+        assert_eq!(kept(&records)[4..], [k("ping", "ok", Some(999)), k("list-owned", "ok", Some(2))]);
+        let me = (nix::unistd::getuid().as_raw(), std::process::id() as i32, Some("t"));
+        for r in &all {
+            assert_eq!((r.uid, r.pid, r.install.as_deref()), me, "{r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_summary_falls_due_while_the_connection_is_quiet() {
+        let config = ServerConfig {
+            audit_summary_every: Duration::from_millis(100),
+            idle_timeout: Duration::from_secs(5),
+            ..quick()
+        };
+        let (_dir, path, records) = server_audited(config).await;
+        let s = hello(&path).await;
+        for _ in 0..3 {
+            assert_eq!(ping(&s).await, Response::Pong);
+        }
+        assert_eq!(kept(&records), [k("hello", "ok", None), k("ping", "ok", None)]);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(kept(&records), [k("hello", "ok", None), k("ping", "ok", None), k("ping", "ok", Some(2))]);
+        // The connection is still served, and its next requests counted again.
+        assert_eq!(ping(&s).await, Response::Pong);
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(kept(&records).len(), 4);
     }
 
     #[test]

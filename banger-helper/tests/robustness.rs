@@ -544,3 +544,53 @@ fn peers_not_admitted_and_greedy_members_cannot_crowd_out_a_member() {
     drop(h);
     ns.finish();
 }
+
+#[test]
+#[ignore = "needs root: the real helper in a network namespace"]
+fn routine_successes_are_summarised_and_everything_else_kept() {
+    if !root_or_skip("routine_successes_are_summarised_and_everything_else_kept") {
+        return;
+    }
+    let a = 61061;
+    let ns = Netns::new("auditflood");
+    let h = Helper::start(&ns, &policy(&[a], ""));
+    let mut reqs: Vec<Request> = (0..500).map(|_| Request::Ping).collect();
+    reqs.push(Request::LeaseSubnet);
+    reqs.extend((0..499).map(|_| Request::Ping));
+    reqs.push(Request::SysctlSet { key: "kernel.panic".into(), value: "1".into() });
+    reqs.extend((0..3).map(|_| Request::ListOwned));
+    reqs.push(Request::TapCreate { vm: vm("x") });
+    reqs.push(Request::TapDelete { vm: vm("x") });
+    let r = session(&h, a, "flood", reqs);
+    assert!(matches!(r[0], Response::Hello(_)), "{r:?}");
+    assert_eq!(r.iter().filter(|r| **r == Response::Pong).count(), 999);
+    assert!(matches!(&r[1001], Response::Error(HelperError::Denied { .. })), "{:?}", r[1001]);
+    assert!(matches!(r[1006], Response::Done), "{:?}", r[1006]);
+
+    // The session's connection is closed: its summaries are written.
+    let want: Vec<(&str, &str, Option<u64>)> = vec![
+        ("hello", "ok", None),
+        ("ping", "ok", None),
+        ("lease-subnet", "ok", None),
+        ("sysctl-set", "error", None),
+        ("list-owned", "ok", None),
+        ("tap-create", "ok", None),
+        ("tap-delete", "ok", None),
+        ("ping", "ok", Some(998)),
+        ("list-owned", "ok", Some(2)),
+    ];
+    let audit = wait_for_audit(&h, want.len());
+    let got: Vec<_> = audit.iter().map(|r| (r.op.as_str(), r.result.as_str(), r.count)).collect();
+    assert_eq!(got, want);
+    for rec in &audit {
+        assert_eq!((rec.uid, rec.install.as_deref()), (a, Some("flood")), "{rec:?}");
+    }
+    let summary = &audit[7];
+    assert!(
+        summary.since.as_deref().is_some_and(|s| s >= audit[1].time.as_str() && s <= summary.time.as_str())
+    );
+    assert_eq!(audit[5].names, audit[6].names, "the TAP's name, in both records");
+    assert!(ns.taps().is_empty());
+    drop(h);
+    ns.finish();
+}

@@ -187,17 +187,25 @@ impl<K: Kernel> Helper<K> {
     /// Handles one request of a peer that has said hello, with the descriptors that came with it,
     /// and writes its audit record.
     pub async fn handle(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> Response {
+        let (response, record) = self.respond(peer, request, fds).await;
+        self.audit.write(&record);
+        response
+    }
+
+    /// [`Helper::handle`], handing the audit record back instead of writing it (the server
+    /// summarises a connection's routine successes, see [`crate::audit::Summaries`]).
+    pub async fn respond(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> (Response, Record) {
         let mut names = Vec::new();
         let result = self.dispatch(peer, &request, fds, &mut names).await;
-        self.audit.write(&Record::new(
+        let record = Record::new(
             peer.uid,
             peer.pid,
             peer.install.as_ref().map(InstallId::as_str),
             request.op_name(),
             names,
             result.as_ref().map(|_| ()),
-        ));
-        result.unwrap_or_else(Response::Error)
+        );
+        (result.unwrap_or_else(Response::Error), record)
     }
 
     async fn dispatch(
