@@ -7,8 +7,8 @@
 //! Map of the crate:
 //!
 //! - [`cli`]: the command line (`serve`, `policy check`, `policy explain`);
-//! - [`serve`]: start-up in order — sanitise the process, read the policy, bind the socket, load
-//!   the ledger, harden ([`hardening`]), then run the [`server`];
+//! - [`serve`]: start-up in order — sanitise the process, read the policy, bind the socket
+//!   ([`socket`]), load the ledger, harden ([`hardening`]), then run the [`server`];
 //! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
 //!   one task per connection;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
@@ -29,5 +29,6 @@ pub mod peer;
 pub mod serve;
 pub mod server;
 pub mod slots;
+pub mod socket;
 pub mod sysctl_key;
 pub mod systemd;

@@ -4,8 +4,9 @@
 //! 2. raise the soft open-file limit to the hard one; take systemd's socket if one was passed,
 //!    close every other inherited descriptor, empty the environment;
 //! 3. read the policy; resolve the socket group;
-//! 4. bind the socket (mode 0660, the policy's group) unless systemd passed one; open the state
-//!    directory (locked against a second helper) and load the ledger; open the audit log;
+//! 4. bind the socket unless systemd passed one ([`crate::socket`]: a root-owned 0755 directory,
+//!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
+//!    (locked against a second helper) and load the ledger; open the audit log;
 //! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities, landlock,
 //!    seccomp — everything after this runs confined, including the runtime's threads;
 //! 6. start the runtime, open the kernel access, reconcile the ledger with the kernel, serve until
@@ -13,13 +14,12 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use banger_policy::{Policy, PolicyError};
-use nix::unistd::{Gid, Group};
+use nix::unistd::Group;
 
 use crate::audit::{AuditLog, AuditOpenError};
 use crate::hardening::{self, HardeningError, Sandbox};
@@ -28,6 +28,7 @@ use crate::kernel::linux::{LinuxKernel, LinuxKernelError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
 use crate::server::{self, ServerConfig};
+use crate::socket::{self, SocketError};
 use crate::sysctl_key::SysctlKey;
 use crate::systemd::{self, SystemdError};
 
@@ -61,21 +62,9 @@ pub enum ServeError {
         "socket group `{0}` does not exist: create it with `groupadd --system {0}` and add the users who may run VMs, or name another group in the policy's access.socket_group"
     )]
     NoGroup(String),
-    /// Binding the socket failed.
-    #[error("cannot listen on {path}")]
-    Socket {
-        /// The socket path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// Another helper answers on the socket.
-    #[error("another banger-helper is already serving {0}; stop it or choose another --socket")]
-    AlreadyServing(PathBuf),
-    /// The socket path is taken by something else.
-    #[error("{0} exists and is not a socket; remove it or choose another --socket")]
-    NotASocket(PathBuf),
+    /// The socket could not be made or used.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     /// The ledger could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -129,34 +118,6 @@ pub fn socket_gid(group: &str) -> Result<u32, ServeError> {
     }
 }
 
-/// Binds the helper socket: 0660, owned by root and `gid`. A stale socket left by a helper that
-/// is gone is replaced; one that still answers is not.
-pub fn bind_socket(path: &Path, gid: u32) -> Result<UnixListener, ServeError> {
-    let sock_err = |source| ServeError::Socket { path: path.to_owned(), source };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(sock_err)?;
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServeError::AlreadyServing(path.to_owned()));
-            }
-            std::fs::remove_file(path).map_err(sock_err)?;
-        }
-        Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(sock_err(e)),
-    }
-    // Bind with a umask that leaves the socket reachable by root alone until its group is set.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound.map_err(sock_err)?;
-    std::os::unix::fs::chown(path, Some(0), Some(Gid::from_raw(gid).as_raw())).map_err(sock_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(sock_err)?;
-    Ok(listener)
-}
-
 /// Whether the iptables tools in use are the legacy backend (which needs `/run/xtables.lock`).
 fn legacy_iptables() -> bool {
     SAFE_PATH
@@ -185,12 +146,10 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         }
         None => {
             let gid = socket_gid(&policy.access.socket_group)?;
-            bind_socket(&opts.socket, gid)?
+            socket::bind(&opts.socket, gid)?
         }
     };
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
+    listener.set_nonblocking(true).map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
     let (store, stored) = LedgerStore::open(&opts.state_dir)?;
     let audit = AuditLog::open(&policy.audit.target)?;
     let xtables_lock = if legacy_iptables() {
@@ -236,7 +195,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
             tracing::warn!("reconcile: {e}");
         }
         let listener = tokio::net::UnixListener::from_std(listener)
-            .map_err(|source| ServeError::Socket { path: opts.socket.clone(), source })?;
+            .map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
         tracing::info!("serving");
         let config = ServerConfig::for_nofile(nofile);
         let c = &config.caps;

@@ -172,8 +172,29 @@ impl Helper {
         policy: &str,
         soft_nofile: Option<u64>,
     ) -> Helper {
-        let socket = dir.path().join("helper.sock");
-        let state = dir.path().join("state");
+        let (socket, state) = (dir.path().join("helper.sock"), dir.path().join("state"));
+        Self::launch(ns, dir, policy, socket, state, soft_nofile)
+    }
+
+    /// Starts the helper with its policy and log in `dir`, on `socket`, with its state in `state`.
+    pub fn start_at(
+        ns: &Netns,
+        dir: tempfile::TempDir,
+        policy: &str,
+        socket: PathBuf,
+        state: PathBuf,
+    ) -> Helper {
+        Self::launch(ns, dir, policy, socket, state, None)
+    }
+
+    fn launch(
+        ns: &Netns,
+        dir: tempfile::TempDir,
+        policy: &str,
+        socket: PathBuf,
+        state: PathBuf,
+        soft_nofile: Option<u64>,
+    ) -> Helper {
         let log = dir.path().join("helper.log");
         let policy_file = dir.path().join("policy.toml");
         std::fs::write(&policy_file, policy).unwrap();
@@ -206,10 +227,19 @@ impl Helper {
         Self::command(ns, socket, policy, state, log).spawn().unwrap()
     }
 
-    /// The command [`Helper::spawn`] runs.
+    /// The command [`Helper::spawn`] runs, with a umask of 077 (as `sudo` may leave it, and as
+    /// the unit sets it).
     pub fn command(ns: &str, socket: &Path, policy: &Path, state: &Path, log: &Path) -> Command {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(log).unwrap();
         let mut cmd = Command::new("ip");
+        // SAFETY: the closure runs between fork and exec and only calls umask.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
         cmd.args(["netns", "exec", ns, HELPER, "serve", "--socket"])
             .arg(socket)
             .arg("--policy")
