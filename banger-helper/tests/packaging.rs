@@ -1,0 +1,109 @@
+//! The systemd units, README and the helper agree: the binary the units run is where README
+//! installs it, the socket unit makes the socket and its directory as the helper does by hand,
+//! README's by-hand command names the units' paths, and `systemd-analyze verify` accepts the
+//! units (where systemd-analyze is installed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger_helper::cli::{DEFAULT_SOCKET, DEFAULT_STATE_DIR};
+use banger_helper::socket::{DIR_MODE, SOCKET_MODE};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(repo().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The values of `key=` in a unit file, in order.
+fn values(unit: &str, key: &str) -> Vec<String> {
+    let prefix = format!("{key}=");
+    unit.lines().filter_map(|l| l.strip_prefix(&prefix)).map(str::to_owned).collect()
+}
+
+fn value(unit: &str, key: &str) -> String {
+    let v = values(unit, key);
+    assert_eq!(v.len(), 1, "{key}= {v:?}");
+    v[0].clone()
+}
+
+/// Where README installs the helper: the directory of `install ... target/release/banger-helper DIR/`.
+fn readme_helper_path(readme: &str) -> String {
+    let line = readme
+        .lines()
+        .find(|l| l.contains("install") && l.contains("target/release/banger-helper"))
+        .expect("README installs banger-helper");
+    let dir = line.split_whitespace().last().unwrap().trim_end_matches('/');
+    format!("{dir}/banger-helper")
+}
+
+#[test]
+fn the_units_run_the_binary_readme_installs() {
+    let service = read("packaging/banger-helper.service");
+    let helper = readme_helper_path(&read("README.md"));
+    assert_eq!(helper, "/usr/local/bin/banger-helper");
+    let policy = banger_policy::DEFAULT_POLICY_PATH;
+    assert_eq!(value(&service, "ExecStartPre"), format!("{helper} policy check {policy}"));
+    assert_eq!(
+        value(&service, "ExecStart"),
+        format!("{helper} serve --policy {policy} --state-dir {DEFAULT_STATE_DIR}")
+    );
+    assert_eq!(format!("/var/lib/{}", value(&service, "StateDirectory")), DEFAULT_STATE_DIR);
+    assert!(
+        read("SECURITY.md").contains(&format!("running `{helper}`")),
+        "SECURITY.md names the unit's binary"
+    );
+}
+
+#[test]
+fn the_socket_unit_makes_what_the_helper_makes_by_hand() {
+    let socket = read("packaging/banger-helper.socket");
+    assert_eq!(value(&socket, "ListenStream"), DEFAULT_SOCKET);
+    assert_eq!(value(&socket, "SocketUser"), "root");
+    assert_eq!(value(&socket, "SocketGroup"), banger_policy::Policy::default_policy().access.socket_group);
+    assert_eq!(value(&socket, "SocketMode"), format!("{SOCKET_MODE:04o}"));
+    assert_eq!(value(&socket, "DirectoryMode"), format!("{DIR_MODE:04o}"));
+}
+
+#[test]
+fn readme_starts_by_hand_what_the_units_start() {
+    let readme = read("README.md");
+    let start = readme.find("sudo banger-helper serve").expect("README's by-hand command");
+    let command: String = readme[start..].lines().take(2).collect::<Vec<_>>().join(" ").replace('\\', " ");
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let arg = |flag: &str| words.iter().position(|w| *w == flag).map(|i| words[i + 1]);
+    assert_eq!(arg("--policy"), Some(banger_policy::DEFAULT_POLICY_PATH), "{command}");
+    assert_eq!(arg("--socket"), Some(DEFAULT_SOCKET), "{command}");
+    assert_eq!(arg("--state-dir"), Some(DEFAULT_STATE_DIR), "{command}");
+}
+
+#[test]
+fn systemd_accepts_the_units() {
+    let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("systemd-analyze is not installed, and CI=true: the units must be verified in CI");
+        }
+        eprintln!("SKIPPED: systemd_accepts_the_units needs systemd-analyze");
+        return;
+    };
+    assert!(out.status.success());
+    // The units as installed, except that the service runs the binary just built (verify checks
+    // that the command exists).
+    let dir = tempfile::tempdir().unwrap();
+    let helper = readme_helper_path(&read("README.md"));
+    let service =
+        read("packaging/banger-helper.service").replace(&helper, env!("CARGO_BIN_EXE_banger-helper"));
+    std::fs::write(dir.path().join("banger-helper.service"), service).unwrap();
+    std::fs::copy(repo().join("packaging/banger-helper.socket"), dir.path().join("banger-helper.socket"))
+        .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("banger-helper.socket"))
+        .arg(dir.path().join("banger-helper.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+}
