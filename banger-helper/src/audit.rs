@@ -194,7 +194,7 @@ struct Tally {
 /// The audit of one connection: writes each record, except routine successes after the first of
 /// their operation, which it counts and writes as one summary (a record with `count` and
 /// `since`) once `every` has passed since that operation's last record, and at
-/// [`Summaries::flush`] when the connection closes.
+/// [`Summaries::flush`] when the connection ends.
 #[derive(Debug)]
 pub struct Summaries {
     every: Duration,

@@ -36,7 +36,7 @@ use banger_protocol::{HelperError, MAX_FDS_PER_FRAME, Request, Response};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::time::timeout;
 
-use crate::audit::{self, OP_CONNECT, OP_FRAME, Record, Summaries};
+use crate::audit::{self, AuditLog, OP_CONNECT, OP_FRAME, Record, Summaries};
 use crate::kernel::Kernel;
 use crate::ops::Helper;
 use crate::peer::{self, Credentials, Lookups};
@@ -250,9 +250,21 @@ async fn connection<K: Kernel>(
     if !handshake(&helper, &stream, &mut peer, wait).await {
         return;
     }
-    let mut summaries = Summaries::new(config.audit_summary_every);
-    requests(&helper, &stream, &peer, config.idle_timeout, &mut summaries).await;
-    summaries.flush(helper.audit());
+    let mut pending = Pending { log: helper.audit(), summaries: Summaries::new(config.audit_summary_every) };
+    requests(&helper, &stream, &peer, config.idle_timeout, &mut pending.summaries).await;
+}
+
+/// A connection's audit summaries, written out when the connection ends, however it ends (also
+/// when the runtime drops the task at shutdown).
+struct Pending<'a> {
+    log: &'a AuditLog,
+    summaries: Summaries,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.summaries.flush(self.log);
+    }
 }
 
 /// Serves a connection's requests, one at a time, until it closes, sends a bad frame or stays
@@ -662,6 +674,24 @@ mod tests {
         drop(s);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(kept(&records).len(), 4);
+    }
+
+    #[test]
+    fn counts_are_written_when_the_helper_stops() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (_dir, path, records) = rt.block_on(server_audited(ServerConfig::default()));
+        let client = rt.block_on(async {
+            let s = hello(&path).await;
+            for _ in 0..3 {
+                assert_eq!(ping(&s).await, Response::Pong);
+            }
+            s
+        });
+        assert_eq!(kept(&records), [k("hello", "ok", None), k("ping", "ok", None)]);
+        // The runtime stops with the connection still open (as at shutdown).
+        drop(rt);
+        assert_eq!(kept(&records), [k("hello", "ok", None), k("ping", "ok", None), k("ping", "ok", Some(2))]);
+        drop(client);
     }
 
     #[test]
