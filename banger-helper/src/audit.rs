@@ -166,14 +166,9 @@ pub fn routine(request: &Request) -> bool {
     match request {
         Request::Ping | Request::ListOwned => true,
         Request::Hello { .. }
-        | Request::LeaseSubnet
         | Request::TapCreate { .. }
-        | Request::TapDelete { .. }
         | Request::NatUp { .. }
-        | Request::NatDown { .. }
-        | Request::SysctlSet { .. }
         | Request::LoopAttach { .. }
-        | Request::LoopDetach { .. }
         | Request::TeardownVms { .. } => false,
     }
 }
@@ -433,7 +428,7 @@ mod tests {
         let vm = banger_protocol::VmId::new("v").unwrap();
         assert!(routine(&Request::Ping) && routine(&Request::ListOwned));
         for r in [
-            Request::LeaseSubnet,
+            Request::Hello { version: 2, install_id: banger_protocol::InstallId::new("i").unwrap() },
             Request::TapCreate { vm: vm.clone() },
             Request::NatUp { vm: vm.clone() },
             Request::TeardownVms { vms: vec![vm] },

@@ -1,14 +1,18 @@
-//! The ownership ledger on disk and in memory.
+//! The ownership ledger on disk.
 //!
 //! The ledger (the policy crate's [`Ledger`]) says which uid, install and VM every helper-made
-//! object belongs to, and which lease each uid holds. It lives in `<state-dir>/ledger.json` and is
-//! replaced atomically on every change: written to a temporary file, fsynced, renamed over the
-//! old one, and the directory fsynced. A lock file keeps a second helper off the same state dir.
+//! object belongs to (with each loop device's backing file identity and each entry's state), and
+//! which lease each uid holds. It lives in two files of the state directory, held by a third:
 //!
-//! Beside the ledger the helper keeps the identity (device, inode) of each loop device's backing
-//! file, per ledger entry (owner, install, VM, role and device), so a loop number that was
-//! released and reused is never taken for the caller's, and one owner's record never vouches for
-//! another's device.
+//! - `leases.json`: the leases; replaced atomically and durably (temporary file, fsync, rename,
+//!   directory fsync) whenever they change, which happens once per new uid;
+//! - `objects.json`: the objects; replaced atomically (temporary file, rename) on every change,
+//!   not fsynced: the objects live in the kernel and disappear on reboot, and after a power loss
+//!   an unreadable file is read as empty, which is what the kernel then holds;
+//! - `lock`: flocked while the helper runs, so a second helper refuses the same state directory.
+//!
+//! Files of the earlier format (1), which kept loop backing identities in a list beside the
+//! entries, are read and migrated into the entries.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -17,7 +21,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use banger_policy::{Ledger, LedgerEntry, Object, ObjectKind};
+use banger_policy::{FileId, Ledger, LedgerEntry, Object};
 use banger_protocol::{InstallId, LoopRole, VmId};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -25,7 +29,8 @@ use serde::{Deserialize, Serialize};
 const LEASES: &str = "leases.json";
 const OBJECTS: &str = "objects.json";
 const LOCK: &str = "lock";
-const FORMAT: u32 = 1;
+/// 2: loop backing identities inside the loop entries, entry states.
+const FORMAT: u32 = 2;
 
 /// Why the ledger could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -66,123 +71,6 @@ pub enum StoreError {
     },
 }
 
-/// The identity of a loop device's backing file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Backing {
-    /// Device of the file.
-    pub dev: u64,
-    /// Inode of the file.
-    pub ino: u64,
-}
-
-/// The backing file identity of one loop entry of the ledger.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoopBacking {
-    /// The entry's owner.
-    pub uid: u32,
-    /// The entry's install.
-    pub install: InstallId,
-    /// The entry's VM.
-    pub vm: VmId,
-    /// The entry's role.
-    pub role: LoopRole,
-    /// The entry's device.
-    pub device: String,
-    /// The file it was attached to.
-    pub backing: Backing,
-}
-
-impl LoopBacking {
-    fn is_for(&self, e: &LedgerEntry) -> bool {
-        matches!(&e.object, Object::Loop { role, device, .. }
-            if (self.uid, &self.install, &self.vm, self.role, &self.device) == (e.uid, &e.install, &e.vm, *role, device))
-    }
-}
-
-/// What the state file holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stored {
-    /// Format version of this file.
-    pub format: u32,
-    /// The ownership ledger.
-    pub ledger: Ledger,
-    /// Backing file identity of every loop entry in the ledger.
-    #[serde(default)]
-    pub loop_backings: Vec<LoopBacking>,
-}
-
-impl Stored {
-    /// The entry of this kind for this VM.
-    pub fn find(&self, uid: u32, install: &InstallId, vm: &VmId, kind: ObjectKind) -> Option<&LedgerEntry> {
-        self.ledger.find(uid, install, vm, kind)
-    }
-
-    /// Removes the entry of this kind for this VM (and a loop device's backing identity),
-    /// returning it.
-    pub fn remove(
-        &mut self,
-        uid: u32,
-        install: &InstallId,
-        vm: &VmId,
-        kind: ObjectKind,
-    ) -> Option<LedgerEntry> {
-        let e = self.ledger.remove(uid, install, vm, kind)?;
-        self.loop_backings.retain(|b| !b.is_for(&e));
-        Some(e)
-    }
-
-    /// Removes `entry` exactly (and its backing identity), if the ledger has it.
-    pub fn remove_entry(&mut self, entry: &LedgerEntry) {
-        self.ledger.entries.retain(|e| e != entry);
-        self.loop_backings.retain(|b| !b.is_for(entry));
-    }
-
-    /// The backing file identity recorded for this loop entry.
-    pub fn backing_of(&self, entry: &LedgerEntry) -> Option<Backing> {
-        self.loop_backings.iter().find(|b| b.is_for(entry)).map(|b| b.backing)
-    }
-
-    /// Records a loop entry with its backing identity. Every other entry naming the same device,
-    /// of any owner, is stale (the device was free to attach) and is removed; they are returned.
-    pub fn insert_loop(&mut self, entry: LedgerEntry, backing: Backing) -> Vec<LedgerEntry> {
-        let Object::Loop { role, device, .. } = &entry.object else {
-            self.insert(entry);
-            return Vec::new();
-        };
-        let (role, device) = (*role, device.clone());
-        let stale: Vec<LedgerEntry> = self
-            .ledger
-            .entries
-            .iter()
-            .filter(|e| matches!(&e.object, Object::Loop { device: d, .. } if *d == device))
-            .cloned()
-            .collect();
-        for e in &stale {
-            self.remove_entry(e);
-        }
-        self.loop_backings.push(LoopBacking {
-            uid: entry.uid,
-            install: entry.install.clone(),
-            vm: entry.vm.clone(),
-            role,
-            device,
-            backing,
-        });
-        self.insert(entry);
-        stale
-    }
-
-    /// Whether any entry, of any owner, holds the TAP `name`.
-    pub fn ledger_names_tap(&self, name: &str) -> bool {
-        self.ledger.entries.iter().any(|e| matches!(&e.object, Object::Tap { name: n, .. } if n == name))
-    }
-
-    /// Adds an entry (replacing one of the same VM and kind).
-    pub fn insert(&mut self, entry: LedgerEntry) {
-        self.ledger.insert(entry);
-    }
-}
-
 /// `leases.json`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct LeasesFile {
@@ -195,39 +83,60 @@ struct LeasesFile {
 struct ObjectsFile {
     format: u32,
     entries: Vec<LedgerEntry>,
-    /// Backing identities by device path, as earlier versions wrote them: read, never written.
+    /// Format 1: backing identities per loop entry, beside the entries. Read, never written.
     #[serde(default, skip_serializing)]
-    loop_backing: BTreeMap<String, Backing>,
-    #[serde(default)]
-    loop_backings: Vec<LoopBacking>,
+    loop_backings: Vec<LoopBackingV1>,
+    /// Format 1 as first written: backing identities by device path. Read, never written.
+    #[serde(default, skip_serializing)]
+    loop_backing: BTreeMap<String, FileId>,
 }
 
-/// Backing identities by device path (earlier versions) as per-entry ones: kept only where exactly
-/// one entry names the device; an ambiguous one is dropped (the device then counts as not the
-/// entry's unless its node still belongs to the entry's owner).
-fn migrate_backings(entries: &[LedgerEntry], legacy: BTreeMap<String, Backing>) -> Vec<LoopBacking> {
-    legacy
-        .into_iter()
-        .filter_map(|(path, backing)| {
-            let mut naming = entries.iter().filter_map(|e| match &e.object {
-                Object::Loop { role, device, .. } if *device == path => Some((e, *role)),
-                _ => None,
-            });
-            let (e, role) = naming.next()?;
-            if naming.next().is_some() {
-                tracing::warn!("{path} is named by several ledger entries; its backing identity is dropped");
-                return None;
+/// A backing identity as format 1 kept it, beside its entry.
+#[derive(Debug, Deserialize)]
+struct LoopBackingV1 {
+    uid: u32,
+    install: InstallId,
+    vm: VmId,
+    role: LoopRole,
+    device: String,
+    backing: FileId,
+}
+
+/// Moves format-1 backing identities into their loop entries. An identity by device path is used
+/// only where exactly one entry names the device. A loop entry whose identity is unknown cannot
+/// be recognised on its device any more: it is left out, with a warning naming the device.
+fn migrate(objects: ObjectsFile) -> Vec<LedgerEntry> {
+    let ObjectsFile { format, mut entries, loop_backings, loop_backing } = objects;
+    if format >= FORMAT {
+        return entries;
+    }
+    let named = |device: &str| {
+        entries.iter().filter(|e| matches!(&e.object, Object::Loop { device: d, .. } if d == device)).count()
+    };
+    let by_path: BTreeMap<String, FileId> =
+        loop_backing.into_iter().filter(|(device, _)| named(device) == 1).collect();
+    entries.retain_mut(|e| {
+        let Object::Loop { role, device, backing, .. } = &mut e.object else { return true };
+        let found = loop_backings
+            .iter()
+            .find(|b| (b.uid, &b.install, &b.vm, b.role, &b.device) == (e.uid, &e.install, &e.vm, *role, &*device))
+            .map(|b| b.backing)
+            .or_else(|| by_path.get(device.as_str()).copied());
+        match found {
+            Some(id) => {
+                *backing = id;
+                true
             }
-            Some(LoopBacking {
-                uid: e.uid,
-                install: e.install.clone(),
-                vm: e.vm.clone(),
-                role,
-                device: path,
-                backing,
-            })
-        })
-        .collect()
+            None => {
+                tracing::warn!(
+                    "ledger of format {format}: {device} of uid {} has no backing identity; left out of the ledger",
+                    e.uid
+                );
+                false
+            }
+        }
+    });
+    entries
 }
 
 /// The ledger files of one state directory, held exclusively while the helper runs.
@@ -253,7 +162,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, S
 impl LedgerStore {
     /// Opens (creating, mode 0700) the state directory, locks it and loads the ledger (empty when
     /// there is none yet).
-    pub fn open(dir: &Path) -> Result<(LedgerStore, Stored), StoreError> {
+    pub fn open(dir: &Path) -> Result<(LedgerStore, Ledger), StoreError> {
         let dir_err = |source| StoreError::Dir { path: dir.to_owned(), source };
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(dir_err)?;
         let lock = OpenOptions::new()
@@ -284,14 +193,8 @@ impl LedgerStore {
             }
             Err(e) => return Err(e),
         };
-        let mut loop_backings = objects.loop_backings;
-        loop_backings.extend(migrate_backings(&objects.entries, objects.loop_backing));
-        let stored = Stored {
-            format: FORMAT,
-            ledger: Ledger { leases: leases.leases.clone(), entries: objects.entries },
-            loop_backings,
-        };
-        Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, stored))
+        let ledger = Ledger { leases: leases.leases.clone(), entries: migrate(objects) };
+        Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, ledger))
     }
 
     /// The state directory.
@@ -326,25 +229,21 @@ impl LedgerStore {
         Ok(())
     }
 
-    /// Saves `stored`: the leases durably when they changed, the objects always.
-    pub fn save(&mut self, stored: &Stored) -> Result<(), StoreError> {
+    /// Saves `ledger`: the leases durably when they changed, the objects always.
+    pub fn save(&mut self, ledger: &Ledger) -> Result<(), StoreError> {
         let encode_err = |path: &str, e: serde_json::Error| StoreError::Io {
             action: "write",
             path: self.dir.join(path),
             source: io::Error::other(e),
         };
-        if stored.ledger.leases != self.synced_leases {
-            let file = LeasesFile { format: FORMAT, leases: stored.ledger.leases.clone() };
+        if ledger.leases != self.synced_leases {
+            let file = LeasesFile { format: FORMAT, leases: ledger.leases.clone() };
             let bytes = to_json(&file).map_err(|e| encode_err(LEASES, e))?;
             self.replace(LEASES, &bytes, true)?;
             self.synced_leases = file.leases;
         }
-        let objects = ObjectsFile {
-            format: FORMAT,
-            entries: stored.ledger.entries.clone(),
-            loop_backing: BTreeMap::new(),
-            loop_backings: stored.loop_backings.clone(),
-        };
+        let objects =
+            ObjectsFile { format: FORMAT, entries: ledger.entries.clone(), ..ObjectsFile::default() };
         let bytes = to_json(&objects).map_err(|e| encode_err(OBJECTS, e))?;
         self.replace(OBJECTS, &bytes, false)
     }
@@ -361,12 +260,13 @@ fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
 mod tests {
     use std::net::Ipv4Addr;
 
+    use banger_policy::{EntryState, ObjectKind};
     use banger_protocol::LoopRole;
 
     use super::*;
 
     fn entry(uid: u32, vm: &str, object: Object) -> LedgerEntry {
-        LedgerEntry { uid, install: InstallId::new("home").unwrap(), vm: VmId::new(vm).unwrap(), object }
+        LedgerEntry::new(uid, InstallId::new("home").unwrap(), VmId::new(vm).unwrap(), object)
     }
 
     fn tap(slot: u32) -> Object {
@@ -378,27 +278,27 @@ mod tests {
         }
     }
 
+    fn lp(role: LoopRole, device: &str, backing: FileId) -> Object {
+        Object::Loop { role, device: device.into(), read_only: true, backing }
+    }
+
     #[test]
     fn saves_and_loads_atomically() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
-        let (mut store, mut stored) = LedgerStore::open(&state).unwrap();
-        assert_eq!(stored.format, FORMAT);
-        stored.ledger.leases.insert(1000, 3);
-        stored.insert(entry(1000, "a", tap(0)));
-        stored.insert_loop(
-            entry(
-                1000,
-                "a",
-                Object::Loop { role: LoopRole::Base, device: "/dev/loop3".into(), read_only: true },
-            ),
-            Backing { dev: 1, ino: 2 },
-        );
-        store.save(&stored).unwrap();
+        let (mut store, mut ledger) = LedgerStore::open(&state).unwrap();
+        ledger.leases.insert(1000, 3);
+        ledger.insert(entry(1000, "a", tap(0)));
+        let mut intent = entry(1000, "a", lp(LoopRole::Base, "/dev/loop3", FileId { dev: 1, ino: 2 }));
+        intent.state = EntryState::Intent;
+        ledger.insert(intent);
+        store.save(&ledger).unwrap();
         assert!(!state.join("objects.json.tmp").exists() && !state.join("leases.json.tmp").exists());
         drop(store);
         let (_store, again) = LedgerStore::open(&state).unwrap();
-        assert_eq!(again, stored);
+        assert_eq!(again, ledger);
+        let text = fs::read_to_string(state.join(OBJECTS)).unwrap();
+        assert!(text.contains("\"format\": 2") && !text.contains("loop_backings"), "{text}");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
         for f in [LEASES, OBJECTS] {
@@ -427,98 +327,75 @@ mod tests {
     fn an_unreadable_objects_file_reads_as_empty_and_leases_stay() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut store, mut stored) = LedgerStore::open(dir.path()).unwrap();
-            stored.ledger.leases.insert(7, 1);
-            stored.insert(entry(7, "a", tap(0)));
-            store.save(&stored).unwrap();
+            let (mut store, mut ledger) = LedgerStore::open(dir.path()).unwrap();
+            ledger.leases.insert(7, 1);
+            ledger.insert(entry(7, "a", tap(0)));
+            store.save(&ledger).unwrap();
         }
         fs::write(dir.path().join(OBJECTS), b"").unwrap();
-        let (_store, stored) = LedgerStore::open(dir.path()).unwrap();
-        assert!(stored.ledger.entries.is_empty());
-        assert_eq!(stored.ledger.leases.get(&7), Some(&1));
+        let (_store, ledger) = LedgerStore::open(dir.path()).unwrap();
+        assert!(ledger.entries.is_empty());
+        assert_eq!(ledger.leases.get(&7), Some(&1));
     }
 
     #[test]
     fn leases_are_rewritten_only_when_they_change() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut store, mut stored) = LedgerStore::open(dir.path()).unwrap();
-        stored.ledger.leases.insert(7, 1);
-        store.save(&stored).unwrap();
+        let (mut store, mut ledger) = LedgerStore::open(dir.path()).unwrap();
+        ledger.leases.insert(7, 1);
+        store.save(&ledger).unwrap();
         let first = fs::metadata(dir.path().join(LEASES)).unwrap().modified().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        stored.insert(entry(7, "a", tap(0)));
-        store.save(&stored).unwrap();
+        ledger.insert(entry(7, "a", tap(0)));
+        store.save(&ledger).unwrap();
         assert_eq!(fs::metadata(dir.path().join(LEASES)).unwrap().modified().unwrap(), first);
         let text = fs::read_to_string(dir.path().join(OBJECTS)).unwrap();
         assert!(text.contains("\"entries\""), "{text}");
     }
 
+    /// A file of format 1, with identities in a list beside the entries and, older still, by
+    /// device path: each lands in its entry; an entry with none is left out.
     #[test]
-    fn remove_forgets_a_loop_devices_backing() {
-        let mut s = Stored::default();
-        s.insert_loop(
-            entry(
-                1,
-                "a",
-                Object::Loop { role: LoopRole::Cow, device: "/dev/loop1".into(), read_only: false },
-            ),
-            Backing { dev: 1, ino: 1 },
-        );
-        let home = InstallId::new("home").unwrap();
-        let a = VmId::new("a").unwrap();
-        assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
-        assert!(s.find(1, &home, &a, ObjectKind::Loop(LoopRole::Base)).is_none());
-        assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_some());
-        assert!(s.loop_backings.is_empty());
-        assert!(s.remove(1, &home, &a, ObjectKind::Loop(LoopRole::Cow)).is_none());
-    }
-
-    fn lp(role: LoopRole, device: &str) -> Object {
-        Object::Loop { role, device: device.into(), read_only: true }
-    }
-
-    #[test]
-    fn a_new_loop_entry_replaces_every_stale_one_naming_its_device_and_keeps_its_own_backing() {
-        let mut s = Stored::default();
-        let a = entry(1, "a", lp(LoopRole::Base, "/dev/loop1"));
-        let a_other = entry(1, "a", lp(LoopRole::Cow, "/dev/loop2"));
-        assert!(s.insert_loop(a.clone(), Backing { dev: 1, ino: 1 }).is_empty());
-        s.insert_loop(a_other.clone(), Backing { dev: 1, ino: 2 });
-        let b = entry(2, "b", lp(LoopRole::Base, "/dev/loop1"));
-        let stale = s.insert_loop(b.clone(), Backing { dev: 9, ino: 9 });
-        assert_eq!(stale, vec![a.clone()]);
-        assert_eq!(s.backing_of(&a), None, "a's identity must not vouch for b's device");
-        assert_eq!(s.backing_of(&b), Some(Backing { dev: 9, ino: 9 }));
-        assert_eq!(s.backing_of(&a_other), Some(Backing { dev: 1, ino: 2 }));
-        assert_eq!(s.ledger.entries.len(), 2);
-        // Removing b's entry leaves a's other device alone.
-        s.remove(
-            2,
-            &InstallId::new("home").unwrap(),
-            &VmId::new("b").unwrap(),
-            ObjectKind::Loop(LoopRole::Base),
-        );
-        assert_eq!(s.loop_backings.len(), 1);
-    }
-
-    #[test]
-    fn backings_by_device_from_earlier_versions_are_migrated_when_unambiguous() {
+    fn format_1_files_are_migrated() {
         let dir = tempfile::tempdir().unwrap();
-        let one = entry(1, "a", lp(LoopRole::Base, "/dev/loop1"));
-        let two =
-            [entry(1, "b", lp(LoopRole::Base, "/dev/loop2")), entry(2, "c", lp(LoopRole::Cow, "/dev/loop2"))];
+        let old = |vm: &str, role: &str, device: &str| {
+            serde_json::json!({ "uid": 1, "install": "home", "vm": vm,
+                "object": { "Loop": { "role": role, "device": device, "read_only": true } } })
+        };
         let legacy = serde_json::json!({
             "format": 1,
-            "entries": [one, two[0], two[1]],
-            "loop_backing": { "/dev/loop1": { "dev": 1, "ino": 1 }, "/dev/loop2": { "dev": 2, "ino": 2 } },
+            "entries": [
+                old("a", "Base", "/dev/loop1"),
+                old("b", "Cow", "/dev/loop2"),
+                old("c", "Base", "/dev/loop3"),
+                old("d", "Cow", "/dev/loop3"),
+                { "uid": 1, "install": "home", "vm": "t", "object": { "Tap": {
+                    "name": "bg0000000000000", "slot": 0, "host_ip": "172.30.0.1", "guest_ip": "172.30.0.2" } } },
+            ],
+            "loop_backings": [{ "uid": 1, "install": "home", "vm": "a", "role": "Base",
+                "device": "/dev/loop1", "backing": { "dev": 1, "ino": 1 } }],
+            "loop_backing": { "/dev/loop2": { "dev": 2, "ino": 2 }, "/dev/loop3": { "dev": 3, "ino": 3 } },
         });
         fs::write(dir.path().join(OBJECTS), serde_json::to_vec(&legacy).unwrap()).unwrap();
-        let (mut store, stored) = LedgerStore::open(dir.path()).unwrap();
-        assert_eq!(stored.backing_of(&one), Some(Backing { dev: 1, ino: 1 }));
-        assert_eq!(stored.backing_of(&two[0]), None);
-        assert_eq!(stored.backing_of(&two[1]), None);
-        store.save(&stored).unwrap();
-        let text = fs::read_to_string(dir.path().join(OBJECTS)).unwrap();
-        assert!(!text.contains("\"loop_backing\""), "{text}");
+        let (mut store, ledger) = LedgerStore::open(dir.path()).unwrap();
+        let home = InstallId::new("home").unwrap();
+        let backing = |vm: &str, role| match &ledger
+            .find(1, &home, &VmId::new(vm).unwrap(), ObjectKind::Loop(role))?
+            .object
+        {
+            Object::Loop { backing, .. } => Some(*backing),
+            _ => None,
+        };
+        assert_eq!(backing("a", LoopRole::Base), Some(FileId { dev: 1, ino: 1 }));
+        assert_eq!(backing("b", LoopRole::Cow), Some(FileId { dev: 2, ino: 2 }));
+        assert_eq!((backing("c", LoopRole::Base), backing("d", LoopRole::Cow)), (None, None), "ambiguous");
+        assert_eq!(ledger.entries.len(), 3);
+        assert!(ledger.entries.iter().all(|e| e.state == EntryState::Settled));
+        store.save(&ledger).unwrap();
+        let (_, again) = {
+            drop(store);
+            LedgerStore::open(dir.path()).unwrap()
+        };
+        assert_eq!(again, ledger);
     }
 }

@@ -1,8 +1,8 @@
 //! `banger-helper`: the minimal root helper of banger.
 //!
 //! It answers typed requests from unprivileged `bangerd` daemons over a unix socket and does only
-//! small, audited kernel operations for them: TAPs, NAT rules, allowlisted sysctls and loop
-//! devices, each checked against the admin's policy and an ownership ledger.
+//! small, audited kernel operations for them: TAPs, NAT rules and loop devices, each decided by
+//! the admin's policy (`banger_policy::authorize`) and recorded in an ownership ledger.
 //!
 //! Map of the crate:
 //!
@@ -12,7 +12,8 @@
 //! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
 //!   one task per connection;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
-//! - [`kernel`]: the narrow kernel traits with their Linux implementation and a fake;
+//! - [`kernel`]: the narrow kernel traits with their Linux implementation (and, in the unit
+//!   tests only, a fake);
 //! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;
 //! - [`ledger_store`]: the ownership ledger on disk; [`audit`]: one JSON line per request (routine
 //!   successes summarised per connection).

@@ -6,7 +6,8 @@
 //! 3. read the policy; resolve the socket group;
 //! 4. bind the socket unless systemd passed one ([`crate::socket`]: a root-owned 0755 directory,
 //!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
-//!    (locked against a second helper) and load the ledger; open the audit log;
+//!    (locked against a second helper) and load the ledger; open the audit log; locate
+//!    the iptables tools and their backend (the legacy one needs its lock file in the sandbox);
 //! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities, landlock,
 //!    seccomp — everything after this runs confined, including the runtime's threads;
 //! 6. start the runtime, open the kernel access, reconcile the ledger with the kernel, serve until
@@ -23,13 +24,11 @@ use nix::unistd::Group;
 
 use crate::audit::{AuditLog, AuditOpenError};
 use crate::hardening::{self, HardeningError, Sandbox};
-use crate::kernel::linux::iptables::SAFE_PATH;
-use crate::kernel::linux::{LinuxKernel, LinuxKernelError};
+use crate::kernel::linux::{Iptables, LinuxKernel, LinuxKernelError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
 use crate::server::{self, ServerConfig};
 use crate::socket::{self, SocketError};
-use crate::sysctl_key::SysctlKey;
 use crate::systemd::{self, SystemdError};
 
 /// What `serve` was told.
@@ -118,16 +117,6 @@ pub fn socket_gid(group: &str) -> Result<u32, ServeError> {
     }
 }
 
-/// Whether the iptables tools in use are the legacy backend (which needs `/run/xtables.lock`).
-fn legacy_iptables() -> bool {
-    SAFE_PATH
-        .split(':')
-        .map(|d| Path::new(d).join("iptables-restore"))
-        .find(|p| p.exists())
-        .and_then(|p| std::fs::canonicalize(p).ok())
-        .is_some_and(|p| p.to_string_lossy().contains("legacy"))
-}
-
 /// Runs the helper until SIGTERM or SIGINT.
 pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     if !nix::unistd::geteuid().is_root() {
@@ -150,23 +139,17 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         }
     };
     listener.set_nonblocking(true).map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
-    let (store, stored) = LedgerStore::open(&opts.state_dir)?;
+    let (store, ledger) = LedgerStore::open(&opts.state_dir)?;
     let audit = AuditLog::open(&policy.audit.target)?;
-    let xtables_lock = if legacy_iptables() {
+    let firewall = Iptables::locate().map_err(LinuxKernelError::from)?;
+    let xtables_lock = if firewall.legacy() {
         let lock = PathBuf::from("/run/xtables.lock");
         let _ = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock);
         Some(lock)
     } else {
         None
     };
-    let sysctl_files = policy
-        .sysctls
-        .iter()
-        .filter_map(|r| SysctlKey::new(&r.key).ok())
-        .filter(|k| !k.as_str().starts_with("net."))
-        .map(|k| k.path_under(Path::new("/proc/sys")))
-        .collect();
-    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), xtables_lock, sysctl_files };
+    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), xtables_lock };
     let report = hardening::lock_down(&sandbox)?;
     tracing::info!(
         "confined: capabilities kept {:?}; landlock {}; seccomp allows {} system calls",
@@ -182,8 +165,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     runtime.block_on(async move {
-        let kernel = Arc::new(LinuxKernel::new()?);
-        let helper = Arc::new(Helper::new(policy, kernel, stored, Some(store), audit));
+        let kernel = Arc::new(LinuxKernel::new(firewall)?);
+        let helper = Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit));
         let r = helper.reconcile().await;
         tracing::info!(
             "ledger reconciled: {} dropped, {} unknown objects reported, {} checks failed",

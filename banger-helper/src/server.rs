@@ -370,7 +370,6 @@ mod tests {
     use super::*;
     use crate::audit::AuditLog;
     use crate::kernel::fake::FakeKernel;
-    use crate::ledger_store::Stored;
 
     /// A server over the fake kernel whose policy admits this process's uid, on a temporary socket.
     async fn server(config: ServerConfig) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -398,7 +397,7 @@ mod tests {
         policy.access.groups = vec![];
         let (audit, records) = AuditLog::memory();
         let helper =
-            Arc::new(Helper::new(policy, Arc::new(FakeKernel::new()), Stored::default(), None, audit));
+            Arc::new(Helper::new(policy, Arc::new(FakeKernel::new()), Default::default(), None, audit));
         let listener = UnixListener::bind(&path).unwrap();
         tokio::spawn(run(helper, listener, config, std::future::pending()));
         (dir, path, records)
@@ -628,8 +627,8 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(ping(&s).await, Response::Pong);
         }
-        send(&s, &Request::LeaseSubnet, &[]).await.unwrap();
-        assert!(matches!(recv::<Response>(&s).await.unwrap().0, Response::Lease(_)));
+        send(&s, &Request::TapCreate { vm: banger_protocol::VmId::new("v").unwrap() }, &[]).await.unwrap();
+        assert!(matches!(recv::<Response>(&s).await.unwrap().0, Response::Tap(_)));
         for _ in 0..3 {
             send(&s, &Request::ListOwned, &[]).await.unwrap();
             assert!(matches!(recv::<Response>(&s).await.unwrap().0, Response::Owned(_)));
@@ -640,7 +639,7 @@ mod tests {
             [
                 k("hello", "ok", None),
                 k("ping", "ok", None),
-                k("lease-subnet", "ok", None),
+                k("tap-create", "ok", None),
                 k("list-owned", "ok", None)
             ]
         );

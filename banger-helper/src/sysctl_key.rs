@@ -1,4 +1,6 @@
-//! A validated sysctl key: the only way a `/proc/sys` path is formed.
+//! A validated sysctl key: the only way a `/proc/sys` path is formed. The helper writes only the
+//! keys it derives itself (`net.ipv4.ip_forward` for NAT, `net.ipv6.conf.<tap>.disable_ipv6` for
+//! a TAP it made): no client names a sysctl, so the sandbox needs `/proc/sys/net` only.
 //!
 //! A key is dotted (`net.ipv4.ip_forward`), made of non-empty components of `[a-z0-9_-]`, so the
 //! derived path `/proc/sys/net/ipv4/ip_forward` can never leave `/proc/sys`.
@@ -6,20 +8,12 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use banger_protocol::quoted;
+
 /// Why a key was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("sysctl key {0} is malformed: use dotted components of [a-z0-9_-], e.g. net.ipv4.ip_forward")]
 pub struct BadSysctlKey(pub String);
-
-/// The longest part of a client's text quoted back in an error or an audit record.
-pub const QUOTE_MAX: usize = 64;
-
-/// `text` quoted for an error message, cut after [`QUOTE_MAX`] characters (marked `…`), so a
-/// client's long value is never echoed whole into answers and the audit log.
-pub fn quoted(text: &str) -> String {
-    let short: String = text.chars().take(QUOTE_MAX).collect();
-    if short.len() < text.len() { format!("{short:?}…") } else { format!("{short:?}") }
-}
 
 /// A well-formed dotted sysctl key.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -91,7 +85,6 @@ mod tests {
         let long = "X".repeat(60_000);
         let e = SysctlKey::new(&long).unwrap_err().to_string();
         assert!(e.len() < 300 && e.contains('…'), "{} bytes", e.len());
-        assert_eq!(quoted("short"), "\"short\"");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! TAP create and delete through the real helper, checked in sysfs inside the test's namespace.
+//! TAP create and teardown through the real helper, checked in sysfs inside the test's namespace.
 
 mod common;
 
@@ -7,8 +7,8 @@ use common::*;
 
 #[test]
 #[ignore = "needs root: network namespace, TAP devices and the real helper"]
-fn tap_create_and_delete_as_an_unprivileged_uid() {
-    if !root_or_skip("tap_create_and_delete_as_an_unprivileged_uid") {
+fn tap_create_and_teardown_as_an_unprivileged_uid() {
+    if !root_or_skip("tap_create_and_teardown_as_an_unprivileged_uid") {
         return;
     }
     let (a, b) = (61011, 61012);
@@ -48,24 +48,17 @@ fn tap_create_and_delete_as_an_unprivileged_uid() {
     assert_eq!(open_tap_as(&ns, &tap.name, a), Ok(()));
     assert_eq!(open_tap_as(&ns, &tap.name, b), Err(libc::EPERM));
 
-    // b names the same VM: its own (absent) TAP is deleted, a's stays.
-    let r = session(
-        &h,
-        b,
-        "inst-a",
-        vec![Request::TapDelete { vm: vm("vm-a") }, Request::TeardownVms { vms: vec![vm("vm-a")] }],
-    );
-    assert_eq!(r[1], Response::Done);
-    assert!(matches!(&r[2], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    // b names the same VM: its own (absent) TAP goes, a's stays.
+    let r = session(&h, b, "inst-a", vec![Request::TeardownVms { vms: vec![vm("vm-a")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
     assert_eq!(sys("owner").as_deref(), Some(a.to_string().as_str()), "b removed a's tap");
 
-    let r = session(
-        &h,
-        a,
-        "inst-a",
-        vec![Request::TapDelete { vm: vm("vm-a") }, Request::TapDelete { vm: vm("vm-a") }],
+    let teardown = Request::TeardownVms { vms: vec![vm("vm-a")] };
+    let r = session(&h, a, "inst-a", vec![teardown.clone(), teardown]);
+    assert!(
+        r[1..].iter().all(|x| matches!(x, Response::Teardown(t) if t.failures.is_empty())),
+        "absent is done: {r:?}"
     );
-    assert_eq!((&r[1], &r[2]), (&Response::Done, &Response::Done), "absent is done");
     assert!(ns.taps().is_empty(), "{:?}", ns.taps());
     drop(h);
     ns.finish();
@@ -96,6 +89,59 @@ fn tap_quota_is_a_typed_error() {
     let r = session(&h, a, "q", vec![Request::TeardownVms { vms: vec![vm("one"), vm("two"), vm("three")] }]);
     let Response::Teardown(t) = &r[1] else { panic!("{r:?}") };
     assert!(t.failures.is_empty() && t.torn_down.len() == 3, "{t:?}");
+    assert!(ns.taps().is_empty());
+    drop(h);
+    ns.finish();
+}
+
+/// The quota escape: a TAP's owner attaches to it through `/dev/net/tun` as Firecracker does and
+/// gives it away with `TUNSETOWNER`. The ledger still holds it for the owner's VM: it stays
+/// counted against `max_taps`, and teardown removes it whatever the kernel says its owner is.
+#[test]
+#[ignore = "needs root: network namespace, TAP devices and the real helper"]
+fn a_tap_given_away_stays_counted_and_goes_with_teardown() {
+    if !root_or_skip("a_tap_given_away_stays_counted_and_goes_with_teardown") {
+        return;
+    }
+    let (a, other) = (61014, 61015);
+    let ns = Netns::new("tapgive");
+    let h = Helper::start(&ns, &policy(&[a], "[quotas]\nmax_taps = 1\n"));
+    let r = session(&h, a, "g", vec![Request::TapCreate { vm: vm("one") }]);
+    let Response::Tap(tap) = &r[1] else { panic!("{r:?}\n{}", h.log_text()) };
+
+    // As a, unprivileged: attach and give the TAP away.
+    assert_eq!(give_tap_away_as(&ns, &tap.name, a, other), Ok(()));
+    let owner = ns.read(&format!("/sys/class/net/{}/owner", tap.name));
+    assert_eq!(owner.as_deref(), Some(other.to_string().as_str()), "the attack setup failed");
+
+    let r = session(
+        &h,
+        a,
+        "g",
+        vec![
+            Request::TapCreate { vm: vm("two") },
+            Request::TeardownVms { vms: vec![vm("one")] },
+            Request::ListOwned,
+        ],
+    );
+    assert_eq!(
+        r[1],
+        Response::Error(HelperError::QuotaExceeded { resource: "taps".into(), limit: 1 }),
+        "{r:?}"
+    );
+    assert!(
+        matches!(&r[2], Response::Teardown(t) if t.failures.is_empty() && t.torn_down == [vm("one")]),
+        "{r:?}"
+    );
+    assert!(matches!(&r[3], Response::Owned(o) if o.taps.is_empty()), "{r:?}");
+    assert!(ns.taps().is_empty(), "the given-away tap was left: {:?}", ns.taps());
+    let r = session(
+        &h,
+        a,
+        "g",
+        vec![Request::TapCreate { vm: vm("two") }, Request::TeardownVms { vms: vec![vm("two")] }],
+    );
+    assert!(matches!(r[1], Response::Tap(_)), "the quota is free again: {r:?}");
     assert!(ns.taps().is_empty());
     drop(h);
     ns.finish();

@@ -1,12 +1,12 @@
 //! The policy in plain sentences, for `banger-helper policy explain`.
 //!
 //! One sentence per line, in the order of the file's sections: who may connect, how much each
-//! user may hold, the addresses and what guests may reach, the sysctls, the audit log. Asked
+//! user may hold, the addresses and what guests may reach, the audit log. Asked
 //! about one user, only what applies to that user is said. Group membership lives in the account
 //! databases, which this crate does not read: [`explain`] says which groups would admit the user,
 //! and [`explain_with_groups`] takes the user's groups from a caller that looked them up.
 
-use crate::authorize::{entry_names, one_of};
+use crate::authorize::entry_names;
 use crate::{AuditTarget, Policy, Quotas, Uplink};
 
 /// Describes what the policy lets each user (or only `user`) do, one sentence per line.
@@ -99,7 +99,6 @@ fn everyone(policy: &Policy) -> Vec<String> {
         "The pool has room for {}; a user keeps its lease.",
         count(policy.network.lease_count(), "user", "users")
     ));
-    lines.extend(sysctls(policy, "Clients"));
     lines.push(audit(policy));
     lines
 }
@@ -167,7 +166,6 @@ fn one_user(policy: &Policy, user: &str, groups: Option<&[String]>) -> Vec<Strin
     };
     lines.push(format!("{label} may run at most {} ({source}).", limits(quotas)));
     lines.extend(network(policy, &format!("{label} gets a")));
-    lines.extend(sysctls(policy, &label));
     lines.push(audit(policy));
     lines
 }
@@ -215,17 +213,6 @@ fn network(policy: &Policy, lease_phrase: &str) -> Vec<String> {
     lines
         .push(if n.ipv6 { "TAP devices keep IPv6." } else { "TAP devices have IPv6 turned off." }.to_owned());
     lines
-}
-
-fn sysctls(policy: &Policy, who: &str) -> Vec<String> {
-    if policy.sysctls.is_empty() {
-        return vec![format!("{who} may not set any sysctl.")];
-    }
-    policy
-        .sysctls
-        .iter()
-        .map(|rule| format!("{who} may set {} to {}.", rule.key, one_of(&rule.values)))
-        .collect()
 }
 
 fn audit(policy: &Policy) -> String {
@@ -285,7 +272,6 @@ log = "/var/log/banger/audit.log"
                 "Guests may not open connections to the host; they only get replies to connections the host opens.",
                 "TAP devices have IPv6 turned off.",
                 "The pool has room for 256 users; a user keeps its lease.",
-                "Clients may set net.ipv4.ip_forward to 1.",
                 "Every request is logged to the helper's standard error (the journal under systemd).",
             ]
         );
@@ -317,7 +303,6 @@ log = "/var/log/banger/audit.log"
             "alice may run at most 16 VMs, 16 TAP devices and 32 loop devices (the default quotas)."
         ));
         assert!(text.contains("alice gets a /24 (64 VMs of a /30 each)."));
-        assert!(text.contains("alice may set net.ipv4.ip_forward to 1."));
         assert!(!text.contains("uid 1005") && !text.contains("bob"), "{text}");
         let text = explain(&policy(SAMPLE), Some("1005"));
         assert_eq!(lines(&text)[0], "uid 1005 may connect (listed in access.users).");
@@ -375,15 +360,5 @@ log = "/var/log/banger/audit.log"
         ] {
             assert!(text.lines().any(|l| l == needle), "missing {needle:?} in\n{text}");
         }
-    }
-
-    #[test]
-    fn sysctl_variants_are_described() {
-        let text = explain(&policy("sysctl = []\n"), None);
-        assert!(text.contains("Clients may not set any sysctl."));
-        let p =
-            policy("[[sysctl]]\nkey = \"net.ipv4.conf.all.forwarding\"\nvalues = [\"0\", \"1\", \"2\"]\n");
-        let text = explain(&p, None);
-        assert!(text.contains("Clients may set net.ipv4.conf.all.forwarding to 0, 1 or 2."));
     }
 }

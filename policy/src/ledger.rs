@@ -8,6 +8,10 @@
 //! per VM, one loop device per VM and [`LoopRole`]. Every query takes the caller's uid and only
 //! ever looks at that uid's entries, so one user's objects can never stand in for another's.
 //! Leases are per uid (not per install): all installs of one user share one slice of the pool.
+//!
+//! An entry is counted from before the kernel call that makes its object ([`EntryState::Intent`],
+//! written ahead) until the kernel has really let the object go ([`EntryState::Released`] while
+//! it has not), so a crash or a slow release never lets a user hold more than the quotas say.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -38,6 +42,32 @@ pub struct LedgerEntry {
     pub vm: VmId,
     /// The object.
     pub object: Object,
+    /// Where the object stands with the kernel.
+    #[serde(default)]
+    pub state: EntryState,
+}
+
+/// Where an entry's object stands with the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryState {
+    /// Recorded (and saved) before the kernel call that makes the object; a helper that stopped
+    /// before settling it left an object that may or may not exist, which is removed.
+    Intent,
+    /// Made and in use.
+    #[default]
+    Settled,
+    /// Given up by its owner, but the kernel has not let it go yet (a loop device not yet
+    /// removed): still counted.
+    Released,
+}
+
+/// The identity of a file: the device it is on and its inode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    /// The filesystem's device.
+    pub dev: u64,
+    /// The inode.
+    pub ino: u64,
 }
 
 /// A kernel object the helper made.
@@ -69,6 +99,10 @@ pub enum Object {
         device: String,
         /// Read-only or not.
         read_only: bool,
+        /// The file it was attached to, to recognise it later (a device number is reused once
+        /// the device is gone).
+        #[serde(default)]
+        backing: FileId,
     },
 }
 
@@ -109,6 +143,11 @@ impl LedgerEntry {
     /// The entry's kind.
     pub fn kind(&self) -> ObjectKind {
         self.object.kind()
+    }
+
+    /// A settled entry.
+    pub fn new(uid: u32, install: InstallId, vm: VmId, object: Object) -> Self {
+        LedgerEntry { uid, install, vm, object, state: EntryState::Settled }
     }
 
     /// Whether this entry is the object `(uid, install, vm, kind)`.
@@ -218,6 +257,11 @@ impl Ledger {
         Some(self.entries.remove(at))
     }
 
+    /// Whether any entry, of any owner, holds the TAP `name`.
+    pub fn holds_tap(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| matches!(&e.object, Object::Tap { name: n, .. } if n == name))
+    }
+
     /// Everything `uid` owns, in the protocol's shape, for `ListOwned`. `network` turns the lease
     /// index into addresses and gives the VM prefix length; the guest MAC is
     /// [`guest_mac`] of the guest address.
@@ -242,7 +286,7 @@ impl Ledger {
                 Object::Nat { guest_ip, uplink } => {
                     owned.nat.push(NatInfo { install, vm, guest_ip: *guest_ip, uplink: uplink.clone() })
                 }
-                Object::Loop { role, device, read_only } => owned.loops.push(LoopInfo {
+                Object::Loop { role, device, read_only, .. } => owned.loops.push(LoopInfo {
                     install,
                     vm,
                     role: *role,
@@ -278,35 +322,40 @@ mod tests {
     }
 
     fn tap(uid: u32, inst: &str, v: &str, slot: u32) -> LedgerEntry {
-        LedgerEntry {
+        LedgerEntry::new(
             uid,
-            install: install(inst),
-            vm: vm(v),
-            object: Object::Tap {
+            install(inst),
+            vm(v),
+            Object::Tap {
                 name: format!("bg{uid}{v}"),
                 slot,
                 host_ip: Ipv4Addr::new(172, 30, 0, (slot * 4 + 1) as u8),
                 guest_ip: Ipv4Addr::new(172, 30, 0, (slot * 4 + 2) as u8),
             },
-        }
+        )
     }
 
     fn lp(uid: u32, inst: &str, v: &str, role: LoopRole) -> LedgerEntry {
-        LedgerEntry {
+        LedgerEntry::new(
             uid,
-            install: install(inst),
-            vm: vm(v),
-            object: Object::Loop { role, device: "/dev/loop3".into(), read_only: role == LoopRole::Base },
-        }
+            install(inst),
+            vm(v),
+            Object::Loop {
+                role,
+                device: "/dev/loop3".into(),
+                read_only: role == LoopRole::Base,
+                backing: FileId { dev: 1, ino: 2 },
+            },
+        )
     }
 
     fn nat(uid: u32, inst: &str, v: &str) -> LedgerEntry {
-        LedgerEntry {
+        LedgerEntry::new(
             uid,
-            install: install(inst),
-            vm: vm(v),
-            object: Object::Nat { guest_ip: Ipv4Addr::new(172, 30, 0, 2), uplink: "eth0".into() },
-        }
+            install(inst),
+            vm(v),
+            Object::Nat { guest_ip: Ipv4Addr::new(172, 30, 0, 2), uplink: "eth0".into() },
+        )
     }
 
     fn sample() -> Ledger {

@@ -37,10 +37,6 @@
 //! allow_all = false
 //! allow = ["udp/53", "tcp/53"]  # "tcp/PORT" or "udp/PORT" on the guest's gateway (default: none)
 //!
-//! [[sysctl]]                    # the allowlist; any [[sysctl]] replaces the default, and
-//! key = "net.ipv4.ip_forward"   # `sysctl = []` at the top allows none
-//! values = ["1"]
-//!
 //! [audit]
 //! log = "stderr"                # or an absolute path: one JSON line per request
 //! ```
@@ -49,10 +45,11 @@
 //! uid 0 may connect only if `access` lists it like any other account.
 //!
 //! Values are checked where they are read: names are non-empty without whitespace, control
-//! characters, wildcards or `: , / \`; sysctl keys are `[a-z0-9_.-]` dotted words (no empty part,
-//! at least two parts) and values printable ASCII without whitespace; the uplink is a name the
-//! kernel would accept (1–15 bytes, no `/`, `:` or whitespace); a sysctl key, user override, port
-//! or list entry may appear only once.
+//! characters, wildcards or `: , / \`; the uplink is a [`banger_protocol::IfName`], the type the
+//! helper puts in its firewall rules (1–15 ASCII letters, digits, `_`, `.` or `-`, not starting
+//! with `-`); a user override, port or list entry may appear only once. The `[[sysctl]]`
+//! allowlist of earlier releases is refused with a message saying to delete it: no client sets
+//! a sysctl, the helper turns `net.ipv4.ip_forward` on by itself for NAT.
 //!
 //! # The ledger and addresses
 //!
@@ -60,6 +57,7 @@
 //! queries [`authorize`](fn@authorize) and the helper need ([`Ledger::find`], [`Ledger::count_vms`],
 //! [`Ledger::free_slot`], …). [`addr`] turns a lease index and a VM slot into addresses.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod authorize;
@@ -69,9 +67,11 @@ pub mod model;
 pub mod parse;
 
 pub use addr::VmSubnet;
-pub use authorize::{Admission, Decision, Peer, authorize};
+pub use authorize::{
+    Admission, BackingFile, Decision, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
+};
 pub use explain::{explain, explain_with_groups};
-pub use ledger::{Ledger, LedgerEntry, Object, ObjectKind};
+pub use ledger::{EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
 pub use model::*;
 pub use parse::PolicyError;
 

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use banger_protocol::IfName;
 use ipnet::Ipv4Net;
 
 /// A validated policy.
@@ -16,8 +17,6 @@ pub struct Policy {
     pub user_quotas: BTreeMap<String, Quotas>,
     /// Addresses, uplink and what guests may reach.
     pub network: Network,
-    /// The sysctls a client may set, with their allowed values.
-    pub sysctls: Vec<SysctlRule>,
     /// Where audit records go.
     pub audit: Audit,
 }
@@ -69,7 +68,7 @@ pub enum Uplink {
     /// The interface of the default route, looked up when NAT is set up.
     Auto,
     /// A named interface.
-    Named(String),
+    Named(IfName),
 }
 
 /// What a guest may open to the host itself (replies to the host are always allowed).
@@ -97,15 +96,6 @@ pub enum Proto {
     Tcp,
     /// UDP.
     Udp,
-}
-
-/// One allowlisted sysctl.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SysctlRule {
-    /// The key, dotted (`net.ipv4.ip_forward`); only `[a-z0-9_.-]` and no `..`.
-    pub key: String,
-    /// The values a client may write.
-    pub values: Vec<String>,
 }
 
 /// `[audit]`.
@@ -152,21 +142,7 @@ impl std::fmt::Display for Uplink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Uplink::Auto => f.write_str("auto"),
-            Uplink::Named(name) => f.write_str(name),
+            Uplink::Named(name) => f.write_str(name.as_str()),
         }
-    }
-}
-
-impl SysctlRule {
-    /// Whether `value` is one of the values this rule allows.
-    pub fn allows(&self, value: &str) -> bool {
-        self.values.iter().any(|v| v == value)
-    }
-}
-
-impl Policy {
-    /// The allowlist entry for sysctl `key`, if the policy has one.
-    pub fn sysctl_rule(&self, key: &str) -> Option<&SysctlRule> {
-        self.sysctls.iter().find(|rule| rule.key == key)
     }
 }

@@ -12,13 +12,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use banger_protocol::IfName;
 use ipnet::Ipv4Net;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use crate::{
-    Access, Audit, AuditTarget, GuestToHost, Network, Policy, PortRule, Proto, Quotas, SysctlRule, Uplink,
-};
+use crate::{Access, Audit, AuditTarget, GuestToHost, Network, Policy, PortRule, Proto, Quotas, Uplink};
 
 /// Why a policy file was refused: always with the line and a reason an admin can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -32,15 +31,17 @@ pub struct PolicyError {
     pub reason: String,
 }
 
+/// What a policy that still has the `[[sysctl]]` allowlist is told.
+const SYSCTL_REMOVED: &str = "the [[sysctl]] allowlist no longer exists: no client may set a sysctl, and \
+     banger-helper turns net.ipv4.ip_forward on by itself when it sets up NAT; delete the [[sysctl]] \
+     section (or `sysctl = ...`) from the policy";
+
 /// The largest value any quota may take; higher would mean "unlimited", which the policy does not
 /// offer.
 pub const MAX_QUOTA: u32 = 65536;
 
 /// The longest user or group name accepted in the policy.
 const MAX_NAME_LEN: usize = 256;
-
-/// The longest sysctl key or value accepted in the policy.
-const MAX_SYSCTL_LEN: usize = 256;
 
 /// Networks a pool must not overlap: guests there would shadow the host's own addressing.
 const RESERVED: [(&str, &str); 4] = [
@@ -50,14 +51,13 @@ const RESERVED: [(&str, &str); 4] = [
     ("224.0.0.0/3", "multicast and reserved"),
 ];
 
-const TOP_KEYS: &[&str] = &["access", "quotas", "network", "sysctl", "audit"];
+const TOP_KEYS: &[&str] = &["access", "quotas", "network", "audit"];
 const ACCESS_KEYS: &[&str] = &["users", "groups", "socket_group"];
 const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops"];
 const QUOTAS_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "users"];
 const NETWORK_KEYS: &[&str] =
     &["pool", "lease_prefix", "vm_prefix", "uplink", "ipv6", "guest_to_guest", "guest_to_host"];
 const GUEST_TO_HOST_KEYS: &[&str] = &["allow_all", "allow"];
-const SYSCTL_KEYS: &[&str] = &["key", "values"];
 const AUDIT_KEYS: &[&str] = &["log"];
 
 impl Policy {
@@ -78,7 +78,7 @@ impl Policy {
                     policy.user_quotas = users;
                 }
                 "network" => policy.network = read_network(&doc, value)?,
-                "sysctl" => policy.sysctls = read_sysctls(&doc, value)?,
+                "sysctl" => return Err(doc.at(&key.span(), SYSCTL_REMOVED)),
                 "audit" => policy.audit = read_audit(&doc, value)?,
                 _ => return Err(doc.unknown("", key, TOP_KEYS)),
             }
@@ -101,7 +101,6 @@ impl Policy {
                 guest_to_guest: false,
                 guest_to_host: GuestToHost { allow_all: false, allow: Vec::new() },
             },
-            sysctls: vec![SysctlRule { key: "net.ipv4.ip_forward".to_owned(), values: vec!["1".to_owned()] }],
             audit: Audit { target: AuditTarget::Stderr },
         }
     }
@@ -502,31 +501,15 @@ fn read_pool(doc: &Doc<'_>, value: &Value<'_>) -> Result<Ipv4Net, PolicyError> {
     Ok(pool)
 }
 
-/// Whether the kernel would accept `name` as an interface name (its `dev_valid_name`).
-pub(crate) fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < 16
-        && name != "."
-        && name != ".."
-        && !name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control())
-        && name.is_ascii()
-}
-
+/// The uplink is an [`IfName`]: the same type, and so the same rule, as the helper's.
 fn read_uplink(doc: &Doc<'_>, value: &Value<'_>) -> Result<Uplink, PolicyError> {
     let text = doc.string("network.uplink", value)?;
     if text == "auto" {
         return Ok(Uplink::Auto);
     }
-    if !valid_ifname(text) {
-        return Err(doc.at(
-            &value.span(),
-            format!(
-                "network.uplink must be \"auto\" or an interface name (1 to 15 ASCII bytes, no '/', ':' or \
-                 whitespace), got {text:?}"
-            ),
-        ));
-    }
-    Ok(Uplink::Named(text.to_owned()))
+    IfName::new(text).map(Uplink::Named).map_err(|e| {
+        doc.at(&value.span(), format!("network.uplink must be \"auto\" or an interface name: {e}"))
+    })
 }
 
 fn read_guest_to_host(doc: &Doc<'_>, value: &Value<'_>) -> Result<GuestToHost, PolicyError> {
@@ -572,104 +555,6 @@ fn parse_port_rule(text: &str) -> Option<PortRule> {
     }
     let port: u16 = port.parse().ok()?;
     Some(PortRule { proto, port })
-}
-
-/// Checks a sysctl key: dotted, `[a-z0-9_.-]`, at least two components, none empty.
-pub(crate) fn check_sysctl_key(key: &str) -> Result<(), String> {
-    if key.is_empty() || key.len() > MAX_SYSCTL_LEN {
-        return Err(format!("sysctl key {key:?} must be 1 to {MAX_SYSCTL_LEN} characters long"));
-    }
-    if !key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')) {
-        return Err(format!("sysctl key {key:?} may contain only a-z, 0-9, '_', '.' and '-'"));
-    }
-    if key.starts_with('.') || key.ends_with('.') || key.contains("..") {
-        return Err(format!(
-            "sysctl key {key:?} must be dotted words without empty parts, like net.ipv4.ip_forward"
-        ));
-    }
-    if !key.contains('.') {
-        return Err(format!("sysctl key {key:?} must name one setting, like net.ipv4.ip_forward"));
-    }
-    Ok(())
-}
-
-/// Checks a sysctl value: printable ASCII, no whitespace.
-pub(crate) fn check_sysctl_value(value: &str) -> Result<(), String> {
-    if value.is_empty() || value.len() > MAX_SYSCTL_LEN {
-        return Err(format!("sysctl value {value:?} must be 1 to {MAX_SYSCTL_LEN} characters long"));
-    }
-    if !value.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(format!("sysctl value {value:?} must be printable ASCII without spaces or newlines"));
-    }
-    Ok(())
-}
-
-fn read_sysctls(doc: &Doc<'_>, value: &Value<'_>) -> Result<Vec<SysctlRule>, PolicyError> {
-    let DeValue::Array(items) = value.get_ref() else {
-        return Err(doc.at(
-            &value.span(),
-            format!(
-                "sysctl must be written as [[sysctl]] tables (one per key, with key and values), got {}",
-                a_type(value.get_ref())
-            ),
-        ));
-    };
-    let mut rules: Vec<SysctlRule> = Vec::new();
-    for item in items.iter() {
-        let DeValue::Table(table) = item.get_ref() else {
-            return Err(doc.wrong_type("each sysctl entry", "a [[sysctl]] table with key and values", item));
-        };
-        let (mut key, mut values) = (None, None);
-        for (name, k, v) in sorted(table) {
-            match name {
-                "key" => {
-                    let text = doc.string("sysctl.key", v)?;
-                    check_sysctl_key(text).map_err(|reason| doc.at(&v.span(), reason))?;
-                    if rules.iter().any(|rule| rule.key == text) {
-                        return Err(doc.at(
-                            &v.span(),
-                            format!("sysctl {text} is listed twice; put all its values in one [[sysctl]]"),
-                        ));
-                    }
-                    key = Some(text.to_owned());
-                }
-                "values" => {
-                    let list: Vec<(String, Range<usize>)> = doc
-                        .strings("sysctl.values", v)?
-                        .into_iter()
-                        .map(|(s, span)| (s.to_owned(), span))
-                        .collect();
-                    if list.is_empty() {
-                        return Err(doc.at(
-                            &v.span(),
-                            "sysctl.values must list at least one value; remove the [[sysctl]] to allow none",
-                        ));
-                    }
-                    for (text, span) in &list {
-                        check_sysctl_value(text).map_err(|reason| doc.at(span, reason))?;
-                    }
-                    doc.no_duplicates("sysctl.values", &list)?;
-                    values = Some(list.into_iter().map(|(s, _)| s).collect());
-                }
-                _ => return Err(doc.unknown("sysctl", k, SYSCTL_KEYS)),
-            }
-        }
-        match (key, values) {
-            (Some(key), Some(values)) => rules.push(SysctlRule { key, values }),
-            (None, _) => {
-                return Err(
-                    doc.at(&item.span(), "this [[sysctl]] has no key; add key = \"net.ipv4.ip_forward\"")
-                );
-            }
-            (Some(key), None) => {
-                return Err(doc.at(
-                    &item.span(),
-                    format!("the [[sysctl]] for {key} has no values; add values = [\"1\"] (the values clients may write)"),
-                ));
-            }
-        }
-    }
-    Ok(rules)
 }
 
 /// Checks an audit log path: absolute, normal (no `.`/`..` parts, no trailing '/'), printable.
@@ -761,10 +646,6 @@ mod tests {
         assert_eq!(p.network.uplink, Uplink::Auto);
         assert!(!p.network.ipv6 && !p.network.guest_to_guest);
         assert_eq!(p.network.guest_to_host, GuestToHost { allow_all: false, allow: vec![] });
-        assert_eq!(
-            p.sysctls,
-            vec![SysctlRule { key: "net.ipv4.ip_forward".into(), values: vec!["1".into()] }]
-        );
         assert_eq!(p.audit.target, AuditTarget::Stderr);
     }
 
@@ -800,14 +681,6 @@ guest_to_guest = true
 allow_all = false
 allow = ["udp/53", "tcp/53", "tcp/8080"]
 
-[[sysctl]]
-key = "net.ipv4.ip_forward"
-values = ["1"]
-
-[[sysctl]]
-key = "net.ipv4.conf.all.route_localnet"
-values = ["0", "1"]
-
 [audit]
 log = "/var/log/banger/audit.log"
 "#,
@@ -820,7 +693,7 @@ log = "/var/log/banger/audit.log"
         assert_eq!(p.user_quotas["1005"], Quotas { max_vms: 4, max_taps: 5, max_loops: 2 });
         assert_eq!(p.network.pool.to_string(), "10.20.0.0/16");
         assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (26, 29));
-        assert_eq!(p.network.uplink, Uplink::Named("eth0".into()));
+        assert_eq!(p.network.uplink, Uplink::Named(IfName::new("eth0").unwrap()));
         assert!(p.network.ipv6 && p.network.guest_to_guest);
         assert_eq!(
             p.network.guest_to_host.allow,
@@ -830,8 +703,6 @@ log = "/var/log/banger/audit.log"
                 PortRule { proto: Proto::Tcp, port: 8080 }
             ]
         );
-        assert_eq!(p.sysctls.len(), 2);
-        assert_eq!(p.sysctls[1].values, ["0", "1"]);
         assert_eq!(p.audit.target, AuditTarget::File("/var/log/banger/audit.log".into()));
     }
 
@@ -861,11 +732,28 @@ log = "/var/log/banger/audit.log"
     }
 
     #[test]
-    fn sysctl_section_replaces_the_default_allowlist() {
-        let p = parse("[[sysctl]]\nkey = \"net.ipv4.conf.all.forwarding\"\nvalues = [\"1\"]\n");
-        assert_eq!(p.sysctls.len(), 1);
-        assert!(p.sysctl_rule("net.ipv4.ip_forward").is_none());
-        assert!(parse("sysctl = []\n").sysctls.is_empty(), "an empty list allows none");
+    fn a_sysctl_allowlist_is_refused_saying_to_delete_it() {
+        for text in [
+            "[[sysctl]]
+key = \"net.ipv4.ip_forward\"
+values = [\"1\"]
+",
+            "sysctl = []
+",
+            "[access]
+users = []
+
+[sysctl]
+key = \"a.b\"
+",
+        ] {
+            let (line, reason) = refuse(text);
+            assert_eq!(line, text.lines().position(|l| l.contains("sysctl")).unwrap() + 1, "{text}");
+            assert!(
+                reason.contains("delete the [[sysctl]] section") && reason.contains("ip_forward"),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
@@ -899,7 +787,6 @@ log = "/var/log/banger/audit.log"
         assert_refused("\n\n[network]\nuplnk = \"eth0\"\n", 4, &["`network.uplink`"]);
         assert_refused("[network.guest_to_host]\nallow_al = true\n", 2, &["network.guest_to_host.allow_all"]);
         assert_refused("[quotas.users.bob]\nmax_cpus = 2\n", 2, &["unknown key `quotas.users.bob.max_cpus`"]);
-        assert_refused("[[sysctl]]\nkey = \"a.b\"\nvalue = [\"1\"]\n", 3, &["did you mean `sysctl.values`?"]);
         assert_refused("[audit]\npath = \"/x\"\n", 2, &["unknown key `audit.path`", "log"]);
         assert_refused("[access]\nsocket_group = \"x\"\nwheel = 1\n", 3, &["unknown key `access.wheel`"]);
         let (_, reason) = refuse("[firecracker]\npath = \"/x\"\n");
@@ -965,15 +852,26 @@ log = "/var/log/banger/audit.log"
     #[test]
     fn uplink_is_auto_or_an_interface_name() {
         assert_eq!(parse("network.uplink = \"auto\"\n").network.uplink, Uplink::Auto);
-        assert_eq!(
-            parse("network.uplink = \"enp0s31f6\"\n").network.uplink,
-            Uplink::Named("enp0s31f6".into())
-        );
-        assert_eq!(
-            parse("network.uplink = \"br-lan.10\"\n").network.uplink,
-            Uplink::Named("br-lan.10".into())
-        );
-        for bad in ["", "a/b", "eth 0", "eth0:1", "sixteen-bytes-xx", ".", "..", "ä"] {
+        for name in ["enp0s31f6", "br-lan.10"] {
+            let text = format!("network.uplink = {name:?}\n");
+            assert_eq!(parse(&text).network.uplink, Uplink::Named(IfName::new(name).unwrap()));
+        }
+        // The names the helper could not put in a rule are refused here already.
+        let bad = [
+            "",
+            "a/b",
+            "eth 0",
+            "eth0:1",
+            "sixteen-bytes-xx",
+            ".",
+            "..",
+            "ä",
+            "eth0+",
+            "a#b",
+            "-x",
+            "we\"ird",
+        ];
+        for bad in bad {
             let text = format!("[network]\nuplink = {bad:?}\n");
             assert_refused(&text, 2, &["network.uplink must be \"auto\" or an interface name"]);
         }
@@ -1013,30 +911,6 @@ log = "/var/log/banger/audit.log"
         }
         assert_refused("[network.guest_to_host]\nallow = [\"udp/53\", \"udp/53\"]\n", 2, &["udp/53 twice"]);
         assert_refused("[network]\nguest_to_host = true\n", 2, &["network.guest_to_host must be a table"]);
-    }
-
-    #[test]
-    fn sysctl_keys_and_values_are_checked() {
-        let rule = |key: &str, values: &str| format!("[[sysctl]]\nkey = {key:?}\nvalues = {values}\n");
-        for bad in
-            ["", "Net.ipv4.x", "net..ipv4", ".net.ipv4", "net.ipv4.", "net/ipv4/x", "net.ipv4.x y", "net"]
-        {
-            assert_refused(&rule(bad, "[\"1\"]"), 2, &["sysctl key"]);
-        }
-        for bad in ["\"\"", "\"1 2\"", "\"1\\n\"", "\"é\"", "\"a\\tb\""] {
-            assert_refused(&rule("net.ipv4.ip_forward", &format!("[{bad}]")), 3, &["sysctl value"]);
-        }
-        assert_refused(&rule("a.b", "[1]"), 3, &["each entry of sysctl.values must be a string"]);
-        assert_refused(&rule("a.b", "[]"), 3, &["at least one value"]);
-        assert_refused(&rule("a.b", "[\"1\", \"1\"]"), 3, &["twice"]);
-        assert_refused("\n[[sysctl]]\nvalues = [\"1\"]\n", 2, &["has no key"]);
-        assert_refused("[[sysctl]]\nkey = \"a.b\"\n", 1, &["for a.b has no values"]);
-        assert_refused("[sysctl]\nkey = \"a.b\"\n", 1, &["[[sysctl]] tables"]);
-        assert_refused("sysctl = [\"a.b\"]\n", 1, &["[[sysctl]] table"]);
-        let twice = format!("{}\n{}", rule("a.b", "[\"1\"]"), rule("a.b", "[\"2\"]"));
-        assert_refused(&twice, 6, &["sysctl a.b is listed twice"]);
-        let p = parse(&rule("net.ipv4.conf.tap-0_x.forwarding", "[\"0\", \"1\", \"-1\", \"4096\"]"));
-        assert!(p.sysctls[0].allows("4096") && !p.sysctls[0].allows("2"));
     }
 
     #[test]

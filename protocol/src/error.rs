@@ -54,6 +54,13 @@ pub enum HelperError {
         /// Details.
         detail: String,
     },
+    /// The helper's own state failed it (e.g. the ledger could not be saved) or one of its
+    /// invariants broke; nothing the request would have made was left behind.
+    #[error("internal error of banger-helper: {what}; see the helper's log")]
+    Internal {
+        /// What failed.
+        what: String,
+    },
     /// The client speaks another protocol version.
     #[error(
         "protocol version mismatch: client speaks {client}, helper speaks {helper}; install matching banger and banger-helper releases"
@@ -84,6 +91,8 @@ pub enum ErrorCode {
     Kernel = 6,
     /// [`HelperError::VersionMismatch`].
     VersionMismatch = 7,
+    /// [`HelperError::Internal`].
+    Internal = 8,
 }
 
 impl ErrorCode {
@@ -110,6 +119,7 @@ impl HelperError {
             HelperError::InvalidRequest { .. } => ErrorCode::InvalidRequest,
             HelperError::Kernel { .. } => ErrorCode::Kernel,
             HelperError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            HelperError::Internal { .. } => ErrorCode::Internal,
         }
     }
 
@@ -118,10 +128,25 @@ impl HelperError {
         HelperError::InvalidRequest { reason: reason.into() }
     }
 
+    /// Shorthand for [`HelperError::Internal`].
+    pub fn internal(what: impl Into<String>) -> Self {
+        HelperError::Internal { what: what.into() }
+    }
+
     /// Shorthand for [`HelperError::Kernel`] from an errno.
     pub fn kernel(op: impl Into<String>, errno: nix::errno::Errno) -> Self {
         HelperError::Kernel { op: op.into(), errno: errno as i32, detail: errno.desc().to_owned() }
     }
+}
+
+/// The longest part of a client's text quoted back in an error or an audit record.
+pub const QUOTE_MAX: usize = 64;
+
+/// `text` quoted for an error message, cut after [`QUOTE_MAX`] characters (marked `…`), so a long
+/// value from a client or a file is never echoed whole into answers, logs and the audit log.
+pub fn quoted(text: &str) -> String {
+    let short: String = text.chars().take(QUOTE_MAX).collect();
+    if short.len() < text.len() { format!("{short:?}…") } else { format!("{short:?}") }
 }
 
 #[cfg(test)]
@@ -138,10 +163,18 @@ mod tests {
             (HelperError::invalid("x"), 5),
             (HelperError::kernel("TUNSETIFF", nix::errno::Errno::EPERM), 6),
             (HelperError::VersionMismatch { client: 2, helper: 1 }, 7),
+            (HelperError::internal("x"), 8),
         ];
         for (e, code) in all {
             assert_eq!(e.code().as_u16(), code, "{e}");
         }
+    }
+
+    #[test]
+    fn quoted_cuts_long_text() {
+        assert_eq!(quoted("short"), "\"short\"");
+        let long = quoted(&"x".repeat(60_000));
+        assert!(long.len() < 80 && long.ends_with('…'), "{long}");
     }
 
     #[test]

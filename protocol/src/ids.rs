@@ -18,6 +18,14 @@ pub enum IdError {
         /// The maximum length.
         max: usize,
     },
+    /// The interface name is not one the helper can put in a firewall rule as it is.
+    #[error(
+        "interface name {value} must be 1 to 15 ASCII letters, digits, '_', '.' or '-', not start with '-' and not be '.' or '..'"
+    )]
+    IfName {
+        /// The refused value, quoted and cut short ([`crate::quoted`]).
+        value: String,
+    },
     /// The label holds a character outside `[a-z0-9-]`.
     #[error("{kind} {value:?} may contain only lowercase letters, digits and '-'")]
     Charset {
@@ -113,6 +121,61 @@ label!(
     32
 );
 
+/// A network interface name that is safe everywhere the helper writes one: 1–15 ASCII bytes of
+/// letters, digits, `_`, `.` and `-`, not starting with `-` (a tool would read an option) and not
+/// `.` or `..`. Stricter than the kernel (which also takes `+`, `#`, quotes…): iptables reads a
+/// trailing `+` as a wildcard and a rule line is split on blanks and `#`, so only these names go
+/// into a rule unchanged.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct IfName(String);
+
+impl IfName {
+    /// The longest name the kernel takes (IFNAMSIZ - 1).
+    pub const MAX_LEN: usize = 15;
+
+    /// Checks `value` and wraps it.
+    pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+        let value = value.into();
+        let ok = (1..=Self::MAX_LEN).contains(&value.len())
+            && !value.starts_with('-')
+            && value != "."
+            && value != ".."
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if ok { Ok(IfName(value)) } else { Err(IdError::IfName { value: crate::quoted(&value) }) }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for IfName {
+    type Error = IdError;
+    fn try_from(value: String) -> Result<Self, IdError> {
+        Self::new(value)
+    }
+}
+
+impl From<IfName> for String {
+    fn from(name: IfName) -> String {
+        name.0
+    }
+}
+
+impl fmt::Display for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for IfName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "IfName({:?})", self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +193,33 @@ mod tests {
             assert!(VmId::new(bad).is_err(), "{bad:?} accepted");
             assert!(InstallId::new(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn interface_names_are_rule_safe() {
+        for ok in ["eth0", "br-lan.10", "enp0s31f6", "a", "up_0", "x.", "fifteen-bytes-x"] {
+            assert_eq!(IfName::new(ok).unwrap().as_str(), ok);
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "-x",
+            "eth0+",
+            "a#b",
+            "we\"ird",
+            "eth0:1",
+            "a/b",
+            "eth 0",
+            "eth0@if5",
+            "sixteen-bytes-xx",
+            "é",
+        ] {
+            let e = IfName::new(bad).unwrap_err().to_string();
+            assert!(e.contains("interface name") && e.contains("not start with '-'"), "{bad:?}: {e}");
+        }
+        let long = IfName::new("x".repeat(5000)).unwrap_err().to_string();
+        assert!(long.len() < 300, "a long name is quoted short");
     }
 
     #[test]

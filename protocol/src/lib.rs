@@ -2,8 +2,8 @@
 //!
 //! Everything that crosses the helper's socket is defined here and nowhere else:
 //!
-//! 1. [`ids`]: validated newtypes ([`VmId`], [`InstallId`]) that can only hold well-formed labels,
-//!    so a helper that decoded a request can never hold an unchecked string.
+//! 1. [`ids`]: validated newtypes ([`VmId`], [`InstallId`], [`IfName`]) that can only hold
+//!    well-formed values, so code that decoded or parsed one can never hold an unchecked string.
 //! 2. [`message`]: the closed set of requests ([`Request`]) and answers ([`Response`]), and the
 //!    version handshake ([`Request::Hello`]).
 //! 3. [`error`]: typed errors with stable numeric codes ([`HelperError`], [`ErrorCode`]).
@@ -21,8 +21,8 @@ pub mod frame;
 pub mod ids;
 pub mod message;
 
-pub use error::{ErrorCode, HelperError};
-pub use ids::{IdError, InstallId, VmId};
+pub use error::{ErrorCode, HelperError, quoted};
+pub use ids::{IdError, IfName, InstallId, VmId};
 pub use message::{
     Capabilities, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request, Response,
     TapInfo, TeardownFailure, TeardownReport,
@@ -30,9 +30,11 @@ pub use message::{
 
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// The largest frame payload either side accepts, in bytes. Checked before allocating.
+/// The largest message either side sends or accepts, in encoded bytes: the one size limit of the
+/// protocol. The frame layer checks it before allocating; the codec refuses to encode more and
+/// derives its own decoding bound from it ([`codec`]).
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// The most file descriptors one frame may carry.

@@ -1,8 +1,8 @@
 //! The closed set of helper requests and their answers.
 //!
 //! Adding an operation means adding a variant at the *end* of [`Request`] (and, if it needs one,
-//! of [`Response`]) and bumping [`crate::PROTOCOL_VERSION`] only when an existing variant changes
-//! shape. The client never sends a path, a kernel name, a firewall rule or a command line: it names
+//! of [`Response`]); removing or changing one bumps [`crate::PROTOCOL_VERSION`]. Only what bangerd
+//! uses is here: objects are made one by one and all go with [`Request::TeardownVms`]. The client never sends a path, a kernel name, a firewall rule or a command line: it names
 //! objects by [`VmId`] and role, and the helper derives everything kernel-visible itself.
 
 use std::net::Ipv4Addr;
@@ -25,15 +25,8 @@ pub enum Request {
     },
     /// Health check; answered with [`Response::Pong`].
     Ping,
-    /// Lease the caller's subnet from the policy's address pool (stable per uid).
-    LeaseSubnet,
     /// Create the TAP of a VM (persistent, owned by the caller, host address set, link up).
     TapCreate {
-        /// The VM.
-        vm: VmId,
-    },
-    /// Delete the TAP of a VM; absent is success.
-    TapDelete {
         /// The VM.
         vm: VmId,
     },
@@ -41,18 +34,6 @@ pub enum Request {
     NatUp {
         /// The VM.
         vm: VmId,
-    },
-    /// Remove the VM's NAT and forwarding rules; absent is success.
-    NatDown {
-        /// The VM.
-        vm: VmId,
-    },
-    /// Set a sysctl that the policy allowlists, to a value it allows.
-    SysctlSet {
-        /// The key in dotted form, e.g. `net.ipv4.ip_forward`.
-        key: String,
-        /// The value to write.
-        value: String,
     },
     /// Attach a loop device to the backing file passed *as a file descriptor* beside this frame.
     /// Read-write is granted only when `read_only` is false and the fd was opened for writing.
@@ -64,16 +45,10 @@ pub enum Request {
         /// Attach read-only.
         read_only: bool,
     },
-    /// Detach the caller's loop device of this VM and role; absent is success.
-    LoopDetach {
-        /// The VM.
-        vm: VmId,
-        /// The device's role.
-        role: LoopRole,
-    },
     /// List every object the caller owns, across all of its installs.
     ListOwned,
-    /// Tear down everything of several VMs of this install (rules, TAPs, loops) in one go.
+    /// Tear down everything of several VMs of this install (rules, TAPs, loops) in one go: the
+    /// one way every object goes.
     TeardownVms {
         /// The VMs; at most [`crate::MAX_TEARDOWN_VMS`].
         #[serde(deserialize_with = "bounded::vec")]
@@ -89,13 +64,8 @@ impl Request {
             Request::LoopAttach { .. } => 1,
             Request::Hello { .. }
             | Request::Ping
-            | Request::LeaseSubnet
             | Request::TapCreate { .. }
-            | Request::TapDelete { .. }
             | Request::NatUp { .. }
-            | Request::NatDown { .. }
-            | Request::SysctlSet { .. }
-            | Request::LoopDetach { .. }
             | Request::ListOwned
             | Request::TeardownVms { .. } => 0,
         }
@@ -106,14 +76,9 @@ impl Request {
         match self {
             Request::Hello { .. } => "hello",
             Request::Ping => "ping",
-            Request::LeaseSubnet => "lease-subnet",
             Request::TapCreate { .. } => "tap-create",
-            Request::TapDelete { .. } => "tap-delete",
             Request::NatUp { .. } => "nat-up",
-            Request::NatDown { .. } => "nat-down",
-            Request::SysctlSet { .. } => "sysctl-set",
             Request::LoopAttach { .. } => "loop-attach",
-            Request::LoopDetach { .. } => "loop-detach",
             Request::ListOwned => "list-owned",
             Request::TeardownVms { .. } => "teardown-vms",
         }
@@ -152,16 +117,12 @@ pub enum Response {
     Hello(HelloReply),
     /// The answer to `Ping`.
     Pong,
-    /// The caller's lease.
-    Lease(LeaseInfo),
     /// A TAP that exists now.
     Tap(TapInfo),
     /// NAT that is in place now.
     Nat(NatInfo),
     /// A loop device that is attached now.
     Loop(LoopInfo),
-    /// The operation finished and has nothing to report (deletes, detaches, sysctl).
-    Done,
     /// Everything the caller owns.
     Owned(OwnedObjects),
     /// What a bulk teardown did.
@@ -184,9 +145,9 @@ pub struct HelloReply {
 /// What a helper offers on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
-    /// The kernel has device-mapper (`/dev/mapper/control`), so dm-snapshot roots are possible.
+    /// The helper can make dm-snapshot roots (no dm operation exists yet: always false).
     pub device_mapper: bool,
-    /// A jailer is configured in the policy.
+    /// The helper can launch VMs through the jailer (not yet: always false).
     pub jailer: bool,
     /// The kernel accepts `LOOP_CONFIGURE` (atomic loop attach).
     pub loop_configure: bool,
@@ -244,7 +205,8 @@ pub struct LoopInfo {
     pub vm: VmId,
     /// Its role.
     pub role: LoopRole,
-    /// The device node, e.g. `/dev/loop7`, owned by the caller while attached.
+    /// The device node, e.g. `/dev/loop7`: informational, it stays root's (0600). Whoever holds a
+    /// loop device open can rebind it, so a loop node is never handed to a user.
     pub device: String,
     /// Whether it is read-only.
     pub read_only: bool,

@@ -1,9 +1,10 @@
-//! Decoding arbitrary bytes never allocates past the frame cap, whatever lengths they claim.
+//! Decoding arbitrary bytes never allocates past the codec's bound, whatever lengths they claim.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use banger_protocol::{MAX_FRAME_LEN, Request, Response, codec};
+use banger_protocol::codec::{self, DECODE_LIMIT};
+use banger_protocol::{Request, Response};
 use proptest::prelude::*;
 
 /// Records the largest single allocation made through it.
@@ -57,6 +58,6 @@ proptest! {
             let _ = codec::decode::<Request>(&bytes);
             let _ = codec::decode::<Response>(&bytes);
         });
-        prop_assert!(largest <= MAX_FRAME_LEN, "allocated {largest} bytes");
+        prop_assert!(largest <= DECODE_LIMIT, "allocated {largest} bytes");
     }
 }

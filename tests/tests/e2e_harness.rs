@@ -68,10 +68,10 @@ fn the_world_has_users_a_routed_network_a_private_tun_node_and_a_helper() {
     let s = world.helper_session(
         Who::A,
         "e2e-harness",
-        &[Request::LeaseSubnet, Request::TapCreate { vm: vm.clone() }, Request::NatUp { vm: vm.clone() }],
+        &[Request::TapCreate { vm: vm.clone() }, Request::NatUp { vm: vm.clone() }],
     );
-    let Some(Ok(Response::Tap(tap))) = s.answers.get(1) else { panic!("tap create: {s:?}") };
-    assert!(matches!(s.answers.get(2), Some(Ok(Response::Nat(_)))), "nat up: {s:?}");
+    let Some(Ok(Response::Tap(tap))) = s.answers.first() else { panic!("tap create: {s:?}") };
+    assert!(matches!(s.answers.get(1), Some(Ok(Response::Nat(_)))), "nat up: {s:?}");
     assert_eq!(world.tap_owner(&tap.name), Some(a.uid));
     assert_eq!(world.link_ipv4(&tap.name), Some(tap.host_ip.to_string()));
     assert!(world.taps().contains(&tap.name));
@@ -80,11 +80,10 @@ fn the_world_has_users_a_routed_network_a_private_tun_node_and_a_helper() {
         "{}",
         leaks::firewall_dump(&world.names.host_ns())
     );
-    let s = world.helper_session(
-        Who::A,
-        "e2e-harness",
-        &[Request::NatDown { vm: vm.clone() }, Request::TapDelete { vm }],
+    let s = world.helper_session(Who::A, "e2e-harness", &[Request::TeardownVms { vms: vec![vm] }]);
+    assert!(
+        s.answers.iter().all(|a| matches!(a, Ok(Response::Teardown(t)) if t.failures.is_empty())),
+        "{s:?}"
     );
-    assert!(s.answers.iter().all(|a| matches!(a, Ok(Response::Done) | Ok(Response::Nat(_)))), "{s:?}");
     world.assert_no_leaks();
 }

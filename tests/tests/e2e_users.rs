@@ -1,7 +1,7 @@
 //! End to end, two users: B can neither see nor touch A's VM through banger, and the helper
 //! refuses B's direct requests on A's objects, even when B knows A's VM id and install id.
 
-use banger_protocol::{LoopRole, Request, Response, VmId};
+use banger_protocol::{Request, Response, VmId};
 use banger_tests::e2e::{Who, World, helper::session_as, proc};
 
 const A: Who = Who::A;
@@ -30,10 +30,8 @@ fn user_b_cannot_see_stop_or_delete_user_a_vm_nor_touch_its_objects_through_the_
     let a_install = world.daemon_status(A).get("install_id").and_then(|v| v.as_str()).map(str::to_owned);
     let vm_id = VmId::new(vm.id.clone()).expect("the daemon's VM ids are valid protocol ids");
     let attack = [
-        Request::TapDelete { vm: vm_id.clone() },
-        Request::NatDown { vm: vm_id.clone() },
-        Request::LoopDetach { vm: vm_id.clone(), role: LoopRole::Base },
-        Request::LoopDetach { vm: vm_id.clone(), role: LoopRole::Cow },
+        Request::TapCreate { vm: vm_id.clone() },
+        Request::NatUp { vm: vm_id.clone() },
         Request::TeardownVms { vms: vec![vm_id.clone()] },
         Request::ListOwned,
     ];

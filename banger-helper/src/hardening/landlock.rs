@@ -5,8 +5,7 @@
 //! | `/usr`, `/lib*`, `/bin`, `/sbin` | read, execute | the iptables tools and their libraries |
 //! | `/etc` | read | account names (NSS), `ld.so.cache`, the iptables tools' tables |
 //! | `/proc`, `/sys` | read | the runtime and libc; `/proc/self/fd` for a two-step loop attach |
-//! | `/proc/sys/net` | read, write | `ip_forward`, per-TAP `disable_ipv6`, allowlisted net sysctls |
-//! | other allowlisted sysctls | read, write | the policy's `[[sysctl]]` keys outside `net` |
+//! | `/proc/sys/net` | read, write | `ip_forward` (NAT), per-TAP `disable_ipv6`: the only sysctls |
 //! | `/dev` | read, write, device ioctls | `/dev/net/tun`, `/dev/loop-control`, `/dev/loopN`, `/dev/null` |
 //! | the state directory | everything | the ledger's temporary file and rename |
 //! | `/run/xtables.lock` (legacy iptables only) | read, write | the legacy tools' lock |
@@ -66,7 +65,6 @@ pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
     if let Some(lock) = &sandbox.xtables_lock {
         ruleset = ruleset.add_rules(path_beneath_rules([lock], read_write)).map_err(err)?;
     }
-    ruleset = ruleset.add_rules(path_beneath_rules(&sandbox.sysctl_files, read_write)).map_err(err)?;
     let status = ruleset.restrict_self().map_err(err)?;
     Ok(match status.ruleset {
         RulesetStatus::FullyEnforced => "fully enforced".to_owned(),

@@ -82,19 +82,12 @@ pub fn clear_environment() {
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new limit.
 pub fn raise_nofile() -> Result<u64, HardeningError> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `lim` is a valid, writable rlimit that outlives the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(HardeningError::NoFile(nix::errno::Errno::last()));
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(HardeningError::NoFile)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(HardeningError::NoFile)?;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit that outlives the call.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(HardeningError::NoFile(nix::errno::Errno::last()));
-        }
-    }
-    Ok(lim.rlim_cur)
+    Ok(hard.max(soft))
 }
 
 /// What the confined helper still reaches, besides the system's libraries and tools.
@@ -104,8 +97,6 @@ pub struct Sandbox {
     pub state_dir: PathBuf,
     /// The legacy iptables lock file, if the legacy backend is in use (read-write).
     pub xtables_lock: Option<PathBuf>,
-    /// The files of the policy's allowlisted sysctls outside `/proc/sys/net` (read-write).
-    pub sysctl_files: Vec<PathBuf>,
 }
 
 /// How far the confinement went (landlock depends on the kernel).

@@ -1,6 +1,8 @@
-//! A recording fake of the kernel for unit tests of the operations: it keeps links, firewall
-//! rules, loop devices and sysctls in memory, records every call in order, and fails any call on
-//! request, so rollback, idempotence and "keep going past a failure" can be tested without root.
+//! A recording fake of the kernel for unit tests of the operations (compiled only with them): it
+//! keeps links, firewall rules, loop devices and sysctls in memory, records every call in order,
+//! fails any call on request, and can stop an operation forever right after a call (as a helper
+//! killed there would), so rollback, idempotence, crash recovery and "keep going past a failure"
+//! can be tested without root.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
@@ -70,6 +72,8 @@ pub struct FakeWorld {
     /// Every call, in order: `op object`.
     pub calls: Vec<String>,
     injected: Vec<Injected>,
+    /// The next call of this op makes its change and then never returns.
+    hang_after: Option<&'static str>,
 }
 
 /// The fake kernel. Implements every kernel trait on itself.
@@ -98,6 +102,22 @@ impl FakeKernel {
         self.world().injected.push(Injected { op, object: object.to_owned(), errno, times });
     }
 
+    /// Makes the next call of `op` (`create_tap` or `loop_attach`) do its work and then never
+    /// return, like a helper killed right after it.
+    pub fn hang_after(&self, op: &'static str) {
+        self.world().hang_after = Some(op);
+    }
+
+    /// Whether the call of `op` that just ran must now hang (once).
+    fn hangs(&self, op: &'static str) -> bool {
+        let mut w = self.world();
+        let hang = w.hang_after == Some(op);
+        if hang {
+            w.hang_after = None;
+        }
+        hang
+    }
+
     /// Registers what `inspect` reports for descriptor `fd`.
     pub fn register_backing(&self, fd: BorrowedFd<'_>, file: BackingFile) {
         self.world().backing.insert(fd.as_raw_fd(), file);
@@ -124,11 +144,16 @@ impl FakeKernel {
 
 impl Links for FakeKernel {
     async fn create_tap(&self, name: &str, owner: u32) -> KResult<()> {
-        let mut w = self.call("create_tap", name)?;
-        if w.links.contains_key(name) {
-            return Err(KernelError::errno("create_tap", name, Errno::EEXIST));
+        {
+            let mut w = self.call("create_tap", name)?;
+            if w.links.contains_key(name) {
+                return Err(KernelError::errno("create_tap", name, Errno::EEXIST));
+            }
+            w.links.insert(name.to_owned(), FakeLink { tap_owner: Some(owner), ..FakeLink::default() });
         }
-        w.links.insert(name.to_owned(), FakeLink { tap_owner: Some(owner), ..FakeLink::default() });
+        if self.hangs("create_tap") {
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
 
@@ -145,11 +170,6 @@ impl Links for FakeKernel {
         let link = w.links.get_mut(name).ok_or_else(|| KernelError::errno("set_up", name, Errno::ENODEV))?;
         link.up = true;
         Ok(())
-    }
-
-    async fn exists(&self, name: &str) -> KResult<bool> {
-        let w = self.call("exists", name)?;
-        Ok(w.links.contains_key(name))
     }
 
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
@@ -232,16 +252,9 @@ impl Loops for FakeKernel {
         }
     }
 
-    fn add(&self, n: Option<u32>) -> KResult<u32> {
-        let mut w =
-            self.call("loop_add", &n.map_or_else(|| "any".to_owned(), |n| format!("/dev/loop{n}")))?;
-        let n = match n {
-            Some(n) if w.loops.contains_key(&n) => {
-                return Err(KernelError::errno("LOOP_CTL_ADD", format!("/dev/loop{n}"), Errno::EEXIST));
-            }
-            Some(n) => n,
-            None => (0..).find(|n| !w.loops.contains_key(n)).unwrap_or(u32::MAX),
-        };
+    fn add(&self) -> KResult<u32> {
+        let mut w = self.call("loop_add", "any")?;
+        let n = (0..).find(|n| !w.loops.contains_key(n)).unwrap_or(u32::MAX);
         // A new node, as devtmpfs makes it: root:disk, 0660.
         w.loops.insert(
             n,
@@ -258,13 +271,13 @@ impl Loops for FakeKernel {
             .ok_or_else(|| KernelError::errno("stat", format!("/dev/loop{n}"), Errno::ENOENT))
     }
 
-    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()> {
-        let mut w = self.call("loop_set_node", &format!("/dev/loop{n} {uid}:{gid} {mode:o}"))?;
+    fn make_root_only(&self, n: u32) -> KResult<()> {
+        let mut w = self.call("loop_root_only", &format!("/dev/loop{n}"))?;
         let l = w
             .loops
             .get_mut(&n)
             .ok_or_else(|| KernelError::errno("chown", format!("/dev/loop{n}"), Errno::ENOENT))?;
-        l.node = NodeState { uid, gid, mode };
+        l.node = NodeState { uid: 0, gid: 0, mode: 0o600 };
         Ok(())
     }
 
@@ -282,7 +295,14 @@ impl Loops for FakeKernel {
         if l.status.is_some() {
             return Err(KernelError::errno("LOOP_CONFIGURE", format!("/dev/loop{n}"), Errno::EBUSY));
         }
-        l.status = Some(LoopStatus { backing_dev: b.dev, backing_ino: b.ino, read_only });
+        l.status = Some(LoopStatus { backing_dev: b.id.dev, backing_ino: b.id.ino, read_only });
+        drop(w);
+        if self.hangs("loop_attach") {
+            // A synchronous call stops for good by parking its thread until the process ends.
+            loop {
+                std::thread::park();
+            }
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The kernel as the helper's operations see it: four narrow traits, one per domain, each with a
-//! Linux implementation ([`linux`]) and a recording fake ([`fake`]) passed in by the caller.
+//! Linux implementation ([`linux`]) and, for the unit tests only, a recording fake (`fake`),
+//! passed in by the caller. Every kernel and filesystem probe goes through them.
 //!
 //! - [`Links`]: TAP creation (tun ioctls), addresses, link state and deletion (rtnetlink), the
 //!   default route's interface;
@@ -19,8 +20,11 @@ use nix::errno::Errno;
 use crate::firewall::{FirewallBatch, FirewallView};
 use crate::sysctl_key::SysctlKey;
 
+#[cfg(test)]
 pub mod fake;
 pub mod linux;
+
+pub use banger_policy::{BackingFile, FdAccess};
 
 /// A kernel operation that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +79,7 @@ impl KernelError {
                 errno: *errno as i32,
                 detail: format!("{object}: {}", errno.desc()),
             },
+            // A tool or protocol failure has no errno: the code stays 0 ("none"), as documented.
             KernelError::Other { op, object, detail } => {
                 HelperError::Kernel { op: (*op).to_owned(), errno: 0, detail: format!("{object}: {detail}") }
             }
@@ -101,8 +106,6 @@ pub trait Links: Send + Sync {
     -> impl Future<Output = KResult<()>> + Send;
     /// Sets the link up.
     fn set_up(&self, name: &str) -> impl Future<Output = KResult<()>> + Send;
-    /// Whether a link with this name exists.
-    fn exists(&self, name: &str) -> impl Future<Output = KResult<bool>> + Send;
     /// The names of every link.
     fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
     /// Who owns the link `name` as a TUN/TAP device (`/sys/class/net/<name>/owner`).
@@ -131,38 +134,6 @@ pub trait Firewall: Send + Sync {
     fn read(&self) -> impl Future<Output = KResult<FirewallView>> + Send;
     /// Applies a batch atomically per table (one `iptables-restore --noflush` run).
     fn apply(&self, batch: &FirewallBatch) -> impl Future<Output = KResult<()>> + Send;
-}
-
-/// What the helper learns about a backing file from its descriptor, without calling into the
-/// file's filesystem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackingFile {
-    /// It is a regular file.
-    pub regular: bool,
-    /// Its owner.
-    pub uid: u32,
-    /// The type of its filesystem, as the mount table names it (`ext4`, `fuse.sshfs`), or
-    /// `unknown` when its mount is not in the helper's mount table.
-    pub fs_type: String,
-    /// The descriptor's access mode (`O_ACCMODE` bits of `F_GETFL`), and whether it is `O_PATH`.
-    pub access: FdAccess,
-    /// Device and inode, to recognise the file later.
-    pub dev: u64,
-    /// Inode.
-    pub ino: u64,
-}
-
-/// How a descriptor was opened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FdAccess {
-    /// `O_RDONLY`.
-    ReadOnly,
-    /// `O_WRONLY`.
-    WriteOnly,
-    /// `O_RDWR`.
-    ReadWrite,
-    /// `O_PATH`: no I/O possible.
-    Path,
 }
 
 /// Owner and mode of a device node.
@@ -195,13 +166,13 @@ pub trait Loops: Send + Sync {
     /// Removes device `n` (`LOOP_CTL_REMOVE`), its node with it. `EBUSY` while it is attached or
     /// anyone holds it open: the proof that nobody does.
     fn remove(&self, n: u32) -> KResult<()>;
-    /// Creates device `n`, or the lowest unused number when `None` (`LOOP_CTL_ADD`), with a new
-    /// node; returns its number. `EEXIST` when `n` exists.
-    fn add(&self, n: Option<u32>) -> KResult<u32>;
+    /// Creates a device with the lowest unused number (`LOOP_CTL_ADD`), with a new node; returns
+    /// its number.
+    fn add(&self) -> KResult<u32>;
     /// Owner and mode of `/dev/loopN`.
     fn node(&self, n: u32) -> KResult<NodeState>;
-    /// Sets owner, group and mode of `/dev/loopN`.
-    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()>;
+    /// Gives `/dev/loopN` to `root:root`, mode 0600: a loop node is never anyone else's.
+    fn make_root_only(&self, n: u32) -> KResult<()>;
     /// Attaches `fd` to device `n` in one step where the kernel can (`LOOP_CONFIGURE`), never
     /// with autoclear. `EBUSY` means another attach won the device.
     fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()>;

@@ -73,7 +73,7 @@ impl<T> Cut for Vec<T> {
 
 impl<K: Kernel> Helper<K> {
     pub(crate) fn list_owned(&self, st: &State, c: Caller<'_>) -> OwnedObjects {
-        let mut owned = st.stored.ledger.owned_objects(c.uid, &self.policy.network);
+        let mut owned = st.ledger.owned_objects(c.uid, &self.policy.network);
         let dropped = fit_lists(
             &mut owned,
             CutFrom::Longest,

@@ -2,73 +2,99 @@
 //!
 //! [`Helper::handle`] runs each request in the same order, whatever it is:
 //!
-//! 1. the descriptors that came with it are counted against [`Request::expected_fds`] (any other
-//!    count is refused and every descriptor closed);
-//! 2. mutating requests take the state lock, so they never interleave (ping and hello do not);
-//! 3. [`banger_policy::authorize`] decides on the peer, the request and the ledger;
-//! 4. the operation checks the ledger again (ownership, quotas, what exists) and derives every
-//!    kernel name itself from `(uid, install, vm)`;
-//! 5. it calls the kernel through the [`Kernel`] traits, undoing a partial setup on failure;
-//! 6. it records the result in the ledger (written atomically) and in the audit log.
+//! 1. it observes the request's inputs: how many descriptors came with it, and for a loop attach
+//!    the backing file, inspected before any lock is taken ([`banger_policy::Observed`]);
+//! 2. mutating requests take the state lock, so they never interleave (ping does not);
+//! 3. [`banger_policy::authorize`] decides on the peer, the request, the ledger and what was
+//!    observed — the only place a request is allowed or refused — and hands over a
+//!    [`Grant`] (the lease and slot of a new TAP, the TAP a NAT goes over, how a loop is attached);
+//! 4. the operation acts on the grant: it derives every kernel name itself from
+//!    `(uid, install, vm)` and calls the kernel through the [`Kernel`] traits, undoing a partial
+//!    setup on failure ([`rollback`]). It can still fail on the kernel, on kernel state that is
+//!    not policy (a link of the derived name that is someone else's), or on a broken invariant
+//!    ([`HelperError::Internal`]), never on a rule;
+//! 5. every change of the ledger goes through [`State::commit`]: written ahead of the kernel
+//!    call that makes an object, settled after, removed once the kernel has let the object go;
+//! 6. the answer and the names the operation touched go into the audit log.
 //!
-//! Each operation lives in its own module: [`lease`], [`tap`], [`nat`], [`sysctl`], [`loopdev`],
-//! [`list`], [`teardown`], and the start-up [`reconcile`] with the kernel.
+//! Each operation lives in its own module: [`tap`], [`nat`], [`loopdev`], [`list`],
+//! [`teardown`], and the start-up [`reconcile`] with the kernel.
 
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::Arc;
 
-use banger_policy::{Decision, Ledger, ObjectKind, Peer, Policy, authorize};
+use banger_policy::{Decision, Grant, Ledger, Observed, Peer, Policy, authorize};
 use banger_protocol::{
     Capabilities, HelloReply, HelperError, InstallId, PROTOCOL_VERSION, Request, Response,
 };
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Record};
 use crate::kernel::{Kernel, Loops as _};
-use crate::ledger_store::{LedgerStore, Stored};
+use crate::ledger_store::LedgerStore;
 
-pub mod lease;
 pub mod list;
 pub mod loopdev;
 pub mod nat;
 pub mod reconcile;
 mod rollback;
-pub mod sysctl;
 pub mod tap;
 pub mod teardown;
 
 /// The ledger in memory and the file it is saved to.
 #[derive(Debug)]
 pub struct State {
-    /// The ledger and loop backing identities.
-    pub stored: Stored,
+    /// The ownership ledger.
+    pub ledger: Ledger,
     /// Where it is saved; `None` keeps it in memory only (tests, benchmarks of the floor).
     store: Option<LedgerStore>,
 }
 
 impl State {
-    /// Saves the ledger.
-    fn persist(&mut self) -> Result<(), HelperError> {
-        match &mut self.store {
-            Some(store) => store.save(&self.stored).map_err(|e| {
-                tracing::error!("{e}: {:?}", std::error::Error::source(&e));
-                HelperError::Kernel { op: "ledger-write".into(), errno: 0, detail: e.to_string() }
-            }),
-            None => Ok(()),
+    /// The one way the ledger changes: `change` is applied, the result saved, and if it cannot be
+    /// saved the ledger is put back exactly as it was and the operation fails with
+    /// [`HelperError::Internal`]. A change that changes nothing saves nothing.
+    pub(crate) fn commit(&mut self, change: impl FnOnce(&mut Ledger)) -> Result<(), HelperError> {
+        let before = self.ledger.clone();
+        change(&mut self.ledger);
+        if self.ledger == before {
+            return Ok(());
         }
+        let Some(store) = &mut self.store else { return Ok(()) };
+        store.save(&self.ledger).map_err(|e| {
+            self.ledger = before;
+            tracing::error!("{e}: {:?}", std::error::Error::source(&e));
+            HelperError::internal(format!("the ledger could not be saved ({e})"))
+        })
     }
 }
 
-/// The caller of one request: uid, its install and its user name.
+/// The caller of one request: uid and the install it said hello for.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller<'a> {
     /// The peer's uid.
     pub uid: u32,
     /// The install the connection said hello for.
     pub install: &'a InstallId,
-    /// The peer's user name, if it has one.
-    pub user: Option<&'a str>,
+}
+
+/// What an operation did: its answer, and the kernel names it derived (for the audit record,
+/// also when it failed).
+pub(crate) struct Done<T> {
+    /// The names, e.g. the TAP or the loop device.
+    pub(crate) names: Vec<String>,
+    /// The answer.
+    pub(crate) result: Result<T, HelperError>,
+}
+
+impl<T> Done<T> {
+    pub(crate) fn new(names: Vec<String>, result: Result<T, HelperError>) -> Self {
+        Done { names, result }
+    }
+
+    fn map(self, f: impl FnOnce(T) -> Response) -> Done<Response> {
+        Done { names: self.names, result: self.result.map(f) }
+    }
 }
 
 /// The helper: policy, kernel, ledger and audit log.
@@ -76,7 +102,7 @@ pub struct Helper<K: Kernel> {
     policy: Policy,
     kernel: Arc<K>,
     /// Guards the ledger and its file. Every mutating operation holds it from its authorization
-    /// to its ledger update, so two operations never interleave their kernel changes.
+    /// to its last ledger change, so two operations never interleave their kernel changes.
     state: Mutex<State>,
     audit: AuditLog,
     capabilities: Capabilities,
@@ -90,21 +116,19 @@ impl<K: Kernel> std::fmt::Debug for Helper<K> {
     }
 }
 
-/// What an operation hands back: the answer, and the names it derived for the audit record.
-type OpResult = Result<Response, HelperError>;
-
 impl<K: Kernel> Helper<K> {
     /// A helper over `kernel` with this policy and ledger. `store` is where the ledger is saved
     /// (`None`: memory only).
     pub fn new(
         policy: Policy,
         kernel: Arc<K>,
-        stored: Stored,
+        ledger: Ledger,
         store: Option<LedgerStore>,
         audit: AuditLog,
     ) -> Self {
+        // Only what the helper can do now: it has no device-mapper or jailer operation yet.
         let capabilities = Capabilities {
-            device_mapper: Path::new("/dev/mapper/control").exists(),
+            device_mapper: false,
             jailer: false,
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
@@ -112,7 +136,7 @@ impl<K: Kernel> Helper<K> {
         Helper {
             policy,
             kernel,
-            state: Mutex::new(State { stored, store }),
+            state: Mutex::new(State { ledger, store }),
             audit,
             capabilities,
             inspect_timeout: loopdev::INSPECT_TIMEOUT,
@@ -136,8 +160,8 @@ impl<K: Kernel> Helper<K> {
     }
 
     /// A copy of the ledger as it is now.
-    pub async fn snapshot(&self) -> Stored {
-        self.state.lock().await.stored.clone()
+    pub async fn snapshot(&self) -> Ledger {
+        self.state.lock().await.ledger.clone()
     }
 
     /// Answers a `Hello`: the peer must be allowed by the policy and speak this protocol version.
@@ -171,7 +195,9 @@ impl<K: Kernel> Helper<K> {
     }
 
     fn check_hello(&self, peer: &Peer, request: &Request, version: u32) -> Result<HelloReply, HelperError> {
-        if let Decision::Refuse(e) = authorize(&self.policy, peer, request, &Ledger::default()) {
+        if let Decision::Refuse(e) =
+            authorize(&self.policy, peer, request, &Ledger::default(), &Observed::default())
+        {
             return Err(e);
         }
         if version != PROTOCOL_VERSION {
@@ -184,8 +210,8 @@ impl<K: Kernel> Helper<K> {
         })
     }
 
-    /// Handles one request of a peer that has said hello, with the descriptors that came with it,
-    /// and writes its audit record.
+    /// Handles one request of a peer (after its `Hello`, which [`Helper::hello`] answers), with
+    /// the descriptors that came with it, and writes its audit record.
     pub async fn handle(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> Response {
         let (response, record) = self.respond(peer, request, fds).await;
         self.audit.write(&record);
@@ -195,8 +221,7 @@ impl<K: Kernel> Helper<K> {
     /// [`Helper::handle`], handing the audit record back instead of writing it (the server
     /// summarises a connection's routine successes, see [`crate::audit::Summaries`]).
     pub async fn respond(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> (Response, Record) {
-        let mut names = Vec::new();
-        let result = self.dispatch(peer, &request, fds, &mut names).await;
+        let Done { names, result } = self.dispatch(peer, &request, fds).await;
         let record = Record::new(
             peer.uid,
             peer.pid,
@@ -208,119 +233,66 @@ impl<K: Kernel> Helper<K> {
         (result.unwrap_or_else(Response::Error), record)
     }
 
-    async fn dispatch(
-        &self,
-        peer: &Peer,
-        request: &Request,
-        mut fds: Vec<OwnedFd>,
-        names: &mut Vec<String>,
-    ) -> OpResult {
-        if fds.len() != request.expected_fds() {
-            let got = fds.len();
+    async fn dispatch(&self, peer: &Peer, request: &Request, fds: Vec<OwnedFd>) -> Done<Response> {
+        let refused = |e| Done::new(vec![], Err(e));
+        // Step 1: what came with the request. The backing file is inspected before the lock:
+        // nothing its filesystem does can hold up anyone else.
+        let mut observed = Observed { fds: fds.len(), backing: None };
+        let mut backing_fd = None;
+        if let (Request::LoopAttach { .. }, [_]) = (request, fds.as_slice()) {
+            let (fd, inspected) = self.inspect_backing(fds.into_iter().next().expect("one fd")).await;
+            (backing_fd, observed.backing) = (fd, Some(inspected));
+        } else {
             drop(fds);
-            return Err(HelperError::invalid(format!(
-                "{} takes {} file descriptor(s), {got} arrived; all were closed",
-                request.op_name(),
-                request.expected_fds()
-            )));
         }
+        if let Request::Ping = request {
+            return match authorize(&self.policy, peer, request, &Ledger::default(), &observed) {
+                Decision::Allow(_) => Done::new(vec![], Ok(Response::Pong)),
+                Decision::Refuse(e) => refused(e),
+            };
+        }
+        // Steps 2 and 3: the lock, then the decision.
+        let mut st = self.state.lock().await;
+        let grant = match authorize(&self.policy, peer, request, &st.ledger, &observed) {
+            Decision::Allow(grant) => grant,
+            Decision::Refuse(e) => return refused(e),
+        };
         let Some(install) = peer.install.as_ref() else {
-            return Err(HelperError::invalid("the first request on a connection must be hello"));
+            return refused(HelperError::internal("a request was granted before the handshake"));
         };
-        let c = Caller { uid: peer.uid, install, user: peer.user.as_deref() };
-        match request {
-            Request::Hello { .. } => {
-                Err(HelperError::invalid("hello was already answered on this connection"))
+        let c = Caller { uid: peer.uid, install };
+        // Step 4: the operation, on what was granted.
+        match (request, grant) {
+            (Request::Hello { .. }, _) => {
+                refused(HelperError::invalid("hello was already answered on this connection"))
             }
-            Request::Ping => {
-                if let Decision::Refuse(e) = authorize(&self.policy, peer, request, &Ledger::default()) {
-                    return Err(e);
+            (Request::Ping, _) => Done::new(vec![], Ok(Response::Pong)),
+            (Request::ListOwned, Grant::Proceed) => {
+                Done::new(vec![], Ok(Response::Owned(self.list_owned(&st, c))))
+            }
+            (Request::TapCreate { .. }, Grant::TapExisting(entry)) => {
+                self.tap_existing(&mut st, c, entry).await.map(Response::Tap)
+            }
+            (Request::TapCreate { vm }, Grant::TapNew { lease, new_lease, slot }) => {
+                self.tap_new(&mut st, c, vm, lease, new_lease, slot).await.map(Response::Tap)
+            }
+            (Request::NatUp { vm }, Grant::Nat { tap, host_ip, guest_ip }) => {
+                self.nat_up(&mut st, c, vm, tap, host_ip, guest_ip).await.map(Response::Nat)
+            }
+            (Request::LoopAttach { vm, role, .. }, Grant::Loop { read_only, backing }) => match backing_fd {
+                Some(fd) => {
+                    self.loop_attach(&mut st, c, vm, *role, read_only, backing, fd).map(Response::Loop)
                 }
-                Ok(Response::Pong)
+                None => refused(HelperError::internal("loop-attach was granted without its descriptor")),
+            },
+            (Request::TeardownVms { vms }, Grant::Proceed) => {
+                self.teardown(&mut st, c, vms).await.map(Response::Teardown)
             }
-            Request::LeaseSubnet => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.lease(&mut st, c).map(Response::Lease)
-            }
-            Request::TapCreate { vm } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.tap_create(&mut st, c, vm, names).await.map(Response::Tap)
-            }
-            Request::TapDelete { vm } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.tap_delete(&mut st, c, vm, names).await.map(|()| Response::Done)
-            }
-            Request::NatUp { vm } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.nat_up(&mut st, c, vm, names).await.map(Response::Nat)
-            }
-            Request::NatDown { vm } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.nat_down(&mut st, c, vm, names).await.map(|()| Response::Done)
-            }
-            Request::SysctlSet { key, value } => {
-                let _st = self.lock_authorized(peer, request).await?;
-                self.sysctl_set(key, value, names).map(|()| Response::Done)
-            }
-            Request::LoopAttach { vm, role, read_only } => {
-                let fd =
-                    fds.pop().ok_or_else(|| HelperError::invalid("loop-attach needs the backing file"))?;
-                // Before the lock: inspecting the file must never hold up anyone else.
-                let backing = self.inspect_backing(fd).await?;
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.loop_attach(&mut st, c, vm, *role, *read_only, backing, names).map(Response::Loop)
-            }
-            Request::LoopDetach { vm, role } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.loop_detach(&mut st, c, vm, *role, names).map(|()| Response::Done)
-            }
-            Request::ListOwned => {
-                let st = self.lock_authorized(peer, request).await?;
-                Ok(Response::Owned(self.list_owned(&st, c)))
-            }
-            Request::TeardownVms { vms } => {
-                let mut st = self.lock_authorized(peer, request).await?;
-                self.teardown(&mut st, c, vms, names).await.map(Response::Teardown)
-            }
+            (request, grant) => refused(HelperError::internal(format!(
+                "the policy granted {grant:?} for {}",
+                request.op_name()
+            ))),
         }
-    }
-
-    /// Takes the state lock and runs the policy decision under it.
-    async fn lock_authorized(
-        &self,
-        peer: &Peer,
-        request: &Request,
-    ) -> Result<MutexGuard<'_, State>, HelperError> {
-        let st = self.state.lock().await;
-        match authorize(&self.policy, peer, request, &st.stored.ledger) {
-            Decision::Allow => Ok(st),
-            Decision::Refuse(e) => Err(e),
-        }
-    }
-
-    /// Refuses a new VM or object over the caller's quotas (checked again here, under the lock,
-    /// after [`authorize`]). `new_vm`: the request would give the caller one more VM.
-    fn check_quota(
-        &self,
-        st: &State,
-        c: Caller<'_>,
-        kind: ObjectKind,
-        new_vm: bool,
-    ) -> Result<(), HelperError> {
-        let q = self.policy.quotas_for_uid(c.user, c.uid);
-        let ledger = &st.stored.ledger;
-        let (resource, limit, have) = match kind {
-            ObjectKind::Tap => ("taps", q.max_taps, ledger.count_taps(c.uid)),
-            ObjectKind::Loop(_) => ("loops", q.max_loops, ledger.count_loops(c.uid)),
-            ObjectKind::Nat => ("vms", q.max_vms, ledger.count_vms(c.uid)),
-        };
-        if have >= limit {
-            return Err(HelperError::QuotaExceeded { resource: resource.into(), limit });
-        }
-        if new_vm && ledger.count_vms(c.uid) >= q.max_vms {
-            return Err(HelperError::QuotaExceeded { resource: "vms".into(), limit: q.max_vms });
-        }
-        Ok(())
     }
 }
 
@@ -349,6 +321,10 @@ mod tests {
         let reply = t.helper.hello(&mut p, PROTOCOL_VERSION, InstallId::new("home").unwrap()).unwrap();
         assert_eq!(reply.version, PROTOCOL_VERSION);
         assert!(reply.capabilities.loop_configure);
+        assert!(
+            !reply.capabilities.device_mapper && !reply.capabilities.jailer,
+            "no dm or jailer operation yet"
+        );
         assert_eq!(p.install, Some(InstallId::new("home").unwrap()));
 
         let audit = t.audit_lines();

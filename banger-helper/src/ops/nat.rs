@@ -1,55 +1,44 @@
-//! NAT up and down for one VM.
+//! NAT up for one VM.
 //!
-//! Up, in order: the VM's TAP must be in the ledger (its guest address comes from there, never
-//! from the client); the uplink is the policy's or the default route's interface; `ip_forward` is
-//! turned on; the helper reads its chains, works out the difference to the VM's rules
-//! ([`crate::firewall::vm_rules`]) and applies it as one batch — nothing when already in place.
-//! Down removes every rule carrying the VM's tag in one batch; nothing there is done.
+//! The policy granted the VM's TAP from the ledger (its guest address comes from there, never
+//! from the client). In order: the uplink is the policy's or the interface of the IPv4 default
+//! route, which must be an [`IfName`] (the policy's already is); `ip_forward` is turned on; the
+//! helper reads its chains, works out the difference to the VM's rules
+//! ([`crate::firewall::vm_rules`]) and applies it as one batch — nothing when already in place;
+//! the NAT is recorded. The rules go with [`super::teardown`], found by their tag.
 
-use banger_policy::{LedgerEntry, Object, Uplink};
-use banger_protocol::{HelperError, NatInfo, VmId};
+use std::net::Ipv4Addr;
 
-use super::{Caller, Helper, State};
-use crate::firewall::{FirewallView, VmRules, apply_to_view, plan_vm_rules, vm_rules};
+use banger_policy::{LedgerEntry, Object, ObjectKind, Uplink};
+use banger_protocol::{HelperError, IfName, NatInfo, VmId};
+
+use super::{Caller, Done, Helper, State};
+use crate::firewall::{VmRules, apply_to_view, plan_vm_rules, vm_rules};
 use crate::kernel::{Firewall as _, Kernel, Links as _, Sysctl as _};
 use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
-use banger_policy::ObjectKind;
-
-/// Whether an interface name can go into a rule line as it is.
-pub(crate) fn rule_safe_ifname(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'@' | b'-'))
-}
 
 impl<K: Kernel> Helper<K> {
-    /// The interface guests' traffic leaves by, checked to be safe in a rule: iptables would read
-    /// a trailing `+` as a wildcard, and quotes or `#` would change how a rule line is parsed.
-    async fn uplink(&self) -> Result<String, HelperError> {
-        let name = self.uplink_name().await?;
-        if !rule_safe_ifname(&name) {
+    /// The interface guests' traffic leaves by.
+    async fn uplink(&self) -> Result<IfName, HelperError> {
+        let auto = match &self.policy.network.uplink {
+            Uplink::Named(name) => return Ok(name.clone()),
+            Uplink::Auto => self.kernel.links().default_route_interface().await?,
+        };
+        let Some(name) = auto else {
             return Err(HelperError::Conflict {
-                what: format!(
-                    "uplink {name:?} cannot be used in firewall rules (only letters, digits, '_', '.', '@' and '-'); \
-                     name another interface in the policy (network.uplink)"
-                ),
-            });
-        }
-        Ok(name)
-    }
-
-    async fn uplink_name(&self) -> Result<String, HelperError> {
-        match &self.policy.network.uplink {
-            Uplink::Named(name) => Ok(name.clone()),
-            Uplink::Auto => self.kernel.links().default_route_interface().await?.ok_or_else(|| {
-                HelperError::Conflict {
-                what: "no uplink: there is no IPv4 default route to masquerade through; add one, or name the \
+                what:
+                    "no uplink: there is no IPv4 default route to masquerade through; add one, or name the \
                        interface in the policy (network.uplink)"
-                    .into(),
-            }
-            }),
-        }
+                        .into(),
+            });
+        };
+        IfName::new(name).map_err(|e| HelperError::Conflict {
+            what: format!(
+                "the default route's interface cannot be used in firewall rules ({e}); name another interface \
+                 in the policy (network.uplink)"
+            ),
+        })
     }
 
     /// Turns IPv4 forwarding on in this network namespace (left on afterwards: other users of
@@ -68,89 +57,54 @@ impl<K: Kernel> Helper<K> {
         st: &mut State,
         c: Caller<'_>,
         vm: &VmId,
-        names: &mut Vec<String>,
-    ) -> Result<NatInfo, HelperError> {
+        tap: String,
+        host_ip: Ipv4Addr,
+        guest_ip: Ipv4Addr,
+    ) -> Done<NatInfo> {
         let key = VmKey::new(c.uid, c.install, vm);
-        names.push(key.rule_tag());
-        let Some(LedgerEntry { object: Object::Tap { name: tap, host_ip, guest_ip, .. }, .. }) =
-            st.stored.find(c.uid, c.install, vm, ObjectKind::Tap).cloned()
-        else {
-            return Err(HelperError::NotFound {
-                what: format!("tap of vm {vm} (install {}); create it before nat-up", c.install),
-            });
-        };
-        let uplink = self.uplink().await?;
-        names.push(uplink.clone());
-        self.enable_forwarding()?;
-        let firewall = self.kernel.firewall();
-        let view = firewall.read().await?;
-        let wanted = vm_rules(
-            &VmRules { key: key.clone(), tap, guest_ip, host_ip, uplink: uplink.clone() },
-            &self.policy.network,
-        );
-        let batch = plan_vm_rules(&view, &[(key.clone(), wanted)], &[]);
-        if !batch.is_empty() {
-            firewall.apply(&batch).await?;
-        }
-        let previous = st.stored.remove(c.uid, c.install, vm, ObjectKind::Nat);
-        let object = Object::Nat { guest_ip, uplink: uplink.clone() };
-        st.stored.insert(LedgerEntry {
-            uid: c.uid,
-            install: c.install.clone(),
-            vm: vm.clone(),
-            object: object.clone(),
-        });
-        if previous.as_ref().map(|p| &p.object) != Some(&object)
-            && let Err(e) = st.persist()
-        {
-            st.stored.remove(c.uid, c.install, vm, ObjectKind::Nat);
-            if let Some(p) = previous {
-                st.stored.insert(p);
-            } else if !batch.is_empty() {
-                self.undo_rules(&view, &batch, &key).await;
+        let mut names = vec![key.rule_tag()];
+        let result = async {
+            let uplink = self.uplink().await?;
+            names.push(uplink.to_string());
+            self.enable_forwarding()?;
+            let firewall = self.kernel.firewall();
+            let view = firewall.read().await?;
+            let rules = VmRules { key: key.clone(), tap, guest_ip, host_ip, uplink: uplink.to_string() };
+            let wanted = vm_rules(&rules, &self.policy.network);
+            let batch = plan_vm_rules(&view, &[(key.clone(), wanted)], &[]);
+            if !batch.is_empty() {
+                firewall.apply(&batch).await?;
             }
-            return Err(e);
+            let object = Object::Nat { guest_ip, uplink: uplink.to_string() };
+            let entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
+            let had = st.ledger.find(c.uid, c.install, vm, ObjectKind::Nat).is_some();
+            if let Err(e) = st.commit(|l| {
+                l.insert(entry);
+            }) {
+                // Take the rules just added back out: they could not be recorded (unless the
+                // ledger already held this VM's NAT, which then stays as it was).
+                if let Ok(after) = apply_to_view(&view, &batch)
+                    && !batch.is_empty()
+                    && !had
+                {
+                    let undo = plan_vm_rules(&after, &[], std::slice::from_ref(&key));
+                    if let Err(e) = firewall.apply(&undo).await {
+                        tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
+                    }
+                }
+                return Err(e);
+            }
+            Ok(NatInfo { install: c.install.clone(), vm: vm.clone(), guest_ip, uplink: uplink.to_string() })
         }
-        Ok(NatInfo { install: c.install.clone(), vm: vm.clone(), guest_ip, uplink })
-    }
-
-    /// Takes rules just added back out, when they could not be recorded.
-    async fn undo_rules(&self, before: &FirewallView, applied: &crate::firewall::FirewallBatch, key: &VmKey) {
-        let Ok(after) = apply_to_view(before, applied) else { return };
-        let undo = plan_vm_rules(&after, &[], std::slice::from_ref(key));
-        if let Err(e) = self.kernel.firewall().apply(&undo).await {
-            tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
-        }
-    }
-
-    pub(crate) async fn nat_down(
-        &self,
-        st: &mut State,
-        c: Caller<'_>,
-        vm: &VmId,
-        names: &mut Vec<String>,
-    ) -> Result<(), HelperError> {
-        let key = VmKey::new(c.uid, c.install, vm);
-        names.push(key.rule_tag());
-        let firewall = self.kernel.firewall();
-        let view = firewall.read().await?;
-        let batch = plan_vm_rules(&view, &[], std::slice::from_ref(&key));
-        if !batch.is_empty() {
-            firewall.apply(&batch).await?;
-        }
-        if st.stored.remove(c.uid, c.install, vm, ObjectKind::Nat).is_some()
-            && let Err(e) = st.persist()
-        {
-            tracing::error!("rules of {} removed but the ledger could not be saved: {e}", key.rule_tag());
-        }
-        Ok(())
+        .await;
+        Done::new(names, result)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use banger_policy::Uplink;
-    use banger_protocol::{HelperError, Request, Response};
+    use banger_protocol::{HelperError, IfName, Request, Response};
     use nix::errno::Errno;
 
     use crate::names::VmKey;
@@ -165,7 +119,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn up_twice_is_one_batch_and_down_twice_is_one_batch() {
+    async fn up_twice_is_one_batch_and_teardown_removes_everything() {
         let t = TestHelper::new();
         let p = t.peer(1000, "home");
         let Response::Tap(tap) = t.req(&p, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
@@ -178,15 +132,17 @@ mod tests {
         assert_eq!(t.req(&p, Request::NatUp { vm: vm("dev") }).await, Response::Nat(nat));
         assert_eq!(t.kernel.world().firewall_batches, 1);
         assert_eq!(t.kernel.world().firewall.rules, rules);
-        assert_eq!(t.req(&p, Request::NatDown { vm: vm("dev") }).await, Response::Done);
-        assert_eq!(t.req(&p, Request::NatDown { vm: vm("dev") }).await, Response::Done);
+        for _ in 0..2 {
+            let r = t.req(&p, Request::TeardownVms { vms: vec![vm("dev")] }).await;
+            assert!(matches!(&r, Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+        }
         let w = t.kernel.world();
         assert_eq!(w.firewall_batches, 2);
         assert!(w.firewall.rules.is_empty() && w.firewall.chains.is_empty() && w.firewall.jumps.is_empty());
     }
 
     #[tokio::test]
-    async fn down_never_touches_another_owners_rules() {
+    async fn teardown_never_touches_another_owners_rules() {
         let t = TestHelper::new();
         let a = t.peer(1000, "home");
         let b = t.peer(1001, "home");
@@ -195,7 +151,8 @@ mod tests {
             assert!(matches!(t.req(p, Request::NatUp { vm: vm("dev") }).await, Response::Nat(_)));
         }
         let before = t.kernel.world().firewall.rules.len();
-        assert_eq!(t.req(&b, Request::NatDown { vm: vm("dev") }).await, Response::Done);
+        let r = t.req(&b, Request::TeardownVms { vms: vec![vm("dev")] }).await;
+        assert!(matches!(r, Response::Teardown(_)), "{r:?}");
         let w = t.kernel.world();
         assert_eq!(w.firewall.rules.len(), before / 2);
         let tag_a = VmKey::new(1000, &a.install.clone().unwrap(), &vm("dev")).rule_tag();
@@ -213,7 +170,7 @@ mod tests {
         assert!(what.contains("default route") && what.contains("network.uplink"), "{what}");
 
         let mut policy = test_policy();
-        policy.network.uplink = Uplink::Named("wan0".into());
+        policy.network.uplink = Uplink::Named(IfName::new("wan0").unwrap());
         let t = TestHelper::with_policy(policy);
         t.kernel.world().default_route = None;
         t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
@@ -221,19 +178,23 @@ mod tests {
         assert_eq!(nat.uplink, "wan0");
     }
 
+    /// A default route through an interface whose name would change a rule line: a conflict
+    /// naming it and pointing at `network.uplink` (a policy cannot name such an interface).
     #[tokio::test]
-    async fn an_uplink_name_that_would_change_a_rule_is_refused() {
+    async fn a_default_route_interface_that_would_change_a_rule_is_refused() {
         for bad in ["eth+", "we\"ird", "a#b", "-x"] {
-            let mut policy = test_policy();
-            policy.network.uplink = Uplink::Named(bad.into());
-            let t = TestHelper::with_policy(policy);
+            let t = TestHelper::new();
+            t.kernel.world().default_route = Some(bad.into());
             let p = t.peer(1000, "home");
             t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
             let r = t.req(&p, Request::NatUp { vm: vm("dev") }).await;
-            assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{bad}: {r:?}");
+            assert!(
+                matches!(&r, Response::Error(HelperError::Conflict { what })
+                    if what.contains("network.uplink") && what.contains(&format!("{bad:?}"))),
+                "{bad}: {r:?}"
+            );
             assert_eq!(t.kernel.world().firewall_batches, 0);
         }
-        assert!(super::rule_safe_ifname("br-lan.10") && super::rule_safe_ifname("eth0@if5"));
     }
 
     #[tokio::test]
@@ -244,7 +205,7 @@ mod tests {
         t.kernel.fail("firewall_apply", "", Errno::EIO, 1);
         let r = t.req(&p, Request::NatUp { vm: vm("dev") }).await;
         assert!(matches!(r, Response::Error(HelperError::Kernel { .. })), "{r:?}");
-        assert_eq!(t.helper.snapshot().await.ledger.entries.len(), 1, "only the tap");
+        assert_eq!(t.helper.snapshot().await.entries.len(), 1, "only the tap");
         assert!(t.kernel.world().firewall.rules.is_empty());
     }
 }

@@ -1,24 +1,31 @@
-//! Start-up reconcile: the ledger is checked against the kernel before the first request.
+//! Start-up reconcile: the ledger is checked against the kernel before the first request, with
+//! the rules teardown follows.
 //!
-//! - a TAP, NAT rule set or loop device in the ledger that the kernel no longer has leaves the
-//!   ledger (a loop device counts as gone when it is free or attached to another file);
+//! - a TAP the ledger holds as an intent (a helper stopped between the ledger write and
+//!   settling it) is deleted, whatever the kernel says its owner is, and then leaves the ledger;
+//!   a settled TAP stays while its link exists, whatever its owner;
+//! - a loop entry stays while its device holds the recorded file and is settled; an intent or a
+//!   released entry is released ([`super::loopdev::release_loop`]: detached, removed) and leaves
+//!   the ledger once the kernel has let the device go; an entry whose device is gone or holds
+//!   another file leaves the ledger;
+//! - a NAT entry whose tagged rules are gone leaves the ledger;
 //! - a banger-named TAP or tagged rule the ledger does not know is reported in the log, not
 //!   touched: the helper never deletes what it cannot prove is its own;
 //! - leases stay: they are the uid's for good.
 
 use std::collections::BTreeSet;
 
-use banger_policy::{Object, ObjectKind};
+use banger_policy::{EntryState, LedgerEntry, Object, ObjectKind};
 
 use super::Helper;
-use super::loopdev::loop_number;
+use super::loopdev::{Release, loop_number, record_release, release_loop};
 use crate::kernel::{Firewall as _, Kernel, Links as _, Loops as _};
 use crate::names::{VmKey, is_banger_tap_name};
 
 /// What the reconcile found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReconcileReport {
-    /// Ledger entries dropped because their object is gone, as `kind name`.
+    /// Ledger entries dropped because their object is gone (or was removed), as `kind name`.
     pub dropped: Vec<String>,
     /// Banger-looking objects the ledger does not know.
     pub unknown: Vec<String>,
@@ -26,8 +33,17 @@ pub struct ReconcileReport {
     pub errors: Vec<String>,
 }
 
+fn describe(e: &LedgerEntry) -> String {
+    match &e.object {
+        Object::Tap { name, .. } => format!("tap {name}"),
+        Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
+        Object::Loop { device, .. } => format!("loop {device}"),
+    }
+}
+
 impl<K: Kernel> Helper<K> {
-    /// Checks the ledger against the kernel, drops what is gone and reports what is unknown.
+    /// Checks the ledger against the kernel, removes what never settled, drops what is gone and
+    /// reports what is unknown.
     pub async fn reconcile(&self) -> ReconcileReport {
         let mut st = self.state.lock().await;
         let mut report = ReconcileReport::default();
@@ -46,81 +62,76 @@ impl<K: Kernel> Helper<K> {
             }
         };
         let loops = self.kernel.loops();
-        let before = st.stored.ledger.entries.len();
-        let mut dropped = Vec::new();
-        let mut kept = Vec::new();
-        for e in std::mem::take(&mut st.stored.ledger.entries) {
+        let mut gone: Vec<LedgerEntry> = Vec::new();
+        let mut released = Vec::new();
+        for e in st.ledger.entries.clone() {
             let key = VmKey::new(e.uid, &e.install, &e.vm);
-            let present = match &e.object {
-                Object::Tap { name, .. } => links.as_ref().is_none_or(|l| l.contains(name)),
-                Object::Nat { .. } => {
-                    view.as_ref().is_none_or(|v| v.tagged(&key.rule_tag()).next().is_some())
-                }
-                Object::Loop { device, .. } => match loop_number(device).map(|n| (n, loops.node(n))) {
-                    None => false,
-                    // Still the owner's node: still theirs, whatever they did with it.
-                    Some((_, Ok(node))) if node.uid == e.uid && e.uid != 0 => true,
-                    Some((n, Ok(node))) if node.uid == 0 => match loops.status(n) {
-                        Ok(Some(s)) => st
-                            .stored
-                            .backing_of(&e)
-                            .is_some_and(|b| (b.dev, b.ino) == (s.backing_dev, s.backing_ino)),
-                        Ok(None) => false,
-                        Err(err) => {
-                            report.errors.push(format!("cannot read {device}: {err}"));
-                            true
+            match &e.object {
+                Object::Tap { name, .. } if e.state != EntryState::Settled => {
+                    match self.kernel.links().delete(std::slice::from_ref(name)).await.pop() {
+                        Some(Err(err)) => {
+                            report.errors.push(format!("cannot delete unsettled tap {name}: {err}"))
                         }
-                    },
-                    Some((_, Ok(_))) => false,
-                    Some((_, Err(err))) if err.errno_value() == Some(nix::errno::Errno::ENOENT) => false,
-                    Some((_, Err(err))) => {
-                        report.errors.push(format!("cannot stat {device}: {err}"));
-                        true
+                        _ => gone.push(e),
                     }
-                },
-            };
-            if present {
-                kept.push(e);
-            } else {
-                dropped.push(e);
+                }
+                Object::Tap { name, .. } => {
+                    if links.as_ref().is_some_and(|l| !l.contains(name)) {
+                        gone.push(e);
+                    }
+                }
+                Object::Nat { .. } => {
+                    if view.as_ref().is_some_and(|v| v.tagged(&key.rule_tag()).next().is_none()) {
+                        gone.push(e);
+                    }
+                }
+                Object::Loop { device, backing, .. } => {
+                    let in_use = match loop_number(device).map(|n| loops.status(n)) {
+                        None => Ok(false),
+                        Some(Ok(status)) => Ok(status
+                            .is_some_and(|s| (s.backing_dev, s.backing_ino) == (backing.dev, backing.ino))),
+                        Some(Err(err)) => Err(err),
+                    };
+                    match in_use {
+                        Ok(true) if e.state == EntryState::Settled => {}
+                        Ok(_) => match release_loop(loops, &e) {
+                            Ok(Release::Gone) => gone.push(e),
+                            Ok(Release::Held) => released.push(e),
+                            Err(err) => report.errors.push(format!("cannot release {device}: {err}")),
+                        },
+                        Err(err) => report.errors.push(format!("cannot read {device}: {err}")),
+                    }
+                }
             }
         }
-        st.stored.ledger.entries = kept;
-        for e in dropped {
-            st.stored.remove_entry(&e);
-            let what = match &e.object {
-                Object::Tap { name, .. } => format!("tap {name}"),
-                Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
-                Object::Loop { device, .. } => format!("loop {device}"),
-            };
+        for e in &gone {
             tracing::info!(
-                "uid {} install {} vm {}: {what} is gone from the kernel; dropped from the ledger",
+                "uid {} install {} vm {}: {} is gone from the kernel (or never settled and was removed); dropped from the ledger",
                 e.uid,
                 e.install,
-                e.vm
+                e.vm,
+                describe(e)
             );
-            report.dropped.push(what);
+            report.dropped.push(describe(e));
         }
-        let known_taps: BTreeSet<&str> = st
-            .stored
-            .ledger
-            .entries
-            .iter()
-            .filter_map(|e| match &e.object {
-                Object::Tap { name, .. } => Some(name.as_str()),
-                Object::Nat { .. } | Object::Loop { .. } => None,
-            })
-            .collect();
-        for name in
-            links.iter().flatten().filter(|n| is_banger_tap_name(n) && !known_taps.contains(n.as_str()))
-        {
+        let committed = st.commit(|l| {
+            for e in &gone {
+                record_release(l, e, Release::Gone);
+            }
+            for e in &released {
+                record_release(l, e, Release::Held);
+            }
+        });
+        if let Err(e) = committed {
+            report.errors.push(format!("cannot save the reconciled ledger: {e}"));
+        }
+        for name in links.iter().flatten().filter(|n| is_banger_tap_name(n) && !st.ledger.holds_tap(n)) {
             tracing::warn!("tap {name} looks like banger's but is not in the ledger; left alone");
             report.unknown.push(format!("tap {name}"));
         }
         if let Some(v) = &view {
             for key in v.vms() {
-                let known = st.stored.find(key.uid, &key.install, &key.vm, ObjectKind::Nat).is_some();
-                if !known {
+                if st.ledger.find(key.uid, &key.install, &key.vm, ObjectKind::Nat).is_none() {
                     tracing::warn!(
                         "firewall rules tagged `{}` are not in the ledger; left alone",
                         key.rule_tag()
@@ -129,69 +140,67 @@ impl<K: Kernel> Helper<K> {
                 }
             }
         }
-        if st.stored.ledger.entries.len() != before
-            && let Err(e) = st.persist()
-        {
-            report.errors.push(format!("cannot save the reconciled ledger: {e}"));
-        }
         report
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use banger_policy::{EntryState, FileId};
     use banger_protocol::{LoopRole, Request, Response};
 
     use crate::kernel::{BackingFile, FdAccess};
     use crate::ops::testing::*;
 
     #[tokio::test]
-    async fn drops_what_is_gone_and_reports_what_is_unknown() {
+    async fn drops_what_is_gone_removes_what_never_settled_and_reports_what_is_unknown() {
         let t = TestHelper::new();
         let p = t.peer(1000, "home");
-        for v in ["a", "b"] {
+        for v in ["a", "b", "c"] {
             t.req(&p, Request::TapCreate { vm: vm(v) }).await;
             t.req(&p, Request::NatUp { vm: vm(v) }).await;
         }
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        t.kernel.register_backing(
-            std::os::fd::AsFd::as_fd(&fd),
-            BackingFile {
-                regular: true,
-                uid: 1000,
-                fs_type: "ext4".into(),
-                access: FdAccess::ReadOnly,
-                dev: 1,
-                ino: 5,
-            },
-        );
+        let id = FileId { dev: 1, ino: 5 };
+        let file =
+            BackingFile { regular: true, uid: 1000, fs_type: "ext4".into(), access: FdAccess::ReadOnly, id };
+        t.kernel.register_backing(std::os::fd::AsFd::as_fd(&fd), file);
         let r = t
             .req_fds(&p, Request::LoopAttach { vm: vm("a"), role: LoopRole::Base, read_only: true }, vec![fd])
             .await;
         let Response::Loop(l) = r else { panic!("{r:?}") };
         let Response::Owned(owned) = t.req(&p, Request::ListOwned).await else { panic!() };
-        let tap_a = owned.taps.iter().find(|x| x.vm == vm("a")).unwrap().name.clone();
+        let tap = |v: &str| owned.taps.iter().find(|x| x.vm == vm(v)).unwrap().name.clone();
         {
             let mut w = t.kernel.world();
-            // a's TAP vanished, the loop was released and handed to someone else, b's rules were
-            // flushed; a stray TAP appeared.
-            w.links.remove(&tap_a);
-            w.loops.get_mut(&0).unwrap().node.uid = 1001;
+            // a's TAP vanished; the loop device now holds another file; b's rules were flushed;
+            // c's TAP was given away (it stays the ledger's); a stray banger-named TAP appeared.
+            w.links.remove(&tap("a"));
+            w.loops.get_mut(&0).unwrap().status.as_mut().unwrap().backing_ino = 99;
             let tag_b = crate::names::VmKey::new(1000, p.install.as_ref().unwrap(), &vm("b")).rule_tag();
             w.firewall.rules.retain(|r| r.tag() != Some(tag_b.as_str()));
+            w.links.get_mut(&tap("c")).unwrap().tap_owner = Some(1001);
             w.links.insert("bg0000000000000".into(), Default::default());
         }
         let report = t.helper.reconcile().await;
         assert_eq!(report.dropped.len(), 3, "{report:?}");
-        assert!(report.dropped.contains(&format!("tap {tap_a}")));
+        assert!(report.dropped.contains(&format!("tap {}", tap("a"))));
         assert!(report.dropped.contains(&format!("loop {}", l.device)));
         assert_eq!(report.unknown, vec!["tap bg0000000000000".to_owned()]);
         assert!(report.errors.is_empty());
-        let snap = t.helper.snapshot().await;
-        assert_eq!(snap.ledger.entries.len(), 2, "b's tap and a's nat remain: {:?}", snap.ledger.entries);
-        assert!(snap.loop_backings.is_empty());
-        // Nothing changes on a second run.
+        assert!(t.kernel.world().loops[&0].status.is_some(), "a device holding another file was touched");
+        let ledger = t.helper.snapshot().await;
+        assert_eq!(ledger.entries.len(), 4, "b's and c's taps, a's and c's nat: {:?}", ledger.entries);
+        assert!(t.kernel.world().links.contains_key(&tap("c")));
+        // An intent that never settled: its TAP is removed, whoever the kernel says owns it.
+        t.helper.state.lock().await.ledger.entries.iter_mut().for_each(|e| {
+            if e.vm == vm("c") && matches!(e.object, banger_policy::Object::Tap { .. }) {
+                e.state = EntryState::Intent;
+            }
+        });
         let again = t.helper.reconcile().await;
-        assert!(again.dropped.is_empty());
+        assert_eq!(again.dropped, vec![format!("tap {}", tap("c"))], "{again:?}");
+        assert!(!t.kernel.world().links.contains_key(&tap("c")));
+        assert!(t.helper.reconcile().await.dropped.is_empty(), "nothing changes on a third run");
     }
 }

@@ -15,7 +15,7 @@ use crate::kernel::{Kernel, Links as _, Loops as _};
 enum Step {
     /// Delete a link the setup created.
     Link(String),
-    /// Give `/dev/loopN` back to root (0600), detach it, and prove it unused again.
+    /// Detach `/dev/loopN` and remove the device.
     Loop(u32),
 }
 
@@ -65,16 +65,16 @@ impl<K: Kernel> Rollback<K> {
 
 fn undo_loop<K: Kernel>(kernel: &K, n: u32) {
     let loops = kernel.loops();
-    if let Err(e) = loops.set_node(n, 0, 0, 0o600) {
-        tracing::error!("rollback: cannot give /dev/loop{n} back to root: {e}");
-        return;
-    }
     if let Err(e) = loops.detach(n) {
         tracing::error!("rollback: cannot detach /dev/loop{n}: {e}");
         return;
     }
-    // Never handed out again: removed, or left in place if the caller opened it meanwhile.
-    super::loopdev::remove_released(loops, n);
+    match loops.remove(n) {
+        Ok(()) => {}
+        Err(e) if e.errno_value() == Some(nix::errno::Errno::ENODEV) => {}
+        // Empty and root's; never bound again, since only devices created for an attach are.
+        Err(e) => tracing::warn!("rollback: /dev/loop{n} detached but not removed: {e}"),
+    }
 }
 
 impl<K: Kernel> Drop for Rollback<K> {

@@ -1,32 +1,46 @@
-//! TAP create and delete.
+//! TAP create.
 //!
-//! Create, in order: find the VM's slot in the caller's lease (or its existing TAP: then the same
-//! answer again), create the TAP persistent and owned by the caller with the flags Firecracker
-//! opens it with, turn IPv6 off on it unless the policy keeps it, give it the host address of the
-//! VM's point-to-point subnet, set it up, and record it. A failure after the TAP exists deletes it.
+//! The policy granted either the VM's TAP the ledger holds ([`Helper::tap_existing`]: the same
+//! answer again, or made again in its slot when the kernel lost it or it never settled) or a new
+//! one in a lease and slot ([`Helper::tap_new`]). Making one, in order:
 //!
-//! Delete removes only the TAP the ledger holds for the caller's own `(uid, install, vm)`, under
-//! the name derived from it, and only while the kernel says it belongs to the caller's uid;
-//! absent is done. A derived name proves nothing by itself: another key may derive the same one,
-//! so create answers `conflict` rather than replace a link of that name that is not the caller's.
+//! 1. the name `bg` + 13 hex digits is derived from `(uid, install, vm)`; a name the ledger holds
+//!    for another VM, or a link of that name that is not the caller's and not held for this VM,
+//!    is a conflict (the name alone proves nothing: another key may derive it);
+//! 2. the entry is written to the ledger as an intent, with the lease when it is the caller's
+//!    first, *before* the kernel is asked: a helper that stops at any point after this leaves a
+//!    TAP that the ledger counts and that teardown and the start-up reconcile remove;
+//! 3. the TAP is created persistent and owned by the caller, with the flags Firecracker opens it
+//!    with; IPv6 is turned off on it unless the policy keeps it; it gets the host address of the
+//!    VM's point-to-point subnet and is set up;
+//! 4. the entry is settled. A failure after the TAP exists deletes it and takes the entry (and a
+//!    lease taken for it) back out.
+//!
+//! A TAP the ledger holds for the caller's VM stays the caller's, counted and removed by
+//! teardown, whatever the kernel says its owner is now: its owner can attach to it and give it
+//! away with `TUNSETOWNER`, which must not take it out of the quota.
 
-use banger_policy::{LedgerEntry, Object};
-use banger_protocol::{HelperError, InstallId, TapInfo, VmId};
+use banger_policy::{EntryState, LedgerEntry, Object, ObjectKind};
+use banger_protocol::{HelperError, TapInfo, VmId};
 
 use super::rollback::Rollback;
-use super::{Caller, Helper, State};
-use crate::kernel::{Kernel, KernelError, LinkOwner, Links as _, Sysctl as _};
+use super::{Caller, Done, Helper, State};
+use crate::kernel::{Kernel, LinkOwner, Links as _, Sysctl as _};
 use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
-use banger_policy::ObjectKind;
 
 impl<K: Kernel> Helper<K> {
     /// The wire form of a recorded TAP.
-    pub(crate) fn tap_info(&self, install: &InstallId, vm: &VmId, object: &Object) -> Option<TapInfo> {
-        let Object::Tap { name, host_ip, guest_ip, .. } = object else { return None };
-        Some(TapInfo {
-            install: install.clone(),
-            vm: vm.clone(),
+    pub(crate) fn tap_info(&self, entry: &LedgerEntry) -> Result<TapInfo, HelperError> {
+        let Object::Tap { name, host_ip, guest_ip, .. } = &entry.object else {
+            return Err(HelperError::internal(format!(
+                "the ledger's tap entry of vm {} is not a tap",
+                entry.vm
+            )));
+        };
+        Ok(TapInfo {
+            install: entry.install.clone(),
+            vm: entry.vm.clone(),
             name: name.clone(),
             host_ip: *host_ip,
             guest_ip: *guest_ip,
@@ -35,187 +49,155 @@ impl<K: Kernel> Helper<K> {
         })
     }
 
-    pub(crate) async fn tap_create(
+    /// `TapCreate` of a VM whose TAP the ledger holds.
+    pub(crate) async fn tap_existing(
+        &self,
+        st: &mut State,
+        c: Caller<'_>,
+        entry: LedgerEntry,
+    ) -> Done<TapInfo> {
+        let Object::Tap { name, slot, host_ip, guest_ip } = entry.object.clone() else {
+            return Done::new(vec![], self.tap_info(&entry));
+        };
+        let names = vec![name.clone()];
+        let result = async {
+            let present = self.kernel.links().owner(&name).await? != LinkOwner::Absent;
+            if present && entry.state == EntryState::Settled {
+                return self.tap_info(&entry);
+            }
+            tracing::warn!(
+                "tap {name} of uid {} is in the ledger but not in use in the kernel; making it again",
+                c.uid
+            );
+            if present {
+                // Held for this very VM: the caller's, whatever the kernel says its owner is now.
+                self.delete_link(&name).await?;
+            }
+            let object = Object::Tap { name: name.clone(), slot, host_ip, guest_ip };
+            self.make_tap(st, c, &entry.vm, object, None).await
+        }
+        .await;
+        Done::new(names, result)
+    }
+
+    /// `TapCreate` of a new TAP in the granted lease and slot.
+    pub(crate) async fn tap_new(
         &self,
         st: &mut State,
         c: Caller<'_>,
         vm: &VmId,
-        names: &mut Vec<String>,
-    ) -> Result<TapInfo, HelperError> {
-        let key = VmKey::new(c.uid, c.install, vm);
-        let name = key.tap_name();
-        names.push(name.clone());
-        let links = self.kernel.links();
-        let mut reuse_slot = None;
-        if let Some(entry) = st.stored.find(c.uid, c.install, vm, ObjectKind::Tap) {
-            let object = entry.object.clone();
-            match links.owner(&name).await? {
+        lease: u32,
+        new_lease: bool,
+        slot: u32,
+    ) -> Done<TapInfo> {
+        let name = VmKey::new(c.uid, c.install, vm).tap_name();
+        let result = async {
+            if st.ledger.holds_tap(&name) {
+                return Err(name_taken(&name, "a TAP of another VM"));
+            }
+            match self.kernel.links().owner(&name).await? {
                 LinkOwner::Absent => {}
+                // The caller's own TAP that no ledger entry holds (left by a helper of an earlier
+                // release that stopped between the two): replacing it touches nobody else's.
                 LinkOwner::Uid(u) if u == c.uid => {
-                    return self
-                        .tap_info(c.install, vm, &object)
-                        .ok_or_else(|| HelperError::invalid("ledger entry is not a tap"));
+                    tracing::warn!("tap {name} of uid {u} exists without a ledger entry; replacing it");
+                    self.delete_link(&name).await?;
                 }
-                owner => return Err(name_taken(&name, owner)),
+                LinkOwner::Uid(u) => return Err(name_taken(&name, &format!("a TAP of uid {u}"))),
+                LinkOwner::Unowned => return Err(name_taken(&name, "a link the helper did not create")),
             }
-            tracing::warn!(
-                "tap {name} of uid {} is in the ledger but gone from the kernel; recreating it",
-                c.uid
-            );
-            if let Object::Tap { slot, .. } = object {
-                reuse_slot = Some(slot);
-            }
-            st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap);
-        } else {
-            let new_vm = !st.stored.ledger.has_vm(c.uid, c.install, vm);
-            self.check_quota(st, c, ObjectKind::Tap, new_vm)?;
-        }
-        let (lease, new_lease) = self.lease_index(st, c)?;
-        let net = &self.policy.network;
-        let slots = net.slots_per_lease();
-        let slot = match reuse_slot {
-            Some(s) => s,
-            None => st.stored.ledger.free_slot(c.uid, slots).ok_or_else(|| HelperError::QuotaExceeded {
-                resource: "VM subnets in the lease".into(),
-                limit: slots,
-            })?,
-        };
-        let subnet = net.vm_subnet(lease, slot).ok_or_else(|| HelperError::Conflict {
-            what: format!("slot {slot} of lease {lease} is outside the policy's pool"),
-        })?;
-        match links.owner(&name).await? {
-            LinkOwner::Absent => {}
-            // The caller's own TAP that no ledger entry holds: left by a crash between its
-            // creation and the ledger write. Replacing it touches nobody else's.
-            LinkOwner::Uid(u) if u == c.uid && !st.stored.ledger_names_tap(&name) => {
-                tracing::warn!(
-                    "tap {name} of uid {u} exists without a ledger entry (left by a crash); replacing it"
-                );
-                if let Some(Err(e)) = links.delete(std::slice::from_ref(&name)).await.pop() {
-                    return Err(e.into());
-                }
-            }
-            owner => return Err(name_taken(&name, owner)),
-        }
-
-        links.create_tap(&name, c.uid).await?;
-        let mut undo = Rollback::new(self.kernel.clone());
-        undo.link(name.clone());
-        let object =
-            Object::Tap { name: name.clone(), slot, host_ip: subnet.host_ip, guest_ip: subnet.guest_ip };
-        let configured = async {
-            if !net.ipv6 {
-                let k = SysctlKey::disable_ipv6(&name).map_err(|e| HelperError::invalid(e.to_string()))?;
-                if self.kernel.sysctl().exists(&k) {
-                    self.kernel.sysctl().write(&k, "1")?;
-                }
-            }
-            links.add_address(&name, subnet.host_ip, net.vm_prefix).await?;
-            links.set_up(&name).await?;
-            Ok::<(), HelperError>(())
+            let subnet = self.policy.network.vm_subnet(lease, slot).ok_or_else(|| {
+                HelperError::internal(format!(
+                    "the policy granted slot {slot} of lease {lease}, outside its pool"
+                ))
+            })?;
+            let object =
+                Object::Tap { name: name.clone(), slot, host_ip: subnet.host_ip, guest_ip: subnet.guest_ip };
+            self.make_tap(st, c, vm, object, new_lease.then_some(lease)).await
         }
         .await;
-        if let Err(e) = configured {
-            undo.undo().await;
-            if new_lease {
-                st.stored.ledger.leases.remove(&c.uid);
-            }
-            return Err(e);
+        Done::new(vec![name], result)
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), HelperError> {
+        match self.kernel.links().delete(&[name.to_owned()]).await.pop() {
+            Some(Err(e)) => Err(e.into()),
+            _ => Ok(()),
         }
-        st.stored.insert(LedgerEntry {
-            uid: c.uid,
-            install: c.install.clone(),
-            vm: vm.clone(),
-            object: object.clone(),
-        });
-        if let Err(e) = st.persist() {
-            st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap);
-            if new_lease {
-                st.stored.ledger.leases.remove(&c.uid);
+    }
+
+    /// Steps 2 to 4 of the module doc: intent, TAP, settled.
+    async fn make_tap(
+        &self,
+        st: &mut State,
+        c: Caller<'_>,
+        vm: &VmId,
+        object: Object,
+        new_lease: Option<u32>,
+    ) -> Result<TapInfo, HelperError> {
+        let Object::Tap { name, host_ip, .. } = object.clone() else {
+            return Err(HelperError::internal("make_tap was given another object"));
+        };
+        let mut entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
+        entry.state = EntryState::Intent;
+        st.commit(|l| {
+            if let Some(lease) = new_lease {
+                l.leases.insert(c.uid, lease);
             }
+            l.insert(entry.clone());
+        })?;
+        let mut undo = Rollback::new(self.kernel.clone());
+        let made = self.configure_tap(&mut undo, c.uid, &name, host_ip).await;
+        let settled = made.and_then(|()| {
+            st.commit(|l| {
+                if let Some(e) = l.entries.iter_mut().find(|e| e.is(c.uid, c.install, vm, ObjectKind::Tap)) {
+                    e.state = EntryState::Settled;
+                }
+            })
+        });
+        if let Err(e) = settled {
             undo.undo().await;
+            let taken_back = st.commit(|l| {
+                l.remove(c.uid, c.install, vm, ObjectKind::Tap);
+                if new_lease.is_some() {
+                    l.leases.remove(&c.uid);
+                }
+            });
+            if let Err(e) = taken_back {
+                tracing::error!("tap {name}: its intent stays in the ledger for the next teardown: {e}");
+            }
             return Err(e);
         }
         undo.commit();
-        self.tap_info(c.install, vm, &object).ok_or_else(|| HelperError::invalid("not a tap"))
+        entry.state = EntryState::Settled;
+        self.tap_info(&entry)
     }
 
-    pub(crate) async fn tap_delete(
+    /// Step 3: the kernel's part, each step registered with `undo` as soon as it is made.
+    async fn configure_tap(
         &self,
-        st: &mut State,
-        c: Caller<'_>,
-        vm: &VmId,
-        names: &mut Vec<String>,
+        undo: &mut Rollback<K>,
+        owner: u32,
+        name: &str,
+        host_ip: std::net::Ipv4Addr,
     ) -> Result<(), HelperError> {
-        let name = VmKey::new(c.uid, c.install, vm).tap_name();
-        names.push(name.clone());
-        match self.own_tap(st, c, vm, &name).await? {
-            OwnTap::Delete => {
-                if let Some(Err(e)) = self.kernel.links().delete(std::slice::from_ref(&name)).await.pop() {
-                    return Err(e.into());
-                }
+        let links = self.kernel.links();
+        links.create_tap(name, owner).await?;
+        undo.link(name.to_owned());
+        if !self.policy.network.ipv6 {
+            let key = SysctlKey::disable_ipv6(name).map_err(|e| HelperError::internal(e.to_string()))?;
+            if self.kernel.sysctl().exists(&key) {
+                self.kernel.sysctl().write(&key, "1")?;
             }
-            OwnTap::NotInLedger | OwnTap::Gone | OwnTap::NotOurs(_) => {}
         }
-        if st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap).is_some()
-            && let Err(e) = st.persist()
-        {
-            // The TAP is gone; the stale file entry is dropped by the next start-up reconcile.
-            tracing::error!("tap {name} deleted but the ledger could not be saved: {e}");
-        }
+        links.add_address(name, host_ip, self.policy.network.vm_prefix).await?;
+        links.set_up(name).await?;
         Ok(())
     }
-
-    /// Whether the TAP `name` derived for the caller's `vm` is the caller's to delete: only when
-    /// the ledger holds exactly that name for this `(uid, install, vm)` and the kernel says the
-    /// TAP belongs to the uid. A name alone proves nothing (another key may derive it).
-    pub(crate) async fn own_tap(
-        &self,
-        st: &State,
-        c: Caller<'_>,
-        vm: &VmId,
-        name: &str,
-    ) -> Result<OwnTap, KernelError> {
-        let held = matches!(
-            st.stored.find(c.uid, c.install, vm, ObjectKind::Tap),
-            Some(LedgerEntry { object: Object::Tap { name: n, .. }, .. }) if n == name
-        );
-        if !held {
-            return Ok(OwnTap::NotInLedger);
-        }
-        Ok(match self.kernel.links().owner(name).await? {
-            LinkOwner::Absent => OwnTap::Gone,
-            LinkOwner::Uid(u) if u == c.uid => OwnTap::Delete,
-            owner => {
-                tracing::warn!(
-                    "tap {name} is in the ledger for uid {} but the kernel's link of that name belongs to {owner:?}; left alone",
-                    c.uid
-                );
-                OwnTap::NotOurs(owner)
-            }
-        })
-    }
 }
 
-/// What [`Helper::own_tap`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OwnTap {
-    /// The caller's: delete it.
-    Delete,
-    /// In the ledger, gone from the kernel.
-    Gone,
-    /// The ledger does not hold this name for this VM: not the caller's to delete.
-    NotInLedger,
-    /// A link of that name exists but does not belong to the caller.
-    NotOurs(LinkOwner),
-}
-
-/// The error for a derived TAP name already taken by a link that is not the caller's.
-fn name_taken(name: &str, owner: LinkOwner) -> HelperError {
-    let whose = match owner {
-        LinkOwner::Uid(u) => format!("a TAP of uid {u}"),
-        LinkOwner::Unowned | LinkOwner::Absent => "a link the helper did not create".to_owned(),
-    };
+/// The error for a derived TAP name already taken by `whose`.
+fn name_taken(name: &str, whose: &str) -> HelperError {
     HelperError::Conflict {
         what: format!(
             "the interface name {name} derived for this VM is taken by {whose}; use another VM id, or ask the admin to remove that interface"
@@ -225,9 +207,14 @@ fn name_taken(name: &str, owner: LinkOwner) -> HelperError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use banger_policy::{EntryState, LedgerEntry};
     use banger_protocol::{HelperError, Request, Response};
     use nix::errno::Errno;
 
+    use crate::kernel::fake::FakeKernel;
     use crate::ops::testing::*;
 
     #[tokio::test]
@@ -247,6 +234,9 @@ mod tests {
             assert!(link.up);
             assert_eq!(w.sysctls[&format!("net.ipv6.conf.{}.disable_ipv6", tap.name)], "1");
         }
+        let ledger = t.helper.snapshot().await;
+        assert_eq!(ledger.entries[0].state, EntryState::Settled);
+        assert_eq!(ledger.lease_of(1000), Some(0));
         let calls_before = t.kernel.calls().len();
         assert_eq!(t.req(&p, Request::TapCreate { vm: vm("dev") }).await, Response::Tap(tap.clone()));
         let new_calls: Vec<String> = t.kernel.calls()[calls_before..].to_vec();
@@ -277,14 +267,10 @@ mod tests {
             matches!(&r, Response::Error(HelperError::Kernel { op, errno: 5, .. }) if op == "set_up"),
             "{r:?}"
         );
-        {
-            let w = t.kernel.world();
-            assert_eq!(w.links.len(), 1, "only the uplink is left: {:?}", w.links.keys());
-        }
-        let snap = t.helper.snapshot().await;
-        assert!(snap.ledger.entries.is_empty());
-        assert!(snap.ledger.leases.is_empty(), "the lease taken for it is returned");
-        // The next attempt works.
+        assert_eq!(t.kernel.world().links.len(), 1, "only the uplink is left");
+        let ledger = t.helper.snapshot().await;
+        assert!(ledger.entries.is_empty());
+        assert!(ledger.leases.is_empty(), "the lease taken for it is returned");
         assert!(matches!(t.req(&p, Request::TapCreate { vm: vm("dev") }).await, Response::Tap(_)));
     }
 
@@ -310,28 +296,10 @@ mod tests {
         }
         let r = t.req(&p, Request::TapCreate { vm: vm("c") }).await;
         assert_eq!(r, Response::Error(HelperError::QuotaExceeded { resource: "taps".into(), limit: 2 }));
-        // Another user is not affected.
         assert!(matches!(
             t.req(&t.peer(1001, "home"), Request::TapCreate { vm: vm("c") }).await,
             Response::Tap(_)
         ));
-    }
-
-    #[tokio::test]
-    async fn delete_touches_only_the_callers_own_tap() {
-        let t = TestHelper::new();
-        let a = t.peer(1000, "home");
-        let b = t.peer(1001, "home");
-        let Response::Tap(ta) = t.req(&a, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
-        // Same VM id from another uid and from another install of the same uid: no effect on a's TAP.
-        assert_eq!(t.req(&b, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
-        assert_eq!(t.req(&t.peer(1000, "work"), Request::TapDelete { vm: vm("dev") }).await, Response::Done);
-        assert!(t.kernel.world().links.contains_key(&ta.name));
-        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
-        assert!(!t.kernel.world().links.contains_key(&ta.name));
-        assert!(t.helper.snapshot().await.ledger.entries.is_empty());
-        // Absent: done.
-        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
     }
 
     fn derived(uid: u32, install: &str, v: &str) -> String {
@@ -358,7 +326,6 @@ mod tests {
             matches!(&r, Response::Error(HelperError::Conflict { what }) if what.contains(&name) && what.contains("1001")),
             "{r:?}"
         );
-        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
         let Response::Teardown(report) = t.req(&a, Request::TeardownVms { vms: vec![vm("dev")] }).await
         else {
             panic!()
@@ -370,23 +337,32 @@ mod tests {
             !calls.iter().any(|c| c.starts_with("delete_link ") || c.starts_with("create_tap")),
             "{calls:?}"
         );
-        // A link the helper did not create (no owner) is not replaced either.
         t.kernel.world().links.get_mut(&name).unwrap().tap_owner = None;
         let r = t.req(&a, Request::TapCreate { vm: vm("dev") }).await;
         assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
     }
 
+    /// The owner of a TAP attaches to it and gives it away (`TUNSETOWNER`): it stays theirs in
+    /// the ledger, counted against `max_taps`, and teardown removes it.
     #[tokio::test]
-    async fn a_ledger_entry_whose_link_changed_hands_is_dropped_without_deleting_it() {
-        let t = TestHelper::new();
+    async fn a_tap_given_away_stays_counted_and_goes_with_teardown() {
+        let mut policy = test_policy();
+        policy.quotas.max_taps = 1;
+        let t = TestHelper::with_policy(policy);
         let a = t.peer(1000, "home");
         let Response::Tap(tap) = t.req(&a, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
         t.kernel.world().links.get_mut(&tap.name).unwrap().tap_owner = Some(1001);
-        let r = t.req(&a, Request::TapCreate { vm: vm("dev") }).await;
-        assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
-        assert_eq!(t.req(&a, Request::TapDelete { vm: vm("dev") }).await, Response::Done);
-        assert!(t.kernel.world().links.contains_key(&tap.name));
-        assert!(t.helper.snapshot().await.ledger.entries.is_empty());
+        assert_eq!(t.req(&a, Request::TapCreate { vm: vm("dev") }).await, Response::Tap(tap.clone()));
+        let r = t.req(&a, Request::TapCreate { vm: vm("more") }).await;
+        assert_eq!(r, Response::Error(HelperError::QuotaExceeded { resource: "taps".into(), limit: 1 }));
+        let Response::Teardown(report) = t.req(&a, Request::TeardownVms { vms: vec![vm("dev")] }).await
+        else {
+            panic!()
+        };
+        assert!(report.failures.is_empty() && report.torn_down == vec![vm("dev")], "{report:?}");
+        assert!(!t.kernel.world().links.contains_key(&tap.name));
+        assert!(t.helper.snapshot().await.entries.is_empty());
+        assert!(matches!(t.req(&a, Request::TapCreate { vm: vm("more") }).await, Response::Tap(_)));
     }
 
     #[tokio::test]
@@ -401,5 +377,49 @@ mod tests {
         let del = calls.iter().position(|c| c == &format!("delete_link {name}")).unwrap();
         let create = calls.iter().position(|c| c == &format!("create_tap {name}")).unwrap();
         assert!(del < create, "{calls:?}");
+    }
+
+    /// A helper killed between creating a TAP and settling it: the intent written before the
+    /// kernel call makes the TAP the ledger's, so the next helper removes it (at its start-up
+    /// reconcile, or at the VM's teardown) and nothing is left or stuck.
+    #[tokio::test]
+    async fn a_helper_killed_right_after_creating_a_tap_leaks_nothing() {
+        for reconcile_first in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let kernel = Arc::new(FakeKernel::new());
+            let p = TestHelper::new().peer(1000, "home");
+            let name = derived(1000, "home", "dev");
+            let first = open_helper(dir.path(), &kernel);
+            kernel.hang_after("create_tap");
+            let mut op = Box::pin(first.handle(&p, Request::TapCreate { vm: vm("dev") }, vec![]));
+            assert!(tokio::time::timeout(Duration::from_millis(200), &mut op).await.is_err(), "it stops");
+            assert!(kernel.world().links.contains_key(&name));
+            std::mem::forget(op);
+            kill_9((), first, dir.path());
+
+            let second = open_helper(dir.path(), &kernel);
+            let ledger = second.snapshot().await;
+            assert!(
+                matches!(&ledger.entries[..], [LedgerEntry { state: EntryState::Intent, .. }]),
+                "{ledger:?}"
+            );
+            if reconcile_first {
+                let report = second.reconcile().await;
+                assert_eq!(report.dropped, vec![format!("tap {name}")], "{report:?}");
+                assert!(!kernel.world().links.contains_key(&name));
+            }
+            let Response::Teardown(report) =
+                second.handle(&p, Request::TeardownVms { vms: vec![vm("dev")] }, vec![]).await
+            else {
+                panic!()
+            };
+            assert!(report.failures.is_empty(), "{report:?}");
+            assert!(!kernel.world().links.contains_key(&name), "the tap leaked");
+            assert!(second.snapshot().await.entries.is_empty());
+            assert!(matches!(
+                second.handle(&p, Request::TapCreate { vm: vm("dev") }, vec![]).await,
+                Response::Tap(_)
+            ));
+        }
     }
 }

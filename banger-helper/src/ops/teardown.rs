@@ -1,122 +1,164 @@
-//! Tearing down several VMs of the caller's install in one request.
+//! Tearing down several VMs of the caller's install in one request: the one way every object
+//! goes.
 //!
 //! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
-//! removing the rules of every listed VM, the deletion of all their TAPs together, and the
-//! release of their loop devices. A TAP is deleted only when the ledger holds it for that VM and
-//! the kernel says it belongs to the caller. Absent objects count as removed; a failure is
-//! reported for its object and the rest still goes. A VM is reported torn down when nothing of it failed. A report
-//! too large for one answer is cut (failures first), so a VM can then be in neither list: it had
-//! failures that did not fit.
+//! removing the rules of every listed VM (found by their tag), the deletion of their TAPs
+//! together, and the release of their loop devices ([`super::loopdev::release_loop`], on a
+//! blocking thread). Which TAP goes:
+//!
+//! - a TAP the ledger holds for the VM (settled or only intended) is deleted, whatever the kernel
+//!   says its owner is now: its owner may have given it away with `TUNSETOWNER`, and it stays
+//!   theirs, counted, until it is gone;
+//! - a link of the derived name that the ledger does not hold is deleted only when the kernel says
+//!   it is the caller's (left by a helper of an earlier release); anyone else's is left alone.
+//!
+//! Absent objects count as removed; a failure is reported for its object and the rest still goes;
+//! what failed stays in the ledger so a retry finds it. A VM is reported torn down when nothing
+//! of it failed. A report too large for one answer is cut (failures first), so a VM can then be
+//! in neither list: it had failures that did not fit.
 
 use std::collections::BTreeSet;
 
-use banger_policy::Object;
+use banger_policy::{LedgerEntry, Object, ObjectKind};
 use banger_protocol::{HelperError, Response, TeardownFailure, TeardownReport, VmId};
 
 use super::list::{CutFrom, fit_lists};
-use super::tap::OwnTap;
-use super::{Caller, Helper, State};
+use super::loopdev::{Release, record_release, release_loop};
+use super::{Caller, Done, Helper, State};
 use crate::firewall::plan_vm_rules;
-use crate::kernel::{Firewall as _, Kernel, Links as _};
+use crate::kernel::{Firewall as _, Kernel, LinkOwner, Links as _};
 use crate::names::VmKey;
-use banger_policy::ObjectKind;
 
 impl<K: Kernel> Helper<K> {
-    pub(crate) async fn teardown(
-        &self,
-        st: &mut State,
-        c: Caller<'_>,
-        vms: &[VmId],
-        names: &mut Vec<String>,
-    ) -> Result<TeardownReport, HelperError> {
+    pub(crate) async fn teardown(&self, st: &mut State, c: Caller<'_>, vms: &[VmId]) -> Done<TeardownReport> {
         let vms: Vec<VmId> = vms.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let keys: Vec<VmKey> = vms.iter().map(|vm| VmKey::new(c.uid, c.install, vm)).collect();
-        let taps: Vec<String> = keys.iter().map(VmKey::tap_name).collect();
-        names.extend(taps.iter().cloned());
+        let mut names = Vec::new();
+
+        // Which TAPs go, by the rule above.
+        let mut taps = Vec::new();
+        for (vm, key) in vms.iter().zip(&keys) {
+            let held = match st.ledger.find(c.uid, c.install, vm, ObjectKind::Tap) {
+                Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
+                _ => None,
+            };
+            let name = held.clone().unwrap_or_else(|| key.tap_name());
+            names.push(name.clone());
+            let doomed = match held {
+                Some(_) => Ok(true),
+                None => match self.kernel.links().owner(&name).await {
+                    Ok(LinkOwner::Uid(u)) if u == c.uid => Ok(true),
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(e),
+                },
+            };
+            taps.push((vm.clone(), name, doomed));
+        }
+        let doomed: Vec<String> =
+            taps.iter().filter(|(_, _, d)| matches!(d, Ok(true))).map(|(_, n, _)| n.clone()).collect();
+        let loop_entries: Vec<LedgerEntry> = st
+            .ledger
+            .entries_of(c.uid)
+            .filter(|e| {
+                &e.install == c.install && vms.contains(&e.vm) && matches!(e.object, Object::Loop { .. })
+            })
+            .cloned()
+            .collect();
+        for e in &loop_entries {
+            if let Object::Loop { device, .. } = &e.object {
+                names.push(device.clone());
+            }
+        }
 
         let firewall = async {
             let view = self.kernel.firewall().read().await?;
             let batch = plan_vm_rules(&view, &[], &keys);
-            let affected: BTreeSet<VmKey> = view.vms().into_iter().filter(|k| keys.contains(k)).collect();
             if !batch.is_empty() {
                 self.kernel.firewall().apply(&batch).await?;
             }
-            Ok::<_, crate::kernel::KernelError>(affected)
+            Ok::<_, crate::kernel::KernelError>(())
         };
-        // Only TAPs the ledger holds for these VMs and the kernel says are the caller's.
-        let mut tap_checks = Vec::with_capacity(vms.len());
-        for (vm, tap) in vms.iter().zip(&taps) {
-            tap_checks.push(self.own_tap(st, c, vm, tap).await);
-        }
-        let doomed: Vec<String> = taps
-            .iter()
-            .zip(&tap_checks)
-            .filter(|(_, check)| matches!(check, Ok(OwnTap::Delete)))
-            .map(|(tap, _)| tap.clone())
-            .collect();
         let links = self.kernel.links().delete(&doomed);
-        let loops = async {
-            let mut results = Vec::new();
-            for vm in &vms {
-                for e in st.stored.ledger.entries_of(c.uid).filter(|e| &e.install == c.install && &e.vm == vm)
-                {
-                    if let Object::Loop { role, device, .. } = &e.object {
-                        results.push((vm.clone(), *role, device.clone(), self.release_loop(st, e)));
-                    }
-                }
-            }
-            results
-        };
+        let kernel = self.kernel.clone();
+        let loops = tokio::task::spawn_blocking(move || {
+            loop_entries
+                .into_iter()
+                .map(|e| {
+                    let r = release_loop(kernel.loops(), &e);
+                    (e, r)
+                })
+                .collect::<Vec<_>>()
+        });
         let (fw, link_results, loop_results) = tokio::join!(firewall, links, loops);
+        let loop_results = match loop_results {
+            Ok(r) => r,
+            Err(e) => {
+                return Done::new(names, Err(HelperError::internal(format!("loop release failed: {e}"))));
+            }
+        };
 
         let mut report = TeardownReport::default();
+        let mut nat_gone = false;
         match fw {
-            Ok(_) => {
-                for vm in &vms {
-                    st.stored.remove(c.uid, c.install, vm, ObjectKind::Nat);
-                }
-            }
-            Err(e) => {
-                for key in &keys {
-                    report.failures.push(TeardownFailure {
-                        vm: key.vm.clone(),
-                        object: format!("nat {}", key.rule_tag()),
-                        error: e.to_helper(),
-                    });
-                }
-            }
+            Ok(()) => nat_gone = true,
+            Err(e) => report.failures.extend(keys.iter().map(|key| TeardownFailure {
+                vm: key.vm.clone(),
+                object: format!("nat {}", key.rule_tag()),
+                error: e.to_helper(),
+            })),
         }
         let mut link_results = link_results.into_iter();
-        for ((vm, tap), check) in vms.iter().zip(&taps).zip(tap_checks) {
-            let r = match check {
-                Ok(OwnTap::Delete) => link_results.next().unwrap_or(Ok(())),
-                Ok(OwnTap::Gone | OwnTap::NotInLedger | OwnTap::NotOurs(_)) => Ok(()),
+        let mut taps_gone = Vec::new();
+        for (vm, name, doomed) in taps {
+            let r = match doomed {
+                Ok(true) => link_results.next().unwrap_or(Ok(())),
+                Ok(false) => Ok(()),
                 Err(e) => Err(e),
             };
             match r {
-                Ok(()) => {
-                    st.stored.remove(c.uid, c.install, vm, ObjectKind::Tap);
-                }
+                Ok(()) => taps_gone.push(vm),
                 Err(e) => report.failures.push(TeardownFailure {
-                    vm: vm.clone(),
-                    object: format!("tap {tap}"),
+                    vm,
+                    object: format!("tap {name}"),
                     error: e.into(),
                 }),
             }
         }
-        for (vm, role, device, r) in loop_results {
-            names.push(device.clone());
+        let mut released = Vec::new();
+        for (entry, r) in loop_results {
+            let Object::Loop { device, .. } = &entry.object else { continue };
+            let object = format!("loop {device}");
             match r {
-                Ok(()) => {
-                    st.stored.remove(c.uid, c.install, &vm, ObjectKind::Loop(role));
+                Ok(release) => {
+                    if release == Release::Held {
+                        let what = format!(
+                            "{device} is detached but held open by someone; it stays counted until the kernel lets it go"
+                        );
+                        let error = HelperError::Conflict { what };
+                        report.failures.push(TeardownFailure { vm: entry.vm.clone(), object, error });
+                    }
+                    released.push((entry, release));
                 }
-                Err(error) => {
-                    report.failures.push(TeardownFailure { vm, object: format!("loop {device}"), error })
+                Err(e) => {
+                    report.failures.push(TeardownFailure { vm: entry.vm.clone(), object, error: e.into() })
                 }
             }
         }
-        if let Err(e) = st.persist() {
-            tracing::error!("teardown done but the ledger could not be saved: {e}");
+        let recorded = st.commit(|l| {
+            for vm in &vms {
+                if nat_gone {
+                    l.remove(c.uid, c.install, vm, ObjectKind::Nat);
+                }
+            }
+            for vm in &taps_gone {
+                l.remove(c.uid, c.install, vm, ObjectKind::Tap);
+            }
+            for (entry, release) in &released {
+                record_release(l, entry, *release);
+            }
+        });
+        if let Err(e) = recorded {
+            return Done::new(names, Err(e));
         }
         let failed: BTreeSet<&VmId> = report.failures.iter().map(|f| &f.vm).collect();
         report.torn_down = vms.iter().filter(|vm| !failed.contains(vm)).cloned().collect();
@@ -132,7 +174,7 @@ impl<K: Kernel> Helper<K> {
                 c.uid
             );
         }
-        Ok(report)
+        Done::new(names, Ok(report))
     }
 }
 
@@ -157,8 +199,7 @@ mod tests {
                 uid: p.uid,
                 fs_type: "ext4".into(),
                 access: FdAccess::ReadOnly,
-                dev: 1,
-                ino,
+                id: banger_policy::FileId { dev: 1, ino },
             },
         );
         let r = t
@@ -190,7 +231,7 @@ mod tests {
             assert!(!w.firewall.rules.is_empty(), "the other user's rules stay");
         }
         let snap = t.helper.snapshot().await;
-        assert!(snap.ledger.entries.iter().all(|e| e.uid == 1001));
+        assert!(snap.entries.iter().all(|e| e.uid == 1001));
         // Again: nothing left, all done.
         let Response::Teardown(again) = t.req(&p, Request::TeardownVms { vms: vec![vm("vm1")] }).await else {
             panic!()
@@ -224,13 +265,13 @@ mod tests {
         }
         // What failed stays in the ledger, so a retry finds it.
         let snap = t.helper.snapshot().await;
-        assert_eq!(snap.ledger.entries.len(), 2, "{:?}", snap.ledger.entries);
+        assert_eq!(snap.entries.len(), 2, "{:?}", snap.entries);
         let Response::Teardown(retry) = t.req(&p, Request::TeardownVms { vms: vec![vm("a"), vm("b")] }).await
         else {
             panic!()
         };
         assert!(retry.failures.is_empty());
-        assert!(t.helper.snapshot().await.ledger.entries.is_empty());
+        assert!(t.helper.snapshot().await.entries.is_empty());
     }
 
     #[test]

@@ -6,15 +6,13 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
 use banger_policy::{
-    Access, Audit, AuditTarget, GuestToHost, Network, Peer, Policy, PortRule, Proto, Quotas, SysctlRule,
-    Uplink,
+    Access, Audit, AuditTarget, GuestToHost, Ledger, Network, Peer, Policy, PortRule, Proto, Quotas, Uplink,
 };
 use banger_protocol::{InstallId, Request, Response, VmId};
 
 use super::Helper;
 use crate::audit::AuditLog;
 use crate::kernel::fake::FakeKernel;
-use crate::ledger_store::Stored;
 
 /// Uids the test policy lets in.
 pub(crate) const ALLOWED: [u32; 6] = [1, 2, 3, 1000, 1001, 1002];
@@ -40,7 +38,6 @@ pub(crate) fn test_policy() -> Policy {
                 allow: vec![PortRule { proto: Proto::Udp, port: 53 }],
             },
         },
-        sysctls: vec![SysctlRule { key: "net.ipv4.ip_forward".into(), values: vec!["1".into()] }],
         audit: Audit { target: AuditTarget::Stderr },
     }
 }
@@ -61,13 +58,10 @@ impl TestHelper {
     }
 
     pub(crate) fn with_policy(policy: Policy) -> Self {
-        Self::with_state(policy, Stored::default())
-    }
-
-    pub(crate) fn with_state(policy: Policy, stored: Stored) -> Self {
         let kernel = Arc::new(FakeKernel::new());
         let (audit, buf) = AuditLog::memory();
-        TestHelper { helper: Helper::new(policy, kernel.clone(), stored, None, audit), kernel, audit: buf }
+        let helper = Helper::new(policy, kernel.clone(), Ledger::default(), None, audit);
+        TestHelper { helper, kernel, audit: buf }
     }
 
     pub(crate) fn peer(&self, uid: u32, install: &str) -> Peer {
@@ -93,5 +87,31 @@ impl TestHelper {
     pub(crate) fn audit_lines(&self) -> Vec<crate::audit::Record> {
         let buf = self.audit.lock().unwrap();
         String::from_utf8_lossy(&buf).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// A helper over `kernel` whose ledger lives in `dir`.
+pub(crate) fn open_helper(dir: &std::path::Path, kernel: &Arc<FakeKernel>) -> Helper<FakeKernel> {
+    let (store, ledger) = crate::ledger_store::LedgerStore::open(dir).unwrap();
+    Helper::new(test_policy(), kernel.clone(), ledger, Some(store), AuditLog::memory().0)
+}
+
+/// What `kill -9` of the helper does, in-process: no destructor of the operation in flight or of
+/// the helper runs, and the kernel closes the dead helper's descriptors — of which the one that
+/// matters to the next helper is its lock on the state directory `dir`.
+pub(crate) fn kill_9<T, H>(op: T, helper: H, dir: &std::path::Path) {
+    std::mem::forget(op);
+    std::mem::forget(helper);
+    close_descriptors_of(&dir.join("lock"));
+}
+
+/// Closes every descriptor of this process open on `path`.
+pub(crate) fn close_descriptors_of(path: &std::path::Path) {
+    for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if std::fs::read_link(fd.path()).is_ok_and(|target| target == path)
+            && let Ok(n) = fd.file_name().to_string_lossy().parse::<i32>()
+        {
+            let _ = nix::unistd::close(n);
+        }
     }
 }

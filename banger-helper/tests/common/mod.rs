@@ -504,7 +504,18 @@ pub fn vm(s: &str) -> banger_protocol::VmId {
 /// single queue) as `uid`: `/dev/net/tun` is opened before the uid changes (the device node's
 /// mode is the admin's business), the TUNSETIFF itself runs as `uid`. Returns the errno on failure.
 pub fn open_tap_as(ns: &Netns, name: &str, uid: u32) -> Result<(), i32> {
+    tap_as(ns, name, uid, None)
+}
+
+/// As [`open_tap_as`], then gives the TAP to `new_owner` with `TUNSETOWNER`, which the tun
+/// driver lets the TAP's owner do without any capability.
+pub fn give_tap_away_as(ns: &Netns, name: &str, uid: u32, new_owner: u32) -> Result<(), i32> {
+    tap_as(ns, name, uid, Some(new_owner))
+}
+
+fn tap_as(ns: &Netns, name: &str, uid: u32, new_owner: Option<u32>) -> Result<(), i32> {
     nix::ioctl_write_ptr_bad!(tun_set_iff, linux_raw_sys::ioctl::TUNSETIFF, libc::ifreq);
+    nix::ioctl_write_int_bad!(tun_set_owner, linux_raw_sys::ioctl::TUNSETOWNER);
     let netns = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
     let (rd, wr) = nix::unistd::pipe().unwrap();
     // SAFETY: the child makes syscalls only and leaves with _exit.
@@ -533,6 +544,10 @@ pub fn open_tap_as(ns: &Netns, name: &str, uid: u32) -> Result<(), i32> {
                 req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | 0x4000) as libc::c_short;
                 // SAFETY: a valid ifreq on an open tun descriptor.
                 unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.map_err(|e| e as i32)?;
+                if let Some(owner) = new_owner {
+                    // SAFETY: TUNSETOWNER takes the uid by value, on the attached descriptor.
+                    unsafe { tun_set_owner(tun.as_raw_fd(), owner as _) }.map_err(|e| e as i32)?;
+                }
                 Ok::<i32, i32>(0)
             })()
             .unwrap_or_else(|e| e);

@@ -14,9 +14,10 @@
 //! and the in-process operations all work in it. What is measured:
 //!
 //! 1. ping round trip through the socket (p50, p99);
-//! 2. one VM's host setup (TAP, NAT up, two loop attaches; the lease is taken once before) and
-//!    its teardown (the reverse), through the helper, by shelling out, and in-process, the three
-//!    alternating round by round;
+//! 2. one VM's host setup (TAP, NAT up, two loop attaches; the lease is taken by the first TAP,
+//!    in a warm-up round) and its teardown (one `TeardownVms`, as bangerd sends it; by shelling
+//!    out, the same steps one command each), through the helper, by shelling out, and in-process,
+//!    the three alternating round by round;
 //! 3. tearing down 20 VMs in one request against tearing down one.
 //!
 //! Loop devices are global: the benchmark detaches whatever it attached, even on failure.
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::LinuxKernel;
+use banger_helper::kernel::linux::{Iptables, LinuxKernel};
 use banger_helper::ledger_store::LedgerStore;
 use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
@@ -271,13 +272,9 @@ fn setup_requests(id: &str) -> [Request; 4] {
     ]
 }
 
-fn teardown_requests(id: &str) -> [Request; 4] {
-    [
-        Request::LoopDetach { vm: vm(id), role: LoopRole::Cow },
-        Request::LoopDetach { vm: vm(id), role: LoopRole::Base },
-        Request::NatDown { vm: vm(id) },
-        Request::TapDelete { vm: vm(id) },
-    ]
+/// Teardown is one request, as bangerd sends it.
+fn teardown_requests(id: &str) -> [Request; 1] {
+    [Request::TeardownVms { vms: vec![vm(id)] }]
 }
 
 /// One way of doing a VM's host setup and teardown.
@@ -578,14 +575,14 @@ fn main() -> anyhow::Result<()> {
     // The floor: the same operations, same policy, a ledger on disk, no socket.
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?);
     let policy = Policy::from_toml("policy.toml", &std::fs::read_to_string(&policy_file)?)?;
-    let (store, stored) = LedgerStore::open(&work.path().join("floor-state"))?;
+    let (store, ledger) = LedgerStore::open(&work.path().join("floor-state"))?;
     let floor_helper = {
         let _guard = rt.enter();
-        let kernel = Arc::new(LinuxKernel::new()?);
+        let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?)?);
         Arc::new(Helper::new(
             policy,
             kernel,
-            stored,
+            ledger,
             Some(store),
             AuditLog::open(&banger_policy::AuditTarget::File(work.path().join("floor-audit.log")))?,
         ))
@@ -616,8 +613,6 @@ fn main() -> anyhow::Result<()> {
     let ping = Stats::new(samples);
 
     // 2. One VM, three ways, alternating.
-    via.client.call(Request::LeaseSubnet, &[])?;
-    floor.call(Request::LeaseSubnet, vec![])?;
     let mut setup: [Vec<Duration>; 3] = Default::default();
     let mut teardown: [Vec<Duration>; 3] = Default::default();
     let warmup = 2;
@@ -691,7 +686,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "  teardown (the reverse)         {:<11} {:<11} {}",
+        "  teardown (one request)         {:<11} {:<11} {}",
         ms(h_t.median()),
         ms(sh_t.median()),
         ms(f_t.median())

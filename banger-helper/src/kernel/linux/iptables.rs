@@ -3,15 +3,9 @@
 //! messages are only carried into the error for a person to read.
 //!
 //! The tools run with an empty environment (a fixed `PATH` and `LC_ALL=C`), from absolute paths
-//! resolved once at start in fixed system directories, and inherit the helper's sandbox.
-//!
-//! With the nf_tables backend the helper keeps the last view it read or wrote together with the
-//! ruleset generation it belongs to ([`NftGeneration`]). Every commit by anyone moves the
-//! generation, so while it stands still the view is exactly what `iptables-save` would print and
-//! the tool need not run again. After its own `iptables-restore`, the helper keeps the updated view
-//! only if the generation moved by exactly its own commits (one per table block); anything else —
-//! a failure, a concurrent change by another program — drops the view, and the next read runs
-//! `iptables-save`. The legacy backend has no generation: every read runs the tool.
+//! resolved once at start in fixed system directories, and inherit the helper's sandbox. Which
+//! backend they use (legacy or nf_tables) is probed once, there too; start-up asks [`Iptables`]
+//! rather than probing again (the legacy tools need their lock file inside the sandbox).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,10 +13,7 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use std::sync::Mutex;
-
-use super::nft_gen::NftGeneration;
-use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
+use crate::firewall::{FirewallBatch, FirewallView};
 use crate::kernel::{Firewall, KResult, KernelError};
 
 /// The directories the tools are looked up in, and the `PATH` they run with.
@@ -41,11 +32,8 @@ pub struct ToolMissing {
 pub struct Iptables {
     save: PathBuf,
     restore: PathBuf,
-    /// The nf_tables generation, when the tools use that backend.
-    generation: Option<NftGeneration>,
-    /// The last view read or written and its generation; taken and put back, never held across
-    /// an await.
-    cache: Mutex<Option<(u32, FirewallView)>>,
+    /// The tools are the legacy (x_tables) backend, not nf_tables.
+    legacy: bool,
     /// How long one run of a tool may take.
     timeout: std::time::Duration,
 }
@@ -79,45 +67,17 @@ fn tool_error(op: &'static str, status: std::process::ExitStatus, stderr: &[u8])
 }
 
 impl Iptables {
-    /// Finds the tools in [`SAFE_PATH`], and the nf_tables generation if they use that backend.
+    /// Finds the tools in [`SAFE_PATH`] and which backend they use (`iptables-restore` is a
+    /// link to `xtables-legacy-multi` or to `xtables-nft-multi`).
     pub fn locate() -> Result<Self, ToolMissing> {
         let restore = find("iptables-restore")?;
-        let nft = std::fs::canonicalize(&restore).is_ok_and(|p| p.to_string_lossy().contains("nft"));
-        let generation = if nft {
-            NftGeneration::open()
-                .inspect_err(|e| {
-                    tracing::warn!(
-                        "cannot read the nf_tables generation ({e}); every read runs iptables-save"
-                    )
-                })
-                .ok()
-        } else {
-            None
-        };
-        Ok(Iptables {
-            save: find("iptables-save")?,
-            restore,
-            generation,
-            cache: Mutex::new(None),
-            timeout: TOOL_TIMEOUT,
-        })
+        let legacy = std::fs::canonicalize(&restore).is_ok_and(|p| p.to_string_lossy().contains("legacy"));
+        Ok(Iptables { save: find("iptables-save")?, restore, legacy, timeout: TOOL_TIMEOUT })
     }
 
-    /// Whether reads can be answered from the last view while nothing changes.
-    pub fn caches(&self) -> bool {
-        self.generation.is_some()
-    }
-
-    fn generation(&self) -> Option<u32> {
-        self.generation.as_ref().and_then(|g| g.current().ok())
-    }
-
-    fn take_cache(&self) -> Option<(u32, FirewallView)> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    fn put_cache(&self, entry: Option<(u32, FirewallView)>) {
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = entry;
+    /// Whether the tools are the legacy backend (which locks `/run/xtables.lock`).
+    pub fn legacy(&self) -> bool {
+        self.legacy
     }
 
     async fn save(&self) -> KResult<FirewallView> {
@@ -142,38 +102,11 @@ impl Iptables {
 
 impl Firewall for Iptables {
     async fn read(&self) -> KResult<FirewallView> {
-        let now = self.generation();
-        if let (Some(now), Some((at, view))) = (now, self.take_cache())
-            && now == at
-        {
-            tracing::debug!("firewall unchanged since generation {at}; iptables-save skipped");
-            self.put_cache(Some((at, view.clone())));
-            return Ok(view);
-        }
-        let view = self.save().await?;
-        let after = self.generation();
-        self.put_cache(match (now, after) {
-            (Some(before), Some(after)) if before == after => Some((after, view.clone())),
-            _ => None,
-        });
-        Ok(view)
+        self.save().await
     }
 
     async fn apply(&self, batch: &FirewallBatch) -> KResult<()> {
-        let cached = self.take_cache();
-        let before = self.generation();
-        self.restore(batch).await?;
-        let after = self.generation();
-        let commits = batch.tables().len() as u32;
-        self.put_cache(match (cached, before, after) {
-            (Some((at, view)), Some(before), Some(after))
-                if at == before && after == before.wrapping_add(commits) =>
-            {
-                apply_to_view(&view, batch).ok().map(|v| (after, v))
-            }
-            _ => None,
-        });
-        Ok(())
+        self.restore(batch).await
     }
 }
 
@@ -227,8 +160,7 @@ mod tests {
         let fw = Iptables {
             save: tool.clone(),
             restore: tool,
-            generation: None,
-            cache: Mutex::new(None),
+            legacy: false,
             timeout: Duration::from_millis(300),
         };
         let start = Instant::now();

@@ -209,15 +209,6 @@ impl Links for NetlinkLinks {
         self.handle.link().change(msg).execute().await.map_err(|e| nl_err("RTM_NEWLINK up", name, e))
     }
 
-    async fn exists(&self, name: &str) -> KResult<bool> {
-        let mut s = self.handle.link().get().match_name(name).execute();
-        match s.try_next().await {
-            Ok(found) => Ok(found.is_some()),
-            Err(e) if is_errno(&e, Errno::ENODEV) => Ok(false),
-            Err(e) => Err(nl_err("RTM_GETLINK", name, e)),
-        }
-    }
-
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
         tap_owner(Path::new(SYS_CLASS_NET), name)
     }

@@ -1,6 +1,11 @@
 //! Loop devices on Linux: `/dev/loop-control` to create a device for each attach and to remove it
-//! after release (refused while anyone holds it open), `LOOP_CONFIGURE` to attach in one step (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
+//! after release (refused while anyone holds it open), `LOOP_CONFIGURE` to attach in one step
+//! (falling back to `LOOP_SET_FD` + `LOOP_SET_STATUS64` on kernels before 5.8), never with
 //! autoclear, `LOOP_GET_STATUS64` to see what a device holds, and the device nodes' owner and mode.
+//!
+//! The ioctls are made here rather than through the `loopdev-3` crate: it attaches in two ioctls
+//! (`LOOP_SET_FD`, then `LOOP_SET_STATUS64`), so a crash between them leaves a device bound
+//! without its flags, and it has neither `LOOP_CONFIGURE` nor `LOOP_CTL_REMOVE` of a given number.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
@@ -11,6 +16,8 @@ use nix::errno::Errno;
 use nix::fcntl::{AtFlags, FcntlArg, OFlag, fcntl, open};
 use nix::sys::stat::{FchmodatFlags, Mode, SFlag, fchmodat, lstat};
 use nix::unistd::{Gid, Uid, fchownat};
+
+use banger_policy::FileId;
 
 use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops, NodeState};
 
@@ -183,8 +190,7 @@ impl Loops for LinuxLoops {
             uid: st.stx_uid,
             fs_type,
             access,
-            dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
-            ino: st.stx_ino,
+            id: FileId { dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor), ino: st.stx_ino },
         })
     }
 
@@ -197,12 +203,11 @@ impl Loops for LinuxLoops {
         .map(|_| ())
     }
 
-    fn add(&self, n: Option<u32>) -> KResult<u32> {
-        let arg = n.map_or(-1, |n| n as i32);
-        let object =
-            n.map_or_else(|| "a new loop device".to_owned(), |n| self.node_path(n).display().to_string());
-        // SAFETY: LOOP_CTL_ADD takes the device number (or -1) by value and returns the number.
-        let got = self.control("LOOP_CTL_ADD", object.clone(), |ctl| unsafe { loop_ctl_add(ctl, arg) })?;
+    fn add(&self) -> KResult<u32> {
+        let object = "a new loop device";
+        // SAFETY: LOOP_CTL_ADD takes the device number (-1: the lowest free) by value and returns
+        // the number.
+        let got = self.control("LOOP_CTL_ADD", object.to_owned(), |ctl| unsafe { loop_ctl_add(ctl, -1) })?;
         u32::try_from(got).map_err(|_| KernelError::errno("LOOP_CTL_ADD", object, Errno::ERANGE))
     }
 
@@ -215,37 +220,15 @@ impl Loops for LinuxLoops {
         Ok(NodeState { uid: st.st_uid, gid: st.st_gid, mode: st.st_mode & 0o7777 })
     }
 
-    fn set_node(&self, n: u32, uid: u32, gid: u32, mode: u32) -> KResult<()> {
+    fn make_root_only(&self, n: u32) -> KResult<()> {
         let path = self.node_path(n);
         let object = path.display().to_string();
         self.node(n)?;
-        let chown = || {
-            fchownat(
-                nix::fcntl::AT_FDCWD,
-                &path,
-                Some(Uid::from_raw(uid)),
-                Some(Gid::from_raw(gid)),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| KernelError::errno("chown", object.clone(), e))
-        };
-        let chmod = || {
-            fchmodat(
-                nix::fcntl::AT_FDCWD,
-                &path,
-                Mode::from_bits_truncate(mode),
-                FchmodatFlags::FollowSymlink,
-            )
-            .map_err(|e| KernelError::errno("chmod", object.clone(), e))
-        };
-        // Change the mode while root owns the node, so no capability beyond CAP_CHOWN is needed.
-        if uid == 0 {
-            chown()?;
-            chmod()
-        } else {
-            chmod()?;
-            chown()
-        }
+        let (root_uid, root_gid) = (Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
+        fchownat(nix::fcntl::AT_FDCWD, &path, root_uid, root_gid, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| KernelError::errno("chown", object.clone(), e))?;
+        fchmodat(nix::fcntl::AT_FDCWD, &path, Mode::from_bits_truncate(0o600), FchmodatFlags::FollowSymlink)
+            .map_err(|e| KernelError::errno("chmod", object, e))
     }
 
     fn attach(&self, n: u32, fd: BorrowedFd<'_>, read_only: bool) -> KResult<()> {
@@ -343,7 +326,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&path).unwrap();
         assert!(b.regular);
-        assert_eq!((b.uid, b.dev, b.ino, b.access), (m.uid(), m.dev(), m.ino(), FdAccess::ReadWrite));
+        assert_eq!((b.uid, b.id.dev, b.id.ino, b.access), (m.uid(), m.dev(), m.ino(), FdAccess::ReadWrite));
         let fs = String::from_utf8(
             std::process::Command::new("findmnt")
                 .args(["-no", "FSTYPE", "-T"])

@@ -3,7 +3,6 @@
 pub mod iptables;
 pub mod links;
 pub mod loops;
-pub mod nft_gen;
 pub mod sysctl;
 
 use super::Kernel;
@@ -33,12 +32,13 @@ pub enum LinuxKernelError {
 }
 
 impl LinuxKernel {
-    /// Opens everything in the calling thread's network namespace; must run inside the tokio
-    /// runtime (the rtnetlink connection is a task on it).
-    pub fn new() -> Result<Self, LinuxKernelError> {
+    /// Opens everything in the calling thread's network namespace, with the firewall tools
+    /// located at start ([`Iptables::locate`]); must run inside the tokio runtime (the rtnetlink
+    /// connection is a task on it).
+    pub fn new(firewall: Iptables) -> Result<Self, LinuxKernelError> {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
-            firewall: Iptables::locate()?,
+            firewall,
             loops: LinuxLoops::new("/dev"),
             sysctl: ProcSysctl::new("/proc/sys"),
         })
