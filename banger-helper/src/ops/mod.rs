@@ -297,6 +297,8 @@ impl<K: Kernel> Helper<K> {
 }
 
 #[cfg(test)]
+mod agreement;
+#[cfg(test)]
 pub(crate) mod testing;
 
 #[cfg(test)]
