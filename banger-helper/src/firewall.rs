@@ -382,8 +382,9 @@ pub fn plan_vm_rules(view: &FirewallView, up: &[(VmKey, Vec<Rule>)], down: &[VmK
 }
 
 /// Applies a batch to a view the way `iptables-restore --noflush` would, for the fake kernel and
-/// for tests. Fails (changing nothing) on a deletion of something absent or a creation of
+/// the tests. Fails (changing nothing) on a deletion of something absent or a creation of
 /// something present, like the real tool.
+#[cfg(test)]
 pub fn apply_to_view(view: &FirewallView, batch: &FirewallBatch) -> Result<FirewallView, String> {
     let mut v = view.clone();
     let order = |c: &Change| match c {

@@ -12,8 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use nix::errno::Errno;
 
 use super::{
-    BackingFile, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus, Loops, NodeState,
-    Sysctl,
+    BackingFile, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus, Loops, Sysctl,
 };
 use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
 use crate::sysctl_key::SysctlKey;
@@ -27,6 +26,17 @@ pub struct FakeLink {
     pub addresses: Vec<(Ipv4Addr, u8)>,
     /// Up or not.
     pub up: bool,
+}
+
+/// Owner and mode of a device node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeState {
+    /// Owner uid.
+    pub uid: u32,
+    /// Owner gid.
+    pub gid: u32,
+    /// Permission bits.
+    pub mode: u32,
 }
 
 /// A loop device in the fake.
@@ -263,14 +273,6 @@ impl Loops for FakeKernel {
         Ok(n)
     }
 
-    fn node(&self, n: u32) -> KResult<NodeState> {
-        let w = self.call("loop_node", &format!("/dev/loop{n}"))?;
-        w.loops
-            .get(&n)
-            .map(|l| l.node)
-            .ok_or_else(|| KernelError::errno("stat", format!("/dev/loop{n}"), Errno::ENOENT))
-    }
-
     fn make_root_only(&self, n: u32) -> KResult<()> {
         let mut w = self.call("loop_root_only", &format!("/dev/loop{n}"))?;
         let l = w
@@ -295,7 +297,7 @@ impl Loops for FakeKernel {
         if l.status.is_some() {
             return Err(KernelError::errno("LOOP_CONFIGURE", format!("/dev/loop{n}"), Errno::EBUSY));
         }
-        l.status = Some(LoopStatus { backing_dev: b.id.dev, backing_ino: b.id.ino, read_only });
+        l.status = Some(LoopStatus { backing_dev: b.id.dev, backing_ino: b.id.ino });
         drop(w);
         if self.hangs("loop_attach") {
             // A synchronous call stops for good by parking its thread until the process ends.

@@ -70,26 +70,21 @@ impl KernelError {
             KernelError::Other { .. } => None,
         }
     }
-
-    /// The wire form of this error.
-    pub fn to_helper(&self) -> HelperError {
-        match self {
-            KernelError::Errno { op, object, errno } => HelperError::Kernel {
-                op: (*op).to_owned(),
-                errno: *errno as i32,
-                detail: format!("{object}: {}", errno.desc()),
-            },
-            // A tool or protocol failure has no errno: the code stays 0 ("none"), as documented.
-            KernelError::Other { op, object, detail } => {
-                HelperError::Kernel { op: (*op).to_owned(), errno: 0, detail: format!("{object}: {detail}") }
-            }
-        }
-    }
 }
 
 impl From<KernelError> for HelperError {
     fn from(e: KernelError) -> HelperError {
-        e.to_helper()
+        match e {
+            KernelError::Errno { op, object, errno } => HelperError::Kernel {
+                op: op.to_owned(),
+                errno: errno as i32,
+                detail: format!("{object}: {}", errno.desc()),
+            },
+            // A tool or protocol failure has no errno: the code stays 0 ("none"), as documented.
+            KernelError::Other { op, object, detail } => {
+                HelperError::Kernel { op: op.to_owned(), errno: 0, detail: format!("{object}: {detail}") }
+            }
+        }
     }
 }
 
@@ -136,17 +131,6 @@ pub trait Firewall: Send + Sync {
     fn apply(&self, batch: &FirewallBatch) -> impl Future<Output = KResult<()>> + Send;
 }
 
-/// Owner and mode of a device node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeState {
-    /// Owner uid.
-    pub uid: u32,
-    /// Owner gid.
-    pub gid: u32,
-    /// Permission bits (`st_mode & 0o7777`).
-    pub mode: u32,
-}
-
 /// An attached loop device's backing file, as `LOOP_GET_STATUS64` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoopStatus {
@@ -154,8 +138,6 @@ pub struct LoopStatus {
     pub backing_dev: u64,
     /// Backing file's inode.
     pub backing_ino: u64,
-    /// Attached read-only.
-    pub read_only: bool,
 }
 
 /// Loop devices.
@@ -169,8 +151,6 @@ pub trait Loops: Send + Sync {
     /// Creates a device with the lowest unused number (`LOOP_CTL_ADD`), with a new node; returns
     /// its number.
     fn add(&self) -> KResult<u32>;
-    /// Owner and mode of `/dev/loopN`.
-    fn node(&self, n: u32) -> KResult<NodeState>;
     /// Gives `/dev/loopN` to `root:root`, mode 0600: a loop node is never anyone else's.
     fn make_root_only(&self, n: u32) -> KResult<()>;
     /// Attaches `fd` to device `n` in one step where the kernel can (`LOOP_CONFIGURE`), never

@@ -210,7 +210,8 @@ mod tests {
     use nix::errno::Errno;
 
     use crate::kernel::fake::FakeKernel;
-    use crate::kernel::{BackingFile, FdAccess, NodeState};
+    use crate::kernel::fake::NodeState;
+    use crate::kernel::{BackingFile, FdAccess};
     use crate::ops::testing::*;
 
     const ROOT_ONLY: NodeState = NodeState { uid: 0, gid: 0, mode: 0o600 };

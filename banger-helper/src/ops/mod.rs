@@ -143,16 +143,6 @@ impl<K: Kernel> Helper<K> {
         }
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    /// The kernel.
-    pub fn kernel(&self) -> &Arc<K> {
-        &self.kernel
-    }
-
     /// Waits for the operation in progress, if any, and keeps every later one from starting: for
     /// shutdown, so no operation is cut in half. The state lock is never released again.
     pub async fn quiesce(&self) {

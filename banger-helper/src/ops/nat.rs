@@ -13,7 +13,7 @@ use banger_policy::{LedgerEntry, Object, ObjectKind, Uplink};
 use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
-use crate::firewall::{VmRules, apply_to_view, plan_vm_rules, vm_rules};
+use crate::firewall::{VmRules, plan_vm_rules, vm_rules};
 use crate::kernel::{Firewall as _, Kernel, Links as _, Sysctl as _};
 use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
@@ -83,12 +83,14 @@ impl<K: Kernel> Helper<K> {
             }) {
                 // Take the rules just added back out: they could not be recorded (unless the
                 // ledger already held this VM's NAT, which then stays as it was).
-                if let Ok(after) = apply_to_view(&view, &batch)
-                    && !batch.is_empty()
-                    && !had
-                {
-                    let undo = plan_vm_rules(&after, &[], std::slice::from_ref(&key));
-                    if let Err(e) = firewall.apply(&undo).await {
+                if !batch.is_empty() && !had {
+                    let undone = match firewall.read().await {
+                        Ok(after) => {
+                            firewall.apply(&plan_vm_rules(&after, &[], std::slice::from_ref(&key))).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = undone {
                         tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
                     }
                 }

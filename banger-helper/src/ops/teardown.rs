@@ -104,7 +104,7 @@ impl<K: Kernel> Helper<K> {
             Err(e) => report.failures.extend(keys.iter().map(|key| TeardownFailure {
                 vm: key.vm.clone(),
                 object: format!("nat {}", key.rule_tag()),
-                error: e.to_helper(),
+                error: e.clone().into(),
             })),
         }
         let mut link_results = link_results.into_iter();

@@ -19,7 +19,7 @@ use nix::unistd::{Gid, Uid, fchownat};
 
 use banger_policy::FileId;
 
-use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops, NodeState};
+use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops};
 
 nix::ioctl_write_int_bad!(loop_ctl_add, ld::LOOP_CTL_ADD);
 nix::ioctl_write_int_bad!(loop_ctl_remove, ld::LOOP_CTL_REMOVE);
@@ -211,19 +211,13 @@ impl Loops for LinuxLoops {
         u32::try_from(got).map_err(|_| KernelError::errno("LOOP_CTL_ADD", object, Errno::ERANGE))
     }
 
-    fn node(&self, n: u32) -> KResult<NodeState> {
-        let path = self.node_path(n);
-        let st = lstat(&path).map_err(|e| KernelError::errno("stat", path.display().to_string(), e))?;
-        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
-            return Err(KernelError::other("stat", path.display().to_string(), "not a block device node"));
-        }
-        Ok(NodeState { uid: st.st_uid, gid: st.st_gid, mode: st.st_mode & 0o7777 })
-    }
-
     fn make_root_only(&self, n: u32) -> KResult<()> {
         let path = self.node_path(n);
         let object = path.display().to_string();
-        self.node(n)?;
+        let st = lstat(&path).map_err(|e| KernelError::errno("stat", object.clone(), e))?;
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
+            return Err(KernelError::other("stat", object, "not a block device node"));
+        }
         let (root_uid, root_gid) = (Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
         fchownat(nix::fcntl::AT_FDCWD, &path, root_uid, root_gid, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| KernelError::errno("chown", object.clone(), e))?;
@@ -263,11 +257,7 @@ impl Loops for LinuxLoops {
         let mut info: loop_info64 = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a valid, writable loop_info64 that outlives the call.
         match unsafe { loop_get_status64(dev.as_raw_fd(), &mut info) } {
-            Ok(_) => Ok(Some(LoopStatus {
-                backing_dev: info.lo_device,
-                backing_ino: info.lo_inode,
-                read_only: info.lo_flags & LO_FLAGS_READ_ONLY != 0,
-            })),
+            Ok(_) => Ok(Some(LoopStatus { backing_dev: info.lo_device, backing_ino: info.lo_inode })),
             Err(Errno::ENXIO) => Ok(None),
             Err(e) => Err(KernelError::errno("LOOP_GET_STATUS64", path.display().to_string(), e)),
         }
