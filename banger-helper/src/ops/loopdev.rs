@@ -68,18 +68,27 @@ pub(crate) fn release_loop<L: Loops>(loops: &L, entry: &LedgerEntry) -> KResult<
         }
         None => {}
     }
-    match loops.remove(n) {
-        Ok(()) => Ok(Release::Gone),
-        Err(e) if e.errno_value() == Some(Errno::ENODEV) => Ok(Release::Gone),
-        Err(e) if e.errno_value() == Some(Errno::EBUSY) => {
-            tracing::warn!(
-                "{device} is held open by someone; it stays in the ledger until it can be removed"
-            );
-            Ok(Release::Held)
+    // Anyone may open a loop device for a moment (`losetup -a` opens every one, udev probes new
+    // ones), and the kernel refuses the removal meanwhile: a few tries before calling it held.
+    for wait in REMOVE_RETRIES {
+        match loops.remove(n) {
+            Ok(()) => return Ok(Release::Gone),
+            Err(e) if e.errno_value() == Some(Errno::ENODEV) => return Ok(Release::Gone),
+            Err(e) if e.errno_value() == Some(Errno::EBUSY) => std::thread::sleep(wait),
+            Err(e) => return Err(e),
         }
-        Err(e) => Err(e),
     }
+    tracing::warn!("{device} is held open by someone; it stays in the ledger until it can be removed");
+    Ok(Release::Held)
 }
+
+/// The pauses between tries of a device removal the kernel refused as busy (150 ms in all).
+const REMOVE_RETRIES: [std::time::Duration; 4] = [
+    std::time::Duration::from_millis(10),
+    std::time::Duration::from_millis(20),
+    std::time::Duration::from_millis(40),
+    std::time::Duration::from_millis(80),
+];
 
 /// Records what releasing `entry` came to: gone from the ledger, or kept as released.
 pub(crate) fn record_release(l: &mut Ledger, entry: &LedgerEntry, release: Release) {

@@ -3,8 +3,8 @@
 //!
 //! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
 //! removing the rules of every listed VM (found by their tag), the deletion of their TAPs
-//! together, and the release of their loop devices ([`super::loopdev::release_loop`], on a
-//! blocking thread). Which TAP goes:
+//! together, and the release of their loop devices ([`super::loopdev::release_loop`], each on a
+//! blocking thread, so the kernel's waits overlap). Which TAP goes:
 //!
 //! - a TAP the ledger holds for the VM (settled or only intended) is deleted, whatever the kernel
 //!   says its owner is now: its owner may have given it away with `TUNSETOWNER`, and it stays
@@ -79,18 +79,17 @@ impl<K: Kernel> Helper<K> {
             Ok::<_, crate::kernel::KernelError>(())
         };
         let links = self.kernel.links().delete(&doomed);
-        let kernel = self.kernel.clone();
-        let loops = tokio::task::spawn_blocking(move || {
-            loop_entries
-                .into_iter()
-                .map(|e| {
-                    let r = release_loop(kernel.loops(), &e);
-                    (e, r)
-                })
-                .collect::<Vec<_>>()
-        });
+        // Each device on a blocking thread of its own: removing one waits for the kernel (tens of
+        // milliseconds), and the waits of several overlap.
+        let loops = futures::future::join_all(loop_entries.into_iter().map(|e| {
+            let kernel = self.kernel.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = release_loop(kernel.loops(), &e);
+                (e, r)
+            })
+        }));
         let (fw, link_results, loop_results) = tokio::join!(firewall, links, loops);
-        let loop_results = match loop_results {
+        let loop_results = match loop_results.into_iter().collect::<Result<Vec<_>, _>>() {
             Ok(r) => r,
             Err(e) => {
                 return Done::new(names, Err(HelperError::internal(format!("loop release failed: {e}"))));
