@@ -29,7 +29,8 @@ fn policy_text() -> impl Strategy<Value = String> {
     let users = prop::collection::vec(prop::sample::select(vec!["1000", "alice", "1001", "0"]), 0..4);
     let quotas = (1u32..4, 1u32..4, 1u32..5);
     let overrides = prop::collection::vec((prop::sample::select(vec!["alice", "1001"]), 1u32..3), 0..3);
-    let prefixes = (24u8..=31, 24u8..=31);
+    let pool = prop::sample::select(vec!["10.9.0.0/24", "10.9.0.0/26", "172.30.0.0/22", "127.0.0.0/24"]);
+    let prefixes = (pool, 21u8..=31, 24u8..=31);
     let uplink = prop::sample::select(vec![
         "auto",
         "eth0",
@@ -44,7 +45,7 @@ fn policy_text() -> impl Strategy<Value = String> {
     ]);
     let ports = prop::collection::vec(prop::sample::select(vec!["udp/53", "tcp/22", "tcp/8080"]), 0..3);
     (users, quotas, overrides, prefixes, uplink, ports, any::<(bool, bool, bool)>()).prop_map(
-        |(users, (vms, taps, loops), overrides, (lease, vm), uplink, ports, (ipv6, g2g, all))| {
+        |(users, (vms, taps, loops), overrides, (pool, lease, vm), uplink, ports, (ipv6, g2g, all))| {
             let list = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
             let mut text = format!(
                 "[access]\nusers = [{}]\n\n[quotas]\nmax_vms = {vms}\nmax_taps = {taps}\nmax_loops = {loops}\n",
@@ -54,7 +55,7 @@ fn policy_text() -> impl Strategy<Value = String> {
                 text.push_str(&format!("\n[quotas.users.{user:?}]\nmax_taps = {taps}\n"));
             }
             text.push_str(&format!(
-                "\n[network]\npool = \"10.9.0.0/24\"\nlease_prefix = {lease}\nvm_prefix = {vm}\nuplink = {uplink:?}\n\
+                "\n[network]\npool = {pool:?}\nlease_prefix = {lease}\nvm_prefix = {vm}\nuplink = {uplink:?}\n\
                  ipv6 = {ipv6}\nguest_to_guest = {g2g}\n\n[network.guest_to_host]\nallow_all = {all}\nallow = [{}]\n",
                 list(&ports)
             ));
