@@ -197,11 +197,6 @@ impl LedgerStore {
         Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, ledger))
     }
 
-    /// The state directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Writes `bytes` to `name` atomically (temporary file, rename), fsyncing file and directory
     /// when `durable`.
     fn replace(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
