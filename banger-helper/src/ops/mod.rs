@@ -143,6 +143,11 @@ impl<K: Kernel> Helper<K> {
         }
     }
 
+    /// The policy in force (the server sorts arriving peers into its connection pools by it).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Waits for the operation in progress, if any, and keeps every later one from starting: for
     /// shutdown, so no operation is cut in half. The state lock is never released again.
     pub async fn quiesce(&self) {
