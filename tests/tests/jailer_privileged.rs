@@ -8,11 +8,15 @@
 //! network namespace, and removes the jail, cgroups, TAPs and namespace it made.
 
 use std::fs;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
 
 use banger_tests::double::harness::api_call;
 use banger_tests::double::write_test_kernel;
@@ -623,4 +627,137 @@ fn jailer_v2_cgroups_with_cpu_and_memory_in_a_fake_tree() {
     }
     assert!(!group.join("cgroup.subtree_control").exists());
     assert_layout(&s, &jail, uid, gid);
+}
+
+/// Whether the guest's kernel answers a TCP connection to `addr` from inside `netns`, trying
+/// once a second for `attempts` seconds. A refusal counts: nothing listens in a jailed guest,
+/// but its kernel answers the SYN (after answering ARP) through the VMM's frame relay.
+fn guest_answers(netns: &Netns, addr: SocketAddr, attempts: u32) -> bool {
+    let ns = netns.file().unwrap();
+    std::thread::spawn(move || {
+        setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
+        (0..attempts).any(|_| {
+            let started = Instant::now();
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                Ok(_) => true,
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => true,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_secs(1).saturating_sub(started.elapsed()));
+                    false
+                }
+            }
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// The Firecracker double in a jail (as the jail's user, in the jail's root, with only its
+/// device nodes) boots a guest whose network is emulated as outside a jail: the guest's kernel
+/// answers ARP and TCP over the TAP the VMM opened through the jail's `/dev/net/tun`. The console says what is
+/// not emulated (no debugfs, no dropbear, no uid mapping); pause, resume and Ctrl+Alt+Del behave
+/// as in direct mode.
+#[test]
+#[ignore = "needs root: builds a jail, a network namespace and a TAP"]
+fn jailer_jailed_double_boots_a_guest_with_a_working_network() {
+    if !privileged_or_skip() {
+        return;
+    }
+    let s = Setup::new();
+    let (uid, gid) = (64_601, 64_602);
+    let tag = std::process::id();
+    let n = tag % 250 + 1;
+    let id = format!("jt-guest-{tag}");
+    let jail = s.jail(&id);
+    let netns = Netns::create(&format!("jt-guest-{tag}")).unwrap();
+    let tap = format!("jtg{}", tag % 100_000);
+    let (host_ip, guest_ip) = (format!("172.29.{n}.1"), format!("172.29.{n}.2"));
+    netns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap", "user", &uid.to_string(), "vnet_hdr"]).unwrap();
+    netns.ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &tap]).unwrap();
+    netns.ip(&["link", "set", &tap, "up"]).unwrap();
+    let ns_path = format!("/run/netns/{}", netns.name);
+
+    // Not daemonized, so the serial console (the VMM's stdout) goes to a file.
+    let console = s.dir.path().join("console.log");
+    let log = fs::File::create(&console).unwrap();
+    let args = s.args(
+        &id,
+        uid,
+        gid,
+        &["--netns", &ns_path, "--new-pid-ns", "--", "--api-sock", "/run/firecracker.socket"],
+    );
+    let status = jailer_command(Path::new(JAILER), &args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the jailer exits 0 once the VMM is cloned");
+    let pid = jail.wait_ready(READY).expect("the VMM wrote no PID file or socket");
+    let vmm = JailedVmm::new(pid);
+    let read_console = || fs::read_to_string(&console).unwrap_or_default();
+
+    kernel_and_drive(&s, &jail, uid, gid);
+    let socket = jail.socket();
+    let boot_args = format!(
+        "console=ttyS0 reboot=k panic=1 ip={guest_ip}::{host_ip}:255.255.255.252:jailed-guest:eth0:off"
+    );
+    for (path, body) in [
+        ("/machine-config", r#"{"vcpu_count":1,"mem_size_mib":128}"#.to_string()),
+        ("/boot-source", format!(r#"{{"kernel_image_path":"/vmlinux","boot_args":"{boot_args}"}}"#)),
+        (
+            "/drives/rootfs",
+            r#"{"drive_id":"rootfs","path_on_host":"/rootfs.ext4","is_root_device":true}"#.to_string(),
+        ),
+        (
+            "/network-interfaces/eth0",
+            format!(r#"{{"iface_id":"eth0","host_dev_name":"{tap}","guest_mac":"06:00:ac:1d:{n:02x}:02"}}"#),
+        ),
+        ("/actions", r#"{"action_type":"InstanceStart"}"#.to_string()),
+    ] {
+        assert_eq!(put(&socket, path, &body), (204, String::new()), "PUT {path}\n{}", read_console());
+    }
+    let state = |socket: &Path| {
+        let (status, body) = api_call(socket, "GET", "/", None).unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(state(&socket), "Running");
+
+    let guest: SocketAddr = format!("{guest_ip}:22").parse().unwrap();
+    assert!(guest_answers(&netns, guest, 15), "the jailed guest does not answer\n{}", read_console());
+    // The guest prints its login prompt last.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !read_console().contains("jailed-guest login:") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = read_console();
+    for line in [
+        "firecracker-double: the VMM runs in a jail (no /proc): only the guest's network",
+        "firecracker-double: no debugfs in the VMM's jail: the root drive's /etc/hostname",
+        "firecracker-double: no dropbear in the VMM's jail: no SSH server is emulated",
+        &format!(
+            "device=eth0, hwaddr=06:00:ac:1d:{n:02x}:02, ipaddr={guest_ip}, mask=255.255.255.252, gw={host_ip}"
+        ),
+        "jailed-guest login:",
+    ] {
+        assert!(text.contains(line), "console lacks {line:?}:\n{text}");
+    }
+
+    let patch =
+        |state: &str| api_call(&socket, "PATCH", "/vm", Some(&format!(r#"{{"state":"{state}"}}"#))).unwrap();
+    assert_eq!(patch("Paused"), (204, String::new()));
+    assert_eq!(state(&socket), "Paused");
+    assert!(!guest_answers(&netns, guest, 1), "a paused guest does not answer");
+    assert_eq!(patch("Resumed"), (204, String::new()));
+    assert!(guest_answers(&netns, guest, 5), "the resumed guest answers again");
+
+    assert_eq!(put(&socket, "/actions", r#"{"action_type":"SendCtrlAltDel"}"#), (204, String::new()));
+    assert!(vmm.ended(Duration::from_secs(20)), "the VMM ends when its guest reboots\n{}", read_console());
+    assert!(read_console().contains("reboot: Restarting system"));
+    assert!(socket.exists() && jail.pid_file().exists(), "nothing is cleaned after the VMM ends");
+    netns.ip(&["link", "del", &tap]).unwrap();
 }

@@ -300,14 +300,6 @@ impl ProcView {
     }
 }
 
-/// Whether `pid` has exited (gone, or a zombie its parent has not reaped yet).
-pub fn is_gone(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
-    }
-}
-
 /// The session of `pid`, from `/proc/PID/stat`.
 fn session_of(pid: u32) -> Option<u32> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -323,11 +315,11 @@ fn session_members(sid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// A jailed VMM, killed with SIGKILL on [`JailedVmm::kill`] or drop. A daemonized jailer leaves
-/// its VMM and two exited forks in a session of their own, reparented to PID 1, which reaps them
-/// when it gets to it; killing waits until that whole session is gone, so a test leaves no
-/// process behind, zombies included. A VMM in the caller's session (no `--daemonize`) is waited
-/// for until it has exited; its parent reaps it.
+/// A jailed VMM, killed with SIGKILL on [`JailedVmm::kill`] or drop, then waited for until it
+/// has been reaped (unless the caller is its parent and will reap it), so a test leaves no
+/// process behind, zombies included. A daemonized jailer also leaves two exited forks in the
+/// VMM's session, reparented to PID 1 like the VMM, which reaps them when it gets to it: the wait
+/// lasts until that whole session is gone.
 #[derive(Debug)]
 pub struct JailedVmm {
     pid: u32,
@@ -348,33 +340,55 @@ impl JailedVmm {
 
     /// Kills the VMM and waits (up to 15 s) as described above; returns whether it all ended.
     pub fn kill(mut self) -> bool {
-        self.kill_and_wait()
+        if self.pid != 0 {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        self.wait(Duration::from_secs(15))
     }
 
-    fn kill_and_wait(&mut self) -> bool {
+    /// Waits up to `timeout` for the VMM to end by itself (and be reaped, as described above);
+    /// returns whether it did. If not, it is still killed on drop.
+    pub fn ended(mut self, timeout: Duration) -> bool {
+        self.wait(timeout)
+    }
+
+    /// Waits until the VMM is reaped; disarms the guard when it is.
+    fn wait(&mut self, timeout: Duration) -> bool {
         if self.pid == 0 {
             return true;
         }
-        let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let (pid, session) = (std::mem::take(&mut self.pid), self.session);
-        let done = || match session {
-            Some(sid) => session_members(sid).is_empty(),
-            None => is_gone(pid),
+        let (pid, session) = (self.pid, self.session);
+        let me = std::process::id();
+        // Gone from /proc, or a zombie the caller itself will reap.
+        let reaped = || match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => {
+                let fields: Vec<&str> =
+                    stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+                fields.first() == Some(&"Z") && fields.get(1) == Some(&me.to_string().as_str())
+            }
         };
+        let done = || reaped() && session.is_none_or(|sid| session_members(sid).is_empty());
+        let deadline = Instant::now() + timeout;
         while !done() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        done()
+        let ended = done();
+        if ended {
+            self.pid = 0;
+        }
+        ended
     }
 }
 
 impl Drop for JailedVmm {
     fn drop(&mut self) {
-        self.kill_and_wait();
+        if self.pid != 0 {
+            let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+            self.wait(Duration::from_secs(15));
+        }
     }
 }
-
 /// The v1 mount point of `controller` from `/proc/mounts`.
 pub fn v1_mount(controller: &str) -> Option<PathBuf> {
     let mounts = fs::File::open(super::PROC_MOUNTS).ok()?;

@@ -7,9 +7,10 @@
 //!    mapping requires); fork PID 1. The forking process only waits for PID 1 and exits with it.
 //! 2. PID 1 dies with its parent (`PR_SET_PDEATHSIG`), makes every mount private, mounts its own
 //!    `/proc`, `/sys`, a devpts instance, and tmpfs on `/run`, `/tmp` and `/root`.
-//! 3. Network: `lo` up; one TAP `ethN` per configured interface (MAC and MTU as configured),
-//!    whose descriptors go to the VMM over the control socket; then the kernel's `ip=`
-//!    autoconfiguration (address, netmask, default route via the gateway).
+//! 3. Network, configured with ioctls ([`super::netconf`]): `lo` up; one TAP `ethN` per
+//!    configured interface (MAC and MTU as configured), whose descriptors go to the VMM over the
+//!    control socket; then the kernel's `ip=` autoconfiguration (address, netmask, default
+//!    route via the gateway).
 //! 4. Root drive (when there is one): `/etc/hostname` is copied out with debugfs and
 //!    bind-mounted over `/etc/hostname`; `/root/.ssh/authorized_keys` is copied into the tmpfs
 //!    `/root` (0700/0600); `/etc/ssh/ssh_host_{ed25519,ecdsa,rsa}_key` are converted with
@@ -22,6 +23,15 @@
 //! 7. A `login:` prompt line, then PID 1 reaps orphans and serves the control socket: pause and
 //!    resume stop and continue every guest process; Ctrl+Alt+Del terminates them and ends PID 1
 //!    with status 0, a reboot. EOF on the control socket (the VMM is gone) ends it too.
+//!
+//! In a jail (the VMM's root has no `/proc`, as under Firecracker's jailer) the namespaces are
+//! made the same way (a jail's root is its mount namespace's root, so the kernel allows a user
+//! namespace), but without `/proc` no uid or gid can be mapped (the guest runs as the overflow
+//! uid), and `/proc` and `/sys` cannot be mounted (the kernel requires a fully visible one in
+//! the mount namespace, and a jail has none). So step 2 is skipped, steps 4 and 6 are reported
+//! as not emulated (there is no `debugfs` or `dropbear` in a jail, nor a `/run` to keep their
+//! files), and the network (step 3), the host name, the console and the control socket work as
+//! outside. A missing `debugfs` or `dropbear` outside a jail is reported the same way.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -42,7 +52,8 @@ use nix::sys::socket::{ControlMessage, MsgFlags, recv, sendmsg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, getgid, getuid, sethostname};
 
-use super::rootfs::{GUEST_PATH, RootDrive, program};
+use super::netconf::NetConf;
+use super::rootfs::{GUEST_PATH, RootDrive, find_program, program};
 use super::{Control, GuestConfig, ROOT_DRIVE_FD, sys};
 use crate::double::cmdline::{self, IpParam, StaticIp};
 use crate::double::tap;
@@ -82,7 +93,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = enter_namespaces() {
+    // Firecracker's jailer gives the VMM a root without /proc.
+    let jailed = !Path::new("/proc/self").exists();
+    if let Err(e) = enter_namespaces(!jailed) {
         console.line(&format!("Kernel panic - not syncing: cannot create the guest namespaces: {e}"));
         return ExitCode::from(1);
     }
@@ -97,7 +110,7 @@ pub fn main() -> ExitCode {
             }
         },
         Ok(None) => {
-            let code = pid1(&config, &console);
+            let code = pid1(&config, &console, jailed);
             std::process::exit(code)
         }
         Err(e) => {
@@ -107,7 +120,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn enter_namespaces() -> io::Result<()> {
+/// Unshares the guest's namespaces; maps the caller's uid and gid to 0 when `map_ids` (it needs
+/// `/proc`).
+fn enter_namespaces(map_ids: bool) -> io::Result<()> {
     let (uid, gid) = (getuid(), getgid());
     unshare(
         CloneFlags::CLONE_NEWUSER
@@ -117,6 +132,9 @@ fn enter_namespaces() -> io::Result<()> {
             | CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID,
     )?;
+    if !map_ids {
+        return Ok(());
+    }
     fs::write("/proc/self/setgroups", "deny")?;
     fs::write("/proc/self/uid_map", format!("0 {uid} 1"))?;
     fs::write("/proc/self/gid_map", format!("0 {gid} 1"))?;
@@ -128,14 +146,20 @@ fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Opti
 }
 
 /// PID 1 of the guest; returns its exit status.
-fn pid1(config: &GuestConfig, console: &Console) -> i32 {
+fn pid1(config: &GuestConfig, console: &Console, jailed: bool) -> i32 {
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
         console.line(&format!("Kernel panic - not syncing: cannot tie the guest to the VMM: {e}"));
         return 1;
     }
     let control = sys::inherited_control_fd();
     banner(config, console);
-    if let Err(e) = setup_mounts() {
+    if jailed {
+        console.line(
+            "firecracker-double: the VMM runs in a jail (no /proc): only the guest's network, host name \
+             and console are emulated; its processes run unmapped (overflow uid), without /proc, /sys, \
+             /dev/pts or /run, /tmp and /root of their own",
+        );
+    } else if let Err(e) = setup_mounts() {
         console.line(&format!("Kernel panic - not syncing: cannot set up the guest filesystems: {e}"));
         return 1;
     }
@@ -147,7 +171,7 @@ fn pid1(config: &GuestConfig, console: &Console) -> i32 {
             return 1;
         }
     }
-    let files = read_root_drive(config, console);
+    let files = read_root_drive(config, console, jailed);
     let hostname = files
         .hostname
         .clone()
@@ -159,7 +183,7 @@ fn pid1(config: &GuestConfig, console: &Console) -> i32 {
     if let Err(e) = sethostname(&hostname) {
         console.line(&format!("hostname: cannot set {hostname}: {e}"));
     }
-    let sshd = start_sshd(&files, console);
+    let sshd = start_sshd(&files, console, jailed);
     console.raw(&format!("\nDebian GNU/Linux 12 {hostname} ttyS0\n\n{hostname} login: \n"));
     serve(control, sshd, console)
 }
@@ -221,34 +245,26 @@ fn hide_tty_group() {
     }
 }
 
-/// Runs a guest tool; failures are reported on the console, as a boot script's would be.
-fn run(console: &Console, prog: &str, args: &[&str]) -> bool {
-    let status = Command::new(program(prog)).args(args).env("PATH", GUEST_PATH).stdin(Stdio::null()).status();
-    match status {
-        Ok(s) if s.success() => true,
-        Ok(s) => {
-            console.line(&format!("{prog} {}: {s}", args.join(" ")));
-            false
-        }
-        Err(e) => {
-            console.line(&format!("{prog}: cannot run: {e}"));
-            false
-        }
+/// Reports a failed configuration step on the console, as a boot script's failure would be.
+fn report(console: &Console, what: &str, result: io::Result<()>) {
+    if let Err(e) = result {
+        console.line(&format!("{what}: {e}"));
     }
 }
 
 fn setup_network(config: &GuestConfig, ip: &IpParam, control: &OwnedFd, console: &Console) -> io::Result<()> {
-    run(console, "ip", &["link", "set", "dev", "lo", "up"]);
+    let net = NetConf::open()?;
+    report(console, "lo: cannot bring up", net.up("lo"));
     let mut taps = Vec::new();
     for (i, nic) in config.nics.iter().enumerate() {
         let fd = tap::create_tap(&nic.name).map_err(io::Error::other)?;
         if let Some(mac) = &nic.mac {
-            run(console, "ip", &["link", "set", "dev", &nic.name, "address", mac]);
+            report(console, &format!("{}: cannot set MAC {mac}", nic.name), net.set_mac(&nic.name, mac));
         }
         if let Some(mtu) = nic.mtu {
-            run(console, "ip", &["link", "set", "dev", &nic.name, "mtu", &mtu.to_string()]);
+            report(console, &format!("{}: cannot set MTU {mtu}", nic.name), net.set_mtu(&nic.name, mtu));
         }
-        run(console, "ip", &["link", "set", "dev", &nic.name, "up"]);
+        report(console, &format!("{}: cannot bring up", nic.name), net.up(&nic.name));
         console.line(&format!("virtio_net virtio{}: {} up", config.drives.len() + i, nic.name));
         taps.push(fd);
     }
@@ -272,12 +288,12 @@ fn setup_network(config: &GuestConfig, ip: &IpParam, control: &OwnedFd, console:
         IpParam::Invalid(v) => {
             console.line(&format!("IP-Config: Incomplete network configuration information ({v})"))
         }
-        IpParam::Static(s) => configure_static(config, s, console),
+        IpParam::Static(s) => configure_static(config, s, &net, console),
     }
     Ok(())
 }
 
-fn configure_static(config: &GuestConfig, s: &StaticIp, console: &Console) {
+fn configure_static(config: &GuestConfig, s: &StaticIp, net: &NetConf, console: &Console) {
     let Some(dev) = s.device.clone().or_else(|| config.nics.first().map(|n| n.name.clone())) else {
         console.line("IP-Config: No network devices available");
         return;
@@ -286,18 +302,21 @@ fn configure_static(config: &GuestConfig, s: &StaticIp, console: &Console) {
         console.line(&format!("IP-Config: Device `{dev}' not found"));
         return;
     }
-    run(console, "ip", &["addr", "add", &format!("{}/{}", s.address, s.prefix_len()), "dev", &dev]);
+    let address = net.set_address(&dev, s.address, s.netmask);
+    report(console, &format!("IP-Config: cannot set {}/{} on {dev}", s.address, s.prefix_len()), address);
     if let Some(gw) = s.gateway {
-        run(console, "ip", &["route", "add", "default", "via", &gw.to_string(), "dev", &dev]);
+        report(
+            console,
+            &format!("IP-Config: cannot add a default route via {gw}"),
+            net.add_default_route(gw, &dev),
+        );
     }
-    let hwaddr = fs::read_to_string(format!("/sys/class/net/{dev}/address")).unwrap_or_default();
+    let hwaddr = net.mac(&dev).unwrap_or_default();
     let gw = s.gateway.unwrap_or(Ipv4Addr::BROADCAST);
     console.line("IP-Config: Complete:");
     console.line(&format!(
         "     device={dev}, hwaddr={}, ipaddr={}, mask={}, gw={gw}",
-        hwaddr.trim(),
-        s.address,
-        s.netmask
+        hwaddr, s.address, s.netmask
     ));
     console.line(&format!("     host={}, domain=, nis-domain=(none)", s.hostname.as_deref().unwrap_or("")));
     console.line("     bootserver=255.255.255.255, rootserver=255.255.255.255, rootpath=");
@@ -314,8 +333,16 @@ struct RootFiles {
     authorized_keys: bool,
 }
 
-fn read_root_drive(config: &GuestConfig, console: &Console) -> RootFiles {
+fn read_root_drive(config: &GuestConfig, console: &Console, jailed: bool) -> RootFiles {
     let mut files = RootFiles::default();
+    if !tool_available(
+        "debugfs",
+        jailed,
+        console,
+        "the root drive's /etc/hostname, /root/.ssh/authorized_keys and SSH host keys are not read",
+    ) {
+        return files;
+    }
     let state = Path::new(STATE_DIR);
     let hostname_file = state.join("hostname");
     let drive = RootDrive::new(format!("/proc/self/fd/{ROOT_DRIVE_FD}"));
@@ -398,7 +425,24 @@ fn neutralise_setgroups() -> Result<(), seccompiler::Error> {
     seccompiler::apply_filter(&program)
 }
 
-fn start_sshd(files: &RootFiles, console: &Console) -> Option<Pid> {
+/// Whether guest tool `name` can be used; if not, says on the console what is not emulated.
+/// In a jail there are no tools (and no `/run` to keep their files in).
+fn tool_available(name: &str, jailed: bool, console: &Console, consequence: &str) -> bool {
+    let missing = if jailed {
+        format!("no {name} in the VMM's jail")
+    } else if find_program(name).is_none() {
+        format!("{name} not found in {GUEST_PATH}")
+    } else {
+        return true;
+    };
+    console.line(&format!("firecracker-double: {missing}: {consequence}"));
+    false
+}
+
+fn start_sshd(files: &RootFiles, console: &Console, jailed: bool) -> Option<Pid> {
+    if !tool_available("dropbear", jailed, console, "no SSH server is emulated") {
+        return None;
+    }
     if files.host_keys.is_empty() {
         console.line("sshd: no hostkeys available -- exiting.");
         return None;

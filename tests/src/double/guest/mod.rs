@@ -1,7 +1,8 @@
 //! The emulated guest that `InstanceStart` boots.
 //!
-//! The double runs unprivileged, as Firecracker does in direct mode. At `InstanceStart` it
-//! re-executes itself (`/proc/self/exe --firecracker-double-guest`) as the guest's "kernel":
+//! The double runs unprivileged, as Firecracker does in direct mode or in a jail. At
+//! `InstanceStart` it re-executes itself (`/proc/self/exe --firecracker-double-guest`, or the path
+//! it was started by in a jail, which has no `/proc`) as the guest's "kernel":
 //!
 //! 1. The child gets the guest description as JSON on stdin, a control socket at fd 3 and the
 //!    root drive's file (opened by the VMM at `PUT /drives`) at fd 4, and dies with the double
@@ -20,6 +21,7 @@
 //! end the VMM), the double exits 0, as Firecracker does.
 
 pub mod init;
+mod netconf;
 mod relay;
 mod rootfs;
 mod sys;
@@ -259,6 +261,16 @@ async fn vsock_without_listeners(listener: tokio::net::UnixListener) {
     }
 }
 
+/// The double's own executable: `/proc/self/exe`, or in a jail (no `/proc`) the path it was
+/// started by (the jailer execs `/<exec file name>`).
+fn own_executable() -> std::path::PathBuf {
+    let proc_exe = std::path::Path::new("/proc/self/exe");
+    if proc_exe.exists() {
+        return proc_exe.to_path_buf();
+    }
+    std::env::args_os().next().map(Into::into).unwrap_or_else(|| proc_exe.to_path_buf())
+}
+
 impl GuestLauncher for LinuxLauncher {
     fn launch(&mut self, spec: GuestSpec<'_>) -> Result<Box<dyn RunningGuest>, String> {
         self.launch_inner(spec).map_err(|e| format!("cannot start the emulated guest: {e}"))
@@ -293,7 +305,7 @@ impl LinuxLauncher {
             .map(|d| d.file.try_clone())
             .transpose()?;
 
-        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        let mut cmd = tokio::process::Command::new(own_executable());
         cmd.as_std_mut().arg0("firecracker-double-guest");
         cmd.arg(GUEST_MODE_FLAG).stdin(Stdio::piped()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
         let mut fds = vec![(theirs.as_raw_fd(), CONTROL_FD)];

@@ -10,12 +10,13 @@ use std::process::{Command, Stdio};
 pub const GUEST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Finds `name` in [`GUEST_PATH`].
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    GUEST_PATH.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// `name` found in [`GUEST_PATH`], else `name` itself (for an error naming it).
 pub fn program(name: &str) -> PathBuf {
-    GUEST_PATH
-        .split(':')
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| name.into())
+    find_program(name).unwrap_or_else(|| name.into())
 }
 
 /// A root drive readable through a path (e.g. `/proc/self/fd/4`).
