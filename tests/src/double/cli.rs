@@ -85,6 +85,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
         ignored: Vec::new(),
     };
     let args: Vec<String> = args.into_iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut seen = std::collections::HashSet::new();
     let mut i = 0;
     while i < args.len() {
         let arg = &args[i];
@@ -98,6 +99,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
             Some((n, v)) => (n, Some(v.to_string())),
             None => (flag, None),
         };
+        // Firecracker takes each of its own flags once (a jailer already passes `--id` and the
+        // timing flags); flags it does not know are the double's to ignore.
+        if is_firecracker_flag(name) && !seen.insert(name.to_string()) {
+            return Err(format!("The argument '{name}' was provided more than once."));
+        }
         let next_is_value = args.get(i).is_some_and(|next| !next.starts_with("--"));
         let mut value = |name: &str| take_value(&args, &mut i, &inline, name);
         match name {
@@ -131,6 +137,26 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Args, String> {
         return Err("Argument 'no-api' requires the argument 'config-file' to be present.".into());
     }
     Ok(out)
+}
+
+/// Flags the double handles.
+const OWN_FLAGS: &[&str] = &[
+    "api-sock",
+    "id",
+    "log-path",
+    "level",
+    "metrics-path",
+    "config-file",
+    "show-level",
+    "no-api",
+    "version",
+    "help",
+    "enable-pci",
+];
+
+/// Whether `name` is one of Firecracker 1.16's flags (which its parser allows once each).
+fn is_firecracker_flag(name: &str) -> bool {
+    OWN_FLAGS.contains(&name) || IGNORED_WITH_VALUE.contains(&name) || IGNORED_SWITCHES.contains(&name)
 }
 
 /// Firecracker's instance id rule: 1 to 64 characters, alphanumerics and `-`.
@@ -183,6 +209,16 @@ mod tests {
         assert!(p(&["--api-sock"]).is_err());
         assert!(p(&["stray"]).is_err());
         assert!(p(&["--no-api"]).is_err());
+        assert_eq!(
+            p(&["--id", "a", "--start-time-us", "1", "--api-sock", "s", "--id", "b"]),
+            Err("The argument 'id' was provided more than once.".to_string()),
+            "a jailer passes --id: passing it again after -- fails, as in Firecracker"
+        );
+        assert_eq!(
+            p(&["--start-time-us", "1", "--start-time-us", "2"]),
+            Err("The argument 'start-time-us' was provided more than once.".to_string())
+        );
+        assert!(p(&["--future-flag", "1", "--future-flag", "2"]).is_ok());
         assert!(valid_instance_id("vm-1"));
         assert!(!valid_instance_id("vm_1"));
         assert!(!valid_instance_id(""));
