@@ -208,14 +208,14 @@ fn assert_layout(s: &Setup, jail: &Jail, uid: u32, gid: u32) {
 }
 
 /// What a jailed VMM is: uid:gid everywhere, no groups, no environment, only its own
-/// descriptors, the default open-files limit.
+/// descriptors, the open-files limit (2048 unless `--resource-limit no-file=N`).
 #[track_caller]
-fn assert_jailed_process(view: &ProcView, uid: u32, gid: u32) {
+fn assert_jailed_process(view: &ProcView, uid: u32, gid: u32, no_file: u64) {
     assert_eq!(view.uids, [uid; 4]);
     assert_eq!(view.gids, [gid; 4]);
     assert_eq!(view.groups, Vec::<u32>::new(), "no supplementary groups");
     assert!(view.environ.is_empty(), "an empty environment: {:?}", text(&view.environ));
-    assert_eq!(view.max_open_files, ("2048".to_string(), "2048".to_string()));
+    assert_eq!(view.max_open_files, (no_file.to_string(), no_file.to_string()));
     for (fd, target) in &view.fds {
         assert!(
             *fd < 3 || target.starts_with("socket:") || target.starts_with("anon_inode:"),
@@ -288,7 +288,7 @@ fn jailer_daemonized_launch_in_a_new_pid_ns_with_v1_cgroups() {
     assert_layout(&s, &jail, uid, gid);
     assert_eq!(fs::read_to_string(jail.pid_file()).unwrap(), pid.to_string(), "the host PID, no newline");
     let view = ProcView::read(pid).unwrap();
-    assert_jailed_process(&view, uid, gid);
+    assert_jailed_process(&view, uid, gid, 2048);
     assert_eq!(view.ns_pids, [pid, 1], "PID 1 of its own PID namespace");
     assert_ne!(view.session, pid, "not a session leader");
     assert_ne!(view.pgrp, pid, "not a group leader");
@@ -383,7 +383,18 @@ fn jailer_joins_the_netns_and_refuses_a_running_id() {
         &id,
         uid,
         gid,
-        &["--netns", &ns_path, "--daemonize", "--", "--api-sock", "/run/firecracker.socket"],
+        &[
+            "--netns",
+            &ns_path,
+            "--daemonize",
+            "--resource-limit",
+            "no-file=1024",
+            "--resource-limit",
+            "fsize=1073741824",
+            "--",
+            "--api-sock",
+            "/run/firecracker.socket",
+        ],
     );
     let out = jailer_command(Path::new(JAILER), &args).output().unwrap();
     assert_silent_success(&out);
@@ -392,7 +403,8 @@ fn jailer_joins_the_netns_and_refuses_a_running_id() {
     assert_layout(&s, &jail, uid, gid);
     assert_eq!(fs::read_to_string(jail.pid_file()).unwrap(), pid.to_string());
     let view = ProcView::read(pid).unwrap();
-    assert_jailed_process(&view, uid, gid);
+    assert_jailed_process(&view, uid, gid, 1024);
+    assert_eq!(view.max_file_size, ("1073741824".to_string(), "1073741824".to_string()));
     assert_eq!(view.ns_pids, [pid], "no --new-pid-ns: the host's PID namespace");
     assert_eq!(view.netns, format!("net:[{}]", fs::metadata(&ns_path).unwrap().ino()));
     let me = ProcView::read(std::process::id()).unwrap();
@@ -454,7 +466,7 @@ fn jailer_without_daemonize_execs_in_place_and_a_dynamic_exec_file_fails_after_t
     let vmm = JailedVmm::new(pid);
     assert_eq!(pid, child.id(), "the jailer became the VMM");
     let view = ProcView::read(pid).unwrap();
-    assert_jailed_process(&view, uid, gid);
+    assert_jailed_process(&view, uid, gid, 2048);
     assert_eq!(view.fds[1].1, console.display().to_string(), "the caller's stdout");
     assert_layout(&s, &jail, uid, gid);
     assert!(vmm.kill());

@@ -410,48 +410,65 @@ pub fn v2_mount() -> Option<(PathBuf, Vec<String>)> {
     Some((dir.clone(), controllers.split_whitespace().map(str::to_string).collect()))
 }
 
-/// Cgroup directories a test makes the jailer create, removed on drop (deepest first, retrying
-/// while the kernel still counts a dying process in them). Directories that existed before the
-/// test are left alone.
+/// Cgroup directories a test makes the jailer create, removed on drop: the groups themselves
+/// (retrying while the kernel still counts a dying process in them), then the parents the test
+/// caused to be made, deepest first, unless another user has put groups of its own in them
+/// meanwhile. Directories that existed before the test are left alone.
 #[derive(Debug, Default)]
 pub struct CgroupDirs {
-    created: Vec<PathBuf>,
+    groups: Vec<PathBuf>,
+    parents: Vec<PathBuf>,
+}
+
+/// Removes an (empty) cgroup directory, retrying on EBUSY for up to 10 s.
+fn remove_cgroup_dir(dir: &Path) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn has_subdirectories(dir: &Path) -> bool {
+    fs::read_dir(dir).map(|entries| entries.flatten().any(|e| e.path().is_dir())).unwrap_or(false)
 }
 
 impl CgroupDirs {
-    /// Records `leaf` and its ancestors up to (not including) `root` that do not exist yet.
-    pub fn expect(&mut self, root: &Path, leaf: &Path) {
-        let mut dir = leaf.to_path_buf();
-        let mut new = Vec::new();
-        while dir.starts_with(root) && dir != root {
+    /// Records the group `group` and its ancestors up to (not including) `root` that do not
+    /// exist yet.
+    pub fn expect(&mut self, root: &Path, group: &Path) {
+        if !group.exists() {
+            self.groups.push(group.to_path_buf());
+        }
+        let mut dir = group.to_path_buf();
+        while dir.pop() && dir.starts_with(root) && dir != root {
             if !dir.exists() {
-                new.push(dir.clone());
-            }
-            if !dir.pop() {
-                break;
+                self.parents.push(dir.clone());
             }
         }
-        self.created.extend(new);
     }
 
     /// Removes the recorded directories; returns those that could not be removed.
     pub fn remove(&mut self) -> Vec<(PathBuf, io::Error)> {
         let mut failed = Vec::new();
-        self.created.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for dir in self.created.drain(..) {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        failed.push((dir.clone(), e));
-                        break;
-                    }
-                }
+        for dir in self.groups.drain(..) {
+            if let Err(e) = remove_cgroup_dir(&dir) {
+                failed.push((dir, e));
+            }
+        }
+        self.parents.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for dir in self.parents.drain(..) {
+            if has_subdirectories(&dir) {
+                continue;
+            }
+            if let Err(e) = remove_cgroup_dir(&dir) {
+                failed.push((dir, e));
             }
         }
         failed
@@ -498,10 +515,14 @@ mod tests {
         let mut dirs = CgroupDirs::default();
         dirs.expect(root, &root.join("existing/vm"));
         dirs.expect(root, &root.join("new/vm"));
+        dirs.expect(root, &root.join("shared/vm"));
         fs::create_dir_all(root.join("existing/vm")).unwrap();
         fs::create_dir_all(root.join("new/vm")).unwrap();
+        fs::create_dir_all(root.join("shared/vm")).unwrap();
+        fs::create_dir_all(root.join("shared/someone-elses")).unwrap();
         assert!(dirs.remove().is_empty());
         assert!(root.join("existing").exists());
         assert!(!root.join("existing/vm").exists() && !root.join("new").exists());
+        assert!(!root.join("shared/vm").exists() && root.join("shared/someone-elses").exists());
     }
 }
