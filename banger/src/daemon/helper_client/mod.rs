@@ -57,12 +57,12 @@ pub enum HelperClientError {
         source: io::Error,
     },
     /// The socket exists but this user may not open it.
-    #[error(
-        "permission denied on banger-helper's socket {socket}: your user is not in the group that may use it; ask an admin to add you to that group (see `ls -l {socket}`) and to the helper's policy, then log in again"
-    )]
+    #[error("permission denied on banger-helper's socket {socket}: {problem}")]
     NoAccess {
         /// The helper's socket.
         socket: PathBuf,
+        /// What stands in the way, as found on disk.
+        problem: AccessProblem,
         /// Why.
         #[source]
         source: io::Error,
@@ -118,10 +118,96 @@ pub enum HelperClientError {
     },
 }
 
+/// Why this user may not open the helper's socket, as the files say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessProblem {
+    /// A directory on the way to the socket cannot be searched by this user.
+    DirNotSearchable {
+        /// The directory.
+        dir: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// This user is not in the group that owns the socket.
+    NotInGroup {
+        /// The socket's group, by name when it has one.
+        group: String,
+    },
+    /// This user is in the socket's group, but the socket is not writable by it.
+    SocketMode {
+        /// The socket's permission bits.
+        mode: u32,
+    },
+    /// Nothing on disk explains it (e.g. a security module refused).
+    Unexplained,
+}
+
+impl std::fmt::Display for AccessProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessProblem::DirNotSearchable { dir, mode } => write!(
+                f,
+                "the directory {} (mode {mode:04o}) is not searchable by your user; banger-helper \
+                 makes its socket directory 0755 when it starts: ask an admin to restart it, or to \
+                 run `chmod 0755 {}`",
+                dir.display(),
+                dir.display()
+            ),
+            AccessProblem::NotInGroup { group } => write!(
+                f,
+                "your user is not in group `{group}`, which may use the socket; ask an admin to add \
+                 you (`usermod -aG {group} USER`) and to admit you in the helper's policy, then log \
+                 in again (or run `newgrp {group}`)"
+            ),
+            AccessProblem::SocketMode { mode } => write!(
+                f,
+                "the socket is mode {mode:04o}, not writable by its group; banger-helper makes it \
+                 0660 when it starts: ask an admin to restart it"
+            ),
+            AccessProblem::Unexplained => f.write_str(
+                "the socket's directories and group allow you, so something else refused (a \
+                 security module?); ask an admin to check the helper's socket",
+            ),
+        }
+    }
+}
+
+/// Works out, from the socket's path, its directories and the user's groups, why a `connect()`
+/// was refused.
+pub fn access_problem(socket: &Path) -> AccessProblem {
+    use nix::unistd::{AccessFlags, Gid, Group, access};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut dirs: Vec<&Path> = socket.ancestors().skip(1).filter(|d| !d.as_os_str().is_empty()).collect();
+    dirs.reverse();
+    for dir in dirs {
+        if access(dir, AccessFlags::X_OK).is_err() {
+            let mode = std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0);
+            return AccessProblem::DirNotSearchable { dir: dir.to_owned(), mode };
+        }
+    }
+    let Ok(meta) = std::fs::metadata(socket) else { return AccessProblem::Unexplained };
+    let gid = meta.gid();
+    let mine = nix::unistd::getgroups().unwrap_or_default();
+    let in_group = nix::unistd::getegid().as_raw() == gid || mine.iter().any(|g| g.as_raw() == gid);
+    if !in_group {
+        let group =
+            Group::from_gid(Gid::from_raw(gid)).ok().flatten().map_or_else(|| gid.to_string(), |g| g.name);
+        return AccessProblem::NotInGroup { group };
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o020 == 0 {
+        return AccessProblem::SocketMode { mode };
+    }
+    AccessProblem::Unexplained
+}
+
 /// What a failed `connect()` to the helper's socket means for the user.
 fn connect_error(socket: PathBuf, source: io::Error) -> HelperClientError {
     match source.kind() {
-        io::ErrorKind::PermissionDenied => HelperClientError::NoAccess { socket, source },
+        io::ErrorKind::PermissionDenied => {
+            let problem = access_problem(&socket);
+            HelperClientError::NoAccess { socket, problem, source }
+        }
         _ => HelperClientError::Unreachable { socket, source },
     }
 }
@@ -457,6 +543,74 @@ mod tests {
     use tokio::net::UnixListener;
 
     use super::fake::FakeHelper;
+
+    /// The socket a child run of [`access_problems_are_told_apart`] diagnoses.
+    const CHILD_SOCKET: &str = "BANGER_TEST_ACCESS_SOCKET";
+
+    /// Run as root: each refusal is diagnosed by a child run of this test as uid/gid 65534
+    /// without supplementary groups, which prints what it found.
+    #[test]
+    #[ignore = "needs root: the diagnosis runs as another uid"]
+    fn access_problems_are_told_apart() {
+        use std::os::unix::fs::{PermissionsExt, chown};
+        use std::os::unix::process::CommandExt;
+        if let Some(socket) = std::env::var_os(CHILD_SOCKET) {
+            println!("PROBLEM {:?}", access_problem(Path::new(&socket)));
+            return;
+        }
+        if !nix::unistd::geteuid().is_root() {
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "needs root, and CI=true");
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path();
+        std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let make = |sub: &str, dir_mode: u32, gid: u32, sock_mode: u32| {
+            let d = top.join(sub);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(dir_mode)).unwrap();
+            let sock = d.join("helper.sock");
+            let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+            chown(&sock, Some(0), Some(gid)).unwrap();
+            std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(sock_mode)).unwrap();
+            (sock, listener)
+        };
+        let cases = [
+            (make("closed", 0o700, 65534, 0o660), "DirNotSearchable"),
+            (make("othergroup", 0o755, 0, 0o660), "NotInGroup"),
+            (make("readonly", 0o755, 65534, 0o640), "SocketMode"),
+        ];
+        let me = std::env::current_exe().unwrap();
+        for ((sock, _listener), want) in &cases {
+            let out = std::process::Command::new(&me)
+                .args(["--exact", "daemon::helper_client::tests::access_problems_are_told_apart"])
+                .args(["--include-ignored", "--nocapture", "--test-threads=1"])
+                .env(CHILD_SOCKET, sock)
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let line = text
+                .lines()
+                .find_map(|l| l.split_once("PROBLEM ").map(|(_, p)| p))
+                .unwrap_or_else(|| panic!("{text}"));
+            assert!(line.contains(want), "{}: {line}", sock.display());
+            // Connecting really is refused, and the message says why.
+            let e = connect_error(sock.clone(), io::Error::from(io::ErrorKind::PermissionDenied));
+            assert!(e.to_string().contains(&sock.display().to_string()), "{e}");
+        }
+        let closed = &cases[0].0.0;
+        let text = AccessProblem::DirNotSearchable { dir: closed.parent().unwrap().to_owned(), mode: 0o700 }
+            .to_string();
+        assert!(
+            text.contains("not searchable") && text.contains("0700") && text.contains("chmod 0755"),
+            "{text}"
+        );
+        let text = AccessProblem::NotInGroup { group: "banger".into() }.to_string();
+        assert!(text.contains("not in group `banger`") && text.contains("newgrp banger"), "{text}");
+    }
     use super::*;
 
     fn install() -> InstallId {
