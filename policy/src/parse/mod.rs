@@ -10,14 +10,22 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 
-use banger_protocol::IfName;
 use ipnet::Ipv4Net;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use crate::{Access, Audit, AuditTarget, GuestToHost, Network, Policy, PortRule, Proto, Quotas, Uplink};
+use crate::{Access, Audit, AuditTarget, GuestToHost, Network, Policy, Quotas, Uplink};
+
+mod access;
+mod audit;
+mod network;
+mod quotas;
+
+use access::read_access;
+use audit::read_audit;
+use network::read_network;
+use quotas::read_quotas;
 
 /// Why a policy file was refused: always with the line and a reason an admin can act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,25 +48,9 @@ const SYSCTL_REMOVED: &str = "the [[sysctl]] allowlist no longer exists: no clie
 /// offer.
 pub const MAX_QUOTA: u32 = 65536;
 
-/// The longest user or group name accepted in the policy.
-const MAX_NAME_LEN: usize = 256;
-
-/// Networks a pool must not overlap: guests there would shadow the host's own addressing.
-const RESERVED: [(&str, &str); 4] = [
-    ("0.0.0.0/8", "\"this network\""),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local"),
-    ("224.0.0.0/3", "multicast and reserved"),
-];
-
 const TOP_KEYS: &[&str] = &["access", "quotas", "network", "audit"];
-const ACCESS_KEYS: &[&str] = &["users", "groups", "socket_group"];
-const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops"];
-const QUOTAS_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "users"];
-const NETWORK_KEYS: &[&str] =
-    &["pool", "lease_prefix", "vm_prefix", "uplink", "ipv6", "guest_to_guest", "guest_to_host"];
-const GUEST_TO_HOST_KEYS: &[&str] = &["allow_all", "allow"];
-const AUDIT_KEYS: &[&str] = &["log"];
+pub(super) const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops"];
+pub(super) const QUOTAS_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "users"];
 
 impl Policy {
     /// Parses and validates a policy file's text. `file` is only used in error messages.
@@ -121,30 +113,30 @@ impl Policy {
 }
 
 /// The text being parsed, for turning spans into lines.
-struct Doc<'t> {
+pub(super) struct Doc<'t> {
     file: &'t str,
     text: &'t str,
 }
 
-type Key<'i> = Spanned<DeString<'i>>;
-type Value<'i> = Spanned<DeValue<'i>>;
+pub(super) type Key<'i> = Spanned<DeString<'i>>;
+pub(super) type Value<'i> = Spanned<DeValue<'i>>;
 
 impl Doc<'_> {
-    fn line(&self, span: &Range<usize>) -> usize {
+    pub(super) fn line(&self, span: &Range<usize>) -> usize {
         let end = span.start.min(self.text.len());
         self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
     }
 
-    fn at_line(&self, line: usize, reason: impl Into<String>) -> PolicyError {
+    pub(super) fn at_line(&self, line: usize, reason: impl Into<String>) -> PolicyError {
         PolicyError { file: self.file.to_owned(), line, reason: reason.into() }
     }
 
-    fn at(&self, span: &Range<usize>, reason: impl Into<String>) -> PolicyError {
+    pub(super) fn at(&self, span: &Range<usize>, reason: impl Into<String>) -> PolicyError {
         self.at_line(self.line(span), reason)
     }
 
     /// The source text of a value, shortened for messages.
-    fn src(&self, span: &Range<usize>) -> String {
+    pub(super) fn src(&self, span: &Range<usize>) -> String {
         let text = self.text.get(span.clone()).unwrap_or("").trim();
         let mut out: String = text.chars().take(40).collect();
         if out.len() < text.len() {
@@ -153,7 +145,7 @@ impl Doc<'_> {
         out
     }
 
-    fn unknown(&self, section: &str, key: &Key<'_>, known: &[&str]) -> PolicyError {
+    pub(super) fn unknown(&self, section: &str, key: &Key<'_>, known: &[&str]) -> PolicyError {
         let name = key.get_ref().as_ref();
         let path = join(section, name);
         let hint = match closest(name, known) {
@@ -168,25 +160,29 @@ impl Doc<'_> {
         )
     }
 
-    fn wrong_type(&self, path: &str, want: &str, value: &Value<'_>) -> PolicyError {
+    pub(super) fn wrong_type(&self, path: &str, want: &str, value: &Value<'_>) -> PolicyError {
         self.at(&value.span(), format!("{path} must be {want}, got {}", a_type(value.get_ref())))
     }
 
-    fn table<'a, 'i>(&self, path: &str, value: &'a Value<'i>) -> Result<&'a DeTable<'i>, PolicyError> {
+    pub(super) fn table<'a, 'i>(
+        &self,
+        path: &str,
+        value: &'a Value<'i>,
+    ) -> Result<&'a DeTable<'i>, PolicyError> {
         match value.get_ref() {
             DeValue::Table(t) => Ok(t),
             _ => Err(self.wrong_type(path, &format!("a table ([{path}])"), value)),
         }
     }
 
-    fn string<'a>(&self, path: &str, value: &'a Value<'_>) -> Result<&'a str, PolicyError> {
+    pub(super) fn string<'a>(&self, path: &str, value: &'a Value<'_>) -> Result<&'a str, PolicyError> {
         match value.get_ref() {
             DeValue::String(s) => Ok(s.as_ref()),
             _ => Err(self.wrong_type(path, "a string (in double quotes)", value)),
         }
     }
 
-    fn boolean(&self, path: &str, value: &Value<'_>) -> Result<bool, PolicyError> {
+    pub(super) fn boolean(&self, path: &str, value: &Value<'_>) -> Result<bool, PolicyError> {
         match value.get_ref() {
             DeValue::Boolean(b) => Ok(*b),
             _ => Err(self.wrong_type(path, "true or false", value)),
@@ -194,7 +190,7 @@ impl Doc<'_> {
     }
 
     /// An integer in `min..=max`, with `what` describing the range for the message.
-    fn integer(
+    pub(super) fn integer(
         &self,
         path: &str,
         value: &Value<'_>,
@@ -214,7 +210,7 @@ impl Doc<'_> {
     }
 
     /// A list of strings, each with its span.
-    fn strings<'a>(
+    pub(super) fn strings<'a>(
         &self,
         path: &str,
         value: &'a Value<'_>,
@@ -236,7 +232,11 @@ impl Doc<'_> {
     }
 
     /// Refuses the second occurrence of any entry.
-    fn no_duplicates(&self, path: &str, items: &[(String, Range<usize>)]) -> Result<(), PolicyError> {
+    pub(super) fn no_duplicates(
+        &self,
+        path: &str,
+        items: &[(String, Range<usize>)],
+    ) -> Result<(), PolicyError> {
         let mut seen = BTreeSet::new();
         for (item, span) in items {
             if !seen.insert(item.as_str()) {
@@ -248,17 +248,17 @@ impl Doc<'_> {
 }
 
 /// A table's entries in file order (the map itself is ordered by key).
-fn sorted<'a, 'i>(table: &'a DeTable<'i>) -> Vec<(&'a str, &'a Key<'i>, &'a Value<'i>)> {
+pub(super) fn sorted<'a, 'i>(table: &'a DeTable<'i>) -> Vec<(&'a str, &'a Key<'i>, &'a Value<'i>)> {
     let mut out: Vec<_> = table.iter().map(|(k, v)| (k.get_ref().as_ref(), k, v)).collect();
     out.sort_by_key(|(_, k, v)| (k.span().start, v.span().start));
     out
 }
 
-fn join(section: &str, key: &str) -> String {
+pub(super) fn join(section: &str, key: &str) -> String {
     if section.is_empty() { key.to_owned() } else { format!("{section}.{key}") }
 }
 
-fn a_type(value: &DeValue<'_>) -> &'static str {
+pub(super) fn a_type(value: &DeValue<'_>) -> &'static str {
     match value {
         DeValue::String(_) => "a string",
         DeValue::Integer(_) => "an integer",
@@ -295,313 +295,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// Checks a user or group name (or a decimal id) as written in the policy.
-pub(crate) fn check_account(kind: &str, name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err(format!("{kind} names must not be empty"));
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!("{kind} name {name:?} is longer than {MAX_NAME_LEN} bytes"));
-    }
-    if name.bytes().all(|b| b.is_ascii_digit()) && name.parse::<u32>().map_or(true, |id| id == u32::MAX) {
-        return Err(format!("{kind} id {name} is out of range (0 to 4294967294)"));
-    }
-    if name.starts_with('-') {
-        return Err(format!("{kind} name {name:?} must not start with '-'"));
-    }
-    if name.contains(['*', '?', '[', ']']) {
-        return Err(format!("{kind} name {name:?} has a wildcard; list each {kind} by name or id"));
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | ',' | '/' | '\\')) {
-        return Err(format!(
-            "{kind} name {name:?} may not contain whitespace, control characters, ':', ',', '/' or '\\'"
-        ));
-    }
-    Ok(())
-}
-
-/// Reads a list of account names into strings, refusing bad and duplicate entries.
-fn accounts(doc: &Doc<'_>, path: &str, kind: &str, value: &Value<'_>) -> Result<Vec<String>, PolicyError> {
-    let items: Vec<(String, Range<usize>)> =
-        doc.strings(path, value)?.into_iter().map(|(s, span)| (s.to_owned(), span)).collect();
-    for (name, span) in &items {
-        check_account(kind, name).map_err(|reason| doc.at(span, format!("{path}: {reason}")))?;
-    }
-    doc.no_duplicates(path, &items)?;
-    Ok(items.into_iter().map(|(name, _)| name).collect())
-}
-
-fn read_access(doc: &Doc<'_>, value: &Value<'_>) -> Result<Access, PolicyError> {
-    let mut access = Policy::default_policy().access;
-    for (name, key, value) in sorted(doc.table("access", value)?) {
-        match name {
-            "users" => access.users = accounts(doc, "access.users", "user", value)?,
-            "groups" => access.groups = accounts(doc, "access.groups", "group", value)?,
-            "socket_group" => {
-                let group = doc.string("access.socket_group", value)?;
-                check_account("group", group)
-                    .map_err(|reason| doc.at(&value.span(), format!("access.socket_group: {reason}")))?;
-                access.socket_group = group.to_owned();
-            }
-            _ => return Err(doc.unknown("access", key, ACCESS_KEYS)),
-        }
-    }
-    Ok(access)
-}
-
-/// Quotas as written in one table, before missing ones fall back to the defaults.
-#[derive(Default)]
-struct QuotaFields {
-    max_vms: Option<u32>,
-    max_taps: Option<u32>,
-    max_loops: Option<u32>,
-}
-
-impl QuotaFields {
-    fn or(&self, base: Quotas) -> Quotas {
-        Quotas {
-            max_vms: self.max_vms.unwrap_or(base.max_vms),
-            max_taps: self.max_taps.unwrap_or(base.max_taps),
-            max_loops: self.max_loops.unwrap_or(base.max_loops),
-        }
-    }
-
-    /// Reads one quota key into `self`; `false` if `name` is not a quota key.
-    fn read(
-        &mut self,
-        doc: &Doc<'_>,
-        section: &str,
-        name: &str,
-        value: &Value<'_>,
-    ) -> Result<bool, PolicyError> {
-        let slot = match name {
-            "max_vms" => &mut self.max_vms,
-            "max_taps" => &mut self.max_taps,
-            "max_loops" => &mut self.max_loops,
-            _ => return Ok(false),
-        };
-        let what = format!("a positive integer no larger than {MAX_QUOTA}");
-        *slot = Some(doc.integer(&join(section, name), value, 1, MAX_QUOTA, &what)?);
-        Ok(true)
-    }
-}
-
-fn read_quotas(doc: &Doc<'_>, value: &Value<'_>) -> Result<(Quotas, BTreeMap<String, Quotas>), PolicyError> {
-    let mut defaults = QuotaFields::default();
-    let mut users = Vec::new();
-    for (name, key, value) in sorted(doc.table("quotas", value)?) {
-        if name == "users" {
-            for (user, user_key, table) in sorted(doc.table("quotas.users", value)?) {
-                let section = format!("quotas.users.{user}");
-                check_account("user", user)
-                    .map_err(|reason| doc.at(&user_key.span(), format!("{section}: {reason}")))?;
-                let mut fields = QuotaFields::default();
-                let DeValue::Table(entries) = table.get_ref() else {
-                    return Err(doc.wrong_type(
-                        &section,
-                        &format!("a table ([{section}]) of max_vms, max_taps, max_loops"),
-                        table,
-                    ));
-                };
-                for (q, q_key, q_value) in sorted(entries) {
-                    if !fields.read(doc, &section, q, q_value)? {
-                        return Err(doc.unknown(&section, q_key, QUOTA_KEYS));
-                    }
-                }
-                users.push((user.to_owned(), fields));
-            }
-        } else if !defaults.read(doc, "quotas", name, value)? {
-            return Err(doc.unknown("quotas", key, QUOTAS_KEYS));
-        }
-    }
-    let quotas = defaults.or(Policy::default_policy().quotas);
-    let users = users.into_iter().map(|(user, fields)| (user, fields.or(quotas))).collect();
-    Ok((quotas, users))
-}
-
-fn read_network(doc: &Doc<'_>, value: &Value<'_>) -> Result<Network, PolicyError> {
-    let mut network = Policy::default_policy().network;
-    let (mut pool_at, mut lease_at, mut vm_at) = (None, None, None);
-    for (name, key, value) in sorted(doc.table("network", value)?) {
-        match name {
-            "pool" => {
-                network.pool = read_pool(doc, value)?;
-                pool_at = Some(value.span());
-            }
-            "lease_prefix" => {
-                network.lease_prefix =
-                    prefix(doc.integer("network.lease_prefix", value, 0, 30, "an integer from 0 to 30")?);
-                lease_at = Some(value.span());
-            }
-            "vm_prefix" => {
-                let what = "an integer from 0 to 30 (a guest and its gateway need at least a /30)";
-                network.vm_prefix = prefix(doc.integer("network.vm_prefix", value, 0, 30, what)?);
-                vm_at = Some(value.span());
-            }
-            "uplink" => network.uplink = read_uplink(doc, value)?,
-            "ipv6" => network.ipv6 = doc.boolean("network.ipv6", value)?,
-            "guest_to_guest" => network.guest_to_guest = doc.boolean("network.guest_to_guest", value)?,
-            "guest_to_host" => network.guest_to_host = read_guest_to_host(doc, value)?,
-            _ => return Err(doc.unknown("network", key, NETWORK_KEYS)),
-        }
-    }
-    let (pool, lease, vm) = (network.pool, network.lease_prefix, network.vm_prefix);
-    if lease < pool.prefix_len() {
-        let span = lease_at.or(pool_at).unwrap_or(0..0);
-        return Err(doc.at(
-            &span,
-            format!(
-                "network.lease_prefix ({lease}) must be at least the prefix length of network.pool \
-                 {pool} ({}): a lease must fit in the pool; use a larger pool or a longer lease_prefix",
-                pool.prefix_len()
-            ),
-        ));
-    }
-    if vm < lease {
-        let span = vm_at.or(lease_at).unwrap_or(0..0);
-        return Err(doc.at(
-            &span,
-            format!(
-                "network.vm_prefix ({vm}) must be at least network.lease_prefix ({lease}): a VM subnet \
-                 must fit in a lease"
-            ),
-        ));
-    }
-    Ok(network)
-}
-
-fn prefix(n: u32) -> u8 {
-    u8::try_from(n).expect("range-checked to 0..=30")
-}
-
-fn read_pool(doc: &Doc<'_>, value: &Value<'_>) -> Result<Ipv4Net, PolicyError> {
-    let text = doc.string("network.pool", value)?;
-    let span = value.span();
-    let pool: Ipv4Net = text.parse().map_err(|_| {
-        doc.at(&span, format!("network.pool must be an IPv4 network like \"172.30.0.0/16\", got {text:?}"))
-    })?;
-    if pool != pool.trunc() {
-        return Err(doc.at(
-            &span,
-            format!("network.pool {text} has bits set past its prefix; did you mean \"{}\"?", pool.trunc()),
-        ));
-    }
-    for (reserved, what) in RESERVED {
-        let reserved: Ipv4Net = reserved.parse().expect("valid constant");
-        if reserved.contains(&pool.network()) || pool.contains(&reserved.network()) {
-            return Err(doc.at(
-                &span,
-                format!(
-                    "network.pool {pool} overlaps the {what} range {reserved}; use a private range such as \
-                     172.30.0.0/16"
-                ),
-            ));
-        }
-    }
-    Ok(pool)
-}
-
-/// The uplink is an [`IfName`]: the same type, and so the same rule, as the helper's.
-fn read_uplink(doc: &Doc<'_>, value: &Value<'_>) -> Result<Uplink, PolicyError> {
-    let text = doc.string("network.uplink", value)?;
-    if text == "auto" {
-        return Ok(Uplink::Auto);
-    }
-    IfName::new(text).map(Uplink::Named).map_err(|e| {
-        doc.at(&value.span(), format!("network.uplink must be \"auto\" or an interface name: {e}"))
-    })
-}
-
-fn read_guest_to_host(doc: &Doc<'_>, value: &Value<'_>) -> Result<GuestToHost, PolicyError> {
-    let path = "network.guest_to_host";
-    let mut out = GuestToHost { allow_all: false, allow: Vec::new() };
-    for (name, key, value) in sorted(doc.table(path, value)?) {
-        match name {
-            "allow_all" => out.allow_all = doc.boolean("network.guest_to_host.allow_all", value)?,
-            "allow" => {
-                let mut seen = BTreeSet::new();
-                for (entry, span) in doc.strings("network.guest_to_host.allow", value)? {
-                    let rule = parse_port_rule(entry).ok_or_else(|| {
-                        doc.at(
-                            &span,
-                            format!(
-                                "network.guest_to_host.allow entries must look like \"udp/53\" (tcp or udp, \
-                                 port 1 to 65535), got {entry:?}"
-                            ),
-                        )
-                    })?;
-                    if !seen.insert(rule) {
-                        return Err(doc.at(&span, format!("network.guest_to_host.allow lists {rule} twice")));
-                    }
-                    out.allow.push(rule);
-                }
-            }
-            _ => return Err(doc.unknown(path, key, GUEST_TO_HOST_KEYS)),
-        }
-    }
-    Ok(out)
-}
-
-/// `tcp/22`, `udp/53`: lowercase protocol, decimal port 1–65535 without sign or leading zeros.
-fn parse_port_rule(text: &str) -> Option<PortRule> {
-    let (proto, port) = text.split_once('/')?;
-    let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => return None,
-    };
-    if port.is_empty() || port.starts_with('0') || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let port: u16 = port.parse().ok()?;
-    Some(PortRule { proto, port })
-}
-
-/// Checks an audit log path: absolute, normal (no `.`/`..` parts, no trailing '/'), printable.
-pub(crate) fn check_audit_path(text: &str) -> Result<PathBuf, String> {
-    let path = Path::new(text);
-    let bad = |why: &str| {
-        Err(format!("audit.log must be \"stderr\" or an absolute file path, got {text:?}: {why}"))
-    };
-    if !path.is_absolute() {
-        return bad("the path is not absolute");
-    }
-    if text.ends_with('/') {
-        return bad("the path names a directory");
-    }
-    if text.chars().any(char::is_control) {
-        return bad("the path has control characters");
-    }
-    if text.len() > 4095 {
-        return bad("the path is too long");
-    }
-    if text.split('/').skip(1).any(|part| matches!(part, "" | "." | "..")) {
-        return bad("write the path without '.', '..' or '//'");
-    }
-    Ok(path.to_path_buf())
-}
-
-fn read_audit(doc: &Doc<'_>, value: &Value<'_>) -> Result<Audit, PolicyError> {
-    let mut audit = Policy::default_policy().audit;
-    for (name, key, value) in sorted(doc.table("audit", value)?) {
-        match name {
-            "log" => {
-                let text = doc.string("audit.log", value)?;
-                audit.target = if text == "stderr" {
-                    AuditTarget::Stderr
-                } else {
-                    AuditTarget::File(check_audit_path(text).map_err(|reason| doc.at(&value.span(), reason))?)
-                };
-            }
-            _ => return Err(doc.unknown("audit", key, AUDIT_KEYS)),
-        }
-    }
-    Ok(audit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{PortRule, Proto};
+    use banger_protocol::IfName;
 
     fn parse(text: &str) -> Policy {
         Policy::from_toml("policy.toml", text).unwrap_or_else(|e| panic!("{e}"))
@@ -944,7 +642,7 @@ key = \"a.b\"
         assert_refused("[network]\nvm_prefix = 99\npool = \"x\"\n", 2, &["vm_prefix"]);
     }
 
-    const PACKAGED: &str = include_str!("../../packaging/policy.toml");
+    const PACKAGED: &str = include_str!("../../../packaging/policy.toml");
 
     #[test]
     fn packaged_policy_is_valid_and_is_exactly_the_defaults() {
