@@ -40,10 +40,10 @@ fn loop_attach_read_only_and_read_write_then_detach() {
             c.call_fds(attach(LoopRole::Base, false), &[ro_fd.as_fd()]),
             c.call_fds(attach(LoopRole::Cow, false), &[rw_fd.as_fd()]),
             // A file of another user, opened (it is world-readable), is still refused.
-            c.call_fds(attach(LoopRole::Work, true), &[foreign_fd.as_fd()]),
+            c.call_fds(attach(LoopRole::Cow, true), &[foreign_fd.as_fd()]),
             // No descriptor, two descriptors: refused.
-            c.call(attach(LoopRole::Work, true)),
-            c.call_fds(attach(LoopRole::Work, true), &[cow_ro_fd.as_fd(), ro_fd.as_fd()]),
+            c.call(attach(LoopRole::Cow, true)),
+            c.call_fds(attach(LoopRole::Cow, true), &[cow_ro_fd.as_fd(), ro_fd.as_fd()]),
             c.call(Request::ListOwned),
         ]
     });

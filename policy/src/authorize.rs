@@ -71,6 +71,8 @@ pub struct Observed {
     /// For a `LoopAttach` with its descriptor: the backing file as the helper inspected it, or
     /// why it could not.
     pub backing: Option<Result<BackingFile, HelperError>>,
+    /// The helper can make dm-snapshot targets on this host (its `Hello` capability).
+    pub device_mapper: bool,
 }
 
 /// What the helper learns about a backing file from its descriptor, without calling into the
@@ -247,6 +249,10 @@ fn check(
                 what: format!("no tap for vm {vm} of this install: create it first"),
             }),
         },
+        Request::DmCreate { .. } if !observed.device_mapper => Err(no_device_mapper()),
+        Request::DmCreate { .. } => {
+            Err(HelperError::internal("dm-create was offered without a dm-snapshot implementation"))
+        }
         Request::LoopAttach { vm, role, read_only } => {
             let file = match &observed.backing {
                 Some(Ok(file)) => file,
@@ -313,6 +319,16 @@ fn backing_file(file: &BackingFile, uid: u32, read_only: bool) -> Result<bool, H
         FdAccess::WriteOnly | FdAccess::Path => {
             Err(HelperError::invalid("open the backing file for reading (O_RDONLY or O_RDWR)"))
         }
+    }
+}
+
+/// Without device-mapper no dm-snapshot root is made: the daemon gives the VM its own copy of the
+/// image instead.
+fn no_device_mapper() -> HelperError {
+    HelperError::Conflict {
+        what: "this host's banger-helper cannot make dm-snapshot roots (no device-mapper with the \
+               snapshot target); use file storage (a reflink clone or a copy of the image)"
+            .to_owned(),
     }
 }
 
@@ -499,7 +515,7 @@ vm_prefix = 28
     /// attach a regular file of `p`'s on ext4 opened read-write.
     fn observed(p: &Peer, r: &Request) -> Observed {
         let backing = matches!(r, Request::LoopAttach { .. }).then(|| Ok(file(p.uid)));
-        Observed { fds: r.expected_fds(), backing }
+        Observed { fds: r.expected_fds(), backing, device_mapper: false }
     }
 
     fn file(uid: u32) -> BackingFile {
@@ -778,7 +794,13 @@ vm_prefix = 28
         let l = Ledger::default();
         let with = |f: BackingFile, read_only: bool| {
             let r = Request::LoopAttach { vm: vm("v1"), role: LoopRole::Cow, read_only };
-            authorize(&policy(), &alice(), &r, &l, &Observed { fds: 1, backing: Some(Ok(f)) })
+            authorize(
+                &policy(),
+                &alice(),
+                &r,
+                &l,
+                &Observed { fds: 1, backing: Some(Ok(f)), device_mapper: false },
+            )
         };
         let ok = file(ALICE);
         let grant = |d: Decision| match d {
@@ -813,12 +835,17 @@ vm_prefix = 28
         // An inspection that failed is the answer, after access and the handshake.
         let failed = HelperError::invalid("could not be inspected");
         let r = Request::LoopAttach { vm: vm("v1"), role: LoopRole::Cow, read_only: true };
-        let o = Observed { fds: 1, backing: Some(Err(failed.clone())) };
+        let o = Observed { fds: 1, backing: Some(Err(failed.clone())), device_mapper: false };
         assert_eq!(refused(authorize(&policy(), &alice(), &r, &l, &o)), failed);
         assert_eq!(denied_rule(authorize(&policy(), &carol(), &r, &l, &o)).0, "access");
         // Descriptors are counted for every request.
-        let e =
-            refused(authorize(&policy(), &alice(), &Request::Ping, &l, &Observed { fds: 1, backing: None }));
+        let e = refused(authorize(
+            &policy(),
+            &alice(),
+            &Request::Ping,
+            &l,
+            &Observed { fds: 1, backing: None, device_mapper: false },
+        ));
         assert!(matches!(&e, HelperError::InvalidRequest { reason } if reason.contains("1 arrived")), "{e}");
     }
 
@@ -848,7 +875,7 @@ vm_prefix = 28
             &[],
         );
         assert_eq!(
-            refused(decide(&alice(), loop_attach("v1", LoopRole::Work), &l)),
+            refused(decide(&alice(), loop_attach("v1", LoopRole::Cow), &l)),
             HelperError::QuotaExceeded { resource: "loops".into(), limit: 4 }
         );
         let l = ledger(

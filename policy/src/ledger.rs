@@ -370,7 +370,7 @@ mod tests {
             tap(1000, "b", "vm1", 2),
             lp(1000, "b", "vm2", LoopRole::Base),
             tap(1001, "a", "vm1", 1),
-            lp(1001, "a", "vm9", LoopRole::Work),
+            lp(1001, "a", "vm9", LoopRole::Cow),
         ] {
             assert_eq!(l.insert(e), None);
         }
@@ -397,7 +397,7 @@ mod tests {
         assert!(l.find(1000, &a, &v1, ObjectKind::Tap).is_some());
         assert!(l.find(1000, &a, &v1, ObjectKind::Nat).is_some());
         assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Cow)).is_some());
-        assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Work)).is_none());
+        assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Cow)).is_none());
         assert!(l.find(1001, &a, &v1, ObjectKind::Nat).is_none(), "another uid's key");
         assert!(l.find(1000, &install("c"), &v1, ObjectKind::Tap).is_none(), "another install");
         assert!(l.find(1000, &a, &vm("vm2"), ObjectKind::Tap).is_none(), "another vm");

@@ -24,13 +24,13 @@ pub mod message;
 pub use error::{ErrorCode, HelperError, quoted};
 pub use ids::{IdError, IfName, InstallId, VmId};
 pub use message::{
-    Capabilities, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request, Response,
-    TapInfo, TeardownFailure, TeardownReport,
+    Capabilities, DmInfo, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request,
+    Response, TapInfo, TeardownFailure, TeardownReport,
 };
 
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest message either side sends or accepts, in encoded bytes: the one size limit of the
 /// protocol. The frame layer checks it before allocating; the codec refuses to encode more and

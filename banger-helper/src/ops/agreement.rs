@@ -150,7 +150,7 @@ fn descriptors(
         })
         .collect();
     let backing = (count == 1).then_some(Ok(file));
-    (fds, Observed { fds: count, backing })
+    (fds, Observed { fds: count, backing, device_mapper: false })
 }
 
 /// Whether `response` is the success answer of `request`.

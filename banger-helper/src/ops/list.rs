@@ -149,6 +149,7 @@ mod tests {
             taps: (0..1000).map(info).collect(),
             nat: (0..1000).map(nat).collect(),
             loops: (0..1000).map(lp).collect(),
+            dms: Vec::new(),
         };
         let dropped = super::fit_lists(
             &mut owned,

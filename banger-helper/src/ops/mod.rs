@@ -232,7 +232,8 @@ impl<K: Kernel> Helper<K> {
         let refused = |e| Done::new(vec![], Err(e));
         // Step 1: what came with the request. The backing file is inspected before the lock:
         // nothing its filesystem does can hold up anyone else.
-        let mut observed = Observed { fds: fds.len(), backing: None };
+        let mut observed =
+            Observed { fds: fds.len(), backing: None, device_mapper: self.capabilities.device_mapper };
         let mut backing_fd = None;
         if let (Request::LoopAttach { .. }, [_]) = (request, fds.as_slice()) {
             let (fd, inspected) = self.inspect_backing(fds.into_iter().next().expect("one fd")).await;
