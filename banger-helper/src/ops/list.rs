@@ -77,7 +77,7 @@ impl<K: Kernel> Helper<K> {
         let dropped = fit_lists(
             &mut owned,
             CutFrom::Longest,
-            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops],
+            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops, &mut o.dms],
             |o| Response::Owned(o.clone()),
         );
         if dropped > 0 {
