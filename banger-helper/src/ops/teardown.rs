@@ -98,22 +98,26 @@ impl<K: Kernel> Helper<K> {
         let doomed: Vec<String> =
             taps.iter().filter(|(_, _, d)| matches!(d, Ok(true))).map(|(_, n, _)| n.clone()).collect();
         // Each VM's disk devices: its dm target, if any, and its loop devices.
-        let disks: Vec<(Option<LedgerEntry>, Vec<LedgerEntry>)> = vms
-            .iter()
-            .map(|vm| {
-                let of_vm = || st.ledger.entries_of_vm(c.uid, c.install, vm);
-                let dm = of_vm().find(|e| e.kind() == ObjectKind::Dm).cloned();
-                let loops = of_vm().filter(|e| matches!(e.object, Object::Loop { .. })).cloned().collect();
-                (dm, loops)
-            })
-            .filter(|(dm, loops): &(Option<LedgerEntry>, Vec<LedgerEntry>)| dm.is_some() || !loops.is_empty())
-            .collect();
-        for (dm, loops) in &disks {
-            names.extend(dm.iter().chain(loops).map(|e| match &e.object {
-                Object::Dm { name, .. } => name.clone(),
-                Object::Loop { device, .. } => device.clone(),
-                _ => describe(e),
-            }));
+        let mut disks = Vec::new();
+        for vm in &vms {
+            let mut dm = None;
+            let mut loops = Vec::new();
+            for e in st.ledger.entries_of_vm(c.uid, c.install, vm) {
+                match &e.object {
+                    Object::Dm { name, .. } => {
+                        names.push(name.clone());
+                        dm = Some(e.clone());
+                    }
+                    Object::Loop { device, .. } => {
+                        names.push(device.clone());
+                        loops.push(e.clone());
+                    }
+                    Object::Tap { .. } | Object::Nat { .. } => {}
+                }
+            }
+            if dm.is_some() || !loops.is_empty() {
+                disks.push((dm, loops));
+            }
         }
 
         let firewall = async {
