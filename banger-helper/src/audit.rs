@@ -169,7 +169,8 @@ pub fn routine(request: &Request) -> bool {
         | Request::TapCreate { .. }
         | Request::NatUp { .. }
         | Request::LoopAttach { .. }
-        | Request::TeardownVms { .. } => false,
+        | Request::TeardownVms { .. }
+        | Request::DmCreate { .. } => false,
     }
 }
 

@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_SOCKET: &str = "/run/banger/helper.sock";
 /// Where the ledger lives unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger-helper";
+/// Where the helper makes the device nodes of dm-snapshot targets unless told otherwise: on
+/// devtmpfs, since `/run` and most other filesystems are mounted `nodev`.
+pub const DEFAULT_NODE_DIR: &str = "/dev/banger";
 
 /// The root helper of banger: typed, policy-checked kernel operations for unprivileged daemons.
 #[derive(Debug, Parser)]
@@ -32,6 +35,10 @@ pub enum Command {
         /// The directory holding the ownership ledger.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Where the device nodes of dm-snapshot roots are made (root's, 0711; only the helper
+        /// writes there). Must be on a filesystem that allows device nodes (not `nodev`).
+        #[arg(long, default_value = DEFAULT_NODE_DIR)]
+        node_dir: PathBuf,
     },
     /// Check or explain a policy file.
     Policy {
@@ -73,10 +80,11 @@ mod tests {
     #[test]
     fn serve_defaults() {
         let cli = Cli::try_parse_from(["banger-helper", "serve"]).unwrap();
-        let Command::Serve { socket, policy, state_dir } = cli.command else { panic!() };
+        let Command::Serve { socket, policy, state_dir, node_dir } = cli.command else { panic!() };
         assert_eq!(socket, PathBuf::from("/run/banger/helper.sock"));
         assert_eq!(policy, PathBuf::from("/etc/banger/policy.toml"));
         assert_eq!(state_dir, PathBuf::from("/var/lib/banger-helper"));
+        assert_eq!(node_dir, PathBuf::from("/dev/banger"));
     }
 
     #[test]

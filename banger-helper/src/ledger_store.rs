@@ -274,7 +274,7 @@ mod tests {
     }
 
     fn lp(role: LoopRole, device: &str, backing: FileId) -> Object {
-        Object::Loop { role, device: device.into(), read_only: true, backing }
+        Object::Loop { role, device: device.into(), read_only: true, backing, size: 1 << 20 }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `banger-helper`: the minimal root helper of banger.
 //!
 //! It answers typed requests from unprivileged `bangerd` daemons over a unix socket and does only
-//! small, audited kernel operations for them: TAPs, NAT rules and loop devices, each decided by
-//! the admin's policy (`banger_policy::authorize`) and recorded in an ownership ledger.
+//! small, audited kernel operations for them: TAPs, NAT rules, loop devices and the dm-snapshot
+//! roots over them, each decided by the admin's policy (`banger_policy::authorize`) and recorded
+//! in an ownership ledger.
 //!
 //! Map of the crate:
 //!

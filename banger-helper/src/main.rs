@@ -8,8 +8,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The devicemapper crate reports at `error` that it cannot reach the SysV semaphores it
+    // would wait on udev with; the helper's seccomp filter refuses them on purpose (see
+    // hardening/seccomp.rs), so that is not worth a line.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,devicemapper::core::dm_udev_sync=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -17,8 +20,8 @@ fn main() -> ExitCode {
         .with_target(false)
         .init();
     let result = match cli.command {
-        Command::Serve { socket, policy, state_dir } => {
-            serve(&ServeOptions { socket, policy, state_dir }).map_err(anyhow::Error::from)
+        Command::Serve { socket, policy, state_dir, node_dir } => {
+            serve(&ServeOptions { socket, policy, state_dir, node_dir }).map_err(anyhow::Error::from)
         }
         Command::Policy { command: PolicyCommand::Check { file } } => load_policy(&file)
             .map(|_| {

@@ -1,9 +1,13 @@
-//! The kernel-visible names the helper derives: TAP names and the tag carried by every firewall
-//! rule. (The guest MAC follows from the guest address: [`banger_policy::addr::guest_mac`].)
+//! The kernel-visible names the helper derives: TAP names, the tag carried by every firewall
+//! rule, and the name and uuid of each dm-snapshot target (whose node is named like it). (The
+//! guest MAC follows from the guest address: [`banger_policy::addr::guest_mac`].)
 //!
 //! All of them come from one digest of `(uid, install, vm)`, so a name can never be chosen by a
 //! client and two owners never share one. The digest input is unambiguous because install and VM
-//! ids cannot contain the NUL separator.
+//! ids cannot contain the NUL separator. A TAP name holds 52 bits of it (the kernel allows 15
+//! bytes); a dm name holds 128, and a dm uuid all 256, so the uuid recognises a target as the one
+//! the helper made for that very key. Neither shows the uid or the ids: both are world-readable
+//! (`/sys/block/dm-N/dm/`).
 
 use std::fmt::Write as _;
 
@@ -19,6 +23,16 @@ pub const TAP_HASH_DIGITS: usize = 13;
 
 /// The words every firewall rule tag starts with.
 pub const TAG_PREFIX: &str = "banger ";
+
+/// The prefix of every dm-snapshot target the helper makes.
+pub const DM_PREFIX: &str = "banger-";
+
+/// How many hex digits of the digest follow [`DM_PREFIX`] (128 bits).
+pub const DM_HASH_DIGITS: usize = 32;
+
+/// The prefix of every dm uuid the helper gives a target (device-mapper's convention: the
+/// subsystem that owns the target, in capitals).
+pub const DM_UUID_PREFIX: &str = "BANGER-";
 
 /// The owner of a VM's objects: who, which install, which VM.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -60,6 +74,16 @@ impl VmKey {
         s
     }
 
+    /// The VM's dm-snapshot target: `banger-` and 32 hex digits of the digest.
+    pub fn dm_name(&self) -> String {
+        format!("{DM_PREFIX}{}", &hex(&self.digest())[..DM_HASH_DIGITS])
+    }
+
+    /// The uuid of the VM's dm-snapshot target: `BANGER-` and the whole digest in hex.
+    pub fn dm_uuid(&self) -> String {
+        format!("{DM_UUID_PREFIX}{}", hex(&self.digest()))
+    }
+
     /// The comment every firewall rule of this VM carries: `banger uid=U inst=I vm=V`.
     pub fn rule_tag(&self) -> String {
         format!("{TAG_PREFIX}uid={} inst={} vm={}", self.uid, self.install, self.vm)
@@ -79,11 +103,29 @@ impl VmKey {
     }
 }
 
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn lower_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Whether `name` has the shape of a dm target the helper would create (`banger-` + 32 lowercase
+/// hex).
+pub fn is_banger_dm_name(name: &str) -> bool {
+    name.strip_prefix(DM_PREFIX).is_some_and(|h| h.len() == DM_HASH_DIGITS && lower_hex(h))
+}
+
 /// Whether `name` has the shape of a TAP the helper would create (`bg` + 13 lowercase hex).
 pub fn is_banger_tap_name(name: &str) -> bool {
     name.len() == TAP_PREFIX.len() + TAP_HASH_DIGITS
         && name.starts_with(TAP_PREFIX)
-        && name[TAP_PREFIX.len()..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && lower_hex(&name[TAP_PREFIX.len()..])
 }
 
 #[cfg(test)]
@@ -107,12 +149,36 @@ mod tests {
     }
 
     #[test]
+    fn dm_names_and_uuids_are_recognised_and_hide_the_key() {
+        let k = key(61001, "inst-1", "vm-a");
+        let (name, uuid) = (k.dm_name(), k.dm_uuid());
+        assert_eq!(name.len(), DM_PREFIX.len() + DM_HASH_DIGITS);
+        assert!(is_banger_dm_name(&name), "{name}");
+        assert!(uuid.starts_with(DM_UUID_PREFIX) && uuid.len() == DM_UUID_PREFIX.len() + 64, "{uuid}");
+        assert!(uuid[DM_UUID_PREFIX.len()..].starts_with(&name[DM_PREFIX.len()..]), "one digest");
+        for part in ["61001", "inst-1", "vm-a"] {
+            assert!(!name.contains(part) && !uuid.contains(part), "{part} shows in {name} / {uuid}");
+        }
+        // Within the kernel's limits (127 bytes for names, 128 with the NUL for uuids).
+        assert!(name.len() < 128 && uuid.len() < 129);
+        for bad in ["banger-probe", "banger-0123", &name.to_uppercase(), &format!("{name}0"), "dm-0"] {
+            assert!(!is_banger_dm_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn names_are_stable_and_depend_on_every_part() {
         let a = key(1000, "home", "dev");
         assert_eq!(a.tap_name(), key(1000, "home", "dev").tap_name());
+        assert_eq!(
+            (a.dm_name(), a.dm_uuid()),
+            (key(1000, "home", "dev").dm_name(), key(1000, "home", "dev").dm_uuid())
+        );
         let others = [key(1001, "home", "dev"), key(1000, "work", "dev"), key(1000, "home", "dev2")];
         for o in &others {
             assert_ne!(a.tap_name(), o.tap_name());
+            assert_ne!(a.dm_name(), o.dm_name());
+            assert_ne!(a.dm_uuid(), o.dm_uuid());
         }
         // The separator keeps ("1", "23") and ("12", "3") apart.
         assert_ne!(key(1, "a-b", "c").tap_name(), key(1, "a", "b-c").tap_name());

@@ -8,8 +8,12 @@
 //!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
 //!    (locked against a second helper) and load the ledger; open the audit log; locate
 //!    the iptables tools and their backend (the legacy one needs its lock file in the sandbox);
-//! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities, landlock,
-//!    seccomp — everything after this runs confined, including the runtime's threads;
+//!    look for device-mapper with the snapshot target and, where it is found, make or check the
+//!    node directory ([`LinuxDm::detect`]) — with every privilege still held, since whether the
+//!    helper keeps those of device-mapper depends on it;
+//! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities (those of
+//!    device-mapper only where it was found), landlock, seccomp — everything after this runs
+//!    confined, including the runtime's threads;
 //! 6. start the runtime, open the kernel access, reconcile the ledger with the kernel, serve until
 //!    SIGTERM or SIGINT, and let the operation in progress finish.
 
@@ -24,7 +28,8 @@ use nix::unistd::Group;
 
 use crate::audit::{AuditLog, AuditOpenError};
 use crate::hardening::{self, HardeningError, Sandbox};
-use crate::kernel::linux::{Iptables, LinuxKernel, LinuxKernelError};
+use crate::kernel::linux::dm::Unavailable;
+use crate::kernel::linux::{Iptables, LinuxDm, LinuxKernel, LinuxKernelError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
 use crate::server::{self, ServerConfig};
@@ -40,6 +45,8 @@ pub struct ServeOptions {
     pub policy: PathBuf,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// The directory of dm-snapshot nodes.
+    pub node_dir: PathBuf,
 }
 
 /// Why the helper could not start.
@@ -76,6 +83,9 @@ pub enum ServeError {
     /// The kernel access could not be set up.
     #[error(transparent)]
     Kernel(#[from] LinuxKernelError),
+    /// device-mapper is there, but the node directory is unusable.
+    #[error(transparent)]
+    NodeDir(#[from] crate::kernel::linux::dm::NodeDirError),
     /// The runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] io::Error),
@@ -149,7 +159,16 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     } else {
         None
     };
-    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), xtables_lock };
+    let dm = match LinuxDm::detect(&opts.node_dir) {
+        Ok(dm) => dm,
+        Err(Unavailable::NodeDir(e)) => return Err(e.into()),
+        Err(why) => {
+            tracing::info!("no dm-snapshot roots on this host, so no loop devices either: {why}");
+            LinuxDm::absent()
+        }
+    };
+    let node_dir = dm.node_dir().map(Path::to_owned);
+    let sandbox = Sandbox { state_dir: opts.state_dir.clone(), xtables_lock, node_dir };
     let report = hardening::lock_down(&sandbox)?;
     tracing::info!(
         "confined: capabilities kept {:?}; landlock {}; seccomp allows {} system calls",
@@ -165,8 +184,14 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         .build()
         .map_err(ServeError::Runtime)?;
     runtime.block_on(async move {
-        let kernel = Arc::new(LinuxKernel::new(firewall)?);
+        let found = dm.node_dir().is_some();
+        let kernel = Arc::new(LinuxKernel::new(firewall, dm)?);
         let helper = Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit));
+        if found && !helper.capabilities().device_mapper {
+            tracing::warn!(
+                "device-mapper is there, but the helper cannot use it confined (it needs CAP_SYS_ADMIN and CAP_MKNOD in its capability bounding set); no dm-snapshot roots, so no loop devices either"
+            );
+        }
         let r = helper.reconcile().await;
         tracing::info!(
             "ledger reconciled: {} dropped, {} unknown objects reported, {} checks failed",

@@ -58,6 +58,21 @@ fn the_units_run_the_binary_readme_installs() {
 }
 
 #[test]
+fn the_unit_bounds_the_helper_to_the_capabilities_it_keeps() {
+    let service = read("packaging/banger-helper.service");
+    let mut bounding: Vec<String> =
+        value(&service, "CapabilityBoundingSet").split_whitespace().map(str::to_owned).collect();
+    bounding.sort();
+    let mut kept: Vec<String> =
+        banger_helper::hardening::caps::kept(true).iter().map(|c| c.to_string()).collect();
+    kept.sort();
+    assert_eq!(bounding, kept, "with device-mapper, the helper keeps exactly what the unit allows");
+    let devices = values(&service, "DeviceAllow");
+    assert!(devices.contains(&"/dev/mapper/control rw".to_owned()), "{devices:?}");
+    assert!(devices.contains(&"block-device-mapper rwm".to_owned()), "the dm nodes are made: {devices:?}");
+}
+
+#[test]
 fn the_socket_unit_makes_what_the_helper_makes_by_hand() {
     let socket = read("packaging/banger-helper.socket");
     assert_eq!(value(&socket, "ListenStream"), DEFAULT_SOCKET);

@@ -21,11 +21,22 @@
 //!      yet, then a free VM subnet in the caller's lease, then (for a caller without a lease) a
 //!      free lease in the pool (rule `network.pool`).
 //!    - `NatUp`: the caller's TAP for that VM of this install must be in the ledger.
-//!    - `LoopAttach`: the inspected backing file must be a regular file, owned by the caller
-//!      (rule `loop.backing_owner`), on a local filesystem ([`LOCAL_FILESYSTEMS`]), opened for
-//!      reading (read-write is granted only when asked *and* the descriptor is writable); then
-//!      refused if that VM and role already has a device, else `quotas.max_loops`, then
-//!      `quotas.max_vms` if the VM has no object yet.
+//!    - `LoopAttach`: refused where the helper cannot make dm-snapshot targets
+//!      ([`Observed::device_mapper`]): a loop device is only ever the base or copy-on-write half
+//!      of a dm-snapshot, and the daemon gives the VM a file of its own instead. Then the
+//!      inspected backing file must be a regular file, owned by the caller (rule
+//!      `loop.backing_owner`), on a local filesystem ([`LOCAL_FILESYSTEMS`]), opened for reading
+//!      (read-write is granted only when asked *and* the descriptor is writable); then refused
+//!      if that VM and role already has a device, else `quotas.max_loops`, then `quotas.max_vms`
+//!      if the VM has no object yet.
+//!    - `DmCreate`: refused without device-mapper, and while the VM's target is still being
+//!      released; then the caller's base loop device of that VM of this install must be settled
+//!      and read-only, its copy-on-write loop device settled and read-write, the base at least
+//!      one sector, and the copy-on-write file at least
+//!      [`min_cow_bytes`](banger_protocol::min_cow_bytes) of the base (by the sizes recorded at
+//!      attach), so the snapshot can never fill up. The VM's existing target, if the ledger has
+//!      one, is granted to be answered again (or made again if the kernel lost it). No quota of
+//!      its own: the VM already counts, and it has at most one target.
 //!    - `TeardownVms`: at most [`MAX_TEARDOWN_VMS`] VMs.
 //!    - `Ping`, `ListOwned`: granted; they only read the caller's own entries.
 //!
@@ -36,9 +47,9 @@
 
 use std::net::Ipv4Addr;
 
-use banger_protocol::{HelperError, InstallId, MAX_TEARDOWN_VMS, Request, VmId};
+use banger_protocol::{HelperError, InstallId, LoopRole, MAX_TEARDOWN_VMS, Request, VmId, min_cow_bytes};
 
-use crate::{Access, FileId, Ledger, LedgerEntry, Object, ObjectKind, Policy, Quotas};
+use crate::{Access, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, Policy, Quotas};
 
 /// The filesystems a loop backing file may be on: local ones, which never wait on a server or a
 /// user process (a loop device over a FUSE or network file can hang the kernel).
@@ -71,6 +82,8 @@ pub struct Observed {
     /// For a `LoopAttach` with its descriptor: the backing file as the helper inspected it, or
     /// why it could not.
     pub backing: Option<Result<BackingFile, HelperError>>,
+    /// The helper can make dm-snapshot targets on this host (its `Hello` capability).
+    pub device_mapper: bool,
 }
 
 /// What the helper learns about a backing file from its descriptor, without calling into the
@@ -88,6 +101,8 @@ pub struct BackingFile {
     pub access: FdAccess,
     /// Device and inode, to recognise the file later.
     pub id: FileId,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// How a descriptor was opened.
@@ -136,7 +151,25 @@ pub enum Grant {
         read_only: bool,
         /// The backing file's identity, recorded with the device.
         backing: FileId,
+        /// The backing file's size, recorded with the device.
+        size: u64,
     },
+    /// `DmCreate` over the caller's loop devices of that VM.
+    Dm(Box<DmGrant>),
+}
+
+/// What [`Grant::Dm`] decided: answer with `existing` (made again if the kernel lost it or it
+/// never settled), or make a new target over `base` and `cow`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmGrant {
+    /// The VM's target the ledger holds, if any.
+    pub existing: Option<LedgerEntry>,
+    /// The settled, read-only base loop device: the snapshot's origin.
+    pub base: LedgerEntry,
+    /// The settled, read-write copy-on-write loop device.
+    pub cow: LedgerEntry,
+    /// The target's length in 512-byte sectors: the whole base.
+    pub sectors: u64,
 }
 
 /// The outcome of [`authorize`].
@@ -247,6 +280,10 @@ fn check(
                 what: format!("no tap for vm {vm} of this install: create it first"),
             }),
         },
+        Request::DmCreate { vm } => dm_create(ledger, uid, install, vm, observed),
+        Request::LoopAttach { .. } if !observed.device_mapper => {
+            Err(no_device_mapper("attaches no loop devices"))
+        }
         Request::LoopAttach { vm, role, read_only } => {
             let file = match &observed.backing {
                 Some(Ok(file)) => file,
@@ -268,7 +305,7 @@ fn check(
                 return Err(quota("loops", quotas.max_loops));
             }
             new_vm_fits(ledger, uid, install, vm, quotas)?;
-            Ok(Grant::Loop { read_only, backing: file.id })
+            Ok(Grant::Loop { read_only, backing: file.id, size: file.size })
         }
         Request::TeardownVms { vms } => {
             if vms.len() > MAX_TEARDOWN_VMS {
@@ -314,6 +351,98 @@ fn backing_file(file: &BackingFile, uid: u32, read_only: bool) -> Result<bool, H
             Err(HelperError::invalid("open the backing file for reading (O_RDONLY or O_RDWR)"))
         }
     }
+}
+
+/// Without device-mapper no dm-snapshot root is made, and no loop device attached: the daemon
+/// gives the VM its own copy of the image instead.
+fn no_device_mapper(what: &str) -> HelperError {
+    HelperError::Conflict {
+        what: format!(
+            "this host's banger-helper {what}: it cannot make dm-snapshot roots (no device-mapper \
+             with the snapshot target); use file storage (a reflink clone or a copy of the image)"
+        ),
+    }
+}
+
+/// `DmCreate`: the checks of the module doc, in order.
+fn dm_create(
+    ledger: &Ledger,
+    uid: u32,
+    install: &InstallId,
+    vm: &VmId,
+    observed: &Observed,
+) -> Result<Grant, HelperError> {
+    if !observed.device_mapper {
+        return Err(no_device_mapper("makes no dm-snapshot roots"));
+    }
+    let existing = ledger.find(uid, install, vm, ObjectKind::Dm);
+    if existing.is_some_and(|e| e.state == EntryState::Released) {
+        return Err(HelperError::Conflict {
+            what: format!(
+                "the dm-snapshot of vm {vm} is being torn down but is still open (its VMM may still \
+                 run); stop whatever holds it and tear the vm down again"
+            ),
+        });
+    }
+    let (base, base_size) = dm_half(ledger, uid, install, vm, LoopRole::Base, true)?;
+    let (cow, cow_size) = dm_half(ledger, uid, install, vm, LoopRole::Cow, false)?;
+    if base_size < 512 {
+        return Err(HelperError::invalid(format!(
+            "the base image of vm {vm} holds {base_size} bytes, less than one 512-byte sector; \
+             attach a real image"
+        )));
+    }
+    let needed = min_cow_bytes(base_size);
+    if cow_size < needed {
+        return Err(HelperError::invalid(format!(
+            "the copy-on-write file of vm {vm} holds {cow_size} bytes; a snapshot of a base of \
+             {base_size} bytes needs at least {needed} (so it can never fill up): tear the vm down, \
+             make the file that large (it may be sparse) and attach it again"
+        )));
+    }
+    Ok(Grant::Dm(Box::new(DmGrant {
+        existing: existing.cloned(),
+        base: base.clone(),
+        cow: cow.clone(),
+        sectors: base_size / 512,
+    })))
+}
+
+/// The VM's settled loop device of `role`, read-only or read-write as a dm-snapshot needs it, and
+/// the size of its file.
+fn dm_half<'l>(
+    ledger: &'l Ledger,
+    uid: u32,
+    install: &InstallId,
+    vm: &VmId,
+    role: LoopRole,
+    read_only: bool,
+) -> Result<(&'l LedgerEntry, u64), HelperError> {
+    let (name, how) = (role.as_str(), if read_only { "read-only" } else { "read-write" });
+    let entry =
+        ledger.find(uid, install, vm, ObjectKind::Loop(role)).ok_or_else(|| HelperError::NotFound {
+            what: format!("no {name} loop device for vm {vm} of this install: attach it first ({how})"),
+        })?;
+    let Object::Loop { read_only: ro, size, .. } = &entry.object else {
+        return Err(HelperError::internal(format!("the {name} loop entry of vm {vm} is not a loop device")));
+    };
+    if entry.state != EntryState::Settled {
+        return Err(HelperError::Conflict {
+            what: format!(
+                "the {name} loop device of vm {vm} is not in use any more; tear the vm down and attach it again"
+            ),
+        });
+    }
+    if *ro != read_only {
+        return Err(HelperError::Conflict {
+            what: format!(
+                "the {name} loop device of vm {vm} is attached {}; a dm-snapshot needs it {how}: \
+                 tear the vm down and attach it {how}",
+                if *ro { "read-only" } else { "read-write" }
+            ),
+        });
+    }
+    Ok((entry, *size))
 }
 
 fn not_admitted(peer: &Peer) -> HelperError {
@@ -407,6 +536,8 @@ mod tests {
     const BOB: u32 = 1001;
     const CAROL: u32 = 1002;
     const KVM_GID: u32 = 120;
+    /// The size of the base images in the ledgers of these tests.
+    const BASE: u64 = 1 << 20;
 
     /// alice and bob by name, uid 1005 by number, members of group `kvm` and of gid 300.
     /// Pool of 4 leases of 4 VM subnets each; small quotas so every limit is reachable.
@@ -476,11 +607,20 @@ vm_prefix = 28
                 guest_ip: Ipv4Addr::new(10, 0, 0, 2),
             },
             ObjectKind::Nat => Object::Nat { guest_ip: Ipv4Addr::new(10, 0, 0, 2), uplink: "eth0".into() },
+            // A base of 1 MiB, read-only, and a read-write copy-on-write file just large enough.
             ObjectKind::Loop(role) => Object::Loop {
                 role,
                 device: "/dev/loop0".into(),
-                read_only: false,
+                read_only: role == LoopRole::Base,
                 backing: FileId::default(),
+                size: if role == LoopRole::Base { BASE } else { min_cow_bytes(BASE) },
+            },
+            ObjectKind::Dm => Object::Dm {
+                name: format!("banger-{uid}-{v}"),
+                uuid: format!("BANGER-{uid}-{v}"),
+                node: format!("/dev/banger/banger-{uid}-{v}"),
+                dev: crate::DevNum { major: 254, minor: slot },
+                sectors: BASE / 512,
             },
         };
         LedgerEntry::new(uid, install(inst), vm(v), object)
@@ -495,11 +635,12 @@ vm_prefix = 28
         l
     }
 
-    /// What the helper would observe for `r` from `p`: the descriptors it takes, and for a loop
-    /// attach a regular file of `p`'s on ext4 opened read-write.
+    /// What the helper would observe for `r` from `p` on a host with device-mapper: the
+    /// descriptors it takes, and for a loop attach a regular file of `p`'s on ext4 opened
+    /// read-write.
     fn observed(p: &Peer, r: &Request) -> Observed {
         let backing = matches!(r, Request::LoopAttach { .. }).then(|| Ok(file(p.uid)));
-        Observed { fds: r.expected_fds(), backing }
+        Observed { fds: r.expected_fds(), backing, device_mapper: true }
     }
 
     fn file(uid: u32) -> BackingFile {
@@ -509,6 +650,7 @@ vm_prefix = 28
             fs_type: "ext4".into(),
             access: FdAccess::ReadWrite,
             id: FileId { dev: 1, ino: 2 },
+            size: BASE,
         }
     }
 
@@ -549,6 +691,7 @@ vm_prefix = 28
             tap_create("v1"),
             Request::NatUp { vm: vm("v1") },
             loop_attach("v1", LoopRole::Base),
+            Request::DmCreate { vm: vm("v1") },
             Request::ListOwned,
             Request::TeardownVms { vms: vec![vm("v1")] },
         ]
@@ -778,11 +921,17 @@ vm_prefix = 28
         let l = Ledger::default();
         let with = |f: BackingFile, read_only: bool| {
             let r = Request::LoopAttach { vm: vm("v1"), role: LoopRole::Cow, read_only };
-            authorize(&policy(), &alice(), &r, &l, &Observed { fds: 1, backing: Some(Ok(f)) })
+            authorize(
+                &policy(),
+                &alice(),
+                &r,
+                &l,
+                &Observed { fds: 1, backing: Some(Ok(f)), device_mapper: true },
+            )
         };
         let ok = file(ALICE);
         let grant = |d: Decision| match d {
-            Decision::Allow(Grant::Loop { read_only, backing }) => (read_only, backing),
+            Decision::Allow(Grant::Loop { read_only, backing, .. }) => (read_only, backing),
             other => panic!("{other:?}"),
         };
         assert_eq!(grant(with(ok.clone(), false)), (false, ok.id));
@@ -813,12 +962,17 @@ vm_prefix = 28
         // An inspection that failed is the answer, after access and the handshake.
         let failed = HelperError::invalid("could not be inspected");
         let r = Request::LoopAttach { vm: vm("v1"), role: LoopRole::Cow, read_only: true };
-        let o = Observed { fds: 1, backing: Some(Err(failed.clone())) };
+        let o = Observed { fds: 1, backing: Some(Err(failed.clone())), device_mapper: true };
         assert_eq!(refused(authorize(&policy(), &alice(), &r, &l, &o)), failed);
         assert_eq!(denied_rule(authorize(&policy(), &carol(), &r, &l, &o)).0, "access");
         // Descriptors are counted for every request.
-        let e =
-            refused(authorize(&policy(), &alice(), &Request::Ping, &l, &Observed { fds: 1, backing: None }));
+        let e = refused(authorize(
+            &policy(),
+            &alice(),
+            &Request::Ping,
+            &l,
+            &Observed { fds: 1, backing: None, device_mapper: true },
+        ));
         assert!(matches!(&e, HelperError::InvalidRequest { reason } if reason.contains("1 arrived")), "{e}");
     }
 
@@ -848,7 +1002,7 @@ vm_prefix = 28
             &[],
         );
         assert_eq!(
-            refused(decide(&alice(), loop_attach("v1", LoopRole::Work), &l)),
+            refused(decide(&alice(), loop_attach("v3", LoopRole::Base), &l)),
             HelperError::QuotaExceeded { resource: "loops".into(), limit: 4 }
         );
         let l = ledger(
@@ -864,6 +1018,159 @@ vm_prefix = 28
             refused(decide(&alice(), loop_attach("v3", LoopRole::Base), &l)),
             HelperError::QuotaExceeded { resource: "vms".into(), limit: 3 }
         );
+    }
+
+    // --- without device-mapper ---
+
+    #[test]
+    fn without_device_mapper_no_loop_is_attached_and_no_dm_made() {
+        let l = ledger(
+            &[
+                entry(ALICE, "main", "v1", ObjectKind::Loop(LoopRole::Base), 0),
+                entry(ALICE, "main", "v1", ObjectKind::Loop(LoopRole::Cow), 0),
+            ],
+            &[],
+        );
+        for r in [loop_attach("v2", LoopRole::Base), Request::DmCreate { vm: vm("v1") }] {
+            let mut o = observed(&alice(), &r);
+            o.device_mapper = false;
+            match refused(authorize(&policy(), &alice(), &r, &l, &o)) {
+                HelperError::Conflict { what } => {
+                    assert!(what.contains("no device-mapper") && what.contains("use file storage"), "{what}")
+                }
+                other => panic!("{other:?}"),
+            }
+            // Access and the handshake still come first.
+            assert_eq!(denied_rule(authorize(&policy(), &carol(), &r, &l, &o)).0, "access");
+        }
+        // Even a file that would be refused is refused for the missing device-mapper.
+        let r = loop_attach("v2", LoopRole::Base);
+        let o = Observed { fds: 1, backing: Some(Ok(file(BOB))), device_mapper: false };
+        assert!(matches!(refused(authorize(&policy(), &alice(), &r, &l, &o)), HelperError::Conflict { .. }));
+    }
+
+    // --- dm create ---
+
+    fn dm(v: &str) -> Request {
+        Request::DmCreate { vm: vm(v) }
+    }
+
+    fn vm_with_loops(v: &str) -> Vec<LedgerEntry> {
+        vec![
+            entry(ALICE, "main", v, ObjectKind::Loop(LoopRole::Base), 0),
+            entry(ALICE, "main", v, ObjectKind::Loop(LoopRole::Cow), 0),
+        ]
+    }
+
+    #[test]
+    fn dm_create_is_granted_over_the_vms_own_loops() {
+        let l = ledger(&vm_with_loops("v1"), &[]);
+        let Decision::Allow(Grant::Dm(g)) = decide(&alice(), dm("v1"), &l) else { panic!() };
+        let DmGrant { existing, base, cow, sectors } = *g;
+        assert_eq!(existing, None);
+        assert!(base.is(ALICE, &install("main"), &vm("v1"), ObjectKind::Loop(LoopRole::Base)));
+        assert!(cow.is(ALICE, &install("main"), &vm("v1"), ObjectKind::Loop(LoopRole::Cow)));
+        assert_eq!(sectors, BASE / 512);
+        // The VM's target, once made, is answered again, even at every quota.
+        let mut entries = vm_with_loops("v1");
+        entries.push(entry(ALICE, "main", "v1", ObjectKind::Dm, 0));
+        let l = ledger(&entries, &[]);
+        let Decision::Allow(Grant::Dm(g)) = decide(&alice(), dm("v1"), &l) else { panic!() };
+        let e = g.existing.expect("answered again");
+        assert!(e.is(ALICE, &install("main"), &vm("v1"), ObjectKind::Dm));
+        let mut tight = policy();
+        tight.quotas = Quotas { max_vms: 1, max_taps: 1, max_loops: 2 };
+        assert!(auth(&tight, &alice(), &dm("v1"), &l).is_allow());
+    }
+
+    #[test]
+    fn dm_create_needs_both_loops_settled_and_the_right_way_round() {
+        let l = ledger(&vm_with_loops("v1")[..1], &[]);
+        match refused(decide(&alice(), dm("v1"), &l)) {
+            HelperError::NotFound { what } => {
+                assert!(
+                    what.contains("no cow loop device for vm v1") && what.contains("read-write"),
+                    "{what}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let l = ledger(&vm_with_loops("v1")[1..], &[]);
+        assert!(matches!(refused(decide(&alice(), dm("v1"), &l)), HelperError::NotFound { .. }));
+        // Another install's or another user's loops are not this VM's.
+        let mut other = vm_with_loops("v1");
+        other[1].install = install("other");
+        assert!(matches!(
+            refused(decide(&alice(), dm("v1"), &ledger(&other, &[]))),
+            HelperError::NotFound { .. }
+        ));
+        // A base attached read-write, a copy-on-write file attached read-only.
+        for (at, read_only) in [(0, false), (1, true)] {
+            let mut entries = vm_with_loops("v1");
+            if let Object::Loop { read_only: ro, .. } = &mut entries[at].object {
+                *ro = read_only;
+            }
+            match refused(decide(&alice(), dm("v1"), &ledger(&entries, &[]))) {
+                HelperError::Conflict { what } => {
+                    assert!(what.contains("tear the vm down and attach it"), "{what}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // A loop device that never settled or is being released.
+        for state in [EntryState::Intent, EntryState::Released] {
+            let mut entries = vm_with_loops("v1");
+            entries[0].state = state;
+            assert!(matches!(
+                refused(decide(&alice(), dm("v1"), &ledger(&entries, &[]))),
+                HelperError::Conflict { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn dm_create_needs_a_copy_on_write_file_that_can_never_fill_up() {
+        let with_sizes = |base: u64, cow: u64| {
+            let mut entries = vm_with_loops("v1");
+            for (e, size) in entries.iter_mut().zip([base, cow]) {
+                if let Object::Loop { size: s, .. } = &mut e.object {
+                    *s = size;
+                }
+            }
+            decide(&alice(), dm("v1"), &ledger(&entries, &[]))
+        };
+        let base = 10 << 20;
+        assert!(with_sizes(base, min_cow_bytes(base)).is_allow());
+        match refused(with_sizes(base, min_cow_bytes(base) - 1)) {
+            HelperError::InvalidRequest { reason } => assert!(
+                reason.contains(&format!("needs at least {}", min_cow_bytes(base)))
+                    && reason.contains("make the file that large"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // A base too small to map (e.g. recorded by an earlier release, without sizes).
+        match refused(with_sizes(511, 1 << 20)) {
+            HelperError::InvalidRequest { reason } => assert!(reason.contains("less than one"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let sectors = |d: Decision| match d {
+            Decision::Allow(Grant::Dm(g)) => g.sectors,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(sectors(with_sizes(1000, 1 << 20)), 1, "a partial sector is not mapped");
+    }
+
+    #[test]
+    fn a_dm_still_being_released_is_not_answered_again() {
+        let mut entries = vm_with_loops("v1");
+        let mut dm_entry = entry(ALICE, "main", "v1", ObjectKind::Dm, 0);
+        dm_entry.state = EntryState::Released;
+        entries.push(dm_entry);
+        match refused(decide(&alice(), dm("v1"), &ledger(&entries, &[]))) {
+            HelperError::Conflict { what } => assert!(what.contains("still open"), "{what}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     // --- cross-user isolation, by example ---
@@ -904,6 +1211,7 @@ vm_prefix = 28
             Just(ObjectKind::Tap),
             Just(ObjectKind::Nat),
             proptest::sample::select(LoopRole::ALL.to_vec()).prop_map(ObjectKind::Loop),
+            Just(ObjectKind::Dm),
         ]
     }
 
@@ -949,6 +1257,7 @@ vm_prefix = 28
                 role,
                 read_only
             }),
+            any_vm().prop_map(|vm| Request::DmCreate { vm }),
             proptest::collection::vec(any_vm(), 0..4).prop_map(|vms| Request::TeardownVms { vms }),
             Just(Request::TeardownVms { vms: vec![vm("v0"); MAX_TEARDOWN_VMS + 1] }),
         ]
@@ -991,6 +1300,14 @@ vm_prefix = 28
             }
             (Request::LoopAttach { vm, role, .. }, Grant::Loop { .. }) => {
                 l.insert(entry(uid, inst.as_str(), vm.as_str(), ObjectKind::Loop(*role), 0));
+            }
+            (Request::DmCreate { vm }, Grant::Dm(g)) => {
+                for half in [&g.base, &g.cow] {
+                    assert_eq!((half.uid, &half.install, &half.vm), (uid, &inst, vm));
+                }
+                if g.existing.is_none() {
+                    l.insert(entry(uid, inst.as_str(), vm.as_str(), ObjectKind::Dm, 0));
+                }
             }
             (Request::TeardownVms { vms }, Grant::Proceed) => {
                 l.entries.retain(|e| !(e.uid == uid && e.install == inst && vms.contains(&e.vm)))
@@ -1041,6 +1358,32 @@ vm_prefix = 28
                 let inst = p.install.as_ref().expect("allowed after hello");
                 let tap = l.find(p.uid, inst, &v, ObjectKind::Tap).expect("own tap");
                 prop_assert_eq!(tap.uid, p.uid);
+            }
+        }
+
+        /// (a) An allowed dm-create builds on the caller's own loop devices of that very VM.
+        #[test]
+        fn allowed_dm_create_uses_the_callers_own_loops(p in any_peer(), v in any_vm(), l in any_ledger()) {
+            let r = Request::DmCreate { vm: v.clone() };
+            if let Decision::Allow(Grant::Dm(g)) = auth(&policy(), &p, &r, &l) {
+                let DmGrant { base, cow, existing, .. } = *g;
+                let inst = p.install.as_ref().expect("allowed after hello");
+                for e in [Some(&base), Some(&cow), existing.as_ref()].into_iter().flatten() {
+                    prop_assert!(e.uid == p.uid && &e.install == inst && e.vm == v);
+                }
+            }
+        }
+
+        /// Without device-mapper no loop device is attached and no dm-snapshot made, whoever asks
+        /// and whatever the ledger holds.
+        #[test]
+        fn without_device_mapper_loops_and_dms_are_always_refused(
+            p in any_peer(), r in any_request(), l in any_ledger(),
+        ) {
+            let mut o = observed(&p, &r);
+            o.device_mapper = false;
+            if matches!(r, Request::LoopAttach { .. } | Request::DmCreate { .. }) {
+                prop_assert!(!authorize(&policy(), &p, &r, &l, &o).is_allow());
             }
         }
 
@@ -1109,6 +1452,14 @@ vm_prefix = 28
                     slots.dedup();
                     prop_assert_eq!(slots.len(), n, "two TAPs of uid {} share a subnet", uid);
                     prop_assert!(slots.iter().all(|s| *s < policy.network.slots_per_lease()));
+                    for e in l.entries_of(uid).filter(|e| e.kind() == ObjectKind::Dm) {
+                        for role in LoopRole::ALL {
+                            prop_assert!(
+                                l.find(uid, &e.install, &e.vm, ObjectKind::Loop(role)).is_some(),
+                                "a dm of uid {} without its {} loop", uid, role.as_str()
+                            );
+                        }
+                    }
                 }
                 let mut leases: Vec<u32> = l.leases.values().copied().collect();
                 let n = leases.len();

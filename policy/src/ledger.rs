@@ -4,8 +4,8 @@
 //! data that [`authorize`](fn@crate::authorize) reads for quotas and ownership checks, with the pure queries
 //! and updates the helper needs.
 //!
-//! An object is keyed by `(uid, install, vm, kind)` ([`ObjectKind`]): one TAP and one NAT rule set
-//! per VM, one loop device per VM and [`LoopRole`]. Every query takes the caller's uid and only
+//! An object is keyed by `(uid, install, vm, kind)` ([`ObjectKind`]): one TAP, one NAT rule set
+//! and one dm-snapshot target per VM, one loop device per VM and [`LoopRole`]. Every query takes the caller's uid and only
 //! ever looks at that uid's entries, so one user's objects can never stand in for another's.
 //! Leases are per uid (not per install): all installs of one user share one slice of the pool.
 //!
@@ -16,7 +16,9 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
-use banger_protocol::{InstallId, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, TapInfo, VmId};
+use banger_protocol::{
+    DmInfo, InstallId, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, TapInfo, VmId,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::Network;
@@ -56,8 +58,8 @@ pub enum EntryState {
     /// Made and in use.
     #[default]
     Settled,
-    /// Given up by its owner, but the kernel has not let it go yet (a loop device not yet
-    /// removed): still counted.
+    /// Given up by its owner, but the kernel has not let it go yet (a loop device or dm target
+    /// not yet removed): still counted.
     Released,
 }
 
@@ -68,6 +70,22 @@ pub struct FileId {
     pub dev: u64,
     /// The inode.
     pub ino: u64,
+}
+
+/// A device number, as `major:minor`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevNum {
+    /// The major number.
+    pub major: u32,
+    /// The minor number.
+    pub minor: u32,
+}
+
+impl std::fmt::Display for DevNum {
+    /// `major:minor`, as device-mapper tables name devices.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
 }
 
 /// A kernel object the helper made.
@@ -103,6 +121,24 @@ pub enum Object {
         /// the device is gone).
         #[serde(default)]
         backing: FileId,
+        /// The file's size in bytes when it was attached (0 in ledgers of earlier releases).
+        #[serde(default)]
+        size: u64,
+    },
+    /// The VM's dm-snapshot target over its base and copy-on-write loop devices, and the device
+    /// node handed to the owner.
+    Dm {
+        /// The device-mapper name.
+        name: String,
+        /// The device-mapper uuid, to recognise the target as this entry's.
+        uuid: String,
+        /// The path of the node the owner opens.
+        node: String,
+        /// The target's device number (`0:0` until it is made).
+        #[serde(default)]
+        dev: DevNum,
+        /// Its size in 512-byte sectors.
+        sectors: u64,
     },
 }
 
@@ -115,6 +151,8 @@ pub enum ObjectKind {
     Nat,
     /// The VM's loop device of this role.
     Loop(LoopRole),
+    /// The VM's dm-snapshot target.
+    Dm,
 }
 
 impl Object {
@@ -124,17 +162,19 @@ impl Object {
             Object::Tap { .. } => ObjectKind::Tap,
             Object::Nat { .. } => ObjectKind::Nat,
             Object::Loop { role, .. } => ObjectKind::Loop(*role),
+            Object::Dm { .. } => ObjectKind::Dm,
         }
     }
 }
 
 impl std::fmt::Display for ObjectKind {
-    /// `tap`, `nat`, or `loop base` / `loop cow` / `loop work`.
+    /// `tap`, `nat`, `loop base` / `loop cow`, or `dm`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ObjectKind::Tap => f.write_str("tap"),
             ObjectKind::Nat => f.write_str("nat"),
             ObjectKind::Loop(role) => write!(f, "loop {}", role.as_str()),
+            ObjectKind::Dm => f.write_str("dm"),
         }
     }
 }
@@ -262,6 +302,11 @@ impl Ledger {
         self.entries.iter().any(|e| matches!(&e.object, Object::Tap { name: n, .. } if n == name))
     }
 
+    /// Whether any entry, of any owner, holds the dm target `name`.
+    pub fn holds_dm(&self, name: &str) -> bool {
+        self.entries.iter().any(|e| matches!(&e.object, Object::Dm { name: n, .. } if n == name))
+    }
+
     /// Everything `uid` owns, in the protocol's shape, for `ListOwned`. `network` turns the lease
     /// index into addresses and gives the VM prefix length; the guest MAC is
     /// [`guest_mac`] of the guest address.
@@ -292,6 +337,13 @@ impl Ledger {
                     role: *role,
                     device: device.clone(),
                     read_only: *read_only,
+                }),
+                Object::Dm { name, node, sectors, .. } => owned.dms.push(DmInfo {
+                    install,
+                    vm,
+                    name: name.clone(),
+                    device: node.clone(),
+                    sectors: *sectors,
                 }),
             }
         }
@@ -345,6 +397,22 @@ mod tests {
                 device: "/dev/loop3".into(),
                 read_only: role == LoopRole::Base,
                 backing: FileId { dev: 1, ino: 2 },
+                size: 1 << 20,
+            },
+        )
+    }
+
+    fn dm(uid: u32, inst: &str, v: &str) -> LedgerEntry {
+        LedgerEntry::new(
+            uid,
+            install(inst),
+            vm(v),
+            Object::Dm {
+                name: format!("banger-{uid}{v}"),
+                uuid: format!("BANGER-{uid}{v}"),
+                node: format!("/dev/banger/banger-{uid}{v}"),
+                dev: DevNum { major: 254, minor: 3 },
+                sectors: 2048,
             },
         )
     }
@@ -367,10 +435,11 @@ mod tests {
             nat(1000, "a", "vm1"),
             lp(1000, "a", "vm1", LoopRole::Base),
             lp(1000, "a", "vm1", LoopRole::Cow),
+            dm(1000, "a", "vm1"),
             tap(1000, "b", "vm1", 2),
             lp(1000, "b", "vm2", LoopRole::Base),
             tap(1001, "a", "vm1", 1),
-            lp(1001, "a", "vm9", LoopRole::Work),
+            lp(1001, "a", "vm9", LoopRole::Cow),
         ] {
             assert_eq!(l.insert(e), None);
         }
@@ -383,8 +452,8 @@ mod tests {
         assert_eq!((l.count_taps(1000), l.count_loops(1000), l.count_vms(1000)), (2, 3, 3));
         assert_eq!((l.count_taps(1001), l.count_loops(1001), l.count_vms(1001)), (1, 1, 2));
         assert_eq!((l.count_taps(7), l.count_loops(7), l.count_vms(7)), (0, 0, 0));
-        assert_eq!(l.entries_of(1000).count(), 6);
-        assert_eq!(l.entries_of_vm(1000, &install("a"), &vm("vm1")).count(), 4);
+        assert_eq!(l.entries_of(1000).count(), 7);
+        assert_eq!(l.entries_of_vm(1000, &install("a"), &vm("vm1")).count(), 5);
         assert!(l.has_vm(1000, &install("b"), &vm("vm2")));
         assert!(!l.has_vm(1001, &install("b"), &vm("vm2")));
         assert_eq!(l.uids(), BTreeSet::from([1000, 1001]));
@@ -397,7 +466,9 @@ mod tests {
         assert!(l.find(1000, &a, &v1, ObjectKind::Tap).is_some());
         assert!(l.find(1000, &a, &v1, ObjectKind::Nat).is_some());
         assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Cow)).is_some());
-        assert!(l.find(1000, &a, &v1, ObjectKind::Loop(LoopRole::Work)).is_none());
+        assert!(l.find(1000, &a, &v1, ObjectKind::Dm).is_some());
+        assert!(l.find(1000, &install("b"), &v1, ObjectKind::Loop(LoopRole::Cow)).is_none());
+        assert!(l.find(1000, &a, &vm("vm2"), ObjectKind::Dm).is_none());
         assert!(l.find(1001, &a, &v1, ObjectKind::Nat).is_none(), "another uid's key");
         assert!(l.find(1000, &install("c"), &v1, ObjectKind::Tap).is_none(), "another install");
         assert!(l.find(1000, &a, &vm("vm2"), ObjectKind::Tap).is_none(), "another vm");
@@ -468,10 +539,21 @@ mod tests {
         assert_eq!(owned.taps.len(), 2);
         assert_eq!(owned.nat.len(), 1);
         assert_eq!(owned.loops.len(), 3);
+        assert_eq!(
+            owned.dms,
+            vec![DmInfo {
+                install: install("a"),
+                vm: vm("vm1"),
+                name: "banger-1000vm1".into(),
+                device: "/dev/banger/banger-1000vm1".into(),
+                sectors: 2048,
+            }]
+        );
+        assert!(l.holds_dm("banger-1000vm1") && !l.holds_dm("banger-1001vm1"));
         assert!(owned.taps.iter().all(|t| t.prefix_len == 30 && t.guest_mac.starts_with("06:00:")));
         let other = l.owned_objects(1001, &network);
         assert_eq!(other.lease.unwrap().network, Ipv4Addr::new(172, 30, 2, 0));
-        assert_eq!((other.taps.len(), other.nat.len(), other.loops.len()), (1, 0, 1));
+        assert_eq!((other.taps.len(), other.nat.len(), other.loops.len(), other.dms.len()), (1, 0, 1, 0));
         assert_eq!(l.owned_objects(4242, &network), OwnedObjects::default());
     }
 
@@ -479,5 +561,7 @@ mod tests {
     fn object_kinds_read_as_names() {
         assert_eq!(ObjectKind::Tap.to_string(), "tap");
         assert_eq!(ObjectKind::Loop(LoopRole::Cow).to_string(), "loop cow");
+        assert_eq!(ObjectKind::Dm.to_string(), "dm");
+        assert_eq!(DevNum { major: 7, minor: 12 }.to_string(), "7:12");
     }
 }

@@ -18,7 +18,7 @@
 //! socket_group = "banger"       # group owning the helper socket (mode 0660)
 //!
 //! [quotas]                      # per user, across all of its installs; each 1..=65536
-//! max_vms = 16                  # VMs holding any object (TAP, NAT, loop) at once
+//! max_vms = 16                  # VMs holding any object (TAP, NAT, loop, dm) at once
 //! max_taps = 16
 //! max_loops = 32
 //!
@@ -68,10 +68,10 @@ pub mod parse;
 
 pub use addr::VmSubnet;
 pub use authorize::{
-    Admission, BackingFile, Decision, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
+    Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
 };
 pub use explain::{explain, explain_with_groups};
-pub use ledger::{EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
+pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
 pub use model::*;
 pub use parse::PolicyError;
 

@@ -109,6 +109,7 @@ mod tests {
             }),
             Just(Request::ListOwned),
             prop::collection::vec(vm_id(), 0..20).prop_map(|vms| Request::TeardownVms { vms }),
+            vm_id().prop_map(|vm| Request::DmCreate { vm }),
         ]
     }
 
@@ -142,6 +143,11 @@ mod tests {
                 guest_mac,
             },
         )
+    }
+
+    fn dm_info() -> impl Strategy<Value = DmInfo> {
+        (install_id(), vm_id(), "[a-z0-9-]{1,40}", ".{0,40}", any::<u64>())
+            .prop_map(|(install, vm, name, device, sectors)| DmInfo { install, vm, name, device, sectors })
     }
 
     fn loop_info() -> impl Strategy<Value = LoopInfo> {
@@ -185,14 +191,17 @@ mod tests {
                 prop::option::of(lease()),
                 prop::collection::vec(tap(), 0..5),
                 prop::collection::vec(nat(), 0..5),
-                prop::collection::vec(loop_info(), 0..5)
+                prop::collection::vec(loop_info(), 0..5),
+                prop::collection::vec(dm_info(), 0..5)
             )
-                .prop_map(|(lease, taps, nat, loops)| Response::Owned(OwnedObjects {
+                .prop_map(|(lease, taps, nat, loops, dms)| Response::Owned(OwnedObjects {
                     lease,
                     taps,
                     nat,
-                    loops
+                    loops,
+                    dms
                 })),
+            dm_info().prop_map(Response::Dm),
             (
                 prop::collection::vec(vm_id(), 0..5),
                 prop::collection::vec((vm_id(), ".{0,30}", error()), 0..5)

@@ -24,13 +24,13 @@ pub mod message;
 pub use error::{ErrorCode, HelperError, quoted};
 pub use ids::{IdError, IfName, InstallId, VmId};
 pub use message::{
-    Capabilities, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request, Response,
-    TapInfo, TeardownFailure, TeardownReport,
+    Capabilities, DmInfo, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request,
+    Response, TapInfo, TeardownFailure, TeardownReport,
 };
 
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest message either side sends or accepts, in encoded bytes: the one size limit of the
 /// protocol. The frame layer checks it before allocating; the codec refuses to encode more and
@@ -45,3 +45,37 @@ pub const MAX_TEARDOWN_VMS: usize = MAX_LIST_LEN;
 
 /// The most elements any list in a message may hold (checked while decoding, before allocating).
 pub const MAX_LIST_LEN: usize = 256;
+
+/// The chunk size, in 512-byte sectors, of every dm-snapshot the helper builds (4 KiB).
+pub const SNAPSHOT_CHUNK_SECTORS: u64 = 8;
+
+/// The smallest copy-on-write file that can hold every chunk of an origin of `origin_bytes`:
+/// a persistent snapshot stores a header chunk, each copied chunk, and one metadata chunk per
+/// 256 copied chunks (16 bytes per exception in a 4 KiB chunk), plus the zeroed metadata chunk
+/// that ends the table. A COW this large can never fill up, so the snapshot can never turn
+/// invalid under the guest. Both the daemon (sizing the file) and the helper (refusing a smaller
+/// one) use this one formula.
+pub fn min_cow_bytes(origin_bytes: u64) -> u64 {
+    let chunk = SNAPSHOT_CHUNK_SECTORS * 512;
+    let data = origin_bytes.div_ceil(chunk);
+    let exceptions_per_chunk = chunk / 16;
+    let metadata = data.div_ceil(exceptions_per_chunk) + 1;
+    (1 + data + metadata) * chunk
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cow_holds_every_chunk_and_its_metadata() {
+        assert_eq!(min_cow_bytes(0), 2 * 4096);
+        // 1 GiB: 262144 chunks, 1024 metadata chunks and the end marker, one header.
+        assert_eq!(min_cow_bytes(1 << 30), (1 + 262_144 + 1_025) * 4096);
+        // A partial chunk counts whole.
+        assert_eq!(min_cow_bytes(1), (1 + 1 + 2) * 4096);
+        for origin in [4095u64, 4096, 4097, 1 << 20, 8 << 30] {
+            assert!(min_cow_bytes(origin) > origin + origin / 256);
+        }
+    }
+}

@@ -54,6 +54,14 @@ pub enum Request {
         #[serde(deserialize_with = "bounded::vec")]
         vms: Vec<VmId>,
     },
+    /// Make the VM's root block device: a dm-snapshot target over the caller's base and
+    /// copy-on-write loop devices of this VM (both attached with [`Request::LoopAttach`]), named,
+    /// built and given a device node by the helper. Answered with that node, the one device a
+    /// user is handed; idempotent (the existing target is answered again).
+    DmCreate {
+        /// The VM.
+        vm: VmId,
+    },
 }
 
 impl Request {
@@ -67,7 +75,8 @@ impl Request {
             | Request::TapCreate { .. }
             | Request::NatUp { .. }
             | Request::ListOwned
-            | Request::TeardownVms { .. } => 0,
+            | Request::TeardownVms { .. }
+            | Request::DmCreate { .. } => 0,
         }
     }
 
@@ -81,6 +90,7 @@ impl Request {
             Request::LoopAttach { .. } => "loop-attach",
             Request::ListOwned => "list-owned",
             Request::TeardownVms { .. } => "teardown-vms",
+            Request::DmCreate { .. } => "dm-create",
         }
     }
 }
@@ -92,20 +102,17 @@ pub enum LoopRole {
     Base,
     /// The VM's copy-on-write file.
     Cow,
-    /// The VM's work disk.
-    Work,
 }
 
 impl LoopRole {
     /// Every role, in a fixed order.
-    pub const ALL: [LoopRole; 3] = [LoopRole::Base, LoopRole::Cow, LoopRole::Work];
+    pub const ALL: [LoopRole; 2] = [LoopRole::Base, LoopRole::Cow];
 
     /// The role's lowercase name.
     pub fn as_str(self) -> &'static str {
         match self {
             LoopRole::Base => "base",
             LoopRole::Cow => "cow",
-            LoopRole::Work => "work",
         }
     }
 }
@@ -127,6 +134,8 @@ pub enum Response {
     Owned(OwnedObjects),
     /// What a bulk teardown did.
     Teardown(TeardownReport),
+    /// A dm-snapshot target that exists now.
+    Dm(DmInfo),
     /// The request failed; nothing it would have made was left behind.
     Error(HelperError),
 }
@@ -145,7 +154,8 @@ pub struct HelloReply {
 /// What a helper offers on this host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
-    /// The helper can make dm-snapshot roots (no dm operation exists yet: always false).
+    /// The helper can make dm-snapshot roots here ([`Request::DmCreate`]): the kernel has
+    /// device-mapper with the snapshot target and the helper kept what it needs for it.
     pub device_mapper: bool,
     /// The helper can launch VMs through the jailer (not yet: always false).
     pub jailer: bool,
@@ -212,6 +222,22 @@ pub struct LoopInfo {
     pub read_only: bool,
 }
 
+/// A VM's dm-snapshot target: its root block device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmInfo {
+    /// The install that owns it.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// The device-mapper name, derived by the helper.
+    pub name: String,
+    /// The block device node the helper made for it, owned by the caller (mode 0600): the path
+    /// the VMM opens as the VM's root drive.
+    pub device: String,
+    /// Its size in 512-byte sectors (the base image's size).
+    pub sectors: u64,
+}
+
 /// Every object one uid owns, across its installs, with their tags.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedObjects {
@@ -226,6 +252,9 @@ pub struct OwnedObjects {
     /// Loop devices.
     #[serde(deserialize_with = "bounded::vec")]
     pub loops: Vec<LoopInfo>,
+    /// dm-snapshot targets.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub dms: Vec<DmInfo>,
 }
 
 /// The outcome of a bulk teardown: everything that could be removed was removed.

@@ -7,10 +7,12 @@
 //! | `/proc`, `/sys` | read | the runtime and libc; `/proc/self/fd` for a two-step loop attach |
 //! | `/proc/sys/net` | read, write | `ip_forward` (NAT), per-TAP `disable_ipv6`: the only sysctls |
 //! | `/dev` | read, write, device ioctls | `/dev/net/tun`, `/dev/loop-control`, `/dev/loopN`, `/dev/null` |
+//! | the dm node directory (with device-mapper only) | making block device nodes, removing files | dm-snapshot nodes |
 //! | the state directory | everything | the ledger's temporary file and rename |
 //! | `/run/xtables.lock` (legacy iptables only) | read, write | the legacy tools' lock |
 //!
-//! The socket, the policy, the audit log and the state lock are opened before, and stay open.
+//! The socket, the policy, the audit log, the state lock, `/dev/mapper/control` and the node
+//! directory are opened before, and stay open.
 //! TCP bind and connect are denied outright (the helper has no use for TCP), and on kernels that
 //! support scoping, signals and abstract unix sockets outside the sandbox are too. The ruleset is
 //! best effort: on a kernel without landlock the helper runs unconfined by it and says so.
@@ -64,6 +66,10 @@ pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
         .map_err(err)?;
     if let Some(lock) = &sandbox.xtables_lock {
         ruleset = ruleset.add_rules(path_beneath_rules([lock], read_write)).map_err(err)?;
+    }
+    if let Some(nodes) = &sandbox.node_dir {
+        let make = dev | AccessFs::MakeBlock | AccessFs::RemoveFile;
+        ruleset = ruleset.add_rules(path_beneath_rules([nodes], make)).map_err(err)?;
     }
     let status = ruleset.restrict_self().map_err(err)?;
     Ok(match status.ruleset {

@@ -6,10 +6,11 @@
 //! 4. [`raise_nofile`]: the soft descriptor limit is raised to the hard one, so the connection caps
 //!    (not the kernel's default soft limit of 1024) bound how many descriptors clients can make
 //!    the helper hold;
-//! 5. then, in [`lock_down`], after everything that needs broader access was opened: no new
-//!    privileges, every capability but the few the operations need dropped ([`caps`]), the
-//!    filesystem confined with landlock ([`landlock`]), and the system calls with a seccomp
-//!    allowlist ([`seccomp`]).
+//! 5. then, in [`lock_down`], after everything that needs broader access was opened (and
+//!    device-mapper looked for): no new privileges, every capability but the few the operations
+//!    need dropped ([`caps`]; those of device-mapper only where it was found), the filesystem
+//!    confined with landlock ([`landlock`]), and the system calls with a seccomp allowlist
+//!    ([`seccomp`]).
 //!
 //! Landlock and seccomp apply to the calling thread and every thread and child made after, so
 //! [`lock_down`] runs before the tokio runtime starts; the iptables tools the helper runs inherit
@@ -97,6 +98,9 @@ pub struct Sandbox {
     pub state_dir: PathBuf,
     /// The legacy iptables lock file, if the legacy backend is in use (read-write).
     pub xtables_lock: Option<PathBuf>,
+    /// The dm node directory, where device-mapper was found (block nodes made and removed there);
+    /// `None` keeps the capabilities and system calls of device-mapper dropped too.
+    pub node_dir: Option<PathBuf>,
 }
 
 /// How far the confinement went (landlock depends on the kernel).
@@ -113,9 +117,10 @@ pub struct LockDownReport {
 /// Confines the process: no new privileges, capabilities, landlock, seccomp — in that order.
 /// Must run while the process is single-threaded.
 pub fn lock_down(sandbox: &Sandbox) -> Result<LockDownReport, HardeningError> {
+    let device_mapper = sandbox.node_dir.is_some();
     nix::sys::prctl::set_no_new_privs().map_err(HardeningError::NoNewPrivs)?;
-    let kept = caps::drop_unneeded().map_err(HardeningError::Caps)?;
+    let kept = caps::drop_unneeded(device_mapper).map_err(HardeningError::Caps)?;
     let landlock = landlock::restrict(sandbox)?;
-    let seccomp_syscalls = seccomp::install().map_err(HardeningError::Seccomp)?;
+    let seccomp_syscalls = seccomp::install(device_mapper).map_err(HardeningError::Seccomp)?;
     Ok(LockDownReport { kept, landlock, seccomp_syscalls })
 }

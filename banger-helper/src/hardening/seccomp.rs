@@ -6,7 +6,14 @@
 //! Not allowed, among others: ptrace, mount and namespaces (mount, umount2, pivot_root, chroot,
 //! setns, unshare, and `clone` with any `CLONE_NEW*` flag), module loading, kexec, bpf,
 //! perf_event_open, keyrings, userfaultfd, process_vm_*, open_by_handle_at, io_uring, changing uids
-//! or gids, reboot, swapon.
+//! or gids, reboot, swapon, quotactl, sethostname: most of what `CAP_SYS_ADMIN`, which the helper
+//! keeps where it found device-mapper, would otherwise allow.
+//!
+//! `mknodat` is allowed only where the helper found device-mapper (it makes the block device
+//! node of each dm-snapshot target). The SysV semaphore calls are not allowed, on purpose: with
+//! them the `devicemapper` crate would wait for udev to process each target's events, with the
+//! operations lock held, on a udev that may not answer; without them it does not wait, and the
+//! helper makes its own nodes.
 //!
 //! `clone` is allowed only without namespace flags. `clone3` takes its flags in a structure in
 //! memory, which a filter cannot read, so a second filter makes it fail with `ENOSYS`: glibc (thread
@@ -106,7 +113,7 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_faccessat, "loader, iptables"),
         (libc::SYS_faccessat2, "loader, iptables"),
         (libc::SYS_readlinkat, "std, iptables"),
-        (libc::SYS_getdents64, "iptables extension lookup"),
+        (libc::SYS_getdents64, "iptables extension lookup; listing the dm node directory"),
         (libc::SYS_fcntl, "descriptor flags, F_GETFL of the backing file"),
         (libc::SYS_flock, "state directory lock; legacy iptables lock"),
         (libc::SYS_fsync, "ledger"),
@@ -114,14 +121,14 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_ftruncate, "std"),
         (libc::SYS_renameat, "ledger"),
         (libc::SYS_renameat2, "ledger"),
-        (libc::SYS_unlinkat, "ledger temporary file"),
+        (libc::SYS_unlinkat, "ledger temporary file; dm nodes"),
         (libc::SYS_mkdirat, "state directory"),
-        (libc::SYS_fchownat, "loop device node owner"),
-        (libc::SYS_fchown, "loop device node owner"),
-        (libc::SYS_fchmodat, "loop device node mode"),
-        (libc::SYS_fchmod, "loop device node mode"),
+        (libc::SYS_fchownat, "loop and dm device node owner"),
+        (libc::SYS_fchown, "loop and dm device node owner"),
+        (libc::SYS_fchmodat, "loop and dm device node mode, node directory mode"),
+        (libc::SYS_fchmod, "loop and dm device node mode"),
         (libc::SYS_umask, "start-up"),
-        (libc::SYS_ioctl, "tun and loop ioctls; terminal checks"),
+        (libc::SYS_ioctl, "tun, loop and device-mapper ioctls; terminal checks"),
         (libc::SYS_pipe2, "posix_spawn, child stdio"),
         (libc::SYS_dup, "std"),
         (libc::SYS_dup3, "posix_spawn"),
@@ -172,11 +179,18 @@ fn allowed() -> Vec<(i64, &'static str)> {
     v
 }
 
-/// The compiled allowlist for this architecture, and how many system calls it allows.
-pub fn program() -> Result<(BpfProgram, usize), seccompiler::Error> {
+/// What only a helper that found device-mapper may call.
+fn device_mapper() -> Vec<(i64, &'static str)> {
+    vec![(libc::SYS_mknodat, "the block device node of a dm-snapshot target")]
+}
+
+/// The compiled allowlist for this architecture (with the device-mapper calls when
+/// `device_mapper`), and how many system calls it allows.
+pub fn program(device_mapper: bool) -> Result<(BpfProgram, usize), seccompiler::Error> {
     let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let dm = if device_mapper { self::device_mapper() } else { Vec::new() };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        allowed().into_iter().map(|(nr, _)| (nr, vec![])).collect();
+        allowed().into_iter().chain(dm).map(|(nr, _)| (nr, vec![])).collect();
     let no_namespaces =
         SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(CLONE_NAMESPACES), 0)?;
     rules.insert(libc::SYS_clone, vec![SeccompRule::new(vec![no_namespaces])?]);
@@ -197,8 +211,8 @@ pub fn clone3_program() -> Result<BpfProgram, seccompiler::Error> {
 
 /// Installs both filters on every thread of the process (TSYNC). Returns how many system calls
 /// the allowlist allows.
-pub fn install() -> Result<usize, seccompiler::Error> {
-    let (prog, count) = program()?;
+pub fn install(device_mapper: bool) -> Result<usize, seccompiler::Error> {
+    let (prog, count) = program(device_mapper)?;
     let clone3 = clone3_program()?;
     // The clone3 filter first: the allowlist does not allow installing another filter.
     seccompiler::apply_filter_all_threads(&clone3)?;
@@ -212,13 +226,26 @@ mod tests {
 
     #[test]
     fn the_filter_compiles_and_excludes_the_dangerous_calls() {
-        let (prog, count) = program().unwrap();
+        let (prog, count) = program(false).unwrap();
         assert!(!prog.is_empty());
         assert!(count > 50);
+        let (_, with_dm) = program(true).unwrap();
+        assert_eq!(with_dm, count + 1, "device-mapper adds mknodat alone");
         let allowed: Vec<i64> = allowed().into_iter().map(|(n, _)| n).collect();
+        assert!(!allowed.contains(&libc::SYS_mknodat) && !allowed.contains(&libc::SYS_mknod));
+        for sysv in [libc::SYS_semget, libc::SYS_semctl, libc::SYS_semop, libc::SYS_semtimedop] {
+            assert!(!allowed.contains(&sysv), "udev is never waited for");
+        }
         for bad in [
             libc::SYS_ptrace,
             libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_swapon,
+            libc::SYS_quotactl,
+            libc::SYS_sethostname,
+            libc::SYS_kexec_load,
+            libc::SYS_keyctl,
             libc::SYS_setns,
             libc::SYS_unshare,
             libc::SYS_init_module,
@@ -238,7 +265,7 @@ mod tests {
     /// `clone` with a namespace flag is refused, `clone3` answers `ENOSYS`.
     #[test]
     fn no_namespaces_under_the_filter_but_threads_and_children_work() {
-        let (prog, _) = program().unwrap();
+        let (prog, _) = program(false).unwrap();
         let clone3 = clone3_program().unwrap();
         // SAFETY: the child only makes system calls, spawns one thread and leaves with _exit.
         match unsafe { nix::unistd::fork() }.unwrap() {

@@ -1,5 +1,6 @@
 //! A recording fake of the kernel for unit tests of the operations (compiled only with them): it
-//! keeps links, firewall rules, loop devices and sysctls in memory, records every call in order,
+//! keeps links, firewall rules, loop devices, dm targets with their nodes and sysctls in memory,
+//! records every call in order,
 //! fails any call on request, and can stop an operation forever right after a call (as a helper
 //! killed there would), so rollback, idempotence, crash recovery and "keep going past a failure"
 //! can be tested without root.
@@ -12,7 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 use nix::errno::Errno;
 
 use super::{
-    BackingFile, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus, Loops, Sysctl,
+    BackingFile, DevNum, Dm, DmStatus, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus,
+    Loops, NodeStatus, Sysctl, snapshot_params,
 };
 use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
 use crate::sysctl_key::SysctlKey;
@@ -50,6 +52,37 @@ pub struct FakeLoop {
     pub held_open: bool,
 }
 
+/// The major number of loop devices, as the fake numbers them.
+pub const LOOP_MAJOR: u32 = 7;
+/// The major number the fake gives dm targets.
+pub const DM_MAJOR: u32 = 254;
+
+/// A dm target in the fake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeDm {
+    /// Its uuid.
+    pub uuid: String,
+    /// Its device number.
+    pub dev: DevNum,
+    /// Its length in sectors.
+    pub sectors: u64,
+    /// Its table's parameters.
+    pub params: String,
+    /// Someone holds it open (then it cannot be removed).
+    pub held_open: bool,
+}
+
+/// A node in the fake's node directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeNode {
+    /// A block device node.
+    pub block: bool,
+    /// The device it names.
+    pub rdev: DevNum,
+    /// Owner and mode.
+    pub node: NodeState,
+}
+
 /// A failure to inject: calls named `op` whose object contains `object` fail with `errno`,
 /// `times` times.
 #[derive(Debug, Clone)]
@@ -77,6 +110,14 @@ pub struct FakeWorld {
     pub backing: HashMap<RawFd, BackingFile>,
     /// How long inspecting a backing file takes (a filesystem that does not answer).
     pub inspect_delay: Option<std::time::Duration>,
+    /// The kernel has device-mapper with the snapshot target.
+    pub dm_available: bool,
+    /// dm targets by name.
+    pub dms: BTreeMap<String, FakeDm>,
+    /// The node directory's entries, by name.
+    pub nodes: BTreeMap<String, FakeNode>,
+    /// The minor number of the next dm target.
+    pub next_dm_minor: u32,
     /// Sysctl values by key.
     pub sysctls: BTreeMap<String, String>,
     /// Every call, in order: `op object`.
@@ -94,12 +135,20 @@ pub struct FakeKernel {
 
 impl FakeKernel {
     /// A fake with a default route via `eth0`, `ip_forward` at 0, IPv6 sysctls present for any
-    /// link, and eight free loop devices with root-owned nodes.
+    /// link, no loop device yet, and device-mapper with the snapshot target.
     pub fn new() -> Self {
-        let mut w = FakeWorld { default_route: Some("eth0".into()), ..FakeWorld::default() };
+        let mut w =
+            FakeWorld { default_route: Some("eth0".into()), dm_available: true, ..FakeWorld::default() };
         w.links.insert("eth0".into(), FakeLink { up: true, ..FakeLink::default() });
         w.sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
         FakeKernel { world: Mutex::new(w) }
+    }
+
+    /// [`FakeKernel::new`] on a kernel without device-mapper.
+    pub fn without_dm() -> Self {
+        let k = Self::new();
+        k.world().dm_available = false;
+        k
     }
 
     /// The world, for setting up and checking a test.
@@ -112,8 +161,8 @@ impl FakeKernel {
         self.world().injected.push(Injected { op, object: object.to_owned(), errno, times });
     }
 
-    /// Makes the next call of `op` (`create_tap` or `loop_attach`) do its work and then never
-    /// return, like a helper killed right after it.
+    /// Makes the next call of `op` (`create_tap`, `loop_attach` or `dm_create`) do its work and
+    /// then never return, like a helper killed right after it.
     pub fn hang_after(&self, op: &'static str) {
         self.world().hang_after = Some(op);
     }
@@ -321,8 +370,121 @@ impl Loops for FakeKernel {
         Ok(())
     }
 
+    fn device_number(&self, n: u32) -> KResult<DevNum> {
+        let w = self.call("loop_device_number", &format!("/dev/loop{n}"))?;
+        if !w.loops.contains_key(&n) {
+            return Err(KernelError::errno("stat", format!("/dev/loop{n}"), Errno::ENOENT));
+        }
+        Ok(DevNum { major: LOOP_MAJOR, minor: n })
+    }
+
     fn has_configure(&self) -> bool {
         true
+    }
+}
+
+impl Dm for FakeKernel {
+    fn probe(&self) -> bool {
+        self.world().dm_available
+    }
+
+    fn create_snapshot(
+        &self,
+        name: &str,
+        uuid: &str,
+        sectors: u64,
+        origin: DevNum,
+        cow: DevNum,
+    ) -> KResult<DevNum> {
+        let params = snapshot_params(origin, cow);
+        let mut w = self.call("dm_create", &format!("{name} {params}"))?;
+        if !w.dm_available {
+            return Err(KernelError::errno("DM_DEV_CREATE", name, Errno::ENODEV));
+        }
+        if w.dms.contains_key(name) || w.dms.values().any(|d| d.uuid == uuid) {
+            return Err(KernelError::errno("DM_DEV_CREATE", name, Errno::EBUSY));
+        }
+        // The table names two attached loop devices, by number, or it does not load.
+        let attached =
+            |d: DevNum| d.major == LOOP_MAJOR && w.loops.get(&d.minor).is_some_and(|l| l.status.is_some());
+        if !attached(origin) || !attached(cow) || sectors == 0 {
+            return Err(KernelError::errno("DM_TABLE_LOAD", name, Errno::EINVAL));
+        }
+        let dev = DevNum { major: DM_MAJOR, minor: w.next_dm_minor };
+        w.next_dm_minor += 1;
+        w.dms.insert(
+            name.to_owned(),
+            FakeDm { uuid: uuid.to_owned(), dev, sectors, params, held_open: false },
+        );
+        drop(w);
+        if self.hangs("dm_create") {
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok(dev)
+    }
+
+    fn remove(&self, name: &str) -> KResult<()> {
+        let mut w = self.call("dm_remove", name)?;
+        match w.dms.get(name) {
+            None => Err(KernelError::errno("DM_DEV_REMOVE", name, Errno::ENXIO)),
+            Some(d) if d.held_open => Err(KernelError::errno("DM_DEV_REMOVE", name, Errno::EBUSY)),
+            Some(_) => {
+                w.dms.remove(name);
+                Ok(())
+            }
+        }
+    }
+
+    fn info(&self, name: &str) -> KResult<Option<DmStatus>> {
+        let w = self.call("dm_info", name)?;
+        Ok(w.dms.get(name).map(|d| DmStatus {
+            dev: d.dev,
+            uuid: d.uuid.clone(),
+            open_count: i32::from(d.held_open),
+        }))
+    }
+
+    fn list(&self) -> KResult<Vec<String>> {
+        let w = self.call("dm_list", "")?;
+        Ok(w.dms.keys().cloned().collect())
+    }
+
+    fn node_path(&self, name: &str) -> String {
+        format!("/dev/banger/{name}")
+    }
+
+    fn make_node(&self, name: &str, dev: DevNum, owner: u32) -> KResult<()> {
+        self.release_node(name)?;
+        let mut w = self.call("dm_node_make", &format!("{name} {dev} uid={owner}"))?;
+        let node = NodeState { uid: owner, gid: 0, mode: 0o600 };
+        w.nodes.insert(name.to_owned(), FakeNode { block: true, rdev: dev, node });
+        Ok(())
+    }
+
+    fn node(&self, name: &str) -> KResult<Option<NodeStatus>> {
+        let w = self.call("dm_node", name)?;
+        Ok(w.nodes.get(name).map(|n| NodeStatus {
+            block: n.block,
+            rdev: n.rdev,
+            uid: n.node.uid,
+            mode: n.node.mode,
+        }))
+    }
+
+    fn release_node(&self, name: &str) -> KResult<()> {
+        let mut w = self.call("dm_node_release", name)?;
+        if let Some(n) = w.nodes.get_mut(name) {
+            n.node = NodeState { uid: 0, gid: 0, mode: 0o600 };
+        }
+        w.nodes.remove(name);
+        Ok(())
+    }
+
+    fn nodes(&self) -> KResult<Vec<String>> {
+        let w = self.call("dm_nodes", "")?;
+        Ok(w.nodes.keys().cloned().collect())
     }
 }
 
@@ -358,6 +520,7 @@ impl Kernel for FakeKernel {
     type Links = Self;
     type Firewall = Self;
     type Loops = Self;
+    type Dm = Self;
     type Sysctl = Self;
     fn links(&self) -> &Self {
         self
@@ -366,6 +529,9 @@ impl Kernel for FakeKernel {
         self
     }
     fn loops(&self) -> &Self {
+        self
+    }
+    fn dm(&self) -> &Self {
         self
     }
     fn sysctl(&self) -> &Self {

@@ -1,4 +1,4 @@
-//! The kernel as the helper's operations see it: four narrow traits, one per domain, each with a
+//! The kernel as the helper's operations see it: five narrow traits, one per domain, each with a
 //! Linux implementation ([`linux`]) and, for the unit tests only, a recording fake (`fake`),
 //! passed in by the caller. Every kernel and filesystem probe goes through them.
 //!
@@ -6,6 +6,7 @@
 //!   default route's interface;
 //! - [`Firewall`]: reading the helper's chains and applying one batch of changes;
 //! - [`Loops`]: loop devices and their nodes, and inspecting a backing file descriptor;
+//! - [`Dm`]: device-mapper snapshot targets and the block device nodes the helper makes for them;
 //! - [`Sysctl`]: reading and writing `/proc/sys` keys.
 //!
 //! The traits take only names the helper derived itself; no method accepts a client's string.
@@ -24,7 +25,7 @@ use crate::sysctl_key::SysctlKey;
 pub mod fake;
 pub mod linux;
 
-pub use banger_policy::{BackingFile, FdAccess};
+pub use banger_policy::{BackingFile, DevNum, FdAccess};
 
 /// A kernel operation that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -160,8 +161,81 @@ pub trait Loops: Send + Sync {
     fn status(&self, n: u32) -> KResult<Option<LoopStatus>>;
     /// Detaches device `n` (`LOOP_CLR_FD`); a free device counts as detached.
     fn detach(&self, n: u32) -> KResult<()>;
+    /// The device number of `/dev/loopN` (its node must be a block device).
+    fn device_number(&self, n: u32) -> KResult<DevNum>;
     /// Whether the kernel has `LOOP_CONFIGURE`.
     fn has_configure(&self) -> bool;
+}
+
+/// The parameters of a persistent dm-snapshot of `origin` over `cow`, with the helper's fixed
+/// chunk size: `<origin maj:min> <cow maj:min> P 8`. Devices are named by number, never by a path.
+pub fn snapshot_params(origin: DevNum, cow: DevNum) -> String {
+    format!("{origin} {cow} P {}", banger_protocol::SNAPSHOT_CHUNK_SECTORS)
+}
+
+/// The mode of a node the helper hands out (its owner's alone), and of one it takes back.
+pub const NODE_MODE: u32 = 0o600;
+
+/// A device-mapper target as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmStatus {
+    /// Its device number.
+    pub dev: DevNum,
+    /// Its uuid (empty when it has none).
+    pub uuid: String,
+    /// How many openers it has.
+    pub open_count: i32,
+}
+
+/// A device node as `lstat` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// It is a block device node.
+    pub block: bool,
+    /// The device it names.
+    pub rdev: DevNum,
+    /// Its owner.
+    pub uid: u32,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+/// Device-mapper snapshot targets and the nodes of their block devices. The nodes live in one
+/// directory only the helper writes; they are named like their targets.
+pub trait Dm: Send + Sync {
+    /// Whether the helper can make a snapshot target now: device-mapper answers through
+    /// `/dev/mapper/control` with the helper's capabilities, the snapshot target is present, and
+    /// the node directory and the capability to make nodes were kept.
+    fn probe(&self) -> bool;
+    /// Creates target `name` with `uuid`, loads a `snapshot` table of `sectors` sectors over
+    /// `origin` and `cow` ([`snapshot_params`]) and resumes it; returns its device number. A
+    /// failure removes what was made.
+    fn create_snapshot(
+        &self,
+        name: &str,
+        uuid: &str,
+        sectors: u64,
+        origin: DevNum,
+        cow: DevNum,
+    ) -> KResult<DevNum>;
+    /// Removes target `name`. `ENXIO` when there is none; `EBUSY` while anyone holds it open.
+    fn remove(&self, name: &str) -> KResult<()>;
+    /// Target `name`, if it exists.
+    fn info(&self, name: &str) -> KResult<Option<DmStatus>>;
+    /// The names of every target.
+    fn list(&self) -> KResult<Vec<String>>;
+    /// The path of the node of target `name`.
+    fn node_path(&self, name: &str) -> String;
+    /// Makes the node of target `name`: a block device node for `dev`, then given to `owner`,
+    /// mode 0600. Whatever was at the path before goes first (through [`Dm::release_node`]).
+    fn make_node(&self, name: &str, dev: DevNum, owner: u32) -> KResult<()>;
+    /// The node of target `name`, if there is one.
+    fn node(&self, name: &str) -> KResult<Option<NodeStatus>>;
+    /// Gives the node of target `name` back to `root:root` 0600 (every hard link of it with it),
+    /// then unlinks it; a missing node counts as released.
+    fn release_node(&self, name: &str) -> KResult<()>;
+    /// The names of every node in the node directory.
+    fn nodes(&self) -> KResult<Vec<String>>;
 }
 
 /// `/proc/sys`.
@@ -174,7 +248,7 @@ pub trait Sysctl: Send + Sync {
     fn exists(&self, key: &SysctlKey) -> bool;
 }
 
-/// The four domains together, as the helper's operations receive them.
+/// The five domains together, as the helper's operations receive them.
 pub trait Kernel: Send + Sync + 'static {
     /// Links.
     type Links: Links;
@@ -182,6 +256,8 @@ pub trait Kernel: Send + Sync + 'static {
     type Firewall: Firewall;
     /// Loops.
     type Loops: Loops;
+    /// Device-mapper.
+    type Dm: Dm;
     /// Sysctls.
     type Sysctl: Sysctl;
     /// Links.
@@ -190,6 +266,8 @@ pub trait Kernel: Send + Sync + 'static {
     fn firewall(&self) -> &Self::Firewall;
     /// Loops.
     fn loops(&self) -> &Self::Loops;
+    /// Device-mapper.
+    fn dm(&self) -> &Self::Dm;
     /// Sysctls.
     fn sysctl(&self) -> &Self::Sysctl;
 }

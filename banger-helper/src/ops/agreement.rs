@@ -4,20 +4,26 @@
 //! pools and prefixes, uplinks good and bad, guest-to-host ports) are read with
 //! [`Policy::from_toml`]; every text it accepts loads in the helper (over the fake kernel), and
 //! random sequences of requests from several peers (admitted or not, with or without their
-//! `Hello`) go through one helper. For each request, `authorize`'s decision on the ledger as it
-//! stood just before is compared with the helper's answer: a refusal is exactly the same error
-//! (code and rule or reason), and an allowed request is served.
+//! `Hello`) go through one helper, over a kernel with or without device-mapper. For each request,
+//! `authorize`'s decision on the ledger as it stood just before is compared with the helper's
+//! answer: a refusal is exactly the same error (code and rule or reason), and an allowed request
+//! is served. Without device-mapper that includes every loop attach and dm-create being refused,
+//! and no loop device or dm target ever existing.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use banger_policy::{BackingFile, Decision, FdAccess, FileId, Observed, Peer, Policy, Uplink, authorize};
-use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId};
+use banger_policy::{
+    BackingFile, Decision, EntryState, FdAccess, FileId, LedgerEntry, Object, ObjectKind, Observed, Peer,
+    Policy, Uplink, authorize,
+};
+use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId, min_cow_bytes};
 use proptest::prelude::*;
 
 use super::Helper;
 use crate::audit::AuditLog;
 use crate::kernel::fake::FakeKernel;
+use crate::ops::testing::BASE_BYTES;
 
 /// The peers: uid, user name. 1002 is in no policy's access list.
 const PEERS: [(u32, Option<&str>); 4] =
@@ -64,10 +70,11 @@ fn policy_text() -> impl Strategy<Value = String> {
     )
 }
 
-/// What comes with a loop attach: the backing file (whose, on what, how opened) or wrong counts.
+/// What comes with a loop attach: the backing file (whose, on what, how opened, how large) or
+/// wrong counts.
 #[derive(Debug, Clone, Copy)]
 enum Backing {
-    Own(FdAccess),
+    Own(FdAccess, u64),
     Foreign,
     Fuse,
     NoFd,
@@ -82,8 +89,13 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     let vm = prop::sample::select(VMS.to_vec()).prop_map(|v| VmId::new(v).unwrap());
+    // Sizes: a base image, a copy-on-write file just large enough for it, one a byte too small,
+    // and less than a sector.
+    let size =
+        prop::sample::select(vec![BASE_BYTES, min_cow_bytes(BASE_BYTES), min_cow_bytes(BASE_BYTES) - 1, 100]);
     let backing = prop_oneof![
-        4 => prop::sample::select(vec![FdAccess::ReadWrite, FdAccess::ReadOnly, FdAccess::WriteOnly]).prop_map(Backing::Own),
+        4 => (prop::sample::select(vec![FdAccess::ReadWrite, FdAccess::ReadOnly, FdAccess::WriteOnly]), size)
+            .prop_map(|(access, size)| Backing::Own(access, size)),
         1 => Just(Backing::Foreign),
         1 => Just(Backing::Fuse),
         1 => Just(Backing::NoFd),
@@ -96,6 +108,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => vm.clone().prop_map(|vm| Request::NatUp { vm }),
         3 => (vm.clone(), prop::sample::select(LoopRole::ALL.to_vec()), any::<bool>())
             .prop_map(|(vm, role, read_only)| Request::LoopAttach { vm, role, read_only }),
+        2 => vm.clone().prop_map(|vm| Request::DmCreate { vm }),
         2 => prop::collection::vec(vm, 0..3).prop_map(|vms| Request::TeardownVms { vms }),
     ];
     prop_oneof![
@@ -124,23 +137,25 @@ fn descriptors(
     uid: u32,
     request: &Request,
     backing: Backing,
+    device_mapper: bool,
 ) -> (Vec<OwnedFd>, Observed) {
     if !matches!(request, Request::LoopAttach { .. }) {
-        return (vec![], Observed::default());
+        return (vec![], Observed { device_mapper, ..Observed::default() });
     }
-    let file = |uid, fs_type: &str, access| BackingFile {
+    let file = |uid, fs_type: &str, access, size| BackingFile {
         regular: true,
         uid,
         fs_type: fs_type.into(),
         access,
         id: FileId { dev: 1, ino: u64::from(uid) * 100 },
+        size,
     };
     let (count, file) = match backing {
-        Backing::Own(access) => (1, file(uid, "ext4", access)),
-        Backing::Foreign => (1, file(uid + 1, "ext4", FdAccess::ReadWrite)),
-        Backing::Fuse => (1, file(uid, "fuse.sshfs", FdAccess::ReadWrite)),
-        Backing::NoFd => (0, file(uid, "ext4", FdAccess::ReadWrite)),
-        Backing::TwoFds => (2, file(uid, "ext4", FdAccess::ReadWrite)),
+        Backing::Own(access, size) => (1, file(uid, "ext4", access, size)),
+        Backing::Foreign => (1, file(uid + 1, "ext4", FdAccess::ReadWrite, BASE_BYTES)),
+        Backing::Fuse => (1, file(uid, "fuse.sshfs", FdAccess::ReadWrite, BASE_BYTES)),
+        Backing::NoFd => (0, file(uid, "ext4", FdAccess::ReadWrite, BASE_BYTES)),
+        Backing::TwoFds => (2, file(uid, "ext4", FdAccess::ReadWrite, BASE_BYTES)),
     };
     let fds: Vec<OwnedFd> = (0..count)
         .map(|_| {
@@ -149,8 +164,9 @@ fn descriptors(
             fd
         })
         .collect();
-    let backing = (count == 1).then_some(Ok(file));
-    (fds, Observed { fds: count, backing })
+    // Without device-mapper the helper does not inspect the file: nothing is attached anyway.
+    let backing = (count == 1 && device_mapper).then_some(Ok(file));
+    (fds, Observed { fds: count, backing, device_mapper })
 }
 
 /// Whether `response` is the success answer of `request`.
@@ -160,14 +176,15 @@ fn served(request: &Request, response: &Response) -> bool {
         | (Request::ListOwned, Response::Owned(_))
         | (Request::TapCreate { .. }, Response::Tap(_))
         | (Request::NatUp { .. }, Response::Nat(_))
-        | (Request::LoopAttach { .. }, Response::Loop(_)) => true,
+        | (Request::LoopAttach { .. }, Response::Loop(_))
+        | (Request::DmCreate { .. }, Response::Dm(_)) => true,
         (Request::TeardownVms { .. }, Response::Teardown(t)) => t.failures.is_empty(),
         _ => false,
     }
 }
 
-async fn run(policy: Policy, steps: Vec<Step>) -> Result<(), TestCaseError> {
-    let kernel = Arc::new(FakeKernel::new());
+async fn run(policy: Policy, device_mapper: bool, steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let kernel = Arc::new(if device_mapper { FakeKernel::new() } else { FakeKernel::without_dm() });
     let helper = Helper::new(policy.clone(), kernel.clone(), Default::default(), None, AuditLog::memory().0);
     let mut peers: Vec<Peer> = (0..PEERS.len()).map(peer).collect();
     for step in steps {
@@ -186,7 +203,7 @@ async fn run(policy: Policy, steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::Request { peer, request, backing } => {
                 let p = &peers[peer];
-                let (fds, observed) = descriptors(&kernel, p.uid, &request, backing);
+                let (fds, observed) = descriptors(&kernel, p.uid, &request, backing, device_mapper);
                 let ledger = helper.snapshot().await;
                 let decision = authorize(&policy, p, &request, &ledger, &observed);
                 let response = helper.handle(p, request.clone(), fds).await;
@@ -218,6 +235,24 @@ async fn run(policy: Policy, steps: Vec<Step>) -> Result<(), TestCaseError> {
                     attached,
                     ledger.entries.iter().filter(|e| e.kind().to_string().starts_with("loop")).count()
                 );
+                // Every dm target is a settled entry's, and its node (the only one) is its owner's.
+                let dms: Vec<&LedgerEntry> =
+                    ledger.entries.iter().filter(|e| e.kind() == ObjectKind::Dm).collect();
+                prop_assert_eq!(w.dms.len(), dms.len());
+                prop_assert_eq!(w.nodes.len(), dms.len());
+                for e in dms {
+                    let Object::Dm { name, dev, .. } = &e.object else { unreachable!() };
+                    prop_assert_eq!(e.state, EntryState::Settled);
+                    prop_assert_eq!(w.dms.get(name).map(|d| d.dev), Some(*dev));
+                    let node = w.nodes.get(name).map(|n| (n.rdev, n.node.uid, n.node.mode));
+                    prop_assert_eq!(node, Some((*dev, e.uid, 0o600)));
+                }
+                if !device_mapper {
+                    prop_assert!(
+                        w.loops.is_empty() && w.dms.is_empty(),
+                        "a loop or dm without device-mapper"
+                    );
+                }
             }
         }
     }
@@ -230,6 +265,7 @@ proptest! {
     #[test]
     fn every_accepted_policy_is_served_and_every_refusal_is_the_policys(
         text in policy_text(),
+        device_mapper in prop::bool::weighted(0.8),
         steps in prop::collection::vec(step(), 1..60),
     ) {
         let Ok(policy) = Policy::from_toml("policy.toml", &text) else {
@@ -242,6 +278,6 @@ proptest! {
             prop_assert!(!["eth0+", "a#b", "-x"].contains(&name.as_str()));
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(run(policy, steps))?;
+        rt.block_on(run(policy, device_mapper, steps))?;
     }
 }

@@ -77,7 +77,7 @@ impl<K: Kernel> Helper<K> {
         let dropped = fit_lists(
             &mut owned,
             CutFrom::Longest,
-            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops],
+            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops, &mut o.dms],
             |o| Response::Owned(o.clone()),
         );
         if dropped > 0 {
@@ -149,6 +149,7 @@ mod tests {
             taps: (0..1000).map(info).collect(),
             nat: (0..1000).map(nat).collect(),
             loops: (0..1000).map(lp).collect(),
+            dms: Vec::new(),
         };
         let dropped = super::fit_lists(
             &mut owned,

@@ -1,5 +1,9 @@
 //! Loop attach, and the release of a loop device that teardown and the start-up reconcile use.
 //!
+//! A loop device is only ever the base or copy-on-write half of a VM's dm-snapshot
+//! ([`super::dm`]): where the helper cannot make one, the policy refuses every attach and the
+//! daemon gives the VM a file of its own instead.
+//!
 //! Attach, in order: the backing file arrives as a descriptor the client opened (proving it may
 //! open it); it is inspected before the state lock is taken, on a blocking thread with a time
 //! limit, from cached attributes and the mount table only (never asking its filesystem), and the
@@ -8,12 +12,18 @@
 //!
 //! 1. a device is created for this attach (`LOOP_CTL_ADD`): a device that did not exist a moment
 //!    ago cannot be held open by anyone, so no descriptor kept on some loop node ever reaches
-//!    this caller's disk; its node is given to `root:root` 0600 and stays so;
-//! 2. the entry (device, backing identity) is written to the ledger as an intent, so a helper
-//!    that stops after the attach leaves a device the ledger counts and the reconcile releases;
-//! 3. the file is attached in one `LOOP_CONFIGURE`, without autoclear (another root tool that
+//!    this caller's disk;
+//! 2. the entry (device, backing identity and size) is written to the ledger as an intent, so a
+//!    helper that stops after this leaves a device the ledger counts and the reconcile releases;
+//! 3. its node is given to `root:root` 0600 and stays so;
+//! 4. the file is attached in one `LOOP_CONFIGURE`, without autoclear (another root tool that
 //!    bound the new device first keeps it: the entry goes and the next try takes another);
-//! 4. the entry is settled.
+//! 5. the entry is settled.
+//!
+//! A failure after step 2 releases the device ([`release_loop`]) and records what that came to
+//! ([`record_release`]): the entry goes once the kernel has let the device go, and stays,
+//! released and counted, while it has not; teardown and the reconcile try again. So the helper
+//! never leaves a device it made (attached or empty) without an entry.
 //!
 //! A loop node is never handed to a user: whoever holds a loop device open can rebind it
 //! (`LOOP_CLR_FD`, `LOOP_SET_FD`, `LOOP_CHANGE_FD`) without any capability, which would void
@@ -30,7 +40,6 @@ use banger_policy::{BackingFile, EntryState, FileId, Ledger, LedgerEntry, Object
 use banger_protocol::{HelperError, LoopInfo, LoopRole, VmId};
 use nix::errno::Errno;
 
-use super::rollback::Rollback;
 use super::{Caller, Done, Helper, State};
 use crate::kernel::{KResult, Kernel, Loops};
 
@@ -45,12 +54,12 @@ pub(crate) fn loop_number(device: &str) -> Option<u32> {
     device.strip_prefix("/dev/loop")?.parse().ok()
 }
 
-/// What releasing a loop entry came to.
+/// What releasing a loop or dm entry came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Release {
     /// The kernel has let the device go (or it is no longer the entry's): the entry goes.
     Gone,
-    /// Detached, but the kernel keeps the device while someone holds it open: the entry stays,
+    /// Given up, but the kernel keeps the device while someone holds it open: the entry stays,
     /// released and counted.
     Held,
 }
@@ -130,6 +139,25 @@ impl<K: Kernel> Helper<K> {
         }
     }
 
+    /// Releases the device of `entry` after a failed attach and records what that came to; a
+    /// release that fails leaves the intent for teardown and the reconcile.
+    fn give_back(&self, st: &mut State, entry: &LedgerEntry) {
+        match release_loop(self.kernel.loops(), entry) {
+            Ok(release) => {
+                if let Err(e) = st.commit(|l| record_release(l, entry, release)) {
+                    tracing::error!(
+                        "{}: its entry stays in the ledger for the next teardown: {e}",
+                        describe(entry)
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                "{}: cannot release it after a failed attach ({e}); its entry stays in the ledger for the next teardown",
+                describe(entry)
+            ),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn loop_attach(
         &self,
@@ -139,24 +167,23 @@ impl<K: Kernel> Helper<K> {
         role: LoopRole,
         read_only: bool,
         backing: FileId,
+        size: u64,
         fd: OwnedFd,
     ) -> Done<LoopInfo> {
         let mut names = Vec::new();
         let loops = self.kernel.loops();
         let kind = ObjectKind::Loop(role);
         for _ in 0..ATTACH_TRIES {
-            // Step 1: a new device, root's.
-            let n = match loops.add().and_then(|n| loops.make_root_only(n).map(|()| n)) {
+            // Step 1: a new device.
+            let n = match loops.add() {
                 Ok(n) => n,
                 Err(e) => return Done::new(names, Err(e.into())),
             };
             let device = format!("/dev/loop{n}");
             names.push(device.clone());
-            let mut undo = Rollback::new(self.kernel.clone());
-            undo.loop_device(n);
             // Step 2: the intent. Any other entry naming this new device is stale (the number
             // was free) and goes, so no one's record ever vouches for it.
-            let object = Object::Loop { role, device: device.clone(), read_only, backing };
+            let object = Object::Loop { role, device: device.clone(), read_only, backing, size };
             let mut entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
             entry.state = EntryState::Intent;
             let intent = st.commit(|l| {
@@ -164,36 +191,37 @@ impl<K: Kernel> Helper<K> {
                 l.insert(entry.clone());
             });
             if let Err(e) = intent {
+                // Nothing records the device: it goes now, empty.
+                if let Err(undo) = release_loop(loops, &entry) {
+                    tracing::error!("{device}: cannot remove the new device: {undo}");
+                }
                 return Done::new(names, Err(e));
             }
-            // Step 3: the attach.
-            match loops.attach(n, fd.as_fd(), read_only) {
+            // Steps 3 and 4: root's, then the attach.
+            match loops.make_root_only(n).and_then(|()| loops.attach(n, fd.as_fd(), read_only)) {
                 Err(e) if matches!(e.errno_value(), Some(Errno::EBUSY | Errno::ENOENT | Errno::ENXIO)) => {
-                    // Another root tool bound it first: it is theirs now.
-                    undo.commit();
+                    // Another root tool bound it (or removed it) first: it is theirs now.
                     if let Err(e) = st.commit(|l| l.entries.retain(|x| *x != entry)) {
                         return Done::new(names, Err(e));
                     }
                     continue;
                 }
                 Err(e) => {
-                    drop(undo);
-                    let _ = st.commit(|l| l.entries.retain(|x| *x != entry));
+                    self.give_back(st, &entry);
                     return Done::new(names, Err(e.into()));
                 }
                 Ok(()) => {}
             }
-            // Step 4: settled.
+            // Step 5: settled.
             let settled = st.commit(|l| {
                 if let Some(e) = l.entries.iter_mut().find(|e| e.is(c.uid, c.install, vm, kind)) {
                     e.state = EntryState::Settled;
                 }
             });
             if let Err(e) = settled {
-                drop(undo);
+                self.give_back(st, &entry);
                 return Done::new(names, Err(e));
             }
-            undo.commit();
             let info = LoopInfo { install: c.install.clone(), vm: vm.clone(), role, device, read_only };
             return Done::new(names, Ok(info));
         }
@@ -205,6 +233,16 @@ impl<K: Kernel> Helper<K> {
             ),
         };
         Done::new(names, Err(error))
+    }
+}
+
+/// `loop /dev/loopN` or `dm NAME`: an entry's object, for logs and reports.
+pub(crate) fn describe(e: &LedgerEntry) -> String {
+    match &e.object {
+        Object::Tap { name, .. } => format!("tap {name}"),
+        Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
+        Object::Loop { device, .. } => format!("loop {device}"),
+        Object::Dm { name, .. } => format!("dm {name}"),
     }
 }
 
@@ -226,13 +264,7 @@ mod tests {
     const ROOT_ONLY: NodeState = NodeState { uid: 0, gid: 0, mode: 0o600 };
 
     fn register(kernel: &FakeKernel, uid: u32, access: FdAccess, ino: u64) -> OwnedFd {
-        let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
-        let id = FileId { dev: 1, ino };
-        kernel.register_backing(
-            fd.as_fd(),
-            BackingFile { regular: true, uid, fs_type: "ext4".into(), access, id },
-        );
-        fd
+        backing_fd(kernel, uid, access, ino, BASE_BYTES)
     }
 
     fn file(t: &TestHelper, uid: u32, access: FdAccess, ino: u64) -> OwnedFd {
@@ -321,6 +353,7 @@ mod tests {
             fs_type: "fuse.sshfs".into(),
             access: FdAccess::ReadOnly,
             id,
+            size: BASE_BYTES,
         };
         t.kernel.register_backing(fd.as_fd(), fuse);
         let r = t.req_fds(&p, attach(LoopRole::Base, true), vec![fd]).await;
@@ -374,6 +407,40 @@ mod tests {
         assert!(t.kernel.calls().iter().any(|c| c == "loop_remove /dev/loop0"));
         assert!(t.kernel.world().loops.is_empty());
         assert!(t.helper.snapshot().await.entries.is_empty());
+    }
+
+    /// A device the helper made and could not remove after a failed attach (the kernel said it
+    /// was busy: someone opened it for a moment) is never left without an entry: it stays in the
+    /// ledger, released and counted, until a teardown sees the kernel let it go.
+    #[tokio::test]
+    async fn a_device_a_failed_attach_cannot_remove_yet_stays_counted_until_it_goes() {
+        for failing in ["loop_root_only", "loop_attach"] {
+            let mut policy = test_policy();
+            policy.quotas.max_loops = 1;
+            let t = TestHelper::with_policy(policy);
+            t.kernel.fail(failing, "/dev/loop0", Errno::EIO, 1);
+            t.kernel.fail("loop_remove", "/dev/loop0", Errno::EBUSY, super::REMOVE_RETRIES.len());
+            let p = t.peer(1000, "home");
+            let r = t
+                .req_fds(&p, attach(LoopRole::Base, true), vec![file(&t, 1000, FdAccess::ReadOnly, 10)])
+                .await;
+            assert!(matches!(r, Response::Error(HelperError::Kernel { .. })), "{failing}: {r:?}");
+            assert!(t.kernel.world().loops.contains_key(&0), "{failing}: the device is still there");
+            assert!(
+                matches!(
+                    &t.helper.snapshot().await.entries[..],
+                    [LedgerEntry { state: EntryState::Released, .. }]
+                ),
+                "{failing}"
+            );
+            let r = t
+                .req_fds(&p, attach(LoopRole::Cow, false), vec![file(&t, 1000, FdAccess::ReadWrite, 11)])
+                .await;
+            assert_eq!(r, Response::Error(HelperError::QuotaExceeded { resource: "loops".into(), limit: 1 }));
+            assert!(teardown(&t, &p).await.failures.is_empty(), "{failing}");
+            assert!(t.kernel.world().loops.is_empty(), "{failing}");
+            assert!(t.helper.snapshot().await.entries.is_empty(), "{failing}");
+        }
     }
 
     #[tokio::test]

@@ -2,12 +2,14 @@
 //!
 //! [`Helper::handle`] runs each request in the same order, whatever it is:
 //!
-//! 1. it observes the request's inputs: how many descriptors came with it, and for a loop attach
-//!    the backing file, inspected before any lock is taken ([`banger_policy::Observed`]);
+//! 1. it observes the request's inputs: how many descriptors came with it, whether the helper can
+//!    make dm-snapshot targets here, and for a loop attach (where it can) the backing file,
+//!    inspected before any lock is taken ([`banger_policy::Observed`]);
 //! 2. mutating requests take the state lock, so they never interleave (ping does not);
 //! 3. [`banger_policy::authorize`] decides on the peer, the request, the ledger and what was
 //!    observed — the only place a request is allowed or refused — and hands over a
-//!    [`Grant`] (the lease and slot of a new TAP, the TAP a NAT goes over, how a loop is attached);
+//!    [`Grant`] (the lease and slot of a new TAP, the TAP a NAT goes over, how a loop is attached,
+//!    the loop devices a dm-snapshot goes over);
 //! 4. the operation acts on the grant: it derives every kernel name itself from
 //!    `(uid, install, vm)` and calls the kernel through the [`Kernel`] traits, undoing a partial
 //!    setup on failure ([`rollback`]). It can still fail on the kernel, on kernel state that is
@@ -17,7 +19,7 @@
 //!    call that makes an object, settled after, removed once the kernel has let the object go;
 //! 6. the answer and the names the operation touched go into the audit log.
 //!
-//! Each operation lives in its own module: [`tap`], [`nat`], [`loopdev`], [`list`],
+//! Each operation lives in its own module: [`tap`], [`nat`], [`loopdev`], [`dm`], [`list`],
 //! [`teardown`], and the start-up [`reconcile`] with the kernel.
 
 use std::os::fd::OwnedFd;
@@ -30,9 +32,10 @@ use banger_protocol::{
 use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Record};
-use crate::kernel::{Kernel, Loops as _};
+use crate::kernel::{Dm as _, Kernel, Loops as _};
 use crate::ledger_store::LedgerStore;
 
+pub mod dm;
 pub mod list;
 pub mod loopdev;
 pub mod nat;
@@ -126,9 +129,10 @@ impl<K: Kernel> Helper<K> {
         store: Option<LedgerStore>,
         audit: AuditLog,
     ) -> Self {
-        // Only what the helper can do now: it has no device-mapper or jailer operation yet.
+        // What the helper can do here now: dm-snapshots only where the kernel has device-mapper
+        // and the helper kept what it needs for it; no jailer operation yet.
         let capabilities = Capabilities {
-            device_mapper: false,
+            device_mapper: kernel.dm().probe(),
             jailer: false,
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
@@ -146,6 +150,11 @@ impl<K: Kernel> Helper<K> {
     /// The policy in force (the server sorts arriving peers into its connection pools by it).
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// What this helper can do here, as `Hello` answers it.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.capabilities
     }
 
     /// Waits for the operation in progress, if any, and keeps every later one from starting: for
@@ -231,10 +240,12 @@ impl<K: Kernel> Helper<K> {
     async fn dispatch(&self, peer: &Peer, request: &Request, fds: Vec<OwnedFd>) -> Done<Response> {
         let refused = |e| Done::new(vec![], Err(e));
         // Step 1: what came with the request. The backing file is inspected before the lock:
-        // nothing its filesystem does can hold up anyone else.
-        let mut observed = Observed { fds: fds.len(), backing: None };
+        // nothing its filesystem does can hold up anyone else. Without device-mapper no loop is
+        // attached, so nothing is inspected.
+        let device_mapper = self.capabilities.device_mapper;
+        let mut observed = Observed { fds: fds.len(), backing: None, device_mapper };
         let mut backing_fd = None;
-        if let (Request::LoopAttach { .. }, [_]) = (request, fds.as_slice()) {
+        if let (Request::LoopAttach { .. }, [_], true) = (request, fds.as_slice(), device_mapper) {
             let (fd, inspected) = self.inspect_backing(fds.into_iter().next().expect("one fd")).await;
             (backing_fd, observed.backing) = (fd, Some(inspected));
         } else {
@@ -274,12 +285,17 @@ impl<K: Kernel> Helper<K> {
             (Request::NatUp { vm }, Grant::Nat { tap, host_ip, guest_ip }) => {
                 self.nat_up(&mut st, c, vm, tap, host_ip, guest_ip).await.map(Response::Nat)
             }
-            (Request::LoopAttach { vm, role, .. }, Grant::Loop { read_only, backing }) => match backing_fd {
-                Some(fd) => {
-                    self.loop_attach(&mut st, c, vm, *role, read_only, backing, fd).map(Response::Loop)
+            (Request::LoopAttach { vm, role, .. }, Grant::Loop { read_only, backing, size }) => {
+                match backing_fd {
+                    Some(fd) => self
+                        .loop_attach(&mut st, c, vm, *role, read_only, backing, size, fd)
+                        .map(Response::Loop),
+                    None => refused(HelperError::internal("loop-attach was granted without its descriptor")),
                 }
-                None => refused(HelperError::internal("loop-attach was granted without its descriptor")),
-            },
+            }
+            (Request::DmCreate { vm }, Grant::Dm(grant)) => {
+                self.dm_create(&mut st, c, vm, *grant).await.map(Response::Dm)
+            }
             (Request::TeardownVms { vms }, Grant::Proceed) => {
                 self.teardown(&mut st, c, vms).await.map(Response::Teardown)
             }
@@ -318,10 +334,8 @@ mod tests {
         let reply = t.helper.hello(&mut p, PROTOCOL_VERSION, InstallId::new("home").unwrap()).unwrap();
         assert_eq!(reply.version, PROTOCOL_VERSION);
         assert!(reply.capabilities.loop_configure);
-        assert!(
-            !reply.capabilities.device_mapper && !reply.capabilities.jailer,
-            "no dm or jailer operation yet"
-        );
+        assert!(reply.capabilities.device_mapper, "the fake kernel has device-mapper");
+        assert!(!reply.capabilities.jailer, "no jailer operation yet");
         assert_eq!(p.install, Some(InstallId::new("home").unwrap()));
 
         let audit = t.audit_lines();

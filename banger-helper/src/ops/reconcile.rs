@@ -1,6 +1,11 @@
 //! Start-up reconcile: the ledger is checked against the kernel before the first request, with
 //! the rules teardown follows.
 //!
+//! - dm entries first: a settled one stays while its target is there with its uuid (the node is
+//!   left as it is); one whose target is gone (or holds another uuid) leaves the ledger, its node
+//!   taken back and unlinked; an intent or a released one is released
+//!   ([`super::dm::release_dm`]: node, then target) and leaves the ledger once the kernel has let
+//!   the target go;
 //! - a TAP the ledger holds as an intent (a helper stopped between the ledger write and
 //!   settling it) is deleted, whatever the kernel says its owner is, and then leaves the ledger;
 //!   a settled TAP stays while its link exists, whatever its owner;
@@ -9,8 +14,11 @@
 //!   the ledger once the kernel has let the device go; an entry whose device is gone or holds
 //!   another file leaves the ledger;
 //! - a NAT entry whose tagged rules are gone leaves the ledger;
-//! - a banger-named TAP or tagged rule the ledger does not know is reported in the log, not
-//!   touched: the helper never deletes what it cannot prove is its own;
+//! - a banger-named TAP or dm target, or a tagged rule, that the ledger does not know is reported
+//!   in the log, not touched: the helper never deletes what it cannot prove is its own;
+//! - a node in the node directory that no dm entry names is taken back and unlinked: that
+//!   directory is the helper's alone, so whatever is in it is a node the helper made, and a node
+//!   left there could name a device number the kernel hands out again;
 //! - leases stay: they are the uid's for good.
 
 use std::collections::BTreeSet;
@@ -18,9 +26,10 @@ use std::collections::BTreeSet;
 use banger_policy::{EntryState, LedgerEntry, Object, ObjectKind};
 
 use super::Helper;
-use super::loopdev::{Release, loop_number, record_release, release_loop};
-use crate::kernel::{Firewall as _, Kernel, Links as _, Loops as _};
-use crate::names::{VmKey, is_banger_tap_name};
+use super::dm::release_dm;
+use super::loopdev::{Release, describe, loop_number, record_release, release_loop};
+use crate::kernel::{Dm as _, Firewall as _, Kernel, Links as _, Loops as _};
+use crate::names::{VmKey, is_banger_dm_name, is_banger_tap_name};
 
 /// What the reconcile found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,14 +40,6 @@ pub struct ReconcileReport {
     pub unknown: Vec<String>,
     /// Checks that could not run.
     pub errors: Vec<String>,
-}
-
-fn describe(e: &LedgerEntry) -> String {
-    match &e.object {
-        Object::Tap { name, .. } => format!("tap {name}"),
-        Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
-        Object::Loop { device, .. } => format!("loop {device}"),
-    }
 }
 
 impl<K: Kernel> Helper<K> {
@@ -62,9 +63,13 @@ impl<K: Kernel> Helper<K> {
             }
         };
         let loops = self.kernel.loops();
+        let dm = self.kernel.dm();
         let mut gone: Vec<LedgerEntry> = Vec::new();
         let mut released = Vec::new();
-        for e in st.ledger.entries.clone() {
+        // dm entries first: a target holds its loop devices.
+        let mut entries = st.ledger.entries.clone();
+        entries.sort_by_key(|e| e.kind() != ObjectKind::Dm);
+        for e in entries {
             let key = VmKey::new(e.uid, &e.install, &e.vm);
             match &e.object {
                 Object::Tap { name, .. } if e.state != EntryState::Settled => {
@@ -83,6 +88,29 @@ impl<K: Kernel> Helper<K> {
                 Object::Nat { .. } => {
                     if view.as_ref().is_some_and(|v| v.tagged(&key.rule_tag()).next().is_none()) {
                         gone.push(e);
+                    }
+                }
+                Object::Dm { name, uuid, .. } => {
+                    let live = match dm.info(name) {
+                        Ok(status) => Ok(status.is_some_and(|s| s.uuid == *uuid)),
+                        Err(err) => Err(err),
+                    };
+                    let release = match live {
+                        Ok(true) if e.state == EntryState::Settled => continue,
+                        // Gone from the kernel: only its node may be left.
+                        Ok(false) if e.state == EntryState::Settled => {
+                            dm.release_node(name).map(|()| Release::Gone)
+                        }
+                        Ok(_) => release_dm(dm, &e),
+                        Err(err) => {
+                            report.errors.push(format!("cannot read dm {name}: {err}"));
+                            continue;
+                        }
+                    };
+                    match release {
+                        Ok(Release::Gone) => gone.push(e),
+                        Ok(Release::Held) => released.push(e),
+                        Err(err) => report.errors.push(format!("cannot release dm {name}: {err}")),
                     }
                 }
                 Object::Loop { device, backing, .. } => {
@@ -129,6 +157,34 @@ impl<K: Kernel> Helper<K> {
             tracing::warn!("tap {name} looks like banger's but is not in the ledger; left alone");
             report.unknown.push(format!("tap {name}"));
         }
+        match dm.list() {
+            Ok(targets) => {
+                for name in targets.iter().filter(|n| is_banger_dm_name(n) && !st.ledger.holds_dm(n)) {
+                    tracing::warn!("dm {name} looks like banger's but is not in the ledger; left alone");
+                    report.unknown.push(format!("dm {name}"));
+                }
+            }
+            Err(e) => report.errors.push(format!("cannot list dm targets: {e}")),
+        }
+        match dm.nodes() {
+            Ok(nodes) => {
+                for name in nodes.iter().filter(|n| !st.ledger.holds_dm(n)) {
+                    match dm.release_node(name) {
+                        Ok(()) => {
+                            tracing::info!(
+                                "node {} named no target of the ledger; removed",
+                                dm.node_path(name)
+                            );
+                            report.dropped.push(format!("node {}", dm.node_path(name)));
+                        }
+                        Err(e) => {
+                            report.errors.push(format!("cannot remove node {}: {e}", dm.node_path(name)))
+                        }
+                    }
+                }
+            }
+            Err(e) => report.errors.push(format!("cannot list the node directory: {e}")),
+        }
         if let Some(v) = &view {
             for key in v.vms() {
                 if st.ledger.find(key.uid, &key.install, &key.vm, ObjectKind::Nat).is_none() {
@@ -162,8 +218,14 @@ mod tests {
         }
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let id = FileId { dev: 1, ino: 5 };
-        let file =
-            BackingFile { regular: true, uid: 1000, fs_type: "ext4".into(), access: FdAccess::ReadOnly, id };
+        let file = BackingFile {
+            regular: true,
+            uid: 1000,
+            fs_type: "ext4".into(),
+            access: FdAccess::ReadOnly,
+            id,
+            size: 1,
+        };
         t.kernel.register_backing(std::os::fd::AsFd::as_fd(&fd), file);
         let r = t
             .req_fds(&p, Request::LoopAttach { vm: vm("a"), role: LoopRole::Base, read_only: true }, vec![fd])

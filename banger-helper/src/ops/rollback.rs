@@ -3,20 +3,21 @@
 //! Each kernel step of a setup registers its undo here as soon as it succeeded. The operation
 //! then either [`commits`](Rollback::commit) (the object is recorded in the ledger) or awaits
 //! [`Rollback::undo`] on its error path, which undoes the steps in reverse. If the guard is
-//! dropped without either (a panic), [`Drop`] still undoes: loop steps right away, link deletions
-//! on the runtime.
+//! dropped without either (a panic), [`Drop`] still undoes, on the runtime.
+//!
+//! Loop devices and dm targets need no guard: their entry is written to the ledger before the
+//! device exists, and a failed setup releases them through it (`loopdev::give_back`,
+//! `dm::undo`), keeping the entry, counted, while the kernel holds on to the device.
 
 use std::sync::Arc;
 
-use crate::kernel::{Kernel, Links as _, Loops as _};
+use crate::kernel::{Kernel, Links as _};
 
 /// One step to undo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
     /// Delete a link the setup created.
     Link(String),
-    /// Detach `/dev/loopN` and remove the device.
-    Loop(u32),
 }
 
 /// The undo list of one setup.
@@ -36,11 +37,6 @@ impl<K: Kernel> Rollback<K> {
         self.steps.push(Step::Link(name));
     }
 
-    /// The setup attached loop device `n`.
-    pub(crate) fn loop_device(&mut self, n: u32) {
-        self.steps.push(Step::Loop(n));
-    }
-
     /// Keeps everything.
     pub(crate) fn commit(mut self) {
         self.steps.clear();
@@ -57,23 +53,8 @@ impl<K: Kernel> Rollback<K> {
                         tracing::error!("rollback: cannot delete link {name}: {e}");
                     }
                 }
-                Step::Loop(n) => undo_loop(&*self.kernel, n),
             }
         }
-    }
-}
-
-fn undo_loop<K: Kernel>(kernel: &K, n: u32) {
-    let loops = kernel.loops();
-    if let Err(e) = loops.detach(n) {
-        tracing::error!("rollback: cannot detach /dev/loop{n}: {e}");
-        return;
-    }
-    match loops.remove(n) {
-        Ok(()) => {}
-        Err(e) if e.errno_value() == Some(nix::errno::Errno::ENODEV) => {}
-        // Empty and root's; never bound again, since only devices created for an attach are.
-        Err(e) => tracing::warn!("rollback: /dev/loop{n} detached but not removed: {e}"),
     }
 }
 
@@ -82,16 +63,7 @@ impl<K: Kernel> Drop for Rollback<K> {
         if self.steps.is_empty() {
             return;
         }
-        let mut links = Vec::new();
-        while let Some(step) = self.steps.pop() {
-            match step {
-                Step::Link(name) => links.push(name),
-                Step::Loop(n) => undo_loop(&*self.kernel, n),
-            }
-        }
-        if links.is_empty() {
-            return;
-        }
+        let links: Vec<String> = self.steps.drain(..).rev().map(|Step::Link(name)| name).collect();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let kernel = self.kernel.clone();

@@ -3,8 +3,14 @@
 //!
 //! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
 //! removing the rules of every listed VM (found by their tag), the deletion of their TAPs
-//! together, and the release of their loop devices ([`super::loopdev::release_loop`], each on a
-//! blocking thread, so the kernel's waits overlap). Which TAP goes:
+//! together, and the release of their disk devices, each VM's on blocking threads of its own so
+//! the kernel's waits overlap. A VM's disk devices go in one order: its dm-snapshot target first
+//! ([`super::dm::release_dm`]: the node back to root and unlinked, then the target), and only
+//! once the kernel has let the target go its loop devices ([`super::loopdev::release_loop`]). A
+//! target someone holds open stays, released and counted, and so do its loop devices, untouched
+//! (the target holds them anyway); the failure is reported and a later teardown tries again.
+//!
+//! Which TAP goes:
 //!
 //! - a TAP the ledger holds for the VM (settled or only intended) is deleted, whatever the kernel
 //!   says its owner is now: its owner may have given it away with `TUNSETOWNER`, and it stays
@@ -22,14 +28,49 @@ use std::collections::BTreeSet;
 use banger_policy::{LedgerEntry, Object, ObjectKind};
 use banger_protocol::{HelperError, Response, TeardownFailure, TeardownReport, VmId};
 
+use super::dm::release_dm;
 use super::list::{CutFrom, fit_lists};
-use super::loopdev::{Release, record_release, release_loop};
+use super::loopdev::{Release, describe, record_release, release_loop};
 use super::{Caller, Done, Helper, State};
 use crate::firewall::plan_vm_rules;
-use crate::kernel::{Firewall as _, Kernel, LinkOwner, Links as _};
+use crate::kernel::{Firewall as _, KResult, Kernel, LinkOwner, Links as _};
 use crate::names::VmKey;
 
 impl<K: Kernel> Helper<K> {
+    /// Releases one VM's disk devices in order: the dm target, then (once it is gone) the loop
+    /// devices, each on a blocking thread. One result per device acted on.
+    async fn release_disks(
+        &self,
+        dm: Option<LedgerEntry>,
+        loops: Vec<LedgerEntry>,
+    ) -> Result<Vec<(LedgerEntry, KResult<Release>)>, tokio::task::JoinError> {
+        let mut results = Vec::new();
+        if let Some(entry) = dm {
+            let kernel = self.kernel.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let r = release_dm(kernel.dm(), &entry);
+                (entry, r)
+            })
+            .await?;
+            let gone = matches!(r.1, Ok(Release::Gone));
+            results.push(r);
+            if !gone {
+                return Ok(results);
+            }
+        }
+        let releases = futures::future::join_all(loops.into_iter().map(|e| {
+            let kernel = self.kernel.clone();
+            tokio::task::spawn_blocking(move || {
+                let r = release_loop(kernel.loops(), &e);
+                (e, r)
+            })
+        }));
+        for r in releases.await {
+            results.push(r?);
+        }
+        Ok(results)
+    }
+
     pub(crate) async fn teardown(&self, st: &mut State, c: Caller<'_>, vms: &[VmId]) -> Done<TeardownReport> {
         let vms: Vec<VmId> = vms.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let keys: Vec<VmKey> = vms.iter().map(|vm| VmKey::new(c.uid, c.install, vm)).collect();
@@ -56,17 +97,26 @@ impl<K: Kernel> Helper<K> {
         }
         let doomed: Vec<String> =
             taps.iter().filter(|(_, _, d)| matches!(d, Ok(true))).map(|(_, n, _)| n.clone()).collect();
-        let loop_entries: Vec<LedgerEntry> = st
-            .ledger
-            .entries_of(c.uid)
-            .filter(|e| {
-                &e.install == c.install && vms.contains(&e.vm) && matches!(e.object, Object::Loop { .. })
-            })
-            .cloned()
-            .collect();
-        for e in &loop_entries {
-            if let Object::Loop { device, .. } = &e.object {
-                names.push(device.clone());
+        // Each VM's disk devices: its dm target, if any, and its loop devices.
+        let mut disks = Vec::new();
+        for vm in &vms {
+            let mut dm = None;
+            let mut loops = Vec::new();
+            for e in st.ledger.entries_of_vm(c.uid, c.install, vm) {
+                match &e.object {
+                    Object::Dm { name, .. } => {
+                        names.push(name.clone());
+                        dm = Some(e.clone());
+                    }
+                    Object::Loop { device, .. } => {
+                        names.push(device.clone());
+                        loops.push(e.clone());
+                    }
+                    Object::Tap { .. } | Object::Nat { .. } => {}
+                }
+            }
+            if dm.is_some() || !loops.is_empty() {
+                disks.push((dm, loops));
             }
         }
 
@@ -79,20 +129,16 @@ impl<K: Kernel> Helper<K> {
             Ok::<_, crate::kernel::KernelError>(())
         };
         let links = self.kernel.links().delete(&doomed);
-        // Each device on a blocking thread of its own: removing one waits for the kernel (tens of
-        // milliseconds), and the waits of several overlap.
-        let loops = futures::future::join_all(loop_entries.into_iter().map(|e| {
-            let kernel = self.kernel.clone();
-            tokio::task::spawn_blocking(move || {
-                let r = release_loop(kernel.loops(), &e);
-                (e, r)
-            })
-        }));
-        let (fw, link_results, loop_results) = tokio::join!(firewall, links, loops);
-        let loop_results = match loop_results.into_iter().collect::<Result<Vec<_>, _>>() {
-            Ok(r) => r,
+        let storage =
+            futures::future::join_all(disks.into_iter().map(|(dm, loops)| self.release_disks(dm, loops)));
+        let (fw, link_results, disk_results) = tokio::join!(firewall, links, storage);
+        let disk_results = match disk_results.into_iter().collect::<Result<Vec<_>, _>>() {
+            Ok(r) => r.into_iter().flatten(),
             Err(e) => {
-                return Done::new(names, Err(HelperError::internal(format!("loop release failed: {e}"))));
+                return Done::new(
+                    names,
+                    Err(HelperError::internal(format!("a disk device release failed: {e}"))),
+                );
             }
         };
 
@@ -124,15 +170,19 @@ impl<K: Kernel> Helper<K> {
             }
         }
         let mut released = Vec::new();
-        for (entry, r) in loop_results {
-            let Object::Loop { device, .. } = &entry.object else { continue };
-            let object = format!("loop {device}");
+        for (entry, r) in disk_results {
+            let object = describe(&entry);
             match r {
                 Ok(release) => {
                     if release == Release::Held {
-                        let what = format!(
-                            "{device} is detached but held open by someone; it stays counted until the kernel lets it go"
-                        );
+                        let what = match &entry.object {
+                            Object::Dm { name, .. } => format!(
+                                "dm {name} is still open (its VMM may still run): its node is gone, but the target and its loop devices stay counted until it is closed; tear the vm down again then"
+                            ),
+                            _ => format!(
+                                "{object} is detached but held open by someone; it stays counted until the kernel lets it go"
+                            ),
+                        };
                         let error = HelperError::Conflict { what };
                         report.failures.push(TeardownFailure { vm: entry.vm.clone(), object, error });
                     }
@@ -199,6 +249,7 @@ mod tests {
                 fs_type: "ext4".into(),
                 access: FdAccess::ReadOnly,
                 id: banger_policy::FileId { dev: 1, ino },
+                size: BASE_BYTES,
             },
         );
         let r = t

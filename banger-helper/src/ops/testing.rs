@@ -2,17 +2,34 @@
 //! in-memory ledger and audit log.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use banger_policy::{
-    Access, Audit, AuditTarget, GuestToHost, Ledger, Network, Peer, Policy, PortRule, Proto, Quotas, Uplink,
+    Access, Audit, AuditTarget, FileId, GuestToHost, Ledger, Network, Peer, Policy, PortRule, Proto, Quotas,
+    Uplink,
 };
-use banger_protocol::{InstallId, Request, Response, VmId};
+use banger_protocol::{InstallId, LoopInfo, LoopRole, Request, Response, VmId, min_cow_bytes};
 
 use super::Helper;
 use crate::audit::AuditLog;
 use crate::kernel::fake::FakeKernel;
+use crate::kernel::{BackingFile, FdAccess};
+
+/// The size of the base images of the tests.
+pub(crate) const BASE_BYTES: u64 = 1 << 20;
+
+/// A descriptor the fake kernel inspects as a regular file of `uid` on ext4, opened with
+/// `access`, with inode `ino`, of `size` bytes.
+pub(crate) fn backing_fd(kernel: &FakeKernel, uid: u32, access: FdAccess, ino: u64, size: u64) -> OwnedFd {
+    let fd: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+    let id = FileId { dev: 1, ino };
+    kernel.register_backing(
+        fd.as_fd(),
+        BackingFile { regular: true, uid, fs_type: "ext4".into(), access, id, size },
+    );
+    fd
+}
 
 /// Uids the test policy lets in.
 pub(crate) const ALLOWED: [u32; 6] = [1, 2, 3, 1000, 1001, 1002];
@@ -58,7 +75,12 @@ impl TestHelper {
     }
 
     pub(crate) fn with_policy(policy: Policy) -> Self {
-        let kernel = Arc::new(FakeKernel::new());
+        Self::with_kernel(policy, FakeKernel::new())
+    }
+
+    /// A helper over `kernel` (e.g. one without device-mapper).
+    pub(crate) fn with_kernel(policy: Policy, kernel: FakeKernel) -> Self {
+        let kernel = Arc::new(kernel);
         let (audit, buf) = AuditLog::memory();
         let helper = Helper::new(policy, kernel.clone(), Ledger::default(), None, audit);
         TestHelper { helper, kernel, audit: buf }
@@ -82,6 +104,22 @@ impl TestHelper {
 
     pub(crate) async fn req_fds(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> Response {
         self.helper.handle(peer, request, fds).await
+    }
+
+    /// Attaches `vm`'s base image read-only and a copy-on-write file just large enough for it
+    /// read-write (inodes `ino` and `ino + 1`), as bangerd does before a dm-create.
+    pub(crate) async fn attach_disks(&self, peer: &Peer, vm_id: &str, ino: u64) -> (LoopInfo, LoopInfo) {
+        let base = backing_fd(&self.kernel, peer.uid, FdAccess::ReadOnly, ino, BASE_BYTES);
+        let cow = backing_fd(&self.kernel, peer.uid, FdAccess::ReadWrite, ino + 1, min_cow_bytes(BASE_BYTES));
+        let mut infos = Vec::new();
+        for (role, read_only, fd) in [(LoopRole::Base, true, base), (LoopRole::Cow, false, cow)] {
+            let r =
+                self.req_fds(peer, Request::LoopAttach { vm: vm(vm_id), role, read_only }, vec![fd]).await;
+            let Response::Loop(info) = r else { panic!("{role:?}: {r:?}") };
+            infos.push(info);
+        }
+        let cow = infos.pop().unwrap();
+        (infos.pop().unwrap(), cow)
     }
 
     pub(crate) fn audit_lines(&self) -> Vec<crate::audit::Record> {

@@ -143,13 +143,38 @@ pub fn temp_dir() -> tempfile::TempDir {
     dir
 }
 
-/// The real helper, running in a namespace on a temporary socket. Stopped on drop.
+/// Whether a test of the kernel tier (device-mapper) can run: true inside the tier's guest
+/// (`BANGER_KERNEL_TIER=1`). Outside it: under `CI=true` the test fails (it would otherwise pass
+/// without having run); elsewhere it is reported as skipped with the reason.
+pub fn in_kernel_tier_or_skip(what: &str) -> bool {
+    if std::env::var("BANGER_KERNEL_TIER").as_deref() == Ok("1") {
+        return true;
+    }
+    let why = "needs device-mapper and a real kernel: runs in the kernel tier \
+               (tests/run, or `cargo run -p banger-tests --bin kernel-tier -- suite`)";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} {why}, and CI=true: not run outside the tier");
+    }
+    eprintln!("SKIPPED: {what} {why}");
+    false
+}
+
+/// Where a helper whose state is `state` makes its dm nodes: a directory of its own under `/dev`
+/// (device nodes need a filesystem mounted without `nodev`), named after the test's directory.
+pub fn node_dir_for(state: &Path) -> PathBuf {
+    let tag = state.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned());
+    PathBuf::from("/dev").join(tag.unwrap_or_else(|| format!("bgh-nodes-{}", std::process::id())))
+}
+
+/// The real helper, running in a namespace on a temporary socket. Stopped on drop (and its node
+/// directory removed, if empty).
 pub struct Helper {
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub state: PathBuf,
     pub log: PathBuf,
+    pub node_dir: PathBuf,
     ns: String,
 }
 
@@ -217,7 +242,8 @@ impl Helper {
             }
         }
         let child = cmd.spawn().unwrap();
-        let mut h = Helper { child: Some(child), dir, socket, state, log, ns: ns.name.clone() };
+        let node_dir = node_dir_for(&state);
+        let mut h = Helper { child: Some(child), dir, socket, state, log, node_dir, ns: ns.name.clone() };
         h.wait_ready();
         h
     }
@@ -228,7 +254,7 @@ impl Helper {
     }
 
     /// The command [`Helper::spawn`] runs, with a umask of 077 (as `sudo` may leave it, and as
-    /// the unit sets it).
+    /// the unit sets it), and its dm nodes in [`node_dir_for`] `state`.
     pub fn command(ns: &str, socket: &Path, policy: &Path, state: &Path, log: &Path) -> Command {
         use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(log).unwrap();
@@ -246,6 +272,8 @@ impl Helper {
             .arg(policy)
             .arg("--state-dir")
             .arg(state)
+            .arg("--node-dir")
+            .arg(node_dir_for(state))
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -301,6 +329,17 @@ impl Helper {
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
 
+    /// Kills the helper with SIGKILL, as a crash would (nothing of it runs after), and proves the
+    /// process is gone; returns its directory so it can be restarted on the same state.
+    pub fn kill_9(mut self) -> tempfile::TempDir {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert!(!Path::new(&format!("/proc/{}", child.id())).exists());
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
     fn terminate(&mut self) {
         let Some(mut child) = self.child.take() else { return };
         let pid = Pid::from_raw(child.id() as i32);
@@ -321,6 +360,7 @@ impl Helper {
 impl Drop for Helper {
     fn drop(&mut self) {
         self.terminate();
+        let _ = std::fs::remove_dir(&self.node_dir);
     }
 }
 
@@ -569,17 +609,27 @@ fn tap_as(ns: &Netns, name: &str, uid: u32, new_owner: Option<u32>) -> Result<()
     }
 }
 
-/// Backing files for loop devices, in a private directory. On drop, any loop device still
-/// attached to one of them (a test that failed half-way) is given back to root and detached, so
-/// a failing test leaves no device behind either.
+/// Backing files for loop devices, in a private directory. On drop, any dm target over a loop
+/// device still attached to one of them, then the device (a test that failed half-way), is
+/// removed, so a failing test leaves no device behind either.
+///
+/// In the kernel tier the directory is a tmpfs of its own: the guest's `/tmp` is an overlay,
+/// which the helper does not attach loop devices over. Make these before starting the helper,
+/// so the mount is in its mount table.
 pub struct BackingFiles {
     dir: tempfile::TempDir,
     files: Vec<PathBuf>,
+    mounted: bool,
 }
 
 impl BackingFiles {
     pub fn new() -> Self {
-        BackingFiles { dir: temp_dir(), files: Vec::new() }
+        let dir = temp_dir();
+        let in_tier = std::env::var("BANGER_KERNEL_TIER").as_deref() == Ok("1");
+        if in_tier {
+            run(Command::new("mount").args(["-t", "tmpfs", "-o", "mode=0755", "tmpfs"]).arg(dir.path()));
+        }
+        BackingFiles { dir, files: Vec::new(), mounted: in_tier }
     }
 
     /// A file of `size` bytes owned by `uid` (mode 0600).
@@ -598,10 +648,18 @@ impl Drop for BackingFiles {
     fn drop(&mut self) {
         for f in &self.files {
             for dev in loops_of(f) {
+                let holders = format!("/sys/block/{}/holders", dev.trim_start_matches("/dev/"));
+                for holder in std::fs::read_dir(holders).into_iter().flatten().flatten() {
+                    let name = std::fs::read_to_string(holder.path().join("dm/name")).unwrap_or_default();
+                    let _ = Command::new("dmsetup").args(["--noudevsync", "remove", name.trim()]).output();
+                }
                 let _ = std::os::unix::fs::chown(&dev, Some(0), Some(0));
                 let _ = std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600));
                 let _ = Command::new("losetup").args(["-d", &dev]).output();
             }
+        }
+        if self.mounted {
+            let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
         }
     }
 }

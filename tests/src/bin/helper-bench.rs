@@ -1,6 +1,6 @@
 //! `helper-bench`: how fast the root helper does its work, measured against doing the same kernel
-//! work by shelling out to `ip`, `iptables`, `sysctl` and `losetup`, and against calling the
-//! helper's operations in-process without the socket (the floor).
+//! work by shelling out to `ip`, `iptables`, `sysctl`, `losetup` and `dmsetup`, and against
+//! calling the helper's operations in-process without the socket (the floor).
 //!
 //! Run as root, after building the helper (the benchmark starts the real binary):
 //!
@@ -14,13 +14,16 @@
 //! and the in-process operations all work in it. What is measured:
 //!
 //! 1. ping round trip through the socket (p50, p99);
-//! 2. one VM's host setup (TAP, NAT up, two loop attaches; the lease is taken by the first TAP,
-//!    in a warm-up round) and its teardown (one `TeardownVms`, as bangerd sends it; by shelling
-//!    out, the same steps one command each), through the helper, by shelling out, and in-process,
-//!    the three alternating round by round;
+//! 2. one VM's host setup (TAP, NAT up, and where the helper can make dm-snapshot roots two loop
+//!    attaches and the dm-snapshot with its node — where it cannot, it attaches no loop device
+//!    and bangerd copies the image instead, which is not the helper's work; the lease is taken by
+//!    the first TAP, in a warm-up round) and its teardown (one `TeardownVms`, as bangerd sends
+//!    it; by shelling out, the same steps one command each), through the helper, by shelling out,
+//!    and in-process, the three alternating round by round;
 //! 3. tearing down 20 VMs in one request against tearing down one.
 //!
-//! Loop devices are global: the benchmark detaches whatever it attached, even on failure.
+//! Loop devices and dm targets are global: the benchmark removes whatever it made, even on
+//! failure.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -36,12 +39,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::{Iptables, LinuxKernel};
+use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
 use banger_helper::ledger_store::LedgerStore;
 use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
 use banger_protocol::frame::{recv_blocking, send_blocking};
-use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId};
+use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId, min_cow_bytes};
 use clap::Parser;
 
 /// Benchmark of banger-helper against shelling out and against the in-process floor.
@@ -143,6 +146,11 @@ struct HelperProcess {
     child: Child,
 }
 
+/// Where the helper (`helper`) and the floor (`floor`) make their dm nodes: on devtmpfs.
+fn node_dir(role: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/bgbench-{role}-{}", std::process::id()))
+}
+
 impl HelperProcess {
     fn start(bin: &Path, dir: &Path, policy: &Path, ns: &Netns) -> anyhow::Result<(HelperProcess, PathBuf)> {
         let socket = dir.join("helper.sock");
@@ -157,6 +165,8 @@ impl HelperProcess {
             .arg(policy)
             .arg("--state-dir")
             .arg(dir.join("helper-state"))
+            .arg("--node-dir")
+            .arg(node_dir("helper"))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -196,19 +206,22 @@ impl Drop for HelperProcess {
     }
 }
 
-/// The benchmark's backing files; any loop device still attached to them is detached on drop.
+/// The benchmark's backing files; any dm target over a loop device still attached to them is
+/// removed on drop, then the device detached.
 struct Files {
     base: PathBuf,
     cow: PathBuf,
 }
 
+/// The base image's size.
+const BASE_BYTES: u64 = 64 << 20;
+
 impl Files {
     fn create(dir: &Path) -> anyhow::Result<Files> {
         let base = dir.join("base.img");
         let cow = dir.join("cow.img");
-        for p in [&base, &cow] {
-            File::create(p)?.set_len(64 << 20)?;
-        }
+        File::create(&base)?.set_len(BASE_BYTES)?;
+        File::create(&cow)?.set_len(min_cow_bytes(BASE_BYTES))?;
         Ok(Files { base, cow })
     }
 
@@ -225,6 +238,12 @@ impl Drop for Files {
             let out = Command::new("losetup").arg("-j").arg(f).output();
             let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
             for dev in text.lines().filter_map(|l| l.split(':').next()) {
+                let holders = format!("/sys/block/{}/holders", dev.trim_start_matches("/dev/"));
+                for holder in std::fs::read_dir(holders).into_iter().flatten().flatten() {
+                    let name = std::fs::read_to_string(holder.path().join("dm/name")).unwrap_or_default();
+                    eprintln!("helper-bench: removing leftover dm target {}", name.trim());
+                    let _ = Command::new("dmsetup").args(["--noudevsync", "remove", name.trim()]).output();
+                }
                 eprintln!("helper-bench: detaching leftover {dev}");
                 let _ = std::os::unix::fs::chown(dev, Some(0), Some(0));
                 let _ = Command::new("losetup").args(["-d", dev]).output();
@@ -239,14 +258,14 @@ struct Client {
 }
 
 impl Client {
-    fn connect(socket: &Path, install: &str) -> anyhow::Result<Client> {
+    /// Connects and says hello; returns the client and whether the helper can make dm-snapshot
+    /// roots.
+    fn connect(socket: &Path, install: &str) -> anyhow::Result<(Client, bool)> {
         let c = Client { sock: UnixStream::connect(socket)? };
         let hello =
             c.call(Request::Hello { version: PROTOCOL_VERSION, install_id: InstallId::new(install)? }, &[])?;
-        if !matches!(hello, Response::Hello(_)) {
-            bail!("hello refused: {hello:?}");
-        }
-        Ok(c)
+        let Response::Hello(hello) = hello else { bail!("hello refused: {hello:?}") };
+        Ok((c, hello.capabilities.device_mapper))
     }
 
     fn call(&self, req: Request, fds: &[BorrowedFd<'_>]) -> anyhow::Result<Response> {
@@ -263,13 +282,18 @@ fn vm(s: &str) -> VmId {
     VmId::new(s).expect("valid vm id")
 }
 
-fn setup_requests(id: &str) -> [Request; 4] {
-    [
-        Request::TapCreate { vm: vm(id) },
-        Request::NatUp { vm: vm(id) },
-        Request::LoopAttach { vm: vm(id), role: LoopRole::Base, read_only: true },
-        Request::LoopAttach { vm: vm(id), role: LoopRole::Cow, read_only: false },
-    ]
+/// A VM's setup as bangerd asks for it: its TAP and NAT, and where the helper can make
+/// dm-snapshot roots (`dm`), its two loop devices and its root.
+fn setup_requests(id: &str, dm: bool) -> Vec<Request> {
+    let mut reqs = vec![Request::TapCreate { vm: vm(id) }, Request::NatUp { vm: vm(id) }];
+    if dm {
+        reqs.extend([
+            Request::LoopAttach { vm: vm(id), role: LoopRole::Base, read_only: true },
+            Request::LoopAttach { vm: vm(id), role: LoopRole::Cow, read_only: false },
+            Request::DmCreate { vm: vm(id) },
+        ]);
+    }
+    reqs
 }
 
 /// Teardown is one request, as bangerd sends it.
@@ -287,6 +311,8 @@ trait Path3 {
 /// Through the helper's socket.
 struct ViaHelper {
     client: Client,
+    /// The helper makes dm-snapshot roots.
+    dm: bool,
     /// Time of each request by operation, for the breakdown.
     per_op: std::collections::BTreeMap<&'static str, Vec<Duration>>,
 }
@@ -309,7 +335,7 @@ impl Path3 for ViaHelper {
     fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration> {
         let (base, cow) = files.open()?;
         let start = Instant::now();
-        for req in setup_requests(id) {
+        for req in setup_requests(id, self.dm) {
             let fds: Vec<BorrowedFd<'_>> = match &req {
                 Request::LoopAttach { role: LoopRole::Base, .. } => vec![base.as_fd()],
                 Request::LoopAttach { .. } => vec![cow.as_fd()],
@@ -334,6 +360,8 @@ struct InProcess {
     rt: Arc<tokio::runtime::Runtime>,
     helper: Arc<Helper<LinuxKernel>>,
     peer: Peer,
+    /// The helper makes dm-snapshot roots.
+    dm: bool,
 }
 
 impl InProcess {
@@ -356,7 +384,7 @@ impl Path3 for InProcess {
         let (base, cow) = files.open()?;
         let (mut base, mut cow) = (Some(base), Some(cow));
         let start = Instant::now();
-        for req in setup_requests(id) {
+        for req in setup_requests(id, self.dm) {
             let fds = match &req {
                 Request::LoopAttach { role: LoopRole::Base, .. } => base.take().into_iter().collect(),
                 Request::LoopAttach { .. } => cow.take().into_iter().collect(),
@@ -379,6 +407,10 @@ impl Path3 for InProcess {
 /// The same kernel work by shelling out, one command per step, in a namespace of its own.
 struct Shell {
     devices: Vec<String>,
+    /// The dm target made (and its node), if any.
+    target: Option<(String, PathBuf)>,
+    /// Make dm-snapshot roots too.
+    dm: bool,
     ns: Netns,
 }
 
@@ -469,6 +501,9 @@ impl Path3 for Shell {
         for rule in Self::rules(id) {
             self.iptables("-A", &rule)?;
         }
+        if !self.dm {
+            return Ok(start.elapsed());
+        }
         for (file, ro) in [(&base, true), (&cow, false)] {
             let mut args = vec!["losetup", "--find", "--show"];
             if ro {
@@ -480,13 +515,38 @@ impl Path3 for Shell {
             self.run(&["chown", "0:0", &dev])?;
             self.devices.push(dev);
         }
+        let number = |dev: &str| {
+            self.run_out(&["cat", &format!("/sys/block/{}/dev", dev.trim_start_matches("/dev/"))])
+        };
+        let table = format!(
+            "0 {} snapshot {} {} P 8",
+            BASE_BYTES / 512,
+            number(&self.devices[0])?,
+            number(&self.devices[1])?
+        );
+        let name = format!("bgsh-{id}-{}", std::process::id());
+        self.run(&["dmsetup", "--noudevsync", "create", &name, "--table", &table])?;
+        let dev = self.run_out(&["dmsetup", "info", "-c", "--noheadings", "-o", "major,minor", &name])?;
+        let (major, minor) = dev.split_once(':').context("dmsetup info")?;
+        let node = node_dir("shell").join(&name);
+        self.target = Some((name, node.clone()));
+        let node = node.to_string_lossy().into_owned();
+        self.run(&["mknod", "-m", "600", &node, "b", major.trim(), minor.trim()])?;
+        self.run(&["chown", "0:0", &node])?;
         Ok(start.elapsed())
     }
 
     fn teardown(&mut self, id: &str) -> anyhow::Result<Duration> {
         let (tap, _, _) = Self::addresses(id);
         let devices = std::mem::take(&mut self.devices);
+        let target = self.target.take();
         let start = Instant::now();
+        if let Some((name, node)) = &target {
+            let node = node.to_string_lossy().into_owned();
+            self.run(&["chown", "0:0", &node])?;
+            self.run(&["rm", &node])?;
+            self.run(&["dmsetup", "--noudevsync", "remove", name])?;
+        }
         for dev in devices.iter().rev() {
             self.run(&["chown", "0:0", dev])?;
             self.run(&["losetup", "-d", dev])?;
@@ -578,7 +638,8 @@ fn main() -> anyhow::Result<()> {
     let (store, ledger) = LedgerStore::open(&work.path().join("floor-state"))?;
     let floor_helper = {
         let _guard = rt.enter();
-        let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?)?);
+        let dm = LinuxDm::detect(&node_dir("floor")).unwrap_or_else(|_| LinuxDm::absent());
+        let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm)?);
         Arc::new(Helper::new(
             policy,
             kernel,
@@ -596,9 +657,13 @@ fn main() -> anyhow::Result<()> {
         group_names: vec!["root".into()],
         install: Some(InstallId::new("floor")?),
     };
-    let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer };
-    let mut via = ViaHelper { client: Client::connect(&socket, "sock")?, per_op: Default::default() };
-    let mut shell = Shell { devices: Vec::new(), ns: shell_ns };
+    let (client, dm) = Client::connect(&socket, "sock")?;
+    let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer, dm };
+    let mut via = ViaHelper { client, dm, per_op: Default::default() };
+    if dm {
+        std::fs::create_dir_all(node_dir("shell"))?;
+    }
+    let mut shell = Shell { devices: Vec::new(), target: None, dm, ns: shell_ns };
 
     // 1. Ping.
     for _ in 0..1000 {
@@ -677,9 +742,13 @@ fn main() -> anyhow::Result<()> {
     )?;
     writeln!(out)?;
     writeln!(out, "one VM (medians of {} rounds)   helper      shell       in-process", args.rounds)?;
+    if !dm {
+        writeln!(out, "  (no device-mapper here: no loop devices, no dm-snapshot)")?;
+    }
     writeln!(
         out,
-        "  setup (tap, nat, 2 loops)      {:<11} {:<11} {}",
+        "  setup ({:<22} {:<11} {:<11} {}",
+        if dm { "tap, nat, 2 loops, dm)" } else { "tap, nat)" },
         ms(h_s.median()),
         ms(sh_s.median()),
         ms(f_s.median())
@@ -742,8 +811,11 @@ fn main() -> anyhow::Result<()> {
     if let Ok(rt) = Arc::try_unwrap(rt) {
         rt.shutdown_timeout(Duration::from_secs(2));
     }
-    drop(files);
     drop(shell);
+    drop(files);
+    for role in ["helper", "floor", "shell"] {
+        let _ = std::fs::remove_dir(node_dir(role));
+    }
     drop(helper_ns);
     drop(floor_ns);
     Ok(())

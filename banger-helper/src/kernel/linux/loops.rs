@@ -19,7 +19,7 @@ use nix::unistd::{Gid, Uid, fchownat};
 
 use banger_policy::FileId;
 
-use crate::kernel::{BackingFile, FdAccess, KResult, KernelError, LoopStatus, Loops};
+use crate::kernel::{BackingFile, DevNum, FdAccess, KResult, KernelError, LoopStatus, Loops};
 
 nix::ioctl_write_int_bad!(loop_ctl_add, ld::LOOP_CTL_ADD);
 nix::ioctl_write_int_bad!(loop_ctl_remove, ld::LOOP_CTL_REMOVE);
@@ -46,7 +46,12 @@ pub struct LinuxLoops {
 fn statx_cached(fd: BorrowedFd<'_>) -> KResult<libc::statx> {
     // SAFETY: statx is plain old data; all-zero is valid.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    let mask = libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_UID | libc::STATX_INO | libc::STATX_MNT_ID;
+    let mask = libc::STATX_TYPE
+        | libc::STATX_MODE
+        | libc::STATX_UID
+        | libc::STATX_INO
+        | libc::STATX_SIZE
+        | libc::STATX_MNT_ID;
     // SAFETY: the path is an empty C string, `fd` is open, `st` is writable and outlives the call.
     let rc = unsafe {
         libc::statx(
@@ -191,6 +196,7 @@ impl Loops for LinuxLoops {
             fs_type,
             access,
             id: FileId { dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor), ino: st.stx_ino },
+            size: st.stx_size,
         })
     }
 
@@ -276,6 +282,15 @@ impl Loops for LinuxLoops {
         }
     }
 
+    fn device_number(&self, n: u32) -> KResult<DevNum> {
+        let path = self.node_path(n);
+        let st = lstat(&path).map_err(|e| KernelError::errno("stat", path.display().to_string(), e))?;
+        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
+            return Err(KernelError::other("stat", path.display().to_string(), "not a block device node"));
+        }
+        Ok(DevNum { major: libc::major(st.st_rdev), minor: libc::minor(st.st_rdev) })
+    }
+
     fn has_configure(&self) -> bool {
         self.configure.load(Ordering::Relaxed)
     }
@@ -317,6 +332,7 @@ mod tests {
         let m = std::fs::metadata(&path).unwrap();
         assert!(b.regular);
         assert_eq!((b.uid, b.id.dev, b.id.ino, b.access), (m.uid(), m.dev(), m.ino(), FdAccess::ReadWrite));
+        assert_eq!(b.size, 1);
         let fs = String::from_utf8(
             std::process::Command::new("findmnt")
                 .args(["-no", "FSTYPE", "-T"])

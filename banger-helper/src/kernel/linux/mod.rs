@@ -1,22 +1,26 @@
 //! The Linux implementation of the kernel traits.
 
+pub mod dm;
 pub mod iptables;
 pub mod links;
 pub mod loops;
 pub mod sysctl;
 
 use super::Kernel;
+pub use dm::LinuxDm;
 pub use iptables::Iptables;
 pub use links::NetlinkLinks;
 pub use loops::LinuxLoops;
 pub use sysctl::ProcSysctl;
 
-/// The real kernel: rtnetlink and tun ioctls, the iptables tools, loop ioctls, `/proc/sys`.
+/// The real kernel: rtnetlink and tun ioctls, the iptables tools, loop ioctls, device-mapper
+/// ioctls and nodes, `/proc/sys`.
 #[derive(Debug)]
 pub struct LinuxKernel {
     links: NetlinkLinks,
     firewall: Iptables,
     loops: LinuxLoops,
+    dm: LinuxDm,
     sysctl: ProcSysctl,
 }
 
@@ -33,13 +37,15 @@ pub enum LinuxKernelError {
 
 impl LinuxKernel {
     /// Opens everything in the calling thread's network namespace, with the firewall tools
-    /// located at start ([`Iptables::locate`]); must run inside the tokio runtime (the rtnetlink
-    /// connection is a task on it).
-    pub fn new(firewall: Iptables) -> Result<Self, LinuxKernelError> {
+    /// located at start ([`Iptables::locate`]) and device-mapper as found at start
+    /// ([`LinuxDm::detect`]); must run inside the tokio runtime (the rtnetlink connection is a
+    /// task on it).
+    pub fn new(firewall: Iptables, dm: LinuxDm) -> Result<Self, LinuxKernelError> {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
             firewall,
             loops: LinuxLoops::new("/dev"),
+            dm,
             sysctl: ProcSysctl::new("/proc/sys"),
         })
     }
@@ -49,6 +55,7 @@ impl Kernel for LinuxKernel {
     type Links = NetlinkLinks;
     type Firewall = Iptables;
     type Loops = LinuxLoops;
+    type Dm = LinuxDm;
     type Sysctl = ProcSysctl;
     fn links(&self) -> &NetlinkLinks {
         &self.links
@@ -58,6 +65,9 @@ impl Kernel for LinuxKernel {
     }
     fn loops(&self) -> &LinuxLoops {
         &self.loops
+    }
+    fn dm(&self) -> &LinuxDm {
+        &self.dm
     }
     fn sysctl(&self) -> &ProcSysctl {
         &self.sysctl

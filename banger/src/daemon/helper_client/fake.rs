@@ -103,6 +103,7 @@ impl FakeHelper {
             taps: s.taps.clone(),
             nat: s.nat.clone(),
             loops: s.loops.clone(),
+            dms: Vec::new(),
         }
     }
 
