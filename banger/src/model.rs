@@ -192,8 +192,9 @@ impl VmRuntime {
     }
 }
 
-/// The format version of `handles.json`.
-pub const HANDLES_VERSION: u32 = 1;
+/// The format version of `handles.json`: 2 since it names a dm-snapshot root's device as
+/// `dm_dev` (version 1 had `dm_device`, never set, still read).
+pub const HANDLES_VERSION: u32 = 2;
 
 /// What is true about a running VM right now. Never stored in SQLite.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,18 +208,18 @@ pub struct VmHandles {
     /// The TAP device.
     #[serde(default)]
     pub tap: Option<String>,
-    /// Base image loop device.
+    /// The loop device over the image's rootfs (read-only), of a dm-snapshot root.
     #[serde(default)]
     pub base_loop: Option<String>,
-    /// Copy-on-write loop device.
+    /// The loop device over the VM's copy-on-write file, of a dm-snapshot root.
     #[serde(default)]
     pub cow_loop: Option<String>,
-    /// Device-mapper name.
+    /// The dm-snapshot's device-mapper name (the helper's).
     #[serde(default)]
     pub dm_name: Option<String>,
-    /// Device-mapper device node.
-    #[serde(default)]
-    pub dm_device: Option<String>,
+    /// The dm-snapshot's device node (the VM's root drive), owned by the user.
+    #[serde(default, alias = "dm_device")]
+    pub dm_dev: Option<String>,
 }
 
 impl VmHandles {
@@ -229,6 +230,6 @@ impl VmHandles {
             && self.base_loop.is_none()
             && self.cow_loop.is_none()
             && self.dm_name.is_none()
-            && self.dm_device.is_none()
+            && self.dm_dev.is_none()
     }
 }
