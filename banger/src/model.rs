@@ -136,10 +136,14 @@ pub struct VmRuntime {
     pub dns_name: String,
     /// The VM's directory.
     pub vm_dir: PathBuf,
-    /// The VM's writable root (copy-on-write overlay or full copy).
+    /// The VM's own part of its root disk: its full copy of the image's rootfs (reflink or
+    /// sparse copy), or the copy-on-write file of its dm-snapshot. Set when the root is first
+    /// made ([`VmRuntime::storage`]).
     pub overlay_path: PathBuf,
-    /// Optional work disk.
+    /// The work disk (an ext4 file the guest mounts at `/work`), when the VM has one.
     pub work_disk_path: Option<PathBuf>,
+    /// The work disk's size in bytes.
+    pub work_disk_bytes: Option<u64>,
     /// How the writable root was made, once made.
     pub storage: Option<StorageKind>,
     /// Why the last start failed or why reconcile stopped it.
@@ -182,6 +186,7 @@ impl VmRuntime {
             vm_dir: paths.vm_dir(&id),
             overlay_path: paths.vm_root(&id),
             work_disk_path: None,
+            work_disk_bytes: None,
             storage: None,
             last_error: None,
             created_at: now,

@@ -10,10 +10,11 @@
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
 //! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
-//! [`images`], [`storage`], [`personalize`], [`guest_prep`], [`logs`].
+//! [`images`], [`file_identity`], [`storage`], [`personalize`], [`guest_prep`], [`logs`].
 
 pub mod api;
 pub mod error;
+pub mod file_identity;
 pub mod firecracker;
 pub mod guest_prep;
 pub mod handles;

@@ -533,6 +533,8 @@ mod tests {
                     rootfs_sha256: "0".repeat(64),
                     size_bytes: 1,
                     created_at: 0,
+                    kernel_identity: None,
+                    rootfs_identity: None,
                 })
                 .unwrap();
             let helper = FakeHelper::new(store.install_id().clone());
@@ -567,6 +569,7 @@ mod tests {
                 overlay_path: vm_dir.join("root.ext4"),
                 vm_dir,
                 work_disk_path: None,
+                work_disk_bytes: None,
                 storage: None,
                 last_error: None,
                 created_at: 0,

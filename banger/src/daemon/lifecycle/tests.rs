@@ -48,17 +48,7 @@ fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
     std::fs::write(&fc, "#!/bin/sh\nexit 1\n").unwrap();
     std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).unwrap();
     let store = Store::open_in_memory().unwrap();
-    store
-        .insert_image(&ImageRecord {
-            name: "base".into(),
-            kernel_path: dir.path().join("vmlinux"),
-            rootfs_path: dir.path().join("rootfs.ext4"),
-            kernel_sha256: "0".repeat(64),
-            rootfs_sha256: "0".repeat(64),
-            size_bytes: 1,
-            created_at: 0,
-        })
-        .unwrap();
+    import_test_image(&store, &paths, dir.path());
     let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
     let procs = Arc::new(FakeProcesses::new());
     let fake_vmm = Arc::new(FakeVmm::new(procs.clone()));
@@ -75,6 +65,25 @@ fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
         kill_wait: Duration::from_millis(200),
     });
     Env { dir, daemon, helper, procs, vmm: fake_vmm, prep }
+}
+
+/// The size of the test image's root filesystem.
+const ROOTFS_BYTES: u64 = 4 << 20;
+
+/// Imports image `base`: an ELF header for a kernel, and a sparse file with an ext4
+/// superblock's magic as its root filesystem (no e2fsprogs needed).
+fn import_test_image(store: &Store, paths: &Paths, scratch: &Path) {
+    let kernel = scratch.join("vmlinux");
+    let mut k = vec![0u8; 4096];
+    k[..4].copy_from_slice(b"\x7fELF");
+    (k[4], k[5]) = (2, 1);
+    k[18..20].copy_from_slice(&62u16.to_le_bytes());
+    std::fs::write(&kernel, k).unwrap();
+    let rootfs = scratch.join("rootfs.ext4");
+    let f = std::fs::File::create(&rootfs).unwrap();
+    f.set_len(ROOTFS_BYTES).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+    crate::daemon::images::import(store, paths, "base", &kernel, &rootfs).unwrap();
 }
 
 impl Env {
