@@ -10,7 +10,8 @@
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
 //! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
-//! [`images`], [`file_identity`], [`storage`], [`personalize`], [`guest_prep`], [`logs`].
+//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`guest_prep`],
+//! [`logs`].
 
 pub mod api;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod startup;
 pub mod storage;
 pub mod store;
 pub mod vmm;
+pub mod work_disk;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
