@@ -67,7 +67,7 @@ impl FromStr for VmState {
     }
 }
 
-/// How the VM's writable root was made.
+/// How the VM's root disk was made (see [`crate::daemon::storage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StorageKind {
@@ -87,6 +87,12 @@ impl StorageKind {
             StorageKind::SparseCopy => "sparse-copy",
             StorageKind::DmSnapshot => "dm-snapshot",
         }
+    }
+}
+
+impl fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -144,7 +150,7 @@ pub struct VmRuntime {
     pub work_disk_path: Option<PathBuf>,
     /// The work disk's size in bytes.
     pub work_disk_bytes: Option<u64>,
-    /// How the writable root was made, once made.
+    /// How the root disk was made, once made: fixed from then on.
     pub storage: Option<StorageKind>,
     /// Why the last start failed or why reconcile stopped it.
     pub last_error: Option<String>,

@@ -27,6 +27,7 @@ struct State {
     unreachable: bool,
     device_mapper: bool,
     failures: HashMap<&'static str, HelperError>,
+    loop_failures: HashMap<LoopRole, HelperError>,
     teardown_failures: HashMap<VmId, HelperError>,
     next_subnet: u32,
     next_loop: u32,
@@ -100,10 +101,17 @@ impl FakeHelper {
         self.state().failures.insert(op, error);
     }
 
-    /// Undoes every [`FakeHelper::fail`] and [`FakeHelper::fail_teardown_of`].
+    /// Makes every `LoopAttach` of `role` fail with `error`.
+    pub fn fail_loop_attach(&self, role: LoopRole, error: HelperError) {
+        self.state().loop_failures.insert(role, error);
+    }
+
+    /// Undoes every [`FakeHelper::fail`], [`FakeHelper::fail_loop_attach`] and
+    /// [`FakeHelper::fail_teardown_of`].
     pub fn clear_failures(&self) {
         let mut s = self.state();
         s.failures.clear();
+        s.loop_failures.clear();
         s.teardown_failures.clear();
     }
 
@@ -240,6 +248,9 @@ impl HelperApi for FakeHelper {
         file: OwnedFd,
     ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
         let r = self.enter(Request::LoopAttach { vm: vm.clone(), role, read_only }).and_then(|mut s| {
+            if let Some(e) = s.loop_failures.get(&role) {
+                return Err(HelperClientError::Helper(e.clone()));
+            }
             // Like the helper: a regular file, read-write only when asked and the fd allows it.
             let st = nix::sys::stat::fstat(&file)
                 .map_err(|e| HelperClientError::Helper(HelperError::kernel("fstat", e)))?;
