@@ -262,6 +262,16 @@ impl World {
         out
     }
 
+    /// Adds `line` to the `config.toml` of `who` (stop its daemon first: a running one keeps
+    /// the settings it started with).
+    pub fn add_config(&self, who: Who, line: &str) {
+        let path = self.home(who).join("config.toml");
+        let mut text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.push_str(line);
+        text.push('\n');
+        fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
     /// Imports the test image for `who` under [`IMAGE`].
     #[track_caller]
     pub fn import_image(&self, who: Who) {
@@ -401,7 +411,8 @@ impl World {
         }
     }
 
-    /// What the helper's ledger still lists for the allowed users (TAPs, NAT, loops).
+    /// What the helper's ledger still lists for the allowed users (TAPs, NAT, loops,
+    /// dm-snapshots).
     fn ledger_leaks(&self) -> Vec<String> {
         let mut leaks = Vec::new();
         for who in [Who::A, Who::B] {
@@ -418,6 +429,9 @@ impl World {
                     }));
                     leaks.extend(o.loops.iter().map(|l| {
                         format!("helper ledger of {who:?}: loop {} (vm {})", l.device, l.vm.as_str())
+                    }));
+                    leaks.extend(o.dms.iter().map(|d| {
+                        format!("helper ledger of {who:?}: dm-snapshot {} (vm {})", d.name, d.vm.as_str())
                     }));
                 }
                 _ => leaks.push(format!("helper ledger of {who:?} cannot be listed: {s:?}")),
