@@ -347,13 +347,18 @@ impl Config {
     }
 
     /// The environment a daemon started by the CLI should get so it uses these settings
-    /// (`BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER`, `BANGER_STORAGE`).
+    /// (`BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER`, and `BANGER_STORAGE` when it came from the
+    /// environment: the daemon reads the same config file, and its messages then name where the
+    /// setting really came from).
     pub fn daemon_env(&self) -> Vec<(&'static str, OsString)> {
-        vec![
+        let mut env = vec![
             (ENV_HELPER_SOCKET, self.helper_socket.clone().into_os_string()),
             (ENV_FIRECRACKER, self.firecracker.clone().into_os_string()),
-            (ENV_STORAGE, self.storage.as_str().into()),
-        ]
+        ];
+        if self.storage_origin == Origin::Env(ENV_STORAGE) {
+            env.push((ENV_STORAGE, self.storage.as_str().into()));
+        }
+        env
     }
 
     /// The VMM binary as an absolute path: a bare name is searched on the process `PATH`.
@@ -451,6 +456,8 @@ storage = "copy"
         assert_eq!(c.firecracker_origin, Origin::Env("BANGER_FIRECRACKER"));
         // Settings without an environment variable keep the file's value.
         assert_eq!(c.default_vcpus, 4);
+        let from_file = Config::load_with(&path, env(&[])).unwrap();
+        assert_eq!(from_file.daemon_env().len(), 2, "the daemon reads storage from the file itself");
         assert_eq!(
             c.daemon_env(),
             vec![
