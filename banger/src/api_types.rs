@@ -40,6 +40,9 @@ pub struct CreateVm {
     /// Memory in MiB; the configured default when absent.
     #[serde(default)]
     pub memory_mib: Option<u32>,
+    /// The size of a work disk to give the VM, in bytes; none when absent.
+    #[serde(default)]
+    pub work_disk_bytes: Option<u64>,
 }
 
 /// A VM as the API shows it: intent plus what is live now.
@@ -69,8 +72,14 @@ pub struct VmView {
     pub pid: Option<i32>,
     /// The TAP while it exists.
     pub tap: Option<String>,
-    /// How the writable root was made.
+    /// How the root disk was made (`dm-snapshot`, `reflink`, `sparse-copy`), once made.
     pub storage: Option<String>,
+    /// The work disk (mounted by the guest at `/work`), if any.
+    #[serde(default)]
+    pub work_disk: Option<PathBuf>,
+    /// The work disk's size in bytes.
+    #[serde(default)]
+    pub work_disk_bytes: Option<u64>,
     /// The VM's directory.
     pub vm_dir: PathBuf,
     /// The serial console log.
@@ -84,6 +93,9 @@ pub struct VmView {
 /// `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// The `storage` setting this daemon makes new roots with.
+    #[serde(default)]
+    pub storage: String,
     /// The daemon's pid.
     pub pid: i32,
     /// The daemon's release.

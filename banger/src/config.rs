@@ -7,7 +7,11 @@
 //! default_image = "debian"                    # used when `vm create` names no image
 //! default_vcpus = 2
 //! default_memory_mib = 1024
+//! storage = "auto"                            # or BANGER_STORAGE: auto, dm-snapshot, reflink, copy
 //! ```
+//!
+//! `storage` says how a VM's root disk is made the first time it starts ([`StorageMode`]); a VM
+//! keeps the kind it got.
 //!
 //! Precedence, lowest first: defaults, the file, the environment. A missing file means
 //! defaults; an unreadable or malformed file, or an unknown key, is an error naming the file
@@ -30,6 +34,8 @@ use crate::paths::check_socket_path_len;
 pub const ENV_HELPER_SOCKET: &str = "BANGER_HELPER_SOCKET";
 /// The environment variable naming the VMM binary.
 pub const ENV_FIRECRACKER: &str = "BANGER_FIRECRACKER";
+/// The environment variable choosing how VM roots are made.
+pub const ENV_STORAGE: &str = "BANGER_STORAGE";
 
 /// The helper socket when nothing else is configured.
 pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
@@ -113,6 +119,53 @@ pub enum ConfigError {
     },
 }
 
+/// How the root disks of new VMs are made (the `storage` setting).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StorageMode {
+    /// The best this host offers: a dm-snapshot when banger-helper can make one, else a reflink
+    /// clone where the filesystem has them, else a sparse copy.
+    #[default]
+    Auto,
+    /// Always a dm-snapshot of the image (a VM cannot start where the helper cannot make one).
+    DmSnapshot,
+    /// Always a reflink clone of the image (a VM cannot start where the filesystem has none).
+    Reflink,
+    /// Always a sparse copy of the image.
+    Copy,
+}
+
+impl StorageMode {
+    /// Every mode, in the order they are listed to users.
+    pub const ALL: [StorageMode; 4] =
+        [StorageMode::Auto, StorageMode::DmSnapshot, StorageMode::Reflink, StorageMode::Copy];
+
+    /// The setting's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StorageMode::Auto => "auto",
+            StorageMode::DmSnapshot => "dm-snapshot",
+            StorageMode::Reflink => "reflink",
+            StorageMode::Copy => "copy",
+        }
+    }
+}
+
+impl std::fmt::Display for StorageMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StorageMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        StorageMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = StorageMode::ALL.iter().map(|m| m.as_str()).collect();
+            format!("one of {}", all.join(", "))
+        })
+    }
+}
+
 /// Where a setting's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -143,6 +196,7 @@ struct ConfigFile {
     default_image: Option<String>,
     default_vcpus: Option<u32>,
     default_memory_mib: Option<u32>,
+    storage: Option<String>,
 }
 
 /// The settings in effect.
@@ -162,6 +216,10 @@ pub struct Config {
     pub default_vcpus: u32,
     /// Memory of a new VM in MiB (at least [`MIN_MEMORY_MIB`]).
     pub default_memory_mib: u32,
+    /// How the roots of VMs are made when they first start.
+    pub storage: StorageMode,
+    /// Where [`Config::storage`] came from.
+    pub storage_origin: Origin,
 }
 
 impl Default for Config {
@@ -174,6 +232,8 @@ impl Default for Config {
             default_image: None,
             default_vcpus: DEFAULT_VCPUS,
             default_memory_mib: DEFAULT_MEMORY_MIB,
+            storage: StorageMode::Auto,
+            storage_origin: Origin::Default,
         }
     }
 }
@@ -230,6 +290,19 @@ impl Config {
         if let Some(v) = env(ENV_FIRECRACKER) {
             (config.firecracker, config.firecracker_origin) = (v, Origin::Env(ENV_FIRECRACKER));
         }
+        let storage = lookup(ENV_STORAGE)
+            .filter(|v| !v.is_empty())
+            .map(|v| (v.to_string_lossy().into_owned(), Origin::Env(ENV_STORAGE)))
+            .or(file.storage.map(|v| (v, from_file.clone())));
+        if let Some((value, origin)) = storage {
+            config.storage = value.parse().map_err(|expected| ConfigError::Invalid {
+                key: "storage",
+                value: format!("{value:?}"),
+                origin: origin.clone(),
+                expected,
+            })?;
+            config.storage_origin = origin;
+        }
 
         config.helper_socket =
             absolute("helper_socket", config.helper_socket, &config.helper_socket_origin, false)?;
@@ -274,12 +347,18 @@ impl Config {
     }
 
     /// The environment a daemon started by the CLI should get so it uses these settings
-    /// (`BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER`).
+    /// (`BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER`, and `BANGER_STORAGE` when it came from the
+    /// environment: the daemon reads the same config file, and its messages then name where the
+    /// setting really came from).
     pub fn daemon_env(&self) -> Vec<(&'static str, OsString)> {
-        vec![
+        let mut env = vec![
             (ENV_HELPER_SOCKET, self.helper_socket.clone().into_os_string()),
             (ENV_FIRECRACKER, self.firecracker.clone().into_os_string()),
-        ]
+        ];
+        if self.storage_origin == Origin::Env(ENV_STORAGE) {
+            env.push((ENV_STORAGE, self.storage.as_str().into()));
+        }
+        env
     }
 
     /// The VMM binary as an absolute path: a bare name is searched on the process `PATH`.
@@ -336,6 +415,7 @@ mod tests {
         assert_eq!(c.helper_socket, Path::new("/run/banger/helper.sock"));
         assert_eq!(c.firecracker, Path::new("firecracker"));
         assert_eq!((c.default_vcpus, c.default_memory_mib), (2, 1024));
+        assert_eq!((c.storage, c.storage_origin), (StorageMode::Auto, Origin::Default));
     }
 
     #[test]
@@ -349,6 +429,7 @@ firecracker = "/file/firecracker"
 default_image = "debian"
 default_vcpus = 4
 default_memory_mib = 256
+storage = "copy"
 "#,
         );
         let c = Config::load_with(&path, env(&[])).unwrap();
@@ -357,23 +438,32 @@ default_memory_mib = 256
         assert_eq!(c.firecracker, Path::new("/file/firecracker"));
         assert_eq!(c.default_image.as_deref(), Some("debian"));
         assert_eq!((c.default_vcpus, c.default_memory_mib), (4, 256));
+        assert_eq!((c.storage, &c.storage_origin), (StorageMode::Copy, &Origin::File(path.clone())));
 
         let c = Config::load_with(
             &path,
-            env(&[("BANGER_HELPER_SOCKET", "/env/helper.sock"), ("BANGER_FIRECRACKER", "/env/fc")]),
+            env(&[
+                ("BANGER_HELPER_SOCKET", "/env/helper.sock"),
+                ("BANGER_FIRECRACKER", "/env/fc"),
+                ("BANGER_STORAGE", "dm-snapshot"),
+            ]),
         )
         .unwrap();
+        assert_eq!((c.storage, &c.storage_origin), (StorageMode::DmSnapshot, &Origin::Env("BANGER_STORAGE")));
         assert_eq!(c.helper_socket, Path::new("/env/helper.sock"));
         assert_eq!(c.helper_socket_origin, Origin::Env("BANGER_HELPER_SOCKET"));
         assert_eq!(c.firecracker, Path::new("/env/fc"));
         assert_eq!(c.firecracker_origin, Origin::Env("BANGER_FIRECRACKER"));
         // Settings without an environment variable keep the file's value.
         assert_eq!(c.default_vcpus, 4);
+        let from_file = Config::load_with(&path, env(&[])).unwrap();
+        assert_eq!(from_file.daemon_env().len(), 2, "the daemon reads storage from the file itself");
         assert_eq!(
             c.daemon_env(),
             vec![
                 ("BANGER_HELPER_SOCKET", "/env/helper.sock".into()),
-                ("BANGER_FIRECRACKER", "/env/fc".into())
+                ("BANGER_FIRECRACKER", "/env/fc".into()),
+                ("BANGER_STORAGE", "dm-snapshot".into())
             ]
         );
 
@@ -411,6 +501,17 @@ default_memory_mib = 256
         let path = write_config(tmp.path(), "default_memory_mib = 8\n");
         let err = Config::load_with(&path, env(&[])).unwrap_err().to_string();
         assert!(err.contains("at least 16"), "{err}");
+
+        let path = write_config(tmp.path(), "storage = \"snapshot\"\n");
+        let err = Config::load_with(&path, env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("storage = \"snapshot\"") && err.contains("auto, dm-snapshot, reflink, copy"),
+            "{err}"
+        );
+        let err = Config::load_with(&tmp.path().join("none"), env(&[("BANGER_STORAGE", "fast")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"fast\" in $BANGER_STORAGE"), "{err}");
 
         let path = write_config(tmp.path(), "default_image = \"Bad Name\"\n");
         assert!(Config::load_with(&path, env(&[])).unwrap_err().to_string().contains("default_image"));

@@ -10,7 +10,7 @@
 //!   ([`daemon::firecracker`]).
 //! - Shared by both: the API's bodies ([`api_types`]), settings ([`config`]), where an install
 //!   keeps its files ([`paths`]), VM names and ids ([`ids`]), what a VM is ([`model`]), SSH
-//!   ([`ssh`]), replacing files atomically ([`atomic_file`]) and starting processes in their
+//!   ([`ssh`]), sizes as users type them ([`size`]), replacing files atomically ([`atomic_file`]) and starting processes in their
 //!   own session ([`detach`]).
 
 pub mod api_types;
@@ -22,4 +22,5 @@ pub mod detach;
 pub mod ids;
 pub mod model;
 pub mod paths;
+pub mod size;
 pub mod ssh;

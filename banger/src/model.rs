@@ -67,7 +67,7 @@ impl FromStr for VmState {
     }
 }
 
-/// How the VM's writable root was made.
+/// How the VM's root disk was made (see [`crate::daemon::storage`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StorageKind {
@@ -87,6 +87,12 @@ impl StorageKind {
             StorageKind::SparseCopy => "sparse-copy",
             StorageKind::DmSnapshot => "dm-snapshot",
         }
+    }
+}
+
+impl fmt::Display for StorageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -136,11 +142,15 @@ pub struct VmRuntime {
     pub dns_name: String,
     /// The VM's directory.
     pub vm_dir: PathBuf,
-    /// The VM's writable root (copy-on-write overlay or full copy).
+    /// The VM's own part of its root disk: its full copy of the image's rootfs (reflink or
+    /// sparse copy), or the copy-on-write file of its dm-snapshot. Set when the root is first
+    /// made ([`VmRuntime::storage`]).
     pub overlay_path: PathBuf,
-    /// Optional work disk.
+    /// The work disk (an ext4 file the guest mounts at `/work`), when the VM has one.
     pub work_disk_path: Option<PathBuf>,
-    /// How the writable root was made, once made.
+    /// The work disk's size in bytes.
+    pub work_disk_bytes: Option<u64>,
+    /// How the root disk was made, once made: fixed from then on.
     pub storage: Option<StorageKind>,
     /// Why the last start failed or why reconcile stopped it.
     pub last_error: Option<String>,
@@ -182,6 +192,7 @@ impl VmRuntime {
             vm_dir: paths.vm_dir(&id),
             overlay_path: paths.vm_root(&id),
             work_disk_path: None,
+            work_disk_bytes: None,
             storage: None,
             last_error: None,
             created_at: now,
@@ -192,8 +203,9 @@ impl VmRuntime {
     }
 }
 
-/// The format version of `handles.json`.
-pub const HANDLES_VERSION: u32 = 1;
+/// The format version of `handles.json`: 2 since it names a dm-snapshot root's device as
+/// `dm_dev` (version 1 had `dm_device`, never set, still read).
+pub const HANDLES_VERSION: u32 = 2;
 
 /// What is true about a running VM right now. Never stored in SQLite.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,18 +219,18 @@ pub struct VmHandles {
     /// The TAP device.
     #[serde(default)]
     pub tap: Option<String>,
-    /// Base image loop device.
+    /// The loop device over the image's rootfs (read-only), of a dm-snapshot root.
     #[serde(default)]
     pub base_loop: Option<String>,
-    /// Copy-on-write loop device.
+    /// The loop device over the VM's copy-on-write file, of a dm-snapshot root.
     #[serde(default)]
     pub cow_loop: Option<String>,
-    /// Device-mapper name.
+    /// The dm-snapshot's device-mapper name (the helper's).
     #[serde(default)]
     pub dm_name: Option<String>,
-    /// Device-mapper device node.
-    #[serde(default)]
-    pub dm_device: Option<String>,
+    /// The dm-snapshot's device node (the VM's root drive), owned by the user.
+    #[serde(default, alias = "dm_device")]
+    pub dm_dev: Option<String>,
 }
 
 impl VmHandles {
@@ -229,6 +241,6 @@ impl VmHandles {
             && self.base_loop.is_none()
             && self.cow_loop.is_none()
             && self.dm_name.is_none()
-            && self.dm_device.is_none()
+            && self.dm_dev.is_none()
     }
 }

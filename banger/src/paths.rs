@@ -246,14 +246,25 @@ impl Paths {
         self.state_dir.join("vms")
     }
 
-    /// One VM's directory (root file, serial log, metrics, handles.json).
+    /// One VM's directory (root or copy-on-write file, work disk, serial log, metrics,
+    /// handles.json).
     pub fn vm_dir(&self, id: &VmId) -> PathBuf {
         self.vms_dir().join(id.as_str())
     }
 
-    /// A VM's writable root file.
+    /// A VM's root file, when its root is a file of its own (reflink clone or sparse copy).
     pub fn vm_root(&self, id: &VmId) -> PathBuf {
         self.vm_dir(id).join("root.ext4")
+    }
+
+    /// A VM's copy-on-write file, when its root is a dm-snapshot.
+    pub fn vm_cow(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("root.cow")
+    }
+
+    /// A VM's work disk.
+    pub fn vm_work_disk(&self, id: &VmId) -> PathBuf {
+        self.vm_dir(id).join("work.ext4")
     }
 
     /// A VM's Firecracker API socket (short, in the run directory).

@@ -1,9 +1,13 @@
 //! End to end, one VM of one user: `vm run` (hostname, exit codes, `--rm`), NAT to the outside
-//! with the host itself closed to the guest, and `vm delete` leaving nothing behind.
+//! with the host itself closed to the guest, `vm delete` leaving nothing behind, and a work disk
+//! made as the user, mounted through the root's fstab, kept across stops and deleted with the VM
+//! (the image read-only and kept while the VM uses it).
 
-use std::path::Path;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use banger_tests::e2e::netns::{HOST_IP, HOST_SERVICE_PORT, OUTSIDE_IP};
+use banger_tests::e2e::run::root;
 use banger_tests::e2e::{Who, World, proc};
 
 const A: Who = Who::A;
@@ -114,5 +118,54 @@ fn vm_delete_leaves_no_tap_loop_rule_process_or_file() {
         .failed()
         .mentions(&["e2e"])
         .mentions_any(&["not found", "no vm named"]);
+    world.assert_no_leaks();
+}
+
+/// `debugfs -R "cat PATH"` of the ext4 file `image`, as root.
+fn read_in(image: &Path, path: &str) -> String {
+    let image = image.display().to_string();
+    root("debugfs", &["-R", &format!("cat {path}"), &image]).unwrap_or_else(|e| panic!("{e:#}")).stdout
+}
+
+#[test]
+#[ignore = "needs root: creates users, namespaces and TAPs"]
+fn a_work_disk_is_made_as_the_user_kept_across_stops_and_deleted_with_the_vm() {
+    let world = World::new();
+    let account = world.account(A).clone();
+    world.banger_ok(A, &["vm", "create", "--name", "e2e", "--disk", "64M"]);
+    let vm = world.show(A, "e2e");
+    let disk =
+        PathBuf::from(vm.extra["work_disk"].as_str().unwrap_or_else(|| panic!("no work_disk: {vm:#?}")));
+    assert_eq!(vm.extra["work_disk_bytes"], 64 << 20, "{vm:#?}");
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777, meta.len()), (account.uid, 0o600, 64 << 20));
+    assert!(meta.blocks() * 512 < 16 << 20, "the work disk is sparse: {} bytes", meta.blocks() * 512);
+    let out = world.banger_ok(A, &["vm", "show", "e2e"]);
+    assert!(out.stdout.contains("64 MiB, mounted at /work"), "{out}");
+
+    // The VMM opens it as the second drive; the root says where to mount it.
+    world.banger_ok(A, &["vm", "start", "e2e"]);
+    let vm = world.show(A, "e2e");
+    let storage = vm.extra["storage"].as_str().unwrap_or_default().to_owned();
+    assert!(["reflink", "sparse-copy", "dm-snapshot"].contains(&storage.as_str()), "{vm:#?}");
+    world.banger_ok(A, &["vm", "stop", "e2e"]);
+    assert_eq!(std::fs::metadata(&disk).unwrap().ino(), meta.ino(), "the work disk is kept across a stop");
+    if storage != "dm-snapshot" {
+        let root_file = vm.vm_dir.clone().expect("vm_dir").join("root.ext4");
+        let fstab = read_in(&root_file, "/etc/fstab");
+        assert!(fstab.contains("/dev/vdb\t/work\text4\tdefaults,nofail\t0\t2"), "{fstab}");
+    }
+    let label = root("dumpe2fs", &["-h", &disk.display().to_string()]).unwrap().stdout;
+    assert!(label.contains("banger-work"), "{label}");
+
+    // The image stays read-only, and cannot go while the VM uses it.
+    let image = world.home(A).join("state/images/e2e/rootfs.ext4");
+    assert_eq!(std::fs::metadata(&image).unwrap().permissions().mode() & 0o7777, 0o444);
+    world.banger(A, &["image", "rm", "e2e"]).failed().mentions(&["used by vm(s) e2e", "delete them first"]);
+
+    world.banger_ok(A, &["vm", "start", "e2e"]);
+    world.banger_ok(A, &["vm", "delete", "e2e"]);
+    assert!(!disk.exists(), "{} is left", disk.display());
+    world.banger_ok(A, &["image", "rm", "e2e"]);
     world.assert_no_leaks();
 }

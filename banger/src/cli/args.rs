@@ -43,12 +43,17 @@ pub struct VmShape {
     /// Memory in MiB.
     #[arg(long = "memory")]
     pub memory_mib: Option<u32>,
+    /// Give the VM a work disk of SIZE (e.g. 10G, 512M): a sparse ext4 file of its own, mounted
+    /// by the guest at /work, kept across stops, deleted with the VM.
+    #[arg(long = "disk", value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub disk_bytes: Option<u64>,
 }
 
 /// `banger vm ...`.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Define a VM (nothing runs until `vm start`).
+    /// Define a VM (nothing runs until `vm start`; its root disk is made at the first start,
+    /// a work disk at once).
     Create {
         /// The VM's name: 1–63 lowercase letters, digits or '-'.
         #[arg(long)]
@@ -83,7 +88,7 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a VM and its disk (stopping it first if it runs).
+    /// Remove a VM and its disks (stopping it first if it runs).
     Delete {
         /// The VM's name.
         name: String,
@@ -141,7 +146,8 @@ pub enum VmCommand {
 /// `banger image ...`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Copy a kernel and a root filesystem into your banger state under a name.
+    /// Copy a kernel and a root filesystem into your banger state under a name, read-only (an
+    /// imported image must never change: VM disks are built on it).
     Import {
         /// The image's name.
         name: String,
@@ -158,7 +164,7 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an image no VM uses.
+    /// Remove an image no VM uses (refused, naming them, while VMs use it).
     Rm {
         /// The image's name.
         name: String,
@@ -202,6 +208,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn disk_sizes_are_parsed_with_their_unit() {
+        let cli = Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10G"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Create { shape, .. }) => assert_eq!(shape.disk_bytes, Some(10 << 30)),
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["banger", "vm", "run", "--name", "dev", "--disk", "512M"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Run { shape, .. }) => assert_eq!(shape.disk_bytes, Some(512 << 20)),
+            other => panic!("{other:?}"),
+        }
+        let err =
+            Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10"]).unwrap_err();
+        assert!(err.to_string().contains("like 512M or 10G"), "{err}");
     }
 
     #[test]

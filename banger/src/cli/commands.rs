@@ -55,6 +55,13 @@ impl Ctx {
                 self.config.helper_socket.display()
             );
         }
+        if status.storage != self.config.storage.as_str() {
+            eprintln!(
+                "warning: the running bangerd makes new vm roots with storage = {:?} but this command would use {:?}; run `banger daemon stop` to restart it with the new setting",
+                status.storage,
+                self.config.storage.as_str()
+            );
+        }
         let wanted = self.config.resolve_firecracker().unwrap_or_else(|_| self.config.firecracker.clone());
         if status.firecracker != wanted {
             eprintln!(
@@ -81,6 +88,7 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
                     if s.helper_reachable { "reachable" } else { "NOT reachable" }
                 );
                 println!("  firecracker: {}", s.firecracker.display());
+                println!("  storage:     {}", s.storage);
                 println!("  running vms: {}", s.running_vms);
                 println!("  log:         {}", ctx.paths.daemon_log().display());
             }
@@ -142,6 +150,7 @@ fn create_body(name: &str, shape: &VmShape) -> CreateVm {
         image: shape.image.clone(),
         vcpus: shape.vcpus,
         memory_mib: shape.memory_mib,
+        work_disk_bytes: shape.disk_bytes,
     }
 }
 
@@ -164,6 +173,14 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     }
     if let Some(s) = &vm.storage {
         println!("storage:   {s}");
+    }
+    if let Some(disk) = &vm.work_disk {
+        let size = vm.work_disk_bytes.map(crate::size::format_size).unwrap_or_else(|| "?".into());
+        println!(
+            "work disk: {} ({size}, mounted at {} in the guest)",
+            disk.display(),
+            crate::daemon::personalize::WORK_DISK_MOUNT
+        );
     }
     println!("serial:    {}", vm.log_path.display());
     if let Some(e) = &vm.last_error {

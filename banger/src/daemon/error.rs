@@ -19,6 +19,7 @@ use crate::daemon::personalize::PersonalizeError;
 use crate::daemon::storage::StorageError;
 use crate::daemon::store::StoreError;
 use crate::daemon::vmm::VmmError;
+use crate::daemon::work_disk::WorkDiskError;
 use crate::ids::NameError;
 use crate::paths::PathsError;
 use crate::ssh::SshError;
@@ -93,9 +94,12 @@ pub enum DaemonError {
     /// The handle cache or `handles.json` (500).
     #[error(transparent)]
     Handles(#[from] HandlesError),
-    /// The VM's root disk (500).
+    /// The VM's root disk: a kind this host cannot make (409), or a failure (500).
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The VM's work disk: a size out of range (400), or a failure (500).
+    #[error(transparent)]
+    WorkDisk(#[from] WorkDiskError),
     /// Writing hostname and keys into the root (500).
     #[error(transparent)]
     Personalize(#[from] PersonalizeError),
@@ -186,6 +190,8 @@ impl DaemonError {
                 | StoreError::ImageInUse { .. },
             ) => 409,
             DaemonError::Helper(e) if e.is_unreachable() => 503,
+            DaemonError::Storage(e) if e.is_unavailable() => 409,
+            DaemonError::WorkDisk(e) if e.is_invalid() => 400,
             DaemonError::Start { source, .. } | DaemonError::Incomplete { source, .. } => source.status(),
             DaemonError::Store(_)
             | DaemonError::Helper(_)
@@ -193,6 +199,7 @@ impl DaemonError {
             | DaemonError::Io { .. }
             | DaemonError::Handles(_)
             | DaemonError::Storage(_)
+            | DaemonError::WorkDisk(_)
             | DaemonError::Personalize(_)
             | DaemonError::Ssh(_)
             | DaemonError::Vmm(_)

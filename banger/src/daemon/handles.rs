@@ -207,7 +207,7 @@ mod tests {
             base_loop: Some("/dev/loop3".into()),
             cow_loop: Some("/dev/loop4".into()),
             dm_name: Some("banger-1000-vm1".into()),
-            dm_device: Some("/dev/dm-2".into()),
+            dm_dev: Some("/dev/dm-2".into()),
         }
     }
 
@@ -253,6 +253,37 @@ mod tests {
             assert!(matches!(err, HandlesError::Corrupt { .. }), "{junk:?}: {err:?}");
             assert!(err.to_string().contains(&scratch_path(dir.path()).display().to_string()));
         }
+    }
+
+    #[test]
+    fn version_2_names_the_dm_device_dm_dev_and_version_1_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        write_scratch(dir.path(), &sample(3)).unwrap();
+        let text = fs::read_to_string(scratch_path(dir.path())).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["version"], 2);
+        for (key, value) in [
+            ("base_loop", "/dev/loop3"),
+            ("cow_loop", "/dev/loop4"),
+            ("dm_name", "banger-1000-vm1"),
+            ("dm_dev", "/dev/dm-2"),
+        ] {
+            assert_eq!(json[key], value, "{text}");
+        }
+        assert!(json.get("dm_device").is_none(), "{text}");
+
+        // A version 1 file, as bangerd wrote it (TAP and PID only), and one naming the dm node
+        // by its old key.
+        fs::write(
+            scratch_path(dir.path()),
+            br#"{"version": 1, "pid": 7, "tap": "bg1", "base_loop": null, "cow_loop": null, "dm_name": null, "dm_device": null}"#,
+        )
+        .unwrap();
+        let h = read_scratch(dir.path()).unwrap().unwrap();
+        assert_eq!((h.version, h.pid, h.tap.as_deref(), h.dm_dev), (1, Some(7), Some("bg1"), None));
+        fs::write(scratch_path(dir.path()), br#"{"version": 1, "dm_name": "d", "dm_device": "/dev/dm-9"}"#)
+            .unwrap();
+        assert_eq!(read_scratch(dir.path()).unwrap().unwrap().dm_dev.as_deref(), Some("/dev/dm-9"));
     }
 
     #[test]

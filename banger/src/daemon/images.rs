@@ -8,8 +8,9 @@
 //! 3. the rootfs must be a regular file holding an ext2/3/4 filesystem, since every VM's copy is
 //!    personalized with debugfs ([`crate::daemon::personalize`]);
 //! 4. both are copied (reflink where possible, sparse otherwise, see [`crate::daemon::storage`]) into a
-//!    private staging directory inside `images/`, read-only (0400), and hashed (SHA-256) as
-//!    stored;
+//!    private staging directory inside `images/`, read-only (0444), and hashed (SHA-256) as
+//!    stored; each file's identity ([`FileIdentity`]: device, inode, size, mtime, ctime) is
+//!    recorded with its hash;
 //! 5. the row is inserted into the store (the unique name is the guard against two imports of
 //!    one name), then the staging directory is renamed to `images/<name>/` (holding `vmlinux`
 //!    and `rootfs.ext4`). If the rename fails the row is deleted again; any earlier failure
@@ -18,16 +19,26 @@
 //! The copy and the hashing take the longest and do not need the store: the daemon can run
 //! [`stage`] without holding the store's lock and [`StagedImage::commit`] with it.
 //!
-//! [`remove`] deletes the row first (the store refuses while a VM uses the image) and the files
-//! after; a directory left by a crash between the two is replaced by the next import of that
-//! name.
+//! [`remove`] deletes the row first (the store refuses while a VM uses the image, naming those
+//! VMs) and the files after; a directory left by a crash between the two is replaced by the next
+//! import of that name.
+//!
+//! An imported image never changes: a dm-snapshot reads its origin at every start, and an origin
+//! that changes under it corrupts every VM built on it. Before a VM uses an image, [`verify`]
+//! checks both files: an identity equal to the recorded one is trusted without reading the file
+//! (a write, a chmod or a replacement always changes it, and nobody but root can set a ctime); a
+//! changed (or never recorded) identity makes the file read-only again and hashes it: the same
+//! digest means the file is intact and its new identity is to be recorded, another digest
+//! refuses the start, naming the image and what to do.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::daemon::file_identity::FileIdentity;
 use crate::daemon::storage::{self, StorageError, StorageStrategy};
 use crate::daemon::store::{ImageRecord, Store, StoreError, unix_now};
 use crate::ids::validate_name;
@@ -37,6 +48,8 @@ use crate::paths::Paths;
 pub const KERNEL_FILE: &str = "vmlinux";
 /// The rootfs's file name inside an image's directory.
 pub const ROOTFS_FILE: &str = "rootfs.ext4";
+/// The mode of an image's files: read-only for everyone, the owner included.
+pub const IMAGE_FILE_MODE: u32 = 0o444;
 /// How to import an image, for error messages.
 pub const IMPORT_HINT: &str = "import one with `banger image import NAME --kernel FILE --rootfs FILE`";
 
@@ -107,6 +120,42 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    /// An image file's content is not what was imported.
+    #[error(
+        "image {image:?} has changed since it was imported: {path} has sha256 {found}, not {expected}. \
+         An imported image must never change (the disks of its vms are built on it): put the original \
+         file back, or delete the vms that use it, then the image (`banger image rm {image}`), and \
+         import it again"
+    )]
+    Changed {
+        /// The image.
+        image: String,
+        /// The file.
+        path: PathBuf,
+        /// The digest recorded at import.
+        expected: String,
+        /// The digest now.
+        found: String,
+    },
+    /// An image file changed while it was being hashed.
+    #[error(
+        "image {image:?} is being changed: {path} changed while its hash was checked; stop whatever writes to it and try again"
+    )]
+    Changing {
+        /// The image.
+        image: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// An image file could not be made read-only again.
+    #[error("cannot make {path} read-only")]
+    Protect {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The store refused or failed (an image in use says which VMs use it).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -133,6 +182,8 @@ impl ImageError {
                 ImageErrorKind::NotFound
             }
             ImageError::Exists(_)
+            | ImageError::Changed { .. }
+            | ImageError::Changing { .. }
             | ImageError::Store(StoreError::DuplicateImage { .. } | StoreError::ImageInUse { .. }) => {
                 ImageErrorKind::Conflict
             }
@@ -141,7 +192,10 @@ impl ImageError {
             | ImageError::Kernel { .. }
             | ImageError::Rootfs { .. }
             | ImageError::Read { .. } => ImageErrorKind::Invalid,
-            ImageError::Copy(_) | ImageError::Dir { .. } | ImageError::Store(_) => ImageErrorKind::Failed,
+            ImageError::Copy(_)
+            | ImageError::Dir { .. }
+            | ImageError::Protect { .. }
+            | ImageError::Store(_) => ImageErrorKind::Failed,
         }
     }
 }
@@ -236,6 +290,8 @@ pub struct StagedImage {
     staging: tempfile::TempDir,
     kernel_sha256: String,
     rootfs_sha256: String,
+    kernel_identity: FileIdentity,
+    rootfs_identity: FileIdentity,
     size_bytes: u64,
 }
 
@@ -250,17 +306,30 @@ pub fn stage(paths: &Paths, name: &str, kernel: &Path, rootfs: &Path) -> Result<
         ImageError::Dir { action: "create a staging directory in", path: images.clone(), source }
     })?;
     let mut size_bytes = 0;
-    let mut hashes = Vec::new();
+    let mut stored = Vec::new();
     for (src, file) in [(kernel, KERNEL_FILE), (rootfs, ROOTFS_FILE)] {
         let dest = staging.path().join(file);
-        storage::copy_file(StorageStrategy::CloneOrCopy, src, &dest, 0o400).map_err(ImageError::Copy)?;
-        size_bytes +=
-            fs::metadata(&dest).map_err(|source| ImageError::Read { path: dest.clone(), source })?.len();
-        hashes.push(sha256_file(&dest)?);
+        storage::copy_file(StorageStrategy::CloneOrCopy, src, &dest, IMAGE_FILE_MODE)
+            .map_err(ImageError::Copy)?;
+        let sha256 = sha256_file(&dest)?;
+        // Read after everything that touches the file (the copy's rename moves its ctime); the
+        // staging directory's rename at commit does not change it.
+        let identity =
+            FileIdentity::read(&dest).map_err(|source| ImageError::Read { path: dest.clone(), source })?;
+        size_bytes += identity.size;
+        stored.push((sha256, identity));
     }
-    let rootfs_sha256 = hashes.pop().unwrap_or_default();
-    let kernel_sha256 = hashes.pop().unwrap_or_default();
-    Ok(StagedImage { name: name.to_owned(), staging, kernel_sha256, rootfs_sha256, size_bytes })
+    let (rootfs_sha256, rootfs_identity) = stored.pop().expect("two files were stored");
+    let (kernel_sha256, kernel_identity) = stored.pop().expect("two files were stored");
+    Ok(StagedImage {
+        name: name.to_owned(),
+        staging,
+        kernel_sha256,
+        rootfs_sha256,
+        kernel_identity,
+        rootfs_identity,
+        size_bytes,
+    })
 }
 
 impl StagedImage {
@@ -281,6 +350,8 @@ impl StagedImage {
             rootfs_sha256: self.rootfs_sha256.clone(),
             size_bytes: self.size_bytes,
             created_at: unix_now(),
+            kernel_identity: Some(self.kernel_identity),
+            rootfs_identity: Some(self.rootfs_identity),
         };
         store.insert_image(&record).map_err(|e| match e {
             StoreError::DuplicateImage { name } => ImageError::Exists(name),
@@ -321,6 +392,96 @@ impl StagedImage {
             source,
         })
     }
+}
+
+/// How one file of an image was found before a VM used it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCheck {
+    /// Its identity is the recorded one: trusted without reading it.
+    Unchanged,
+    /// Its identity changed (or was never recorded): it was hashed again, its digest is the
+    /// imported one, and this is its identity now, to be recorded.
+    Rehashed(FileIdentity),
+}
+
+/// How both files of an image were found ([`verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verification {
+    /// The kernel.
+    pub kernel: FileCheck,
+    /// The root filesystem.
+    pub rootfs: FileCheck,
+}
+
+impl Verification {
+    /// Puts the identities of files hashed again into `image`; returns whether any changed (and
+    /// so should be recorded in the store).
+    pub fn apply(&self, image: &mut ImageRecord) -> bool {
+        let mut changed = false;
+        for (check, identity) in
+            [(self.kernel, &mut image.kernel_identity), (self.rootfs, &mut image.rootfs_identity)]
+        {
+            if let FileCheck::Rehashed(now) = check {
+                *identity = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// Checks that both files of `image` are as imported (see the module docs). Blocks while a file
+/// is hashed.
+pub fn verify(image: &ImageRecord) -> Result<Verification, ImageError> {
+    Ok(Verification {
+        kernel: check_file(
+            &image.name,
+            &image.kernel_path,
+            image.kernel_identity.as_ref(),
+            &image.kernel_sha256,
+        )?,
+        rootfs: check_file(
+            &image.name,
+            &image.rootfs_path,
+            image.rootfs_identity.as_ref(),
+            &image.rootfs_sha256,
+        )?,
+    })
+}
+
+fn check_file(
+    image: &str,
+    path: &Path,
+    recorded: Option<&FileIdentity>,
+    sha256: &str,
+) -> Result<FileCheck, ImageError> {
+    let read = |source| ImageError::Read { path: path.to_owned(), source };
+    let meta = fs::metadata(path).map_err(read)?;
+    if recorded == Some(&FileIdentity::of(&meta)) {
+        return Ok(FileCheck::Unchanged);
+    }
+    // Read-only again first (a chmod may be what moved the identity), so that the identity
+    // recorded below is the one of a read-only file.
+    if meta.permissions().mode() & 0o7777 != IMAGE_FILE_MODE {
+        fs::set_permissions(path, fs::Permissions::from_mode(IMAGE_FILE_MODE))
+            .map_err(|source| ImageError::Protect { path: path.to_owned(), source })?;
+    }
+    let before = FileIdentity::read(path).map_err(read)?;
+    let found = sha256_file(path)?;
+    let after = FileIdentity::read(path).map_err(read)?;
+    if before != after {
+        return Err(ImageError::Changing { image: image.to_owned(), path: path.to_owned() });
+    }
+    if found != sha256 {
+        return Err(ImageError::Changed {
+            image: image.to_owned(),
+            path: path.to_owned(),
+            expected: sha256.to_owned(),
+            found,
+        });
+    }
+    tracing::info!(image, path = %path.display(), "an image file's identity changed but its content did not; recording its new identity");
+    Ok(FileCheck::Rehashed(after))
 }
 
 /// Imports an image: [`stage`] then [`StagedImage::commit`], refusing a taken name before
@@ -467,11 +628,76 @@ mod tests {
         assert_eq!(img.kernel_sha256, sum(&e.kernel));
         assert_eq!(img.rootfs_sha256, sum(&e.rootfs));
         assert_eq!(img.size_bytes, 4096 + 16 * 1024 * 1024);
-        assert_eq!(fs::metadata(&img.rootfs_path).unwrap().permissions().mode() & 0o777, 0o400);
+        for f in [&img.kernel_path, &img.rootfs_path] {
+            assert_eq!(fs::metadata(f).unwrap().permissions().mode() & 0o7777, 0o444, "{}", f.display());
+        }
+        assert_eq!(img.kernel_identity, Some(FileIdentity::read(&img.kernel_path).unwrap()));
+        assert_eq!(img.rootfs_identity, Some(FileIdentity::read(&img.rootfs_path).unwrap()));
         assert_eq!(list(&e.store).unwrap(), vec![img.clone()]);
         assert_eq!(get(&e.store, "debian").unwrap(), img);
         // No staging directory is left.
         assert_eq!(image_dir_entries(&e), ["debian"]);
+    }
+
+    #[test]
+    fn an_unchanged_image_is_trusted_without_hashing() {
+        let e = env();
+        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let v = verify(&img).unwrap();
+        assert_eq!(v, Verification { kernel: FileCheck::Unchanged, rootfs: FileCheck::Unchanged });
+        let mut same = img.clone();
+        assert!(!v.apply(&mut same));
+        assert_eq!(same, img);
+    }
+
+    #[test]
+    fn a_changed_identity_with_the_same_content_is_rehashed_protected_and_recorded() {
+        let e = env();
+        let mut img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let old = img.rootfs_identity.unwrap();
+        // The user makes it writable and writes the same bytes back: ctime and mtime move.
+        fs::set_permissions(&img.rootfs_path, fs::Permissions::from_mode(0o644)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&img.rootfs_path, fs::read(&e.rootfs).unwrap()).unwrap();
+
+        let v = verify(&img).unwrap();
+        assert_eq!(v.kernel, FileCheck::Unchanged);
+        let FileCheck::Rehashed(now) = v.rootfs else { panic!("{v:?}") };
+        assert_ne!(now, old);
+        assert_eq!(now, FileIdentity::read(&img.rootfs_path).unwrap());
+        assert_eq!(fs::metadata(&img.rootfs_path).unwrap().permissions().mode() & 0o7777, 0o444);
+        assert!(v.apply(&mut img));
+        assert_eq!(img.rootfs_identity, Some(now));
+        // Once recorded, it is trusted again.
+        assert_eq!(verify(&img).unwrap().rootfs, FileCheck::Unchanged);
+
+        // An image imported by an older release has no identity: hashed once.
+        img.kernel_identity = None;
+        assert!(matches!(verify(&img).unwrap().kernel, FileCheck::Rehashed(_)));
+    }
+
+    #[test]
+    fn a_changed_image_refuses_and_says_what_to_do() {
+        let e = env();
+        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        fs::set_permissions(&img.rootfs_path, fs::Permissions::from_mode(0o644)).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&img.rootfs_path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"guest data", 8 << 20).unwrap();
+        drop(f);
+
+        let err = verify(&img).unwrap_err();
+        assert!(matches!(&err, ImageError::Changed { image, .. } if image == "debian"), "{err:?}");
+        assert_eq!(err.kind(), ImageErrorKind::Conflict);
+        let msg = err.to_string();
+        assert!(msg.contains(&img.rootfs_path.display().to_string()), "{msg}");
+        assert!(msg.contains(&img.rootfs_sha256) && msg.contains("banger image rm debian"), "{msg}");
+        // Refused again at every try: nothing was recorded.
+        assert!(matches!(verify(&img), Err(ImageError::Changed { .. })));
+
+        fs::remove_file(&img.kernel_path).unwrap();
+        let err = verify(&img).unwrap_err();
+        assert!(matches!(err, ImageError::Read { .. }), "{err:?}");
+        assert!(err.to_string().contains("vmlinux"), "{err}");
     }
 
     #[test]

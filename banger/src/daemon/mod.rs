@@ -10,10 +10,12 @@
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
 //! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
-//! [`images`], [`storage`], [`personalize`], [`guest_prep`], [`logs`].
+//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`guest_prep`],
+//! [`logs`].
 
 pub mod api;
 pub mod error;
+pub mod file_identity;
 pub mod firecracker;
 pub mod guest_prep;
 pub mod handles;
@@ -28,6 +30,7 @@ pub mod startup;
 pub mod storage;
 pub mod store;
 pub mod vmm;
+pub mod work_disk;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -192,6 +195,8 @@ impl Daemon {
             pid: if alive { handles.pid } else { None },
             tap: handles.tap.clone(),
             storage: vm.storage.map(|s| s.as_str().to_owned()),
+            work_disk: vm.work_disk_path.clone(),
+            work_disk_bytes: vm.work_disk_bytes,
             vm_dir: vm.vm_dir.clone(),
             log_path: vm.log_path.clone(),
             api_socket: vm.api_socket.clone(),
@@ -238,6 +243,7 @@ impl Daemon {
             .filter(|vm| vm_alive(vm, &self.cache.get(&vm.id).unwrap_or_default(), self.procs.as_ref()))
             .count();
         Ok(Status {
+            storage: self.config.storage.as_str().to_owned(),
             pid: std::process::id() as i32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             install_id: self.install_id.to_string(),

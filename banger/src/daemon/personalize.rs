@@ -1,6 +1,7 @@
-//! Per-VM personalization, written unprivileged into the VM's own root filesystem image before
-//! it boots. Root never mounts a user's filesystem: the user edits their own image file with
-//! e2fsprogs' `debugfs -w`.
+//! Per-VM personalization, written unprivileged into the VM's own root filesystem before it
+//! boots. Root never mounts a user's filesystem: the user edits their own root with e2fsprogs'
+//! `debugfs -w`: the VM's root file, or the node of its dm-snapshot (a block device the helper
+//! gave the user), whose writes land in the VM's copy-on-write file, never in the image.
 //!
 //! What [`personalize`] writes (all owned by root, uid and gid 0):
 //!
@@ -12,19 +13,25 @@
 //! | `/root/.ssh/authorized_keys` | 0600 | the user's banger public key |
 //! | `/etc/ssh/ssh_host_ed25519_key` | 0600 | an ed25519 host key generated for this VM |
 //! | `/etc/ssh/ssh_host_ed25519_key.pub` | 0644 | its public half |
+//! | `/work/` | 0755 | (with a work disk: its mount point, created if missing) |
+//! | `/etc/fstab` | 0644 | (with a work disk) the existing file with `/dev/vdb /work ext4 defaults,nofail 0 2` (any older `/work` line replaced) |
+//!
+//! The work disk is the VM's second drive, so the guest sees it as `/dev/vdb`; `nofail` lets
+//! the guest boot even if it is missing.
 //!
 //! Missing directories (`/etc`, `/etc/ssh`, `/root`) are created (0755, `/root` 0700); existing
 //! ones keep their mode. Running it again (every start) rewrites everything and generates a
 //! new host key, which the caller pins (see [`crate::ssh::pin_host_key`]).
 //!
 //! Steps:
-//! 1. check the inputs (hostname a DNS label, keys one-line OpenSSH keys), that the image is a
-//!    writable regular file with an ext2/3/4 superblock;
+//! 1. check the inputs (hostname a DNS label, keys one-line OpenSSH keys), that the root is a
+//!    writable regular file or block device, as the caller expects ([`RootForm`]; a path that
+//!    should be a device node and is a file is refused), with an ext2/3/4 superblock;
 //! 2. if the superblock says the journal needs recovery (the guest was killed), replay it with
 //!    `e2fsck -E journal_only` first; otherwise the guest's own replay at mount time could write
 //!    stale blocks over what is written here;
 //! 3. look at what exists (`debugfs -R stat`), generate the host key with `ssh-keygen`, and
-//!    stage every file in a private temporary directory beside the image;
+//!    stage every file in a private temporary directory in the VM's directory;
 //! 4. run one `debugfs -w -f <script>` session. Its `mkdir`, `rm` and `write` take a name
 //!    relative to the current directory (an absolute top-level path is resolved against the
 //!    current directory in debugfs 1.47), so the script `cd`s into each parent first; `write`
@@ -52,8 +59,12 @@ const MAGIC_OFFSET: usize = 56;
 const EXT_MAGIC: u16 = 0xEF53;
 const INCOMPAT_OFFSET: usize = 96;
 const INCOMPAT_RECOVER: u32 = 0x4;
-/// The most of an existing `/etc/hosts` that is kept.
+/// The most of an existing `/etc/hosts` or `/etc/fstab` that is kept.
 const HOSTS_LIMIT: usize = 64 * 1024;
+/// Where the guest mounts the work disk.
+pub const WORK_DISK_MOUNT: &str = "/work";
+/// The work disk as the guest sees it: the second drive.
+pub const WORK_DISK_DEVICE: &str = "/dev/vdb";
 
 /// Why a VM's root could not be personalized.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +83,14 @@ pub enum PersonalizeError {
         /// Why.
         #[source]
         source: io::Error,
+    },
+    /// The root is not the kind of file the caller expected.
+    #[error("vm root {path} is not a {expected}")]
+    NotExpectedKind {
+        /// The root.
+        path: PathBuf,
+        /// What it should have been.
+        expected: &'static str,
     },
     /// The image holds no ext2/3/4 filesystem.
     #[error(
@@ -156,6 +175,24 @@ pub enum PersonalizeError {
     },
 }
 
+/// What a VM's root is on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootForm {
+    /// A file of the VM's own (reflink clone or sparse copy).
+    File,
+    /// A block device node (a dm-snapshot's).
+    BlockDevice,
+}
+
+impl RootForm {
+    fn name(self) -> &'static str {
+        match self {
+            RootForm::File => "regular file",
+            RootForm::BlockDevice => "block device",
+        }
+    }
+}
+
 /// What to write into a VM's root.
 #[derive(Debug, Clone, Copy)]
 pub struct Personalization<'a> {
@@ -163,6 +200,12 @@ pub struct Personalization<'a> {
     pub hostname: &'a str,
     /// The keys allowed to log in as root: OpenSSH public key lines (the user's banger key).
     pub authorized_keys: &'a [String],
+    /// Whether the VM has a work disk (its mount point and fstab line are written).
+    pub work_disk: bool,
+    /// What the root must be.
+    pub form: RootForm,
+    /// A directory of the user's where files are staged (the VM's directory).
+    pub scratch: &'a Path,
 }
 
 /// Whether the file at `path` starts with an ext2/3/4 superblock.
@@ -332,6 +375,7 @@ fn hosts_file(existing: Option<&str>, hostname: &str) -> String {
 }
 
 /// A directory the script may create.
+#[derive(Clone, Copy)]
 struct DirSpec {
     path: &'static str,
     parent: &'static str,
@@ -357,8 +401,35 @@ const DIRS: [DirSpec; 4] = [
     DirSpec { path: "/root/.ssh", parent: "/root", name: ".ssh", mode: 0o700, force: true },
 ];
 
-/// Writes hostname, hosts, authorized keys and a new SSH host key into the ext4 image `root`
-/// (see the module docs). Returns the host's public key line, to be pinned.
+/// The work disk's mount point.
+const WORK_DIR: DirSpec =
+    DirSpec { path: WORK_DISK_MOUNT, parent: "/", name: "work", mode: 0o755, force: false };
+
+/// The fstab line that mounts the work disk.
+fn work_disk_line() -> String {
+    format!("{WORK_DISK_DEVICE}\t{WORK_DISK_MOUNT}\text4\tdefaults,nofail\t0\t2")
+}
+
+/// `/etc/fstab` with the work disk's line: older lines for its mount point dropped.
+fn fstab_file(existing: Option<&str>) -> String {
+    let mut out = String::new();
+    for line in existing.unwrap_or_default().lines() {
+        let mut fields = line.split_whitespace();
+        let comment = fields.clone().next().is_some_and(|f| f.starts_with('#'));
+        if !comment && fields.nth(1) == Some(WORK_DISK_MOUNT) {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&work_disk_line());
+    out.push('\n');
+    out
+}
+
+/// Writes hostname, hosts, authorized keys, a new SSH host key and, with a work disk, its mount
+/// point and fstab line into the ext4 filesystem `root` (see the module docs). Returns the
+/// host's public key line, to be pinned.
 pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, PersonalizeError> {
     validate_name(p.hostname).map_err(|_| PersonalizeError::Hostname(p.hostname.to_owned()))?;
     let mut authorized = String::new();
@@ -369,8 +440,13 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
 
     let open_err = |source| PersonalizeError::Open { path: root.to_owned(), source };
     let mut image = OpenOptions::new().read(true).write(true).open(root).map_err(open_err)?;
-    if !image.metadata().map_err(open_err)?.is_file() {
-        return Err(open_err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")));
+    let file_type = image.metadata().map_err(open_err)?.file_type();
+    let expected = match p.form {
+        RootForm::File => file_type.is_file(),
+        RootForm::BlockDevice => std::os::unix::fs::FileTypeExt::is_block_device(&file_type),
+    };
+    if !expected {
+        return Err(PersonalizeError::NotExpectedKind { path: root.to_owned(), expected: p.form.name() });
     }
     let sb = read_superblock(&mut image)
         .map_err(open_err)?
@@ -391,7 +467,7 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
         return Err(PersonalizeError::Unreadable { path: root.to_owned(), stderr: stderr.trim().to_owned() });
     }
 
-    let dir = root.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = p.scratch;
     let stage_err = |source| PersonalizeError::Stage { dir: dir.to_owned(), source };
     let stage = tempfile::Builder::new().prefix(".personalize-").tempdir_in(dir).map_err(stage_err)?;
     let host_key = stage.path().join("host_key");
@@ -399,15 +475,18 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
         generate_keypair(&host_key, &format!("root@{}", p.hostname)).map_err(PersonalizeError::HostKey)?;
     let host_private = fs::read(&host_key).map_err(stage_err)?;
 
-    let existing_hosts = match debugfs.stat("/etc/hosts")? {
-        Some(info) if info.kind == Kind::Regular => {
-            let mut bytes = debugfs.cat("/etc/hosts")?;
-            bytes.truncate(HOSTS_LIMIT);
-            Some(String::from_utf8_lossy(&bytes).into_owned())
-        }
-        _ => None,
+    let existing = |path| -> Result<Option<String>, PersonalizeError> {
+        Ok(match debugfs.stat(path)? {
+            Some(info) if info.kind == Kind::Regular => {
+                let mut bytes = debugfs.cat(path)?;
+                bytes.truncate(HOSTS_LIMIT);
+                Some(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            _ => None,
+        })
     };
-    let files = [
+    let existing_hosts = existing("/etc/hosts")?;
+    let mut files = vec![
         FileSpec {
             path: "/etc/hostname",
             parent: "/etc",
@@ -444,11 +523,22 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
             content: format!("{host_public}\n").into_bytes(),
         },
     ];
+    let mut dirs = DIRS.to_vec();
+    if p.work_disk {
+        dirs.push(WORK_DIR);
+        files.push(FileSpec {
+            path: "/etc/fstab",
+            parent: "/etc",
+            name: "fstab",
+            mode: 0o644,
+            content: fstab_file(existing("/etc/fstab")?.as_deref()).into_bytes(),
+        });
+    }
 
     // The script: directories first (parents before children), then files.
     let mut script = String::new();
     let mut created = Vec::new();
-    for d in &DIRS {
+    for d in &dirs {
         let exists = match debugfs.stat(d.path)? {
             Some(info) if info.kind == Kind::Directory => true,
             Some(_) => return Err(PersonalizeError::NotADirectory { root: root.to_owned(), dir: d.path }),
@@ -487,7 +577,7 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
         problem,
         stderr: stderr.clone(),
     };
-    for d in &DIRS {
+    for d in &dirs {
         let want_mode = d.force || created.contains(&d.path);
         match debugfs.stat(d.path)? {
             Some(i) if i.kind != Kind::Directory => return Err(fail(d.path, "not a directory".into())),
@@ -611,6 +701,11 @@ mod tests {
         vec![USER_KEY.to_owned()]
     }
 
+    /// What to write into an image file, staged in `scratch`, without a work disk.
+    fn pers<'a>(hostname: &'a str, keys: &'a [String], scratch: &'a Path) -> Personalization<'a> {
+        Personalization { hostname, authorized_keys: keys, work_disk: false, form: RootForm::File, scratch }
+    }
+
     #[test]
     fn writes_hostname_keys_and_host_key_into_an_existing_layout() {
         let tmp = tempfile::tempdir().unwrap();
@@ -621,9 +716,7 @@ mod tests {
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
 
-        let host_pub =
-            personalize(&image, &Personalization { hostname: "handles-test", authorized_keys: &keys() })
-                .unwrap();
+        let host_pub = personalize(&image, &pers("handles-test", &keys(), tmp.path())).unwrap();
         assert!(
             host_pub.starts_with("ssh-ed25519 ") && host_pub.ends_with("root@handles-test"),
             "{host_pub}"
@@ -672,8 +765,7 @@ mod tests {
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
 
-        let first =
-            personalize(&image, &Personalization { hostname: "one", authorized_keys: &keys() }).unwrap();
+        let first = personalize(&image, &pers("one", &keys(), tmp.path())).unwrap();
         assert_eq!(read_back(&image, "/etc/hostname"), "one\n");
         let hosts = read_back(&image, "/etc/hosts");
         assert!(
@@ -688,8 +780,7 @@ mod tests {
         // Again, renamed: everything replaced, one hosts line, a new host key.
         let two_keys =
             vec![USER_KEY.to_owned(), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHNlY29uZC1rZXk".to_owned()];
-        let second =
-            personalize(&image, &Personalization { hostname: "two", authorized_keys: &two_keys }).unwrap();
+        let second = personalize(&image, &pers("two", &two_keys, tmp.path())).unwrap();
         assert_ne!(first, second);
         assert_eq!(read_back(&image, "/etc/hostname"), "two\n");
         let hosts = read_back(&image, "/etc/hosts");
@@ -715,7 +806,7 @@ mod tests {
         let sb = read_superblock(&mut File::open(&image).unwrap()).unwrap().unwrap();
         assert!(needs_recovery(&sb), "the test image should need recovery");
 
-        personalize(&image, &Personalization { hostname: "after-crash", authorized_keys: &keys() }).unwrap();
+        personalize(&image, &pers("after-crash", &keys(), tmp.path())).unwrap();
         let sb = read_superblock(&mut File::open(&image).unwrap()).unwrap().unwrap();
         assert!(!needs_recovery(&sb));
         assert_eq!(read_back(&image, "/etc/hostname"), "after-crash\n");
@@ -733,8 +824,7 @@ mod tests {
         }
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &["-N", "16"]);
-        let err =
-            personalize(&image, &Personalization { hostname: "full", authorized_keys: &keys() }).unwrap_err();
+        let err = personalize(&image, &pers("full", &keys(), tmp.path())).unwrap_err();
         let PersonalizeError::Verify { stderr, .. } = &err else { panic!("{err}") };
         assert!(stderr.contains("allocate"), "{err}");
     }
@@ -749,28 +839,21 @@ mod tests {
         mkfs(&tree, &image, &[]);
         let before = fs::read(&image).unwrap();
 
-        let err = personalize(&image, &Personalization { hostname: "Bad Name", authorized_keys: &keys() })
-            .unwrap_err();
+        let err = personalize(&image, &pers("Bad Name", &keys(), tmp.path())).unwrap_err();
         assert!(matches!(err, PersonalizeError::Hostname(_)), "{err}");
         let bad_key = vec!["not a key; rm -rf /".to_owned()];
-        let err =
-            personalize(&image, &Personalization { hostname: "ok", authorized_keys: &bad_key }).unwrap_err();
+        let err = personalize(&image, &pers("ok", &bad_key, tmp.path())).unwrap_err();
         assert!(matches!(err, PersonalizeError::Key(_)), "{err}");
         assert!(fs::read(&image).unwrap() == before, "the image changed");
 
         let not_ext = tmp.path().join("zeros.img");
         File::create(&not_ext).unwrap().set_len(4 << 20).unwrap();
-        let err =
-            personalize(&not_ext, &Personalization { hostname: "ok", authorized_keys: &keys() }).unwrap_err();
+        let err = personalize(&not_ext, &pers("ok", &keys(), tmp.path())).unwrap_err();
         assert!(matches!(err, PersonalizeError::NotExt { .. }), "{err}");
         assert!(!is_ext_filesystem(&not_ext).unwrap());
         assert!(is_ext_filesystem(&image).unwrap());
 
-        let err = personalize(
-            &tmp.path().join("missing"),
-            &Personalization { hostname: "ok", authorized_keys: &keys() },
-        )
-        .unwrap_err();
+        let err = personalize(&tmp.path().join("missing"), &pers("ok", &keys(), tmp.path())).unwrap_err();
         assert!(matches!(err, PersonalizeError::Open { .. }), "{err}");
     }
 
@@ -782,9 +865,112 @@ mod tests {
         fs::write(tree.join("root"), "not a dir").unwrap();
         let image = tmp.path().join("root.ext4");
         mkfs(&tree, &image, &[]);
-        let err =
-            personalize(&image, &Personalization { hostname: "ok", authorized_keys: &keys() }).unwrap_err();
+        let err = personalize(&image, &pers("ok", &keys(), tmp.path())).unwrap_err();
         assert!(matches!(err, PersonalizeError::NotADirectory { dir: "/root", .. }), "{err}");
+    }
+
+    #[test]
+    fn a_work_disk_gets_its_mount_point_and_one_fstab_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        fs::write(
+            tree.join("etc/fstab"),
+            "# <fs> <mount> <type>\n/dev/vda / ext4 defaults 0 1\n/dev/vdc /work xfs defaults 0 0\n",
+        )
+        .unwrap();
+        let image = tmp.path().join("root.ext4");
+        mkfs(&tree, &image, &[]);
+        let keys = keys();
+        let with_disk = Personalization { work_disk: true, ..pers("w", &keys, tmp.path()) };
+        personalize(&image, &with_disk).unwrap();
+        personalize(&image, &with_disk).unwrap();
+        assert_eq!(
+            read_back(&image, "/etc/fstab"),
+            "# <fs> <mount> <type>\n/dev/vda / ext4 defaults 0 1\n/dev/vdb\t/work\text4\tdefaults,nofail\t0\t2\n"
+        );
+        assert_eq!(listing(&image, "/")["work"], ("40755".into(), "0".into(), "0".into()));
+        assert_eq!(listing(&image, "/etc")["fstab"], ("100644".into(), "0".into(), "0".into()));
+        assert_clean(&image);
+
+        // Without a work disk neither is touched.
+        let tree = tmp.path().join("tree2");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        let plain = tmp.path().join("plain.ext4");
+        mkfs(&tree, &plain, &[]);
+        personalize(&plain, &pers("p", &keys, tmp.path())).unwrap();
+        assert!(!listing(&plain, "/").contains_key("work"));
+        assert!(!listing(&plain, "/etc").contains_key("fstab"));
+    }
+
+    #[test]
+    fn fstab_composition() {
+        let line = "/dev/vdb\t/work\text4\tdefaults,nofail\t0\t2\n";
+        assert_eq!(fstab_file(None), line);
+        assert_eq!(
+            fstab_file(Some("# /work is ours\nproc /proc proc defaults 0 0")),
+            format!("# /work is ours\nproc /proc proc defaults 0 0\n{line}")
+        );
+        assert_eq!(fstab_file(Some(line)), line);
+        assert_eq!(
+            fstab_file(Some("LABEL=w   /work  ext4 rw 0 2\n/dev/vdb /work2 ext4 rw 0 2\n")),
+            format!("/dev/vdb /work2 ext4 rw 0 2\n{line}")
+        );
+    }
+
+    #[test]
+    fn a_root_of_the_wrong_kind_is_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        fs::create_dir(&tree).unwrap();
+        let image = tmp.path().join("root.ext4");
+        mkfs(&tree, &image, &[]);
+        let before = fs::read(&image).unwrap();
+        let keys = keys();
+        let as_device = Personalization { form: RootForm::BlockDevice, ..pers("d", &keys, tmp.path()) };
+        let err = personalize(&image, &as_device).unwrap_err();
+        assert!(matches!(err, PersonalizeError::NotExpectedKind { expected: "block device", .. }), "{err}");
+        assert!(fs::read(&image).unwrap() == before, "the image changed");
+    }
+
+    #[test]
+    #[ignore = "needs root: attaches a loop device to personalize through a block device node"]
+    fn personalizes_through_a_block_device() {
+        assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        fs::create_dir_all(tree.join("etc")).unwrap();
+        let image = tmp.path().join("root.ext4");
+        mkfs(&tree, &image, &[]);
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&image).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        struct Detach(String);
+        impl Drop for Detach {
+            fn drop(&mut self) {
+                let _ = Command::new("losetup").args(["-d", &self.0]).status();
+            }
+        }
+        let dev = Detach(String::from_utf8(out.stdout).unwrap().trim().to_owned());
+        let node = Path::new(&dev.0);
+
+        let keys = keys();
+        let p = Personalization {
+            form: RootForm::BlockDevice,
+            work_disk: true,
+            ..pers("dev", &keys, tmp.path())
+        };
+        let host_pub = personalize(node, &p).unwrap();
+        // Staged files went to the scratch directory, not the device's: nothing is left there.
+        let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        // As a file, it is not accepted for a device.
+        let err = personalize(node, &pers("dev", &keys, tmp.path())).unwrap_err();
+        assert!(matches!(err, PersonalizeError::NotExpectedKind { expected: "regular file", .. }), "{err}");
+        drop(dev);
+        assert_eq!(read_back(&image, "/etc/hostname"), "dev\n");
+        assert_eq!(read_back(&image, "/etc/ssh/ssh_host_ed25519_key.pub"), format!("{host_pub}\n"));
+        assert!(read_back(&image, "/etc/fstab").contains("/dev/vdb\t/work"));
+        assert_clean(&image);
     }
 
     #[test]

@@ -14,15 +14,15 @@
 //!    - the process table cannot be read → *undetermined*: the VM is left exactly as it is and
 //!      its kernel objects are protected from step 5 (acting on an unknown answer could cut a
 //!      running VM off its network);
-//!    - `running` and alive → *kept*: the cache is seeded with its handles. TAP and loop names
-//!      that `handles.json` lacks (all of them when it is missing or corrupt) come from the
+//!    - `running` and alive → *kept*: the cache is seeded with its handles. TAP, loop and dm
+//!      names that `handles.json` lacks (all of them when it is missing or corrupt) come from the
 //!      helper's list, and the file is rewritten when it differs from what was found;
 //!    - `starting` or `stopping` and alive → the interrupted transition is settled: a start is
 //!      undone and a stop finished, both by killing the VMM (SIGKILL through a pidfd, only if it
 //!      still serves the VM's API socket) and waiting for it to exit; then as dead below. A VMM
 //!      that does not exit in time is left alone and reported;
 //!    - not alive → *dead*: the VM's kernel objects are torn down through the helper
-//!      (`TeardownVms` with its id: NAT, TAP, loops), its `handles.json` is removed once the
+//!      (`TeardownVms` with its id: NAT, TAP, dm-snapshot, loops), its `handles.json` is removed once the
 //!      teardown succeeded, its cache entry dropped, and its state set in one transaction:
 //!      `running` → `stopped` with the reason in `last_error`; `starting` → `failed`;
 //!      `stopping` → `stopped`. What the VM held is reported from `handles.json`, or from the
@@ -32,7 +32,7 @@
 //!    `handles.json` kept. Nothing is lost: the daemon's background refresh retries the teardown
 //!    once the helper answers, and since a VM that does not want to run claims no kernel objects,
 //!    the next reconcile with a reachable helper removes them in step 5 anyway.
-//! 5. Orphans: every VM id that the helper lists for *this* install (TAPs, NAT, loops) and that
+//! 5. Orphans: every VM id that the helper lists for *this* install (TAPs, NAT, loops, dm-snapshots) and that
 //!    no VM claims (no row, or a row not wanting to run, and not handled in step 3) is torn down
 //!    in one `TeardownVms` and logged; a VM whose row said its teardown was pending has that
 //!    cleared and its `handles.json` removed. Objects tagged with another install id are never
@@ -440,6 +440,7 @@ fn mine(mut owned: OwnedObjects, install: &banger_protocol::InstallId) -> OwnedO
     owned.taps.retain(|t| &t.install == install);
     owned.nat.retain(|n| &n.install == install);
     owned.loops.retain(|l| &l.install == install);
+    owned.dms.retain(|d| &d.install == install);
     owned
 }
 
@@ -451,11 +452,13 @@ fn vm_ids(owned: &OwnedObjects) -> Vec<VmId> {
         .map(|t| t.vm.clone())
         .chain(owned.nat.iter().map(|n| n.vm.clone()))
         .chain(owned.loops.iter().map(|l| l.vm.clone()))
+        .chain(owned.dms.iter().map(|d| d.vm.clone()))
         .collect();
     ids.into_iter().collect()
 }
 
-/// Fills the handles the helper knows (TAP, base and COW loops) where `handles` has none.
+/// Fills the handles the helper knows (TAP, base and COW loops, dm-snapshot) where `handles` has
+/// none.
 fn fill_from_helper(handles: &mut VmHandles, owned: &OwnedObjects, vm: &VmId) {
     use banger_protocol::LoopRole;
     if handles.tap.is_none() {
@@ -467,6 +470,10 @@ fn fill_from_helper(handles: &mut VmHandles, owned: &OwnedObjects, vm: &VmId) {
     }
     if handles.cow_loop.is_none() {
         handles.cow_loop = device(LoopRole::Cow);
+    }
+    if let Some(dm) = owned.dms.iter().find(|d| &d.vm == vm) {
+        handles.dm_name.get_or_insert_with(|| dm.name.clone());
+        handles.dm_dev.get_or_insert_with(|| dm.device.clone());
     }
 }
 
@@ -488,6 +495,9 @@ fn describe(h: &VmHandles) -> Vec<String> {
     if let Some(d) = &h.dm_name {
         out.push(format!("dm {d}"));
     }
+    if let Some(d) = &h.dm_dev {
+        out.push(format!("dm device {d}"));
+    }
     out
 }
 
@@ -495,7 +505,7 @@ fn describe(h: &VmHandles) -> Vec<String> {
 mod tests {
     use std::path::Path;
 
-    use banger_protocol::{HelperError, InstallId, LoopInfo, LoopRole, NatInfo, Request};
+    use banger_protocol::{DmInfo, HelperError, InstallId, LoopInfo, LoopRole, NatInfo, Request};
 
     use super::*;
     use crate::daemon::helper_client::fake::FakeHelper;
@@ -523,11 +533,15 @@ mod tests {
                     rootfs_sha256: "0".repeat(64),
                     size_bytes: 1,
                     created_at: 0,
+                    kernel_identity: None,
+                    rootfs_identity: None,
                 })
                 .unwrap();
+            let helper = FakeHelper::new(store.install_id().clone());
+            helper.set_device_mapper(true);
             World {
                 dir: tempfile::tempdir().unwrap(),
-                helper: FakeHelper::new(store.install_id().clone()),
+                helper,
                 store: Mutex::new(store),
                 cache: HandleCache::new(),
                 procs: FakeProcesses::new(),
@@ -555,6 +569,7 @@ mod tests {
                 overlay_path: vm_dir.join("root.ext4"),
                 vm_dir,
                 work_disk_path: None,
+                work_disk_bytes: None,
                 storage: None,
                 last_error: None,
                 created_at: 0,
@@ -565,20 +580,36 @@ mod tests {
             vm
         }
 
-        /// Gives `vm` a TAP, NAT and a COW loop in the helper, as a start would have.
+        /// Gives `vm` a TAP, NAT and a dm-snapshot root (base and COW loops, dm target) in the
+        /// helper, as a start would have.
         async fn give_objects(&self, vm: &VmRuntime) -> VmHandles {
             let tap = self.helper.tap_create(&vm.id).await.unwrap();
             self.helper.nat_up(&vm.id).await.unwrap();
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(vm.vm_dir.join("cow"))
+            let open = |name: &str, write: bool| {
+                let path = vm.vm_dir.join(name);
+                std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
+                std::fs::OpenOptions::new().read(true).write(write).open(path).unwrap()
+            };
+            let base = self
+                .helper
+                .loop_attach(&vm.id, LoopRole::Base, true, open("base", false).into())
+                .await
                 .unwrap();
-            let cow = self.helper.loop_attach(&vm.id, LoopRole::Cow, false, f.into()).await.unwrap();
+            let cow = self
+                .helper
+                .loop_attach(&vm.id, LoopRole::Cow, false, open("cow", true).into())
+                .await
+                .unwrap();
+            let dm = self.helper.dm_create(&vm.id).await.unwrap();
             self.helper.clear_calls();
-            VmHandles { tap: Some(tap.name), cow_loop: Some(cow.device), ..Default::default() }
+            VmHandles {
+                tap: Some(tap.name),
+                base_loop: Some(base.device),
+                cow_loop: Some(cow.device),
+                dm_name: Some(dm.name),
+                dm_dev: Some(dm.device),
+                ..Default::default()
+            }
         }
 
         fn state(&self, vm: &VmRuntime) -> (VmState, Option<String>) {
@@ -595,6 +626,7 @@ mod tests {
             o.taps.iter().filter(|t| &t.vm == vm).count()
                 + o.nat.iter().filter(|n| &n.vm == vm).count()
                 + o.loops.iter().filter(|l| &l.vm == vm).count()
+                + o.dms.iter().filter(|d| &d.vm == vm).count()
         }
 
         async fn run(&self) -> ReconcileReport {
@@ -634,9 +666,10 @@ mod tests {
         assert!(r.demoted.is_empty() && r.orphans_removed.is_empty() && r.undetermined.is_empty());
         let cached = w.cache.get(&vm.id).unwrap();
         assert_eq!((cached.pid, &cached.tap, &cached.cow_loop), (Some(100), &held.tap, &held.cow_loop));
+        assert_eq!((&cached.dm_name, &cached.dm_dev), (&held.dm_name, &held.dm_dev));
         assert_eq!(w.state(&vm), (VmState::Running, None));
         assert!(w.teardown_calls().is_empty(), "nothing of a live vm is torn down");
-        assert_eq!(w.objects_of(&vm.id), 3);
+        assert_eq!(w.objects_of(&vm.id), 5);
         assert!(w.procs.kills().is_empty());
     }
 
@@ -709,6 +742,8 @@ mod tests {
             assert_eq!(d.teardown, Teardown::Done);
             assert!(d.held.contains(&format!("tap {}", held.tap.unwrap())), "{:?}", d.held);
             assert!(d.held.contains(&format!("cow loop {}", held.cow_loop.unwrap())), "{:?}", d.held);
+            assert!(d.held.contains(&format!("base loop {}", held.base_loop.unwrap())), "{:?}", d.held);
+            assert!(d.held.contains(&format!("dm device {}", held.dm_dev.unwrap())), "{:?}", d.held);
             assert_eq!(w.objects_of(&vm.id), 0);
             assert_eq!(w.state(vm).0, VmState::Stopped);
         }
@@ -768,6 +803,13 @@ mod tests {
             device: "/dev/loop30".into(),
             read_only: true,
         });
+        w.helper.insert_dm(DmInfo {
+            install: other.clone(),
+            vm: stopped.id.clone(),
+            name: "otherdm".into(),
+            device: "/dev/otherdm".into(),
+            sectors: 8,
+        });
         w.helper.clear_calls();
 
         let r = w.run().await;
@@ -776,7 +818,8 @@ mod tests {
         let left = w.helper.owned();
         assert!(left.taps.iter().all(|t| t.install == other));
         assert!(left.nat.iter().all(|n| n.install == other) && left.loops.iter().all(|l| l.install == other));
-        assert_eq!((left.taps.len(), left.nat.len(), left.loops.len()), (1, 1, 1));
+        assert!(left.dms.iter().all(|d| d.install == other));
+        assert_eq!((left.taps.len(), left.nat.len(), left.loops.len(), left.dms.len()), (1, 1, 1, 1));
         assert_eq!(w.state(&stopped), (VmState::Stopped, None), "a stopped vm's row is not changed");
         assert!(w.procs.kills().is_empty());
     }
@@ -803,7 +846,7 @@ mod tests {
         assert_eq!(r.demoted[0].cleanup_pending.as_ref(), Some(&pending));
         assert!(scratch(&dead.vm_dir).is_some(), "handles.json stays until the teardown happened");
         assert_eq!(w.cache.get(&dead.id), None);
-        assert_eq!(w.objects_of(&dead.id), 3);
+        assert_eq!(w.objects_of(&dead.id), 5);
         assert!(w.helper.calls().is_empty());
 
         w.helper.set_unreachable(false);
@@ -811,7 +854,7 @@ mod tests {
         assert_eq!(r.orphans_removed, std::slice::from_ref(&dead.id));
         assert_eq!(r.kept, std::slice::from_ref(&alive.id));
         assert_eq!(w.objects_of(&dead.id), 0);
-        assert_eq!(w.objects_of(&alive.id), 3);
+        assert_eq!(w.objects_of(&alive.id), 5);
     }
 
     #[tokio::test]
@@ -828,7 +871,7 @@ mod tests {
         assert!(w.teardown_calls().is_empty(), "an undetermined vm's objects are protected");
         assert_eq!(w.state(&vm), (VmState::Running, None));
         assert_eq!(w.cache.get(&vm.id).unwrap().pid, Some(600));
-        assert_eq!(w.objects_of(&vm.id), 3);
+        assert_eq!(w.objects_of(&vm.id), 5);
     }
 
     #[tokio::test]
@@ -877,7 +920,7 @@ mod tests {
         assert!(r.undetermined[0].1.contains("did not exit"), "{:?}", r.undetermined);
         assert_eq!(w.state(&vm), (VmState::Stopping, None));
         assert!(w.teardown_calls().is_empty(), "its objects are still in use");
-        assert_eq!(w.objects_of(&vm.id), 3);
+        assert_eq!(w.objects_of(&vm.id), 5);
     }
 
     #[tokio::test]

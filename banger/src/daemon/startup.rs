@@ -104,7 +104,7 @@ async fn serve(paths: Paths, config: Config) -> anyhow::Result<()> {
         helper,
         procs: Arc::new(ProcFs::default()),
         vmm: Arc::new(DirectVmm::new(relay)),
-        prep: Arc::new(HostTools::default()),
+        prep: Arc::new(HostTools),
     };
     let daemon = Arc::new(Daemon::new(paths.clone(), config, store, deps));
 

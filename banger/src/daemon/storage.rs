@@ -1,29 +1,38 @@
-//! A VM's writable root disk, made from its image's read-only rootfs.
+//! A VM's root disk, made from its image's read-only rootfs: which kind a host gives it
+//! ([`choose`]), and the files behind each kind.
 //!
-//! Where the kernel has no device-mapper, each VM gets its own full copy of the rootfs, handed
-//! to the VMM directly as a file (no loop device, no root). [`prepare_root`] makes it:
+//! Three kinds ([`StorageKind`]), chosen per host by the `storage` setting
+//! ([`StorageMode`]) when the VM's root is first made, recorded in its row and kept:
+//!
+//! - **dm-snapshot** (where banger-helper offers it: its `Hello` capability `device_mapper`): the
+//!   VM owns only a sparse copy-on-write file ([`create_cow`], sized with
+//!   [`banger_protocol::min_cow_bytes`] of the image so the snapshot can never fill up and turn
+//!   invalid under the guest). At each start the helper attaches a read-only loop device over
+//!   the image, a read-write one over the COW file, and a snapshot target over both, whose
+//!   device node (owned by the user) is the VM's root drive; at each stop it removes them. The
+//!   COW file keeps the guest's writes across stops; the image is shared by every VM on it.
+//! - **reflink**: a clone of the image (`FICLONE`) that shares its blocks until the guest writes,
+//!   on btrfs, XFS and other filesystems that support it.
+//! - **sparse copy**: a full copy of the image's data, holes left out.
+//!
+//! The last two are a file handed to the VMM directly (no loop device, no root), made by
+//! [`prepare_root`] as follows:
 //!
 //! 1. the image's rootfs is opened read-only; an existing destination is refused (a VM's root
 //!    holds the guest's writes and is never silently replaced);
 //! 2. a temporary file `.<name>.partial-<random>` is created next to the destination, mode 0600;
-//! 3. with [`StorageStrategy::CloneOrCopy`] a reflink clone (`FICLONE`) is tried first: instant
-//!    and sharing blocks until the guest writes, on btrfs, XFS and other filesystems that
-//!    support it. Any refusal (`EOPNOTSUPP` on ext4 and tmpfs, `EXDEV` across filesystems, ...)
-//!    falls back to:
-//! 4. a sparse copy: only the source's data extents are read (`SEEK_DATA`/`SEEK_HOLE`), and
-//!    blocks that read as zeros are not written, so the copy allocates no more than the data
-//!    the image really holds; the length is set at the end so trailing holes survive;
+//! 3. with [`StorageStrategy::CloneOrCopy`] a reflink clone is tried first, and any refusal
+//!    (`EOPNOTSUPP` on ext4 and tmpfs, `EXDEV` across filesystems, ...) falls back to a sparse
+//!    copy; [`StorageStrategy::Reflink`] fails instead ([`StorageError::NoReflink`]);
+//!    [`StorageStrategy::SparseCopy`] copies at once;
+//! 4. the sparse copy reads only the source's data extents (`SEEK_DATA`/`SEEK_HOLE`) and does not
+//!    write blocks that read as zeros, so it allocates no more than the data the image really
+//!    holds; the length is set at the end so trailing holes survive;
 //! 5. the temporary file is synced and renamed into place without replacing anything
 //!    (`RENAME_NOREPLACE`), then the directory is synced. A crash leaves at most a `.partial`
 //!    file, never a half-written root under the real name. Any failure removes the temporary.
 //!
 //! Which method ran is returned as a [`StorageKind`] to be recorded and shown.
-//!
-//! The dm-snapshot strategy (a read-only loop over the image, a loop over a per-VM
-//! copy-on-write file, a snapshot target joining them, all made through the helper) belongs
-//! in [`StorageStrategy`] as another variant once the helper offers it; it will return
-//! [`StorageKind::DmSnapshot`] and its teardown goes through the helper instead of
-//! [`remove_root`].
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -34,6 +43,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 
+use crate::config::{Origin, StorageMode};
 use crate::model::StorageKind;
 
 /// The block size zero detection works in (the usual filesystem block).
@@ -41,14 +51,48 @@ const BLOCK: usize = 4096;
 /// How much is read at a time.
 const CHUNK: usize = 256 * BLOCK;
 
-/// How to make a VM's writable root.
+/// How to make a file that is a VM's whole root.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum StorageStrategy {
     /// A reflink clone where the filesystem supports it, a sparse copy otherwise.
     #[default]
     CloneOrCopy,
-    /// Always a sparse copy (for filesystems whose reflinks are unwanted, and for tests).
+    /// A reflink clone, or nothing.
+    Reflink,
+    /// Always a sparse copy.
     SparseCopy,
+}
+
+/// How a VM's root is to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootPlan {
+    /// A copy-on-write file under a dm-snapshot the helper makes at each start.
+    DmSnapshot,
+    /// A file of its own, made with this strategy.
+    File(StorageStrategy),
+}
+
+/// The plan for a new VM's root on this host: the `storage` setting (`mode`, from `origin`)
+/// and whether the helper can make dm-snapshot roots here. A setting the host cannot follow
+/// is refused, saying what to set instead (a forced reflink is found out only by trying it).
+pub fn choose(mode: StorageMode, origin: &Origin, device_mapper: bool) -> Result<RootPlan, StorageError> {
+    Ok(match mode {
+        StorageMode::Auto if device_mapper => RootPlan::DmSnapshot,
+        StorageMode::Auto => RootPlan::File(StorageStrategy::CloneOrCopy),
+        StorageMode::DmSnapshot if device_mapper => RootPlan::DmSnapshot,
+        StorageMode::DmSnapshot => return Err(StorageError::NoDeviceMapper { origin: origin.clone() }),
+        StorageMode::Reflink => RootPlan::File(StorageStrategy::Reflink),
+        StorageMode::Copy => RootPlan::File(StorageStrategy::SparseCopy),
+    })
+}
+
+/// The plan that makes a root of `kind` again (a VM keeps the kind it got).
+pub fn plan_for(kind: StorageKind) -> RootPlan {
+    match kind {
+        StorageKind::DmSnapshot => RootPlan::DmSnapshot,
+        StorageKind::Reflink => RootPlan::File(StorageStrategy::Reflink),
+        StorageKind::SparseCopy => RootPlan::File(StorageStrategy::SparseCopy),
+    }
 }
 
 /// Why a root (or an image file) could not be made or removed.
@@ -89,6 +133,90 @@ pub enum StorageError {
         #[source]
         source: io::Error,
     },
+    /// `storage = "reflink"` on a filesystem that cannot clone.
+    #[error(
+        "cannot clone the image into {dest}: storage = \"reflink\" needs a filesystem with reflinks (btrfs, XFS, ...); set storage = \"auto\" or \"copy\" (config.toml or BANGER_STORAGE)"
+    )]
+    NoReflink {
+        /// The destination.
+        dest: PathBuf,
+        /// The kernel's refusal.
+        #[source]
+        source: io::Error,
+    },
+    /// `storage = "dm-snapshot"` where the helper cannot make dm-snapshots.
+    #[error(
+        "storage = \"dm-snapshot\" (from {origin}) cannot be used here: this host's banger-helper cannot make dm-snapshot roots (no device-mapper with the snapshot target); set storage = \"auto\", \"reflink\" or \"copy\""
+    )]
+    NoDeviceMapper {
+        /// Where the setting came from.
+        origin: Origin,
+    },
+    /// A VM whose root is a dm-snapshot, where the helper cannot make dm-snapshots (any more).
+    #[error(
+        "the root of this vm is a dm-snapshot, and this host's banger-helper cannot make dm-snapshot roots (no device-mapper with the snapshot target): start it on a host whose helper can, or delete it"
+    )]
+    DmRootUnavailable,
+    /// The helper attached the copy-on-write file read-only.
+    #[error(
+        "banger-helper attached the copy-on-write file {path} read-only ({device}): the vm's writes would fail; check that the file is the user's and writable"
+    )]
+    CowReadOnly {
+        /// The COW file.
+        path: PathBuf,
+        /// The loop device.
+        device: String,
+    },
+    /// A copy-on-write file could not be made or sized.
+    #[error("cannot make the copy-on-write file {path}")]
+    Cow {
+        /// The COW file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl StorageError {
+    /// Whether the host cannot do what the settings (or the VM's kind) ask, as opposed to
+    /// something failing.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::NoReflink { .. }
+                | StorageError::NoDeviceMapper { .. }
+                | StorageError::DmRootUnavailable
+        )
+    }
+}
+
+/// Makes `path`, a VM's copy-on-write file: new (never replacing anything), mode 0600, sparse,
+/// `bytes` long; synced with its directory.
+pub fn create_cow(path: &Path, bytes: u64) -> Result<(), StorageError> {
+    let err = |source| StorageError::Cow { path: path.to_owned(), source };
+    let file =
+        OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    let made = file.set_len(bytes).and_then(|()| file.sync_all());
+    if let Err(e) = made {
+        let _ = fs::remove_file(path);
+        return Err(err(e));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+}
+
+/// Grows the copy-on-write file at `path` to at least `bytes` (a snapshot's exception store may
+/// grow; it never shrinks). Returns its length.
+pub fn ensure_cow_len(path: &Path, bytes: u64) -> Result<u64, StorageError> {
+    let err = |source| StorageError::Cow { path: path.to_owned(), source };
+    let file = OpenOptions::new().write(true).open(path).map_err(err)?;
+    let len = file.metadata().map_err(err)?.len();
+    if len >= bytes {
+        return Ok(len);
+    }
+    file.set_len(bytes).and_then(|()| file.sync_all()).map_err(err)?;
+    Ok(bytes)
 }
 
 /// Makes `dest`, the VM's writable root, from the image's rootfs (mode 0600).
@@ -157,6 +285,11 @@ pub fn copy_file(
     let mut partial = PartialFile { path: Some(tmp_path.clone()) };
 
     let kind = match strategy {
+        StorageStrategy::Reflink => {
+            reflink(&input, &output)
+                .map_err(|source| StorageError::NoReflink { dest: dest.to_owned(), source })?;
+            StorageKind::Reflink
+        }
         StorageStrategy::CloneOrCopy => match reflink(&input, &output) {
             Ok(()) => StorageKind::Reflink,
             Err(e) => {
@@ -461,6 +594,67 @@ mod tests {
         let err = prepare_root(StorageStrategy::CloneOrCopy, tmp.path(), &tmp.path().join("x")).unwrap_err();
         assert!(matches!(err, StorageError::Source { .. }), "{err}");
         assert!(!tmp.path().join("x").exists());
+    }
+
+    #[test]
+    fn the_setting_and_the_helper_choose_the_plan() {
+        use StorageStrategy::*;
+        let env = Origin::Env("BANGER_STORAGE");
+        let plan = |mode, dm| choose(mode, &env, dm);
+        assert_eq!(plan(StorageMode::Auto, true).unwrap(), RootPlan::DmSnapshot);
+        assert_eq!(plan(StorageMode::Auto, false).unwrap(), RootPlan::File(CloneOrCopy));
+        assert_eq!(plan(StorageMode::DmSnapshot, true).unwrap(), RootPlan::DmSnapshot);
+        let err = plan(StorageMode::DmSnapshot, false).unwrap_err();
+        assert!(err.is_unavailable());
+        let msg = err.to_string();
+        assert!(msg.contains("$BANGER_STORAGE") && msg.contains("storage = \"auto\""), "{msg}");
+        for dm in [true, false] {
+            assert_eq!(plan(StorageMode::Reflink, dm).unwrap(), RootPlan::File(Reflink));
+            assert_eq!(plan(StorageMode::Copy, dm).unwrap(), RootPlan::File(SparseCopy));
+        }
+        // A VM keeps its kind.
+        assert_eq!(plan_for(StorageKind::DmSnapshot), RootPlan::DmSnapshot);
+        assert_eq!(plan_for(StorageKind::Reflink), RootPlan::File(Reflink));
+        assert_eq!(plan_for(StorageKind::SparseCopy), RootPlan::File(SparseCopy));
+    }
+
+    #[test]
+    fn a_forced_reflink_fails_where_the_filesystem_cannot_clone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src.img");
+        make_sparse_source(&src);
+        let supported =
+            reflink(&File::open(&src).unwrap(), &File::create(tmp.path().join("probe")).unwrap()).is_ok();
+        let dest = tmp.path().join("root.ext4");
+        match prepare_root(StorageStrategy::Reflink, &src, &dest) {
+            Ok(kind) => assert!(supported && kind == StorageKind::Reflink, "{kind:?}"),
+            Err(e) => {
+                assert!(!supported, "{e}");
+                assert!(matches!(e, StorageError::NoReflink { .. }) && e.is_unavailable(), "{e:?}");
+                assert!(e.to_string().contains("set storage = \"auto\" or \"copy\""), "{e}");
+                assert!(!dest.exists());
+                let left = fs::read_dir(tmp.path()).unwrap().count();
+                assert_eq!(left, 2, "no temporary file is left");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cow_file_is_new_private_sparse_and_only_grows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cow = tmp.path().join("root.cow");
+        create_cow(&cow, 64 * MIB).unwrap();
+        let meta = fs::metadata(&cow).unwrap();
+        assert_eq!((meta.len(), meta.mode() & 0o777), (64 * MIB, 0o600));
+        assert!(allocated(&cow) <= 4096, "allocates {}", allocated(&cow));
+        fs::write(tmp.path().join("other"), "x").unwrap();
+        let err = create_cow(&tmp.path().join("other"), MIB).unwrap_err();
+        assert!(matches!(err, StorageError::Cow { .. }), "{err:?}");
+        assert_eq!(fs::read(tmp.path().join("other")).unwrap(), b"x", "never replaced");
+
+        assert_eq!(ensure_cow_len(&cow, 32 * MIB).unwrap(), 64 * MIB);
+        assert_eq!(ensure_cow_len(&cow, 65 * MIB).unwrap(), 65 * MIB);
+        assert_eq!(fs::metadata(&cow).unwrap().len(), 65 * MIB);
     }
 
     #[test]

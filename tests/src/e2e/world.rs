@@ -1,6 +1,7 @@
 //! [`World`]: one test's complete banger installation (see the [module docs](super)).
 //!
-//! Layout of the world's temporary directory `T` (mode 0755, under `/tmp`):
+//! Layout of the world's temporary directory `T` (mode 0755, under `/tmp` unless built with
+//! [`World::new_in`]):
 //!
 //! ```text
 //! T/bin/      banger, bangerd, banger-helper, firecracker-double (0755)
@@ -94,7 +95,14 @@ impl World {
     /// Builds a world and imports the test image for user A (which starts A's daemon). Panics
     /// (after tearing down what was made) when any step fails.
     pub fn new() -> World {
-        let world = World::build_with(&fixtures::BINARIES);
+        World::new_in(Path::new("/tmp"))
+    }
+
+    /// Like [`World::new`], with `T` under `base`: files the helper attaches loop devices to must
+    /// be on a filesystem its policy allows (in the kernel tier `/tmp` is an overlay, `/run` a
+    /// tmpfs).
+    pub fn new_in(base: &Path) -> World {
+        let world = World::build_with(&fixtures::BINARIES, base);
         world.import_image(Who::A);
         eprintln!(
             "e2e world {}: image imported for A after {:.1}s",
@@ -107,10 +115,10 @@ impl World {
     /// Builds a world without touching banger itself: users, network, binaries, image files and
     /// the helper.
     pub fn bare() -> World {
-        World::build_with(&["banger-helper"])
+        World::build_with(&["banger-helper"], Path::new("/tmp"))
     }
 
-    fn build_with(required: &[&str]) -> World {
+    fn build_with(required: &[&str], base: &Path) -> World {
         require_privileges();
         SWEEP.call_once(sweep_stale);
         let names = Names::fresh();
@@ -126,7 +134,7 @@ impl World {
             accounts: None,
             tempdir: None,
         };
-        if let Err(e) = world.build(required) {
+        if let Err(e) = world.build(required, base) {
             panic!("cannot build the end-to-end world {}: {e:#}", names.suffix);
         }
         eprintln!(
@@ -138,8 +146,8 @@ impl World {
         world
     }
 
-    fn build(&mut self, required: &[&str]) -> anyhow::Result<()> {
-        let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in("/tmp")?;
+    fn build(&mut self, required: &[&str], base: &Path) -> anyhow::Result<()> {
+        let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in(base)?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         self.temp = dir.path().to_path_buf();
         self.tempdir = Some(dir);
@@ -260,6 +268,16 @@ impl World {
             panic!("command failed:\n{out}");
         }
         out
+    }
+
+    /// Adds `line` to the `config.toml` of `who` (stop its daemon first: a running one keeps
+    /// the settings it started with).
+    pub fn add_config(&self, who: Who, line: &str) {
+        let path = self.home(who).join("config.toml");
+        let mut text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        text.push_str(line);
+        text.push('\n');
+        fs::write(&path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
 
     /// Imports the test image for `who` under [`IMAGE`].
@@ -401,7 +419,8 @@ impl World {
         }
     }
 
-    /// What the helper's ledger still lists for the allowed users (TAPs, NAT, loops).
+    /// What the helper's ledger still lists for the allowed users (TAPs, NAT, loops,
+    /// dm-snapshots).
     fn ledger_leaks(&self) -> Vec<String> {
         let mut leaks = Vec::new();
         for who in [Who::A, Who::B] {
@@ -418,6 +437,9 @@ impl World {
                     }));
                     leaks.extend(o.loops.iter().map(|l| {
                         format!("helper ledger of {who:?}: loop {} (vm {})", l.device, l.vm.as_str())
+                    }));
+                    leaks.extend(o.dms.iter().map(|d| {
+                        format!("helper ledger of {who:?}: dm-snapshot {} (vm {})", d.name, d.vm.as_str())
                     }));
                 }
                 _ => leaks.push(format!("helper ledger of {who:?} cannot be listed: {s:?}")),

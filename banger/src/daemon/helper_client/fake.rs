@@ -1,5 +1,8 @@
 //! An in-memory [`HelperApi`] that records every request, keeps the objects a helper would,
-//! and fails on demand. Its TAP names are its own (`faketapN`), not the helper's.
+//! and fails on demand. Its names are its own (`faketapN`, `fakedmN` and `/dev/fakedmN`), not
+//! the helper's. Whether it offers dm-snapshot roots is configured
+//! ([`FakeHelper::set_device_mapper`]; off by default, like a helper on a host without
+//! device-mapper).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -17,12 +20,31 @@ struct State {
     taps: Vec<TapInfo>,
     nat: Vec<NatInfo>,
     loops: Vec<LoopInfo>,
+    dms: Vec<DmInfo>,
+    /// What each loop device (by name) is attached to.
+    backing: HashMap<String, Backing>,
     calls: Vec<Request>,
     unreachable: bool,
+    device_mapper: bool,
     failures: HashMap<&'static str, HelperError>,
+    loop_failures: HashMap<LoopRole, HelperError>,
     teardown_failures: HashMap<VmId, HelperError>,
     next_subnet: u32,
     next_loop: u32,
+    next_dm: u32,
+}
+
+/// The file a fake loop device was attached to, as its descriptor showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backing {
+    /// The file's device.
+    pub dev: u64,
+    /// The file's inode.
+    pub ino: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Whether the descriptor was open for writing.
+    pub writable: bool,
 }
 
 /// A helper held in memory. Objects are tagged with the fake's install id (objects of
@@ -63,15 +85,33 @@ impl FakeHelper {
         self.state().unreachable = unreachable;
     }
 
+    /// Whether the fake offers dm-snapshot roots (its `Hello` capability; `DmCreate` is refused
+    /// as the helper refuses it without).
+    pub fn set_device_mapper(&self, on: bool) {
+        self.state().device_mapper = on;
+    }
+
+    /// What loop device `device` is attached to, if the fake made it.
+    pub fn backing(&self, device: &str) -> Option<Backing> {
+        self.state().backing.get(device).copied()
+    }
+
     /// Makes every request of operation `op` (a [`Request::op_name`]) fail with `error`.
     pub fn fail(&self, op: &'static str, error: HelperError) {
         self.state().failures.insert(op, error);
     }
 
-    /// Undoes every [`FakeHelper::fail`] and [`FakeHelper::fail_teardown_of`].
+    /// Makes every `LoopAttach` of `role` fail with `error`.
+    pub fn fail_loop_attach(&self, role: LoopRole, error: HelperError) {
+        self.state().loop_failures.insert(role, error);
+    }
+
+    /// Undoes every [`FakeHelper::fail`], [`FakeHelper::fail_loop_attach`] and
+    /// [`FakeHelper::fail_teardown_of`].
     pub fn clear_failures(&self) {
         let mut s = self.state();
         s.failures.clear();
+        s.loop_failures.clear();
         s.teardown_failures.clear();
     }
 
@@ -103,8 +143,13 @@ impl FakeHelper {
             taps: s.taps.clone(),
             nat: s.nat.clone(),
             loops: s.loops.clone(),
-            dms: Vec::new(),
+            dms: s.dms.clone(),
         }
+    }
+
+    /// Adds a dm-snapshot (of any install), as if made earlier.
+    pub fn insert_dm(&self, dm: DmInfo) {
+        self.state().dms.push(dm);
     }
 
     /// A TAP the fake would make for `vm` of `install` as the `index`-th VM: named `faketapN`
@@ -152,6 +197,14 @@ impl HelperApi for FakeHelper {
         async move { r }.boxed()
     }
 
+    fn capabilities(&self) -> BoxFuture<'_, Result<Capabilities, HelperClientError>> {
+        // The socket client pings to learn them; so does the fake, for the record of calls.
+        let r = self
+            .enter(Request::Ping)
+            .map(|s| Capabilities { device_mapper: s.device_mapper, ..Capabilities::default() });
+        async move { r }.boxed()
+    }
+
     fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
         let r = self.enter(Request::TapCreate { vm: vm.clone() }).map(|mut s| {
             if let Some(t) = s.taps.iter().find(|t| self.mine(&t.install, &t.vm, vm)) {
@@ -195,6 +248,9 @@ impl HelperApi for FakeHelper {
         file: OwnedFd,
     ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
         let r = self.enter(Request::LoopAttach { vm: vm.clone(), role, read_only }).and_then(|mut s| {
+            if let Some(e) = s.loop_failures.get(&role) {
+                return Err(HelperClientError::Helper(e.clone()));
+            }
             // Like the helper: a regular file, read-write only when asked and the fd allows it.
             let st = nix::sys::stat::fstat(&file)
                 .map_err(|e| HelperClientError::Helper(HelperError::kernel("fstat", e)))?;
@@ -212,9 +268,44 @@ impl HelperApi for FakeHelper {
             }
             let device = format!("/dev/loop{}", s.next_loop);
             s.next_loop += 1;
+            let backing = Backing { dev: st.st_dev, ino: st.st_ino, size: st.st_size as u64, writable };
+            s.backing.insert(device.clone(), backing);
             let info = LoopInfo { install: self.install.clone(), vm: vm.clone(), role, device, read_only };
             s.loops.push(info.clone());
             Ok(info)
+        });
+        async move { r }.boxed()
+    }
+
+    fn dm_create(&self, vm: &VmId) -> BoxFuture<'_, Result<DmInfo, HelperClientError>> {
+        let r = self.enter(Request::DmCreate { vm: vm.clone() }).and_then(|mut s| {
+            if !s.device_mapper {
+                return Err(HelperClientError::Helper(HelperError::Conflict {
+                    what: "this fake helper offers no dm-snapshot roots".into(),
+                }));
+            }
+            if let Some(d) = s.dms.iter().find(|d| self.mine(&d.install, &d.vm, vm)) {
+                return Ok(d.clone());
+            }
+            // Like the helper: over this VM's base and copy-on-write loops, sized as the base.
+            let find = |role| s.loops.iter().find(|l| self.mine(&l.install, &l.vm, vm) && l.role == role);
+            let (Some(base), Some(_)) = (find(LoopRole::Base), find(LoopRole::Cow)) else {
+                return Err(HelperClientError::Helper(HelperError::NotFound {
+                    what: format!("base and cow loops of vm {vm}: attach them before its dm-snapshot"),
+                }));
+            };
+            let sectors = s.backing.get(&base.device).map_or(0, |b| b.size / 512);
+            let n = s.next_dm;
+            s.next_dm += 1;
+            let dm = DmInfo {
+                install: self.install.clone(),
+                vm: vm.clone(),
+                name: format!("fakedm{n}"),
+                device: format!("/dev/fakedm{n}"),
+                sectors,
+            };
+            s.dms.push(dm.clone());
+            Ok(dm)
         });
         async move { r }.boxed()
     }
@@ -238,6 +329,16 @@ impl HelperApi for FakeHelper {
                 }
                 s.taps.retain(|t| !self.mine(&t.install, &t.vm, vm));
                 s.nat.retain(|n| !self.mine(&n.install, &n.vm, vm));
+                s.dms.retain(|d| !self.mine(&d.install, &d.vm, vm));
+                let gone: Vec<String> = s
+                    .loops
+                    .iter()
+                    .filter(|l| self.mine(&l.install, &l.vm, vm))
+                    .map(|l| l.device.clone())
+                    .collect();
+                for device in gone {
+                    s.backing.remove(&device);
+                }
                 s.loops.retain(|l| !self.mine(&l.install, &l.vm, vm));
                 report.torn_down.push(vm.clone());
             }

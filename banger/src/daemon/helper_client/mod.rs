@@ -8,13 +8,15 @@
 //! A [`SocketHelper`] connection's life:
 //! 1. On first use it connects to the socket (`/run/banger/helper.sock` unless configured) and
 //!    sends `Hello { PROTOCOL_VERSION, install_id }`. A helper speaking another version answers
-//!    with [`HelperError::VersionMismatch`], returned as [`HelperClientError::Helper`].
+//!    with [`HelperError::VersionMismatch`], returned as [`HelperClientError::Helper`]. The
+//!    reply's capabilities (whether the helper can make dm-snapshot roots here) are kept, and
+//!    renewed with every new connection ([`HelperApi::capabilities`]).
 //! 2. The connection is kept and reused; requests take turns on it (a mutex), each one frame
 //!    answered by one frame. `LoopAttach` carries its backing file as an fd (SCM_RIGHTS).
 //! 3. If the connection turns out to be broken (the helper restarted, e.g. under socket
 //!    activation), the client reconnects, says `Hello` again and resends the request, once.
-//!    Resending is safe because every request the daemon sends is idempotent: `TapCreate` and
-//!    `LoopAttach` return the object that already exists for the VM (and role), `NatUp` applies
+//!    Resending is safe because every request the daemon sends is idempotent: `TapCreate`,
+//!    `LoopAttach` and `DmCreate` return the object that already exists for the VM (and role), `NatUp` applies
 //!    only the difference, a teardown treats "absent" as done, and the rest only read.
 //!    A second break is [`HelperClientError::ConnectionLost`].
 //! 4. A helper that cannot be reached at all is [`HelperClientError::Unreachable`], whose message
@@ -28,8 +30,8 @@ use std::time::Duration;
 
 use banger_protocol::frame::{self, FrameError};
 use banger_protocol::{
-    HelperError, InstallId, LoopInfo, LoopRole, MAX_TEARDOWN_VMS, NatInfo, OwnedObjects, PROTOCOL_VERSION,
-    Request, Response, TapInfo, TeardownReport, VmId,
+    Capabilities, DmInfo, HelperError, InstallId, LoopInfo, LoopRole, MAX_TEARDOWN_VMS, NatInfo,
+    OwnedObjects, PROTOCOL_VERSION, Request, Response, TapInfo, TeardownReport, VmId,
 };
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -223,6 +225,8 @@ impl HelperClientError {
 pub trait HelperApi: Send + Sync {
     /// Health check.
     fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>>;
+    /// What the helper offers on this host (from its answer to `Hello`), asking it if needed.
+    fn capabilities(&self) -> BoxFuture<'_, Result<Capabilities, HelperClientError>>;
     /// Creates (or returns the existing) TAP of `vm`.
     fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>>;
     /// Installs the NAT of `vm` (idempotent).
@@ -235,10 +239,13 @@ pub trait HelperApi: Send + Sync {
         read_only: bool,
         file: OwnedFd,
     ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>>;
+    /// Makes (or returns the existing) dm-snapshot root of `vm` over its base and copy-on-write
+    /// loop devices; its device node is the caller's.
+    fn dm_create(&self, vm: &VmId) -> BoxFuture<'_, Result<DmInfo, HelperClientError>>;
     /// Everything the caller owns, across all of its installs (each object tagged).
     fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>>;
     /// Tears down everything of `vms` for this install (any number; sent in batches): NAT,
-    /// TAPs and loop devices, absent objects counting as removed.
+    /// TAPs, dm-snapshots and loop devices, absent objects counting as removed.
     fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>>;
 }
 
@@ -282,6 +289,15 @@ impl Answer for LoopInfo {
     fn from_response(response: Response) -> Result<Self, Response> {
         match response {
             Response::Loop(l) => Ok(l),
+            other => Err(other),
+        }
+    }
+}
+
+impl Answer for DmInfo {
+    fn from_response(response: Response) -> Result<Self, Response> {
+        match response {
+            Response::Dm(d) => Ok(d),
             other => Err(other),
         }
     }
@@ -347,6 +363,8 @@ pub struct SocketHelper {
     /// Guards the one connection to the helper (`None` before first use and after a failure).
     /// Held for a whole exchange, so requests and answers never interleave.
     conn: tokio::sync::Mutex<Option<UnixStream>>,
+    /// Guards the capabilities of the last accepted `Hello` (`None` before the first).
+    capabilities: std::sync::Mutex<Option<Capabilities>>,
 }
 
 impl SocketHelper {
@@ -358,6 +376,7 @@ impl SocketHelper {
             install_id,
             timeout: DEFAULT_TIMEOUT,
             conn: tokio::sync::Mutex::new(None),
+            capabilities: std::sync::Mutex::new(None),
         }
     }
 
@@ -393,7 +412,8 @@ impl SocketHelper {
         let hello = Request::Hello { version: PROTOCOL_VERSION, install_id: self.install_id.clone() };
         match self.exchange(&stream, &hello, None).await? {
             Response::Hello(reply) if reply.version == PROTOCOL_VERSION => {
-                tracing::debug!(socket = %self.socket.display(), helper = %reply.helper_version, "connected to banger-helper");
+                tracing::debug!(socket = %self.socket.display(), helper = %reply.helper_version, capabilities = ?reply.capabilities, "connected to banger-helper");
+                *self.capabilities.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply.capabilities);
                 Ok(stream)
             }
             Response::Hello(reply) => {
@@ -490,6 +510,17 @@ impl HelperApi for SocketHelper {
         async move { self.call::<Pong>(Request::Ping, None).await.map(drop) }.boxed()
     }
 
+    fn capabilities(&self) -> BoxFuture<'_, Result<Capabilities, HelperClientError>> {
+        async move {
+            // A ping makes sure a connection (and so a `Hello` answer) exists; a helper restarted
+            // since the last one is asked again.
+            self.call::<Pong>(Request::Ping, None).await?;
+            let caps = self.capabilities.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            Ok(caps.unwrap_or_default())
+        }
+        .boxed()
+    }
+
     fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
         let vm = vm.clone();
         async move { self.call(Request::TapCreate { vm }, None).await }.boxed()
@@ -510,6 +541,11 @@ impl HelperApi for SocketHelper {
         let vm = vm.clone();
         // `file` stays open here until the answer (or the retry) is done.
         async move { self.call(Request::LoopAttach { vm, role, read_only }, Some(&file)).await }.boxed()
+    }
+
+    fn dm_create(&self, vm: &VmId) -> BoxFuture<'_, Result<DmInfo, HelperClientError>> {
+        let vm = vm.clone();
+        async move { self.call(Request::DmCreate { vm }, None).await }.boxed()
     }
 
     fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>> {
@@ -692,6 +728,7 @@ mod tests {
             },
             Request::ListOwned => fake.list_owned().await.map(Response::Owned),
             Request::TeardownVms { vms } => fake.teardown_vms(&vms).await.map(Response::Teardown),
+            Request::DmCreate { vm } => fake.dm_create(&vm).await.map(Response::Dm),
             // Requests the daemon never sends.
             _ => return Response::Error(HelperError::invalid("not sent by bangerd")),
         };
@@ -828,6 +865,46 @@ mod tests {
             log.requests[0].1,
             Request::LoopAttach { vm: vm("dev"), role: LoopRole::Base, read_only: false }
         );
+    }
+
+    #[tokio::test]
+    async fn capabilities_come_from_the_hello_and_dm_create_answers_the_dm_node() {
+        let srv = server();
+        let c = srv.client();
+        assert!(!c.capabilities().await.unwrap().device_mapper, "the test helper offers none");
+
+        let caps = Capabilities { device_mapper: true, ..Capabilities::default() };
+        let hello = Response::Hello(HelloReply {
+            version: PROTOCOL_VERSION,
+            helper_version: "0.1.0".into(),
+            capabilities: caps.clone(),
+        });
+        let srv = server_with(hello, |_, _, _| Act::Backend);
+        srv.backend.set_device_mapper(true);
+        let c = srv.client();
+        assert_eq!(c.capabilities().await.unwrap(), caps);
+        let dir = tempfile::tempdir().unwrap();
+        let (base, cow) = (dir.path().join("base"), dir.path().join("cow"));
+        std::fs::write(&base, vec![0u8; 8192]).unwrap();
+        std::fs::write(&cow, vec![0u8; 4096]).unwrap();
+        let rw = |p: &Path| std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap();
+        c.loop_attach(&vm("dev"), LoopRole::Base, true, std::fs::File::open(&base).unwrap().into())
+            .await
+            .unwrap();
+        c.loop_attach(&vm("dev"), LoopRole::Cow, false, rw(&cow).into()).await.unwrap();
+        let dm = c.dm_create(&vm("dev")).await.unwrap();
+        assert_eq!((dm.vm.clone(), dm.sectors), (vm("dev"), 16));
+        assert_eq!(c.dm_create(&vm("dev")).await.unwrap(), dm, "dm-create is idempotent");
+        let ops: Vec<&str> = srv.log().requests.iter().map(|(_, r)| r.op_name()).collect();
+        assert_eq!(ops, ["ping", "loop-attach", "loop-attach", "dm-create", "dm-create"]);
+        assert_eq!(srv.log().connections, 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_dm_create_is_a_typed_error() {
+        let srv = server();
+        let err = srv.client().dm_create(&vm("dev")).await.unwrap_err();
+        assert!(matches!(err, HelperClientError::Helper(HelperError::Conflict { .. })), "{err:?}");
     }
 
     #[tokio::test]

@@ -1,10 +1,12 @@
-//! `create`: a new row in state `created` and the VM's private directory; nothing else.
+//! `create`: a new row in state `created`, the VM's private directory and, when asked for, its
+//! work disk (made as the user, see [`crate::daemon::work_disk`]); nothing else. Anything made
+//! goes again when a later part fails.
 
 use super::create_private_dir;
 use crate::api_types::{CreateVm, VmView};
 use crate::daemon::error::{MAX_VCPUS, MIN_VM_MEMORY_MIB};
 use crate::daemon::store::unix_now;
-use crate::daemon::{Daemon, DaemonError, images};
+use crate::daemon::{Daemon, DaemonError, images, work_disk};
 use crate::ids::{new_vm_id, validate_name};
 use crate::model::VmRuntime;
 use crate::paths::check_socket_path_len;
@@ -31,7 +33,10 @@ impl Daemon {
         if memory_mib < MIN_VM_MEMORY_MIB {
             return Err(DaemonError::Memory(memory_mib));
         }
-        let vm = VmRuntime::new_created(
+        if let Some(bytes) = req.work_disk_bytes {
+            work_disk::check_size(bytes)?;
+        }
+        let mut vm = VmRuntime::new_created(
             &self.paths,
             new_vm_id(),
             &req.name,
@@ -47,7 +52,8 @@ impl Daemon {
             path: vm.vm_dir.clone(),
             source,
         })?;
-        if let Err(e) = self.with_store(|s| s.insert_vm(&vm)) {
+        let made = self.make_work_disk(&mut vm, req.work_disk_bytes).await;
+        if let Err(e) = made.and_then(|()| self.with_store(|s| s.insert_vm(&vm))) {
             if let Err(rm) = std::fs::remove_dir_all(&vm.vm_dir) {
                 tracing::warn!(dir = %vm.vm_dir.display(), error = %rm, "cannot remove the directory of a vm not created");
             }
@@ -55,5 +61,20 @@ impl Daemon {
         }
         tracing::info!(vm = %vm.name, id = %vm.id, "created");
         Ok(self.view(&vm))
+    }
+}
+
+impl Daemon {
+    /// Makes the work disk of a VM being created, when one is asked for, and records it in `vm`.
+    async fn make_work_disk(&self, vm: &mut VmRuntime, bytes: Option<u64>) -> Result<(), DaemonError> {
+        let Some(bytes) = bytes else { return Ok(()) };
+        let path = self.paths.vm_work_disk(&vm.id);
+        let (prep, dest) = (self.prep.clone(), path.clone());
+        tokio::task::spawn_blocking(move || prep.make_work_disk(&dest, bytes))
+            .await
+            .map_err(DaemonError::Task)??;
+        vm.work_disk_path = Some(path);
+        vm.work_disk_bytes = Some(bytes);
+        Ok(())
     }
 }

@@ -9,15 +9,17 @@
 //! `stopping` before any teardown), so a daemon that dies anywhere leaves a row reconcile can
 //! finish or undo.
 //!
-//! A start is six named steps ([`StartStep`]), each undone by its own undo when a later one
-//! fails (see [`start`]). A stop asks the guest to shut down (Ctrl-Alt-Del), waits for its VMM
+//! A create makes the row, the VM's directory and, when asked, its work disk. A start is ten
+//! named steps ([`StartStep`]), each undone by its own undo when a later one fails (see
+//! [`start`]). A stop asks the guest to shut down (Ctrl-Alt-Del), waits for its VMM
 //! to exit, then tears down (below). A delete stops the VM if it runs, tears down what it may
 //! still hold, then removes its host key pin, its directory and its row.
 //!
 //! Teardown (shared by all of them): kill the VMM if it still serves the VM's API socket and wait
-//! for it, remove the sockets it leaves, ask the helper to remove the VM's NAT, TAP and loop
-//! devices (`TeardownVms`), and only once that succeeded forget the VM's handles (cache and
-//! `handles.json`), so a teardown that fails can be retried from what is recorded.
+//! for it, remove the sockets it leaves, ask the helper to remove the VM's NAT, TAP, dm-snapshot
+//! and loop devices (`TeardownVms`), and only once that succeeded forget the VM's handles (cache
+//! and `handles.json`), so a teardown that fails can be retried from what is recorded. The VM's
+//! own files (its root or copy-on-write file, its work disk) stay until the VM is deleted.
 //!
 //! How each operation ends (`state`, `last_error`, `cleanup_pending`):
 //!
@@ -165,7 +167,8 @@ impl Daemon {
         }
     }
 
-    /// Asks the helper to remove the VM's NAT, TAP and loop devices, then forgets its handles.
+    /// Asks the helper to remove the VM's NAT, TAP, dm-snapshot and loop devices, then forgets its
+    /// handles.
     /// The handles stay recorded until the helper confirms, so a later attempt (or reconcile)
     /// still knows what to remove if this fails.
     async fn release(&self, vm: &VmRuntime) -> Result<(), DaemonError> {

@@ -9,46 +9,70 @@
 //!
 //! | step | does | undo |
 //! | --- | --- | --- |
-//! | network | the TAP (helper), recorded in the VM's handles; NAT (helper); the guest's address | the helper removes the VM's NAT, TAP and loops (`TeardownVms`), then the handles are forgotten; skipped when the helper certainly made nothing |
-//! | root disk | the VM's writable root, made from its image the first time | none: the root is the VM's own disk, made once and kept across starts |
-//! | personalize | the user's key; hostname, keys and a new host key written into the root; the host key pinned; the row saved | the pin is removed |
+//! | image | both files of the VM's image checked as imported ([`images::verify`]: an unchanged identity is trusted, a changed one re-hashed, a changed digest refuses); identities that moved recorded | none: nothing is made |
+//! | network | the TAP (helper), recorded in the VM's handles; NAT (helper); the guest's address | the helper's teardown (below) |
+//! | root disk | the first time: the kind chosen ([`storage::choose`]: the `storage` setting and the helper's `device_mapper` capability) and the VM's own part of its root made (a copy-on-write file sized with `min_cow_bytes` of the image, or a whole copy), kind and path recorded in the row; later: kept (a COW file grown if smaller than its image needs) | none: the root is the VM's own disk, made once and kept across starts |
+//! | base loop | dm-snapshot only: the image's rootfs opened read-only and attached read-only (helper), recorded | the helper's teardown |
+//! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
+//! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
+//! | personalize | the user's key; hostname, keys, a new host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned; the row saved | the pin is removed |
 //! | spawn | the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
-//! | configure | the metrics file; machine, kernel and boot arguments, root drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
+//! | configure | the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
 //! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
 //!
-//! The root disk and personalize steps run host tools (copies, `debugfs`, `ssh-keygen`) through
-//! [`GuestPrep`](crate::daemon::guest_prep::GuestPrep), on a blocking thread.
+//! The helper removes a VM's kernel objects only all together (`TeardownVms`: NAT and TAP, the
+//! dm-snapshot, then its loops), so the undo of every step that made some is that one teardown,
+//! sent by the latest such step (the undos before it have nothing left to do), after which the
+//! handles are forgotten. A step whose helper request certainly made nothing (the helper was not
+//! reached, or refused) has nothing to undo.
+//!
+//! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`,
+//! `ssh-keygen`) on a blocking thread, the last two through
+//! [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
 
+use std::collections::BTreeSet;
 use std::fmt;
+use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use banger_protocol::TapInfo;
+use banger_protocol::{LoopRole, TapInfo, min_cow_bytes};
 
 use super::touch;
 use crate::api_types::VmView;
+use crate::config::StorageMode;
 use crate::daemon::firecracker::{
     BootSource, Drive, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
 };
 use crate::daemon::guest_prep::GuestPrep;
 use crate::daemon::helper_client::HelperClientError;
+use crate::daemon::images;
 use crate::daemon::liveness::vm_alive;
-use crate::daemon::personalize::Personalization;
+use crate::daemon::personalize::{Personalization, RootForm};
+use crate::daemon::storage::{self, RootPlan, StorageError};
 use crate::daemon::store::{ImageRecord, unix_now};
 use crate::daemon::vmm::{self, SpawnSpec};
 use crate::daemon::{Daemon, DaemonError, chain, logs};
-use crate::model::{VmHandles, VmRuntime, VmState};
+use crate::model::{StorageKind, VmHandles, VmRuntime, VmState};
 use crate::ssh;
 
 /// The steps of a start, in the order they run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StartStep {
+    /// The image's files, as imported.
+    Image,
     /// TAP and NAT through the helper.
     Network,
-    /// The VM's writable root.
+    /// The VM's own part of its root: its copy-on-write file or its whole copy.
     RootDisk,
-    /// Hostname, keys and host key in the root.
+    /// dm-snapshot: the read-only loop device over the image.
+    BaseLoop,
+    /// dm-snapshot: the loop device over the copy-on-write file.
+    CowLoop,
+    /// dm-snapshot: the snapshot target, the VM's root drive.
+    Snapshot,
+    /// Hostname, keys, host key and the work disk's mount in the root.
     Personalize,
     /// The VMM process.
     Spawn,
@@ -60,9 +84,13 @@ pub enum StartStep {
 
 impl StartStep {
     /// Every step, in order.
-    pub const ALL: [StartStep; 6] = [
+    pub const ALL: [StartStep; 10] = [
+        StartStep::Image,
         StartStep::Network,
         StartStep::RootDisk,
+        StartStep::BaseLoop,
+        StartStep::CowLoop,
+        StartStep::Snapshot,
         StartStep::Personalize,
         StartStep::Spawn,
         StartStep::Configure,
@@ -73,8 +101,12 @@ impl StartStep {
 impl fmt::Display for StartStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            StartStep::Image => "checking the image",
             StartStep::Network => "setting up the network",
             StartStep::RootDisk => "preparing the root disk",
+            StartStep::BaseLoop => "attaching the image",
+            StartStep::CowLoop => "attaching the copy-on-write file",
+            StartStep::Snapshot => "making the dm-snapshot",
             StartStep::Personalize => "personalizing the root disk",
             StartStep::Spawn => "spawning the vmm",
             StartStep::Configure => "configuring the vmm",
@@ -114,7 +146,7 @@ impl Daemon {
         }
         self.record(&mut vm, VmState::Starting, None, None)?;
 
-        let mut run = Start::new(self, &mut vm, &image, &vmm_bin);
+        let mut run = Start::new(self, &mut vm, image, &vmm_bin);
         let failed = match run.run_all().await {
             Ok(()) => None,
             Err((step, cause)) => {
@@ -126,7 +158,7 @@ impl Daemon {
         drop(run);
 
         let Some((step, cause, undo)) = failed else {
-            tracing::info!(vm = %vm.name, id = %vm.id, "running");
+            tracing::info!(vm = %vm.name, id = %vm.id, storage = ?vm.storage, "running");
             return Ok(self.view(&vm));
         };
         let last_error = format!("{step} failed: {}", chain(&cause));
@@ -141,20 +173,24 @@ impl Daemon {
 struct Start<'a> {
     daemon: &'a Daemon,
     vm: &'a mut VmRuntime,
-    image: &'a ImageRecord,
+    image: ImageRecord,
     vmm_bin: &'a Path,
     /// The VM's handles as recorded so far (cache and `handles.json`).
     handles: VmHandles,
     /// The TAP, once made.
     tap: Option<TapInfo>,
-    /// Whether the helper may have made kernel objects for this VM.
-    network_made: bool,
+    /// The steps after which the helper may hold kernel objects of this VM.
+    kernel_made: BTreeSet<StartStep>,
+    /// Whether an undo sent the helper's teardown.
+    released: bool,
     /// Whether this start pinned a host key.
     pinned: bool,
+    /// Whether the helper can make dm-snapshots, once asked in this start.
+    device_mapper: Option<bool>,
 }
 
 impl<'a> Start<'a> {
-    fn new(daemon: &'a Daemon, vm: &'a mut VmRuntime, image: &'a ImageRecord, vmm_bin: &'a Path) -> Self {
+    fn new(daemon: &'a Daemon, vm: &'a mut VmRuntime, image: ImageRecord, vmm_bin: &'a Path) -> Self {
         Start {
             daemon,
             vm,
@@ -162,8 +198,10 @@ impl<'a> Start<'a> {
             vmm_bin,
             handles: VmHandles::default(),
             tap: None,
-            network_made: false,
+            kernel_made: BTreeSet::new(),
+            released: false,
             pinned: false,
+            device_mapper: None,
         }
     }
 
@@ -171,8 +209,12 @@ impl<'a> Start<'a> {
     async fn run_all(&mut self) -> Result<(), (StartStep, DaemonError)> {
         for step in StartStep::ALL {
             let done = match step {
+                StartStep::Image => self.check_image().await,
                 StartStep::Network => self.network().await,
                 StartStep::RootDisk => self.root_disk().await,
+                StartStep::BaseLoop => self.base_loop().await,
+                StartStep::CowLoop => self.cow_loop().await,
+                StartStep::Snapshot => self.snapshot().await,
                 StartStep::Personalize => self.personalize().await,
                 StartStep::Spawn => self.spawn().await,
                 StartStep::Configure => self.configure().await,
@@ -189,8 +231,10 @@ impl<'a> Start<'a> {
         let mut first = None;
         for step in StartStep::ALL.into_iter().rev().filter(|s| *s <= last) {
             let undone = match step {
-                StartStep::Network => self.undo_network().await,
-                StartStep::RootDisk | StartStep::Configure | StartStep::Boot => Ok(()),
+                StartStep::Network | StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot => {
+                    self.undo_kernel(step).await
+                }
+                StartStep::Image | StartStep::RootDisk | StartStep::Configure | StartStep::Boot => Ok(()),
                 StartStep::Personalize => self.undo_personalize(),
                 StartStep::Spawn => {
                     self.undo_spawn().await;
@@ -205,15 +249,83 @@ impl<'a> Start<'a> {
         first.map_or(Ok(()), Err)
     }
 
+    /// Notes that `step` may have left kernel objects, unless its helper request `r` certainly
+    /// made nothing.
+    fn note_kernel<T>(&mut self, step: StartStep, r: &Result<T, HelperClientError>) {
+        if !matches!(r, Err(e) if left_nothing(e)) {
+            self.kernel_made.insert(step);
+        }
+    }
+
+    /// The undo of a step that asked the helper for kernel objects: the helper's teardown of
+    /// the VM, sent once (see the module docs).
+    async fn undo_kernel(&mut self, step: StartStep) -> Result<(), DaemonError> {
+        if !self.kernel_made.contains(&step) || self.released {
+            return Ok(());
+        }
+        self.released = true;
+        self.daemon.release(self.vm).await
+    }
+
+    /// Records the handles so far, in the cache and `handles.json`.
+    fn record_handles(&self) -> Result<(), DaemonError> {
+        Ok(self.daemon.cache.record(&self.vm.id, &self.vm.vm_dir, self.handles.clone())?)
+    }
+
+    /// Whether the helper can make dm-snapshots here (its `Hello` capability), asked once.
+    async fn device_mapper(&mut self) -> Result<bool, DaemonError> {
+        if let Some(known) = self.device_mapper {
+            return Ok(known);
+        }
+        let known = self.daemon.helper.capabilities().await?.device_mapper;
+        self.device_mapper = Some(known);
+        Ok(known)
+    }
+
+    fn is_dm(&self) -> bool {
+        self.vm.storage == Some(StorageKind::DmSnapshot)
+    }
+
+    /// The VM's root drive as the VMM and personalization see it: its dm-snapshot's node, or
+    /// its root file.
+    fn root(&self) -> (PathBuf, RootForm) {
+        match (&self.handles.dm_dev, self.is_dm()) {
+            (Some(dev), true) => (PathBuf::from(dev), RootForm::BlockDevice),
+            _ => (self.vm.overlay_path.clone(), RootForm::File),
+        }
+    }
+
+    /// The size of the image's rootfs (the dm-snapshot's origin).
+    fn origin_bytes(&self) -> Result<u64, DaemonError> {
+        let path = &self.image.rootfs_path;
+        std::fs::metadata(path).map(|m| m.len()).map_err(|source| DaemonError::Io {
+            action: "read the size of",
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// Image: both files as imported; identities that moved recorded.
+    async fn check_image(&mut self) -> Result<(), DaemonError> {
+        let image = self.image.clone();
+        let verified = blocking(move || images::verify(&image)).await?;
+        if verified.apply(&mut self.image) {
+            let img = &self.image;
+            self.daemon.with_store(|s| {
+                s.set_image_identity(&img.name, img.kernel_identity.as_ref(), img.rootfs_identity.as_ref())
+            })?;
+        }
+        Ok(())
+    }
+
     /// Network: TAP, recorded; NAT; the guest's address.
     async fn network(&mut self) -> Result<(), DaemonError> {
         let d = self.daemon;
-        let tap = d.helper.tap_create(&self.vm.id).await.inspect_err(|e| {
-            self.network_made = !left_nothing(e);
-        })?;
-        self.network_made = true;
+        let tap = d.helper.tap_create(&self.vm.id).await;
+        self.note_kernel(StartStep::Network, &tap);
+        let tap = tap?;
         self.handles.tap = Some(tap.name.clone());
-        d.cache.record(&self.vm.id, &self.vm.vm_dir, self.handles.clone())?;
+        self.record_handles()?;
         d.helper.nat_up(&self.vm.id).await?;
         self.vm.guest_ip = Some(tap.guest_ip);
         self.vm.gateway_ip = Some(tap.host_ip);
@@ -221,20 +333,110 @@ impl<'a> Start<'a> {
         Ok(())
     }
 
-    async fn undo_network(&mut self) -> Result<(), DaemonError> {
-        if self.network_made { self.daemon.release(self.vm).await } else { Ok(()) }
+    /// Root disk: made once, of the kind this host gives (see the module docs).
+    async fn root_disk(&mut self) -> Result<(), DaemonError> {
+        let d = self.daemon;
+        let plan = match self.vm.storage {
+            Some(kind) if self.vm.overlay_path.exists() => {
+                if kind == StorageKind::DmSnapshot {
+                    let (path, bytes) = (self.vm.overlay_path.clone(), min_cow_bytes(self.origin_bytes()?));
+                    blocking(move || storage::ensure_cow_len(&path, bytes)).await?;
+                }
+                return Ok(());
+            }
+            Some(kind) => {
+                tracing::warn!(vm = %self.vm.name, path = %self.vm.overlay_path.display(), %kind, "the vm's root is missing; making it again (what its guest wrote is gone)");
+                storage::plan_for(kind)
+            }
+            None => {
+                let config = &d.config;
+                let asks_helper = matches!(config.storage, StorageMode::Auto | StorageMode::DmSnapshot);
+                let device_mapper = asks_helper && self.device_mapper().await?;
+                storage::choose(config.storage, &config.storage_origin, device_mapper)?
+            }
+        };
+        // A root whose kind is not recorded (or is missing) never booted: what is there goes.
+        let (file, cow) = (d.paths.vm_root(&self.vm.id), d.paths.vm_cow(&self.vm.id));
+        let (leftover_file, leftover_cow) = (file.clone(), cow.clone());
+        blocking(move || {
+            storage::remove_root(&leftover_file).and_then(|()| storage::remove_root(&leftover_cow))
+        })
+        .await?;
+        let (path, kind) = match plan {
+            RootPlan::DmSnapshot => {
+                let bytes = min_cow_bytes(self.origin_bytes()?);
+                let path = cow.clone();
+                blocking(move || storage::create_cow(&path, bytes)).await?;
+                (cow, StorageKind::DmSnapshot)
+            }
+            RootPlan::File(strategy) => {
+                let prep: Arc<dyn GuestPrep> = d.prep.clone();
+                let (rootfs, dest) = (self.image.rootfs_path.clone(), file.clone());
+                let kind = blocking(move || prep.prepare_root(strategy, &rootfs, &dest)).await?;
+                (file, kind)
+            }
+        };
+        tracing::info!(vm = %self.vm.name, %kind, path = %path.display(), "made the vm's root");
+        self.vm.overlay_path = path;
+        self.vm.storage = Some(kind);
+        self.vm.updated_at = unix_now();
+        d.with_store(|s| s.update_vm(self.vm))?;
+        Ok(())
     }
 
-    /// Root disk: made once, from the image.
-    async fn root_disk(&mut self) -> Result<(), DaemonError> {
-        if self.vm.overlay_path.exists() {
+    /// Base loop (dm-snapshot): the image, read-only.
+    async fn base_loop(&mut self) -> Result<(), DaemonError> {
+        if !self.is_dm() {
             return Ok(());
         }
-        let prep: Arc<dyn GuestPrep> = self.daemon.prep.clone();
-        let (rootfs, dest) = (self.image.rootfs_path.clone(), self.vm.overlay_path.clone());
-        let kind = blocking(move || prep.prepare_root(&rootfs, &dest)).await?;
-        self.vm.storage = Some(kind);
+        let d = self.daemon;
+        if !self.device_mapper().await? {
+            return Err(StorageError::DmRootUnavailable.into());
+        }
+        let path = &self.image.rootfs_path;
+        let file = File::open(path).map_err(|source| DaemonError::Io {
+            action: "open the image",
+            path: path.clone(),
+            source,
+        })?;
+        let attached = d.helper.loop_attach(&self.vm.id, LoopRole::Base, true, file.into()).await;
+        self.note_kernel(StartStep::BaseLoop, &attached);
+        self.handles.base_loop = Some(attached?.device);
+        self.record_handles()
+    }
+
+    /// COW loop (dm-snapshot): the VM's copy-on-write file, read-write.
+    async fn cow_loop(&mut self) -> Result<(), DaemonError> {
+        if !self.is_dm() {
+            return Ok(());
+        }
+        let d = self.daemon;
+        let path = self.vm.overlay_path.clone();
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|source| {
+            DaemonError::Io { action: "open the copy-on-write file", path: path.clone(), source }
+        })?;
+        let attached = d.helper.loop_attach(&self.vm.id, LoopRole::Cow, false, file.into()).await;
+        self.note_kernel(StartStep::CowLoop, &attached);
+        let attached = attached?;
+        self.handles.cow_loop = Some(attached.device.clone());
+        self.record_handles()?;
+        if attached.read_only {
+            return Err(StorageError::CowReadOnly { path, device: attached.device }.into());
+        }
         Ok(())
+    }
+
+    /// Snapshot (dm-snapshot): the target over both loops; its node is the root drive.
+    async fn snapshot(&mut self) -> Result<(), DaemonError> {
+        if !self.is_dm() {
+            return Ok(());
+        }
+        let made = self.daemon.helper.dm_create(&self.vm.id).await;
+        self.note_kernel(StartStep::Snapshot, &made);
+        let dm = made?;
+        self.handles.dm_name = Some(dm.name);
+        self.handles.dm_dev = Some(dm.device);
+        self.record_handles()
     }
 
     /// Personalize: the user's key and the VM's identity in its root; the host key pinned.
@@ -244,10 +446,19 @@ impl<'a> Start<'a> {
         let key_path = d.paths.ssh_key();
         let user_key = blocking(move || prep.user_key(&key_path)).await?;
         let prep = d.prep.clone();
-        let (root, hostname) = (self.vm.overlay_path.clone(), self.vm.name.clone());
+        let (root, form) = self.root();
+        let (hostname, scratch) = (self.vm.name.clone(), self.vm.vm_dir.clone());
+        let work_disk = self.vm.work_disk_path.is_some();
         let host_key = blocking(move || {
             let keys = [user_key.public_key];
-            prep.personalize(&root, &Personalization { hostname: &hostname, authorized_keys: &keys })
+            let p = Personalization {
+                hostname: &hostname,
+                authorized_keys: &keys,
+                work_disk,
+                form,
+                scratch: &scratch,
+            };
+            prep.personalize(&root, &p)
         })
         .await?;
         ssh::pin_host_key(&d.paths.known_hosts(), &self.vm.id, &host_key)?;
@@ -281,8 +492,7 @@ impl<'a> Start<'a> {
             })
             .await?;
         self.handles.pid = Some(spawned.pid);
-        d.cache.record(&self.vm.id, &self.vm.vm_dir, self.handles.clone())?;
-        Ok(())
+        self.record_handles()
     }
 
     async fn undo_spawn(&mut self) {
@@ -299,6 +509,25 @@ impl<'a> Start<'a> {
             path: vm.metrics_path.clone(),
             source,
         })?;
+        let drive = |drive_id: &str, path_on_host: PathBuf, is_root_device| Drive {
+            drive_id: drive_id.into(),
+            is_root_device,
+            path_on_host,
+            is_read_only: false,
+            cache_type: None,
+            io_engine: None,
+            partuuid: None,
+        };
+        let mut drives = vec![drive("rootfs", self.root().0, true)];
+        if let Some(work) = &vm.work_disk_path {
+            // Firecracker would only say "Drive config error"; say which file is missing.
+            std::fs::metadata(work).map_err(|source| DaemonError::Io {
+                action: "find the work disk",
+                path: work.clone(),
+                source,
+            })?;
+            drives.push(drive("work", work.clone(), false));
+        }
         let config = VmConfig {
             metrics: Metrics { metrics_path: vm.metrics_path.clone() },
             machine: MachineConfig {
@@ -313,15 +542,7 @@ impl<'a> Start<'a> {
                 boot_args: Some(boot_args(vm, tap.guest_ip, tap.host_ip, tap.prefix_len)),
                 initrd_path: None,
             },
-            drives: vec![Drive {
-                drive_id: "rootfs".into(),
-                is_root_device: true,
-                path_on_host: vm.overlay_path.clone(),
-                is_read_only: false,
-                cache_type: None,
-                io_engine: None,
-                partuuid: None,
-            }],
+            drives,
             network_interfaces: vec![NetworkInterface {
                 iface_id: "eth0".into(),
                 host_dev_name: tap.name.clone(),

@@ -1,5 +1,8 @@
 //! The lifecycle through its seams: a fake helper, process table, VMM and root-disk tools, so
 //! every path runs without root, processes or e2fsprogs (except where a test says otherwise).
+//! The storage kinds, dm-snapshot starts, image checks and work disks are in [`storage`].
+
+mod storage;
 
 use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,11 +15,13 @@ use banger_protocol::{HelperError, Request, VmId};
 use super::*;
 use crate::api_types::{CreateVm, VmView};
 use crate::config::Config;
-use crate::daemon::guest_prep::fake::{FakePrep, HOST_KEY, PrepCall, PrepOp, USER_KEY};
+use crate::daemon::guest_prep::fake::{FakePrep, HOST_KEY, PrepCall, PrepOp, USER_KEY, Written};
 use crate::daemon::handles::{read_scratch, scratch_path};
 use crate::daemon::helper_client::fake::FakeHelper;
 use crate::daemon::liveness::fake::FakeProcesses;
 use crate::daemon::liveness::{PidState, ProcessTable};
+use crate::daemon::personalize::RootForm;
+use crate::daemon::storage::StorageStrategy;
 use crate::daemon::store::{ImageRecord, Store};
 use crate::daemon::vmm::fake::{FakeVmm, VmmCall, VmmOp};
 use crate::daemon::vmm::{DirectVmm, Vmm};
@@ -40,6 +45,18 @@ fn env() -> Env {
 
 /// Like [`env`], with the VMM `vmm` returns (given the install's directory and the fake VMM).
 fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
+    env_full(|c| c, vmm)
+}
+
+/// Like [`env`], with the settings `config` makes of the test's.
+fn env_config(config: impl FnOnce(Config) -> Config) -> Env {
+    env_full(config, |_, fake| fake)
+}
+
+fn env_full(
+    config: impl FnOnce(Config) -> Config,
+    vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>,
+) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let paths = Paths::under(&dir.path().join("h"), nix::unistd::getuid().as_raw()).unwrap();
     paths.ensure_dirs().unwrap();
@@ -48,17 +65,7 @@ fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
     std::fs::write(&fc, "#!/bin/sh\nexit 1\n").unwrap();
     std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).unwrap();
     let store = Store::open_in_memory().unwrap();
-    store
-        .insert_image(&ImageRecord {
-            name: "base".into(),
-            kernel_path: dir.path().join("vmlinux"),
-            rootfs_path: dir.path().join("rootfs.ext4"),
-            kernel_sha256: "0".repeat(64),
-            rootfs_sha256: "0".repeat(64),
-            size_bytes: 1,
-            created_at: 0,
-        })
-        .unwrap();
+    import_test_image(&store, &paths, dir.path());
     let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
     let procs = Arc::new(FakeProcesses::new());
     let fake_vmm = Arc::new(FakeVmm::new(procs.clone()));
@@ -69,12 +76,31 @@ fn env_with(vmm: impl FnOnce(&Path, Arc<FakeVmm>) -> Arc<dyn Vmm>) -> Env {
         vmm: vmm(dir.path(), fake_vmm.clone()),
         prep: prep.clone(),
     };
-    let config = Config { firecracker: fc, ..Config::default() };
+    let config = config(Config { firecracker: fc, ..Config::default() });
     let daemon = Daemon::new(paths, config, store, deps).with_timeouts(Timeouts {
         stop_grace: Duration::from_millis(200),
         kill_wait: Duration::from_millis(200),
     });
     Env { dir, daemon, helper, procs, vmm: fake_vmm, prep }
+}
+
+/// The size of the test image's root filesystem.
+const ROOTFS_BYTES: u64 = 4 << 20;
+
+/// Imports image `base`: an ELF header for a kernel, and a sparse file with an ext4
+/// superblock's magic as its root filesystem (no e2fsprogs needed).
+fn import_test_image(store: &Store, paths: &Paths, scratch: &Path) {
+    let kernel = scratch.join("vmlinux");
+    let mut k = vec![0u8; 4096];
+    k[..4].copy_from_slice(b"\x7fELF");
+    (k[4], k[5]) = (2, 1);
+    k[18..20].copy_from_slice(&62u16.to_le_bytes());
+    std::fs::write(&kernel, k).unwrap();
+    let rootfs = scratch.join("rootfs.ext4");
+    let f = std::fs::File::create(&rootfs).unwrap();
+    f.set_len(ROOTFS_BYTES).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+    crate::daemon::images::import(store, paths, "base", &kernel, &rootfs).unwrap();
 }
 
 impl Env {
@@ -97,12 +123,23 @@ impl Env {
 
     fn owns_nothing(&self) -> bool {
         let o = self.helper.owned();
-        o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty()
+        o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty() && o.dms.is_empty()
     }
 }
 
+/// What the fake personalization saw for a VM named `hostname` without a work disk.
+fn written(hostname: &str, form: RootForm) -> Written {
+    Written { hostname: hostname.into(), keys: vec![USER_KEY.into()], work_disk: false, form }
+}
+
 fn create(name: &str) -> CreateVm {
-    CreateVm { name: name.into(), image: Some("base".into()), vcpus: None, memory_mib: None }
+    CreateVm {
+        name: name.into(),
+        image: Some("base".into()),
+        vcpus: None,
+        memory_mib: None,
+        work_disk_bytes: None,
+    }
 }
 
 /// Just the kind of each VMM call.
@@ -165,17 +202,19 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     let cached = e.daemon.cache.get(&id).unwrap();
     assert_eq!((cached.pid, cached.tap.as_deref()), (Some(pid), Some(tap.as_str())));
     assert_eq!(e.scratch(&vm), Some(cached));
-    // The helper made the TAP, then NAT.
-    assert_eq!(e.ops(), ["tap-create", "nat-up"]);
+    // The helper made the TAP, then NAT, and was asked whether it makes dm-snapshots (the
+    // fake does not, by default).
+    assert_eq!(e.ops(), ["tap-create", "nat-up", "ping"]);
     let owned = e.helper.owned();
     assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1));
-    // The root was made, then personalized with the user's key, and the host key pinned.
+    // The root was made (a clone where the filesystem has them, else a copy), then personalized
+    // with the user's key, and the host key pinned.
     assert_eq!(
         e.prep.calls(),
         [
-            PrepCall::PrepareRoot(created.vm_dir.join("root.ext4")),
+            PrepCall::PrepareRoot(StorageStrategy::CloneOrCopy, created.vm_dir.join("root.ext4")),
             PrepCall::UserKey,
-            PrepCall::Personalize(created.vm_dir.join("root.ext4"), "dev".into(), vec![USER_KEY.into()]),
+            PrepCall::Personalize(created.vm_dir.join("root.ext4"), written("dev", RootForm::File)),
         ]
     );
     let pin = crate::ssh::pinned_host_key(&e.daemon.paths.known_hosts(), &id).unwrap().unwrap();
@@ -249,9 +288,9 @@ async fn restart_stops_then_starts_a_new_vmm() {
         kinds(&e.vmm.calls()),
         ["spawn", "configure", "boot", "shutdown", "spawn", "configure", "boot"]
     );
-    assert_eq!(e.ops(), ["tap-create", "nat-up", "teardown-vms", "tap-create", "nat-up"]);
+    assert_eq!(e.ops(), ["tap-create", "nat-up", "ping", "teardown-vms", "tap-create", "nat-up"]);
     // The root is made once; personalization runs at every start.
-    let prepared = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::PrepareRoot(_))).count();
+    let prepared = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::PrepareRoot(..))).count();
     let personalized = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::Personalize(..))).count();
     assert_eq!((prepared, personalized), (1, 2));
     let id: VmId = vm.id.parse().unwrap();
@@ -280,9 +319,17 @@ async fn a_failing_step_undoes_itself_and_every_step_before_it() {
     for step in StartStep::ALL {
         let e = env();
         let created = e.daemon.create(create("dev")).await.unwrap();
+        let image = e.vm_image();
         match step {
+            // The image was written to (and made writable for that).
+            StartStep::Image => {
+                std::fs::set_permissions(&image.kernel_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+                std::fs::write(&image.kernel_path, "not the kernel").unwrap();
+            }
             // The TAP exists when NAT fails.
             StartStep::Network => e.helper.fail("nat-up", HelperError::invalid("no uplink")),
+            // Steps of dm-snapshot roots only: see `storage`.
+            StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot => continue,
             StartStep::RootDisk => e.prep.fail(Some(PrepOp::PrepareRoot)),
             StartStep::Personalize => e.prep.fail(Some(PrepOp::Personalize)),
             StartStep::Spawn => e.vmm.fail(VmmOp::Spawn),
@@ -303,8 +350,15 @@ async fn a_failing_step_undoes_itself_and_every_step_before_it() {
         assert!(last.starts_with(&format!("{step} failed: ")), "{step}: {last}");
         assert!((vm.pid, vm.tap.as_deref()) == (None, None), "{step}: {vm:?}");
         // The network is gone (asked of the helper last), the vmm killed if it ran, the
-        // handles forgotten, the host key unpinned.
-        assert_eq!(e.ops().last(), Some(&"teardown-vms"), "{step}");
+        // handles forgotten, the host key unpinned. A changed image stops the start before
+        // anything is asked of the helper.
+        if step == StartStep::Image {
+            assert!(e.ops().is_empty(), "{:?}", e.ops());
+            assert_eq!(err.status(), 409, "{err}");
+        } else {
+            assert_eq!(e.ops().last(), Some(&"teardown-vms"), "{step}");
+            assert_eq!(e.teardowns(), 1, "{step}: one teardown undoes every kernel step");
+        }
         assert!(e.owns_nothing(), "{step}");
         let spawned = step >= StartStep::Configure;
         assert_eq!(e.procs.kills().len(), usize::from(spawned), "{step}");
@@ -314,6 +368,7 @@ async fn a_failing_step_undoes_itself_and_every_step_before_it() {
         assert!(!e.pinned(&created.id), "{step}");
 
         // Once the cause is gone the same VM starts.
+        std::fs::copy(e.dir.path().join("vmlinux"), &image.kernel_path).unwrap();
         e.helper.clear_failures();
         e.prep.fail(None);
         e.vmm.clear_failures();
@@ -632,7 +687,7 @@ async fn a_restart_whose_stop_fails_is_finished_by_the_next_start() {
     assert_ne!(vm.pid, started.pid);
     assert_eq!(
         e.ops(),
-        ["tap-create", "nat-up", "teardown-vms", "teardown-vms", "tap-create", "nat-up"],
+        ["tap-create", "nat-up", "ping", "teardown-vms", "teardown-vms", "tap-create", "nat-up"],
         "the leftover teardown comes first"
     );
 }

@@ -487,6 +487,7 @@ mod tests {
             vm_dir: dir.to_owned(),
             overlay_path: dir.join("root.ext4"),
             work_disk_path: None,
+            work_disk_bytes: None,
             storage: None,
             last_error: None,
             created_at: 0,

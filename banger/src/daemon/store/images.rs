@@ -5,10 +5,11 @@ use std::path::PathBuf;
 use rusqlite::types::ValueRef;
 use rusqlite::{Row, params};
 
-use super::{Cols, Store, StoreError, is_constraint, path_value, sql};
+use super::{Cols, Store, StoreError, is_constraint, opt_text, path_value, sql};
+use crate::daemon::file_identity::FileIdentity;
 
-const IMAGE_COLUMNS: &str =
-    "name, kernel_path, rootfs_path, kernel_sha256, rootfs_sha256, size_bytes, created_at";
+const IMAGE_COLUMNS: &str = "name, kernel_path, rootfs_path, kernel_sha256, rootfs_sha256, size_bytes, \
+     created_at, kernel_identity, rootfs_identity";
 
 /// An imported image: one row of `images`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,11 @@ pub struct ImageRecord {
     pub size_bytes: u64,
     /// Seconds since the epoch.
     pub created_at: i64,
+    /// The kernel file's identity when its hash was last checked (`None`: never recorded, as for
+    /// images imported by older releases; it is hashed at its next use).
+    pub kernel_identity: Option<FileIdentity>,
+    /// The rootfs file's identity when its hash was last checked.
+    pub rootfs_identity: Option<FileIdentity>,
 }
 
 impl Store {
@@ -38,7 +44,7 @@ impl Store {
         })?;
         self.conn
             .execute(
-                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
                 params![
                     image.name,
                     path_value(&image.kernel_path),
@@ -46,7 +52,9 @@ impl Store {
                     image.kernel_sha256,
                     image.rootfs_sha256,
                     size,
-                    image.created_at
+                    image.created_at,
+                    opt_text(&image.kernel_identity),
+                    opt_text(&image.rootfs_identity)
                 ],
             )
             .map_err(|e| {
@@ -68,6 +76,26 @@ impl Store {
     /// Every image, ordered by name.
     pub fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
         self.query_images(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"), [])
+    }
+
+    /// Records the identities of an image's files (after their hashes were checked).
+    pub fn set_image_identity(
+        &self,
+        name: &str,
+        kernel: Option<&FileIdentity>,
+        rootfs: Option<&FileIdentity>,
+    ) -> Result<(), StoreError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE images SET kernel_identity = ?2, rootfs_identity = ?3 WHERE name = ?1",
+                params![name, kernel.map(ToString::to_string), rootfs.map(ToString::to_string)],
+            )
+            .map_err(sql("record an image's file identities"))?;
+        if n == 0 {
+            return Err(StoreError::ImageNotFound { name: name.to_owned() });
+        }
+        Ok(())
     }
 
     /// Removes an image's row; refused while any VM uses it.
@@ -119,6 +147,8 @@ fn image_from_row(row: &Row<'_>) -> Result<ImageRecord, StoreError> {
         size_bytes: u64::try_from(size)
             .map_err(|_| c.corrupt("size_bytes", format!("{size} is negative")))?,
         created_at: c.int(6, "created_at")?,
+        kernel_identity: c.parsed(7, "kernel_identity")?,
+        rootfs_identity: c.parsed(8, "rootfs_identity")?,
     })
 }
 
@@ -153,6 +183,23 @@ mod tests {
 
         s.delete_image("alpine").unwrap();
         assert!(matches!(s.delete_image("alpine"), Err(StoreError::ImageNotFound { .. })));
+    }
+
+    #[test]
+    fn file_identities_are_recorded_and_read_back() {
+        let s = store_with_image();
+        assert_eq!(s.get_image("base").unwrap().unwrap().rootfs_identity, image("base").rootfs_identity);
+        let k = FileIdentity { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
+        let r = FileIdentity { dev: 1, ino: 9, size: 8 << 30, mtime_ns: 7, ctime_ns: 6 };
+        s.set_image_identity("base", Some(&k), Some(&r)).unwrap();
+        let got = s.get_image("base").unwrap().unwrap();
+        assert_eq!((got.kernel_identity, got.rootfs_identity), (Some(k), Some(r)));
+        s.set_image_identity("base", None, None).unwrap();
+        assert_eq!(s.get_image("base").unwrap().unwrap().kernel_identity, None);
+        assert!(matches!(s.set_image_identity("nope", None, None), Err(StoreError::ImageNotFound { .. })));
+        s.conn.execute("UPDATE images SET rootfs_identity = 'x:y' WHERE name = 'base'", []).unwrap();
+        let err = s.get_image("base").unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { column: "rootfs_identity", .. }), "{err:?}");
     }
 
     #[test]

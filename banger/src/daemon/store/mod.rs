@@ -1,7 +1,8 @@
 //! Durable intent: the per-user SQLite database (`banger.db`).
 //!
 //! What a VM *is* lives here and nowhere else: one row of `vms` per VM with every
-//! [`VmRuntime`] field, and one row of `images` per imported image. What is *currently true*
+//! [`VmRuntime`] field, and one row of `images` per imported image (with its files' hashes and
+//! the identities they had when last hashed). What is *currently true*
 //! about a VM (PID, TAP, loops) never enters the database; see [`crate::daemon::handles`].
 //!
 //! Opening a database ([`Store::open`]):
@@ -291,6 +292,14 @@ impl Cols<'_, '_> {
         }
     }
 
+    fn opt_int(&self, idx: usize, column: &'static str) -> Result<Option<i64>, StoreError> {
+        match self.raw(idx, column)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Integer(i) => Ok(Some(i)),
+            other => Err(self.corrupt(column, format!("expected an integer, found {:?}", other.data_type()))),
+        }
+    }
+
     fn u32(&self, idx: usize, column: &'static str) -> Result<u32, StoreError> {
         let v = self.int(idx, column)?;
         u32::try_from(v).map_err(|_| self.corrupt(column, format!("{v} is out of range")))
@@ -321,6 +330,14 @@ mod testing {
             rootfs_sha256: "b".repeat(64),
             size_bytes: 3 << 30,
             created_at: 1_700_000_000,
+            kernel_identity: None,
+            rootfs_identity: Some(crate::daemon::file_identity::FileIdentity {
+                dev: 2049,
+                ino: 12,
+                size: 3 << 30,
+                mtime_ns: 1_700_000_000_000_000_001,
+                ctime_ns: 1_700_000_000_000_000_002,
+            }),
         }
     }
 
@@ -344,6 +361,7 @@ mod testing {
             overlay_path: dir.join("root.ext4"),
             vm_dir: dir,
             work_disk_path: None,
+            work_disk_bytes: None,
             storage: None,
             last_error: None,
             created_at: 1_700_000_001,

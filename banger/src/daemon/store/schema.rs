@@ -51,6 +51,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
      CREATE INDEX vms_image ON vms (image);",
     // 2: why a VM's kernel objects are not removed yet (NULL: nothing pending).
     "ALTER TABLE vms ADD COLUMN cleanup_pending TEXT;",
+    // 3: the identities of an image's files when their hashes were last checked (NULL: never;
+    //    hashed at the next use), and the size of a VM's work disk.
+    "ALTER TABLE images ADD COLUMN kernel_identity TEXT;
+     ALTER TABLE images ADD COLUMN rootfs_identity TEXT;
+     ALTER TABLE vms ADD COLUMN work_disk_bytes INTEGER CHECK (work_disk_bytes > 0);",
 ];
 
 /// The schema version this build writes and understands.
@@ -128,6 +133,7 @@ mod tests {
     use super::*;
     use crate::daemon::store::Store;
     use crate::daemon::store::testing::*;
+    use crate::model::VmState;
 
     #[test]
     fn fresh_database_is_migrated_private_and_wal() {
@@ -198,6 +204,30 @@ mod tests {
         assert_eq!(user_version(&path), SCHEMA_VERSION);
         let vm = s.get_vm_by_name("old").unwrap().unwrap();
         assert_eq!((vm.last_error.as_deref(), vm.cleanup_pending), (Some("it stopped"), None));
+    }
+
+    #[test]
+    fn a_version_2_database_gains_image_identities_and_work_disk_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("banger.db");
+        {
+            let mut c = Connection::open(&path).unwrap();
+            migrate(&mut c, &path, &MIGRATIONS[..2]).unwrap();
+            c.execute_batch(
+                "INSERT INTO images VALUES ('base', '/k', '/r', 'a', 'b', 1, 0);
+                 INSERT INTO vms VALUES ('v1', 'old', 'running', 1, 128, 'base', NULL, NULL,
+                 '/run/a.sock', '/v/vsock', 3, '/v/log', '/v/metrics', 'old.banger.internal', '/v',
+                 '/v/root', NULL, 'sparse-copy', NULL, 1, 2, NULL);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        let img = s.get_image("base").unwrap().unwrap();
+        assert_eq!((img.kernel_identity, img.rootfs_identity), (None, None), "hashed at its next use");
+        let vm = s.get_vm_by_name("old").unwrap().unwrap();
+        assert_eq!((vm.state, vm.work_disk_path, vm.work_disk_bytes), (VmState::Running, None, None));
+        assert!(s.conn.execute("UPDATE vms SET work_disk_bytes = 0", []).is_err(), "a work disk has a size");
     }
 
     #[test]

@@ -11,16 +11,16 @@ use crate::model::{StorageKind, VmRuntime, VmState};
 
 const VM_COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, guest_ip, gateway_ip, api_socket, \
      vsock_path, vsock_cid, log_path, metrics_path, dns_name, vm_dir, overlay_path, work_disk_path, \
-     storage, last_error, created_at, updated_at, cleanup_pending";
+     storage, last_error, created_at, updated_at, cleanup_pending, work_disk_bytes";
 
 impl Store {
     /// Adds a VM.
     pub fn insert_vm(&self, vm: &VmRuntime) -> Result<(), StoreError> {
         let sql_text = format!(
             "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
         );
-        let values = vm_values(vm);
+        let values = vm_values(vm)?;
         self.conn
             .execute(&sql_text, rusqlite::params_from_iter(values))
             .map_err(|e| self.vm_write_error(e, vm, true))?;
@@ -33,10 +33,10 @@ impl Store {
              guest_ip = ?7, gateway_ip = ?8, api_socket = ?9, vsock_path = ?10, vsock_cid = ?11, \
              log_path = ?12, metrics_path = ?13, dns_name = ?14, vm_dir = ?15, overlay_path = ?16, \
              work_disk_path = ?17, storage = ?18, last_error = ?19, created_at = ?20, updated_at = ?21, \
-             cleanup_pending = ?22 WHERE id = ?1";
+             cleanup_pending = ?22, work_disk_bytes = ?23 WHERE id = ?1";
         let n = self
             .conn
-            .execute(sql_text, rusqlite::params_from_iter(vm_values(vm)))
+            .execute(sql_text, rusqlite::params_from_iter(vm_values(vm)?))
             .map_err(|e| self.vm_write_error(e, vm, false))?;
         if n == 0 {
             return Err(StoreError::VmNotFound { id: vm.id.clone() });
@@ -161,8 +161,15 @@ impl Store {
     }
 }
 
-fn vm_values(vm: &VmRuntime) -> Vec<Value> {
-    vec![
+fn vm_values(vm: &VmRuntime) -> Result<Vec<Value>, StoreError> {
+    let work_disk_bytes = match vm.work_disk_bytes {
+        None => Value::Null,
+        Some(b) => Value::Integer(i64::try_from(b).map_err(|_| StoreError::Unstorable {
+            what: format!("the work disk size of vm {:?}", vm.name),
+            detail: format!("{b} bytes is out of range"),
+        })?),
+    };
+    Ok(vec![
         Value::Text(vm.id.as_str().to_owned()),
         Value::Text(vm.name.clone()),
         Value::Text(vm.state.as_str().to_owned()),
@@ -185,7 +192,8 @@ fn vm_values(vm: &VmRuntime) -> Vec<Value> {
         Value::Integer(vm.created_at),
         Value::Integer(vm.updated_at),
         vm.cleanup_pending.clone().map_or(Value::Null, Value::Text),
-    ]
+        work_disk_bytes,
+    ])
 }
 
 fn vm_from_row(row: &Row<'_>) -> Result<VmRuntime, StoreError> {
@@ -218,6 +226,12 @@ fn vm_from_row(row: &Row<'_>) -> Result<VmRuntime, StoreError> {
         created_at: c.int(19, "created_at")?,
         updated_at: c.int(20, "updated_at")?,
         cleanup_pending: c.opt_text(21, "cleanup_pending")?,
+        work_disk_bytes: match c.opt_int(22, "work_disk_bytes")? {
+            None => None,
+            Some(b) => {
+                Some(u64::try_from(b).map_err(|_| c.corrupt("work_disk_bytes", format!("{b} is negative")))?)
+            }
+        },
     })
 }
 
@@ -238,6 +252,7 @@ mod tests {
         v.guest_ip = Some(Ipv4Addr::new(172, 30, 0, 2));
         v.gateway_ip = Some(Ipv4Addr::new(172, 30, 0, 1));
         v.work_disk_path = Some(PathBuf::from(OsStr::from_bytes(b"/state/odd-\xff-name/work.img")));
+        v.work_disk_bytes = Some(10 << 30);
         v.storage = Some(StorageKind::SparseCopy);
         v.last_error = Some("previous start failed".into());
         v.cleanup_pending = Some("banger-helper could not be reached".into());
@@ -341,7 +356,7 @@ mod tests {
             .execute(
                 "INSERT INTO vms VALUES ('h1', 'hand', 'stopped', 1, 128, 'base', '10.0.0.2', NULL,
                  '/run/a.sock', '/v/vsock', 3, '/v/log', '/v/metrics', 'hand.banger.internal', '/v',
-                 '/v/root', NULL, 'reflink', NULL, 1, 2, NULL)",
+                 '/v/root', NULL, 'reflink', NULL, 1, 2, NULL, NULL)",
                 [],
             )
             .unwrap();
