@@ -267,58 +267,27 @@ impl Answer for Pong {
     }
 }
 
-impl Answer for TapInfo {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Tap(t) => Ok(t),
-            other => Err(other),
+/// `impl Answer for T` taking `Response::Variant(t)`.
+macro_rules! answer {
+    ($($answer:ty => $variant:ident),* $(,)?) => {$(
+        impl Answer for $answer {
+            fn from_response(response: Response) -> Result<Self, Response> {
+                match response {
+                    Response::$variant(answer) => Ok(answer),
+                    other => Err(other),
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl Answer for NatInfo {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Nat(n) => Ok(n),
-            other => Err(other),
-        }
-    }
-}
-
-impl Answer for LoopInfo {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Loop(l) => Ok(l),
-            other => Err(other),
-        }
-    }
-}
-
-impl Answer for DmInfo {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Dm(d) => Ok(d),
-            other => Err(other),
-        }
-    }
-}
-
-impl Answer for OwnedObjects {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Owned(o) => Ok(o),
-            other => Err(other),
-        }
-    }
-}
-
-impl Answer for TeardownReport {
-    fn from_response(response: Response) -> Result<Self, Response> {
-        match response {
-            Response::Teardown(r) => Ok(r),
-            other => Err(other),
-        }
-    }
+answer! {
+    TapInfo => Tap,
+    NatInfo => Nat,
+    LoopInfo => Loop,
+    DmInfo => Dm,
+    OwnedObjects => Owned,
+    TeardownReport => Teardown,
 }
 
 /// One attempt's failure: a broken connection may be retried, anything else may not.
