@@ -39,7 +39,7 @@ use banger_policy::{DevNum, DmGrant, EntryState, FileId, LedgerEntry, Object, Ob
 use banger_protocol::{DmInfo, HelperError, VmId};
 use nix::errno::Errno;
 
-use super::loopdev::{Release, describe, loop_number, record_release};
+use super::loopdev::{Release, describe, loop_number, settle_undo};
 use super::{Caller, Done, Helper, State};
 use crate::kernel::{Dm, KResult, Kernel, Loops as _, NODE_MODE};
 use crate::names::VmKey;
@@ -269,20 +269,8 @@ impl<K: Kernel> Helper<K> {
     /// leaves the intent for teardown and the reconcile.
     async fn undo(&self, st: &mut State, entry: &LedgerEntry) {
         let e = entry.clone();
-        match self.blocking(move |k| Ok(release_dm(k.dm(), &e)?)).await {
-            Ok(release) => {
-                if let Err(e) = st.commit(|l| record_release(l, entry, release)) {
-                    tracing::error!(
-                        "{}: its entry stays in the ledger for the next teardown: {e}",
-                        describe(entry)
-                    );
-                }
-            }
-            Err(e) => tracing::error!(
-                "{}: cannot release it after a failed create ({e}); its entry stays in the ledger for the next teardown",
-                describe(entry)
-            ),
-        }
+        let release = self.blocking(move |k| Ok(release_dm(k.dm(), &e)?)).await;
+        settle_undo(st, entry, "create", release);
     }
 }
 

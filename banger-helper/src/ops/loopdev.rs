@@ -100,6 +100,30 @@ const REMOVE_RETRIES: [std::time::Duration; 4] = [
 ];
 
 /// Records what releasing `entry` came to: gone from the ledger, or kept as released.
+/// Records what releasing the device of `entry` after a failed `make` (attach, create) came to; a
+/// release that failed leaves the intent in the ledger for teardown and the reconcile.
+pub(crate) fn settle_undo(
+    st: &mut State,
+    entry: &LedgerEntry,
+    make: &str,
+    release: Result<Release, impl std::fmt::Display>,
+) {
+    match release {
+        Ok(release) => {
+            if let Err(e) = st.commit(|l| record_release(l, entry, release)) {
+                tracing::error!(
+                    "{}: its entry stays in the ledger for the next teardown: {e}",
+                    describe(entry)
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            "{}: cannot release it after a failed {make} ({e}); its entry stays in the ledger for the next teardown",
+            describe(entry)
+        ),
+    }
+}
+
 pub(crate) fn record_release(l: &mut Ledger, entry: &LedgerEntry, release: Release) {
     match release {
         Release::Gone => l.entries.retain(|e| e != entry),
@@ -142,20 +166,7 @@ impl<K: Kernel> Helper<K> {
     /// Releases the device of `entry` after a failed attach and records what that came to; a
     /// release that fails leaves the intent for teardown and the reconcile.
     fn give_back(&self, st: &mut State, entry: &LedgerEntry) {
-        match release_loop(self.kernel.loops(), entry) {
-            Ok(release) => {
-                if let Err(e) = st.commit(|l| record_release(l, entry, release)) {
-                    tracing::error!(
-                        "{}: its entry stays in the ledger for the next teardown: {e}",
-                        describe(entry)
-                    );
-                }
-            }
-            Err(e) => tracing::error!(
-                "{}: cannot release it after a failed attach ({e}); its entry stays in the ledger for the next teardown",
-                describe(entry)
-            ),
-        }
+        settle_undo(st, entry, "attach", release_loop(self.kernel.loops(), entry));
     }
 
     #[allow(clippy::too_many_arguments)]
