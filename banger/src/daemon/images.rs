@@ -212,7 +212,7 @@ fn available_text(available: &[String]) -> String {
 const KERNEL_HEADER: usize = 0x210;
 
 /// Checks that `path` is a kernel Firecracker boots on this architecture.
-fn check_kernel(path: &Path) -> Result<(), ImageError> {
+pub(crate) fn check_kernel(path: &Path) -> Result<(), ImageError> {
     let problem = |p: &str| ImageError::Kernel { path: path.to_owned(), problem: p.to_owned() };
     let mut file = File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
     if !file.metadata().map_err(|source| ImageError::Read { path: path.to_owned(), source })?.is_file() {

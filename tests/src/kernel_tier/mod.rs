@@ -34,7 +34,7 @@ pub mod modules;
 pub mod prepare;
 pub mod qemu;
 pub mod run;
-pub mod vmlinux;
+pub use banger::image_build::vmlinux;
 
 pub use prepare::{Prepared, prepare};
 pub use run::{RunOptions, RunReport, run};
