@@ -9,11 +9,10 @@ mkdir -p "$out"
 
 # The guest's network comes from the kernel's ip= argument, applied in userspace: Debian's kernel
 # ignores it (its NIC driver is a module). systemd-network-generator turns it into a .network
-# file, systemd-networkd applies it. Kernel names (eth0, as ip= says) are kept.
+# file, systemd-networkd applies it. bangerd's command line keeps the kernel's interface names
+# (net.ifnames=0), so eth0 is the interface ip= names.
 chroot "$root" systemctl enable systemd-networkd.service systemd-network-generator.service
 chroot "$root" systemctl enable ssh.service
-mkdir -p "$root/etc/systemd/network"
-ln -sf /dev/null "$root/etc/systemd/network/99-default.link"
 
 # Nothing of this host and nothing shared between VMs: no SSH host keys (banger writes one per
 # VM), an empty machine-id (systemd makes one at first boot), a neutral hostname and hosts file,

@@ -116,12 +116,15 @@ impl fmt::Display for StartStep {
     }
 }
 
-/// The kernel command line: console, reboot on Ctrl-Alt-Del, and the guest's address and
-/// hostname (`ip=`, which the default image applies in userspace with
+/// The kernel command line: console, reboot on Ctrl-Alt-Del, the kernel's interface names
+/// (`net.ifnames=0`: udev, in an initrd too, would otherwise rename `eth0`), and the guest's
+/// address and hostname on `eth0` (`ip=`, which the default image applies in userspace with
 /// systemd-network-generator and systemd-networkd).
 pub fn boot_args(hostname: &str, guest: Ipv4Addr, gateway: Ipv4Addr, prefix_len: u8) -> String {
     let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0));
-    format!("console=ttyS0 reboot=k panic=1 pci=off ip={guest}::{gateway}:{mask}:{hostname}:eth0:off")
+    format!(
+        "console=ttyS0 reboot=k panic=1 pci=off net.ifnames=0 ip={guest}::{gateway}:{mask}:{hostname}:eth0:off"
+    )
 }
 
 /// Runs `f` on a blocking thread.

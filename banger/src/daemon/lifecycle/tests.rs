@@ -233,6 +233,7 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     let args = config.boot_source.boot_args.as_deref().unwrap();
     let guest = vm.guest_ip.unwrap();
     assert!(args.contains(&format!("ip={guest}::")) && args.contains(":dev:eth0:off"), "{args}");
+    assert!(args.contains(" net.ifnames=0 "), "eth0 keeps its name: {args}");
     let image = e.daemon.with_store(|s| s.get_image("base")).unwrap().unwrap();
     assert_eq!(config.boot_source.initrd_path, image.initrd.map(|i| i.path), "the image's initrd is booted");
     assert!(config.boot_source.initrd_path.is_some());
