@@ -59,7 +59,12 @@ fn build_or_reuse() -> Result<Built, String> {
     let dir = cache.join(inputs_key(&apt));
     let ready = dir.join("ready");
     if !ready.is_file() {
-        let _ = std::fs::remove_dir_all(&dir);
+        // Images of other inputs are stale: only one is kept (each takes about 1 GB).
+        for entry in std::fs::read_dir(&cache).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         std::fs::create_dir_all(&dir).unwrap();
         let log = cache.join("mmdebstrap.log");
         eprintln!("building the default image into {} (log: {})", dir.display(), log.display());
