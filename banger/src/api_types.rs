@@ -10,13 +10,17 @@
 //! | POST | `/v1/vms` | [`CreateVm`] | [`VmView`] (201) |
 //! | GET | `/v1/vms/{name}` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/start` | | [`VmView`] |
-//! | POST | `/v1/vms/{name}/stop` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/stop?timeout=SECS\|force=true` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/restart` | | [`VmView`] |
-//! | DELETE | `/v1/vms/{name}` | | `{}` |
+//! | DELETE | `/v1/vms/{name}?timeout=SECS\|force=true` | | `{}` |
 //! | GET | `/v1/vms/{name}/logs?bytes=N` | | serial log tail (text) |
 //! | GET | `/v1/images` | | `[ImageView]` |
 //! | POST | `/v1/images` | [`ImportImage`] | [`ImageView`] (201) |
 //! | DELETE | `/v1/images/{name}` | | `{}` |
+//!
+//! A stop, and a delete of a running VM, ask the guest to shut down (Ctrl-Alt-Del) and kill its
+//! VMM if it still runs after a grace period: `timeout` seconds (0 to 3600), else the daemon's
+//! (10 s); `force=true` kills it at once.
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 

@@ -49,6 +49,19 @@ pub struct VmShape {
     pub disk_bytes: Option<u64>,
 }
 
+/// How `vm stop` and `vm delete` end a running guest.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct ShutdownArgs {
+    /// Seconds the guest gets to shut down after Ctrl-Alt-Del before its VMM is killed
+    /// (default 10, at most 3600).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub timeout: Option<u64>,
+    /// Kill the VMM at once, without asking the guest to shut down (what it has not written to
+    /// its disks is lost).
+    #[arg(long, conflicts_with = "timeout")]
+    pub force: bool,
+}
+
 /// `banger vm ...`.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -76,6 +89,8 @@ pub enum VmCommand {
     Stop {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
         /// Print the VM as JSON.
         #[arg(long)]
         json: bool,
@@ -88,10 +103,12 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a VM and its disks (stopping it first if it runs).
+    /// Remove a VM and its disks (stopping it first if it runs, as `vm stop` does).
     Delete {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
     },
     /// List your VMs.
     List {
@@ -225,6 +242,29 @@ mod tests {
         let err =
             Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10"]).unwrap_err();
         assert!(err.to_string().contains("like 512M or 10G"), "{err}");
+    }
+
+    #[test]
+    fn stop_and_delete_take_a_timeout_or_force() {
+        let cli = Cli::try_parse_from(["banger", "vm", "stop", "dev", "--timeout", "30"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Stop { shutdown, .. }) => {
+                assert_eq!((shutdown.timeout, shutdown.force), (Some(30), false))
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["banger", "vm", "delete", "dev", "--force"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Delete { shutdown, .. }) => assert!(shutdown.force),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["banger", "vm", "stop", "dev", "--timeout", "5", "--force"][..],
+            &["banger", "vm", "stop", "dev", "--timeout", "3601"],
+            &["banger", "vm", "delete", "dev", "--timeout", "-1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 
 use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
-use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, VmCommand, VmShape};
+use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, ShutdownArgs, VmCommand, VmShape};
 use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
 use crate::config::Config;
 use crate::paths::Paths;
@@ -195,18 +195,38 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(vms: &[VmView]) {
-    println!("{:<20} {:<9} {:<15} {:<12} {:<16} LAST ERROR", "NAME", "STATE", "GUEST IP", "IMAGE", "ID");
+/// The widest a `vm list` error column gets; `vm show` has the whole text.
+const TABLE_ERROR_WIDTH: usize = 60;
+
+/// `vm list`: one line per VM, whatever its errors hold (their first line, shortened).
+fn table(vms: &[VmView]) -> String {
+    let mut out =
+        format!("{:<20} {:<9} {:<15} {:<12} {:<16} LAST ERROR\n", "NAME", "STATE", "GUEST IP", "IMAGE", "ID");
     for vm in vms {
         let ip = vm.guest_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
         let err = match (&vm.last_error, &vm.cleanup_pending) {
-            (Some(e), _) => e.lines().next().unwrap_or(""),
-            (None, Some(p)) => p.lines().next().unwrap_or(""),
+            (Some(e), _) => e.as_str(),
+            (None, Some(p)) => p.as_str(),
             (None, None) => "",
         };
         let pending = if vm.cleanup_pending.is_some() { "[cleanup pending] " } else { "" };
-        println!("{:<20} {:<9} {:<15} {:<12} {:<16} {pending}{err}", vm.name, vm.state, ip, vm.image, vm.id);
+        let err = shorten(err.lines().next().unwrap_or(""), TABLE_ERROR_WIDTH);
+        out.push_str(&format!(
+            "{:<20} {:<9} {:<15} {:<12} {:<16} {pending}{err}\n",
+            vm.name, vm.state, ip, vm.image, vm.id
+        ));
     }
+    out
+}
+
+/// `text` cut to at most `width` characters, an ellipsis marking a cut.
+fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
@@ -220,21 +240,22 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "start"), None).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
-        VmCommand::Stop { name, json } => {
-            let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "stop"), None).await?;
+        VmCommand::Stop { name, shutdown, json } => {
+            let path = format!("{}{}", vm_path(&name, "stop"), shutdown_query(shutdown));
+            let vm: VmView = d.call::<(), _>(Method::POST, &path, None).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} stopped", vm.name) }
         }
         VmCommand::Restart { name, json } => {
             let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "restart"), None).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
-        VmCommand::Delete { name } => {
-            delete_vm(&d, &name).await?;
+        VmCommand::Delete { name, shutdown } => {
+            delete_vm(&d, &name, shutdown).await?;
             println!("vm {name} deleted");
         }
         VmCommand::List { json } => {
             let vms: Vec<VmView> = d.call::<(), _>(Method::GET, "/v1/vms", None).await?;
-            if json { println!("{}", serde_json::to_string_pretty(&vms)?) } else { print_table(&vms) }
+            if json { println!("{}", serde_json::to_string_pretty(&vms)?) } else { print!("{}", table(&vms)) }
         }
         VmCommand::Show { name, json } => {
             let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
@@ -264,8 +285,18 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete_vm(d: &DaemonClient, name: &str) -> anyhow::Result<()> {
-    let answer: serde_json::Value = d.call::<(), _>(Method::DELETE, &vm_path(name, ""), None).await?;
+/// The query saying how a stop or delete ends a running guest (empty: the daemon's default).
+fn shutdown_query(how: ShutdownArgs) -> String {
+    match how {
+        ShutdownArgs { force: true, .. } => "?force=true".into(),
+        ShutdownArgs { timeout: Some(secs), .. } => format!("?timeout={secs}"),
+        ShutdownArgs { timeout: None, force: false } => String::new(),
+    }
+}
+
+async fn delete_vm(d: &DaemonClient, name: &str, how: ShutdownArgs) -> anyhow::Result<()> {
+    let path = format!("{}{}", vm_path(name, ""), shutdown_query(how));
+    let answer: serde_json::Value = d.call::<(), _>(Method::DELETE, &path, None).await?;
     if let Some(w) = answer.get("warning").and_then(|w| w.as_str()) {
         eprintln!("warning: {w}");
     }
@@ -311,6 +342,52 @@ async fn vm_run(
     timeout: Duration,
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
+    let result = create_start_and_run(ctx, d, name, shape, timeout, command).await;
+    if !rm {
+        return result;
+    }
+    // `--rm` removes the VM whatever happened, a failed create or start included.
+    match (delete_vm(d, name, ShutdownArgs::default()).await, result) {
+        (Ok(()), result) => result,
+        // The create failed before the VM existed: nothing to remove.
+        (Err(e), Err(first)) if is_not_found(&e) => Err(first),
+        (Err(e), Ok(_)) => Err(e),
+        (Err(e), Err(first)) => {
+            let first_text = format!("{first:#}");
+            eprintln!("warning: {}", without_repeated_cause(&format!("{e:#}"), &first_text));
+            Err(first)
+        }
+    }
+}
+
+/// Whether `e` is the daemon saying the VM does not exist.
+fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Api { status: 404, .. }))
+}
+
+/// `later` without the causes at its end that `earlier` already ended with (the daemon renders
+/// an error and its causes as `error: cause: cause`): a second failure for the same reason
+/// names that reason once.
+fn without_repeated_cause(later: &str, earlier: &str) -> String {
+    let cut = later
+        .match_indices(": ")
+        .map(|(i, _)| i)
+        .find(|&i| earlier.ends_with(&later[i + 2..]) && !later[i + 2..].is_empty());
+    match cut {
+        Some(i) => format!("{} (for the same reason)", &later[..i]),
+        None => later.to_owned(),
+    }
+}
+
+/// `vm run` without `--rm`: the VM created and started if needed, SSH waited for, the command run.
+async fn create_start_and_run(
+    ctx: &Ctx,
+    d: &DaemonClient,
+    name: &str,
+    shape: &VmShape,
+    timeout: Duration,
+    command: &[String],
+) -> anyhow::Result<ExitCode> {
     let existing: Result<VmView, ClientError> = d.call::<(), _>(Method::GET, &vm_path(name, ""), None).await;
     let vm = match existing {
         Ok(vm) => vm,
@@ -324,24 +401,16 @@ async fn vm_run(
     } else {
         d.call::<(), _>(Method::POST, &vm_path(name, "start"), None).await?
     };
-    let result = async {
-        let ip = running_ip(&vm)?;
-        if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
-            let (_, tail) =
-                d.raw(Method::GET, &format!("{}?bytes=4096", vm_path(name, "logs")), None).await?;
-            return Err(anyhow!(
-                "vm {name} did not accept ssh on {ip}:22 within {} s: {e}\nserial log tail:\n{}",
-                timeout.as_secs(),
-                String::from_utf8_lossy(&tail)
-            ));
-        }
-        run_ssh(ctx, &vm, ip, command)
+    let ip = running_ip(&vm)?;
+    if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
+        let (_, tail) = d.raw(Method::GET, &format!("{}?bytes=4096", vm_path(name, "logs")), None).await?;
+        return Err(anyhow!(
+            "vm {name} did not accept ssh on {ip}:22 within {} s: {e}\nserial log tail:\n{}",
+            timeout.as_secs(),
+            String::from_utf8_lossy(&tail)
+        ));
     }
-    .await;
-    if rm {
-        delete_vm(d, name).await?;
-    }
-    result
+    run_ssh(ctx, &vm, ip, command)
 }
 
 async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
@@ -378,4 +447,98 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::api::tests::serve_fakes;
+    use crate::daemon::vmm::fake::VmmOp;
+
+    fn ctx(dir: &std::path::Path) -> Ctx {
+        let paths = Paths::under(&dir.join("cli"), nix::unistd::getuid().as_raw()).unwrap();
+        Ctx { paths, config: Config::default() }
+    }
+
+    fn shape() -> VmShape {
+        VmShape { image: Some("base".into()), vcpus: None, memory_mib: None, disk_bytes: None }
+    }
+
+    #[tokio::test]
+    async fn run_rm_removes_a_vm_whose_start_failed_and_says_why_once() {
+        let s = serve_fakes(true).await;
+        s.vmm.fail(VmmOp::Spawn);
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &shape(), true, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with("cannot start vm dev: spawning the vmm failed"), "{text}");
+        assert_eq!(text.matches("the fake vmm exits at once").count(), 1, "{text}");
+        assert!(s.daemon.list().await.unwrap().is_empty(), "--rm removed the vm");
+
+        // Without --rm the failed vm stays, to be inspected.
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &shape(), false, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("spawning the vmm failed"));
+        assert_eq!(s.daemon.show("dev").await.unwrap().state, "failed");
+    }
+
+    #[tokio::test]
+    async fn run_rm_of_a_vm_that_could_not_be_created_reports_the_create() {
+        let s = serve_fakes(true).await;
+        let bad = VmShape { vcpus: Some(99), ..shape() };
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &bad, true, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("--vcpus 99"), "{err:#}");
+    }
+
+    fn view(name: &str, last_error: Option<&str>) -> VmView {
+        VmView {
+            name: name.into(),
+            id: "0123456789abcdef".into(),
+            state: "failed".into(),
+            guest_ip: None,
+            last_error: last_error.map(Into::into),
+            cleanup_pending: None,
+            image: "base".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            pid: None,
+            tap: None,
+            storage: None,
+            work_disk: None,
+            work_disk_bytes: None,
+            vm_dir: "/x".into(),
+            log_path: "/x/serial.log".into(),
+            api_socket: "/x/api.sock".into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_table_has_one_line_per_vm_whatever_the_errors_hold() {
+        let long = format!("spawning the vmm failed: {}\nserial log tail:\nline 1\nline 2", "x".repeat(200));
+        let out = table(&[view("a", Some(&long)), view("b", None)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines[1].starts_with("a ") && lines[1].contains("spawning the vmm failed"), "{out}");
+        assert!(lines[1].ends_with('…') && !lines[1].contains("serial log"), "{out}");
+        assert_eq!(lines[1].split("spawning").nth(1).unwrap().chars().count() + "spawning".len(), 60);
+        assert!(lines[2].starts_with("b "), "{out}");
+    }
+
+    #[test]
+    fn a_second_failure_for_the_same_reason_names_it_once() {
+        let first =
+            "cannot start vm dev: network failed: cannot reach banger-helper at /s: connection refused";
+        let later =
+            "vm dev is not deleted: run it again: cannot reach banger-helper at /s: connection refused";
+        assert_eq!(
+            without_repeated_cause(later, first),
+            "vm dev is not deleted: run it again (for the same reason)"
+        );
+        assert_eq!(without_repeated_cause("other: cause", first), "other: cause");
+    }
 }
