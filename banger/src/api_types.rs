@@ -58,7 +58,7 @@ pub struct VmView {
     pub id: String,
     /// Intended state (`running` only while the VMM is alive).
     pub state: String,
-    /// Guest address.
+    /// The guest's address while the VM runs (absent otherwise).
     pub guest_ip: Option<Ipv4Addr>,
     /// Why the last start failed or why it was stopped behind the user's back.
     pub last_error: Option<String>,

@@ -405,8 +405,7 @@ async fn create_start_and_run(
     if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
         let (_, tail) = d.raw(Method::GET, &format!("{}?bytes=4096", vm_path(name, "logs")), None).await?;
         return Err(anyhow!(
-            "vm {name} did not accept ssh on {ip}:22 within {} s: {e}\nserial log tail:\n{}",
-            timeout.as_secs(),
+            "vm {name} is not reachable: {e}\nserial log tail:\n{}",
             String::from_utf8_lossy(&tail)
         ));
     }

@@ -186,7 +186,9 @@ impl Daemon {
             name: vm.name.clone(),
             id: vm.id.to_string(),
             state: vm.state.to_string(),
-            guest_ip: vm.guest_ip,
+            // The address a VM had is not its own while it does not run (the next start may
+            // get another).
+            guest_ip: if alive { vm.guest_ip } else { None },
             last_error: vm.last_error.clone(),
             cleanup_pending: vm.cleanup_pending.clone(),
             image: vm.image.clone(),

@@ -251,6 +251,8 @@ async fn stop_shuts_the_guest_down_then_tears_everything_down() {
 
     let vm = e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert_eq!((vm.state.as_str(), vm.pid, vm.tap.as_deref()), ("stopped", None, None));
+    assert_eq!(vm.guest_ip, None, "a stopped vm has no current address");
+    assert_eq!(e.daemon.list().await.unwrap()[0].guest_ip, None);
     assert_eq!(kinds(&e.vmm.calls()), ["spawn", "configure", "boot", "shutdown"]);
     assert!(e.procs.kills().is_empty(), "the guest shut down by itself");
     assert_eq!(e.ops(), ["teardown-vms"]);
