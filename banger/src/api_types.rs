@@ -13,7 +13,7 @@
 //! | POST | `/v1/vms/{name}/stop?timeout=SECS\|force=true` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/restart` | | [`VmView`] |
 //! | DELETE | `/v1/vms/{name}?timeout=SECS\|force=true` | | `{}` |
-//! | GET | `/v1/vms/{name}/logs?bytes=N` | | serial log tail (text) |
+//! | GET | `/v1/vms/{name}/logs?bytes=N[&vmm=true][&run=current]` | | log tail (text) |
 //! | GET | `/v1/images` | | `[ImageView]` |
 //! | POST | `/v1/images` | [`ImportImage`] | [`ImageView`] (201) |
 //! | DELETE | `/v1/images/{name}` | | `{}` |
@@ -21,6 +21,10 @@
 //! A stop, and a delete of a running VM, ask the guest to shut down (Ctrl-Alt-Del) and kill its
 //! VMM if it still runs after a grace period: `timeout` seconds (0 to 3600), else the daemon's
 //! (10 s); `force=true` kills it at once.
+//!
+//! A VM's logs: its serial console, or with `vmm=true` Firecracker's own log; the last `bytes`
+//! (default 16 KiB) across the current run and the one before, or with `run=current` only of
+//! the current run (since the last start), from a line's start.
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
@@ -88,6 +92,9 @@ pub struct VmView {
     pub vm_dir: PathBuf,
     /// The serial console log.
     pub log_path: PathBuf,
+    /// Firecracker's own log.
+    #[serde(default)]
+    pub vmm_log_path: PathBuf,
     /// The API socket.
     pub api_socket: PathBuf,
     /// Seconds since the epoch.

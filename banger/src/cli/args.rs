@@ -124,13 +124,20 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the end of a VM's serial console log.
+    /// Print the end of a VM's serial console (its last run and the one before), or of
+    /// Firecracker's own log.
     Logs {
         /// The VM's name.
         name: String,
         /// How many bytes from the end.
         #[arg(long, default_value_t = 16384)]
         bytes: u64,
+        /// Keep printing what is written, until interrupted (Ctrl-C).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Firecracker's own log (its messages about the VM) instead of the guest's console.
+        #[arg(long)]
+        vmm: bool,
     },
     /// Open a shell in a running VM, or run a command there.
     Ssh {

@@ -183,6 +183,7 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("serial:    {}", vm.log_path.display());
+    println!("vmm log:   {}", vm.vmm_log_path.display());
     if let Some(e) = &vm.last_error {
         println!("last error: {e}");
     }
@@ -261,17 +262,24 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
             print_vm(&vm, json)?;
         }
-        VmCommand::Logs { name, bytes } => {
-            let (status, body) =
-                d.raw(Method::GET, &format!("{}?bytes={bytes}", vm_path(&name, "logs")), None).await?;
-            if !status.is_success() {
-                let msg = serde_json::from_slice::<crate::api_types::ErrorBody>(&body)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-                bail!("{msg}");
+        VmCommand::Logs { name, bytes, follow, vmm } => {
+            if follow {
+                let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
+                let path = if vmm { vm.vmm_log_path } else { vm.log_path };
+                follow_log(path, bytes).await?;
+            } else {
+                let query = format!("?bytes={bytes}{}", if vmm { "&vmm=true" } else { "" });
+                let (status, body) =
+                    d.raw(Method::GET, &format!("{}{query}", vm_path(&name, "logs")), None).await?;
+                if !status.is_success() {
+                    let msg = serde_json::from_slice::<crate::api_types::ErrorBody>(&body)
+                        .map(|e| e.error)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                    bail!("{msg}");
+                }
+                use std::io::Write;
+                std::io::stdout().write_all(&body)?;
             }
-            use std::io::Write;
-            std::io::stdout().write_all(&body)?;
         }
         VmCommand::Ssh { name, command } => {
             let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
@@ -301,6 +309,19 @@ async fn delete_vm(d: &DaemonClient, name: &str, how: ShutdownArgs) -> anyhow::R
         eprintln!("warning: {w}");
     }
     Ok(())
+}
+
+/// `vm logs --follow`: the last `bytes` of the log at `path` (the file of the current run),
+/// then what is written to it, read from the file itself (the user's own), until interrupted.
+async fn follow_log(path: std::path::PathBuf, bytes: u64) -> anyhow::Result<()> {
+    let from = std::fs::metadata(&path).map(|m| m.len().saturating_sub(bytes)).unwrap_or(0);
+    let shown = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::io::stdout();
+        crate::daemon::logs::follow(&path, from, &mut out, Duration::from_millis(200), &mut || true)
+    })
+    .await?
+    .with_context(|| format!("cannot follow {}", shown.display()))
 }
 
 fn ip_of(vm: &VmView) -> String {
@@ -403,7 +424,8 @@ async fn create_start_and_run(
     };
     let ip = running_ip(&vm)?;
     if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
-        let (_, tail) = d.raw(Method::GET, &format!("{}?bytes=4096", vm_path(name, "logs")), None).await?;
+        let query = "?bytes=4096&run=current";
+        let (_, tail) = d.raw(Method::GET, &format!("{}{query}", vm_path(name, "logs")), None).await?;
         return Err(anyhow!(
             "vm {name} is not reachable: {e}\nserial log tail:\n{}",
             String::from_utf8_lossy(&tail)
@@ -511,6 +533,7 @@ mod tests {
             work_disk_bytes: None,
             vm_dir: "/x".into(),
             log_path: "/x/serial.log".into(),
+            vmm_log_path: "/x/vmm.log".into(),
             api_socket: "/x/api.sock".into(),
             created_at: 0,
         }

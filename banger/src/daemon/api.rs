@@ -155,7 +155,10 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
         (&Method::POST, ["v1", "vms", name, "restart"]) => answer(ok, daemon.restart(name).await),
         (&Method::GET, ["v1", "vms", name, "logs"]) => {
             let bytes = query_u64(&req, "bytes").unwrap_or(16 * 1024);
-            match daemon.logs(name, bytes).await {
+            let pairs = query_pairs(&req);
+            let vmm = pairs.contains(&("vmm", "true"));
+            let current_run = pairs.contains(&("run", "current"));
+            match daemon.logs(name, bytes, vmm, current_run).await {
                 Ok(text) => Response::builder()
                     .status(ok)
                     .header("content-type", "text/plain; charset=utf-8")
@@ -300,5 +303,30 @@ pub(crate) mod tests {
             s.client.call::<(), _>(Method::DELETE, "/v1/vms/dev?timeout=0", None).await.unwrap();
         assert_eq!(shutdowns(s.vmm.calls()), 1, "asked, then killed at once");
         assert!(s.daemon.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn logs_are_the_console_or_the_vmm_log_of_the_current_run_or_both() {
+        let s = serve_fakes(true).await;
+        let create = serde_json::json!({"name": "dev", "image": "base"});
+        let vm: crate::api_types::VmView =
+            s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
+        let rotated = |p: &std::path::Path| crate::daemon::logs::rotated_path(p);
+        std::fs::write(rotated(&vm.log_path), "console, last run\n").unwrap();
+        std::fs::write(&vm.log_path, "console, this run\n").unwrap();
+        std::fs::write(&vm.vmm_log_path, "vmm, this run\n").unwrap();
+        let get = |query: &'static str| {
+            let client = s.client.clone();
+            async move {
+                let (code, body) =
+                    client.raw(Method::GET, &format!("/v1/vms/dev/logs{query}"), None).await.unwrap();
+                assert_eq!(code, StatusCode::OK);
+                String::from_utf8(body.to_vec()).unwrap()
+            }
+        };
+        assert_eq!(get("").await, "console, last run\nconsole, this run\n");
+        assert_eq!(get("?run=current").await, "console, this run\n");
+        assert_eq!(get("?bytes=10&run=current").await, "", "no line starts in the last 10 bytes");
+        assert_eq!(get("?vmm=true").await, "vmm, this run\n");
     }
 }

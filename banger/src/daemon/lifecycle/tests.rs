@@ -243,6 +243,31 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
 }
 
 #[tokio::test]
+async fn each_start_begins_the_console_and_vmm_logs_again_and_sends_the_vmm_its_log() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    let vmm_log = created.vm_dir.join(crate::model::VMM_LOG);
+    std::fs::write(&created.log_path, "the last run's console\n").unwrap();
+    std::fs::write(&vmm_log, "the last run's vmm log\n").unwrap();
+    e.daemon.start("dev").await.unwrap();
+    for log in [&created.log_path, &vmm_log] {
+        assert!(!log.exists(), "{} begun again", log.display());
+        let old = std::fs::read_to_string(crate::daemon::logs::rotated_path(log)).unwrap();
+        assert!(old.starts_with("the last run's"), "{old}");
+    }
+    let config = e
+        .vmm
+        .calls()
+        .into_iter()
+        .find_map(|c| match c {
+            VmmCall::Configure(_, config) => Some(config),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(config.logger.log_path, vmm_log, "firecracker logs apart from the console");
+}
+
+#[tokio::test]
 async fn stop_shuts_the_guest_down_then_tears_everything_down() {
     let e = env();
     e.daemon.create(create("dev")).await.unwrap();
