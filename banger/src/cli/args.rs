@@ -29,6 +29,19 @@ pub enum Command {
     /// Inspect or stop your bangerd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Print a completion script for SHELL, e.g. `banger completions bash >
+    /// ~/.local/share/bash-completion/completions/banger`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (banger.1, banger-vm.1, banger-vm-create.1, ...) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// The shape of a VM at creation.
@@ -69,8 +82,11 @@ pub enum VmCommand {
     /// a work disk at once).
     Create {
         /// The VM's name: 1–63 lowercase letters, digits or '-'.
-        #[arg(long)]
-        name: String,
+        #[arg(required_unless_present = "name_flag", conflicts_with = "name_flag")]
+        name: Option<String>,
+        /// The VM's name, as a flag (the same as NAME).
+        #[arg(long = "name", id = "name_flag", value_name = "NAME")]
+        name_flag: Option<String>,
         #[command(flatten)]
         shape: VmShape,
         /// Print the VM as JSON.
@@ -167,6 +183,13 @@ pub enum VmCommand {
     },
 }
 
+impl VmCommand {
+    /// The name `vm create` was given, as NAME or `--name`.
+    pub fn create_name(name: Option<String>, name_flag: Option<String>) -> String {
+        name.or(name_flag).expect("clap requires NAME or --name")
+    }
+}
+
 /// `banger image ...`.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -236,7 +259,7 @@ mod tests {
 
     #[test]
     fn disk_sizes_are_parsed_with_their_unit() {
-        let cli = Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10G"]).unwrap();
+        let cli = Cli::try_parse_from(["banger", "vm", "create", "dev", "--disk", "10G"]).unwrap();
         match cli.command {
             Command::Vm(VmCommand::Create { shape, .. }) => assert_eq!(shape.disk_bytes, Some(10 << 30)),
             other => panic!("{other:?}"),
@@ -249,6 +272,20 @@ mod tests {
         let err =
             Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10"]).unwrap_err();
         assert!(err.to_string().contains("like 512M or 10G"), "{err}");
+    }
+
+    #[test]
+    fn create_takes_the_name_as_an_argument_or_a_flag() {
+        for args in [&["banger", "vm", "create", "dev"][..], &["banger", "vm", "create", "--name", "dev"]] {
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Vm(VmCommand::Create { name, name_flag, .. }) => {
+                    assert_eq!(VmCommand::create_name(name, name_flag), "dev")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["banger", "vm", "create"]).is_err(), "a name is needed");
+        assert!(Cli::try_parse_from(["banger", "vm", "create", "a", "--name", "b"]).is_err(), "one name");
     }
 
     #[test]

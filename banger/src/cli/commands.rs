@@ -18,6 +18,18 @@ use crate::ssh;
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // These only print what the command line is: no state, and root may run them (to package).
+    match &cli.command {
+        Command::Completions { shell } => {
+            completions(*shell, &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            man_pages(dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     crate::daemon::startup::refuse_root("banger")?;
     let paths = Paths::from_env()?;
     paths.ensure_dirs()?;
@@ -28,7 +40,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(DaemonCommand::Stop) => daemon_stop(&ctx).await,
         Command::Vm(cmd) => vm(&ctx, cmd).await,
         Command::Image(cmd) => image(&ctx, cmd).await,
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
+}
+
+/// `banger completions SHELL`: the completion script, generated from the clap definitions.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "banger", out);
+}
+
+/// `banger man --dir DIR`: one manual page per command, generated from the clap definitions.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write the manual pages into {}", dir.display()))
 }
 
 struct Ctx {
@@ -233,7 +260,8 @@ fn shorten(text: &str, width: usize) -> String {
 async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
     match cmd {
-        VmCommand::Create { name, shape, json } => {
+        VmCommand::Create { name, name_flag, shape, json } => {
+            let name = VmCommand::create_name(name, name_flag);
             let vm: VmView = d.call(Method::POST, "/v1/vms", Some(&create_body(&name, &shape))).await?;
             if json { print_vm(&vm, true)? } else { println!("created vm {} ({})", vm.name, vm.id) }
         }
@@ -549,6 +577,29 @@ mod tests {
         assert!(lines[1].ends_with('…') && !lines[1].contains("serial log"), "{out}");
         assert_eq!(lines[1].split("spawning").nth(1).unwrap().chars().count() + "spawning".len(), 60);
         assert!(lines[2].starts_with("b "), "{out}");
+    }
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_command_line() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("banger") && text.contains("force") && text.contains("completions"),
+                "{shell}: {text}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let man = dir.path().join("man1");
+        man_pages(&man).unwrap();
+        let page = std::fs::read_to_string(man.join("banger-vm-stop.1")).unwrap();
+        assert!(page.contains("Ctrl\\-Alt\\-Del") || page.contains("Ctrl-Alt-Del"), "{page}");
+        assert!(page.contains("timeout"), "{page}");
+        assert!(
+            man.join("banger.1").exists() && !man.join("banger-man.1").exists(),
+            "the hidden command has none"
+        );
     }
 
     #[test]
