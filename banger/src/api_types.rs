@@ -10,6 +10,7 @@
 //! | POST | `/v1/vms` | [`CreateVm`] | [`VmView`] (201) |
 //! | GET | `/v1/vms/{name}` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/start` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/start?progress=true` | | [`StartEvent`]s, one JSON object a line |
 //! | POST | `/v1/vms/{name}/stop?timeout=SECS\|force=true` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/restart` | | [`VmView`] |
 //! | DELETE | `/v1/vms/{name}?timeout=SECS\|force=true` | | `{}` |
@@ -25,6 +26,10 @@
 //! A VM's logs: its serial console, or with `vmm=true` Firecracker's own log; the last `bytes`
 //! (default 16 KiB) across the current run and the one before, or with `run=current` only of
 //! the current run (since the last start), from a line's start.
+//!
+//! A start with `progress=true` answers 200 at once and then streams one [`StartEvent`] a line
+//! (`application/x-ndjson`): each step as it begins, then the VM or the error, which carries the
+//! status the plain start would have answered with.
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
@@ -148,6 +153,23 @@ pub struct ImageView {
     pub size_bytes: u64,
     /// Seconds since the epoch.
     pub created_at: i64,
+}
+
+/// One line of a start's progress stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartEvent {
+    /// A step begins (e.g. `setting up the network`).
+    Step(String),
+    /// The VM runs.
+    Done(Box<VmView>),
+    /// The start failed.
+    Failed {
+        /// The status the plain start would have answered with.
+        status: u16,
+        /// What went wrong and what to do.
+        error: String,
+    },
 }
 
 /// Every error answer.

@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 
-use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
+use crate::api_types::{CreateVm, ImageView, ImportImage, StartEvent, Status, VmView};
 use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, ShutdownArgs, VmCommand, VmShape};
 use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
+use crate::cli::progress::{Mode, Reporter, TICK};
 use crate::config::Config;
 use crate::paths::Paths;
 use crate::ssh;
@@ -266,7 +267,8 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
             if json { print_vm(&vm, true)? } else { println!("created vm {} ({})", vm.name, vm.id) }
         }
         VmCommand::Start { name, json } => {
-            let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "start"), None).await?;
+            let mut shown = Reporter::new(Mode::detect(json), std::io::stderr(), format!("vm {name}"));
+            let vm = start_vm(&d, &name, &mut shown).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
         VmCommand::Stop { name, shutdown, json } => {
@@ -350,6 +352,50 @@ async fn follow_log(path: std::path::PathBuf, bytes: u64) -> anyhow::Result<()> 
     })
     .await?
     .with_context(|| format!("cannot follow {}", shown.display()))
+}
+
+/// Starts the VM `name`, showing its steps on `shown` as the daemon reports them (or, when
+/// `shown` is quiet, with a plain request).
+async fn start_vm<W: std::io::Write>(
+    d: &DaemonClient,
+    name: &str,
+    shown: &mut Reporter<W>,
+) -> anyhow::Result<VmView> {
+    let path = vm_path(name, "start");
+    if shown.quiet() {
+        return Ok(d.call::<(), _>(Method::POST, &path, None).await?);
+    }
+    let mut events = d.start_with_progress(&path).await?;
+    let outcome = loop {
+        let event = ticking(shown, events.next()).await?;
+        match event {
+            Some(StartEvent::Step(step)) => shown.step(&step),
+            Some(StartEvent::Done(vm)) => break Ok(*vm),
+            Some(StartEvent::Failed { status, error }) => {
+                break Err(ClientError::Api { status, message: error }.into());
+            }
+            None => {
+                break Err(anyhow!("bangerd ended the answer to the start of vm {name} without its outcome"));
+            }
+        }
+    };
+    shown.finish();
+    outcome
+}
+
+/// Awaits `work`, redrawing `shown`'s line meanwhile.
+async fn ticking<W: std::io::Write, T>(
+    shown: &mut Reporter<W>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut tick = tokio::time::interval(TICK);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick() => shown.tick(),
+        }
+    }
 }
 
 fn ip_of(vm: &VmView) -> String {
@@ -437,6 +483,7 @@ async fn create_start_and_run(
     timeout: Duration,
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
+    let progress = Mode::detect(false);
     let existing: Result<VmView, ClientError> = d.call::<(), _>(Method::GET, &vm_path(name, ""), None).await;
     let vm = match existing {
         Ok(vm) => vm,
@@ -445,13 +492,13 @@ async fn create_start_and_run(
         }
         Err(e) => return Err(e.into()),
     };
-    let vm = if vm.state == "running" {
-        vm
-    } else {
-        d.call::<(), _>(Method::POST, &vm_path(name, "start"), None).await?
-    };
+    let mut shown = Reporter::new(progress, std::io::stderr(), format!("vm {name}"));
+    let vm = if vm.state == "running" { vm } else { start_vm(d, name, &mut shown).await? };
     let ip = running_ip(&vm)?;
-    if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
+    shown.step("waiting for ssh");
+    let waited = ticking(&mut shown, ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout)).await;
+    shown.finish();
+    if let Err(e) = waited {
         let query = "?bytes=4096&run=current";
         let (_, tail) = d.raw(Method::GET, &format!("{}{query}", vm_path(name, "logs")), None).await?;
         return Err(anyhow!(
@@ -600,6 +647,28 @@ mod tests {
             man.join("banger.1").exists() && !man.join("banger-man.1").exists(),
             "the hidden command has none"
         );
+    }
+
+    #[tokio::test]
+    async fn start_shows_each_step_as_the_daemon_reports_it() {
+        let s = serve_fakes(true).await;
+        let _: VmView =
+            s.client.call(Method::POST, "/v1/vms", Some(&create_body("dev", &shape()))).await.unwrap();
+        let mut shown = Reporter::new(Mode::Plain, Vec::new(), "vm dev");
+        let vm = start_vm(&s.client, "dev", &mut shown).await.unwrap();
+        assert_eq!(vm.state, "running");
+        let text = String::from_utf8(shown.into_inner()).unwrap();
+        let steps: Vec<&str> =
+            text.lines().map(|l| l.strip_prefix("vm dev: ").unwrap().split(" (").next().unwrap()).collect();
+        assert_eq!(steps.first(), Some(&"checking the image"), "{text}");
+        assert_eq!(steps.last(), Some(&"booting the guest"), "{text}");
+        assert!(steps.contains(&"setting up the network") && steps.contains(&"spawning the vmm"), "{text}");
+
+        // Quiet (--json): a plain request, nothing shown.
+        let _: VmView = s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap();
+        let mut quiet = Reporter::new(Mode::Quiet, Vec::new(), "vm dev");
+        assert_eq!(start_vm(&s.client, "dev", &mut quiet).await.unwrap().state, "running");
+        assert!(quiet.into_inner().is_empty());
     }
 
     #[test]

@@ -6,16 +6,18 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::api_types::ErrorBody;
-use crate::daemon::lifecycle::{MAX_STOP_GRACE, Shutdown};
+use crate::api_types::{ErrorBody, StartEvent};
+use crate::daemon::lifecycle::{MAX_STOP_GRACE, Shutdown, StartStep};
 use crate::daemon::{Daemon, DaemonError, chain};
 
 /// The largest request body accepted.
@@ -51,23 +53,26 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+/// An answer's body: whole, or a stream of lines.
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).expect("api answers serialize");
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body)).boxed())
         .expect("static response parts are valid")
 }
 
-fn error(status: u16, message: String) -> Response<Full<Bytes>> {
+fn error(status: u16, message: String) -> Response<Body> {
     json(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &ErrorBody { error: message },
     )
 }
 
-fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Full<Bytes>> {
+fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Body> {
     match r {
         Ok(v) => json(status, &v),
         Err(e) => error(e.status(), chain(&e)),
@@ -119,8 +124,43 @@ fn shutdown_query(req: &Request<Incoming>) -> Result<Shutdown, DaemonError> {
     Ok(how)
 }
 
+/// `POST /v1/vms/{name}/start?progress=true`: the start runs on its own task (it finishes even
+/// if the client goes away), telling each step as a line of the answer, then the outcome. An
+/// unknown VM is answered at once, as by the plain start.
+fn start_with_progress(daemon: &Arc<Daemon>, name: &str) -> Response<Body> {
+    // A name that is no VM is refused before the stream begins, with its own status.
+    if let Err(e) = daemon.find(name) {
+        return error(e.status(), chain(&e));
+    }
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+    let line = |event: &StartEvent| {
+        let mut line = serde_json::to_vec(event).expect("start events serialize");
+        line.push(b'\n');
+        Bytes::from(line)
+    };
+    let (daemon, name) = (daemon.clone(), name.to_owned());
+    tokio::spawn(async move {
+        let steps = tx.clone();
+        let progress = move |step: StartStep| {
+            // A client that went away no longer reads: the start goes on.
+            let _ = steps.unbounded_send(line(&StartEvent::Step(step.to_string())));
+        };
+        let outcome = match daemon.start_reporting(&name, &progress).await {
+            Ok(vm) => StartEvent::Done(Box::new(vm)),
+            Err(e) => StartEvent::Failed { status: e.status(), error: chain(&e) },
+        };
+        let _ = tx.unbounded_send(line(&outcome));
+    });
+    let body = StreamBody::new(rx.map(|line| Ok::<_, Infallible>(Frame::data(line))));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(body))
+        .expect("static response parts are valid")
+}
+
 /// Routes one request.
-pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -147,6 +187,9 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
                 deleted.map(|w| w.map_or(serde_json::json!({}), |w| serde_json::json!({ "warning": w }))),
             )
         }
+        (&Method::POST, ["v1", "vms", name, "start"]) if query_pairs(&req) == [("progress", "true")] => {
+            start_with_progress(daemon, name)
+        }
         (&Method::POST, ["v1", "vms", name, "start"]) => answer(ok, daemon.start(name).await),
         (&Method::POST, ["v1", "vms", name, "stop"]) => match shutdown_query(&req) {
             Ok(how) => answer(ok, daemon.stop(name, how).await),
@@ -162,7 +205,7 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
                 Ok(text) => Response::builder()
                     .status(ok)
                     .header("content-type", "text/plain; charset=utf-8")
-                    .body(Full::new(Bytes::from(text)))
+                    .body(Full::new(Bytes::from(text)).boxed())
                     .expect("static response parts are valid"),
                 Err(e) => error(e.status(), chain(&e)),
             }
@@ -328,5 +371,55 @@ pub(crate) mod tests {
         assert_eq!(get("?run=current").await, "console, this run\n");
         assert_eq!(get("?bytes=10&run=current").await, "", "no line starts in the last 10 bytes");
         assert_eq!(get("?vmm=true").await, "vmm, this run\n");
+    }
+
+    #[tokio::test]
+    async fn a_start_with_progress_streams_its_steps_then_the_outcome() {
+        let s = serve_fakes(true).await;
+        let create = serde_json::json!({"name": "dev", "image": "base"});
+        let _: serde_json::Value = s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
+        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = events.next().await.unwrap() {
+            seen.push(event);
+        }
+        let steps: Vec<String> = [
+            StartStep::Image,
+            StartStep::Network,
+            StartStep::RootDisk,
+            StartStep::Personalize,
+            StartStep::Spawn,
+            StartStep::Configure,
+            StartStep::Boot,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (last, before) = seen.split_last().unwrap();
+        assert_eq!(
+            before,
+            steps.into_iter().map(StartEvent::Step).collect::<Vec<_>>(),
+            "no dm steps without dm"
+        );
+        assert!(matches!(last, StartEvent::Done(vm) if vm.state == "running"), "{last:?}");
+
+        // A failure is the last event, with the status a plain start answers.
+        let _: serde_json::Value =
+            s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap();
+        s.vmm.fail(crate::daemon::vmm::fake::VmmOp::Boot);
+        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut last = None;
+        while let Some(event) = events.next().await.unwrap() {
+            last = Some(event);
+        }
+        match last.unwrap() {
+            StartEvent::Failed { status: 500, error } => {
+                assert!(error.starts_with("cannot start vm dev: booting the guest failed"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // An unknown vm is refused before any stream.
+        let err = s.client.start_with_progress("/v1/vms/ghost/start").await.unwrap_err();
+        assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err:?}");
     }
 }

@@ -49,7 +49,7 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use self::refresh::{REFRESH_EVERY, Retry};
-pub use self::start::{StartStep, boot_args};
+pub use self::start::{Progress, StartStep, boot_args};
 use super::{Daemon, DaemonError, chain};
 use crate::daemon::liveness::kill_and_wait;
 use crate::daemon::vmm;

@@ -128,9 +128,19 @@ async fn blocking<T: Send + 'static, E: Into<DaemonError> + Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(DaemonError::Task)?.map_err(Into::into)
 }
 
+/// What a start tells as it goes: each step as it begins (the dm-snapshot steps only where the
+/// VM's root is one).
+pub type Progress = dyn Fn(StartStep) + Send + Sync;
+
 impl Daemon {
     /// `POST /v1/vms/{name}/start`.
     pub async fn start(&self, name: &str) -> Result<VmView, DaemonError> {
+        self.start_reporting(name, &|_| {}).await
+    }
+
+    /// `POST /v1/vms/{name}/start?progress=true`: a start that tells `progress` each step as
+    /// it begins.
+    pub async fn start_reporting(&self, name: &str, progress: &Progress) -> Result<VmView, DaemonError> {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
@@ -146,7 +156,7 @@ impl Daemon {
         }
         self.record(&mut vm, VmState::Starting, None, None)?;
 
-        let mut run = Start::new(self, &mut vm, image, &vmm_bin);
+        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress);
         let failed = match run.run_all().await {
             Ok(()) => None,
             Err((step, cause)) => {
@@ -187,10 +197,18 @@ struct Start<'a> {
     pinned: bool,
     /// Whether the helper can make dm-snapshots, once asked in this start.
     device_mapper: Option<bool>,
+    /// Told each step as it begins.
+    progress: &'a Progress,
 }
 
 impl<'a> Start<'a> {
-    fn new(daemon: &'a Daemon, vm: &'a mut VmRuntime, image: ImageRecord, vmm_bin: &'a Path) -> Self {
+    fn new(
+        daemon: &'a Daemon,
+        vm: &'a mut VmRuntime,
+        image: ImageRecord,
+        vmm_bin: &'a Path,
+        progress: &'a Progress,
+    ) -> Self {
         Start {
             daemon,
             vm,
@@ -202,12 +220,17 @@ impl<'a> Start<'a> {
             released: false,
             pinned: false,
             device_mapper: None,
+            progress,
         }
     }
 
     /// Runs every step in order; the first failure is returned with its step.
     async fn run_all(&mut self) -> Result<(), (StartStep, DaemonError)> {
         for step in StartStep::ALL {
+            let dm_step = matches!(step, StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot);
+            if !dm_step || self.is_dm() {
+                (self.progress)(step);
+            }
             let done = match step {
                 StartStep::Image => self.check_image().await,
                 StartStep::Network => self.network().await,
