@@ -1,7 +1,8 @@
 //! End to end, how a VM ends and what it leaves to read: a guest that ignores Ctrl-Alt-Del
 //! (its image masks systemd's `ctrl-alt-del.target`) is killed after `vm stop --timeout`, or at
 //! once by `vm delete --force`; the serial console and Firecracker's own log are apart
-//! (`vm logs`, `vm logs --vmm`); a stopped VM shows no guest address.
+//! (`vm logs`, `vm logs --vmm`); a stopped VM shows no guest address; `vm start` shows its
+//! steps as plain lines when not on a terminal, and nothing more with `--json`.
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,12 @@ fn a_guest_that_ignores_ctrl_alt_del_is_killed_after_the_timeout_or_at_once_when
         std::os::unix::fs::symlink("/dev/null", units.join("ctrl-alt-del.target"))
     });
     world.banger_ok(A, &["vm", "create", "cad", "--image", "stubborn"]);
-    world.banger_ok(A, &["vm", "start", "cad"]);
+    // Not on a terminal: one plain line per step on standard error.
+    let started = world.banger_ok(A, &["vm", "start", "cad"]);
+    for step in ["checking the image", "setting up the network", "spawning the vmm", "booting the guest"] {
+        assert!(started.stderr.contains(&format!("vm cad: {step} (")), "{started}");
+    }
+    assert!(started.stdout.starts_with("vm cad running at "), "{started}");
 
     let begun = Instant::now();
     world.banger_ok(A, &["vm", "stop", "cad", "--timeout", "2"]);
@@ -38,7 +44,9 @@ fn a_guest_that_ignores_ctrl_alt_del_is_killed_after_the_timeout_or_at_once_when
     let vmm = world.banger_ok(A, &["vm", "logs", "cad", "--vmm"]).stdout.clone();
     assert!(vmm.contains("/machine-config"), "{vmm}");
 
-    world.banger_ok(A, &["vm", "start", "cad"]);
+    // With --json, only the JSON.
+    let started = world.banger_ok(A, &["vm", "start", "cad", "--json"]);
+    assert!(!started.stderr.contains("vm cad:"), "{started}");
     let begun = Instant::now();
     world.banger_ok(A, &["vm", "delete", "cad", "--force"]);
     assert!(begun.elapsed() < Duration::from_secs(2), "forced: no grace period: {:?}", begun.elapsed());
