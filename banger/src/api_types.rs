@@ -10,13 +10,26 @@
 //! | POST | `/v1/vms` | [`CreateVm`] | [`VmView`] (201) |
 //! | GET | `/v1/vms/{name}` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/start` | | [`VmView`] |
-//! | POST | `/v1/vms/{name}/stop` | | [`VmView`] |
+//! | POST | `/v1/vms/{name}/start?progress=true` | | [`StartEvent`]s, one JSON object a line |
+//! | POST | `/v1/vms/{name}/stop?timeout=SECS\|force=true` | | [`VmView`] |
 //! | POST | `/v1/vms/{name}/restart` | | [`VmView`] |
-//! | DELETE | `/v1/vms/{name}` | | `{}` |
-//! | GET | `/v1/vms/{name}/logs?bytes=N` | | serial log tail (text) |
+//! | DELETE | `/v1/vms/{name}?timeout=SECS\|force=true` | | `{}` |
+//! | GET | `/v1/vms/{name}/logs?bytes=N[&vmm=true][&run=current]` | | log tail (text) |
 //! | GET | `/v1/images` | | `[ImageView]` |
 //! | POST | `/v1/images` | [`ImportImage`] | [`ImageView`] (201) |
 //! | DELETE | `/v1/images/{name}` | | `{}` |
+//!
+//! A stop, and a delete of a running VM, ask the guest to shut down (Ctrl-Alt-Del) and kill its
+//! VMM if it still runs after a grace period: `timeout` seconds (0 to 3600), else the daemon's
+//! (10 s); `force=true` kills it at once.
+//!
+//! A VM's logs: its serial console, or with `vmm=true` Firecracker's own log; the last `bytes`
+//! (default 16 KiB) across the current run and the one before, or with `run=current` only of
+//! the current run (since the last start), from a line's start.
+//!
+//! A start with `progress=true` answers 200 at once and then streams one [`StartEvent`] a line
+//! (`application/x-ndjson`): each step as it begins, then the VM or the error, which carries the
+//! status the plain start would have answered with.
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
@@ -54,7 +67,7 @@ pub struct VmView {
     pub id: String,
     /// Intended state (`running` only while the VMM is alive).
     pub state: String,
-    /// Guest address.
+    /// The guest's address while the VM runs (absent otherwise).
     pub guest_ip: Option<Ipv4Addr>,
     /// Why the last start failed or why it was stopped behind the user's back.
     pub last_error: Option<String>,
@@ -84,6 +97,9 @@ pub struct VmView {
     pub vm_dir: PathBuf,
     /// The serial console log.
     pub log_path: PathBuf,
+    /// Firecracker's own log.
+    #[serde(default)]
+    pub vmm_log_path: PathBuf,
     /// The API socket.
     pub api_socket: PathBuf,
     /// Seconds since the epoch.
@@ -143,6 +159,23 @@ pub struct ImageView {
     pub size_bytes: u64,
     /// Seconds since the epoch.
     pub created_at: i64,
+}
+
+/// One line of a start's progress stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartEvent {
+    /// A step begins (e.g. `setting up the network`).
+    Step(String),
+    /// The VM runs.
+    Done(Box<VmView>),
+    /// The start failed.
+    Failed {
+        /// The status the plain start would have answered with.
+        status: u16,
+        /// What went wrong and what to do.
+        error: String,
+    },
 }
 
 /// Every error answer.

@@ -346,15 +346,19 @@ impl Config {
         Ok(config)
     }
 
-    /// The environment a daemon started by the CLI should get so it uses these settings
-    /// (`BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER`, and `BANGER_STORAGE` when it came from the
-    /// environment: the daemon reads the same config file, and its messages then name where the
-    /// setting really came from).
+    /// The environment a daemon started by the CLI should get so it uses these settings: the
+    /// variables among `BANGER_HELPER_SOCKET`, `BANGER_FIRECRACKER` and `BANGER_STORAGE` that
+    /// set them here, and only those. The daemon reads the same config file itself (from the
+    /// same directory, so relative paths agree), so its messages name where each setting
+    /// really came from: a value passed as a variable would be said to come from it.
     pub fn daemon_env(&self) -> Vec<(&'static str, OsString)> {
-        let mut env = vec![
-            (ENV_HELPER_SOCKET, self.helper_socket.clone().into_os_string()),
-            (ENV_FIRECRACKER, self.firecracker.clone().into_os_string()),
-        ];
+        let mut env = Vec::new();
+        if self.helper_socket_origin == Origin::Env(ENV_HELPER_SOCKET) {
+            env.push((ENV_HELPER_SOCKET, self.helper_socket.clone().into_os_string()));
+        }
+        if self.firecracker_origin == Origin::Env(ENV_FIRECRACKER) {
+            env.push((ENV_FIRECRACKER, self.firecracker.clone().into_os_string()));
+        }
         if self.storage_origin == Origin::Env(ENV_STORAGE) {
             env.push((ENV_STORAGE, self.storage.as_str().into()));
         }
@@ -457,7 +461,8 @@ storage = "copy"
         // Settings without an environment variable keep the file's value.
         assert_eq!(c.default_vcpus, 4);
         let from_file = Config::load_with(&path, env(&[])).unwrap();
-        assert_eq!(from_file.daemon_env().len(), 2, "the daemon reads storage from the file itself");
+        assert_eq!(from_file.daemon_env(), vec![], "the daemon reads the file itself");
+        assert_eq!(Config::default().daemon_env(), vec![], "nor are defaults said to come from variables");
         assert_eq!(
             c.daemon_env(),
             vec![
@@ -539,6 +544,7 @@ storage = "copy"
         assert_eq!(c.resolve_firecracker_with(Some(&search)).unwrap(), exe);
         let err = c.resolve_firecracker_with(Some(OsStr::new("/nonexistent"))).unwrap_err().to_string();
         assert!(err.contains("not on PATH") && err.contains("BANGER_FIRECRACKER"), "{err}");
+        assert!(err.contains("(from the default)") && !err.contains("$BANGER_FIRECRACKER"), "{err}");
 
         let c = Config { firecracker: plain, firecracker_origin: Origin::Env(ENV_FIRECRACKER), ..c };
         let err = c.resolve_firecracker_with(None).unwrap_err().to_string();

@@ -108,6 +108,9 @@ impl FromStr for StorageKind {
     }
 }
 
+/// The name of a VM's Firecracker log in its directory.
+pub const VMM_LOG: &str = "vmm.log";
+
 /// A VM's durable intent: one row of the `vms` table. Everything here is durable or
 /// deterministic from the id; never a PID, TAP, loop or dm name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +168,11 @@ pub struct VmRuntime {
 }
 
 impl VmRuntime {
+    /// Firecracker's own log (its `PUT /logger` file), beside the serial log.
+    pub fn vmm_log_path(&self) -> PathBuf {
+        self.vm_dir.join(VMM_LOG)
+    }
+
     /// A new VM in state `created`: every path is derived from its id under `paths`.
     pub fn new_created(
         paths: &crate::paths::Paths,

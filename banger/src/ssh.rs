@@ -80,12 +80,18 @@ pub enum SshError {
         key: String,
     },
     /// The guest's SSH server did not answer in time.
-    #[error("ssh on {addr} did not answer within {}s (last attempt: {last})", waited.as_secs_f32().ceil())]
+    #[error(
+        "ssh on {addr} did not answer within {} s: {}; the last attempt saw {last}",
+        timeout.as_secs_f32(),
+        if *.connected { "tcp connections were accepted, but no ssh banner came" } else { "no tcp connection was ever accepted" }
+    )]
     NotReady {
         /// The address tried.
         addr: SocketAddr,
-        /// How long it was tried.
-        waited: Duration,
+        /// How long it was tried (the timeout asked for).
+        timeout: Duration,
+        /// Whether any attempt got a TCP connection.
+        connected: bool,
         /// What the last attempt saw.
         last: String,
     },
@@ -319,9 +325,11 @@ pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[Strin
     cmd
 }
 
-/// One attempt: connect and read lines until the SSH identification line.
-async fn read_banner(addr: SocketAddr) -> Result<String, String> {
+/// One attempt: connect and read lines until the SSH identification line. Sets `connected` when
+/// the TCP connection is made.
+async fn read_banner(addr: SocketAddr, connected: &mut bool) -> Result<String, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    *connected = true;
     let mut reader = BufReader::new(stream.take(BANNER_LIMIT));
     let mut line = Vec::new();
     loop {
@@ -343,19 +351,20 @@ async fn read_banner(addr: SocketAddr) -> Result<String, String> {
 /// Waits until an SSH server answers at `addr` with its identification line, trying again
 /// until `timeout` has passed. Returns that line.
 pub async fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<String, SshError> {
-    let start = Instant::now();
-    let deadline = start + timeout;
-    let mut last = String::from("not tried");
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("nothing (not tried)");
+    let mut connected = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(SshError::NotReady { addr, waited: start.elapsed(), last });
+            return Err(SshError::NotReady { addr, timeout, connected, last });
         }
         let limit = left.min(ATTEMPT_TIMEOUT);
-        match tokio::time::timeout(limit, read_banner(addr)).await {
+        match tokio::time::timeout(limit, read_banner(addr, &mut connected)).await {
             Ok(Ok(banner)) => return Ok(banner),
             Ok(Err(why)) => last = why,
-            Err(_) => last = format!("no ssh banner within {:.1}s", limit.as_secs_f32()),
+            Err(_) if connected => last = "no ssh banner in time".into(),
+            Err(_) => last = "no tcp connection in time".into(),
         }
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(left.min(RETRY_PAUSE)).await;
@@ -622,6 +631,8 @@ mod tests {
         assert!(waited >= Duration::from_millis(1200) && waited < Duration::from_secs(3), "{waited:?}");
         let msg = err.to_string();
         assert!(msg.contains(&addr.to_string()) && msg.contains("no ssh banner"), "{msg}");
+        assert!(msg.contains("within 1.2 s") && msg.contains("tcp connections were accepted"), "{msg}");
+        assert_eq!(msg.matches("within").count(), 1, "one duration: {msg}");
         server.abort();
     }
 
@@ -629,7 +640,7 @@ mod tests {
     async fn wait_for_ssh_reports_refused_connections_and_non_ssh_servers() {
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let err = wait_for_ssh(addr, Duration::from_millis(300)).await.unwrap_err().to_string();
-        assert!(err.contains("connect"), "{err}");
+        assert!(err.contains("connect") && err.contains("no tcp connection was ever accepted"), "{err}");
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -60,6 +60,12 @@ fn bad_input_is_a_clear_error_and_creates_nothing() {
     nothing_created(&world, &out);
     let vm = world.show(A, "novmm");
     assert_ne!(vm.state, "running", "{vm:#?}");
+    // `vm run --rm` removes the VM it made when the start fails, and says why once.
+    let out = no_vmm().banger(&["vm", "run", "--name", "novmm-rm", "--rm", "--", "true"]);
+    out.failed().mentions(&["/nonexistent/firecracker", "$BANGER_FIRECRACKER"]);
+    assert_eq!(out.stderr.matches("vmm binary /nonexistent/firecracker").count(), 1, "{out}");
+    let names: Vec<String> = world.list(A).into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["novmm"], "--rm removed the vm whose start failed");
     world.stop_daemon(A);
 
     // The helper unreachable: the error names the helper (and how to get it running).

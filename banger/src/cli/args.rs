@@ -29,6 +29,19 @@ pub enum Command {
     /// Inspect or stop your bangerd daemon.
     #[command(subcommand)]
     Daemon(DaemonCommand),
+    /// Print a completion script for SHELL, e.g. `banger completions bash >
+    /// ~/.local/share/bash-completion/completions/banger`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (banger.1, banger-vm.1, banger-vm-create.1, ...) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Where to write them (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// The shape of a VM at creation.
@@ -49,6 +62,19 @@ pub struct VmShape {
     pub disk_bytes: Option<u64>,
 }
 
+/// How `vm stop` and `vm delete` end a running guest.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct ShutdownArgs {
+    /// Seconds the guest gets to shut down after Ctrl-Alt-Del before its VMM is killed
+    /// (default 10, at most 3600).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub timeout: Option<u64>,
+    /// Kill the VMM at once, without asking the guest to shut down (what it has not written to
+    /// its disks is lost).
+    #[arg(long, conflicts_with = "timeout")]
+    pub force: bool,
+}
+
 /// `banger vm ...`.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
@@ -56,8 +82,11 @@ pub enum VmCommand {
     /// a work disk at once).
     Create {
         /// The VM's name: 1–63 lowercase letters, digits or '-'.
-        #[arg(long)]
-        name: String,
+        #[arg(required_unless_present = "name_flag", conflicts_with = "name_flag")]
+        name: Option<String>,
+        /// The VM's name, as a flag (the same as NAME).
+        #[arg(long = "name", id = "name_flag", value_name = "NAME")]
+        name_flag: Option<String>,
         #[command(flatten)]
         shape: VmShape,
         /// Print the VM as JSON.
@@ -76,6 +105,8 @@ pub enum VmCommand {
     Stop {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
         /// Print the VM as JSON.
         #[arg(long)]
         json: bool,
@@ -88,10 +119,12 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a VM and its disks (stopping it first if it runs).
+    /// Remove a VM and its disks (stopping it first if it runs, as `vm stop` does).
     Delete {
         /// The VM's name.
         name: String,
+        #[command(flatten)]
+        shutdown: ShutdownArgs,
     },
     /// List your VMs.
     List {
@@ -107,13 +140,20 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Print the end of a VM's serial console log.
+    /// Print the end of a VM's serial console (its last run and the one before), or of
+    /// Firecracker's own log.
     Logs {
         /// The VM's name.
         name: String,
         /// How many bytes from the end.
         #[arg(long, default_value_t = 16384)]
         bytes: u64,
+        /// Keep printing what is written, until interrupted (Ctrl-C).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Firecracker's own log (its messages about the VM) instead of the guest's console.
+        #[arg(long)]
+        vmm: bool,
     },
     /// Open a shell in a running VM, or run a command there.
     Ssh {
@@ -141,6 +181,13 @@ pub enum VmCommand {
         #[arg(last = true)]
         command: Vec<String>,
     },
+}
+
+impl VmCommand {
+    /// The name `vm create` was given, as NAME or `--name`.
+    pub fn create_name(name: Option<String>, name_flag: Option<String>) -> String {
+        name.or(name_flag).expect("clap requires NAME or --name")
+    }
 }
 
 /// `banger image ...`.
@@ -225,7 +272,7 @@ mod tests {
 
     #[test]
     fn disk_sizes_are_parsed_with_their_unit() {
-        let cli = Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10G"]).unwrap();
+        let cli = Cli::try_parse_from(["banger", "vm", "create", "dev", "--disk", "10G"]).unwrap();
         match cli.command {
             Command::Vm(VmCommand::Create { shape, .. }) => assert_eq!(shape.disk_bytes, Some(10 << 30)),
             other => panic!("{other:?}"),
@@ -238,6 +285,43 @@ mod tests {
         let err =
             Cli::try_parse_from(["banger", "vm", "create", "--name", "dev", "--disk", "10"]).unwrap_err();
         assert!(err.to_string().contains("like 512M or 10G"), "{err}");
+    }
+
+    #[test]
+    fn create_takes_the_name_as_an_argument_or_a_flag() {
+        for args in [&["banger", "vm", "create", "dev"][..], &["banger", "vm", "create", "--name", "dev"]] {
+            match Cli::try_parse_from(args).unwrap().command {
+                Command::Vm(VmCommand::Create { name, name_flag, .. }) => {
+                    assert_eq!(VmCommand::create_name(name, name_flag), "dev")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["banger", "vm", "create"]).is_err(), "a name is needed");
+        assert!(Cli::try_parse_from(["banger", "vm", "create", "a", "--name", "b"]).is_err(), "one name");
+    }
+
+    #[test]
+    fn stop_and_delete_take_a_timeout_or_force() {
+        let cli = Cli::try_parse_from(["banger", "vm", "stop", "dev", "--timeout", "30"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Stop { shutdown, .. }) => {
+                assert_eq!((shutdown.timeout, shutdown.force), (Some(30), false))
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["banger", "vm", "delete", "dev", "--force"]).unwrap();
+        match cli.command {
+            Command::Vm(VmCommand::Delete { shutdown, .. }) => assert!(shutdown.force),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            &["banger", "vm", "stop", "dev", "--timeout", "5", "--force"][..],
+            &["banger", "vm", "stop", "dev", "--timeout", "3601"],
+            &["banger", "vm", "delete", "dev", "--timeout", "-1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

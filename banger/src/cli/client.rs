@@ -10,14 +10,14 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::api_types::{ErrorBody, Status};
+use crate::api_types::{ErrorBody, StartEvent, Status};
 
 /// How long a freshly started daemon may take to answer.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -148,19 +148,33 @@ impl DaemonClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| self.lost(e))?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Once the daemon accepted the connection, a connection that ends without an answer
+    /// means the daemon stopped.
+    fn lost(&self, source: hyper::Error) -> ClientError {
+        if daemon_went_away(&source) {
+            ClientError::DaemonStopped { log: self.log.clone(), ended: source }
+        } else {
+            ClientError::Http { socket: self.socket.clone(), source }
+        }
+    }
+
+    /// Sends one request; returns the answer with its body still to read.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, ClientError> {
         let stream = UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })?;
         let http = |source| ClientError::Http { socket: self.socket.clone(), source };
-        // Once the daemon accepted the connection, a connection that ends without an answer
-        // means the daemon stopped.
-        let lost = |source: hyper::Error| {
-            if daemon_went_away(&source) {
-                ClientError::DaemonStopped { log: self.log.clone(), ended: source }
-            } else {
-                ClientError::Http { socket: self.socket.clone(), source }
-            }
-        };
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
         tokio::spawn(conn);
@@ -172,10 +186,19 @@ impl DaemonClient {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|source| ClientError::Request { path: path.to_owned(), source })?;
-        let resp = sender.send_request(req).await.map_err(lost)?;
+        sender.send_request(req).await.map_err(|e| self.lost(e))
+    }
+
+    /// `POST /v1/vms/{name}/start?progress=true` (`path` is the VM's start path): the start's
+    /// events, read one at a time with [`StartEvents::next`].
+    pub async fn start_with_progress(&self, path: &str) -> Result<StartEvents, ClientError> {
+        let resp = self.send(Method::POST, &format!("{path}?progress=true"), None).await?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(lost)?.to_bytes();
-        Ok((status, bytes))
+        if !status.is_success() {
+            let bytes = resp.into_body().collect().await.map_err(|e| self.lost(e))?.to_bytes();
+            return Err(decode::<()>(&self.socket, status, &bytes).unwrap_err());
+        }
+        Ok(StartEvents { client: self.clone(), body: resp.into_body(), buf: Vec::new() })
     }
 
     /// Sends a request with an optional JSON body and decodes a JSON answer.
@@ -193,6 +216,38 @@ impl DaemonClient {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/status", None).await
+    }
+}
+
+/// A start's events as the daemon sends them (see [`StartEvent`]).
+#[derive(Debug)]
+pub struct StartEvents {
+    client: DaemonClient,
+    body: Incoming,
+    /// What has come of a line not yet whole.
+    buf: Vec<u8>,
+}
+
+impl StartEvents {
+    /// The next event; `None` once the daemon has sent them all.
+    pub async fn next(&mut self) -> Result<Option<StartEvent>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=end).collect();
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|source| ClientError::BadAnswer { socket: self.client.socket.clone(), source });
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => return Err(self.client.lost(e)),
+            }
+        }
     }
 }
 

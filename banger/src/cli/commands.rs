@@ -10,9 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 
-use crate::api_types::{CreateVm, ImageView, ImportImage, Status, VmView};
-use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, VmCommand, VmShape};
+use crate::api_types::{CreateVm, ImageView, ImportImage, StartEvent, Status, VmView};
+use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, ShutdownArgs, VmCommand, VmShape};
 use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
+use crate::cli::progress::{Mode, Reporter, TICK};
 use crate::config::Config;
 use crate::image_build;
 use crate::paths::Paths;
@@ -20,6 +21,18 @@ use crate::ssh;
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // These only print what the command line is: no state, and root may run them (to package).
+    match &cli.command {
+        Command::Completions { shell } => {
+            completions(*shell, &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man { dir } => {
+            man_pages(dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     crate::daemon::startup::refuse_root("banger")?;
     let paths = Paths::from_env()?;
     paths.ensure_dirs()?;
@@ -30,7 +43,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(DaemonCommand::Stop) => daemon_stop(&ctx).await,
         Command::Vm(cmd) => vm(&ctx, cmd).await,
         Command::Image(cmd) => image(&ctx, cmd).await,
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
+}
+
+/// `banger completions SHELL`: the completion script, generated from the clap definitions.
+fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "banger", out);
+}
+
+/// `banger man --dir DIR`: one manual page per command, generated from the clap definitions.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("cannot write the manual pages into {}", dir.display()))
 }
 
 struct Ctx {
@@ -185,6 +213,7 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
         );
     }
     println!("serial:    {}", vm.log_path.display());
+    println!("vmm log:   {}", vm.vmm_log_path.display());
     if let Some(e) = &vm.last_error {
         println!("last error: {e}");
     }
@@ -197,63 +226,93 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(vms: &[VmView]) {
-    println!("{:<20} {:<9} {:<15} {:<12} {:<16} LAST ERROR", "NAME", "STATE", "GUEST IP", "IMAGE", "ID");
+/// The widest a `vm list` error column gets; `vm show` has the whole text.
+const TABLE_ERROR_WIDTH: usize = 60;
+
+/// `vm list`: one line per VM, whatever its errors hold (their first line, shortened).
+fn table(vms: &[VmView]) -> String {
+    let mut out =
+        format!("{:<20} {:<9} {:<15} {:<12} {:<16} LAST ERROR\n", "NAME", "STATE", "GUEST IP", "IMAGE", "ID");
     for vm in vms {
         let ip = vm.guest_ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
         let err = match (&vm.last_error, &vm.cleanup_pending) {
-            (Some(e), _) => e.lines().next().unwrap_or(""),
-            (None, Some(p)) => p.lines().next().unwrap_or(""),
+            (Some(e), _) => e.as_str(),
+            (None, Some(p)) => p.as_str(),
             (None, None) => "",
         };
         let pending = if vm.cleanup_pending.is_some() { "[cleanup pending] " } else { "" };
-        println!("{:<20} {:<9} {:<15} {:<12} {:<16} {pending}{err}", vm.name, vm.state, ip, vm.image, vm.id);
+        let err = shorten(err.lines().next().unwrap_or(""), TABLE_ERROR_WIDTH);
+        out.push_str(&format!(
+            "{:<20} {:<9} {:<15} {:<12} {:<16} {pending}{err}\n",
+            vm.name, vm.state, ip, vm.image, vm.id
+        ));
     }
+    out
+}
+
+/// `text` cut to at most `width` characters, an ellipsis marking a cut.
+fn shorten(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
     match cmd {
-        VmCommand::Create { name, shape, json } => {
+        VmCommand::Create { name, name_flag, shape, json } => {
+            let name = VmCommand::create_name(name, name_flag);
             ensure_an_image(ctx, &d, &shape).await?;
             let vm: VmView = d.call(Method::POST, "/v1/vms", Some(&create_body(&name, &shape))).await?;
             if json { print_vm(&vm, true)? } else { println!("created vm {} ({})", vm.name, vm.id) }
         }
         VmCommand::Start { name, json } => {
-            let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "start"), None).await?;
+            let mut shown = Reporter::new(Mode::detect(json), std::io::stderr(), format!("vm {name}"));
+            let vm = start_vm(&d, &name, &mut shown).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
-        VmCommand::Stop { name, json } => {
-            let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "stop"), None).await?;
+        VmCommand::Stop { name, shutdown, json } => {
+            let path = format!("{}{}", vm_path(&name, "stop"), shutdown_query(shutdown));
+            let vm: VmView = d.call::<(), _>(Method::POST, &path, None).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} stopped", vm.name) }
         }
         VmCommand::Restart { name, json } => {
             let vm: VmView = d.call::<(), _>(Method::POST, &vm_path(&name, "restart"), None).await?;
             if json { print_vm(&vm, true)? } else { println!("vm {} running at {}", vm.name, ip_of(&vm)) }
         }
-        VmCommand::Delete { name } => {
-            delete_vm(&d, &name).await?;
+        VmCommand::Delete { name, shutdown } => {
+            delete_vm(&d, &name, shutdown).await?;
             println!("vm {name} deleted");
         }
         VmCommand::List { json } => {
             let vms: Vec<VmView> = d.call::<(), _>(Method::GET, "/v1/vms", None).await?;
-            if json { println!("{}", serde_json::to_string_pretty(&vms)?) } else { print_table(&vms) }
+            if json { println!("{}", serde_json::to_string_pretty(&vms)?) } else { print!("{}", table(&vms)) }
         }
         VmCommand::Show { name, json } => {
             let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
             print_vm(&vm, json)?;
         }
-        VmCommand::Logs { name, bytes } => {
-            let (status, body) =
-                d.raw(Method::GET, &format!("{}?bytes={bytes}", vm_path(&name, "logs")), None).await?;
-            if !status.is_success() {
-                let msg = serde_json::from_slice::<crate::api_types::ErrorBody>(&body)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-                bail!("{msg}");
+        VmCommand::Logs { name, bytes, follow, vmm } => {
+            if follow {
+                let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
+                let path = if vmm { vm.vmm_log_path } else { vm.log_path };
+                follow_log(path, bytes).await?;
+            } else {
+                let query = format!("?bytes={bytes}{}", if vmm { "&vmm=true" } else { "" });
+                let (status, body) =
+                    d.raw(Method::GET, &format!("{}{query}", vm_path(&name, "logs")), None).await?;
+                if !status.is_success() {
+                    let msg = serde_json::from_slice::<crate::api_types::ErrorBody>(&body)
+                        .map(|e| e.error)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+                    bail!("{msg}");
+                }
+                use std::io::Write;
+                std::io::stdout().write_all(&body)?;
             }
-            use std::io::Write;
-            std::io::stdout().write_all(&body)?;
         }
         VmCommand::Ssh { name, command } => {
             let vm: VmView = d.call::<(), _>(Method::GET, &vm_path(&name, ""), None).await?;
@@ -267,12 +326,79 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete_vm(d: &DaemonClient, name: &str) -> anyhow::Result<()> {
-    let answer: serde_json::Value = d.call::<(), _>(Method::DELETE, &vm_path(name, ""), None).await?;
+/// The query saying how a stop or delete ends a running guest (empty: the daemon's default).
+fn shutdown_query(how: ShutdownArgs) -> String {
+    match how {
+        ShutdownArgs { force: true, .. } => "?force=true".into(),
+        ShutdownArgs { timeout: Some(secs), .. } => format!("?timeout={secs}"),
+        ShutdownArgs { timeout: None, force: false } => String::new(),
+    }
+}
+
+async fn delete_vm(d: &DaemonClient, name: &str, how: ShutdownArgs) -> anyhow::Result<()> {
+    let path = format!("{}{}", vm_path(name, ""), shutdown_query(how));
+    let answer: serde_json::Value = d.call::<(), _>(Method::DELETE, &path, None).await?;
     if let Some(w) = answer.get("warning").and_then(|w| w.as_str()) {
         eprintln!("warning: {w}");
     }
     Ok(())
+}
+
+/// `vm logs --follow`: the last `bytes` of the log at `path` (the file of the current run),
+/// then what is written to it, read from the file itself (the user's own), until interrupted.
+async fn follow_log(path: std::path::PathBuf, bytes: u64) -> anyhow::Result<()> {
+    let from = std::fs::metadata(&path).map(|m| m.len().saturating_sub(bytes)).unwrap_or(0);
+    let shown = path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::io::stdout();
+        crate::daemon::logs::follow(&path, from, &mut out, Duration::from_millis(200), &mut || true)
+    })
+    .await?
+    .with_context(|| format!("cannot follow {}", shown.display()))
+}
+
+/// Starts the VM `name`, showing its steps on `shown` as the daemon reports them (or, when
+/// `shown` is quiet, with a plain request).
+async fn start_vm<W: std::io::Write>(
+    d: &DaemonClient,
+    name: &str,
+    shown: &mut Reporter<W>,
+) -> anyhow::Result<VmView> {
+    let path = vm_path(name, "start");
+    if shown.quiet() {
+        return Ok(d.call::<(), _>(Method::POST, &path, None).await?);
+    }
+    let mut events = d.start_with_progress(&path).await?;
+    let outcome = loop {
+        let event = ticking(shown, events.next()).await?;
+        match event {
+            Some(StartEvent::Step(step)) => shown.step(&step),
+            Some(StartEvent::Done(vm)) => break Ok(*vm),
+            Some(StartEvent::Failed { status, error }) => {
+                break Err(ClientError::Api { status, message: error }.into());
+            }
+            None => {
+                break Err(anyhow!("bangerd ended the answer to the start of vm {name} without its outcome"));
+            }
+        }
+    };
+    shown.finish();
+    outcome
+}
+
+/// Awaits `work`, redrawing `shown`'s line meanwhile.
+async fn ticking<W: std::io::Write, T>(
+    shown: &mut Reporter<W>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let mut tick = tokio::time::interval(TICK);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = tick.tick() => shown.tick(),
+        }
+    }
 }
 
 fn ip_of(vm: &VmView) -> String {
@@ -314,6 +440,53 @@ async fn vm_run(
     timeout: Duration,
     command: &[String],
 ) -> anyhow::Result<ExitCode> {
+    let result = create_start_and_run(ctx, d, name, shape, timeout, command).await;
+    if !rm {
+        return result;
+    }
+    // `--rm` removes the VM whatever happened, a failed create or start included.
+    match (delete_vm(d, name, ShutdownArgs::default()).await, result) {
+        (Ok(()), result) => result,
+        // The create failed before the VM existed: nothing to remove.
+        (Err(e), Err(first)) if is_not_found(&e) => Err(first),
+        (Err(e), Ok(_)) => Err(e),
+        (Err(e), Err(first)) => {
+            let first_text = format!("{first:#}");
+            eprintln!("warning: {}", without_repeated_cause(&format!("{e:#}"), &first_text));
+            Err(first)
+        }
+    }
+}
+
+/// Whether `e` is the daemon saying the VM does not exist.
+fn is_not_found(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<ClientError>(), Some(ClientError::Api { status: 404, .. }))
+}
+
+/// `later` without the causes at its end that `earlier` already ended with (the daemon renders
+/// an error and its causes as `error: cause: cause`): a second failure for the same reason
+/// names that reason once.
+fn without_repeated_cause(later: &str, earlier: &str) -> String {
+    let cut = later
+        .match_indices(": ")
+        .map(|(i, _)| i)
+        .find(|&i| earlier.ends_with(&later[i + 2..]) && !later[i + 2..].is_empty());
+    match cut {
+        Some(i) => format!("{} (for the same reason)", &later[..i]),
+        None => later.to_owned(),
+    }
+}
+
+/// `vm run` without `--rm`: the VM created and started if needed, SSH waited for, the command run.
+async fn create_start_and_run(
+    ctx: &Ctx,
+    d: &DaemonClient,
+    name: &str,
+    shape: &VmShape,
+    timeout: Duration,
+    command: &[String],
+) -> anyhow::Result<ExitCode> {
+    let progress = Mode::detect(false);
     let existing: Result<VmView, ClientError> = d.call::<(), _>(Method::GET, &vm_path(name, ""), None).await;
     let vm = match existing {
         Ok(vm) => vm,
@@ -323,29 +496,21 @@ async fn vm_run(
         }
         Err(e) => return Err(e.into()),
     };
-    let vm = if vm.state == "running" {
-        vm
-    } else {
-        d.call::<(), _>(Method::POST, &vm_path(name, "start"), None).await?
-    };
-    let result = async {
-        let ip = running_ip(&vm)?;
-        if let Err(e) = ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout).await {
-            let (_, tail) =
-                d.raw(Method::GET, &format!("{}?bytes=4096", vm_path(name, "logs")), None).await?;
-            return Err(anyhow!(
-                "vm {name} did not accept ssh on {ip}:22 within {} s: {e}\nserial log tail:\n{}",
-                timeout.as_secs(),
-                String::from_utf8_lossy(&tail)
-            ));
-        }
-        run_ssh(ctx, &vm, ip, command)
+    let mut shown = Reporter::new(progress, std::io::stderr(), format!("vm {name}"));
+    let vm = if vm.state == "running" { vm } else { start_vm(d, name, &mut shown).await? };
+    let ip = running_ip(&vm)?;
+    shown.step("waiting for ssh");
+    let waited = ticking(&mut shown, ssh::wait_for_ssh(std::net::SocketAddr::from((ip, 22)), timeout)).await;
+    shown.finish();
+    if let Err(e) = waited {
+        let query = "?bytes=4096&run=current";
+        let (_, tail) = d.raw(Method::GET, &format!("{}{query}", vm_path(name, "logs")), None).await?;
+        return Err(anyhow!(
+            "vm {name} is not reachable: {e}\nserial log tail:\n{}",
+            String::from_utf8_lossy(&tail)
+        ));
     }
-    .await;
-    if rm {
-        delete_vm(d, name).await?;
-    }
-    result
+    run_ssh(ctx, &vm, ip, command)
 }
 
 /// Builds an image as this user ([`image_build`]) in a private directory of the state
@@ -438,4 +603,144 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::api::tests::serve_fakes;
+    use crate::daemon::vmm::fake::VmmOp;
+
+    fn ctx(dir: &std::path::Path) -> Ctx {
+        let paths = Paths::under(&dir.join("cli"), nix::unistd::getuid().as_raw()).unwrap();
+        Ctx { paths, config: Config::default() }
+    }
+
+    fn shape() -> VmShape {
+        VmShape { image: Some("base".into()), vcpus: None, memory_mib: None, disk_bytes: None }
+    }
+
+    #[tokio::test]
+    async fn run_rm_removes_a_vm_whose_start_failed_and_says_why_once() {
+        let s = serve_fakes(true).await;
+        s.vmm.fail(VmmOp::Spawn);
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &shape(), true, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.starts_with("cannot start vm dev: spawning the vmm failed"), "{text}");
+        assert_eq!(text.matches("the fake vmm exits at once").count(), 1, "{text}");
+        assert!(s.daemon.list().await.unwrap().is_empty(), "--rm removed the vm");
+
+        // Without --rm the failed vm stays, to be inspected.
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &shape(), false, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("spawning the vmm failed"));
+        assert_eq!(s.daemon.show("dev").await.unwrap().state, "failed");
+    }
+
+    #[tokio::test]
+    async fn run_rm_of_a_vm_that_could_not_be_created_reports_the_create() {
+        let s = serve_fakes(true).await;
+        let bad = VmShape { vcpus: Some(99), ..shape() };
+        let err = vm_run(&ctx(s.dir.path()), &s.client, "dev", &bad, true, Duration::from_secs(1), &[])
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("--vcpus 99"), "{err:#}");
+    }
+
+    fn view(name: &str, last_error: Option<&str>) -> VmView {
+        VmView {
+            name: name.into(),
+            id: "0123456789abcdef".into(),
+            state: "failed".into(),
+            guest_ip: None,
+            last_error: last_error.map(Into::into),
+            cleanup_pending: None,
+            image: "base".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            pid: None,
+            tap: None,
+            storage: None,
+            work_disk: None,
+            work_disk_bytes: None,
+            vm_dir: "/x".into(),
+            log_path: "/x/serial.log".into(),
+            vmm_log_path: "/x/vmm.log".into(),
+            api_socket: "/x/api.sock".into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn the_table_has_one_line_per_vm_whatever_the_errors_hold() {
+        let long = format!("spawning the vmm failed: {}\nserial log tail:\nline 1\nline 2", "x".repeat(200));
+        let out = table(&[view("a", Some(&long)), view("b", None)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines[1].starts_with("a ") && lines[1].contains("spawning the vmm failed"), "{out}");
+        assert!(lines[1].ends_with('…') && !lines[1].contains("serial log"), "{out}");
+        assert_eq!(lines[1].split("spawning").nth(1).unwrap().chars().count() + "spawning".len(), 60);
+        assert!(lines[2].starts_with("b "), "{out}");
+    }
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_command_line() {
+        for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh, clap_complete::Shell::Fish] {
+            let mut out = Vec::new();
+            completions(shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("banger") && text.contains("force") && text.contains("completions"),
+                "{shell}: {text}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let man = dir.path().join("man1");
+        man_pages(&man).unwrap();
+        let page = std::fs::read_to_string(man.join("banger-vm-stop.1")).unwrap();
+        assert!(page.contains("Ctrl\\-Alt\\-Del") || page.contains("Ctrl-Alt-Del"), "{page}");
+        assert!(page.contains("timeout"), "{page}");
+        assert!(
+            man.join("banger.1").exists() && !man.join("banger-man.1").exists(),
+            "the hidden command has none"
+        );
+    }
+
+    #[tokio::test]
+    async fn start_shows_each_step_as_the_daemon_reports_it() {
+        let s = serve_fakes(true).await;
+        let _: VmView =
+            s.client.call(Method::POST, "/v1/vms", Some(&create_body("dev", &shape()))).await.unwrap();
+        let mut shown = Reporter::new(Mode::Plain, Vec::new(), "vm dev");
+        let vm = start_vm(&s.client, "dev", &mut shown).await.unwrap();
+        assert_eq!(vm.state, "running");
+        let text = String::from_utf8(shown.into_inner()).unwrap();
+        let steps: Vec<&str> =
+            text.lines().map(|l| l.strip_prefix("vm dev: ").unwrap().split(" (").next().unwrap()).collect();
+        assert_eq!(steps.first(), Some(&"checking the image"), "{text}");
+        assert_eq!(steps.last(), Some(&"booting the guest"), "{text}");
+        assert!(steps.contains(&"setting up the network") && steps.contains(&"spawning the vmm"), "{text}");
+
+        // Quiet (--json): a plain request, nothing shown.
+        let _: VmView = s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap();
+        let mut quiet = Reporter::new(Mode::Quiet, Vec::new(), "vm dev");
+        assert_eq!(start_vm(&s.client, "dev", &mut quiet).await.unwrap().state, "running");
+        assert!(quiet.into_inner().is_empty());
+    }
+
+    #[test]
+    fn a_second_failure_for_the_same_reason_names_it_once() {
+        let first =
+            "cannot start vm dev: network failed: cannot reach banger-helper at /s: connection refused";
+        let later =
+            "vm dev is not deleted: run it again: cannot reach banger-helper at /s: connection refused";
+        assert_eq!(
+            without_repeated_cause(later, first),
+            "vm dev is not deleted: run it again (for the same reason)"
+        );
+        assert_eq!(without_repeated_cause("other: cause", first), "other: cause");
+    }
 }

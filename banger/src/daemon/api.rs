@@ -4,16 +4,20 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::api_types::ErrorBody;
+use crate::api_types::{ErrorBody, StartEvent};
+use crate::daemon::lifecycle::{MAX_STOP_GRACE, Shutdown, StartStep};
 use crate::daemon::{Daemon, DaemonError, chain};
 
 /// The largest request body accepted.
@@ -49,23 +53,26 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Full<Bytes>> {
+/// An answer's body: whole, or a stream of lines.
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
     let body = serde_json::to_vec(value).expect("api answers serialize");
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(Bytes::from(body)).boxed())
         .expect("static response parts are valid")
 }
 
-fn error(status: u16, message: String) -> Response<Full<Bytes>> {
+fn error(status: u16, message: String) -> Response<Body> {
     json(
         StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &ErrorBody { error: message },
     )
 }
 
-fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Full<Bytes>> {
+fn answer<T: Serialize>(status: StatusCode, r: Result<T, DaemonError>) -> Response<Body> {
     match r {
         Ok(v) => json(status, &v),
         Err(e) => error(e.status(), chain(&e)),
@@ -82,8 +89,78 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> Option<u64> {
     req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
+/// The `key=value` pairs of the request's query.
+fn query_pairs(req: &Request<Incoming>) -> Vec<(&str, &str)> {
+    let query = req.uri().query().unwrap_or("");
+    query.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, ""))).collect()
+}
+
+/// How a stop or delete ends a running guest: `?timeout=SECS` (the grace period after
+/// Ctrl-Alt-Del) or `?force=true` (kill the VMM at once); neither: the daemon's grace period.
+fn shutdown_query(req: &Request<Incoming>) -> Result<Shutdown, DaemonError> {
+    let bad = |key: &str, value: &str, expected: String| DaemonError::Query {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        expected,
+    };
+    let mut how = Shutdown::Guest;
+    for (key, value) in query_pairs(req) {
+        how = match (key, how) {
+            ("force", _) if value != "true" => return Err(bad(key, value, "only force=true".into())),
+            ("timeout", Shutdown::Kill) | ("force", Shutdown::GuestWithin(_)) => {
+                return Err(bad(key, value, "give a timeout or force, not both".into()));
+            }
+            ("force", _) => Shutdown::Kill,
+            ("timeout", _) => {
+                let max = MAX_STOP_GRACE.as_secs();
+                match value.parse::<u64>() {
+                    Ok(secs) if secs <= max => Shutdown::GuestWithin(Duration::from_secs(secs)),
+                    _ => return Err(bad(key, value, format!("whole seconds from 0 to {max}"))),
+                }
+            }
+            _ => return Err(bad(key, value, "this endpoint takes only timeout and force".into())),
+        };
+    }
+    Ok(how)
+}
+
+/// `POST /v1/vms/{name}/start?progress=true`: the start runs on its own task (it finishes even
+/// if the client goes away), telling each step as a line of the answer, then the outcome. An
+/// unknown VM is answered at once, as by the plain start.
+fn start_with_progress(daemon: &Arc<Daemon>, name: &str) -> Response<Body> {
+    // A name that is no VM is refused before the stream begins, with its own status.
+    if let Err(e) = daemon.find(name) {
+        return error(e.status(), chain(&e));
+    }
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+    let line = |event: &StartEvent| {
+        let mut line = serde_json::to_vec(event).expect("start events serialize");
+        line.push(b'\n');
+        Bytes::from(line)
+    };
+    let (daemon, name) = (daemon.clone(), name.to_owned());
+    tokio::spawn(async move {
+        let steps = tx.clone();
+        let progress = move |step: StartStep| {
+            // A client that went away no longer reads: the start goes on.
+            let _ = steps.unbounded_send(line(&StartEvent::Step(step.to_string())));
+        };
+        let outcome = match daemon.start_reporting(&name, &progress).await {
+            Ok(vm) => StartEvent::Done(Box::new(vm)),
+            Err(e) => StartEvent::Failed { status: e.status(), error: chain(&e) },
+        };
+        let _ = tx.unbounded_send(line(&outcome));
+    });
+    let body = StreamBody::new(rx.map(|line| Ok::<_, Infallible>(Frame::data(line))));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(body))
+        .expect("static response parts are valid")
+}
+
 /// Routes one request.
-pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -101,22 +178,34 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
         },
         (&Method::GET, ["v1", "vms", name]) => answer(ok, daemon.show(name).await),
         (&Method::DELETE, ["v1", "vms", name]) => {
-            let deleted = daemon.delete(name).await;
+            let deleted = match shutdown_query(&req) {
+                Ok(how) => daemon.delete(name, how).await,
+                Err(e) => Err(e),
+            };
             answer(
                 ok,
                 deleted.map(|w| w.map_or(serde_json::json!({}), |w| serde_json::json!({ "warning": w }))),
             )
         }
+        (&Method::POST, ["v1", "vms", name, "start"]) if query_pairs(&req) == [("progress", "true")] => {
+            start_with_progress(daemon, name)
+        }
         (&Method::POST, ["v1", "vms", name, "start"]) => answer(ok, daemon.start(name).await),
-        (&Method::POST, ["v1", "vms", name, "stop"]) => answer(ok, daemon.stop(name).await),
+        (&Method::POST, ["v1", "vms", name, "stop"]) => match shutdown_query(&req) {
+            Ok(how) => answer(ok, daemon.stop(name, how).await),
+            Err(e) => answer::<()>(ok, Err(e)),
+        },
         (&Method::POST, ["v1", "vms", name, "restart"]) => answer(ok, daemon.restart(name).await),
         (&Method::GET, ["v1", "vms", name, "logs"]) => {
             let bytes = query_u64(&req, "bytes").unwrap_or(16 * 1024);
-            match daemon.logs(name, bytes).await {
+            let pairs = query_pairs(&req);
+            let vmm = pairs.contains(&("vmm", "true"));
+            let current_run = pairs.contains(&("run", "current"));
+            match daemon.logs(name, bytes, vmm, current_run).await {
                 Ok(text) => Response::builder()
                     .status(ok)
                     .header("content-type", "text/plain; charset=utf-8")
-                    .body(Full::new(Bytes::from(text)))
+                    .body(Full::new(Bytes::from(text)).boxed())
                     .expect("static response parts are valid"),
                 Err(e) => error(e.status(), chain(&e)),
             }
@@ -134,36 +223,63 @@ pub async fn handle(daemon: &Daemon, req: Request<Incoming>) -> Response<Full<By
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cli::client::{ClientError, DaemonClient};
     use crate::config::Config;
     use crate::daemon::Deps;
     use crate::daemon::guest_prep::fake::FakePrep;
     use crate::daemon::helper_client::fake::FakeHelper;
+    use crate::daemon::lifecycle::Timeouts;
     use crate::daemon::liveness::fake::FakeProcesses;
     use crate::daemon::store::Store;
-    use crate::daemon::vmm::fake::FakeVmm;
+    use crate::daemon::vmm::fake::{FakeVmm, VmmCall};
     use crate::paths::Paths;
 
+    /// A daemon over fakes, served on its socket in a temp install.
+    pub(crate) struct Served {
+        /// The install's directory.
+        pub dir: tempfile::TempDir,
+        /// A client of the daemon's socket.
+        pub client: DaemonClient,
+        /// The daemon.
+        pub daemon: Arc<Daemon>,
+        /// Its VMM.
+        pub vmm: Arc<FakeVmm>,
+    }
+
+    /// A daemon over fakes with no image, its VMM binary not found.
     async fn served() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>) {
+        let s = serve_fakes(false).await;
+        (s.dir, s.client, s.daemon)
+    }
+
+    /// A daemon over fakes; with `image`, image `base` imported and a VMM binary that exists
+    /// (the fake VMM never runs it), so VMs start.
+    pub(crate) async fn serve_fakes(image: bool) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::under(&dir.path().join("h"), nix::unistd::getuid().as_raw()).unwrap();
         paths.ensure_dirs().unwrap();
         let store = Store::open_in_memory().unwrap();
+        let mut config = Config::default();
+        if image {
+            crate::daemon::lifecycle::tests::import_test_image(&store, &paths, dir.path());
+            config.firecracker = "/bin/true".into();
+        }
         let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
         let procs = Arc::new(FakeProcesses::new());
-        let deps = Deps {
-            helper,
-            procs: procs.clone(),
-            vmm: Arc::new(FakeVmm::new(procs)),
-            prep: Arc::new(FakePrep::default()),
-        };
-        let daemon = Arc::new(Daemon::new(paths.clone(), Config::default(), store, deps));
+        let vmm = Arc::new(FakeVmm::new(procs.clone()));
+        let deps =
+            Deps { helper, procs: procs.clone(), vmm: vmm.clone(), prep: Arc::new(FakePrep::default()) };
+        let daemon = Daemon::new(paths.clone(), config, store, deps).with_timeouts(Timeouts {
+            stop_grace: std::time::Duration::from_millis(200),
+            kill_wait: std::time::Duration::from_millis(200),
+        });
+        let daemon = Arc::new(daemon);
         let sock = paths.daemon_socket();
         let listener = UnixListener::bind(&sock).unwrap();
         tokio::spawn(serve(listener, daemon.clone()));
-        (dir, DaemonClient::new(sock), daemon)
+        Served { dir, client: DaemonClient::new(sock), daemon, vmm }
     }
 
     #[tokio::test]
@@ -199,5 +315,111 @@ mod tests {
         assert_eq!(code, StatusCode::NOT_FOUND);
         // Stop: the server loop ends.
         let _: serde_json::Value = client.call::<(), _>(Method::POST, "/v1/daemon/stop", None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stop_and_delete_take_how_the_guest_ends_from_the_query() {
+        let s = serve_fakes(true).await;
+        let create = serde_json::json!({"name": "dev", "image": "base"});
+        let _: serde_json::Value = s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
+        let _: serde_json::Value =
+            s.client.call::<(), _>(Method::POST, "/v1/vms/dev/start", None).await.unwrap();
+        for bad in ["?force=yes", "?timeout=ten", "?timeout=3601", "?timeout=5&force=true", "?grace=5"] {
+            let path = format!("/v1/vms/dev/stop{bad}");
+            match s.client.call::<(), serde_json::Value>(Method::POST, &path, None).await.unwrap_err() {
+                ClientError::Api { status: 400, message } => {
+                    assert!(message.starts_with("invalid "), "{message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+            assert_eq!(s.daemon.show("dev").await.unwrap().state, "running", "{bad} stopped nothing");
+        }
+        let vm: serde_json::Value =
+            s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop?force=true", None).await.unwrap();
+        assert_eq!(vm["state"], "stopped");
+        let shutdowns =
+            |calls: Vec<VmmCall>| calls.iter().filter(|c| matches!(c, VmmCall::Shutdown(_))).count();
+        assert_eq!(shutdowns(s.vmm.calls()), 0, "forced: the guest is not asked");
+        let _: serde_json::Value =
+            s.client.call::<(), _>(Method::POST, "/v1/vms/dev/start", None).await.unwrap();
+        let _: serde_json::Value =
+            s.client.call::<(), _>(Method::DELETE, "/v1/vms/dev?timeout=0", None).await.unwrap();
+        assert_eq!(shutdowns(s.vmm.calls()), 1, "asked, then killed at once");
+        assert!(s.daemon.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn logs_are_the_console_or_the_vmm_log_of_the_current_run_or_both() {
+        let s = serve_fakes(true).await;
+        let create = serde_json::json!({"name": "dev", "image": "base"});
+        let vm: crate::api_types::VmView =
+            s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
+        let rotated = |p: &std::path::Path| crate::daemon::logs::rotated_path(p);
+        std::fs::write(rotated(&vm.log_path), "console, last run\n").unwrap();
+        std::fs::write(&vm.log_path, "console, this run\n").unwrap();
+        std::fs::write(&vm.vmm_log_path, "vmm, this run\n").unwrap();
+        let get = |query: &'static str| {
+            let client = s.client.clone();
+            async move {
+                let (code, body) =
+                    client.raw(Method::GET, &format!("/v1/vms/dev/logs{query}"), None).await.unwrap();
+                assert_eq!(code, StatusCode::OK);
+                String::from_utf8(body.to_vec()).unwrap()
+            }
+        };
+        assert_eq!(get("").await, "console, last run\nconsole, this run\n");
+        assert_eq!(get("?run=current").await, "console, this run\n");
+        assert_eq!(get("?bytes=10&run=current").await, "", "no line starts in the last 10 bytes");
+        assert_eq!(get("?vmm=true").await, "vmm, this run\n");
+    }
+
+    #[tokio::test]
+    async fn a_start_with_progress_streams_its_steps_then_the_outcome() {
+        let s = serve_fakes(true).await;
+        let create = serde_json::json!({"name": "dev", "image": "base"});
+        let _: serde_json::Value = s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
+        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = events.next().await.unwrap() {
+            seen.push(event);
+        }
+        let steps: Vec<String> = [
+            StartStep::Image,
+            StartStep::Network,
+            StartStep::RootDisk,
+            StartStep::Personalize,
+            StartStep::Spawn,
+            StartStep::Configure,
+            StartStep::Boot,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (last, before) = seen.split_last().unwrap();
+        assert_eq!(
+            before,
+            steps.into_iter().map(StartEvent::Step).collect::<Vec<_>>(),
+            "no dm steps without dm"
+        );
+        assert!(matches!(last, StartEvent::Done(vm) if vm.state == "running"), "{last:?}");
+
+        // A failure is the last event, with the status a plain start answers.
+        let _: serde_json::Value =
+            s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap();
+        s.vmm.fail(crate::daemon::vmm::fake::VmmOp::Boot);
+        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut last = None;
+        while let Some(event) = events.next().await.unwrap() {
+            last = Some(event);
+        }
+        match last.unwrap() {
+            StartEvent::Failed { status: 500, error } => {
+                assert!(error.starts_with("cannot start vm dev: booting the guest failed"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // An unknown vm is refused before any stream.
+        let err = s.client.start_with_progress("/v1/vms/ghost/start").await.unwrap_err();
+        assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err:?}");
     }
 }

@@ -54,6 +54,16 @@ pub enum DaemonError {
     /// The request body is not what the endpoint takes (400).
     #[error("invalid request body")]
     Body(#[source] serde_json::Error),
+    /// A query parameter the endpoint does not take, or a value it cannot use (400).
+    #[error("invalid {key}={value:?} in the request: {expected}")]
+    Query {
+        /// The parameter.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
     /// No VM has this name (404).
     #[error("no vm named {0:?}: see `banger vm list` for your vms")]
     NoSuchVm(String),
@@ -122,7 +132,7 @@ pub enum DaemonError {
     #[error("an internal task of bangerd failed")]
     Task(#[source] tokio::task::JoinError),
     /// A start failed at `step`; the steps before it were undone (status of the cause).
-    #[error("cannot start vm {vm}: {step} failed{}", undo_note(.undo.as_deref()))]
+    #[error("cannot start vm {vm}: {step} failed{}", undo_note(.undo.as_deref(), .source))]
     Start {
         /// The VM's name.
         vm: String,
@@ -149,9 +159,16 @@ pub enum DaemonError {
     },
 }
 
-fn undo_note(undo: Option<&str>) -> String {
-    undo.map(|u| format!(" and undoing it is incomplete ({u}; bangerd retries in the background)"))
-        .unwrap_or_default()
+/// What a failed start says of its undo: the undo's own cause, unless it is the start's (a
+/// helper that went away makes both fail alike), which the line already ends with.
+fn undo_note(undo: Option<&str>, cause: &DaemonError) -> String {
+    match undo {
+        None => String::new(),
+        Some(u) if chain(cause).contains(u) => {
+            " and undoing it is incomplete for the same reason (bangerd retries in the background)".into()
+        }
+        Some(u) => format!(" and undoing it is incomplete ({u}; bangerd retries in the background)"),
+    }
 }
 
 fn incomplete(vm: &str, op: Op) -> String {
@@ -175,7 +192,8 @@ impl DaemonError {
             | DaemonError::SocketPath(_)
             | DaemonError::VmmBinary(_)
             | DaemonError::BodyRead(_)
-            | DaemonError::Body(_) => 400,
+            | DaemonError::Body(_)
+            | DaemonError::Query { .. } => 400,
             DaemonError::NoSuchVm(_) => 404,
             DaemonError::VmExists(_) => 409,
             DaemonError::Image(e) => match e.kind() {

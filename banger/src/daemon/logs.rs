@@ -2,6 +2,11 @@
 //! log a lot over weeks, so every log banger writes is capped: when a write would take the file
 //! past its cap, the file is renamed to `<name>.1` (replacing an older one) and a new file begun.
 //! At most twice the cap is ever on disk per log.
+//!
+//! A VM's logs (its serial console, and Firecracker's own log) begin again at each start
+//! ([`begin_run`]): the file then holds the current run, and `<name>.1` the one before.
+//! [`run_tail`] reads the current run's last lines, for error messages; [`tail`] reads across
+//! both; [`follow`] prints what is appended, as `tail -F` does.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -88,6 +93,64 @@ pub fn relay(mut input: impl Read, path: &Path, cap: u64) -> io::Result<u64> {
     }
 }
 
+/// Starts a new run of the log at `path`: the file so far becomes `<path>.1` (replacing an
+/// older one), so the file holds only what the new run writes. Nothing to move is fine.
+pub fn begin_run(path: &Path) -> io::Result<()> {
+    match fs::rename(path, rotated_path(path)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// At most the last `max_bytes` of the current run of a log ([`begin_run`]), from a line's
+/// start: a line cut by the limit is left out. A missing log reads as empty.
+pub fn run_tail(path: &Path, max_bytes: u64) -> io::Result<String> {
+    let mut bytes = read_tail(path, max_bytes)?;
+    let whole = fs::metadata(path).map(|m| m.len() <= max_bytes).unwrap_or(true);
+    if !whole {
+        let start = bytes.iter().position(|&b| b == b'\n').map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..start);
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Copies to `out` what is appended to the log at `path` from byte `offset` on, looking every
+/// `poll`, until `keep_going` says stop (it is asked after each look). A log that was rotated
+/// or begun again (another file, or a shorter one) is read from its start; a missing one is
+/// waited for.
+pub fn follow(
+    path: &Path,
+    mut offset: u64,
+    out: &mut dyn Write,
+    poll: std::time::Duration,
+    keep_going: &mut dyn FnMut() -> bool,
+) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut identity = fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+    loop {
+        match File::open(path) {
+            Ok(mut f) => {
+                let meta = f.metadata()?;
+                let now = Some((meta.dev(), meta.ino()));
+                if now != identity || meta.len() < offset {
+                    (identity, offset) = (now, 0);
+                }
+                if meta.len() > offset {
+                    f.seek(SeekFrom::Start(offset))?;
+                    offset += io::copy(&mut (&mut f).take(meta.len() - offset), out)?;
+                    out.flush()?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if !keep_going() {
+            return Ok(());
+        }
+        std::thread::sleep(poll);
+    }
+}
+
 /// The last `max_bytes` of a log (its previous generation included when the current one is
 /// shorter), as text with invalid UTF-8 replaced. A missing log reads as empty.
 pub fn tail(path: &Path, max_bytes: u64) -> io::Result<String> {
@@ -156,5 +219,45 @@ mod tests {
         assert!(t.ends_with("line 9999\n"), "{}", &t[t.len() - 20..]);
         assert_eq!(t.len(), 6000.min(4096 + fs::metadata(&path).unwrap().len() as usize));
         assert_eq!(tail(&dir.path().join("missing"), 10).unwrap(), "");
+    }
+
+    #[test]
+    fn a_run_tail_holds_the_current_run_from_a_line_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        fs::write(&path, "old run line 1\nold run line 2\n").unwrap();
+        begin_run(&path).unwrap();
+        assert_eq!(run_tail(&path, 100).unwrap(), "", "nothing of the old run");
+        fs::write(&path, "boot line one\nboot line two\n").unwrap();
+        assert_eq!(run_tail(&path, 1000).unwrap(), "boot line one\nboot line two\n");
+        // Cut inside the first line: that line is left out.
+        assert_eq!(run_tail(&path, 20).unwrap(), "boot line two\n");
+        // The whole log across runs is still there.
+        assert!(tail(&path, 1000).unwrap().starts_with("old run line 1"));
+        begin_run(&dir.path().join("never-written")).unwrap();
+    }
+
+    #[test]
+    fn follow_prints_what_is_appended_and_starts_over_after_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("serial.log");
+        fs::write(&path, "before\n").unwrap();
+        let mut out = Vec::new();
+        let mut step = 0;
+        let p = path.clone();
+        follow(&path, 7, &mut out, std::time::Duration::from_millis(1), &mut || {
+            step += 1;
+            match step {
+                1 => OpenOptions::new().append(true).open(&p).unwrap().write_all(b"one\n").unwrap(),
+                2 => {
+                    begin_run(&p).unwrap();
+                    fs::write(&p, "two\n").unwrap();
+                }
+                _ => return false,
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "one\ntwo\n");
     }
 }

@@ -187,7 +187,9 @@ impl Daemon {
             name: vm.name.clone(),
             id: vm.id.to_string(),
             state: vm.state.to_string(),
-            guest_ip: vm.guest_ip,
+            // The address a VM had is not its own while it does not run (the next start may
+            // get another).
+            guest_ip: if alive { vm.guest_ip } else { None },
             last_error: vm.last_error.clone(),
             cleanup_pending: vm.cleanup_pending.clone(),
             image: vm.image.clone(),
@@ -200,6 +202,7 @@ impl Daemon {
             work_disk_bytes: vm.work_disk_bytes,
             vm_dir: vm.vm_dir.clone(),
             log_path: vm.log_path.clone(),
+            vmm_log_path: vm.vmm_log_path(),
             api_socket: vm.api_socket.clone(),
             created_at: vm.created_at,
         }
@@ -223,14 +226,19 @@ impl Daemon {
         Ok(self.view(&vm))
     }
 
-    /// `GET /v1/vms/{name}/logs`.
-    pub async fn logs(&self, name: &str, bytes: u64) -> Result<String, DaemonError> {
+    /// `GET /v1/vms/{name}/logs`: the last `bytes` of the VM's console (or with `vmm`, of its
+    /// VMM's log), of the current run only when `current_run`.
+    pub async fn logs(
+        &self,
+        name: &str,
+        bytes: u64,
+        vmm: bool,
+        current_run: bool,
+    ) -> Result<String, DaemonError> {
         let vm = self.find(name)?;
-        logs::tail(&vm.log_path, bytes).map_err(|source| DaemonError::Io {
-            action: "read",
-            path: vm.log_path.clone(),
-            source,
-        })
+        let path = if vmm { vm.vmm_log_path() } else { vm.log_path.clone() };
+        let text = if current_run { logs::run_tail(&path, bytes) } else { logs::tail(&path, bytes) };
+        text.map_err(|source| DaemonError::Io { action: "read", path, source })
     }
 
     /// `GET /v1/status`.

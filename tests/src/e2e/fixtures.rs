@@ -69,7 +69,17 @@ pub fn write_kernel(path: &Path) -> anyhow::Result<()> {
 /// Builds a 32 MiB ext4 root filesystem at `path` (mode 0644) with what a small distribution has
 /// where banger personalises it: `/etc/hostname`, `/etc/ssh`, `/root`.
 pub fn write_rootfs(path: &Path, scratch: &Path) -> anyhow::Result<()> {
-    let tree = scratch.join("rootfs-tree");
+    write_rootfs_with(path, scratch, &|_| Ok(()))
+}
+
+/// [`write_rootfs`] with `extra` adding to the tree (given its root) before the image is made.
+pub fn write_rootfs_with(
+    path: &Path,
+    scratch: &Path,
+    extra: &dyn Fn(&Path) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let tree = scratch
+        .join(format!("rootfs-tree-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
     for d in ["etc/ssh", "root", "tmp", "var", "dev", "proc", "sys"] {
         fs::create_dir_all(tree.join(d))?;
     }
@@ -78,6 +88,7 @@ pub fn write_rootfs(path: &Path, scratch: &Path) -> anyhow::Result<()> {
     fs::write(tree.join("etc/hostname"), "image\n")?;
     fs::write(tree.join("etc/hosts"), "127.0.0.1 localhost\n")?;
     fs::write(tree.join("etc/os-release"), "ID=banger-e2e\nNAME=\"banger end-to-end test image\"\n")?;
+    extra(&tree)?;
     let (p, t) = (path.to_string_lossy(), tree.to_string_lossy());
     root("mkfs.ext4", &["-q", "-F", "-E", "root_owner=0:0", "-d", &t, &p, "32M"])?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o644))?;

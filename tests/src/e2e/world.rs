@@ -287,6 +287,17 @@ impl World {
         self.banger_ok(who, &["image", "import", IMAGE, "--kernel", &k, "--rootfs", &r]);
     }
 
+    /// Imports for `who`, as image `name`, the test kernel and a root filesystem like the test
+    /// image's, with `extra` adding to its tree.
+    #[track_caller]
+    pub fn import_image_with(&self, who: Who, name: &str, extra: &dyn Fn(&Path) -> std::io::Result<()>) {
+        let rootfs = self.temp.join("img").join(format!("{name}.ext4"));
+        fixtures::write_rootfs_with(&rootfs, &self.temp, extra)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e:#}", rootfs.display()));
+        let (k, r) = (self.kernel.display().to_string(), rootfs.display().to_string());
+        self.banger_ok(who, &["image", "import", name, "--kernel", &k, "--rootfs", &r]);
+    }
+
     /// `vm list --json` of `who`.
     #[track_caller]
     pub fn list(&self, who: Who) -> Vec<VmView> {

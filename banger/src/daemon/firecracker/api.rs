@@ -197,6 +197,8 @@ pub enum InstanceState {
 /// this order (the objects of Firecracker's `--config-file`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
+    /// `PUT /logger`: Firecracker's own log, apart from the guest's console.
+    pub logger: Logger,
     /// `PUT /metrics` (the file must exist: Firecracker appends to it).
     pub metrics: Metrics,
     /// `PUT /machine-config`.

@@ -184,6 +184,7 @@ impl FirecrackerClient {
 
     /// Sends every part of `config` in its order (see [`VmConfig`]); stops at the first refusal.
     pub async fn configure(&self, config: &VmConfig) -> Result<(), FirecrackerError> {
+        self.put_logger(&config.logger).await?;
         self.put_metrics(&config.metrics).await?;
         self.put_machine_config(&config.machine).await?;
         self.put_boot_source(&config.boot_source).await?;
@@ -636,6 +637,12 @@ mod tests {
         let vmm = fake_vmm();
         let fc = vmm.client();
         let config = VmConfig {
+            logger: Logger {
+                log_path: "/state/vms/a/vmm.log".into(),
+                level: Some(LogLevel::Info),
+                show_level: Some(true),
+                show_log_origin: None,
+            },
             metrics: Metrics { metrics_path: "/state/vms/a/metrics".into() },
             machine: MachineConfig {
                 vcpu_count: 1,
@@ -658,6 +665,7 @@ mod tests {
         assert_eq!(
             paths,
             [
+                "/logger",
                 "/metrics",
                 "/machine-config",
                 "/boot-source",
@@ -670,8 +678,8 @@ mod tests {
         // After boot every pre-boot part is refused: the first refusal ends it.
         fc.instance_start().await.unwrap();
         let err = fc.configure(&config).await.unwrap_err();
-        assert!(matches!(&err, FirecrackerError::Api { path, .. } if path == "/metrics"), "{err:?}");
-        assert_eq!(vmm.seen().len(), 8);
+        assert!(matches!(&err, FirecrackerError::Api { path, .. } if path == "/logger"), "{err:?}");
+        assert_eq!(vmm.seen().len(), 9);
     }
 
     #[tokio::test]

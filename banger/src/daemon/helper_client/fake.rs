@@ -25,6 +25,8 @@ struct State {
     backing: HashMap<String, Backing>,
     calls: Vec<Request>,
     unreachable: bool,
+    /// The operation whose first request makes the fake unreachable from then on.
+    unreachable_from: Option<&'static str>,
     device_mapper: bool,
     failures: HashMap<&'static str, HelperError>,
     loop_failures: HashMap<LoopRole, HelperError>,
@@ -83,6 +85,12 @@ impl FakeHelper {
     /// Makes every request fail with [`HelperClientError::Unreachable`] (not recorded).
     pub fn set_unreachable(&self, unreachable: bool) {
         self.state().unreachable = unreachable;
+    }
+
+    /// Makes the fake unreachable from the first request of `op` on, that one included (a
+    /// helper that went away in the middle of a start).
+    pub fn unreachable_from(&self, op: &'static str) {
+        self.state().unreachable_from = Some(op);
     }
 
     /// Whether the fake offers dm-snapshot roots (its `Hello` capability; `DmCreate` is refused
@@ -172,6 +180,9 @@ impl FakeHelper {
     /// Records `req` and applies the configured failure, if any.
     fn enter(&self, req: Request) -> Result<MutexGuard<'_, State>, HelperClientError> {
         let mut s = self.state();
+        if s.unreachable_from == Some(req.op_name()) {
+            s.unreachable = true;
+        }
         if s.unreachable {
             return Err(HelperClientError::Unreachable {
                 socket: FAKE_SOCKET.into(),

@@ -1,8 +1,8 @@
-//! `delete`: the VM stopped if it runs, what it may still hold torn down, then its host key pin,
+//! `delete`: the VM stopped if it runs (as a stop does, [`Shutdown`] saying how), what it may still hold torn down, then its host key pin,
 //! its directory and its row removed. When its devices cannot be removed the row stays (its
 //! `handles.json` is what says what to remove), `stopped` with `cleanup_pending`.
 
-use super::{Op, delete_unfinished};
+use super::{Op, Shutdown, delete_unfinished};
 use crate::daemon::liveness::vm_alive;
 use crate::daemon::{Daemon, DaemonError, chain};
 use crate::model::VmState;
@@ -13,14 +13,14 @@ impl Daemon {
     /// have left could not be checked (it held none that banger knows of, and the helper was
     /// unreachable): no row claims them any more, so the next reconcile with the helper
     /// reachable removes them.
-    pub async fn delete(&self, name: &str) -> Result<Option<String>, DaemonError> {
+    pub async fn delete(&self, name: &str, how: Shutdown) -> Result<Option<String>, DaemonError> {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
         let handles = self.handles_of(&vm);
         let mut warning = None;
         if vm_alive(&vm, &handles, self.procs.as_ref()) {
-            self.stop_locked(&mut vm, Op::Delete).await?;
+            self.stop_locked(&mut vm, Op::Delete, how).await?;
         } else {
             // Kernel objects of a VM that is not running (never started, or left by a crash or
             // a teardown that failed).

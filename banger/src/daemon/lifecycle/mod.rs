@@ -12,7 +12,8 @@
 //! A create makes the row, the VM's directory and, when asked, its work disk. A start is ten
 //! named steps ([`StartStep`]), each undone by its own undo when a later one fails (see
 //! [`start`]). A stop asks the guest to shut down (Ctrl-Alt-Del), waits for its VMM
-//! to exit, then tears down (below). A delete stops the VM if it runs, tears down what it may
+//! to exit for a grace period (the request's, else [`Timeouts::stop_grace`]; none with
+//! [`Shutdown::Kill`]), then tears down (below). A delete stops the VM if it runs, tears down what it may
 //! still hold, then removes its host key pin, its directory and its row.
 //!
 //! Teardown (shared by all of them): kill the VMM if it still serves the VM's API socket and wait
@@ -41,14 +42,14 @@ pub mod refresh;
 pub mod start;
 mod stop;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
 pub use self::refresh::{REFRESH_EVERY, Retry};
-pub use self::start::{StartStep, boot_args};
+pub use self::start::{Progress, StartStep, boot_args};
 use super::{Daemon, DaemonError, chain};
 use crate::daemon::liveness::kill_and_wait;
 use crate::daemon::vmm;
@@ -67,6 +68,21 @@ impl Default for Timeouts {
     fn default() -> Self {
         Timeouts { stop_grace: Duration::from_secs(10), kill_wait: Duration::from_secs(5) }
     }
+}
+
+/// The longest grace period a stop may ask for.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+
+/// How a stop (or the stop of a delete) ends a running guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Ctrl-Alt-Del, then the VMM killed if it still runs after [`Timeouts::stop_grace`].
+    #[default]
+    Guest,
+    /// Ctrl-Alt-Del, then the VMM killed if it still runs after this long.
+    GuestWithin(Duration),
+    /// The VMM killed at once, without asking the guest.
+    Kill,
 }
 
 /// `last_error` of the VM `name` whose delete could not remove its devices.

@@ -16,8 +16,8 @@
 //! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
 //! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
 //! | personalize | the user's key; hostname, keys, a new host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned; the row saved | the pin is removed |
-//! | spawn | the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
-//! | configure | the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
+//! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
+//! | configure | the VMM's own log (`PUT /logger`, apart from the console); the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
 //! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
 //!
 //! The helper removes a VM's kernel objects only all together (`TeardownVms`: NAT and TAP, the
@@ -43,7 +43,7 @@ use super::touch;
 use crate::api_types::VmView;
 use crate::config::StorageMode;
 use crate::daemon::firecracker::{
-    BootSource, Drive, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
+    BootSource, Drive, LogLevel, Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
 };
 use crate::daemon::guest_prep::GuestPrep;
 use crate::daemon::helper_client::HelperClientError;
@@ -134,9 +134,19 @@ async fn blocking<T: Send + 'static, E: Into<DaemonError> + Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(DaemonError::Task)?.map_err(Into::into)
 }
 
+/// What a start tells as it goes: each step as it begins (the dm-snapshot steps only where the
+/// VM's root is one).
+pub type Progress = dyn Fn(StartStep) + Send + Sync;
+
 impl Daemon {
     /// `POST /v1/vms/{name}/start`.
     pub async fn start(&self, name: &str) -> Result<VmView, DaemonError> {
+        self.start_reporting(name, &|_| {}).await
+    }
+
+    /// `POST /v1/vms/{name}/start?progress=true`: a start that tells `progress` each step as
+    /// it begins.
+    pub async fn start_reporting(&self, name: &str, progress: &Progress) -> Result<VmView, DaemonError> {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
@@ -152,7 +162,7 @@ impl Daemon {
         }
         self.record(&mut vm, VmState::Starting, None, None)?;
 
-        let mut run = Start::new(self, &mut vm, image, &vmm_bin);
+        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress);
         let failed = match run.run_all().await {
             Ok(()) => None,
             Err((step, cause)) => {
@@ -193,10 +203,18 @@ struct Start<'a> {
     pinned: bool,
     /// Whether the helper can make dm-snapshots, once asked in this start.
     device_mapper: Option<bool>,
+    /// Told each step as it begins.
+    progress: &'a Progress,
 }
 
 impl<'a> Start<'a> {
-    fn new(daemon: &'a Daemon, vm: &'a mut VmRuntime, image: ImageRecord, vmm_bin: &'a Path) -> Self {
+    fn new(
+        daemon: &'a Daemon,
+        vm: &'a mut VmRuntime,
+        image: ImageRecord,
+        vmm_bin: &'a Path,
+        progress: &'a Progress,
+    ) -> Self {
         Start {
             daemon,
             vm,
@@ -208,12 +226,17 @@ impl<'a> Start<'a> {
             released: false,
             pinned: false,
             device_mapper: None,
+            progress,
         }
     }
 
     /// Runs every step in order; the first failure is returned with its step.
     async fn run_all(&mut self) -> Result<(), (StartStep, DaemonError)> {
         for step in StartStep::ALL {
+            let dm_step = matches!(step, StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot);
+            if !dm_step || self.is_dm() {
+                (self.progress)(step);
+            }
             let done = match step {
                 StartStep::Image => self.check_image().await,
                 StartStep::Network => self.network().await,
@@ -502,6 +525,15 @@ impl<'a> Start<'a> {
         let d = self.daemon;
         // The vsock socket is bound at PUT /vsock; one left by a killed VMM would make it fail.
         vmm::remove_stale_socket(&self.vm.vsock_path)?;
+        // This run's console and VMM log start afresh (the last run's stay as `<log>.1`):
+        // Firecracker writes its log from the file's start without truncating it.
+        for log in [self.vm.log_path.clone(), self.vm.vmm_log_path()] {
+            logs::begin_run(&log).map_err(|source| DaemonError::Io {
+                action: "begin a new log at",
+                path: log.clone(),
+                source,
+            })?;
+        }
         let spawned = d
             .vmm
             .spawn(SpawnSpec {
@@ -550,6 +582,12 @@ impl<'a> Start<'a> {
             drives.push(drive("work", work.clone(), false));
         }
         let config = VmConfig {
+            logger: Logger {
+                log_path: vm.vmm_log_path(),
+                level: Some(LogLevel::Info),
+                show_level: Some(true),
+                show_log_origin: None,
+            },
             metrics: Metrics { metrics_path: vm.metrics_path.clone() },
             machine: MachineConfig {
                 vcpu_count: vm.vcpus,

@@ -1,9 +1,10 @@
-//! `stop` and `restart`: the guest asked to shut down (Ctrl-Alt-Del), its VMM given
-//! [`Timeouts::stop_grace`](super::Timeouts) to exit, then the teardown. A teardown that fails
+//! `stop` and `restart`: the guest asked to shut down (Ctrl-Alt-Del), its VMM given a grace
+//! period to exit (the request's, else [`Timeouts::stop_grace`](super::Timeouts)) or killed at
+//! once ([`Shutdown::Kill`]), then the teardown. A teardown that fails
 //! leaves the VM `stopped` (its guest is down) with `cleanup_pending` saying why; the devices
 //! are removed by a later attempt (see the module docs of [`super`]).
 
-use super::{Op, delete_unfinished};
+use super::{Op, Shutdown, delete_unfinished};
 use crate::api_types::VmView;
 use crate::daemon::liveness::{vm_alive, wait_gone};
 use crate::daemon::{Daemon, DaemonError, chain};
@@ -11,11 +12,11 @@ use crate::model::{VmRuntime, VmState};
 
 impl Daemon {
     /// `POST /v1/vms/{name}/stop`.
-    pub async fn stop(&self, name: &str) -> Result<VmView, DaemonError> {
+    pub async fn stop(&self, name: &str, how: Shutdown) -> Result<VmView, DaemonError> {
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
-        self.stop_locked(&mut vm, Op::Stop).await?;
+        self.stop_locked(&mut vm, Op::Stop, how).await?;
         Ok(self.view(&vm))
     }
 
@@ -25,14 +26,19 @@ impl Daemon {
             let lock = self.vm_lock(name);
             let _guard = lock.lock().await;
             let mut vm = self.find(name)?;
-            self.stop_locked(&mut vm, Op::Restart).await?;
+            self.stop_locked(&mut vm, Op::Restart, Shutdown::Guest).await?;
         }
         self.start(name).await
     }
 
     /// Stops `vm` for `op`; its lock is held by the caller. A teardown that fails is
     /// [`DaemonError::Incomplete`], with the VM recorded `stopped` and its cleanup pending.
-    pub(super) async fn stop_locked(&self, vm: &mut VmRuntime, op: Op) -> Result<(), DaemonError> {
+    pub(super) async fn stop_locked(
+        &self,
+        vm: &mut VmRuntime,
+        op: Op,
+        how: Shutdown,
+    ) -> Result<(), DaemonError> {
         let handles = self.handles_of(vm);
         if !vm.state.wants_running() && handles.is_empty() && vm.cleanup_pending.is_none() {
             return Ok(());
@@ -40,8 +46,14 @@ impl Daemon {
         let was_alive = vm_alive(vm, &handles, self.procs.as_ref());
         let pending = vm.cleanup_pending.clone();
         self.record(vm, VmState::Stopping, None, pending)?;
-        if was_alive && let Some(pid) = handles.pid {
-            self.shut_down_guest(vm, pid).await;
+        let grace = match how {
+            Shutdown::Guest => Some(self.timeouts.stop_grace),
+            Shutdown::GuestWithin(grace) => Some(grace),
+            Shutdown::Kill => None,
+        };
+        // Without a grace period the teardown kills the VMM at once.
+        if was_alive && let (Some(pid), Some(grace)) = (handles.pid, grace) {
+            self.shut_down_guest(vm, pid, grace).await;
         }
         match self.teardown(vm, &handles).await {
             Ok(()) => {
@@ -61,11 +73,11 @@ impl Daemon {
         }
     }
 
-    /// Asks the guest to shut down and waits for its VMM to exit; a VMM still running after the
-    /// grace period is left to the teardown, which kills it.
-    async fn shut_down_guest(&self, vm: &VmRuntime, pid: i32) {
+    /// Asks the guest to shut down and waits for its VMM to exit; a VMM still running after
+    /// `grace` is left to the teardown, which kills it.
+    async fn shut_down_guest(&self, vm: &VmRuntime, pid: i32, grace: std::time::Duration) {
         match self.vmm.shutdown(&vm.api_socket).await {
-            Ok(()) => match wait_gone(self.procs.as_ref(), pid, self.timeouts.stop_grace).await {
+            Ok(()) => match wait_gone(self.procs.as_ref(), pid, grace).await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(vm = %vm.name, "guest did not shut down in time; killing the vmm")

@@ -89,7 +89,7 @@ const ROOTFS_BYTES: u64 = 4 << 20;
 
 /// Imports image `base`: an ELF header for a kernel, and a sparse file with an ext4
 /// superblock's magic as its root filesystem (no e2fsprogs needed).
-fn import_test_image(store: &Store, paths: &Paths, scratch: &Path) {
+pub(crate) fn import_test_image(store: &Store, paths: &Paths, scratch: &Path) {
     let kernel = scratch.join("vmlinux");
     let mut k = vec![0u8; 4096];
     k[..4].copy_from_slice(b"\x7fELF");
@@ -250,14 +250,41 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
 }
 
 #[tokio::test]
+async fn each_start_begins_the_console_and_vmm_logs_again_and_sends_the_vmm_its_log() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    let vmm_log = created.vm_dir.join(crate::model::VMM_LOG);
+    std::fs::write(&created.log_path, "the last run's console\n").unwrap();
+    std::fs::write(&vmm_log, "the last run's vmm log\n").unwrap();
+    e.daemon.start("dev").await.unwrap();
+    for log in [&created.log_path, &vmm_log] {
+        assert!(!log.exists(), "{} begun again", log.display());
+        let old = std::fs::read_to_string(crate::daemon::logs::rotated_path(log)).unwrap();
+        assert!(old.starts_with("the last run's"), "{old}");
+    }
+    let config = e
+        .vmm
+        .calls()
+        .into_iter()
+        .find_map(|c| match c {
+            VmmCall::Configure(_, config) => Some(config),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(config.logger.log_path, vmm_log, "firecracker logs apart from the console");
+}
+
+#[tokio::test]
 async fn stop_shuts_the_guest_down_then_tears_everything_down() {
     let e = env();
     e.daemon.create(create("dev")).await.unwrap();
     let running = e.daemon.start("dev").await.unwrap();
     e.helper.clear_calls();
 
-    let vm = e.daemon.stop("dev").await.unwrap();
+    let vm = e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert_eq!((vm.state.as_str(), vm.pid, vm.tap.as_deref()), ("stopped", None, None));
+    assert_eq!(vm.guest_ip, None, "a stopped vm has no current address");
+    assert_eq!(e.daemon.list().await.unwrap()[0].guest_ip, None);
     assert_eq!(kinds(&e.vmm.calls()), ["spawn", "configure", "boot", "shutdown"]);
     assert!(e.procs.kills().is_empty(), "the guest shut down by itself");
     assert_eq!(e.ops(), ["teardown-vms"]);
@@ -276,10 +303,50 @@ async fn a_guest_that_ignores_ctrl_alt_del_is_killed_after_the_grace_period() {
     e.daemon.create(create("dev")).await.unwrap();
     let running = e.daemon.start("dev").await.unwrap();
     e.vmm.ignore_shutdown(true);
-    let vm = e.daemon.stop("dev").await.unwrap();
+    let vm = e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert_eq!(vm.state, "stopped");
     assert_eq!(e.procs.kills(), [running.pid.unwrap()]);
     assert!(e.owns_nothing());
+}
+
+#[tokio::test]
+async fn a_stop_waits_the_grace_period_it_is_given_then_kills() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let running = e.daemon.start("dev").await.unwrap();
+    e.vmm.ignore_shutdown(true);
+    let begun = std::time::Instant::now();
+    let vm = e.daemon.stop("dev", Shutdown::GuestWithin(Duration::from_millis(700))).await.unwrap();
+    let took = begun.elapsed();
+    assert_eq!(vm.state, "stopped");
+    assert!(
+        took >= Duration::from_millis(700),
+        "waited the 700 ms asked for, not the 200 ms default: {took:?}"
+    );
+    assert_eq!(kinds(&e.vmm.calls()).last(), Some(&"shutdown"));
+    assert_eq!(e.procs.kills(), [running.pid.unwrap()]);
+    assert!(e.owns_nothing());
+}
+
+#[tokio::test]
+async fn a_forced_stop_or_delete_kills_the_vmm_without_asking_the_guest() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    let first = e.daemon.start("dev").await.unwrap();
+    e.vmm.ignore_shutdown(true);
+    let begun = std::time::Instant::now();
+    let vm = e.daemon.stop("dev", Shutdown::Kill).await.unwrap();
+    assert!(begun.elapsed() < Duration::from_millis(200), "no grace period: {:?}", begun.elapsed());
+    assert_eq!(vm.state, "stopped");
+    assert!(!kinds(&e.vmm.calls()).contains(&"shutdown"), "{:?}", e.vmm.calls());
+    assert_eq!(e.procs.kills(), [first.pid.unwrap()]);
+    assert!(e.owns_nothing());
+
+    let second = e.daemon.start("dev").await.unwrap();
+    assert_eq!(e.daemon.delete("dev", Shutdown::Kill).await.unwrap(), None);
+    assert!(!kinds(&e.vmm.calls()).contains(&"shutdown"));
+    assert_eq!(e.procs.kills(), [first.pid.unwrap(), second.pid.unwrap()]);
+    assert!(e.owns_nothing() && !second.vm_dir.exists());
 }
 
 #[tokio::test]
@@ -310,7 +377,7 @@ async fn delete_of_a_running_vm_stops_it_and_removes_everything() {
     let e = env();
     let created = e.daemon.create(create("dev")).await.unwrap();
     e.daemon.start("dev").await.unwrap();
-    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert_eq!(e.daemon.delete("dev", Shutdown::Guest).await.unwrap(), None);
     assert!(!created.vm_dir.exists());
     assert!(!e.pinned(&created.id));
     assert!(e.owns_nothing());
@@ -471,10 +538,10 @@ impl Env {
 async fn stopping_a_stopped_vm_changes_nothing_and_delete_removes_everything() {
     let e = env();
     let created = e.daemon.create(create("dev")).await.unwrap();
-    let stopped = e.daemon.stop("dev").await.unwrap();
+    let stopped = e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert_eq!(stopped.state, "created");
     assert!(e.helper.calls().is_empty());
-    e.daemon.delete("dev").await.unwrap();
+    e.daemon.delete("dev", Shutdown::Guest).await.unwrap();
     assert!(!created.vm_dir.exists());
     assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
     assert!(e.daemon.list().await.unwrap().is_empty());
@@ -502,14 +569,14 @@ async fn a_stopped_vm_can_be_deleted_while_the_helper_is_down_with_a_warning() {
     let e = env();
     let created = e.daemon.create(create("dev")).await.unwrap();
     e.helper.set_unreachable(true);
-    let warning = e.daemon.delete("dev").await.unwrap().expect("a warning");
+    let warning = e.daemon.delete("dev", Shutdown::Guest).await.unwrap().expect("a warning");
     assert!(warning.contains("banger-helper") && warning.contains("next daemon start"), "{warning}");
     assert!(!created.vm_dir.exists());
     assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
     // With the helper up, deleting asks it and warns about nothing.
     e.helper.set_unreachable(false);
     e.daemon.create(create("dev")).await.unwrap();
-    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert_eq!(e.daemon.delete("dev", Shutdown::Guest).await.unwrap(), None);
 }
 
 #[test]
@@ -567,7 +634,7 @@ async fn a_stop_the_helper_cannot_finish_leaves_the_vm_stopped_until_the_refresh
     let (started, id) = running(&e).await;
     e.helper.set_unreachable(true);
 
-    let err = e.daemon.stop("dev").await.unwrap_err();
+    let err = e.daemon.stop("dev", Shutdown::Guest).await.unwrap_err();
     assert!(matches!(err, DaemonError::Incomplete { op: Op::Stop, .. }), "{err:?}");
     assert_eq!(err.status(), 503);
     let text = chain(&err);
@@ -607,7 +674,7 @@ async fn a_stop_the_helper_refuses_is_retried_with_backoff_and_finished_by_the_n
     let (started, id) = running(&e).await;
     e.helper.fail_teardown_of(&id, busy());
 
-    let err = e.daemon.stop("dev").await.unwrap_err();
+    let err = e.daemon.stop("dev", Shutdown::Guest).await.unwrap_err();
     assert_eq!(err.status(), 500, "{err}");
     assert!(chain(&err).contains("RTM_DELLINK"), "{err}");
     let vm = e.daemon.show("dev").await.unwrap();
@@ -626,7 +693,7 @@ async fn a_stop_the_helper_refuses_is_retried_with_backoff_and_finished_by_the_n
 
     // The next stop retries at once and finishes.
     e.helper.clear_failures();
-    let vm = e.daemon.stop("dev").await.unwrap();
+    let vm = e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert_eq!((vm.state.as_str(), vm.cleanup_pending), ("stopped", None));
     e.holds_nothing(&started, &id);
 }
@@ -637,7 +704,7 @@ async fn a_delete_the_helper_cannot_finish_keeps_the_vm_until_a_delete_can() {
     let (started, id) = running(&e).await;
     e.helper.set_unreachable(true);
 
-    let err = e.daemon.delete("dev").await.unwrap_err();
+    let err = e.daemon.delete("dev", Shutdown::Guest).await.unwrap_err();
     assert!(matches!(err, DaemonError::Incomplete { op: Op::Delete, .. }), "{err:?}");
     assert_eq!(err.status(), 503);
     assert!(chain(&err).starts_with("vm dev is not deleted"), "{err}");
@@ -650,7 +717,7 @@ async fn a_delete_the_helper_cannot_finish_keeps_the_vm_until_a_delete_can() {
 
     // A second delete with the helper back removes everything, without a warning.
     e.helper.set_unreachable(false);
-    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert_eq!(e.daemon.delete("dev", Shutdown::Guest).await.unwrap(), None);
     assert!(e.owns_nothing());
     assert!(!started.vm_dir.exists() && !e.pinned(&started.id));
     assert_eq!(e.daemon.show("dev").await.unwrap_err().status(), 404);
@@ -661,9 +728,9 @@ async fn a_stopped_vm_with_devices_left_is_not_deleted_while_the_helper_is_down(
     let e = env();
     let (started, id) = running(&e).await;
     e.helper.set_unreachable(true);
-    e.daemon.stop("dev").await.unwrap_err();
+    e.daemon.stop("dev", Shutdown::Guest).await.unwrap_err();
     // Not running, but holding devices: the delete must not forget them.
-    let err = e.daemon.delete("dev").await.unwrap_err();
+    let err = e.daemon.delete("dev", Shutdown::Guest).await.unwrap_err();
     assert!(matches!(err, DaemonError::Incomplete { op: Op::Delete, .. }), "{err:?}");
     assert_eq!(e.daemon.show("dev").await.unwrap().state, "stopped");
     e.holds_its_devices(&started, &id);
@@ -671,7 +738,7 @@ async fn a_stopped_vm_with_devices_left_is_not_deleted_while_the_helper_is_down(
     e.helper.set_unreachable(false);
     e.daemon.refresh_all().await;
     e.holds_nothing(&started, &id);
-    assert_eq!(e.daemon.delete("dev").await.unwrap(), None);
+    assert_eq!(e.daemon.delete("dev", Shutdown::Guest).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -723,6 +790,21 @@ async fn a_failed_start_whose_undo_fails_is_cleaned_up_by_the_refresh() {
     e.holds_nothing(&created, &id);
     let vm = e.daemon.show("dev").await.unwrap();
     assert_eq!((vm.state.as_str(), vm.last_error, vm.cleanup_pending), ("failed", Some(last), None));
+}
+
+#[tokio::test]
+async fn a_start_whose_undo_fails_for_the_same_reason_says_that_reason_once() {
+    let e = env();
+    e.daemon.create(create("dev")).await.unwrap();
+    // The helper goes away after making the TAP: the NAT and the undo's teardown both fail.
+    e.helper.unreachable_from("nat-up");
+    let err = e.daemon.start("dev").await.unwrap_err();
+    let text = chain(&err);
+    assert!(text.contains("undoing it is incomplete for the same reason"), "{text}");
+    assert_eq!(text.matches("cannot reach banger-helper").count(), 1, "each cause once: {text}");
+    let vm = e.daemon.show("dev").await.unwrap();
+    assert_eq!(vm.state, "failed");
+    assert!(vm.cleanup_pending.as_deref().is_some_and(|p| p.contains("cannot reach")), "{vm:?}");
 }
 
 #[tokio::test]

@@ -250,7 +250,7 @@ async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, 
             let socket_opened = std::fs::symlink_metadata(spec.api_socket).is_ok();
             // Give the relay a moment to write what the VMM printed last.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let tail = logs::tail(spec.serial_log, 2048).unwrap_or_default();
+            let tail = logs::run_tail(spec.serial_log, 2048).unwrap_or_default();
             return Err(VmmError::ExitedEarly {
                 status: status.to_string(),
                 socket_opened,
@@ -261,7 +261,7 @@ async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, 
         if Instant::now() >= deadline {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            let tail = logs::tail(spec.serial_log, 2048).unwrap_or_default();
+            let tail = logs::run_tail(spec.serial_log, 2048).unwrap_or_default();
             return Err(VmmError::SocketTimeout {
                 path: spec.api_socket.to_owned(),
                 secs: API_SOCKET_TIMEOUT.as_secs(),
@@ -388,8 +388,11 @@ mod tests {
             serial_log: &log,
             serial_cap: 1024,
         };
+        // The previous run's console (kept by the start as `serial.log.1`) is not this run's.
+        std::fs::write(logs::rotated_path(&log), "an earlier run\n").unwrap();
         let e = spawn_direct(spec, &relay).await.unwrap_err().to_string();
         assert!(e.contains("exited") && e.contains("KVM object") && e.contains("kvm group"), "{e}");
+        assert!(!e.contains("earlier run"), "{e}");
         assert!(e.contains("before opening its api socket"), "{e}");
     }
 }

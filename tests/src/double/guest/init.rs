@@ -22,7 +22,10 @@
 //!    seccomp filter makes `setgroups` a successful no-op for the guest's processes.
 //! 7. A `login:` prompt line, then PID 1 reaps orphans and serves the control socket: pause and
 //!    resume stop and continue every guest process; Ctrl+Alt+Del terminates them and ends PID 1
-//!    with status 0, a reboot. EOF on the control socket (the VMM is gone) ends it too.
+//!    with status 0, a reboot, unless the root drive masks systemd's `ctrl-alt-del.target`
+//!    (`/etc/systemd/system/ctrl-alt-del.target` a link to `/dev/null`), which systemd then
+//!    refuses to start: the keys are ignored, as in such a guest. EOF on the control socket (the
+//!    VMM is gone) ends it too.
 //!
 //! In a jail (the VMM's root has no `/proc`, as under Firecracker's jailer) the namespaces are
 //! made the same way (a jail's root is its mount namespace's root, so the kernel allows a user
@@ -185,7 +188,7 @@ fn pid1(config: &GuestConfig, console: &Console, jailed: bool) -> i32 {
     }
     let sshd = start_sshd(&files, console, jailed);
     console.raw(&format!("\nDebian GNU/Linux 12 {hostname} ttyS0\n\n{hostname} login: \n"));
-    serve(control, sshd, console)
+    serve(control, sshd, console, files.ctrl_alt_del_masked)
 }
 
 fn banner(config: &GuestConfig, console: &Console) {
@@ -331,7 +334,13 @@ struct RootFiles {
     host_keys: Vec<String>,
     /// Whether `/root/.ssh/authorized_keys` was installed.
     authorized_keys: bool,
+    /// Whether the image masks systemd's `ctrl-alt-del.target` (a link to `/dev/null`), so
+    /// that init ignores Ctrl+Alt+Del.
+    ctrl_alt_del_masked: bool,
 }
+
+/// systemd's unit for Ctrl+Alt+Del (it reboots); masking it makes systemd ignore the keys.
+const CTRL_ALT_DEL_TARGET: &str = "/etc/systemd/system/ctrl-alt-del.target";
 
 fn read_root_drive(config: &GuestConfig, console: &Console, jailed: bool) -> RootFiles {
     let mut files = RootFiles::default();
@@ -360,6 +369,11 @@ fn read_root_drive(config: &GuestConfig, console: &Console, jailed: bool) -> Roo
     };
 
     let found_hostname = dump("/etc/hostname", &hostname_file);
+    if config.root_drive {
+        files.ctrl_alt_del_masked = drive
+            .symlink_target(CTRL_ALT_DEL_TARGET)
+            .is_ok_and(|target| target.as_deref() == Some("/dev/null"));
+    }
     if config.root_drive {
         console.line("VFS: Mounted root (ext4 filesystem) on device 254:0.");
     } else {
@@ -504,7 +518,7 @@ fn shutdown(console: &Console) -> i32 {
     0
 }
 
-fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console) -> i32 {
+fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console, ctrl_alt_del_masked: bool) -> i32 {
     loop {
         let fd: BorrowedFd<'_> = control.as_fd();
         let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
@@ -534,6 +548,12 @@ fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console) -> i32 {
             }
             Some(Control::Resume) => {
                 let _ = kill(Pid::from_raw(-1), Signal::SIGCONT);
+            }
+            Some(Control::CtrlAltDel) if ctrl_alt_del_masked => {
+                // What systemd says when the unit it would start is masked.
+                console.line(
+                    "systemd[1]: Failed to enqueue ctrl-alt-del.target job: Unit ctrl-alt-del.target is masked.",
+                );
             }
             Some(Control::CtrlAltDel) => {
                 console.raw("\nReceived Ctrl+Alt+Del: rebooting\n");

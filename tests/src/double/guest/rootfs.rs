@@ -61,6 +61,24 @@ impl RootDrive {
             .map_err(|source| RootfsError::Debugfs { file: file.to_string(), source })?;
         Ok(out.is_file())
     }
+
+    /// Where the symbolic link `file` (absolute path inside the image) points, when it is one
+    /// (a fast link, as every short target is); `Ok(None)` otherwise.
+    pub fn symlink_target(&self, file: &str) -> Result<Option<String>, RootfsError> {
+        let out = Command::new(program("debugfs"))
+            .env("PATH", GUEST_PATH)
+            .arg("-R")
+            .arg(format!("stat {file}"))
+            .arg(&self.image)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map_err(|source| RootfsError::Debugfs { file: file.to_string(), source })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Fast link dest: \"")?.strip_suffix('"').map(str::to_owned)))
+    }
 }
 
 #[cfg(test)]
@@ -74,6 +92,8 @@ mod tests {
         let tree = dir.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(tree.join("etc/hostname"), "guest-one\n").unwrap();
+        std::fs::create_dir_all(tree.join("etc/systemd/system")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", tree.join("etc/systemd/system/ctrl-alt-del.target")).unwrap();
         let image = dir.path().join("root.ext4");
         let ok = Command::new(program("mkfs.ext4"))
             .args(["-q", "-F", "-d"])
@@ -89,6 +109,10 @@ mod tests {
         assert!(drive.dump("/etc/hostname", &out).unwrap());
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "guest-one\n");
         assert!(!drive.dump("/etc/missing", &out).unwrap());
+        let target = drive.symlink_target("/etc/systemd/system/ctrl-alt-del.target").unwrap();
+        assert_eq!(target.as_deref(), Some("/dev/null"));
+        assert_eq!(drive.symlink_target("/etc/hostname").unwrap(), None, "not a link");
+        assert_eq!(drive.symlink_target("/etc/missing").unwrap(), None);
         let not_ext = dir.path().join("zero");
         std::fs::write(&not_ext, vec![0u8; 65536]).unwrap();
         assert!(!RootDrive::new(&not_ext).dump("/etc/hostname", &out).unwrap());

@@ -124,7 +124,7 @@ async fn a_vm_keeps_the_kind_its_root_got() {
     let e = env();
     e.daemon.create(create("copy")).await.unwrap();
     e.daemon.start("copy").await.unwrap();
-    e.daemon.stop("copy").await.unwrap();
+    e.daemon.stop("copy", Shutdown::Guest).await.unwrap();
     e.helper.set_device_mapper(true);
     let vm = e.daemon.start("copy").await.unwrap();
     assert_eq!(vm.storage.as_deref(), Some("sparse-copy"));
@@ -134,7 +134,7 @@ async fn a_vm_keeps_the_kind_its_root_got() {
     let e = dm_env();
     let created = e.daemon.create(create("dm")).await.unwrap();
     e.daemon.start("dm").await.unwrap();
-    e.daemon.stop("dm").await.unwrap();
+    e.daemon.stop("dm", Shutdown::Guest).await.unwrap();
     e.helper.set_device_mapper(false);
     e.helper.clear_calls();
     let err = e.daemon.start("dm").await.unwrap_err();
@@ -234,7 +234,7 @@ async fn the_cow_file_keeps_the_guests_writes_across_stop_start_and_restart_and_
         assert_eq!(bytes.len() as u64, min_cow_bytes(ROOTFS_BYTES));
     };
 
-    e.daemon.stop("dev").await.unwrap();
+    e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     assert!(e.owns_nothing(), "stop removes the dm-snapshot and its loops");
     kept();
     e.daemon.start("dev").await.unwrap();
@@ -246,12 +246,12 @@ async fn the_cow_file_keeps_the_guests_writes_across_stop_start_and_restart_and_
     assert_eq!(teardowns, 2, "one per stop");
 
     // A COW file smaller than its image needs (from an older release) grows at the next start.
-    e.daemon.stop("dev").await.unwrap();
+    e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     std::fs::File::options().write(true).open(&cow).unwrap().set_len(2 << 20).unwrap();
     e.daemon.start("dev").await.unwrap();
     assert_eq!(std::fs::metadata(&cow).unwrap().len(), min_cow_bytes(ROOTFS_BYTES));
 
-    e.daemon.delete("dev").await.unwrap();
+    e.daemon.delete("dev", Shutdown::Guest).await.unwrap();
     assert!(!cow.exists() && !created.vm_dir.exists());
     assert!(e.owns_nothing());
 }
@@ -407,8 +407,8 @@ async fn image_rm_is_refused_while_vms_use_the_image_and_names_them() {
     assert!(text.contains("image \"base\" is used by vm(s) db, web: delete them first"), "{text}");
     assert!(e.vm_image().rootfs_path.is_file());
 
-    e.daemon.delete("web").await.unwrap();
-    e.daemon.delete("db").await.unwrap();
+    e.daemon.delete("web", Shutdown::Guest).await.unwrap();
+    e.daemon.delete("db", Shutdown::Guest).await.unwrap();
     e.daemon.remove_image("base").await.unwrap();
     assert!(e.daemon.images().await.unwrap().is_empty());
 }
@@ -448,13 +448,13 @@ async fn a_work_disk_is_made_at_create_attached_as_the_second_drive_and_mounted_
 
     // It survives stop and start.
     let inode = std::fs::metadata(&disk).unwrap().ino();
-    e.daemon.stop("dev").await.unwrap();
+    e.daemon.stop("dev", Shutdown::Guest).await.unwrap();
     e.daemon.start("dev").await.unwrap();
     assert_eq!(std::fs::metadata(&disk).unwrap().ino(), inode);
     assert_eq!(e.prep.calls().iter().filter(|c| matches!(c, PrepCall::WorkDisk(..))).count(), 1);
 
     // It goes with the VM.
-    e.daemon.delete("dev").await.unwrap();
+    e.daemon.delete("dev", Shutdown::Guest).await.unwrap();
     assert!(!disk.exists());
 }
 
