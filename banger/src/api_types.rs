@@ -138,6 +138,9 @@ pub struct ImportImage {
     pub kernel: PathBuf,
     /// An ext4 root filesystem image, absolute path.
     pub rootfs: PathBuf,
+    /// An initrd the kernel boots with, absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
 }
 
 /// An image as the API shows it.
@@ -149,6 +152,9 @@ pub struct ImageView {
     pub kernel_sha256: String,
     /// Rootfs sha256.
     pub rootfs_sha256: String,
+    /// Initrd sha256, if the image has an initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_sha256: Option<String>,
     /// Total bytes.
     pub size_bytes: u64,
     /// Seconds since the epoch.

@@ -10,7 +10,7 @@
 //!   ([`daemon::firecracker`]).
 //! - Shared by both: the API's bodies ([`api_types`]), settings ([`config`]), where an install
 //!   keeps its files ([`paths`]), VM names and ids ([`ids`]), what a VM is ([`model`]), SSH
-//!   ([`ssh`]), sizes as users type them ([`size`]), replacing files atomically ([`atomic_file`]) and starting processes in their
+//!   ([`ssh`]), building the default image without root ([`image_build`]), sizes as users type them ([`size`]), replacing files atomically ([`atomic_file`]) and starting processes in their
 //!   own session ([`detach`]).
 
 pub mod api_types;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod detach;
 pub mod ids;
+pub mod image_build;
 pub mod model;
 pub mod paths;
 pub mod size;

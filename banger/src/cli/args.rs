@@ -204,6 +204,19 @@ pub enum ImageCommand {
         /// An ext4 root filesystem image.
         #[arg(long)]
         rootfs: PathBuf,
+        /// An initrd the kernel boots with (for a kernel whose drivers are modules, as
+        /// Debian's).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+    },
+    /// Build a Debian image as you, without root, and import it: Debian's kernel (as an ELF
+    /// vmlinux) with an initrd, and an ext4 root filesystem with systemd, an SSH server and its
+    /// network from the kernel command line. Uses mmdebstrap (unshare mode, which needs your
+    /// subordinate ids in /etc/subuid and /etc/subgid) with this host's apt sources and
+    /// options. `vm run` and `vm create` build it when no image exists yet.
+    Build {
+        /// The image's name (default: debian).
+        name: Option<String>,
     },
     /// List imported images.
     List {

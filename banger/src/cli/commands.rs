@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, ShutdownArgs, 
 use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
 use crate::cli::progress::{Mode, Reporter, TICK};
 use crate::config::Config;
+use crate::image_build;
 use crate::paths::Paths;
 use crate::ssh;
 
@@ -263,6 +265,7 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         VmCommand::Create { name, name_flag, shape, json } => {
             let name = VmCommand::create_name(name, name_flag);
+            ensure_an_image(ctx, &d, &shape).await?;
             let vm: VmView = d.call(Method::POST, "/v1/vms", Some(&create_body(&name, &shape))).await?;
             if json { print_vm(&vm, true)? } else { println!("created vm {} ({})", vm.name, vm.id) }
         }
@@ -488,6 +491,7 @@ async fn create_start_and_run(
     let vm = match existing {
         Ok(vm) => vm,
         Err(ClientError::Api { status: 404, .. }) => {
+            ensure_an_image(ctx, d, shape).await?;
             d.call(Method::POST, "/v1/vms", Some(&create_body(name, shape))).await?
         }
         Err(e) => return Err(e.into()),
@@ -509,16 +513,72 @@ async fn create_start_and_run(
     run_ssh(ctx, &vm, ip, command)
 }
 
+/// Builds an image as this user ([`image_build`]) in a private directory of the state
+/// directory, and imports it with its initrd.
+async fn build_image(ctx: &Ctx, d: &DaemonClient, name: &str) -> anyhow::Result<ImageView> {
+    crate::ids::validate_name(name).map_err(|e| anyhow!("invalid image name {name:?}: {e}"))?;
+    let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;
+    if imgs.iter().any(|i| i.name == name) {
+        bail!(
+            "image {name:?} already exists: remove it first with `banger image rm {name}`, or choose another name"
+        );
+    }
+    let uid = nix::unistd::getuid();
+    let user =
+        nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name).unwrap_or_else(|| uid.to_string());
+    image_build::check_subids(&user, uid.as_raw(), Path::new("/etc/subuid"), Path::new("/etc/subgid"))?;
+    let apt = image_build::HostApt::read()?;
+    let dir = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(ctx.paths.state_dir())
+        .with_context(|| format!("cannot make a build directory in {}", ctx.paths.state_dir().display()))?;
+    eprintln!(
+        "building image {name}: Debian {} from this host's apt sources, with mmdebstrap as {user} (a few minutes)",
+        apt.suite
+    );
+    let out = dir.path().to_owned();
+    let built = tokio::task::spawn_blocking(move || image_build::build(&apt, &out, None))
+        .await
+        .context("the image build task failed")??;
+    eprintln!("importing image {name}");
+    let body = ImportImage {
+        name: name.to_owned(),
+        kernel: built.vmlinux,
+        rootfs: built.rootfs,
+        initrd: Some(built.initrd),
+    };
+    Ok(d.call(Method::POST, "/v1/images", Some(&body)).await?)
+}
+
+/// With no image named and no default configured, and no image at all, builds the default one.
+async fn ensure_an_image(ctx: &Ctx, d: &DaemonClient, shape: &VmShape) -> anyhow::Result<()> {
+    if shape.image.is_some() || ctx.config.default_image.is_some() {
+        return Ok(());
+    }
+    let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;
+    if imgs.is_empty() {
+        eprintln!("no image yet: building the default one ({})", image_build::DEFAULT_IMAGE);
+        build_image(ctx, d, image_build::DEFAULT_IMAGE).await?;
+    }
+    Ok(())
+}
+
 async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
     match cmd {
-        ImageCommand::Import { name, kernel, rootfs } => {
+        ImageCommand::Import { name, kernel, rootfs, initrd } => {
             let abs = |p: std::path::PathBuf| {
                 std::path::absolute(&p).with_context(|| format!("bad path {}", p.display()))
             };
-            let body = ImportImage { name, kernel: abs(kernel)?, rootfs: abs(rootfs)? };
+            let initrd = initrd.map(abs).transpose()?;
+            let body = ImportImage { name, kernel: abs(kernel)?, rootfs: abs(rootfs)?, initrd };
             let img: ImageView = d.call(Method::POST, "/v1/images", Some(&body)).await?;
             println!("imported image {} ({} bytes)", img.name, img.size_bytes);
+        }
+        ImageCommand::Build { name } => {
+            let name = name.unwrap_or_else(|| image_build::DEFAULT_IMAGE.to_owned());
+            let img = build_image(ctx, &d, &name).await?;
+            println!("built and imported image {} ({} bytes)", img.name, img.size_bytes);
         }
         ImageCommand::List { json } => {
             let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;

@@ -1,19 +1,20 @@
 //! Images: a kernel and a root filesystem a VM boots from, imported into the user's state.
 //!
-//! `banger image import NAME --kernel FILE --rootfs FILE` ([`import`]):
+//! `banger image import NAME --kernel FILE --rootfs FILE [--initrd FILE]` ([`import`]):
 //! 1. the name must be a DNS label (it names a directory) and not taken;
 //! 2. the kernel must be an uncompressed kernel Firecracker can boot (an ELF `vmlinux` for this
 //!    machine's architecture on x86_64; the arm64 `Image` format on aarch64); a compressed
 //!    `bzImage` gets a message saying how to extract the `vmlinux`;
 //! 3. the rootfs must be a regular file holding an ext2/3/4 filesystem, since every VM's copy is
 //!    personalized with debugfs ([`crate::daemon::personalize`]);
-//! 4. both are copied (reflink where possible, sparse otherwise, see [`crate::daemon::storage`]) into a
+//! 4. an initrd, when given, must be a regular file; Firecracker hands it to the kernel at boot;
+//! 5. the files are copied (reflink where possible, sparse otherwise, see [`crate::daemon::storage`]) into a
 //!    private staging directory inside `images/`, read-only (0444), and hashed (SHA-256) as
 //!    stored; each file's identity ([`FileIdentity`]: device, inode, size, mtime, ctime) is
 //!    recorded with its hash;
-//! 5. the row is inserted into the store (the unique name is the guard against two imports of
-//!    one name), then the staging directory is renamed to `images/<name>/` (holding `vmlinux`
-//!    and `rootfs.ext4`). If the rename fails the row is deleted again; any earlier failure
+//! 6. the row is inserted into the store (the unique name is the guard against two imports of
+//!    one name), then the staging directory is renamed to `images/<name>/` (holding `vmlinux`,
+//!    `rootfs.ext4` and, with an initrd, `initrd.img`). If the rename fails the row is deleted again; any earlier failure
 //!    removes the staging directory, so nothing is left behind.
 //!
 //! The copy and the hashing take the longest and do not need the store: the daemon can run
@@ -25,7 +26,7 @@
 //!
 //! An imported image never changes: a dm-snapshot reads its origin at every start, and an origin
 //! that changes under it corrupts every VM built on it. Before a VM uses an image, [`verify`]
-//! checks both files: an identity equal to the recorded one is trusted without reading the file
+//! checks each of its files: an identity equal to the recorded one is trusted without reading the file
 //! (a write, a chmod or a replacement always changes it, and nobody but root can set a ctime); a
 //! changed (or never recorded) identity makes the file read-only again and hashes it: the same
 //! digest means the file is intact and its new identity is to be recorded, another digest
@@ -40,7 +41,7 @@ use sha2::{Digest, Sha256};
 
 use crate::daemon::file_identity::FileIdentity;
 use crate::daemon::storage::{self, StorageError, StorageStrategy};
-use crate::daemon::store::{ImageRecord, Store, StoreError, unix_now};
+use crate::daemon::store::{ImageInitrd, ImageRecord, Store, StoreError, unix_now};
 use crate::ids::validate_name;
 use crate::paths::Paths;
 
@@ -48,6 +49,8 @@ use crate::paths::Paths;
 pub const KERNEL_FILE: &str = "vmlinux";
 /// The rootfs's file name inside an image's directory.
 pub const ROOTFS_FILE: &str = "rootfs.ext4";
+/// The initrd's file name inside an image's directory.
+pub const INITRD_FILE: &str = "initrd.img";
 /// The mode of an image's files: read-only for everyone, the owner included.
 pub const IMAGE_FILE_MODE: u32 = 0o444;
 /// How to import an image, for error messages.
@@ -88,6 +91,12 @@ pub enum ImageError {
         path: PathBuf,
         /// What is wrong.
         problem: String,
+    },
+    /// The initrd file is unusable.
+    #[error("initrd {path} is not a regular file")]
+    Initrd {
+        /// The file given.
+        path: PathBuf,
     },
     /// The rootfs file is unusable.
     #[error("rootfs {path} {problem}")]
@@ -190,6 +199,7 @@ impl ImageError {
             ImageError::InvalidName(_)
             | ImageError::NoneChosen { .. }
             | ImageError::Kernel { .. }
+            | ImageError::Initrd { .. }
             | ImageError::Rootfs { .. }
             | ImageError::Read { .. } => ImageErrorKind::Invalid,
             ImageError::Copy(_)
@@ -212,7 +222,7 @@ fn available_text(available: &[String]) -> String {
 const KERNEL_HEADER: usize = 0x210;
 
 /// Checks that `path` is a kernel Firecracker boots on this architecture.
-fn check_kernel(path: &Path) -> Result<(), ImageError> {
+pub(crate) fn check_kernel(path: &Path) -> Result<(), ImageError> {
     let problem = |p: &str| ImageError::Kernel { path: path.to_owned(), problem: p.to_owned() };
     let mut file = File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
     if !file.metadata().map_err(|source| ImageError::Read { path: path.to_owned(), source })?.is_file() {
@@ -292,22 +302,45 @@ pub struct StagedImage {
     rootfs_sha256: String,
     kernel_identity: FileIdentity,
     rootfs_identity: FileIdentity,
+    /// The initrd's hash and identity, if the image has one.
+    initrd: Option<(String, FileIdentity)>,
     size_bytes: u64,
 }
 
-/// Checks the name and both files and copies them into a staging directory under the images
-/// directory (steps 1 to 4 of the module docs, except the "not taken" check).
-pub fn stage(paths: &Paths, name: &str, kernel: &Path, rootfs: &Path) -> Result<StagedImage, ImageError> {
+/// The files an image is made of, as given to an import.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageFiles<'a> {
+    /// The uncompressed kernel.
+    pub kernel: &'a Path,
+    /// The ext4 root filesystem.
+    pub rootfs: &'a Path,
+    /// An initrd, if the kernel needs one.
+    pub initrd: Option<&'a Path>,
+}
+
+/// Checks the name and the files and copies them into a staging directory under the images
+/// directory (steps 1 to 5 of the module docs, except the "not taken" check).
+pub fn stage(paths: &Paths, name: &str, files: ImageFiles<'_>) -> Result<StagedImage, ImageError> {
+    let ImageFiles { kernel, rootfs, initrd } = files;
     validate_name(name).map_err(|_| ImageError::InvalidName(name.to_owned()))?;
     check_kernel(kernel)?;
     check_rootfs(rootfs)?;
+    if let Some(initrd) = initrd {
+        let meta =
+            fs::metadata(initrd).map_err(|source| ImageError::Read { path: initrd.to_owned(), source })?;
+        if !meta.is_file() {
+            return Err(ImageError::Initrd { path: initrd.to_owned() });
+        }
+    }
     let images = paths.images_dir();
     let staging = tempfile::Builder::new().prefix(".import-").tempdir_in(&images).map_err(|source| {
         ImageError::Dir { action: "create a staging directory in", path: images.clone(), source }
     })?;
     let mut size_bytes = 0;
     let mut stored = Vec::new();
-    for (src, file) in [(kernel, KERNEL_FILE), (rootfs, ROOTFS_FILE)] {
+    let mut sources = vec![(kernel, KERNEL_FILE), (rootfs, ROOTFS_FILE)];
+    sources.extend(initrd.map(|i| (i, INITRD_FILE)));
+    for (src, file) in sources {
         let dest = staging.path().join(file);
         storage::copy_file(StorageStrategy::CloneOrCopy, src, &dest, IMAGE_FILE_MODE)
             .map_err(ImageError::Copy)?;
@@ -319,6 +352,7 @@ pub fn stage(paths: &Paths, name: &str, kernel: &Path, rootfs: &Path) -> Result<
         size_bytes += identity.size;
         stored.push((sha256, identity));
     }
+    let initrd = if initrd.is_some() { stored.pop() } else { None };
     let (rootfs_sha256, rootfs_identity) = stored.pop().expect("two files were stored");
     let (kernel_sha256, kernel_identity) = stored.pop().expect("two files were stored");
     Ok(StagedImage {
@@ -328,6 +362,7 @@ pub fn stage(paths: &Paths, name: &str, kernel: &Path, rootfs: &Path) -> Result<
         rootfs_sha256,
         kernel_identity,
         rootfs_identity,
+        initrd,
         size_bytes,
     })
 }
@@ -352,6 +387,11 @@ impl StagedImage {
             created_at: unix_now(),
             kernel_identity: Some(self.kernel_identity),
             rootfs_identity: Some(self.rootfs_identity),
+            initrd: self.initrd.clone().map(|(sha256, identity)| ImageInitrd {
+                path: dir.join(INITRD_FILE),
+                sha256,
+                identity: Some(identity),
+            }),
         };
         store.insert_image(&record).map_err(|e| match e {
             StoreError::DuplicateImage { name } => ImageError::Exists(name),
@@ -404,13 +444,15 @@ pub enum FileCheck {
     Rehashed(FileIdentity),
 }
 
-/// How both files of an image were found ([`verify`]).
+/// How the files of an image were found ([`verify`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verification {
     /// The kernel.
     pub kernel: FileCheck,
     /// The root filesystem.
     pub rootfs: FileCheck,
+    /// The initrd, if the image has one.
+    pub initrd: Option<FileCheck>,
 }
 
 impl Verification {
@@ -426,11 +468,15 @@ impl Verification {
                 changed = true;
             }
         }
+        if let (Some(FileCheck::Rehashed(now)), Some(initrd)) = (self.initrd, image.initrd.as_mut()) {
+            initrd.identity = Some(now);
+            changed = true;
+        }
         changed
     }
 }
 
-/// Checks that both files of `image` are as imported (see the module docs). Blocks while a file
+/// Checks that the files of `image` are as imported (see the module docs). Blocks while a file
 /// is hashed.
 pub fn verify(image: &ImageRecord) -> Result<Verification, ImageError> {
     Ok(Verification {
@@ -446,6 +492,10 @@ pub fn verify(image: &ImageRecord) -> Result<Verification, ImageError> {
             image.rootfs_identity.as_ref(),
             &image.rootfs_sha256,
         )?,
+        initrd: match &image.initrd {
+            None => None,
+            Some(i) => Some(check_file(&image.name, &i.path, i.identity.as_ref(), &i.sha256)?),
+        },
     })
 }
 
@@ -490,14 +540,13 @@ pub fn import(
     store: &Store,
     paths: &Paths,
     name: &str,
-    kernel: &Path,
-    rootfs: &Path,
+    files: ImageFiles<'_>,
 ) -> Result<ImageRecord, ImageError> {
     validate_name(name).map_err(|_| ImageError::InvalidName(name.to_owned()))?;
     if store.get_image(name)?.is_some() {
         return Err(ImageError::Exists(name.to_owned()));
     }
-    stage(paths, name, kernel, rootfs)?.commit(store, paths)
+    stage(paths, name, files)?.commit(store, paths)
 }
 
 /// Every image, ordered by name.
@@ -554,6 +603,10 @@ mod tests {
 
     use super::*;
     use crate::model::VmRuntime;
+
+    fn files<'a>(kernel: &'a Path, rootfs: &'a Path) -> ImageFiles<'a> {
+        ImageFiles { kernel, rootfs, initrd: None }
+    }
 
     struct Env {
         _tmp: tempfile::TempDir,
@@ -614,7 +667,7 @@ mod tests {
     #[test]
     fn import_copies_hashes_and_records() {
         let e = env();
-        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let dir = e.paths.images_dir().join("debian");
         assert_eq!(img.kernel_path, dir.join("vmlinux"));
         assert_eq!(img.rootfs_path, dir.join("rootfs.ext4"));
@@ -642,9 +695,12 @@ mod tests {
     #[test]
     fn an_unchanged_image_is_trusted_without_hashing() {
         let e = env();
-        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let v = verify(&img).unwrap();
-        assert_eq!(v, Verification { kernel: FileCheck::Unchanged, rootfs: FileCheck::Unchanged });
+        assert_eq!(
+            v,
+            Verification { kernel: FileCheck::Unchanged, rootfs: FileCheck::Unchanged, initrd: None }
+        );
         let mut same = img.clone();
         assert!(!v.apply(&mut same));
         assert_eq!(same, img);
@@ -653,7 +709,7 @@ mod tests {
     #[test]
     fn a_changed_identity_with_the_same_content_is_rehashed_protected_and_recorded() {
         let e = env();
-        let mut img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let mut img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let old = img.rootfs_identity.unwrap();
         // The user makes it writable and writes the same bytes back: ctime and mtime move.
         fs::set_permissions(&img.rootfs_path, fs::Permissions::from_mode(0o644)).unwrap();
@@ -679,7 +735,7 @@ mod tests {
     #[test]
     fn a_changed_image_refuses_and_says_what_to_do() {
         let e = env();
-        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         fs::set_permissions(&img.rootfs_path, fs::Permissions::from_mode(0o644)).unwrap();
         let f = fs::OpenOptions::new().write(true).open(&img.rootfs_path).unwrap();
         std::os::unix::fs::FileExt::write_all_at(&f, b"guest data", 8 << 20).unwrap();
@@ -703,28 +759,28 @@ mod tests {
     #[test]
     fn duplicate_and_invalid_imports_change_nothing() {
         let e = env();
-        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
-        let err = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap_err();
+        import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
+        let err = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap_err();
         assert!(matches!(err, ImageError::Exists(_)), "{err}");
         assert!(err.to_string().contains("banger image rm debian"), "{err}");
 
         // A duplicate found only at commit (a racing import) is refused the same way.
-        let staged = stage(&e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let staged = stage(&e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let err = staged.commit(&e.store, &e.paths).unwrap_err();
         assert!(matches!(err, ImageError::Exists(_)), "{err}");
 
-        let err = import(&e.store, &e.paths, "Bad_Name", &e.kernel, &e.rootfs).unwrap_err();
+        let err = import(&e.store, &e.paths, "Bad_Name", files(&e.kernel, &e.rootfs)).unwrap_err();
         assert!(matches!(err, ImageError::InvalidName(_)), "{err}");
-        let err = import(&e.store, &e.paths, "x", &e.rootfs, &e.rootfs).unwrap_err();
+        let err = import(&e.store, &e.paths, "x", files(&e.rootfs, &e.rootfs)).unwrap_err();
         assert!(matches!(err, ImageError::Kernel { .. }), "{err}");
         assert!(err.to_string().contains("ELF vmlinux"), "{err}");
-        let err = import(&e.store, &e.paths, "x", &e.kernel, &e.kernel).unwrap_err();
+        let err = import(&e.store, &e.paths, "x", files(&e.kernel, &e.kernel)).unwrap_err();
         assert!(matches!(err, ImageError::Rootfs { .. }), "{err}");
         assert!(err.to_string().contains("mkfs.ext4"), "{err}");
         let missing = e.paths.state_dir().join("nope");
-        let err = import(&e.store, &e.paths, "x", &missing, &e.rootfs).unwrap_err();
+        let err = import(&e.store, &e.paths, "x", files(&missing, &e.rootfs)).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
-        let err = import(&e.store, &e.paths, "x", &e.kernel, e.paths.state_dir()).unwrap_err();
+        let err = import(&e.store, &e.paths, "x", files(&e.kernel, e.paths.state_dir())).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
 
         assert_eq!(list(&e.store).unwrap().len(), 1);
@@ -738,14 +794,14 @@ mod tests {
         let mut head = vec![0u8; 0x400];
         head[0x202..0x206].copy_from_slice(b"HdrS");
         fs::write(&bz, &head).unwrap();
-        let err = import(&e.store, &e.paths, "x", &bz, &e.rootfs).unwrap_err().to_string();
+        let err = import(&e.store, &e.paths, "x", files(&bz, &e.rootfs)).unwrap_err().to_string();
         assert!(err.contains("bzImage") && err.contains("extract-vmlinux"), "{err}");
 
         let mut arm = fake_kernel();
         arm[18..20].copy_from_slice(&183u16.to_le_bytes());
         let arm_path = e.paths.state_dir().join("arm-vmlinux");
         fs::write(&arm_path, arm).unwrap();
-        let err = import(&e.store, &e.paths, "x", &arm_path, &e.rootfs).unwrap_err().to_string();
+        let err = import(&e.store, &e.paths, "x", files(&arm_path, &e.rootfs)).unwrap_err().to_string();
         assert!(err.contains("not a 64-bit x86_64 kernel"), "{err}");
     }
 
@@ -754,8 +810,8 @@ mod tests {
         let e = env();
         let err = get(&e.store, "nope").unwrap_err().to_string();
         assert!(err.contains("no images are imported yet") && err.contains("banger image import"), "{err}");
-        import(&e.store, &e.paths, "alpine", &e.kernel, &e.rootfs).unwrap();
-        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "alpine", files(&e.kernel, &e.rootfs)).unwrap();
+        import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let err = get(&e.store, "nope").unwrap_err().to_string();
         assert!(err.contains("available images: alpine, debian"), "{err}");
     }
@@ -763,16 +819,22 @@ mod tests {
     #[test]
     fn errors_say_how_to_report_them() {
         let e = env();
-        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let kind = |r: Result<ImageRecord, ImageError>| r.unwrap_err().kind();
         let kind_of_remove = |r: Result<(), ImageError>| r.unwrap_err().kind();
         assert_eq!(kind(get(&e.store, "nope")), ImageErrorKind::NotFound);
         assert_eq!(
-            kind(import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs)),
+            kind(import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs))),
             ImageErrorKind::Conflict
         );
-        assert_eq!(kind(import(&e.store, &e.paths, "-x", &e.kernel, &e.rootfs)), ImageErrorKind::Invalid);
-        assert_eq!(kind(import(&e.store, &e.paths, "x", &e.rootfs, &e.rootfs)), ImageErrorKind::Invalid);
+        assert_eq!(
+            kind(import(&e.store, &e.paths, "-x", files(&e.kernel, &e.rootfs))),
+            ImageErrorKind::Invalid
+        );
+        assert_eq!(
+            kind(import(&e.store, &e.paths, "x", files(&e.rootfs, &e.rootfs))),
+            ImageErrorKind::Invalid
+        );
         e.store.insert_vm(&vm_using(&e, "dev", "debian")).unwrap();
         assert_eq!(kind_of_remove(remove(&e.store, &e.paths, "debian")), ImageErrorKind::Conflict);
         assert_eq!(kind_of_remove(remove(&e.store, &e.paths, "nope")), ImageErrorKind::NotFound);
@@ -782,9 +844,9 @@ mod tests {
     fn select_prefers_the_request_then_the_default_then_the_only_image() {
         let e = env();
         assert!(matches!(select(&e.store, None, None).unwrap_err(), ImageError::NoneChosen { .. }));
-        import(&e.store, &e.paths, "alpine", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "alpine", files(&e.kernel, &e.rootfs)).unwrap();
         assert_eq!(select(&e.store, None, None).unwrap().name, "alpine");
-        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let err = select(&e.store, None, None).unwrap_err().to_string();
         assert!(err.contains("--image") && err.contains("alpine, debian"), "{err}");
         assert_eq!(select(&e.store, None, Some("debian")).unwrap().name, "debian");
@@ -795,7 +857,7 @@ mod tests {
     #[test]
     fn remove_is_refused_while_a_vm_uses_the_image() {
         let e = env();
-        import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         let vm = vm_using(&e, "dev", "debian");
         e.store.insert_vm(&vm).unwrap();
 
@@ -818,14 +880,14 @@ mod tests {
         let leftover = e.paths.images_dir().join("debian");
         fs::create_dir(&leftover).unwrap();
         fs::write(leftover.join("junk"), "x").unwrap();
-        let img = import(&e.store, &e.paths, "debian", &e.kernel, &e.rootfs).unwrap();
+        let img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
         assert!(!leftover.join("junk").exists());
         assert_eq!(fs::read(&img.kernel_path).unwrap(), fs::read(&e.kernel).unwrap());
         remove(&e.store, &e.paths, "debian").unwrap();
 
         // The image's directory cannot be put in place (its path runs through a file, which
         // stops root as well as users): the move fails and the row is deleted again.
-        let staged = stage(&e.paths, "other", &e.kernel, &e.rootfs).unwrap();
+        let staged = stage(&e.paths, "other", files(&e.kernel, &e.rootfs)).unwrap();
         let moved = e.paths.images_dir().join("other");
         fs::write(&moved, "a file in the way").unwrap();
         let blocked = Paths::under(&moved.join("x"), e.paths.uid()).unwrap();
@@ -833,5 +895,28 @@ mod tests {
         assert!(matches!(err, ImageError::Dir { .. }), "{err}");
         assert!(e.store.get_image("other").unwrap().is_none());
         assert_eq!(image_dir_entries(&e), ["other"]);
+    }
+
+    #[test]
+    fn an_initrd_is_imported_read_only_hashed_and_verified() {
+        let e = env();
+        let initrd = e.paths.state_dir().join("initrd.src");
+        fs::write(&initrd, b"\x1f\x8b not really gzip").unwrap();
+        let files = ImageFiles { kernel: &e.kernel, rootfs: &e.rootfs, initrd: Some(&initrd) };
+        let img = import(&e.store, &e.paths, "withrd", files).unwrap();
+        let rd = img.initrd.clone().unwrap();
+        assert_eq!(rd.path, e.paths.images_dir().join("withrd").join(INITRD_FILE));
+        assert_eq!(rd.sha256, sha256_file(&initrd).unwrap());
+        assert_eq!(fs::metadata(&rd.path).unwrap().permissions().mode() & 0o7777, IMAGE_FILE_MODE);
+        assert_eq!(e.store.get_image("withrd").unwrap().unwrap(), img);
+        assert_eq!(verify(&img).unwrap().initrd, Some(FileCheck::Unchanged));
+        // A changed initrd refuses the start like any image file.
+        fs::set_permissions(&rd.path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&rd.path, b"other").unwrap();
+        assert!(matches!(verify(&img), Err(ImageError::Changed { .. })));
+        // A directory is not an initrd.
+        let files = ImageFiles { kernel: &e.kernel, rootfs: &e.rootfs, initrd: Some(e.paths.state_dir()) };
+        let err = import(&e.store, &e.paths, "bad", files).unwrap_err();
+        assert!(matches!(err, ImageError::Initrd { .. }), "{err}");
     }
 }

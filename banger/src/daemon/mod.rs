@@ -10,7 +10,7 @@
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
 //! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
-//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`guest_prep`],
+//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
 //! [`logs`].
 
 pub mod api;
@@ -26,6 +26,7 @@ pub mod liveness;
 pub mod logs;
 pub mod personalize;
 pub mod reconcile;
+pub mod resolvers;
 pub mod startup;
 pub mod storage;
 pub mod store;
@@ -275,10 +276,16 @@ impl Daemon {
         }
         // Copy and hash without holding the store; only the commit takes it.
         let paths = self.paths.clone();
-        let staged =
-            tokio::task::spawn_blocking(move || images::stage(&paths, &req.name, &req.kernel, &req.rootfs))
-                .await
-                .map_err(DaemonError::Task)??;
+        let staged = tokio::task::spawn_blocking(move || {
+            let files = images::ImageFiles {
+                kernel: &req.kernel,
+                rootfs: &req.rootfs,
+                initrd: req.initrd.as_deref(),
+            };
+            images::stage(&paths, &req.name, files)
+        })
+        .await
+        .map_err(DaemonError::Task)??;
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         Ok(image_view(staged.commit(&store, &self.paths)?))
     }
@@ -295,6 +302,7 @@ fn image_view(i: ImageRecord) -> ImageView {
         name: i.name,
         kernel_sha256: i.kernel_sha256,
         rootfs_sha256: i.rootfs_sha256,
+        initrd_sha256: i.initrd.map(|i| i.sha256),
         size_bytes: i.size_bytes,
         created_at: i.created_at,
     }

@@ -13,6 +13,7 @@
 //! | `/root/.ssh/authorized_keys` | 0600 | the user's banger public key |
 //! | `/etc/ssh/ssh_host_ed25519_key` | 0600 | an ed25519 host key generated for this VM |
 //! | `/etc/ssh/ssh_host_ed25519_key.pub` | 0644 | its public half |
+//! | `/etc/resolv.conf` | 0644 | (when the host has resolvers a guest can reach) the host's upstream resolvers ([`crate::daemon::resolvers`]) |
 //! | `/work/` | 0755 | (with a work disk: its mount point, created if missing) |
 //! | `/etc/fstab` | 0644 | (with a work disk) the existing file with `/dev/vdb /work ext4 defaults,nofail 0 2` (any older `/work` line replaced) |
 //!
@@ -206,6 +207,8 @@ pub struct Personalization<'a> {
     pub form: RootForm,
     /// A directory of the user's where files are staged (the VM's directory).
     pub scratch: &'a Path,
+    /// The guest's `/etc/resolv.conf`, if one is to be written.
+    pub resolv_conf: Option<&'a str>,
 }
 
 /// Whether the file at `path` starts with an ext2/3/4 superblock.
@@ -523,6 +526,15 @@ pub fn personalize(root: &Path, p: &Personalization<'_>) -> Result<String, Perso
             content: format!("{host_public}\n").into_bytes(),
         },
     ];
+    if let Some(resolv) = p.resolv_conf {
+        files.push(FileSpec {
+            path: "/etc/resolv.conf",
+            parent: "/etc",
+            name: "resolv.conf",
+            mode: 0o644,
+            content: resolv.as_bytes().to_vec(),
+        });
+    }
     let mut dirs = DIRS.to_vec();
     if p.work_disk {
         dirs.push(WORK_DIR);
@@ -703,7 +715,14 @@ mod tests {
 
     /// What to write into an image file, staged in `scratch`, without a work disk.
     fn pers<'a>(hostname: &'a str, keys: &'a [String], scratch: &'a Path) -> Personalization<'a> {
-        Personalization { hostname, authorized_keys: keys, work_disk: false, form: RootForm::File, scratch }
+        Personalization {
+            hostname,
+            authorized_keys: keys,
+            work_disk: false,
+            form: RootForm::File,
+            scratch,
+            resolv_conf: None,
+        }
     }
 
     #[test]
@@ -957,6 +976,7 @@ mod tests {
         let p = Personalization {
             form: RootForm::BlockDevice,
             work_disk: true,
+            resolv_conf: Some("nameserver 192.0.2.53\n"),
             ..pers("dev", &keys, tmp.path())
         };
         let host_pub = personalize(node, &p).unwrap();
@@ -968,6 +988,7 @@ mod tests {
         assert!(matches!(err, PersonalizeError::NotExpectedKind { expected: "regular file", .. }), "{err}");
         drop(dev);
         assert_eq!(read_back(&image, "/etc/hostname"), "dev\n");
+        assert_eq!(read_back(&image, "/etc/resolv.conf"), "nameserver 192.0.2.53\n");
         assert_eq!(read_back(&image, "/etc/ssh/ssh_host_ed25519_key.pub"), format!("{host_pub}\n"));
         assert!(read_back(&image, "/etc/fstab").contains("/dev/vdb\t/work"));
         assert_clean(&image);

@@ -535,6 +535,7 @@ mod tests {
                     created_at: 0,
                     kernel_identity: None,
                     rootfs_identity: None,
+                    initrd: None,
                 })
                 .unwrap();
             let helper = FakeHelper::new(store.install_id().clone());

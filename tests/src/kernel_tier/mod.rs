@@ -34,7 +34,7 @@ pub mod modules;
 pub mod prepare;
 pub mod qemu;
 pub mod run;
-pub mod vmlinux;
+pub use banger::image_build::vmlinux;
 
 pub use prepare::{Prepared, prepare};
 pub use run::{RunOptions, RunReport, run};
@@ -77,13 +77,23 @@ fn cache_dir_from(cache: Option<OsString>, target: Option<OsString>, exe: Option
     if let Some(dir) = cache.filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
+    target_dir_from(target, exe).join("kernel-tier")
+}
+
+/// The cargo target directory: `$CARGO_TARGET_DIR`, else the one holding `exe` (recognised by
+/// cargo's `CACHEDIR.TAG`), else this workspace's `target/`. Other test caches live there too.
+pub fn target_dir(exe: Option<&Path>) -> PathBuf {
+    target_dir_from(std::env::var_os("CARGO_TARGET_DIR"), exe)
+}
+
+fn target_dir_from(target: Option<OsString>, exe: Option<&Path>) -> PathBuf {
     if let Some(dir) = target.filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("kernel-tier");
+        return PathBuf::from(dir);
     }
     let from_exe = exe.and_then(|e| e.ancestors().skip(1).find(|d| d.join("CACHEDIR.TAG").is_file()));
     match from_exe {
-        Some(target) => target.join("kernel-tier"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("kernel-tier"),
+        Some(target) => target.to_path_buf(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target"),
     }
 }
 

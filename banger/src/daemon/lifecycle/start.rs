@@ -50,6 +50,7 @@ use crate::daemon::helper_client::HelperClientError;
 use crate::daemon::images;
 use crate::daemon::liveness::vm_alive;
 use crate::daemon::personalize::{Personalization, RootForm};
+use crate::daemon::resolvers;
 use crate::daemon::storage::{self, RootPlan, StorageError};
 use crate::daemon::store::{ImageRecord, unix_now};
 use crate::daemon::vmm::{self, SpawnSpec};
@@ -115,10 +116,15 @@ impl fmt::Display for StartStep {
     }
 }
 
-/// The kernel command line: console, reboot on Ctrl-Alt-Del, and the guest's address.
-pub fn boot_args(vm: &VmRuntime, guest: Ipv4Addr, gateway: Ipv4Addr, prefix_len: u8) -> String {
+/// The kernel command line: console, reboot on Ctrl-Alt-Del, the kernel's interface names
+/// (`net.ifnames=0`: udev, in an initrd too, would otherwise rename `eth0`), and the guest's
+/// address and hostname on `eth0` (`ip=`, which the default image applies in userspace with
+/// systemd-network-generator and systemd-networkd).
+pub fn boot_args(hostname: &str, guest: Ipv4Addr, gateway: Ipv4Addr, prefix_len: u8) -> String {
     let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0));
-    format!("console=ttyS0 reboot=k panic=1 pci=off ip={guest}::{gateway}:{mask}:{}:eth0:off", vm.name)
+    format!(
+        "console=ttyS0 reboot=k panic=1 pci=off net.ifnames=0 ip={guest}::{gateway}:{mask}:{hostname}:eth0:off"
+    )
 }
 
 /// Runs `f` on a blocking thread.
@@ -335,7 +341,12 @@ impl<'a> Start<'a> {
         if verified.apply(&mut self.image) {
             let img = &self.image;
             self.daemon.with_store(|s| {
-                s.set_image_identity(&img.name, img.kernel_identity.as_ref(), img.rootfs_identity.as_ref())
+                s.set_image_identity(
+                    &img.name,
+                    img.kernel_identity.as_ref(),
+                    img.rootfs_identity.as_ref(),
+                    img.initrd.as_ref().and_then(|i| i.identity.as_ref()),
+                )
             })?;
         }
         Ok(())
@@ -474,12 +485,22 @@ impl<'a> Start<'a> {
         let work_disk = self.vm.work_disk_path.is_some();
         let host_key = blocking(move || {
             let keys = [user_key.public_key];
+            let resolv = resolvers::guest_resolv_conf(
+                Path::new("/etc/resolv.conf"),
+                Path::new(resolvers::RESOLVED_UPSTREAM),
+            );
+            if resolv.is_none() {
+                tracing::warn!(
+                    "the host names no DNS resolver a guest can reach: the guest gets no /etc/resolv.conf"
+                );
+            }
             let p = Personalization {
                 hostname: &hostname,
                 authorized_keys: &keys,
                 work_disk,
                 form,
                 scratch: &scratch,
+                resolv_conf: resolv.as_deref(),
             };
             prep.personalize(&root, &p)
         })
@@ -577,8 +598,8 @@ impl<'a> Start<'a> {
             },
             boot_source: BootSource {
                 kernel_image_path: self.image.kernel_path.clone(),
-                boot_args: Some(boot_args(vm, tap.guest_ip, tap.host_ip, tap.prefix_len)),
-                initrd_path: None,
+                boot_args: Some(boot_args(&vm.name, tap.guest_ip, tap.host_ip, tap.prefix_len)),
+                initrd_path: self.image.initrd.as_ref().map(|i| i.path.clone()),
             },
             drives,
             network_interfaces: vec![NetworkInterface {

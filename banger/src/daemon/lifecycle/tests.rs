@@ -100,7 +100,10 @@ pub(crate) fn import_test_image(store: &Store, paths: &Paths, scratch: &Path) {
     let f = std::fs::File::create(&rootfs).unwrap();
     f.set_len(ROOTFS_BYTES).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
-    crate::daemon::images::import(store, paths, "base", &kernel, &rootfs).unwrap();
+    let initrd = scratch.join("initrd.img");
+    std::fs::write(&initrd, b"initrd").unwrap();
+    let files = crate::daemon::images::ImageFiles { kernel: &kernel, rootfs: &rootfs, initrd: Some(&initrd) };
+    crate::daemon::images::import(store, paths, "base", files).unwrap();
 }
 
 impl Env {
@@ -230,6 +233,10 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     let args = config.boot_source.boot_args.as_deref().unwrap();
     let guest = vm.guest_ip.unwrap();
     assert!(args.contains(&format!("ip={guest}::")) && args.contains(":dev:eth0:off"), "{args}");
+    assert!(args.contains(" net.ifnames=0 "), "eth0 keeps its name: {args}");
+    let image = e.daemon.with_store(|s| s.get_image("base")).unwrap().unwrap();
+    assert_eq!(config.boot_source.initrd_path, image.initrd.map(|i| i.path), "the image's initrd is booted");
+    assert!(config.boot_source.initrd_path.is_some());
     assert!(config.metrics.metrics_path.is_file(), "the metrics file exists before configure");
     // The row keeps the address and how the root was made.
     let row = e.vm("dev");
@@ -576,7 +583,7 @@ async fn a_stopped_vm_can_be_deleted_while_the_helper_is_down_with_a_warning() {
 fn boot_args_carry_the_guest_address() {
     let paths = Paths::under(Path::new("/home/u/.b"), 1000).unwrap();
     let vm = VmRuntime::new_created(&paths, crate::ids::new_vm_id(), "dev", "base", 1, 128, 0);
-    let args = boot_args(&vm, Ipv4Addr::new(172, 30, 0, 2), Ipv4Addr::new(172, 30, 0, 1), 30);
+    let args = boot_args(&vm.name, Ipv4Addr::new(172, 30, 0, 2), Ipv4Addr::new(172, 30, 0, 1), 30);
     assert!(args.contains("ip=172.30.0.2::172.30.0.1:255.255.255.252:dev:eth0:off"), "{args}");
     assert!(args.starts_with("console=ttyS0 reboot=k panic=1"), "{args}");
 }

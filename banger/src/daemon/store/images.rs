@@ -9,7 +9,7 @@ use super::{Cols, Store, StoreError, is_constraint, opt_text, path_value, sql};
 use crate::daemon::file_identity::FileIdentity;
 
 const IMAGE_COLUMNS: &str = "name, kernel_path, rootfs_path, kernel_sha256, rootfs_sha256, size_bytes, \
-     created_at, kernel_identity, rootfs_identity";
+     created_at, kernel_identity, rootfs_identity, initrd_path, initrd_sha256, initrd_identity";
 
 /// An imported image: one row of `images`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,19 @@ pub struct ImageRecord {
     pub kernel_identity: Option<FileIdentity>,
     /// The rootfs file's identity when its hash was last checked.
     pub rootfs_identity: Option<FileIdentity>,
+    /// The initrd the kernel boots with, if the image has one.
+    pub initrd: Option<ImageInitrd>,
+}
+
+/// An image's initrd in banger's image store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInitrd {
+    /// The file.
+    pub path: PathBuf,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+    /// Its identity when its hash was last checked.
+    pub identity: Option<FileIdentity>,
 }
 
 impl Store {
@@ -44,7 +57,7 @@ impl Store {
         })?;
         self.conn
             .execute(
-                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+                &format!("INSERT INTO images ({IMAGE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
                 params![
                     image.name,
                     path_value(&image.kernel_path),
@@ -54,7 +67,10 @@ impl Store {
                     size,
                     image.created_at,
                     opt_text(&image.kernel_identity),
-                    opt_text(&image.rootfs_identity)
+                    opt_text(&image.rootfs_identity),
+                    image.initrd.as_ref().map(|i| path_value(&i.path)),
+                    image.initrd.as_ref().map(|i| i.sha256.clone()),
+                    opt_text(&image.initrd.as_ref().and_then(|i| i.identity))
                 ],
             )
             .map_err(|e| {
@@ -78,18 +94,26 @@ impl Store {
         self.query_images(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"), [])
     }
 
-    /// Records the identities of an image's files (after their hashes were checked).
+    /// Records the identities of an image's files (after their hashes were checked); the
+    /// initrd's only where the image has one.
     pub fn set_image_identity(
         &self,
         name: &str,
         kernel: Option<&FileIdentity>,
         rootfs: Option<&FileIdentity>,
+        initrd: Option<&FileIdentity>,
     ) -> Result<(), StoreError> {
         let n = self
             .conn
             .execute(
-                "UPDATE images SET kernel_identity = ?2, rootfs_identity = ?3 WHERE name = ?1",
-                params![name, kernel.map(ToString::to_string), rootfs.map(ToString::to_string)],
+                "UPDATE images SET kernel_identity = ?2, rootfs_identity = ?3, \
+                 initrd_identity = CASE WHEN initrd_path IS NULL THEN NULL ELSE ?4 END WHERE name = ?1",
+                params![
+                    name,
+                    kernel.map(ToString::to_string),
+                    rootfs.map(ToString::to_string),
+                    initrd.map(ToString::to_string)
+                ],
             )
             .map_err(sql("record an image's file identities"))?;
         if n == 0 {
@@ -149,6 +173,14 @@ fn image_from_row(row: &Row<'_>) -> Result<ImageRecord, StoreError> {
         created_at: c.int(6, "created_at")?,
         kernel_identity: c.parsed(7, "kernel_identity")?,
         rootfs_identity: c.parsed(8, "rootfs_identity")?,
+        initrd: match c.opt_path(9, "initrd_path")? {
+            None => None,
+            Some(path) => Some(ImageInitrd {
+                path,
+                sha256: c.text(10, "initrd_sha256")?,
+                identity: c.parsed(11, "initrd_identity")?,
+            }),
+        },
     })
 }
 
@@ -191,15 +223,37 @@ mod tests {
         assert_eq!(s.get_image("base").unwrap().unwrap().rootfs_identity, image("base").rootfs_identity);
         let k = FileIdentity { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
         let r = FileIdentity { dev: 1, ino: 9, size: 8 << 30, mtime_ns: 7, ctime_ns: 6 };
-        s.set_image_identity("base", Some(&k), Some(&r)).unwrap();
+        s.set_image_identity("base", Some(&k), Some(&r), None).unwrap();
         let got = s.get_image("base").unwrap().unwrap();
         assert_eq!((got.kernel_identity, got.rootfs_identity), (Some(k), Some(r)));
-        s.set_image_identity("base", None, None).unwrap();
+        s.set_image_identity("base", None, None, None).unwrap();
         assert_eq!(s.get_image("base").unwrap().unwrap().kernel_identity, None);
-        assert!(matches!(s.set_image_identity("nope", None, None), Err(StoreError::ImageNotFound { .. })));
+        assert!(matches!(
+            s.set_image_identity("nope", None, None, None),
+            Err(StoreError::ImageNotFound { .. })
+        ));
         s.conn.execute("UPDATE images SET rootfs_identity = 'x:y' WHERE name = 'base'", []).unwrap();
         let err = s.get_image("base").unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { column: "rootfs_identity", .. }), "{err:?}");
+    }
+
+    #[test]
+    fn an_initrd_is_recorded_with_its_identity() {
+        let s = store_with_image();
+        let mut i = image("withrd");
+        let id = FileIdentity { dev: 1, ino: 3, size: 7, mtime_ns: 4, ctime_ns: 5 };
+        i.initrd = Some(ImageInitrd {
+            path: "/state/images/withrd/initrd.img".into(),
+            sha256: "c".repeat(64),
+            identity: None,
+        });
+        s.insert_image(&i).unwrap();
+        assert_eq!(s.get_image("withrd").unwrap().unwrap(), i);
+        s.set_image_identity("withrd", None, None, Some(&id)).unwrap();
+        assert_eq!(s.get_image("withrd").unwrap().unwrap().initrd.unwrap().identity, Some(id));
+        // An image without one keeps none.
+        s.set_image_identity("base", None, None, Some(&id)).unwrap();
+        assert_eq!(s.get_image("base").unwrap().unwrap().initrd, None);
     }
 
     #[test]

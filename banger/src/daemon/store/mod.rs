@@ -45,7 +45,7 @@ use banger_protocol::{InstallId, VmId};
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, ErrorCode, Row};
 
-pub use self::images::ImageRecord;
+pub use self::images::{ImageInitrd, ImageRecord};
 pub use self::schema::SCHEMA_VERSION;
 use self::schema::{MIGRATIONS, ensure_install_id, migrate};
 
@@ -338,6 +338,7 @@ mod testing {
                 mtime_ns: 1_700_000_000_000_000_001,
                 ctime_ns: 1_700_000_000_000_000_002,
             }),
+            initrd: None,
         }
     }
 

@@ -56,6 +56,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE images ADD COLUMN kernel_identity TEXT;
      ALTER TABLE images ADD COLUMN rootfs_identity TEXT;
      ALTER TABLE vms ADD COLUMN work_disk_bytes INTEGER CHECK (work_disk_bytes > 0);",
+    // 4: an image's optional initrd, its hash and identity (all NULL for images without one).
+    "ALTER TABLE images ADD COLUMN initrd_path ANY;
+     ALTER TABLE images ADD COLUMN initrd_sha256 TEXT;
+     ALTER TABLE images ADD COLUMN initrd_identity TEXT;",
 ];
 
 /// The schema version this build writes and understands.

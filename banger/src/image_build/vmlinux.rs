@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn extracts_an_xz_payload_with_its_size_appended() {
         if Command::new("xz").arg("--version").output().is_err() {
-            assert!(!crate::kernel_tier::under_ci(), "xz (xz-utils) is missing, and CI=true");
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "xz (xz-utils) is missing, and CI=true");
             eprintln!("SKIPPED: xz (xz-utils) is not installed");
             return;
         }
