@@ -5,7 +5,8 @@
 //! read-write and its `DmCreate`, its operations called in-process, as `helper-bench`'s floor).
 //!
 //! Each image is sparse and half full: data (a pattern with no zero block) and holes alternate
-//! every [`EXTENT`]. The source stays in the page cache between rounds (it was just written);
+//! every [`DEFAULT_EXTENT`] (or as chosen): the copy's time follows the data, a reflink's the
+//! number of extents. The source stays in the page cache between rounds (it was just written);
 //! every root is synced before its time is taken, as the daemon does, and removed after. One
 //! untimed dm-snapshot root is made first.
 
@@ -29,8 +30,8 @@ use banger_protocol::{InstallId, LoopRole, Request, Response, VmId, min_cow_byte
 
 use super::Metric;
 
-/// Data and holes alternate by this much in a benchmark image.
-pub const EXTENT: u64 = 1 << 20;
+/// Data and holes alternate by this much in a benchmark image unless chosen otherwise.
+pub const DEFAULT_EXTENT: u64 = 1 << 20;
 
 /// The image sizes of a full run, and of a quick one (the same ratio between them).
 pub const SIZES: [u64; 2] = [1 << 30, 8 << 30];
@@ -46,9 +47,12 @@ pub fn size_name(bytes: u64) -> String {
     }
 }
 
-/// The metric's name for `kind` and an image of `bytes`.
-pub fn metric_name(kind: StorageKind, bytes: u64) -> String {
-    format!("storage.root_create.{}.{}", kind.as_str(), size_name(bytes))
+/// The metric's name for `kind` and an image of `bytes` whose data and holes alternate every
+/// `extent` (named only when it is not [`DEFAULT_EXTENT`]).
+pub fn metric_name(kind: StorageKind, bytes: u64, extent: u64) -> String {
+    let layout =
+        if extent == DEFAULT_EXTENT { String::new() } else { format!(".extent{}", size_name(extent)) };
+    format!("storage.root_create.{}.{}{layout}", kind.as_str(), size_name(bytes))
 }
 
 /// A benchmark image.
@@ -58,11 +62,16 @@ pub struct Image {
     pub path: PathBuf,
     /// Its length.
     pub bytes: u64,
+    /// Data and holes alternate by this much.
+    pub extent: u64,
 }
 
 impl Image {
-    /// Writes a sparse image of `bytes` at `path`, data in every other [`EXTENT`], synced.
-    pub fn make(path: &Path, bytes: u64) -> anyhow::Result<Image> {
+    /// Writes a sparse image of `bytes` at `path`, data in every other `extent`, synced.
+    pub fn make(path: &Path, bytes: u64, extent: u64) -> anyhow::Result<Image> {
+        if extent == 0 || !extent.is_multiple_of(4096) {
+            bail!("the extent must be a multiple of 4 KiB, not {extent} bytes");
+        }
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -70,24 +79,25 @@ impl Image {
             .open(path)
             .with_context(|| format!("cannot create {}", path.display()))?;
         file.set_len(bytes)?;
-        let mut buf = vec![0u8; EXTENT as usize];
+        let mut buf = vec![0u8; extent as usize];
         let mut offset = 0;
         while offset < bytes {
             // No block of it reads as zeros, and no two extents are the same.
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = (((offset >> 20) as usize).wrapping_mul(31) + i % 251 + 1) as u8 | 1;
             }
-            let n = EXTENT.min(bytes - offset) as usize;
+            let n = extent.min(bytes - offset) as usize;
             file.write_all_at(&buf[..n], offset)?;
-            offset += 2 * EXTENT;
+            offset += 2 * extent;
         }
         file.sync_all()?;
-        Ok(Image { path: path.to_owned(), bytes })
+        Ok(Image { path: path.to_owned(), bytes, extent })
     }
 
     /// Bytes of data it holds.
     pub fn data_bytes(&self) -> u64 {
-        self.bytes / (2 * EXTENT) * EXTENT + (self.bytes % (2 * EXTENT)).min(EXTENT)
+        let e = self.extent;
+        self.bytes / (2 * e) * e + (self.bytes % (2 * e)).min(e)
     }
 }
 
@@ -278,6 +288,8 @@ pub struct Plan {
     pub sizes: Vec<u64>,
     /// Rounds per kind and size.
     pub rounds: usize,
+    /// Data and holes alternate by this much in the images.
+    pub extent: u64,
 }
 
 /// Measures `plan` with images and roots in `dir`: a metric per kind and size, each compared
@@ -287,7 +299,7 @@ pub fn measure(plan: &Plan, dir: &Path, state: &Path) -> anyhow::Result<Vec<Metr
     let mut metrics = Vec::new();
     let mut warm = false;
     for &bytes in &plan.sizes {
-        let image = Image::make(&dir.join(format!("image-{}", size_name(bytes))), bytes)?;
+        let image = Image::make(&dir.join(format!("image-{}", size_name(bytes))), bytes, plan.extent)?;
         eprintln!(
             "storage-bench: image of {} ({} MiB of data) in {}",
             size_name(bytes),
@@ -313,7 +325,7 @@ pub fn measure(plan: &Plan, dir: &Path, state: &Path) -> anyhow::Result<Vec<Metr
                     time_file_roots(&image, dir, StorageStrategy::SparseCopy, kind, plan.rounds)?
                 }
             };
-            let m = Metric::millis(metric_name(kind, bytes), &samples);
+            let m = Metric::millis(metric_name(kind, bytes, plan.extent), &samples);
             if kind == StorageKind::SparseCopy {
                 copy_ms = Some(m.value);
             }
@@ -339,7 +351,8 @@ mod tests {
     #[test]
     fn an_image_is_half_data_and_a_sparse_copy_of_it_allocates_only_that() {
         let dir = tempfile::tempdir().unwrap();
-        let image = Image::make(&dir.path().join("img"), 8 * EXTENT + 4096).unwrap();
+        const EXTENT: u64 = DEFAULT_EXTENT;
+        let image = Image::make(&dir.path().join("img"), 8 * EXTENT + 4096, EXTENT).unwrap();
         assert_eq!(image.data_bytes(), 4 * EXTENT + 4096);
         let meta = std::fs::metadata(&image.path).unwrap();
         assert_eq!(meta.len(), 8 * EXTENT + 4096);
@@ -353,7 +366,15 @@ mod tests {
                 .unwrap();
         assert_eq!(samples.len(), 2);
         assert!(!dir.path().join("root-0").exists(), "the roots are removed");
-        assert_eq!(metric_name(StorageKind::SparseCopy, 1 << 30), "storage.root_create.sparse-copy.1GiB");
+        assert_eq!(
+            metric_name(StorageKind::SparseCopy, 1 << 30, EXTENT),
+            "storage.root_create.sparse-copy.1GiB"
+        );
+        assert_eq!(
+            metric_name(StorageKind::Reflink, 8 << 30, 64 << 20),
+            "storage.root_create.reflink.8GiB.extent64MiB"
+        );
+        assert!(Image::make(&dir.path().join("bad"), 1 << 20, 1000).is_err());
         assert_eq!(size_name(128 << 20), "128MiB");
     }
 }

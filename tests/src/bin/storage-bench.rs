@@ -34,6 +34,10 @@ struct Args {
     /// The kinds to measure, comma-separated: sparse-copy, reflink, dm-snapshot.
     #[arg(long, value_delimiter = ',', default_value = "sparse-copy,reflink")]
     kinds: Vec<String>,
+    /// Data and holes alternate every this many MiB in the images (a reflink's time follows the
+    /// number of extents).
+    #[arg(long, value_name = "MIB", default_value_t = 1)]
+    extent_mib: u64,
     /// Where images and roots go (reflink needs btrfs, XFS or another filesystem with reflinks;
     /// dm-snapshot a local filesystem such as tmpfs or ext4). Default: a scratch btrfs on a loop
     /// device in /tmp, made and removed by the benchmark (as root).
@@ -52,8 +56,12 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let kinds = args.kinds.iter().map(|k| kind(k)).collect::<anyhow::Result<Vec<_>>>()?;
     let sizes = if args.quick { storage::QUICK_SIZES } else { storage::SIZES };
-    let plan =
-        Plan { kinds, sizes: sizes.to_vec(), rounds: args.rounds.unwrap_or(if args.quick { 3 } else { 5 }) };
+    let plan = Plan {
+        kinds,
+        sizes: sizes.to_vec(),
+        rounds: args.rounds.unwrap_or(if args.quick { 3 } else { 5 }),
+        extent: args.extent_mib << 20,
+    };
     if plan.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
