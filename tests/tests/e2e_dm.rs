@@ -26,11 +26,11 @@ mod in_kernel_tier {
     const GUEST_FILE: &str = "/guest-wrote";
     const GUEST_TEXT: &str = "written by the guest through its snapshot\n";
 
-    /// A world whose user A makes dm-snapshot roots (and fails clearly where it cannot), on the
-    /// tier's tmpfs `/run`: the helper attaches loop devices only to files on local filesystems
-    /// it allows, and the tier's `/tmp` is an overlay.
+    /// A world whose user A makes dm-snapshot roots (and fails clearly where it cannot), with
+    /// the users' homes (images, VM disks) on the tier's tmpfs `/run`: the helper attaches loop
+    /// devices only to files on local filesystems it allows, and the tier's `/tmp` is an overlay.
     fn dm_world() -> World {
-        let world = World::new_in(Path::new("/run"));
+        let world = World::with_homes_in(Path::new("/run"));
         world.stop_daemon(A);
         world.add_config(A, "storage = \"dm-snapshot\"");
         world

@@ -6,7 +6,9 @@
 //!   `/dev/dm-N` (no udev: no `/dev/mapper/NAME`), a write through it landing in the COW file and
 //!   not the origin, removed in order (the dm target, then the loops) leaving nothing;
 //! - a TAP in a fresh network namespace, and nf_tables rules there through `iptables-nft`, its
-//!   modules loaded on demand by the kernel (module autoload reaching the shared root's modprobe).
+//!   modules loaded on demand by the kernel (module autoload reaching the shared root's modprobe);
+//! - a job's root is its mount namespace's root (not a chroot), so an unprivileged user may make
+//!   a user namespace there, as the Firecracker double's guests do.
 //!
 //! Outside the tier these tests skip with a message, and fail under `CI=true`.
 
@@ -222,5 +224,29 @@ mod in_kernel_tier {
         assert!(modules.lines().any(|l| l.starts_with("nf_tables ")), "nf_tables is not loaded");
         // The namespace took its TAP with it.
         assert!(!Path::new("/sys/class/net/kt-tap0").exists(), "kt-tap0 leaked into the guest's namespace");
+    }
+
+    #[test]
+    #[ignore = "needs device-mapper: runs in the kernel tier"]
+    fn a_job_is_not_chrooted_and_an_unprivileged_user_may_make_a_user_namespace() {
+        if !inside_or_skip() {
+            return;
+        }
+        // The kernel refuses CLONE_NEWUSER (EPERM) to a process whose root is not its mount
+        // namespace's root, as in a chroot.
+        let out = run(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "unshare",
+                "--user",
+                "--map-root-user",
+                "id",
+                "-u",
+            ],
+        );
+        assert_eq!(out.trim(), "0", "{out}");
     }
 }

@@ -81,6 +81,9 @@ struct BootArgs {
     /// Keep the run's directory (console.log, job scripts, statuses) even when every job passed.
     #[arg(long)]
     keep: bool,
+    /// The guest's memory in MiB (its tmpfs `/run` may fill half of it).
+    #[arg(long, value_name = "MIB", default_value_t = kernel_tier::qemu::DEFAULT_MEMORY_MIB)]
+    memory: u32,
 }
 
 fn main() -> ExitCode {
@@ -176,6 +179,7 @@ fn run(cache: &std::path::Path, boot: BootArgs, jobs_to_run: Vec<Job>) -> ExitCo
         timeout: Duration::from_secs(boot.timeout),
         verbose: boot.verbose,
         keep: boot.keep,
+        memory_mib: boot.memory,
     };
     match kernel_tier::run(&options) {
         Ok(report) => {

@@ -4,7 +4,8 @@
 //! - TAP devices in the world's host namespace;
 //! - firewall rules or chains mentioning banger in that namespace (`iptables-save`, and
 //!   `iptables-legacy-save` where installed);
-//! - loop devices whose backing file is under the world's temporary directory;
+//! - loop devices whose backing file is under the world's temporary directory or the users'
+//!   homes;
 //! - processes of the world's users, or whose arguments, working directory or environment mention
 //!   its temporary directory (other than the helper and the test itself);
 //! - files of VMs (`handles.json`, sockets other than the daemon's) under the users' homes;
@@ -122,7 +123,10 @@ pub fn check(scope: &Scope) -> Vec<String> {
     leaks.extend(
         firewall_lines(&scope.netns).into_iter().map(|l| format!("firewall in {}: {l}", scope.netns)),
     );
-    leaks.extend(loops_under(&scope.temp).into_iter().map(|(d, f)| format!("loop {d} backed by {f}")));
+    let homes_apart = scope.homes.iter().filter(|h| !h.starts_with(&scope.temp));
+    for dir in std::iter::once(&scope.temp).chain(homes_apart) {
+        leaks.extend(loops_under(dir).into_iter().map(|(d, f)| format!("loop {d} backed by {f}")));
+    }
     leaks.extend(processes(scope).into_iter().map(|p| format!("process {}", p.describe())));
     for home in &scope.homes {
         leaks.extend(vm_files(home).into_iter().map(|f| format!("file {}", f.display())));

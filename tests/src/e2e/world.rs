@@ -1,7 +1,6 @@
 //! [`World`]: one test's complete banger installation (see the [module docs](super)).
 //!
-//! Layout of the world's temporary directory `T` (mode 0755, under `/tmp` unless built with
-//! [`World::new_in`]):
+//! Layout of the world's temporary directory `T` (mode 0755, under `/tmp`):
 //!
 //! ```text
 //! T/bin/      banger, bangerd, banger-helper, firecracker-double (0755)
@@ -9,6 +8,9 @@
 //! T/helper/   policy.toml, helper.sock, helper.log, audit.log, state/ (0700)
 //! T/a T/b T/c each user's BANGER_HOME (0700, owned by the user), with config.toml
 //! ```
+//!
+//! [`World::with_homes_in`] puts the users' homes (where images and VM disks live) in a directory
+//! of their own under another base instead, e.g. a tmpfs.
 //!
 //! When a test fails, the world prints its diagnostics before tearing down; with
 //! `BANGER_E2E_KEEP=1` it also keeps `T` (logs, databases, VM directories) for a post-mortem.
@@ -82,11 +84,14 @@ pub struct World {
     pub kernel: PathBuf,
     /// The root filesystem image.
     pub rootfs: PathBuf,
+    /// The directory holding the users' homes (`T` unless built with [`World::with_homes_in`]).
+    pub homes: PathBuf,
     started: Instant,
     helper: Option<Helper>,
     network: Option<Network>,
     accounts: Option<Accounts>,
     tempdir: Option<tempfile::TempDir>,
+    homes_tempdir: Option<tempfile::TempDir>,
 }
 
 static SWEEP: Once = Once::new();
@@ -95,14 +100,18 @@ impl World {
     /// Builds a world and imports the test image for user A (which starts A's daemon). Panics
     /// (after tearing down what was made) when any step fails.
     pub fn new() -> World {
-        World::new_in(Path::new("/tmp"))
+        World::built(None)
     }
 
-    /// Like [`World::new`], with `T` under `base`: files the helper attaches loop devices to must
-    /// be on a filesystem its policy allows (in the kernel tier `/tmp` is an overlay, `/run` a
-    /// tmpfs).
-    pub fn new_in(base: &Path) -> World {
-        let world = World::build_with(&fixtures::BINARIES, base);
+    /// Like [`World::new`], with the users' homes (their images and VM disks) under `base`:
+    /// files the helper attaches loop devices to must be on a filesystem its policy allows (in
+    /// the kernel tier `/tmp` is an overlay, `/run` a tmpfs).
+    pub fn with_homes_in(base: &Path) -> World {
+        World::built(Some(base))
+    }
+
+    fn built(homes: Option<&Path>) -> World {
+        let world = World::build_with(&fixtures::BINARIES, homes);
         world.import_image(Who::A);
         eprintln!(
             "e2e world {}: image imported for A after {:.1}s",
@@ -115,10 +124,10 @@ impl World {
     /// Builds a world without touching banger itself: users, network, binaries, image files and
     /// the helper.
     pub fn bare() -> World {
-        World::build_with(&["banger-helper"], Path::new("/tmp"))
+        World::build_with(&["banger-helper"], None)
     }
 
-    fn build_with(required: &[&str], base: &Path) -> World {
+    fn build_with(required: &[&str], homes: Option<&Path>) -> World {
         require_privileges();
         SWEEP.call_once(sweep_stale);
         let names = Names::fresh();
@@ -128,13 +137,15 @@ impl World {
             bin: PathBuf::new(),
             kernel: PathBuf::new(),
             rootfs: PathBuf::new(),
+            homes: PathBuf::new(),
             started: Instant::now(),
             helper: None,
             network: None,
             accounts: None,
             tempdir: None,
+            homes_tempdir: None,
         };
-        if let Err(e) = world.build(required, base) {
+        if let Err(e) = world.build(required, homes) {
             panic!("cannot build the end-to-end world {}: {e:#}", names.suffix);
         }
         eprintln!(
@@ -146,11 +157,18 @@ impl World {
         world
     }
 
-    fn build(&mut self, required: &[&str], base: &Path) -> anyhow::Result<()> {
-        let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in(base)?;
+    fn build(&mut self, required: &[&str], homes: Option<&Path>) -> anyhow::Result<()> {
+        let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in("/tmp")?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         self.temp = dir.path().to_path_buf();
+        self.homes = self.temp.clone();
         self.tempdir = Some(dir);
+        if let Some(base) = homes {
+            let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in(base)?;
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
+            self.homes = dir.path().to_path_buf();
+            self.homes_tempdir = Some(dir);
+        }
         self.bin = self.temp.join("bin");
         fixtures::stage_binaries(&self.bin, required)?;
         let img = self.temp.join("img");
@@ -206,7 +224,7 @@ impl World {
 
     /// The `BANGER_HOME` of `who`.
     pub fn home(&self, who: Who) -> PathBuf {
-        self.temp.join(who.letter())
+        self.homes.join(who.letter())
     }
 
     /// The daemon log of `who`.
@@ -411,7 +429,17 @@ impl World {
 
     /// Loop devices backed by files of this world.
     pub fn loops(&self) -> Vec<(String, String)> {
-        leaks::loops_under(&self.temp)
+        self.file_dirs().iter().flat_map(|d| leaks::loops_under(d)).collect()
+    }
+
+    /// The directories holding this world's files: `T`, and the homes' directory when apart.
+    fn file_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.temp.clone()];
+        if !self.homes.starts_with(&self.temp) {
+            dirs.push(self.homes.clone());
+        }
+        dirs.retain(|d| !d.as_os_str().is_empty());
+        dirs
     }
 
     /// Speaks the helper protocol directly as `who` (see [`session_as`]).
@@ -542,10 +570,8 @@ impl World {
         if let Some(mut h) = self.helper.take() {
             h.stop();
         }
-        if !self.temp.as_os_str().is_empty() {
-            for (dev, _) in leaks::loops_under(&self.temp) {
-                let _ = root_unchecked("losetup", &["-d", &dev]);
-            }
+        for (dev, _) in self.loops() {
+            let _ = root_unchecked("losetup", &["-d", &dev]);
         }
         self.network = None;
         if let Some(mut a) = self.accounts.take() {
@@ -554,14 +580,14 @@ impl World {
             }
         }
         let keep = std::thread::panicking() && std::env::var_os("BANGER_E2E_KEEP").is_some();
-        if let Some(dir) = self.tempdir.take()
-            && keep
-        {
-            eprintln!(
-                "e2e world {}: BANGER_E2E_KEEP is set, keeping {}",
-                self.names.suffix,
-                dir.keep().display()
-            );
+        for dir in [self.tempdir.take(), self.homes_tempdir.take()].into_iter().flatten() {
+            if keep {
+                eprintln!(
+                    "e2e world {}: BANGER_E2E_KEEP is set, keeping {}",
+                    self.names.suffix,
+                    dir.keep().display()
+                );
+            }
         }
     }
 }

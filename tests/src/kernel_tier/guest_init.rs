@@ -5,8 +5,9 @@
 //! directory (9p tag `out`), then the host's root read-only (9p tag `hostroot`) under an overlay
 //! with a tmpfs upper layer, with fresh `/proc`, `/sys`, `/dev`, `/run` in it and the
 //! run's directory at its host path; binds the kernel's extracted modules at
-//! `/lib/modules/$(uname -r)`; runs each job's script with
-//! `chroot`, writing `status-N` to the run's directory; and ends through `isa-debug-exit` with
+//! `/lib/modules/$(uname -r)`; runs each job's script in a mount namespace of its own whose root
+//! is the shared root moved over `/` (not a `chroot`, in which the kernel refuses user
+//! namespaces), writing `status-N` to the run's directory; and ends through `isa-debug-exit` with
 //! the first non-zero status (at most 127), or 125 with `setup-error` written when a step fails.
 
 use std::path::Path;

@@ -51,7 +51,12 @@ pub struct Machine<'a> {
     pub root: &'a Path,
     /// The run's directory, shared writable (9p tag `out`).
     pub out: &'a Path,
+    /// The guest's memory, in MiB.
+    pub memory_mib: u32,
 }
+
+/// The guest's memory unless a run asks for more: room for two end-to-end worlds side by side.
+pub const DEFAULT_MEMORY_MIB: u32 = 1024;
 
 /// The I/O port of qemu's `isa-debug-exit` device; the guest writes its exit code there.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -71,7 +76,8 @@ pub fn args(install: &QemuInstall, machine: &Machine) -> Vec<OsString> {
     for dir in &install.data_dirs {
         push(&["-L", &dir.to_string_lossy()]);
     }
-    push(&["-accel", "tcg", "-cpu", "max", "-M", "q35", "-m", "1G", "-smp", "2"]);
+    let memory = format!("{}M", machine.memory_mib);
+    push(&["-accel", "tcg", "-cpu", "max", "-M", "q35", "-m", &memory, "-smp", "2"]);
     push(&["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"]);
     push(&["-kernel", &machine.kernel.to_string_lossy(), "-initrd", &machine.initramfs.to_string_lossy()]);
     push(&["-append", machine.cmdline]);
@@ -207,13 +213,14 @@ mod tests {
             cmdline: "console=ttyS0",
             root: Path::new("/"),
             out: Path::new("/r"),
+            memory_mib: DEFAULT_MEMORY_MIB,
         };
         let args: Vec<String> =
             args(&install, &machine).into_iter().map(|a| a.into_string().unwrap()).collect();
         let joined = args.join(" ");
         for expected in [
             "-L /q/share/qemu -L /q/share/seabios",
-            "-accel tcg -cpu max -M q35 -m 1G -smp 2",
+            "-accel tcg -cpu max -M q35 -m 1024M -smp 2",
             "-nodefaults -display none -serial stdio -no-reboot",
             "-kernel /c/vmlinux -initrd /r/initramfs.cpio -append console=ttyS0",
             "-fsdev local,id=hostroot,path=/,security_model=none,multidevs=remap,readonly=on",

@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub verbose: bool,
     /// Keep the run's directory even when every job passed.
     pub keep: bool,
+    /// The guest's memory, in MiB.
+    pub memory_mib: u32,
 }
 
 /// How a run went (its jobs ran; each may have failed).
@@ -159,6 +161,7 @@ pub fn run(options: &RunOptions) -> Result<RunReport, RunError> {
         cmdline: &cmdline,
         root: Path::new("/"),
         out: &out,
+        memory_mib: options.memory_mib,
     };
     let install = prepared.qemu();
     let mut cmd = install.command();

@@ -1,0 +1,100 @@
+//! What the benchmarks measure and how they report it: each figure is a [`Metric`], printed as one
+//! JSON line (`{"metric","value","unit","baseline","ratio","n"}`) for machines and in a table for
+//! people. [`storage`] measures how long a VM's root takes to make, for each storage kind.
+
+pub mod storage;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// One measured figure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metric {
+    /// Dotted name, e.g. `storage.root_create.copy.8GiB`.
+    pub metric: String,
+    /// The median of the samples.
+    pub value: f64,
+    /// The unit of `value` and `baseline`.
+    pub unit: &'static str,
+    /// What the figure is compared with (the same work done the older or simpler way), if any.
+    pub baseline: Option<f64>,
+    /// `value / baseline`.
+    pub ratio: Option<f64>,
+    /// How many samples `value` is the median of.
+    pub n: usize,
+}
+
+impl Metric {
+    /// A figure in milliseconds from timed samples (their median), without a baseline.
+    pub fn millis(metric: impl Into<String>, samples: &[Duration]) -> Metric {
+        Metric {
+            metric: metric.into(),
+            value: median(samples).as_secs_f64() * 1e3,
+            unit: "ms",
+            baseline: None,
+            ratio: None,
+            n: samples.len(),
+        }
+    }
+
+    /// The same figure compared with `baseline` (in the same unit).
+    pub fn against(mut self, baseline: f64) -> Metric {
+        self.baseline = Some(baseline);
+        self.ratio = (baseline > 0.0).then(|| self.value / baseline);
+        self
+    }
+
+    /// The JSON line.
+    pub fn json_line(&self) -> String {
+        serde_json::to_string(self).expect("a metric serializes")
+    }
+}
+
+/// The median of `samples` (the upper one of an even count); zero for none.
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut v = samples.to_vec();
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The metrics as a table: name, median, baseline, ratio, samples.
+pub fn table(metrics: &[Metric]) -> String {
+    let width = metrics.iter().map(|m| m.metric.len()).max().unwrap_or(6).max(6);
+    let mut out =
+        format!("{:<width$}  {:>12}  {:>12}  {:>8}  {:>3}\n", "metric", "median", "baseline", "ratio", "n");
+    for m in metrics {
+        let baseline = m.baseline.map(|b| format!("{b:.2} {}", m.unit)).unwrap_or_else(|| "-".into());
+        let ratio = m.ratio.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<width$}  {:>12}  {:>12}  {:>8}  {:>3}\n",
+            m.metric,
+            format!("{:.2} {}", m.value, m.unit),
+            baseline,
+            ratio,
+            m.n
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metric_is_one_json_line_with_every_field() {
+        let ms = |n| Duration::from_millis(n);
+        let m = Metric::millis("storage.root_create.copy.1GiB", &[ms(30), ms(10), ms(20)]);
+        assert_eq!(m.value, 20.0);
+        assert_eq!(
+            m.json_line(),
+            r#"{"metric":"storage.root_create.copy.1GiB","value":20.0,"unit":"ms","baseline":null,"ratio":null,"n":3}"#
+        );
+        let m = m.against(80.0);
+        assert_eq!((m.baseline, m.ratio), (Some(80.0), Some(0.25)));
+        assert!(table(&[m]).contains("0.250"));
+        assert_eq!(median(&[]), Duration::ZERO);
+        assert_eq!(median(&[ms(1), ms(4)]), ms(4));
+    }
+}
