@@ -14,7 +14,8 @@
 #     checkout as the user who ran sudo (their rustup toolchain lives in their home), installed
 #     to /usr/local/bin with their debug info stripped.
 #  4. The group `banger` (the helper socket's group), the user in it and in `kvm`.
-#  5. /etc/banger/policy.toml admitting the group `banger`, unless a policy is there already.
+#  5. /etc/banger/policy.toml (packaging/policy.toml: it admits the group `banger`), unless a
+#     policy is there already.
 #  6. /dev/net/tun usable by every user and /dev/kvm by the group `kvm` (a udev rule where udev
 #     runs; otherwise set now, until the next boot).
 #  7. Subordinate uid and gid ranges for the user (`banger image build` runs mmdebstrap in a user
@@ -313,11 +314,7 @@ fi
 # --- 5. the policy ----------------------------------------------------------------------------
 make_dir "$ETC"
 if [[ ! -e $POLICY ]]; then
-  sed -e 's/^groups = \[\]$/groups = ["'"$GROUP"'"]/' \
-    -e 's/^# As shipped, the file lets NOBODY use the helper.*$/# As installed by install.sh, members of the group "'"$GROUP"'" may use the helper./' \
-    "$SRC/packaging/policy.toml" >"$tmp/policy.toml"
-  grep -q "^groups = \[\"$GROUP\"\]$" "$tmp/policy.toml" || die "could not write the group into the policy"
-  put_file "$tmp/policy.toml" "$POLICY" 0644
+  put_file "$SRC/packaging/policy.toml" "$POLICY" 0644
   say "wrote $POLICY: members of group $GROUP may use the helper"
 fi
 "$BIN/banger-helper" policy check "$POLICY" >/dev/null || die "$POLICY is not valid (see above)"
@@ -340,11 +337,10 @@ if [[ ! -e /dev/net/tun ]]; then
 fi
 [[ -e /dev/net/tun ]] || say "warning: no /dev/net/tun: this kernel needs the tun module (CONFIG_TUN)"
 [[ -e /dev/kvm ]] || say "warning: no /dev/kvm: enable virtualization in the firmware and load kvm_intel or kvm_amd"
-printf '%s\n' '# banger (install.sh): every user may open /dev/net/tun; members of kvm may open /dev/kvm' \
-  'KERNEL=="tun", MODE="0666"' 'KERNEL=="kvm", GROUP="kvm", MODE="0660"' >"$tmp/udev.rules"
 if udev_runs; then
   make_dir "$(dirname "$UDEV_RULE")"
-  if ! cmp -s "$tmp/udev.rules" "$UDEV_RULE"; then put_file "$tmp/udev.rules" "$UDEV_RULE" 0644; fi
+  cmp -s "$SRC/packaging/udev/70-banger.rules" "$UDEV_RULE" ||
+    put_file "$SRC/packaging/udev/70-banger.rules" "$UDEV_RULE" 0644
   udev_reload
 fi
 set_device /dev/net/tun root 666
