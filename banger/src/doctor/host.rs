@@ -100,7 +100,7 @@ impl Host for SystemHost {
 
     fn free_bytes(&self, dir: &Path) -> io::Result<u64> {
         let s = nix::sys::statvfs::statvfs(dir).map_err(io::Error::from)?;
-        Ok(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+        Ok(s.blocks_available().saturating_mul(s.fragment_size()))
     }
 
     fn version_of(&self, program: &Path) -> io::Result<String> {
