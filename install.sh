@@ -49,6 +49,7 @@ BUILD_PACKAGES=(build-essential pkg-config libdevmapper-dev libclang-dev)
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 say() { printf 'install.sh: %s\n' "$*"; }
+is_exe() { [[ -f $1 && -x $1 ]]; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
 
 usage() {
@@ -127,9 +128,11 @@ do_uninstall() {
     say "nothing to remove: $MANIFEST does not exist"
     return
   fi
-  local pid
-  if [[ ! -d /run/systemd/system ]] && pid=$(pgrep -x banger-helper | head -1); then
-    die "banger-helper runs (pid $pid): stop it first (sudo kill $pid), then run $0 --uninstall again"
+  # A helper started by hand holds the lock of its state directory while it runs.
+  local lock=$HELPER_STATE/lock holder
+  if [[ ! -d /run/systemd/system && -f $lock ]] && ! flock -n "$lock" true; then
+    holder=$(find /proc/[0-9]*/fd -lname "$lock" 2>/dev/null | head -1 | cut -d/ -f3) || true
+    die "banger-helper runs (pid ${holder:-unknown}, holding $lock): stop it first (sudo kill ${holder:-PID}), then run $0 --uninstall again"
   fi
   local -a lines failed=()
   mapfile -t lines <"$MANIFEST"
@@ -201,7 +204,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fc_new='' jailer_new=''
 if [[ -n $firecracker ]]; then
-  [[ -f $firecracker && -x $firecracker ]] || die "--firecracker $firecracker is not an executable file"
+  is_exe "$firecracker" || die "--firecracker $firecracker is not an executable file"
   v=$(fc_version "$firecracker")
   [[ -n $v ]] || die "$firecracker --version does not print \"Firecracker vX.Y.Z\": is it firecracker?"
   [[ $v == "$FIRECRACKER_VERSION" ]] ||
@@ -240,7 +243,7 @@ fi
 # --- 2. Debian packages -----------------------------------------------------------------------
 need_build=0
 if [[ -z $bin_dir ]]; then
-  if [[ -x $SRC/banger && -x $SRC/bangerd && -x $SRC/banger-helper ]]; then
+  if is_exe "$SRC/banger" && is_exe "$SRC/bangerd" && is_exe "$SRC/banger-helper"; then
     bin_dir=$SRC
   else
     need_build=1
@@ -281,7 +284,7 @@ if ((need_build)); then
   bin_dir=$SRC/target/release
 fi
 for b in banger bangerd banger-helper; do
-  [[ -x $bin_dir/$b ]] || die "$bin_dir/$b is missing or not executable"
+  is_exe "$bin_dir/$b" || die "$bin_dir/$b is missing or not executable"
 done
 install_binary() { # SRC NAME: installed to $BIN/NAME with debug info stripped
   cp "$1" "$tmp/$2"

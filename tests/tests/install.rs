@@ -325,6 +325,15 @@ fn install_twice_doctor_then_uninstall_leaves_nothing() {
     }
     println!("this machine cannot pass either (not a doctor check): booting a guest under KVM");
 
+    // Uninstall refuses while the helper it would remove still runs, and names it.
+    let installed = machine_state(&user);
+    let refused = install(&["--uninstall"]);
+    let pid = cleanup.helper.as_ref().map(Child::id).unwrap();
+    assert_eq!(refused.code, Some(1), "{refused}");
+    assert!(refused.stderr.contains(&format!("banger-helper runs (pid {pid},")), "{refused}");
+    assert!(refused.stderr.contains(&format!("stop it first (sudo kill {pid})")), "{refused}");
+    assert_eq!(differences(&installed, &machine_state(&user)), Vec::<String>::new(), "{refused}");
+
     // Uninstall: everything install.sh added goes, and what it changed is put back.
     cleanup.stop_helper();
     let gone = install(&["--uninstall"]);
