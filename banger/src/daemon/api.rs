@@ -147,11 +147,17 @@ mod tests {
     use crate::paths::Paths;
 
     async fn served() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>) {
+        let (dir, client, daemon, _) = served_with_helper().await;
+        (dir, client, daemon)
+    }
+
+    async fn served_with_helper() -> (tempfile::TempDir, DaemonClient, Arc<Daemon>, Arc<FakeHelper>) {
         let dir = tempfile::tempdir().unwrap();
         let paths = Paths::under(&dir.path().join("h"), nix::unistd::getuid().as_raw()).unwrap();
         paths.ensure_dirs().unwrap();
         let store = Store::open_in_memory().unwrap();
-        let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let fake = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let helper = fake.clone();
         let procs = Arc::new(FakeProcesses::new());
         let deps = Deps {
             helper,
@@ -163,7 +169,27 @@ mod tests {
         let sock = paths.daemon_socket();
         let listener = UnixListener::bind(&sock).unwrap();
         tokio::spawn(serve(listener, daemon.clone()));
-        (dir, DaemonClient::new(sock), daemon)
+        (dir, DaemonClient::new(sock), daemon, fake)
+    }
+
+    #[tokio::test]
+    async fn the_status_says_why_the_helper_is_unreachable() {
+        let (_dir, client, _daemon, helper) = served_with_helper().await;
+        let status = client.status().await.unwrap();
+        assert!(status.helper_reachable && status.helper_problem.is_none(), "{status:?}");
+        helper.set_unreachable(true);
+        let status = client.status().await.unwrap();
+        assert!(!status.helper_reachable);
+        let why = status.helper_problem.unwrap();
+        assert!(why.starts_with("banger-helper is not running"), "{why}");
+        assert!(why.contains("; fix: sudo systemctl start banger-helper.socket"), "{why}");
+        helper.set_unreachable(false);
+        helper.fail(
+            "ping",
+            banger_protocol::HelperError::Denied { rule: "access".into(), reason: "not admitted".into() },
+        );
+        let why = client.status().await.unwrap().helper_problem.unwrap();
+        assert!(why.starts_with("banger-helper refuses this user: denied by policy rule `access`"), "{why}");
     }
 
     #[tokio::test]
