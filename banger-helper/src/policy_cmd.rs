@@ -57,7 +57,7 @@ impl Accounts for SystemAccounts {
             Err(_) => User::from_name(name).ok().flatten(),
         };
         let Some(user) = user else {
-            // A decimal uid without a passwd entry still connects, with no groups but none.
+            // A decimal uid without a passwd entry can still connect: no name, no groups.
             return name.parse::<u32>().ok().map(|uid| Account { uid, gid: uid, name: None, groups: vec![] });
         };
         let cname = std::ffi::CString::new(user.name.clone()).ok()?;
