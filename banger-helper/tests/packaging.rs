@@ -1,7 +1,8 @@
 //! The systemd units, install.sh, the Debian package, README and the helper agree: the binary
-//! the units run is where install.sh and the package install it, the socket unit makes the socket and its directory as the helper does by hand,
-//! README's by-hand command names the units' paths, and `systemd-analyze verify` accepts the
-//! units (where systemd-analyze is installed).
+//! the units run is where install.sh and the package install it, the socket unit makes the
+//! socket and its directory as the helper does by hand, README's by-hand command names the units'
+//! paths, and `systemd-analyze verify` accepts the units, bangerd's user unit too (where
+//! systemd-analyze is installed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,4 +128,21 @@ fn systemd_accepts_the_units() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+
+    // bangerd's user unit, checked by a user manager's rules (which need a runtime directory);
+    // verify only checks that the command exists, so any binary stands in for bangerd.
+    let unit = read("packaging/bangerd.service");
+    assert_eq!(value(&unit, "ExecStart"), "bangerd", "looked up in /usr/local/bin, then /usr/bin");
+    let runtime = tempfile::tempdir().unwrap();
+    let unit =
+        unit.replace("ExecStart=bangerd", &format!("ExecStart={}", env!("CARGO_BIN_EXE_banger-helper")));
+    std::fs::write(dir.path().join("bangerd.service"), unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .args(["--user", "verify", "--man=no"])
+        .arg(dir.path().join("bangerd.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze --user verify:\n{text}");
 }
