@@ -51,7 +51,8 @@ pub enum Command {
 /// `policy` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Check a policy file; exits non-zero with file:line and the reason on any error.
+    /// Check a policy file; exits non-zero with file:line and the reason on any error, and warns
+    /// (exiting zero) when it admits nobody or names a user or group this host does not have.
     Check {
         /// The policy file.
         file: PathBuf,
@@ -60,7 +61,8 @@ pub enum PolicyCommand {
     Explain {
         /// The policy file.
         file: PathBuf,
-        /// Only this user.
+        /// Only this user (a name or uid): whether it may connect, decided as the helper
+        /// decides with its groups on this host, and why.
         #[arg(long)]
         user: Option<String>,
     },

@@ -9,6 +9,10 @@
 //! - `objects.json`: the objects; replaced atomically (temporary file, rename) on every change,
 //!   not fsynced: the objects live in the kernel and disappear on reboot, and after a power loss
 //!   an unreadable file is read as empty, which is what the kernel then holds;
+//! - `forwarding.json`: present only while the helper holds `net.ipv4.ip_forward` on that it
+//!   turned on itself, with the value it had before and the boot it was written in; written
+//!   durably *before* the sysctl is changed, removed once the value is put back. A record of an
+//!   earlier boot is dropped unread: the kernel started with its own value since;
 //! - `lock`: flocked while the helper runs, so a second helper refuses the same state directory.
 //!
 //! Files of the earlier format (1), which kept loop backing identities in a list beside the
@@ -29,6 +33,29 @@ use serde::{Deserialize, Serialize};
 const LEASES: &str = "leases.json";
 const OBJECTS: &str = "objects.json";
 const LOCK: &str = "lock";
+const FORWARDING: &str = "forwarding.json";
+/// Two boot times (each computed as the wall clock minus the time since boot) this close are the
+/// same boot: the wall clock may have been adjusted a little in between.
+const SAME_BOOT_SECS: i64 = 60;
+
+/// `forwarding.json`: the helper turned `net.ipv4.ip_forward` on; what it was before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForwardingFile {
+    /// The value `ip_forward` had before the helper turned it on.
+    earlier: String,
+    /// When the machine booted, in seconds since the epoch, when the record was written.
+    boot: i64,
+}
+
+/// When this machine booted, in seconds since the epoch: the wall clock minus the time since
+/// boot (`CLOCK_BOOTTIME`), which tells two boots apart without reading any file.
+pub fn boot_epoch() -> i64 {
+    use nix::time::{ClockId, clock_gettime};
+    let now = clock_gettime(ClockId::CLOCK_REALTIME).map(|t| t.tv_sec()).unwrap_or(0);
+    let up = clock_gettime(ClockId::CLOCK_BOOTTIME).map(|t| t.tv_sec()).unwrap_or(0);
+    now - up
+}
 /// 2: loop backing identities inside the loop entries, entry states.
 const FORMAT: u32 = 2;
 
@@ -224,6 +251,56 @@ impl LedgerStore {
         Ok(())
     }
 
+    /// The value `ip_forward` had before this helper turned it on, if it did so in this boot
+    /// (`boot`, from [`boot_epoch`]); a record of another boot is removed.
+    pub fn load_forwarding(&self, boot: i64) -> Result<Option<String>, StoreError> {
+        let path = self.dir.join(FORWARDING);
+        let Some(record) = read_json::<ForwardingFile>(&path)? else { return Ok(None) };
+        if (record.boot - boot).abs() <= SAME_BOOT_SECS {
+            return Ok(Some(record.earlier));
+        }
+        tracing::info!(
+            "{} is from an earlier boot: net.ipv4.ip_forward has the value the system gave it since; dropped",
+            path.display()
+        );
+        self.save_forwarding(None, boot)?;
+        Ok(None)
+    }
+
+    /// Records durably that the helper turned `ip_forward` on, and the value it had before
+    /// (`Some`), or that it holds it no longer (`None`: the record is removed).
+    pub fn save_forwarding(&self, earlier: Option<&str>, boot: i64) -> Result<(), StoreError> {
+        match earlier {
+            Some(earlier) => {
+                let file = ForwardingFile { earlier: earlier.to_owned(), boot };
+                let bytes = to_json(&file).map_err(|e| StoreError::Io {
+                    action: "write",
+                    path: self.dir.join(FORWARDING),
+                    source: io::Error::other(e),
+                })?;
+                self.replace(FORWARDING, &bytes, true)
+            }
+            None => {
+                let path = self.dir.join(FORWARDING);
+                match fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                    Err(source) => return Err(StoreError::Io { action: "write", path, source }),
+                }
+                let d = File::open(&self.dir).map_err(|source| StoreError::Io {
+                    action: "write",
+                    path: path.clone(),
+                    source,
+                })?;
+                nix::unistd::fsync(d.as_fd()).map_err(|e| StoreError::Io {
+                    action: "write",
+                    path,
+                    source: io::Error::from(e),
+                })
+            }
+        }
+    }
+
     /// Saves `ledger`: the leases durably when they changed, the objects always.
     pub fn save(&mut self, ledger: &Ledger) -> Result<(), StoreError> {
         let encode_err = |path: &str, e: serde_json::Error| StoreError::Io {
@@ -392,5 +469,34 @@ mod tests {
             LedgerStore::open(dir.path()).unwrap()
         };
         assert_eq!(again, ledger);
+    }
+
+    #[test]
+    fn the_forwarding_record_lasts_for_its_boot_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LedgerStore::open(dir.path()).unwrap();
+        let boot = boot_epoch();
+        assert!(
+            boot > 0
+                && boot
+                    <= std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+                        as i64
+        );
+        assert_eq!(store.load_forwarding(boot).unwrap(), None);
+        store.save_forwarding(Some("0"), boot).unwrap();
+        assert_eq!(
+            store.load_forwarding(boot + 5).unwrap().as_deref(),
+            Some("0"),
+            "a clock adjusted a little"
+        );
+        drop(store);
+        let (store, _) = LedgerStore::open(dir.path()).unwrap();
+        assert_eq!(store.load_forwarding(boot).unwrap().as_deref(), Some("0"), "kept across restarts");
+        assert_eq!(store.load_forwarding(boot + 3600).unwrap(), None, "another boot");
+        assert!(!dir.path().join(FORWARDING).exists(), "a record of another boot is removed");
+        store.save_forwarding(Some("0"), boot).unwrap();
+        store.save_forwarding(None, boot).unwrap();
+        store.save_forwarding(None, boot).unwrap();
+        assert_eq!(store.load_forwarding(boot).unwrap(), None);
     }
 }

@@ -28,6 +28,7 @@ pub mod ledger_store;
 pub mod names;
 pub mod ops;
 pub mod peer;
+pub mod policy_cmd;
 pub mod serve;
 pub mod server;
 pub mod slots;

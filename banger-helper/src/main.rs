@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use banger_helper::cli::{Cli, Command, PolicyCommand};
+use banger_helper::policy_cmd::{self, SystemAccounts};
 use banger_helper::serve::{ServeOptions, load_policy, serve};
 use clap::Parser;
 
@@ -24,12 +25,18 @@ fn main() -> ExitCode {
             serve(&ServeOptions { socket, policy, state_dir, node_dir }).map_err(anyhow::Error::from)
         }
         Command::Policy { command: PolicyCommand::Check { file } } => load_policy(&file)
-            .map(|_| {
+            .map(|p| {
+                for warning in policy_cmd::check_warnings(&p, &SystemAccounts) {
+                    eprintln!("{}: warning: {warning}", file.display());
+                }
                 println!("{}: ok", file.display());
             })
             .map_err(anyhow::Error::from),
         Command::Policy { command: PolicyCommand::Explain { file, user } } => load_policy(&file)
-            .map(|p| print!("{}", banger_policy::explain(&p, user.as_deref())))
+            .map(|p| match user {
+                Some(user) => print!("{}", policy_cmd::explain_user(&p, &user, &SystemAccounts)),
+                None => print!("{}", banger_policy::explain(&p, None)),
+            })
             .map_err(anyhow::Error::from),
     };
     match result {

@@ -13,6 +13,8 @@ fn nat_up_is_idempotent_and_down_removes_everything() {
     }
     let (a, b) = (61021, 61022);
     let ns = Netns::new("nat");
+    let forwarding_before = ns.read("/proc/sys/net/ipv4/ip_forward");
+    assert_eq!(forwarding_before.as_deref(), Some("0"), "a new namespace starts without forwarding");
     let h = Helper::start(&ns, &policy(&[a, b], "[network.guest_to_host]\nallow = [\"udp/53\"]\n"));
     let r = session(
         &h,
@@ -90,6 +92,8 @@ fn nat_up_is_idempotent_and_down_removes_everything() {
     let Response::Owned(o) = &r[3] else { panic!("{r:?}") };
     assert!(o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty(), "{o:?}");
     assert!(ns.taps().is_empty());
+    // The helper turned forwarding on for the NAT, so with the last NAT gone it is off again.
+    assert_eq!(ns.read("/proc/sys/net/ipv4/ip_forward"), forwarding_before, "{}", h.log_text());
     drop(h);
     ns.finish();
 }

@@ -1,7 +1,8 @@
-//! The systemd units, README and the helper agree: the binary the units run is where README
-//! installs it, the socket unit makes the socket and its directory as the helper does by hand,
-//! README's by-hand command names the units' paths, and `systemd-analyze verify` accepts the
-//! units (where systemd-analyze is installed).
+//! The systemd units, install.sh, the Debian package, README and the helper agree: the binary
+//! the units run is where install.sh and the package install it, the socket unit makes the
+//! socket and its directory as the helper does by hand, README's by-hand command names the units'
+//! paths, and `systemd-analyze verify` accepts the units, bangerd's user unit too (where
+//! systemd-analyze is installed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,32 +30,39 @@ fn value(unit: &str, key: &str) -> String {
     v[0].clone()
 }
 
-/// Where README installs the helper: the directory of `install ... target/release/banger-helper DIR/`.
-fn readme_helper_path(readme: &str) -> String {
-    let line = readme
-        .lines()
-        .find(|l| l.contains("install") && l.contains("target/release/banger-helper"))
-        .expect("README installs banger-helper");
-    let dir = line.split_whitespace().last().unwrap().trim_end_matches('/');
-    format!("{dir}/banger-helper")
-}
+/// The helper as the units name it: a bare name, which systemd looks up in `/usr/local/bin`
+/// (install.sh) and `/usr/bin` (the Debian package).
+const UNIT_HELPER: &str = "banger-helper";
 
 #[test]
-fn the_units_run_the_binary_readme_installs() {
+fn the_units_run_the_binary_install_sh_and_the_package_install() {
     let service = read("packaging/banger-helper.service");
-    let helper = readme_helper_path(&read("README.md"));
-    assert_eq!(helper, "/usr/local/bin/banger-helper");
     let policy = banger_policy::DEFAULT_POLICY_PATH;
-    assert_eq!(value(&service, "ExecStartPre"), format!("{helper} policy check {policy}"));
+    assert_eq!(value(&service, "ExecStartPre"), format!("{UNIT_HELPER} policy check {policy}"));
     assert_eq!(
         value(&service, "ExecStart"),
-        format!("{helper} serve --policy {policy} --state-dir {DEFAULT_STATE_DIR}")
+        format!("{UNIT_HELPER} serve --policy {policy} --state-dir {DEFAULT_STATE_DIR}")
     );
     assert_eq!(format!("/var/lib/{}", value(&service, "StateDirectory")), DEFAULT_STATE_DIR);
+    let install = read("install.sh");
     assert!(
-        read("SECURITY.md").contains(&format!("running `{helper}`")),
-        "SECURITY.md names the unit's binary"
+        install.lines().any(|l| l == "PREFIX=/usr/local") && install.lines().any(|l| l == "BIN=$PREFIX/bin")
     );
+    assert!(
+        install.lines().any(|l| l == "POLICY=$ETC/policy.toml")
+            && install.lines().any(|l| l == "ETC=/etc/banger")
+    );
+    assert!(install.contains(&format!("HELPER_STATE={DEFAULT_STATE_DIR}")));
+    let manifest = read("banger-helper/Cargo.toml");
+    assert!(
+        manifest.contains(r#"["target/release/banger-helper", "usr/bin/", "755"]"#),
+        "the Debian package installs the helper to /usr/bin"
+    );
+    assert!(
+        manifest.contains(r#"["../packaging/policy.toml", "etc/banger/policy.toml", "644"]"#),
+        "the Debian package installs the policy where the unit reads it"
+    );
+    assert!(read("SECURITY.md").contains("running `banger-helper`"), "SECURITY.md names the unit's binary");
 }
 
 #[test]
@@ -107,9 +115,8 @@ fn systemd_accepts_the_units() {
     // The units as installed, except that the service runs the binary just built (verify checks
     // that the command exists).
     let dir = tempfile::tempdir().unwrap();
-    let helper = readme_helper_path(&read("README.md"));
-    let service =
-        read("packaging/banger-helper.service").replace(&helper, env!("CARGO_BIN_EXE_banger-helper"));
+    let service = read("packaging/banger-helper.service")
+        .replace(&format!("={UNIT_HELPER} "), &format!("={} ", env!("CARGO_BIN_EXE_banger-helper")));
     std::fs::write(dir.path().join("banger-helper.service"), service).unwrap();
     std::fs::copy(repo().join("packaging/banger-helper.socket"), dir.path().join("banger-helper.socket"))
         .unwrap();
@@ -121,4 +128,21 @@ fn systemd_accepts_the_units() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+
+    // bangerd's user unit, checked by a user manager's rules (which need a runtime directory);
+    // verify only checks that the command exists, so any binary stands in for bangerd.
+    let unit = read("packaging/bangerd.service");
+    assert_eq!(value(&unit, "ExecStart"), "bangerd", "looked up in /usr/local/bin, then /usr/bin");
+    let runtime = tempfile::tempdir().unwrap();
+    let unit =
+        unit.replace("ExecStart=bangerd", &format!("ExecStart={}", env!("CARGO_BIN_EXE_banger-helper")));
+    std::fs::write(dir.path().join("bangerd.service"), unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .args(["--user", "verify", "--man=no"])
+        .arg(dir.path().join("bangerd.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze --user verify:\n{text}");
 }

@@ -124,6 +124,10 @@ pub struct Status {
     pub firecracker: PathBuf,
     /// Whether the helper answered a ping just now.
     pub helper_reachable: bool,
+    /// When it did not: why (not running, no permission on its socket, refused by its policy,
+    /// no answer in time) and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helper_problem: Option<String>,
     /// How many VMs are running.
     pub running_vms: usize,
 }

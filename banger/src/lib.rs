@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod detach;
+pub mod doctor;
 pub mod ids;
 pub mod image_build;
 pub mod model;

@@ -3,25 +3,53 @@
 //! One sentence per line, in the order of the file's sections: who may connect, how much each
 //! user may hold, the addresses and what guests may reach, the audit log. Asked
 //! about one user, only what applies to that user is said. Group membership lives in the account
-//! databases, which this crate does not read: [`explain`] says which groups would admit the user,
-//! and [`explain_with_groups`] takes the user's groups from a caller that looked them up.
+//! databases, which this crate does not read: [`explain`] says which groups would admit a user
+//! known only by name, and [`explain_peer`] takes an account as the helper would identify it (a
+//! caller looked up its uid and groups) and decides with [`Access::admits`](crate::Access::admits),
+//! the very check the helper makes.
 
 use crate::authorize::entry_names;
-use crate::{AuditTarget, Policy, Quotas, Uplink};
+use crate::{Admission, AuditTarget, Peer, Policy, Quotas, Uplink};
 
 /// Describes what the policy lets each user (or only `user`) do, one sentence per line.
 pub fn explain(policy: &Policy, user: Option<&str>) -> String {
     let lines = match user {
         None => everyone(policy),
-        Some(user) => one_user(policy, user, None),
+        Some(user) => one_user(policy, user, verdict(policy, user)),
     };
     finish(lines)
 }
 
-/// Describes what `user` may do, knowing the groups it is in (names, or decimal gids for groups
-/// without a name), one sentence per line.
-pub fn explain_with_groups(policy: &Policy, user: &str, groups: &[String]) -> String {
-    finish(one_user(policy, user, Some(groups)))
+/// Describes what the account `peer` may do, one sentence per line: whether it may connect is
+/// decided by [`Access::admits`](crate::Access::admits), as the helper decides it, and said with
+/// the entry that admits it; a peer outside the socket's group is told so too.
+pub fn explain_peer(policy: &Policy, peer: &Peer) -> String {
+    let user = peer.user.clone().unwrap_or_else(|| peer.uid.to_string());
+    let label = user_label(&user);
+    let verdict = match policy.access.admits(peer) {
+        Some(Admission::User(entry)) => {
+            Verdict::Yes(format!("{label} may connect (listed in access.users as \"{entry}\")."))
+        }
+        Some(Admission::Group(entry)) => Verdict::Yes(format!(
+            "{label} may connect (a member of {}, listed in access.groups).",
+            group_label(&entry)
+        )),
+        None => Verdict::No,
+    };
+    let mut lines = one_user(policy, &user, verdict);
+    let socket_group = &policy.access.socket_group;
+    let in_socket_group = peer.group_names.iter().any(|g| entry_names(socket_group, Some(g), None))
+        || peer.groups.iter().any(|g| entry_names(socket_group, None, Some(*g)));
+    if !in_socket_group {
+        lines.insert(
+            1,
+            format!(
+                "{label} is not in {} and so cannot reach the socket: add it (usermod -aG {socket_group} {user}).",
+                group_label(socket_group)
+            ),
+        );
+    }
+    finish(lines)
 }
 
 fn finish(lines: Vec<String>) -> String {
@@ -113,45 +141,27 @@ enum Verdict {
     No,
 }
 
-fn verdict(policy: &Policy, user: &str, groups: Option<&[String]>) -> Verdict {
+/// The verdict for a user known only by name or uid, without its groups.
+fn verdict(policy: &Policy, user: &str) -> Verdict {
     let access = &policy.access;
     let (name, uid) = if is_id(user) { (None, user.parse().ok()) } else { (Some(user), None) };
     if access.users.iter().any(|e| entry_names(e, name, uid)) {
         return Verdict::Yes(format!("{} may connect (listed in access.users).", user_label(user)));
     }
-    match groups {
-        Some(groups) => {
-            let hit = access.groups.iter().find(|entry| {
-                groups.iter().any(|g| {
-                    let (name, gid) =
-                        if is_id(g) { (None, g.parse().ok()) } else { (Some(g.as_str()), None) };
-                    entry_names(entry, name, gid)
-                })
-            });
-            match hit {
-                Some(entry) => Verdict::Yes(format!(
-                    "{} may connect (a member of {}, listed in access.groups).",
-                    user_label(user),
-                    group_label(entry)
-                )),
-                None => Verdict::No,
-            }
-        }
-        None if access.groups.is_empty() => Verdict::No,
-        None => {
-            let groups: Vec<String> = access.groups.iter().map(|g| group_label(g)).collect();
-            Verdict::Maybe(format!(
-                "{} is not in access.users and may connect only as a member of {} (access.groups).",
-                user_label(user),
-                list(&groups, "or")
-            ))
-        }
+    if access.groups.is_empty() {
+        return Verdict::No;
     }
+    let groups: Vec<String> = access.groups.iter().map(|g| group_label(g)).collect();
+    Verdict::Maybe(format!(
+        "{} is not in access.users and may connect only as a member of {} (access.groups).",
+        user_label(user),
+        list(&groups, "or")
+    ))
 }
 
-fn one_user(policy: &Policy, user: &str, groups: Option<&[String]>) -> Vec<String> {
+fn one_user(policy: &Policy, user: &str, verdict: Verdict) -> Vec<String> {
     let label = user_label(user);
-    let mut lines = match verdict(policy, user, groups) {
+    let mut lines = match verdict {
         Verdict::No => {
             return vec![format!(
                 "{label} may not connect: add {user} to access.users or one of its groups to access.groups."
@@ -330,14 +340,50 @@ log = "/var/log/banger/audit.log"
         assert!(
             text.contains("bob may run at most 1 VM, 1 TAP device and 1 loop device (quotas.users.bob).")
         );
-        let text = explain_with_groups(&p, "bob", &["users".into(), "kvm".into()]);
+    }
+
+    fn account(user: &str, uid: u32, groups: &[(&str, u32)]) -> Peer {
+        Peer {
+            uid,
+            gid: uid,
+            pid: 1,
+            user: Some(user.into()),
+            groups: groups.iter().map(|(_, gid)| *gid).collect(),
+            group_names: groups.iter().map(|(name, _)| (*name).to_owned()).collect(),
+            install: None,
+        }
+    }
+
+    #[test]
+    fn an_account_is_decided_as_the_helper_decides() {
+        let p = policy(SAMPLE);
+        let bob = account("bob", 1002, &[("users", 100), ("kvm", 994), ("banger", 995)]);
+        assert!(p.access.admits(&bob).is_some());
+        let text = explain_peer(&p, &bob);
         assert_eq!(lines(&text)[0], "bob may connect (a member of group kvm, listed in access.groups).");
-        let text = explain_with_groups(&p, "bob", &["users".into(), "300".into()]);
+        assert!(text.contains("bob may run at most 1 VM"), "{text}");
+        let text = explain_peer(&p, &account("bob", 1002, &[("staff", 300), ("banger", 995)]));
         assert_eq!(lines(&text)[0], "bob may connect (a member of gid 300, listed in access.groups).");
-        let text = explain_with_groups(&p, "bob", &["users".into()]);
+        let text = explain_peer(&p, &account("carol", 1005, &[("banger", 995)]));
+        assert_eq!(lines(&text)[0], "carol may connect (listed in access.users as \"1005\").");
+        let nobody = account("bob", 1002, &[("users", 100), ("banger", 995)]);
+        assert_eq!(p.access.admits(&nobody), None);
         assert_eq!(
-            text,
+            explain_peer(&p, &nobody),
             "bob may not connect: add bob to access.users or one of its groups to access.groups.\n"
+        );
+    }
+
+    #[test]
+    fn an_account_outside_the_socket_group_is_told_to_join_it() {
+        let p = policy(SAMPLE);
+        let text = explain_peer(&p, &account("alice", 1001, &[("users", 100)]));
+        assert_eq!(
+            lines(&text)[..2],
+            [
+                "alice may connect (listed in access.users as \"alice\").",
+                "alice is not in group banger and so cannot reach the socket: add it (usermod -aG banger alice)."
+            ]
         );
     }
 

@@ -70,7 +70,7 @@ pub use addr::VmSubnet;
 pub use authorize::{
     Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
 };
-pub use explain::{explain, explain_with_groups};
+pub use explain::{explain, explain_peer};
 pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
 pub use model::*;
 pub use parse::PolicyError;

@@ -121,7 +121,7 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_ftruncate, "std"),
         (libc::SYS_renameat, "ledger"),
         (libc::SYS_renameat2, "ledger"),
-        (libc::SYS_unlinkat, "ledger temporary file; dm nodes"),
+        (libc::SYS_unlinkat, "ledger temporary file; forwarding record; dm nodes"),
         (libc::SYS_mkdirat, "state directory"),
         (libc::SYS_fchownat, "loop and dm device node owner"),
         (libc::SYS_fchown, "loop and dm device node owner"),

@@ -36,6 +36,7 @@ use crate::kernel::{Dm as _, Kernel, Loops as _};
 use crate::ledger_store::LedgerStore;
 
 pub mod dm;
+pub mod forwarding;
 pub mod list;
 pub mod loopdev;
 pub mod nat;
@@ -51,6 +52,11 @@ pub struct State {
     pub ledger: Ledger,
     /// Where it is saved; `None` keeps it in memory only (tests, benchmarks of the floor).
     store: Option<LedgerStore>,
+    /// The value `net.ipv4.ip_forward` had before this helper turned it on (see [`forwarding`]),
+    /// saved beside the ledger.
+    forwarding: Option<String>,
+    /// When this machine booted ([`crate::ledger_store::boot_epoch`]), to date that record.
+    boot: i64,
 }
 
 impl State {
@@ -69,6 +75,19 @@ impl State {
             tracing::error!("{e}: {:?}", std::error::Error::source(&e));
             HelperError::internal(format!("the ledger could not be saved ({e})"))
         })
+    }
+
+    /// Records (saved first) that the helper holds `ip_forward` on and the value it had before,
+    /// or, with `None`, that it does not.
+    pub(crate) fn set_forwarding(&mut self, earlier: Option<String>) -> Result<(), HelperError> {
+        if let Some(store) = &self.store {
+            store.save_forwarding(earlier.as_deref(), self.boot).map_err(|e| {
+                tracing::error!("{e}: {:?}", std::error::Error::source(&e));
+                HelperError::internal(format!("the forwarding record could not be saved ({e})"))
+            })?;
+        }
+        self.forwarding = earlier;
+        Ok(())
     }
 }
 
@@ -137,10 +156,17 @@ impl<K: Kernel> Helper<K> {
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
         };
+        let boot = crate::ledger_store::boot_epoch();
+        let forwarding = store.as_ref().and_then(|s| {
+            s.load_forwarding(boot)
+                .map_err(|e| tracing::error!("{e}; net.ipv4.ip_forward will not be put back"))
+                .ok()
+                .flatten()
+        });
         Helper {
             policy,
             kernel,
-            state: Mutex::new(State { ledger, store }),
+            state: Mutex::new(State { ledger, store, forwarding, boot }),
             audit,
             capabilities,
             inspect_timeout: loopdev::INSPECT_TIMEOUT,

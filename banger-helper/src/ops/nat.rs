@@ -2,7 +2,8 @@
 //!
 //! The policy granted the VM's TAP from the ledger (its guest address comes from there, never
 //! from the client). In order: the uplink is the policy's or the interface of the IPv4 default
-//! route, which must be an [`IfName`] (the policy's already is); `ip_forward` is turned on; the
+//! route, which must be an [`IfName`] (the policy's already is); `ip_forward` is turned on
+//! ([`super::forwarding`]: put back after the last NAT, and at once if this one fails); the
 //! helper reads its chains, works out the difference to the VM's rules
 //! ([`crate::firewall::vm_rules`]) and applies it as one batch — nothing when already in place;
 //! the NAT is recorded. The rules go with [`super::teardown`], found by their tag.
@@ -14,9 +15,8 @@ use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
 use crate::firewall::{VmRules, plan_vm_rules, vm_rules};
-use crate::kernel::{Firewall as _, Kernel, Links as _, Sysctl as _};
+use crate::kernel::{Firewall as _, Kernel, Links as _};
 use crate::names::VmKey;
-use crate::sysctl_key::SysctlKey;
 
 impl<K: Kernel> Helper<K> {
     /// The interface guests' traffic leaves by.
@@ -41,17 +41,6 @@ impl<K: Kernel> Helper<K> {
         })
     }
 
-    /// Turns IPv4 forwarding on in this network namespace (left on afterwards: other users of
-    /// the host may rely on it too).
-    fn enable_forwarding(&self) -> Result<(), HelperError> {
-        let key = SysctlKey::ip_forward();
-        let sysctl = self.kernel.sysctl();
-        if sysctl.read(&key)? != "1" {
-            sysctl.write(&key, "1")?;
-        }
-        Ok(())
-    }
-
     pub(crate) async fn nat_up(
         &self,
         st: &mut State,
@@ -66,7 +55,7 @@ impl<K: Kernel> Helper<K> {
         let result = async {
             let uplink = self.uplink().await?;
             names.push(uplink.to_string());
-            self.enable_forwarding()?;
+            self.enable_forwarding(st)?;
             let firewall = self.kernel.firewall();
             let view = firewall.read().await?;
             let rules = VmRules { key: key.clone(), tap, guest_ip, host_ip, uplink: uplink.to_string() };
@@ -99,6 +88,9 @@ impl<K: Kernel> Helper<K> {
             Ok(NatInfo { install: c.install.clone(), vm: vm.clone(), guest_ip, uplink: uplink.to_string() })
         }
         .await;
+        if result.is_err() {
+            self.restore_forwarding(st);
+        }
         Done::new(names, result)
     }
 }

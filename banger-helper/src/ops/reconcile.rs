@@ -19,7 +19,9 @@
 //! - a node in the node directory that no dm entry names is taken back and unlinked: that
 //!   directory is the helper's alone, so whatever is in it is a node the helper made, and a node
 //!   left there could name a device number the kernel hands out again;
-//! - leases stay: they are the uid's for good.
+//! - leases stay: they are the uid's for good;
+//! - with no NAT left, `net.ipv4.ip_forward` goes back to the value it had before the helper
+//!   turned it on, if it did ([`super::forwarding`]).
 
 use std::collections::BTreeSet;
 
@@ -196,6 +198,7 @@ impl<K: Kernel> Helper<K> {
                 }
             }
         }
+        self.restore_forwarding(&mut st);
         report
     }
 }

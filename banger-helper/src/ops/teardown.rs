@@ -209,6 +209,9 @@ impl<K: Kernel> Helper<K> {
         if let Err(e) = recorded {
             return Done::new(names, Err(e));
         }
+        if nat_gone {
+            self.restore_forwarding(st);
+        }
         let failed: BTreeSet<&VmId> = report.failures.iter().map(|f| &f.vm).collect();
         report.torn_down = vms.iter().filter(|vm| !failed.contains(vm)).cloned().collect();
         let dropped = fit_lists(

@@ -42,6 +42,13 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Check that this host and your user can run VMs: one line per check, with the fix for
+    /// each failure; exits non-zero when a required check fails.
+    Doctor {
+        /// Print a JSON array of the checks.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The shape of a VM at creation.

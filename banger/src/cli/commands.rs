@@ -43,6 +43,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Daemon(DaemonCommand::Stop) => daemon_stop(&ctx).await,
         Command::Vm(cmd) => vm(&ctx, cmd).await,
         Command::Image(cmd) => image(&ctx, cmd).await,
+        Command::Doctor { json } => doctor(&ctx, json).await,
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
 }
@@ -59,6 +60,29 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     clap_mangen::generate_to(Cli::command(), dir)
         .with_context(|| format!("cannot write the manual pages into {}", dir.display()))
+}
+
+/// `banger doctor`: every check, one line each (or JSON); exit 1 when a required one fails.
+async fn doctor(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
+    use crate::doctor::{self, Setup, host::SystemHost};
+    let setup = Setup {
+        kvm: "/dev/kvm".into(),
+        tun: "/dev/net/tun".into(),
+        helper_socket: ctx.config.helper_socket.clone(),
+        firecracker: ctx.config.resolve_firecracker().map_err(|e| e.to_string()),
+        state_dir: ctx.paths.state_dir().to_owned(),
+        images_dir: ctx.paths.images_dir(),
+        root: "/".into(),
+    };
+    let checks = doctor::run(&SystemHost::default(), &setup).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        for check in &checks {
+            println!("{}", check.line());
+        }
+    }
+    Ok(if doctor::passed(&checks) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 struct Ctx {
@@ -112,11 +136,13 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 println!("bangerd {} running (pid {}), install {}", s.version, s.pid, s.install_id);
                 println!("  socket:      {}", ctx.paths.daemon_socket().display());
-                println!(
-                    "  helper:      {} ({})",
-                    s.helper_socket.display(),
-                    if s.helper_reachable { "reachable" } else { "NOT reachable" }
-                );
+                match (&s.helper_problem, s.helper_reachable) {
+                    (_, true) => println!("  helper:      {} (reachable)", s.helper_socket.display()),
+                    (Some(why), false) => {
+                        println!("  helper:      {} (NOT reachable: {why})", s.helper_socket.display())
+                    }
+                    (None, false) => println!("  helper:      {} (NOT reachable)", s.helper_socket.display()),
+                }
                 println!("  firecracker: {}", s.firecracker.display());
                 println!("  storage:     {}", s.storage);
                 println!("  running vms: {}", s.running_vms);

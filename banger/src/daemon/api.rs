@@ -246,6 +246,8 @@ pub(crate) mod tests {
         pub daemon: Arc<Daemon>,
         /// Its VMM.
         pub vmm: Arc<FakeVmm>,
+        /// Its helper.
+        pub helper: Arc<FakeHelper>,
     }
 
     /// A daemon over fakes with no image, its VMM binary not found.
@@ -266,7 +268,8 @@ pub(crate) mod tests {
             crate::daemon::lifecycle::tests::import_test_image(&store, &paths, dir.path());
             config.firecracker = "/bin/true".into();
         }
-        let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let fake = Arc::new(FakeHelper::new(store.install_id().clone()));
+        let helper = fake.clone();
         let procs = Arc::new(FakeProcesses::new());
         let vmm = Arc::new(FakeVmm::new(procs.clone()));
         let deps =
@@ -279,7 +282,27 @@ pub(crate) mod tests {
         let sock = paths.daemon_socket();
         let listener = UnixListener::bind(&sock).unwrap();
         tokio::spawn(serve(listener, daemon.clone()));
-        Served { dir, client: DaemonClient::new(sock), daemon, vmm }
+        Served { dir, client: DaemonClient::new(sock), daemon, vmm, helper: fake }
+    }
+
+    #[tokio::test]
+    async fn the_status_says_why_the_helper_is_unreachable() {
+        let Served { dir: _dir, client, helper, .. } = serve_fakes(false).await;
+        let status = client.status().await.unwrap();
+        assert!(status.helper_reachable && status.helper_problem.is_none(), "{status:?}");
+        helper.set_unreachable(true);
+        let status = client.status().await.unwrap();
+        assert!(!status.helper_reachable);
+        let why = status.helper_problem.unwrap();
+        assert!(why.starts_with("banger-helper is not running"), "{why}");
+        assert!(why.contains("; fix: sudo systemctl start banger-helper.socket"), "{why}");
+        helper.set_unreachable(false);
+        helper.fail(
+            "ping",
+            banger_protocol::HelperError::Denied { rule: "access".into(), reason: "not admitted".into() },
+        );
+        let why = client.status().await.unwrap().helper_problem.unwrap();
+        assert!(why.starts_with("banger-helper refuses this user: denied by policy rule `access`"), "{why}");
     }
 
     #[tokio::test]

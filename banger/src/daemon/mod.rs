@@ -244,8 +244,15 @@ impl Daemon {
     /// `GET /v1/status`.
     pub async fn status(&self) -> Result<Status, DaemonError> {
         // Every CLI command asks for the status; a helper that hangs must not hang them.
-        let helper_reachable =
-            matches!(tokio::time::timeout(Duration::from_secs(2), self.helper.ping()).await, Ok(Ok(())));
+        let helper_problem = match tokio::time::timeout(Duration::from_secs(2), self.helper.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => {
+                let (why, fix) = crate::doctor::checks::helper_problem(&e);
+                Some(format!("{why}; fix: {fix}"))
+            }
+            Err(_) => Some("banger-helper did not answer a ping within 2s; see its log".to_owned()),
+        };
+        let helper_reachable = helper_problem.is_none();
         let vms = self.with_store(|s| s.list_vms())?;
         let running_vms = vms
             .iter()
@@ -259,6 +266,7 @@ impl Daemon {
             helper_socket: self.config.helper_socket.clone(),
             firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
             helper_reachable,
+            helper_problem,
             running_vms,
         })
     }
