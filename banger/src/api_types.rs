@@ -17,6 +17,7 @@
 //! | GET | `/v1/vms/{name}/logs?bytes=N[&vmm=true][&run=current]` | | log tail (text) |
 //! | GET | `/v1/images` | | `[ImageView]` |
 //! | POST | `/v1/images` | [`ImportImage`] | [`ImageView`] (201) |
+//! | POST | `/v1/images?progress=true` | [`ImportImage`] | [`ImportEvent`]s, one JSON object a line |
 //! | DELETE | `/v1/images/{name}` | | `{}` |
 //!
 //! A stop, and a delete of a running VM, ask the guest to shut down (Ctrl-Alt-Del) and kill its
@@ -27,9 +28,12 @@
 //! (default 16 KiB) across the current run and the one before, or with `run=current` only of
 //! the current run (since the last start), from a line's start.
 //!
-//! A start with `progress=true` answers 200 at once and then streams one [`StartEvent`] a line
-//! (`application/x-ndjson`): each step as it begins, then the VM or the error, which carries the
-//! status the plain start would have answered with.
+//! A start or an import with `progress=true` answers 200 at once and then streams one
+//! [`ProgressEvent`] a line (`application/x-ndjson`): each step as it begins (an import's copies
+//! and hashes followed by the bytes done), then the VM or the image, or the error, which carries
+//! the status the plain request would have answered with. A request refused before any work
+//! (an unknown VM; a bad body, an invalid or taken image name) is answered at once, as without
+//! `progress=true`.
 //!
 //! Errors answer 4xx/5xx with [`ErrorBody`].
 
@@ -165,22 +169,35 @@ pub struct ImageView {
     pub created_at: i64,
 }
 
-/// One line of a start's progress stream.
+/// One line of a progress stream (a start's or an import's): steps, then the outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StartEvent {
+pub enum ProgressEvent<T> {
     /// A step begins (e.g. `setting up the network`).
     Step(String),
-    /// The VM runs.
-    Done(Box<VmView>),
-    /// The start failed.
+    /// The current step is `done` bytes through `total` (a copy or a hash).
+    Bytes {
+        /// Bytes done.
+        done: u64,
+        /// Bytes in all.
+        total: u64,
+    },
+    /// The work is done: the VM runs, or the image is imported.
+    Done(Box<T>),
+    /// The work failed.
     Failed {
-        /// The status the plain start would have answered with.
+        /// The status the request without `progress=true` would have answered with.
         status: u16,
         /// What went wrong and what to do.
         error: String,
     },
 }
+
+/// One line of a start's progress stream.
+pub type StartEvent = ProgressEvent<VmView>;
+
+/// One line of an import's progress stream.
+pub type ImportEvent = ProgressEvent<ImageView>;
 
 /// Every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! helper down, and a user the policy does not allow. Each is a clear error, and none creates a
 //! kernel object or a process.
 
+use banger_tests::e2e::world::IMAGE;
 use banger_tests::e2e::{Output, Who, World, proc};
 
 const A: Who = Who::A;
@@ -83,7 +84,19 @@ fn bad_input_is_a_clear_error_and_creates_nothing() {
     // A user the policy does not allow (C is not in the group): a clear refusal and no kernel
     // object. The VM that `vm run` defined stays in C's own database, stopped; removing it goes
     // through the helper too, which refuses C, so it is left to the world's teardown.
-    world.import_image(Who::C);
+    // An import needs no helper. Its steps go to standard error, one plain line each when that
+    // is not a terminal (here a pipe); with --json, only the image on standard output.
+    let (k, r) = (world.kernel.display().to_string(), world.rootfs.display().to_string());
+    let out = world.banger_ok(Who::C, &["image", "import", IMAGE, "--kernel", &k, "--rootfs", &r]);
+    for step in ["checking the kernel", "copying the root filesystem", "hashing the root filesystem"] {
+        assert!(out.stderr.lines().any(|l| l.starts_with(&format!("image {IMAGE}: {step}"))), "{out}");
+    }
+    assert!(!out.stderr.contains('\r') && !out.stderr.contains('\x1b'), "{out}");
+    let out =
+        world.banger_ok(Who::C, &["image", "import", "other", "--kernel", &k, "--rootfs", &r, "--json"]);
+    assert_eq!(out.stderr, "", "{out}");
+    let img: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(img["name"], "other", "{out}");
     let out = world.vm_run(Who::C, "c1", &["true"]);
     out.failed().mentions_any(&["denied", "not allowed"]);
     nothing_created(&world, &out);

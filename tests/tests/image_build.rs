@@ -69,7 +69,7 @@ fn build_or_reuse() -> Result<Built, String> {
         let log = cache.join("mmdebstrap.log");
         eprintln!("building the default image into {} (log: {})", dir.display(), log.display());
         let started = Instant::now();
-        image_build::build(&apt, &dir, Some(&log)).unwrap_or_else(|e| {
+        image_build::build(&apt, &dir, &log, &mut |_| {}).unwrap_or_else(|e| {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(40).collect();
             panic!("image build failed: {e}\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))

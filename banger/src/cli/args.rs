@@ -100,7 +100,8 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Boot a VM.
+    /// Boot a VM, showing its steps on standard error (one line redrawn on a terminal, one
+    /// plain line per step otherwise, nothing with --json).
     Start {
         /// The VM's name.
         name: String,
@@ -201,7 +202,9 @@ impl VmCommand {
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Copy a kernel and a root filesystem into your banger state under a name, read-only (an
-    /// imported image must never change: VM disks are built on it).
+    /// imported image must never change: VM disks are built on it). Shows on standard error the
+    /// check, copy and hash of each file: one line redrawn on a terminal, with the bytes done;
+    /// one plain line per step otherwise; nothing with --json.
     Import {
         /// The image's name.
         name: String,
@@ -215,15 +218,24 @@ pub enum ImageCommand {
         /// Debian's).
         #[arg(long)]
         initrd: Option<PathBuf>,
+        /// Print the image as JSON, and no progress.
+        #[arg(long)]
+        json: bool,
     },
     /// Build a Debian image as you, without root, and import it: Debian's kernel (as an ELF
     /// vmlinux) with an initrd, and an ext4 root filesystem with systemd, an SSH server and its
     /// network from the kernel command line. Uses mmdebstrap (unshare mode, which needs your
     /// subordinate ids in /etc/subuid and /etc/subgid) with this host's apt sources and
-    /// options. `vm run` and `vm create` build it when no image exists yet.
+    /// options. `vm run` and `vm create` build it when no image exists yet. Shows on standard
+    /// error the stages mmdebstrap reports, the kernel's extraction, the checks, the resize and
+    /// the import (as `image import` does); mmdebstrap's own output goes to image-build.log in
+    /// your banger state directory.
     Build {
         /// The image's name (default: debian).
         name: Option<String>,
+        /// Print the image as JSON, and no progress.
+        #[arg(long)]
+        json: bool,
     },
     /// List imported images.
     List {

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
-use crate::api_types::{ErrorBody, StartEvent, Status};
+use crate::api_types::{ErrorBody, ProgressEvent, Status};
 
 /// How long a freshly started daemon may take to answer.
 pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -189,16 +189,28 @@ impl DaemonClient {
         sender.send_request(req).await.map_err(|e| self.lost(e))
     }
 
-    /// `POST /v1/vms/{name}/start?progress=true` (`path` is the VM's start path): the start's
-    /// events, read one at a time with [`StartEvents::next`].
-    pub async fn start_with_progress(&self, path: &str) -> Result<StartEvents, ClientError> {
-        let resp = self.send(Method::POST, &format!("{path}?progress=true"), None).await?;
+    /// A request with `progress=true` (`path` is without a query): the work's events, read one
+    /// at a time with [`ProgressEvents::next`]. A request refused before any work is this
+    /// error.
+    pub async fn with_progress<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<ProgressEvents<T>, ClientError> {
+        let body = body.map(|b| serde_json::to_vec(b).expect("request bodies serialize"));
+        let resp = self.send(method, &format!("{path}?progress=true"), body).await?;
         let status = resp.status();
         if !status.is_success() {
             let bytes = resp.into_body().collect().await.map_err(|e| self.lost(e))?.to_bytes();
             return Err(decode::<()>(&self.socket, status, &bytes).unwrap_err());
         }
-        Ok(StartEvents { client: self.clone(), body: resp.into_body(), buf: Vec::new() })
+        Ok(ProgressEvents {
+            client: self.clone(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            outcome: std::marker::PhantomData,
+        })
     }
 
     /// Sends a request with an optional JSON body and decodes a JSON answer.
@@ -219,18 +231,20 @@ impl DaemonClient {
     }
 }
 
-/// A start's events as the daemon sends them (see [`StartEvent`]).
+/// The events of a request with `progress=true` as the daemon sends them (see
+/// [`ProgressEvent`]); `T` is the outcome's type.
 #[derive(Debug)]
-pub struct StartEvents {
+pub struct ProgressEvents<T> {
     client: DaemonClient,
     body: Incoming,
     /// What has come of a line not yet whole.
     buf: Vec<u8>,
+    outcome: std::marker::PhantomData<fn() -> T>,
 }
 
-impl StartEvents {
+impl<T: DeserializeOwned> ProgressEvents<T> {
     /// The next event; `None` once the daemon has sent them all.
-    pub async fn next(&mut self) -> Result<Option<StartEvent>, ClientError> {
+    pub async fn next(&mut self) -> Result<Option<ProgressEvent<T>>, ClientError> {
         loop {
             if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.buf.drain(..=end).collect();

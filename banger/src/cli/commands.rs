@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use hyper::Method;
 
-use crate::api_types::{CreateVm, ImageView, ImportImage, StartEvent, Status, VmView};
+use crate::api_types::{CreateVm, ImageView, ImportImage, ProgressEvent, Status, VmView};
 use crate::cli::args::{Cli, Command, DaemonCommand, ImageCommand, ShutdownArgs, VmCommand, VmShape};
-use crate::cli::client::{ClientError, DaemonClient, connect_or_start};
+use crate::cli::client::{ClientError, DaemonClient, ProgressEvents, connect_or_start};
 use crate::cli::progress::{Mode, Reporter, TICK};
 use crate::config::Config;
 use crate::image_build;
@@ -291,7 +291,7 @@ async fn vm(ctx: &Ctx, cmd: VmCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         VmCommand::Create { name, name_flag, shape, json } => {
             let name = VmCommand::create_name(name, name_flag);
-            ensure_an_image(ctx, &d, &shape).await?;
+            ensure_an_image(ctx, &d, &shape, Mode::detect(json)).await?;
             let vm: VmView = d.call(Method::POST, "/v1/vms", Some(&create_body(&name, &shape))).await?;
             if json { print_vm(&vm, true)? } else { println!("created vm {} ({})", vm.name, vm.id) }
         }
@@ -394,18 +394,44 @@ async fn start_vm<W: std::io::Write>(
     if shown.quiet() {
         return Ok(d.call::<(), _>(Method::POST, &path, None).await?);
     }
-    let mut events = d.start_with_progress(&path).await?;
+    let events = d.with_progress::<(), _>(Method::POST, &path, None).await?;
+    follow_progress(shown, events, &format!("the start of vm {name}")).await
+}
+
+/// Imports an image, showing its steps and bytes on `shown` as the daemon reports them (or,
+/// when `shown` is quiet, with a plain request).
+async fn import_image<W: std::io::Write>(
+    d: &DaemonClient,
+    body: &ImportImage,
+    shown: &mut Reporter<W>,
+) -> anyhow::Result<ImageView> {
+    if shown.quiet() {
+        return Ok(d.call(Method::POST, "/v1/images", Some(body)).await?);
+    }
+    let events = d.with_progress(Method::POST, "/v1/images", Some(body)).await?;
+    follow_progress(shown, events, &format!("the import of image {}", body.name)).await
+}
+
+/// Shows a progress stream's steps and bytes on `shown` until its outcome (`what` names the
+/// work in the error when the stream ends without one).
+async fn follow_progress<W: std::io::Write, T: serde::de::DeserializeOwned>(
+    shown: &mut Reporter<W>,
+    mut events: ProgressEvents<T>,
+    what: &str,
+) -> anyhow::Result<T> {
     let outcome = loop {
-        let event = ticking(shown, events.next()).await?;
+        let event = match ticking(shown, events.next()).await {
+            Ok(event) => event,
+            Err(e) => break Err(e.into()),
+        };
         match event {
-            Some(StartEvent::Step(step)) => shown.step(&step),
-            Some(StartEvent::Done(vm)) => break Ok(*vm),
-            Some(StartEvent::Failed { status, error }) => {
+            Some(ProgressEvent::Step(step)) => shown.step(&step),
+            Some(ProgressEvent::Bytes { done, total }) => shown.bytes(done, total),
+            Some(ProgressEvent::Done(done)) => break Ok(*done),
+            Some(ProgressEvent::Failed { status, error }) => {
                 break Err(ClientError::Api { status, message: error }.into());
             }
-            None => {
-                break Err(anyhow!("bangerd ended the answer to the start of vm {name} without its outcome"));
-            }
+            None => break Err(anyhow!("bangerd ended the answer to {what} without its outcome")),
         }
     };
     shown.finish();
@@ -517,7 +543,7 @@ async fn create_start_and_run(
     let vm = match existing {
         Ok(vm) => vm,
         Err(ClientError::Api { status: 404, .. }) => {
-            ensure_an_image(ctx, d, shape).await?;
+            ensure_an_image(ctx, d, shape, progress).await?;
             d.call(Method::POST, "/v1/vms", Some(&create_body(name, shape))).await?
         }
         Err(e) => return Err(e.into()),
@@ -539,9 +565,17 @@ async fn create_start_and_run(
     run_ssh(ctx, &vm, ip, command)
 }
 
+/// The file mmdebstrap's output of the last image build goes to, in the state directory.
+const BUILD_LOG: &str = "image-build.log";
+
 /// Builds an image as this user ([`image_build`]) in a private directory of the state
-/// directory, and imports it with its initrd.
-async fn build_image(ctx: &Ctx, d: &DaemonClient, name: &str) -> anyhow::Result<ImageView> {
+/// directory, and imports it with its initrd, showing the steps of both on `shown`.
+async fn build_image<W: std::io::Write>(
+    ctx: &Ctx,
+    d: &DaemonClient,
+    name: &str,
+    shown: &mut Reporter<W>,
+) -> anyhow::Result<ImageView> {
     crate::ids::validate_name(name).map_err(|e| anyhow!("invalid image name {name:?}: {e}"))?;
     let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;
     if imgs.iter().any(|i| i.name == name) {
@@ -558,33 +592,54 @@ async fn build_image(ctx: &Ctx, d: &DaemonClient, name: &str) -> anyhow::Result<
         .prefix(".build-")
         .tempdir_in(ctx.paths.state_dir())
         .with_context(|| format!("cannot make a build directory in {}", ctx.paths.state_dir().display()))?;
-    eprintln!(
-        "building image {name}: Debian {} from this host's apt sources, with mmdebstrap as {user} (a few minutes)",
-        apt.suite
-    );
+    let log = ctx.paths.state_dir().join(BUILD_LOG);
+    if !shown.quiet() {
+        eprintln!(
+            "building image {name}: Debian {} from this host's apt sources, with mmdebstrap as {user} (a few minutes; its output goes to {})",
+            apt.suite,
+            log.display()
+        );
+    }
     let out = dir.path().to_owned();
-    let built = tokio::task::spawn_blocking(move || image_build::build(&apt, &out, None))
-        .await
-        .context("the image build task failed")??;
-    eprintln!("importing image {name}");
+    let (steps, mut told) = futures::channel::mpsc::unbounded::<String>();
+    let build = tokio::task::spawn_blocking(move || {
+        image_build::build(&apt, &out, &log, &mut |step| {
+            let _ = steps.unbounded_send(step.to_string());
+        })
+    });
+    // The sender goes with the build: the steps end when it does.
+    while let Some(step) = ticking(shown, futures::StreamExt::next(&mut told)).await {
+        shown.step(&step);
+    }
+    let built = match build.await.context("the image build task failed").and_then(|b| Ok(b?)) {
+        Ok(built) => built,
+        Err(e) => {
+            shown.finish();
+            return Err(e);
+        }
+    };
     let body = ImportImage {
         name: name.to_owned(),
         kernel: built.vmlinux,
         rootfs: built.rootfs,
         initrd: Some(built.initrd),
     };
-    Ok(d.call(Method::POST, "/v1/images", Some(&body)).await?)
+    import_image(d, &body, shown).await
 }
 
 /// With no image named and no default configured, and no image at all, builds the default one.
-async fn ensure_an_image(ctx: &Ctx, d: &DaemonClient, shape: &VmShape) -> anyhow::Result<()> {
+async fn ensure_an_image(ctx: &Ctx, d: &DaemonClient, shape: &VmShape, progress: Mode) -> anyhow::Result<()> {
     if shape.image.is_some() || ctx.config.default_image.is_some() {
         return Ok(());
     }
     let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;
     if imgs.is_empty() {
-        eprintln!("no image yet: building the default one ({})", image_build::DEFAULT_IMAGE);
-        build_image(ctx, d, image_build::DEFAULT_IMAGE).await?;
+        let name = image_build::DEFAULT_IMAGE;
+        let mut shown = Reporter::new(progress, std::io::stderr(), format!("image {name}"));
+        if !shown.quiet() {
+            eprintln!("no image yet: building the default one ({name})");
+        }
+        build_image(ctx, d, name, &mut shown).await?;
     }
     Ok(())
 }
@@ -592,19 +647,29 @@ async fn ensure_an_image(ctx: &Ctx, d: &DaemonClient, shape: &VmShape) -> anyhow
 async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let d = ctx.daemon().await?;
     match cmd {
-        ImageCommand::Import { name, kernel, rootfs, initrd } => {
+        ImageCommand::Import { name, kernel, rootfs, initrd, json } => {
             let abs = |p: std::path::PathBuf| {
                 std::path::absolute(&p).with_context(|| format!("bad path {}", p.display()))
             };
             let initrd = initrd.map(abs).transpose()?;
+            let mut shown = Reporter::new(Mode::detect(json), std::io::stderr(), format!("image {name}"));
             let body = ImportImage { name, kernel: abs(kernel)?, rootfs: abs(rootfs)?, initrd };
-            let img: ImageView = d.call(Method::POST, "/v1/images", Some(&body)).await?;
-            println!("imported image {} ({} bytes)", img.name, img.size_bytes);
+            let img = import_image(&d, &body, &mut shown).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&img)?);
+            } else {
+                println!("imported image {} ({} bytes)", img.name, img.size_bytes);
+            }
         }
-        ImageCommand::Build { name } => {
+        ImageCommand::Build { name, json } => {
             let name = name.unwrap_or_else(|| image_build::DEFAULT_IMAGE.to_owned());
-            let img = build_image(ctx, &d, &name).await?;
-            println!("built and imported image {} ({} bytes)", img.name, img.size_bytes);
+            let mut shown = Reporter::new(Mode::detect(json), std::io::stderr(), format!("image {name}"));
+            let img = build_image(ctx, &d, &name, &mut shown).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&img)?);
+            } else {
+                println!("built and imported image {} ({} bytes)", img.name, img.size_bytes);
+            }
         }
         ImageCommand::List { json } => {
             let imgs: Vec<ImageView> = d.call::<(), _>(Method::GET, "/v1/images", None).await?;
@@ -755,6 +820,59 @@ mod tests {
         let mut quiet = Reporter::new(Mode::Quiet, Vec::new(), "vm dev");
         assert_eq!(start_vm(&s.client, "dev", &mut quiet).await.unwrap().state, "running");
         assert!(quiet.into_inner().is_empty());
+    }
+
+    #[tokio::test]
+    async fn import_shows_one_plain_line_per_step_and_nothing_when_quiet() {
+        let s = serve_fakes(false).await;
+        let kernel = s.dir.path().join("vmlinux");
+        let mut k = vec![0u8; 4096];
+        k[..4].copy_from_slice(b"\x7fELF");
+        (k[4], k[5]) = (2, 1);
+        k[18..20].copy_from_slice(&62u16.to_le_bytes());
+        std::fs::write(&kernel, k).unwrap();
+        let rootfs = s.dir.path().join("rootfs.ext4");
+        let f = std::fs::File::create(&rootfs).unwrap();
+        f.set_len(4 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+        let body = |name: &str| ImportImage {
+            name: name.into(),
+            kernel: kernel.clone(),
+            rootfs: rootfs.clone(),
+            initrd: None,
+        };
+
+        let mut shown = Reporter::new(Mode::Plain, Vec::new(), "image small");
+        let img = import_image(&s.client, &body("small"), &mut shown).await.unwrap();
+        assert_eq!(img.name, "small");
+        let text = String::from_utf8(shown.into_inner()).unwrap();
+        let steps: Vec<&str> = text
+            .lines()
+            .map(|l| l.strip_prefix("image small: ").unwrap().rsplit_once(" (").unwrap().0)
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "checking the kernel",
+                "checking the root filesystem",
+                "copying the kernel (4 KiB)",
+                "hashing the kernel (4 KiB)",
+                "copying the root filesystem (4 MiB)",
+                "hashing the root filesystem (4 MiB)",
+            ],
+            "{text}"
+        );
+        assert!(!text.contains('\r') && !text.contains(" of "), "no redraws, no bytes: {text:?}");
+
+        // Quiet (--json): nothing shown.
+        let mut quiet = Reporter::new(Mode::Quiet, Vec::new(), "image other");
+        assert_eq!(import_image(&s.client, &body("other"), &mut quiet).await.unwrap().name, "other");
+        assert!(quiet.into_inner().is_empty());
+
+        // A failure is the daemon's error, once; the line is left clean.
+        let mut shown = Reporter::new(Mode::Terminal, Vec::new(), "image small");
+        let err = import_image(&s.client, &body("small"), &mut shown).await.unwrap_err();
+        assert!(format!("{err:#}").contains("already exists"), "{err:#}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Showing where a long command is: on a terminal one line, redrawn, with the step and the time
-//! so far; otherwise one plain line per step (for logs); nothing with `--json`. Progress goes to
+//! Showing where a long command is: on a terminal one line, redrawn, with the step, the bytes
+//! done in it (a copy or a hash) and the time so far; otherwise one plain line per step (for
+//! logs); nothing with `--json`. Progress goes to
 //! standard error, so standard output keeps only the command's own answer.
 
 use std::io::{IsTerminal, Write};
@@ -39,12 +40,14 @@ pub struct Reporter<W: Write> {
     what: String,
     began: Instant,
     step: Option<String>,
+    /// The bytes done in the current step, and in all.
+    bytes: Option<(u64, u64)>,
 }
 
 impl<W: Write> Reporter<W> {
     /// A reporter whose clock starts now.
     pub fn new(mode: Mode, out: W, what: impl Into<String>) -> Self {
-        Reporter { mode, out, what: what.into(), began: Instant::now(), step: None }
+        Reporter { mode, out, what: what.into(), began: Instant::now(), step: None, bytes: None }
     }
 
     /// Whether anything is shown.
@@ -55,6 +58,7 @@ impl<W: Write> Reporter<W> {
     /// A step begins.
     pub fn step(&mut self, step: &str) {
         self.step = Some(step.to_owned());
+        self.bytes = None;
         match self.mode {
             Mode::Quiet => {}
             Mode::Plain => {
@@ -65,11 +69,25 @@ impl<W: Write> Reporter<W> {
         }
     }
 
-    /// Redraws a terminal's line with the time so far.
+    /// The current step is `done` bytes through `total`: shown on a terminal only (plain lines
+    /// stay one per step).
+    pub fn bytes(&mut self, done: u64, total: u64) {
+        self.bytes = Some((done, total));
+        self.tick();
+    }
+
+    /// Redraws a terminal's line with the bytes done and the time so far.
     pub fn tick(&mut self) {
         if let (Mode::Terminal, Some(step)) = (self.mode, &self.step) {
             let secs = self.began.elapsed().as_secs_f32();
-            let _ = write!(self.out, "\r\x1b[K{}: {step} ({secs:.1} s)", self.what);
+            let bytes = match self.bytes {
+                Some((done, total)) => {
+                    let size = crate::size::format_size;
+                    format!(": {} of {}", size(done), size(total))
+                }
+                None => String::new(),
+            };
+            let _ = write!(self.out, "\r\x1b[K{}: {step}{bytes} ({secs:.1} s)", self.what);
             let _ = self.out.flush();
         }
     }
@@ -102,6 +120,7 @@ mod tests {
     fn plain_lines_one_per_step_a_terminal_line_redrawn_and_nothing_when_quiet() {
         let mut plain = Reporter::new(Mode::Plain, Vec::new(), "vm dev");
         plain.step("setting up the network");
+        plain.bytes(1 << 20, 4 << 20);
         plain.tick();
         plain.step("booting the guest");
         plain.finish();
@@ -113,15 +132,23 @@ mod tests {
         assert!(!text.contains('\r') && !text.contains('\x1b'), "{text:?}");
 
         let mut term = Reporter::new(Mode::Terminal, Vec::new(), "vm dev");
+        term.step("copying the root filesystem");
+        term.bytes(1 << 20, 4 << 20);
         term.step("booting the guest");
         term.tick();
         term.finish();
         let text = String::from_utf8(term.into_inner()).unwrap();
+        assert_eq!(
+            text.matches("\r\x1b[Kvm dev: copying the root filesystem: 1 MiB of 4 MiB (").count(),
+            1,
+            "{text:?}"
+        );
         assert_eq!(text.matches("\r\x1b[Kvm dev: booting the guest (").count(), 2, "{text:?}");
         assert!(text.ends_with("\r\x1b[K") && !text.contains('\n'), "{text:?}");
 
         let mut quiet = Reporter::new(Mode::Quiet, Vec::new(), "vm dev");
         quiet.step("booting the guest");
+        quiet.bytes(1, 2);
         quiet.tick();
         quiet.finish();
         assert!(quiet.into_inner().is_empty());

@@ -16,7 +16,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
-use crate::api_types::{ErrorBody, StartEvent};
+use crate::api_types::{ErrorBody, ImportImage, ProgressEvent};
+use crate::daemon::images::ImportProgress;
 use crate::daemon::lifecycle::{MAX_STOP_GRACE, Shutdown, StartStep};
 use crate::daemon::{Daemon, DaemonError, chain};
 
@@ -124,32 +125,45 @@ fn shutdown_query(req: &Request<Incoming>) -> Result<Shutdown, DaemonError> {
     Ok(how)
 }
 
-/// `POST /v1/vms/{name}/start?progress=true`: the start runs on its own task (it finishes even
-/// if the client goes away), telling each step as a line of the answer, then the outcome. An
-/// unknown VM is answered at once, as by the plain start.
-fn start_with_progress(daemon: &Arc<Daemon>, name: &str) -> Response<Body> {
-    // A name that is no VM is refused before the stream begins, with its own status.
-    if let Err(e) = daemon.find(name) {
-        return error(e.status(), chain(&e));
-    }
-    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
-    let line = |event: &StartEvent| {
-        let mut line = serde_json::to_vec(event).expect("start events serialize");
+/// Where streamed work tells its progress: each call sends one [`ProgressEvent`] line. Cheap to
+/// clone and usable from any thread; once the client has gone away, sending does nothing (the
+/// work goes on).
+#[derive(Clone)]
+struct ProgressLines(futures::channel::mpsc::UnboundedSender<Bytes>);
+
+impl ProgressLines {
+    fn send<T: Serialize>(&self, event: &ProgressEvent<T>) {
+        let mut line = serde_json::to_vec(event).expect("progress events serialize");
         line.push(b'\n');
-        Bytes::from(line)
-    };
-    let (daemon, name) = (daemon.clone(), name.to_owned());
+        let _ = self.0.unbounded_send(Bytes::from(line));
+    }
+
+    fn step(&self, step: impl std::fmt::Display) {
+        self.send(&ProgressEvent::<()>::Step(step.to_string()));
+    }
+
+    fn bytes(&self, done: u64, total: u64) {
+        self.send(&ProgressEvent::<()>::Bytes { done, total });
+    }
+}
+
+/// A request with `progress=true`: `work` runs on its own task (it finishes even if the client
+/// goes away), telling its steps through the [`ProgressLines`] it is given; the answer is 200 at
+/// once, then one [`ProgressEvent`] a line, the last being the outcome.
+fn stream_progress<T, Fut>(work: impl FnOnce(ProgressLines) -> Fut) -> Response<Body>
+where
+    T: Serialize + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
+{
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Bytes>();
+    let lines = ProgressLines(tx);
+    let work = work(lines.clone());
     tokio::spawn(async move {
-        let steps = tx.clone();
-        let progress = move |step: StartStep| {
-            // A client that went away no longer reads: the start goes on.
-            let _ = steps.unbounded_send(line(&StartEvent::Step(step.to_string())));
+        let outcome = match work.await {
+            Ok(done) => ProgressEvent::Done(Box::new(done)),
+            Err(e) => ProgressEvent::Failed { status: e.status(), error: chain(&e) },
         };
-        let outcome = match daemon.start_reporting(&name, &progress).await {
-            Ok(vm) => StartEvent::Done(Box::new(vm)),
-            Err(e) => StartEvent::Failed { status: e.status(), error: chain(&e) },
-        };
-        let _ = tx.unbounded_send(line(&outcome));
+        lines.send(&outcome);
     });
     let body = StreamBody::new(rx.map(|line| Ok::<_, Infallible>(Frame::data(line))));
     Response::builder()
@@ -157,6 +171,40 @@ fn start_with_progress(daemon: &Arc<Daemon>, name: &str) -> Response<Body> {
         .header("content-type", "application/x-ndjson")
         .body(BodyExt::boxed(body))
         .expect("static response parts are valid")
+}
+
+/// `POST /v1/vms/{name}/start?progress=true`: the start's steps, then the VM. An unknown VM is
+/// answered at once, as by the plain start.
+fn start_with_progress(daemon: &Arc<Daemon>, name: &str) -> Response<Body> {
+    // A name that is no VM is refused before the stream begins, with its own status.
+    if let Err(e) = daemon.find(name) {
+        return error(e.status(), chain(&e));
+    }
+    let (daemon, name) = (daemon.clone(), name.to_owned());
+    stream_progress(move |lines| async move {
+        daemon.start_reporting(&name, &move |step: StartStep| lines.step(step)).await
+    })
+}
+
+/// `POST /v1/images?progress=true`: the import's steps and bytes, then the image. A bad body
+/// or an invalid or taken name is answered at once, as by the plain import.
+async fn import_with_progress(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Body> {
+    let checked = match body::<ImportImage>(req).await {
+        Ok(b) => daemon.check_import(&b).map(|()| b),
+        Err(e) => Err(e),
+    };
+    let req = match checked {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), chain(&e)),
+    };
+    let daemon = daemon.clone();
+    stream_progress(move |lines| async move {
+        let told = move |p: ImportProgress| match p {
+            ImportProgress::Step(step) => lines.step(step),
+            ImportProgress::Bytes { done, total } => lines.bytes(done, total),
+        };
+        daemon.import_image_reporting(req, told).await
+    })
 }
 
 /// Routes one request.
@@ -211,6 +259,9 @@ pub async fn handle(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Bo
             }
         }
         (&Method::GET, ["v1", "images"]) => answer(ok, daemon.images().await),
+        (&Method::POST, ["v1", "images"]) if query_pairs(&req) == [("progress", "true")] => {
+            import_with_progress(daemon, req).await
+        }
         (&Method::POST, ["v1", "images"]) => match body(req).await {
             Ok(b) => answer(StatusCode::CREATED, daemon.import_image(b).await),
             Err(e) => answer::<()>(ok, Err(e)),
@@ -225,6 +276,7 @@ pub async fn handle(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Bo
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api_types::{ImageView, StartEvent, VmView};
     use crate::cli::client::{ClientError, DaemonClient};
     use crate::config::Config;
     use crate::daemon::Deps;
@@ -401,7 +453,8 @@ pub(crate) mod tests {
         let s = serve_fakes(true).await;
         let create = serde_json::json!({"name": "dev", "image": "base"});
         let _: serde_json::Value = s.client.call(Method::POST, "/v1/vms", Some(&create)).await.unwrap();
-        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut events =
+            s.client.with_progress::<(), VmView>(Method::POST, "/v1/vms/dev/start", None).await.unwrap();
         let mut seen = Vec::new();
         while let Some(event) = events.next().await.unwrap() {
             seen.push(event);
@@ -430,7 +483,8 @@ pub(crate) mod tests {
         let _: serde_json::Value =
             s.client.call::<(), _>(Method::POST, "/v1/vms/dev/stop", None).await.unwrap();
         s.vmm.fail(crate::daemon::vmm::fake::VmmOp::Boot);
-        let mut events = s.client.start_with_progress("/v1/vms/dev/start").await.unwrap();
+        let mut events =
+            s.client.with_progress::<(), VmView>(Method::POST, "/v1/vms/dev/start", None).await.unwrap();
         let mut last = None;
         while let Some(event) = events.next().await.unwrap() {
             last = Some(event);
@@ -442,7 +496,101 @@ pub(crate) mod tests {
             other => panic!("{other:?}"),
         }
         // An unknown vm is refused before any stream.
-        let err = s.client.start_with_progress("/v1/vms/ghost/start").await.unwrap_err();
+        let err = s
+            .client
+            .with_progress::<(), VmView>(Method::POST, "/v1/vms/ghost/start", None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, ClientError::Api { status: 404, .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn an_import_with_progress_streams_its_steps_and_bytes_then_the_image_or_the_error() {
+        let s = serve_fakes(false).await;
+        // A small image: an ELF header as kernel, an ext4 superblock magic in a sparse rootfs.
+        let kernel = s.dir.path().join("vmlinux");
+        let mut k = vec![0u8; 4096];
+        k[..4].copy_from_slice(b"\x7fELF");
+        (k[4], k[5]) = (2, 1);
+        k[18..20].copy_from_slice(&62u16.to_le_bytes());
+        std::fs::write(&kernel, k).unwrap();
+        let rootfs = s.dir.path().join("rootfs.ext4");
+        let f = std::fs::File::create(&rootfs).unwrap();
+        f.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+        let body = ImportImage {
+            name: "small".into(),
+            kernel: kernel.clone(),
+            rootfs: rootfs.clone(),
+            initrd: None,
+        };
+
+        let mut events =
+            s.client.with_progress::<_, ImageView>(Method::POST, "/v1/images", Some(&body)).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(event) = events.next().await.unwrap() {
+            seen.push(event);
+        }
+        let (last, before) = seen.split_last().unwrap();
+        let steps: Vec<&str> = before
+            .iter()
+            .filter_map(|e| match e {
+                ProgressEvent::Step(step) => Some(step.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "checking the kernel",
+                "checking the root filesystem",
+                "copying the kernel (4 KiB)",
+                "hashing the kernel (4 KiB)",
+                "copying the root filesystem (8 MiB)",
+                "hashing the root filesystem (8 MiB)",
+            ]
+        );
+        assert!(
+            before.contains(&ProgressEvent::Bytes { done: 8 << 20, total: 8 << 20 }),
+            "the root filesystem's bytes: {before:?}"
+        );
+        match last {
+            ProgressEvent::Done(img) => {
+                assert_eq!(img.name, "small");
+                assert_eq!(img.size_bytes, 4096 + (8 << 20));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.daemon.images().await.unwrap().len(), 1);
+
+        // A taken name is refused before any stream, with the plain import's status.
+        let err = s
+            .client
+            .with_progress::<_, ImageView>(Method::POST, "/v1/images", Some(&body))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Api { status: 409, message } if message.contains("image rm small")),
+            "{err:?}"
+        );
+
+        // A file that fails its check is the last event, with the status a plain import answers.
+        let bad = ImportImage {
+            name: "bad".into(),
+            kernel,
+            rootfs: rootfs.clone(),
+            initrd: Some(s.dir.path().to_owned()),
+        };
+        let mut events =
+            s.client.with_progress::<_, ImageView>(Method::POST, "/v1/images", Some(&bad)).await.unwrap();
+        let mut last = None;
+        while let Some(event) = events.next().await.unwrap() {
+            last = Some(event);
+        }
+        match last.unwrap() {
+            ProgressEvent::Failed { status: 400, error } => assert!(error.contains("initrd"), "{error}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.daemon.images().await.unwrap().len(), 1, "nothing imported");
     }
 }

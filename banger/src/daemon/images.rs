@@ -278,16 +278,24 @@ fn check_rootfs(path: &Path) -> Result<(), ImageError> {
 
 /// SHA-256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
+    sha256_file_reporting(path, &mut |_| {})
+}
+
+/// SHA-256 of a file, lowercase hex, telling `progress` the bytes read so far.
+fn sha256_file_reporting(path: &Path, progress: &mut dyn FnMut(u64)) -> Result<String, ImageError> {
     let read = |source| ImageError::Read { path: path.to_owned(), source };
     let mut file = File::open(path).map_err(read)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
     loop {
         let n = file.read(&mut buf).map_err(read)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        done += n as u64;
+        progress(done);
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -318,14 +326,100 @@ pub struct ImageFiles<'a> {
     pub initrd: Option<&'a Path>,
 }
 
+/// One file of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFile {
+    /// The kernel.
+    Kernel,
+    /// The root filesystem.
+    Rootfs,
+    /// The initrd.
+    Initrd,
+}
+
+impl std::fmt::Display for ImageFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ImageFile::Kernel => "kernel",
+            ImageFile::Rootfs => "root filesystem",
+            ImageFile::Initrd => "initrd",
+        })
+    }
+}
+
+/// A step of an import ([`stage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportStep {
+    /// The file is checked (kernel format, ext filesystem, regular file).
+    Check(ImageFile),
+    /// The file, of this many bytes, is copied into the staging directory.
+    Copy(ImageFile, u64),
+    /// The stored copy, of this many bytes, is hashed.
+    Hash(ImageFile, u64),
+}
+
+impl std::fmt::Display for ImportStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = |bytes: u64| crate::size::format_size(bytes);
+        match self {
+            ImportStep::Check(file) => write!(f, "checking the {file}"),
+            ImportStep::Copy(file, bytes) => write!(f, "copying the {file} ({})", size(*bytes)),
+            ImportStep::Hash(file, bytes) => write!(f, "hashing the {file} ({})", size(*bytes)),
+        }
+    }
+}
+
+/// What an import tells as it goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportProgress {
+    /// A step begins.
+    Step(ImportStep),
+    /// The current copy or hash is `done` bytes through the file's `total`; told at most every
+    /// [`BYTES_EVERY`] bytes, and at the end.
+    Bytes {
+        /// Bytes done.
+        done: u64,
+        /// The file's size.
+        total: u64,
+    },
+}
+
+/// How many bytes a copy or hash goes between two [`ImportProgress::Bytes`].
+pub const BYTES_EVERY: u64 = 64 << 20;
+
+/// Tells `progress` of bytes done, at most every [`BYTES_EVERY`] and once at `total`.
+fn bytes_told(progress: &mut dyn FnMut(ImportProgress), total: u64) -> impl FnMut(u64) + '_ {
+    let mut told: Option<u64> = None;
+    move |done| {
+        let due = match told {
+            None => true,
+            Some(last) => done >= last.saturating_add(BYTES_EVERY) || (done >= total && last < total),
+        };
+        if due {
+            told = Some(done);
+            progress(ImportProgress::Bytes { done, total });
+        }
+    }
+}
+
 /// Checks the name and the files and copies them into a staging directory under the images
-/// directory (steps 1 to 5 of the module docs, except the "not taken" check).
-pub fn stage(paths: &Paths, name: &str, files: ImageFiles<'_>) -> Result<StagedImage, ImageError> {
+/// directory (steps 1 to 5 of the module docs, except the "not taken" check), telling
+/// `progress` each step (check, then copy and hash, of the kernel, the root filesystem and the
+/// initrd in that order) and the bytes done.
+pub fn stage(
+    paths: &Paths,
+    name: &str,
+    files: ImageFiles<'_>,
+    progress: &mut dyn FnMut(ImportProgress),
+) -> Result<StagedImage, ImageError> {
     let ImageFiles { kernel, rootfs, initrd } = files;
     validate_name(name).map_err(|_| ImageError::InvalidName(name.to_owned()))?;
+    progress(ImportProgress::Step(ImportStep::Check(ImageFile::Kernel)));
     check_kernel(kernel)?;
+    progress(ImportProgress::Step(ImportStep::Check(ImageFile::Rootfs)));
     check_rootfs(rootfs)?;
     if let Some(initrd) = initrd {
+        progress(ImportProgress::Step(ImportStep::Check(ImageFile::Initrd)));
         let meta =
             fs::metadata(initrd).map_err(|source| ImageError::Read { path: initrd.to_owned(), source })?;
         if !meta.is_file() {
@@ -338,13 +432,26 @@ pub fn stage(paths: &Paths, name: &str, files: ImageFiles<'_>) -> Result<StagedI
     })?;
     let mut size_bytes = 0;
     let mut stored = Vec::new();
-    let mut sources = vec![(kernel, KERNEL_FILE), (rootfs, ROOTFS_FILE)];
-    sources.extend(initrd.map(|i| (i, INITRD_FILE)));
-    for (src, file) in sources {
+    let mut sources =
+        vec![(kernel, KERNEL_FILE, ImageFile::Kernel), (rootfs, ROOTFS_FILE, ImageFile::Rootfs)];
+    sources.extend(initrd.map(|i| (i, INITRD_FILE, ImageFile::Initrd)));
+    for (src, file, what) in sources {
         let dest = staging.path().join(file);
-        storage::copy_file(StorageStrategy::CloneOrCopy, src, &dest, IMAGE_FILE_MODE)
-            .map_err(ImageError::Copy)?;
-        let sha256 = sha256_file(&dest)?;
+        let total =
+            fs::metadata(src).map_err(|source| ImageError::Read { path: src.to_owned(), source })?.len();
+        progress(ImportProgress::Step(ImportStep::Copy(what, total)));
+        storage::copy_file(
+            StorageStrategy::CloneOrCopy,
+            src,
+            &dest,
+            IMAGE_FILE_MODE,
+            &mut bytes_told(progress, total),
+        )
+        .map_err(ImageError::Copy)?;
+        let total =
+            fs::metadata(&dest).map_err(|source| ImageError::Read { path: dest.clone(), source })?.len();
+        progress(ImportProgress::Step(ImportStep::Hash(what, total)));
+        let sha256 = sha256_file_reporting(&dest, &mut bytes_told(progress, total))?;
         // Read after everything that touches the file (the copy's rename moves its ctime); the
         // staging directory's rename at commit does not change it.
         let identity =
@@ -546,7 +653,7 @@ pub fn import(
     if store.get_image(name)?.is_some() {
         return Err(ImageError::Exists(name.to_owned()));
     }
-    stage(paths, name, files)?.commit(store, paths)
+    stage(paths, name, files, &mut |_| {})?.commit(store, paths)
 }
 
 /// Every image, ordered by name.
@@ -693,6 +800,66 @@ mod tests {
     }
 
     #[test]
+    fn an_import_tells_each_step_then_the_bytes_done_up_to_each_file_size() {
+        let e = env();
+        let initrd = e.paths.state_dir().join("initrd.src");
+        fs::write(&initrd, b"rd").unwrap();
+        let mut seen = Vec::new();
+        let with_initrd = ImageFiles { kernel: &e.kernel, rootfs: &e.rootfs, initrd: Some(&initrd) };
+        stage(&e.paths, "debian", with_initrd, &mut |p| seen.push(p)).unwrap();
+        let steps: Vec<String> = seen
+            .iter()
+            .filter_map(|p| match p {
+                ImportProgress::Step(s) => Some(s.to_string()),
+                ImportProgress::Bytes { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "checking the kernel",
+                "checking the root filesystem",
+                "checking the initrd",
+                "copying the kernel (4 KiB)",
+                "hashing the kernel (4 KiB)",
+                "copying the root filesystem (16 MiB)",
+                "hashing the root filesystem (16 MiB)",
+                "copying the initrd (2 B)",
+                "hashing the initrd (2 B)",
+            ]
+        );
+        // Each copy and hash is followed by its bytes, growing, ending at the file's size.
+        let mut current: Option<(u64, Vec<u64>)> = None;
+        let mut finished = 0;
+        for p in seen.iter().chain([&ImportProgress::Step(ImportStep::Check(ImageFile::Kernel))]) {
+            match *p {
+                ImportProgress::Step(step) => {
+                    if let Some((total, done)) = current.take() {
+                        assert!(done.windows(2).all(|w| w[0] < w[1]), "{step}: {done:?}");
+                        assert_eq!(done.last(), Some(&total), "{step}: {done:?}");
+                        finished += 1;
+                    }
+                    if let ImportStep::Copy(_, total) | ImportStep::Hash(_, total) = step {
+                        current = Some((total, Vec::new()));
+                    }
+                }
+                ImportProgress::Bytes { done, total } => {
+                    let (want, seen) = current.as_mut().expect("bytes only within a copy or hash");
+                    assert_eq!(total, *want);
+                    seen.push(done);
+                }
+            }
+        }
+        assert_eq!(finished, 6);
+
+        // A file that fails its check ends the import there.
+        let mut seen = Vec::new();
+        let err = stage(&e.paths, "other", files(&e.kernel, &e.kernel), &mut |p| seen.push(p)).unwrap_err();
+        assert!(matches!(err, ImageError::Rootfs { .. }), "{err}");
+        assert_eq!(seen.last(), Some(&ImportProgress::Step(ImportStep::Check(ImageFile::Rootfs))));
+    }
+
+    #[test]
     fn an_unchanged_image_is_trusted_without_hashing() {
         let e = env();
         let img = import(&e.store, &e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
@@ -765,7 +932,7 @@ mod tests {
         assert!(err.to_string().contains("banger image rm debian"), "{err}");
 
         // A duplicate found only at commit (a racing import) is refused the same way.
-        let staged = stage(&e.paths, "debian", files(&e.kernel, &e.rootfs)).unwrap();
+        let staged = stage(&e.paths, "debian", files(&e.kernel, &e.rootfs), &mut |_| {}).unwrap();
         let err = staged.commit(&e.store, &e.paths).unwrap_err();
         assert!(matches!(err, ImageError::Exists(_)), "{err}");
 
@@ -887,7 +1054,7 @@ mod tests {
 
         // The image's directory cannot be put in place (its path runs through a file, which
         // stops root as well as users): the move fails and the row is deleted again.
-        let staged = stage(&e.paths, "other", files(&e.kernel, &e.rootfs)).unwrap();
+        let staged = stage(&e.paths, "other", files(&e.kernel, &e.rootfs), &mut |_| {}).unwrap();
         let moved = e.paths.images_dir().join("other");
         fs::write(&moved, "a file in the way").unwrap();
         let blocked = Paths::under(&moved.join("x"), e.paths.uid()).unwrap();

@@ -278,10 +278,26 @@ impl Daemon {
 
     /// `POST /v1/images`.
     pub async fn import_image(&self, req: ImportImage) -> Result<ImageView, DaemonError> {
+        self.import_image_reporting(req, |_| {}).await
+    }
+
+    /// Refuses an import whose name is invalid or taken, before anything is copied.
+    pub fn check_import(&self, req: &ImportImage) -> Result<(), DaemonError> {
         validate_name(&req.name).map_err(|_| images::ImageError::InvalidName(req.name.clone()))?;
         if self.with_store(|s| s.get_image(&req.name))?.is_some() {
             return Err(images::ImageError::Exists(req.name.clone()).into());
         }
+        Ok(())
+    }
+
+    /// `POST /v1/images?progress=true`: an import that tells `progress` each step and the bytes
+    /// done ([`images::stage`]).
+    pub async fn import_image_reporting(
+        &self,
+        req: ImportImage,
+        mut progress: impl FnMut(images::ImportProgress) + Send + 'static,
+    ) -> Result<ImageView, DaemonError> {
+        self.check_import(&req)?;
         // Copy and hash without holding the store; only the commit takes it.
         let paths = self.paths.clone();
         let staged = tokio::task::spawn_blocking(move || {
@@ -290,7 +306,7 @@ impl Daemon {
                 rootfs: &req.rootfs,
                 initrd: req.initrd.as_deref(),
             };
-            images::stage(&paths, &req.name, files)
+            images::stage(&paths, &req.name, files, &mut progress)
         })
         .await
         .map_err(DaemonError::Task)??;

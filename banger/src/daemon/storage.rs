@@ -225,7 +225,7 @@ pub fn prepare_root(
     image_rootfs: &Path,
     dest: &Path,
 ) -> Result<StorageKind, StorageError> {
-    copy_file(strategy, image_rootfs, dest, 0o600)
+    copy_file(strategy, image_rootfs, dest, 0o600, &mut |_| {})
 }
 
 /// Removes a VM's root; a missing file counts as removed.
@@ -251,13 +251,15 @@ impl Drop for PartialFile {
     }
 }
 
-/// Copies `src` to a new file `dest` with `mode`, as described in the module docs. Returns
+/// Copies `src` to a new file `dest` with `mode`, as described in the module docs, telling
+/// `progress` how far through `src` the copy is (a clone at once, a copy chunk by chunk). Returns
 /// which method ran.
 pub fn copy_file(
     strategy: StorageStrategy,
     src: &Path,
     dest: &Path,
     mode: u32,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<StorageKind, StorageError> {
     let source_err = |source| StorageError::Source { path: src.to_owned(), source };
     let copy_err = |source| StorageError::Copy { src: src.to_owned(), dest: dest.to_owned(), source };
@@ -295,15 +297,16 @@ pub fn copy_file(
             Err(e) => {
                 tracing::debug!(src = %src.display(), error = %e, "reflink refused, making a sparse copy");
                 output.set_len(0).map_err(copy_err)?;
-                sparse_copy(&input, &output).map_err(copy_err)?;
+                sparse_copy(&input, &output, progress).map_err(copy_err)?;
                 StorageKind::SparseCopy
             }
         },
         StorageStrategy::SparseCopy => {
-            sparse_copy(&input, &output).map_err(copy_err)?;
+            sparse_copy(&input, &output, progress).map_err(copy_err)?;
             StorageKind::SparseCopy
         }
     };
+    progress(meta.len());
     output.set_permissions(fs::Permissions::from_mode(mode)).map_err(copy_err)?;
     output.sync_all().map_err(copy_err)?;
     drop(output);
@@ -343,9 +346,9 @@ pub fn reflink(src: &File, dest: &File) -> io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
-/// Copies `src` into the empty file `dest`, skipping holes and zero blocks. Returns the bytes
-/// written.
-pub fn sparse_copy(src: &File, dest: &File) -> io::Result<u64> {
+/// Copies `src` into the empty file `dest`, skipping holes and zero blocks, telling `progress`
+/// the offset reached after each chunk of data. Returns the bytes written.
+pub fn sparse_copy(src: &File, dest: &File, progress: &mut dyn FnMut(u64)) -> io::Result<u64> {
     let len = src.metadata()?.len();
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0;
@@ -355,7 +358,7 @@ pub fn sparse_copy(src: &File, dest: &File) -> io::Result<u64> {
             Some(extent) => extent,
             None => break,
         };
-        written += copy_extent(src, dest, data, hole, &mut buf)?;
+        written += copy_extent(src, dest, data, hole, &mut buf, progress)?;
         pos = hole;
     }
     dest.set_len(len)?;
@@ -385,7 +388,14 @@ fn next_data(file: &File, pos: u64, len: u64) -> io::Result<Option<(u64, u64)>> 
 
 /// Copies `[start, end)` from `src` to the same offsets in `dest`, writing only the runs of
 /// blocks that are not all zeros. Returns the bytes written.
-fn copy_extent(src: &File, dest: &File, start: u64, end: u64, buf: &mut [u8]) -> io::Result<u64> {
+fn copy_extent(
+    src: &File,
+    dest: &File,
+    start: u64,
+    end: u64,
+    buf: &mut [u8],
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<u64> {
     let mut written = 0;
     let mut pos = start;
     while pos < end {
@@ -415,6 +425,7 @@ fn copy_extent(src: &File, dest: &File, start: u64, end: u64, buf: &mut [u8]) ->
             written += (n - s) as u64;
         }
         pos += n as u64;
+        progress(pos);
     }
     Ok(written)
 }

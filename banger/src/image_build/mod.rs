@@ -22,6 +22,10 @@
 //! 4. The ELF `vmlinux` is extracted from the packaged bzImage ([`vmlinux`]) and checked, and
 //!    the root filesystem grown (sparsely) to [`ROOTFS_SIZE`] with `resize2fs`.
 //!
+//! mmdebstrap's output goes to a log file; [`build`] tells its caller each step ([`BuildStep`]):
+//! the stages mmdebstrap reports on standard error (its `I:` lines), then the extraction, the
+//! checks and the resize.
+//!
 //! The result ([`Built`]) is imported like any image (`image import --initrd`).
 
 pub mod host_apt;
@@ -29,6 +33,7 @@ pub mod vmlinux;
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
@@ -122,13 +127,22 @@ pub enum BuildError {
         /// What is wrong.
         problem: String,
     },
+    /// The build log could not be written.
+    #[error("cannot write the build log {path}")]
+    Log {
+        /// The log.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// mmdebstrap failed.
-    #[error("mmdebstrap failed ({status}){}", log_hint(.log))]
+    #[error("mmdebstrap failed ({status}): its output is in {}", .log.display())]
     Mmdebstrap {
         /// Its exit status.
         status: ExitStatus,
-        /// Where its output went, if to a file.
-        log: Option<PathBuf>,
+        /// Where its output went.
+        log: PathBuf,
     },
     /// A tool after mmdebstrap failed.
     #[error("{program} failed on {path} ({status}): {stderr}")]
@@ -155,8 +169,78 @@ pub enum BuildError {
     },
 }
 
-fn log_hint(log: &Option<PathBuf>) -> String {
-    log.as_ref().map(|l| format!(": its output is in {}", l.display())).unwrap_or_default()
+/// A step of a build, as [`build`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildStep {
+    /// mmdebstrap reports a stage (one of its `I:` lines, without the prefix, a hook's script
+    /// left out).
+    Mmdebstrap(String),
+    /// The ELF `vmlinux` is extracted from the packaged kernel.
+    Vmlinux,
+    /// The outputs are checked.
+    Check,
+    /// The root filesystem is grown to [`ROOTFS_SIZE`].
+    Resize,
+}
+
+impl std::fmt::Display for BuildStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BuildStep::Mmdebstrap(stage) => write!(f, "mmdebstrap: {stage}"),
+            BuildStep::Vmlinux => f.write_str("extracting the vmlinux from the packaged kernel"),
+            BuildStep::Check => f.write_str("checking the kernel, the initrd and the root filesystem"),
+            BuildStep::Resize => write!(f, "growing the root filesystem to {ROOTFS_SIZE}"),
+        }
+    }
+}
+
+/// The longest an mmdebstrap stage is shown (its lines can hold whole commands).
+const STAGE_WIDTH: usize = 72;
+
+/// The stage an mmdebstrap standard error line reports, if it is one of its `I:` lines.
+pub fn mmdebstrap_stage(line: &str) -> Option<String> {
+    let stage = line.strip_prefix("I: ")?.trim_end();
+    // `running --customize-hook in shell: sh -c '<the whole script>`: the hook, not its script.
+    let stage = stage.split_once(" in shell: ").map_or(stage, |(hook, _)| hook);
+    if stage.is_empty() {
+        return None;
+    }
+    if stage.chars().count() <= STAGE_WIDTH {
+        return Some(stage.to_owned());
+    }
+    let mut cut: String = stage.chars().take(STAGE_WIDTH - 1).collect();
+    cut.push('…');
+    Some(cut)
+}
+
+/// Copies mmdebstrap's standard error `from` into `log` line by line, telling `progress` each
+/// stage it reports. Reads to the end even when the log cannot be written (mmdebstrap would
+/// otherwise block on a full pipe); the first write error is returned then.
+pub fn relay_stderr(
+    mut from: impl BufRead,
+    log: &mut impl Write,
+    progress: &mut dyn FnMut(BuildStep),
+) -> std::io::Result<()> {
+    let mut failed = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if from.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if failed.is_none()
+            && let Err(e) = log.write_all(&line)
+        {
+            failed = Some(e);
+        }
+        if let Some(stage) = mmdebstrap_stage(&String::from_utf8_lossy(&line)) {
+            progress(BuildStep::Mmdebstrap(stage));
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => log.flush(),
+    }
 }
 
 /// What a build made, in its output directory.
@@ -225,9 +309,26 @@ pub fn mmdebstrap_args(apt: &HostApt, out: &Path) -> Vec<OsString> {
     args
 }
 
-/// Builds the default image into `out` (an existing, empty directory of the user's); mmdebstrap's
-/// progress goes to `log` when given, else to this process's standard error.
-pub fn build(apt: &HostApt, out: &Path, log: Option<&Path>) -> Result<Built, BuildError> {
+/// Builds the default image into `out` (an existing, empty directory of the user's), writing
+/// mmdebstrap's output to `log` and telling `progress` each step.
+pub fn build(
+    apt: &HostApt,
+    out: &Path,
+    log: &Path,
+    progress: &mut dyn FnMut(BuildStep),
+) -> Result<Built, BuildError> {
+    build_with(Command::new("mmdebstrap"), apt, out, log, progress)
+}
+
+/// [`build`] with `cmd` (the program and any arguments before mmdebstrap's) making the root
+/// filesystem.
+fn build_with(
+    mut cmd: Command,
+    apt: &HostApt,
+    out: &Path,
+    log: &Path,
+    progress: &mut dyn FnMut(BuildStep),
+) -> Result<Built, BuildError> {
     let out_problem =
         |problem: &str| BuildError::OutDir { path: out.to_owned(), problem: problem.to_owned() };
     if out.to_string_lossy().chars().any(char::is_whitespace) {
@@ -236,22 +337,28 @@ pub fn build(apt: &HostApt, out: &Path, log: Option<&Path>) -> Result<Built, Bui
     if !out.is_dir() {
         return Err(out_problem("is not a directory"));
     }
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args(mmdebstrap_args(apt, out)).stdin(Stdio::null());
-    if let Some(log) = log {
-        let file = File::create(log).map_err(|source| BuildError::Read { path: log.to_owned(), source })?;
-        let err = file.try_clone().map_err(|source| BuildError::Read { path: log.to_owned(), source })?;
-        cmd.stdout(file).stderr(err);
-    }
-    let status = cmd.status().map_err(|source| BuildError::Spawn { program: "mmdebstrap", source })?;
+    let log_err = |source| BuildError::Log { path: log.to_owned(), source };
+    let mut log_file = File::create(log).map_err(log_err)?;
+    cmd.args(mmdebstrap_args(apt, out))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(log_err)?)
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|source| BuildError::Spawn { program: "mmdebstrap", source })?;
+    let stderr = child.stderr.take().expect("standard error is piped");
+    let relayed = relay_stderr(BufReader::new(stderr), &mut log_file, progress);
+    let status = child.wait().map_err(|source| BuildError::Spawn { program: "mmdebstrap", source })?;
+    relayed.map_err(log_err)?;
     if !status.success() {
-        return Err(BuildError::Mmdebstrap { status, log: log.map(Path::to_owned) });
+        return Err(BuildError::Mmdebstrap { status, log: log.to_owned() });
     }
     let built = Built::in_dir(out);
     let vmlinuz = out.join(VMLINUZ_FILE);
+    progress(BuildStep::Vmlinux);
     vmlinux::extract(&vmlinuz, &built.vmlinux).map_err(BuildError::Vmlinux)?;
     let _ = std::fs::remove_file(&vmlinuz);
+    progress(BuildStep::Check);
     check_outputs(&built)?;
+    progress(BuildStep::Resize);
     run_tool("resize2fs", &built.rootfs, &[ROOTFS_SIZE])?;
     Ok(built)
 }
@@ -321,6 +428,147 @@ mod tests {
         assert!(err.contains("subordinate uid range"), "{err}");
         std::fs::write(&uid_file, "dave:100000:10\n").unwrap();
         assert!(check_subids("dave", 1003, &uid_file, &gid_file).is_err(), "too small a range");
+    }
+
+    #[test]
+    fn mmdebstrap_stages_are_told_and_everything_it_prints_is_logged() {
+        let stderr = "I: automatically chosen format: null\n\
+                      Get:1 http://deb.debian.org/debian bookworm InRelease [151 kB]\n\
+                      I: running --essential-hook in shell: sh -c '#!/bin/sh\n\
+                      set -eu\n\
+                      '\n\
+                      W: a warning\n\
+                      I: downloading packages with apt...\n\
+                      I: \n\
+                      I: cleaning package lists and apt cache... and a line far longer than anyone wants to see on one terminal line";
+        let mut log = Vec::new();
+        let mut steps = Vec::new();
+        relay_stderr(stderr.as_bytes(), &mut log, &mut |s| steps.push(s.to_string())).unwrap();
+        assert_eq!(log, stderr.as_bytes(), "the log has every byte");
+        assert_eq!(
+            steps[..3],
+            [
+                "mmdebstrap: automatically chosen format: null",
+                "mmdebstrap: running --essential-hook",
+                "mmdebstrap: downloading packages with apt...",
+            ]
+        );
+        assert_eq!(steps.len(), 4, "{steps:?}");
+        assert!(steps[3].starts_with("mmdebstrap: cleaning package lists") && steps[3].ends_with('…'));
+        assert_eq!(steps[3].chars().count(), "mmdebstrap: ".len() + STAGE_WIDTH);
+        assert_eq!(BuildStep::Resize.to_string(), "growing the root filesystem to 2G");
+
+        // A log that cannot be written: the output is still read to its end, then the error.
+        struct Full;
+        impl Write for Full {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::StorageFull.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut steps = 0;
+        let err = relay_stderr(stderr.as_bytes(), &mut Full, &mut |_| steps += 1).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull);
+        assert_eq!(steps, 4);
+    }
+
+    /// An mmdebstrap stand-in (a shell script): reports two stages and some noise, then puts small outputs
+    /// (a bzImage around an ELF header, a gzip magic, a 16 MiB ext4) where its download hooks
+    /// would, and exits with `exit`.
+    fn fake_mmdebstrap(dir: &Path, out: &Path, exit: u8) -> PathBuf {
+        let fixtures = dir.join("fixtures");
+        std::fs::create_dir_all(&fixtures).unwrap();
+        let mut elf = vec![0u8; 4096];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        (elf[4], elf[5]) = (2, 1);
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes());
+        let mut bz = vec![0u8; 5 * 512];
+        bz[0x1f1] = 4;
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        bz[0x24c..0x250].copy_from_slice(&(elf.len() as u32).to_le_bytes());
+        bz.extend_from_slice(&elf);
+        std::fs::write(fixtures.join(VMLINUZ_FILE), bz).unwrap();
+        std::fs::write(fixtures.join(INITRD_FILE), [0x1f, 0x8b, 8, 0]).unwrap();
+        let mkfs = crate::daemon::personalize::find_tool("mkfs.ext4").unwrap();
+        let made = Command::new(mkfs)
+            .args(["-q", "-F"])
+            .arg(fixtures.join(ROOTFS_FILE))
+            .arg("16M")
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let script = dir.join("mmdebstrap");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n\
+                 echo 'I: downloading packages with apt...' >&2\n\
+                 echo 'Get:1 http://deb.debian.org/debian bookworm InRelease' >&2\n\
+                 echo 'Setting up openssh-server'\n\
+                 echo \"I: running --customize-hook in shell: sh -c '$1'\" >&2\n\
+                 cp {fix}/* {out}/\n\
+                 [ {exit} = 0 ] || echo 'E: the fake failed' >&2\n\
+                 exit {exit}\n",
+                fix = fixtures.display(),
+                out = out.display(),
+            ),
+        )
+        .unwrap();
+        script
+    }
+
+    /// The stand-in run by `sh` (a script written and executed at once can fail with "text
+    /// file busy" while another test thread forks).
+    fn sh(script: &Path) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg(script);
+        cmd
+    }
+
+    fn apt() -> HostApt {
+        HostApt { suite: "bookworm".into(), sources: vec![], options: vec![] }
+    }
+
+    #[test]
+    fn a_build_tells_mmdebstrap_stages_then_its_own_steps_and_logs_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let log = dir.path().join("build.log");
+        let mmdebstrap = fake_mmdebstrap(dir.path(), &out, 0);
+        let mut steps = Vec::new();
+        let built =
+            build_with(sh(&mmdebstrap), &apt(), &out, &log, &mut |s| steps.push(s.to_string())).unwrap();
+        assert_eq!(
+            steps,
+            [
+                "mmdebstrap: downloading packages with apt...",
+                "mmdebstrap: running --customize-hook",
+                "extracting the vmlinux from the packaged kernel",
+                "checking the kernel, the initrd and the root filesystem",
+                "growing the root filesystem to 2G",
+            ]
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains("Get:1 http://") && logged.contains("Setting up openssh-server"), "{logged}");
+        assert_eq!(built, Built::in_dir(&out));
+        assert_eq!(std::fs::metadata(&built.rootfs).unwrap().len(), 2 << 30);
+        assert!(!out.join(VMLINUZ_FILE).exists(), "the packaged kernel is removed");
+
+        // A failed mmdebstrap: its stages were told, and the error names the log holding why.
+        let out = dir.path().join("out2");
+        std::fs::create_dir(&out).unwrap();
+        let mmdebstrap = fake_mmdebstrap(dir.path(), &out, 3);
+        let mut steps = Vec::new();
+        let err =
+            build_with(sh(&mmdebstrap), &apt(), &out, &log, &mut |s| steps.push(s.to_string())).unwrap_err();
+        assert!(matches!(err, BuildError::Mmdebstrap { .. }), "{err:?}");
+        assert!(err.to_string().ends_with(&format!("its output is in {}", log.display())), "{err}");
+        assert_eq!(steps.len(), 2, "{steps:?}");
+        assert!(std::fs::read_to_string(&log).unwrap().contains("E: the fake failed"));
     }
 
     #[test]
