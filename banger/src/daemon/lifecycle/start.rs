@@ -36,9 +36,11 @@ use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use banger_protocol::{LoopRole, TapInfo, min_cow_bytes};
 
+use super::phases::Phases;
 use super::touch;
 use crate::api_types::VmView;
 use crate::config::StorageMode;
@@ -141,6 +143,7 @@ impl Daemon {
     /// `POST /v1/vms/{name}/start?progress=true`: a start that tells `progress` each step as
     /// it begins.
     pub async fn start_reporting(&self, name: &str, progress: &Progress) -> Result<VmView, DaemonError> {
+        let phases = Phases::begin();
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
@@ -156,9 +159,13 @@ impl Daemon {
         }
         self.record(&mut vm, VmState::Starting, None, None)?;
 
-        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress);
+        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress, phases);
+        run.phases.record("row starting", run.phases.total());
         let failed = match run.run_all().await {
-            Ok(()) => None,
+            Ok(()) => {
+                tracing::info!(vm = %name, total_us = run.phases.total().as_micros(), phases = %run.phases.render(), "start timings");
+                None
+            }
             Err((step, cause)) => {
                 tracing::warn!(vm = %name, %step, error = %chain(&cause), "start failed; undoing");
                 let undo = run.rollback(step).await.err().map(|e| chain(&e));
@@ -199,6 +206,8 @@ struct Start<'a> {
     device_mapper: Option<bool>,
     /// Told each step as it begins.
     progress: &'a Progress,
+    /// How long each phase took.
+    phases: Phases,
 }
 
 impl<'a> Start<'a> {
@@ -208,6 +217,7 @@ impl<'a> Start<'a> {
         image: ImageRecord,
         vmm_bin: &'a Path,
         progress: &'a Progress,
+        phases: Phases,
     ) -> Self {
         Start {
             daemon,
@@ -221,6 +231,7 @@ impl<'a> Start<'a> {
             pinned: false,
             device_mapper: None,
             progress,
+            phases,
         }
     }
 
@@ -231,6 +242,7 @@ impl<'a> Start<'a> {
             if !dm_step || self.is_dm() {
                 (self.progress)(step);
             }
+            let at = Instant::now();
             let done = match step {
                 StartStep::Image => self.check_image().await,
                 StartStep::Network => self.network().await,
@@ -243,6 +255,9 @@ impl<'a> Start<'a> {
                 StartStep::Configure => self.configure().await,
                 StartStep::Boot => self.boot().await,
             };
+            if let Some(phase) = phase_of(step) {
+                self.phases.record(phase, at.elapsed());
+            }
             done.map_err(|e| (step, e))?;
         }
         Ok(())
@@ -467,7 +482,10 @@ impl<'a> Start<'a> {
         let d = self.daemon;
         let prep = d.prep.clone();
         let key_path = d.paths.ssh_key();
+        let at = Instant::now();
         let user_key = blocking(move || prep.user_key(&key_path)).await?;
+        self.phases.record("keys", at.elapsed());
+        let at = Instant::now();
         let prep = d.prep.clone();
         let (root, form) = self.root();
         let (hostname, scratch) = (self.vm.name.clone(), self.vm.vm_dir.clone());
@@ -484,10 +502,15 @@ impl<'a> Start<'a> {
             prep.personalize(&root, &p)
         })
         .await?;
+        self.phases.record("personalization", at.elapsed());
+        let at = Instant::now();
         ssh::pin_host_key(&d.paths.known_hosts(), &self.vm.id, &host_key)?;
         self.pinned = true;
+        self.phases.record("keys", at.elapsed());
+        let at = Instant::now();
         self.vm.updated_at = unix_now();
         d.with_store(|s| s.update_vm(self.vm))?;
+        self.phases.record("row saved", at.elapsed());
         Ok(())
     }
 
@@ -594,9 +617,27 @@ impl<'a> Start<'a> {
     /// Boot: `InstanceStart`, then the row says `running`. A store that cannot record it fails
     /// the step, so a VM never runs while its row says otherwise.
     async fn boot(&mut self) -> Result<(), DaemonError> {
+        let at = Instant::now();
         self.daemon.vmm.boot(&self.vm.api_socket).await.map_err(DaemonError::vmm_api)?;
-        self.daemon.record(self.vm, VmState::Running, None, None)
+        self.phases.record("instance start", at.elapsed());
+        let at = Instant::now();
+        let recorded = self.daemon.record(self.vm, VmState::Running, None, None);
+        self.phases.record("row running", at.elapsed());
+        recorded
     }
+}
+
+/// The phase a step's time counts in; `None` for the steps that record their own parts
+/// (personalize: `keys` and `personalization`; boot: `instance start` and `row running`).
+fn phase_of(step: StartStep) -> Option<&'static str> {
+    Some(match step {
+        StartStep::Image => "image",
+        StartStep::Network | StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot => "helper",
+        StartStep::RootDisk => "root disk",
+        StartStep::Spawn => "vmm spawn to api socket",
+        StartStep::Configure => "api calls",
+        StartStep::Personalize | StartStep::Boot => return None,
+    })
 }
 
 /// Whether a failed helper request certainly made nothing: the helper could not be reached (so
