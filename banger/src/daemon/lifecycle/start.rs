@@ -15,7 +15,7 @@
 //! | base loop | dm-snapshot only: the image's rootfs opened read-only and attached read-only (helper), recorded | the helper's teardown |
 //! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
 //! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
-//! | personalize | the user's key; hostname, keys, a new host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned; the row saved | the pin is removed |
+//! | personalize | the user's key and the VM's host key read (both made at create; a VM made before host keys were kept gets its own here); hostname, keys, the host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned unless it already is | the pin is removed, if this start wrote it |
 //! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
 //! | configure | the VMM's own log (`PUT /logger`, apart from the console); the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
 //! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
@@ -26,9 +26,10 @@
 //! handles are forgotten. A step whose helper request certainly made nothing (the helper was not
 //! reached, or refused) has nothing to undo.
 //!
-//! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`,
-//! `ssh-keygen`) on a blocking thread, the last two through
-//! [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
+//! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`) on a
+//! blocking thread, the last two through [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
+//!
+//! How long each phase took is logged when the start succeeds (`start timings`, `phases.rs`).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -482,15 +483,21 @@ impl<'a> Start<'a> {
         let d = self.daemon;
         let prep = d.prep.clone();
         let key_path = d.paths.ssh_key();
+        let (host_key_path, comment) = (self.vm.host_key_path(), format!("root@{}", self.vm.name));
+        // Both made at create (a VM made before host keys were kept gets its own now): read.
         let at = Instant::now();
-        let user_key = blocking(move || prep.user_key(&key_path)).await?;
+        let (user_key, host_key) = blocking(move || {
+            let user = prep.user_key(&key_path)?;
+            prep.host_key(&host_key_path, &comment).map(|host| (user, host))
+        })
+        .await?;
         self.phases.record("keys", at.elapsed());
         let at = Instant::now();
         let prep = d.prep.clone();
         let (root, form) = self.root();
         let (hostname, scratch) = (self.vm.name.clone(), self.vm.vm_dir.clone());
         let work_disk = self.vm.work_disk_path.is_some();
-        let host_key = blocking(move || {
+        let host_public = blocking(move || {
             let keys = [user_key.public_key];
             let p = Personalization {
                 hostname: &hostname,
@@ -498,14 +505,19 @@ impl<'a> Start<'a> {
                 work_disk,
                 form,
                 scratch: &scratch,
+                host_key: &host_key,
             };
             prep.personalize(&root, &p)
         })
         .await?;
         self.phases.record("personalization", at.elapsed());
+        // The pin changes only when the key does (the first start, or a host key made again).
         let at = Instant::now();
-        ssh::pin_host_key(&d.paths.known_hosts(), &self.vm.id, &host_key)?;
-        self.pinned = true;
+        let known_hosts = d.paths.known_hosts();
+        if ssh::pinned_host_key(&known_hosts, &self.vm.id)?.as_deref() != Some(&key_blob(&host_public)) {
+            ssh::pin_host_key(&known_hosts, &self.vm.id, &host_public)?;
+            self.pinned = true;
+        }
         self.phases.record("keys", at.elapsed());
         let at = Instant::now();
         self.vm.updated_at = unix_now();
@@ -638,6 +650,11 @@ fn phase_of(step: StartStep) -> Option<&'static str> {
         StartStep::Configure => "api calls",
         StartStep::Personalize | StartStep::Boot => return None,
     })
+}
+
+/// `TYPE BASE64` of a public key line, as a pin holds it.
+fn key_blob(public_key: &str) -> String {
+    public_key.split_ascii_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// Whether a failed helper request certainly made nothing: the helper could not be reached (so
