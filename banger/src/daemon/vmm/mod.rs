@@ -34,6 +34,9 @@ pub(crate) mod fake;
 
 /// How long a VMM may take to open its API socket.
 pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the API socket is tried while a VMM starts: Firecracker opens it about 2 ms after
+/// it is spawned, so a coarser pause would be most of the wait.
+const API_SOCKET_POLL: Duration = Duration::from_millis(1);
 
 /// Why a VMM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -268,7 +271,7 @@ async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, 
                 tail,
             });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(API_SOCKET_POLL).await;
     }
 }
 
