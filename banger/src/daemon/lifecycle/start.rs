@@ -29,6 +29,10 @@
 //! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`) on a
 //! blocking thread, the last two through [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
 //!
+//! A start writes to disk durably (fsync) only what must survive a crash before the next kernel
+//! object or process exists: the row going `starting`, `handles.json` with each object, and the
+//! row going `running`; the host key's pin only when it changes.
+//!
 //! How long each phase took is logged when the start succeeds (`start timings`, `phases.rs`).
 
 use std::collections::BTreeSet;
@@ -518,11 +522,10 @@ impl<'a> Start<'a> {
             ssh::pin_host_key(&known_hosts, &self.vm.id, &host_public)?;
             self.pinned = true;
         }
+        // Nothing of the row changed that must be durable before the VMM runs (the guest's
+        // address is recorded with `running`, and found again from the TAP after a crash): no
+        // store write, no fsync, here.
         self.phases.record("keys", at.elapsed());
-        let at = Instant::now();
-        self.vm.updated_at = unix_now();
-        d.with_store(|s| s.update_vm(self.vm))?;
-        self.phases.record("row saved", at.elapsed());
         Ok(())
     }
 
