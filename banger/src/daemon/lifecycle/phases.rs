@@ -5,7 +5,8 @@
 //! A phase is a start step, or a named part of one: the personalize step is split into `keys`
 //! (the user's key and the VM's host key, made once at create and read at start) and
 //! `personalization` (what `debugfs` writes into the root), the spawn step is `vmm spawn to api
-//! socket`, the configure step is the VMM's API calls before `InstanceStart`.
+//! socket`, the configure step is the VMM's API calls before `InstanceStart` (`api calls`, and
+//! each request within it as `api calls: PUT <path>`).
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Phases {
     began: Instant,
-    done: Vec<(&'static str, Duration)>,
+    done: Vec<(String, Duration)>,
 }
 
 impl Phases {
@@ -24,7 +25,8 @@ impl Phases {
     }
 
     /// Records that `phase` took `took` (added to what it took before, if it ran twice).
-    pub fn record(&mut self, phase: &'static str, took: Duration) {
+    pub fn record(&mut self, phase: impl Into<String>, took: Duration) {
+        let phase = phase.into();
         match self.done.iter_mut().find(|(p, _)| *p == phase) {
             Some((_, total)) => *total += took,
             None => self.done.push((phase, took)),

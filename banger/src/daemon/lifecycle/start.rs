@@ -626,7 +626,12 @@ impl<'a> Start<'a> {
             }],
             vsock: Some(Vsock { guest_cid: vm.vsock_cid, uds_path: vm.vsock_path.clone() }),
         };
-        self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)
+        let timings =
+            self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)?;
+        for (path, took) in timings {
+            self.phases.record(format!("api calls: PUT {path}"), took);
+        }
+        Ok(())
     }
 
     /// Boot: `InstanceStart`, then the row says `running`. A store that cannot record it fails

@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::daemon::firecracker::{FirecrackerClient, FirecrackerError, VmConfig};
+use crate::daemon::firecracker::{ApiTimings, FirecrackerClient, FirecrackerError, VmConfig};
 use crate::daemon::logs;
 use crate::detach::detached_command;
 
@@ -123,12 +123,13 @@ pub trait Vmm: Send + Sync {
     /// Starts a VMM serving its API at `spec.api_socket`; returns once the socket answers.
     fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>>;
 
-    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order.
+    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order;
+    /// returns how long each request took.
     fn configure<'a>(
         &'a self,
         api_socket: &'a Path,
         config: &'a VmConfig,
-    ) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>>;
 
     /// Boots the configured guest (`InstanceStart`).
     fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
@@ -160,7 +161,7 @@ impl Vmm for DirectVmm {
         &'a self,
         api_socket: &'a Path,
         config: &'a VmConfig,
-    ) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+    ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
         async move { FirecrackerClient::new(api_socket).configure(config).await }.boxed()
     }
 
