@@ -205,12 +205,12 @@ fn main() -> anyhow::Result<()> {
     let helper = if args.no_helper { Vec::new() } else { helper_figures(args.quick)? };
 
     println!();
-    println!("{:<40} {:>10} {:>10} {:>10} {:>7} {:>4}", "metric", "median", "p90", "baseline", "ratio", "n");
+    println!("{:<50} {:>10} {:>10} {:>10} {:>7} {:>4}", "metric", "median", "p90", "baseline", "ratio", "n");
     for m in &start {
         let base = m.baseline().map_or("-".into(), |b| format!("{b:.2}"));
         let ratio = m.baseline().map_or("-".into(), |b| format!("{:.2}", m.median() / b));
         println!(
-            "{:<40} {:>7.2} {} {:>7.2} {} {:>10} {:>7} {:>4}",
+            "{:<50} {:>7.2} {} {:>7.2} {} {:>10} {:>7} {:>4}",
             m.name,
             m.median(),
             m.unit,
@@ -224,7 +224,7 @@ fn main() -> anyhow::Result<()> {
     for v in &helper {
         let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
         println!(
-            "{:<40} {:>7.3} {:<2} {:>10} {:>10} {:>7} {:>4}",
+            "{:<50} {:>7.3} {:<2} {:>10} {:>10} {:>7} {:>4}",
             v["metric"].as_str().unwrap_or_default(),
             f("value").unwrap_or(f64::NAN),
             v["unit"].as_str().unwrap_or_default(),
