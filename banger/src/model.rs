@@ -173,6 +173,12 @@ impl VmRuntime {
         self.vm_dir.join(VMM_LOG)
     }
 
+    /// The VM's SSH host key (private half; `.pub` beside it): made at create, written into
+    /// its root at every start.
+    pub fn host_key_path(&self) -> PathBuf {
+        self.vm_dir.join("ssh_host_ed25519_key")
+    }
+
     /// A new VM in state `created`: every path is derived from its id under `paths`.
     pub fn new_created(
         paths: &crate::paths::Paths,

@@ -111,6 +111,21 @@ pub struct KeyPair {
     pub public_key: String,
 }
 
+/// A VM's SSH host key, both halves, as personalization writes them into its root.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HostKey {
+    /// The private key file's content.
+    pub private: Vec<u8>,
+    /// The public key, one line, without newline.
+    pub public: String,
+}
+
+impl std::fmt::Debug for HostKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostKey").field("public", &self.public).finish_non_exhaustive()
+    }
+}
+
 /// The public key path OpenSSH pairs with `private_key`.
 pub fn public_key_path(private_key: &Path) -> PathBuf {
     let mut name = private_key.as_os_str().to_owned();
@@ -170,6 +185,21 @@ pub fn check_public_key(key: &str) -> Result<String, SshError> {
 
 /// The user's banger key at `private_key` (with its `.pub` beside it), generated on first use.
 pub fn ensure_user_key(private_key: &Path) -> Result<KeyPair, SshError> {
+    ensure_key_pair(private_key, "banger")
+}
+
+/// A VM's host key at `private_key` (in the VM's directory), made with `ssh-keygen` the first
+/// time (at create, or at the first start of a VM made before host keys were kept) and read
+/// afterwards: the key a guest presents stays the same across its starts.
+pub fn ensure_host_key(private_key: &Path, comment: &str) -> Result<HostKey, SshError> {
+    let pair = ensure_key_pair(private_key, comment)?;
+    let private = fs::read(private_key).map_err(io_err("read", private_key))?;
+    Ok(HostKey { private, public: pair.public_key })
+}
+
+/// The key pair at `private_key`, generated (with `comment`) if it is not there; see
+/// [`ensure_user_key`].
+fn ensure_key_pair(private_key: &Path, comment: &str) -> Result<KeyPair, SshError> {
     let public = public_key_path(private_key);
     if fs::symlink_metadata(private_key).is_err() {
         let dir = private_key.parent().unwrap_or(Path::new("."));
@@ -178,7 +208,7 @@ pub fn ensure_user_key(private_key: &Path) -> Result<KeyPair, SshError> {
             .tempdir_in(dir)
             .map_err(io_err("create a key in", dir))?;
         let tmp_key = tmp.path().join("key");
-        generate_keypair(&tmp_key, "banger")?;
+        generate_keypair(&tmp_key, comment)?;
         match fs::hard_link(&tmp_key, private_key) {
             Ok(()) => fs::rename(public_key_path(&tmp_key), &public).map_err(io_err("write", &public))?,
             // Another command made the key first: use that one.
@@ -407,6 +437,19 @@ mod tests {
         let mut names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         assert_eq!(names, ["id_ed25519", "id_ed25519.pub"]);
+    }
+
+    #[test]
+    fn a_host_key_is_made_once_and_read_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("ssh_host_ed25519_key");
+        let first = ensure_host_key(&key, "root@dev").unwrap();
+        assert!(first.public.starts_with("ssh-ed25519 ") && first.public.ends_with(" root@dev"), "{first:?}");
+        assert!(String::from_utf8_lossy(&first.private).starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(ensure_host_key(&key, "root@dev").unwrap(), first);
+        // The private half never shows in a debug print.
+        assert!(!format!("{first:?}").contains("PRIVATE"));
     }
 
     #[test]

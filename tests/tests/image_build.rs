@@ -235,6 +235,8 @@ fn the_built_image_boots_under_qemu_with_bangerd_s_command_line_and_accepts_the_
     let key = tmp.path().join("id_ed25519");
     let public = banger::ssh::generate_keypair(&key, "banger").unwrap();
     let resolv = "nameserver 10.0.2.3\n";
+    let vm_host_key =
+        banger::ssh::ensure_host_key(&tmp.path().join("ssh_host_ed25519_key"), "imgboot").unwrap();
     let host_key = personalize(
         &root,
         &Personalization {
@@ -244,6 +246,7 @@ fn the_built_image_boots_under_qemu_with_bangerd_s_command_line_and_accepts_the_
             form: RootForm::File,
             scratch: tmp.path(),
             resolv_conf: Some(resolv),
+            host_key: &vm_host_key,
         },
     )
     .unwrap();

@@ -1,9 +1,9 @@
 //! The steps of a VM's create and start that run host tools on the VM's files, behind one seam
 //! ([`GuestPrep`], given to the daemon like the helper and the VMM): making the VM's root as a
 //! file of its own from its image ([`crate::daemon::storage`]), its work disk (`mkfs.ext4`,
-//! [`crate::daemon::work_disk`]), the user's SSH key (`ssh-keygen`, [`crate::ssh`]) and writing
-//! hostname, keys, a new host key and the work disk's mount into the root (e2fsprogs'
-//! `debugfs`, `ssh-keygen`, [`crate::daemon::personalize`]). [`HostTools`] runs the real ones;
+//! [`crate::daemon::work_disk`]), the user's SSH key and the VM's host key (`ssh-keygen` the
+//! first time, [`crate::ssh`]) and writing hostname, keys, the host key and the work disk's
+//! mount into the root (e2fsprogs' `debugfs`, [`crate::daemon::personalize`]). [`HostTools`] runs the real ones;
 //! tests of the lifecycle use a recording fake and need none of those tools.
 //!
 //! Every method blocks (copies, child processes): the daemon calls them on a blocking thread.
@@ -14,7 +14,7 @@ use crate::daemon::personalize::{self, Personalization, PersonalizeError};
 use crate::daemon::storage::{self, StorageError, StorageStrategy};
 use crate::daemon::work_disk::{self, WorkDiskError};
 use crate::model::StorageKind;
-use crate::ssh::{self, KeyPair, SshError};
+use crate::ssh::{self, HostKey, KeyPair, SshError};
 
 /// Preparing a VM's files before its VMM starts.
 pub trait GuestPrep: Send + Sync {
@@ -33,9 +33,12 @@ pub trait GuestPrep: Send + Sync {
     /// The user's banger key pair at `private_key`, generated on first use.
     fn user_key(&self, private_key: &Path) -> Result<KeyPair, SshError>;
 
-    /// Writes hostname, authorized keys, a new SSH host key and the work disk's mount into the
-    /// ext4 filesystem `root` (a file or a block device); returns the host's public key, to be
-    /// pinned.
+    /// The VM's host key at `private_key`, generated (with `comment`) the first time.
+    fn host_key(&self, private_key: &Path, comment: &str) -> Result<HostKey, SshError>;
+
+    /// Writes hostname, authorized keys, the VM's SSH host key and the work disk's mount into
+    /// the ext4 filesystem `root` (a file or a block device); returns the host's public key, to
+    /// be pinned.
     fn personalize(&self, root: &Path, p: &Personalization<'_>) -> Result<String, PersonalizeError>;
 }
 
@@ -59,6 +62,10 @@ impl GuestPrep for HostTools {
 
     fn user_key(&self, private_key: &Path) -> Result<KeyPair, SshError> {
         ssh::ensure_user_key(private_key)
+    }
+
+    fn host_key(&self, private_key: &Path, comment: &str) -> Result<HostKey, SshError> {
+        ssh::ensure_host_key(private_key, comment)
     }
 
     fn personalize(&self, root: &Path, p: &Personalization<'_>) -> Result<String, PersonalizeError> {
@@ -90,6 +97,8 @@ pub(crate) mod fake {
         WorkDisk(PathBuf, u64),
         /// [`GuestPrep::user_key`].
         UserKey,
+        /// [`GuestPrep::host_key`] with the private key's file.
+        HostKey(PathBuf),
         /// [`GuestPrep::personalize`] with the root and what was written.
         Personalize(PathBuf, Written),
     }
@@ -204,6 +213,11 @@ pub(crate) mod fake {
         fn user_key(&self, private_key: &Path) -> Result<KeyPair, SshError> {
             self.enter(PrepCall::UserKey, None);
             Ok(KeyPair { private_key: private_key.to_owned(), public_key: USER_KEY.into() })
+        }
+
+        fn host_key(&self, private_key: &Path, _comment: &str) -> Result<HostKey, SshError> {
+            self.enter(PrepCall::HostKey(private_key.to_owned()), None);
+            Ok(HostKey { private: b"fake private key".to_vec(), public: HOST_KEY.into() })
         }
 
         fn personalize(&self, root: &Path, p: &Personalization<'_>) -> Result<String, PersonalizeError> {

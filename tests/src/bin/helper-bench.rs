@@ -65,6 +65,10 @@ struct Args {
     /// The helper binary (default: `banger-helper` next to this program).
     #[arg(long)]
     helper: Option<PathBuf>,
+    /// Also print one JSON line per figure (`metric`, `value`, `unit`, `baseline`, `ratio`,
+    /// `n`, `p90`), as `bench` reads them.
+    #[arg(long)]
+    json: bool,
 }
 
 const UPLINK: &str = "up0";
@@ -596,6 +600,22 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
 }
 
+/// One figure as a JSON line: the median of `value` in `unit` (`1e3`: ms, `1e6`: µs), its p90,
+/// and against the median of `baseline` where there is one.
+fn json_line(metric: &str, scale: f64, unit: &str, value: &Stats, baseline: Option<&Stats>) -> String {
+    let r = |d: Duration| (d.as_secs_f64() * scale * 1000.0).round() / 1000.0;
+    serde_json::json!({
+        "metric": metric,
+        "value": r(value.median()),
+        "unit": unit,
+        "baseline": baseline.map(|b| r(b.median())),
+        "ratio": baseline.map(|b| (ratio(value.median(), b.median()) * 1000.0).round() / 1000.0),
+        "n": value.0.len(),
+        "p90": r(value.pct(90)),
+    })
+    .to_string()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !nix::unistd::geteuid().is_root() {
@@ -803,6 +823,26 @@ fn main() -> anyhow::Result<()> {
         ms(bulk[3].median()),
         ratio(bulk[2].median(), bulk[3].median())
     )?;
+    if args.json {
+        let lines = [
+            json_line("helper ping round trip", 1e6, "us", &ping, None),
+            json_line("host setup: helper vs shell", 1e3, "ms", h_s, Some(sh_s)),
+            json_line("host setup: helper vs in-process", 1e3, "ms", h_s, Some(f_s)),
+            json_line("host teardown: helper vs shell", 1e3, "ms", h_t, Some(sh_t)),
+            json_line("host teardown: helper vs in-process", 1e3, "ms", h_t, Some(f_t)),
+            json_line(
+                &format!("{} vms torn down in one request vs one", args.bulk_vms),
+                1e3,
+                "ms",
+                &bulk[0],
+                Some(&bulk[1]),
+            ),
+        ];
+        writeln!(out)?;
+        for l in lines {
+            writeln!(out, "{l}")?;
+        }
+    }
     drop(out);
 
     drop(via);

@@ -22,8 +22,11 @@ pub fn build_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("BANGER_E2E_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
-    // target/debug/deps/<test executable>
+    // target/debug/deps/<test executable>, or target/release/bench beside the binaries
     let exe = std::env::current_exe().context("cannot find the test executable")?;
+    if let Some(dir) = exe.parent().filter(|d| d.join("bangerd").is_file()) {
+        return Ok(dir.to_path_buf());
+    }
     exe.parent()
         .and_then(Path::parent)
         .map(Path::to_path_buf)

@@ -121,6 +121,21 @@ pub use self::api::{
     Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
 };
 
+/// How long each request of [`FirecrackerClient::configure`] took: its path, its duration.
+pub type ApiTimings = Vec<(String, std::time::Duration)>;
+
+/// Runs `call`, a request to `path`, adding its duration to `timings` when it succeeds.
+async fn timed(
+    timings: &mut ApiTimings,
+    path: String,
+    call: impl Future<Output = Result<(), FirecrackerError>>,
+) -> Result<(), FirecrackerError> {
+    let at = std::time::Instant::now();
+    call.await?;
+    timings.push((path, at.elapsed()));
+    Ok(())
+}
+
 /// Client for one VMM's API socket.
 #[derive(Debug, Clone)]
 pub struct FirecrackerClient {
@@ -183,21 +198,24 @@ impl FirecrackerClient {
     }
 
     /// Sends every part of `config` in its order (see [`VmConfig`]); stops at the first refusal.
-    pub async fn configure(&self, config: &VmConfig) -> Result<(), FirecrackerError> {
-        self.put_logger(&config.logger).await?;
-        self.put_metrics(&config.metrics).await?;
-        self.put_machine_config(&config.machine).await?;
-        self.put_boot_source(&config.boot_source).await?;
+    /// Returns how long each request took, by path, in order.
+    pub async fn configure(&self, config: &VmConfig) -> Result<ApiTimings, FirecrackerError> {
+        let mut t = ApiTimings::new();
+        timed(&mut t, "/logger".into(), self.put_logger(&config.logger)).await?;
+        timed(&mut t, "/metrics".into(), self.put_metrics(&config.metrics)).await?;
+        timed(&mut t, "/machine-config".into(), self.put_machine_config(&config.machine)).await?;
+        timed(&mut t, "/boot-source".into(), self.put_boot_source(&config.boot_source)).await?;
         for drive in &config.drives {
-            self.put_drive(drive).await?;
+            timed(&mut t, format!("/drives/{}", drive.drive_id), self.put_drive(drive)).await?;
         }
         for iface in &config.network_interfaces {
-            self.put_network_interface(iface).await?;
+            let path = format!("/network-interfaces/{}", iface.iface_id);
+            timed(&mut t, path, self.put_network_interface(iface)).await?;
         }
         if let Some(vsock) = &config.vsock {
-            self.put_vsock(vsock).await?;
+            timed(&mut t, "/vsock".into(), self.put_vsock(vsock)).await?;
         }
-        Ok(())
+        Ok(t)
     }
 
     /// `PUT /actions {"action_type": "InstanceStart"}`.
@@ -660,8 +678,10 @@ mod tests {
             }],
             vsock: Some(Vsock { guest_cid: 3, uds_path: "/state/vms/a/vsock".into() }),
         };
-        fc.configure(&config).await.unwrap();
+        let timings = fc.configure(&config).await.unwrap();
         let paths: Vec<String> = vmm.seen().into_iter().map(|s| s.path).collect();
+        // Each request's duration, by the path it went to.
+        assert_eq!(timings.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), paths);
         assert_eq!(
             paths,
             [

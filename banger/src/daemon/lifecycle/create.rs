@@ -1,6 +1,8 @@
-//! `create`: a new row in state `created`, the VM's private directory and, when asked for, its
-//! work disk (made as the user, see [`crate::daemon::work_disk`]); nothing else. Anything made
-//! goes again when a later part fails.
+//! `create`: a new row in state `created`, the VM's private directory, the keys its starts use
+//! (the user's key, made on first use, and the VM's SSH host key, kept in its directory, so that
+//! a start runs no `ssh-keygen`) and, when asked for, its work disk (made as the user, see
+//! [`crate::daemon::work_disk`]); nothing else. Anything made goes again when a later part
+//! fails.
 
 use super::create_private_dir;
 use crate::api_types::{CreateVm, VmView};
@@ -52,7 +54,10 @@ impl Daemon {
             path: vm.vm_dir.clone(),
             source,
         })?;
-        let made = self.make_work_disk(&mut vm, req.work_disk_bytes).await;
+        let made = match self.make_keys(&vm).await {
+            Ok(()) => self.make_work_disk(&mut vm, req.work_disk_bytes).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = made.and_then(|()| self.with_store(|s| s.insert_vm(&vm))) {
             if let Err(rm) = std::fs::remove_dir_all(&vm.vm_dir) {
                 tracing::warn!(dir = %vm.vm_dir.display(), error = %rm, "cannot remove the directory of a vm not created");
@@ -65,6 +70,19 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// Makes the user's key if it is not there yet, and the VM's host key.
+    async fn make_keys(&self, vm: &VmRuntime) -> Result<(), DaemonError> {
+        let (prep, user_key) = (self.prep.clone(), self.paths.ssh_key());
+        let (host_key, comment) = (vm.host_key_path(), format!("root@{}", vm.name));
+        tokio::task::spawn_blocking(move || {
+            prep.user_key(&user_key)?;
+            prep.host_key(&host_key, &comment).map(drop)
+        })
+        .await
+        .map_err(DaemonError::Task)??;
+        Ok(())
+    }
+
     /// Makes the work disk of a VM being created, when one is asked for, and records it in `vm`.
     async fn make_work_disk(&self, vm: &mut VmRuntime, bytes: Option<u64>) -> Result<(), DaemonError> {
         let Some(bytes) = bytes else { return Ok(()) };

@@ -38,6 +38,7 @@
 
 mod create;
 mod delete;
+mod phases;
 pub mod refresh;
 pub mod start;
 mod stop;

@@ -15,7 +15,7 @@
 //! | base loop | dm-snapshot only: the image's rootfs opened read-only and attached read-only (helper), recorded | the helper's teardown |
 //! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
 //! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
-//! | personalize | the user's key; hostname, keys, a new host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned; the row saved | the pin is removed |
+//! | personalize | the user's key and the VM's host key read (both made at create; a VM made before host keys were kept gets its own here); hostname, keys, the host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned unless it already is | the pin is removed, if this start wrote it |
 //! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
 //! | configure | the VMM's own log (`PUT /logger`, apart from the console); the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
 //! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
@@ -26,9 +26,14 @@
 //! handles are forgotten. A step whose helper request certainly made nothing (the helper was not
 //! reached, or refused) has nothing to undo.
 //!
-//! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`,
-//! `ssh-keygen`) on a blocking thread, the last two through
-//! [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
+//! The image, root disk and personalize steps run host tools (hashing, copies, `debugfs`) on a
+//! blocking thread, the last two through [`GuestPrep`](crate::daemon::guest_prep::GuestPrep).
+//!
+//! A start writes to disk durably (fsync) only what must survive a crash before the next kernel
+//! object or process exists: the row going `starting`, `handles.json` with each object, and the
+//! row going `running`; the host key's pin only when it changes.
+//!
+//! How long each phase took is logged when the start succeeds (`start timings`, `phases.rs`).
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -36,9 +41,11 @@ use std::fs::{File, OpenOptions};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use banger_protocol::{LoopRole, TapInfo, min_cow_bytes};
 
+use super::phases::Phases;
 use super::touch;
 use crate::api_types::VmView;
 use crate::config::StorageMode;
@@ -147,6 +154,7 @@ impl Daemon {
     /// `POST /v1/vms/{name}/start?progress=true`: a start that tells `progress` each step as
     /// it begins.
     pub async fn start_reporting(&self, name: &str, progress: &Progress) -> Result<VmView, DaemonError> {
+        let phases = Phases::begin();
         let lock = self.vm_lock(name);
         let _guard = lock.lock().await;
         let mut vm = self.find(name)?;
@@ -162,9 +170,13 @@ impl Daemon {
         }
         self.record(&mut vm, VmState::Starting, None, None)?;
 
-        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress);
+        let mut run = Start::new(self, &mut vm, image, &vmm_bin, progress, phases);
+        run.phases.record("row starting", run.phases.total());
         let failed = match run.run_all().await {
-            Ok(()) => None,
+            Ok(()) => {
+                tracing::info!(vm = %name, total_us = run.phases.total().as_micros(), phases = %run.phases.render(), "start timings");
+                None
+            }
             Err((step, cause)) => {
                 tracing::warn!(vm = %name, %step, error = %chain(&cause), "start failed; undoing");
                 let undo = run.rollback(step).await.err().map(|e| chain(&e));
@@ -205,6 +217,8 @@ struct Start<'a> {
     device_mapper: Option<bool>,
     /// Told each step as it begins.
     progress: &'a Progress,
+    /// How long each phase took.
+    phases: Phases,
 }
 
 impl<'a> Start<'a> {
@@ -214,6 +228,7 @@ impl<'a> Start<'a> {
         image: ImageRecord,
         vmm_bin: &'a Path,
         progress: &'a Progress,
+        phases: Phases,
     ) -> Self {
         Start {
             daemon,
@@ -227,6 +242,7 @@ impl<'a> Start<'a> {
             pinned: false,
             device_mapper: None,
             progress,
+            phases,
         }
     }
 
@@ -237,6 +253,7 @@ impl<'a> Start<'a> {
             if !dm_step || self.is_dm() {
                 (self.progress)(step);
             }
+            let at = Instant::now();
             let done = match step {
                 StartStep::Image => self.check_image().await,
                 StartStep::Network => self.network().await,
@@ -249,6 +266,9 @@ impl<'a> Start<'a> {
                 StartStep::Configure => self.configure().await,
                 StartStep::Boot => self.boot().await,
             };
+            if let Some(phase) = phase_of(step) {
+                self.phases.record(phase, at.elapsed());
+            }
             done.map_err(|e| (step, e))?;
         }
         Ok(())
@@ -478,12 +498,21 @@ impl<'a> Start<'a> {
         let d = self.daemon;
         let prep = d.prep.clone();
         let key_path = d.paths.ssh_key();
-        let user_key = blocking(move || prep.user_key(&key_path)).await?;
+        let (host_key_path, comment) = (self.vm.host_key_path(), format!("root@{}", self.vm.name));
+        // Both made at create (a VM made before host keys were kept gets its own now): read.
+        let at = Instant::now();
+        let (user_key, host_key) = blocking(move || {
+            let user = prep.user_key(&key_path)?;
+            prep.host_key(&host_key_path, &comment).map(|host| (user, host))
+        })
+        .await?;
+        self.phases.record("keys", at.elapsed());
+        let at = Instant::now();
         let prep = d.prep.clone();
         let (root, form) = self.root();
         let (hostname, scratch) = (self.vm.name.clone(), self.vm.vm_dir.clone());
         let work_disk = self.vm.work_disk_path.is_some();
-        let host_key = blocking(move || {
+        let host_public = blocking(move || {
             let keys = [user_key.public_key];
             let resolv = resolvers::guest_resolv_conf(
                 Path::new("/etc/resolv.conf"),
@@ -501,14 +530,23 @@ impl<'a> Start<'a> {
                 form,
                 scratch: &scratch,
                 resolv_conf: resolv.as_deref(),
+                host_key: &host_key,
             };
             prep.personalize(&root, &p)
         })
         .await?;
-        ssh::pin_host_key(&d.paths.known_hosts(), &self.vm.id, &host_key)?;
-        self.pinned = true;
-        self.vm.updated_at = unix_now();
-        d.with_store(|s| s.update_vm(self.vm))?;
+        self.phases.record("personalization", at.elapsed());
+        // The pin changes only when the key does (the first start, or a host key made again).
+        let at = Instant::now();
+        let known_hosts = d.paths.known_hosts();
+        if ssh::pinned_host_key(&known_hosts, &self.vm.id)?.as_deref() != Some(&key_blob(&host_public)) {
+            ssh::pin_host_key(&known_hosts, &self.vm.id, &host_public)?;
+            self.pinned = true;
+        }
+        // Nothing of the row changed that must be durable before the VMM runs (the guest's
+        // address is recorded with `running`, and found again from the TAP after a crash): no
+        // store write, no fsync, here.
+        self.phases.record("keys", at.elapsed());
         Ok(())
     }
 
@@ -609,15 +647,43 @@ impl<'a> Start<'a> {
             }],
             vsock: Some(Vsock { guest_cid: vm.vsock_cid, uds_path: vm.vsock_path.clone() }),
         };
-        self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)
+        let timings =
+            self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)?;
+        for (path, took) in timings {
+            self.phases.record(format!("api calls: PUT {path}"), took);
+        }
+        Ok(())
     }
 
     /// Boot: `InstanceStart`, then the row says `running`. A store that cannot record it fails
     /// the step, so a VM never runs while its row says otherwise.
     async fn boot(&mut self) -> Result<(), DaemonError> {
+        let at = Instant::now();
         self.daemon.vmm.boot(&self.vm.api_socket).await.map_err(DaemonError::vmm_api)?;
-        self.daemon.record(self.vm, VmState::Running, None, None)
+        self.phases.record("instance start", at.elapsed());
+        let at = Instant::now();
+        let recorded = self.daemon.record(self.vm, VmState::Running, None, None);
+        self.phases.record("row running", at.elapsed());
+        recorded
     }
+}
+
+/// The phase a step's time counts in; `None` for the steps that record their own parts
+/// (personalize: `keys` and `personalization`; boot: `instance start` and `row running`).
+fn phase_of(step: StartStep) -> Option<&'static str> {
+    Some(match step {
+        StartStep::Image => "image",
+        StartStep::Network | StartStep::BaseLoop | StartStep::CowLoop | StartStep::Snapshot => "helper",
+        StartStep::RootDisk => "root disk",
+        StartStep::Spawn => "vmm spawn to api socket",
+        StartStep::Configure => "api calls",
+        StartStep::Personalize | StartStep::Boot => return None,
+    })
+}
+
+/// `TYPE BASE64` of a public key line, as a pin holds it.
+fn key_blob(public_key: &str) -> String {
+    public_key.split_ascii_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// Whether a failed helper request certainly made nothing: the helper could not be reached (so

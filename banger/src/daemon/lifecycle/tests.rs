@@ -210,13 +210,18 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     assert_eq!(e.ops(), ["tap-create", "nat-up", "ping"]);
     let owned = e.helper.owned();
     assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1));
-    // The root was made (a clone where the filesystem has them, else a copy), then personalized
-    // with the user's key, and the host key pinned.
+    // The keys were made at create; the root was made (a clone where the filesystem has them,
+    // else a copy), then personalized with the user's key and the VM's host key (read again),
+    // and the host key pinned.
+    let host_key = created.vm_dir.join("ssh_host_ed25519_key");
     assert_eq!(
         e.prep.calls(),
         [
+            PrepCall::UserKey,
+            PrepCall::HostKey(host_key.clone()),
             PrepCall::PrepareRoot(StorageStrategy::CloneOrCopy, created.vm_dir.join("root.ext4")),
             PrepCall::UserKey,
+            PrepCall::HostKey(host_key),
             PrepCall::Personalize(created.vm_dir.join("root.ext4"), written("dev", RootForm::File)),
         ]
     );
@@ -295,6 +300,34 @@ async fn stop_shuts_the_guest_down_then_tears_everything_down() {
     assert_eq!((e.vm("dev").state, e.vm("dev").last_error), (VmState::Stopped, None));
     // The host key stays pinned: the disk keeps the key.
     assert!(e.pinned(&running.id));
+}
+
+#[tokio::test]
+async fn a_later_start_keeps_the_host_key_and_its_pin_and_makes_no_key() {
+    let e = env();
+    let created = e.daemon.create(create("dev")).await.unwrap();
+    e.daemon.start("dev").await.unwrap();
+    e.daemon.stop("dev", Shutdown::Kill).await.unwrap();
+    let known_hosts = e.daemon.paths.known_hosts();
+    let before = std::fs::metadata(&known_hosts).unwrap();
+    let calls = e.prep.calls().len();
+
+    e.daemon.start("dev").await.unwrap();
+    // The same host key, read from the VM's directory, written into the root again; the pin,
+    // already right, is not written again (no file replaced, no fsync).
+    let host_key = created.vm_dir.join("ssh_host_ed25519_key");
+    assert_eq!(
+        e.prep.calls()[calls..],
+        [
+            PrepCall::UserKey,
+            PrepCall::HostKey(host_key),
+            PrepCall::Personalize(created.vm_dir.join("root.ext4"), written("dev", RootForm::File)),
+        ]
+    );
+    let after = std::fs::metadata(&known_hosts).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((after.ino(), after.mtime_nsec()), (before.ino(), before.mtime_nsec()));
+    assert!(e.pinned(&created.id));
 }
 
 #[tokio::test]

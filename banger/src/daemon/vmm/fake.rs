@@ -128,9 +128,10 @@ impl Vmm for FakeVmm {
         &'a self,
         api_socket: &'a Path,
         config: &'a VmConfig,
-    ) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+    ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
         let call = VmmCall::Configure(api_socket.to_owned(), Box::new(config.clone()));
-        let r = if self.enter(call, VmmOp::Configure) { Err(refused("/machine-config")) } else { Ok(()) };
+        let r =
+            if self.enter(call, VmmOp::Configure) { Err(refused("/machine-config")) } else { Ok(Vec::new()) };
         async move { r }.boxed()
     }
 

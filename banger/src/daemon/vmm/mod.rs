@@ -25,7 +25,7 @@ use futures::future::BoxFuture;
 use tokio::net::UnixStream;
 use tokio::process::Child;
 
-use crate::daemon::firecracker::{FirecrackerClient, FirecrackerError, VmConfig};
+use crate::daemon::firecracker::{ApiTimings, FirecrackerClient, FirecrackerError, VmConfig};
 use crate::daemon::logs;
 use crate::detach::detached_command;
 
@@ -34,6 +34,9 @@ pub(crate) mod fake;
 
 /// How long a VMM may take to open its API socket.
 pub const API_SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the API socket is tried while a VMM starts: Firecracker opens it about 2 ms after
+/// it is spawned, so a coarser pause would be most of the wait.
+const API_SOCKET_POLL: Duration = Duration::from_millis(1);
 
 /// Why a VMM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +123,13 @@ pub trait Vmm: Send + Sync {
     /// Starts a VMM serving its API at `spec.api_socket`; returns once the socket answers.
     fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>>;
 
-    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order.
+    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order;
+    /// returns how long each request took.
     fn configure<'a>(
         &'a self,
         api_socket: &'a Path,
         config: &'a VmConfig,
-    ) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>>;
 
     /// Boots the configured guest (`InstanceStart`).
     fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
@@ -157,7 +161,7 @@ impl Vmm for DirectVmm {
         &'a self,
         api_socket: &'a Path,
         config: &'a VmConfig,
-    ) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+    ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
         async move { FirecrackerClient::new(api_socket).configure(config).await }.boxed()
     }
 
@@ -268,7 +272,7 @@ async fn wait_for_api(mut child: Child, spec: SpawnSpec<'_>) -> Result<Spawned, 
                 tail,
             });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(API_SOCKET_POLL).await;
     }
 }
 

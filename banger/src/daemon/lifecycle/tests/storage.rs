@@ -77,7 +77,7 @@ async fn a_forced_kind_is_used_without_asking_the_helper_what_it_offers() {
         let created = e.daemon.create(create("dev")).await.unwrap();
         let vm = e.daemon.start("dev").await.unwrap();
         assert_eq!(vm.storage.as_deref(), Some(kind), "{mode}");
-        assert_eq!(e.prep.calls()[0], PrepCall::PrepareRoot(strategy, created.vm_dir.join("root.ext4")));
+        assert_eq!(e.prep.calls()[2], PrepCall::PrepareRoot(strategy, created.vm_dir.join("root.ext4")));
         assert_eq!(e.ops(), ["tap-create", "nat-up"], "{mode}: the helper is not asked");
     }
 
@@ -195,9 +195,10 @@ async fn a_dm_snapshot_start_attaches_the_image_read_only_and_the_cow_read_write
 
     // Personalized through the dm node; the VMM's root drive is the dm node.
     assert_eq!(
-        e.prep.calls(),
+        e.prep.calls()[2..],
         [
             PrepCall::UserKey,
+            PrepCall::HostKey(vm.vm_dir.join("ssh_host_ed25519_key")),
             PrepCall::Personalize(dm.device.clone().into(), written("dev", RootForm::BlockDevice))
         ]
     );
@@ -428,7 +429,7 @@ async fn a_work_disk_is_made_at_create_attached_as_the_second_drive_and_mounted_
         (created.work_disk.as_deref(), created.work_disk_bytes),
         (Some(disk.as_path()), Some(10 << 30))
     );
-    assert_eq!(e.prep.calls(), [PrepCall::WorkDisk(disk.clone(), 10 << 30)]);
+    assert_eq!(e.prep.calls()[2..], [PrepCall::WorkDisk(disk.clone(), 10 << 30)]);
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 10 << 30);
     assert!(e.helper.calls().is_empty(), "create never needs the helper");
     let row = e.vm("dev");

@@ -1,0 +1,275 @@
+//! `bench`: banger's benchmark, one command for every figure (see `docs/benchmarks.md`).
+//!
+//! Run as root after building the workspace's binaries in release mode (the benchmark starts the
+//! real `banger`, `bangerd`, `banger-helper` and the Firecracker test double, found next to it):
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! sudo target/release/bench            # or: cargo run --release -p banger-tests --bin bench
+//! sudo target/release/bench --quick    # a few rounds, for CI: proves it runs, asserts no timing
+//! ```
+//!
+//! It prints a table for people and, for machines, one JSON line per metric:
+//! `{"metric","value","unit","baseline","ratio","n"}` (`value` the median, `p90` beside it;
+//! `baseline` and `ratio` null where the figure has none). What it measures:
+//!
+//! 1. `vm start` control plane: in an end-to-end world (test users, network namespaces, the real
+//!    helper, the double as the VMM; [`banger_tests::e2e::World`]), one VM started and force-stopped
+//!    round after round. The daemon logs each start's phases (`start timings`, from the request
+//!    received to `InstanceStart` answered and the row saying `running`); the benchmark reads
+//!    them back and reports each phase's median and p90, and the CLI's wall time around it.
+//! 2. The helper's figures (ping, one VM's host setup and teardown against shelling out and the
+//!    in-process floor, a bulk teardown): `helper-bench` run with `--json`, its lines passed on.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use banger_tests::e2e::{Who, World};
+use clap::Parser;
+
+/// banger's benchmark: prints a table and one JSON line per metric.
+#[derive(Debug, Parser)]
+struct Args {
+    /// A small run (few rounds) that only proves every figure can be made, as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Measured `vm start` rounds (default 30, 3 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Leave out the helper's figures (`helper-bench`).
+    #[arg(long)]
+    no_helper: bool,
+}
+
+/// One figure.
+struct Metric {
+    name: String,
+    unit: &'static str,
+    samples: Vec<f64>,
+    baseline: Option<Vec<f64>>,
+}
+
+/// The `p`th percentile of `v` (nearest rank; `v` sorted).
+fn pct(v: &[f64], p: usize) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
+fn sorted(v: &[f64]) -> Vec<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+impl Metric {
+    fn median(&self) -> f64 {
+        pct(&sorted(&self.samples), 50)
+    }
+
+    fn p90(&self) -> f64 {
+        pct(&sorted(&self.samples), 90)
+    }
+
+    fn baseline(&self) -> Option<f64> {
+        self.baseline.as_ref().map(|b| pct(&sorted(b), 50))
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let (value, baseline) = (self.median(), self.baseline());
+        serde_json::json!({
+            "metric": self.name,
+            "value": round(value),
+            "unit": self.unit,
+            "baseline": baseline.map(round),
+            "ratio": baseline.map(|b| round(value / b.max(1e-9))),
+            "n": self.samples.len(),
+            "p90": round(self.p90()),
+        })
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The phases of one start, as the daemon logged them (`phase=MICROS,…`), and its total.
+#[derive(Debug, Default)]
+struct StartTimings {
+    total_us: f64,
+    phases: Vec<(String, f64)>,
+}
+
+/// The last `start timings` line of a daemon log.
+fn last_start_timings(log: &Path) -> anyhow::Result<StartTimings> {
+    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("start timings"))
+        .with_context(|| format!("no `start timings` line in {}", log.display()))?;
+    parse_timings(line).with_context(|| format!("cannot parse {line:?}"))
+}
+
+fn parse_timings(line: &str) -> Option<StartTimings> {
+    let mut t = StartTimings::default();
+    for word in line.split_whitespace() {
+        if let Some(v) = word.strip_prefix("total_us=") {
+            t.total_us = v.parse().ok()?;
+        } else if let Some(v) = word.strip_prefix("phases=") {
+            for part in v.split(',') {
+                let (name, us) = part.split_once('=')?;
+                t.phases.push((name.replace('_', " "), us.parse().ok()?));
+            }
+        }
+    }
+    (t.total_us > 0.0).then_some(t)
+}
+
+/// The `vm start` control plane, round after round.
+fn vm_start(rounds: usize) -> anyhow::Result<Vec<Metric>> {
+    let world = World::new();
+    const A: Who = Who::A;
+    world.banger_ok(A, &["vm", "create", "bench"]);
+    let log = world.daemon_log(A);
+    let mut total = Vec::new();
+    let mut wall = Vec::new();
+    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    // The first start makes the VM's root; one more warms the caches.
+    let warmup = 2;
+    for round in 0..rounds + warmup {
+        let at = Instant::now();
+        world.banger_ok(A, &["vm", "start", "bench"]);
+        let took = at.elapsed();
+        let t = last_start_timings(&log)?;
+        world.banger_ok(A, &["vm", "stop", "--force", "bench"]);
+        if round < warmup {
+            continue;
+        }
+        wall.push(took.as_secs_f64() * 1e3);
+        total.push(t.total_us / 1e3);
+        for (name, us) in t.phases {
+            match phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push(us / 1e3),
+                None => phases.push((name, vec![us / 1e3])),
+            }
+        }
+    }
+    world.banger_ok(A, &["vm", "delete", "bench"]);
+    let mut out = vec![
+        Metric { name: "vm start control plane".into(), unit: "ms", samples: total, baseline: None },
+        Metric { name: "vm start wall (cli)".into(), unit: "ms", samples: wall, baseline: None },
+    ];
+    out.extend(phases.into_iter().map(|(name, samples)| Metric {
+        name: format!("vm start: {name}"),
+        unit: "ms",
+        samples,
+        baseline: None,
+    }));
+    Ok(out)
+}
+
+/// `helper-bench --json`, next to this program; its JSON lines.
+fn helper_figures(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
+    let exe = std::env::current_exe()?.with_file_name("helper-bench");
+    if !exe.is_file() {
+        bail!("{} not found: build it (cargo build --release -p banger-tests --bins)", exe.display());
+    }
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--json");
+    if quick {
+        cmd.args(["--rounds", "3", "--pings", "500", "--bulk-rounds", "1", "--bulk-vms", "5"]);
+    }
+    let out = cmd.output().with_context(|| format!("cannot run {}", exe.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}): {}", exe.display(), out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("metric").is_some())
+        .collect())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !nix::unistd::geteuid().is_root() {
+        bail!("bench must run as root: it creates test users, network namespaces and TAPs");
+    }
+    let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 30 });
+    let started = Instant::now();
+    let start = vm_start(rounds)?;
+    let helper = if args.no_helper { Vec::new() } else { helper_figures(args.quick)? };
+
+    println!();
+    println!("{:<50} {:>10} {:>10} {:>10} {:>7} {:>4}", "metric", "median", "p90", "baseline", "ratio", "n");
+    for m in &start {
+        let base = m.baseline().map_or("-".into(), |b| format!("{b:.2}"));
+        let ratio = m.baseline().map_or("-".into(), |b| format!("{:.2}", m.median() / b));
+        println!(
+            "{:<50} {:>7.2} {} {:>7.2} {} {:>10} {:>7} {:>4}",
+            m.name,
+            m.median(),
+            m.unit,
+            m.p90(),
+            m.unit,
+            base,
+            ratio,
+            m.samples.len()
+        );
+    }
+    for v in &helper {
+        let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+        println!(
+            "{:<50} {:>7.3} {:<2} {:>10} {:>10} {:>7} {:>4}",
+            v["metric"].as_str().unwrap_or_default(),
+            f("value").unwrap_or(f64::NAN),
+            v["unit"].as_str().unwrap_or_default(),
+            f("p90").map_or("-".into(), |x| format!("{x:.3}")),
+            f("baseline").map_or("-".into(), |x| format!("{x:.3}")),
+            f("ratio").map_or("-".into(), |x| format!("{x:.2}")),
+            v["n"].as_u64().unwrap_or(0)
+        );
+    }
+    println!();
+    for m in &start {
+        println!("{}", m.json());
+    }
+    for v in &helper {
+        println!("{v}");
+    }
+    eprintln!("bench: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_timings_line_is_read_back() {
+        let line = "2026-12-07T22:00:00.000Z  INFO banger::daemon::lifecycle::start: start timings vm=bench total_us=5321 phases=row_starting=120,image=40,helper=900,vmm_spawn_to_api_socket=2100";
+        let t = parse_timings(line).unwrap();
+        assert_eq!(t.total_us, 5321.0);
+        assert_eq!(t.phases[0], ("row starting".to_owned(), 120.0));
+        assert_eq!(t.phases[3], ("vmm spawn to api socket".to_owned(), 2100.0));
+        assert!(parse_timings("start timings vm=x").is_none());
+    }
+
+    #[test]
+    fn medians_and_ratios() {
+        let m = Metric {
+            name: "x".into(),
+            unit: "ms",
+            samples: vec![5.0, 1.0, 3.0, 2.0, 4.0],
+            baseline: Some(vec![2.0, 2.0, 1.0]),
+        };
+        assert_eq!((m.median(), m.p90(), m.baseline()), (3.0, 5.0, Some(2.0)));
+        let j = m.json();
+        assert_eq!(j["ratio"], 1.5);
+        assert_eq!(j["n"], 5);
+    }
+}
