@@ -699,7 +699,7 @@ async fn image(ctx: &Ctx, cmd: ImageCommand) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::api::tests::serve_fakes;
+    use crate::daemon::api::tests::{serve_fakes, small_image};
     use crate::daemon::vmm::fake::VmmOp;
 
     fn ctx(dir: &std::path::Path) -> Ctx {
@@ -825,16 +825,7 @@ mod tests {
     #[tokio::test]
     async fn import_shows_one_plain_line_per_step_and_nothing_when_quiet() {
         let s = serve_fakes(false).await;
-        let kernel = s.dir.path().join("vmlinux");
-        let mut k = vec![0u8; 4096];
-        k[..4].copy_from_slice(b"\x7fELF");
-        (k[4], k[5]) = (2, 1);
-        k[18..20].copy_from_slice(&62u16.to_le_bytes());
-        std::fs::write(&kernel, k).unwrap();
-        let rootfs = s.dir.path().join("rootfs.ext4");
-        let f = std::fs::File::create(&rootfs).unwrap();
-        f.set_len(4 << 20).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+        let (kernel, rootfs) = small_image(s.dir.path(), 4 << 20);
         let body = |name: &str| ImportImage {
             name: name.into(),
             kernel: kernel.clone(),

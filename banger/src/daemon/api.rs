@@ -287,6 +287,7 @@ pub(crate) mod tests {
     use crate::daemon::store::Store;
     use crate::daemon::vmm::fake::{FakeVmm, VmmCall};
     use crate::paths::Paths;
+    use std::path::{Path, PathBuf};
 
     /// A daemon over fakes, served on its socket in a temp install.
     pub(crate) struct Served {
@@ -300,6 +301,22 @@ pub(crate) mod tests {
         pub vmm: Arc<FakeVmm>,
         /// Its helper.
         pub helper: Arc<FakeHelper>,
+    }
+
+    /// A small importable image in `dir`: an x86-64 ELF header as its kernel, an ext4 superblock
+    /// magic in a sparse root filesystem of `rootfs_len` bytes.
+    pub(crate) fn small_image(dir: &Path, rootfs_len: u64) -> (PathBuf, PathBuf) {
+        let kernel = dir.join("vmlinux");
+        let mut k = vec![0u8; 4096];
+        k[..4].copy_from_slice(b"\x7fELF");
+        (k[4], k[5]) = (2, 1);
+        k[18..20].copy_from_slice(&62u16.to_le_bytes());
+        std::fs::write(&kernel, k).unwrap();
+        let rootfs = dir.join("rootfs.ext4");
+        let f = std::fs::File::create(&rootfs).unwrap();
+        f.set_len(rootfs_len).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+        (kernel, rootfs)
     }
 
     /// A daemon over fakes with no image, its VMM binary not found.
@@ -507,17 +524,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn an_import_with_progress_streams_its_steps_and_bytes_then_the_image_or_the_error() {
         let s = serve_fakes(false).await;
-        // A small image: an ELF header as kernel, an ext4 superblock magic in a sparse rootfs.
-        let kernel = s.dir.path().join("vmlinux");
-        let mut k = vec![0u8; 4096];
-        k[..4].copy_from_slice(b"\x7fELF");
-        (k[4], k[5]) = (2, 1);
-        k[18..20].copy_from_slice(&62u16.to_le_bytes());
-        std::fs::write(&kernel, k).unwrap();
-        let rootfs = s.dir.path().join("rootfs.ext4");
-        let f = std::fs::File::create(&rootfs).unwrap();
-        f.set_len(8 << 20).unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&f, &0xEF53u16.to_le_bytes(), 1024 + 56).unwrap();
+        let (kernel, rootfs) = small_image(s.dir.path(), 8 << 20);
         let body = ImportImage {
             name: "small".into(),
             kernel: kernel.clone(),
