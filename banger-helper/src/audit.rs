@@ -12,7 +12,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use banger_policy::{AuditTarget, Peer};
@@ -133,13 +133,6 @@ impl AuditLog {
             AuditTarget::Stderr => Ok(Self::to_writer(Box::new(io::stderr()))),
             AuditTarget::File(path) => Ok(Self::to_writer(Box::new(open_append(path)?))),
         }
-    }
-
-    /// A log that keeps records in memory, and the buffer to read them from (for tests and
-    /// benchmarks).
-    pub fn memory() -> (AuditLog, Arc<Mutex<Vec<u8>>>) {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        (Self::to_writer(Box::new(Shared(buf.clone()))), buf)
     }
 
     /// Writes one record. A failing log is reported on stderr and never fails the request.
@@ -271,18 +264,6 @@ fn open_append(path: &Path) -> Result<std::fs::File, AuditOpenError> {
         .map_err(|source| AuditOpenError { path: path.display().to_string(), source })
 }
 
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-01-02T03:04:05.678Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -305,6 +286,34 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod memory {
+    use std::io::{self, Write};
+    use std::sync::{Arc, Mutex};
+
+    use super::AuditLog;
+
+    impl AuditLog {
+        /// A log that keeps records in memory, and the buffer to read them from.
+        pub fn memory() -> (AuditLog, Arc<Mutex<Vec<u8>>>) {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            (Self::to_writer(Box::new(Shared(buf.clone()))), buf)
+        }
+    }
+
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

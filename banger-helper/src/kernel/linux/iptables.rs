@@ -93,11 +93,6 @@ impl Iptables {
         FirewallView::parse_save(&text)
             .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))
     }
-
-    /// The two tools' paths (read-only, for the sandbox).
-    pub fn paths(&self) -> [&Path; 2] {
-        [&self.save, &self.restore]
-    }
 }
 
 impl Firewall for Iptables {
