@@ -220,10 +220,8 @@ impl Loops for LinuxLoops {
     fn make_root_only(&self, n: u32) -> KResult<()> {
         let path = self.node_path(n);
         let object = path.display().to_string();
-        let st = lstat(&path).map_err(|e| KernelError::errno("stat", object.clone(), e))?;
-        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
-            return Err(KernelError::other("stat", object, "not a block device node"));
-        }
+        // It must be a block device node.
+        self.device_number(n)?;
         let (root_uid, root_gid) = (Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
         fchownat(nix::fcntl::AT_FDCWD, &path, root_uid, root_gid, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| KernelError::errno("chown", object.clone(), e))?;
