@@ -110,9 +110,7 @@ impl Record {
             since: None,
         }
     }
-}
 
-impl Record {
     /// The record of a refusal made before the request reached the operations (connection caps,
     /// the handshake, an unreadable frame), stamped now.
     pub fn refusal(peer: &Peer, op: &str, error: &HelperError) -> Record {
@@ -226,32 +224,27 @@ impl Summaries {
 
     /// Writes the summaries due at `now`.
     pub fn flush_due(&mut self, log: &AuditLog, now: Instant) {
-        for t in &mut self.tallies {
-            if t.count > 0 && now >= t.written + self.every {
-                write_summary(log, t, now);
-            }
-        }
+        self.write_summaries(log, now, false);
     }
 
     /// Writes every count still pending (the connection is closing).
     pub fn flush(&mut self, log: &AuditLog) {
-        let now = Instant::now();
-        for t in &mut self.tallies {
-            if t.count > 0 {
-                write_summary(log, t, now);
-            }
+        self.write_summaries(log, Instant::now(), true);
+    }
+
+    /// Writes a summary of each operation with successes counted, if due at `now` or `all`.
+    fn write_summaries(&mut self, log: &AuditLog, now: Instant, all: bool) {
+        for t in self.tallies.iter_mut().filter(|t| t.count > 0 && (all || now >= t.written + self.every)) {
+            let first = &t.first;
+            let mut summary =
+                Record::new(first.uid, first.pid, first.install.as_deref(), &first.op, vec![], Ok(()));
+            summary.count = Some(t.count);
+            summary.since = Some(std::mem::take(&mut t.since));
+            log.write(&summary);
+            t.count = 0;
+            t.written = now;
         }
     }
-}
-
-fn write_summary(log: &AuditLog, t: &mut Tally, now: Instant) {
-    let mut summary =
-        Record::new(t.first.uid, t.first.pid, t.first.install.as_deref(), &t.first.op, vec![], Ok(()));
-    summary.count = Some(t.count);
-    summary.since = Some(std::mem::take(&mut t.since));
-    log.write(&summary);
-    t.count = 0;
-    t.written = now;
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, AuditOpenError> {
