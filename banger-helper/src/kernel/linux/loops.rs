@@ -180,13 +180,8 @@ impl Loops for LinuxLoops {
                 _ => FdAccess::ReadOnly,
             }
         };
-        let mountinfo = std::fs::read_to_string(&self.mountinfo).map_err(|e| {
-            KernelError::errno(
-                "read",
-                self.mountinfo.display().to_string(),
-                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        let mountinfo = std::fs::read_to_string(&self.mountinfo)
+            .map_err(|e| KernelError::io("read", self.mountinfo.display().to_string(), e))?;
         let mnt_id = (st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id);
         let fs_type = mount_fs_type(&mountinfo, mnt_id, (st.stx_dev_major, st.stx_dev_minor))
             .unwrap_or_else(|| "unknown".to_owned());
