@@ -439,11 +439,7 @@ impl Dm for FakeKernel {
 
     fn info(&self, name: &str) -> KResult<Option<DmStatus>> {
         let w = self.call("dm_info", name)?;
-        Ok(w.dms.get(name).map(|d| DmStatus {
-            dev: d.dev,
-            uuid: d.uuid.clone(),
-            open_count: i32::from(d.held_open),
-        }))
+        Ok(w.dms.get(name).map(|d| DmStatus { dev: d.dev, uuid: d.uuid.clone() }))
     }
 
     fn list(&self) -> KResult<Vec<String>> {

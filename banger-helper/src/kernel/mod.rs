@@ -191,8 +191,6 @@ pub struct DmStatus {
     pub dev: DevNum,
     /// Its uuid (empty when it has none).
     pub uuid: String,
-    /// How many openers it has.
-    pub open_count: i32,
 }
 
 /// A device node as `lstat` sees it.

@@ -342,7 +342,6 @@ impl Dm for LinuxDm {
             Ok(info) => Ok(Some(DmStatus {
                 dev: DevNum { major: info.device().major, minor: info.device().minor },
                 uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
-                open_count: info.open_count(),
             })),
             Err(e) => match kerr("DM_DEV_STATUS", name, e) {
                 e if e.errno_value() == Some(Errno::ENXIO) => Ok(None),
