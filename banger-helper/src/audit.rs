@@ -12,7 +12,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use banger_policy::{AuditTarget, Peer};
@@ -110,9 +110,7 @@ impl Record {
             since: None,
         }
     }
-}
 
-impl Record {
     /// The record of a refusal made before the request reached the operations (connection caps,
     /// the handshake, an unreadable frame), stamped now.
     pub fn refusal(peer: &Peer, op: &str, error: &HelperError) -> Record {
@@ -133,13 +131,6 @@ impl AuditLog {
             AuditTarget::Stderr => Ok(Self::to_writer(Box::new(io::stderr()))),
             AuditTarget::File(path) => Ok(Self::to_writer(Box::new(open_append(path)?))),
         }
-    }
-
-    /// A log that keeps records in memory, and the buffer to read them from (for tests and
-    /// benchmarks).
-    pub fn memory() -> (AuditLog, Arc<Mutex<Vec<u8>>>) {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        (Self::to_writer(Box::new(Shared(buf.clone()))), buf)
     }
 
     /// Writes one record. A failing log is reported on stderr and never fails the request.
@@ -233,32 +224,27 @@ impl Summaries {
 
     /// Writes the summaries due at `now`.
     pub fn flush_due(&mut self, log: &AuditLog, now: Instant) {
-        for t in &mut self.tallies {
-            if t.count > 0 && now >= t.written + self.every {
-                write_summary(log, t, now);
-            }
-        }
+        self.write_summaries(log, now, false);
     }
 
     /// Writes every count still pending (the connection is closing).
     pub fn flush(&mut self, log: &AuditLog) {
-        let now = Instant::now();
-        for t in &mut self.tallies {
-            if t.count > 0 {
-                write_summary(log, t, now);
-            }
+        self.write_summaries(log, Instant::now(), true);
+    }
+
+    /// Writes a summary of each operation with successes counted, if due at `now` or `all`.
+    fn write_summaries(&mut self, log: &AuditLog, now: Instant, all: bool) {
+        for t in self.tallies.iter_mut().filter(|t| t.count > 0 && (all || now >= t.written + self.every)) {
+            let first = &t.first;
+            let mut summary =
+                Record::new(first.uid, first.pid, first.install.as_deref(), &first.op, vec![], Ok(()));
+            summary.count = Some(t.count);
+            summary.since = Some(std::mem::take(&mut t.since));
+            log.write(&summary);
+            t.count = 0;
+            t.written = now;
         }
     }
-}
-
-fn write_summary(log: &AuditLog, t: &mut Tally, now: Instant) {
-    let mut summary =
-        Record::new(t.first.uid, t.first.pid, t.first.install.as_deref(), &t.first.op, vec![], Ok(()));
-    summary.count = Some(t.count);
-    summary.since = Some(std::mem::take(&mut t.since));
-    log.write(&summary);
-    t.count = 0;
-    t.written = now;
 }
 
 fn open_append(path: &Path) -> Result<std::fs::File, AuditOpenError> {
@@ -269,18 +255,6 @@ fn open_append(path: &Path) -> Result<std::fs::File, AuditOpenError> {
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
         .map_err(|source| AuditOpenError { path: path.display().to_string(), source })
-}
-
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Formats a time as RFC 3339 UTC with milliseconds, e.g. `2026-01-02T03:04:05.678Z`.
@@ -305,6 +279,34 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 60,
         d.subsec_millis()
     )
+}
+
+#[cfg(test)]
+mod memory {
+    use std::io::{self, Write};
+    use std::sync::{Arc, Mutex};
+
+    use super::AuditLog;
+
+    impl AuditLog {
+        /// A log that keeps records in memory, and the buffer to read them from.
+        pub fn memory() -> (AuditLog, Arc<Mutex<Vec<u8>>>) {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            (Self::to_writer(Box::new(Shared(buf.clone()))), buf)
+        }
+    }
+
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

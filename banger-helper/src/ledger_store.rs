@@ -224,12 +224,14 @@ impl LedgerStore {
         Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, ledger))
     }
 
-    /// Writes `bytes` to `name` atomically (temporary file, rename), fsyncing file and directory
-    /// when `durable`.
-    fn replace(&self, name: &str, bytes: &[u8], durable: bool) -> Result<(), StoreError> {
+    /// Writes `value` to `name` as pretty JSON with a trailing newline, atomically (temporary
+    /// file, rename), fsyncing file and directory when `durable`.
+    fn write_json<T: Serialize>(&self, name: &str, value: &T, durable: bool) -> Result<(), StoreError> {
         let path = self.dir.join(name);
         let temp = self.dir.join(format!("{name}.tmp"));
         let io_err = |source| StoreError::Io { action: "write", path: path.clone(), source };
+        let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| io_err(io::Error::other(e)))?;
+        bytes.push(b'\n');
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -238,17 +240,23 @@ impl LedgerStore {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&temp)
             .map_err(io_err)?;
-        f.write_all(bytes).map_err(io_err)?;
+        f.write_all(&bytes).map_err(io_err)?;
         if durable {
             f.sync_all().map_err(io_err)?;
         }
         drop(f);
         fs::rename(&temp, &path).map_err(io_err)?;
         if durable {
-            let d = File::open(&self.dir).map_err(io_err)?;
-            nix::unistd::fsync(d.as_fd()).map_err(|e| io_err(io::Error::from(e)))?;
+            self.sync_dir(&path)?;
         }
         Ok(())
+    }
+
+    /// Fsyncs the state directory after `path` in it was replaced or removed.
+    fn sync_dir(&self, path: &Path) -> Result<(), StoreError> {
+        let io_err = |source| StoreError::Io { action: "write", path: path.to_owned(), source };
+        let d = File::open(&self.dir).map_err(io_err)?;
+        nix::unistd::fsync(d.as_fd()).map_err(|e| io_err(io::Error::from(e)))
     }
 
     /// The value `ip_forward` had before this helper turned it on, if it did so in this boot
@@ -272,60 +280,30 @@ impl LedgerStore {
     pub fn save_forwarding(&self, earlier: Option<&str>, boot: i64) -> Result<(), StoreError> {
         match earlier {
             Some(earlier) => {
-                let file = ForwardingFile { earlier: earlier.to_owned(), boot };
-                let bytes = to_json(&file).map_err(|e| StoreError::Io {
-                    action: "write",
-                    path: self.dir.join(FORWARDING),
-                    source: io::Error::other(e),
-                })?;
-                self.replace(FORWARDING, &bytes, true)
+                self.write_json(FORWARDING, &ForwardingFile { earlier: earlier.to_owned(), boot }, true)
             }
             None => {
                 let path = self.dir.join(FORWARDING);
                 match fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                    Err(source) => return Err(StoreError::Io { action: "write", path, source }),
+                    Ok(()) => self.sync_dir(&path),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                    Err(source) => Err(StoreError::Io { action: "write", path, source }),
                 }
-                let d = File::open(&self.dir).map_err(|source| StoreError::Io {
-                    action: "write",
-                    path: path.clone(),
-                    source,
-                })?;
-                nix::unistd::fsync(d.as_fd()).map_err(|e| StoreError::Io {
-                    action: "write",
-                    path,
-                    source: io::Error::from(e),
-                })
             }
         }
     }
 
     /// Saves `ledger`: the leases durably when they changed, the objects always.
     pub fn save(&mut self, ledger: &Ledger) -> Result<(), StoreError> {
-        let encode_err = |path: &str, e: serde_json::Error| StoreError::Io {
-            action: "write",
-            path: self.dir.join(path),
-            source: io::Error::other(e),
-        };
         if ledger.leases != self.synced_leases {
             let file = LeasesFile { format: FORMAT, leases: ledger.leases.clone() };
-            let bytes = to_json(&file).map_err(|e| encode_err(LEASES, e))?;
-            self.replace(LEASES, &bytes, true)?;
+            self.write_json(LEASES, &file, true)?;
             self.synced_leases = file.leases;
         }
         let objects =
             ObjectsFile { format: FORMAT, entries: ledger.entries.clone(), ..ObjectsFile::default() };
-        let bytes = to_json(&objects).map_err(|e| encode_err(OBJECTS, e))?;
-        self.replace(OBJECTS, &bytes, false)
+        self.write_json(OBJECTS, &objects, false)
     }
-}
-
-/// Pretty JSON with a trailing newline.
-fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
-    let mut bytes = serde_json::to_vec_pretty(v)?;
-    bytes.push(b'\n');
-    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -64,14 +64,7 @@ impl VmKey {
 
     /// The VM's TAP name: `bg` and 13 hex digits of the digest (15 bytes).
     pub fn tap_name(&self) -> String {
-        let d = self.digest();
-        let mut s = String::with_capacity(TAP_PREFIX.len() + TAP_HASH_DIGITS);
-        s.push_str(TAP_PREFIX);
-        for b in &d[..TAP_HASH_DIGITS.div_ceil(2)] {
-            let _ = write!(s, "{b:02x}");
-        }
-        s.truncate(TAP_PREFIX.len() + TAP_HASH_DIGITS);
-        s
+        format!("{TAP_PREFIX}{}", &hex(&self.digest())[..TAP_HASH_DIGITS])
     }
 
     /// The VM's dm-snapshot target: `banger-` and 32 hex digits of the digest.
@@ -143,6 +136,12 @@ mod tests {
         let name = key(1000, "home", "dev").tap_name();
         assert_eq!(name.len(), 15, "{name}");
         assert!(is_banger_tap_name(&name), "{name}");
+        let uuid = key(1000, "home", "dev").dm_uuid();
+        assert_eq!(
+            name[TAP_PREFIX.len()..],
+            uuid[DM_UUID_PREFIX.len()..][..TAP_HASH_DIGITS],
+            "the digest's first digits"
+        );
         assert!(!is_banger_tap_name("eth0"));
         assert!(!is_banger_tap_name("bgXXXXXXXXXXXXX"));
         assert!(!is_banger_tap_name("bg0123456789ab"));

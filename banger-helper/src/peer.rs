@@ -100,12 +100,6 @@ pub struct Lookups {
     timeout: Duration,
 }
 
-impl Default for Lookups {
-    fn default() -> Self {
-        Lookups::new(MAX_LOOKUPS, NAMES_TIMEOUT)
-    }
-}
-
 impl Lookups {
     /// At most `max` lookups at once, each peer waiting at most `timeout` for its names.
     pub fn new(max: usize, timeout: Duration) -> Lookups {
@@ -157,7 +151,7 @@ mod tests {
     async fn identifies_this_process() {
         let (a, _b) = tokio::net::UnixStream::pair().unwrap();
         let creds = credentials(&a).unwrap();
-        let peer = Lookups::default().identify(creds.clone()).await;
+        let peer = Lookups::new(MAX_LOOKUPS, NAMES_TIMEOUT).identify(creds.clone()).await;
         assert_eq!(peer.uid, nix::unistd::getuid().as_raw());
         assert_eq!(peer.gid, nix::unistd::getgid().as_raw());
         assert_eq!(peer.pid, std::process::id() as i32);

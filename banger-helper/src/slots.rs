@@ -163,11 +163,6 @@ impl Slots {
         self.held()[pool.index()].take(self.caps.of(pool), pool, uid)?;
         Ok(Slot { slots: self.clone(), pool, uid })
     }
-
-    /// How many slots `pool` holds now.
-    pub fn count(&self, pool: Pool) -> usize {
-        self.held()[pool.index()].total
-    }
 }
 
 /// One connection's slot; given back when dropped.
@@ -200,6 +195,13 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Slots {
+        /// How many slots `pool` holds now.
+        fn count(&self, pool: Pool) -> usize {
+            self.held()[pool.index()].total
+        }
+    }
 
     fn caps() -> Caps {
         Caps {

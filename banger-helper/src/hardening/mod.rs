@@ -43,9 +43,6 @@ pub enum HardeningError {
     /// The descriptor limit could not be read or raised.
     #[error("cannot raise the open-file limit (RLIMIT_NOFILE) to its hard limit")]
     NoFile(#[source] nix::errno::Errno),
-    /// A path the sandbox must name does not exist or cannot be opened.
-    #[error("cannot open {0} for the sandbox")]
-    Path(PathBuf, #[source] std::io::Error),
 }
 
 /// Closes every inherited descriptor above stderr, except `keep` (systemd's socket).

@@ -16,7 +16,7 @@ use super::{
     BackingFile, DevNum, Dm, DmStatus, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus,
     Loops, NodeStatus, Sysctl, snapshot_params,
 };
-use crate::firewall::{FirewallBatch, FirewallView, apply_to_view};
+use crate::firewall::{Change, FirewallBatch, FirewallView};
 use crate::sysctl_key::SysctlKey;
 
 /// A TAP or other link in the fake.
@@ -439,11 +439,7 @@ impl Dm for FakeKernel {
 
     fn info(&self, name: &str) -> KResult<Option<DmStatus>> {
         let w = self.call("dm_info", name)?;
-        Ok(w.dms.get(name).map(|d| DmStatus {
-            dev: d.dev,
-            uuid: d.uuid.clone(),
-            open_count: i32::from(d.held_open),
-        }))
+        Ok(w.dms.get(name).map(|d| DmStatus { dev: d.dev, uuid: d.uuid.clone() }))
     }
 
     fn list(&self) -> KResult<Vec<String>> {
@@ -537,4 +533,59 @@ impl Kernel for FakeKernel {
     fn sysctl(&self) -> &Self {
         self
     }
+}
+
+/// Applies a batch to a view the way `iptables-restore --noflush` would, for the fake kernel and
+/// the tests. Fails (changing nothing) on a deletion of something absent or a creation of
+/// something present, like the real tool.
+pub fn apply_to_view(view: &FirewallView, batch: &FirewallBatch) -> Result<FirewallView, String> {
+    let mut v = view.clone();
+    let order = |c: &Change| match c {
+        Change::CreateChain(..) => 0,
+        Change::Delete(_) => 1,
+        Change::Append(_) => 2,
+        Change::InsertJump(..) => 3,
+        Change::DeleteJump(..) => 4,
+        Change::DeleteChain(..) => 5,
+    };
+    let mut changes: Vec<&Change> = batch.changes.iter().collect();
+    changes.sort_by_key(|c| order(c));
+    for c in changes {
+        match c {
+            Change::CreateChain(t, name) => {
+                if !v.chains.insert((*t, name)) {
+                    return Err(format!("chain {name} already exists"));
+                }
+            }
+            Change::InsertJump(t, name) => *v.jumps.entry((*t, name)).or_default() += 1,
+            Change::Delete(r) => {
+                let i =
+                    v.rules.iter().position(|x| x == r).ok_or_else(|| format!("no such rule: {}", r.spec))?;
+                v.rules.remove(i);
+            }
+            Change::Append(r) => {
+                if !v.chains.contains(&(r.table, r.chain)) {
+                    return Err(format!("no chain {}", r.chain));
+                }
+                v.rules.push(r.clone());
+            }
+            Change::DeleteJump(t, name) => match v.jumps.get_mut(&(*t, name)) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => return Err(format!("no jump to {name}")),
+            },
+            Change::DeleteChain(t, name) => {
+                if v.rules.iter().any(|r| r.table == *t && r.chain == *name) {
+                    return Err(format!("chain {name} is not empty"));
+                }
+                if v.jumps.get(&(*t, name)).copied().unwrap_or(0) > 0 {
+                    return Err(format!("chain {name} is still referenced"));
+                }
+                if !v.chains.remove(&(*t, name)) {
+                    return Err(format!("no chain {name}"));
+                }
+            }
+        }
+    }
+    v.jumps.retain(|_, n| *n > 0);
+    Ok(v)
 }

@@ -64,6 +64,14 @@ impl KernelError {
         KernelError::Other { op, object: object.into(), detail: detail.into() }
     }
 
+    /// An I/O error: [`KernelError::Errno`] when it has an errno, else [`KernelError::Other`].
+    pub fn io(op: &'static str, object: impl Into<String>, e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(n) => KernelError::errno(op, object, Errno::from_raw(n)),
+            None => KernelError::other(op, object, e.to_string()),
+        }
+    }
+
     /// The errno, if the failure has one.
     pub fn errno_value(&self) -> Option<Errno> {
         match self {
@@ -183,8 +191,6 @@ pub struct DmStatus {
     pub dev: DevNum,
     /// Its uuid (empty when it has none).
     pub uuid: String,
-    /// How many openers it has.
-    pub open_count: i32,
 }
 
 /// A device node as `lstat` sees it.

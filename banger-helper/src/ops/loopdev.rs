@@ -99,7 +99,6 @@ const REMOVE_RETRIES: [std::time::Duration; 4] = [
     std::time::Duration::from_millis(80),
 ];
 
-/// Records what releasing `entry` came to: gone from the ledger, or kept as released.
 /// Records what releasing the device of `entry` after a failed `make` (attach, create) came to; a
 /// release that failed leaves the intent in the ledger for teardown and the reconcile.
 pub(crate) fn settle_undo(
@@ -124,6 +123,7 @@ pub(crate) fn settle_undo(
     }
 }
 
+/// Records what releasing `entry` came to: gone from the ledger, or kept as released.
 pub(crate) fn record_release(l: &mut Ledger, entry: &LedgerEntry, release: Release) {
     match release {
         Release::Gone => l.entries.retain(|e| e != entry),

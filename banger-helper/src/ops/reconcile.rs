@@ -66,8 +66,8 @@ impl<K: Kernel> Helper<K> {
         };
         let loops = self.kernel.loops();
         let dm = self.kernel.dm();
-        let mut gone: Vec<LedgerEntry> = Vec::new();
-        let mut released = Vec::new();
+        // What releasing each entry came to: gone from the kernel, or held there.
+        let mut released: Vec<(LedgerEntry, Release)> = Vec::new();
         // dm entries first: a target holds its loop devices.
         let mut entries = st.ledger.entries.clone();
         entries.sort_by_key(|e| e.kind() != ObjectKind::Dm);
@@ -79,17 +79,17 @@ impl<K: Kernel> Helper<K> {
                         Some(Err(err)) => {
                             report.errors.push(format!("cannot delete unsettled tap {name}: {err}"))
                         }
-                        _ => gone.push(e),
+                        _ => released.push((e, Release::Gone)),
                     }
                 }
                 Object::Tap { name, .. } => {
                     if links.as_ref().is_some_and(|l| !l.contains(name)) {
-                        gone.push(e);
+                        released.push((e, Release::Gone));
                     }
                 }
                 Object::Nat { .. } => {
                     if view.as_ref().is_some_and(|v| v.tagged(&key.rule_tag()).next().is_none()) {
-                        gone.push(e);
+                        released.push((e, Release::Gone));
                     }
                 }
                 Object::Dm { name, uuid, .. } => {
@@ -110,8 +110,7 @@ impl<K: Kernel> Helper<K> {
                         }
                     };
                     match release {
-                        Ok(Release::Gone) => gone.push(e),
-                        Ok(Release::Held) => released.push(e),
+                        Ok(release) => released.push((e, release)),
                         Err(err) => report.errors.push(format!("cannot release dm {name}: {err}")),
                     }
                 }
@@ -125,8 +124,7 @@ impl<K: Kernel> Helper<K> {
                     match in_use {
                         Ok(true) if e.state == EntryState::Settled => {}
                         Ok(_) => match release_loop(loops, &e) {
-                            Ok(Release::Gone) => gone.push(e),
-                            Ok(Release::Held) => released.push(e),
+                            Ok(release) => released.push((e, release)),
                             Err(err) => report.errors.push(format!("cannot release {device}: {err}")),
                         },
                         Err(err) => report.errors.push(format!("cannot read {device}: {err}")),
@@ -134,7 +132,7 @@ impl<K: Kernel> Helper<K> {
                 }
             }
         }
-        for e in &gone {
+        for (e, _) in released.iter().filter(|(_, r)| *r == Release::Gone) {
             tracing::info!(
                 "uid {} install {} vm {}: {} is gone from the kernel (or never settled and was removed); dropped from the ledger",
                 e.uid,
@@ -145,11 +143,8 @@ impl<K: Kernel> Helper<K> {
             report.dropped.push(describe(e));
         }
         let committed = st.commit(|l| {
-            for e in &gone {
-                record_release(l, e, Release::Gone);
-            }
-            for e in &released {
-                record_release(l, e, Release::Held);
+            for (e, release) in &released {
+                record_release(l, e, *release);
             }
         });
         if let Err(e) = committed {

@@ -13,67 +13,54 @@ use std::sync::Arc;
 
 use crate::kernel::{Kernel, Links as _};
 
-/// One step to undo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Step {
-    /// Delete a link the setup created.
-    Link(String),
-}
-
-/// The undo list of one setup.
+/// The undo list of one setup: the links it created, oldest first.
 pub(crate) struct Rollback<K: Kernel> {
     kernel: Arc<K>,
-    steps: Vec<Step>,
+    links: Vec<String>,
 }
 
 impl<K: Kernel> Rollback<K> {
     /// An empty undo list.
     pub(crate) fn new(kernel: Arc<K>) -> Self {
-        Rollback { kernel, steps: Vec::new() }
+        Rollback { kernel, links: Vec::new() }
     }
 
     /// The setup created this link.
     pub(crate) fn link(&mut self, name: String) {
-        self.steps.push(Step::Link(name));
+        self.links.push(name);
     }
 
     /// Keeps everything.
     pub(crate) fn commit(mut self) {
-        self.steps.clear();
+        self.links.clear();
     }
 
     /// Undoes every step, newest first. Failures are logged: the object is then left for the
     /// start-up reconcile to report.
     pub(crate) async fn undo(mut self) {
-        while let Some(step) = self.steps.pop() {
-            match step {
-                Step::Link(name) => {
-                    if let Some(Err(e)) = self.kernel.links().delete(std::slice::from_ref(&name)).await.pop()
-                    {
-                        tracing::error!("rollback: cannot delete link {name}: {e}");
-                    }
-                }
-            }
+        delete(self.kernel.clone(), std::mem::take(&mut self.links)).await;
+    }
+}
+
+/// Deletes `links`, newest first, logging what could not be deleted.
+async fn delete<K: Kernel>(kernel: Arc<K>, mut links: Vec<String>) {
+    links.reverse();
+    for (name, r) in links.iter().zip(kernel.links().delete(&links).await) {
+        if let Err(e) = r {
+            tracing::error!("rollback: cannot delete link {name}: {e}");
         }
     }
 }
 
 impl<K: Kernel> Drop for Rollback<K> {
     fn drop(&mut self) {
-        if self.steps.is_empty() {
+        if self.links.is_empty() {
             return;
         }
-        let links: Vec<String> = self.steps.drain(..).rev().map(|Step::Link(name)| name).collect();
+        let links = std::mem::take(&mut self.links);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                let kernel = self.kernel.clone();
-                rt.spawn(async move {
-                    for r in kernel.links().delete(&links).await {
-                        if let Err(e) = r {
-                            tracing::error!("rollback: {e}");
-                        }
-                    }
-                });
+                rt.spawn(delete(self.kernel.clone(), links));
             }
             Err(_) => {
                 tracing::error!("rollback: no runtime to delete links {links:?}; reconcile will report them")

@@ -101,6 +101,31 @@ struct NodeDir {
     fd: OwnedFd,
 }
 
+impl NodeDir {
+    /// Node `name` (at `path`), unless there is none; a link is not followed.
+    fn stat(&self, name: &str, path: &str) -> KResult<Option<nix::sys::stat::FileStat>> {
+        match nix::sys::stat::fstatat(self.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(st)),
+            Err(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(KernelError::errno("stat", path, e)),
+        }
+    }
+
+    /// Sets node `name` (at `path`) to [`NODE_MODE`].
+    fn chmod(&self, name: &str, path: &str) -> KResult<()> {
+        let mode = Mode::from_bits_truncate(NODE_MODE);
+        nix::sys::stat::fchmodat(self.fd.as_fd(), name, mode, FchmodatFlags::FollowSymlink)
+            .map_err(|e| KernelError::errno("chmod", path, e))
+    }
+
+    /// Gives node `name` (at `path`) to `uid`, group root.
+    fn chown(&self, name: &str, path: &str, uid: u32) -> KResult<()> {
+        let (uid, gid) = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(0)));
+        nix::unistd::fchownat(self.fd.as_fd(), name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| KernelError::errno("chown", path, e))
+    }
+}
+
 /// Device-mapper and the node directory, as found at start.
 pub struct LinuxDm {
     /// `/dev/mapper/control`, when device-mapper with the snapshot target was found.
@@ -317,7 +342,6 @@ impl Dm for LinuxDm {
             Ok(info) => Ok(Some(DmStatus {
                 dev: DevNum { major: info.device().major, minor: info.device().minor },
                 uuid: info.uuid().map(|u| u.to_string()).unwrap_or_default(),
-                open_count: info.open_count(),
             })),
             Err(e) => match kerr("DM_DEV_STATUS", name, e) {
                 e if e.errno_value() == Some(Errno::ENXIO) => Ok(None),
@@ -352,58 +376,24 @@ impl Dm for LinuxDm {
         )
         .map_err(|e| KernelError::errno("mknod", path.clone(), e))?;
         // The mode is set while root owns the node (mknod's is cut by the umask), then the owner.
-        nix::sys::stat::fchmodat(
-            dir.fd.as_fd(),
-            name,
-            Mode::from_bits_truncate(NODE_MODE),
-            FchmodatFlags::FollowSymlink,
-        )
-        .map_err(|e| KernelError::errno("chmod", path.clone(), e))?;
-        nix::unistd::fchownat(
-            dir.fd.as_fd(),
-            name,
-            Some(Uid::from_raw(owner)),
-            Some(Gid::from_raw(0)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| KernelError::errno("chown", path, e))
+        dir.chmod(name, &path)?;
+        dir.chown(name, &path, owner)
     }
 
     fn node(&self, name: &str) -> KResult<Option<NodeStatus>> {
         let dir = self.dir("stat", name)?;
-        match nix::sys::stat::fstatat(dir.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => Ok(Some(status_of(&st))),
-            Err(Errno::ENOENT) => Ok(None),
-            Err(e) => Err(KernelError::errno("stat", self.node_path(name), e)),
-        }
+        Ok(dir.stat(name, &self.node_path(name))?.map(|st| status_of(&st)))
     }
 
     fn release_node(&self, name: &str) -> KResult<()> {
         // Without device-mapper the helper made no node.
         let Some(dir) = &self.dir else { return Ok(()) };
         let path = self.node_path(name);
-        let st = match nix::sys::stat::fstatat(dir.fd.as_fd(), name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(KernelError::errno("stat", path, e)),
-        };
+        let Some(st) = dir.stat(name, &path)? else { return Ok(()) };
         if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFLNK {
             // The inode, and so every hard link its owner may have made, goes back to root first.
-            nix::unistd::fchownat(
-                dir.fd.as_fd(),
-                name,
-                Some(Uid::from_raw(0)),
-                Some(Gid::from_raw(0)),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| KernelError::errno("chown", path.clone(), e))?;
-            nix::sys::stat::fchmodat(
-                dir.fd.as_fd(),
-                name,
-                Mode::from_bits_truncate(NODE_MODE),
-                FchmodatFlags::FollowSymlink,
-            )
-            .map_err(|e| KernelError::errno("chmod", path.clone(), e))?;
+            dir.chown(name, &path, 0)?;
+            dir.chmod(name, &path)?;
         }
         match nix::unistd::unlinkat(dir.fd.as_fd(), name, UnlinkatFlags::NoRemoveDir) {
             Ok(()) | Err(Errno::ENOENT) => Ok(()),

@@ -52,14 +52,6 @@ fn command(path: &Path) -> Command {
 /// legacy backend's lock); a tool still running then is killed.
 pub const TOOL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-fn timed_out(op: &'static str, after: std::time::Duration) -> KernelError {
-    KernelError::other(
-        op,
-        "banger chains",
-        format!("still running after {:.1} s; killed", after.as_secs_f32()),
-    )
-}
-
 fn tool_error(op: &'static str, status: std::process::ExitStatus, stderr: &[u8]) -> KernelError {
     let msg = String::from_utf8_lossy(stderr);
     let msg = msg.lines().filter(|l| !l.trim().is_empty()).take(3).collect::<Vec<_>>().join("; ");
@@ -80,64 +72,48 @@ impl Iptables {
         self.legacy
     }
 
-    async fn save(&self) -> KResult<FirewallView> {
-        let run = command(&self.save).stdin(Stdio::null()).output();
+    /// Runs a tool (with `input` on its standard input, else none) and returns what it printed.
+    /// A tool that fails, or that is still running after the timeout (it is then killed, being
+    /// dropped: `kill_on_drop`), is an error.
+    async fn run(&self, op: &'static str, mut cmd: Command, input: Option<&str>) -> KResult<Vec<u8>> {
+        let err = |e: std::io::Error| KernelError::other(op, "banger chains", e.to_string());
+        let stdin = if input.is_some() { Stdio::piped() } else { Stdio::null() };
+        let mut child =
+            cmd.stdin(stdin).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(err)?;
+        let run = async {
+            if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+                stdin.write_all(input.as_bytes()).await?;
+            }
+            child.wait_with_output().await
+        };
+        let after = self.timeout.as_secs_f32();
         let out = tokio::time::timeout(self.timeout, run)
             .await
-            .map_err(|_| timed_out("iptables-save", self.timeout))?
-            .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))?;
+            .map_err(|_| {
+                KernelError::other(op, "banger chains", format!("still running after {after:.1} s; killed"))
+            })?
+            .map_err(err)?;
         if !out.status.success() {
-            return Err(tool_error("iptables-save", out.status, &out.stderr));
+            if let Some(input) = input {
+                tracing::debug!("{op} input was:\n{input}");
+            }
+            return Err(tool_error(op, out.status, &out.stderr));
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        FirewallView::parse_save(&text)
-            .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))
-    }
-
-    /// The two tools' paths (read-only, for the sandbox).
-    pub fn paths(&self) -> [&Path; 2] {
-        [&self.save, &self.restore]
+        Ok(out.stdout)
     }
 }
 
 impl Firewall for Iptables {
     async fn read(&self) -> KResult<FirewallView> {
-        self.save().await
+        let out = self.run("iptables-save", command(&self.save), None).await?;
+        FirewallView::parse_save(&String::from_utf8_lossy(&out))
+            .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))
     }
 
     async fn apply(&self, batch: &FirewallBatch) -> KResult<()> {
-        self.restore(batch).await
-    }
-}
-
-impl Iptables {
-    async fn restore(&self, batch: &FirewallBatch) -> KResult<()> {
-        let input = batch.render();
-        let spawn_err =
-            |e: std::io::Error| KernelError::other("iptables-restore", "banger chains", e.to_string());
-        let mut child = command(&self.restore)
-            .args(["--noflush", "--wait", "10"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        let run = async {
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin.write_all(input.as_bytes()).await?;
-            }
-            child.wait_with_output().await
-        };
-        // On a timeout the child is dropped, which kills it (`kill_on_drop`).
-        let out = tokio::time::timeout(self.timeout, run)
-            .await
-            .map_err(|_| timed_out("iptables-restore", self.timeout))?
-            .map_err(spawn_err)?;
-        if !out.status.success() {
-            tracing::debug!("iptables-restore input was:\n{input}");
-            return Err(tool_error("iptables-restore", out.status, &out.stderr));
-        }
-        Ok(())
+        let mut restore = command(&self.restore);
+        restore.args(["--noflush", "--wait", "10"]);
+        self.run("iptables-restore", restore, Some(&batch.render())).await.map(|_| ())
     }
 }
 

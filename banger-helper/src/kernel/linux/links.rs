@@ -107,9 +107,7 @@ pub fn tap_owner(class_net: &Path, name: &str) -> KResult<LinkOwner> {
         return Err(KernelError::errno("read owner", name, Errno::EINVAL));
     }
     let dir = class_net.join(name);
-    let read_err = |e: std::io::Error| {
-        KernelError::errno("read owner", name, Errno::from_raw(e.raw_os_error().unwrap_or(0)))
-    };
+    let read_err = |e| KernelError::io("read owner", name, e);
     match std::fs::read_to_string(dir.join("owner")) {
         Ok(text) => match text.trim() {
             "-1" => Ok(LinkOwner::Unowned),

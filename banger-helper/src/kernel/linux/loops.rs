@@ -180,13 +180,8 @@ impl Loops for LinuxLoops {
                 _ => FdAccess::ReadOnly,
             }
         };
-        let mountinfo = std::fs::read_to_string(&self.mountinfo).map_err(|e| {
-            KernelError::errno(
-                "read",
-                self.mountinfo.display().to_string(),
-                Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-            )
-        })?;
+        let mountinfo = std::fs::read_to_string(&self.mountinfo)
+            .map_err(|e| KernelError::io("read", self.mountinfo.display().to_string(), e))?;
         let mnt_id = (st.stx_mask & libc::STATX_MNT_ID != 0).then_some(st.stx_mnt_id);
         let fs_type = mount_fs_type(&mountinfo, mnt_id, (st.stx_dev_major, st.stx_dev_minor))
             .unwrap_or_else(|| "unknown".to_owned());
@@ -220,10 +215,8 @@ impl Loops for LinuxLoops {
     fn make_root_only(&self, n: u32) -> KResult<()> {
         let path = self.node_path(n);
         let object = path.display().to_string();
-        let st = lstat(&path).map_err(|e| KernelError::errno("stat", object.clone(), e))?;
-        if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFBLK {
-            return Err(KernelError::other("stat", object, "not a block device node"));
-        }
+        // It must be a block device node.
+        self.device_number(n)?;
         let (root_uid, root_gid) = (Some(Uid::from_raw(0)), Some(Gid::from_raw(0)));
         fchownat(nix::fcntl::AT_FDCWD, &path, root_uid, root_gid, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| KernelError::errno("chown", object.clone(), e))?;

@@ -5,8 +5,6 @@ use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use nix::errno::Errno;
-
 use crate::kernel::{KResult, KernelError, Sysctl};
 use crate::sysctl_key::SysctlKey;
 
@@ -23,17 +21,10 @@ impl ProcSysctl {
     }
 }
 
-fn io_err(op: &'static str, key: &SysctlKey, e: std::io::Error) -> KernelError {
-    match e.raw_os_error() {
-        Some(n) => KernelError::errno(op, key.as_str(), Errno::from_raw(n)),
-        None => KernelError::other(op, key.as_str(), e.to_string()),
-    }
-}
-
 impl Sysctl for ProcSysctl {
     fn read(&self, key: &SysctlKey) -> KResult<String> {
-        let text =
-            std::fs::read_to_string(key.path_under(&self.root)).map_err(|e| io_err("read sysctl", key, e))?;
+        let text = std::fs::read_to_string(key.path_under(&self.root))
+            .map_err(|e| KernelError::io("read sysctl", key.as_str(), e))?;
         Ok(text.trim().to_owned())
     }
 
@@ -41,8 +32,8 @@ impl Sysctl for ProcSysctl {
         let mut f = OpenOptions::new()
             .write(true)
             .open(key.path_under(&self.root))
-            .map_err(|e| io_err("write sysctl", key, e))?;
-        f.write_all(value.as_bytes()).map_err(|e| io_err("write sysctl", key, e))
+            .map_err(|e| KernelError::io("write sysctl", key.as_str(), e))?;
+        f.write_all(value.as_bytes()).map_err(|e| KernelError::io("write sysctl", key.as_str(), e))
     }
 
     fn exists(&self, key: &SysctlKey) -> bool {
@@ -52,6 +43,8 @@ impl Sysctl for ProcSysctl {
 
 #[cfg(test)]
 mod tests {
+    use nix::errno::Errno;
+
     use super::*;
 
     #[test]
