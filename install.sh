@@ -134,6 +134,13 @@ do_uninstall() {
     holder=$(find /proc/[0-9]*/fd -lname "$lock" 2>/dev/null | head -1 | cut -d/ -f3) || true
     die "banger-helper runs (pid ${holder:-unknown}, holding $lock): stop it first (sudo kill ${holder:-PID}), then run $0 --uninstall again"
   fi
+  # The helper's ledger names every TAP, NAT rule, loop device and dm target it holds for users'
+  # VMs, and forwarding.json that it turned net.ipv4.ip_forward on: removing them now would leave
+  # those kernel objects (and forwarding) with nothing that ever cleans them.
+  if [[ -f $HELPER_STATE/forwarding.json ]] ||
+    { [[ -f $HELPER_STATE/objects.json ]] && ! grep -Eq '"entries":[[:space:]]*\[[[:space:]]*\]' "$HELPER_STATE/objects.json"; }; then
+    die "banger-helper still holds kernel objects for VMs ($HELPER_STATE/objects.json): have every user run 'banger vm delete' on their VMs (or stop them), then run $0 --uninstall again"
+  fi
   local -a lines failed=()
   mapfile -t lines <"$MANIFEST"
   local i kind a b c d
@@ -146,21 +153,27 @@ do_uninstall() {
       file)
         if [[ $b == backup ]]; then
           cp -a "$MANIFEST_DIR/backup$a" "$a" || failed+=("restore $a")
+        elif [[ $a == /etc/subuid || $a == /etc/subgid ]]; then
+          # Made by install.sh, but other users may have ranges in it since: only an empty one goes.
+          [[ -s $a ]] || rm -f "$a"
         else
           rm -f "$a"
         fi
         [[ $a == "$UDEV_RULE" ]] && udev_reload
         [[ $a == "$UNIT_DIR"/* && -d /run/systemd/system ]] && systemctl daemon-reload
         ;;
-      dir) rmdir "$a" 2>/dev/null || failed+=("remove $a (not empty)") ;;
+      dir) [[ ! -d $a ]] || rmdir "$a" 2>/dev/null || failed+=("remove $a (not empty)") ;;
       runtime) rm -rf "$a" ;;
-      member) gpasswd -d "$a" "$b" >/dev/null || failed+=("remove $a from group $b") ;;
-      group) groupdel "$a" || failed+=("delete group $a") ;;
+      member)
+        if id -nG "$a" 2>/dev/null | tr ' ' '\n' | grep -qxF -- "$b"; then
+          gpasswd -d "$a" "$b" >/dev/null || failed+=("remove $a from group $b")
+        fi
+        ;;
+      group) ! getent group "$a" >/dev/null || groupdel "$a" || failed+=("delete group $a") ;;
       subid)
-        if [[ -f $a ]]; then
-          grep -vxF -- "$b" "$a" >"$a.banger-new" || true
-          chmod --reference="$a" "$a.banger-new"
-          mv -f "$a.banger-new" "$a"
+        if [[ -f $a ]] && grep -qxF -- "$b" "$a"; then
+          { grep -vxF -- "$b" "$a" || true; } >"$a.banger-new"
+          chmod --reference="$a" "$a.banger-new" && mv -f "$a.banger-new" "$a" || failed+=("remove '$b' from $a")
         fi
         ;;
       devmode)
@@ -168,7 +181,17 @@ do_uninstall() {
           chown "$b:$c" "$a" && chmod "$d" "$a" || failed+=("restore owner and mode of $a")
         fi
         ;;
-      pkg) apt-get remove -y -qq "$a" >/dev/null || failed+=("apt-get remove $a") ;;
+      pkg)
+        # Removed only when nothing else goes with it (a package installed since may need it).
+        if dpkg-query -W -f '${Status}' "$a" 2>/dev/null | grep -q ' installed$'; then
+          if [[ $(apt-get -s remove "$a" 2>/dev/null | grep -c '^Remv ') == 1 ]]; then
+            apt-get remove -y -qq "$a" >/dev/null || failed+=("apt-get remove $a")
+          else
+            apt-mark auto "$a" >/dev/null || failed+=("apt-mark auto $a")
+            say "kept package $a: other packages need it now (marked as automatically installed)"
+          fi
+        fi
+        ;;
       *) failed+=("unknown manifest record: ${lines[i]}") ;;
     esac
   done

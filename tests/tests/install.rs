@@ -334,8 +334,22 @@ fn install_twice_doctor_then_uninstall_leaves_nothing() {
     assert!(refused.stderr.contains(&format!("stop it first (sudo kill {pid})")), "{refused}");
     assert_eq!(differences(&installed, &machine_state(&user)), Vec::<String>::new(), "{refused}");
 
-    // Uninstall: everything install.sh added goes, and what it changed is put back.
+    // Uninstall refuses while the helper's ledger still holds a VM's kernel objects (or that it
+    // turned forwarding on): removing its state would orphan them.
     cleanup.stop_helper();
+    let objects = Path::new("/var/lib/banger-helper/objects.json");
+    let ledger = fs::read_to_string(objects).ok();
+    fs::write(objects, "{\n  \"format\": 2,\n  \"entries\": [\n    {}\n  ]\n}\n").unwrap();
+    let held = install(&["--uninstall"]);
+    match &ledger {
+        Some(text) => fs::write(objects, text).unwrap(),
+        None => fs::remove_file(objects).unwrap(),
+    }
+    assert_eq!(held.code, Some(1), "{held}");
+    assert!(held.stderr.contains("still holds kernel objects for VMs"), "{held}");
+    assert!(held.stderr.contains("banger vm delete"), "{held}");
+
+    // Uninstall: everything install.sh added goes, and what it changed is put back.
     let gone = install(&["--uninstall"]);
     assert_eq!(gone.code, Some(0), "{gone}");
     cleanup.installed = false;
