@@ -86,15 +86,14 @@ pub fn check_warnings(policy: &Policy, accounts: &impl Accounts) -> Vec<String> 
                 .to_owned(),
         );
     }
-    let is_id = |e: &str| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit());
-    for user in access.users.iter().filter(|u| !is_id(u)) {
+    for user in access.users.iter().filter(|u| !banger_policy::is_account_id(u)) {
         if accounts.user(user).is_none() {
             warnings.push(format!(
                 "access.users names {user}, but there is no such user here: create it, or fix the name"
             ));
         }
     }
-    for group in access.groups.iter().filter(|g| !is_id(g)) {
+    for group in access.groups.iter().filter(|g| !banger_policy::is_account_id(g)) {
         if !accounts.group_exists(group) {
             warnings.push(format!(
                 "access.groups names {group}, but there is no such group here: create it (groupadd --system {group}), or fix the name"
@@ -102,12 +101,12 @@ pub fn check_warnings(policy: &Policy, accounts: &impl Accounts) -> Vec<String> 
         }
     }
     let socket_group = &access.socket_group;
-    if !is_id(socket_group) && !accounts.group_exists(socket_group) {
+    if !banger_policy::is_account_id(socket_group) && !accounts.group_exists(socket_group) {
         warnings.push(format!(
             "access.socket_group is {socket_group}, but there is no such group here, so the helper will not start: create it (groupadd --system {socket_group})"
         ));
     }
-    for user in policy.user_quotas.keys().filter(|u| !is_id(u)) {
+    for user in policy.user_quotas.keys().filter(|u| !banger_policy::is_account_id(u)) {
         if accounts.user(user).is_none() {
             warnings.push(format!(
                 "quotas.users.{user} names a user that does not exist here: create it, or fix the name"

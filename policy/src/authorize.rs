@@ -197,14 +197,16 @@ pub enum Admission {
     Group(String),
 }
 
+/// Whether a policy entry naming an account (`access.users`, `access.groups`,
+/// `access.socket_group`, a `quotas.users` key) is a numeric id rather than a name: all digits.
+pub fn is_account_id(entry: &str) -> bool {
+    !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Whether an access entry names the account `name` / `id`: an all-digit entry is an id, any
 /// other entry a name.
 pub(crate) fn entry_names(entry: &str, name: Option<&str>, id: Option<u32>) -> bool {
-    if !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit()) {
-        id.is_some() && entry.parse::<u32>().ok() == id
-    } else {
-        name == Some(entry)
-    }
+    if is_account_id(entry) { id.is_some() && entry.parse::<u32>().ok() == id } else { name == Some(entry) }
 }
 
 impl Access {

@@ -8,7 +8,7 @@
 //! caller looked up its uid and groups) and decides with [`Access::admits`](crate::Access::admits),
 //! the very check the helper makes.
 
-use crate::authorize::entry_names;
+use crate::authorize::{entry_names, is_account_id};
 use crate::{Admission, AuditTarget, Peer, Policy, Quotas, Uplink};
 
 /// Describes what the policy lets each user (or only `user`) do, one sentence per line.
@@ -60,16 +60,12 @@ fn finish(lines: Vec<String>) -> String {
 
 /// `alice` or `uid 1005`, for an `access.users` entry or a `quotas.users` key.
 fn user_label(entry: &str) -> String {
-    if is_id(entry) { format!("uid {entry}") } else { entry.to_owned() }
+    if is_account_id(entry) { format!("uid {entry}") } else { entry.to_owned() }
 }
 
 /// `group kvm` or `gid 300`, for an `access.groups` entry.
 fn group_label(entry: &str) -> String {
-    if is_id(entry) { format!("gid {entry}") } else { format!("group {entry}") }
-}
-
-fn is_id(entry: &str) -> bool {
-    !entry.is_empty() && entry.bytes().all(|b| b.is_ascii_digit())
+    if is_account_id(entry) { format!("gid {entry}") } else { format!("group {entry}") }
 }
 
 fn count(n: u32, one: &str, many: &str) -> String {
@@ -144,7 +140,7 @@ enum Verdict {
 /// The verdict for a user known only by name or uid, without its groups.
 fn verdict(policy: &Policy, user: &str) -> Verdict {
     let access = &policy.access;
-    let (name, uid) = if is_id(user) { (None, user.parse().ok()) } else { (Some(user), None) };
+    let (name, uid) = if is_account_id(user) { (None, user.parse().ok()) } else { (Some(user), None) };
     if access.users.iter().any(|e| entry_names(e, name, uid)) {
         return Verdict::Yes(format!("{} may connect (listed in access.users).", user_label(user)));
     }

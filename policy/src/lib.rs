@@ -69,6 +69,7 @@ pub mod parse;
 pub use addr::VmSubnet;
 pub use authorize::{
     Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
+    is_account_id,
 };
 pub use explain::{explain, explain_peer};
 pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
