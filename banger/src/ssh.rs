@@ -79,6 +79,12 @@ pub enum SshError {
         /// The refused text (shortened).
         key: String,
     },
+    /// A private key file is not an OpenSSH private key.
+    #[error("{path} is not an OpenSSH private key: delete it (and its .pub) and a new one is made")]
+    BadPrivateKey {
+        /// The file.
+        path: PathBuf,
+    },
     /// The guest's SSH server did not answer in time.
     #[error(
         "ssh on {addr} did not answer within {} s: {}; the last attempt saw {last}",
@@ -194,6 +200,16 @@ pub fn ensure_user_key(private_key: &Path) -> Result<KeyPair, SshError> {
 pub fn ensure_host_key(private_key: &Path, comment: &str) -> Result<HostKey, SshError> {
     let pair = ensure_key_pair(private_key, comment)?;
     let private = fs::read(private_key).map_err(io_err("read", private_key))?;
+    // A damaged key would reach the guest's sshd, which then has no host key: every start
+    // would end at the ssh timeout without saying why.
+    let text = String::from_utf8_lossy(&private);
+    let text = text.trim();
+    let framed = text.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+        && text.ends_with("\n-----END OPENSSH PRIVATE KEY-----")
+        && text.len() > 100;
+    if !framed {
+        return Err(SshError::BadPrivateKey { path: private_key.to_owned() });
+    }
     Ok(HostKey { private, public: pair.public_key })
 }
 
@@ -450,6 +466,22 @@ mod tests {
         assert_eq!(ensure_host_key(&key, "root@dev").unwrap(), first);
         // The private half never shows in a debug print.
         assert!(!format!("{first:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn a_damaged_host_key_is_refused_naming_the_file_and_the_fix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let key = tmp.path().join("ssh_host_ed25519_key");
+        let good = ensure_host_key(&key, "root@dev").unwrap();
+        // Cut short (a full disk, a crash mid-copy): the .pub is still fine.
+        fs::write(&key, &good.private[..good.private.len() / 2]).unwrap();
+        let err = ensure_host_key(&key, "root@dev").unwrap_err();
+        assert!(matches!(&err, SshError::BadPrivateKey { path } if *path == key), "{err:?}");
+        assert!(err.to_string().contains("delete it (and its .pub) and a new one is made"), "{err}");
+        // Deleted as told: a new key is made.
+        fs::remove_file(&key).unwrap();
+        fs::remove_file(public_key_path(&key)).unwrap();
+        assert_ne!(ensure_host_key(&key, "root@dev").unwrap(), good);
     }
 
     #[test]

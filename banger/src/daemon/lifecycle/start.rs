@@ -546,7 +546,7 @@ impl<'a> Start<'a> {
         // Nothing of the row changed that must be durable before the VMM runs (the guest's
         // address is recorded with `running`, and found again from the TAP after a crash): no
         // store write, no fsync, here.
-        self.phases.record("keys", at.elapsed());
+        self.phases.record("pin", at.elapsed());
         Ok(())
     }
 
