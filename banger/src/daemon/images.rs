@@ -641,6 +641,30 @@ fn check_file(
     Ok(FileCheck::Rehashed(after))
 }
 
+/// Removes what imports left when the daemon stopped in the middle of them: the staging
+/// directories (`.import-*`) in the images directory. Run at start-up, under the daemon's lock,
+/// when no import can be running. Returns what it removed; what it could not remove is logged.
+pub fn sweep_staging(paths: &Paths) -> Vec<PathBuf> {
+    let images = paths.images_dir();
+    let Ok(entries) = fs::read_dir(&images) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let staging = entry.file_name().to_string_lossy().starts_with(".import-");
+        if !staging || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        // Stored files are read-only, and so may the directory be: open it up first.
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o700));
+        match fs::remove_dir_all(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an interrupted import's files")
+            }
+        }
+    }
+    removed
+}
 /// Imports an image: [`stage`] then [`StagedImage::commit`], refusing a taken name before
 /// copying anything.
 pub fn import(
@@ -769,6 +793,25 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn an_interrupted_import_s_staging_is_swept_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let paths = Paths::under(tmp.path(), nix::unistd::getuid().as_raw()).unwrap();
+        paths.ensure_dirs().unwrap();
+        let images = paths.images_dir();
+        let staging = images.join(".import-AbC123");
+        fs::create_dir_all(&staging).unwrap();
+        fs::write(staging.join("rootfs.ext4"), b"half").unwrap();
+        fs::set_permissions(staging.join("rootfs.ext4"), fs::Permissions::from_mode(0o444)).unwrap();
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o555)).unwrap();
+        let kept = images.join("debian");
+        fs::create_dir_all(&kept).unwrap();
+        fs::write(images.join(".import-note"), b"a file, not a staging directory").unwrap();
+        assert_eq!(sweep_staging(&paths), vec![staging.clone()]);
+        assert!(!staging.exists() && kept.is_dir() && images.join(".import-note").is_file());
+        assert!(sweep_staging(&paths).is_empty());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! 3. Take the install's daemon lock (`run/bangerd.lock`, flock): a second daemon started in a
 //!    race exits quietly, leaving the first to answer.
 //! 4. Log to `bangerd.log` (size-capped, rotated).
-//! 5. Open the store, build the helper client, reconcile every VM with the system, then start the
+//! 5. Open the store, build the helper client, remove what imports interrupted by a stop left
+//!    (`images::sweep_staging`), reconcile every VM with the system, then start the
 //!    background refresh (every few seconds: VMMs that died, teardowns to retry).
 //! 6. Bind the socket (mode 0600; a stale file from a killed daemon is replaced, which is safe
 //!    since we hold the lock) and serve until `POST /v1/daemon/stop` or SIGTERM.
@@ -106,6 +107,9 @@ async fn serve(paths: Paths, config: Config) -> anyhow::Result<()> {
         vmm: Arc::new(DirectVmm::new(relay)),
         prep: Arc::new(HostTools),
     };
+    for path in crate::daemon::images::sweep_staging(&paths) {
+        tracing::info!(path = %path.display(), "removed the files of an import interrupted by a stop");
+    }
     let daemon = Arc::new(Daemon::new(paths.clone(), config, store, deps));
 
     match daemon.reconcile().await {
