@@ -18,9 +18,12 @@
 //!    round after round. The daemon logs each start's phases (`start timings`, from the request
 //!    received to `InstanceStart` answered and the row saying `running`); the benchmark reads
 //!    them back and reports each phase's median and p90, and the CLI's wall time around it.
-//! 2. The helper's figures (ping, one VM's host setup and teardown against shelling out and the
+//! 2. The CLI's latency and the memory of bangerd and the helper with many VMs (100, 10 with
+//!    `--quick`; created, not started): `banger vm list` against a warm daemon, with
+//!    `banger --version` as its baseline; each process's resident set from `/proc/PID/status`.
+//! 3. The helper's figures (ping, one VM's host setup and teardown against shelling out and the
 //!    in-process floor, a bulk teardown): `helper-bench` run with `--json`, its lines passed on.
-//! 3. A VM's root creation time per storage kind and image size ([`banger_tests::bench::storage`]),
+//! 4. A VM's root creation time per storage kind and image size ([`banger_tests::bench::storage`]),
 //!    left out of `--quick` (its images take longer to write than the rest of a quick run);
 //!    `bench storage` measures only it, with its own options.
 
@@ -44,6 +47,10 @@ struct Args {
     /// Measured `vm start` rounds (default 30, 3 with --quick).
     #[arg(long)]
     rounds: Option<usize>,
+    /// VMs for the CLI latency and memory figures (created, not started; default 100, 10 with
+    /// --quick).
+    #[arg(long)]
+    vms: Option<usize>,
     /// Leave out the helper's figures (`helper-bench`).
     #[arg(long)]
     no_helper: bool,
@@ -223,6 +230,89 @@ fn vm_start(rounds: usize) -> anyhow::Result<Vec<Metric>> {
     Ok(out)
 }
 
+/// Runs `cmd` to completion, quietly; its wall time in milliseconds.
+fn time_ms(mut cmd: Command) -> anyhow::Result<f64> {
+    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let at = Instant::now();
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let took = at.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
+}
+
+/// The resident set of `pid` in MiB (`VmRSS` of `/proc/PID/status`).
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    parse_rss_mib(&text).with_context(|| format!("no VmRSS line in {path}"))
+}
+
+fn parse_rss_mib(status: &str) -> Option<f64> {
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// The CLI's latency and the processes' memory with `vms` VMs (created, not started), each
+/// sampled `rounds` times: `banger vm list` against a warm daemon (run as the user without the
+/// test launcher) with `banger --version` (the CLI's own start, no daemon) as its baseline,
+/// alternating; bangerd's resident set idle (no VM) and with the VMs; the helper's.
+fn scale(vms: usize, rounds: usize) -> anyhow::Result<Vec<Metric>> {
+    let world = World::new();
+    const A: Who = Who::A;
+    let cli = world.cli(A);
+    let daemon = match world.daemon_pids(A)[..] {
+        [pid] => pid,
+        ref pids => bail!("expected one bangerd of the benchmark's user, found {pids:?}"),
+    };
+    let helper = world.helper().pid().context("the helper is not running")?;
+    let sample_rss = |pid: u32| -> anyhow::Result<Vec<f64>> {
+        let mut v = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            time_ms(cli.banger_in_place(&["vm", "list"]))?;
+            v.push(rss_mib(pid)?);
+        }
+        Ok(v)
+    };
+    let idle = sample_rss(daemon)?;
+    eprintln!("bench: creating {vms} vms");
+    for i in 0..vms {
+        world.banger_ok(A, &["vm", "create", &format!("scale{i}")]);
+    }
+    let (mut list, mut version) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    // One untimed round of each first.
+    for round in 0..=rounds {
+        let l = time_ms(cli.banger_in_place(&["vm", "list"]))?;
+        let v = time_ms(cli.banger_in_place(&["--version"]))?;
+        if round > 0 {
+            list.push(l);
+            version.push(v);
+        }
+    }
+    let with_vms = sample_rss(daemon)?;
+    let helper_rss = sample_rss(helper)?;
+    let mib = |name: String, samples| Metric { name, unit: "MiB", samples, baseline: None };
+    Ok(vec![
+        Metric {
+            name: format!("vm list wall (cli, {vms} vms) vs banger --version"),
+            unit: "ms",
+            samples: list,
+            baseline: Some(version),
+        },
+        mib("bangerd rss idle".into(), idle),
+        mib(format!("bangerd rss with {vms} vms"), with_vms),
+        mib(format!("helper rss with {vms} vms (created)"), helper_rss),
+    ])
+}
+
 /// `helper-bench --json`, next to this program; its JSON lines.
 fn helper_figures(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     let exe = std::env::current_exe()?.with_file_name("helper-bench");
@@ -309,7 +399,8 @@ fn main() -> anyhow::Result<()> {
         bail!("bench must run as root: it creates test users, network namespaces and TAPs");
     }
     let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 30 });
-    let start = vm_start(rounds)?;
+    let mut start = vm_start(rounds)?;
+    start.extend(scale(args.vms.unwrap_or(if args.quick { 10 } else { 100 }), rounds)?);
     let mut other = if args.no_helper { Vec::new() } else { helper_figures(args.quick)? };
     if !args.quick && !args.no_storage {
         other.extend(storage_figures(&StorageArgs::default(), false)?);
@@ -403,6 +494,15 @@ mod tests {
         assert_eq!(parsed, StorageArgs::default());
         let err = storage_kind("zfs").unwrap_err().to_string();
         assert!(err.contains("zfs") && err.contains("reflink"), "{err}");
+    }
+
+    #[test]
+    fn the_resident_set_is_read_from_proc_status() {
+        let status = "Name:\tbangerd\nVmPeak:\t  20000 kB\nVmRSS:\t    6144 kB\nThreads:\t3\n";
+        assert_eq!(parse_rss_mib(status), Some(6.0));
+        assert_eq!(parse_rss_mib("Name:\tx\n"), None);
+        let mine = rss_mib(std::process::id()).unwrap();
+        assert!(mine > 0.5 && mine < 4096.0, "{mine} MiB");
     }
 
     #[test]
