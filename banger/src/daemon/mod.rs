@@ -227,9 +227,28 @@ impl Daemon {
         text.map_err(|source| DaemonError::Io { action: "read", path, source })
     }
 
-    /// `GET /v1/status`.
-    pub async fn status(&self) -> Result<Status, DaemonError> {
-        // Every CLI command asks for the status; a helper that hangs must not hang them.
+    /// `GET /v1/status`: with `checks`, the helper pinged and the running VMs counted; without
+    /// (the CLI's probe before each command), the daemon's settings alone, touching neither the
+    /// helper nor any VM.
+    pub async fn status(&self, checks: bool) -> Result<Status, DaemonError> {
+        let (helper_reachable, helper_problem, running_vms) =
+            if checks { self.checks().await? } else { (None, None, None) };
+        Ok(Status {
+            storage: self.config.storage.as_str().to_owned(),
+            pid: std::process::id() as i32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            install_id: self.install_id.to_string(),
+            helper_socket: self.config.helper_socket.clone(),
+            firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
+            helper_reachable,
+            helper_problem,
+            running_vms,
+        })
+    }
+
+    /// The status's checks: whether the helper answers (and why not), how many VMs run.
+    async fn checks(&self) -> Result<(Option<bool>, Option<String>, Option<usize>), DaemonError> {
+        // A helper that hangs must not hang `daemon status`.
         let helper_problem = match tokio::time::timeout(Duration::from_secs(2), self.helper.ping()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
@@ -244,17 +263,7 @@ impl Daemon {
             .iter()
             .filter(|vm| vm_alive(vm, &self.cache.get(&vm.id).unwrap_or_default(), self.procs.as_ref()))
             .count();
-        Ok(Status {
-            storage: self.config.storage.as_str().to_owned(),
-            pid: std::process::id() as i32,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            install_id: self.install_id.to_string(),
-            helper_socket: self.config.helper_socket.clone(),
-            firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
-            helper_reachable,
-            helper_problem,
-            running_vms,
-        })
+        Ok((Some(helper_reachable), helper_problem, Some(running_vms)))
     }
 
     /// `GET /v1/images`.
