@@ -4,7 +4,7 @@
 //!
 //! | method | path | body | answer |
 //! | --- | --- | --- | --- |
-//! | GET | `/v1/status` | | [`Status`] |
+//! | GET | `/v1/status[?checks=false]` | | [`Status`] |
 //! | POST | `/v1/daemon/stop` | | `{}` |
 //! | GET | `/v1/vms` | | `[VmView]` |
 //! | POST | `/v1/vms` | [`CreateVm`] | [`VmView`] (201) |
@@ -126,14 +126,17 @@ pub struct Status {
     pub helper_socket: PathBuf,
     /// The VMM binary this daemon starts.
     pub firecracker: PathBuf,
-    /// Whether the helper answered a ping just now.
-    pub helper_reachable: bool,
+    /// Whether the helper answered a ping just now; `None` when asked with `checks=false` (the
+    /// CLI's probe before each command, which neither pings the helper nor looks at any VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helper_reachable: Option<bool>,
     /// When it did not: why (not running, no permission on its socket, refused by its policy,
     /// no answer in time) and what to do.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub helper_problem: Option<String>,
-    /// How many VMs are running.
-    pub running_vms: usize,
+    /// How many VMs are running; `None` when asked with `checks=false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_vms: Option<usize>,
 }
 
 /// `POST /v1/images`.

@@ -1,7 +1,8 @@
 //! The CLI's side of the daemon API: HTTP/1.1 over the daemon's unix socket, and starting the
 //! daemon on demand.
 //!
-//! [`connect_or_start`] first asks `GET /v1/status`; when nothing answers it starts `bangerd`
+//! [`connect_or_start`] first asks `GET /v1/status?checks=false` (the daemon's settings, without
+//! pinging the helper or looking at any VM); when nothing answers it starts `bangerd`
 //! detached (its own session, so it outlives this command), waits until the socket answers, and
 //! if the daemon dies or hangs instead, says so with the daemon log's path.
 
@@ -229,6 +230,12 @@ impl DaemonClient {
     pub async fn status(&self) -> Result<Status, ClientError> {
         self.call::<(), _>(Method::GET, "/v1/status", None).await
     }
+
+    /// `GET /v1/status?checks=false`: the daemon's settings, without its checks (a daemon
+    /// older than the parameter answers with them).
+    pub async fn probe(&self) -> Result<Status, ClientError> {
+        self.call::<(), _>(Method::GET, "/v1/status?checks=false", None).await
+    }
 }
 
 /// The events of a request with `progress=true` as the daemon sends them (see
@@ -294,7 +301,7 @@ pub async fn connect_or_start(
     env: &[(&str, std::ffi::OsString)],
 ) -> Result<(DaemonClient, Status), ClientError> {
     let client = DaemonClient::new(socket).with_log(daemon_log);
-    match client.status().await {
+    match client.probe().await {
         Ok(status) => return Ok((client, status)),
         Err(ClientError::Unreachable { .. }) => {}
         Err(e) => return Err(e),
@@ -310,7 +317,7 @@ pub async fn connect_or_start(
     let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run {}: {e}", bin.display())))?;
     let deadline = Instant::now() + DAEMON_START_TIMEOUT;
     loop {
-        match client.status().await {
+        match client.probe().await {
             Ok(status) => return Ok((client, status)),
             Err(ClientError::Unreachable { .. }) => {}
             Err(e) => return Err(e),
@@ -337,7 +344,7 @@ pub async fn connect_or_start(
 
 async fn wait_for(client: &DaemonClient, deadline: Instant) -> Result<Status, ClientError> {
     loop {
-        match client.status().await {
+        match client.probe().await {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -136,7 +136,7 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 println!("bangerd {} running (pid {}), install {}", s.version, s.pid, s.install_id);
                 println!("  socket:      {}", ctx.paths.daemon_socket().display());
-                match (&s.helper_problem, s.helper_reachable) {
+                match (&s.helper_problem, s.helper_reachable.unwrap_or(false)) {
                     (_, true) => println!("  helper:      {} (reachable)", s.helper_socket.display()),
                     (Some(why), false) => {
                         println!("  helper:      {} (NOT reachable: {why})", s.helper_socket.display())
@@ -145,7 +145,7 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
                 }
                 println!("  firecracker: {}", s.firecracker.display());
                 println!("  storage:     {}", s.storage);
-                println!("  running vms: {}", s.running_vms);
+                println!("  running vms: {}", s.running_vms.unwrap_or(0));
                 println!("  log:         {}", ctx.paths.daemon_log().display());
             }
             Ok(ExitCode::SUCCESS)

@@ -214,7 +214,10 @@ pub async fn handle(daemon: &Arc<Daemon>, req: Request<Incoming>) -> Response<Bo
     let method = req.method().clone();
     let ok = StatusCode::OK;
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => answer(ok, daemon.status().await),
+        (&Method::GET, ["v1", "status"]) => {
+            let checks = !query_pairs(&req).contains(&("checks", "false"));
+            answer(ok, daemon.status(checks).await)
+        }
         (&Method::POST, ["v1", "daemon", "stop"]) => {
             daemon.shutdown.notify_one();
             json(ok, &serde_json::json!({}))
@@ -358,10 +361,10 @@ pub(crate) mod tests {
     async fn the_status_says_why_the_helper_is_unreachable() {
         let Served { dir: _dir, client, helper, .. } = serve_fakes(false).await;
         let status = client.status().await.unwrap();
-        assert!(status.helper_reachable && status.helper_problem.is_none(), "{status:?}");
+        assert!(status.helper_reachable == Some(true) && status.helper_problem.is_none(), "{status:?}");
         helper.set_unreachable(true);
         let status = client.status().await.unwrap();
-        assert!(!status.helper_reachable);
+        assert_eq!(status.helper_reachable, Some(false));
         let why = status.helper_problem.unwrap();
         assert!(why.starts_with("banger-helper is not running"), "{why}");
         assert!(why.contains("; fix: sudo systemctl start banger-helper.socket"), "{why}");
@@ -375,11 +378,25 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_cli_probe_asks_neither_the_helper_nor_any_vm() {
+        let Served { dir: _dir, client, daemon, helper, .. } = serve_fakes(false).await;
+        helper.clear_calls();
+        let probe = client.probe().await.unwrap();
+        assert_eq!(probe.install_id, daemon.install_id().to_string());
+        assert_eq!((probe.helper_reachable, probe.helper_problem, probe.running_vms), (None, None, None));
+        assert!(helper.calls().is_empty(), "{:?}", helper.calls());
+        // Without the parameter the checks are made.
+        let status = client.status().await.unwrap();
+        assert_eq!((status.helper_reachable, status.running_vms), (Some(true), Some(0)));
+        assert_eq!(helper.calls(), [banger_protocol::Request::Ping]);
+    }
+
+    #[tokio::test]
     async fn the_api_answers_json_and_typed_errors() {
         let (_dir, client, daemon) = served().await;
         let status = client.status().await.unwrap();
         assert_eq!(status.install_id, daemon.install_id().to_string());
-        assert_eq!(status.running_vms, 0);
+        assert_eq!(status.running_vms, Some(0));
 
         let list: serde_json::Value = client.call::<(), _>(Method::GET, "/v1/vms", None).await.unwrap();
         assert_eq!(list, serde_json::json!([]));

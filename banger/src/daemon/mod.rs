@@ -51,7 +51,7 @@ use self::vmm::Vmm;
 use crate::api_types::{ImageView, ImportImage, Status, VmView};
 use crate::config::{Config, ConfigError};
 use crate::ids::validate_name;
-use crate::model::{VmHandles, VmRuntime};
+use crate::model::{VmHandles, VmRuntime, VmState};
 use crate::paths::Paths;
 
 /// What the daemon reaches the system through.
@@ -183,38 +183,24 @@ impl Daemon {
     fn view(&self, vm: &VmRuntime) -> VmView {
         let handles = self.cache.get(&vm.id).unwrap_or_default();
         let alive = vm_alive(vm, &handles, self.procs.as_ref());
-        VmView {
-            name: vm.name.clone(),
-            id: vm.id.to_string(),
-            state: vm.state.to_string(),
-            // The address a VM had is not its own while it does not run (the next start may
-            // get another).
-            guest_ip: if alive { vm.guest_ip } else { None },
-            last_error: vm.last_error.clone(),
-            cleanup_pending: vm.cleanup_pending.clone(),
-            image: vm.image.clone(),
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            pid: if alive { handles.pid } else { None },
-            tap: handles.tap.clone(),
-            storage: vm.storage.map(|s| s.as_str().to_owned()),
-            work_disk: vm.work_disk_path.clone(),
-            work_disk_bytes: vm.work_disk_bytes,
-            vm_dir: vm.vm_dir.clone(),
-            log_path: vm.log_path.clone(),
-            vmm_log_path: vm.vmm_log_path(),
-            api_socket: vm.api_socket.clone(),
-            created_at: vm.created_at,
-        }
+        view_of(vm, &handles, alive)
     }
 
-    /// `GET /v1/vms`.
+    /// `GET /v1/vms`: the rows (one query) and the handle cache, with one liveness check per VM
+    /// meant to run and nothing else: no helper, no file of any VM. A VM recorded `running`
+    /// whose VMM is gone is refreshed (torn down, recorded `stopped`) as `vm show` would.
     pub async fn list(&self) -> Result<Vec<VmView>, DaemonError> {
         let vms = self.with_store(|s| s.list_vms())?;
         let mut out = Vec::with_capacity(vms.len());
         for vm in vms {
-            let vm = self.refresh(vm).await;
-            out.push(self.view(&vm));
+            let handles = self.cache.get(&vm.id).unwrap_or_default();
+            let alive = vm_alive(&vm, &handles, self.procs.as_ref());
+            if vm.state == VmState::Running && !alive {
+                let vm = self.refresh(vm).await;
+                out.push(self.view(&vm));
+            } else {
+                out.push(view_of(&vm, &handles, alive));
+            }
         }
         Ok(out)
     }
@@ -241,9 +227,28 @@ impl Daemon {
         text.map_err(|source| DaemonError::Io { action: "read", path, source })
     }
 
-    /// `GET /v1/status`.
-    pub async fn status(&self) -> Result<Status, DaemonError> {
-        // Every CLI command asks for the status; a helper that hangs must not hang them.
+    /// `GET /v1/status`: with `checks`, the helper pinged and the running VMs counted; without
+    /// (the CLI's probe before each command), the daemon's settings alone, touching neither the
+    /// helper nor any VM.
+    pub async fn status(&self, checks: bool) -> Result<Status, DaemonError> {
+        let (helper_reachable, helper_problem, running_vms) =
+            if checks { self.checks().await? } else { (None, None, None) };
+        Ok(Status {
+            storage: self.config.storage.as_str().to_owned(),
+            pid: std::process::id() as i32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            install_id: self.install_id.to_string(),
+            helper_socket: self.config.helper_socket.clone(),
+            firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
+            helper_reachable,
+            helper_problem,
+            running_vms,
+        })
+    }
+
+    /// The status's checks: whether the helper answers (and why not), how many VMs run.
+    async fn checks(&self) -> Result<(Option<bool>, Option<String>, Option<usize>), DaemonError> {
+        // A helper that hangs must not hang `daemon status`.
         let helper_problem = match tokio::time::timeout(Duration::from_secs(2), self.helper.ping()).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => {
@@ -258,17 +263,7 @@ impl Daemon {
             .iter()
             .filter(|vm| vm_alive(vm, &self.cache.get(&vm.id).unwrap_or_default(), self.procs.as_ref()))
             .count();
-        Ok(Status {
-            storage: self.config.storage.as_str().to_owned(),
-            pid: std::process::id() as i32,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            install_id: self.install_id.to_string(),
-            helper_socket: self.config.helper_socket.clone(),
-            firecracker: self.firecracker.clone().unwrap_or_else(|_| self.config.firecracker.clone()),
-            helper_reachable,
-            helper_problem,
-            running_vms,
-        })
+        Ok((Some(helper_reachable), helper_problem, Some(running_vms)))
     }
 
     /// `GET /v1/images`.
@@ -318,6 +313,33 @@ impl Daemon {
     pub async fn remove_image(&self, name: &str) -> Result<(), DaemonError> {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         Ok(images::remove(&store, &self.paths, name)?)
+    }
+}
+
+/// What `vm list` and `vm show` say of `vm`, given its `handles` and whether its VMM is `alive`.
+fn view_of(vm: &VmRuntime, handles: &VmHandles, alive: bool) -> VmView {
+    VmView {
+        name: vm.name.clone(),
+        id: vm.id.to_string(),
+        state: vm.state.to_string(),
+        // The address a VM had is not its own while it does not run (the next start may
+        // get another).
+        guest_ip: if alive { vm.guest_ip } else { None },
+        last_error: vm.last_error.clone(),
+        cleanup_pending: vm.cleanup_pending.clone(),
+        image: vm.image.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        pid: if alive { handles.pid } else { None },
+        tap: handles.tap.clone(),
+        storage: vm.storage.map(|s| s.as_str().to_owned()),
+        work_disk: vm.work_disk_path.clone(),
+        work_disk_bytes: vm.work_disk_bytes,
+        vm_dir: vm.vm_dir.clone(),
+        log_path: vm.log_path.clone(),
+        vmm_log_path: vm.vmm_log_path(),
+        api_socket: vm.api_socket.clone(),
+        created_at: vm.created_at,
     }
 }
 

@@ -1,6 +1,6 @@
 //! What the benchmarks measure and how they report it: each figure is a [`Metric`], printed as one
-//! JSON line (`{"metric","value","unit","baseline","ratio","n"}`) for machines and in a table for
-//! people. [`storage`] measures how long a VM's root takes to make, for each storage kind.
+//! JSON line (`{"metric","value","unit","baseline","ratio","n"}`) for machines and in `bench`'s table
+//! for people. [`storage`] measures how long a VM's root takes to make, for each storage kind.
 
 pub mod storage;
 
@@ -44,11 +44,6 @@ impl Metric {
         self.ratio = (baseline > 0.0).then(|| self.value / baseline);
         self
     }
-
-    /// The JSON line.
-    pub fn json_line(&self) -> String {
-        serde_json::to_string(self).expect("a metric serializes")
-    }
 }
 
 /// The median of `samples` (the upper one of an even count); zero for none.
@@ -56,26 +51,6 @@ pub fn median(samples: &[Duration]) -> Duration {
     let mut v = samples.to_vec();
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
-}
-
-/// The metrics as a table: name, median, baseline, ratio, samples.
-pub fn table(metrics: &[Metric]) -> String {
-    let width = metrics.iter().map(|m| m.metric.len()).max().unwrap_or(6).max(6);
-    let mut out =
-        format!("{:<width$}  {:>12}  {:>12}  {:>8}  {:>3}\n", "metric", "median", "baseline", "ratio", "n");
-    for m in metrics {
-        let baseline = m.baseline.map(|b| format!("{b:.2} {}", m.unit)).unwrap_or_else(|| "-".into());
-        let ratio = m.ratio.map(|r| format!("{r:.3}")).unwrap_or_else(|| "-".into());
-        out.push_str(&format!(
-            "{:<width$}  {:>12}  {:>12}  {:>8}  {:>3}\n",
-            m.metric,
-            format!("{:.2} {}", m.value, m.unit),
-            baseline,
-            ratio,
-            m.n
-        ));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -88,12 +63,11 @@ mod tests {
         let m = Metric::millis("storage.root_create.copy.1GiB", &[ms(30), ms(10), ms(20)]);
         assert_eq!(m.value, 20.0);
         assert_eq!(
-            m.json_line(),
+            serde_json::to_string(&m).unwrap(),
             r#"{"metric":"storage.root_create.copy.1GiB","value":20.0,"unit":"ms","baseline":null,"ratio":null,"n":3}"#
         );
         let m = m.against(80.0);
         assert_eq!((m.baseline, m.ratio), (Some(80.0), Some(0.25)));
-        assert!(table(&[m]).contains("0.250"));
         assert_eq!(median(&[]), Duration::ZERO);
         assert_eq!(median(&[ms(1), ms(4)]), ms(4));
     }

@@ -176,7 +176,7 @@ impl DmRoots {
             user: Some("root".into()),
             groups: vec![0],
             group_names: vec!["root".into()],
-            install: Some(InstallId::new("storage-bench")?),
+            install: Some(InstallId::new("bench-storage")?),
         };
         Ok(DmRoots { rt, helper, peer, node_dir })
     }
@@ -301,7 +301,7 @@ pub fn measure(plan: &Plan, dir: &Path, state: &Path) -> anyhow::Result<Vec<Metr
     for &bytes in &plan.sizes {
         let image = Image::make(&dir.join(format!("image-{}", size_name(bytes))), bytes, plan.extent)?;
         eprintln!(
-            "storage-bench: image of {} ({} MiB of data) in {}",
+            "bench: storage image of {} ({} MiB of data) in {}",
             size_name(bytes),
             image.data_bytes() >> 20,
             dir.display()

@@ -118,6 +118,22 @@ impl Cli {
         cmd
     }
 
+    /// `banger args…` as the user without the launcher: in the caller's namespaces, with the
+    /// user's uid, gid (no supplementary groups) and environment. Enough for a command that only
+    /// talks to a daemon already running (`vm list`), timed without the launcher's own processes.
+    pub fn banger_in_place(&self, args: &[&str]) -> Command {
+        use std::os::unix::process::CommandExt;
+        let l = &self.launch;
+        let mut cmd = Command::new(l.bin_dir.join("banger"));
+        cmd.args(args)
+            .env_clear()
+            .envs(self.environment())
+            .uid(l.account.uid)
+            .gid(l.account.gid)
+            .current_dir(&l.home);
+        cmd
+    }
+
     /// Runs `banger args…` and returns what it did.
     pub fn banger(&self, args: &[&str]) -> Output {
         let bin = self.launch.bin_dir.join("banger");

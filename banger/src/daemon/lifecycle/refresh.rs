@@ -1,7 +1,9 @@
 //! Keeping the rows true while the daemon runs, and finishing what failed.
 //!
-//! [`Daemon::refresh`] runs for the VMs `vm list` and `vm show` return: a VM meant to run whose
-//! VMM died (guest shutdown, crash, kill) is torn down and demoted to `stopped` with the reason.
+//! [`Daemon::refresh`] runs for the VM `vm show` returns, and for each VM `vm list` finds recorded
+//! `running` without a live VMM (`vm list` otherwise answers from the rows and the handle cache,
+//! with one liveness check per VM meant to run): a VM meant to run whose VMM died (guest
+//! shutdown, crash, kill) is torn down and demoted to `stopped` with the reason.
 //!
 //! [`Daemon::refresh_all`] is the background pass, every [`REFRESH_EVERY`]
 //! ([`Daemon::refresh_in_background`]). It reads the rows once (one query: nothing else happens

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::daemon::guest_prep::fake::{FakePrep, HOST_KEY, PrepCall, PrepOp, USER_KEY, Written};
 use crate::daemon::handles::{read_scratch, scratch_path};
 use crate::daemon::helper_client::fake::FakeHelper;
-use crate::daemon::liveness::fake::FakeProcesses;
+use crate::daemon::liveness::fake::{FakeProcesses, Read};
 use crate::daemon::liveness::{PidState, ProcessTable};
 use crate::daemon::personalize::RootForm;
 use crate::daemon::storage::StorageStrategy;
@@ -595,6 +595,49 @@ async fn a_vmm_that_died_under_a_running_daemon_is_demoted_with_its_objects_remo
     assert!(vm.last_error.unwrap().contains("vmm exited"));
     assert!(e.owns_nothing());
     assert!(e.daemon.cache.get(&id).is_none());
+
+    // `vm list` does the same.
+    let view = e.daemon.start("dev").await.unwrap();
+    e.procs.make_zombie(view.pid.unwrap());
+    let listed = e.daemon.list().await.unwrap();
+    assert_eq!((listed[0].state.as_str(), listed[0].pid), ("stopped", None));
+    assert!(listed[0].last_error.as_deref().unwrap().contains("vmm exited"));
+    assert!(e.owns_nothing());
+}
+
+#[tokio::test]
+async fn vm_list_answers_from_the_rows_and_the_cache_with_one_liveness_check_per_running_vm() {
+    let e = env();
+    for name in ["a", "b", "c"] {
+        e.daemon.create(create(name)).await.unwrap();
+    }
+    let a = e.daemon.start("a").await.unwrap();
+    let b = e.daemon.start("b").await.unwrap();
+    // The handles come from the cache, not from the VMs' directories.
+    for vm in [&a, &b] {
+        std::fs::remove_file(scratch_path(&vm.vm_dir)).unwrap();
+    }
+    e.helper.clear_calls();
+    e.procs.clear_reads();
+
+    let list = e.daemon.list().await.unwrap();
+    let listed = |name: &str| list.iter().find(|v| v.name == name).unwrap();
+    for vm in [&a, &b] {
+        let v = listed(&vm.name);
+        assert_eq!((v.state.as_str(), v.pid, &v.tap, v.guest_ip), ("running", vm.pid, &vm.tap, vm.guest_ip));
+        assert!(v.pid.is_some() && v.tap.is_some(), "{v:?}");
+    }
+    assert_eq!((listed("c").state.as_str(), listed("c").pid), ("created", None));
+    assert!(e.helper.calls().is_empty(), "vm list never needs the helper");
+    let mut reads = e.procs.reads();
+    reads.sort();
+    let mut expected = Vec::new();
+    for vm in [&a, &b] {
+        expected.push(Read::State(vm.pid.unwrap()));
+        expected.push(Read::Listening(vm.api_socket.clone()));
+    }
+    expected.sort();
+    assert_eq!(reads, expected, "one liveness check per running vm, none for the others");
 }
 
 #[tokio::test]

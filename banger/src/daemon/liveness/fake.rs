@@ -20,12 +20,25 @@ pub struct FakeProcess {
 struct Inner {
     procs: BTreeMap<i32, FakeProcess>,
     kills: Vec<i32>,
+    reads: Vec<Read>,
     broken: bool,
     survive_kill: bool,
 }
 
+/// One question asked of a [`FakeProcesses`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Read {
+    /// [`ProcessTable::pid_state`] of this PID.
+    State(i32),
+    /// [`ProcessTable::cmdline`] of this PID.
+    Cmdline(i32),
+    /// [`ProcessTable::listening_pids`] at this socket.
+    Listening(PathBuf),
+}
+
 /// A process table held in memory. Killing a process makes it [`PidState::Gone`] (or leaves
-/// it running, see [`FakeProcesses::survive_kills`]); every kill is recorded.
+/// it running, see [`FakeProcesses::survive_kills`]); every kill and every question asked is
+/// recorded.
 #[derive(Debug, Default)]
 pub struct FakeProcesses {
     /// Guards the fake processes and the record of kills.
@@ -88,6 +101,23 @@ impl FakeProcesses {
         self.inner().kills.clone()
     }
 
+    /// The questions asked so far, in order.
+    pub fn reads(&self) -> Vec<Read> {
+        self.inner().reads.clone()
+    }
+
+    /// Forgets the questions asked so far.
+    pub fn clear_reads(&self) {
+        self.inner().reads.clear();
+    }
+
+    /// [`FakeProcesses::check`], with `read` recorded.
+    fn ask(&self, read: Read) -> Result<std::sync::MutexGuard<'_, Inner>, LivenessError> {
+        let mut inner = self.check()?;
+        inner.reads.push(read);
+        Ok(inner)
+    }
+
     fn check(&self) -> Result<std::sync::MutexGuard<'_, Inner>, LivenessError> {
         let inner = self.inner();
         if inner.broken {
@@ -102,16 +132,16 @@ impl FakeProcesses {
 
 impl ProcessTable for FakeProcesses {
     fn pid_state(&self, pid: i32) -> Result<PidState, LivenessError> {
-        Ok(self.check()?.procs.get(&pid).map_or(PidState::Gone, |p| p.state))
+        Ok(self.ask(Read::State(pid))?.procs.get(&pid).map_or(PidState::Gone, |p| p.state))
     }
 
     fn cmdline(&self, pid: i32) -> Result<Option<Vec<OsString>>, LivenessError> {
-        Ok(self.check()?.procs.get(&pid).map(|p| p.cmdline.clone()))
+        Ok(self.ask(Read::Cmdline(pid))?.procs.get(&pid).map(|p| p.cmdline.clone()))
     }
 
     fn listening_pids(&self, socket: &Path) -> Result<Vec<i32>, LivenessError> {
         Ok(self
-            .check()?
+            .ask(Read::Listening(socket.to_owned()))?
             .procs
             .iter()
             .filter(|(_, p)| p.listening.iter().any(|l| l == socket))
