@@ -6,8 +6,8 @@
 #
 # What it does, each step only when it is not done already (so running it again changes nothing):
 #  1. Firecracker: the binary given with --firecracker, or the official release of the version
-#     banger is tested against, checked against its published SHA-256. Without network it stops
-#     here, before changing anything, and prints the manual step.
+#     banger is tested against, checked against its published SHA-256 (kept in this script).
+#     Without network it stops here, before changing anything, and prints the manual step.
 #  2. Debian packages banger needs (apt-get), and to build it a C toolchain and libdevmapper's and
 #     libclang's headers.
 #  3. The binaries: from --bin-dir, or prebuilt ones next to this script, or built from this
@@ -31,6 +31,13 @@ umask 022
 
 # The Firecracker release banger is tested against (banger's TESTED_FIRECRACKER_VERSION).
 FIRECRACKER_VERSION=1.16.1
+# The SHA-256 of each official release archive of that version, as Firecracker publishes it
+# (firecracker-v1.16.1-ARCH.tgz.sha256.txt): a download must match this, not a file fetched
+# from the same place as the archive. Change both together.
+declare -A FIRECRACKER_SHA256=(
+  [x86_64]=382a02a869e4d6d5cb14c40577f9545e8458021ea8b0b2d3fc10ec14d9c242e6
+  [aarch64]=8d0e69f6d6f9a1724551f607f18504052c16c1828ee3d4d7b6e6c73380871e0e
+)
 GROUP=banger
 PREFIX=/usr/local
 BIN=$PREFIX/bin
@@ -237,26 +244,27 @@ elif [[ -x $BIN/firecracker && $(fc_version "$BIN/firecracker") == "$FIRECRACKER
   say "firecracker v$FIRECRACKER_VERSION is installed already"
 else
   arch=$(uname -m)
+  sum=${FIRECRACKER_SHA256[$arch]:-}
+  [[ -n $sum ]] ||
+    die "no official Firecracker v$FIRECRACKER_VERSION release is known for $arch: build it and give it with --firecracker PATH"
   tgz=firecracker-v$FIRECRACKER_VERSION-$arch.tgz
   url=https://github.com/firecracker-microvm/firecracker/releases/download/v$FIRECRACKER_VERSION/$tgz
   if ! command -v curl >/dev/null ||
-    ! curl -fsSL --connect-timeout 15 --retry 2 -o "$tmp/$tgz" "$url" ||
-    ! curl -fsSL --connect-timeout 15 --retry 2 -o "$tmp/$tgz.sha256.txt" "$url.sha256.txt"; then
+    ! curl -fsSL --connect-timeout 15 --retry 2 -o "$tmp/$tgz" "$url"; then
     cat >&2 <<EOF
 install.sh: error: cannot download Firecracker v$FIRECRACKER_VERSION from
   $url
 Nothing was changed. On a machine with network, fetch and check the release:
   curl -fLO $url
-  curl -fLO $url.sha256.txt
-  sha256sum -c $tgz.sha256.txt
+  echo '$sum  $tgz' | sha256sum -c
   tar -xzf $tgz
 copy release-v$FIRECRACKER_VERSION-$arch/firecracker-v$FIRECRACKER_VERSION-$arch here, then run:
   sudo $0 --firecracker ./firecracker-v$FIRECRACKER_VERSION-$arch
 EOF
     exit 1
   fi
-  (cd "$tmp" && sha256sum --quiet -c "$tgz.sha256.txt") ||
-    die "$tgz does not match its published SHA-256 ($url.sha256.txt): not installed"
+  (cd "$tmp" && printf '%s  %s\n' "$sum" "$tgz" | sha256sum --quiet -c) ||
+    die "$tgz does not have the SHA-256 of the official release ($sum): not installed"
   tar -xzf "$tmp/$tgz" -C "$tmp"
   fc_new=$tmp/release-v$FIRECRACKER_VERSION-$arch/firecracker-v$FIRECRACKER_VERSION-$arch
   jailer_new=$tmp/release-v$FIRECRACKER_VERSION-$arch/jailer-v$FIRECRACKER_VERSION-$arch
