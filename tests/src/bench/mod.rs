@@ -53,6 +53,20 @@ pub fn median(samples: &[Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// Root as the peer of a helper served in-process (the floor the benchmarks measure against),
+/// of install `install`.
+pub fn root_peer(install: &str) -> anyhow::Result<banger_policy::Peer> {
+    Ok(banger_policy::Peer {
+        uid: 0,
+        gid: 0,
+        pid: std::process::id() as i32,
+        user: Some("root".into()),
+        groups: vec![0],
+        group_names: vec!["root".into()],
+        install: Some(banger_protocol::InstallId::new(install)?),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
 use banger_helper::ledger_store::LedgerStore;
 use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
-use banger_protocol::{InstallId, LoopRole, Request, Response, VmId, min_cow_bytes};
+use banger_protocol::{LoopRole, Request, Response, VmId, min_cow_bytes};
 
 use super::Metric;
 
@@ -169,15 +169,7 @@ impl DmRoots {
                 AuditLog::open(&banger_policy::AuditTarget::File(audit))?,
             ))
         };
-        let peer = Peer {
-            uid: 0,
-            gid: 0,
-            pid: std::process::id() as i32,
-            user: Some("root".into()),
-            groups: vec![0],
-            group_names: vec!["root".into()],
-            install: Some(InstallId::new("bench-storage")?),
-        };
+        let peer = super::root_peer("bench-storage")?;
         Ok(DmRoots { rt, helper, peer, node_dir })
     }
 

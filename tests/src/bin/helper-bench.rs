@@ -668,15 +668,7 @@ fn main() -> anyhow::Result<()> {
             AuditLog::open(&banger_policy::AuditTarget::File(work.path().join("floor-audit.log")))?,
         ))
     };
-    let peer = Peer {
-        uid: 0,
-        gid: 0,
-        pid: std::process::id() as i32,
-        user: Some("root".into()),
-        groups: vec![0],
-        group_names: vec!["root".into()],
-        install: Some(InstallId::new("floor")?),
-    };
+    let peer = banger_tests::bench::root_peer("floor")?;
     let (client, dm) = Client::connect(&socket, "sock")?;
     let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer, dm };
     let mut via = ViaHelper { client, dm, per_op: Default::default() };
