@@ -4,7 +4,16 @@
 
 pub mod storage;
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
+
+use banger_helper::audit::AuditLog;
+use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
+use banger_helper::ledger_store::LedgerStore;
+use banger_helper::ops::Helper;
+use banger_policy::{AuditTarget, Peer, Policy};
+use banger_protocol::InstallId;
 
 use serde::Serialize;
 
@@ -53,17 +62,34 @@ pub fn median(samples: &[Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// A helper served in-process (no socket: the floor the benchmarks measure against) over this
+/// machine's kernel, made inside `rt`: `policy`, its ledger in `state`, its audit log at
+/// `audit`, device-mapper as `dm` gives it.
+pub fn in_process_helper(
+    rt: &tokio::runtime::Runtime,
+    policy: Policy,
+    state: &Path,
+    audit: &Path,
+    dm: impl FnOnce() -> anyhow::Result<LinuxDm>,
+) -> anyhow::Result<Arc<Helper<LinuxKernel>>> {
+    let (store, ledger) = LedgerStore::open(state)?;
+    let _guard = rt.enter();
+    let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm()?)?);
+    let audit = AuditLog::open(&AuditTarget::File(audit.to_owned()))?;
+    Ok(Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit)))
+}
+
 /// Root as the peer of a helper served in-process (the floor the benchmarks measure against),
 /// of install `install`.
-pub fn root_peer(install: &str) -> anyhow::Result<banger_policy::Peer> {
-    Ok(banger_policy::Peer {
+pub fn root_peer(install: &str) -> anyhow::Result<Peer> {
+    Ok(Peer {
         uid: 0,
         gid: 0,
         pid: std::process::id() as i32,
         user: Some("root".into()),
         groups: vec![0],
         group_names: vec!["root".into()],
-        install: Some(banger_protocol::InstallId::new(install)?),
+        install: Some(InstallId::new(install)?),
     })
 }
 

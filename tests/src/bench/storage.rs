@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use banger::daemon::storage::{self, StorageStrategy};
 use banger::model::StorageKind;
-use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
-use banger_helper::ledger_store::LedgerStore;
+use banger_helper::kernel::linux::{LinuxDm, LinuxKernel};
 use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
 use banger_protocol::{LoopRole, Request, Response, VmId, min_cow_bytes};
@@ -154,21 +152,11 @@ impl DmRoots {
             audit.display()
         );
         let policy = Policy::from_toml("policy.toml", &policy)?;
-        let (store, ledger) = LedgerStore::open(&state.join("ledger"))?;
-        let helper = {
-            let _guard = rt.enter();
-            let dm = LinuxDm::detect(&node_dir).map_err(|e| {
+        let helper = super::in_process_helper(&rt, policy, &state.join("ledger"), &audit, || {
+            LinuxDm::detect(&node_dir).map_err(|e| {
                 anyhow::anyhow!("no dm-snapshot roots here ({e}); measure them in the kernel tier")
-            })?;
-            let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm)?);
-            Arc::new(Helper::new(
-                policy,
-                kernel,
-                ledger,
-                Some(store),
-                AuditLog::open(&banger_policy::AuditTarget::File(audit))?,
-            ))
-        };
+            })
+        })?;
         let peer = super::root_peer("bench-storage")?;
         Ok(DmRoots { rt, helper, peer, node_dir })
     }

@@ -38,9 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
-use banger_helper::ledger_store::LedgerStore;
+use banger_helper::kernel::linux::{LinuxDm, LinuxKernel};
 use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
 use banger_protocol::frame::{recv_blocking, send_blocking};
@@ -655,19 +653,13 @@ fn main() -> anyhow::Result<()> {
     // The floor: the same operations, same policy, a ledger on disk, no socket.
     let rt = Arc::new(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?);
     let policy = Policy::from_toml("policy.toml", &std::fs::read_to_string(&policy_file)?)?;
-    let (store, ledger) = LedgerStore::open(&work.path().join("floor-state"))?;
-    let floor_helper = {
-        let _guard = rt.enter();
-        let dm = LinuxDm::detect(&node_dir("floor")).unwrap_or_else(|_| LinuxDm::absent());
-        let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm)?);
-        Arc::new(Helper::new(
-            policy,
-            kernel,
-            ledger,
-            Some(store),
-            AuditLog::open(&banger_policy::AuditTarget::File(work.path().join("floor-audit.log")))?,
-        ))
-    };
+    let floor_helper = banger_tests::bench::in_process_helper(
+        &rt,
+        policy,
+        &work.path().join("floor-state"),
+        &work.path().join("floor-audit.log"),
+        || Ok(LinuxDm::detect(&node_dir("floor")).unwrap_or_else(|_| LinuxDm::absent())),
+    )?;
     let peer = banger_tests::bench::root_peer("floor")?;
     let (client, dm) = Client::connect(&socket, "sock")?;
     let mut floor = InProcess { rt: rt.clone(), helper: floor_helper, peer, dm };
