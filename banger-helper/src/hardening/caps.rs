@@ -80,40 +80,22 @@ mod tests {
             eprintln!("SKIPPED: dropping capabilities needs root");
             return;
         }
-        // SAFETY: the child only makes system calls, runs one program and leaves with _exit.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let code = (|| {
-                    let names = drop_unneeded(true).map_err(|_| 10)?;
-                    if names.len() != 5 {
-                        return Err(11);
-                    }
-                    let out = std::process::Command::new("grep")
-                        .args(["^CapEff", "/proc/self/status"])
-                        .output()
-                        .map_err(|_| 12)?;
-                    let line = String::from_utf8_lossy(&out.stdout);
-                    let bits =
-                        u64::from_str_radix(line.split_whitespace().nth(1).ok_or(13)?, 16).map_err(|_| 14)?;
-                    let expected = TOOLS.iter().fold(0u64, |b, c| b | (1 << c.index()));
-                    if bits != expected {
-                        return Err(15);
-                    }
-                    Ok::<(), i32>(())
-                })()
-                .err()
-                .unwrap_or(0);
-                // SAFETY: leaving the child without running the test harness's destructors.
-                unsafe { libc::_exit(code) }
+        crate::hardening::testing::in_forked_child(|| {
+            let names = drop_unneeded(true).map_err(|_| 10)?;
+            if names.len() != 5 {
+                return Err(11);
             }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(
-                    status,
-                    nix::sys::wait::WaitStatus::Exited(child, 0),
-                    "see the codes in the child"
-                );
+            let out = std::process::Command::new("grep")
+                .args(["^CapEff", "/proc/self/status"])
+                .output()
+                .map_err(|_| 12)?;
+            let line = String::from_utf8_lossy(&out.stdout);
+            let bits = u64::from_str_radix(line.split_whitespace().nth(1).ok_or(13)?, 16).map_err(|_| 14)?;
+            let expected = TOOLS.iter().fold(0u64, |b, c| b | (1 << c.index()));
+            if bits != expected {
+                return Err(15);
             }
-        }
+            Ok(())
+        });
     }
 }

@@ -121,3 +121,27 @@ pub fn lock_down(sandbox: &Sandbox) -> Result<LockDownReport, HardeningError> {
     let seccomp_syscalls = seccomp::install(device_mapper).map_err(HardeningError::Seccomp)?;
     Ok(LockDownReport { kept, landlock, seccomp_syscalls })
 }
+
+/// Helpers of the confinement tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Runs `check` in a forked child, where confining the process leaves the test harness alone,
+    /// and asserts the child exited 0: `check` returns `Err(code)` to say which of its steps failed.
+    pub(crate) fn in_forked_child(check: impl FnOnce() -> Result<(), i32>) {
+        use nix::sys::wait::{WaitStatus, waitpid};
+        use nix::unistd::{ForkResult, fork};
+        // SAFETY: the child only runs `check` (system calls, a thread or a program at most) and
+        // leaves with _exit.
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                let code = check().err().unwrap_or(0);
+                // SAFETY: leaving the child without running the test harness's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => {
+                let status = waitpid(child, None).unwrap();
+                assert_eq!(status, WaitStatus::Exited(child, 0), "see the codes in the child");
+            }
+        }
+    }
+}

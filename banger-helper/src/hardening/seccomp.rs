@@ -267,61 +267,41 @@ mod tests {
     fn no_namespaces_under_the_filter_but_threads_and_children_work() {
         let (prog, _) = program(false).unwrap();
         let clone3 = clone3_program().unwrap();
-        // SAFETY: the child only makes system calls, spawns one thread and leaves with _exit.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            nix::unistd::ForkResult::Child => {
-                let code = (|| {
-                    nix::sys::prctl::set_no_new_privs().map_err(|_| 10)?;
-                    seccompiler::apply_filter(&clone3).map_err(|_| 11)?;
-                    seccompiler::apply_filter(&prog).map_err(|_| 12)?;
-                    let clone = |flags: u64| {
-                        // SAFETY: clone without CLONE_VM and without a new stack behaves like
-                        // fork; the child leaves at once with _exit.
-                        let rc = unsafe {
-                            libc::syscall(libc::SYS_clone, flags | libc::SIGCHLD as u64, 0, 0, 0, 0)
-                        };
-                        if rc == 0 {
-                            // SAFETY: leaving the grandchild.
-                            unsafe { libc::_exit(0) }
-                        }
-                        if rc > 0 {
-                            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(rc as i32), None);
-                            Ok(())
-                        } else {
-                            Err(nix::errno::Errno::last())
-                        }
-                    };
-                    for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNET, libc::CLONE_NEWNS, libc::CLONE_NEWPID]
-                    {
-                        if clone(ns as u64) != Err(nix::errno::Errno::EPERM) {
-                            return Err(20);
-                        }
-                    }
-                    clone(0).map_err(|_| 21)?;
-                    // SAFETY: clone3 with a null argument; the filter answers before the kernel reads it.
-                    let rc = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
-                    if rc != -1 || nix::errno::Errno::last() != nix::errno::Errno::ENOSYS {
-                        return Err(22);
-                    }
-                    std::thread::spawn(|| 7)
-                        .join()
-                        .map_err(|_| 23)
-                        .and_then(|v| if v == 7 { Ok(()) } else { Err(24) })?;
-                    Ok::<(), i32>(())
-                })()
-                .err()
-                .unwrap_or(0);
-                // SAFETY: leaving the child without running the test harness's destructors.
-                unsafe { libc::_exit(code) }
+        crate::hardening::testing::in_forked_child(|| {
+            nix::sys::prctl::set_no_new_privs().map_err(|_| 10)?;
+            seccompiler::apply_filter(&clone3).map_err(|_| 11)?;
+            seccompiler::apply_filter(&prog).map_err(|_| 12)?;
+            let clone = |flags: u64| {
+                // SAFETY: clone without CLONE_VM and without a new stack behaves like
+                // fork; the child leaves at once with _exit.
+                let rc = unsafe { libc::syscall(libc::SYS_clone, flags | libc::SIGCHLD as u64, 0, 0, 0, 0) };
+                if rc == 0 {
+                    // SAFETY: leaving the grandchild.
+                    unsafe { libc::_exit(0) }
+                }
+                if rc > 0 {
+                    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(rc as i32), None);
+                    Ok(())
+                } else {
+                    Err(nix::errno::Errno::last())
+                }
+            };
+            for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNET, libc::CLONE_NEWNS, libc::CLONE_NEWPID] {
+                if clone(ns as u64) != Err(nix::errno::Errno::EPERM) {
+                    return Err(20);
+                }
             }
-            nix::unistd::ForkResult::Parent { child } => {
-                let status = nix::sys::wait::waitpid(child, None).unwrap();
-                assert_eq!(
-                    status,
-                    nix::sys::wait::WaitStatus::Exited(child, 0),
-                    "see the codes in the child"
-                );
+            clone(0).map_err(|_| 21)?;
+            // SAFETY: clone3 with a null argument; the filter answers before the kernel reads it.
+            let rc = unsafe { libc::syscall(libc::SYS_clone3, 0, 0) };
+            if rc != -1 || nix::errno::Errno::last() != nix::errno::Errno::ENOSYS {
+                return Err(22);
             }
-        }
+            std::thread::spawn(|| 7)
+                .join()
+                .map_err(|_| 23)
+                .and_then(|v| if v == 7 { Ok(()) } else { Err(24) })?;
+            Ok(())
+        });
     }
 }
