@@ -161,7 +161,9 @@ pub fn routine(request: &Request) -> bool {
         | Request::NatUp { .. }
         | Request::LoopAttach { .. }
         | Request::TeardownVms { .. }
-        | Request::DmCreate { .. } => false,
+        | Request::DmCreate { .. }
+        | Request::JailLaunch { .. }
+        | Request::JailKill { .. } => false,
     }
 }
 

@@ -283,6 +283,10 @@ fn check(
             }),
         },
         Request::DmCreate { vm } => dm_create(ledger, uid, install, vm, observed),
+        Request::JailLaunch { .. } | Request::JailKill { .. } => Err(HelperError::Denied {
+            rule: "jailer".to_owned(),
+            reason: "this helper's policy has no [jailer] section: VMs run in direct mode here".to_owned(),
+        }),
         Request::LoopAttach { .. } if !observed.device_mapper => {
             Err(no_device_mapper("attaches no loop devices"))
         }

@@ -19,6 +19,51 @@ pub struct Policy {
     pub network: Network,
     /// Where audit records go.
     pub audit: Audit,
+    /// Launch through Firecracker's jailer; `None` without a `[jailer]` section (VMs then run
+    /// only in direct mode).
+    pub jailer: Option<Jailer>,
+}
+
+/// `[jailer]`: how the helper launches VMMs through Firecracker's jailer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jailer {
+    /// The jailer binary (absolute; owned by root, not writable by group or others).
+    pub jailer: PathBuf,
+    /// The Firecracker binary the jailer copies into each jail (absolute; root-owned, not
+    /// writable by group or others, statically linked).
+    pub firecracker: PathBuf,
+    /// The jailer's `--chroot-base-dir` (absolute, root-owned, not writable by others).
+    pub chroot_base: PathBuf,
+    /// The uids (each jail's gid is its uid) handed to jails, first and last inclusive; no real
+    /// user or subordinate id range may overlap it.
+    pub uids: (u32, u32),
+    /// Which cgroup version the jailer is told to use.
+    pub cgroup: CgroupVersion,
+    /// The cgroup under which each user's parent cgroup (`<parent>/u<uid>`) is made. Default
+    /// `banger`.
+    pub cgroup_parent: String,
+    /// Whether users may still run VMs in direct mode.
+    pub mode: JailerMode,
+}
+
+/// Which cgroup hierarchy jails' limits go in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    /// v2 where the unified hierarchy has the cpu and memory controllers, else v1.
+    Auto,
+    /// cgroup v1 (`cpu.cfs_quota_us`, `memory.limit_in_bytes`).
+    V1,
+    /// cgroup v2 (`cpu.max`, `memory.max`).
+    V2,
+}
+
+/// Whether the jailer is one launch mode or the only one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JailerMode {
+    /// Users choose direct or jailer mode.
+    Allow,
+    /// Only jailed VMMs: the helper hands no TAP or block device to a user.
+    Force,
 }
 
 /// `[access]`: who may connect.

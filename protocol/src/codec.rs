@@ -110,7 +110,38 @@ mod tests {
             Just(Request::ListOwned),
             prop::collection::vec(vm_id(), 0..20).prop_map(|vms| Request::TeardownVms { vms }),
             vm_id().prop_map(|vm| Request::DmCreate { vm }),
+            (vm_id(), shape(), any::<bool>(), any::<bool>()).prop_map(|(vm, shape, initrd, work)| {
+                Request::JailLaunch { vm, shape, files: JailFiles { initrd, work } }
+            }),
+            vm_id().prop_map(|vm| Request::JailKill { vm }),
         ]
+    }
+
+    fn shape() -> impl Strategy<Value = VmShape> {
+        (any::<u8>(), any::<u32>()).prop_map(|(vcpus, mem_mib)| VmShape { vcpus, mem_mib })
+    }
+
+    fn jail() -> impl Strategy<Value = JailInfo> {
+        (
+            install_id(),
+            vm_id(),
+            "[a-z0-9-]{1,64}",
+            any::<u32>(),
+            any::<Option<i32>>(),
+            ".{0,40}",
+            ".{0,40}",
+            shape(),
+        )
+            .prop_map(|(install, vm, id, uid, pid, root, api_socket, shape)| JailInfo {
+                install,
+                vm,
+                id,
+                uid,
+                pid,
+                root,
+                api_socket,
+                shape,
+            })
     }
 
     fn error() -> impl Strategy<Value = HelperError> {
@@ -192,16 +223,14 @@ mod tests {
                 prop::collection::vec(tap(), 0..5),
                 prop::collection::vec(nat(), 0..5),
                 prop::collection::vec(loop_info(), 0..5),
-                prop::collection::vec(dm_info(), 0..5)
+                prop::collection::vec(dm_info(), 0..5),
+                prop::collection::vec(jail(), 0..5)
             )
-                .prop_map(|(lease, taps, nat, loops, dms)| Response::Owned(OwnedObjects {
-                    lease,
-                    taps,
-                    nat,
-                    loops,
-                    dms
-                })),
+                .prop_map(|(lease, taps, nat, loops, dms, jails)| Response::Owned(
+                    OwnedObjects { lease, taps, nat, loops, dms, jails }
+                )),
             dm_info().prop_map(Response::Dm),
+            jail().prop_map(Response::Jail),
             (
                 prop::collection::vec(vm_id(), 0..5),
                 prop::collection::vec((vm_id(), ".{0,30}", error()), 0..5)

@@ -24,13 +24,13 @@ pub mod message;
 pub use error::{ErrorCode, HelperError, quoted};
 pub use ids::{IdError, IfName, InstallId, VmId};
 pub use message::{
-    Capabilities, DmInfo, HelloReply, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, Request,
-    Response, TapInfo, TeardownFailure, TeardownReport,
+    Capabilities, DmInfo, HelloReply, JailFiles, JailInfo, LeaseInfo, LoopInfo, LoopRole, NatInfo,
+    OwnedObjects, Request, Response, TapInfo, TeardownFailure, TeardownReport, VmShape, jail_paths,
 };
 
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest message either side sends or accepts, in encoded bytes: the one size limit of the
 /// protocol. The frame layer checks it before allocating; the codec refuses to encode more and
@@ -39,6 +39,12 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
 /// The most file descriptors one frame may carry.
 pub const MAX_FDS_PER_FRAME: usize = 4;
+
+/// The most vCPUs a VM may have (Firecracker's limit).
+pub const MAX_VCPUS: u8 = 32;
+
+/// The least memory a VM may have, in MiB.
+pub const MIN_MEM_MIB: u32 = 128;
 
 /// The most VMs one [`Request::TeardownVms`] may name.
 pub const MAX_TEARDOWN_VMS: usize = MAX_LIST_LEN;

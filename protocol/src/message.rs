@@ -62,6 +62,26 @@ pub enum Request {
         /// The VM.
         vm: VmId,
     },
+    /// Launch the VM's VMM through Firecracker's jailer, as a uid of its own from the policy's
+    /// range, in a chroot under the policy's base, with cgroup limits from `shape` under the
+    /// caller's per-user cgroup. The files the VM needs travel beside this frame **as
+    /// descriptors**, in the order [`JailFiles`] gives; the helper places them in the jail itself
+    /// and answers with where they are ([`JailInfo`]). Never a path, uid, cgroup or command line.
+    JailLaunch {
+        /// The VM.
+        vm: VmId,
+        /// Its vCPUs and memory.
+        shape: VmShape,
+        /// Which optional descriptors come with the request.
+        files: JailFiles,
+    },
+    /// Kill the VM's jailed VMM (only the process the ledger ties to this caller's VM, checked
+    /// by pidfd), then remove its jail and cgroups. Answered with [`Response::Teardown`]: the VM
+    /// in `torn_down` once nothing of its jail is left (also when it had none), else the failure.
+    JailKill {
+        /// The VM.
+        vm: VmId,
+    },
 }
 
 impl Request {
@@ -70,13 +90,15 @@ impl Request {
     pub fn expected_fds(&self) -> usize {
         match self {
             Request::LoopAttach { .. } => 1,
+            Request::JailLaunch { files, .. } => files.count(),
             Request::Hello { .. }
             | Request::Ping
             | Request::TapCreate { .. }
             | Request::NatUp { .. }
             | Request::ListOwned
             | Request::TeardownVms { .. }
-            | Request::DmCreate { .. } => 0,
+            | Request::DmCreate { .. }
+            | Request::JailKill { .. } => 0,
         }
     }
 
@@ -91,8 +113,55 @@ impl Request {
             Request::ListOwned => "list-owned",
             Request::TeardownVms { .. } => "teardown-vms",
             Request::DmCreate { .. } => "dm-create",
+            Request::JailLaunch { .. } => "jail-launch",
+            Request::JailKill { .. } => "jail-kill",
         }
     }
+}
+
+/// A VM's size, as the jailer's cgroup limits and the policy's per-user totals count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmShape {
+    /// vCPUs, 1 to [`crate::MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest memory in MiB, at least [`crate::MIN_MEM_MIB`].
+    pub mem_mib: u32,
+}
+
+/// Which descriptors travel beside a [`Request::JailLaunch`], in this order: the kernel (always),
+/// the initrd (when `initrd`), the root drive (always), the work drive (when `work`). A drive is
+/// a regular file owned by the caller, or the block device of the VM's dm-snapshot target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailFiles {
+    /// An initrd follows the kernel.
+    pub initrd: bool,
+    /// A work drive follows the root drive.
+    pub work: bool,
+}
+
+impl JailFiles {
+    /// How many descriptors this asks for.
+    pub fn count(self) -> usize {
+        2 + usize::from(self.initrd) + usize::from(self.work)
+    }
+}
+
+/// Where a jail put the VM's files, as paths *inside* the jail (what the VMM is configured
+/// with); fixed names, the same in every jail.
+pub mod jail_paths {
+    /// The kernel.
+    pub const KERNEL: &str = "/vmlinux";
+    /// The initrd.
+    pub const INITRD: &str = "/initrd";
+    /// The root drive.
+    pub const ROOT_DRIVE: &str = "/rootfs";
+    /// The work drive.
+    pub const WORK_DRIVE: &str = "/work";
+    /// Firecracker's API socket (`--api-sock`).
+    pub const API_SOCKET: &str = "/run/firecracker.socket";
+    /// The directory the VMM's other sockets go in (vsock): reachable by the caller, like the
+    /// API socket, and by nobody else.
+    pub const RUN_DIR: &str = "/run";
 }
 
 /// What a loop device is for; with the VM id it names the device within an install.
@@ -136,6 +205,8 @@ pub enum Response {
     Teardown(TeardownReport),
     /// A dm-snapshot target that exists now.
     Dm(DmInfo),
+    /// A jailed VMM that runs now.
+    Jail(JailInfo),
     /// The request failed; nothing it would have made was left behind.
     Error(HelperError),
 }
@@ -157,7 +228,8 @@ pub struct Capabilities {
     /// The helper can make dm-snapshot roots here ([`Request::DmCreate`]): the kernel has
     /// device-mapper with the snapshot target and the helper kept what it needs for it.
     pub device_mapper: bool,
-    /// The helper can launch VMs through the jailer (not yet: always false).
+    /// The helper can launch VMs through the jailer ([`Request::JailLaunch`]): the policy has a
+    /// valid `[jailer]` section and the helper's launcher runs.
     pub jailer: bool,
     /// The kernel accepts `LOOP_CONFIGURE` (atomic loop attach).
     pub loop_configure: bool,
@@ -238,6 +310,27 @@ pub struct DmInfo {
     pub sectors: u64,
 }
 
+/// A VM's jailed VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailInfo {
+    /// The install that owns it.
+    pub install: InstallId,
+    /// The VM.
+    pub vm: VmId,
+    /// The jailer's `--id`, derived by the helper.
+    pub id: String,
+    /// The uid (and gid) the VMM runs as, from the policy's range.
+    pub uid: u32,
+    /// The VMM's host PID, when it runs.
+    pub pid: Option<i32>,
+    /// The jail's root directory on the host; every path in [`jail_paths`] is below it.
+    pub root: String,
+    /// The API socket's host path (reachable by the caller only).
+    pub api_socket: String,
+    /// Its shape.
+    pub shape: VmShape,
+}
+
 /// Every object one uid owns, across its installs, with their tags.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedObjects {
@@ -255,6 +348,9 @@ pub struct OwnedObjects {
     /// dm-snapshot targets.
     #[serde(deserialize_with = "bounded::vec")]
     pub dms: Vec<DmInfo>,
+    /// Jailed VMMs.
+    #[serde(deserialize_with = "bounded::vec")]
+    pub jails: Vec<JailInfo>,
 }
 
 /// The outcome of a bulk teardown: everything that could be removed was removed.

@@ -13,8 +13,8 @@ use std::sync::{Mutex, MutexGuard};
 use nix::errno::Errno;
 
 use super::{
-    BackingFile, DevNum, Dm, DmStatus, Firewall, KResult, Kernel, KernelError, LinkOwner, Links, LoopStatus,
-    Loops, NodeStatus, Sysctl, snapshot_params,
+    BackingFile, DevNum, Dm, DmStatus, Firewall, JailOrder, JailState, Jails, KResult, Kernel, KernelError,
+    LinkOwner, Links, LoopStatus, Loops, NodeStatus, Sysctl, snapshot_params,
 };
 use crate::firewall::{Change, FirewallBatch, FirewallView};
 use crate::sysctl_key::SysctlKey;
@@ -518,6 +518,7 @@ impl Kernel for FakeKernel {
     type Loops = Self;
     type Dm = Self;
     type Sysctl = Self;
+    type Jails = Self;
     fn links(&self) -> &Self {
         self
     }
@@ -532,6 +533,28 @@ impl Kernel for FakeKernel {
     }
     fn sysctl(&self) -> &Self {
         self
+    }
+    fn jails(&self) -> &Self {
+        self
+    }
+}
+
+/// No jails in the fake yet: the operations that use them come with their own fake state.
+impl Jails for FakeKernel {
+    fn available(&self) -> bool {
+        false
+    }
+    fn root(&self, id: &str) -> String {
+        format!("/fake/jails/firecracker/{id}/root")
+    }
+    async fn launch(&self, order: &JailOrder, _fds: Vec<std::os::fd::OwnedFd>) -> KResult<i32> {
+        Err(KernelError::errno("jail launch", order.id.clone(), Errno::ENOSYS))
+    }
+    async fn remove(&self, _id: &str, _uid: u32, _pid: Option<i32>) -> KResult<()> {
+        Ok(())
+    }
+    fn list(&self) -> KResult<Vec<JailState>> {
+        Ok(Vec::new())
     }
 }
 

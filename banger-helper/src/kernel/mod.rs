@@ -1,4 +1,4 @@
-//! The kernel as the helper's operations see it: five narrow traits, one per domain, each with a
+//! The kernel as the helper's operations see it: six narrow traits, one per domain, each with a
 //! Linux implementation ([`linux`]) and, for the unit tests only, a recording fake (`fake`),
 //! passed in by the caller. Every kernel and filesystem probe goes through them.
 //!
@@ -7,15 +7,17 @@
 //! - [`Firewall`]: reading the helper's chains and applying one batch of changes;
 //! - [`Loops`]: loop devices and their nodes, and inspecting a backing file descriptor;
 //! - [`Dm`]: device-mapper snapshot targets and the block device nodes the helper makes for them;
-//! - [`Sysctl`]: reading and writing `/proc/sys` keys.
+//! - [`Sysctl`]: reading and writing `/proc/sys` keys;
+//! - [`Jails`]: jailed VMMs: building a jail, starting Firecracker's jailer in it, killing its VMM
+//!   and removing the jail and its cgroups.
 //!
 //! The traits take only names the helper derived itself; no method accepts a client's string.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-use banger_protocol::HelperError;
+use banger_protocol::{HelperError, JailFiles, VmShape};
 use nix::errno::Errno;
 
 use crate::firewall::{FirewallBatch, FirewallView};
@@ -254,7 +256,70 @@ pub trait Sysctl: Send + Sync {
     fn exists(&self, key: &SysctlKey) -> bool;
 }
 
-/// The five domains together, as the helper's operations receive them.
+/// What the helper decided for one jailed VMM: every value derived by the helper or taken from
+/// the policy, none written by a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailOrder {
+    /// The jailer's `--id` (1–64 of `[a-z0-9-]`), derived from the caller, install and VM.
+    pub id: String,
+    /// The uid and gid the VMM runs as, from the policy's range, already recorded in the ledger.
+    pub uid: u32,
+    /// The caller: the one user (besides root) who may reach the jail's sockets.
+    pub caller: u32,
+    /// The VM's shape: its cgroup's limits.
+    pub shape: VmShape,
+    /// The caller's per-user parent cgroup, relative to each hierarchy (e.g. `banger/u1000`).
+    pub user_cgroup: String,
+    /// The caller's per-user totals, the limits of [`JailOrder::user_cgroup`].
+    pub user_limits: UserLimits,
+    /// The VM's TAP, handed to [`JailOrder::uid`] for the VMM to open.
+    pub tap: Option<String>,
+    /// Which descriptors came with the order ([`JailFiles`] order).
+    pub files: JailFiles,
+}
+
+/// A user's totals over all of their jailed VMMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimits {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+}
+
+/// A jail found under the chroot base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailState {
+    /// Its id (the directory's name).
+    pub id: String,
+    /// The PID its pid file names, if it has one.
+    pub pid: Option<i32>,
+    /// Whether that process still runs as the jail's uid.
+    pub alive: bool,
+}
+
+/// Jailed VMMs under the policy's `[jailer]`: the jailer and Firecracker binaries, the chroot
+/// base and the cgroup hierarchy all come from the policy the implementation was built with.
+pub trait Jails: Send + Sync {
+    /// Whether jails can be made here: the policy has a valid `[jailer]` and its launcher runs.
+    fn available(&self) -> bool;
+    /// The host path of jail `id`'s root directory.
+    fn root(&self, id: &str) -> String;
+    /// Builds the jail of `order` (the files of `fds`, in [`JailFiles`] order, placed inside it
+    /// owned or readable by the jail's uid; its sockets reachable by the caller only; the cgroups)
+    /// and starts the jailer, daemonized, in it; returns the VMM's host PID. On failure nothing
+    /// of the jail is left.
+    fn launch(&self, order: &JailOrder, fds: Vec<OwnedFd>) -> impl Future<Output = KResult<i32>> + Send;
+    /// Kills jail `id`'s VMM when `pid` still names a process running as `uid` (checked through a
+    /// pidfd, then signalled through it), waits until it is gone, then removes the jail's files,
+    /// directory and cgroups (and the user's parent cgroup when it is left empty). A jail that is
+    /// not there counts as removed.
+    fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> impl Future<Output = KResult<()>> + Send;
+    /// Every jail under the chroot base, for the start-up reconcile.
+    fn list(&self) -> KResult<Vec<JailState>>;
+}
+
+/// The six domains together, as the helper's operations receive them.
 pub trait Kernel: Send + Sync + 'static {
     /// Links.
     type Links: Links;
@@ -266,6 +331,8 @@ pub trait Kernel: Send + Sync + 'static {
     type Dm: Dm;
     /// Sysctls.
     type Sysctl: Sysctl;
+    /// Jailed VMMs.
+    type Jails: Jails;
     /// Links.
     fn links(&self) -> &Self::Links;
     /// Firewall.
@@ -276,4 +343,6 @@ pub trait Kernel: Send + Sync + 'static {
     fn dm(&self) -> &Self::Dm;
     /// Sysctls.
     fn sysctl(&self) -> &Self::Sysctl;
+    /// Jailed VMMs.
+    fn jails(&self) -> &Self::Jails;
 }

@@ -150,6 +150,7 @@ mod tests {
             nat: (0..1000).map(nat).collect(),
             loops: (0..1000).map(lp).collect(),
             dms: Vec::new(),
+            jails: Vec::new(),
         };
         let dropped = super::fit_lists(
             &mut owned,

@@ -56,6 +56,7 @@ pub(crate) fn test_policy() -> Policy {
             },
         },
         audit: Audit { target: AuditTarget::Stderr },
+        jailer: None,
     }
 }
 

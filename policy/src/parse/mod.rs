@@ -94,6 +94,7 @@ impl Policy {
                 guest_to_host: GuestToHost { allow_all: false, allow: Vec::new() },
             },
             audit: Audit { target: AuditTarget::Stderr },
+            jailer: None,
         }
     }
 

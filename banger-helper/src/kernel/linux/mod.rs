@@ -2,6 +2,7 @@
 
 pub mod dm;
 pub mod iptables;
+pub mod jails;
 pub mod links;
 pub mod loops;
 pub mod sysctl;
@@ -9,6 +10,7 @@ pub mod sysctl;
 use super::Kernel;
 pub use dm::LinuxDm;
 pub use iptables::Iptables;
+pub use jails::LinuxJails;
 pub use links::NetlinkLinks;
 pub use loops::LinuxLoops;
 pub use sysctl::ProcSysctl;
@@ -22,6 +24,7 @@ pub struct LinuxKernel {
     loops: LinuxLoops,
     dm: LinuxDm,
     sysctl: ProcSysctl,
+    jails: LinuxJails,
 }
 
 /// Why the Linux kernel access could not be set up.
@@ -47,6 +50,7 @@ impl LinuxKernel {
             loops: LinuxLoops::new("/dev"),
             dm,
             sysctl: ProcSysctl::new("/proc/sys"),
+            jails: LinuxJails::unavailable(),
         })
     }
 }
@@ -57,6 +61,7 @@ impl Kernel for LinuxKernel {
     type Loops = LinuxLoops;
     type Dm = LinuxDm;
     type Sysctl = ProcSysctl;
+    type Jails = LinuxJails;
     fn links(&self) -> &NetlinkLinks {
         &self.links
     }
@@ -71,5 +76,8 @@ impl Kernel for LinuxKernel {
     }
     fn sysctl(&self) -> &ProcSysctl {
         &self.sysctl
+    }
+    fn jails(&self) -> &LinuxJails {
+        &self.jails
     }
 }

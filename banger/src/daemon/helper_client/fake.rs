@@ -152,6 +152,7 @@ impl FakeHelper {
             nat: s.nat.clone(),
             loops: s.loops.clone(),
             dms: s.dms.clone(),
+            jails: Vec::new(),
         }
     }
 

@@ -251,18 +251,18 @@ pub trait HelperApi: Send + Sync {
 
 /// The answer one kind of request expects: each maps to one [`Response`] variant.
 trait Answer: Sized {
-    /// Takes the expected variant out of `response`, or gives `response` back.
-    fn from_response(response: Response) -> Result<Self, Response>;
+    /// Takes the expected variant out of `response`, or gives `response` back (boxed: it is large).
+    fn from_response(response: Response) -> Result<Self, Box<Response>>;
 }
 
 /// The answer to `Ping`.
 struct Pong;
 
 impl Answer for Pong {
-    fn from_response(response: Response) -> Result<Self, Response> {
+    fn from_response(response: Response) -> Result<Self, Box<Response>> {
         match response {
             Response::Pong => Ok(Pong),
-            other => Err(other),
+            other => Err(Box::new(other)),
         }
     }
 }
@@ -271,10 +271,10 @@ impl Answer for Pong {
 macro_rules! answer {
     ($($answer:ty => $variant:ident),* $(,)?) => {$(
         impl Answer for $answer {
-            fn from_response(response: Response) -> Result<Self, Response> {
+            fn from_response(response: Response) -> Result<Self, Box<Response>> {
                 match response {
                     Response::$variant(answer) => Ok(answer),
-                    other => Err(other),
+                    other => Err(Box::new(other)),
                 }
             }
         }
