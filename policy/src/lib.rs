@@ -68,11 +68,11 @@ pub mod parse;
 
 pub use addr::VmSubnet;
 pub use authorize::{
-    Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
-    is_account_id,
+    Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, JailGrant, LOCAL_FILESYSTEMS, Observed, Peer,
+    authorize, is_account_id,
 };
 pub use explain::{explain, explain_peer};
-pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
+pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, jail_info};
 pub use model::*;
 pub use parse::PolicyError;
 

@@ -192,6 +192,8 @@ impl Loops for LinuxLoops {
             access,
             id: FileId { dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor), ino: st.stx_ino },
             size: st.stx_size,
+            rdev: (u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFBLK)
+                .then_some(DevNum { major: st.stx_rdev_major, minor: st.stx_rdev_minor }),
         })
     }
 
