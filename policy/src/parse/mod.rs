@@ -437,6 +437,24 @@ log = "/var/log/banger/audit.log"
     }
 
     #[test]
+    fn jail_totals_are_quotas_with_overrides_and_bounds() {
+        let p = parse(
+            "[quotas]\nmax_vcpus = 8\nmax_memory_mib = 4096\n[quotas.users.bob]\nmax_memory_mib = 1024\n",
+        );
+        assert_eq!((p.quotas.max_vcpus, p.quotas.max_memory_mib), (8, 4096));
+        assert_eq!((p.user_quotas["bob"].max_vcpus, p.user_quotas["bob"].max_memory_mib), (8, 1024));
+        let d = Policy::default_policy().quotas;
+        assert_eq!((d.max_vcpus, d.max_memory_mib), (DEFAULT_MAX_VCPUS, DEFAULT_MAX_MEMORY_MIB));
+        assert_refused("[quotas]\nmax_vcpus = 0\n", 2, &["quotas.max_vcpus", "positive integer"]);
+        assert_refused(
+            &format!("[quotas]\nmax_memory_mib = {}\n", MAX_MEMORY_MIB + 1),
+            2,
+            &["quotas.max_memory_mib", &MAX_MEMORY_MIB.to_string()],
+        );
+        assert_refused("[quotas.users.bob]\nmax_vcpu = 1\n", 2, &["unknown key", "max_vcpus"]);
+    }
+
+    #[test]
     fn user_overrides_inherit_defaults_written_after_them() {
         let p = parse("[quotas.users.bob]\nmax_taps = 2\n\n[quotas]\nmax_vms = 3\n");
         assert_eq!(
@@ -694,15 +712,25 @@ key = \"a.b\"
             "# max_vms = 4",
             "# max_taps = 4",
             "# max_loops = 8",
+            "# max_memory_mib = 4096",
             "# allow = [\"udp/53\", \"tcp/53\"]",
+            "# [jailer]",
+            "# jailer = \"/usr/local/bin/jailer\"",
+            "# firecracker = \"/usr/local/bin/firecracker\"",
+            "# chroot_base = \"/srv/banger/jails\"",
+            "# uid_range = \"900000-965535\"",
         ];
         let mut text = String::new();
         for line in PACKAGED.lines() {
             if line == "allow = []" {
                 continue;
             }
+            // The [jailer] keys with a comment after them are uncommented too.
+            let keyed =
+                ["# cgroup = ", "# cgroup_parent = ", "# mode = "].iter().any(|k| line.starts_with(k));
             match examples.iter().find(|e| **e == line) {
                 Some(example) => text.push_str(&example[2..]),
+                None if keyed => text.push_str(&line[2..]),
                 None => text.push_str(line),
             }
             text.push('\n');
@@ -710,8 +738,10 @@ key = \"a.b\"
         let p = parse(&text);
         assert_eq!(
             p.user_quotas["alice"],
-            Quotas { max_vms: 4, max_taps: 4, max_loops: 8, max_vcpus: 32, max_memory_mib: 32768 }
+            Quotas { max_vms: 4, max_taps: 4, max_loops: 8, max_vcpus: 32, max_memory_mib: 4096 }
         );
+        let jailer = p.jailer.expect("the [jailer] example");
+        assert_eq!((jailer.uids, jailer.mode), ((900000, 965535), crate::JailerMode::Allow));
         assert_eq!(p.network.guest_to_host.allow.len(), 2);
         // Every inline example `e.g. key = value` and `Example: key = value` is valid too.
         let mut checked = 0;
