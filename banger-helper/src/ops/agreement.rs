@@ -418,7 +418,19 @@ async fn run(
                 prop_assert_eq!(ledger.jail_uids().len(), entries.len());
                 for e in &entries {
                     let Object::Jail { id, jail_uid, .. } = &e.object else { unreachable!() };
-                    prop_assert_eq!(w.jails.get(id).map(|j| j.order.uid), Some(*jail_uid));
+                    let order = w.jails.get(id).map(|j| j.order.clone());
+                    prop_assert_eq!(order.as_ref().map(|o| (o.uid, o.caller)), Some((*jail_uid, e.uid)));
+                    let order = order.expect("checked");
+                    let cgroup = policy.jailer.as_ref().map(|j| j.user_cgroup(e.uid));
+                    prop_assert_eq!(Some(order.user_cgroup), cgroup);
+                    // The TAP it was given is the VM's own (a TAP goes only after its VM's jail).
+                    if let Some(tap) = &order.tap {
+                        let held = match ledger.find(e.uid, &e.install, &e.vm, ObjectKind::Tap) {
+                            Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name),
+                            _ => None,
+                        };
+                        prop_assert_eq!(held, Some(tap), "a jail was given another vm's tap");
+                    }
                     let (first, last) = policy.jailer.as_ref().map(|j| j.uids).unwrap_or((1, 0));
                     prop_assert!((first..=last).contains(jail_uid));
                 }
