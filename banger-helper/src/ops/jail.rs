@@ -271,6 +271,7 @@ mod tests {
         let r = t.req_fds(&p, launch("dev"), jail_fds(&t.kernel, 1000, 10)).await;
         assert!(matches!(&r, Response::Error(HelperError::Denied { rule, .. }) if rule == "jailer"), "{r:?}");
         let t = TestHelper::with_policy(jail_policy(JailerMode::Allow));
+        assert!(!t.helper.capabilities().jailer, "[jailer], but no launcher");
         let r = t.req_fds(&p, launch("dev"), jail_fds(&t.kernel, 1000, 10)).await;
         assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
         let t = helper(JailerMode::Allow);
