@@ -3,7 +3,8 @@
 //! 1. refuse to run as anyone but root;
 //! 2. raise the soft open-file limit to the hard one; take systemd's socket if one was passed,
 //!    close every other inherited descriptor, empty the environment;
-//! 3. read the policy; resolve the socket group;
+//! 3. read the policy and check the host against its `[jailer]` (binaries, chroot base, uid
+//!    range: [`crate::policy_cmd::check_host`]); resolve the socket group;
 //! 4. bind the socket unless systemd passed one ([`crate::socket`]: a root-owned 0755 directory,
 //!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
 //!    (locked against a second helper) and load the ledger; open the audit log; locate
@@ -63,6 +64,9 @@ pub enum ServeError {
     /// The policy file could not be read.
     #[error(transparent)]
     PolicyFile(#[from] LoadPolicyError),
+    /// The host does not fit the policy's `[jailer]`.
+    #[error(transparent)]
+    Host(#[from] crate::policy_cmd::HostCheckError),
     /// The socket group does not exist.
     #[error(
         "socket group `{0}` does not exist: create it with `groupadd --system {0}` and add the users who may run VMs, or name another group in the policy's access.socket_group"
@@ -138,6 +142,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     hardening::clear_environment();
 
     let policy = load_policy(&opts.policy)?;
+    crate::policy_cmd::check_host(&policy, &crate::policy_cmd::SystemHost)?;
     let listener = match passed {
         Some(fd) => {
             tracing::info!("serving the socket passed by systemd");
