@@ -155,6 +155,7 @@ impl<K: Kernel> Helper<K> {
             jailer: false,
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
+            direct: true,
         };
         let boot = crate::ledger_store::boot_epoch();
         let forwarding = store.as_ref().and_then(|s| {
