@@ -230,6 +230,12 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     if let Some(s) = &vm.storage {
         println!("storage:   {s}");
     }
+    if let Some(launch) = &vm.launch {
+        match vm.jail_uid {
+            Some(uid) => println!("launch:    {launch} (vmm runs as uid {uid})"),
+            None => println!("launch:    {launch}"),
+        }
+    }
     if let Some(disk) = &vm.work_disk {
         let size = vm.work_disk_bytes.map(crate::size::format_size).unwrap_or_else(|| "?".into());
         println!(
@@ -755,6 +761,8 @@ mod tests {
             pid: None,
             tap: None,
             storage: None,
+            launch: None,
+            jail_uid: None,
             work_disk: None,
             work_disk_bytes: None,
             vm_dir: "/x".into(),

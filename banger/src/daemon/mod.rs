@@ -9,7 +9,7 @@
 //!
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
-//! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
+//! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`], [`launch`],
 //! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
 //! [`logs`].
 
@@ -21,6 +21,7 @@ pub mod guest_prep;
 pub mod handles;
 pub mod helper_client;
 pub mod images;
+pub mod launch;
 pub mod lifecycle;
 pub mod liveness;
 pub mod logs;
@@ -333,12 +334,14 @@ fn view_of(vm: &VmRuntime, handles: &VmHandles, alive: bool) -> VmView {
         pid: if alive { handles.pid } else { None },
         tap: handles.tap.clone(),
         storage: vm.storage.map(|s| s.as_str().to_owned()),
+        launch: vm.launch.map(|l| l.as_str().to_owned()),
+        jail_uid: handles.jail.as_ref().filter(|_| alive).map(|j| j.uid),
         work_disk: vm.work_disk_path.clone(),
         work_disk_bytes: vm.work_disk_bytes,
         vm_dir: vm.vm_dir.clone(),
         log_path: vm.log_path.clone(),
         vmm_log_path: vm.vmm_log_path(),
-        api_socket: vm.api_socket.clone(),
+        api_socket: crate::daemon::liveness::api_socket(vm, handles).to_owned(),
         created_at: vm.created_at,
     }
 }

@@ -118,7 +118,7 @@ pub mod api;
 use self::api::Action;
 pub use self::api::{
     ActionType, BootSource, CacheType, Drive, HugePages, InstanceInfo, InstanceState, IoEngine, LogLevel,
-    Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
+    Logger, MachineConfig, Metrics, NetworkInterface, Serial, VmConfig, Vsock,
 };
 
 /// How long each request of [`FirecrackerClient::configure`] took: its path, its duration.
@@ -201,8 +201,15 @@ impl FirecrackerClient {
     /// Returns how long each request took, by path, in order.
     pub async fn configure(&self, config: &VmConfig) -> Result<ApiTimings, FirecrackerError> {
         let mut t = ApiTimings::new();
-        timed(&mut t, "/logger".into(), self.put_logger(&config.logger)).await?;
-        timed(&mut t, "/metrics".into(), self.put_metrics(&config.metrics)).await?;
+        if let Some(logger) = &config.logger {
+            timed(&mut t, "/logger".into(), self.put_logger(logger)).await?;
+        }
+        if let Some(metrics) = &config.metrics {
+            timed(&mut t, "/metrics".into(), self.put_metrics(metrics)).await?;
+        }
+        if let Some(serial) = &config.serial {
+            timed(&mut t, "/serial".into(), self.put("/serial".into(), serial)).await?;
+        }
         timed(&mut t, "/machine-config".into(), self.put_machine_config(&config.machine)).await?;
         timed(&mut t, "/boot-source".into(), self.put_boot_source(&config.boot_source)).await?;
         for drive in &config.drives {
@@ -655,13 +662,14 @@ mod tests {
         let vmm = fake_vmm();
         let fc = vmm.client();
         let config = VmConfig {
-            logger: Logger {
+            logger: Some(Logger {
                 log_path: "/state/vms/a/vmm.log".into(),
                 level: Some(LogLevel::Info),
                 show_level: Some(true),
                 show_log_origin: None,
-            },
-            metrics: Metrics { metrics_path: "/state/vms/a/metrics".into() },
+            }),
+            metrics: Some(Metrics { metrics_path: "/state/vms/a/metrics".into() }),
+            serial: None,
             machine: MachineConfig {
                 vcpu_count: 1,
                 mem_size_mib: 128,

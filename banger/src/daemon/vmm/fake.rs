@@ -25,6 +25,8 @@ pub enum VmmCall {
     Boot(PathBuf),
     /// [`Vmm::shutdown`].
     Shutdown(PathBuf),
+    /// [`Vmm::relay_serial`], with the named pipe.
+    RelaySerial(PathBuf),
 }
 
 /// Which call fails.
@@ -38,6 +40,8 @@ pub enum VmmOp {
     Boot,
     /// [`Vmm::shutdown`] is refused.
     Shutdown,
+    /// [`Vmm::relay_serial`] fails.
+    RelaySerial,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +158,23 @@ impl Vmm for FakeVmm {
                     self.procs.remove(pid);
                 }
             }
+            Ok(())
+        };
+        async move { r }.boxed()
+    }
+
+    fn relay_serial<'a>(
+        &'a self,
+        fifo: &'a Path,
+        _serial_log: &'a Path,
+        _serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        let r = if self.enter(VmmCall::RelaySerial(fifo.to_owned()), VmmOp::RelaySerial) {
+            Err(VmmError::SerialFifo {
+                path: fifo.to_owned(),
+                source: std::io::Error::other("the fake refuses"),
+            })
+        } else {
             Ok(())
         };
         async move { r }.boxed()

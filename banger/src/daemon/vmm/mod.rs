@@ -9,6 +9,11 @@
 //! (`bangerd serial-relay`), since a guest decides how much it prints. It talks to the VMM
 //! through [`FirecrackerClient`].
 //!
+//! A VMM launched through the jailer (by banger-helper) is not spawned here; the daemon talks to
+//! it through its jail's API socket like to any other, and its console, which the jailer's
+//! daemonized VMM cannot write to a pipe of ours, goes through `PUT /serial` into a named pipe
+//! in the jail that the same relay reads ([`relay_fifo`]).
+//!
 //! Flow of [`spawn_direct`]: remove a stale API socket (a killed VMM leaves it behind and
 //! Firecracker refuses to start on an existing path), start the relay, start the VMM with its
 //! stdout and stderr on the relay's pipe, then wait (bounded) until the API socket answers. If the
@@ -84,6 +89,15 @@ pub enum VmmError {
         /// The end of its console output.
         tail: String,
     },
+    /// A jailed VMM's console pipe could not be relayed.
+    #[error("cannot relay the vmm's console from {path}")]
+    SerialFifo {
+        /// The named pipe.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VMM did not open its API socket in time.
     #[error("vmm did not open its api socket {path} within {secs} s; serial log tail:\n{tail}")]
     SocketTimeout {
@@ -136,6 +150,15 @@ pub trait Vmm: Send + Sync {
 
     /// Asks the guest to shut down (Ctrl-Alt-Del); the VMM exits when the guest has.
     fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+
+    /// Starts the serial relay on the named pipe `fifo` a booted VMM writes its console to
+    /// (`PUT /serial`), into `serial_log` capped at `serial_cap`; it ends when the VMM does.
+    fn relay_serial<'a>(
+        &'a self,
+        fifo: &'a Path,
+        serial_log: &'a Path,
+        serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
 }
 
 /// [`Vmm`] in direct mode: spawned by the daemon as the user (see the module docs).
@@ -172,6 +195,52 @@ impl Vmm for DirectVmm {
     fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
         async move { FirecrackerClient::new(api_socket).send_ctrl_alt_del().await }.boxed()
     }
+
+    fn relay_serial<'a>(
+        &'a self,
+        fifo: &'a Path,
+        serial_log: &'a Path,
+        serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        async move { relay_fifo(&self.relay, fifo, serial_log, serial_cap) }.boxed()
+    }
+}
+
+/// Starts the relay (`RELAY_EXE serial-relay LOG CAP`) reading the named pipe `fifo`. The pipe
+/// is opened without blocking (a pipe with no writer yet would block the open) and must be a
+/// FIFO: Firecracker, which opens it read-write at boot, holds the write end, so the relay reads
+/// until the VMM exits. Anything else at the path is refused (a regular file would be read
+/// once, to its end).
+pub fn relay_fifo(relay_exe: &Path, fifo: &Path, serial_log: &Path, serial_cap: u64) -> Result<(), VmmError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| VmmError::SerialFifo { path: fifo.to_owned(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(fifo)
+        .map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.file_type().is_fifo() {
+        return Err(err(std::io::Error::other("not a named pipe")));
+    }
+    // The relay reads blocking.
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| err(e.into()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| err(e.into()))?;
+    let mut relay = detached_command(relay_exe);
+    relay
+        .arg("serial-relay")
+        .arg(serial_log)
+        .arg(serial_cap.to_string())
+        .stdin(Stdio::from(file))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // Reaped by the runtime once dropped.
+    relay.spawn().map(drop).map_err(|source| VmmError::Spawn {
+        what: "serial relay",
+        path: relay_exe.into(),
+        source,
+    })
 }
 
 /// Hints for errors a VMM prints when the user cannot open a device it needs.
@@ -366,6 +435,33 @@ mod tests {
         server.abort();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL)
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fifo_console_is_relayed_until_its_writer_closes_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = dir.path().join("relay");
+        script(&relay, "[ \"$1\" = serial-relay ] && cat > \"$2\"");
+        let fifo = dir.path().join("serial");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // The VMM's end, opened as Firecracker opens it at boot (read-write, non-blocking).
+        let mut writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        let log = dir.path().join("serial.log");
+        relay_fifo(&relay, &fifo, &log, 1024).unwrap();
+        std::io::Write::write_all(&mut writer, b"Linux version 6.1\n").unwrap();
+        drop(writer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&log).unwrap_or_default() != "Linux version 6.1\n" {
+            assert!(Instant::now() < deadline, "the console did not reach the log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let e = relay_fifo(&relay, &file, &log, 1024).unwrap_err().to_string();
+        assert!(e.contains("plain"), "{e}");
+        let e = relay_fifo(&relay, &dir.path().join("absent"), &log, 1024).unwrap_err().to_string();
+        assert!(e.contains("absent"), "{e}");
     }
 
     #[tokio::test]
