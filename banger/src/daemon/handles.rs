@@ -1,4 +1,4 @@
-//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm), kept in memory and
+//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm, a jailed VMM's jail), kept in
 //! mirrored to `<vm_dir>/handles.json`.
 //!
 //! The in-memory [`HandleCache`] is what the daemon consults; the scratch file exists so that a

@@ -34,6 +34,14 @@ pub enum LaunchError {
         "banger-helper's policy forces jailer mode but the helper cannot launch vms through the jailer: the admin must fix the [jailer] section of the helper's policy and restart banger-helper"
     )]
     ForcedUnavailable,
+    /// `vm logs --vmm` of a jailed VM, whose VMM keeps no log the user can read.
+    #[error(
+        "vm {vm} runs through the jailer, whose firecracker keeps no log of its own (it can write nothing of yours): `banger vm logs {vm}` shows its console"
+    )]
+    NoVmmLog {
+        /// The VM's name.
+        vm: String,
+    },
     /// The VM's shape is outside what a jail can be given.
     #[error(
         "a jailed vm needs 1 to {MAX_VCPUS} vcpus and at least {MIN_MEM_MIB} MiB of memory (this one has {vcpus} vcpus, {mem_mib} MiB): recreate it with `banger vm create --vcpus N --memory M`"
@@ -140,5 +148,7 @@ mod tests {
             assert!(e.to_string().contains("banger vm create"), "{e}");
         }
         assert_eq!(files(true, false).count(), 3);
+        let e = LaunchError::NoVmmLog { vm: "dev".into() };
+        assert!(e.to_string().contains("`banger vm logs dev`"), "{e}");
     }
 }

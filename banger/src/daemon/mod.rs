@@ -223,6 +223,9 @@ impl Daemon {
         current_run: bool,
     ) -> Result<String, DaemonError> {
         let vm = self.find(name)?;
+        if vmm && vm.launch == Some(crate::model::LaunchMode::Jailer) {
+            return Err(launch::LaunchError::NoVmmLog { vm: vm.name }.into());
+        }
         let path = if vmm { vm.vmm_log_path() } else { vm.log_path.clone() };
         let text = if current_run { logs::run_tail(&path, bytes) } else { logs::tail(&path, bytes) };
         text.map_err(|source| DaemonError::Io { action: "read", path, source })

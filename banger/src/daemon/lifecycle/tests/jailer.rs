@@ -145,6 +145,12 @@ async fn a_jailed_start_sends_the_files_as_descriptors_and_configures_the_vmm_in
     let d = other.daemon.start("d").await.unwrap();
     assert_eq!((d.launch.as_deref(), d.jail_uid), (Some("direct"), None));
     assert!(other.helper.jail_launches().is_empty());
+
+    // A jailed VM has a console log, and no log of its VMM's own.
+    e.daemon.logs("dev", 1024, false, true).await.unwrap();
+    let err = e.daemon.logs("dev", 1024, true, true).await.unwrap_err();
+    assert_eq!(err.status(), 409, "{err}");
+    assert!(err.to_string().contains("banger vm logs dev"), "{err}");
 }
 
 #[tokio::test]
