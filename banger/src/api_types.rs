@@ -122,6 +122,9 @@ pub struct Status {
     /// The `storage` setting this daemon makes new roots with.
     #[serde(default)]
     pub storage: String,
+    /// The `launch` setting this daemon starts new VMs with (empty from a daemon before it).
+    #[serde(default)]
+    pub launch: String,
     /// The daemon's pid.
     pub pid: i32,
     /// The daemon's release.

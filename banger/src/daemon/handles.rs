@@ -1,5 +1,5 @@
-//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm, a jailed VMM's jail), kept in
-//! mirrored to `<vm_dir>/handles.json`.
+//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm, a jailed VMM's jail),
+//! kept in memory and mirrored to `<vm_dir>/handles.json`.
 //!
 //! The in-memory [`HandleCache`] is what the daemon consults; the scratch file exists so that a
 //! daemon that died can find out, at its next start, which kernel objects its VMs held (see

@@ -239,6 +239,7 @@ impl Daemon {
             if checks { self.checks().await? } else { (None, None, None) };
         Ok(Status {
             storage: self.config.storage.as_str().to_owned(),
+            launch: self.config.launch.as_str().to_owned(),
             pid: std::process::id() as i32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             install_id: self.install_id.to_string(),
