@@ -210,15 +210,15 @@ impl Vmm for DirectVmm {
 /// is opened without blocking (a pipe with no writer yet would block the open) and must be a
 /// FIFO: Firecracker, which opens it read-write at boot, holds the write end, so the relay reads
 /// until the VMM exits. Anything else at the path is refused (a regular file would be read
-/// once, to its end).
+/// once, to its end). No symbolic link is followed anywhere in the path: a jail's directories
+/// belong to its VMM's uid, which could otherwise point the daemon at any file of the user's.
 pub fn relay_fifo(relay_exe: &Path, fifo: &Path, serial_log: &Path, serial_cap: u64) -> Result<(), VmmError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
     let err = |source| VmmError::SerialFifo { path: fifo.to_owned(), source };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(fifo)
-        .map_err(err)?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let file = std::fs::File::from(openat2(AT_FDCWD, fifo, how).map_err(|e| err(e.into()))?);
     let meta = file.metadata().map_err(err)?;
     if !meta.file_type().is_fifo() {
         return Err(err(std::io::Error::other("not a named pipe")));
@@ -462,6 +462,19 @@ mod tests {
         assert!(e.contains("plain"), "{e}");
         let e = relay_fifo(&relay, &dir.path().join("absent"), &log, 1024).unwrap_err().to_string();
         assert!(e.contains("absent"), "{e}");
+        // A link anywhere in the path (the jail's uid owns its directories) is not followed.
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        nix::unistd::mkfifo(&run.join("serial"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::os::unix::fs::symlink(&run, dir.path().join("linked")).unwrap();
+        std::os::unix::fs::symlink(run.join("serial"), dir.path().join("serial-link")).unwrap();
+        for linked in [dir.path().join("linked/serial"), dir.path().join("serial-link")] {
+            let e = relay_fifo(&relay, &linked, &log, 1024).unwrap_err();
+            assert!(
+                matches!(&e, VmmError::SerialFifo { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+                "{e:?}"
+            );
+        }
     }
 
     #[tokio::test]
