@@ -776,8 +776,11 @@ impl<'a> Start<'a> {
         if let Some(jail) = &self.handles.jail {
             // Firecracker opened the console pipe at boot: the relay can read it now. A VM whose
             // console cannot be relayed still runs; its log stays empty.
-            let fifo = jail.host_path(jail_paths::SERIAL);
-            let relayed = self.daemon.vmm.relay_serial(&fifo, &self.vm.log_path, logs::SERIAL_LOG_CAP).await;
+            let relayed = self
+                .daemon
+                .vmm
+                .relay_serial(&jail.root, jail_paths::SERIAL, &self.vm.log_path, logs::SERIAL_LOG_CAP)
+                .await;
             if let Err(e) = relayed {
                 tracing::warn!(vm = %self.vm.name, error = %chain(&e), "the guest's console is not logged");
             }

@@ -165,10 +165,12 @@ impl Vmm for FakeVmm {
 
     fn relay_serial<'a>(
         &'a self,
-        fifo: &'a Path,
+        jail_root: &'a Path,
+        in_jail: &'a str,
         _serial_log: &'a Path,
         _serial_cap: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
+        let fifo = jail_root.join(in_jail.trim_start_matches('/'));
         let r = if self.enter(VmmCall::RelaySerial(fifo.to_owned()), VmmOp::RelaySerial) {
             Err(VmmError::SerialFifo {
                 path: fifo.to_owned(),

@@ -151,11 +151,13 @@ pub trait Vmm: Send + Sync {
     /// Asks the guest to shut down (Ctrl-Alt-Del); the VMM exits when the guest has.
     fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
 
-    /// Starts the serial relay on the named pipe `fifo` a booted VMM writes its console to
-    /// (`PUT /serial`), into `serial_log` capped at `serial_cap`; it ends when the VMM does.
+    /// Starts the serial relay on the named pipe a booted VMM writes its console to
+    /// (`PUT /serial`), at `in_jail` below the jail root `jail_root`, into `serial_log` capped
+    /// at `serial_cap`; it ends when the VMM does.
     fn relay_serial<'a>(
         &'a self,
-        fifo: &'a Path,
+        jail_root: &'a Path,
+        in_jail: &'a str,
         serial_log: &'a Path,
         serial_cap: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>>;
@@ -198,27 +200,49 @@ impl Vmm for DirectVmm {
 
     fn relay_serial<'a>(
         &'a self,
-        fifo: &'a Path,
+        jail_root: &'a Path,
+        in_jail: &'a str,
         serial_log: &'a Path,
         serial_cap: u64,
     ) -> BoxFuture<'a, Result<(), VmmError>> {
-        async move { relay_fifo(&self.relay, fifo, serial_log, serial_cap) }.boxed()
+        async move { relay_fifo(&self.relay, jail_root, in_jail, serial_log, serial_cap) }.boxed()
     }
 }
 
-/// Starts the relay (`RELAY_EXE serial-relay LOG CAP`) reading the named pipe `fifo`. The pipe
-/// is opened without blocking (a pipe with no writer yet would block the open) and must be a
-/// FIFO: Firecracker, which opens it read-write at boot, holds the write end, so the relay reads
-/// until the VMM exits. Anything else at the path is refused (a regular file would be read
-/// once, to its end). No symbolic link is followed anywhere in the path: a jail's directories
-/// belong to its VMM's uid, which could otherwise point the daemon at any file of the user's.
-pub fn relay_fifo(relay_exe: &Path, fifo: &Path, serial_log: &Path, serial_cap: u64) -> Result<(), VmmError> {
-    use nix::fcntl::{AT_FDCWD, OFlag, OpenHow, ResolveFlag, openat2};
-    let err = |source| VmmError::SerialFifo { path: fifo.to_owned(), source };
+/// Starts the relay (`RELAY_EXE serial-relay LOG CAP`) reading the named pipe at `in_jail` below
+/// `jail_root`. The pipe is opened without blocking (a pipe with no writer yet would block the
+/// open) and must be a FIFO: Firecracker, which opens it read-write at boot, holds the write end,
+/// so the relay reads until the VMM exits. Anything else there is refused (a regular file would
+/// be read once, to its end). Below the jail root no symbolic link is followed and nothing
+/// outside it is reached: the jail's directories belong to its VMM's uid, which could otherwise
+/// point the daemon at any file of the user's. The jail root itself (in the helper's directory,
+/// which the VMM cannot change) must not be a link.
+pub fn relay_fifo(
+    relay_exe: &Path,
+    jail_root: &Path,
+    in_jail: &str,
+    serial_log: &Path,
+    serial_cap: u64,
+) -> Result<(), VmmError> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    let fifo = jail_root.join(in_jail.trim_start_matches('/'));
+    let err = |source| VmmError::SerialFifo { path: fifo.clone(), source };
+    let root = open(
+        jail_root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| err(e.into()))?;
     let how = OpenHow::new()
         .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
-        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let file = std::fs::File::from(openat2(AT_FDCWD, fifo, how).map_err(|e| err(e.into()))?);
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let file = std::fs::File::from(
+        openat2(&root, Path::new(in_jail.trim_start_matches('/')), how).map_err(|e| err(e.into()))?,
+    );
     let meta = file.metadata().map_err(err)?;
     if !meta.file_type().is_fifo() {
         return Err(err(std::io::Error::other("not a named pipe")));
@@ -442,12 +466,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let relay = dir.path().join("relay");
         script(&relay, "[ \"$1\" = serial-relay ] && cat > \"$2\"");
-        let fifo = dir.path().join("serial");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        let fifo = root.join("run/serial");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         // The VMM's end, opened as Firecracker opens it at boot (read-write, non-blocking).
         let mut writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
         let log = dir.path().join("serial.log");
-        relay_fifo(&relay, &fifo, &log, 1024).unwrap();
+        relay_fifo(&relay, &root, "/run/serial", &log, 1024).unwrap();
         std::io::Write::write_all(&mut writer, b"Linux version 6.1\n").unwrap();
         drop(writer);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -456,22 +482,31 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
 
-        let file = dir.path().join("plain");
-        std::fs::write(&file, "x").unwrap();
-        let e = relay_fifo(&relay, &file, &log, 1024).unwrap_err().to_string();
+        std::fs::write(root.join("plain"), "x").unwrap();
+        let e = relay_fifo(&relay, &root, "/plain", &log, 1024).unwrap_err().to_string();
         assert!(e.contains("plain"), "{e}");
-        let e = relay_fifo(&relay, &dir.path().join("absent"), &log, 1024).unwrap_err().to_string();
+        let e = relay_fifo(&relay, &root, "/absent", &log, 1024).unwrap_err().to_string();
         assert!(e.contains("absent"), "{e}");
-        // A link anywhere in the path (the jail's uid owns its directories) is not followed.
-        let run = dir.path().join("run");
-        std::fs::create_dir(&run).unwrap();
-        nix::unistd::mkfifo(&run.join("serial"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        std::os::unix::fs::symlink(&run, dir.path().join("linked")).unwrap();
-        std::os::unix::fs::symlink(run.join("serial"), dir.path().join("serial-link")).unwrap();
-        for linked in [dir.path().join("linked/serial"), dir.path().join("serial-link")] {
-            let e = relay_fifo(&relay, &linked, &log, 1024).unwrap_err();
+        // A link below the jail root (the jail's uid owns its directories) is not followed,
+        // nor is anything outside the root reached.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        nix::unistd::mkfifo(&outside.join("serial"), nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
+        std::os::unix::fs::symlink(outside.join("serial"), root.join("serial-link")).unwrap();
+        std::os::unix::fs::symlink("../outside/serial", root.join("relative")).unwrap();
+        // The jail root itself must not be a link.
+        std::os::unix::fs::symlink(&root, dir.path().join("root-link")).unwrap();
+        let e = relay_fifo(&relay, &dir.path().join("root-link"), "/run/serial", &log, 1024).unwrap_err();
+        assert!(
+            matches!(&e, VmmError::SerialFifo { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR)),
+            "{e:?}"
+        );
+        for linked in ["/linked/serial", "/serial-link", "/relative", "/../outside/serial"] {
+            let e = relay_fifo(&relay, &root, linked, &log, 1024).unwrap_err();
             assert!(
-                matches!(&e, VmmError::SerialFifo { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+                matches!(&e, VmmError::SerialFifo { source, .. } if matches!(source.raw_os_error(), Some(libc::ELOOP | libc::EXDEV))),
                 "{e:?}"
             );
         }
