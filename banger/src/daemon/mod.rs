@@ -10,10 +10,11 @@
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
 //! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`], [`launch`],
-//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
+//! [`beneath`] (files inside a jail), [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
 //! [`logs`].
 
 pub mod api;
+pub mod beneath;
 pub mod error;
 pub mod file_identity;
 pub mod firecracker;

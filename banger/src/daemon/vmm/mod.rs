@@ -224,25 +224,12 @@ pub fn relay_fifo(
     serial_log: &Path,
     serial_cap: u64,
 ) -> Result<(), VmmError> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::fcntl::OFlag;
     let fifo = jail_root.join(in_jail.trim_start_matches('/'));
     let err = |source| VmmError::SerialFifo { path: fifo.clone(), source };
-    let root = open(
-        jail_root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )
-    .map_err(|e| err(e.into()))?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
-        .resolve(
-            ResolveFlag::RESOLVE_BENEATH
-                | ResolveFlag::RESOLVE_NO_SYMLINKS
-                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-        );
-    let file = std::fs::File::from(
-        openat2(&root, Path::new(in_jail.trim_start_matches('/')), how).map_err(|e| err(e.into()))?,
-    );
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let file = crate::daemon::beneath::open_beneath(jail_root, Path::new(in_jail), flags).map_err(err)?;
+    let file = std::fs::File::from(file);
     let meta = file.metadata().map_err(err)?;
     if !meta.file_type().is_fifo() {
         return Err(err(std::io::Error::other("not a named pipe")));
