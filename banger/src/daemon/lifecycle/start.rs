@@ -61,7 +61,7 @@ use crate::daemon::personalize::{Personalization, RootForm};
 use crate::daemon::resolvers;
 use crate::daemon::storage::{self, RootPlan, StorageError};
 use crate::daemon::store::{ImageRecord, unix_now};
-use crate::daemon::vmm::{self, SpawnSpec};
+use crate::daemon::vmm::{self, Api, SpawnSpec};
 use crate::daemon::{Daemon, DaemonError, chain, logs};
 use crate::model::{JailHandles, LaunchMode, StorageKind, VmHandles, VmRuntime, VmState};
 use crate::ssh;
@@ -759,8 +759,12 @@ impl<'a> Start<'a> {
                 uds_path: at(vm.vsock_path.clone(), jail_paths::VSOCK),
             }),
         };
-        let timings =
-            self.daemon.vmm.configure(&self.api_socket(), &config).await.map_err(DaemonError::vmm_api)?;
+        let timings = self
+            .daemon
+            .vmm
+            .configure(Api::of(vm, &self.handles), &config)
+            .await
+            .map_err(DaemonError::vmm_api)?;
         for (path, took) in timings {
             self.phases.record(format!("api calls: PUT {path}"), took);
         }
@@ -771,7 +775,7 @@ impl<'a> Start<'a> {
     /// the step, so a VM never runs while its row says otherwise.
     async fn boot(&mut self) -> Result<(), DaemonError> {
         let at = Instant::now();
-        self.daemon.vmm.boot(&self.api_socket()).await.map_err(DaemonError::vmm_api)?;
+        self.daemon.vmm.boot(Api::of(self.vm, &self.handles)).await.map_err(DaemonError::vmm_api)?;
         self.phases.record("instance start", at.elapsed());
         if let Some(jail) = &self.handles.jail {
             // Firecracker opened the console pipe at boot: the relay can read it now. A VM whose

@@ -6,9 +6,8 @@
 
 use super::{Op, Shutdown, delete_unfinished};
 use crate::api_types::VmView;
-use std::path::Path;
-
-use crate::daemon::liveness::{api_socket, vm_alive, wait_gone};
+use crate::daemon::liveness::{vm_alive, wait_gone};
+use crate::daemon::vmm::Api;
 use crate::daemon::{Daemon, DaemonError, chain};
 use crate::model::{VmRuntime, VmState};
 
@@ -55,7 +54,7 @@ impl Daemon {
         };
         // Without a grace period the teardown kills the VMM at once.
         if was_alive && let (Some(pid), Some(grace)) = (handles.pid, grace) {
-            self.shut_down_guest(vm, api_socket(vm, &handles), pid, grace).await;
+            self.shut_down_guest(vm, Api::of(vm, &handles), pid, grace).await;
         }
         match self.teardown(vm, &handles).await {
             Ok(()) => {
@@ -77,7 +76,7 @@ impl Daemon {
 
     /// Asks the guest to shut down and waits for its VMM to exit; a VMM still running after
     /// `grace` is left to the teardown, which kills it.
-    async fn shut_down_guest(&self, vm: &VmRuntime, api: &Path, pid: i32, grace: std::time::Duration) {
+    async fn shut_down_guest(&self, vm: &VmRuntime, api: Api<'_>, pid: i32, grace: std::time::Duration) {
         match self.vmm.shutdown(api).await {
             Ok(()) => match wait_gone(self.procs.as_ref(), pid, grace).await {
                 Ok(true) => {}

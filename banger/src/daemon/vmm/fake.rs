@@ -130,17 +130,17 @@ impl Vmm for FakeVmm {
 
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
-        let call = VmmCall::Configure(api_socket.to_owned(), Box::new(config.clone()));
+        let call = VmmCall::Configure(api.socket.to_owned(), Box::new(config.clone()));
         let r =
             if self.enter(call, VmmOp::Configure) { Err(refused("/machine-config")) } else { Ok(Vec::new()) };
         async move { r }.boxed()
     }
 
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        let r = if self.enter(VmmCall::Boot(api_socket.to_owned()), VmmOp::Boot) {
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        let r = if self.enter(VmmCall::Boot(api.socket.to_owned()), VmmOp::Boot) {
             Err(refused("/actions"))
         } else {
             Ok(())
@@ -148,7 +148,8 @@ impl Vmm for FakeVmm {
         async move { r }.boxed()
     }
 
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        let api_socket = api.socket;
         let r = if self.enter(VmmCall::Shutdown(api_socket.to_owned()), VmmOp::Shutdown) {
             Err(refused("/actions"))
         } else {

@@ -132,24 +132,53 @@ pub struct SpawnSpec<'a> {
     pub serial_cap: u64,
 }
 
+/// Where a VMM's API is: its socket, and for a jailed VMM the jail root the socket is reached
+/// below ([`FirecrackerClient::beneath`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Api<'a> {
+    /// The API socket (on the host).
+    pub socket: &'a Path,
+    /// The jail root, for a jailed VMM.
+    pub jail_root: Option<&'a Path>,
+}
+
+impl<'a> Api<'a> {
+    /// The API of the VM's VMM now: its jail's socket, or the VM's own (direct mode).
+    pub fn of(vm: &'a crate::model::VmRuntime, handles: &'a crate::model::VmHandles) -> Api<'a> {
+        match &handles.jail {
+            Some(jail) => Api { socket: &jail.api_socket, jail_root: Some(&jail.root) },
+            None => Api { socket: &vm.api_socket, jail_root: None },
+        }
+    }
+
+    /// A client for it.
+    pub fn client(self) -> FirecrackerClient {
+        let client = FirecrackerClient::new(self.socket);
+        match self.jail_root {
+            Some(root) => client.beneath(root),
+            None => client,
+        }
+    }
+}
+
 /// What the daemon asks of a VMM. Implemented by [`DirectVmm`]; tests use a recording fake.
 pub trait Vmm: Send + Sync {
     /// Starts a VMM serving its API at `spec.api_socket`; returns once the socket answers.
     fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>>;
 
-    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order;
-    /// returns how long each request took.
+    /// Sends the VM's whole pre-boot configuration to the VMM at `api`, in order; returns how
+    /// long each request took.
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>>;
 
     /// Boots the configured guest (`InstanceStart`).
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>>;
 
     /// Asks the guest to shut down (Ctrl-Alt-Del); the VMM exits when the guest has.
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>>;
 
     /// Starts the serial relay on the named pipe a booted VMM writes its console to
     /// (`PUT /serial`), at `in_jail` below the jail root `jail_root`, into `serial_log` capped
@@ -184,18 +213,18 @@ impl Vmm for DirectVmm {
 
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).configure(config).await }.boxed()
+        async move { api.client().configure(config).await }.boxed()
     }
 
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).instance_start().await }.boxed()
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { api.client().instance_start().await }.boxed()
     }
 
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).send_ctrl_alt_del().await }.boxed()
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { api.client().send_ctrl_alt_del().await }.boxed()
     }
 
     fn relay_serial<'a>(
