@@ -159,6 +159,9 @@ pub mod jail_paths {
     pub const WORK_DRIVE: &str = "/work";
     /// Firecracker's API socket (`--api-sock`).
     pub const API_SOCKET: &str = "/run/firecracker.socket";
+    /// The serial console's FIFO (Firecracker's `PUT /serial` `serial_out_path`): written by
+    /// the VMM, readable by the caller and by nobody else.
+    pub const SERIAL: &str = "/run/serial";
     /// The directory the VMM's other sockets go in (vsock): reachable by the caller, like the
     /// API socket, and by nobody else.
     pub const RUN_DIR: &str = "/run";
