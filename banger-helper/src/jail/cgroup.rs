@@ -389,6 +389,36 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     }
 
     #[test]
+    fn ensure_user_enables_the_controllers_down_to_the_parent_in_a_v2_tree() {
+        // Plain files stand in for the unified hierarchy's: each write replaces the last.
+        let dir = tempfile::tempdir().unwrap();
+        let unified = dir.path().join("unified");
+        fs::create_dir_all(unified.join("banger")).unwrap();
+        fs::write(unified.join("cgroup.subtree_control"), "cpu\n").unwrap();
+        fs::write(unified.join("banger/cgroup.subtree_control"), "").unwrap();
+        let h = Hierarchies::V2 { unified: unified.clone() };
+        // The user's group has no control file of its own yet (the kernel makes it).
+        let user = unified.join("banger/u1000");
+        fs::create_dir(&user).unwrap();
+        fs::write(user.join("cgroup.subtree_control"), "").unwrap();
+        h.ensure_user("banger/u1000", UserLimits { vcpus: 3, mem_mib: 256 }).unwrap();
+        assert_eq!(
+            fs::read_to_string(unified.join("cgroup.subtree_control")).unwrap(),
+            "+memory",
+            "cpu was on"
+        );
+        assert_eq!(fs::read_to_string(unified.join("banger/cgroup.subtree_control")).unwrap(), "+memory");
+        assert_eq!(
+            fs::read_to_string(user.join("cgroup.subtree_control")).unwrap(),
+            "",
+            "the jailer's to enable"
+        );
+        assert_eq!(fs::read_to_string(user.join("cpu.max")).unwrap(), "300000 100000");
+        assert_eq!(fs::read_to_string(user.join("memory.max")).unwrap(), ((256u64 + 96) << 20).to_string());
+        assert!(h.ensure_user("banger/../etc", UserLimits { vcpus: 1, mem_mib: 1 }).is_err());
+    }
+
+    #[test]
     fn ensure_user_makes_the_parent_and_writes_totals_in_a_v1_tree() {
         let dir = tempfile::tempdir().unwrap();
         let (cpu, memory) = (dir.path().join("cpu"), dir.path().join("memory"));
