@@ -386,6 +386,13 @@ fn a_failed_launch_leaves_nothing() {
         return;
     }
     let w = World::new("fail");
+    // A chroot base others may write is refused at start.
+    let base_mode = |m| fs::set_permissions(&w.policy.chroot_base, fs::Permissions::from_mode(m)).unwrap();
+    base_mode(0o1777);
+    let refused = JailConfig::new(&w.policy).unwrap_err();
+    assert!(matches!(refused, jail::JailSetupError::BaseUnsafe(_)), "{refused}");
+    assert!(format!("{refused}").contains("owned by root and writable by nobody else"), "{refused}");
+    base_mode(0o755);
     let cfg = JailConfig::new(&w.policy).unwrap();
     let kernel = w.caller_file("vmlinux", 0o600);
     let drive = w.caller_file("rootfs.ext4", 0o600);

@@ -226,9 +226,8 @@ fn serial_name() -> &'static str {
     Path::new(jail_paths::SERIAL).file_name().and_then(|n| n.to_str()).unwrap_or("serial")
 }
 
-/// The jail's directories as descriptors: its `<id>` directory, `root/` and `root/run/`.
+/// The jail's directories as descriptors: `root/` and `root/run/`.
 struct Dirs {
-    jail: OwnedFd,
     root: OwnedFd,
     run: OwnedFd,
 }
@@ -259,7 +258,7 @@ pub fn launch(cfg: &JailConfig, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult
             make_dir(&jail, "root", 0o700).map_err(|e| KernelError::errno("make jail root", id, e))?;
         let run = make_dir(&root_fd, inside(jail_paths::RUN_DIR), 0o700)
             .map_err(|e| KernelError::errno("make jail run dir", id, e))?;
-        let dirs = Dirs { jail, root: root_fd, run };
+        let dirs = Dirs { root: root_fd, run };
         build_and_start(cfg, order, fds, &dirs, &mut tap_handed)
     })();
     match result {
@@ -388,7 +387,6 @@ fn build_and_start(
     };
     // Step 9.
     grant_caller(dirs, socket, order.caller).map_err(|e| KernelError::errno("set jail ACLs", id, e))?;
-    let _ = &dirs.jail;
     Ok(vmm.pid())
 }
 
