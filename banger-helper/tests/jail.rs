@@ -334,6 +334,12 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     assert_eq!(connect_as(CALLER, &root.join("run/v.sock")), 0, "the default ACL of run/");
     assert_eq!(connect_as(OTHER, &root.join("run/v.sock")), libc::EACCES);
 
+    // A second launch of the same id is refused and leaves the running jail alone.
+    let again = jail::launch(&cfg, &order, vec![open(&kernel), open(&initrd), open(&drive)]).unwrap_err();
+    assert_eq!(again.errno_value(), Some(nix::errno::Errno::EEXIST), "{again}");
+    assert_eq!(api_get_as(CALLER, &socket), 0, "the first jail runs on");
+    assert_eq!(xattr_acl(&drive).unwrap().user(JAIL_UID), Some(acl::R | acl::W));
+
     // list sees it, running.
     let listed = jail::list(&cfg).unwrap();
     let me = listed.iter().find(|j| j.id == id).expect("listed");
