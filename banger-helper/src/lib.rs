@@ -13,6 +13,8 @@
 //! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
 //!   one task per connection;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
+//! - [`jail`]: building jails, starting Firecracker's jailer in them, killing jailed VMMs and
+//!   removing their jails (blocking, run by the launcher process with root's privileges);
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation (and, in the unit
 //!   tests only, a fake);
 //! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;
@@ -23,6 +25,7 @@ pub mod audit;
 pub mod cli;
 pub mod firewall;
 pub mod hardening;
+pub mod jail;
 pub mod kernel;
 pub mod ledger_store;
 pub mod names;

@@ -159,14 +159,14 @@ pub mod jail_paths {
     pub const WORK_DRIVE: &str = "/work";
     /// Firecracker's API socket (`--api-sock`).
     pub const API_SOCKET: &str = "/run/firecracker.socket";
+    /// The serial console's FIFO (Firecracker's `PUT /serial` `serial_out_path`): written by
+    /// the VMM, readable by the caller and by nobody else.
+    pub const SERIAL: &str = "/run/serial";
     /// The directory the VMM's other sockets go in (vsock): reachable by the caller, like the
     /// API socket, and by nobody else.
     pub const RUN_DIR: &str = "/run";
     /// The VM's hybrid vsock socket (`PUT /vsock`), in [`RUN_DIR`].
     pub const VSOCK: &str = "/run/vsock";
-    /// The named pipe the VMM writes the guest's console to (`PUT /serial`), made by the helper
-    /// (the jail's uid writes it, the caller reads it).
-    pub const SERIAL: &str = "/run/serial";
 }
 
 /// What a loop device is for; with the VM id it names the device within an install.
