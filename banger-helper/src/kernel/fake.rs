@@ -253,6 +253,14 @@ impl Links for FakeKernel {
         Ok(())
     }
 
+    async fn set_owner(&self, name: &str, owner: u32) -> KResult<()> {
+        let mut w = self.call("set_owner", name)?;
+        if let Some(link) = w.links.get_mut(name) {
+            link.tap_owner = Some(owner);
+        }
+        Ok(())
+    }
+
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
         let w = self.call("link_owner", name)?;
         Ok(match w.links.get(name) {

@@ -114,6 +114,9 @@ pub trait Links: Send + Sync {
     fn set_up(&self, name: &str) -> impl Future<Output = KResult<()>> + Send;
     /// The names of every link.
     fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
+    /// Hands the existing TAP `name` to `owner` (`TUNSETOWNER`); a link that is not there counts
+    /// as done. `EBUSY` while a process has it open.
+    fn set_owner(&self, name: &str, owner: u32) -> impl Future<Output = KResult<()>> + Send;
     /// Who owns the link `name` as a TUN/TAP device (`/sys/class/net/<name>/owner`).
     fn owner(&self, name: &str) -> impl Future<Output = KResult<LinkOwner>> + Send;
     /// Deletes these links, together where the kernel allows it (one RCU grace period for all).

@@ -26,15 +26,23 @@
 
 use std::os::fd::OwnedFd;
 
-use banger_policy::{EntryState, JailGrant, LedgerEntry, Object, ObjectKind, jail_info};
+use banger_policy::{EntryState, JailGrant, Ledger, LedgerEntry, Object, ObjectKind, jail_info};
 use banger_protocol::{HelperError, JailFiles, JailInfo, TeardownFailure, TeardownReport, VmId, VmShape};
 
 use super::loopdev::describe;
 use super::{Caller, Done, Helper, State};
-use crate::kernel::{JailOrder, Jails as _, KResult, Kernel, UserLimits};
+use crate::kernel::{JailOrder, Jails as _, KResult, Kernel, Links as _, UserLimits};
 use crate::names::VmKey;
 
 /// The names an audit record of a jail carries: its id and its uid.
+/// The TAP the ledger holds for a jail entry's VM, if any.
+pub(crate) fn jail_tap(ledger: &Ledger, entry: &LedgerEntry) -> Option<String> {
+    match ledger.find(entry.uid, &entry.install, &entry.vm, ObjectKind::Tap) {
+        Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
+        _ => None,
+    }
+}
+
 pub(crate) fn jail_names(entry: &LedgerEntry) -> Vec<String> {
     match &entry.object {
         Object::Jail { id, jail_uid, .. } => vec![id.clone(), format!("uid={jail_uid}")],
@@ -136,10 +144,18 @@ impl<K: Kernel> Helper<K> {
         Done::new(names, result)
     }
 
-    /// Kills the VMM of a jail entry (if it still runs as the jail's uid) and removes the jail.
-    pub(crate) async fn remove_jail(&self, entry: &LedgerEntry) -> KResult<()> {
+    /// Kills the VMM of a jail entry (if it still runs as the jail's uid) and removes the jail,
+    /// then takes the VM's TAP (`tap`, from the ledger) back from the jail's uid: it goes to whom
+    /// a new TAP would (the caller, or root when the jailer is forced). Until that has happened
+    /// the entry, and so the uid, stays held: a uid handed to another VM later never owns a TAP
+    /// it could open.
+    pub(crate) async fn remove_jail(&self, entry: &LedgerEntry, tap: Option<&str>) -> KResult<()> {
         let Object::Jail { id, jail_uid, pid, .. } = &entry.object else { return Ok(()) };
-        self.kernel.jails().remove(id, *jail_uid, *pid).await
+        self.kernel.jails().remove(id, *jail_uid, *pid).await?;
+        match tap {
+            Some(tap) => self.kernel.links().set_owner(tap, self.handed_owner(entry.uid)).await,
+            None => Ok(()),
+        }
     }
 
     /// `JailKill` of the caller's jail of that VM, if it has one: removed, then forgotten.
@@ -155,7 +171,8 @@ impl<K: Kernel> Helper<K> {
         };
         let names = jail_names(&entry);
         let mut report = TeardownReport::default();
-        match self.remove_jail(&entry).await {
+        let tap = jail_tap(&st.ledger, &entry);
+        match self.remove_jail(&entry, tap.as_deref()).await {
             Ok(()) => {
                 if let Err(e) = st.commit(|l| {
                     l.remove(c.uid, c.install, vm, ObjectKind::Jail);
@@ -286,6 +303,28 @@ mod tests {
         );
         assert!(!t.kernel.calls().iter().any(|c| c.starts_with("jail_launch")));
         assert!(t.helper.snapshot().await.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn kill_takes_the_tap_back_from_the_jail_uid_before_its_uid_is_free_again() {
+        for (mode, owner) in [(JailerMode::Allow, 1000), (JailerMode::Force, 0)] {
+            let t = helper(mode);
+            let p = t.peer(1000, "home");
+            let Response::Tap(tap) = t.req(&p, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
+            let info = launched(&t, &p, "dev", 10).await;
+            // What the launcher does at launch: the TAP is the jail uid's.
+            t.kernel.world().links.get_mut(&tap.name).unwrap().tap_owner = Some(info.uid);
+            // Taking it back fails: the jail is gone, but its entry (and so its uid) stays held.
+            t.kernel.fail("set_owner", &tap.name, Errno::EBUSY, 1);
+            let Response::Teardown(report) = t.req(&p, kill("dev")).await else { panic!() };
+            assert_eq!((report.torn_down.len(), report.failures.len()), (0, 1), "{mode:?}");
+            assert_eq!(t.helper.snapshot().await.jail_uids().len(), 1, "{mode:?}");
+            assert_eq!(t.kernel.world().links[&tap.name].tap_owner, Some(info.uid));
+            let Response::Teardown(report) = t.req(&p, kill("dev")).await else { panic!() };
+            assert_eq!(report.torn_down, vec![vm("dev")], "{mode:?}");
+            assert_eq!(t.kernel.world().links[&tap.name].tap_owner, Some(owner), "{mode:?}");
+            assert!(t.helper.snapshot().await.jail_uids().is_empty(), "{mode:?}");
+        }
     }
 
     #[tokio::test]

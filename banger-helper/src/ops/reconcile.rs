@@ -91,7 +91,7 @@ impl<K: Kernel> Helper<K> {
                 }
                 // Never settled, its VMM is gone, or the jail is: removed (a jail already gone
                 // counts as removed), then dropped.
-                match self.remove_jail(e).await {
+                match self.remove_jail(e, super::jail::jail_tap(&st.ledger, e).as_deref()).await {
                     Ok(()) => released.push((e.clone(), Release::Gone)),
                     Err(err) => report.errors.push(format!("cannot remove jail {id}: {err}")),
                 }

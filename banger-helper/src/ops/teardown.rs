@@ -86,7 +86,11 @@ impl<K: Kernel> Helper<K> {
             .iter()
             .filter_map(|vm| st.ledger.find(c.uid, c.install, vm, ObjectKind::Jail).cloned())
             .collect();
-        let results = futures::future::join_all(jails.iter().map(|e| self.remove_jail(e))).await;
+        let taps: Vec<Option<String>> = jails.iter().map(|e| super::jail::jail_tap(&st.ledger, e)).collect();
+        let results = futures::future::join_all(
+            jails.iter().zip(&taps).map(|(e, tap)| self.remove_jail(e, tap.as_deref())),
+        )
+        .await;
         let mut failures = Vec::new();
         let mut gone = Vec::new();
         for (entry, r) in jails.into_iter().zip(results) {

@@ -102,9 +102,14 @@ fn create_tap_ioctls(name: &str, owner: u32) -> Result<(), (&'static str, Errno)
 /// `owner`: attaches to it with the flags it was made with, sets its owner, detaches. Fails with
 /// `ENODEV` when there is no such link and `EBUSY` while a process has it open.
 pub fn set_tap_owner(name: &str, owner: u32) -> KResult<()> {
-    let err = |op: &'static str, e: Errno| KernelError::errno(op, name, e);
     // Without the link, TUNSETIFF would make a fresh, short-lived TAP instead of attaching.
-    nix::net::if_::if_nametoindex(name).map_err(|e| err("if_nametoindex", e))?;
+    nix::net::if_::if_nametoindex(name).map_err(|e| KernelError::errno("if_nametoindex", name, e))?;
+    hand_tap(name, owner)
+}
+
+/// The ioctls of [`set_tap_owner`], for a link known to exist.
+fn hand_tap(name: &str, owner: u32) -> KResult<()> {
+    let err = |op: &'static str, e: Errno| KernelError::errno(op, name, e);
     let tun = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| err("open /dev/net/tun", e))?;
     let req = ifreq(name, TAP_FLAGS).map_err(|e| err("TUNSETIFF", e))?;
@@ -226,6 +231,15 @@ impl Links for NetlinkLinks {
 
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
         tap_owner(Path::new(SYS_CLASS_NET), name)
+    }
+
+    async fn set_owner(&self, name: &str, owner: u32) -> KResult<()> {
+        // Looked up in sysfs (as `owner` does): without the link TUNSETIFF would make one.
+        match tap_owner(Path::new(SYS_CLASS_NET), name)? {
+            LinkOwner::Absent => Ok(()),
+            LinkOwner::Uid(uid) if uid == owner => Ok(()),
+            LinkOwner::Uid(_) | LinkOwner::Unowned => hand_tap(name, owner),
+        }
     }
 
     async fn list(&self) -> KResult<Vec<String>> {
