@@ -12,6 +12,8 @@
 //!   ([`socket`]), load the ledger, harden ([`hardening`]), then run the [`server`];
 //! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
 //!   one task per connection;
+//! - [`launcher`]: the root process `serve` forks before confining itself when the policy has a
+//!   `[jailer]`, which builds jails ([`jail`]) and starts Firecracker's jailer for the helper;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation (and, in the unit
 //!   tests only, a fake);
@@ -23,7 +25,9 @@ pub mod audit;
 pub mod cli;
 pub mod firewall;
 pub mod hardening;
+pub mod jail;
 pub mod kernel;
+pub mod launcher;
 pub mod ledger_store;
 pub mod names;
 pub mod ops;
