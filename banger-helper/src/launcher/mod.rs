@@ -23,6 +23,7 @@ use banger_protocol::frame::{self, FrameError};
 use nix::unistd::{ForkResult, Pid};
 
 use crate::jail::{self, JailConfig, JailSetupError};
+use crate::kernel::{JailOrder, JailState, KResult, KernelError};
 use message::{Answer, Failure, Order};
 
 /// The name the launcher runs under (`/proc/<pid>/comm`).
@@ -106,7 +107,7 @@ fn run(helper: Pid, config: &JailConfig, channel: OwnedFd) -> i32 {
             return 1;
         }
     }
-    match serve(config, channel.as_fd()) {
+    match serve(&JailFunctions(config), channel.as_fd()) {
         Ok(()) => 0,
         Err(e) => {
             tracing::error!(
@@ -128,8 +129,35 @@ pub enum ConversationError {
     Malformed(#[from] message::Malformed),
 }
 
+/// What carries out the launcher's orders: the jail functions ([`JailFunctions`]), or in the
+/// channel's tests a recording double.
+pub trait Backend {
+    /// [`crate::jail::launch`].
+    fn launch(&self, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult<i32>;
+    /// [`crate::jail::remove`].
+    fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> KResult<()>;
+    /// [`crate::jail::list`].
+    fn list(&self) -> KResult<Vec<JailState>>;
+}
+
+/// The jail functions, with the policy's configuration.
+#[derive(Debug)]
+pub struct JailFunctions<'a>(pub &'a JailConfig);
+
+impl Backend for JailFunctions<'_> {
+    fn launch(&self, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult<i32> {
+        jail::launch(self.0, order, fds)
+    }
+    fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> KResult<()> {
+        jail::remove(self.0, id, uid, pid)
+    }
+    fn list(&self) -> KResult<Vec<JailState>> {
+        jail::list(self.0)
+    }
+}
+
 /// Serves orders on `channel` until the helper closes it.
-pub fn serve(config: &JailConfig, channel: BorrowedFd<'_>) -> Result<(), ConversationError> {
+pub fn serve(backend: &impl Backend, channel: BorrowedFd<'_>) -> Result<(), ConversationError> {
     loop {
         let (order, fds) = match frame::recv_blocking::<Order>(channel) {
             Ok(got) => got,
@@ -137,25 +165,125 @@ pub fn serve(config: &JailConfig, channel: BorrowedFd<'_>) -> Result<(), Convers
             Err(e) => return Err(e.into()),
         };
         order.check(fds.len())?;
-        let answer = answer(config, order, fds);
+        let answer = answer(backend, order, fds);
         frame::send_blocking(channel, &answer, &[])?;
     }
 }
 
 /// Carries out one checked order.
-fn answer(config: &JailConfig, order: Order, fds: Vec<OwnedFd>) -> Answer {
+fn answer(backend: &impl Backend, order: Order, fds: Vec<OwnedFd>) -> Answer {
+    let failed = |e: KernelError| Answer::Failed(Failure::from(e));
     match order {
-        Order::Launch(o) => match jail::launch(config, &o.to_order(), fds) {
-            Ok(pid) => Answer::Launched(pid),
-            Err(e) => Answer::Failed(Failure::from(e)),
-        },
-        Order::Remove { id, uid, pid } => match jail::remove(config, &id, uid, pid) {
-            Ok(()) => Answer::Removed,
-            Err(e) => Answer::Failed(Failure::from(e)),
-        },
-        Order::List => match jail::list(config) {
-            Ok(jails) => Answer::listed(jails),
-            Err(e) => Answer::Failed(Failure::from(e)),
-        },
+        Order::Launch(o) => backend.launch(&o.to_order(), fds).map_or_else(failed, Answer::Launched),
+        Order::Remove { id, uid, pid } => {
+            backend.remove(&id, uid, pid).map_or_else(failed, |()| Answer::Removed)
+        }
+        Order::List => backend.list().map_or_else(failed, Answer::listed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::path::{Path, PathBuf};
+
+    use banger_policy::{CgroupVersion, JailerMode};
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::{WaitStatus, waitpid};
+
+    use super::*;
+
+    fn root_or_skip(what: &str) -> bool {
+        if nix::unistd::geteuid().is_root() {
+            return true;
+        }
+        assert!(std::env::var_os("CI").is_none_or(|v| v != "true"), "{what} needs root under CI=true");
+        eprintln!("SKIPPED {what}: needs root");
+        false
+    }
+
+    fn policy(base: &Path) -> Jailer {
+        Jailer {
+            jailer: PathBuf::from("/usr/bin/jailer"),
+            firecracker: PathBuf::from("/usr/bin/firecracker"),
+            chroot_base: base.to_owned(),
+            uids: (900_000, 900_999),
+            cgroup: CgroupVersion::V1,
+            cgroup_parent: "banger".to_owned(),
+            mode: JailerMode::Allow,
+        }
+    }
+
+    fn status(pid: Pid) -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the launcher's status shows it confined.
+    fn wait_confined(pid: Pid) -> String {
+        for _ in 0..200 {
+            let s = status(pid);
+            if s.contains("NoNewPrivs:\t1") && s.lines().any(|l| l.starts_with("Seccomp_filters:\t2")) {
+                return s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the launcher {pid} never confined itself: {}", status(pid));
+    }
+
+    /// The real launcher process, as root: its name, capabilities (exactly [`confine::KEPT`],
+    /// the bounding set too), no new privileges, both seccomp filters, none of the helper's
+    /// descriptors; it ends cleanly when the helper's end closes, and at once on a malformed
+    /// order.
+    #[test]
+    #[ignore = "needs root: forks the real launcher, which keeps root's capabilities for the jailer"]
+    fn the_launcher_runs_confined_and_ends_with_its_channel() {
+        if !root_or_skip("the_launcher_runs_confined_and_ends_with_its_channel") {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let secret = std::fs::File::open("/etc/hostname").unwrap();
+        let launcher = start(&policy(base.path()), &[secret.as_fd()]).unwrap();
+        let pid = launcher.pid;
+        let s = wait_confined(pid);
+        let field =
+            |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
+        assert_eq!(field("Name:"), NAME);
+        let kept = format!("{:016x}", confine::kept_bits());
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(field(set), kept, "{set}");
+        }
+        assert_eq!(field("CapInh:"), "0000000000000000");
+        assert_eq!(field("CapAmb:"), "0000000000000000");
+        assert_eq!(field("Seccomp:"), "2");
+        let targets: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .collect();
+        assert!(
+            !targets.iter().any(|t| t == Path::new("/etc/hostname")),
+            "the helper's descriptor leaked: {targets:?}"
+        );
+        drop(launcher.channel);
+        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
+
+        let launcher = start(&policy(base.path()), &[]).unwrap();
+        frame::write_frame_blocking(launcher.channel.as_fd(), &[0xff; 7], &[]).unwrap();
+        assert_eq!(waitpid(launcher.pid, None).unwrap(), WaitStatus::Exited(launcher.pid, 2));
+    }
+
+    /// The launcher dies with the process that forked it (`PR_SET_PDEATHSIG` follows the forking
+    /// thread, which in the helper is its main thread): here a thread that starts it and ends.
+    #[test]
+    #[ignore = "needs root: forks the real launcher, which keeps root's capabilities for the jailer"]
+    fn the_launcher_dies_with_the_helper() {
+        if !root_or_skip("the_launcher_dies_with_the_helper") {
+            return;
+        }
+        let base = tempfile::tempdir().unwrap();
+        let jailer = policy(base.path());
+        let launcher = std::thread::spawn(move || start(&jailer, &[]).unwrap()).join().unwrap();
+        let pid = launcher.pid;
+        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Signaled(pid, Signal::SIGKILL, false));
+        drop(launcher);
     }
 }

@@ -11,12 +11,13 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use banger_protocol::frame;
 
-use crate::jail::{self, JailConfig};
+use crate::jail;
 use crate::kernel::{JailOrder, JailState, Jails, KResult, KernelError};
 use crate::launcher::Launcher;
 use crate::launcher::message::{Answer, Order};
@@ -27,10 +28,15 @@ pub struct LinuxJails {
     launcher: Option<Connected>,
 }
 
-#[derive(Debug)]
 struct Connected {
     channel: Arc<Channel>,
-    config: JailConfig,
+    root: Box<dyn Fn(&str) -> PathBuf + Send + Sync>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected").field("channel", &self.channel).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -48,9 +54,19 @@ impl LinuxJails {
 
     /// Jails made by `launcher`.
     pub fn new(launcher: Launcher) -> Self {
-        let channel =
-            Channel { socket: Mutex::new(launcher.channel), gone: AtomicBool::new(false), pid: launcher.pid };
-        LinuxJails { launcher: Some(Connected { channel: Arc::new(channel), config: launcher.config }) }
+        let config = launcher.config;
+        Self::connect(launcher.channel, launcher.pid, move |id| jail::root(&config, id))
+    }
+
+    /// Jails made by the launcher `pid` at the other end of `channel`, with their roots where
+    /// `root` puts them.
+    pub fn connect(
+        channel: UnixStream,
+        pid: nix::unistd::Pid,
+        root: impl Fn(&str) -> PathBuf + Send + Sync + 'static,
+    ) -> Self {
+        let channel = Channel { socket: Mutex::new(channel), gone: AtomicBool::new(false), pid };
+        LinuxJails { launcher: Some(Connected { channel: Arc::new(channel), root: Box::new(root) }) }
     }
 
     fn channel(&self, op: &'static str, object: &str) -> KResult<Arc<Channel>> {
@@ -138,7 +154,7 @@ impl Jails for LinuxJails {
 
     fn root(&self, id: &str) -> String {
         match &self.launcher {
-            Some(c) => jail::root(&c.config, id).display().to_string(),
+            Some(c) => (c.root)(id).display().to_string(),
             None => format!("<no chroot base>/firecracker/{id}/root"),
         }
     }
@@ -187,5 +203,161 @@ impl Jails for LinuxJails {
             Answer::Failed(f) => Err(f.into_kernel_error(OP)),
             other => Err(unexpected(OP, "the chroot base", &other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::sync::Mutex as StdMutex;
+
+    use banger_protocol::{JailFiles, VmShape};
+    use nix::errno::Errno;
+
+    use super::*;
+    use crate::kernel::UserLimits;
+    use crate::launcher::{self, Backend};
+
+    /// What the launcher's side was asked, and what it answers.
+    #[derive(Default)]
+    struct Recorder {
+        launched: StdMutex<Vec<(JailOrder, Vec<(u64, u64)>)>>,
+        removed: StdMutex<Vec<(String, u32, Option<i32>)>>,
+    }
+
+    impl Backend for Recorder {
+        fn launch(&self, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult<i32> {
+            let inodes =
+                fds.iter().map(|f| nix::sys::stat::fstat(f).map(|s| (s.st_dev, s.st_ino)).unwrap()).collect();
+            self.launched.lock().unwrap().push((order.clone(), inodes));
+            if order.id == "bg-exists" {
+                return Err(KernelError::errno("jailer", "bg-exists", Errno::EEXIST));
+            }
+            Ok(4242)
+        }
+        fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> KResult<()> {
+            self.removed.lock().unwrap().push((id.to_owned(), uid, pid));
+            Ok(())
+        }
+        fn list(&self) -> KResult<Vec<JailState>> {
+            Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true }])
+        }
+    }
+
+    fn order(id: &str) -> JailOrder {
+        JailOrder {
+            id: id.to_owned(),
+            uid: 900_001,
+            caller: 1000,
+            shape: VmShape { vcpus: 2, mem_mib: 256 },
+            user_cgroup: "banger/u1000".into(),
+            user_limits: UserLimits { vcpus: 4, mem_mib: 2048 },
+            tap: Some("bgt1".into()),
+            files: JailFiles { initrd: false, work: true },
+        }
+    }
+
+    fn files(n: usize) -> (tempfile::TempDir, Vec<OwnedFd>) {
+        let dir = tempfile::tempdir().unwrap();
+        let fds = (0..n)
+            .map(|i| {
+                let p = dir.path().join(format!("f{i}"));
+                std::fs::write(&p, b"x").unwrap();
+                std::fs::File::open(p).unwrap().into()
+            })
+            .collect();
+        (dir, fds)
+    }
+
+    /// A launcher's conversation on a thread, with `backend`; returns the helper's side and the
+    /// thread (which ends with the conversation).
+    fn connected(
+        backend: Arc<Recorder>,
+    ) -> (LinuxJails, std::thread::JoinHandle<Result<(), launcher::ConversationError>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let serving = std::thread::spawn(move || launcher::serve(&*backend, theirs.as_fd()));
+        let jails = LinuxJails::connect(ours, nix::unistd::getpid(), |id| {
+            PathBuf::from(format!("/base/fc/{id}/root"))
+        });
+        (jails, serving)
+    }
+
+    #[tokio::test]
+    async fn orders_reach_the_launcher_with_their_descriptors_and_answers_come_back() {
+        let backend = Arc::new(Recorder::default());
+        let (jails, serving) = connected(Arc::clone(&backend));
+        assert!(jails.available());
+        assert_eq!(jails.root("bg-a"), "/base/fc/bg-a/root");
+
+        let (_dir, fds) = files(3);
+        let want: Vec<(u64, u64)> =
+            fds.iter().map(|f| nix::sys::stat::fstat(f).map(|s| (s.st_dev, s.st_ino)).unwrap()).collect();
+        assert_eq!(jails.launch(&order("bg-a"), fds).await, Ok(4242));
+        assert_eq!(backend.launched.lock().unwrap()[0], (order("bg-a"), want));
+
+        let (_dir, fds) = files(3);
+        let e = jails.launch(&order("bg-exists"), fds).await.unwrap_err();
+        assert_eq!(e, KernelError::errno("jail launch", "bg-exists (jailer)", Errno::EEXIST));
+
+        assert_eq!(jails.remove("bg-a", 900_001, Some(99)).await, Ok(()));
+        assert_eq!(backend.removed.lock().unwrap()[0], ("bg-a".to_owned(), 900_001, Some(99)));
+        assert_eq!(jails.list(), Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true }]));
+        assert!(jails.available(), "failures of an order leave the launcher running");
+        drop(jails);
+        assert!(serving.join().unwrap().is_ok(), "the launcher ends when the helper's end closes");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_order_ends_the_conversation_and_the_helper_says_why_after() {
+        let backend = Arc::new(Recorder::default());
+        let (jails, serving) = connected(Arc::clone(&backend));
+        // Two descriptors for an order that names three: the launcher refuses it and ends.
+        let (_dir, fds) = files(2);
+        let e = jails.launch(&order("bg-a"), fds).await.unwrap_err();
+        assert!(e.to_string().contains("jail launch on bg-a failed: the jail launcher is gone"), "{e}");
+        assert!(matches!(serving.join().unwrap(), Err(launcher::ConversationError::Malformed(_))));
+        assert!(backend.launched.lock().unwrap().is_empty(), "nothing ran");
+        assert!(!jails.available());
+        let (_dir, fds) = files(3);
+        let e = jails.launch(&order("bg-b"), fds).await.unwrap_err();
+        assert!(e.to_string().contains("restart banger-helper"), "{e}");
+        assert!(jails.remove("bg-b", 900_001, None).await.is_err());
+        assert!(jails.list().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_launcher_that_is_gone_makes_jails_unavailable() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let jails = LinuxJails::connect(ours, nix::unistd::getpid(), |id| PathBuf::from(id));
+        assert!(jails.available());
+        drop(theirs);
+        assert!(!jails.available(), "a closed end is seen without an order");
+        let (_dir, fds) = files(3);
+        let e = jails.launch(&order("bg-a"), fds).await.unwrap_err();
+        assert!(e.to_string().contains("the jail launcher is gone"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_answer_is_the_launchers_end() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let jails = LinuxJails::connect(ours, nix::unistd::getpid(), |id| PathBuf::from(id));
+        let answering = std::thread::spawn(move || {
+            let _ = frame::recv_blocking::<Order>(theirs.as_fd()).unwrap();
+            frame::send_blocking(theirs.as_fd(), &Answer::Launched(-3), &[]).unwrap();
+            theirs
+        });
+        assert!(jails.list().unwrap_err().to_string().contains("the jail launcher is gone"));
+        assert!(!jails.available());
+        drop(answering.join().unwrap());
+    }
+
+    #[tokio::test]
+    async fn without_a_jailer_section_nothing_is_made() {
+        let jails = LinuxJails::unavailable();
+        assert!(!jails.available());
+        assert_eq!(jails.list(), Ok(Vec::new()));
+        let (_dir, fds) = files(3);
+        let e = jails.launch(&order("bg-a"), fds).await.unwrap_err();
+        assert!(e.to_string().contains("no [jailer] section"), "{e}");
     }
 }
