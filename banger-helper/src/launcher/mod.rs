@@ -218,6 +218,20 @@ mod tests {
         std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
     }
 
+    /// Waits (bounded) for the launcher to end; kills it and fails after 10 s.
+    fn wait_exit(pid: Pid) -> WaitStatus {
+        use nix::sys::wait::WaitPidFlag;
+        for _ in 0..1000 {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)).unwrap() {
+                WaitStatus::StillAlive => std::thread::sleep(std::time::Duration::from_millis(10)),
+                done => return done,
+            }
+        }
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        panic!("the launcher {pid} did not end");
+    }
+
     /// Waits (bounded) until the launcher's status shows it confined.
     fn wait_confined(pid: Pid) -> String {
         for _ in 0..200 {
@@ -264,11 +278,11 @@ mod tests {
             "the helper's descriptor leaked: {targets:?}"
         );
         drop(launcher.channel);
-        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Exited(pid, 0));
+        assert_eq!(wait_exit(pid), WaitStatus::Exited(pid, 0));
 
         let launcher = start(&policy(base.path()), &[]).unwrap();
         frame::write_frame_blocking(launcher.channel.as_fd(), &[0xff; 7], &[]).unwrap();
-        assert_eq!(waitpid(launcher.pid, None).unwrap(), WaitStatus::Exited(launcher.pid, 2));
+        assert_eq!(wait_exit(launcher.pid), WaitStatus::Exited(launcher.pid, 2));
     }
 
     /// The launcher dies with the process that forked it (`PR_SET_PDEATHSIG` follows the forking
@@ -281,9 +295,16 @@ mod tests {
         }
         let base = tempfile::tempdir().unwrap();
         let jailer = policy(base.path());
-        let launcher = std::thread::spawn(move || start(&jailer, &[]).unwrap()).join().unwrap();
+        // The thread ends once the launcher is confined: its parent-death signal is set by then.
+        let launcher = std::thread::spawn(move || {
+            let launcher = start(&jailer, &[]).unwrap();
+            wait_confined(launcher.pid);
+            launcher
+        })
+        .join()
+        .unwrap();
         let pid = launcher.pid;
-        assert_eq!(waitpid(pid, None).unwrap(), WaitStatus::Signaled(pid, Signal::SIGKILL, false));
+        assert_eq!(wait_exit(pid), WaitStatus::Signaled(pid, Signal::SIGKILL, false));
         drop(launcher);
     }
 }

@@ -218,10 +218,13 @@ mod tests {
     use crate::kernel::UserLimits;
     use crate::launcher::{self, Backend};
 
+    /// A received file: its device and inode.
+    type Inode = (u64, u64);
+
     /// What the launcher's side was asked, and what it answers.
     #[derive(Default)]
     struct Recorder {
-        launched: StdMutex<Vec<(JailOrder, Vec<(u64, u64)>)>>,
+        launched: StdMutex<Vec<(JailOrder, Vec<Inode>)>>,
         removed: StdMutex<Vec<(String, u32, Option<i32>)>>,
     }
 
@@ -290,7 +293,7 @@ mod tests {
         assert_eq!(jails.root("bg-a"), "/base/fc/bg-a/root");
 
         let (_dir, fds) = files(3);
-        let want: Vec<(u64, u64)> =
+        let want: Vec<Inode> =
             fds.iter().map(|f| nix::sys::stat::fstat(f).map(|s| (s.st_dev, s.st_ino)).unwrap()).collect();
         assert_eq!(jails.launch(&order("bg-a"), fds).await, Ok(4242));
         assert_eq!(backend.launched.lock().unwrap()[0], (order("bg-a"), want));
