@@ -51,8 +51,11 @@ pub enum Command {
 /// `policy` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Check a policy file; exits non-zero with file:line and the reason on any error, and warns
-    /// (exiting zero) when it admits nobody or names a user or group this host does not have.
+    /// Check a policy file; exits non-zero with file:line and the reason on any error, or when
+    /// the host does not fit its [jailer] (binaries root's and not writable by others, Firecracker
+    /// statically linked, the chroot base root's, no account, group or subordinate id in the uid
+    /// range), and warns (exiting zero) when it admits nobody or names a user or group this host
+    /// does not have.
     Check {
         /// The policy file.
         file: PathBuf,

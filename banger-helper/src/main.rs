@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use banger_helper::cli::{Cli, Command, PolicyCommand};
-use banger_helper::policy_cmd::{self, SystemAccounts};
+use banger_helper::policy_cmd::{self, SystemAccounts, SystemHost};
 use banger_helper::serve::{ServeOptions, load_policy, serve};
 use clap::Parser;
 
@@ -24,14 +24,21 @@ fn main() -> ExitCode {
         Command::Serve { socket, policy, state_dir, node_dir } => {
             serve(&ServeOptions { socket, policy, state_dir, node_dir }).map_err(anyhow::Error::from)
         }
-        Command::Policy { command: PolicyCommand::Check { file } } => load_policy(&file)
-            .map(|p| {
+        Command::Policy { command: PolicyCommand::Check { file } } => {
+            load_policy(&file).map_err(anyhow::Error::from).and_then(|p| {
                 for warning in policy_cmd::check_warnings(&p, &SystemAccounts) {
                     eprintln!("{}: warning: {warning}", file.display());
                 }
+                policy_cmd::check_host(&p, &SystemHost).map_err(|e| {
+                    for problem in &e.0 {
+                        eprintln!("{}: {}: {}", file.display(), problem.key, problem.reason);
+                    }
+                    anyhow::anyhow!("{}: the host does not fit [jailer]", file.display())
+                })?;
                 println!("{}: ok", file.display());
+                Ok(())
             })
-            .map_err(anyhow::Error::from),
+        }
         Command::Policy { command: PolicyCommand::Explain { file, user } } => load_policy(&file)
             .map(|p| match user {
                 Some(user) => print!("{}", policy_cmd::explain_user(&p, &user, &SystemAccounts)),

@@ -34,6 +34,13 @@ pub const DM_HASH_DIGITS: usize = 32;
 /// subsystem that owns the target, in capitals).
 pub const DM_UUID_PREFIX: &str = "BANGER-";
 
+/// The prefix of every jail id (the jailer's `--id`, the name of the jail's directory).
+pub const JAIL_PREFIX: &str = "bg-";
+
+/// How many hex digits of the digest follow [`JAIL_PREFIX`] (128 bits): 35 bytes, within the
+/// jailer's 1–64 of `[a-zA-Z0-9-]`.
+pub const JAIL_HASH_DIGITS: usize = 32;
+
 /// The owner of a VM's objects: who, which install, which VM.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VmKey {
@@ -77,6 +84,12 @@ impl VmKey {
         format!("{DM_UUID_PREFIX}{}", hex(&self.digest()))
     }
 
+    /// The VM's jail id: `bg-` and 32 hex digits of the digest (lowercase, so the same id is
+    /// valid for the jailer and as a directory name everywhere).
+    pub fn jail_id(&self) -> String {
+        format!("{JAIL_PREFIX}{}", &hex(&self.digest())[..JAIL_HASH_DIGITS])
+    }
+
     /// The comment every firewall rule of this VM carries: `banger uid=U inst=I vm=V`.
     pub fn rule_tag(&self) -> String {
         format!("{TAG_PREFIX}uid={} inst={} vm={}", self.uid, self.install, self.vm)
@@ -112,6 +125,11 @@ fn lower_hex(s: &str) -> bool {
 /// hex).
 pub fn is_banger_dm_name(name: &str) -> bool {
     name.strip_prefix(DM_PREFIX).is_some_and(|h| h.len() == DM_HASH_DIGITS && lower_hex(h))
+}
+
+/// Whether `id` has the shape of a jail id the helper would derive (`bg-` + 32 lowercase hex).
+pub fn is_banger_jail_id(id: &str) -> bool {
+    id.strip_prefix(JAIL_PREFIX).is_some_and(|h| h.len() == JAIL_HASH_DIGITS && lower_hex(h))
 }
 
 /// Whether `name` has the shape of a TAP the helper would create (`bg` + 13 lowercase hex).
@@ -162,6 +180,23 @@ mod tests {
         assert!(name.len() < 128 && uuid.len() < 129);
         for bad in ["banger-probe", "banger-0123", &name.to_uppercase(), &format!("{name}0"), "dm-0"] {
             assert!(!is_banger_dm_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jail_ids_fit_the_jailer_and_hide_the_key() {
+        let k = key(61001, "inst-1", "vm-a");
+        let id = k.jail_id();
+        assert!((1..=64).contains(&id.len()), "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'), "{id}");
+        assert!(is_banger_jail_id(&id));
+        assert_eq!(id[JAIL_PREFIX.len()..], k.dm_name()[DM_PREFIX.len()..], "one digest");
+        for part in ["61001", "inst-1", "vm-a"] {
+            assert!(!id.contains(part), "{part} shows in {id}");
+        }
+        assert_ne!(id, key(61002, "inst-1", "vm-a").jail_id());
+        for bad in ["bg-", "bg-0123", &id.to_uppercase(), &format!("{id}0"), "firecracker"] {
+            assert!(!is_banger_jail_id(bad), "{bad}");
         }
     }
 

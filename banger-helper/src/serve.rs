@@ -3,10 +3,12 @@
 //! 1. refuse to run as anyone but root;
 //! 2. raise the soft open-file limit to the hard one; take systemd's socket if one was passed,
 //!    close every other inherited descriptor, empty the environment;
-//! 3. read the policy; when it has a `[jailer]`, set up the jail configuration and fork the jail
-//!    launcher ([`crate::launcher`]): a root process joined to the helper by a socketpair, which
-//!    confines itself to what a launch needs (the helper's rules would be inherited by the jailer
-//!    and Firecracker) and serves the helper alone; resolve the socket group;
+//! 3. read the policy and check the host against its `[jailer]` (binaries, chroot base, uid
+//!    range: [`crate::policy_cmd::check_host`]); when it has one, set up the jail configuration
+//!    and fork the jail launcher ([`crate::launcher`]): a root process joined to the helper by a
+//!    socketpair, which confines itself to what a launch needs (the helper's rules would be
+//!    inherited by the jailer and Firecracker) and serves the helper alone; resolve the socket
+//!    group;
 //! 4. bind the socket unless systemd passed one ([`crate::socket`]: a root-owned 0755 directory,
 //!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
 //!    (locked against a second helper) and load the ledger; open the audit log; locate
@@ -17,8 +19,8 @@
 //! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities (those of
 //!    device-mapper only where it was found), landlock, seccomp — everything after this runs
 //!    confined, including the runtime's threads;
-//! 6. start the runtime, open the kernel access (jails through the launcher), reconcile the ledger with the kernel, serve until
-//!    SIGTERM or SIGINT, and let the operation in progress finish.
+//! 6. start the runtime, open the kernel access (jails through the launcher), reconcile the ledger
+//!    with the kernel, serve until SIGTERM or SIGINT, and let the operation in progress finish.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -67,6 +69,9 @@ pub enum ServeError {
     /// The policy file could not be read.
     #[error(transparent)]
     PolicyFile(#[from] LoadPolicyError),
+    /// The host does not fit the policy's `[jailer]`.
+    #[error(transparent)]
+    Host(#[from] crate::policy_cmd::HostCheckError),
     /// The socket group does not exist.
     #[error(
         "socket group `{0}` does not exist: create it with `groupadd --system {0}` and add the users who may run VMs, or name another group in the policy's access.socket_group"
@@ -145,6 +150,7 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     hardening::clear_environment();
 
     let policy = load_policy(&opts.policy)?;
+    crate::policy_cmd::check_host(&policy, &crate::policy_cmd::SystemHost)?;
     let launcher = match &policy.jailer {
         Some(jailer) => {
             let close: Vec<_> = passed.iter().map(AsFd::as_fd).collect();

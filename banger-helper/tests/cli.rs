@@ -40,6 +40,25 @@ fn policy_check_names_the_line_of_an_error() {
 }
 
 #[test]
+fn policy_check_fails_when_the_host_does_not_fit_the_jailer_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    // A dynamically linked "firecracker" and a chroot base everyone may write.
+    std::fs::write(
+        &file,
+        "[access]\nusers = [\"alice\"]\n[jailer]\njailer = \"/usr/bin/env\"\nfirecracker = \"/bin/sh\"\n\
+         chroot_base = \"/tmp\"\nuid_range = \"3900000000-3900000099\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run(&["policy", "check", file.to_str().unwrap()]);
+    assert!(!ok && !out.contains("ok"), "{out}");
+    assert!(err.contains("jailer.firecracker: /bin/sh is dynamically linked"), "{err}");
+    assert!(err.contains("jailer.chroot_base: /tmp is writable by others"), "{err}");
+    let (ok, out, _) = run(&["policy", "explain", file.to_str().unwrap()]);
+    assert!(ok && out.contains("Jailed VMs run /bin/sh through /usr/bin/env"), "{out}");
+}
+
+#[test]
 fn policy_explain_speaks_plainly() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.toml");

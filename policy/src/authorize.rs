@@ -37,19 +37,38 @@
 //!      attach), so the snapshot can never fill up. The VM's existing target, if the ledger has
 //!      one, is granted to be answered again (or made again if the kernel lost it). No quota of
 //!      its own: the VM already counts, and it has at most one target.
+//!    - `JailLaunch`: refused without a `[jailer]` section (rule `jailer`), and where the helper
+//!      cannot launch jails now ([`Observed::jails`]); then the shape must be sane (1 to
+//!      [`MAX_VCPUS`] vCPUs, at least [`MIN_MEM_MIB`] MiB); a VM of this install that already
+//!      has a jail is a conflict; then `quotas.max_vms` if the VM has no object yet, and the
+//!      caller's totals over all of its jails with this one: `quotas.max_vcpus`,
+//!      `quotas.max_memory_mib`; then a free uid of `jailer.uid_range` — the lowest that no jail
+//!      of *any* user holds (rule `jailer.uid_range`); then the descriptors as the helper
+//!      inspected them ([`Observed::jail_files`]): kernel and initrd regular files opened for
+//!      reading; each drive opened read-write and either a regular file of the caller's (rule
+//!      `jail.drive_owner`) or the block device of this VM's settled dm-snapshot target (rule
+//!      `jail.drive_device`). The grant carries the jail uid, the VM's TAP from the ledger and
+//!      the caller's cgroup with its limits (its `max_vcpus` and `max_memory_mib`).
+//!    - `JailKill`: the caller's jail of that VM of this install, if the ledger has one (none:
+//!      nothing to do).
 //!    - `TeardownVms`: at most [`MAX_TEARDOWN_VMS`] VMs.
 //!    - `Ping`, `ListOwned`: granted; they only read the caller's own entries.
 //!
 //! Every entry counts, whatever its [`crate::EntryState`]: an object is the caller's from before
-//! the kernel makes it until the kernel has let it go. A lease that a policy change left outside
+//! the kernel makes it until the kernel has let it go. Other users' entries never change a
+//! decision, with one exception: which uid a new jail gets (jail uids are one pool for the host,
+//! since the uid is what keeps one VMM from another's files). A lease that a policy change left outside
 //! the pool is refused (rule `network.pool`) rather than handed out, so no address outside
 //! `network.pool` is ever used.
 
 use std::net::Ipv4Addr;
 
-use banger_protocol::{HelperError, InstallId, LoopRole, MAX_TEARDOWN_VMS, Request, VmId, min_cow_bytes};
+use banger_protocol::{
+    HelperError, InstallId, JailFiles, LoopRole, MAX_TEARDOWN_VMS, MAX_VCPUS, MIN_MEM_MIB, Request, VmId,
+    VmShape, min_cow_bytes,
+};
 
-use crate::{Access, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, Policy, Quotas};
+use crate::{Access, DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, Policy, Quotas};
 
 /// The filesystems a loop backing file may be on: local ones, which never wait on a server or a
 /// user process (a loop device over a FUSE or network file can hang the kernel).
@@ -84,6 +103,12 @@ pub struct Observed {
     pub backing: Option<Result<BackingFile, HelperError>>,
     /// The helper can make dm-snapshot targets on this host (its `Hello` capability).
     pub device_mapper: bool,
+    /// For a `JailLaunch` with its descriptors: each one as the helper inspected it (or why it
+    /// could not), in [`banger_protocol::JailFiles`] order.
+    pub jail_files: Option<Vec<Result<BackingFile, HelperError>>>,
+    /// The helper can launch jails on this host: its `[jailer]` was set up and its launcher
+    /// runs.
+    pub jails: bool,
 }
 
 /// What the helper learns about a backing file from its descriptor, without calling into the
@@ -103,6 +128,8 @@ pub struct BackingFile {
     pub id: FileId,
     /// Its size in bytes.
     pub size: u64,
+    /// The device it names, when it is a block device node.
+    pub rdev: Option<DevNum>,
 }
 
 /// How a descriptor was opened.
@@ -156,6 +183,26 @@ pub enum Grant {
     },
     /// `DmCreate` over the caller's loop devices of that VM.
     Dm(Box<DmGrant>),
+    /// `JailLaunch` as a new uid of the policy's range.
+    Jail(Box<JailGrant>),
+    /// `JailKill` of the caller's jail of that VM (`None`: it has none, nothing to do).
+    JailKill(Option<LedgerEntry>),
+}
+
+/// What [`Grant::Jail`] decided: everything the jail is made of that is not derived from the
+/// caller's ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailGrant {
+    /// The uid (and gid) the VMM runs as: the lowest of the policy's range no jail holds.
+    pub jail_uid: u32,
+    /// The VM's TAP from the ledger, handed to the jail uid.
+    pub tap: Option<String>,
+    /// The caller's cgroup, `<cgroup_parent>/u<uid>`.
+    pub user_cgroup: String,
+    /// The caller's `max_vcpus`: the limit of its cgroup.
+    pub user_vcpus: u32,
+    /// The caller's `max_memory_mib`: the limit of its cgroup.
+    pub user_mem_mib: u64,
 }
 
 /// What [`Grant::Dm`] decided: answer with `existing` (made again if the kernel lost it or it
@@ -283,10 +330,12 @@ fn check(
             }),
         },
         Request::DmCreate { vm } => dm_create(ledger, uid, install, vm, observed),
-        Request::JailLaunch { .. } | Request::JailKill { .. } => Err(HelperError::Denied {
-            rule: "jailer".to_owned(),
-            reason: "this helper's policy has no [jailer] section: VMs run in direct mode here".to_owned(),
-        }),
+        Request::JailLaunch { vm, shape, files } => {
+            jail_launch(policy, ledger, uid, install, vm, *shape, *files, quotas, observed)
+        }
+        Request::JailKill { vm } => {
+            Ok(Grant::JailKill(ledger.find(uid, install, vm, ObjectKind::Jail).cloned()))
+        }
         Request::LoopAttach { .. } if !observed.device_mapper => {
             Err(no_device_mapper("attaches no loop devices"))
         }
@@ -357,6 +406,156 @@ fn backing_file(file: &BackingFile, uid: u32, read_only: bool) -> Result<bool, H
             Err(HelperError::invalid("open the backing file for reading (O_RDONLY or O_RDWR)"))
         }
     }
+}
+
+/// `JailLaunch`: the checks of the module doc, in order.
+#[allow(clippy::too_many_arguments)]
+fn jail_launch(
+    policy: &Policy,
+    ledger: &Ledger,
+    uid: u32,
+    install: &InstallId,
+    vm: &VmId,
+    shape: VmShape,
+    files: JailFiles,
+    quotas: Quotas,
+    observed: &Observed,
+) -> Result<Grant, HelperError> {
+    let Some(jailer) = &policy.jailer else {
+        return Err(HelperError::Denied {
+            rule: "jailer".to_owned(),
+            reason: "this helper's policy has no [jailer] section: VMs run in direct mode here; an admin \
+                     must add [jailer] to the helper's policy to allow jailed VMs"
+                .to_owned(),
+        });
+    };
+    if !observed.jails {
+        return Err(HelperError::Conflict {
+            what: "this host's banger-helper cannot launch jails now (its jailer launcher is not running); \
+                   an admin must check the helper's log, or run the vm in direct mode"
+                .to_owned(),
+        });
+    }
+    if !(1..=MAX_VCPUS).contains(&shape.vcpus) {
+        return Err(HelperError::invalid(format!(
+            "a vm has 1 to {MAX_VCPUS} vcpus, not {}; set vcpus in that range",
+            shape.vcpus
+        )));
+    }
+    if shape.mem_mib < MIN_MEM_MIB {
+        return Err(HelperError::invalid(format!(
+            "a vm has at least {MIN_MEM_MIB} MiB of memory, not {}; give it more",
+            shape.mem_mib
+        )));
+    }
+    if ledger.find(uid, install, vm, ObjectKind::Jail).is_some() {
+        return Err(HelperError::Conflict {
+            what: format!(
+                "vm {vm} of this install already has a jailed VMM; kill it (or tear the vm down) first"
+            ),
+        });
+    }
+    new_vm_fits(ledger, uid, install, vm, quotas)?;
+    let (vcpus, mem) = ledger.jail_totals(uid);
+    if vcpus + u32::from(shape.vcpus) > quotas.max_vcpus {
+        return Err(quota("vcpus", quotas.max_vcpus));
+    }
+    if mem + u64::from(shape.mem_mib) > u64::from(quotas.max_memory_mib) {
+        return Err(quota("memory MiB", quotas.max_memory_mib));
+    }
+    let Some(jail_uid) = ledger.free_jail_uid(jailer.uids) else {
+        let (first, last) = jailer.uids;
+        return Err(HelperError::Denied {
+            rule: "jailer.uid_range".to_owned(),
+            reason: format!(
+                "every uid of jailer.uid_range {first}-{last} runs a jail now; an admin must widen the range"
+            ),
+        });
+    };
+    jail_files(ledger, uid, install, vm, files, observed)?;
+    let tap = match ledger.find(uid, install, vm, ObjectKind::Tap) {
+        Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
+        _ => None,
+    };
+    Ok(Grant::Jail(Box::new(JailGrant {
+        jail_uid,
+        tap,
+        user_cgroup: jailer.user_cgroup(uid),
+        user_vcpus: quotas.max_vcpus,
+        user_mem_mib: u64::from(quotas.max_memory_mib),
+    })))
+}
+
+/// The descriptors of a `JailLaunch`, in [`JailFiles`] order: the kernel and initrd regular
+/// files opened for reading; each drive a regular file of the caller's opened read-write, or the
+/// block device of this VM's settled dm-snapshot target opened read-write.
+fn jail_files(
+    ledger: &Ledger,
+    uid: u32,
+    install: &InstallId,
+    vm: &VmId,
+    files: JailFiles,
+    observed: &Observed,
+) -> Result<(), HelperError> {
+    let Some(inspected) = &observed.jail_files else {
+        return Err(HelperError::internal("jail-launch was decided without its descriptors"));
+    };
+    let mut roles = vec!["kernel"];
+    if files.initrd {
+        roles.push("initrd");
+    }
+    roles.push("root drive");
+    if files.work {
+        roles.push("work drive");
+    }
+    if inspected.len() != roles.len() {
+        return Err(HelperError::internal("jail-launch was decided on another number of descriptors"));
+    }
+    let dm = match ledger.find(uid, install, vm, ObjectKind::Dm) {
+        Some(LedgerEntry { object: Object::Dm { dev, .. }, state: EntryState::Settled, .. }) => Some(*dev),
+        _ => None,
+    };
+    for (role, file) in roles.into_iter().zip(inspected) {
+        let file = file.as_ref().map_err(Clone::clone)?;
+        if matches!(role, "kernel" | "initrd") {
+            if !file.regular || !matches!(file.access, FdAccess::ReadOnly | FdAccess::ReadWrite) {
+                return Err(HelperError::invalid(format!(
+                    "the {role} must be a regular file opened for reading (O_RDONLY)"
+                )));
+            }
+            continue;
+        }
+        if file.access != FdAccess::ReadWrite {
+            return Err(HelperError::invalid(format!("open the {role} read-write (O_RDWR)")));
+        }
+        match (file.regular, file.rdev) {
+            (true, _) if file.uid == uid => {}
+            (true, _) => {
+                return Err(HelperError::Denied {
+                    rule: "jail.drive_owner".into(),
+                    reason: format!(
+                        "the {role} belongs to uid {}, not to the caller (uid {uid}); only your own files go into a jail",
+                        file.uid
+                    ),
+                });
+            }
+            (false, Some(rdev)) if Some(rdev) == dm => {}
+            (false, Some(rdev)) => {
+                return Err(HelperError::Denied {
+                    rule: "jail.drive_device".into(),
+                    reason: format!(
+                        "the {role} is the block device {rdev}, which is not the dm-snapshot root of vm {vm} of this install; only that device goes into its jail"
+                    ),
+                });
+            }
+            (false, None) => {
+                return Err(HelperError::invalid(format!(
+                    "the {role} must be a regular file or the vm's dm-snapshot device"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Without device-mapper no dm-snapshot root is made, and no loop device attached: the daemon
@@ -544,6 +743,8 @@ mod tests {
     const KVM_GID: u32 = 120;
     /// The size of the base images in the ledgers of these tests.
     const BASE: u64 = 1 << 20;
+    /// The first uid of the jail range (100 uids).
+    const JAIL_FIRST: u32 = 900_000;
 
     /// alice and bob by name, uid 1005 by number, members of group `kvm` and of gid 300.
     /// Pool of 4 leases of 4 VM subnets each; small quotas so every limit is reachable.
@@ -559,9 +760,17 @@ groups = ["kvm", "300"]
 max_vms = 3
 max_taps = 3
 max_loops = 4
+max_vcpus = 4
+max_memory_mib = 3072
 
 [quotas.users.bob]
 max_taps = 1
+
+[jailer]
+jailer = "/usr/local/bin/jailer"
+firecracker = "/usr/local/bin/firecracker"
+chroot_base = "/srv/jails"
+uid_range = "900000-900099"
 
 [network]
 pool = "10.0.0.0/24"
@@ -628,6 +837,13 @@ vm_prefix = 28
                 dev: crate::DevNum { major: 254, minor: slot },
                 sectors: BASE / 512,
             },
+            // A jail of the range's uid `slot`, of 2 vcpus and 1 GiB.
+            ObjectKind::Jail => Object::Jail {
+                id: format!("bg-{uid}-{v}"),
+                jail_uid: JAIL_FIRST + slot,
+                shape: VmShape { vcpus: 2, mem_mib: 1024 },
+                pid: Some(100),
+            },
         };
         LedgerEntry::new(uid, install(inst), vm(v), object)
     }
@@ -646,7 +862,26 @@ vm_prefix = 28
     /// read-write.
     fn observed(p: &Peer, r: &Request) -> Observed {
         let backing = matches!(r, Request::LoopAttach { .. }).then(|| Ok(file(p.uid)));
-        Observed { fds: r.expected_fds(), backing, device_mapper: true }
+        let jail_files = match r {
+            Request::JailLaunch { files, .. } => Some(jail_fds(p.uid, *files)),
+            _ => None,
+        };
+        Observed { fds: r.expected_fds(), backing, device_mapper: true, jail_files, jails: true }
+    }
+
+    /// What a jail launch of `uid` sends: a kernel (and initrd) of root's opened read-only, and
+    /// drives of `uid`'s opened read-write.
+    fn jail_fds(uid: u32, files: JailFiles) -> Vec<Result<BackingFile, HelperError>> {
+        let ro = BackingFile { uid: 0, access: FdAccess::ReadOnly, ..file(0) };
+        let mut v = vec![Ok(ro.clone())];
+        if files.initrd {
+            v.push(Ok(ro));
+        }
+        v.push(Ok(file(uid)));
+        if files.work {
+            v.push(Ok(file(uid)));
+        }
+        v
     }
 
     fn file(uid: u32) -> BackingFile {
@@ -657,6 +892,7 @@ vm_prefix = 28
             access: FdAccess::ReadWrite,
             id: FileId { dev: 1, ino: 2 },
             size: BASE,
+            rdev: None,
         }
     }
 
@@ -700,7 +936,17 @@ vm_prefix = 28
             Request::DmCreate { vm: vm("v1") },
             Request::ListOwned,
             Request::TeardownVms { vms: vec![vm("v1")] },
+            jail_launch("v1", 1, 256),
+            Request::JailKill { vm: vm("v1") },
         ]
+    }
+
+    fn jail_launch(v: &str, vcpus: u8, mem_mib: u32) -> Request {
+        Request::JailLaunch {
+            vm: vm(v),
+            shape: VmShape { vcpus, mem_mib },
+            files: JailFiles { initrd: false, work: false },
+        }
     }
 
     // --- access ---
@@ -873,7 +1119,7 @@ vm_prefix = 28
     #[test]
     fn tap_needs_a_free_vm_subnet_in_the_lease() {
         let mut p = policy();
-        p.quotas = Quotas { max_vms: 10, max_taps: 10, max_loops: 10 };
+        p.quotas = Quotas { max_vms: 10, max_taps: 10, max_loops: 10, max_vcpus: 32, max_memory_mib: 32768 };
         let taps: Vec<_> =
             (0..4).map(|slot| entry(ALICE, "main", &format!("v{slot}"), ObjectKind::Tap, slot)).collect();
         let l = ledger(&taps, &[(ALICE, 0)]);
@@ -932,7 +1178,7 @@ vm_prefix = 28
                 &alice(),
                 &r,
                 &l,
-                &Observed { fds: 1, backing: Some(Ok(f)), device_mapper: true },
+                &Observed { fds: 1, backing: Some(Ok(f)), device_mapper: true, ..Observed::default() },
             )
         };
         let ok = file(ALICE);
@@ -968,7 +1214,12 @@ vm_prefix = 28
         // An inspection that failed is the answer, after access and the handshake.
         let failed = HelperError::invalid("could not be inspected");
         let r = Request::LoopAttach { vm: vm("v1"), role: LoopRole::Cow, read_only: true };
-        let o = Observed { fds: 1, backing: Some(Err(failed.clone())), device_mapper: true };
+        let o = Observed {
+            fds: 1,
+            backing: Some(Err(failed.clone())),
+            device_mapper: true,
+            ..Observed::default()
+        };
         assert_eq!(refused(authorize(&policy(), &alice(), &r, &l, &o)), failed);
         assert_eq!(denied_rule(authorize(&policy(), &carol(), &r, &l, &o)).0, "access");
         // Descriptors are counted for every request.
@@ -977,7 +1228,7 @@ vm_prefix = 28
             &alice(),
             &Request::Ping,
             &l,
-            &Observed { fds: 1, backing: None, device_mapper: true },
+            &Observed { fds: 1, backing: None, device_mapper: true, ..Observed::default() },
         ));
         assert!(matches!(&e, HelperError::InvalidRequest { reason } if reason.contains("1 arrived")), "{e}");
     }
@@ -1051,7 +1302,8 @@ vm_prefix = 28
         }
         // Even a file that would be refused is refused for the missing device-mapper.
         let r = loop_attach("v2", LoopRole::Base);
-        let o = Observed { fds: 1, backing: Some(Ok(file(BOB))), device_mapper: false };
+        let o =
+            Observed { fds: 1, backing: Some(Ok(file(BOB))), device_mapper: false, ..Observed::default() };
         assert!(matches!(refused(authorize(&policy(), &alice(), &r, &l, &o)), HelperError::Conflict { .. }));
     }
 
@@ -1085,7 +1337,7 @@ vm_prefix = 28
         let e = g.existing.expect("answered again");
         assert!(e.is(ALICE, &install("main"), &vm("v1"), ObjectKind::Dm));
         let mut tight = policy();
-        tight.quotas = Quotas { max_vms: 1, max_taps: 1, max_loops: 2 };
+        tight.quotas = Quotas { max_vms: 1, max_taps: 1, max_loops: 2, max_vcpus: 32, max_memory_mib: 32768 };
         assert!(auth(&tight, &alice(), &dm("v1"), &l).is_allow());
     }
 
@@ -1205,6 +1457,169 @@ vm_prefix = 28
         assert!(decide(&alice(), tap_create("v1"), &bobs).is_allow());
     }
 
+    // --- jails ---
+
+    fn jail_grant(d: Decision) -> JailGrant {
+        match d {
+            Decision::Allow(Grant::Jail(g)) => *g,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn jail(uid: u32, v: &str, jail_uid: u32, vcpus: u8, mem_mib: u32) -> LedgerEntry {
+        let object = Object::Jail {
+            id: format!("bg-{uid}-{v}"),
+            jail_uid,
+            shape: VmShape { vcpus, mem_mib },
+            pid: Some(1),
+        };
+        LedgerEntry::new(uid, install("main"), vm(v), object)
+    }
+
+    #[test]
+    fn jail_launch_needs_a_jailer_section_and_a_running_launcher() {
+        let mut no_jailer = policy();
+        no_jailer.jailer = None;
+        let r = jail_launch("v1", 1, 256);
+        let (rule, reason) = denied_rule(auth(&no_jailer, &alice(), &r, &Ledger::default()));
+        assert_eq!(rule, "jailer");
+        assert!(reason.contains("add [jailer]"), "{reason}");
+        let mut o = observed(&alice(), &r);
+        o.jails = false;
+        let e = refused(authorize(&policy(), &alice(), &r, &Ledger::default(), &o));
+        assert!(matches!(&e, HelperError::Conflict { what } if what.contains("launcher")), "{e:?}");
+    }
+
+    #[test]
+    fn jail_launch_takes_the_lowest_free_uid_of_the_host_the_tap_and_the_users_cgroup() {
+        let l = ledger(
+            &[
+                jail(BOB, "v1", JAIL_FIRST, 1, 256),
+                jail(CAROL, "v1", JAIL_FIRST + 2, 1, 256),
+                entry(ALICE, "main", "v1", ObjectKind::Tap, 0),
+            ],
+            &[(ALICE, 0)],
+        );
+        let g = jail_grant(decide(&alice(), jail_launch("v1", 2, 1024), &l));
+        assert_eq!(g.jail_uid, JAIL_FIRST + 1, "bob's and carol's uids are never reused");
+        assert_eq!(g.tap.as_deref(), Some("bg3e80"));
+        assert_eq!(g.user_cgroup, format!("banger/u{ALICE}"));
+        assert_eq!((g.user_vcpus, g.user_mem_mib), (4, 3072));
+        let g = jail_grant(decide(&alice(), jail_launch("v2", 1, 256), &l));
+        assert_eq!(g.tap, None, "a vm without a tap");
+    }
+
+    #[test]
+    fn jail_shape_must_be_sane() {
+        for (vcpus, mem) in
+            [(0, 256), (banger_protocol::MAX_VCPUS + 1, 256), (1, banger_protocol::MIN_MEM_MIB - 1)]
+        {
+            let e = refused(decide(&alice(), jail_launch("v1", vcpus, mem), &Ledger::default()));
+            assert!(matches!(e, HelperError::InvalidRequest { .. }), "{vcpus} {mem}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_second_jail_for_one_vm_conflicts() {
+        let l = ledger(&[jail(ALICE, "v1", JAIL_FIRST, 1, 256)], &[]);
+        let e = refused(decide(&alice(), jail_launch("v1", 1, 256), &l));
+        assert!(matches!(e, HelperError::Conflict { .. }), "{e:?}");
+        assert!(decide(&alice(), jail_launch("v2", 1, 256), &l).is_allow());
+    }
+
+    #[test]
+    fn jail_totals_and_vm_count_are_quotas() {
+        // max_vcpus 4, max_memory_mib 3072, max_vms 3.
+        let l = ledger(&[jail(ALICE, "v1", JAIL_FIRST, 3, 2048)], &[]);
+        let e = refused(decide(&alice(), jail_launch("v2", 2, 256), &l));
+        assert_eq!(e, HelperError::QuotaExceeded { resource: "vcpus".into(), limit: 4 });
+        let e = refused(decide(&alice(), jail_launch("v2", 1, 1025), &l));
+        assert_eq!(e, HelperError::QuotaExceeded { resource: "memory MiB".into(), limit: 3072 });
+        assert!(decide(&alice(), jail_launch("v2", 1, 1024), &l).is_allow(), "exactly at the limits");
+        let full = ledger(
+            &[
+                jail(ALICE, "v1", JAIL_FIRST, 1, 256),
+                entry(ALICE, "main", "v2", ObjectKind::Tap, 1),
+                entry(ALICE, "main", "v3", ObjectKind::Tap, 2),
+            ],
+            &[(ALICE, 0)],
+        );
+        let e = refused(decide(&alice(), jail_launch("v4", 1, 256), &full));
+        assert_eq!(e, HelperError::QuotaExceeded { resource: "vms".into(), limit: 3 });
+        assert!(decide(&alice(), jail_launch("v3", 1, 256), &full).is_allow(), "v3 counts already");
+        // Bob's jails never use alice's totals.
+        let bobs = ledger(&[jail(BOB, "v1", JAIL_FIRST, 4, 3072)], &[]);
+        assert!(decide(&alice(), jail_launch("v1", 4, 3072), &bobs).is_allow());
+    }
+
+    #[test]
+    fn no_free_uid_is_the_ranges_refusal() {
+        let mut p = policy();
+        p.jailer.as_mut().unwrap().uids = (JAIL_FIRST, JAIL_FIRST);
+        let l = ledger(&[jail(BOB, "v1", JAIL_FIRST, 1, 256)], &[]);
+        let (rule, reason) = denied_rule(auth(&p, &alice(), &jail_launch("v1", 1, 256), &l));
+        assert_eq!(rule, "jailer.uid_range");
+        assert!(reason.contains("widen"), "{reason}");
+    }
+
+    #[test]
+    fn jail_descriptors_are_checked_as_observed() {
+        let files = JailFiles { initrd: true, work: true };
+        let r = Request::JailLaunch { vm: vm("v1"), shape: VmShape { vcpus: 1, mem_mib: 256 }, files };
+        let with = |i: usize, f: Result<BackingFile, HelperError>, l: &Ledger| {
+            let mut o = observed(&alice(), &r);
+            o.jail_files.as_mut().unwrap()[i] = f;
+            authorize(&policy(), &alice(), &r, l, &o)
+        };
+        let none = Ledger::default();
+        assert!(auth(&policy(), &alice(), &r, &none).is_allow());
+        // Kernel and initrd: regular files opened for reading, whoever owns them.
+        for i in [0, 1] {
+            let e = refused(with(i, Ok(BackingFile { regular: false, ..file(0) }), &none));
+            assert!(matches!(e, HelperError::InvalidRequest { .. }), "{e:?}");
+            let e = refused(with(i, Ok(BackingFile { access: FdAccess::Path, ..file(0) }), &none));
+            assert!(matches!(e, HelperError::InvalidRequest { .. }), "{e:?}");
+        }
+        // Drives: the caller's regular files, read-write.
+        for i in [2, 3] {
+            let (rule, _) = denied_rule(with(i, Ok(file(BOB)), &none));
+            assert_eq!(rule, "jail.drive_owner");
+            let e = refused(with(i, Ok(BackingFile { access: FdAccess::ReadOnly, ..file(ALICE) }), &none));
+            assert!(matches!(e, HelperError::InvalidRequest { .. }), "{e:?}");
+        }
+        // Or the block device of this vm's settled dm target.
+        let dev = crate::DevNum { major: 254, minor: 7 };
+        let block = BackingFile { regular: false, uid: 0, rdev: Some(dev), ..file(0) };
+        let (rule, _) = denied_rule(with(2, Ok(block.clone()), &none));
+        assert_eq!(rule, "jail.drive_device");
+        let mine = ledger(&[entry(ALICE, "main", "v1", ObjectKind::Dm, 7)], &[]);
+        assert!(with(2, Ok(block.clone()), &mine).is_allow());
+        let bobs = ledger(&[entry(BOB, "main", "v1", ObjectKind::Dm, 7)], &[]);
+        assert_eq!(denied_rule(with(2, Ok(block.clone()), &bobs)).0, "jail.drive_device");
+        let other_vm = ledger(&[entry(ALICE, "main", "v2", ObjectKind::Dm, 7)], &[]);
+        assert_eq!(denied_rule(with(2, Ok(block.clone()), &other_vm)).0, "jail.drive_device");
+        let mut released = mine.clone();
+        released.entries[0].state = EntryState::Released;
+        assert_eq!(denied_rule(with(2, Ok(block), &released)).0, "jail.drive_device");
+        // An inspection that failed is the refusal.
+        let failed = HelperError::invalid("could not inspect");
+        assert_eq!(refused(with(3, Err(failed.clone()), &none)), failed);
+    }
+
+    #[test]
+    fn jail_kill_grants_only_the_callers_own_jail_of_this_install() {
+        let mut other_install = jail(ALICE, "v1", JAIL_FIRST, 1, 256);
+        other_install.install = install("other");
+        let l = ledger(&[jail(BOB, "v1", JAIL_FIRST + 1, 1, 256), other_install], &[]);
+        let kill = Request::JailKill { vm: vm("v1") };
+        assert_eq!(decide(&alice(), kill.clone(), &l), Decision::Allow(Grant::JailKill(None)));
+        let mine = ledger(&[jail(ALICE, "v1", JAIL_FIRST, 1, 256)], &[]);
+        match decide(&alice(), kill, &mine) {
+            Decision::Allow(Grant::JailKill(Some(e))) => assert_eq!(e, mine.entries[0]),
+            other => panic!("{other:?}"),
+        }
+    }
+
     // --- properties ---
 
     const UIDS: [(u32, Option<&str>); 5] =
@@ -1218,6 +1633,7 @@ vm_prefix = 28
             Just(ObjectKind::Nat),
             proptest::sample::select(LoopRole::ALL.to_vec()).prop_map(ObjectKind::Loop),
             Just(ObjectKind::Dm),
+            Just(ObjectKind::Jail),
         ]
     }
 
@@ -1264,6 +1680,19 @@ vm_prefix = 28
                 read_only
             }),
             any_vm().prop_map(|vm| Request::DmCreate { vm }),
+            (
+                any_vm(),
+                0u8..4,
+                prop_oneof![Just(64u32), Just(512), Just(1024), Just(2048)],
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(vm, vcpus, mem_mib, initrd, work)| Request::JailLaunch {
+                    vm,
+                    shape: VmShape { vcpus, mem_mib },
+                    files: JailFiles { initrd, work },
+                }),
+            any_vm().prop_map(|vm| Request::JailKill { vm }),
             proptest::collection::vec(any_vm(), 0..4).prop_map(|vms| Request::TeardownVms { vms }),
             Just(Request::TeardownVms { vms: vec![vm("v0"); MAX_TEARDOWN_VMS + 1] }),
         ]
@@ -1281,6 +1710,17 @@ vm_prefix = 28
                 }
                 p
             })
+    }
+
+    /// The decision with the jail uid of a jail grant blanked out.
+    fn any_jail_uid(d: Decision) -> Decision {
+        match d {
+            Decision::Allow(Grant::Jail(mut g)) => {
+                g.jail_uid = 0;
+                Decision::Allow(Grant::Jail(g))
+            }
+            d => d,
+        }
     }
 
     /// The ledger with every entry of other uids removed (leases kept: the pool is shared).
@@ -1315,6 +1755,22 @@ vm_prefix = 28
                     l.insert(entry(uid, inst.as_str(), vm.as_str(), ObjectKind::Dm, 0));
                 }
             }
+            (Request::JailLaunch { vm, shape, .. }, Grant::Jail(g)) => {
+                assert!(!l.jail_uids().contains(&g.jail_uid), "jail uid {} handed out twice", g.jail_uid);
+                let object = Object::Jail {
+                    id: format!("bg-{uid}-{vm}"),
+                    jail_uid: g.jail_uid,
+                    shape: *shape,
+                    pid: None,
+                };
+                l.insert(LedgerEntry::new(uid, inst.clone(), vm.clone(), object));
+            }
+            (Request::JailKill { vm }, Grant::JailKill(e)) => {
+                if let Some(e) = e {
+                    assert!(e.is(uid, &inst, vm, ObjectKind::Jail));
+                }
+                l.remove(uid, &inst, vm, ObjectKind::Jail);
+            }
             (Request::TeardownVms { vms }, Grant::Proceed) => {
                 l.entries.retain(|e| !(e.uid == uid && e.install == inst && vms.contains(&e.vm)))
             }
@@ -1328,10 +1784,25 @@ vm_prefix = 28
 
         /// (a) Other uids' objects never change a decision for uid A: A's decision on the full
         /// ledger equals its decision on the ledger holding only A's objects.
+        /// The one exception is which uid of the jail range a new jail gets: jail uids are one
+        /// pool for the host (the range is large enough here never to run out).
         #[test]
         fn objects_of_other_uids_never_matter(p in any_peer(), r in any_request(), l in any_ledger()) {
             let policy = policy();
-            prop_assert_eq!(auth(&policy, &p, &r, &l), auth(&policy, &p, &r, &only_of(&l, p.uid)));
+            prop_assert_eq!(
+                any_jail_uid(auth(&policy, &p, &r, &l)),
+                any_jail_uid(auth(&policy, &p, &r, &only_of(&l, p.uid)))
+            );
+        }
+
+        /// A jail launch never gets a uid outside the range or one that any jail, of anyone,
+        /// holds.
+        #[test]
+        fn jail_uids_are_free_and_in_the_range(p in any_peer(), r in any_request(), l in any_ledger()) {
+            if let Decision::Allow(Grant::Jail(g)) = auth(&policy(), &p, &r, &l) {
+                prop_assert!((JAIL_FIRST..JAIL_FIRST + 100).contains(&g.jail_uid));
+                prop_assert!(!l.jail_uids().contains(&g.jail_uid));
+            }
         }
 
         /// (a) Adding other uids' objects and leases to a ledger where A already holds a lease
@@ -1353,7 +1824,7 @@ vm_prefix = 28
                     bigger.lease_or_assign(uid, policy.network.lease_count());
                 }
             }
-            prop_assert_eq!(auth(&policy, &p, &r, &l), auth(&policy, &p, &r, &bigger));
+            prop_assert_eq!(any_jail_uid(auth(&policy, &p, &r, &l)), any_jail_uid(auth(&policy, &p, &r, &bigger)));
         }
 
         /// (a) An allowed request that uses an existing object uses one of the caller's own.
@@ -1449,6 +1920,8 @@ vm_prefix = 28
                     prop_assert!(l.count_taps(uid) <= q.max_taps);
                     prop_assert!(l.count_loops(uid) <= q.max_loops);
                     prop_assert!(l.count_vms(uid) <= q.max_vms);
+                    let (vcpus, mem) = l.jail_totals(uid);
+                    prop_assert!(vcpus <= q.max_vcpus && mem <= u64::from(q.max_memory_mib));
                     let mut slots: Vec<u32> = l.entries_of(uid).filter_map(|e| match e.object {
                         Object::Tap { slot, .. } => Some(slot),
                         _ => None,
@@ -1472,6 +1945,8 @@ vm_prefix = 28
                 leases.sort_unstable();
                 leases.dedup();
                 prop_assert_eq!(leases.len(), n, "two uids share a lease");
+                let jails = l.entries.iter().filter(|e| e.kind() == ObjectKind::Jail).count();
+                prop_assert_eq!(l.jail_uids().len(), jails, "two jails share a uid");
                 prop_assert!(leases.iter().all(|i| *i < policy.network.lease_count()));
                 let admitted: Vec<u32> = steps.iter()
                     .filter(|(p, _)| policy.access.admits(p).is_some())

@@ -83,11 +83,52 @@ fn list(items: &[String], last_word: &str) -> String {
 
 fn limits(q: Quotas) -> String {
     format!(
-        "{}, {} and {}",
+        "{}, {} and {}, and over its jailed VMs {} and {} MiB of memory",
         count(q.max_vms, "VM", "VMs"),
         count(q.max_taps, "TAP device", "TAP devices"),
-        count(q.max_loops, "loop device", "loop devices")
+        count(q.max_loops, "loop device", "loop devices"),
+        count(q.max_vcpus, "vCPU", "vCPUs"),
+        q.max_memory_mib
     )
+}
+
+/// What `[jailer]` says, or that there is none.
+fn jailer(policy: &Policy) -> Vec<String> {
+    let Some(j) = &policy.jailer else {
+        return vec![
+            "VMs run only in direct mode (as their user): the policy has no [jailer] section.".to_owned(),
+        ];
+    };
+    let (first, last) = j.uids;
+    let cgroup = match j.cgroup {
+        crate::CgroupVersion::Auto => {
+            "cgroup v2 where it has the cpu and memory controllers, else v1".to_owned()
+        }
+        version => format!("cgroup {}", version.as_str()),
+    };
+    vec![
+        format!(
+            "Jailed VMs run {} through {} in chroots under {}, each as a uid of its own from {first}-{last} (at most {} jails at once on this host).",
+            j.firecracker.display(),
+            j.jailer.display(),
+            j.chroot_base.display(),
+            u64::from(last - first) + 1
+        ),
+        format!(
+            "A user's jails share the cgroup {}/u<uid> ({cgroup}), limited to the user's vCPU and memory totals.",
+            j.cgroup_parent
+        ),
+        match j.mode {
+            crate::JailerMode::Allow => {
+                "Users choose direct or jailed VMs (jailer.mode = \"allow\").".to_owned()
+            }
+            crate::JailerMode::Force => {
+                "Every VM runs jailed (jailer.mode = \"force\"): the helper hands no TAP \
+                 device or block device to a user."
+                    .to_owned()
+            }
+        },
+    ]
 }
 
 fn everyone(policy: &Policy) -> Vec<String> {
@@ -123,6 +164,7 @@ fn everyone(policy: &Policy) -> Vec<String> {
         "The pool has room for {}; a user keeps its lease.",
         count(policy.network.lease_count(), "user", "users")
     ));
+    lines.extend(jailer(policy));
     lines.push(audit(policy));
     lines
 }
@@ -172,6 +214,7 @@ fn one_user(policy: &Policy, user: &str, verdict: Verdict) -> Vec<String> {
     };
     lines.push(format!("{label} may run at most {} ({source}).", limits(quotas)));
     lines.extend(network(policy, &format!("{label} gets a")));
+    lines.extend(jailer(policy));
     lines.push(audit(policy));
     lines
 }
@@ -262,6 +305,30 @@ log = "/var/log/banger/audit.log"
 "#;
 
     #[test]
+    fn the_jailer_section_and_totals_are_described() {
+        let text = explain(
+            &policy(
+                "[quotas]\nmax_vcpus = 1\nmax_memory_mib = 512\n[jailer]\njailer = \"/opt/jailer\"\n\
+                 firecracker = \"/opt/firecracker\"\nchroot_base = \"/srv/jails\"\nuid_range = \"900000-900009\"\n\
+                 cgroup = \"v1\"\nmode = \"force\"\n",
+            ),
+            None,
+        );
+        for needle in [
+            "Each user may run at most 16 VMs, 16 TAP devices and 32 loop devices, and over its jailed VMs 1 vCPU \
+             and 512 MiB of memory.",
+            "Jailed VMs run /opt/firecracker through /opt/jailer in chroots under /srv/jails, each as a uid of its \
+             own from 900000-900009 (at most 10 jails at once on this host).",
+            "A user's jails share the cgroup banger/u<uid> (cgroup v1), limited to the user's vCPU and memory totals.",
+            "Every VM runs jailed (jailer.mode = \"force\"): the helper hands no TAP device or block device to a user.",
+        ] {
+            assert!(text.lines().any(|l| l == needle), "missing {needle:?} in\n{text}");
+        }
+        let alice = explain(&policy("[access]\nusers = [\"alice\"]\n"), Some("alice"));
+        assert!(alice.contains("no [jailer] section"), "{alice}");
+    }
+
+    #[test]
     fn default_policy_reads_as_sentences() {
         let text = explain(&Policy::default_policy(), None);
         assert_eq!(
@@ -270,7 +337,8 @@ log = "/var/log/banger/audit.log"
                 "Nobody may connect: access.users and access.groups are both empty, so every request is refused.",
                 "The helper's socket belongs to group banger (mode 0660), so a user must also be in group banger \
                  to reach it.",
-                "Each user may run at most 16 VMs, 16 TAP devices and 32 loop devices.",
+                "Each user may run at most 16 VMs, 16 TAP devices and 32 loop devices, and over its jailed VMs \
+                 32 vCPUs and 32768 MiB of memory.",
                 "Guests get addresses from 172.30.0.0/16: each user a /24 (64 VMs of a /30 each).",
                 "Guest traffic leaves, masqueraded, through the interface of the default route \
                  (network.uplink = \"auto\").",
@@ -278,6 +346,7 @@ log = "/var/log/banger/audit.log"
                 "Guests may not open connections to the host; they only get replies to connections the host opens.",
                 "TAP devices have IPv6 turned off.",
                 "The pool has room for 256 users; a user keeps its lease.",
+                "VMs run only in direct mode (as their user): the policy has no [jailer] section.",
                 "Every request is logged to the helper's standard error (the journal under systemd).",
             ]
         );
@@ -293,7 +362,8 @@ log = "/var/log/banger/audit.log"
             "Members of group kvm may connect (listed in access.groups).",
             "Members of gid 300 may connect (listed in access.groups).",
             "Nobody else may connect; root is not allowed unless listed like any other user.",
-            "bob may run at most 1 VM, 1 TAP device and 1 loop device (quotas.users.bob).",
+            "bob may run at most 1 VM, 1 TAP device and 1 loop device, and over its jailed VMs 32 vCPUs and \
+             32768 MiB of memory (quotas.users.bob).",
             "Guests may not open connections to the host, except udp/53 and tcp/53 on their gateway.",
             "Every request is appended as one JSON line to /var/log/banger/audit.log.",
         ] {
@@ -306,7 +376,8 @@ log = "/var/log/banger/audit.log"
         let text = explain(&policy(SAMPLE), Some("alice"));
         assert_eq!(lines(&text)[0], "alice may connect (listed in access.users).");
         assert!(text.contains(
-            "alice may run at most 16 VMs, 16 TAP devices and 32 loop devices (the default quotas)."
+            "alice may run at most 16 VMs, 16 TAP devices and 32 loop devices, and over its jailed VMs 32 vCPUs \
+             and 32768 MiB of memory (the default quotas)."
         ));
         assert!(text.contains("alice gets a /24 (64 VMs of a /30 each)."));
         assert!(!text.contains("uid 1005") && !text.contains("bob"), "{text}");
@@ -333,9 +404,10 @@ log = "/var/log/banger/audit.log"
             lines(&text)[0],
             "bob is not in access.users and may connect only as a member of group kvm or gid 300 (access.groups)."
         );
-        assert!(
-            text.contains("bob may run at most 1 VM, 1 TAP device and 1 loop device (quotas.users.bob).")
-        );
+        assert!(text.contains(
+            "bob may run at most 1 VM, 1 TAP device and 1 loop device, and over its jailed VMs 32 vCPUs and \
+             32768 MiB of memory (quotas.users.bob)."
+        ));
     }
 
     fn account(user: &str, uid: u32, groups: &[(&str, u32)]) -> Peer {

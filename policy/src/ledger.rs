@@ -17,7 +17,8 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use banger_protocol::{
-    DmInfo, InstallId, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, TapInfo, VmId,
+    DmInfo, InstallId, JailInfo, LeaseInfo, LoopInfo, LoopRole, NatInfo, OwnedObjects, TapInfo, VmId,
+    VmShape, jail_paths,
 };
 use serde::{Deserialize, Serialize};
 
@@ -140,6 +141,19 @@ pub enum Object {
         /// Its size in 512-byte sectors.
         sectors: u64,
     },
+    /// The VM's jailed VMM: its jail (chroot directory and cgroups) and the process the jailer
+    /// started in it.
+    Jail {
+        /// The jailer's `--id`, derived from `(uid, install, vm)`.
+        id: String,
+        /// The uid and gid the VMM runs as, from the policy's range: this jail's alone.
+        jail_uid: u32,
+        /// The VM's shape, counted against the owner's `max_vcpus` and `max_memory_mib`.
+        shape: VmShape,
+        /// The VMM's host PID once the jailer reported it.
+        #[serde(default)]
+        pid: Option<i32>,
+    },
 }
 
 /// What kind of object an entry is: with the uid, install and VM it names one entry.
@@ -153,6 +167,8 @@ pub enum ObjectKind {
     Loop(LoopRole),
     /// The VM's dm-snapshot target.
     Dm,
+    /// The VM's jailed VMM.
+    Jail,
 }
 
 impl Object {
@@ -163,6 +179,7 @@ impl Object {
             Object::Nat { .. } => ObjectKind::Nat,
             Object::Loop { role, .. } => ObjectKind::Loop(*role),
             Object::Dm { .. } => ObjectKind::Dm,
+            Object::Jail { .. } => ObjectKind::Jail,
         }
     }
 }
@@ -175,6 +192,7 @@ impl std::fmt::Display for ObjectKind {
             ObjectKind::Nat => f.write_str("nat"),
             ObjectKind::Loop(role) => write!(f, "loop {}", role.as_str()),
             ObjectKind::Dm => f.write_str("dm"),
+            ObjectKind::Jail => f.write_str("jail"),
         }
     }
 }
@@ -302,6 +320,37 @@ impl Ledger {
         self.entries.iter().any(|e| matches!(&e.object, Object::Tap { name: n, .. } if n == name))
     }
 
+    /// The vCPUs and MiB of memory of every jail of `uid`, across its installs.
+    pub fn jail_totals(&self, uid: u32) -> (u32, u64) {
+        self.entries_of(uid).fold((0, 0), |(vcpus, mem), e| match &e.object {
+            Object::Jail { shape, .. } => (vcpus + u32::from(shape.vcpus), mem + u64::from(shape.mem_mib)),
+            _ => (vcpus, mem),
+        })
+    }
+
+    /// The jail uids held by any entry, of any owner.
+    pub fn jail_uids(&self) -> BTreeSet<u32> {
+        self.entries
+            .iter()
+            .filter_map(|e| match e.object {
+                Object::Jail { jail_uid, .. } => Some(jail_uid),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The lowest uid of `first..=last` that no jail of any owner holds: jail uids are one
+    /// pool for the whole host, since a uid is what keeps one VMM from another's files.
+    pub fn free_jail_uid(&self, (first, last): (u32, u32)) -> Option<u32> {
+        let taken = self.jail_uids();
+        (first..=last).find(|uid| !taken.contains(uid))
+    }
+
+    /// Whether any entry, of any owner, holds the jail `id`.
+    pub fn holds_jail(&self, id: &str) -> bool {
+        self.entries.iter().any(|e| matches!(&e.object, Object::Jail { id: i, .. } if i == id))
+    }
+
     /// Whether any entry, of any owner, holds the dm target `name`.
     pub fn holds_dm(&self, name: &str) -> bool {
         self.entries.iter().any(|e| matches!(&e.object, Object::Dm { name: n, .. } if n == name))
@@ -310,7 +359,13 @@ impl Ledger {
     /// Everything `uid` owns, in the protocol's shape, for `ListOwned`. `network` turns the lease
     /// index into addresses and gives the VM prefix length; the guest MAC is
     /// [`guest_mac`] of the guest address.
-    pub fn owned_objects(&self, uid: u32, network: &Network) -> OwnedObjects {
+    /// `jail_root` gives the host path of a jail's root directory from its id.
+    pub fn owned_objects(
+        &self,
+        uid: u32,
+        network: &Network,
+        jail_root: &dyn Fn(&str) -> String,
+    ) -> OwnedObjects {
         let lease = self
             .lease_of(uid)
             .and_then(|index| network.lease(index))
@@ -345,6 +400,9 @@ impl Ledger {
                     device: node.clone(),
                     sectors: *sectors,
                 }),
+                Object::Jail { id, jail_uid, shape, pid } => {
+                    owned.jails.push(jail_info(e, id, *jail_uid, *shape, *pid, &jail_root(id)))
+                }
             }
         }
         owned
@@ -353,6 +411,27 @@ impl Ledger {
     /// Every uid that has an object or a lease.
     pub fn uids(&self) -> BTreeSet<u32> {
         self.leases.keys().copied().chain(self.entries.iter().map(|e| e.uid)).collect()
+    }
+}
+
+/// The wire form of a jail entry whose root directory is `root` on the host.
+pub fn jail_info(
+    e: &LedgerEntry,
+    id: &str,
+    jail_uid: u32,
+    shape: VmShape,
+    pid: Option<i32>,
+    root: &str,
+) -> JailInfo {
+    JailInfo {
+        install: e.install.clone(),
+        vm: e.vm.clone(),
+        id: id.to_owned(),
+        uid: jail_uid,
+        pid,
+        root: root.to_owned(),
+        api_socket: format!("{root}{}", jail_paths::API_SOCKET),
+        shape,
     }
 }
 
@@ -534,7 +613,8 @@ mod tests {
     fn owned_objects_lists_only_the_uid_with_addresses_from_the_policy() {
         let l = sample();
         let network = Policy::default_policy().network;
-        let owned = l.owned_objects(1000, &network);
+        let root = |id: &str| format!("/jails/{id}/root");
+        let owned = l.owned_objects(1000, &network, &root);
         assert_eq!(owned.lease, Some(LeaseInfo { network: Ipv4Addr::new(172, 30, 0, 0), prefix_len: 24 }));
         assert_eq!(owned.taps.len(), 2);
         assert_eq!(owned.nat.len(), 1);
@@ -551,10 +631,51 @@ mod tests {
         );
         assert!(l.holds_dm("banger-1000vm1") && !l.holds_dm("banger-1001vm1"));
         assert!(owned.taps.iter().all(|t| t.prefix_len == 30 && t.guest_mac.starts_with("06:00:")));
-        let other = l.owned_objects(1001, &network);
+        let other = l.owned_objects(1001, &network, &root);
         assert_eq!(other.lease.unwrap().network, Ipv4Addr::new(172, 30, 2, 0));
         assert_eq!((other.taps.len(), other.nat.len(), other.loops.len(), other.dms.len()), (1, 0, 1, 0));
-        assert_eq!(l.owned_objects(4242, &network), OwnedObjects::default());
+        assert_eq!(l.owned_objects(4242, &network, &root), OwnedObjects::default());
+    }
+
+    fn jail(uid: u32, inst: &str, v: &str, jail_uid: u32, vcpus: u8, mem_mib: u32) -> LedgerEntry {
+        LedgerEntry::new(
+            uid,
+            install(inst),
+            vm(v),
+            Object::Jail {
+                id: format!("bg-{uid}{v}"),
+                jail_uid,
+                shape: VmShape { vcpus, mem_mib },
+                pid: Some(7),
+            },
+        )
+    }
+
+    #[test]
+    fn jails_count_per_owner_and_their_uids_are_one_pool_for_the_host() {
+        let mut l = sample();
+        for e in [
+            jail(1000, "a", "vm1", 500, 2, 1024),
+            jail(1000, "b", "vm1", 502, 1, 256),
+            jail(1001, "a", "vm1", 501, 4, 4096),
+        ] {
+            l.insert(e);
+        }
+        assert_eq!(l.jail_totals(1000), (3, 1280));
+        assert_eq!(l.jail_totals(1001), (4, 4096));
+        assert_eq!(l.jail_totals(7), (0, 0));
+        assert_eq!(l.count_vms(1000), 3, "a jail of a vm with other objects does not count twice");
+        assert_eq!(l.free_jail_uid((500, 510)), Some(503), "another owner's uid is never reused");
+        assert_eq!(l.free_jail_uid((500, 502)), None);
+        assert_eq!(l.free_jail_uid((400, 400)), Some(400));
+        assert!(l.holds_jail("bg-1001vm1") && !l.holds_jail("bg-1001vm2"));
+        let owned = l.owned_objects(1000, &Policy::default_policy().network, &|id| format!("/j/{id}/root"));
+        assert_eq!(owned.jails.len(), 2);
+        let j = &owned.jails[0];
+        assert_eq!((j.uid, j.pid, j.root.as_str()), (500, Some(7), "/j/bg-1000vm1/root"));
+        assert_eq!(j.api_socket, "/j/bg-1000vm1/root/run/firecracker.socket");
+        let json = serde_json::to_string(&l).unwrap();
+        assert_eq!(serde_json::from_str::<Ledger>(&json).unwrap(), l);
     }
 
     #[test]
@@ -562,6 +683,7 @@ mod tests {
         assert_eq!(ObjectKind::Tap.to_string(), "tap");
         assert_eq!(ObjectKind::Loop(LoopRole::Cow).to_string(), "loop cow");
         assert_eq!(ObjectKind::Dm.to_string(), "dm");
+        assert_eq!(ObjectKind::Jail.to_string(), "jail");
         assert_eq!(DevNum { major: 7, minor: 12 }.to_string(), "7:12");
     }
 }

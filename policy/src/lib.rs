@@ -21,6 +21,8 @@
 //! max_vms = 16                  # VMs holding any object (TAP, NAT, loop, dm) at once
 //! max_taps = 16
 //! max_loops = 32
+//! max_vcpus = 32                # vCPUs over all of a user's jailed VMs (1..=65536)
+//! max_memory_mib = 32768        # MiB of guest memory over them (1..=16777216)
 //!
 //! [quotas.users.alice]          # override for one user (name or decimal uid);
 //! max_vms = 4                   # keys left out take the [quotas] values
@@ -39,6 +41,15 @@
 //!
 //! [audit]
 //! log = "stderr"                # or an absolute path: one JSON line per request
+//!
+//! [jailer]                      # optional: launch VMMs through Firecracker's jailer
+//! jailer = "/usr/local/bin/jailer"            # absolute; root's, not group/other-writable
+//! firecracker = "/usr/local/bin/firecracker"  # the same, and statically linked
+//! chroot_base = "/srv/banger/jails"           # root's directory, not other-writable
+//! uid_range = "900000-965535"   # one uid per jail; no account, group or subordinate id in it
+//! cgroup = "auto"               # "auto" (v2 with cpu and memory, else v1), "v1" or "v2"
+//! cgroup_parent = "banger"      # each user's jails share <cgroup_parent>/u<uid>
+//! mode = "allow"                # or "force": every VM jailed, no TAP or block device to users
 //! ```
 //!
 //! Access entries made only of digits are ids; anything else is a name. Nothing is implied:
@@ -68,11 +79,11 @@ pub mod parse;
 
 pub use addr::VmSubnet;
 pub use authorize::{
-    Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, LOCAL_FILESYSTEMS, Observed, Peer, authorize,
-    is_account_id,
+    Admission, BackingFile, Decision, DmGrant, FdAccess, Grant, JailGrant, LOCAL_FILESYSTEMS, Observed, Peer,
+    authorize, is_account_id,
 };
 pub use explain::{explain, explain_peer};
-pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind};
+pub use ledger::{DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, jail_info};
 pub use model::*;
 pub use parse::PolicyError;
 

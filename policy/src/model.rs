@@ -46,6 +46,42 @@ pub struct Jailer {
     pub mode: JailerMode,
 }
 
+impl Jailer {
+    /// The cgroup of `uid`'s jails, relative to each hierarchy: `<cgroup_parent>/u<uid>`.
+    pub fn user_cgroup(&self, uid: u32) -> String {
+        format!("{}/u{uid}", self.cgroup_parent)
+    }
+}
+
+impl Policy {
+    /// Whether the policy forces every VM through the jailer (`[jailer] mode = "force"`): the
+    /// helper then hands no TAP and no block device node to a user.
+    pub fn force_jailer(&self) -> bool {
+        self.jailer.as_ref().is_some_and(|j| j.mode == JailerMode::Force)
+    }
+}
+
+impl CgroupVersion {
+    /// As written in the policy: `auto`, `v1`, `v2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupVersion::Auto => "auto",
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    }
+}
+
+impl JailerMode {
+    /// As written in the policy: `allow`, `force`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JailerMode::Allow => "allow",
+            JailerMode::Force => "force",
+        }
+    }
+}
+
 /// Which cgroup hierarchy jails' limits go in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CgroupVersion {
@@ -86,6 +122,11 @@ pub struct Quotas {
     pub max_taps: u32,
     /// Loop devices.
     pub max_loops: u32,
+    /// vCPUs over all of the user's jailed VMMs (also the `cpu` limit of its cgroup).
+    pub max_vcpus: u32,
+    /// Guest memory in MiB over all of the user's jailed VMMs (also the `memory` limit of its
+    /// cgroup).
+    pub max_memory_mib: u32,
 }
 
 /// `[network]`.

@@ -202,7 +202,7 @@ mod tests {
 
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            (any::<u32>(), ".*", any::<[bool; 4]>()).prop_map(|(version, helper_version, c)| {
+            (any::<u32>(), ".*", any::<[bool; 5]>()).prop_map(|(version, helper_version, c)| {
                 Response::Hello(HelloReply {
                     version,
                     helper_version,
@@ -211,6 +211,7 @@ mod tests {
                         jailer: c[1],
                         loop_configure: c[2],
                         ipv6: c[3],
+                        direct: c[4],
                     },
                 })
             }),

@@ -235,6 +235,10 @@ pub struct Capabilities {
     pub loop_configure: bool,
     /// The policy lets TAPs keep IPv6.
     pub ipv6: bool,
+    /// Users may run VMMs themselves (direct mode): false when the policy forces the jailer
+    /// (`[jailer] mode = "force"`), where the helper hands out no TAP and no block device node
+    /// and every VM is launched with [`Request::JailLaunch`].
+    pub direct: bool,
 }
 
 /// A user's slice of the address pool.

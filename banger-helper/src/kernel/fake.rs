@@ -83,6 +83,22 @@ pub struct FakeNode {
     pub node: NodeState,
 }
 
+/// A jail in the fake: the order it was made with and its VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeJail {
+    /// What the helper ordered.
+    pub order: JailOrder,
+    /// How many descriptors came with the order.
+    pub fds: usize,
+    /// The VMM's PID (none for a jail directory left without a process).
+    pub pid: Option<i32>,
+    /// Its VMM still runs.
+    pub alive: bool,
+}
+
+/// The host directory the fake's jails are under.
+pub const FAKE_JAIL_BASE: &str = "/fake/jails/firecracker";
+
 /// A failure to inject: calls named `op` whose object contains `object` fail with `errno`,
 /// `times` times.
 #[derive(Debug, Clone)]
@@ -120,6 +136,12 @@ pub struct FakeWorld {
     pub next_dm_minor: u32,
     /// Sysctl values by key.
     pub sysctls: BTreeMap<String, String>,
+    /// Jails can be made (the policy has `[jailer]` and its launcher runs).
+    pub jails_available: bool,
+    /// Jails by id.
+    pub jails: BTreeMap<String, FakeJail>,
+    /// The PID the next jailed VMM gets.
+    pub next_pid: i32,
     /// Every call, in order: `op object`.
     pub calls: Vec<String>,
     injected: Vec<Injected>,
@@ -539,22 +561,40 @@ impl Kernel for FakeKernel {
     }
 }
 
-/// No jails in the fake yet: the operations that use them come with their own fake state.
+/// Jails as a map: a launch that fails leaves nothing; a removal that fails leaves the jail as it
+/// was. Calls are recorded as `jail_launch <id>`, `jail_remove <id> uid=<uid> pid=<pid>`.
 impl Jails for FakeKernel {
     fn available(&self) -> bool {
-        false
+        self.world().jails_available
     }
     fn root(&self, id: &str) -> String {
-        format!("/fake/jails/firecracker/{id}/root")
+        format!("{FAKE_JAIL_BASE}/{id}/root")
     }
-    async fn launch(&self, order: &JailOrder, _fds: Vec<std::os::fd::OwnedFd>) -> KResult<i32> {
-        Err(KernelError::errno("jail launch", order.id.clone(), Errno::ENOSYS))
+    async fn launch(&self, order: &JailOrder, fds: Vec<std::os::fd::OwnedFd>) -> KResult<i32> {
+        let pid = {
+            let mut w = self.call("jail_launch", &order.id)?;
+            if w.jails.contains_key(&order.id) {
+                return Err(KernelError::errno("jail_launch", order.id.clone(), Errno::EEXIST));
+            }
+            w.next_pid += 1;
+            let pid = 1000 + w.next_pid;
+            let jail = FakeJail { order: order.clone(), fds: fds.len(), pid: Some(pid), alive: true };
+            w.jails.insert(order.id.clone(), jail);
+            pid
+        };
+        if self.hangs("jail_launch") {
+            std::future::pending::<()>().await;
+        }
+        Ok(pid)
     }
-    async fn remove(&self, _id: &str, _uid: u32, _pid: Option<i32>) -> KResult<()> {
+    async fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> KResult<()> {
+        let mut w = self.call("jail_remove", &format!("{id} uid={uid} pid={pid:?}"))?;
+        w.jails.remove(id);
         Ok(())
     }
     fn list(&self) -> KResult<Vec<JailState>> {
-        Ok(Vec::new())
+        let w = self.call("jail_list", "")?;
+        Ok(w.jails.iter().map(|(id, j)| JailState { id: id.clone(), pid: j.pid, alive: j.alive }).collect())
     }
 }
 

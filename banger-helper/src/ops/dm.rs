@@ -17,7 +17,8 @@
 //! 3. the entry is written to the ledger as an intent;
 //! 4. the target is created, its table loaded, and resumed;
 //! 5. the node is made: a block device node for the target's number, root's 0600 as it is made,
-//!    then given to the caller, still 0600; and checked: the path answered is a block device of
+//!    then given to the caller, still 0600 (it stays root's when the policy forces the jailer: the
+//!    VM's jail gets a node of its own); and checked: the path answered is a block device of
 //!    that number, the caller's, mode 0600;
 //! 6. the entry is settled, with the target's number.
 //!
@@ -151,7 +152,7 @@ impl<K: Kernel> Helper<K> {
             sectors,
         };
         let again = match &existing {
-            Some(entry) => self.answer_again(entry, c.uid).await,
+            Some(entry) => self.answer_again(entry, self.handed_owner(c.uid)).await,
             None => Ok(false),
         };
         let result = match again {
@@ -238,7 +239,8 @@ impl<K: Kernel> Helper<K> {
             l.insert(entry.clone());
         })?;
         // Steps 4 and 5.
-        let (name, uuid, owner, sectors) = (plan.name.clone(), plan.uuid.clone(), c.uid, plan.sectors);
+        let owner = self.handed_owner(c.uid);
+        let (name, uuid, sectors) = (plan.name.clone(), plan.uuid.clone(), plan.sectors);
         let made = self
             .blocking(move |k| {
                 let dev = k.dm().create_snapshot(&name, &uuid, sectors, origin, cow_dev)?;

@@ -7,7 +7,7 @@
 use banger_protocol::{MAX_LIST_LEN, OwnedObjects, Response, codec};
 
 use super::{Caller, Helper, State};
-use crate::kernel::Kernel;
+use crate::kernel::{Jails as _, Kernel};
 
 /// Whether `response` goes through the wire: it encodes within one frame and the receiving side
 /// decodes it (the decoder also bounds what a message may make it allocate).
@@ -73,11 +73,12 @@ impl<T> Cut for Vec<T> {
 
 impl<K: Kernel> Helper<K> {
     pub(crate) fn list_owned(&self, st: &State, c: Caller<'_>) -> OwnedObjects {
-        let mut owned = st.ledger.owned_objects(c.uid, &self.policy.network);
+        let jails = self.kernel.jails();
+        let mut owned = st.ledger.owned_objects(c.uid, &self.policy.network, &|id| jails.root(id));
         let dropped = fit_lists(
             &mut owned,
             CutFrom::Longest,
-            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops, &mut o.dms],
+            |o| vec![&mut o.taps, &mut o.nat, &mut o.loops, &mut o.dms, &mut o.jails],
             |o| Response::Owned(o.clone()),
         );
         if dropped > 0 {

@@ -254,6 +254,7 @@ pub(crate) fn describe(e: &LedgerEntry) -> String {
         Object::Nat { guest_ip, .. } => format!("nat {guest_ip}"),
         Object::Loop { device, .. } => format!("loop {device}"),
         Object::Dm { name, .. } => format!("dm {name}"),
+        Object::Jail { id, .. } => format!("jail {id}"),
     }
 }
 
@@ -365,6 +366,7 @@ mod tests {
             access: FdAccess::ReadOnly,
             id,
             size: BASE_BYTES,
+            rdev: None,
         };
         t.kernel.register_backing(fd.as_fd(), fuse);
         let r = t.req_fds(&p, attach(LoopRole::Base, true), vec![fd]).await;

@@ -3,8 +3,9 @@
 //! [`Helper::handle`] runs each request in the same order, whatever it is:
 //!
 //! 1. it observes the request's inputs: how many descriptors came with it, whether the helper can
-//!    make dm-snapshot targets here, and for a loop attach (where it can) the backing file,
-//!    inspected before any lock is taken ([`banger_policy::Observed`]);
+//!    make dm-snapshot targets and jails here, and for a loop attach (where it can) the backing
+//!    file, for a jail launch each of its files, inspected before any lock is taken
+//!    ([`banger_policy::Observed`]);
 //! 2. mutating requests take the state lock, so they never interleave (ping does not);
 //! 3. [`banger_policy::authorize`] decides on the peer, the request, the ledger and what was
 //!    observed — the only place a request is allowed or refused — and hands over a
@@ -19,8 +20,8 @@
 //!    call that makes an object, settled after, removed once the kernel has let the object go;
 //! 6. the answer and the names the operation touched go into the audit log.
 //!
-//! Each operation lives in its own module: [`tap`], [`nat`], [`loopdev`], [`dm`], [`list`],
-//! [`teardown`], and the start-up [`reconcile`] with the kernel.
+//! Each operation lives in its own module: [`tap`], [`nat`], [`loopdev`], [`dm`], [`jail`],
+//! [`list`], [`teardown`], and the start-up [`reconcile`] with the kernel.
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -32,11 +33,12 @@ use banger_protocol::{
 use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Record};
-use crate::kernel::{Dm as _, Kernel, Loops as _};
+use crate::kernel::{Dm as _, Jails as _, Kernel, Loops as _};
 use crate::ledger_store::LedgerStore;
 
 pub mod dm;
 pub mod forwarding;
+pub mod jail;
 pub mod list;
 pub mod loopdev;
 pub mod nat;
@@ -149,12 +151,14 @@ impl<K: Kernel> Helper<K> {
         audit: AuditLog,
     ) -> Self {
         // What the helper can do here now: dm-snapshots only where the kernel has device-mapper
-        // and the helper kept what it needs for it; no jailer operation yet.
+        // and the helper kept what it needs for it; jails where the policy has `[jailer]` and
+        // its launcher runs; direct mode unless the policy forces the jailer.
         let capabilities = Capabilities {
             device_mapper: kernel.dm().probe(),
-            jailer: false,
+            jailer: policy.jailer.is_some() && kernel.jails().available(),
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
+            direct: !policy.force_jailer(),
         };
         let boot = crate::ledger_store::boot_epoch();
         let forwarding = store.as_ref().and_then(|s| {
@@ -176,6 +180,13 @@ impl<K: Kernel> Helper<K> {
     /// The policy in force (the server sorts arriving peers into its connection pools by it).
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// Who a TAP or dm node made for `uid` is handed to: `uid`, or root when the policy forces
+    /// the jailer (the jail's uid takes the TAP at launch; a drive goes into the jail as a node of
+    /// its own), so that a user never holds a device to run a VMM outside a jail.
+    pub(crate) fn handed_owner(&self, uid: u32) -> u32 {
+        if self.policy.force_jailer() { 0 } else { uid }
     }
 
     /// What this helper can do here, as `Hello` answers it.
@@ -269,11 +280,27 @@ impl<K: Kernel> Helper<K> {
         // nothing its filesystem does can hold up anyone else. Without device-mapper no loop is
         // attached, so nothing is inspected.
         let device_mapper = self.capabilities.device_mapper;
-        let mut observed = Observed { fds: fds.len(), backing: None, device_mapper };
+        let mut observed = Observed {
+            fds: fds.len(),
+            backing: None,
+            device_mapper,
+            jail_files: None,
+            jails: self.capabilities.jailer,
+        };
         let mut backing_fd = None;
+        let mut jail_fds = Vec::new();
         if let (Request::LoopAttach { .. }, [_], true) = (request, fds.as_slice(), device_mapper) {
             let (fd, inspected) = self.inspect_backing(fds.into_iter().next().expect("one fd")).await;
             (backing_fd, observed.backing) = (fd, Some(inspected));
+        } else if matches!(request, Request::JailLaunch { .. }) && fds.len() == request.expected_fds() {
+            // Each descriptor the way a loop backing file is inspected: before the lock, bounded.
+            let mut inspected = Vec::new();
+            for fd in fds {
+                let (fd, file) = self.inspect_backing(fd).await;
+                jail_fds.extend(fd);
+                inspected.push(file);
+            }
+            observed.jail_files = Some(inspected);
         } else {
             drop(fds);
         }
@@ -325,6 +352,15 @@ impl<K: Kernel> Helper<K> {
             (Request::TeardownVms { vms }, Grant::Proceed) => {
                 self.teardown(&mut st, c, vms).await.map(Response::Teardown)
             }
+            (Request::JailLaunch { vm, shape, files }, Grant::Jail(grant)) => {
+                if jail_fds.len() != request.expected_fds() {
+                    return refused(HelperError::internal("jail-launch was granted without its descriptors"));
+                }
+                self.jail_launch(&mut st, c, vm, *shape, *files, *grant, jail_fds).await.map(Response::Jail)
+            }
+            (Request::JailKill { vm }, Grant::JailKill(entry)) => {
+                self.jail_kill(&mut st, c, vm, entry).await.map(Response::Teardown)
+            }
             (request, grant) => refused(HelperError::internal(format!(
                 "the policy granted {grant:?} for {}",
                 request.op_name()
@@ -361,7 +397,8 @@ mod tests {
         assert_eq!(reply.version, PROTOCOL_VERSION);
         assert!(reply.capabilities.loop_configure);
         assert!(reply.capabilities.device_mapper, "the fake kernel has device-mapper");
-        assert!(!reply.capabilities.jailer, "no jailer operation yet");
+        assert!(!reply.capabilities.jailer, "no [jailer] in the policy");
+        assert!(reply.capabilities.direct);
         assert_eq!(p.install, Some(InstallId::new("home").unwrap()));
 
         let audit = t.audit_lines();

@@ -1,7 +1,13 @@
 //! Start-up reconcile: the ledger is checked against the kernel before the first request, with
 //! the rules teardown follows.
 //!
-//! - dm entries first: a settled one stays while its target is there with its uuid (the node is
+//! - jails before anything else (a VMM holds its TAP and drives), against the jails under the
+//!   chroot base ([`crate::kernel::Jails::list`]): a settled entry stays while its jail is there
+//!   and its VMM runs; an intent, or an entry whose VMM or jail is gone, is removed
+//!   ([`crate::kernel::Jails::remove`] with its uid and PID) and leaves the ledger once that
+//!   succeeded; a jail the ledger does not hold is removed when nothing runs in it (no process to
+//!   kill: only its directory and cgroups), and reported, not touched, while something does;
+//! - dm entries next: a settled one stays while its target is there with its uuid (the node is
 //!   left as it is); one whose target is gone (or holds another uuid) leaves the ledger, its node
 //!   taken back and unlinked; an intent or a released one is released
 //!   ([`super::dm::release_dm`]: node, then target) and leaves the ledger once the kernel has let
@@ -30,7 +36,7 @@ use banger_policy::{EntryState, LedgerEntry, Object, ObjectKind};
 use super::Helper;
 use super::dm::release_dm;
 use super::loopdev::{Release, describe, loop_number, record_release, release_loop};
-use crate::kernel::{Dm as _, Firewall as _, Kernel, Links as _, Loops as _};
+use crate::kernel::{Dm as _, Firewall as _, Jails as _, Kernel, Links as _, Loops as _};
 use crate::names::{VmKey, is_banger_dm_name, is_banger_tap_name};
 
 /// What the reconcile found.
@@ -68,12 +74,52 @@ impl<K: Kernel> Helper<K> {
         let dm = self.kernel.dm();
         // What releasing each entry came to: gone from the kernel, or held there.
         let mut released: Vec<(LedgerEntry, Release)> = Vec::new();
+        // Jails before anything else: a VMM holds its TAP and drives.
+        let jails = match self.kernel.jails().list() {
+            Ok(j) => Some(j),
+            Err(e) => {
+                report.errors.push(format!("cannot list jails: {e}"));
+                None
+            }
+        };
+        if let Some(jails) = &jails {
+            for e in st.ledger.entries.iter().filter(|e| e.kind() == ObjectKind::Jail) {
+                let Object::Jail { id, .. } = &e.object else { continue };
+                let found = jails.iter().find(|j| j.id == *id);
+                if e.state == EntryState::Settled && found.is_some_and(|j| j.alive) {
+                    continue;
+                }
+                // Never settled, its VMM is gone, or the jail is: removed (a jail already gone
+                // counts as removed), then dropped.
+                match self.remove_jail(e).await {
+                    Ok(()) => released.push((e.clone(), Release::Gone)),
+                    Err(err) => report.errors.push(format!("cannot remove jail {id}: {err}")),
+                }
+            }
+            for j in jails.iter().filter(|j| !st.ledger.holds_jail(&j.id)) {
+                if j.alive {
+                    tracing::warn!("jail {} is not in the ledger but its VMM runs; left alone", j.id);
+                    report.unknown.push(format!("jail {}", j.id));
+                    continue;
+                }
+                // No process to kill (`None`): only the directory and cgroups of a jail no entry
+                // holds, which only the helper makes under its chroot base.
+                match self.kernel.jails().remove(&j.id, 0, None).await {
+                    Ok(()) => {
+                        tracing::info!("jail {} named no entry of the ledger and ran nothing; removed", j.id);
+                        report.dropped.push(format!("jail directory {}", j.id));
+                    }
+                    Err(err) => report.errors.push(format!("cannot remove jail {}: {err}", j.id)),
+                }
+            }
+        }
         // dm entries first: a target holds its loop devices.
         let mut entries = st.ledger.entries.clone();
         entries.sort_by_key(|e| e.kind() != ObjectKind::Dm);
         for e in entries {
             let key = VmKey::new(e.uid, &e.install, &e.vm);
             match &e.object {
+                Object::Jail { .. } => {}
                 Object::Tap { name, .. } if e.state != EntryState::Settled => {
                     match self.kernel.links().delete(std::slice::from_ref(name)).await.pop() {
                         Some(Err(err)) => {
@@ -223,6 +269,7 @@ mod tests {
             access: FdAccess::ReadOnly,
             id,
             size: 1,
+            rdev: None,
         };
         t.kernel.register_backing(std::os::fd::AsFd::as_fd(&fd), file);
         let r = t

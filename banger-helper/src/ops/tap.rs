@@ -10,7 +10,8 @@
 //! 2. the entry is written to the ledger as an intent, with the lease when it is the caller's
 //!    first, *before* the kernel is asked: a helper that stops at any point after this leaves a
 //!    TAP that the ledger counts and that teardown and the start-up reconcile remove;
-//! 3. the TAP is created persistent and owned by the caller, with the flags Firecracker opens it
+//! 3. the TAP is created persistent and owned by the caller (by root when the policy forces the
+//!    jailer: the jail's uid takes it at launch), with the flags Firecracker opens it
 //!    with; IPv6 is turned off on it unless the policy keeps it; it gets the host address of the
 //!    VM's point-to-point subnet and is set up;
 //! 4. the entry is settled. A failure after the TAP exists deletes it and takes the entry (and a
@@ -147,7 +148,7 @@ impl<K: Kernel> Helper<K> {
             l.insert(entry.clone());
         })?;
         let mut undo = Rollback::new(self.kernel.clone());
-        let made = self.configure_tap(&mut undo, c.uid, &name, host_ip).await;
+        let made = self.configure_tap(&mut undo, self.handed_owner(c.uid), &name, host_ip).await;
         let settled = made.and_then(|()| {
             st.commit(|l| {
                 if let Some(e) = l.entries.iter_mut().find(|e| e.is(c.uid, c.install, vm, ObjectKind::Tap)) {

@@ -1,7 +1,9 @@
 //! Tearing down several VMs of the caller's install in one request: the one way every object
 //! goes.
 //!
-//! Three things run at the same time, because each mostly waits on the kernel: one firewall batch
+//! The VMs' jails go first, together ([`super::jail`]): a jailed VMM holds its VM's TAP and
+//! drives. A VM whose jail could not be removed keeps everything else as well, and is reported.
+//! Then three things run at the same time, because each mostly waits on the kernel: one firewall batch
 //! removing the rules of every listed VM (found by their tag), the deletion of their TAPs
 //! together, and the release of their disk devices, each VM's on blocking threads of its own so
 //! the kernel's waits overlap. A VM's disk devices go in one order: its dm-snapshot target first
@@ -71,10 +73,53 @@ impl<K: Kernel> Helper<K> {
         Ok(results)
     }
 
+    /// Removes the jails of `vms` (all at once) before anything else of them: a jailed VMM holds
+    /// its VM's TAP and drives. Returns the failures; the jails removed have left the ledger.
+    async fn remove_jails(
+        &self,
+        st: &mut State,
+        c: Caller<'_>,
+        vms: &[VmId],
+        names: &mut Vec<String>,
+    ) -> Result<Vec<TeardownFailure>, HelperError> {
+        let jails: Vec<LedgerEntry> = vms
+            .iter()
+            .filter_map(|vm| st.ledger.find(c.uid, c.install, vm, ObjectKind::Jail).cloned())
+            .collect();
+        let results = futures::future::join_all(jails.iter().map(|e| self.remove_jail(e))).await;
+        let mut failures = Vec::new();
+        let mut gone = Vec::new();
+        for (entry, r) in jails.into_iter().zip(results) {
+            names.extend(super::jail::jail_names(&entry));
+            match r {
+                Ok(()) => gone.push(entry.vm),
+                Err(e) => failures.push(TeardownFailure {
+                    vm: entry.vm.clone(),
+                    object: describe(&entry),
+                    error: e.into(),
+                }),
+            }
+        }
+        st.commit(|l| {
+            for vm in &gone {
+                l.remove(c.uid, c.install, vm, ObjectKind::Jail);
+            }
+        })?;
+        Ok(failures)
+    }
+
     pub(crate) async fn teardown(&self, st: &mut State, c: Caller<'_>, vms: &[VmId]) -> Done<TeardownReport> {
-        let vms: Vec<VmId> = vms.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
-        let keys: Vec<VmKey> = vms.iter().map(|vm| VmKey::new(c.uid, c.install, vm)).collect();
+        let all: Vec<VmId> = vms.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
         let mut names = Vec::new();
+        // Jails first; a VM whose jail could not be removed keeps everything else too (its VMM
+        // may still hold it) and is reported.
+        let jail_failures = match self.remove_jails(st, c, &all, &mut names).await {
+            Ok(f) => f,
+            Err(e) => return Done::new(names, Err(e)),
+        };
+        let held: BTreeSet<&VmId> = jail_failures.iter().map(|f| &f.vm).collect();
+        let vms: Vec<VmId> = all.iter().filter(|vm| !held.contains(vm)).cloned().collect();
+        let keys: Vec<VmKey> = vms.iter().map(|vm| VmKey::new(c.uid, c.install, vm)).collect();
 
         // Which TAPs go, by the rule above.
         let mut taps = Vec::new();
@@ -112,7 +157,7 @@ impl<K: Kernel> Helper<K> {
                         names.push(device.clone());
                         loops.push(e.clone());
                     }
-                    Object::Tap { .. } | Object::Nat { .. } => {}
+                    Object::Tap { .. } | Object::Nat { .. } | Object::Jail { .. } => {}
                 }
             }
             if dm.is_some() || !loops.is_empty() {
@@ -142,7 +187,7 @@ impl<K: Kernel> Helper<K> {
             }
         };
 
-        let mut report = TeardownReport::default();
+        let mut report = TeardownReport { failures: jail_failures, ..TeardownReport::default() };
         let mut nat_gone = false;
         match fw {
             Ok(()) => nat_gone = true,
@@ -213,7 +258,7 @@ impl<K: Kernel> Helper<K> {
             self.restore_forwarding(st);
         }
         let failed: BTreeSet<&VmId> = report.failures.iter().map(|f| &f.vm).collect();
-        report.torn_down = vms.iter().filter(|vm| !failed.contains(vm)).cloned().collect();
+        report.torn_down = all.iter().filter(|vm| !failed.contains(vm)).cloned().collect();
         let dropped = fit_lists(
             &mut report,
             CutFrom::InOrder,
@@ -253,6 +298,7 @@ mod tests {
                 access: FdAccess::ReadOnly,
                 id: banger_policy::FileId { dev: 1, ino },
                 size: BASE_BYTES,
+                rdev: None,
             },
         );
         let r = t

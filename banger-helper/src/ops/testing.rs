@@ -6,8 +6,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use banger_policy::{
-    Access, Audit, AuditTarget, FileId, GuestToHost, Ledger, Network, Peer, Policy, PortRule, Proto, Quotas,
-    Uplink,
+    Access, Audit, AuditTarget, CgroupVersion, FileId, GuestToHost, Jailer, JailerMode, Ledger, Network,
+    Peer, Policy, PortRule, Proto, Quotas, Uplink,
 };
 use banger_protocol::{InstallId, LoopInfo, LoopRole, Request, Response, VmId, min_cow_bytes};
 
@@ -26,7 +26,7 @@ pub(crate) fn backing_fd(kernel: &FakeKernel, uid: u32, access: FdAccess, ino: u
     let id = FileId { dev: 1, ino };
     kernel.register_backing(
         fd.as_fd(),
-        BackingFile { regular: true, uid, fs_type: "ext4".into(), access, id, size },
+        BackingFile { regular: true, uid, fs_type: "ext4".into(), access, id, size, rdev: None },
     );
     fd
 }
@@ -41,7 +41,7 @@ pub(crate) fn test_policy() -> Policy {
             groups: vec![],
             socket_group: "banger".into(),
         },
-        quotas: Quotas { max_vms: 16, max_taps: 16, max_loops: 32 },
+        quotas: Quotas { max_vms: 16, max_taps: 16, max_loops: 32, max_vcpus: 32, max_memory_mib: 32768 },
         user_quotas: BTreeMap::new(),
         network: Network {
             pool: "172.30.0.0/16".parse().unwrap(),
@@ -58,6 +58,41 @@ pub(crate) fn test_policy() -> Policy {
         audit: Audit { target: AuditTarget::Stderr },
         jailer: None,
     }
+}
+
+/// The first uid of the jail range of [`jail_policy`] (ten uids).
+pub(crate) const JAIL_FIRST: u32 = 900_000;
+
+/// [`test_policy`] with a `[jailer]` of ten uids, in `mode`.
+pub(crate) fn jail_policy(mode: JailerMode) -> Policy {
+    Policy {
+        jailer: Some(Jailer {
+            jailer: "/usr/local/bin/jailer".into(),
+            firecracker: "/usr/local/bin/firecracker".into(),
+            chroot_base: "/srv/jails".into(),
+            uids: (JAIL_FIRST, JAIL_FIRST + 9),
+            cgroup: CgroupVersion::Auto,
+            cgroup_parent: "banger".into(),
+            mode,
+        }),
+        ..test_policy()
+    }
+}
+
+/// A fake kernel whose jails can be made.
+pub(crate) fn jail_kernel() -> FakeKernel {
+    let k = FakeKernel::new();
+    k.world().jails_available = true;
+    k
+}
+
+/// A kernel descriptor (root's, read-only) and a root drive descriptor (`uid`'s, read-write,
+/// inode `ino`), registered with the fake kernel, as bangerd sends them with a jail launch.
+pub(crate) fn jail_fds(kernel: &FakeKernel, uid: u32, ino: u64) -> Vec<OwnedFd> {
+    vec![
+        backing_fd(kernel, 0, FdAccess::ReadOnly, ino, BASE_BYTES),
+        backing_fd(kernel, uid, FdAccess::ReadWrite, ino + 1, BASE_BYTES),
+    ]
 }
 
 pub(crate) fn vm(s: &str) -> VmId {

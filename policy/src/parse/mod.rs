@@ -19,11 +19,13 @@ use crate::{Access, Audit, AuditTarget, GuestToHost, Network, Policy, Quotas, Up
 
 mod access;
 mod audit;
+mod jailer;
 mod network;
 mod quotas;
 
 use access::read_access;
 use audit::read_audit;
+use jailer::read_jailer;
 use network::read_network;
 use quotas::read_quotas;
 
@@ -48,9 +50,19 @@ const SYSCTL_REMOVED: &str = "the [[sysctl]] allowlist no longer exists: no clie
 /// offer.
 pub const MAX_QUOTA: u32 = 65536;
 
-const TOP_KEYS: &[&str] = &["access", "quotas", "network", "audit"];
-pub(super) const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops"];
-pub(super) const QUOTAS_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "users"];
+/// The largest `max_memory_mib` (16 TiB).
+pub const MAX_MEMORY_MIB: u32 = 16 << 20;
+
+/// The default `max_vcpus`: sixteen VMs (the default `max_vms`) of two vCPUs.
+pub const DEFAULT_MAX_VCPUS: u32 = 32;
+
+/// The default `max_memory_mib` (32 GiB): sixteen VMs of 2 GiB.
+pub const DEFAULT_MAX_MEMORY_MIB: u32 = 32768;
+
+const TOP_KEYS: &[&str] = &["access", "quotas", "network", "audit", "jailer"];
+pub(super) const QUOTA_KEYS: &[&str] = &["max_vms", "max_taps", "max_loops", "max_vcpus", "max_memory_mib"];
+pub(super) const QUOTAS_KEYS: &[&str] =
+    &["max_vms", "max_taps", "max_loops", "max_vcpus", "max_memory_mib", "users"];
 
 impl Policy {
     /// Parses and validates a policy file's text. `file` is only used in error messages.
@@ -72,6 +84,7 @@ impl Policy {
                 "network" => policy.network = read_network(&doc, value)?,
                 "sysctl" => return Err(doc.at(&key.span(), SYSCTL_REMOVED)),
                 "audit" => policy.audit = read_audit(&doc, value)?,
+                "jailer" => policy.jailer = Some(read_jailer(&doc, key, value)?),
                 _ => return Err(doc.unknown("", key, TOP_KEYS)),
             }
         }
@@ -82,7 +95,13 @@ impl Policy {
     pub fn default_policy() -> Policy {
         Policy {
             access: Access { users: Vec::new(), groups: Vec::new(), socket_group: "banger".to_owned() },
-            quotas: Quotas { max_vms: 16, max_taps: 16, max_loops: 32 },
+            quotas: Quotas {
+                max_vms: 16,
+                max_taps: 16,
+                max_loops: 32,
+                max_vcpus: DEFAULT_MAX_VCPUS,
+                max_memory_mib: DEFAULT_MAX_MEMORY_MIB,
+            },
             user_quotas: BTreeMap::new(),
             network: Network {
                 pool: Ipv4Net::new(std::net::Ipv4Addr::new(172, 30, 0, 0), 16).expect("valid prefix"),
@@ -339,7 +358,10 @@ mod tests {
     fn defaults_are_the_documented_ones() {
         let p = Policy::default_policy();
         assert_eq!(p.access.socket_group, "banger");
-        assert_eq!(p.quotas, Quotas { max_vms: 16, max_taps: 16, max_loops: 32 });
+        assert_eq!(
+            p.quotas,
+            Quotas { max_vms: 16, max_taps: 16, max_loops: 32, max_vcpus: 32, max_memory_mib: 32768 }
+        );
         assert_eq!(p.network.pool.to_string(), "172.30.0.0/16");
         assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (24, 30));
         assert_eq!(p.network.uplink, Uplink::Auto);
@@ -387,9 +409,18 @@ log = "/var/log/banger/audit.log"
         assert_eq!(p.access.users, ["alice", "1005"]);
         assert_eq!(p.access.groups, ["kvm", "200"]);
         assert_eq!(p.access.socket_group, "banger-users");
-        assert_eq!(p.quotas, Quotas { max_vms: 4, max_taps: 5, max_loops: 10 });
-        assert_eq!(p.user_quotas["alice"], Quotas { max_vms: 8, max_taps: 5, max_loops: 10 });
-        assert_eq!(p.user_quotas["1005"], Quotas { max_vms: 4, max_taps: 5, max_loops: 2 });
+        assert_eq!(
+            p.quotas,
+            Quotas { max_vms: 4, max_taps: 5, max_loops: 10, max_vcpus: 32, max_memory_mib: 32768 }
+        );
+        assert_eq!(
+            p.user_quotas["alice"],
+            Quotas { max_vms: 8, max_taps: 5, max_loops: 10, max_vcpus: 32, max_memory_mib: 32768 }
+        );
+        assert_eq!(
+            p.user_quotas["1005"],
+            Quotas { max_vms: 4, max_taps: 5, max_loops: 2, max_vcpus: 32, max_memory_mib: 32768 }
+        );
         assert_eq!(p.network.pool.to_string(), "10.20.0.0/16");
         assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (26, 29));
         assert_eq!(p.network.uplink, Uplink::Named(IfName::new("eth0").unwrap()));
@@ -406,9 +437,30 @@ log = "/var/log/banger/audit.log"
     }
 
     #[test]
+    fn jail_totals_are_quotas_with_overrides_and_bounds() {
+        let p = parse(
+            "[quotas]\nmax_vcpus = 8\nmax_memory_mib = 4096\n[quotas.users.bob]\nmax_memory_mib = 1024\n",
+        );
+        assert_eq!((p.quotas.max_vcpus, p.quotas.max_memory_mib), (8, 4096));
+        assert_eq!((p.user_quotas["bob"].max_vcpus, p.user_quotas["bob"].max_memory_mib), (8, 1024));
+        let d = Policy::default_policy().quotas;
+        assert_eq!((d.max_vcpus, d.max_memory_mib), (DEFAULT_MAX_VCPUS, DEFAULT_MAX_MEMORY_MIB));
+        assert_refused("[quotas]\nmax_vcpus = 0\n", 2, &["quotas.max_vcpus", "positive integer"]);
+        assert_refused(
+            &format!("[quotas]\nmax_memory_mib = {}\n", MAX_MEMORY_MIB + 1),
+            2,
+            &["quotas.max_memory_mib", &MAX_MEMORY_MIB.to_string()],
+        );
+        assert_refused("[quotas.users.bob]\nmax_vcpu = 1\n", 2, &["unknown key", "max_vcpus"]);
+    }
+
+    #[test]
     fn user_overrides_inherit_defaults_written_after_them() {
         let p = parse("[quotas.users.bob]\nmax_taps = 2\n\n[quotas]\nmax_vms = 3\n");
-        assert_eq!(p.user_quotas["bob"], Quotas { max_vms: 3, max_taps: 2, max_loops: 32 });
+        assert_eq!(
+            p.user_quotas["bob"],
+            Quotas { max_vms: 3, max_taps: 2, max_loops: 32, max_vcpus: 32, max_memory_mib: 32768 }
+        );
         assert_eq!(p.quotas_for(Some("bob")).max_taps, 2);
         assert_eq!(p.quotas_for(Some("carol")), p.quotas);
         assert_eq!(p.quotas_for(None), p.quotas);
@@ -660,21 +712,36 @@ key = \"a.b\"
             "# max_vms = 4",
             "# max_taps = 4",
             "# max_loops = 8",
+            "# max_memory_mib = 4096",
             "# allow = [\"udp/53\", \"tcp/53\"]",
+            "# [jailer]",
+            "# jailer = \"/usr/local/bin/jailer\"",
+            "# firecracker = \"/usr/local/bin/firecracker\"",
+            "# chroot_base = \"/srv/banger/jails\"",
+            "# uid_range = \"900000-965535\"",
         ];
         let mut text = String::new();
         for line in PACKAGED.lines() {
             if line == "allow = []" {
                 continue;
             }
+            // The [jailer] keys with a comment after them are uncommented too.
+            let keyed =
+                ["# cgroup = ", "# cgroup_parent = ", "# mode = "].iter().any(|k| line.starts_with(k));
             match examples.iter().find(|e| **e == line) {
                 Some(example) => text.push_str(&example[2..]),
+                None if keyed => text.push_str(&line[2..]),
                 None => text.push_str(line),
             }
             text.push('\n');
         }
         let p = parse(&text);
-        assert_eq!(p.user_quotas["alice"], Quotas { max_vms: 4, max_taps: 4, max_loops: 8 });
+        assert_eq!(
+            p.user_quotas["alice"],
+            Quotas { max_vms: 4, max_taps: 4, max_loops: 8, max_vcpus: 32, max_memory_mib: 4096 }
+        );
+        let jailer = p.jailer.expect("the [jailer] example");
+        assert_eq!((jailer.uids, jailer.mode), ((900000, 965535), crate::JailerMode::Allow));
         assert_eq!(p.network.guest_to_host.allow.len(), 2);
         // Every inline example `e.g. key = value` and `Example: key = value` is valid too.
         let mut checked = 0;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use toml::de::DeValue;
 
 use super::{Doc, PolicyError, Value, join, sorted};
-use super::{MAX_QUOTA, QUOTA_KEYS, QUOTAS_KEYS, access::check_account};
+use super::{MAX_MEMORY_MIB, MAX_QUOTA, QUOTA_KEYS, QUOTAS_KEYS, access::check_account};
 use crate::{Policy, Quotas};
 
 /// Quotas as written in one table, before missing ones fall back to the defaults.
@@ -14,6 +14,8 @@ struct QuotaFields {
     max_vms: Option<u32>,
     max_taps: Option<u32>,
     max_loops: Option<u32>,
+    max_vcpus: Option<u32>,
+    max_memory_mib: Option<u32>,
 }
 
 impl QuotaFields {
@@ -22,6 +24,8 @@ impl QuotaFields {
             max_vms: self.max_vms.unwrap_or(base.max_vms),
             max_taps: self.max_taps.unwrap_or(base.max_taps),
             max_loops: self.max_loops.unwrap_or(base.max_loops),
+            max_vcpus: self.max_vcpus.unwrap_or(base.max_vcpus),
+            max_memory_mib: self.max_memory_mib.unwrap_or(base.max_memory_mib),
         }
     }
 
@@ -33,14 +37,16 @@ impl QuotaFields {
         name: &str,
         value: &Value<'_>,
     ) -> Result<bool, PolicyError> {
-        let slot = match name {
-            "max_vms" => &mut self.max_vms,
-            "max_taps" => &mut self.max_taps,
-            "max_loops" => &mut self.max_loops,
+        let (slot, max) = match name {
+            "max_vms" => (&mut self.max_vms, MAX_QUOTA),
+            "max_taps" => (&mut self.max_taps, MAX_QUOTA),
+            "max_loops" => (&mut self.max_loops, MAX_QUOTA),
+            "max_vcpus" => (&mut self.max_vcpus, MAX_QUOTA),
+            "max_memory_mib" => (&mut self.max_memory_mib, MAX_MEMORY_MIB),
             _ => return Ok(false),
         };
-        let what = format!("a positive integer no larger than {MAX_QUOTA}");
-        *slot = Some(doc.integer(&join(section, name), value, 1, MAX_QUOTA, &what)?);
+        let what = format!("a positive integer no larger than {max}");
+        *slot = Some(doc.integer(&join(section, name), value, 1, max, &what)?);
         Ok(true)
     }
 }
@@ -61,7 +67,7 @@ pub(super) fn read_quotas(
                 let DeValue::Table(entries) = table.get_ref() else {
                     return Err(doc.wrong_type(
                         &section,
-                        &format!("a table ([{section}]) of max_vms, max_taps, max_loops"),
+                        &format!("a table ([{section}]) of {}", QUOTA_KEYS.join(", ")),
                         table,
                     ));
                 };

@@ -192,6 +192,8 @@ impl Loops for LinuxLoops {
             access,
             id: FileId { dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor), ino: st.stx_ino },
             size: st.stx_size,
+            rdev: (u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFBLK)
+                .then_some(DevNum { major: st.stx_rdev_major, minor: st.stx_rdev_minor }),
         })
     }
 
@@ -325,7 +327,7 @@ mod tests {
         let m = std::fs::metadata(&path).unwrap();
         assert!(b.regular);
         assert_eq!((b.uid, b.id.dev, b.id.ino, b.access), (m.uid(), m.dev(), m.ino(), FdAccess::ReadWrite));
-        assert_eq!(b.size, 1);
+        assert_eq!((b.size, b.rdev), (1, None));
         let fs = String::from_utf8(
             std::process::Command::new("findmnt")
                 .args(["-no", "FSTYPE", "-T"])
@@ -338,5 +340,21 @@ mod tests {
         assert_eq!(b.fs_type, fs.trim());
         let d = std::fs::File::open(dir.path()).unwrap();
         assert!(!loops.inspect(d.as_fd()).unwrap().regular);
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(loops.inspect(null.as_fd()).unwrap().rdev, None, "a character device is no drive");
+    }
+
+    #[test]
+    #[ignore = "needs root: makes a block device node"]
+    fn inspects_a_block_device_node_by_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b");
+        let dev = libc::makedev(7, 200);
+        nix::sys::stat::mknod(&path, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), dev).unwrap();
+        // O_PATH: the node is looked at, the device never opened.
+        let fd = open(&path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).unwrap();
+        let b = LinuxLoops::new("/dev").inspect(fd.as_fd()).unwrap();
+        assert!(!b.regular);
+        assert_eq!((b.rdev, b.access), (Some(DevNum { major: 7, minor: 200 }), FdAccess::Path));
     }
 }
