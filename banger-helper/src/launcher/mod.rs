@@ -26,6 +26,10 @@ use crate::jail::{self, JailConfig, JailSetupError};
 use crate::kernel::{JailOrder, JailState, KResult, KernelError};
 use message::{Answer, Failure, Order};
 
+/// The open-file limit (soft and hard) Firecracker's jailer sets before it execs the VMM: only
+/// lowering a hard limit needs no capability.
+pub const JAILER_NOFILE: u64 = 2048;
+
 /// The name the launcher runs under (`/proc/<pid>/comm`).
 pub const NAME: &str = "banger-launcher";
 
@@ -35,6 +39,11 @@ pub enum LauncherError {
     /// The policy's `[jailer]` cannot be used.
     #[error(transparent)]
     Setup(#[from] JailSetupError),
+    /// The hard open-file limit is below what the jailer sets.
+    #[error(
+        "the hard open-file limit is {0}, below the {JAILER_NOFILE} the jailer sets for each VMM (the launcher keeps no CAP_SYS_RESOURCE to raise it): raise it (LimitNOFILE= in the unit, or ulimit -Hn)"
+    )]
+    NoFile(u64),
     /// No socketpair or no fork.
     #[error("cannot start the jail launcher: {what}")]
     Start {
@@ -62,6 +71,11 @@ pub struct Launcher {
 /// descriptors the helper holds that the launcher must not (systemd's socket).
 pub fn start(policy: &Jailer, close: &[BorrowedFd<'_>]) -> Result<Launcher, LauncherError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|source| LauncherError::Start { what: "getrlimit", source })?;
+    if hard < JAILER_NOFILE {
+        return Err(LauncherError::NoFile(hard));
+    }
     let config = JailConfig::new(policy)?;
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|source| LauncherError::Start { what: "socketpair", source })?;
