@@ -15,6 +15,8 @@
 //! - [`launcher`]: the root process `serve` forks before confining itself when the policy has a
 //!   `[jailer]`, which builds jails ([`jail`]) and starts Firecracker's jailer for the helper;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
+//! - [`jail`]: building jails, starting Firecracker's jailer in them, killing jailed VMMs and
+//!   removing their jails (blocking, run by the launcher process with root's privileges);
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation (and, in the unit
 //!   tests only, a fake);
 //! - [`firewall`], [`names`], [`sysctl_key`]: pure rules, names and keys the helper derives;

@@ -91,6 +91,12 @@ pub struct VmView {
     pub tap: Option<String>,
     /// How the root disk was made (`dm-snapshot`, `reflink`, `sparse-copy`), once made.
     pub storage: Option<String>,
+    /// How its VMM is launched (`direct`, `jailer`), once it first started.
+    #[serde(default)]
+    pub launch: Option<String>,
+    /// The uid a jailed VMM runs as, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jail_uid: Option<u32>,
     /// The work disk (mounted by the guest at `/work`), if any.
     #[serde(default)]
     pub work_disk: Option<PathBuf>,
@@ -104,7 +110,7 @@ pub struct VmView {
     /// Firecracker's own log.
     #[serde(default)]
     pub vmm_log_path: PathBuf,
-    /// The API socket.
+    /// The API socket (a jailed VMM's: inside its jail).
     pub api_socket: PathBuf,
     /// Seconds since the epoch.
     pub created_at: i64,
@@ -116,6 +122,9 @@ pub struct Status {
     /// The `storage` setting this daemon makes new roots with.
     #[serde(default)]
     pub storage: String,
+    /// The `launch` setting this daemon starts new VMs with (empty from a daemon before it).
+    #[serde(default)]
+    pub launch: String,
     /// The daemon's pid.
     pub pid: i32,
     /// The daemon's release.

@@ -8,10 +8,14 @@
 //! default_vcpus = 2
 //! default_memory_mib = 1024
 //! storage = "auto"                            # or BANGER_STORAGE: auto, dm-snapshot, reflink, copy
+//! launch = "direct"                           # or "jailer"
 //! ```
 //!
 //! `storage` says how a VM's root disk is made the first time it starts ([`StorageMode`]); a VM
-//! keeps the kind it got.
+//! keeps the kind it got. `launch` says how a VM's VMM is started the first time it starts
+//! ([`LaunchMode`]): as the user (`direct`) or by banger-helper through Firecracker's jailer, as
+//! a uid of its own in a chroot with cgroup limits (`jailer`); a VM keeps the mode it got, and a
+//! helper whose policy forces the jailer makes every VM a jailed one.
 //!
 //! Precedence, lowest first: defaults, the file, the environment. A missing file means
 //! defaults; an unreadable or malformed file, or an unknown key, is an error naming the file
@@ -28,6 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use crate::model::LaunchMode;
 use crate::paths::check_socket_path_len;
 
 /// The environment variable naming the helper socket.
@@ -197,6 +202,7 @@ struct ConfigFile {
     default_vcpus: Option<u32>,
     default_memory_mib: Option<u32>,
     storage: Option<String>,
+    launch: Option<String>,
 }
 
 /// The settings in effect.
@@ -220,6 +226,10 @@ pub struct Config {
     pub storage: StorageMode,
     /// Where [`Config::storage`] came from.
     pub storage_origin: Origin,
+    /// How the VMMs of VMs are launched when they first start.
+    pub launch: LaunchMode,
+    /// Where [`Config::launch`] came from.
+    pub launch_origin: Origin,
 }
 
 impl Default for Config {
@@ -234,6 +244,8 @@ impl Default for Config {
             default_memory_mib: DEFAULT_MEMORY_MIB,
             storage: StorageMode::Auto,
             storage_origin: Origin::Default,
+            launch: LaunchMode::Direct,
+            launch_origin: Origin::Default,
         }
     }
 }
@@ -302,6 +314,15 @@ impl Config {
                 expected,
             })?;
             config.storage_origin = origin;
+        }
+        if let Some(value) = file.launch {
+            config.launch = value.parse().map_err(|expected| ConfigError::Invalid {
+                key: "launch",
+                value: format!("{value:?}"),
+                origin: from_file.clone(),
+                expected,
+            })?;
+            config.launch_origin = from_file.clone();
         }
 
         config.helper_socket =
@@ -409,6 +430,26 @@ mod tests {
         let path = dir.join("config.toml");
         fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn launch_is_direct_by_default_jailer_when_asked_and_anything_else_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Config::load_with(&tmp.path().join("absent.toml"), env(&[])).unwrap();
+        assert_eq!((c.launch, &c.launch_origin), (LaunchMode::Direct, &Origin::Default));
+        let path = write_config(tmp.path(), "launch = \"jailer\"\n");
+        let c = Config::load_with(&path, env(&[])).unwrap();
+        assert_eq!((c.launch, &c.launch_origin), (LaunchMode::Jailer, &Origin::File(path.clone())));
+        let path = write_config(tmp.path(), "launch = \"direct\"\n");
+        assert_eq!(Config::load_with(&path, env(&[])).unwrap().launch, LaunchMode::Direct);
+        for bad in ["\"jail\"", "\"\"", "\"Jailer\""] {
+            let path = write_config(tmp.path(), &format!("launch = {bad}\n"));
+            let err = Config::load_with(&path, env(&[])).unwrap_err().to_string();
+            assert!(err.contains(&format!("launch = {bad}")) && err.contains("direct, jailer"), "{err}");
+            assert!(err.contains(&path.display().to_string()), "{err}");
+        }
+        let path = write_config(tmp.path(), "launch = 1\n");
+        assert!(Config::load_with(&path, env(&[])).is_err());
     }
 
     #[test]

@@ -108,6 +108,47 @@ impl FromStr for StorageKind {
     }
 }
 
+/// How a VM's VMM is launched (the `launch` setting; fixed per VM at its first start).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LaunchMode {
+    /// bangerd starts Firecracker itself, as the user.
+    #[default]
+    Direct,
+    /// banger-helper starts Firecracker through its jailer, as a uid of the VM's own, in a
+    /// chroot, with cgroup limits from the VM's shape.
+    Jailer,
+}
+
+impl LaunchMode {
+    /// Every mode, in the order they are listed to users.
+    pub const ALL: [LaunchMode; 2] = [LaunchMode::Direct, LaunchMode::Jailer];
+
+    /// The name stored, configured and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaunchMode::Direct => "direct",
+            LaunchMode::Jailer => "jailer",
+        }
+    }
+}
+
+impl fmt::Display for LaunchMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for LaunchMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        LaunchMode::ALL.into_iter().find(|m| m.as_str() == s).ok_or_else(|| {
+            let all: Vec<&str> = LaunchMode::ALL.iter().map(|m| m.as_str()).collect();
+            format!("one of {}", all.join(", "))
+        })
+    }
+}
+
 /// The name of a VM's Firecracker log in its directory.
 pub const VMM_LOG: &str = "vmm.log";
 
@@ -155,6 +196,9 @@ pub struct VmRuntime {
     pub work_disk_bytes: Option<u64>,
     /// How the root disk was made, once made: fixed from then on.
     pub storage: Option<StorageKind>,
+    /// How its VMM is launched, once it first started: fixed from then on (except that a
+    /// helper whose policy forces the jailer turns a direct VM into a jailed one).
+    pub launch: Option<LaunchMode>,
     /// Why the last start failed or why reconcile stopped it.
     pub last_error: Option<String>,
     /// Seconds since the epoch.
@@ -208,6 +252,7 @@ impl VmRuntime {
             work_disk_path: None,
             work_disk_bytes: None,
             storage: None,
+            launch: None,
             last_error: None,
             created_at: now,
             updated_at: now,
@@ -217,9 +262,41 @@ impl VmRuntime {
     }
 }
 
-/// The format version of `handles.json`: 2 since it names a dm-snapshot root's device as
-/// `dm_dev` (version 1 had `dm_device`, never set, still read).
-pub const HANDLES_VERSION: u32 = 2;
+/// The format version of `handles.json`: 3 since it holds a jailed VMM's jail (`jail`);
+/// 2 named a dm-snapshot root's device `dm_dev` (version 1 had `dm_device`, never set); both
+/// still read.
+pub const HANDLES_VERSION: u32 = 3;
+
+/// Where a VM's jailed VMM runs, as banger-helper answered its launch (or lists it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailHandles {
+    /// The jailer's `--id` (the helper's).
+    pub id: String,
+    /// The uid (and gid) the VMM runs as: a uid only this jail has.
+    pub uid: u32,
+    /// The jail's root directory on the host.
+    pub root: PathBuf,
+    /// The VMM's API socket on the host (below `root`, reachable by the user only).
+    pub api_socket: PathBuf,
+}
+
+impl JailHandles {
+    /// The host path of a path inside the jail (one of [`banger_protocol::jail_paths`]).
+    pub fn host_path(&self, in_jail: &str) -> PathBuf {
+        self.root.join(in_jail.trim_start_matches('/'))
+    }
+}
+
+impl From<&banger_protocol::JailInfo> for JailHandles {
+    fn from(j: &banger_protocol::JailInfo) -> Self {
+        JailHandles {
+            id: j.id.clone(),
+            uid: j.uid,
+            root: PathBuf::from(&j.root),
+            api_socket: PathBuf::from(&j.api_socket),
+        }
+    }
+}
 
 /// What is true about a running VM right now. Never stored in SQLite.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,6 +322,10 @@ pub struct VmHandles {
     /// The dm-snapshot's device node (the VM's root drive), owned by the user.
     #[serde(default, alias = "dm_device")]
     pub dm_dev: Option<String>,
+    /// The jail of a VMM launched through the jailer (`pid` is then its host PID, running as
+    /// the jail's uid).
+    #[serde(default)]
+    pub jail: Option<JailHandles>,
 }
 
 impl VmHandles {
@@ -256,5 +337,6 @@ impl VmHandles {
             && self.cow_loop.is_none()
             && self.dm_name.is_none()
             && self.dm_dev.is_none()
+            && self.jail.is_none()
     }
 }

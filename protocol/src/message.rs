@@ -159,9 +159,14 @@ pub mod jail_paths {
     pub const WORK_DRIVE: &str = "/work";
     /// Firecracker's API socket (`--api-sock`).
     pub const API_SOCKET: &str = "/run/firecracker.socket";
+    /// The serial console's FIFO (Firecracker's `PUT /serial` `serial_out_path`): written by
+    /// the VMM, readable by the caller and by nobody else.
+    pub const SERIAL: &str = "/run/serial";
     /// The directory the VMM's other sockets go in (vsock): reachable by the caller, like the
     /// API socket, and by nobody else.
     pub const RUN_DIR: &str = "/run";
+    /// The VM's hybrid vsock socket (`PUT /vsock`), in [`RUN_DIR`].
+    pub const VSOCK: &str = "/run/vsock";
 }
 
 /// What a loop device is for; with the VM id it names the device within an install.
@@ -223,7 +228,7 @@ pub struct HelloReply {
 }
 
 /// What a helper offers on this host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
     /// The helper can make dm-snapshot roots here ([`Request::DmCreate`]): the kernel has
     /// device-mapper with the snapshot target and the helper kept what it needs for it.
@@ -235,10 +240,17 @@ pub struct Capabilities {
     pub loop_configure: bool,
     /// The policy lets TAPs keep IPv6.
     pub ipv6: bool,
-    /// Users may run VMMs themselves (direct mode): false when the policy forces the jailer
-    /// (`[jailer] mode = "force"`), where the helper hands out no TAP and no block device node
-    /// and every VM is launched with [`Request::JailLaunch`].
+    /// The policy lets users run their VMMs themselves (direct mode). `false` when the policy
+    /// forces the jailer: the helper then hands no TAP or dm node to a user, and a client
+    /// launches every VM through [`Request::JailLaunch`].
     pub direct: bool,
+}
+
+impl Default for Capabilities {
+    /// Nothing optional offered; direct mode allowed (as by a policy without `[jailer]`).
+    fn default() -> Self {
+        Capabilities { device_mapper: false, jailer: false, loop_configure: false, ipv6: false, direct: true }
+    }
 }
 
 /// A user's slice of the address pool.

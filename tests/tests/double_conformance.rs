@@ -282,6 +282,16 @@ fn double_api_transcript_matches_firecracker() {
         step("PUT", "/boot-source", Some(&kernel_ok), 204, ""),
         step(
             "PUT",
+            "/serial",
+            Some(r#"{"serial_out_path":"/s","x":1}"#),
+            400,
+            &fault(
+                "An error occurred when deserializing the json body of a request: unknown field `x`, expected `serial_out_path` or `rate_limiter` at line 1 column 27.",
+            ),
+        ),
+        step("PUT", "/serial", Some(&format!(r#"{{"serial_out_path":"{}"}}"#, f.path("console"))), 204, ""),
+        step(
+            "PUT",
             "/actions",
             Some(r#"{"action_type":"FlushMetrics"}"#),
             400,
@@ -306,6 +316,13 @@ fn double_api_transcript_matches_firecracker() {
             "PUT",
             "/boot-source",
             Some(&kernel_ok),
+            400,
+            &fault("The requested operation is not supported after starting the microVM."),
+        ),
+        step(
+            "PUT",
+            "/serial",
+            Some(r#"{"serial_out_path":"/s"}"#),
             400,
             &fault("The requested operation is not supported after starting the microVM."),
         ),
@@ -370,7 +387,10 @@ fn double_api_transcript_matches_firecracker() {
     assert!(log_text.contains(":INFO] The API server received a Put request on \"/actions\""), "{log_text}");
     let metrics_text = std::fs::read_to_string(&metrics).unwrap();
     assert!(metrics_text.lines().count() >= 2, "a flush and the final write: {metrics_text}");
-    let console = std::fs::read_to_string(f.dir.join("console.log")).unwrap();
+    // The guest's console went to the file `PUT /serial` named (made at boot), not to stdout.
+    let stdout = std::fs::read_to_string(f.dir.join("console.log")).unwrap();
+    assert!(!stdout.contains("Command line:"), "{stdout}");
+    let console = std::fs::read_to_string(f.path("console")).unwrap();
     assert!(
         console.contains("Command line: console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda ro"),
         "{console}"

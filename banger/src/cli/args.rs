@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 ///
 /// banger talks to your own daemon (bangerd, started on demand), which asks the host's
 /// banger-helper for network and disk devices. Set BANGER_HOME to keep a separate install
-/// under one directory.
+/// under one directory. Settings are in ~/.config/banger/config.toml; `launch = "jailer"` there
+/// has banger-helper start each new VM's Firecracker through Firecracker's jailer (a uid of its
+/// own, a chroot, CPU and memory limits) instead of as you (`launch = "direct"`, the default).
 #[derive(Debug, Parser)]
 #[command(name = "banger", version, propagate_version = true)]
 pub struct Cli {
@@ -77,7 +79,7 @@ pub struct ShutdownArgs {
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub timeout: Option<u64>,
     /// Kill the VMM at once, without asking the guest to shut down (what it has not written to
-    /// its disks is lost).
+    /// its disks is lost). A jailed VMM is killed by banger-helper.
     #[arg(long, conflicts_with = "timeout")]
     pub force: bool,
 }
@@ -101,7 +103,8 @@ pub enum VmCommand {
         json: bool,
     },
     /// Boot a VM, showing its steps on standard error (one line redrawn on a terminal, one
-    /// plain line per step otherwise, nothing with --json).
+    /// plain line per step otherwise, nothing with --json). Its first start fixes how its
+    /// Firecracker runs (the `launch` setting: direct, or through the jailer).
     Start {
         /// The VM's name.
         name: String,
@@ -159,7 +162,8 @@ pub enum VmCommand {
         /// Keep printing what is written, until interrupted (Ctrl-C).
         #[arg(long, short = 'f')]
         follow: bool,
-        /// Firecracker's own log (its messages about the VM) instead of the guest's console.
+        /// Firecracker's own log (its messages about the VM) instead of the guest's console
+        /// (a VM launched through the jailer has none).
         #[arg(long)]
         vmm: bool,
     },

@@ -116,6 +116,13 @@ impl Ctx {
                 self.config.storage.as_str()
             );
         }
+        if !status.launch.is_empty() && status.launch != self.config.launch.as_str() {
+            eprintln!(
+                "warning: the running bangerd starts new vms with launch = {:?} but this command would use {:?}; run `banger daemon stop` to restart it with the new setting",
+                status.launch,
+                self.config.launch.as_str()
+            );
+        }
         let wanted = self.config.resolve_firecracker().unwrap_or_else(|_| self.config.firecracker.clone());
         if status.firecracker != wanted {
             eprintln!(
@@ -145,6 +152,7 @@ async fn daemon_status(ctx: &Ctx, json: bool) -> anyhow::Result<ExitCode> {
                 }
                 println!("  firecracker: {}", s.firecracker.display());
                 println!("  storage:     {}", s.storage);
+                println!("  launch:      {}", s.launch);
                 println!("  running vms: {}", s.running_vms.unwrap_or(0));
                 println!("  log:         {}", ctx.paths.daemon_log().display());
             }
@@ -229,6 +237,12 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     }
     if let Some(s) = &vm.storage {
         println!("storage:   {s}");
+    }
+    if let Some(launch) = &vm.launch {
+        match vm.jail_uid {
+            Some(uid) => println!("launch:    {launch} (vmm runs as uid {uid})"),
+            None => println!("launch:    {launch}"),
+        }
     }
     if let Some(disk) = &vm.work_disk {
         let size = vm.work_disk_bytes.map(crate::size::format_size).unwrap_or_else(|| "?".into());
@@ -755,6 +769,8 @@ mod tests {
             pid: None,
             tap: None,
             storage: None,
+            launch: None,
+            jail_uid: None,
             work_disk: None,
             work_disk_bytes: None,
             vm_dir: "/x".into(),

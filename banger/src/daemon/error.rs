@@ -107,6 +107,13 @@ pub enum DaemonError {
     /// The VM's root disk: a kind this host cannot make (409), or a failure (500).
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The process table or a jailed VMM's socket could not be read (500).
+    #[error(transparent)]
+    Liveness(#[from] crate::daemon::liveness::LivenessError),
+    /// The VM's launch mode: one the helper cannot give here (409) or a shape a jail cannot
+    /// have (400).
+    #[error(transparent)]
+    Launch(#[from] crate::daemon::launch::LaunchError),
     /// The VM's work disk: a size out of range (400), or a failure (500).
     #[error(transparent)]
     WorkDisk(#[from] WorkDiskError),
@@ -209,6 +216,8 @@ impl DaemonError {
             ) => 409,
             DaemonError::Helper(e) if e.is_unreachable() => 503,
             DaemonError::Storage(e) if e.is_unavailable() => 409,
+            DaemonError::Launch(crate::daemon::launch::LaunchError::Shape { .. }) => 400,
+            DaemonError::Launch(_) => 409,
             DaemonError::WorkDisk(e) if e.is_invalid() => 400,
             DaemonError::Start { source, .. } | DaemonError::Incomplete { source, .. } => source.status(),
             DaemonError::Store(_)
@@ -216,6 +225,7 @@ impl DaemonError {
             | DaemonError::Teardown { .. }
             | DaemonError::Io { .. }
             | DaemonError::Handles(_)
+            | DaemonError::Liveness(_)
             | DaemonError::Storage(_)
             | DaemonError::WorkDisk(_)
             | DaemonError::Personalize(_)

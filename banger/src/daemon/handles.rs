@@ -1,5 +1,5 @@
-//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm), kept in memory and
-//! mirrored to `<vm_dir>/handles.json`.
+//! Momentary reality: the handles of running VMs (PID, TAP, loops, dm, a jailed VMM's jail),
+//! kept in memory and mirrored to `<vm_dir>/handles.json`.
 //!
 //! The in-memory [`HandleCache`] is what the daemon consults; the scratch file exists so that a
 //! daemon that died can find out, at its next start, which kernel objects its VMs held (see
@@ -208,6 +208,7 @@ mod tests {
             cow_loop: Some("/dev/loop4".into()),
             dm_name: Some("banger-1000-vm1".into()),
             dm_dev: Some("/dev/dm-2".into()),
+            jail: None,
         }
     }
 
@@ -256,12 +257,50 @@ mod tests {
     }
 
     #[test]
+    fn version_3_keeps_a_jail_and_version_2_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let jail = crate::model::JailHandles {
+            id: "bg-0123abcd".into(),
+            uid: 900_001,
+            root: "/srv/jailer/firecracker/bg-0123abcd/root".into(),
+            api_socket: "/srv/jailer/firecracker/bg-0123abcd/root/run/firecracker.socket".into(),
+        };
+        let h = VmHandles { jail: Some(jail.clone()), ..sample(4242) };
+        write_scratch(dir.path(), &h).unwrap();
+        let text = fs::read_to_string(scratch_path(dir.path())).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["version"], 3);
+        assert_eq!(json["jail"]["id"], "bg-0123abcd", "{text}");
+        assert_eq!(json["jail"]["uid"], 900_001, "{text}");
+        assert_eq!(json["jail"]["api_socket"], jail.api_socket.to_str().unwrap(), "{text}");
+        assert_eq!(read_scratch(dir.path()).unwrap().unwrap(), h);
+        assert_eq!(
+            jail.host_path(banger_protocol::jail_paths::SERIAL),
+            Path::new("/srv/jailer/firecracker/bg-0123abcd/root/run/serial")
+        );
+
+        // A version 2 file, as bangerd wrote it before jails: no jail, everything else kept.
+        fs::write(
+            scratch_path(dir.path()),
+            br#"{"version": 2, "pid": 8, "tap": "bg2", "base_loop": "/dev/loop1", "cow_loop": "/dev/loop2", "dm_name": "d", "dm_dev": "/dev/dm-1"}"#,
+        )
+        .unwrap();
+        let old = read_scratch(dir.path()).unwrap().unwrap();
+        assert_eq!((old.version, old.pid, old.jail), (2, Some(8), None));
+        assert_eq!(old.dm_dev.as_deref(), Some("/dev/dm-1"));
+        // A jail without one of its fields is corrupt, not a jail with defaults.
+        fs::write(scratch_path(dir.path()), br#"{"version": 3, "pid": 8, "jail": {"id": "x", "uid": 1}}"#)
+            .unwrap();
+        assert!(matches!(read_scratch(dir.path()), Err(HandlesError::Corrupt { .. })));
+    }
+
+    #[test]
     fn version_2_names_the_dm_device_dm_dev_and_version_1_files_still_read() {
         let dir = tempfile::tempdir().unwrap();
         write_scratch(dir.path(), &sample(3)).unwrap();
         let text = fs::read_to_string(scratch_path(dir.path())).unwrap();
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(json["version"], 2);
+        assert_eq!(json["version"], HANDLES_VERSION);
         for (key, value) in [
             ("base_loop", "/dev/loop3"),
             ("cow_loop", "/dev/loop4"),

@@ -9,11 +9,12 @@
 //!
 //! Its parts: [`startup`] (start-up and serving), [`api`] (HTTP routing), [`error`] (errors and
 //! their HTTP statuses), [`store`] (durable intent), [`handles`] (momentary reality),
-//! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`],
-//! [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
+//! [`liveness`], [`reconcile`], [`helper_client`], [`firecracker`] (the VMM's API), [`vmm`], [`launch`],
+//! [`beneath`] (files inside a jail), [`images`], [`file_identity`], [`storage`], [`work_disk`], [`personalize`], [`resolvers`], [`guest_prep`],
 //! [`logs`].
 
 pub mod api;
+pub mod beneath;
 pub mod error;
 pub mod file_identity;
 pub mod firecracker;
@@ -21,6 +22,7 @@ pub mod guest_prep;
 pub mod handles;
 pub mod helper_client;
 pub mod images;
+pub mod launch;
 pub mod lifecycle;
 pub mod liveness;
 pub mod logs;
@@ -222,6 +224,9 @@ impl Daemon {
         current_run: bool,
     ) -> Result<String, DaemonError> {
         let vm = self.find(name)?;
+        if vmm && vm.launch == Some(crate::model::LaunchMode::Jailer) {
+            return Err(launch::LaunchError::NoVmmLog { vm: vm.name }.into());
+        }
         let path = if vmm { vm.vmm_log_path() } else { vm.log_path.clone() };
         let text = if current_run { logs::run_tail(&path, bytes) } else { logs::tail(&path, bytes) };
         text.map_err(|source| DaemonError::Io { action: "read", path, source })
@@ -235,6 +240,7 @@ impl Daemon {
             if checks { self.checks().await? } else { (None, None, None) };
         Ok(Status {
             storage: self.config.storage.as_str().to_owned(),
+            launch: self.config.launch.as_str().to_owned(),
             pid: std::process::id() as i32,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             install_id: self.install_id.to_string(),
@@ -333,12 +339,14 @@ fn view_of(vm: &VmRuntime, handles: &VmHandles, alive: bool) -> VmView {
         pid: if alive { handles.pid } else { None },
         tap: handles.tap.clone(),
         storage: vm.storage.map(|s| s.as_str().to_owned()),
+        launch: vm.launch.map(|l| l.as_str().to_owned()),
+        jail_uid: handles.jail.as_ref().filter(|_| alive).map(|j| j.uid),
         work_disk: vm.work_disk_path.clone(),
         work_disk_bytes: vm.work_disk_bytes,
         vm_dir: vm.vm_dir.clone(),
         log_path: vm.log_path.clone(),
         vmm_log_path: vm.vmm_log_path(),
-        api_socket: vm.api_socket.clone(),
+        api_socket: crate::daemon::liveness::api_socket(vm, handles).to_owned(),
         created_at: vm.created_at,
     }
 }

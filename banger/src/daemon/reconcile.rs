@@ -19,8 +19,12 @@
 //!      helper's list, and the file is rewritten when it differs from what was found;
 //!    - `starting` or `stopping` and alive → the interrupted transition is settled: a start is
 //!      undone and a stop finished, both by killing the VMM (SIGKILL through a pidfd, only if it
-//!      still serves the VM's API socket) and waiting for it to exit; then as dead below. A VMM
-//!      that does not exit in time is left alone and reported;
+//!      still serves the VM's API socket) and waiting for it to exit (a jailed VMM, which runs
+//!      as another uid: the helper's `JailKill`); then as dead below. A VMM that does not exit
+//!      in time is left alone and reported;
+//!    - a jailed VM (its handles, or the helper's list, name a jail): the jail the helper lists
+//!      is the truth (its PID and uid replace what `handles.json` says) and liveness is asked
+//!      again with it;
 //!    - not alive → *dead*: the VM's kernel objects are torn down through the helper
 //!      (`TeardownVms` with its id: NAT, TAP, dm-snapshot, loops), its `handles.json` is removed once the
 //!      teardown succeeded, its cache entry dropped, and its state set in one transaction:
@@ -32,7 +36,7 @@
 //!    `handles.json` kept. Nothing is lost: the daemon's background refresh retries the teardown
 //!    once the helper answers, and since a VM that does not want to run claims no kernel objects,
 //!    the next reconcile with a reachable helper removes them in step 5 anyway.
-//! 5. Orphans: every VM id that the helper lists for *this* install (TAPs, NAT, loops, dm-snapshots) and that
+//! 5. Orphans: every VM id that the helper lists for *this* install (TAPs, NAT, loops, dm-snapshots, jails) and that
 //!    no VM claims (no row, or a row not wanting to run, and not handled in step 3) is torn down
 //!    in one `TeardownVms` and logged; a VM whose row said its teardown was pending has that
 //!    cleared and its `handles.json` removed. Objects tagged with another install id are never
@@ -48,8 +52,9 @@ use banger_protocol::{OwnedObjects, TeardownFailure, VmId};
 
 use crate::daemon::handles::{self, HandleCache};
 use crate::daemon::helper_client::{HelperApi, HelperClientError};
-use crate::daemon::liveness::{ProcessTable, kill_and_wait, rediscover_handles};
+use crate::daemon::liveness::{ProcessTable, kill_and_wait, rediscover_handles, vm_liveness};
 use crate::daemon::store::{Store, StoreError};
+use crate::model::JailHandles;
 use crate::model::{VmHandles, VmRuntime, VmState};
 
 /// How long reconcile waits for a killed VMM to exit by default.
@@ -252,8 +257,22 @@ impl<'a> Reconciler<'a> {
         // The helper's list fills what the scratch file lacks (all of it when the file is
         // missing or corrupt); fields the file has are kept.
         let mut handles = r.handles;
+        let mut alive = r.alive;
         if let Some(owned) = owned {
             fill_from_helper(&mut handles, owned, &vm.id);
+        }
+        if handles.jail.is_some() && r.os_error.is_none() {
+            // A jail the helper named may have changed the PID or the jail: ask again.
+            alive = match vm_liveness(&vm, &handles, self.procs) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(vm = %vm.id, error = %e, "cannot tell whether the jailed vmm is alive; leaving the vm as it is");
+                    self.cache.set(vm.id.clone(), handles);
+                    claimed.insert(vm.id.clone());
+                    report.undetermined.push((vm.id, e.to_string()));
+                    return None;
+                }
+            };
         }
 
         if let Some(e) = r.os_error {
@@ -266,7 +285,7 @@ impl<'a> Reconciler<'a> {
             return None;
         }
 
-        if r.alive && vm.state == VmState::Running {
+        if alive && vm.state == VmState::Running {
             tracing::info!(vm = %vm.id, name = %vm.name, pid = ?handles.pid, "vmm is alive; keeping the vm");
             let on_disk = if scratch_ok { handles::read_scratch(&vm.vm_dir).ok().flatten() } else { None };
             if on_disk.as_ref() == Some(&handles) {
@@ -281,7 +300,31 @@ impl<'a> Reconciler<'a> {
         }
 
         let mut killed = None;
-        if r.alive {
+        if alive && handles.jail.is_some() {
+            // The same for a jailed VMM, which only the helper can kill.
+            let pid = handles.pid.expect("alive implies a pid");
+            let why = match self.helper.jail_kill(&vm.id).await {
+                Ok(report) if report.torn_down.contains(&vm.id) => None,
+                Ok(report) => Some(
+                    report
+                        .failures
+                        .iter()
+                        .map(|f| format!("{}: {}", f.object, f.error))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = why {
+                tracing::warn!(vm = %vm.id, pid, %why, "cannot settle the interrupted {}", vm.state);
+                self.cache.set(vm.id.clone(), handles);
+                claimed.insert(vm.id.clone());
+                report.undetermined.push((vm.id, why));
+                return None;
+            }
+            tracing::info!(vm = %vm.id, pid, "killed the jailed vmm of an interrupted {}", vm.state);
+            killed = Some(pid);
+        } else if alive {
             // An interrupted start or stop whose VMM still runs: settle it by killing the VMM.
             let pid = handles.pid.expect("alive implies a pid");
             match kill_and_wait(self.procs, pid, &vm.api_socket, self.kill_wait).await {
@@ -441,6 +484,7 @@ fn mine(mut owned: OwnedObjects, install: &banger_protocol::InstallId) -> OwnedO
     owned.nat.retain(|n| &n.install == install);
     owned.loops.retain(|l| &l.install == install);
     owned.dms.retain(|d| &d.install == install);
+    owned.jails.retain(|j| &j.install == install);
     owned
 }
 
@@ -453,13 +497,26 @@ fn vm_ids(owned: &OwnedObjects) -> Vec<VmId> {
         .chain(owned.nat.iter().map(|n| n.vm.clone()))
         .chain(owned.loops.iter().map(|l| l.vm.clone()))
         .chain(owned.dms.iter().map(|d| d.vm.clone()))
+        .chain(owned.jails.iter().map(|j| j.vm.clone()))
         .collect();
     ids.into_iter().collect()
 }
 
 /// Fills the handles the helper knows (TAP, base and COW loops, dm-snapshot) where `handles` has
-/// none.
+/// none. A jail the helper lists is taken as the helper says (its PID and uid are the helper's
+/// to know: `handles.json` may be missing, or older than a launch that the daemon's exit
+/// interrupted).
 fn fill_from_helper(handles: &mut VmHandles, owned: &OwnedObjects, vm: &VmId) {
+    if let Some(jail) = owned.jails.iter().find(|j| &j.vm == vm) {
+        let listed = JailHandles::from(jail);
+        if handles.jail.as_ref().is_some_and(|h| h != &listed)
+            || handles.pid.is_some_and(|p| Some(p) != jail.pid)
+        {
+            tracing::info!(vm = %vm, scratch_pid = ?handles.pid, helper_pid = ?jail.pid, "the jail differs from handles.json; using the helper's");
+        }
+        handles.jail = Some(listed);
+        handles.pid = jail.pid;
+    }
     use banger_protocol::LoopRole;
     if handles.tap.is_none() {
         handles.tap = owned.taps.iter().find(|t| &t.vm == vm).map(|t| t.name.clone());
@@ -497,6 +554,9 @@ fn describe(h: &VmHandles) -> Vec<String> {
     }
     if let Some(d) = &h.dm_dev {
         out.push(format!("dm device {d}"));
+    }
+    if let Some(j) = &h.jail {
+        out.push(format!("jail {} (uid {})", j.id, j.uid));
     }
     out
 }
@@ -572,6 +632,7 @@ mod tests {
                 work_disk_path: None,
                 work_disk_bytes: None,
                 storage: None,
+                launch: None,
                 last_error: None,
                 created_at: 0,
                 updated_at: 0,
@@ -711,7 +772,12 @@ mod tests {
             .unwrap();
         w.procs.add(
             300,
-            FakeProcess { state: PidState::Live('S'), cmdline: vec!["vim".into()], listening: vec![] },
+            FakeProcess {
+                state: PidState::Live('S'),
+                cmdline: vec!["vim".into()],
+                listening: vec![],
+                uid: 1000,
+            },
         );
         let zombie = w.add_vm("zombie", VmState::Running);
         handles::write_scratch(&zombie.vm_dir, &VmHandles { pid: Some(301), ..Default::default() }).unwrap();

@@ -4,7 +4,7 @@
 //! Only the first path segment selects the resource (`/machine-config/anything` is
 //! `/machine-config`), resource ids may hold only alphanumerics and `_` and must equal the id in
 //! the body, a `GET` may not have a body, and a `PUT`/`PATCH` must have one. Endpoints that
-//! Firecracker has but the double does not emulate (balloon, MMDS, entropy, pmem, serial,
+//! Firecracker has but the double does not emulate (balloon, MMDS, entropy, pmem,
 //! cpu-config, memory hotplug, `GET /vm/config`) answer a 400 fault that says so.
 
 use serde::de::DeserializeOwned;
@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use super::config::{
     ActionBody, ActionType, BlockDeviceConfig, BlockDeviceUpdateConfig, BootSourceConfig, LoggerConfig,
     MachineConfig, MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdateConfig,
-    VmBody, VmStateRequest, VsockDeviceConfig,
+    SerialConfig, VmBody, VmStateRequest, VsockDeviceConfig,
 };
 use super::vm::VmmAction;
 
@@ -165,6 +165,7 @@ pub fn parse_request(method: Method, path: &str, body: Option<&[u8]>) -> Result<
                 deprecation,
             })
         }
+        (Put, "serial", Some(b)) => Ok(VmmAction::ConfigureSerial(json::<SerialConfig>(b)?).into()),
         (Put, "metrics", Some(b)) => Ok(VmmAction::ConfigureMetrics(json::<MetricsConfig>(b)?).into()),
         (Put, "network-interfaces", Some(b)) => {
             let id = checked_id(second)?;
@@ -188,9 +189,7 @@ pub fn parse_request(method: Method, path: &str, body: Option<&[u8]>) -> Result<
             let deprecation = cfg.vsock_id.as_ref().map(|_| "PUT /vsock: vsock_id field is deprecated.");
             Ok(ParsedRequest { action: VmmAction::SetVsockDevice(cfg), deprecation })
         }
-        (Put, "balloon" | "cpu-config" | "pmem" | "serial" | "mmds" | "entropy", Some(_)) => {
-            not_emulated(method, path)
-        }
+        (Put, "balloon" | "cpu-config" | "pmem" | "mmds" | "entropy", Some(_)) => not_emulated(method, path),
         (Put, "hotplug", Some(_)) if second == Some("memory") => not_emulated(method, path),
         (Put, _, None) => Err(method_to_error(Put)),
         (Patch, "balloon", _) => not_emulated(method, path),
@@ -296,5 +295,13 @@ mod tests {
         assert_eq!(p.deprecation, Some("PUT /vsock: vsock_id field is deprecated."));
         let p = parse_request(Method::Put, "/mmds", Some(b"{}")).unwrap();
         assert!(matches!(p.action, VmmAction::NotEmulated(ref s) if s == "PUT /mmds"));
+        let p = parse_request(Method::Put, "/serial", Some(br#"{"serial_out_path":"/run/serial"}"#)).unwrap();
+        assert!(
+            matches!(p.action, VmmAction::ConfigureSerial(ref c) if c.serial_out_path.as_deref() == Some("/run/serial"))
+        );
+        assert!(
+            fault(Method::Put, "/serial", Some(r#"{"serial_out_path":"/s","x":1}"#))
+                .contains("unknown field `x`")
+        );
     }
 }

@@ -322,6 +322,17 @@ impl<'de> Deserialize<'de> for LevelFilter {
     }
 }
 
+/// `PUT /serial` (Firecracker's `SerialConfig`).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    /// A file or named pipe the guest's console goes to instead of the VMM's stdout; opened
+    /// (created if missing, read-write, non-blocking) when the guest boots.
+    pub serial_out_path: Option<String>,
+    /// Accepted, not enforced.
+    pub rate_limiter: Option<TokenBucketConfig>,
+}
+
 /// `PUT /logger`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

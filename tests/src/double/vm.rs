@@ -12,13 +12,14 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
 use super::cmdline::{self, CmdlineError};
 use super::config::{
     BlockDeviceConfig, BlockDeviceUpdateConfig, BootSourceConfig, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdateConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterfaceConfig, NetworkInterfaceUpdateConfig, SerialConfig,
     VsockDeviceConfig,
 };
 use super::elf::{self, ElfError};
@@ -39,6 +40,8 @@ pub enum VmmAction {
     ConfigureLogger(LoggerConfig),
     /// `PUT /metrics`.
     ConfigureMetrics(MetricsConfig),
+    /// `PUT /serial`.
+    ConfigureSerial(SerialConfig),
     /// `PUT /actions` FlushMetrics.
     FlushMetrics,
     /// `GET /machine-config`.
@@ -172,6 +175,9 @@ pub enum StartMicrovmError {
     /// The emulated guest could not be started.
     #[error("Internal error while starting microVM: {0}")]
     Internal(String),
+    /// The serial output (`PUT /serial`) could not be opened.
+    #[error("Failed to create device manager: Legacy device manager error: Failed to create EventFd: {0}")]
+    SerialOutput(std::io::Error),
 }
 
 /// Every error an action can answer, worded as Firecracker's `VmmActionError`.
@@ -262,6 +268,8 @@ pub struct VsockDevice {
 /// Everything the guest gets at `InstanceStart`.
 #[derive(Debug)]
 pub struct GuestSpec<'a> {
+    /// Where the guest's console goes (`PUT /serial`); `None`: the VMM's stdout.
+    pub serial: Option<File>,
     /// Instance id (`--id`).
     pub instance_id: &'a str,
     /// vCPUs and memory.
@@ -343,6 +351,7 @@ pub struct Vmm {
     drives: Vec<Drive>,
     nets: Vec<NetDevice>,
     vsock: Option<VsockDevice>,
+    serial_out_path: Option<String>,
     boot_path: bool,
     taps: Box<dyn TapOpener>,
     launcher: Box<dyn GuestLauncher>,
@@ -378,6 +387,7 @@ impl Vmm {
             drives: Vec::new(),
             nets: Vec::new(),
             vsock: None,
+            serial_out_path: None,
             boot_path: false,
             taps,
             launcher,
@@ -423,6 +433,11 @@ impl Vmm {
             ConfigureLogger(c) => {
                 let path = c.log_path.as_deref().map(std::path::Path::new);
                 lock(&self.logger).update(path, c.level, c.show_level).map_err(VmmActionError::Logger)?;
+                Ok(VmmData::Empty)
+            }
+            ConfigureSerial(c) => {
+                // Firecracker only keeps it; the path is opened at boot.
+                self.serial_out_path = c.serial_out_path;
                 Ok(VmmData::Empty)
             }
             ConfigureMetrics(c) => {
@@ -512,6 +527,7 @@ impl Vmm {
             ConfigureBootSource(_)
             | ConfigureLogger(_)
             | ConfigureMetrics(_)
+            | ConfigureSerial(_)
             | LoadSnapshot
             | SetVsockDevice(_)
             | StartMicroVm
@@ -631,7 +647,22 @@ impl Vmm {
             "fc_vmm",
             &format!("Booting kernel {} with command line: {cmdline}", boot.config.kernel_image_path),
         );
+        // As Firecracker's `open_file_nonblock`: created if missing, read-write, non-blocking
+        // (a named pipe with no reader yet does not block the boot).
+        let serial = match &self.serial_out_path {
+            Some(path) => Some(
+                OpenOptions::new()
+                    .custom_flags(libc::O_NONBLOCK)
+                    .create(true)
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(StartMicrovmError::SerialOutput)?,
+            ),
+            None => None,
+        };
         let spec = GuestSpec {
+            serial,
             instance_id: &self.instance_id,
             machine: &self.machine,
             cmdline,
@@ -698,6 +729,7 @@ mod tests {
     struct Record {
         launches: Vec<(String, usize, usize)>,
         events: Vec<&'static str>,
+        serial: Option<File>,
     }
 
     struct FakeLauncher(Arc<Mutex<Record>>);
@@ -720,7 +752,10 @@ mod tests {
 
     impl GuestLauncher for FakeLauncher {
         fn launch(&mut self, spec: GuestSpec<'_>) -> Result<Box<dyn RunningGuest>, String> {
-            lock(&self.0).launches.push((spec.cmdline, spec.drives.len(), spec.nets.len()));
+            let mut rec = lock(&self.0);
+            rec.launches.push((spec.cmdline, spec.drives.len(), spec.nets.len()));
+            rec.serial = spec.serial;
+            drop(rec);
             Ok(Box::new(FakeGuest(self.0.clone())))
         }
     }
@@ -754,6 +789,56 @@ mod tests {
 
     fn err(r: Result<VmmData, VmmActionError>) -> String {
         r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn serial_output_is_kept_until_boot_then_opened_like_firecracker_and_refused_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        elf::write_test_kernel(&kernel).unwrap();
+        let boot = || BootSourceConfig {
+            kernel_image_path: kernel.display().to_string(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0".into()),
+        };
+        let serial = |path: &std::path::Path| SerialConfig {
+            serial_out_path: Some(path.display().to_string()),
+            rate_limiter: None,
+        };
+
+        // A path that cannot be opened is only found out at boot.
+        let (mut v, _) = vmm();
+        v.handle(VmmAction::ConfigureBootSource(boot())).unwrap();
+        v.handle(VmmAction::ConfigureSerial(serial(&dir.path().join("missing/serial")))).unwrap();
+        assert_eq!(
+            err(v.handle(VmmAction::StartMicroVm)),
+            "Start microvm error: Failed to create device manager: Legacy device manager error: Failed to create EventFd: No such file or directory (os error 2)"
+        );
+
+        // A named pipe nobody reads yet does not block the boot; the guest's console is it.
+        let fifo = dir.path().join("serial");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (mut v, rec) = vmm();
+        v.handle(VmmAction::ConfigureBootSource(boot())).unwrap();
+        v.handle(VmmAction::ConfigureSerial(serial(&fifo))).unwrap();
+        v.handle(VmmAction::StartMicroVm).unwrap();
+        let console = lock(&rec).serial.take().expect("the console goes to the pipe");
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&console.metadata().unwrap().file_type()));
+        assert_eq!(
+            err(v.handle(VmmAction::ConfigureSerial(serial(&fifo)))),
+            "The requested operation is not supported after starting the microVM."
+        );
+
+        // Without it, the console is the VMM's stdout; a missing file is created.
+        let (mut v, rec) = vmm();
+        v.handle(VmmAction::ConfigureBootSource(boot())).unwrap();
+        v.handle(VmmAction::StartMicroVm).unwrap();
+        assert!(lock(&rec).serial.is_none());
+        let (mut v, _) = vmm();
+        v.handle(VmmAction::ConfigureBootSource(boot())).unwrap();
+        v.handle(VmmAction::ConfigureSerial(serial(&dir.path().join("console.log")))).unwrap();
+        v.handle(VmmAction::StartMicroVm).unwrap();
+        assert!(dir.path().join("console.log").is_file());
     }
 
     #[test]

@@ -98,6 +98,23 @@ fn create_tap_ioctls(name: &str, owner: u32) -> Result<(), (&'static str, Errno)
     Ok(())
 }
 
+/// Hands the existing persistent TAP `name` (in the calling thread's network namespace) to
+/// `owner`: attaches to it with the flags it was made with, sets its owner, detaches. Fails with
+/// `ENODEV` when there is no such link and `EBUSY` while a process has it open.
+pub fn set_tap_owner(name: &str, owner: u32) -> KResult<()> {
+    let err = |op: &'static str, e: Errno| KernelError::errno(op, name, e);
+    // Without the link, TUNSETIFF would make a fresh, short-lived TAP instead of attaching.
+    nix::net::if_::if_nametoindex(name).map_err(|e| err("if_nametoindex", e))?;
+    let tun = open("/dev/net/tun", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| err("open /dev/net/tun", e))?;
+    let req = ifreq(name, TAP_FLAGS).map_err(|e| err("TUNSETIFF", e))?;
+    // SAFETY: `tun` is an open tun descriptor and `req` a valid ifreq that outlives the call.
+    unsafe { tun_set_iff(tun.as_raw_fd(), &req) }.map_err(|e| err("TUNSETIFF", e))?;
+    // SAFETY: TUNSETOWNER takes the uid by value.
+    unsafe { tun_set_owner(tun.as_raw_fd(), owner as _) }.map_err(|e| err("TUNSETOWNER", e))?;
+    Ok(())
+}
+
 /// Where the links of the helper's network namespace appear in sysfs.
 const SYS_CLASS_NET: &str = "/sys/class/net";
 

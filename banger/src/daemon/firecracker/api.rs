@@ -108,6 +108,14 @@ pub struct Vsock {
     pub uds_path: PathBuf,
 }
 
+/// `PUT /serial` (Firecracker 1.14 and later): where the guest's console goes instead of the
+/// VMM's stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Serial {
+    /// A file or named pipe (opened by Firecracker when the guest boots).
+    pub serial_out_path: PathBuf,
+}
+
 /// `PUT /logger`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Logger {
@@ -197,10 +205,14 @@ pub enum InstanceState {
 /// this order (the objects of Firecracker's `--config-file`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
-    /// `PUT /logger`: Firecracker's own log, apart from the guest's console.
-    pub logger: Logger,
-    /// `PUT /metrics` (the file must exist: Firecracker appends to it).
-    pub metrics: Metrics,
+    /// `PUT /logger`: Firecracker's own log, apart from the guest's console (none for a
+    /// jailed VMM, which can reach no file of the user's).
+    pub logger: Option<Logger>,
+    /// `PUT /metrics` (the file must exist: Firecracker appends to it); none for a jailed VMM.
+    pub metrics: Option<Metrics>,
+    /// `PUT /serial`: the console into a named pipe, for a VMM whose stdout is not the
+    /// daemon's (a jailed one); none: the console is the VMM's stdout.
+    pub serial: Option<Serial>,
     /// `PUT /machine-config`.
     pub machine: MachineConfig,
     /// `PUT /boot-source`.

@@ -118,7 +118,7 @@ pub mod api;
 use self::api::Action;
 pub use self::api::{
     ActionType, BootSource, CacheType, Drive, HugePages, InstanceInfo, InstanceState, IoEngine, LogLevel,
-    Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
+    Logger, MachineConfig, Metrics, NetworkInterface, Serial, VmConfig, Vsock,
 };
 
 /// How long each request of [`FirecrackerClient::configure`] took: its path, its duration.
@@ -141,12 +141,36 @@ async fn timed(
 pub struct FirecrackerClient {
     socket: PathBuf,
     timeout: Duration,
+    /// The jail root the socket must be reached below, for a jailed VMM.
+    beneath: Option<PathBuf>,
 }
 
 impl FirecrackerClient {
     /// A client for the API socket at `socket`, with [`DEFAULT_TIMEOUT`] per call.
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into(), timeout: DEFAULT_TIMEOUT }
+        Self { socket: socket.into(), timeout: DEFAULT_TIMEOUT, beneath: None }
+    }
+
+    /// The same client for a jailed VMM's socket, reached only below the jail root `root`,
+    /// following no link there ([`crate::daemon::beneath`]): the jail's directories belong to
+    /// the VMM's uid, which could otherwise point the daemon at another socket of the user's.
+    /// The socket is opened `O_PATH` that way and connected through `/proc/self/fd/N`.
+    pub fn beneath(mut self, root: impl Into<PathBuf>) -> Self {
+        self.beneath = Some(root.into());
+        self
+    }
+
+    /// Connects to the socket (see [`FirecrackerClient::beneath`]).
+    async fn connect(&self) -> std::io::Result<UnixStream> {
+        let Some(root) = &self.beneath else { return UnixStream::connect(&self.socket).await };
+        let in_jail = self.socket.strip_prefix(root).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the api socket is not inside its jail")
+        })?;
+        let fd = crate::daemon::beneath::open_beneath(root, in_jail, nix::fcntl::OFlag::O_PATH)?;
+        let pinned = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let stream = UnixStream::connect(pinned).await;
+        drop(fd);
+        stream
     }
 
     /// The same client with another per-call timeout.
@@ -201,8 +225,15 @@ impl FirecrackerClient {
     /// Returns how long each request took, by path, in order.
     pub async fn configure(&self, config: &VmConfig) -> Result<ApiTimings, FirecrackerError> {
         let mut t = ApiTimings::new();
-        timed(&mut t, "/logger".into(), self.put_logger(&config.logger)).await?;
-        timed(&mut t, "/metrics".into(), self.put_metrics(&config.metrics)).await?;
+        if let Some(logger) = &config.logger {
+            timed(&mut t, "/logger".into(), self.put_logger(logger)).await?;
+        }
+        if let Some(metrics) = &config.metrics {
+            timed(&mut t, "/metrics".into(), self.put_metrics(metrics)).await?;
+        }
+        if let Some(serial) = &config.serial {
+            timed(&mut t, "/serial".into(), self.put("/serial".into(), serial)).await?;
+        }
         timed(&mut t, "/machine-config".into(), self.put_machine_config(&config.machine)).await?;
         timed(&mut t, "/boot-source".into(), self.put_boot_source(&config.boot_source)).await?;
         for drive in &config.drives {
@@ -299,7 +330,8 @@ impl FirecrackerClient {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, FirecrackerError> {
         let http = |source| FirecrackerError::Http { socket: self.socket.clone(), path: path.into(), source };
-        let stream = UnixStream::connect(&self.socket)
+        let stream = self
+            .connect()
             .await
             .map_err(|source| FirecrackerError::Connect { socket: self.socket.clone(), source })?;
         let (mut sender, conn) =
@@ -655,13 +687,14 @@ mod tests {
         let vmm = fake_vmm();
         let fc = vmm.client();
         let config = VmConfig {
-            logger: Logger {
+            logger: Some(Logger {
                 log_path: "/state/vms/a/vmm.log".into(),
                 level: Some(LogLevel::Info),
                 show_level: Some(true),
                 show_log_origin: None,
-            },
-            metrics: Metrics { metrics_path: "/state/vms/a/metrics".into() },
+            }),
+            metrics: Some(Metrics { metrics_path: "/state/vms/a/metrics".into() }),
+            serial: None,
             machine: MachineConfig {
                 vcpu_count: 1,
                 mem_size_mib: 128,
@@ -847,6 +880,37 @@ mod tests {
         let info = FirecrackerClient::new(&socket).wait_ready(Duration::from_secs(5)).await.unwrap();
         assert_eq!(info.state, InstanceState::NotStarted);
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_jailed_socket_is_reached_only_below_its_root_without_links() {
+        let vmm = fake_vmm();
+        let root = vmm._dir.path().join("root");
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        // The VMM's socket, moved into its jail (a renamed socket still answers).
+        let api = root.join("run/firecracker.socket");
+        std::fs::rename(&vmm.socket, &api).unwrap();
+        let fc = FirecrackerClient::new(&api).beneath(&root).with_timeout(Duration::from_secs(5));
+        fc.get_instance_info().await.unwrap();
+        assert_eq!(vmm.seen().last().unwrap().path, "/");
+
+        // The jail's uid replaced `run` with a link to elsewhere: nothing is reached.
+        let elsewhere = vmm._dir.path().join("elsewhere");
+        std::fs::rename(root.join("run"), &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("run")).unwrap();
+        let before = vmm.seen().len();
+        let err = fc.send_ctrl_alt_del().await.unwrap_err();
+        assert!(
+            matches!(&err, FirecrackerError::Connect { source, .. } if source.raw_os_error() == Some(libc::ELOOP)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&api.display().to_string()), "{err}");
+        assert_eq!(vmm.seen().len(), before);
+        // Without `beneath` the link would have been followed.
+        FirecrackerClient::new(&api).with_timeout(Duration::from_secs(5)).get_instance_info().await.unwrap();
+        // A socket path outside the root is refused.
+        let outside = FirecrackerClient::new(elsewhere.join("firecracker.socket")).beneath(&root);
+        assert!(outside.get_instance_info().await.is_err());
     }
 
     #[test]

@@ -2,13 +2,21 @@
 //! and fails on demand. Its names are its own (`faketapN`, `fakedmN` and `/dev/fakedmN`), not
 //! the helper's. Whether it offers dm-snapshot roots is configured
 //! ([`FakeHelper::set_device_mapper`]; off by default, like a helper on a host without
-//! device-mapper).
+//! device-mapper). Jailer launches are offered when configured
+//! ([`FakeHelper::set_jailer`]): a launch records its descriptors (count, order and what each
+//! is), answers a [`JailInfo`] under a jail root of the fake's own, and, given a process table
+//! ([`FakeHelper::with_processes`]), makes its "VMM" there: a process running as the jail's uid
+//! that serves the jail's API socket, as the jailer's Firecracker would.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use banger_protocol::{LeaseInfo, TeardownFailure};
+use banger_protocol::{LeaseInfo, TeardownFailure, jail_paths};
+
+use crate::daemon::liveness::PidState;
+use crate::daemon::liveness::fake::{FakeProcess, FakeProcesses};
 
 use super::*;
 
@@ -21,6 +29,11 @@ struct State {
     nat: Vec<NatInfo>,
     loops: Vec<LoopInfo>,
     dms: Vec<DmInfo>,
+    jails: Vec<JailInfo>,
+    launches: Vec<JailLaunch>,
+    jailer: bool,
+    direct: bool,
+    next_jail: u32,
     /// What each loop device (by name) is attached to.
     backing: HashMap<String, Backing>,
     calls: Vec<Request>,
@@ -35,6 +48,27 @@ struct State {
     next_loop: u32,
     next_dm: u32,
 }
+
+/// One `JailLaunch` the fake received, with what its descriptors were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailLaunch {
+    /// The VM.
+    pub vm: VmId,
+    /// Its shape.
+    pub shape: VmShape,
+    /// Which optional files were announced.
+    pub files: JailFiles,
+    /// (device, inode) of each descriptor, in the order they came.
+    pub fds: Vec<(u64, u64)>,
+    /// Whether each descriptor was open for writing, in the same order.
+    pub writable: Vec<bool>,
+}
+
+/// The first uid the fake gives a jail (like a policy's range).
+pub const FAKE_JAIL_UID: u32 = 900_000;
+
+/// The first PID of a fake jailed VMM.
+pub const FAKE_JAIL_PID: i32 = 5000;
 
 /// The file a fake loop device was attached to, as its descriptor showed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +89,10 @@ pub struct Backing {
 #[derive(Debug)]
 pub struct FakeHelper {
     install: InstallId,
+    /// Where the fake's jails are (a directory of the test's).
+    jail_base: PathBuf,
+    /// Where jailed VMMs appear, when given.
+    procs: Option<Arc<FakeProcesses>>,
     /// Guards the fake's objects, its record of requests and its configured failures.
     state: Mutex<State>,
 }
@@ -65,7 +103,53 @@ pub const FAKE_LEASE: LeaseInfo = LeaseInfo { network: Ipv4Addr::new(172, 30, 0,
 impl FakeHelper {
     /// A fake acting for `install`.
     pub fn new(install: InstallId) -> Self {
-        Self { install, state: Mutex::new(State::default()) }
+        Self {
+            install,
+            jail_base: std::env::temp_dir().join("banger-fake-jails"),
+            procs: None,
+            state: Mutex::new(State { direct: true, ..State::default() }),
+        }
+    }
+
+    /// The same fake, whose jailed VMMs run in `procs` with their jails under `jail_base`.
+    pub fn with_processes(mut self, procs: Arc<FakeProcesses>, jail_base: impl Into<PathBuf>) -> Self {
+        self.procs = Some(procs);
+        self.jail_base = jail_base.into();
+        self
+    }
+
+    /// Whether the fake can launch through the jailer (its `Hello` capability; `JailLaunch` is
+    /// refused without, as the helper refuses it without a `[jailer]` policy).
+    pub fn set_jailer(&self, on: bool) {
+        self.state().jailer = on;
+    }
+
+    /// Whether the fake's policy allows direct mode (`false`: it forces the jailer).
+    pub fn set_direct(&self, on: bool) {
+        self.state().direct = on;
+    }
+
+    /// Every `JailLaunch` so far, with its descriptors.
+    pub fn jail_launches(&self) -> Vec<JailLaunch> {
+        self.state().launches.clone()
+    }
+
+    /// The jail of `vm` (this install's) that the fake holds.
+    pub fn jail_of(&self, vm: &VmId) -> Option<JailInfo> {
+        self.state().jails.iter().find(|j| j.install == self.install && &j.vm == vm).cloned()
+    }
+
+    /// Removes a jail's VMM (killed or exited) and the jail.
+    fn remove_jail(&self, s: &mut State, vm: &VmId) {
+        let gone: Vec<JailInfo> =
+            s.jails.iter().filter(|j| j.install == self.install && &j.vm == vm).cloned().collect();
+        s.jails.retain(|j| !(j.install == self.install && &j.vm == vm));
+        for j in gone {
+            if let (Some(procs), Some(pid)) = (&self.procs, j.pid) {
+                procs.remove(pid);
+            }
+            let _ = std::fs::remove_dir_all(PathBuf::from(&j.root).parent().unwrap_or(Path::new(&j.root)));
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -152,7 +236,7 @@ impl FakeHelper {
             nat: s.nat.clone(),
             loops: s.loops.clone(),
             dms: s.dms.clone(),
-            jails: Vec::new(),
+            jails: s.jails.clone(),
         }
     }
 
@@ -211,9 +295,12 @@ impl HelperApi for FakeHelper {
 
     fn capabilities(&self) -> BoxFuture<'_, Result<Capabilities, HelperClientError>> {
         // The socket client pings to learn them; so does the fake, for the record of calls.
-        let r = self
-            .enter(Request::Ping)
-            .map(|s| Capabilities { device_mapper: s.device_mapper, ..Capabilities::default() });
+        let r = self.enter(Request::Ping).map(|s| Capabilities {
+            device_mapper: s.device_mapper,
+            jailer: s.jailer,
+            direct: s.direct,
+            ..Capabilities::default()
+        });
         async move { r }.boxed()
     }
 
@@ -339,6 +426,8 @@ impl HelperApi for FakeHelper {
                     });
                     continue;
                 }
+                // Like the helper: a VM's jail goes with the rest of its objects.
+                self.remove_jail(&mut s, vm);
                 s.taps.retain(|t| !self.mine(&t.install, &t.vm, vm));
                 s.nat.retain(|n| !self.mine(&n.install, &n.vm, vm));
                 s.dms.retain(|d| !self.mine(&d.install, &d.vm, vm));
@@ -355,6 +444,97 @@ impl HelperApi for FakeHelper {
                 report.torn_down.push(vm.clone());
             }
             report
+        });
+        async move { r }.boxed()
+    }
+
+    fn jail_launch(
+        &self,
+        vm: &VmId,
+        shape: VmShape,
+        files: JailFiles,
+        fds: Vec<OwnedFd>,
+    ) -> BoxFuture<'_, Result<JailInfo, HelperClientError>> {
+        let r = self.enter(Request::JailLaunch { vm: vm.clone(), shape, files }).and_then(|mut s| {
+            // Like the frame layer: exactly the announced descriptors.
+            if fds.len() != files.count() {
+                return Err(HelperClientError::Helper(HelperError::invalid(format!(
+                    "jail-launch announced {} descriptors and carried {}",
+                    files.count(),
+                    fds.len()
+                ))));
+            }
+            let mut ids = Vec::new();
+            let mut writable = Vec::new();
+            for fd in &fds {
+                let st = nix::sys::stat::fstat(fd)
+                    .map_err(|e| HelperClientError::Helper(HelperError::kernel("fstat", e)))?;
+                let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)
+                    .map_err(|e| HelperClientError::Helper(HelperError::kernel("fcntl", e)))?;
+                ids.push((st.st_dev, st.st_ino));
+                writable.push(flags & libc::O_ACCMODE == libc::O_RDWR);
+            }
+            s.launches.push(JailLaunch { vm: vm.clone(), shape, files, fds: ids, writable });
+            if !s.jailer {
+                return Err(HelperClientError::Helper(HelperError::Denied {
+                    rule: "jailer".into(),
+                    reason: "this fake helper's policy has no [jailer] section".into(),
+                }));
+            }
+            if let Some(j) = s.jails.iter().find(|j| self.mine(&j.install, &j.vm, vm)) {
+                return Ok(j.clone());
+            }
+            let n = s.next_jail;
+            s.next_jail += 1;
+            let id = format!("fakejail{n}");
+            let root = self.jail_base.join(&id).join("root");
+            let run = root.join(jail_paths::RUN_DIR.trim_start_matches('/'));
+            std::fs::create_dir_all(&run)
+                .map_err(|e| HelperClientError::Helper(HelperError::invalid(e.to_string())))?;
+            let api_socket = root.join(jail_paths::API_SOCKET.trim_start_matches('/'));
+            let uid = FAKE_JAIL_UID + n;
+            let pid = FAKE_JAIL_PID + n as i32;
+            if let Some(procs) = &self.procs {
+                // The jailed Firecracker: its own uid, serving the socket at the jail's path.
+                procs.add(
+                    pid,
+                    FakeProcess {
+                        state: PidState::Live('S'),
+                        cmdline: vec![
+                            "firecracker".into(),
+                            "--api-sock".into(),
+                            jail_paths::API_SOCKET.into(),
+                        ],
+                        listening: vec![api_socket.clone()],
+                        uid,
+                    },
+                );
+            }
+            let jail = JailInfo {
+                install: self.install.clone(),
+                vm: vm.clone(),
+                id,
+                uid,
+                pid: Some(pid),
+                root: root.display().to_string(),
+                api_socket: api_socket.display().to_string(),
+                shape,
+            };
+            s.jails.push(jail.clone());
+            Ok(jail)
+        });
+        async move { r }.boxed()
+    }
+
+    fn jail_kill(&self, vm: &VmId) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
+        let r = self.enter(Request::JailKill { vm: vm.clone() }).map(|mut s| {
+            if let Some(e) = s.teardown_failures.get(vm).cloned() {
+                let failure =
+                    TeardownFailure { vm: vm.clone(), object: format!("jail of vm {vm}"), error: e };
+                return TeardownReport { torn_down: Vec::new(), failures: vec![failure] };
+            }
+            self.remove_jail(&mut s, vm);
+            TeardownReport { torn_down: vec![vm.clone()], failures: Vec::new() }
         });
         async move { r }.boxed()
     }

@@ -12,12 +12,14 @@
 //!    reply's capabilities (whether the helper can make dm-snapshot roots here) are kept, and
 //!    renewed with every new connection ([`HelperApi::capabilities`]).
 //! 2. The connection is kept and reused; requests take turns on it (a mutex), each one frame
-//!    answered by one frame. `LoopAttach` carries its backing file as an fd (SCM_RIGHTS).
+//!    answered by one frame. `LoopAttach` carries its backing file as an fd (SCM_RIGHTS),
+//!    `JailLaunch` the VM's files (kernel, initrd, root and work drives).
 //! 3. If the connection turns out to be broken (the helper restarted, e.g. under socket
 //!    activation), the client reconnects, says `Hello` again and resends the request, once.
 //!    Resending is safe because every request the daemon sends is idempotent: `TapCreate`,
-//!    `LoopAttach` and `DmCreate` return the object that already exists for the VM (and role), `NatUp` applies
-//!    only the difference, a teardown treats "absent" as done, and the rest only read.
+//!    `LoopAttach`, `DmCreate` and `JailLaunch` return the object that already exists for the
+//!    VM (and role), `NatUp` applies only the difference, a teardown or `JailKill` treats
+//!    "absent" as done, and the rest only read.
 //!    A second break is [`HelperClientError::ConnectionLost`].
 //! 4. A helper that cannot be reached at all is [`HelperClientError::Unreachable`], whose message
 //!    says how to start it. Each exchange (including connecting) is bounded by a timeout; after a
@@ -30,8 +32,8 @@ use std::time::Duration;
 
 use banger_protocol::frame::{self, FrameError};
 use banger_protocol::{
-    Capabilities, DmInfo, HelperError, InstallId, LoopInfo, LoopRole, MAX_TEARDOWN_VMS, NatInfo,
-    OwnedObjects, PROTOCOL_VERSION, Request, Response, TapInfo, TeardownReport, VmId,
+    Capabilities, DmInfo, HelperError, InstallId, JailFiles, JailInfo, LoopInfo, LoopRole, MAX_TEARDOWN_VMS,
+    NatInfo, OwnedObjects, PROTOCOL_VERSION, Request, Response, TapInfo, TeardownReport, VmId, VmShape,
 };
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -247,6 +249,18 @@ pub trait HelperApi: Send + Sync {
     /// Tears down everything of `vms` for this install (any number; sent in batches): NAT,
     /// TAPs, dm-snapshots and loop devices, absent objects counting as removed.
     fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>>;
+    /// Launches the VMM of `vm` through the jailer (or returns the jail that already runs it),
+    /// with the VM's files as descriptors in the order `files` says: kernel, [initrd], root
+    /// drive, [work drive].
+    fn jail_launch(
+        &self,
+        vm: &VmId,
+        shape: VmShape,
+        files: JailFiles,
+        fds: Vec<OwnedFd>,
+    ) -> BoxFuture<'_, Result<JailInfo, HelperClientError>>;
+    /// Kills the jailed VMM of `vm` and removes its jail (absent counts as removed).
+    fn jail_kill(&self, vm: &VmId) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>>;
 }
 
 /// The answer one kind of request expects: each maps to one [`Response`] variant.
@@ -288,6 +302,7 @@ answer! {
     DmInfo => Dm,
     OwnedObjects => Owned,
     TeardownReport => Teardown,
+    JailInfo => Jail,
 }
 
 /// One attempt's failure: a broken connection may be retried, anything else may not.
@@ -379,7 +394,7 @@ impl SocketHelper {
             .await
             .map_err(|source| AttemptError::Fatal(connect_error(self.socket.clone(), source)))?;
         let hello = Request::Hello { version: PROTOCOL_VERSION, install_id: self.install_id.clone() };
-        match self.exchange(&stream, &hello, None).await? {
+        match self.exchange(&stream, &hello, &[]).await? {
             Response::Hello(reply) if reply.version == PROTOCOL_VERSION => {
                 tracing::debug!(socket = %self.socket.display(), helper = %reply.helper_version, capabilities = ?reply.capabilities, "connected to banger-helper");
                 *self.capabilities.lock().unwrap_or_else(|p| p.into_inner()) = Some(reply.capabilities);
@@ -401,12 +416,12 @@ impl SocketHelper {
         &self,
         stream: &UnixStream,
         req: &Request,
-        fd: Option<&OwnedFd>,
+        fds: &[OwnedFd],
     ) -> Result<Response, AttemptError> {
         let classify = |e: FrameError| {
             if is_broken(&e) { AttemptError::Broken(e) } else { AttemptError::Fatal(self.protocol(e)) }
         };
-        let fds: Vec<_> = fd.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
         frame::send(stream, req, &fds).await.map_err(classify)?;
         let (resp, _fds) = frame::recv::<Response>(stream).await.map_err(classify)?;
         Ok(resp)
@@ -417,31 +432,31 @@ impl SocketHelper {
         &self,
         conn: &mut Option<UnixStream>,
         req: &Request,
-        fd: Option<&OwnedFd>,
+        fds: &[OwnedFd],
     ) -> Result<Response, AttemptError> {
         if conn.is_none() {
             *conn = Some(self.connect().await?);
         }
         let stream = conn.as_ref().expect("connected just above");
-        self.exchange(stream, req, fd).await
+        self.exchange(stream, req, fds).await
     }
 
-    /// Sends `req` (with `fd` for `LoopAttach`) and returns the answer it expects; a typed error
+    /// Sends `req` (with its descriptors `fds`) and returns the answer it expects; a typed error
     /// answer becomes [`HelperClientError::Helper`], any other answer
     /// [`HelperClientError::UnexpectedResponse`].
-    async fn call<R: Answer>(&self, req: Request, fd: Option<&OwnedFd>) -> Result<R, HelperClientError> {
+    async fn call<R: Answer>(&self, req: Request, fds: &[OwnedFd]) -> Result<R, HelperClientError> {
         let op = req.op_name();
-        R::from_response(self.send(req, fd).await?).map_err(|other| self.unexpected(op, &other))
+        R::from_response(self.send(req, fds).await?).map_err(|other| self.unexpected(op, &other))
     }
 
     /// Sends `req` and returns the helper's answer; a typed error answer becomes
     /// [`HelperClientError::Helper`]. Reconnects once on a broken connection.
-    async fn send(&self, req: Request, fd: Option<&OwnedFd>) -> Result<Response, HelperClientError> {
+    async fn send(&self, req: Request, fds: &[OwnedFd]) -> Result<Response, HelperClientError> {
         let op = req.op_name();
         let mut conn = self.conn.lock().await;
         let mut retried = false;
         loop {
-            let attempt = tokio::time::timeout(self.timeout, self.attempt(&mut conn, &req, fd)).await;
+            let attempt = tokio::time::timeout(self.timeout, self.attempt(&mut conn, &req, fds)).await;
             let err = match attempt {
                 Ok(Ok(Response::Error(e))) => return Err(HelperClientError::Helper(e)),
                 Ok(Ok(resp)) => return Ok(resp),
@@ -476,14 +491,14 @@ impl SocketHelper {
 
 impl HelperApi for SocketHelper {
     fn ping(&self) -> BoxFuture<'_, Result<(), HelperClientError>> {
-        async move { self.call::<Pong>(Request::Ping, None).await.map(drop) }.boxed()
+        async move { self.call::<Pong>(Request::Ping, &[]).await.map(drop) }.boxed()
     }
 
     fn capabilities(&self) -> BoxFuture<'_, Result<Capabilities, HelperClientError>> {
         async move {
             // A ping makes sure a connection (and so a `Hello` answer) exists; a helper restarted
             // since the last one is asked again.
-            self.call::<Pong>(Request::Ping, None).await?;
+            self.call::<Pong>(Request::Ping, &[]).await?;
             let caps = self.capabilities.lock().unwrap_or_else(|p| p.into_inner()).clone();
             Ok(caps.unwrap_or_default())
         }
@@ -492,12 +507,12 @@ impl HelperApi for SocketHelper {
 
     fn tap_create(&self, vm: &VmId) -> BoxFuture<'_, Result<TapInfo, HelperClientError>> {
         let vm = vm.clone();
-        async move { self.call(Request::TapCreate { vm }, None).await }.boxed()
+        async move { self.call(Request::TapCreate { vm }, &[]).await }.boxed()
     }
 
     fn nat_up(&self, vm: &VmId) -> BoxFuture<'_, Result<NatInfo, HelperClientError>> {
         let vm = vm.clone();
-        async move { self.call(Request::NatUp { vm }, None).await }.boxed()
+        async move { self.call(Request::NatUp { vm }, &[]).await }.boxed()
     }
 
     fn loop_attach(
@@ -509,16 +524,16 @@ impl HelperApi for SocketHelper {
     ) -> BoxFuture<'_, Result<LoopInfo, HelperClientError>> {
         let vm = vm.clone();
         // `file` stays open here until the answer (or the retry) is done.
-        async move { self.call(Request::LoopAttach { vm, role, read_only }, Some(&file)).await }.boxed()
+        async move { self.call(Request::LoopAttach { vm, role, read_only }, std::slice::from_ref(&file)).await }.boxed()
     }
 
     fn dm_create(&self, vm: &VmId) -> BoxFuture<'_, Result<DmInfo, HelperClientError>> {
         let vm = vm.clone();
-        async move { self.call(Request::DmCreate { vm }, None).await }.boxed()
+        async move { self.call(Request::DmCreate { vm }, &[]).await }.boxed()
     }
 
     fn list_owned(&self) -> BoxFuture<'_, Result<OwnedObjects, HelperClientError>> {
-        async move { self.call(Request::ListOwned, None).await }.boxed()
+        async move { self.call(Request::ListOwned, &[]).await }.boxed()
     }
 
     fn teardown_vms(&self, vms: &[VmId]) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
@@ -526,13 +541,30 @@ impl HelperApi for SocketHelper {
         async move {
             let mut total = TeardownReport::default();
             for batch in vms.chunks(MAX_TEARDOWN_VMS) {
-                let r: TeardownReport = self.call(Request::TeardownVms { vms: batch.to_vec() }, None).await?;
+                let r: TeardownReport = self.call(Request::TeardownVms { vms: batch.to_vec() }, &[]).await?;
                 total.torn_down.extend(r.torn_down);
                 total.failures.extend(r.failures);
             }
             Ok(total)
         }
         .boxed()
+    }
+
+    fn jail_launch(
+        &self,
+        vm: &VmId,
+        shape: VmShape,
+        files: JailFiles,
+        fds: Vec<OwnedFd>,
+    ) -> BoxFuture<'_, Result<JailInfo, HelperClientError>> {
+        let vm = vm.clone();
+        // The descriptors stay open here until the answer (or the retry) is done.
+        async move { self.call(Request::JailLaunch { vm, shape, files }, &fds).await }.boxed()
+    }
+
+    fn jail_kill(&self, vm: &VmId) -> BoxFuture<'_, Result<TeardownReport, HelperClientError>> {
+        let vm = vm.clone();
+        async move { self.call(Request::JailKill { vm }, &[]).await }.boxed()
     }
 }
 
@@ -698,6 +730,10 @@ mod tests {
             Request::ListOwned => fake.list_owned().await.map(Response::Owned),
             Request::TeardownVms { vms } => fake.teardown_vms(&vms).await.map(Response::Teardown),
             Request::DmCreate { vm } => fake.dm_create(&vm).await.map(Response::Dm),
+            Request::JailLaunch { vm, shape, files } => {
+                fake.jail_launch(&vm, shape, files, fds).await.map(Response::Jail)
+            }
+            Request::JailKill { vm } => fake.jail_kill(&vm).await.map(Response::Teardown),
             // Requests the daemon never sends.
             _ => return Response::Error(HelperError::invalid("not sent by bangerd")),
         };
@@ -808,6 +844,37 @@ mod tests {
         assert_eq!(log.hellos, [Request::Hello { version: PROTOCOL_VERSION, install_id: install() }]);
         let ops: Vec<&str> = log.requests.iter().map(|(_, r)| r.op_name()).collect();
         assert_eq!(ops, ["ping", "tap-create", "nat-up", "list-owned", "teardown-vms"]);
+    }
+
+    #[tokio::test]
+    async fn jail_launch_passes_the_files_as_fds_in_order_and_jail_kill_answers_a_teardown() {
+        let srv = server();
+        let c = srv.client();
+        let dir = tempfile::tempdir().unwrap();
+        let names = ["vmlinux", "initrd", "rootfs", "work"];
+        let mut want = Vec::new();
+        let mut fds = Vec::new();
+        for name in names {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name).unwrap();
+            let meta = std::fs::metadata(&path).unwrap();
+            want.push((meta.dev(), meta.ino()));
+            fds.push(OwnedFd::from(std::fs::File::open(&path).unwrap()));
+        }
+        let shape = VmShape { vcpus: 2, mem_mib: 512 };
+        let files = JailFiles { initrd: true, work: true };
+        srv.backend.set_jailer(true);
+        let jail = c.jail_launch(&vm("dev"), shape, files, fds).await.unwrap();
+        assert_eq!((jail.vm.as_str(), jail.shape), ("dev", shape));
+        assert!(jail.api_socket.starts_with(&jail.root), "{jail:?}");
+        assert_eq!(srv.log().fds, want, "every file, in the protocol's order");
+        assert_eq!(srv.backend.jail_launches()[0].fds, want);
+        assert_eq!(c.list_owned().await.unwrap().jails, [jail]);
+        let report = c.jail_kill(&vm("dev")).await.unwrap();
+        assert_eq!(report.torn_down, [vm("dev")]);
+        assert!(c.list_owned().await.unwrap().jails.is_empty());
+        let ops: Vec<&str> = srv.log().requests.iter().map(|(_, r)| r.op_name()).collect();
+        assert_eq!(ops, ["jail-launch", "list-owned", "jail-kill", "list-owned"]);
     }
 
     #[tokio::test]

@@ -17,7 +17,8 @@
 //! still hold, then removes its host key pin, its directory and its row.
 //!
 //! Teardown (shared by all of them): kill the VMM if it still serves the VM's API socket and wait
-//! for it, remove the sockets it leaves, ask the helper to remove the VM's NAT, TAP, dm-snapshot
+//! for it (a jailed VMM: the helper's `JailKill`, which also removes its jail), remove the
+//! sockets it leaves, ask the helper to remove the VM's NAT, TAP, dm-snapshot
 //! and loop devices (`TeardownVms`), and only once that succeeded forget the VM's handles (cache
 //! and `handles.json`), so a teardown that fails can be retried from what is recorded. The VM's
 //! own files (its root or copy-on-write file, its work disk) stay until the VM is deleted.
@@ -168,9 +169,24 @@ impl Daemon {
     }
 
     /// Kills the VM's VMM if it still serves the VM's API socket, waits for it, and removes the
-    /// sockets it leaves behind (Firecracker refuses to bind an existing path). Failures are
-    /// logged: what follows (the helper's teardown) goes on regardless.
+    /// sockets it leaves behind (Firecracker refuses to bind an existing path). A jailed VMM
+    /// runs as another uid, which the user cannot signal: the helper kills it and removes its
+    /// jail (`JailKill`). Failures are logged: what follows (the helper's teardown, which
+    /// removes a jail too) goes on regardless.
     async fn kill_vmm(&self, vm: &VmRuntime, handles: &VmHandles) {
+        if handles.jail.is_some() {
+            match self.helper.jail_kill(&vm.id).await {
+                Ok(report) => {
+                    for f in report.failures {
+                        tracing::warn!(vm = %vm.name, object = %f.object, error = %f.error, "cannot kill the jailed vmm; tearing its devices down anyway");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, error = %chain(&e), "cannot kill the jailed vmm; tearing its devices down anyway")
+                }
+            }
+            return;
+        }
         if let Some(pid) = handles.pid
             && let Err(e) =
                 kill_and_wait(self.procs.as_ref(), pid, &vm.api_socket, self.timeouts.kill_wait).await

@@ -10,15 +10,15 @@
 //! | step | does | undo |
 //! | --- | --- | --- |
 //! | image | both files of the VM's image checked as imported ([`images::verify`]: an unchanged identity is trusted, a changed one re-hashed, a changed digest refuses); identities that moved recorded | none: nothing is made |
-//! | network | the TAP (helper), recorded in the VM's handles; NAT (helper); the guest's address | the helper's teardown (below) |
+//! | network | the launch mode decided ([`launch::choose`]: the helper's policy, the VM's recorded mode, the `launch` setting; recorded in the row at the first start); the TAP (helper), recorded in the VM's handles; NAT (helper); the guest's address | the helper's teardown (below) |
 //! | root disk | the first time: the kind chosen ([`storage::choose`]: the `storage` setting and the helper's `device_mapper` capability) and the VM's own part of its root made (a copy-on-write file sized with `min_cow_bytes` of the image, or a whole copy), kind and path recorded in the row; later: kept (a COW file grown if smaller than its image needs) | none: the root is the VM's own disk, made once and kept across starts |
 //! | base loop | dm-snapshot only: the image's rootfs opened read-only and attached read-only (helper), recorded | the helper's teardown |
 //! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
 //! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
 //! | personalize | the user's key and the VM's host key read (both made at create; a VM made before host keys were kept gets its own here); hostname, keys, the host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned unless it already is | the pin is removed, if this start wrote it |
-//! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); the VMM started, its API socket answering; its PID recorded in the handles | the VMM killed (if it still serves the VM's socket) and its sockets removed |
-//! | configure | the VMM's own log (`PUT /logger`, apart from the console); the metrics file; machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API | none of its own: the configuration dies with the VMM |
-//! | boot | `InstanceStart`; the row says `running` | none of its own: as above |
+//! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); direct: the VMM started, its API socket answering; jailer: the kernel, initrd, root drive (file or dm node) and work disk opened and sent as descriptors with `JailLaunch` (the VM's vCPUs and memory as its shape), the jail's API socket answering; its PID (and jail) recorded in the handles | direct: the VMM killed (if it still serves the VM's socket) and its sockets removed; jailer: `JailKill` |
+//! | configure | direct: the VMM's own log (`PUT /logger`, apart from the console) and the metrics file; jailer: the console into the jail's named pipe (`PUT /serial`); machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API, with paths inside the jail in jailer mode ([`jail_paths`]) | none of its own: the configuration dies with the VMM |
+//! | boot | `InstanceStart`; jailer: the serial relay started on the jail's console pipe; the row says `running` | none of its own: as above |
 //!
 //! The helper removes a VM's kernel objects only all together (`TeardownVms`: NAT and TAP, the
 //! dm-snapshot, then its loops), so the undo of every step that made some is that one teardown,
@@ -43,26 +43,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use banger_protocol::{LoopRole, TapInfo, min_cow_bytes};
+use banger_protocol::{Capabilities, LoopRole, TapInfo, jail_paths, min_cow_bytes};
 
 use super::phases::Phases;
 use super::touch;
 use crate::api_types::VmView;
 use crate::config::StorageMode;
 use crate::daemon::firecracker::{
-    BootSource, Drive, LogLevel, Logger, MachineConfig, Metrics, NetworkInterface, VmConfig, Vsock,
+    BootSource, Drive, LogLevel, Logger, MachineConfig, Metrics, NetworkInterface, Serial, VmConfig, Vsock,
 };
 use crate::daemon::guest_prep::GuestPrep;
 use crate::daemon::helper_client::HelperClientError;
 use crate::daemon::images;
+use crate::daemon::launch;
 use crate::daemon::liveness::vm_alive;
 use crate::daemon::personalize::{Personalization, RootForm};
 use crate::daemon::resolvers;
 use crate::daemon::storage::{self, RootPlan, StorageError};
 use crate::daemon::store::{ImageRecord, unix_now};
-use crate::daemon::vmm::{self, SpawnSpec};
+use crate::daemon::vmm::{self, Api, SpawnSpec};
 use crate::daemon::{Daemon, DaemonError, chain, logs};
-use crate::model::{StorageKind, VmHandles, VmRuntime, VmState};
+use crate::model::{JailHandles, LaunchMode, StorageKind, VmHandles, VmRuntime, VmState};
 use crate::ssh;
 
 /// The steps of a start, in the order they run.
@@ -213,8 +214,10 @@ struct Start<'a> {
     released: bool,
     /// Whether this start pinned a host key.
     pinned: bool,
-    /// Whether the helper can make dm-snapshots, once asked in this start.
-    device_mapper: Option<bool>,
+    /// What the helper offers, once asked in this start.
+    caps: Option<Capabilities>,
+    /// How this start launches the VMM (decided by the network step).
+    launch: LaunchMode,
     /// Told each step as it begins.
     progress: &'a Progress,
     /// How long each phase took.
@@ -240,7 +243,8 @@ impl<'a> Start<'a> {
             kernel_made: BTreeSet::new(),
             released: false,
             pinned: false,
-            device_mapper: None,
+            caps: None,
+            launch: LaunchMode::Direct,
             progress,
             phases,
         }
@@ -321,14 +325,44 @@ impl<'a> Start<'a> {
         Ok(self.daemon.cache.record(&self.vm.id, &self.vm.vm_dir, self.handles.clone())?)
     }
 
-    /// Whether the helper can make dm-snapshots here (its `Hello` capability), asked once.
-    async fn device_mapper(&mut self) -> Result<bool, DaemonError> {
-        if let Some(known) = self.device_mapper {
-            return Ok(known);
+    /// What the helper offers here (its `Hello` capabilities), asked once per start.
+    async fn capabilities(&mut self) -> Result<Capabilities, DaemonError> {
+        if let Some(known) = &self.caps {
+            return Ok(known.clone());
         }
-        let known = self.daemon.helper.capabilities().await?.device_mapper;
-        self.device_mapper = Some(known);
+        let known = self.daemon.helper.capabilities().await?;
+        self.caps = Some(known.clone());
         Ok(known)
+    }
+
+    /// Whether the helper can make dm-snapshots here.
+    async fn device_mapper(&mut self) -> Result<bool, DaemonError> {
+        Ok(self.capabilities().await?.device_mapper)
+    }
+
+    /// The launch mode of this start (see [`launch`]), recorded in the row when it changes.
+    async fn decide_launch(&mut self) -> Result<(), DaemonError> {
+        let caps = self.capabilities().await?;
+        let config = &self.daemon.config;
+        let mode = launch::choose(config.launch, &config.launch_origin, self.vm.launch, &caps)?;
+        if mode == LaunchMode::Jailer {
+            launch::shape(self.vm.vcpus, self.vm.memory_mib)?;
+        }
+        if self.vm.launch != Some(mode) {
+            if self.vm.launch.is_some() {
+                tracing::info!(vm = %self.vm.name, from = ?self.vm.launch, to = %mode, "banger-helper's policy forces the jailer; the vm is launched through it from now on");
+            }
+            self.vm.launch = Some(mode);
+            self.vm.updated_at = unix_now();
+            self.daemon.with_store(|s| s.update_vm(self.vm))?;
+        }
+        self.launch = mode;
+        Ok(())
+    }
+
+    /// The API socket of this start's VMM: its jail's, or the VM's own.
+    fn api_socket(&self) -> PathBuf {
+        crate::daemon::liveness::api_socket(self.vm, &self.handles).to_owned()
     }
 
     fn is_dm(&self) -> bool {
@@ -374,6 +408,7 @@ impl<'a> Start<'a> {
 
     /// Network: TAP, recorded; NAT; the guest's address.
     async fn network(&mut self) -> Result<(), DaemonError> {
+        self.decide_launch().await?;
         let d = self.daemon;
         let tap = d.helper.tap_create(&self.vm.id).await;
         self.note_kernel(StartStep::Network, &tap);
@@ -558,8 +593,11 @@ impl<'a> Start<'a> {
         Ok(())
     }
 
-    /// Spawn: the VMM, its PID recorded.
+    /// Spawn: the VMM, its PID (and jail) recorded.
     async fn spawn(&mut self) -> Result<(), DaemonError> {
+        if self.launch == LaunchMode::Jailer {
+            return self.spawn_jailed().await;
+        }
         let d = self.daemon;
         // The vsock socket is bound at PUT /vsock; one left by a killed VMM would make it fail.
         vmm::remove_stale_socket(&self.vm.vsock_path)?;
@@ -586,6 +624,71 @@ impl<'a> Start<'a> {
         self.record_handles()
     }
 
+    /// Spawn in jailer mode: the VM's files sent as descriptors with `JailLaunch`; the helper's
+    /// answer (PID and jail) recorded; its API socket answering.
+    async fn spawn_jailed(&mut self) -> Result<(), DaemonError> {
+        let d = self.daemon;
+        // Only the console is written here: a jailed VMM reaches no file of the user's, so it
+        // keeps no log or metrics of its own.
+        logs::begin_run(&self.vm.log_path).map_err(|source| DaemonError::Io {
+            action: "begin a new log at",
+            path: self.vm.log_path.clone(),
+            source,
+        })?;
+        let shape = launch::shape(self.vm.vcpus, self.vm.memory_mib)?;
+        let open = |action: &'static str, path: &Path, write: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .map(std::os::fd::OwnedFd::from)
+                .map_err(|source| DaemonError::Io { action, path: path.to_owned(), source })
+        };
+        let initrd = self.image.initrd.as_ref().map(|i| i.path.clone());
+        let work = self.vm.work_disk_path.clone();
+        let mut fds = vec![open("open the kernel", &self.image.kernel_path, false)?];
+        if let Some(initrd) = &initrd {
+            fds.push(open("open the initrd", initrd, false)?);
+        }
+        fds.push(open("open the root drive", &self.root().0, true)?);
+        if let Some(work) = &work {
+            fds.push(open("open the work disk", work, true)?);
+        }
+        let files = launch::files(initrd.is_some(), work.is_some());
+        let launched = d.helper.jail_launch(&self.vm.id, shape, files, fds).await;
+        self.note_kernel(StartStep::Spawn, &launched);
+        let jail = launched?;
+        tracing::info!(vm = %self.vm.name, jail = %jail.id, uid = jail.uid, pid = ?jail.pid, "launched through the jailer");
+        self.handles.pid = jail.pid;
+        self.handles.jail = Some(JailHandles::from(&jail));
+        self.record_handles()?;
+        self.wait_for_jail_api().await
+    }
+
+    /// Waits (bounded) until the jail's API socket answers: the helper answers once the socket
+    /// exists, but a VMM may still be setting up.
+    async fn wait_for_jail_api(&self) -> Result<(), DaemonError> {
+        let socket = self.api_socket();
+        let deadline = Instant::now() + vmm::API_SOCKET_TIMEOUT;
+        loop {
+            match self.daemon.procs.socket_answers(&socket) {
+                Ok(true) => return Ok(()),
+                Ok(false) if Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await
+                }
+                Ok(false) => {
+                    return Err(vmm::VmmError::SocketTimeout {
+                        path: socket,
+                        secs: vmm::API_SOCKET_TIMEOUT.as_secs(),
+                        tail: logs::run_tail(&self.vm.log_path, 2048).unwrap_or_default(),
+                    }
+                    .into());
+                }
+                Err(e) => return Err(DaemonError::Liveness(e)),
+            }
+        }
+    }
+
     async fn undo_spawn(&mut self) {
         self.daemon.kill_vmm(self.vm, &self.handles).await;
     }
@@ -594,12 +697,17 @@ impl<'a> Start<'a> {
     async fn configure(&mut self) -> Result<(), DaemonError> {
         let vm = &*self.vm;
         let tap = self.tap.as_ref().expect("the network step ran");
-        // Firecracker appends to the metrics file; it must exist.
-        touch(&vm.metrics_path).map_err(|source| DaemonError::Io {
-            action: "create",
-            path: vm.metrics_path.clone(),
-            source,
-        })?;
+        let jailed = self.handles.jail.is_some();
+        if !jailed {
+            // Firecracker appends to the metrics file; it must exist.
+            touch(&vm.metrics_path).map_err(|source| DaemonError::Io {
+                action: "create",
+                path: vm.metrics_path.clone(),
+                source,
+            })?;
+        }
+        // A jailed VMM opens every file by its path inside the jail, where the helper put it.
+        let at = |host: PathBuf, in_jail: &str| if jailed { PathBuf::from(in_jail) } else { host };
         let drive = |drive_id: &str, path_on_host: PathBuf, is_root_device| Drive {
             drive_id: drive_id.into(),
             is_root_device,
@@ -609,7 +717,7 @@ impl<'a> Start<'a> {
             io_engine: None,
             partuuid: None,
         };
-        let mut drives = vec![drive("rootfs", self.root().0, true)];
+        let mut drives = vec![drive("rootfs", at(self.root().0, jail_paths::ROOT_DRIVE), true)];
         if let Some(work) = &vm.work_disk_path {
             // Firecracker would only say "Drive config error"; say which file is missing.
             std::fs::metadata(work).map_err(|source| DaemonError::Io {
@@ -617,16 +725,17 @@ impl<'a> Start<'a> {
                 path: work.clone(),
                 source,
             })?;
-            drives.push(drive("work", work.clone(), false));
+            drives.push(drive("work", at(work.clone(), jail_paths::WORK_DRIVE), false));
         }
         let config = VmConfig {
-            logger: Logger {
+            logger: (!jailed).then(|| Logger {
                 log_path: vm.vmm_log_path(),
                 level: Some(LogLevel::Info),
                 show_level: Some(true),
                 show_log_origin: None,
-            },
-            metrics: Metrics { metrics_path: vm.metrics_path.clone() },
+            }),
+            metrics: (!jailed).then(|| Metrics { metrics_path: vm.metrics_path.clone() }),
+            serial: jailed.then(|| Serial { serial_out_path: jail_paths::SERIAL.into() }),
             machine: MachineConfig {
                 vcpu_count: vm.vcpus,
                 mem_size_mib: vm.memory_mib,
@@ -635,9 +744,9 @@ impl<'a> Start<'a> {
                 huge_pages: None,
             },
             boot_source: BootSource {
-                kernel_image_path: self.image.kernel_path.clone(),
+                kernel_image_path: at(self.image.kernel_path.clone(), jail_paths::KERNEL),
                 boot_args: Some(boot_args(&vm.name, tap.guest_ip, tap.host_ip, tap.prefix_len)),
-                initrd_path: self.image.initrd.as_ref().map(|i| i.path.clone()),
+                initrd_path: self.image.initrd.as_ref().map(|i| at(i.path.clone(), jail_paths::INITRD)),
             },
             drives,
             network_interfaces: vec![NetworkInterface {
@@ -645,10 +754,17 @@ impl<'a> Start<'a> {
                 host_dev_name: tap.name.clone(),
                 guest_mac: Some(tap.guest_mac.clone()),
             }],
-            vsock: Some(Vsock { guest_cid: vm.vsock_cid, uds_path: vm.vsock_path.clone() }),
+            vsock: Some(Vsock {
+                guest_cid: vm.vsock_cid,
+                uds_path: at(vm.vsock_path.clone(), jail_paths::VSOCK),
+            }),
         };
-        let timings =
-            self.daemon.vmm.configure(&vm.api_socket, &config).await.map_err(DaemonError::vmm_api)?;
+        let timings = self
+            .daemon
+            .vmm
+            .configure(Api::of(vm, &self.handles), &config)
+            .await
+            .map_err(DaemonError::vmm_api)?;
         for (path, took) in timings {
             self.phases.record(format!("api calls: PUT {path}"), took);
         }
@@ -659,8 +775,20 @@ impl<'a> Start<'a> {
     /// the step, so a VM never runs while its row says otherwise.
     async fn boot(&mut self) -> Result<(), DaemonError> {
         let at = Instant::now();
-        self.daemon.vmm.boot(&self.vm.api_socket).await.map_err(DaemonError::vmm_api)?;
+        self.daemon.vmm.boot(Api::of(self.vm, &self.handles)).await.map_err(DaemonError::vmm_api)?;
         self.phases.record("instance start", at.elapsed());
+        if let Some(jail) = &self.handles.jail {
+            // Firecracker opened the console pipe at boot: the relay can read it now. A VM whose
+            // console cannot be relayed still runs; its log stays empty.
+            let relayed = self
+                .daemon
+                .vmm
+                .relay_serial(&jail.root, jail_paths::SERIAL, &self.vm.log_path, logs::SERIAL_LOG_CAP)
+                .await;
+            if let Err(e) = relayed {
+                tracing::warn!(vm = %self.vm.name, error = %chain(&e), "the guest's console is not logged");
+            }
+        }
         let at = Instant::now();
         let recorded = self.daemon.record(self.vm, VmState::Running, None, None);
         self.phases.record("row running", at.elapsed());

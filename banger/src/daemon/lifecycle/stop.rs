@@ -1,12 +1,13 @@
 //! `stop` and `restart`: the guest asked to shut down (Ctrl-Alt-Del), its VMM given a grace
 //! period to exit (the request's, else [`Timeouts::stop_grace`](super::Timeouts)) or killed at
-//! once ([`Shutdown::Kill`]), then the teardown. A teardown that fails
+//! once ([`Shutdown::Kill`]; a jailed VMM by the helper's `JailKill`), then the teardown. A teardown that fails
 //! leaves the VM `stopped` (its guest is down) with `cleanup_pending` saying why; the devices
 //! are removed by a later attempt (see the module docs of [`super`]).
 
 use super::{Op, Shutdown, delete_unfinished};
 use crate::api_types::VmView;
 use crate::daemon::liveness::{vm_alive, wait_gone};
+use crate::daemon::vmm::Api;
 use crate::daemon::{Daemon, DaemonError, chain};
 use crate::model::{VmRuntime, VmState};
 
@@ -53,7 +54,7 @@ impl Daemon {
         };
         // Without a grace period the teardown kills the VMM at once.
         if was_alive && let (Some(pid), Some(grace)) = (handles.pid, grace) {
-            self.shut_down_guest(vm, pid, grace).await;
+            self.shut_down_guest(vm, Api::of(vm, &handles), pid, grace).await;
         }
         match self.teardown(vm, &handles).await {
             Ok(()) => {
@@ -75,8 +76,8 @@ impl Daemon {
 
     /// Asks the guest to shut down and waits for its VMM to exit; a VMM still running after
     /// `grace` is left to the teardown, which kills it.
-    async fn shut_down_guest(&self, vm: &VmRuntime, pid: i32, grace: std::time::Duration) {
-        match self.vmm.shutdown(&vm.api_socket).await {
+    async fn shut_down_guest(&self, vm: &VmRuntime, api: Api<'_>, pid: i32, grace: std::time::Duration) {
+        match self.vmm.shutdown(api).await {
             Ok(()) => match wait_gone(self.procs.as_ref(), pid, grace).await {
                 Ok(true) => {}
                 Ok(false) => {

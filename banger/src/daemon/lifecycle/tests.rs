@@ -2,6 +2,7 @@
 //! every path runs without root, processes or e2fsprogs (except where a test says otherwise).
 //! The storage kinds, dm-snapshot starts, image checks and work disks are in [`storage`].
 
+mod jailer;
 mod storage;
 
 use std::net::Ipv4Addr;
@@ -66,8 +67,11 @@ fn env_full(
     std::fs::set_permissions(&fc, std::fs::Permissions::from_mode(0o755)).unwrap();
     let store = Store::open_in_memory().unwrap();
     import_test_image(&store, &paths, dir.path());
-    let helper = Arc::new(FakeHelper::new(store.install_id().clone()));
     let procs = Arc::new(FakeProcesses::new());
+    // Jailed VMMs appear in the same process table as the fake VMM's.
+    let helper = Arc::new(
+        FakeHelper::new(store.install_id().clone()).with_processes(procs.clone(), dir.path().join("jails")),
+    );
     let fake_vmm = Arc::new(FakeVmm::new(procs.clone()));
     let prep = Arc::new(FakePrep::default());
     let deps = Deps {
@@ -126,7 +130,7 @@ impl Env {
 
     fn owns_nothing(&self) -> bool {
         let o = self.helper.owned();
-        o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty() && o.dms.is_empty()
+        o.taps.is_empty() && o.nat.is_empty() && o.loops.is_empty() && o.dms.is_empty() && o.jails.is_empty()
     }
 }
 
@@ -154,6 +158,7 @@ fn kinds(calls: &[VmmCall]) -> Vec<&'static str> {
             VmmCall::Configure(..) => "configure",
             VmmCall::Boot(_) => "boot",
             VmmCall::Shutdown(_) => "shutdown",
+            VmmCall::RelaySerial(_) => "relay-serial",
         })
         .collect()
 }
@@ -205,9 +210,9 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     let cached = e.daemon.cache.get(&id).unwrap();
     assert_eq!((cached.pid, cached.tap.as_deref()), (Some(pid), Some(tap.as_str())));
     assert_eq!(e.scratch(&vm), Some(cached));
-    // The helper made the TAP, then NAT, and was asked whether it makes dm-snapshots (the
-    // fake does not, by default).
-    assert_eq!(e.ops(), ["tap-create", "nat-up", "ping"]);
+    // The helper was asked what it offers (the launch mode; whether it makes dm-snapshots:
+    // the fake does not, by default), then made the TAP, then NAT.
+    assert_eq!(e.ops(), ["ping", "tap-create", "nat-up"]);
     let owned = e.helper.owned();
     assert_eq!((owned.taps.len(), owned.nat.len()), (1, 1));
     // The keys were made at create; the root was made (a clone where the filesystem has them,
@@ -242,7 +247,10 @@ async fn start_runs_every_step_in_order_and_records_what_runs() {
     let image = e.daemon.with_store(|s| s.get_image("base")).unwrap().unwrap();
     assert_eq!(config.boot_source.initrd_path, image.initrd.map(|i| i.path), "the image's initrd is booted");
     assert!(config.boot_source.initrd_path.is_some());
-    assert!(config.metrics.metrics_path.is_file(), "the metrics file exists before configure");
+    assert!(
+        config.metrics.as_ref().unwrap().metrics_path.is_file(),
+        "the metrics file exists before configure"
+    );
     // The row keeps the address and how the root was made.
     let row = e.vm("dev");
     assert_eq!((row.state, row.guest_ip, row.last_error), (VmState::Running, Some(guest), None));
@@ -276,7 +284,7 @@ async fn each_start_begins_the_console_and_vmm_logs_again_and_sends_the_vmm_its_
             _ => None,
         })
         .unwrap();
-    assert_eq!(config.logger.log_path, vmm_log, "firecracker logs apart from the console");
+    assert_eq!(config.logger.unwrap().log_path, vmm_log, "firecracker logs apart from the console");
 }
 
 #[tokio::test]
@@ -395,7 +403,7 @@ async fn restart_stops_then_starts_a_new_vmm() {
         kinds(&e.vmm.calls()),
         ["spawn", "configure", "boot", "shutdown", "spawn", "configure", "boot"]
     );
-    assert_eq!(e.ops(), ["tap-create", "nat-up", "ping", "teardown-vms", "tap-create", "nat-up"]);
+    assert_eq!(e.ops(), ["ping", "tap-create", "nat-up", "teardown-vms", "ping", "tap-create", "nat-up"]);
     // The root is made once; personalization runs at every start.
     let prepared = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::PrepareRoot(..))).count();
     let personalized = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::Personalize(..))).count();
@@ -494,7 +502,7 @@ async fn a_tap_the_helper_refused_is_not_torn_down() {
     let err = e.daemon.start("dev").await.unwrap_err();
     assert!(matches!(err, DaemonError::Start { step: StartStep::Network, .. }), "{err:?}");
     assert!(chain(&err).contains("not allowed"), "{err}");
-    assert_eq!(e.ops(), ["tap-create"], "nothing was made, so nothing is torn down");
+    assert_eq!(e.ops(), ["ping", "tap-create"], "nothing was made, so nothing is torn down");
     assert_eq!(e.daemon.show("dev").await.unwrap().state, "failed");
 }
 
@@ -837,7 +845,7 @@ async fn a_restart_whose_stop_fails_is_finished_by_the_next_start() {
     assert_ne!(vm.pid, started.pid);
     assert_eq!(
         e.ops(),
-        ["tap-create", "nat-up", "ping", "teardown-vms", "teardown-vms", "tap-create", "nat-up"],
+        ["ping", "tap-create", "nat-up", "teardown-vms", "teardown-vms", "ping", "tap-create", "nat-up"],
         "the leftover teardown comes first"
     );
 }

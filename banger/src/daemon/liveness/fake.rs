@@ -14,7 +14,12 @@ pub struct FakeProcess {
     pub cmdline: Vec<OsString>,
     /// Paths of unix sockets it listens at.
     pub listening: Vec<PathBuf>,
+    /// Its real uid.
+    pub uid: u32,
 }
+
+/// The uid of the fake's own user (whose direct-mode VMMs run as it).
+pub const FAKE_USER_UID: u32 = 1000;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -34,6 +39,10 @@ pub enum Read {
     Cmdline(i32),
     /// [`ProcessTable::listening_pids`] at this socket.
     Listening(PathBuf),
+    /// [`ProcessTable::pid_uid`] of this PID.
+    Uid(i32),
+    /// [`ProcessTable::socket_answers`] at this socket.
+    Answers(PathBuf),
 }
 
 /// A process table held in memory. Killing a process makes it [`PidState::Gone`] (or leaves
@@ -63,6 +72,7 @@ impl FakeProcesses {
                 state: PidState::Live('S'),
                 cmdline: vec!["firecracker".into(), "--api-sock".into(), socket.as_os_str().to_owned()],
                 listening: vec![socket.to_owned()],
+                uid: FAKE_USER_UID,
             },
         );
     }
@@ -147,6 +157,19 @@ impl ProcessTable for FakeProcesses {
             .filter(|(_, p)| p.listening.iter().any(|l| l == socket))
             .map(|(&pid, _)| pid)
             .collect())
+    }
+
+    fn pid_uid(&self, pid: i32) -> Result<Option<u32>, LivenessError> {
+        Ok(self.ask(Read::Uid(pid))?.procs.get(&pid).map(|p| p.uid))
+    }
+
+    fn socket_answers(&self, socket: &Path) -> Result<bool, LivenessError> {
+        // A socket answers while a live process listens at it.
+        Ok(self
+            .ask(Read::Answers(socket.to_owned()))?
+            .procs
+            .values()
+            .any(|p| matches!(p.state, PidState::Live(_)) && p.listening.iter().any(|l| l == socket)))
     }
 
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {

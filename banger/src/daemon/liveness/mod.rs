@@ -7,9 +7,17 @@
 //! 3. that PID holds the unix socket *listening* at the VM's API socket path. A PID recycled by
 //!    an unrelated process never passes this, since it cannot be serving that socket.
 //!
+//! A VMM launched through the jailer (its handles name a jail) runs as the jail's uid, so the
+//! user cannot see its descriptors; for it, 3. is: that PID runs as the jail's uid (a uid the
+//! helper gives this jail alone; `/proc/PID/status` is readable by anyone) and the jail's API
+//! socket (reachable by the user only) answers a connection. The PID and the jail come from
+//! the helper's answer to the launch, and after a daemon restart from `handles.json` checked
+//! against the helper's `list-owned` (reconcile).
+//!
 //! [`rediscover_handles`] rebuilds a VM's handles after a daemon restart. It asks the OS first
-//! (which process listens at the API socket), then merges in the scratch file, which is the
-//! only record of the TAP and loop names. When the process is gone it still returns the scratch
+//! (which process listens at the API socket; not for a jailed VMM, whose descriptors are not the
+//! user's to see), then merges in the scratch file, which is the only record of the TAP and
+//! loop names and of a jail. When the process is gone it still returns the scratch
 //! contents so that cleanup can tear down what the VMM held.
 //!
 //! The kernel is reached only through the [`ProcessTable`] trait. [`ProcFs`] implements it over
@@ -56,6 +64,15 @@ pub enum LivenessError {
         #[source]
         source: io::Error,
     },
+    /// A jailed VMM's API socket could not be tried.
+    #[error("cannot connect to the vmm's api socket {path}")]
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// A killed VMM did not exit in time (stuck in the kernel, e.g. on a device).
     #[error("vmm pid {pid} did not exit within {waited:?} of SIGKILL")]
     Survived {
@@ -88,6 +105,13 @@ pub trait ProcessTable: Send + Sync {
     /// Every PID holding a unix socket listening at `socket`, ascending.
     fn listening_pids(&self, socket: &Path) -> Result<Vec<i32>, LivenessError>;
 
+    /// The real uid of `pid`, `None` when the process is gone.
+    fn pid_uid(&self, pid: i32) -> Result<Option<u32>, LivenessError>;
+
+    /// Whether something accepts connections at the unix socket `socket` (tried without
+    /// blocking; the connection is closed at once).
+    fn socket_answers(&self, socket: &Path) -> Result<bool, LivenessError>;
+
     /// Whether `pid` holds a unix socket listening at `socket`.
     fn pid_listens_at(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
         Ok(self.listening_pids(socket)?.contains(&pid))
@@ -110,8 +134,18 @@ pub fn vm_liveness(
     let Some(pid) = handles.pid else { return Ok(false) };
     match procs.pid_state(pid)? {
         PidState::Gone | PidState::Zombie => Ok(false),
-        PidState::Live(_) => procs.pid_listens_at(pid, &vm.api_socket),
+        PidState::Live(_) => match &handles.jail {
+            None => procs.pid_listens_at(pid, &vm.api_socket),
+            Some(jail) => {
+                Ok(procs.pid_uid(pid)? == Some(jail.uid) && procs.socket_answers(&jail.api_socket)?)
+            }
+        },
     }
+}
+
+/// The API socket the VM's VMM serves now: its jail's, or the VM's own (direct mode).
+pub fn api_socket<'a>(vm: &'a VmRuntime, handles: &'a VmHandles) -> &'a Path {
+    handles.jail.as_ref().map_or(&vm.api_socket, |j| &j.api_socket)
 }
 
 /// Whether the VM's VMM is alive: the one liveness check (see the module docs). When the
@@ -193,7 +227,10 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
         Err(e) => (None, Some(e)),
     };
     let mut os_error = None;
-    let os_pid = match find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) {
+    // A jailed VMM's descriptors are not the user's to see: its PID is the recorded one.
+    let jailed = scratch.as_ref().is_some_and(|s| s.jail.is_some());
+    let os_pid = if jailed { Ok(None) } else { find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) };
+    let os_pid = match os_pid {
         Ok(pid) => pid,
         Err(e) => {
             os_error = Some(e);
@@ -219,6 +256,9 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
             false
         }
     };
+    // A jailed VMM that passes the liveness rule was found by the OS too (its PID runs as the
+    // jail's uid and the jail's socket answers).
+    let source = if jailed && alive { HandleSource::Os } else { source };
     Rediscovered { handles, source, alive, scratch_error, os_error }
 }
 
@@ -339,6 +379,22 @@ impl ProcessTable for ProcFs {
         Ok(pids)
     }
 
+    fn pid_uid(&self, pid: i32) -> Result<Option<u32>, LivenessError> {
+        if pid <= 0 {
+            return Ok(None);
+        }
+        let path = self.root.join(pid.to_string()).join("status");
+        match fs::read(&path) {
+            Ok(status) => Ok(parse_status_uid(&status)),
+            Err(e) if gone(&e) => Ok(None),
+            Err(e) => Err(LivenessError::Proc { path, source: e }),
+        }
+    }
+
+    fn socket_answers(&self, socket: &Path) -> Result<bool, LivenessError> {
+        socket_answers(socket)
+    }
+
     fn pid_listens_at(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
         if pid <= 0 {
             return Ok(false);
@@ -378,6 +434,39 @@ impl ProcessTable for ProcFs {
 /// Errors that mean the process is gone (or was never visible).
 fn gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
+}
+
+/// Whether something listens at the unix socket `socket`: a non-blocking connect that succeeds
+/// or finds the backlog full (`EAGAIN`) says yes; no file, no listener or not a socket says no.
+/// Anything else (no permission, for one) is an error naming the socket.
+fn socket_answers(socket: &Path) -> Result<bool, LivenessError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket as open_socket};
+    let err = |errno: nix::errno::Errno| LivenessError::Socket {
+        path: socket.to_owned(),
+        source: io::Error::from_raw_os_error(errno as i32),
+    };
+    let addr = UnixAddr::new(socket).map_err(err)?;
+    let fd = open_socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(err)?;
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EAGAIN) => Ok(true),
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOTSOCK) => {
+            Ok(false)
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// The real uid in a `/proc/PID/status` file (`Uid:` real, effective, saved, filesystem).
+fn parse_status_uid(status: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(status).ok()?;
+    let line = text.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    line.split_ascii_whitespace().next()?.parse().ok()
 }
 
 /// The state letter of a `/proc/PID/stat` line: the first field after the last `)` (the
@@ -464,7 +553,7 @@ mod tests {
 
     use banger_protocol::VmId;
 
-    use super::fake::{FakeProcess, FakeProcesses};
+    use super::fake::{FakeProcess, FakeProcesses, Read};
     use super::*;
     use crate::model::VmState;
 
@@ -489,6 +578,7 @@ mod tests {
             work_disk_path: None,
             work_disk_bytes: None,
             storage: None,
+            launch: None,
             last_error: None,
             created_at: 0,
             updated_at: 0,
@@ -603,19 +693,103 @@ mod tests {
         // A recycled pid: alive, but serving nothing of ours.
         procs.add(
             102,
-            FakeProcess { state: PidState::Live('S'), cmdline: vec!["bash".into()], listening: vec![] },
+            FakeProcess {
+                state: PidState::Live('S'),
+                cmdline: vec!["bash".into()],
+                listening: vec![],
+                uid: 1000,
+            },
         );
         assert!(!vm_alive(&vm, &pid_handles(102), &procs));
         // A zombie, even one the fake still lists as listening.
         procs.add(
             103,
-            FakeProcess { state: PidState::Zombie, cmdline: vec![], listening: vec![vm.api_socket.clone()] },
+            FakeProcess {
+                state: PidState::Zombie,
+                cmdline: vec![],
+                listening: vec![vm.api_socket.clone()],
+                uid: 1000,
+            },
         );
         assert!(!vm_alive(&vm, &pid_handles(103), &procs));
         // An unreadable process table: unknown is reported as an error, and as not alive.
         procs.set_broken(true);
         assert!(vm_liveness(&vm, &pid_handles(100), &procs).is_err());
         assert!(!vm_alive(&vm, &pid_handles(100), &procs));
+    }
+
+    #[test]
+    fn a_jailed_vmm_is_alive_while_its_pid_runs_as_the_jails_uid_and_the_jails_socket_answers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let procs = FakeProcesses::new();
+        let vm = vm_in(tmp.path(), VmState::Running);
+        let jail = crate::model::JailHandles {
+            id: "j1".into(),
+            uid: 900_000,
+            root: tmp.path().join("jail/root"),
+            api_socket: tmp.path().join("jail/root/run/firecracker.socket"),
+        };
+        let handles = VmHandles { pid: Some(500), jail: Some(jail.clone()), ..Default::default() };
+        let vmm = |uid, listening: Vec<PathBuf>| FakeProcess {
+            state: PidState::Live('S'),
+            cmdline: vec![],
+            listening,
+            uid,
+        };
+        procs.add(500, vmm(900_000, vec![jail.api_socket.clone()]));
+        assert!(vm_alive(&vm, &handles, &procs));
+        assert_eq!(api_socket(&vm, &handles), jail.api_socket);
+        assert_eq!(api_socket(&vm, &VmHandles::default()), vm.api_socket);
+        // The user's own view of the VM's direct socket plays no part.
+        assert!(!procs.reads().contains(&Read::Listening(vm.api_socket.clone())));
+        // A recycled PID running as another uid.
+        procs.add(500, vmm(1000, vec![jail.api_socket.clone()]));
+        assert!(!vm_alive(&vm, &handles, &procs));
+        // The jail's uid, but nothing answers at the jail's socket.
+        procs.add(500, vmm(900_000, vec![]));
+        assert!(!vm_alive(&vm, &handles, &procs));
+        // Gone, or not meant to run.
+        procs.add(500, vmm(900_000, vec![jail.api_socket.clone()]));
+        assert!(!vm_alive(&vm_in(tmp.path(), VmState::Stopped), &handles, &procs));
+        procs.remove(500);
+        assert!(!vm_alive(&vm, &handles, &procs));
+
+        // Rediscovery of a jailed VM trusts its recorded PID (the OS cannot show it whose
+        // descriptors they are) and asks the jail rule.
+        procs.add(500, vmm(900_000, vec![jail.api_socket.clone()]));
+        handles::write_scratch(tmp.path(), &handles).unwrap();
+        procs.clear_reads();
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(500)));
+        assert!(!procs.reads().iter().any(|r| matches!(r, Read::Listening(_))), "{:?}", procs.reads());
+        procs.remove(500);
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive), (HandleSource::Scratch, false));
+        assert_eq!(r.handles.jail, Some(jail));
+    }
+
+    #[test]
+    fn status_uid_and_real_sockets_are_read() {
+        assert_eq!(
+            parse_status_uid(b"Name:\tfirecracker\nUid:\t900000\t900000\t900000\t900000\n"),
+            Some(900_000)
+        );
+        assert_eq!(parse_status_uid(b"Name:\tx\n"), None);
+        let me = nix::unistd::getuid().as_raw();
+        let procs = ProcFs::default();
+        assert_eq!(procs.pid_uid(std::process::id() as i32).unwrap(), Some(me));
+        assert_eq!(procs.pid_uid(-1).unwrap(), None);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let sock = tmp.path().join("api.sock");
+        assert!(!procs.socket_answers(&sock).unwrap(), "no file");
+        let listener = UnixListener::bind(&sock).unwrap();
+        assert!(procs.socket_answers(&sock).unwrap());
+        drop(listener);
+        assert!(!procs.socket_answers(&sock).unwrap(), "a socket file nobody listens at");
+        let plain = tmp.path().join("plain");
+        fs::write(&plain, b"").unwrap();
+        assert!(!procs.socket_answers(&plain).unwrap());
     }
 
     #[test]
@@ -651,6 +825,7 @@ mod tests {
                 state: PidState::Live('S'),
                 cmdline: vec!["sh".into()],
                 listening: vec![vm.api_socket.clone()],
+                uid: 1000,
             },
         );
         procs.add_vmm(301, &vm.api_socket);
@@ -667,7 +842,10 @@ mod tests {
         handles::write_scratch(tmp.path(), &scratch).unwrap();
         let procs = FakeProcesses::new();
         // The pid was recycled by an unrelated process.
-        procs.add(555, FakeProcess { state: PidState::Live('R'), cmdline: vec![], listening: vec![] });
+        procs.add(
+            555,
+            FakeProcess { state: PidState::Live('R'), cmdline: vec![], listening: vec![], uid: 1000 },
+        );
         let r = rediscover_handles(&vm, &procs);
         assert_eq!(r.source, HandleSource::Scratch);
         assert!(!r.alive);

@@ -364,6 +364,7 @@ mod testing {
             work_disk_path: None,
             work_disk_bytes: None,
             storage: None,
+            launch: None,
             last_error: None,
             created_at: 1_700_000_001,
             updated_at: 1_700_000_001,

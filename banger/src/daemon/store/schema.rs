@@ -60,6 +60,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE images ADD COLUMN initrd_path ANY;
      ALTER TABLE images ADD COLUMN initrd_sha256 TEXT;
      ALTER TABLE images ADD COLUMN initrd_identity TEXT;",
+    // 5: how a VM's VMM is launched, fixed at its first start (NULL: never started).
+    "ALTER TABLE vms ADD COLUMN launch TEXT CHECK (launch IN ('direct', 'jailer'));",
 ];
 
 /// The schema version this build writes and understands.

@@ -7,18 +7,18 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{OptionalExtension, Row, params};
 
 use super::{Cols, Store, StoreError, is_constraint, opt_text, path_value, sql, unix_now};
-use crate::model::{StorageKind, VmRuntime, VmState};
+use crate::model::{LaunchMode, StorageKind, VmRuntime, VmState};
 
 const VM_COLUMNS: &str = "id, name, state, vcpus, memory_mib, image, guest_ip, gateway_ip, api_socket, \
      vsock_path, vsock_cid, log_path, metrics_path, dns_name, vm_dir, overlay_path, work_disk_path, \
-     storage, last_error, created_at, updated_at, cleanup_pending, work_disk_bytes";
+     storage, last_error, created_at, updated_at, cleanup_pending, work_disk_bytes, launch";
 
 impl Store {
     /// Adds a VM.
     pub fn insert_vm(&self, vm: &VmRuntime) -> Result<(), StoreError> {
         let sql_text = format!(
             "INSERT INTO vms ({VM_COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
         );
         let values = vm_values(vm)?;
         self.conn
@@ -33,7 +33,7 @@ impl Store {
              guest_ip = ?7, gateway_ip = ?8, api_socket = ?9, vsock_path = ?10, vsock_cid = ?11, \
              log_path = ?12, metrics_path = ?13, dns_name = ?14, vm_dir = ?15, overlay_path = ?16, \
              work_disk_path = ?17, storage = ?18, last_error = ?19, created_at = ?20, updated_at = ?21, \
-             cleanup_pending = ?22, work_disk_bytes = ?23 WHERE id = ?1";
+             cleanup_pending = ?22, work_disk_bytes = ?23, launch = ?24 WHERE id = ?1";
         let n = self
             .conn
             .execute(sql_text, rusqlite::params_from_iter(vm_values(vm)?))
@@ -193,6 +193,7 @@ fn vm_values(vm: &VmRuntime) -> Result<Vec<Value>, StoreError> {
         Value::Integer(vm.updated_at),
         vm.cleanup_pending.clone().map_or(Value::Null, Value::Text),
         work_disk_bytes,
+        vm.launch.map_or(Value::Null, |l| Value::Text(l.as_str().to_owned())),
     ])
 }
 
@@ -232,6 +233,7 @@ fn vm_from_row(row: &Row<'_>) -> Result<VmRuntime, StoreError> {
                 Some(u64::try_from(b).map_err(|_| c.corrupt("work_disk_bytes", format!("{b} is negative")))?)
             }
         },
+        launch: c.parsed::<LaunchMode>(23, "launch")?,
     })
 }
 
@@ -254,6 +256,7 @@ mod tests {
         v.work_disk_path = Some(PathBuf::from(OsStr::from_bytes(b"/state/odd-\xff-name/work.img")));
         v.work_disk_bytes = Some(10 << 30);
         v.storage = Some(StorageKind::SparseCopy);
+        v.launch = Some(LaunchMode::Jailer);
         v.last_error = Some("previous start failed".into());
         v.cleanup_pending = Some("banger-helper could not be reached".into());
         s.insert_vm(&v).unwrap();
@@ -300,6 +303,7 @@ mod tests {
         v.image = "other".into();
         v.vcpus = 4;
         v.storage = Some(StorageKind::Reflink);
+        v.launch = Some(LaunchMode::Direct);
         v.updated_at = 1_800_000_000;
         s.update_vm(&v).unwrap();
         assert_eq!(s.get_vm(&v.id).unwrap().unwrap(), v);
@@ -356,7 +360,7 @@ mod tests {
             .execute(
                 "INSERT INTO vms VALUES ('h1', 'hand', 'stopped', 1, 128, 'base', '10.0.0.2', NULL,
                  '/run/a.sock', '/v/vsock', 3, '/v/log', '/v/metrics', 'hand.banger.internal', '/v',
-                 '/v/root', NULL, 'reflink', NULL, 1, 2, NULL, NULL)",
+                 '/v/root', NULL, 'reflink', NULL, 1, 2, NULL, NULL, NULL)",
                 [],
             )
             .unwrap();

@@ -25,6 +25,8 @@ pub enum VmmCall {
     Boot(PathBuf),
     /// [`Vmm::shutdown`].
     Shutdown(PathBuf),
+    /// [`Vmm::relay_serial`], with the named pipe.
+    RelaySerial(PathBuf),
 }
 
 /// Which call fails.
@@ -38,6 +40,8 @@ pub enum VmmOp {
     Boot,
     /// [`Vmm::shutdown`] is refused.
     Shutdown,
+    /// [`Vmm::relay_serial`] fails.
+    RelaySerial,
 }
 
 #[derive(Debug, Default)]
@@ -126,17 +130,17 @@ impl Vmm for FakeVmm {
 
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
-        let call = VmmCall::Configure(api_socket.to_owned(), Box::new(config.clone()));
+        let call = VmmCall::Configure(api.socket.to_owned(), Box::new(config.clone()));
         let r =
             if self.enter(call, VmmOp::Configure) { Err(refused("/machine-config")) } else { Ok(Vec::new()) };
         async move { r }.boxed()
     }
 
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        let r = if self.enter(VmmCall::Boot(api_socket.to_owned()), VmmOp::Boot) {
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        let r = if self.enter(VmmCall::Boot(api.socket.to_owned()), VmmOp::Boot) {
             Err(refused("/actions"))
         } else {
             Ok(())
@@ -144,7 +148,8 @@ impl Vmm for FakeVmm {
         async move { r }.boxed()
     }
 
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        let api_socket = api.socket;
         let r = if self.enter(VmmCall::Shutdown(api_socket.to_owned()), VmmOp::Shutdown) {
             Err(refused("/actions"))
         } else {
@@ -154,6 +159,25 @@ impl Vmm for FakeVmm {
                     self.procs.remove(pid);
                 }
             }
+            Ok(())
+        };
+        async move { r }.boxed()
+    }
+
+    fn relay_serial<'a>(
+        &'a self,
+        jail_root: &'a Path,
+        in_jail: &'a str,
+        _serial_log: &'a Path,
+        _serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        let fifo = jail_root.join(in_jail.trim_start_matches('/'));
+        let r = if self.enter(VmmCall::RelaySerial(fifo.to_owned()), VmmOp::RelaySerial) {
+            Err(VmmError::SerialFifo {
+                path: fifo.to_owned(),
+                source: std::io::Error::other("the fake refuses"),
+            })
+        } else {
             Ok(())
         };
         async move { r }.boxed()

@@ -9,6 +9,11 @@
 //! (`bangerd serial-relay`), since a guest decides how much it prints. It talks to the VMM
 //! through [`FirecrackerClient`].
 //!
+//! A VMM launched through the jailer (by banger-helper) is not spawned here; the daemon talks to
+//! it through its jail's API socket like to any other, and its console, which the jailer's
+//! daemonized VMM cannot write to a pipe of ours, goes through `PUT /serial` into a named pipe
+//! in the jail that the same relay reads ([`relay_fifo`]).
+//!
 //! Flow of [`spawn_direct`]: remove a stale API socket (a killed VMM leaves it behind and
 //! Firecracker refuses to start on an existing path), start the relay, start the VMM with its
 //! stdout and stderr on the relay's pipe, then wait (bounded) until the API socket answers. If the
@@ -84,6 +89,15 @@ pub enum VmmError {
         /// The end of its console output.
         tail: String,
     },
+    /// A jailed VMM's console pipe could not be relayed.
+    #[error("cannot relay the vmm's console from {path}")]
+    SerialFifo {
+        /// The named pipe.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The VMM did not open its API socket in time.
     #[error("vmm did not open its api socket {path} within {secs} s; serial log tail:\n{tail}")]
     SocketTimeout {
@@ -118,24 +132,64 @@ pub struct SpawnSpec<'a> {
     pub serial_cap: u64,
 }
 
+/// Where a VMM's API is: its socket, and for a jailed VMM the jail root the socket is reached
+/// below ([`FirecrackerClient::beneath`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Api<'a> {
+    /// The API socket (on the host).
+    pub socket: &'a Path,
+    /// The jail root, for a jailed VMM.
+    pub jail_root: Option<&'a Path>,
+}
+
+impl<'a> Api<'a> {
+    /// The API of the VM's VMM now: its jail's socket, or the VM's own (direct mode).
+    pub fn of(vm: &'a crate::model::VmRuntime, handles: &'a crate::model::VmHandles) -> Api<'a> {
+        match &handles.jail {
+            Some(jail) => Api { socket: &jail.api_socket, jail_root: Some(&jail.root) },
+            None => Api { socket: &vm.api_socket, jail_root: None },
+        }
+    }
+
+    /// A client for it.
+    pub fn client(self) -> FirecrackerClient {
+        let client = FirecrackerClient::new(self.socket);
+        match self.jail_root {
+            Some(root) => client.beneath(root),
+            None => client,
+        }
+    }
+}
+
 /// What the daemon asks of a VMM. Implemented by [`DirectVmm`]; tests use a recording fake.
 pub trait Vmm: Send + Sync {
     /// Starts a VMM serving its API at `spec.api_socket`; returns once the socket answers.
     fn spawn<'a>(&'a self, spec: SpawnSpec<'a>) -> BoxFuture<'a, Result<Spawned, VmmError>>;
 
-    /// Sends the VM's whole pre-boot configuration to the VMM at `api_socket`, in order;
-    /// returns how long each request took.
+    /// Sends the VM's whole pre-boot configuration to the VMM at `api`, in order; returns how
+    /// long each request took.
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>>;
 
     /// Boots the configured guest (`InstanceStart`).
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>>;
 
     /// Asks the guest to shut down (Ctrl-Alt-Del); the VMM exits when the guest has.
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>>;
+
+    /// Starts the serial relay on the named pipe a booted VMM writes its console to
+    /// (`PUT /serial`), at `in_jail` below the jail root `jail_root`, into `serial_log` capped
+    /// at `serial_cap`; it ends when the VMM does.
+    fn relay_serial<'a>(
+        &'a self,
+        jail_root: &'a Path,
+        in_jail: &'a str,
+        serial_log: &'a Path,
+        serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>>;
 }
 
 /// [`Vmm`] in direct mode: spawned by the daemon as the user (see the module docs).
@@ -159,19 +213,74 @@ impl Vmm for DirectVmm {
 
     fn configure<'a>(
         &'a self,
-        api_socket: &'a Path,
+        api: Api<'a>,
         config: &'a VmConfig,
     ) -> BoxFuture<'a, Result<ApiTimings, FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).configure(config).await }.boxed()
+        async move { api.client().configure(config).await }.boxed()
     }
 
-    fn boot<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).instance_start().await }.boxed()
+    fn boot<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { api.client().instance_start().await }.boxed()
     }
 
-    fn shutdown<'a>(&'a self, api_socket: &'a Path) -> BoxFuture<'a, Result<(), FirecrackerError>> {
-        async move { FirecrackerClient::new(api_socket).send_ctrl_alt_del().await }.boxed()
+    fn shutdown<'a>(&'a self, api: Api<'a>) -> BoxFuture<'a, Result<(), FirecrackerError>> {
+        async move { api.client().send_ctrl_alt_del().await }.boxed()
     }
+
+    fn relay_serial<'a>(
+        &'a self,
+        jail_root: &'a Path,
+        in_jail: &'a str,
+        serial_log: &'a Path,
+        serial_cap: u64,
+    ) -> BoxFuture<'a, Result<(), VmmError>> {
+        async move { relay_fifo(&self.relay, jail_root, in_jail, serial_log, serial_cap) }.boxed()
+    }
+}
+
+/// Starts the relay (`RELAY_EXE serial-relay LOG CAP`) reading the named pipe at `in_jail` below
+/// `jail_root`. The pipe is opened without blocking (a pipe with no writer yet would block the
+/// open) and must be a FIFO: Firecracker, which opens it read-write at boot, holds the write end,
+/// so the relay reads until the VMM exits. Anything else there is refused (a regular file would
+/// be read once, to its end). Below the jail root no symbolic link is followed and nothing
+/// outside it is reached: the jail's directories belong to its VMM's uid, which could otherwise
+/// point the daemon at any file of the user's. The jail root itself (in the helper's directory,
+/// which the VMM cannot change) must not be a link.
+pub fn relay_fifo(
+    relay_exe: &Path,
+    jail_root: &Path,
+    in_jail: &str,
+    serial_log: &Path,
+    serial_cap: u64,
+) -> Result<(), VmmError> {
+    use nix::fcntl::OFlag;
+    let fifo = jail_root.join(in_jail.trim_start_matches('/'));
+    let err = |source| VmmError::SerialFifo { path: fifo.clone(), source };
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let file = crate::daemon::beneath::open_beneath(jail_root, Path::new(in_jail), flags).map_err(err)?;
+    let file = std::fs::File::from(file);
+    let meta = file.metadata().map_err(err)?;
+    if !meta.file_type().is_fifo() {
+        return Err(err(std::io::Error::other("not a named pipe")));
+    }
+    // The relay reads blocking.
+    let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL).map_err(|e| err(e.into()))?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(|e| err(e.into()))?;
+    let mut relay = detached_command(relay_exe);
+    relay
+        .arg("serial-relay")
+        .arg(serial_log)
+        .arg(serial_cap.to_string())
+        .stdin(Stdio::from(file))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // Reaped by the runtime once dropped.
+    relay.spawn().map(drop).map_err(|source| VmmError::Spawn {
+        what: "serial relay",
+        path: relay_exe.into(),
+        source,
+    })
 }
 
 /// Hints for errors a VMM prints when the user cannot open a device it needs.
@@ -366,6 +475,57 @@ mod tests {
         server.abort();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(spawned.pid), nix::sys::signal::Signal::SIGKILL)
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_fifo_console_is_relayed_until_its_writer_closes_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let relay = dir.path().join("relay");
+        script(&relay, "[ \"$1\" = serial-relay ] && cat > \"$2\"");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        let fifo = root.join("run/serial");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // The VMM's end, opened as Firecracker opens it at boot (read-write, non-blocking).
+        let mut writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+        let log = dir.path().join("serial.log");
+        relay_fifo(&relay, &root, "/run/serial", &log, 1024).unwrap();
+        std::io::Write::write_all(&mut writer, b"Linux version 6.1\n").unwrap();
+        drop(writer);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&log).unwrap_or_default() != "Linux version 6.1\n" {
+            assert!(Instant::now() < deadline, "the console did not reach the log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        std::fs::write(root.join("plain"), "x").unwrap();
+        let e = relay_fifo(&relay, &root, "/plain", &log, 1024).unwrap_err().to_string();
+        assert!(e.contains("plain"), "{e}");
+        let e = relay_fifo(&relay, &root, "/absent", &log, 1024).unwrap_err().to_string();
+        assert!(e.contains("absent"), "{e}");
+        // A link below the jail root (the jail's uid owns its directories) is not followed,
+        // nor is anything outside the root reached.
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        nix::unistd::mkfifo(&outside.join("serial"), nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("linked")).unwrap();
+        std::os::unix::fs::symlink(outside.join("serial"), root.join("serial-link")).unwrap();
+        std::os::unix::fs::symlink("../outside/serial", root.join("relative")).unwrap();
+        // The jail root itself must not be a link.
+        std::os::unix::fs::symlink(&root, dir.path().join("root-link")).unwrap();
+        let e = relay_fifo(&relay, &dir.path().join("root-link"), "/run/serial", &log, 1024).unwrap_err();
+        assert!(
+            matches!(&e, VmmError::SerialFifo { source, .. } if source.raw_os_error() == Some(libc::ENOTDIR)),
+            "{e:?}"
+        );
+        for linked in ["/linked/serial", "/serial-link", "/relative", "/../outside/serial"] {
+            let e = relay_fifo(&relay, &root, linked, &log, 1024).unwrap_err();
+            assert!(
+                matches!(&e, VmmError::SerialFifo { source, .. } if matches!(source.raw_os_error(), Some(libc::ELOOP | libc::EXDEV))),
+                "{e:?}"
+            );
+        }
     }
 
     #[tokio::test]

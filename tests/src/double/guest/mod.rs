@@ -26,6 +26,7 @@ mod relay;
 mod rootfs;
 mod sys;
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt as _;
@@ -307,7 +308,11 @@ impl LinuxLauncher {
 
         let mut cmd = tokio::process::Command::new(own_executable());
         cmd.as_std_mut().arg0("firecracker-double-guest");
-        cmd.arg(GUEST_MODE_FLAG).stdin(Stdio::piped()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        let console = match spec.serial.as_ref().map(File::try_clone).transpose()? {
+            Some(serial) => Stdio::from(serial),
+            None => Stdio::inherit(),
+        };
+        cmd.arg(GUEST_MODE_FLAG).stdin(Stdio::piped()).stdout(console).stderr(Stdio::inherit());
         let mut fds = vec![(theirs.as_raw_fd(), CONTROL_FD)];
         if let Some(root) = &root {
             fds.push((root.as_raw_fd(), ROOT_DRIVE_FD));
