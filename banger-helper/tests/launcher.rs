@@ -61,7 +61,7 @@ fn the_launcher_runs_with_the_jailers_privileges_and_dies_with_the_helper() {
     }
     let ns = Netns::new("launcher");
     let base = temp_dir();
-    let h = Helper::start(&ns, &jailer_policy(base.path()));
+    let h = Helper::start_with_cgroups(&ns, &jailer_policy(base.path()));
     let kids = children(h.pid());
     assert_eq!(kids.len(), 1, "one launcher: {kids:?}");
     let launcher = kids[0];
@@ -113,7 +113,7 @@ fn a_helper_whose_launcher_is_gone_refuses_launches_and_serves_on() {
     }
     let ns = Netns::new("nolauncher");
     let base = temp_dir();
-    let h = Helper::start(&ns, &jailer_policy(base.path()));
+    let h = Helper::start_with_cgroups(&ns, &jailer_policy(base.path()));
     let launcher = children(h.pid())[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(launcher as i32), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
