@@ -152,3 +152,123 @@ fn a_helper_whose_launcher_is_gone_refuses_launches_and_serves_on() {
     drop(h);
     ns.finish();
 }
+
+/// Builds a binary of `banger-tests` with cargo (a no-op when up to date) and returns its path.
+fn build(bin: &str, static_target: bool) -> std::path::PathBuf {
+    use std::process::{Command, Stdio};
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace).args(["build", "-p", "banger-tests", "--bin", bin]);
+    cmd.args(["--message-format", "json-render-diagnostics"]).stdin(Stdio::null()).stderr(Stdio::inherit());
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    if static_target {
+        // A jail has no dynamic loader.
+        cmd.env("RUSTFLAGS", "-C target-feature=+crt-static").args(["--target", "x86_64-unknown-linux-gnu"]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "building {bin} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no {bin}"))
+}
+
+/// A whole launch and removal through the forked, confined launcher, with the jailer double
+/// jailing the static Firecracker double (no TAP: nothing here touches the network): the
+/// launcher's capabilities, no-new-privileges flag and filters let the jail functions and the
+/// jailer do all of it, and the VMM runs as the jail uid.
+#[test]
+#[ignore = "needs root: a jail built by the real launcher, v1 cgroups"]
+fn a_jail_launched_through_the_launcher_runs_as_its_uid_and_goes_without_a_trace() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use banger_helper::jail::cgroup::v1_mount;
+    use banger_helper::kernel::linux::LinuxJails;
+    use banger_helper::kernel::{JailOrder, Jails, UserLimits};
+    use banger_policy::{CgroupVersion, Jailer, JailerMode};
+    use banger_protocol::{JailFiles, VmShape};
+
+    if !root_or_skip("a_jail_launched_through_the_launcher_runs_as_its_uid_and_goes_without_a_trace") {
+        return;
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let (Some(cpu), Some(memory)) = (v1_mount(&mounts, "cpu"), v1_mount(&mounts, "memory")) else {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "no v1 cpu and memory cgroups, and CI=true");
+        eprintln!("SKIPPED: this machine has no v1 cpu and memory cgroup hierarchies");
+        return;
+    };
+    const CALLER: u32 = 62_401;
+    const JAIL_UID: u32 = 64_801;
+    let dir = temp_dir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    std::fs::copy(build("jailer-double", false), bin.join("jailer")).unwrap();
+    std::fs::copy(build("firecracker-double", true), bin.join("firecracker")).unwrap();
+    let base = dir.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    let parent = format!("banger-lt-{}", std::process::id());
+    let policy = Jailer {
+        jailer: bin.join("jailer"),
+        firecracker: bin.join("firecracker"),
+        chroot_base: base,
+        uids: (64_800, 64_899),
+        cgroup: CgroupVersion::V1,
+        cgroup_parent: parent.clone(),
+        mode: JailerMode::Allow,
+    };
+    let caller_file = |name: &str, mode: u32| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, vec![0u8; 1 << 16]).unwrap();
+        std::os::unix::fs::chown(&p, Some(CALLER), Some(CALLER)).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    };
+    let kernel = std::fs::File::open(caller_file("vmlinux", 0o644)).unwrap();
+    let drive =
+        std::fs::OpenOptions::new().read(true).write(true).open(caller_file("rootfs.ext4", 0o600)).unwrap();
+
+    let launcher = banger_helper::launcher::start(&policy, &[]).unwrap();
+    let launcher_pid = launcher.pid;
+    let jails = LinuxJails::new(launcher);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let id = format!("bg-lt-{}", std::process::id());
+    let order = JailOrder {
+        id: id.clone(),
+        uid: JAIL_UID,
+        caller: CALLER,
+        shape: VmShape { vcpus: 1, mem_mib: 128 },
+        user_cgroup: format!("{parent}/u{CALLER}"),
+        user_limits: UserLimits { vcpus: 2, mem_mib: 512 },
+        tap: None,
+        files: JailFiles { initrd: false, work: false },
+    };
+    let launched = rt.block_on(jails.launch(&order, vec![kernel.into(), drive.into()]));
+    let root = std::path::PathBuf::from(jails.root(&id));
+    let checked = launched.as_ref().map(|pid| {
+        let s = status(*pid as u32);
+        (field(&s, "Uid:"), root.join("run/firecracker.socket").exists())
+    });
+    let removed = launched.as_ref().ok().map(|pid| rt.block_on(jails.remove(&id, JAIL_UID, Some(*pid))));
+    for hierarchy in [&cpu, &memory] {
+        let _ = std::fs::remove_dir(hierarchy.join(&parent));
+    }
+    let pid = *launched.as_ref().expect("the launch through the launcher");
+    let uid = JAIL_UID.to_string();
+    assert_eq!(
+        checked.unwrap(),
+        (format!("{uid}\t{uid}\t{uid}\t{uid}"), true),
+        "the VMM as the jail uid, its socket"
+    );
+    assert_eq!(removed, Some(Ok(())));
+    assert!(!root.exists(), "{} is left", root.display());
+    assert!(ended(pid as u32), "the VMM is gone");
+    for hierarchy in [&cpu, &memory] {
+        assert!(!hierarchy.join(&parent).exists(), "the cgroups are gone");
+    }
+    drop(jails);
+    wait_until("the launcher ends with its channel", || ended(launcher_pid.as_raw() as u32));
+    let _ = nix::sys::wait::waitpid(launcher_pid, None);
+}
