@@ -172,6 +172,10 @@ impl ProcessTable for FakeProcesses {
             .any(|p| matches!(p.state, PidState::Live(_)) && p.listening.iter().any(|l| l == socket)))
     }
 
+    fn jail_socket_answers(&self, _root: &Path, socket: &Path) -> Result<bool, LivenessError> {
+        self.socket_answers(socket)
+    }
+
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
         let mut inner = self.check()?;
         let serving = inner.procs.get(&pid).is_some_and(|p| p.listening.iter().any(|l| l == socket));

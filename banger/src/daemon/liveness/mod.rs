@@ -112,6 +112,12 @@ pub trait ProcessTable: Send + Sync {
     /// blocking; the connection is closed at once).
     fn socket_answers(&self, socket: &Path) -> Result<bool, LivenessError>;
 
+    /// [`ProcessTable::socket_answers`] for a socket inside a jail: reached below `root`
+    /// following no link there (the jail's directories belong to the VMM's uid, which could
+    /// otherwise point the check at another socket of the user's); a path that leaves `root` or
+    /// crosses a link does not answer.
+    fn jail_socket_answers(&self, root: &Path, socket: &Path) -> Result<bool, LivenessError>;
+
     /// Whether `pid` holds a unix socket listening at `socket`.
     fn pid_listens_at(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
         Ok(self.listening_pids(socket)?.contains(&pid))
@@ -136,9 +142,8 @@ pub fn vm_liveness(
         PidState::Gone | PidState::Zombie => Ok(false),
         PidState::Live(_) => match &handles.jail {
             None => procs.pid_listens_at(pid, &vm.api_socket),
-            Some(jail) => {
-                Ok(procs.pid_uid(pid)? == Some(jail.uid) && procs.socket_answers(&jail.api_socket)?)
-            }
+            Some(jail) => Ok(procs.pid_uid(pid)? == Some(jail.uid)
+                && procs.jail_socket_answers(&jail.root, &jail.api_socket)?),
         },
     }
 }
@@ -393,6 +398,24 @@ impl ProcessTable for ProcFs {
 
     fn socket_answers(&self, socket: &Path) -> Result<bool, LivenessError> {
         socket_answers(socket)
+    }
+
+    fn jail_socket_answers(&self, root: &Path, socket: &Path) -> Result<bool, LivenessError> {
+        let err = |source: io::Error| LivenessError::Socket { path: socket.to_owned(), source };
+        let Ok(in_jail) = socket.strip_prefix(root) else { return Ok(false) };
+        match crate::daemon::beneath::open_beneath(root, in_jail, nix::fcntl::OFlag::O_PATH) {
+            Ok(fd) => socket_answers(Path::new(&format!("/proc/self/fd/{}", fd.as_raw_fd()))),
+            // Gone, or reached only through a link or out of the jail: not the VMM's socket.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ELOOP | libc::EXDEV | libc::ENOTDIR)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(err(e)),
+        }
     }
 
     fn pid_listens_at(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
@@ -790,6 +813,31 @@ mod tests {
         let plain = tmp.path().join("plain");
         fs::write(&plain, b"").unwrap();
         assert!(!procs.socket_answers(&plain).unwrap());
+    }
+
+    #[test]
+    fn a_jails_socket_answers_only_below_its_root_and_through_no_link() {
+        let procs = ProcFs::default();
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("run")).unwrap();
+        let sock = root.join("run/firecracker.socket");
+        assert!(!procs.jail_socket_answers(&root, &sock).unwrap(), "no socket yet");
+        let _listener = UnixListener::bind(&sock).unwrap();
+        assert!(procs.jail_socket_answers(&root, &sock).unwrap());
+        // The jail's uid points its socket path at another socket of the user's.
+        let other = tmp.path().join("other.sock");
+        let _other = UnixListener::bind(&other).unwrap();
+        fs::remove_file(&sock).unwrap();
+        std::os::unix::fs::symlink(&other, &sock).unwrap();
+        assert!(procs.socket_answers(&sock).unwrap(), "followed by path, it would answer");
+        assert!(!procs.jail_socket_answers(&root, &sock).unwrap(), "never through a link");
+        fs::remove_file(&sock).unwrap();
+        fs::remove_dir(root.join("run")).unwrap();
+        std::os::unix::fs::symlink(tmp.path(), root.join("run")).unwrap();
+        fs::rename(&other, tmp.path().join("firecracker.socket")).unwrap();
+        assert!(!procs.jail_socket_answers(&root, &sock).unwrap(), "nor through a linked directory");
+        assert!(!procs.jail_socket_answers(&root, &other).unwrap(), "nor outside the jail");
     }
 
     #[test]
