@@ -12,6 +12,8 @@
 //!   ([`socket`]), load the ledger, harden ([`hardening`]), then run the [`server`];
 //! - [`server`]: accept loop, peer credentials ([`peer`]), connection caps ([`slots`]), handshake,
 //!   one task per connection;
+//! - [`launcher`]: the root process `serve` forks before confining itself when the policy has a
+//!   `[jailer]`, which builds jails ([`jail`]) and starts Firecracker's jailer for the helper;
 //! - [`ops`]: every operation, behind [`ops::Helper::handle`];
 //! - [`jail`]: building jails, starting Firecracker's jailer in them, killing jailed VMMs and
 //!   removing their jails (blocking, run by the launcher process with root's privileges);
@@ -27,6 +29,7 @@ pub mod firewall;
 pub mod hardening;
 pub mod jail;
 pub mod kernel;
+pub mod launcher;
 pub mod ledger_store;
 pub mod names;
 pub mod ops;

@@ -4,7 +4,11 @@
 //! 2. raise the soft open-file limit to the hard one; take systemd's socket if one was passed,
 //!    close every other inherited descriptor, empty the environment;
 //! 3. read the policy and check the host against its `[jailer]` (binaries, chroot base, uid
-//!    range: [`crate::policy_cmd::check_host`]); resolve the socket group;
+//!    range: [`crate::policy_cmd::check_host`]); when it has one, set up the jail configuration
+//!    and fork the jail launcher ([`crate::launcher`]): a root process joined to the helper by a
+//!    socketpair, which confines itself to what a launch needs (the helper's rules would be
+//!    inherited by the jailer and Firecracker) and serves the helper alone; resolve the socket
+//!    group;
 //! 4. bind the socket unless systemd passed one ([`crate::socket`]: a root-owned 0755 directory,
 //!    the socket `root:<policy's group>` 0660, whatever the umask); open the state directory
 //!    (locked against a second helper) and load the ledger; open the audit log; locate
@@ -15,11 +19,11 @@
 //! 5. lock down ([`crate::hardening::lock_down`]): no new privileges, capabilities (those of
 //!    device-mapper only where it was found), landlock, seccomp — everything after this runs
 //!    confined, including the runtime's threads;
-//! 6. start the runtime, open the kernel access, reconcile the ledger with the kernel, serve until
-//!    SIGTERM or SIGINT, and let the operation in progress finish.
+//! 6. start the runtime, open the kernel access (jails through the launcher), reconcile the ledger
+//!    with the kernel, serve until SIGTERM or SIGINT, and let the operation in progress finish.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,7 +34,8 @@ use nix::unistd::Group;
 use crate::audit::{AuditLog, AuditOpenError};
 use crate::hardening::{self, HardeningError, Sandbox};
 use crate::kernel::linux::dm::Unavailable;
-use crate::kernel::linux::{Iptables, LinuxDm, LinuxKernel, LinuxKernelError};
+use crate::kernel::linux::{Iptables, LinuxDm, LinuxJails, LinuxKernel, LinuxKernelError};
+use crate::launcher::{self, LauncherError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
 use crate::server::{self, ServerConfig};
@@ -90,6 +95,9 @@ pub enum ServeError {
     /// device-mapper is there, but the node directory is unusable.
     #[error(transparent)]
     NodeDir(#[from] crate::kernel::linux::dm::NodeDirError),
+    /// The jail launcher could not start.
+    #[error(transparent)]
+    Launcher(#[from] LauncherError),
     /// The runtime could not start.
     #[error("cannot start the async runtime")]
     Runtime(#[source] io::Error),
@@ -143,6 +151,15 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
 
     let policy = load_policy(&opts.policy)?;
     crate::policy_cmd::check_host(&policy, &crate::policy_cmd::SystemHost)?;
+    let launcher = match &policy.jailer {
+        Some(jailer) => {
+            let close: Vec<_> = passed.iter().map(AsFd::as_fd).collect();
+            let launcher = launcher::start(jailer, &close)?;
+            tracing::info!("jail launcher started (PID {})", launcher.pid);
+            Some(launcher)
+        }
+        None => None,
+    };
     let listener = match passed {
         Some(fd) => {
             tracing::info!("serving the socket passed by systemd");
@@ -190,7 +207,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     runtime.block_on(async move {
         let found = dm.node_dir().is_some();
-        let kernel = Arc::new(LinuxKernel::new(firewall, dm)?);
+        let jails = launcher.map_or_else(LinuxJails::unavailable, LinuxJails::new);
+        let kernel = Arc::new(LinuxKernel::new(firewall, dm, jails)?);
         let helper = Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit));
         if found && !helper.capabilities().device_mapper {
             tracing::warn!(

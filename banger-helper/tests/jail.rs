@@ -343,7 +343,7 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     // list sees it, running.
     let listed = jail::list(&cfg).unwrap();
     let me = listed.iter().find(|j| j.id == id).expect("listed");
-    assert_eq!((me.pid, me.alive), (Some(pid), true));
+    assert_eq!((me.pid, me.alive, me.uid), (Some(pid), true, Some(JAIL_UID)));
 
     // The jail uid plants symlinks to things outside; remove must not follow them.
     let outside = w.dir.path().join("outside");
@@ -358,6 +358,12 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     });
     assert_eq!(planted, 0, "the jail uid can write in its jail");
 
+    // Removal with the uid not known (0) kills nothing, and keeps a jail whose cgroup holds a
+    // process; with a PID it is refused outright.
+    let unknown = jail::remove(&cfg, &id, 0, None).unwrap_err();
+    assert!(format!("{unknown}").contains("uid is not known"), "{unknown}");
+    assert!(jail::remove(&cfg, &id, 0, Some(pid)).is_err());
+    assert_eq!(api_get_as(CALLER, &socket), 0, "its VMM runs on");
     // Removal: the wrong uid kills and removes nothing; the right one removes everything.
     let wrong = jail::remove(&cfg, &id, JAIL_UID + 1, Some(pid)).unwrap_err();
     assert!(format!("{wrong}").contains("does not run as uid"), "{wrong}");

@@ -81,6 +81,33 @@ fn the_unit_bounds_the_helper_to_the_capabilities_it_keeps() {
 }
 
 #[test]
+fn the_jailer_drop_in_bounds_the_launcher_to_the_capabilities_it_keeps() {
+    let service = read("packaging/banger-helper.service");
+    let drop_in = read("packaging/banger-helper-jailer.conf");
+    let mut bounding: Vec<String> = [&service, &drop_in]
+        .iter()
+        .flat_map(|u| {
+            value(u, "CapabilityBoundingSet").split_whitespace().map(str::to_owned).collect::<Vec<_>>()
+        })
+        .collect();
+    bounding.sort();
+    bounding.dedup();
+    let mut kept: Vec<String> = banger_helper::hardening::caps::kept(true)
+        .iter()
+        .chain(banger_helper::launcher::confine::KEPT.iter())
+        .map(|c| c.to_string())
+        .collect();
+    kept.sort();
+    kept.dedup();
+    assert_eq!(bounding, kept, "the unit with the drop-in allows what the helper and its launcher keep");
+    let devices = values(&drop_in, "DeviceAllow");
+    for node in ["/dev/kvm rwm", "/dev/net/tun rwm", "/dev/urandom rwm", "/dev/userfaultfd rwm"] {
+        assert!(devices.contains(&node.to_owned()), "the jailer makes {node}: {devices:?}");
+    }
+    assert_eq!(value(&drop_in, "KillMode"), "process", "jailed VMMs outlive a helper restart");
+}
+
+#[test]
 fn the_socket_unit_makes_what_the_helper_makes_by_hand() {
     let socket = read("packaging/banger-helper.socket");
     assert_eq!(value(&socket, "ListenStream"), DEFAULT_SOCKET);
@@ -128,6 +155,21 @@ fn systemd_accepts_the_units() {
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+    // With the jailer drop-in beside it.
+    let drop_ins = dir.path().join("banger-helper.service.d");
+    std::fs::create_dir(&drop_ins).unwrap();
+    std::fs::copy(repo().join("packaging/banger-helper-jailer.conf"), drop_ins.join("jailer.conf")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("banger-helper.socket"))
+        .arg(dir.path().join("banger-helper.service"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify with the jailer drop-in:\n{text}"
+    );
 
     // bangerd's user unit, checked by a user manager's rules (which need a runtime directory);
     // verify only checks that the command exists, so any binary stands in for bangerd.

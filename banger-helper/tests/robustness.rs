@@ -420,6 +420,9 @@ fn the_helper_runs_confined_and_still_resolves_names() {
     assert_eq!(field("CapAmb:"), "0000000000000000");
     let log = h.log_text();
     assert!(log.contains("landlock fully enforced"), "{log}");
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", h.pid())).unwrap();
+    assert_eq!(children.trim(), "", "without [jailer] in the policy no jail launcher is forked");
+    assert!(!log.contains("jail launcher"), "{log}");
 
     let nobody = session(&h, 65534, "c", vec![Request::Ping]);
     assert!(matches!(nobody[0], Response::Hello(_)), "nobody by name: {nobody:?}");

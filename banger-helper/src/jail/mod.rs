@@ -453,7 +453,10 @@ fn run_jailer(jailer: &Path, args: &[String], id: &str) -> KResult<()> {
 /// the VM's cgroups, and the user's parent cgroup when it is left empty. A jail or part of one
 /// that is not there counts as removed. Every step is tried; the first failure is returned.
 pub fn remove(cfg: &JailConfig, id: &str, uid: u32, pid: Option<i32>) -> KResult<()> {
-    if !valid_id(id) || !cfg.is_jail_uid(uid) {
+    // uid 0: the jail's uid is not known (a directory no ledger entry holds, whose jailer never
+    // gave it one). Nothing is killed then, and no process may be in its cgroups.
+    let unknown = uid == 0;
+    if !valid_id(id) || !(unknown || cfg.is_jail_uid(uid)) || (unknown && pid.is_some()) {
         return Err(KernelError::errno("jail remove", id, Errno::EINVAL));
     }
     let mut errors: Vec<KernelError> = Vec::new();
@@ -473,6 +476,14 @@ pub fn remove(cfg: &JailConfig, id: &str, uid: u32, pid: Option<i32>) -> KResult
         .and_then(|r| files::read_pid(&r, &pid_name));
     let groups = cfg.cgroups.vm_groups(&cfg.cgroup_parent, id);
     let in_groups: Vec<i32> = groups.iter().flat_map(|(g, _)| cgroup::procs(g)).collect();
+    if unknown && !in_groups.is_empty() {
+        return Err(KernelError::other(
+            "jail remove",
+            id,
+            format!("its cgroups hold processes {in_groups:?} and its uid is not known: nothing removed"),
+        ));
+    }
+    let pid_file = pid_file.filter(|_| !unknown);
     let mut candidates: Vec<i32> = pid.into_iter().chain(pid_file).chain(in_groups.iter().copied()).collect();
     candidates.sort_unstable();
     candidates.dedup();
@@ -560,7 +571,7 @@ pub fn list(cfg: &JailConfig) -> KResult<Vec<JailState>> {
             }
             _ => false,
         };
-        out.push(JailState { id, pid, alive });
+        out.push(JailState { id, pid, alive, uid: owner.filter(|&u| cfg.is_jail_uid(u)) });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)

@@ -602,7 +602,10 @@ impl Jails for FakeKernel {
     }
     fn list(&self) -> KResult<Vec<JailState>> {
         let w = self.call("jail_list", "")?;
-        Ok(w.jails.iter().map(|(id, j)| JailState { id: id.clone(), pid: j.pid, alive: j.alive }).collect())
+        Ok(w.jails
+            .iter()
+            .map(|(id, j)| JailState { id: id.clone(), pid: j.pid, alive: j.alive, uid: Some(j.order.uid) })
+            .collect())
     }
 }
 

@@ -299,6 +299,9 @@ pub struct JailState {
     pub pid: Option<i32>,
     /// Whether that process still runs as the jail's uid.
     pub alive: bool,
+    /// The jail's uid, as the owner the jailer gave its root directory, when it is one of the
+    /// policy's range (a jail whose jailer never ran has none).
+    pub uid: Option<u32>,
 }
 
 /// Jailed VMMs under the policy's `[jailer]`: the jailer and Firecracker binaries, the chroot
@@ -316,7 +319,8 @@ pub trait Jails: Send + Sync {
     /// Kills jail `id`'s VMM when `pid` still names a process running as `uid` (checked through a
     /// pidfd, then signalled through it), waits until it is gone, then removes the jail's files,
     /// directory and cgroups (and the user's parent cgroup when it is left empty). A jail that is
-    /// not there counts as removed.
+    /// not there counts as removed. `uid` 0 means the jail's uid is not known: then nothing is
+    /// killed, and a jail whose cgroups still hold a process is left alone (an error).
     fn remove(&self, id: &str, uid: u32, pid: Option<i32>) -> impl Future<Output = KResult<()>> + Send;
     /// Every jail under the chroot base, for the start-up reconcile.
     fn list(&self) -> KResult<Vec<JailState>>;

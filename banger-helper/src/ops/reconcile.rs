@@ -102,9 +102,10 @@ impl<K: Kernel> Helper<K> {
                     report.unknown.push(format!("jail {}", j.id));
                     continue;
                 }
-                // No process to kill (`None`): only the directory and cgroups of a jail no entry
-                // holds, which only the helper makes under its chroot base.
-                match self.kernel.jails().remove(&j.id, 0, None).await {
+                // No process to kill (`None`, and none runs as its uid): only the directory, its
+                // ACL entries and cgroups of a jail no entry holds, which only the helper makes
+                // under its chroot base; uid 0 when its jailer never gave it one.
+                match self.kernel.jails().remove(&j.id, j.uid.unwrap_or(0), None).await {
                     Ok(()) => {
                         tracing::info!("jail {} named no entry of the ledger and ran nothing; removed", j.id);
                         report.dropped.push(format!("jail directory {}", j.id));

@@ -130,6 +130,30 @@ impl Drop for Netns {
     }
 }
 
+/// A shell script that mounts the host's cgroup hierarchies (unnamed v1 ones and the unified one)
+/// where the host has them, then execs its arguments.
+fn remount_cgroups() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut script = String::from("set -e\n");
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        let (point, fstype, opts) =
+            (fields[4], fields[dash + 1], fields.get(dash + 3).copied().unwrap_or(""));
+        match fstype {
+            "tmpfs" if point == "/sys/fs/cgroup" => {
+                script += "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup\n"
+            }
+            "cgroup" if !opts.contains("name=") => {
+                script += &format!("mkdir -p {point}\nmount -t cgroup -o {opts} cgroup {point}\n");
+            }
+            "cgroup2" => script += &format!("mkdir -p {point}\nmount -t cgroup2 cgroup2 {point}\n"),
+            _ => {}
+        }
+    }
+    script + "exec \"$@\"\n"
+}
+
 /// A test policy: these uids allowed, the socket owned by [`SOCKET_GID`], `extra` TOML appended.
 pub fn policy(uids: &[u32], extra: &str) -> String {
     let users: Vec<String> = uids.iter().map(|u| format!("\"{u}\"")).collect();
@@ -189,6 +213,15 @@ impl Helper {
         Self::start_limited(ns, dir, policy, None)
     }
 
+    /// [`Helper::start`] with the host's cgroup hierarchies mounted again in the helper's mount
+    /// namespace (`ip netns exec` mounts a new `/sys` there, which hides them): for a policy with
+    /// a `[jailer]`, whose configuration needs them.
+    pub fn start_with_cgroups(ns: &Netns, policy: &str) -> Helper {
+        let dir = temp_dir();
+        let (socket, state) = (dir.path().join("helper.sock"), dir.path().join("state"));
+        Self::launch_with(ns, dir, policy, socket, state, None, true)
+    }
+
     /// [`Helper::start_in`], with the soft open-file limit the helper starts with set to
     /// `soft_nofile` (the hard one is left as it is).
     pub fn start_limited(
@@ -220,10 +253,22 @@ impl Helper {
         state: PathBuf,
         soft_nofile: Option<u64>,
     ) -> Helper {
+        Self::launch_with(ns, dir, policy, socket, state, soft_nofile, false)
+    }
+
+    fn launch_with(
+        ns: &Netns,
+        dir: tempfile::TempDir,
+        policy: &str,
+        socket: PathBuf,
+        state: PathBuf,
+        soft_nofile: Option<u64>,
+        cgroups: bool,
+    ) -> Helper {
         let log = dir.path().join("helper.log");
         let policy_file = dir.path().join("policy.toml");
         std::fs::write(&policy_file, policy).unwrap();
-        let mut cmd = Self::command(&ns.name, &socket, &policy_file, &state, &log);
+        let mut cmd = Self::command_with(&ns.name, &socket, &policy_file, &state, &log, cgroups);
         if let Some(soft) = soft_nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: the closure runs between fork and exec and only makes two system calls.
@@ -256,6 +301,18 @@ impl Helper {
     /// The command [`Helper::spawn`] runs, with a umask of 077 (as `sudo` may leave it, and as
     /// the unit sets it), and its dm nodes in [`node_dir_for`] `state`.
     pub fn command(ns: &str, socket: &Path, policy: &Path, state: &Path, log: &Path) -> Command {
+        Self::command_with(ns, socket, policy, state, log, false)
+    }
+
+    /// [`Helper::command`], with the host's cgroup hierarchies mounted again first when `cgroups`.
+    fn command_with(
+        ns: &str,
+        socket: &Path,
+        policy: &Path,
+        state: &Path,
+        log: &Path,
+        cgroups: bool,
+    ) -> Command {
         use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(log).unwrap();
         let mut cmd = Command::new("ip");
@@ -266,7 +323,11 @@ impl Helper {
                 Ok(())
             });
         }
-        cmd.args(["netns", "exec", ns, HELPER, "serve", "--socket"])
+        cmd.args(["netns", "exec", ns]);
+        if cgroups {
+            cmd.args(["sh", "-c", &remount_cgroups(), "sh"]);
+        }
+        cmd.args([HELPER, "serve", "--socket"])
             .arg(socket)
             .arg("--policy")
             .arg(policy)

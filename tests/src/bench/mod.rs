@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxKernel};
+use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxJails, LinuxKernel};
 use banger_helper::ledger_store::LedgerStore;
 use banger_helper::ops::Helper;
 use banger_policy::{AuditTarget, Peer, Policy};
@@ -74,7 +74,7 @@ pub fn in_process_helper(
 ) -> anyhow::Result<Arc<Helper<LinuxKernel>>> {
     let (store, ledger) = LedgerStore::open(state)?;
     let _guard = rt.enter();
-    let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm()?)?);
+    let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm()?, LinuxJails::unavailable())?);
     let audit = AuditLog::open(&AuditTarget::File(audit.to_owned()))?;
     Ok(Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit)))
 }

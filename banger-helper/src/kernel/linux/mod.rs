@@ -16,7 +16,7 @@ pub use loops::LinuxLoops;
 pub use sysctl::ProcSysctl;
 
 /// The real kernel: rtnetlink and tun ioctls, the iptables tools, loop ioctls, device-mapper
-/// ioctls and nodes, `/proc/sys`.
+/// ioctls and nodes, `/proc/sys`, and the jail launcher.
 #[derive(Debug)]
 pub struct LinuxKernel {
     links: NetlinkLinks,
@@ -41,16 +41,17 @@ pub enum LinuxKernelError {
 impl LinuxKernel {
     /// Opens everything in the calling thread's network namespace, with the firewall tools
     /// located at start ([`Iptables::locate`]) and device-mapper as found at start
-    /// ([`LinuxDm::detect`]); must run inside the tokio runtime (the rtnetlink connection is a
-    /// task on it).
-    pub fn new(firewall: Iptables, dm: LinuxDm) -> Result<Self, LinuxKernelError> {
+    /// ([`LinuxDm::detect`]) and jails as the launcher started at start makes them
+    /// ([`LinuxJails::new`], or [`LinuxJails::unavailable`]); must run inside the tokio runtime
+    /// (the rtnetlink connection is a task on it).
+    pub fn new(firewall: Iptables, dm: LinuxDm, jails: LinuxJails) -> Result<Self, LinuxKernelError> {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
             firewall,
             loops: LinuxLoops::new("/dev"),
             dm,
             sysctl: ProcSysctl::new("/proc/sys"),
-            jails: LinuxJails::unavailable(),
+            jails,
         })
     }
 }
