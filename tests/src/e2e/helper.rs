@@ -152,8 +152,14 @@ impl Helper {
         let log = dir.join("helper.log");
         let out = File::create(&log)?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns])
-            .arg(bin)
+        cmd.args(["netns", "exec", netns]);
+        if spec.jailer.is_some() {
+            // `ip netns exec` mounts a sysfs of the namespace over /sys, which hides the cgroup
+            // hierarchies the jails need: mount them again in its mount namespace. The users'
+            // commands run in that namespace too (see `cli`), with a `/dev/net/tun` they may open.
+            cmd.args(["sh", "-c", &helper_namespace_script()?, "sh"]);
+        }
+        cmd.arg(bin)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -227,6 +233,34 @@ impl Drop for Helper {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A shell script that mounts the host's cgroup hierarchies again (the tmpfs of
+/// `/sys/fs/cgroup`, unnamed v1 ones, the unified one) where the host has them, puts a
+/// `/dev/net/tun` node of mode 0666 on a tmpfs of its own (as the users' commands get one), then
+/// execs its arguments.
+fn helper_namespace_script() -> anyhow::Result<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut script = String::from("set -e\n");
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        let (point, fstype, opts) =
+            (fields[4], fields[dash + 1], fields.get(dash + 3).copied().unwrap_or(""));
+        match fstype {
+            "tmpfs" if point == "/sys/fs/cgroup" => {
+                script += "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup\n"
+            }
+            "cgroup" if !opts.contains("name=") => {
+                script += &format!("mkdir -p {point}\nmount -t cgroup -o {opts} cgroup {point}\n");
+            }
+            "cgroup2" => script += &format!("mkdir -p {point}\nmount -t cgroup2 cgroup2 {point}\n"),
+            _ => {}
+        }
+    }
+    script += "mount -t tmpfs -o mode=0755,size=16k,nosuid,noexec banger-e2e-tun /dev/net\n";
+    script += "mknod -m 0666 /dev/net/tun c 10 200\n";
+    Ok(script + "exec \"$@\"\n")
 }
 
 /// The last `bytes` of a file, lossily decoded (or a note that it cannot be read).

@@ -290,6 +290,7 @@ impl World {
             .into_iter()
             .chain(std::env::var("BANGER_E2E_RUST_LOG").ok().map(|v| ("RUST_LOG".to_owned(), v)))
             .collect(),
+            mount_ns_of: self.jailing.as_ref().and_then(|_| self.helper().pid()),
         };
         Cli::new(launch)
     }
