@@ -144,7 +144,7 @@ fn a_helper_whose_launcher_is_gone_refuses_launches_and_serves_on() {
     assert!(matches!(&answers[0], Response::Hello(_)), "{answers:?}");
     let refused = format!("{:?}", answers[1]);
     assert!(
-        refused.contains("the jail launcher is gone") && refused.contains("restart banger-helper"),
+        refused.contains("jail launcher is not running") && refused.contains("restart banger-helper"),
         "{refused}"
     );
     assert!(matches!(answers[2], Response::Pong), "the helper serves on: {answers:?}");

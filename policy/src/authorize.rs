@@ -431,8 +431,9 @@ fn jail_launch(
     };
     if !observed.jails {
         return Err(HelperError::Conflict {
-            what: "this host's banger-helper cannot launch jails now (its jailer launcher is not running); \
-                   an admin must check the helper's log, or run the vm in direct mode"
+            what: "this host's banger-helper cannot launch jails now (its jail launcher is not running): \
+                   an admin must restart banger-helper (its log says why the launcher ended), or run the \
+                   vm in direct mode"
                 .to_owned(),
         });
     }

@@ -92,6 +92,8 @@ pub struct ListedJail {
     pub pid: Option<i32>,
     /// Whether that process still runs as the jail's uid.
     pub alive: bool,
+    /// The jail's uid, when its jailer gave it one of the policy's range.
+    pub uid: Option<u32>,
 }
 
 /// [`KernelError`] on the wire.
@@ -259,7 +261,10 @@ impl Answer {
             });
         }
         Answer::Listed(
-            jails.into_iter().map(|j| ListedJail { id: j.id, pid: j.pid, alive: j.alive }).collect(),
+            jails
+                .into_iter()
+                .map(|j| ListedJail { id: j.id, pid: j.pid, alive: j.alive, uid: j.uid })
+                .collect(),
         )
     }
 }
@@ -267,7 +272,7 @@ impl Answer {
 impl ListedJail {
     /// The jail state it carries.
     pub fn into_state(self) -> JailState {
-        JailState { id: self.id, pid: self.pid, alive: self.alive }
+        JailState { id: self.id, pid: self.pid, alive: self.alive, uid: self.uid }
     }
 }
 
@@ -376,12 +381,15 @@ mod tests {
         prop_oneof![
             (1i32..).prop_map(Answer::Launched),
             Just(Answer::Removed),
-            prop::collection::vec(("[a-z0-9-]{1,64}", prop::option::of(1i32..), any::<bool>()), 0..40)
-                .prop_map(|v| {
-                    Answer::Listed(
-                        v.into_iter().map(|(id, pid, alive)| ListedJail { id, pid, alive }).collect(),
-                    )
-                }),
+            prop::collection::vec(
+                ("[a-z0-9-]{1,64}", prop::option::of(1i32..), any::<bool>(), prop::option::of(any::<u32>())),
+                0..40
+            )
+            .prop_map(|v| {
+                Answer::Listed(
+                    v.into_iter().map(|(id, pid, alive, uid)| ListedJail { id, pid, alive, uid }).collect(),
+                )
+            }),
             (".{0,40}", ".{0,40}", prop::option::of(1i32..200), ".{0,40}").prop_map(
                 |(op, object, errno, detail)| Answer::Failed(Failure { op, object, errno, detail })
             ),
@@ -452,23 +460,30 @@ mod tests {
     #[test]
     fn answers_the_launcher_never_gives_are_refused() {
         assert!(matches!(Answer::Launched(0).check(), Err(Malformed::Pid(0))));
-        let many =
-            (0..=MAX_LISTED).map(|i| ListedJail { id: format!("j{i}"), pid: None, alive: false }).collect();
+        let many = (0..=MAX_LISTED)
+            .map(|i| ListedJail { id: format!("j{i}"), pid: None, alive: false, uid: None })
+            .collect();
         assert!(matches!(Answer::Listed(many).check(), Err(Malformed::TooMany(_))));
-        let bad = vec![ListedJail { id: "../x".into(), pid: None, alive: true }];
+        let bad = vec![ListedJail { id: "../x".into(), pid: None, alive: true, uid: None }];
         assert!(matches!(Answer::Listed(bad).check(), Err(Malformed::Id(_))));
     }
 
     #[test]
     fn the_longest_listing_fits_a_frame() {
         let jails: Vec<JailState> = (0..MAX_LISTED)
-            .map(|i| JailState { id: format!("{i:0>64}"), pid: Some(i32::MAX), alive: true })
+            .map(|i| JailState {
+                id: format!("{i:0>64}"),
+                pid: Some(i32::MAX),
+                alive: true,
+                uid: Some(u32::MAX),
+            })
             .collect();
         let a = Answer::listed(jails);
         assert!(matches!(&a, Answer::Listed(v) if v.len() == MAX_LISTED));
         assert!(codec::encode(&a).unwrap().len() <= MAX_FRAME_LEN);
-        let over: Vec<JailState> =
-            (0..=MAX_LISTED).map(|i| JailState { id: format!("j{i}"), pid: None, alive: false }).collect();
+        let over: Vec<JailState> = (0..=MAX_LISTED)
+            .map(|i| JailState { id: format!("j{i}"), pid: None, alive: false, uid: None })
+            .collect();
         assert!(matches!(Answer::listed(over), Answer::Failed(f) if f.detail.contains("over the 512")));
     }
 

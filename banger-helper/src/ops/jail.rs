@@ -281,6 +281,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_launcher_that_dies_takes_jails_out_of_hello_and_refuses_launches() {
+        let t = helper(JailerMode::Allow);
+        let p = t.peer(1000, "home");
+        assert!(t.helper.capabilities().jailer);
+        t.kernel.world().jails_available = false;
+        assert!(!t.helper.capabilities().jailer, "a dead launcher offers no jails");
+        let r = t.req_fds(&p, launch("dev"), jail_fds(&t.kernel, 1000, 10)).await;
+        assert!(matches!(r, Response::Error(HelperError::Conflict { .. })), "{r:?}");
+        assert!(!t.kernel.calls().iter().any(|c| c.starts_with("jail_launch")));
+    }
+
+    #[tokio::test]
     async fn refusals_come_before_anything_is_made() {
         // Without [jailer]; without a launcher; a drive of someone else.
         let t = TestHelper::with_kernel(test_policy(), jail_kernel());

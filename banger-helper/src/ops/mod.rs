@@ -189,9 +189,15 @@ impl<K: Kernel> Helper<K> {
         if self.policy.force_jailer() { 0 } else { uid }
     }
 
-    /// What this helper can do here, as `Hello` answers it.
-    pub fn capabilities(&self) -> &Capabilities {
-        &self.capabilities
+    /// What this helper can do here, as `Hello` answers it. Jails are asked for each time: a
+    /// launcher that died takes them away.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities { jailer: self.jails_available(), ..self.capabilities.clone() }
+    }
+
+    /// Whether a jail can be launched now: the policy has `[jailer]` and its launcher runs.
+    fn jails_available(&self) -> bool {
+        self.capabilities.jailer && self.kernel.jails().available()
     }
 
     /// Waits for the operation in progress, if any, and keeps every later one from starting: for
@@ -247,7 +253,7 @@ impl<K: Kernel> Helper<K> {
         Ok(HelloReply {
             version: PROTOCOL_VERSION,
             helper_version: env!("CARGO_PKG_VERSION").to_owned(),
-            capabilities: self.capabilities.clone(),
+            capabilities: self.capabilities(),
         })
     }
 
@@ -285,7 +291,7 @@ impl<K: Kernel> Helper<K> {
             backing: None,
             device_mapper,
             jail_files: None,
-            jails: self.capabilities.jailer,
+            jails: self.jails_available(),
         };
         let mut backing_fd = None;
         let mut jail_fds = Vec::new();

@@ -243,7 +243,7 @@ mod tests {
             Ok(())
         }
         fn list(&self) -> KResult<Vec<JailState>> {
-            Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true }])
+            Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true, uid: Some(900_000) }])
         }
     }
 
@@ -304,7 +304,10 @@ mod tests {
 
         assert_eq!(jails.remove("bg-a", 900_001, Some(99)).await, Ok(()));
         assert_eq!(backend.removed.lock().unwrap()[0], ("bg-a".to_owned(), 900_001, Some(99)));
-        assert_eq!(jails.list(), Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true }]));
+        assert_eq!(
+            jails.list(),
+            Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true, uid: Some(900_000) }])
+        );
         assert!(jails.available(), "failures of an order leave the launcher running");
         drop(jails);
         assert!(serving.join().unwrap().is_ok(), "the launcher ends when the helper's end closes");
