@@ -229,6 +229,9 @@ pub fn cgroup_view(pid: u32) -> anyhow::Result<CgroupView> {
         }
     }
     let v1 = groups.contains_key("cpu") && groups.contains_key("memory");
+    if v1 {
+        groups.remove("");
+    }
     let mut own = BTreeMap::new();
     let mut parent = BTreeMap::new();
     let mut read = |dir: &Path, file: &str| -> anyhow::Result<()> {
