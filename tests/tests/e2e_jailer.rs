@@ -178,6 +178,10 @@ fn a_jailed_vm_runs_as_its_own_uid_in_its_chroot_under_the_cgroup_limits_of_its_
     });
     logs.mentions(&["2 vcpu(s), 256 mib", "may not make a user namespace"]);
     world.cli(A).timeout(Duration::from_secs(60)).banger(&["vm", "ssh", "e2e", "--", "true"]).failed();
+    world
+        .banger(A, &["vm", "run", "--name", "e2e", "--timeout", "2", "--", "true"])
+        .failed()
+        .mentions(&["ssh"]);
     assert!(proc::alive(pid), "the VMM died when its guest had no SSH server");
 
     // Stop: the VMM, its jail, its cgroups and TAP go; delete leaves nothing.
@@ -350,13 +354,16 @@ fn kill_9_of_the_daemon_and_of_the_jailed_vmm_then_reconcile_and_delete_leave_no
         world.diagnostics()
     );
 
-    // It starts again in a fresh jail; deleting it while it runs leaves nothing.
+    // It starts again in a fresh jail; deleting it at once while it runs (the helper kills the
+    // VMM) leaves nothing.
     world.banger_ok(A, &["vm", "start", "e2e"]);
     let again = world.show(A, "e2e");
     assert_eq!(again.state, "running", "{again:#?}");
-    assert!(again.pid.is_some_and(proc::alive), "{again:#?}");
+    let again_pid = again.pid.unwrap_or_else(|| panic!("no pid: {again:#?}"));
+    assert!(proc::alive(again_pid), "{again:#?}");
     assert_eq!(jailing.jail_dirs().len(), 1);
-    world.banger_ok(A, &["vm", "delete", "e2e"]);
+    world.banger_ok(A, &["vm", "delete", "e2e", "--force"]);
+    wait_dead(again_pid);
     assert_eq!(objects(&world), Vec::<String>::new(), "delete left objects");
     world.assert_no_leaks();
 }
