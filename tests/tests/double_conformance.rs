@@ -456,3 +456,78 @@ fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A VMM that may not make a user namespace (here a seccomp filter it inherits, as from
+/// banger-helper's jail launcher) emulates no guest and says so on the console, while its API
+/// and Ctrl+Alt+Del behave as with a guest.
+#[test]
+fn without_user_namespaces_no_guest_is_emulated_and_the_vmm_runs_on() {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    use std::os::unix::process::CommandExt;
+
+    let newuser = libc::CLONE_NEWUSER as u64;
+    let condition =
+        SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(newuser), newuser).unwrap();
+    let rules = std::collections::BTreeMap::from([(
+        libc::SYS_unshare,
+        vec![SeccompRule::new(vec![condition]).unwrap()],
+    )]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+
+    let f = Files::new();
+    write_test_kernel(Path::new(&f.path("vmlinux"))).unwrap();
+    let sock = f.dir.join("api.sock");
+    let console = f.dir.join("console.log");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--api-sock").arg(&sock).arg("--id").arg("no-userns");
+    // SAFETY: between fork and exec only prctl and seccomp system calls run, on a program built
+    // before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            seccompiler::apply_filter(&program).map_err(std::io::Error::other)
+        });
+    }
+    let mut double = DoubleProcess::spawn_command(cmd, &sock, &console).unwrap();
+    let body = format!(r#"{{"kernel_image_path":"{}"}}"#, f.path("vmlinux"));
+    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).unwrap().0, 204);
+    assert_eq!(
+        api_call(&sock, "PUT", "/actions", Some(r#"{"action_type":"InstanceStart"}"#)).unwrap().0,
+        204
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    while !text.contains("no guest is emulated") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        text = std::fs::read_to_string(&console).unwrap_or_default();
+    }
+    assert!(
+        text.contains("may not make a user namespace") && text.contains("no guest is emulated"),
+        "{text}"
+    );
+    assert!(!text.contains("Kernel panic"), "{text}");
+    // The VMM runs on and serves its API; Ctrl+Alt+Del reboots, which ends it.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(double.wait_timeout(Duration::from_millis(10)).unwrap().is_none(), "the VMM exited:\n{text}");
+    let (status, info) = api_call(&sock, "GET", "/", None).unwrap();
+    assert_eq!(status, 200);
+    assert!(info.contains("\"Running\""), "{info}");
+    assert_eq!(
+        api_call(&sock, "PUT", "/actions", Some(r#"{"action_type":"SendCtrlAltDel"}"#)).unwrap().0,
+        204
+    );
+    let ended = double.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(ended.is_some(), "Ctrl+Alt+Del did not end the VMM");
+    assert!(std::fs::read_to_string(&console).unwrap().contains("Received Ctrl+Alt+Del"));
+}

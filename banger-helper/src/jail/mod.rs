@@ -179,15 +179,19 @@ impl JailConfig {
         self.base.join(&self.exec_name).join(id)
     }
 
-    /// The exec file name's directory under the base, made (root, 0755) when missing.
+    /// The exec file name's directory under the base, made (root, 0755 whatever the umask:
+    /// callers traverse it to their jails' sockets) when missing.
     fn exec_dir(&self, create: bool) -> Result<OwnedFd, Errno> {
-        if create {
-            match mkdirat(&self.base_fd, self.exec_name.as_str(), Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(Errno::EEXIST) => {}
+        let made = create
+            && match mkdirat(&self.base_fd, self.exec_name.as_str(), Mode::from_bits_truncate(0o755)) {
+                Ok(()) => true,
+                Err(Errno::EEXIST) => false,
                 Err(e) => return Err(e),
-            }
-        }
+            };
         let fd = tree::open_dir(&self.base_fd, &self.exec_name)?;
+        if made {
+            fchmod(&fd, Mode::from_bits_truncate(0o755))?;
+        }
         let st = fstat(&fd)?;
         if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
             return Err(Errno::EPERM);
@@ -588,6 +592,55 @@ mod tests {
         for bad in ["", &"a".repeat(65), "bg_1", "BG-1", "a/b", "..", "a b"] {
             assert!(!valid_id(bad), "{bad:?}");
         }
+    }
+
+    /// The jails' directory under the chroot base is made 0755 under the helper's umask (077),
+    /// so that callers can reach their jails' sockets below it.
+    #[test]
+    fn the_exec_dir_is_traversable_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "needs root (a root-owned chroot base), and CI=true"
+            );
+            eprintln!("SKIPPED: needs root (a root-owned chroot base)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let base_fd =
+            nix::fcntl::open(dir.path(), OFlag::O_PATH | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        let cfg = JailConfig {
+            jailer: "/jailer".into(),
+            firecracker: "/firecracker".into(),
+            exec_name: "firecracker".into(),
+            base: dir.path().to_path_buf(),
+            base_fd,
+            uids: (900_000, 900_009),
+            cgroups: Hierarchies::V1 { cpu: "/cpu".into(), memory: "/memory".into() },
+            cgroup_parent: "banger".into(),
+            initial_netns: true,
+        };
+        // In a child: the umask is the whole process's.
+        // SAFETY: the child makes system calls only and leaves with _exit.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                nix::sys::stat::umask(Mode::from_bits_truncate(0o077));
+                let code = i32::from(cfg.exec_dir(true).is_err());
+                // SAFETY: leaving the child without running the harness's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        let mode = fs::metadata(dir.path().join("firecracker")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        // An existing one is used as it is.
+        assert!(cfg.exec_dir(true).is_ok());
+        assert!(cfg.exec_dir(false).is_ok());
     }
 
     #[test]

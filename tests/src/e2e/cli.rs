@@ -12,6 +12,13 @@
 //! private mount namespace while the machine's own node keeps its mode. The daemon the CLI starts,
 //! the VMMs it spawns and their guests inherit that mount namespace and the host network
 //! namespace.
+//!
+//! In a jailed world the commands run in the helper's mount (and network) namespace instead,
+//! where the helper's start already put such a node (see [`UserLaunch::mount_ns_of`]):
+//!
+//! ```text
+//! nsenter --target HELPER --mount --net sh -c 'exec setpriv … env -i … banger ARGS'
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,6 +37,10 @@ const SCRIPT: &str = "mount -t tmpfs -o mode=0755,size=16k,nosuid,noexec banger-
      && u=$1 g=$2 && shift 2 \
      && exec setpriv --reuid=\"$u\" --regid=\"$g\" --init-groups env -i \"$@\"";
 
+/// [`SCRIPT`] without the node: for a mount namespace that has one already.
+const SCRIPT_SHARED: &str =
+    "u=$1 g=$2 && shift 2 && exec setpriv --reuid=\"$u\" --regid=\"$g\" --init-groups env -i \"$@\"";
+
 /// The default deadline of one CLI command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -46,6 +57,12 @@ pub struct UserLaunch {
     pub home: PathBuf,
     /// The environment every command gets (after `PATH`, `HOME`, `USER`, `LOGNAME`).
     pub env: Vec<(String, String)>,
+    /// Run in the mount and network namespaces of this process (the helper's, which has a
+    /// `/dev/net/tun` of mode 0666) rather than in a private mount namespace of each command:
+    /// banger-helper hard-links a jailed VM's drives into its jail by descriptor, which Linux
+    /// allows only when the descriptor was opened through a mount of the linking process's own
+    /// mount namespace (else `EXDEV`).
+    pub mount_ns_of: Option<u32>,
 }
 
 /// One command being prepared: extra environment and a deadline.
@@ -95,22 +112,31 @@ impl Cli {
     /// The full command line that runs `program args` as the user.
     pub fn command(&self, program: &Path, args: &[&str]) -> Command {
         let l = &self.launch;
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &l.netns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            SCRIPT,
-            "sh",
-        ])
-        .arg(l.account.uid.to_string())
-        .arg(l.account.gid.to_string());
+        let mut cmd = match l.mount_ns_of {
+            Some(pid) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.args(["--target", &pid.to_string(), "--mount", "--net", "sh", "-c", SCRIPT_SHARED, "sh"]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args([
+                    "netns",
+                    "exec",
+                    &l.netns,
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    SCRIPT,
+                    "sh",
+                ]);
+                cmd
+            }
+        };
+        cmd.arg(l.account.uid.to_string()).arg(l.account.gid.to_string());
         for (k, v) in self.environment() {
             cmd.arg(format!("{k}={v}"));
         }
@@ -222,6 +248,7 @@ mod tests {
                 ("BANGER_HOME".into(), "/tmp/bge/a".into()),
                 ("BANGER_FIRECRACKER".into(), "/fc".into()),
             ],
+            mount_ns_of: None,
         }
     }
 
@@ -242,6 +269,21 @@ mod tests {
         assert!(!rest.contains(&"BANGER_FIRECRACKER=/fc".into()), "the override replaces the default");
         assert_eq!(&rest[rest.len() - 3..], ["/tmp/bge/bin/banger", "vm", "list"]);
         assert_eq!(cmd.get_current_dir(), Some(Path::new("/tmp/bge/a")));
+    }
+
+    #[test]
+    fn in_the_helpers_namespaces_the_command_enters_them_then_drops_to_the_user() {
+        let cli = Cli::new(UserLaunch { mount_ns_of: Some(4242), ..launch() });
+        let cmd = cli.command(Path::new("/tmp/bge/bin/banger"), &["vm", "list"]);
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(cmd.get_program(), "nsenter");
+        assert_eq!(&args[..8], ["--target", "4242", "--mount", "--net", "sh", "-c", SCRIPT_SHARED, "sh"]);
+        assert_eq!(&args[8..10], ["990", "991"]);
+        assert_eq!(&args[args.len() - 3..], ["/tmp/bge/bin/banger", "vm", "list"]);
+        let script = SCRIPT_SHARED
+            .replace("exec setpriv --reuid=\"$u\" --regid=\"$g\" --init-groups env -i", "echo \"$u/$g\"");
+        let out = Command::new("sh").args(["-c", &script, "sh", "5", "6", "A=b c", "prog"]).output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "5/6 A=b c prog\n");
     }
 
     #[test]

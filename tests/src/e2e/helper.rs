@@ -32,11 +32,62 @@ pub struct PolicySpec {
     pub group: String,
     /// Where audit records go.
     pub audit_log: PathBuf,
+    /// The `[jailer]` section, when the world launches VMMs through the jailer.
+    pub jailer: Option<JailerSpec>,
+}
+
+/// The test policy's `[jailer]` (cgroup version `auto`, mode `allow`) and the quotas of jailed
+/// VMMs.
+#[derive(Debug, Clone)]
+pub struct JailerSpec {
+    /// The jailer binary (root's, 0755).
+    pub jailer: PathBuf,
+    /// The statically linked Firecracker (double), root's, 0755.
+    pub firecracker: PathBuf,
+    /// The chroot base (root's, 0755).
+    pub chroot_base: PathBuf,
+    /// The jail uids, first and last.
+    pub uids: (u32, u32),
+    /// The cgroup every user's parent cgroup is made under.
+    pub cgroup_parent: String,
+    /// `quotas.max_vcpus`.
+    pub max_vcpus: u32,
+    /// `quotas.max_memory_mib`.
+    pub max_memory_mib: u32,
+}
+
+impl JailerSpec {
+    fn render(&self) -> String {
+        format!(
+            r#"
+[jailer]
+jailer = "{jailer}"
+firecracker = "{firecracker}"
+chroot_base = "{base}"
+uid_range = "{first}-{last}"
+cgroup = "auto"
+cgroup_parent = "{parent}"
+mode = "allow"
+"#,
+            jailer = self.jailer.display(),
+            firecracker = self.firecracker.display(),
+            base = self.chroot_base.display(),
+            first = self.uids.0,
+            last = self.uids.1,
+            parent = self.cgroup_parent,
+        )
+    }
 }
 
 impl PolicySpec {
     /// The policy file's text.
     pub fn render(&self) -> String {
+        let (quotas, jailer) = match &self.jailer {
+            Some(j) => {
+                (format!("max_vcpus = {}\nmax_memory_mib = {}\n", j.max_vcpus, j.max_memory_mib), j.render())
+            }
+            None => (String::new(), String::new()),
+        };
         format!(
             r#"# Test policy of one end-to-end world.
 [access]
@@ -47,7 +98,7 @@ socket_group = "{group}"
 max_vms = 32
 max_taps = 32
 max_loops = 64
-
+{quotas}
 [network]
 pool = "172.30.0.0/16"
 lease_prefix = 24
@@ -56,7 +107,7 @@ uplink = "auto"
 
 [audit]
 log = "{audit}"
-"#,
+{jailer}"#,
             group = self.group,
             audit = self.audit_log.display()
         )
@@ -101,8 +152,14 @@ impl Helper {
         let log = dir.join("helper.log");
         let out = File::create(&log)?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns])
-            .arg(bin)
+        cmd.args(["netns", "exec", netns]);
+        if spec.jailer.is_some() {
+            // `ip netns exec` mounts a sysfs of the namespace over /sys, which hides the cgroup
+            // hierarchies the jails need: mount them again in its mount namespace. The users'
+            // commands run in that namespace too (see `cli`), with a `/dev/net/tun` they may open.
+            cmd.args(["sh", "-c", &helper_namespace_script()?, "sh"]);
+        }
+        cmd.arg(bin)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -176,6 +233,34 @@ impl Drop for Helper {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A shell script that mounts the host's cgroup hierarchies again (the tmpfs of
+/// `/sys/fs/cgroup`, unnamed v1 ones, the unified one) where the host has them, puts a
+/// `/dev/net/tun` node of mode 0666 on a tmpfs of its own (as the users' commands get one), then
+/// execs its arguments.
+fn helper_namespace_script() -> anyhow::Result<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut script = String::from("set -e\n");
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { continue };
+        let (point, fstype, opts) =
+            (fields[4], fields[dash + 1], fields.get(dash + 3).copied().unwrap_or(""));
+        match fstype {
+            "tmpfs" if point == "/sys/fs/cgroup" => {
+                script += "mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup\n"
+            }
+            "cgroup" if !opts.contains("name=") => {
+                script += &format!("mkdir -p {point}\nmount -t cgroup -o {opts} cgroup {point}\n");
+            }
+            "cgroup2" => script += &format!("mkdir -p {point}\nmount -t cgroup2 cgroup2 {point}\n"),
+            _ => {}
+        }
+    }
+    script += "mount -t tmpfs -o mode=0755,size=16k,nosuid,noexec banger-e2e-tun /dev/net\n";
+    script += "mknod -m 0666 /dev/net/tun c 10 200\n";
+    Ok(script + "exec \"$@\"\n")
 }
 
 /// The last `bytes` of a file, lossily decoded (or a note that it cannot be read).
@@ -290,7 +375,8 @@ mod tests {
 
     #[test]
     fn the_policy_parses_allows_the_group_and_lifts_quotas_for_twenty_vms() {
-        let spec = PolicySpec { group: "bge00000001".into(), audit_log: "/tmp/x/audit.log".into() };
+        let spec =
+            PolicySpec { group: "bge00000001".into(), audit_log: "/tmp/x/audit.log".into(), jailer: None };
         let p = banger_policy::Policy::from_toml("policy.toml", &spec.render()).unwrap();
         assert_eq!(p.access.groups, ["bge00000001"]);
         assert!(p.access.users.is_empty());
@@ -299,6 +385,36 @@ mod tests {
         assert_eq!(p.network.uplink, banger_policy::Uplink::Auto);
         assert!(!p.network.guest_to_host.allow_all && p.network.guest_to_host.allow.is_empty());
         assert_eq!(p.audit.target, banger_policy::AuditTarget::File("/tmp/x/audit.log".into()));
+        assert_eq!(p.jailer, None);
+    }
+
+    #[test]
+    fn the_jailer_section_and_its_quotas_parse() {
+        let jailer = JailerSpec {
+            jailer: "/tmp/x/jail-bin/jailer".into(),
+            firecracker: "/tmp/x/jail-bin/firecracker".into(),
+            chroot_base: "/tmp/x/jails".into(),
+            uids: (1_073_741_824, 1_073_741_825),
+            cgroup_parent: "banger-e2e-00000001".into(),
+            max_vcpus: 3,
+            max_memory_mib: 768,
+        };
+        let spec = PolicySpec {
+            group: "bge00000001".into(),
+            audit_log: "/tmp/x/audit.log".into(),
+            jailer: Some(jailer),
+        };
+        let p = banger_policy::Policy::from_toml("policy.toml", &spec.render()).unwrap();
+        let j = p.jailer.expect("a [jailer] section");
+        assert_eq!(j.jailer, std::path::Path::new("/tmp/x/jail-bin/jailer"));
+        assert_eq!(j.firecracker, std::path::Path::new("/tmp/x/jail-bin/firecracker"));
+        assert_eq!(j.chroot_base, std::path::Path::new("/tmp/x/jails"));
+        assert_eq!(j.uids, (1_073_741_824, 1_073_741_825));
+        assert_eq!(j.cgroup, banger_policy::CgroupVersion::Auto);
+        assert_eq!(j.mode, banger_policy::JailerMode::Allow);
+        assert_eq!(j.user_cgroup(1000), "banger-e2e-00000001/u1000");
+        assert_eq!((p.quotas.max_vcpus, p.quotas.max_memory_mib), (3, 768));
+        assert_eq!(p.quotas.max_vms, 32);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!    ([`helper`]), which tests can also talk to directly as any user, from a forked child;
 //! 5. a way to run `banger` as a test user inside the host namespace with a private
 //!    `/dev/net/tun` node of mode 0666, so the machine's own node is never changed ([`cli`]);
-//! 6. a leak check scoped to the test's own objects ([`leaks`]).
+//! 6. a leak check scoped to the test's own objects ([`leaks`]);
+//! 7. in a [`World::jailed`] one, the policy's `[jailer]`: the jailer double and the static
+//!    Firecracker double as its binaries, a chroot base, jail uids and a cgroup parent of the
+//!    world's own ([`jails`]).
 //!
 //! Dropping the world (also while a test panics) prints diagnostics if the test failed, then kills
 //! every process of the test, stops the helper, deletes the namespaces, users, group and files.
@@ -22,6 +25,7 @@
 pub mod cli;
 pub mod fixtures;
 pub mod helper;
+pub mod jails;
 pub mod leaks;
 pub mod names;
 pub mod netns;

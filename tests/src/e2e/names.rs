@@ -26,6 +26,14 @@ pub const GROUP_PREFIX: &str = "bge";
 pub const USER_PREFIXES: [&str; 3] = ["bgea", "bgeb", "bgec"];
 /// Prefix of the temporary directory (in `/tmp`).
 pub const TEMP_PREFIX: &str = "bge-";
+/// Prefix of the cgroup under which the helper makes users' cgroups (it names banger, so the
+/// suite's check for cgroups left behind sees it).
+pub const CGROUP_PREFIX: &str = "banger-e2e-";
+/// The first uid of the jail uid ranges: far above the accounts of any host (system and login
+/// users, `nobody`) and the subordinate ranges `useradd` hands out (from 100000, 65536 each).
+pub const JAIL_UID_BASE: u32 = 1 << 30;
+/// How many jail uids each world has.
+pub const JAIL_UIDS: u32 = 2;
 
 impl Names {
     /// A fresh suffix for this process.
@@ -40,6 +48,12 @@ impl Names {
             return None;
         }
         u32::from_str_radix(&suffix[..6], 16).ok()
+    }
+
+    /// The pid of the run whose world has jail uid `uid`, if `uid` is in a world's range.
+    pub fn pid_of_jail_uid(uid: u32) -> Option<u32> {
+        let slot = uid.checked_sub(JAIL_UID_BASE)? / JAIL_UIDS;
+        (slot < 1 << 30).then_some(slot >> 8)
     }
 
     /// The suffix of a harness-made name with `prefix`, if `name` is one.
@@ -76,6 +90,18 @@ impl Names {
     pub fn temp_prefix(&self) -> String {
         format!("{TEMP_PREFIX}{}-", self.suffix)
     }
+    /// The policy's `cgroup_parent`.
+    pub fn cgroup_parent(&self) -> String {
+        format!("{CGROUP_PREFIX}{}", self.suffix)
+    }
+    /// The policy's jail uid range, first and last: [`JAIL_UIDS`] uids of this world alone,
+    /// numbered after the suffix (22 bits of pid, 8 of counter) above [`JAIL_UID_BASE`].
+    pub fn jail_uids(&self) -> (u32, u32) {
+        let n = u32::from_str_radix(&self.suffix, 16).expect("the suffix is hex");
+        let slot = ((n >> 8) & 0x3f_ffff) << 8 | (n & 0xff);
+        let first = JAIL_UID_BASE + slot * JAIL_UIDS;
+        (first, first + JAIL_UIDS - 1)
+    }
 }
 
 #[cfg(test)]
@@ -97,5 +123,23 @@ mod tests {
         assert_eq!(Names::parse(HOST_NS_PREFIX, "bgeh-zz"), None);
         assert_eq!(Names::parse(USER_PREFIXES[1], &a.user(1)), Some(a.suffix.as_str()));
         assert_eq!(Names::parse(USER_PREFIXES[0], &a.user(1)), None);
+        assert_eq!(Names::parse(CGROUP_PREFIX, &a.cgroup_parent()), Some(a.suffix.as_str()));
+        assert!(a.cgroup_parent().contains("banger"));
+    }
+
+    #[test]
+    fn jail_uid_ranges_are_disjoint_per_suffix_and_stay_below_the_invalid_uid() {
+        let range = |s: &str| Names { suffix: s.into() }.jail_uids();
+        assert_eq!(range("00000000"), (JAIL_UID_BASE, JAIL_UID_BASE + 1));
+        assert_eq!(range("00000001"), (JAIL_UID_BASE + 2, JAIL_UID_BASE + 3));
+        assert_eq!(range("00000100"), (JAIL_UID_BASE + 512, JAIL_UID_BASE + 513));
+        // The highest pid Linux allows (2^22) and counter.
+        let (_, last) = range("3fffffff");
+        assert!(last < u32::MAX - 1, "{last}");
+        let (a, b) = (range("0012ab05"), range("0012ab06"));
+        assert!(a.1 < b.0);
+        assert_eq!(Names::pid_of_jail_uid(a.0), Some(0x12ab));
+        assert_eq!(Names::pid_of_jail_uid(a.1), Some(0x12ab));
+        assert_eq!(Names::pid_of_jail_uid(1000), None);
     }
 }

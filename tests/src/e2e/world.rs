@@ -9,6 +9,9 @@
 //! T/a T/b T/c each user's BANGER_HOME (0700, owned by the user), with config.toml
 //! ```
 //!
+//! [`World::jailed`] adds the policy's `[jailer]`: its binaries and chroot base under `T` (see
+//! [`jails`](super::jails)), and `launch = "jailer"` in A's and B's configuration.
+//!
 //! [`World::with_homes_in`] puts the users' homes (where images and VM disks live) in a directory
 //! of their own under another base instead, e.g. a tmpfs.
 //!
@@ -28,6 +31,7 @@ use banger_protocol::{Request, Response};
 use super::cli::{Cli, UserLaunch, VmView, parse_list, parse_object, parse_vm};
 use super::fixtures;
 use super::helper::{Helper, PolicySpec, Session, session_as, tail};
+use super::jails::{self, Jailing};
 use super::leaks::{self, Scope};
 use super::names::{self, Names};
 use super::netns::{Netns, Network};
@@ -86,6 +90,8 @@ pub struct World {
     pub rootfs: PathBuf,
     /// The directory holding the users' homes (`T` unless built with [`World::with_homes_in`]).
     pub homes: PathBuf,
+    /// The jailer's binaries, chroot base, uids and cgroups, in a [`World::jailed`] one.
+    pub jailing: Option<Jailing>,
     started: Instant,
     helper: Option<Helper>,
     network: Option<Network>,
@@ -100,18 +106,24 @@ impl World {
     /// Builds a world and imports the test image for user A (which starts A's daemon). Panics
     /// (after tearing down what was made) when any step fails.
     pub fn new() -> World {
-        World::built(None)
+        World::built(None, false)
+    }
+
+    /// Like [`World::new`], with a policy that has a `[jailer]` (the jailer double, the static
+    /// Firecracker double) and `launch = "jailer"` in the configuration of A and B.
+    pub fn jailed() -> World {
+        World::built(None, true)
     }
 
     /// Like [`World::new`], with the users' homes (their images and VM disks) under `base`:
     /// files the helper attaches loop devices to must be on a filesystem its policy allows (in
     /// the kernel tier `/tmp` is an overlay, `/run` a tmpfs).
     pub fn with_homes_in(base: &Path) -> World {
-        World::built(Some(base))
+        World::built(Some(base), false)
     }
 
-    fn built(homes: Option<&Path>) -> World {
-        let world = World::build_with(&fixtures::BINARIES, homes);
+    fn built(homes: Option<&Path>, jailed: bool) -> World {
+        let world = World::build_with(&fixtures::BINARIES, homes, jailed);
         world.import_image(Who::A);
         eprintln!(
             "e2e world {}: image imported for A after {:.1}s",
@@ -124,10 +136,10 @@ impl World {
     /// Builds a world without touching banger itself: users, network, binaries, image files and
     /// the helper.
     pub fn bare() -> World {
-        World::build_with(&["banger-helper"], None)
+        World::build_with(&["banger-helper"], None, false)
     }
 
-    fn build_with(required: &[&str], homes: Option<&Path>) -> World {
+    fn build_with(required: &[&str], homes: Option<&Path>, jailed: bool) -> World {
         require_privileges();
         SWEEP.call_once(sweep_stale);
         let names = Names::fresh();
@@ -138,6 +150,7 @@ impl World {
             kernel: PathBuf::new(),
             rootfs: PathBuf::new(),
             homes: PathBuf::new(),
+            jailing: None,
             started: Instant::now(),
             helper: None,
             network: None,
@@ -145,7 +158,7 @@ impl World {
             tempdir: None,
             homes_tempdir: None,
         };
-        if let Err(e) = world.build(required, homes) {
+        if let Err(e) = world.build(required, homes, jailed) {
             panic!("cannot build the end-to-end world {}: {e:#}", names.suffix);
         }
         eprintln!(
@@ -157,7 +170,7 @@ impl World {
         world
     }
 
-    fn build(&mut self, required: &[&str], homes: Option<&Path>) -> anyhow::Result<()> {
+    fn build(&mut self, required: &[&str], homes: Option<&Path>, jailed: bool) -> anyhow::Result<()> {
         let dir = tempfile::Builder::new().prefix(&self.names.temp_prefix()).tempdir_in("/tmp")?;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         self.temp = dir.path().to_path_buf();
@@ -178,6 +191,9 @@ impl World {
         self.rootfs = img.join("rootfs.ext4");
         fixtures::write_kernel(&self.kernel)?;
         fixtures::write_rootfs(&self.rootfs, &self.temp)?;
+        if jailed {
+            self.jailing = Some(Jailing::stage(&self.temp, &fixtures::build_dir()?, &self.names)?);
+        }
 
         let n = &self.names;
         let accounts = Accounts::create(&n.group(), [n.user(0), n.user(1), n.user(2)])?;
@@ -188,9 +204,10 @@ impl World {
             fs::set_permissions(&home, fs::Permissions::from_mode(0o700))?;
             let acct = self.account(who).clone();
             let config = home.join("config.toml");
+            let launch = if jailed && who != Who::C { "launch = \"jailer\"\n" } else { "" };
             fs::write(
                 &config,
-                format!("default_image = \"{IMAGE}\"\ndefault_vcpus = 1\ndefault_memory_mib = 128\n"),
+                format!("default_image = \"{IMAGE}\"\ndefault_vcpus = 1\ndefault_memory_mib = 128\n{launch}"),
             )?;
             fs::set_permissions(&config, fs::Permissions::from_mode(0o600))?;
             for p in [&home, &config] {
@@ -205,7 +222,11 @@ impl World {
             &n.veth_outside(),
             &n.suffix,
         )?);
-        let spec = PolicySpec { group: n.group(), audit_log: self.temp.join("helper/audit.log") };
+        let spec = PolicySpec {
+            group: n.group(),
+            audit_log: self.temp.join("helper/audit.log"),
+            jailer: self.jailing.as_ref().map(|j| j.spec.clone()),
+        };
         let helper = Helper::start(
             &self.bin.join("banger-helper"),
             &n.host_ns(),
@@ -269,6 +290,7 @@ impl World {
             .into_iter()
             .chain(std::env::var("BANGER_E2E_RUST_LOG").ok().map(|v| ("RUST_LOG".to_owned(), v)))
             .collect(),
+            mount_ns_of: self.jailing.as_ref().and_then(|_| self.helper().pid()),
         };
         Cli::new(launch)
     }
@@ -449,17 +471,27 @@ impl World {
     }
 
     fn scope(&self) -> Scope {
+        let mut uids: Vec<u32> =
+            self.accounts.as_ref().map(|a| a.users.iter().map(|u| u.uid).collect()).unwrap_or_default();
+        if let Some(j) = &self.jailing {
+            uids.extend(j.spec.uids.0..=j.spec.uids.1);
+        }
+        // The helper, and the processes it forks of itself (its jail launcher).
+        let mut allowed_pids: Vec<u32> = self.helper.as_ref().and_then(Helper::pid).into_iter().collect();
+        if let Some(&helper) = allowed_pids.first() {
+            allowed_pids.extend(proc::find(|p| p.ppid == helper && p.uid == 0).iter().map(|p| p.pid));
+        }
         Scope {
             netns: self.names.host_ns(),
             temp: self.temp.clone(),
-            uids: self.accounts.as_ref().map(|a| a.users.iter().map(|u| u.uid).collect()).unwrap_or_default(),
+            uids,
             homes: Who::ALL.iter().map(|w| self.home(*w)).collect(),
-            allowed_pids: self.helper.as_ref().and_then(Helper::pid).into_iter().collect(),
+            allowed_pids,
         }
     }
 
     /// What the helper's ledger still lists for the allowed users (TAPs, NAT, loops,
-    /// dm-snapshots).
+    /// dm-snapshots, jails).
     fn ledger_leaks(&self) -> Vec<String> {
         let mut leaks = Vec::new();
         for who in [Who::A, Who::B] {
@@ -479,6 +511,14 @@ impl World {
                     }));
                     leaks.extend(o.dms.iter().map(|d| {
                         format!("helper ledger of {who:?}: dm-snapshot {} (vm {})", d.name, d.vm.as_str())
+                    }));
+                    leaks.extend(o.jails.iter().map(|j| {
+                        format!(
+                            "helper ledger of {who:?}: jail {} uid {} (vm {})",
+                            j.id,
+                            j.uid,
+                            j.vm.as_str()
+                        )
                     }));
                 }
                 _ => leaks.push(format!("helper ledger of {who:?} cannot be listed: {s:?}")),
@@ -504,6 +544,7 @@ impl World {
         let mut last = Vec::new();
         let clean = wait_for(Duration::from_secs(10), Duration::from_millis(100), || {
             let mut l = leaks::check(&scope);
+            l.extend(self.jailing.iter().flat_map(Jailing::leaks));
             if l.is_empty() {
                 l = self.ledger_leaks();
             }
@@ -547,6 +588,15 @@ impl World {
                 leaks::firewall_dump(&ns)
             );
         }
+        if let Some(j) = &self.jailing {
+            out += "---- jails and cgroups of the world\n";
+            for d in j.jail_dirs() {
+                out += &format!("{}\n", d.display());
+            }
+            for c in j.cgroups() {
+                out += &format!("{}\n", c.display());
+            }
+        }
         out += "---- processes of the world\n";
         for p in leaks::processes(&self.scope()) {
             out += &format!("{}\n", p.describe());
@@ -569,6 +619,11 @@ impl World {
         }
         if let Some(mut h) = self.helper.take() {
             h.stop();
+        }
+        if let Some(j) = &self.jailing {
+            for f in j.remove_cgroups() {
+                eprintln!("e2e teardown: {f}");
+            }
         }
         for (dev, _) in self.loops() {
             let _ = root_unchecked("losetup", &["-d", &dev]);
@@ -662,6 +717,23 @@ fn sweep_stale() {
                 eprintln!("e2e: removing group {name} left by a killed run");
                 if let Err(e) = remove_group(name) {
                     eprintln!("e2e: {e:#}");
+                }
+            }
+        }
+    }
+    // Jailed VMMs of killed runs (by their uid), before their cgroups can go.
+    let dead_pid = |pid: u32| !Path::new(&format!("/proc/{pid}")).exists();
+    for p in proc::find(|p| Names::pid_of_jail_uid(p.uid).is_some_and(dead_pid)) {
+        eprintln!("e2e: killing jailed process {} left by a killed run", p.describe());
+        proc::kill9(p.pid);
+    }
+    for mount in jails::cgroup_mounts() {
+        for e in fs::read_dir(&mount).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if Names::parse(names::CGROUP_PREFIX, &name).is_some_and(dead) {
+                eprintln!("e2e: removing cgroup {} left by a killed run", e.path().display());
+                for f in jails::remove_cgroup_trees(&[e.path()]) {
+                    eprintln!("e2e: {f}");
                 }
             }
         }

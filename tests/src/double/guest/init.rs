@@ -35,6 +35,12 @@
 //! as not emulated (there is no `debugfs` or `dropbear` in a jail, nor a `/run` to keep their
 //! files), and the network (step 3), the host name, the console and the control socket work as
 //! outside. A missing `debugfs` or `dropbear` outside a jail is reported the same way.
+//!
+//! Where the VMM may not make a user namespace at all (`EPERM`: a seccomp filter it inherited,
+//! as from banger-helper's jail launcher, or a sysctl), no guest is emulated: the console says so
+//! after the boot banner, and the guest process only answers the control socket (Ctrl+Alt+Del
+//! reboots, that is ends it; pause and resume have no guest process to stop). The VMM's API, TAP,
+//! drives and state behave as with a guest.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -99,6 +105,14 @@ pub fn main() -> ExitCode {
     // Firecracker's jailer gives the VMM a root without /proc.
     let jailed = !Path::new("/proc/self").exists();
     if let Err(e) = enter_namespaces(!jailed) {
+        if e.raw_os_error() == Some(libc::EPERM) {
+            banner(&config, &console);
+            console.line(&format!(
+                "firecracker-double: the VMM may not make a user namespace here ({e}): no guest is emulated \
+                 (no guest network, host name or SSH server); the API, TAP, drives and VM state work as usual"
+            ));
+            return ExitCode::from(without_guest(sys::inherited_control_fd(), &console) as u8);
+        }
         console.line(&format!("Kernel panic - not syncing: cannot create the guest namespaces: {e}"));
         return ExitCode::from(1);
     }
@@ -516,6 +530,36 @@ fn shutdown(console: &Console) -> i32 {
     while waitpid(None, None).is_ok() {}
     console.line("reboot: Restarting system");
     0
+}
+
+/// The control socket of a VMM without an emulated guest: Ctrl+Alt+Del or the VMM going away
+/// end it (status 0, a reboot); pause and resume have nothing to stop. Signals nobody: without
+/// a PID namespace of its own, every process of its uid would be hit.
+fn without_guest(control: OwnedFd, console: &Console) -> i32 {
+    loop {
+        let mut fds = [PollFd::new(control.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                console.line(&format!("init: control channel failed: {e}"));
+                return 0;
+            }
+        }
+        let mut buf = [0u8; 64];
+        let n = match recv(control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+            Err(_) => 0,
+        };
+        if n == 0 {
+            return 0;
+        }
+        if Control::parse(&buf[..n]) == Some(Control::CtrlAltDel) {
+            console.raw("\nReceived Ctrl+Alt+Del: rebooting\n");
+            console.line("reboot: Restarting system");
+            return 0;
+        }
+    }
 }
 
 fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console, ctrl_alt_del_masked: bool) -> i32 {
