@@ -436,3 +436,47 @@ fn a_failed_launch_leaves_nothing() {
     assert!(xattr_acl(&drive).is_none(), "no ACL entry left on the drive");
     w.ns.sh(&["ip", "link", "del", &w.tap]);
 }
+
+/// A jail configuration for tests that build no jail: `/bin/true` as both binaries, a chroot
+/// base of root's in `dir`, whatever cgroup hierarchy the machine has.
+fn bare_config(dir: &Path) -> JailConfig {
+    let base = dir.join("base");
+    fs::create_dir(&base).unwrap();
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+    JailConfig::new(&Jailer {
+        jailer: "/bin/true".into(),
+        firecracker: "/bin/true".into(),
+        chroot_base: base,
+        uids: (64_700, 64_799),
+        cgroup: CgroupVersion::Auto,
+        cgroup_parent: format!("banger-jt-bare-{}", std::process::id()),
+        mode: JailerMode::Allow,
+    })
+    .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: a leftover jail directory of a jail uid and a process running as that uid"]
+fn removing_a_leftover_directory_kills_nothing_its_pid_file_names() {
+    if !root_or_skip("removing_a_leftover_directory_kills_nothing_its_pid_file_names") {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = bare_config(dir.path());
+    // The uid of the leftover jail, since given to another VM whose VMM this stands for.
+    let mut vmm = Command::new("sleep").arg("60").uid(JAIL_UID).gid(JAIL_UID).spawn().unwrap();
+    let id = format!("bg-left-{}", std::process::id());
+    let root = jail::root(&cfg, &id);
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("true.pid"), vmm.id().to_string()).unwrap();
+    std::os::unix::fs::chown(&root, Some(JAIL_UID), Some(JAIL_UID)).unwrap();
+    let listed = jail::list(&cfg).unwrap();
+    let me = listed.iter().find(|j| j.id == id).expect("listed");
+    assert_eq!((me.uid, me.alive), (Some(JAIL_UID), true), "the PID file names a live process of its uid");
+    jail::remove(&cfg, &id, JAIL_UID, None).unwrap();
+    assert!(!root.parent().unwrap().exists(), "the directory is removed");
+    assert!(vmm.try_wait().unwrap().is_none(), "the process its PID file named runs on");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+}

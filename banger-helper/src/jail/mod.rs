@@ -447,8 +447,9 @@ fn run_jailer(jailer: &Path, args: &[String], id: &str) -> KResult<()> {
     Err(KernelError::other("run jailer", id, format!("{status}: {first}")))
 }
 
-/// Kills jail `id`'s VMM (the process `pid` names, the PID file's, any process left in the VM's
-/// cgroups), each only when it runs as `uid` and through a pidfd; waits for them; then removes
+/// Kills jail `id`'s VMM (the process `pid` names, then the PID file's, any process left in the
+/// VM's cgroups; the PID file only when `pid` is given), each only when it runs as `uid` and
+/// through a pidfd; waits for them; then removes
 /// the jail's tree (dropping `uid`'s ACL entries from linked files, never following a symlink),
 /// the VM's cgroups, and the user's parent cgroup when it is left empty. A jail or part of one
 /// that is not there counts as removed. Every step is tried; the first failure is returned.
@@ -483,7 +484,10 @@ pub fn remove(cfg: &JailConfig, id: &str, uid: u32, pid: Option<i32>) -> KResult
             format!("its cgroups hold processes {in_groups:?} and its uid is not known: nothing removed"),
         ));
     }
-    let pid_file = pid_file.filter(|_| !unknown);
+    // The PID file counts only beside the ledger's PID: without one (a leftover directory no
+    // entry holds) its uid may since have been given to another VM, whose VMM the PID file of
+    // this directory's jail uid could name.
+    let pid_file = pid_file.filter(|_| pid.is_some());
     let mut candidates: Vec<i32> = pid.into_iter().chain(pid_file).chain(in_groups.iter().copied()).collect();
     candidates.sort_unstable();
     candidates.dedup();
