@@ -1726,7 +1726,11 @@ vm_prefix = 28
 
     /// The ledger with every entry of other uids removed (leases kept: the pool is shared).
     fn only_of(l: &Ledger, uid: u32) -> Ledger {
-        Ledger { leases: l.leases.clone(), entries: l.entries_of(uid).cloned().collect() }
+        Ledger {
+            leases: l.leases.clone(),
+            entries: l.entries_of(uid).cloned().collect(),
+            ..Ledger::default()
+        }
     }
 
     /// What the helper would record after an allowed request (a model of its bookkeeping).

@@ -488,6 +488,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_uid_of_a_live_jail_no_entry_holds_is_never_handed_out() {
+        let t = helper(JailerMode::Allow);
+        let p = t.peer(1000, "home");
+        let lost = launched(&t, &p, "lost", 10).await;
+        // The ledger lost its entry (an older ledger put back); its VMM runs on.
+        t.helper.state.lock().await.ledger.entries.clear();
+        let report = t.helper.reconcile().await;
+        assert_eq!(report.unknown, vec![format!("jail {}", lost.id)]);
+        assert!(t.kernel.world().jails.contains_key(&lost.id), "left alone");
+        let next = launched(&t, &t.peer(1001, "home"), "dev", 20).await;
+        assert_eq!(next.uid, lost.uid + 1, "the live jail's uid stays out of the pool");
+        // Once it no longer runs, the next reconcile removes it and its uid is free again.
+        t.kernel.world().jails.get_mut(&lost.id).unwrap().alive = false;
+        assert!(t.helper.reconcile().await.errors.is_empty());
+        assert!(!t.kernel.world().jails.contains_key(&lost.id));
+        assert_eq!(launched(&t, &p, "again", 30).await.uid, lost.uid);
+    }
+
+    #[tokio::test]
     async fn reconcile_removes_dead_and_unsettled_jails_and_unheld_directories() {
         let t = helper(JailerMode::Allow);
         let p = t.peer(1000, "home");
