@@ -311,6 +311,14 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     let drive_acl = xattr_acl(&drive).expect("the drive has an ACL");
     assert_eq!(drive_acl.user(JAIL_UID), Some(acl::R | acl::W));
     assert_eq!(fs::metadata(&drive).unwrap().uid(), CALLER, "the caller keeps owning the drive");
+    // A second link of the drive beside root/, where the jail uid cannot reach.
+    let drives = root.parent().unwrap().join("drives");
+    let m = fs::symlink_metadata(&drives).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700));
+    assert_eq!(
+        fs::symlink_metadata(drives.join("rootfs")).unwrap().ino(),
+        fs::metadata(&drive).unwrap().ino()
+    );
     let serial = meta("run/serial");
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&serial.file_type()));
     assert_eq!((serial.uid(), serial.gid(), serial.mode() & 0o777 & !0o070), (JAIL_UID, JAIL_UID, 0o600));
@@ -353,10 +361,13 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     let planted = as_uid(JAIL_UID, || {
         let ok = std::os::unix::fs::symlink(&outside, root.join("run/dir-link")).is_ok()
             && std::os::unix::fs::symlink(&precious, root.join("file-link")).is_ok()
-            && std::os::unix::fs::symlink(&drive, root.join("dev/drive-link")).is_ok();
+            && std::os::unix::fs::symlink(&drive, root.join("dev/drive-link")).is_ok()
+            // An escaped VMM unlinks its drive: the ACL entry must go all the same.
+            && fs::remove_file(root.join("rootfs")).is_ok()
+            && fs::remove_file(drives.join("rootfs")).is_err();
         if ok { 0 } else { 1 }
     });
-    assert_eq!(planted, 0, "the jail uid can write in its jail");
+    assert_eq!(planted, 0, "the jail uid can write in its jail, and not reach the drives' links");
 
     // Removal with the uid not known (0) kills nothing, and keeps a jail whose cgroup holds a
     // process; with a PID it is refused outright.

@@ -41,7 +41,7 @@ fn names(dir: &OwnedFd) -> Result<Vec<Vec<u8>>, Errno> {
 }
 
 /// Drops `uid`'s ACL entry from regular file `name` in `dir`, if it still is one.
-fn revoke_at(dir: &OwnedFd, name: &OsStr, uid: u32) -> Result<(), Errno> {
+pub(crate) fn revoke_at(dir: &OwnedFd, name: &OsStr, uid: u32) -> Result<(), Errno> {
     if uid == 0 {
         // The jail's uid is not known: there is no named entry to drop.
         return Ok(());
