@@ -265,7 +265,11 @@ pub fn check_host(policy: &Policy, host: &impl HostFacts) -> Result<(), HostChec
             format!(
                 "{} is writable by {} (mode {:04o}); chmod go-w {}",
                 base.display(),
-                if f.mode & 0o020 != 0 { "its group" } else { "others" },
+                match (f.mode & 0o020 != 0, f.mode & 0o002 != 0) {
+                    (true, true) => "its group and others",
+                    (true, false) => "its group",
+                    _ => "others",
+                },
                 f.mode & 0o7777,
                 base.display()
             ),
@@ -613,6 +617,7 @@ mod tests {
         for (facts, needle) in [
             (FileFacts { uid: 5, ..DIR }, "chown root:root /srv/jails"),
             (FileFacts { mode: 0o41757, ..DIR }, "others (mode 1757); chmod go-w /srv/jails"),
+            (FileFacts { mode: 0o41777, ..DIR }, "its group and others (mode 1777)"),
             // The helper's start refuses a group-writable base: the check says so first.
             (FileFacts { mode: 0o40775, ..DIR }, "its group (mode 0775); chmod go-w /srv/jails"),
         ] {
