@@ -220,7 +220,7 @@ impl LedgerStore {
             }
             Err(e) => return Err(e),
         };
-        let ledger = Ledger { leases: leases.leases.clone(), entries: migrate(objects) };
+        let ledger = Ledger { leases: leases.leases.clone(), entries: migrate(objects), ..Ledger::default() };
         Ok((LedgerStore { dir: dir.to_owned(), synced_leases: leases.leases, _lock: lock }, ledger))
     }
 

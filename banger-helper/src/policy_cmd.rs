@@ -259,11 +259,17 @@ pub fn check_host(policy: &Policy, host: &impl HostFacts) -> Result<(), HostChec
                 base.display()
             ),
         ),
-        Ok(f) if f.mode & 0o002 != 0 => problem(
+        // The same rule as the helper's start (`JailConfig::new`): writable by root alone.
+        Ok(f) if f.mode & 0o022 != 0 => problem(
             "jailer.chroot_base",
             format!(
-                "{} is writable by others (mode {:04o}); chmod o-w {}",
+                "{} is writable by {} (mode {:04o}); chmod go-w {}",
                 base.display(),
+                match (f.mode & 0o020 != 0, f.mode & 0o002 != 0) {
+                    (true, true) => "its group and others",
+                    (true, false) => "its group",
+                    _ => "others",
+                },
                 f.mode & 0o7777,
                 base.display()
             ),
@@ -606,11 +612,14 @@ mod tests {
     }
 
     #[test]
-    fn the_chroot_base_must_be_roots_and_not_writable_by_others() {
+    fn the_chroot_base_must_be_roots_and_writable_by_root_alone() {
         let p = jailed("900000-900099");
         for (facts, needle) in [
             (FileFacts { uid: 5, ..DIR }, "chown root:root /srv/jails"),
-            (FileFacts { mode: 0o41777, ..DIR }, "chmod o-w /srv/jails"),
+            (FileFacts { mode: 0o41757, ..DIR }, "others (mode 1757); chmod go-w /srv/jails"),
+            (FileFacts { mode: 0o41777, ..DIR }, "its group and others (mode 1777)"),
+            // The helper's start refuses a group-writable base: the check says so first.
+            (FileFacts { mode: 0o40775, ..DIR }, "its group (mode 0775); chmod go-w /srv/jails"),
         ] {
             let mut h = host();
             h.files.insert("/srv/jails", facts);
@@ -621,8 +630,8 @@ mod tests {
             );
         }
         let mut h = host();
-        h.files.insert("/srv/jails", FileFacts { mode: 0o40775, ..DIR });
-        assert!(problems(&p, &h).is_empty(), "group-writable by root's group is root's call");
+        h.files.insert("/srv/jails", FileFacts { mode: 0o40755, ..DIR });
+        assert!(problems(&p, &h).is_empty());
         h.files.remove("/srv/jails");
         assert!(problems(&p, &h)[0].contains("install -d -o root -g root -m 0755 /srv/jails"));
     }

@@ -53,7 +53,12 @@ fn policy_check_fails_when_the_host_does_not_fit_the_jailer_section() {
     let (ok, out, err) = run(&["policy", "check", file.to_str().unwrap()]);
     assert!(!ok && !out.contains("ok"), "{out}");
     assert!(err.contains("jailer.firecracker: /bin/sh is dynamically linked"), "{err}");
-    assert!(err.contains("jailer.chroot_base: /tmp is writable by others"), "{err}");
+    assert!(
+        err.contains(
+            "jailer.chroot_base: /tmp is writable by its group and others (mode 1777); chmod go-w /tmp"
+        ),
+        "{err}"
+    );
     let (ok, out, _) = run(&["policy", "explain", file.to_str().unwrap()]);
     assert!(ok && out.contains("Jailed VMs run /bin/sh through /usr/bin/env"), "{out}");
 }

@@ -311,6 +311,14 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     let drive_acl = xattr_acl(&drive).expect("the drive has an ACL");
     assert_eq!(drive_acl.user(JAIL_UID), Some(acl::R | acl::W));
     assert_eq!(fs::metadata(&drive).unwrap().uid(), CALLER, "the caller keeps owning the drive");
+    // A second link of the drive beside root/, where the jail uid cannot reach.
+    let drives = root.parent().unwrap().join("drives");
+    let m = fs::symlink_metadata(&drives).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o700));
+    assert_eq!(
+        fs::symlink_metadata(drives.join("rootfs")).unwrap().ino(),
+        fs::metadata(&drive).unwrap().ino()
+    );
     let serial = meta("run/serial");
     assert!(std::os::unix::fs::FileTypeExt::is_fifo(&serial.file_type()));
     assert_eq!((serial.uid(), serial.gid(), serial.mode() & 0o777 & !0o070), (JAIL_UID, JAIL_UID, 0o600));
@@ -353,10 +361,13 @@ fn a_jail_launched_reached_by_its_caller_only_and_removed_without_a_trace() {
     let planted = as_uid(JAIL_UID, || {
         let ok = std::os::unix::fs::symlink(&outside, root.join("run/dir-link")).is_ok()
             && std::os::unix::fs::symlink(&precious, root.join("file-link")).is_ok()
-            && std::os::unix::fs::symlink(&drive, root.join("dev/drive-link")).is_ok();
+            && std::os::unix::fs::symlink(&drive, root.join("dev/drive-link")).is_ok()
+            // An escaped VMM unlinks its drive: the ACL entry must go all the same.
+            && fs::remove_file(root.join("rootfs")).is_ok()
+            && fs::remove_file(drives.join("rootfs")).is_err();
         if ok { 0 } else { 1 }
     });
-    assert_eq!(planted, 0, "the jail uid can write in its jail");
+    assert_eq!(planted, 0, "the jail uid can write in its jail, and not reach the drives' links");
 
     // Removal with the uid not known (0) kills nothing, and keeps a jail whose cgroup holds a
     // process; with a PID it is refused outright.
@@ -435,4 +446,48 @@ fn a_failed_launch_leaves_nothing() {
     assert_eq!(w.tap_owner(), "0", "the TAP taken back from the jail uid");
     assert!(xattr_acl(&drive).is_none(), "no ACL entry left on the drive");
     w.ns.sh(&["ip", "link", "del", &w.tap]);
+}
+
+/// A jail configuration for tests that build no jail: `/bin/true` as both binaries, a chroot
+/// base of root's in `dir`, whatever cgroup hierarchy the machine has.
+fn bare_config(dir: &Path) -> JailConfig {
+    let base = dir.join("base");
+    fs::create_dir(&base).unwrap();
+    fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+    JailConfig::new(&Jailer {
+        jailer: "/bin/true".into(),
+        firecracker: "/bin/true".into(),
+        chroot_base: base,
+        uids: (64_700, 64_799),
+        cgroup: CgroupVersion::Auto,
+        cgroup_parent: format!("banger-jt-bare-{}", std::process::id()),
+        mode: JailerMode::Allow,
+    })
+    .unwrap()
+}
+
+#[test]
+#[ignore = "needs root: a leftover jail directory of a jail uid and a process running as that uid"]
+fn removing_a_leftover_directory_kills_nothing_its_pid_file_names() {
+    if !root_or_skip("removing_a_leftover_directory_kills_nothing_its_pid_file_names") {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = bare_config(dir.path());
+    // The uid of the leftover jail, since given to another VM whose VMM this stands for.
+    let mut vmm = Command::new("sleep").arg("60").uid(JAIL_UID).gid(JAIL_UID).spawn().unwrap();
+    let id = format!("bg-left-{}", std::process::id());
+    let root = jail::root(&cfg, &id);
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("true.pid"), vmm.id().to_string()).unwrap();
+    std::os::unix::fs::chown(&root, Some(JAIL_UID), Some(JAIL_UID)).unwrap();
+    let listed = jail::list(&cfg).unwrap();
+    let me = listed.iter().find(|j| j.id == id).expect("listed");
+    assert_eq!((me.uid, me.alive), (Some(JAIL_UID), true), "the PID file names a live process of its uid");
+    jail::remove(&cfg, &id, JAIL_UID, None).unwrap();
+    assert!(!root.parent().unwrap().exists(), "the directory is removed");
+    assert!(vmm.try_wait().unwrap().is_none(), "the process its PID file named runs on");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
 }

@@ -45,7 +45,9 @@
 //!      `quotas.max_memory_mib`; then a free uid of `jailer.uid_range` — the lowest that no jail
 //!      of *any* user holds (rule `jailer.uid_range`); then the descriptors as the helper
 //!      inspected them ([`Observed::jail_files`]): kernel and initrd regular files opened for
-//!      reading; each drive opened read-write and either a regular file of the caller's (rule
+//!      reading, on a local filesystem ([`LOCAL_FILESYSTEMS`]), at most
+//!      [`MAX_BOOT_FILE_BYTES`]; each drive opened read-write and either a regular file of the
+//!      caller's on a local filesystem (rule
 //!      `jail.drive_owner`) or the block device of this VM's settled dm-snapshot target (rule
 //!      `jail.drive_device`). The grant carries the jail uid, the VM's TAP from the ledger and
 //!      the caller's cgroup with its limits (its `max_vcpus` and `max_memory_mib`).
@@ -64,8 +66,8 @@
 use std::net::Ipv4Addr;
 
 use banger_protocol::{
-    HelperError, InstallId, JailFiles, LoopRole, MAX_TEARDOWN_VMS, MAX_VCPUS, MIN_MEM_MIB, Request, VmId,
-    VmShape, min_cow_bytes,
+    HelperError, InstallId, JailFiles, LoopRole, MAX_BOOT_FILE_BYTES, MAX_TEARDOWN_VMS, MAX_VCPUS,
+    MIN_MEM_MIB, Request, VmId, VmShape, min_cow_bytes,
 };
 
 use crate::{Access, DevNum, EntryState, FileId, Ledger, LedgerEntry, Object, ObjectKind, Policy, Quotas};
@@ -374,6 +376,23 @@ fn check(
     }
 }
 
+/// Refuses a file whose filesystem is not one of [`LOCAL_FILESYSTEMS`]: `what` is on it, and
+/// `only` over those filesystems is it taken, `why`.
+fn local_filesystem(file: &BackingFile, what: &str, only: &str, why: &str) -> Result<(), HelperError> {
+    if LOCAL_FILESYSTEMS.contains(&file.fs_type.as_str()) {
+        return Ok(());
+    }
+    let on = if file.fs_type == "unknown" {
+        "a filesystem missing from the helper's mount table".to_owned()
+    } else {
+        format!("a filesystem of type {}", banger_protocol::quoted(&file.fs_type))
+    };
+    Err(HelperError::invalid(format!(
+        "{what} is on {on}; {only} {} {why}; copy it to one of those",
+        LOCAL_FILESYSTEMS.join(", ")
+    )))
+}
+
 /// Checks a loop backing file and returns whether it is attached read-only.
 fn backing_file(file: &BackingFile, uid: u32, read_only: bool) -> Result<bool, HelperError> {
     if !file.regular {
@@ -388,17 +407,12 @@ fn backing_file(file: &BackingFile, uid: u32, read_only: bool) -> Result<bool, H
             ),
         });
     }
-    if !LOCAL_FILESYSTEMS.contains(&file.fs_type.as_str()) {
-        let on = if file.fs_type == "unknown" {
-            "a filesystem missing from the helper's mount table".to_owned()
-        } else {
-            format!("a filesystem of type {}", banger_protocol::quoted(&file.fs_type))
-        };
-        return Err(HelperError::invalid(format!(
-            "the backing file is on {on}; loop devices are attached only over {} (a network or FUSE filesystem could hang the kernel); copy it to one of those",
-            LOCAL_FILESYSTEMS.join(", ")
-        )));
-    }
+    local_filesystem(
+        file,
+        "the backing file",
+        "loop devices are attached only over",
+        "(a network or FUSE filesystem could hang the kernel)",
+    )?;
     match file.access {
         FdAccess::ReadWrite => Ok(read_only),
         FdAccess::ReadOnly => Ok(true),
@@ -518,13 +532,33 @@ fn jail_files(
     };
     for (role, file) in roles.into_iter().zip(inspected) {
         let file = file.as_ref().map_err(Clone::clone)?;
+        // The launcher reads (links, or copies) regular files while the helper waits for it.
+        let local = || {
+            local_filesystem(
+                file,
+                &format!("the {role}"),
+                "jails take files only from",
+                "(a network or FUSE filesystem could stall the helper)",
+            )
+        };
         if matches!(role, "kernel" | "initrd") {
             if !file.regular || !matches!(file.access, FdAccess::ReadOnly | FdAccess::ReadWrite) {
                 return Err(HelperError::invalid(format!(
                     "the {role} must be a regular file opened for reading (O_RDONLY)"
                 )));
             }
+            local()?;
+            if file.size > MAX_BOOT_FILE_BYTES {
+                return Err(HelperError::invalid(format!(
+                    "the {role} is {} bytes, over the {} MiB a jail takes; use a smaller {role}",
+                    file.size,
+                    MAX_BOOT_FILE_BYTES >> 20
+                )));
+            }
             continue;
+        }
+        if file.regular {
+            local()?;
         }
         if file.access != FdAccess::ReadWrite {
             return Err(HelperError::invalid(format!("open the {role} read-write (O_RDWR)")));
@@ -1581,6 +1615,21 @@ vm_prefix = 28
             let e = refused(with(i, Ok(BackingFile { access: FdAccess::Path, ..file(0) }), &none));
             assert!(matches!(e, HelperError::InvalidRequest { .. }), "{e:?}");
         }
+        // On a local filesystem, the kernel and initrd at most MAX_BOOT_FILE_BYTES.
+        for i in [0, 1, 2, 3] {
+            let owner = if i < 2 { 0 } else { ALICE };
+            for fs in ["fuse.sshfs", "nfs4", "unknown"] {
+                let e = refused(with(i, Ok(BackingFile { fs_type: fs.into(), ..file(owner) }), &none));
+                let text = e.to_string();
+                assert!(text.contains("jails take files only from ext2"), "{fs}: {text}");
+            }
+        }
+        for i in [0, 1] {
+            let at_most = BackingFile { size: MAX_BOOT_FILE_BYTES, ..file(0) };
+            assert!(with(i, Ok(at_most), &none).is_allow());
+            let e = refused(with(i, Ok(BackingFile { size: MAX_BOOT_FILE_BYTES + 1, ..file(0) }), &none));
+            assert!(e.to_string().contains("over the 512 MiB a jail takes"), "{e}");
+        }
         // Drives: the caller's regular files, read-write.
         for i in [2, 3] {
             let (rule, _) = denied_rule(with(i, Ok(file(BOB)), &none));
@@ -1726,7 +1775,11 @@ vm_prefix = 28
 
     /// The ledger with every entry of other uids removed (leases kept: the pool is shared).
     fn only_of(l: &Ledger, uid: u32) -> Ledger {
-        Ledger { leases: l.leases.clone(), entries: l.entries_of(uid).cloned().collect() }
+        Ledger {
+            leases: l.leases.clone(),
+            entries: l.entries_of(uid).cloned().collect(),
+            ..Ledger::default()
+        }
     }
 
     /// What the helper would record after an allowed request (a model of its bookkeeping).

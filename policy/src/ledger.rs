@@ -32,6 +32,11 @@ pub struct Ledger {
     pub leases: std::collections::BTreeMap<u32, u32>,
     /// The objects.
     pub entries: Vec<LedgerEntry>,
+    /// The uids of live jails that no entry holds (the start-up reconcile found them under the
+    /// chroot base and left them alone): never handed out while the helper runs. Not saved: each
+    /// start's reconcile finds them again.
+    #[serde(skip)]
+    pub unheld_jail_uids: BTreeSet<u32>,
 }
 
 /// One object with its owner.
@@ -339,11 +344,12 @@ impl Ledger {
             .collect()
     }
 
-    /// The lowest uid of `first..=last` that no jail of any owner holds: jail uids are one
-    /// pool for the whole host, since a uid is what keeps one VMM from another's files.
+    /// The lowest uid of `first..=last` that no jail of any owner holds, nor a live jail no
+    /// entry holds ([`Ledger::unheld_jail_uids`]): jail uids are one pool for the whole host,
+    /// since a uid is what keeps one VMM from another's files.
     pub fn free_jail_uid(&self, (first, last): (u32, u32)) -> Option<u32> {
         let taken = self.jail_uids();
-        (first..=last).find(|uid| !taken.contains(uid))
+        (first..=last).find(|uid| !taken.contains(uid) && !self.unheld_jail_uids.contains(uid))
     }
 
     /// Whether any entry, of any owner, holds the jail `id`.
@@ -668,6 +674,10 @@ mod tests {
         assert_eq!(l.free_jail_uid((500, 510)), Some(503), "another owner's uid is never reused");
         assert_eq!(l.free_jail_uid((500, 502)), None);
         assert_eq!(l.free_jail_uid((400, 400)), Some(400));
+        // The uid of a live jail no entry holds is never handed out either.
+        let mut running = l.clone();
+        running.unheld_jail_uids.insert(503);
+        assert_eq!(running.free_jail_uid((500, 510)), Some(504));
         assert!(l.holds_jail("bg-1001vm1") && !l.holds_jail("bg-1001vm2"));
         let owned = l.owned_objects(1000, &Policy::default_policy().network, &|id| format!("/j/{id}/root"));
         assert_eq!(owned.jails.len(), 2);

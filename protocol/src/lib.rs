@@ -46,6 +46,10 @@ pub const MAX_VCPUS: u8 = 32;
 /// The least memory a VM may have, in MiB.
 pub const MIN_MEM_MIB: u32 = 128;
 
+/// The largest kernel or initrd a jail takes, in bytes (512 MiB): one that is not
+/// other-readable is copied into the jail while the helper waits.
+pub const MAX_BOOT_FILE_BYTES: u64 = 512 << 20;
+
 /// The most VMs one [`Request::TeardownVms`] may name.
 pub const MAX_TEARDOWN_VMS: usize = MAX_LIST_LEN;
 

@@ -38,15 +38,58 @@ pub fn layout(files: banger_protocol::JailFiles) -> Vec<(&'static str, Role)> {
     out
 }
 
-/// Places every descriptor of `order` in the jail's root (`root` still root's, 0700).
-pub fn place(root: &OwnedFd, base: &Path, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult<()> {
+/// The directory beside `root/` in the jail directory (root's, 0700: the jail uid cannot reach
+/// it) that holds a second hard link of each regular-file drive, so that the jail uid's ACL
+/// entry can be dropped at removal even when the VMM unlinked or replaced its own link.
+pub const DRIVES_DIR: &str = "drives";
+
+/// Places every descriptor of `order` in the jail's root (`root` still root's, 0700), and a
+/// second link of each regular-file drive in [`DRIVES_DIR`] of the jail directory `jail`.
+pub fn place(
+    jail: &OwnedFd,
+    root: &OwnedFd,
+    base: &Path,
+    order: &JailOrder,
+    fds: Vec<OwnedFd>,
+) -> KResult<()> {
     let names = layout(order.files);
     if names.len() != fds.len() {
         return Err(KernelError::errno("place jail files", order.id.clone(), Errno::EINVAL));
     }
+    let drives =
+        make_drives_dir(jail).map_err(|e| KernelError::errno("make jail drives dir", order.id.clone(), e))?;
     for ((path, role), fd) in names.into_iter().zip(fds) {
         let name = path.trim_start_matches('/');
-        place_one(root, base, name, role, &fd, order.uid)?;
+        place_one(root, &drives, base, name, role, &fd, order.uid)?;
+    }
+    Ok(())
+}
+
+fn make_drives_dir(jail: &OwnedFd) -> Result<OwnedFd, Errno> {
+    nix::sys::stat::mkdirat(jail, DRIVES_DIR, Mode::from_bits_truncate(0o700))?;
+    let fd = super::tree::open_dir(jail, DRIVES_DIR)?;
+    fchmod(&fd, Mode::from_bits_truncate(0o700))?;
+    Ok(fd)
+}
+
+/// Drops `uid`'s ACL entry from every drive linked in [`DRIVES_DIR`] of the jail directory
+/// `jail` and unlinks it; a missing directory or link counts as done.
+pub fn release_drives(jail: &OwnedFd, uid: u32) -> Result<(), Errno> {
+    let drives = match super::tree::open_dir(jail, DRIVES_DIR) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for (path, role) in layout(banger_protocol::JailFiles { initrd: false, work: true }) {
+        if role != Role::Drive {
+            continue;
+        }
+        let name = path.trim_start_matches('/');
+        super::tree::revoke_at(&drives, std::ffi::OsStr::new(name), uid)?;
+        match nix::unistd::unlinkat(&drives, name, nix::unistd::UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -55,7 +98,15 @@ fn link(fd: &OwnedFd, root: &OwnedFd, name: &str) -> Result<(), Errno> {
     linkat(fd, "", root, name, AtFlags::AT_EMPTY_PATH)
 }
 
-fn place_one(root: &OwnedFd, base: &Path, name: &str, role: Role, fd: &OwnedFd, uid: u32) -> KResult<()> {
+fn place_one(
+    root: &OwnedFd,
+    drives: &OwnedFd,
+    base: &Path,
+    name: &str,
+    role: Role,
+    fd: &OwnedFd,
+    uid: u32,
+) -> KResult<()> {
     let err = |op: &'static str, e: Errno| KernelError::errno(op, format!("jail file {name}"), e);
     let st = fstat(fd).map_err(|e| err("fstat", e))?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
@@ -88,6 +139,8 @@ fn place_one(root: &OwnedFd, base: &Path, name: &str, role: Role, fd: &OwnedFd, 
                 }
                 Err(e) => return Err(err("linkat", e)),
             }
+            // The link the ACL entry is dropped through at removal, before the entry exists.
+            link(fd, drives, name).map_err(|e| err("linkat", e))?;
             acl::grant(fd, uid, acl::R | acl::W).map_err(|e| err("set drive ACL", e))
         }
         (Role::Drive, SFlag::S_IFBLK) => {

@@ -8,7 +8,8 @@
 //!    `root/run/` (root, 0700): nothing of the jail is reachable by anyone but root yet.
 //! 2. Place the files from the descriptors, in [`JailFiles`] order ([`files`]): kernel and initrd
 //!    hard-linked by descriptor when other-readable, else copied (jail uid, 0400); a regular-file
-//!    drive hard-linked, the jail uid given `rw` by an ACL entry set through the descriptor; a
+//!    drive hard-linked, and again in `drives/` beside `root/` (root's, 0700: the link removal
+//!    drops the ACL entry through), the jail uid given `rw` by an ACL entry set through the descriptor; a
 //!    block-device drive as a node with the same rdev (jail uid, 0600).
 //! 3. Make the serial console's FIFO `run/serial` (jail uid, 0600, ACL `u:<caller>:r`).
 //! 4. Hand the TAP to the jail uid (`TUNSETOWNER`).
@@ -230,8 +231,9 @@ fn serial_name() -> &'static str {
     Path::new(jail_paths::SERIAL).file_name().and_then(|n| n.to_str()).unwrap_or("serial")
 }
 
-/// The jail's directories as descriptors: `root/` and `root/run/`.
+/// The jail's directories as descriptors: the jail directory, `root/` and `root/run/`.
 struct Dirs {
+    jail: OwnedFd,
     root: OwnedFd,
     run: OwnedFd,
 }
@@ -262,7 +264,7 @@ pub fn launch(cfg: &JailConfig, order: &JailOrder, fds: Vec<OwnedFd>) -> KResult
             make_dir(&jail, "root", 0o700).map_err(|e| KernelError::errno("make jail root", id, e))?;
         let run = make_dir(&root_fd, inside(jail_paths::RUN_DIR), 0o700)
             .map_err(|e| KernelError::errno("make jail run dir", id, e))?;
-        let dirs = Dirs { root: root_fd, run };
+        let dirs = Dirs { jail, root: root_fd, run };
         build_and_start(cfg, order, fds, &dirs, &mut tap_handed)
     })();
     match result {
@@ -299,7 +301,7 @@ fn build_and_start(
 ) -> KResult<i32> {
     let (uid, id) = (order.uid, order.id.as_str());
     // Step 2.
-    files::place(&dirs.root, &cfg.base, order, fds)?;
+    files::place(&dirs.jail, &dirs.root, &cfg.base, order, fds)?;
     // Step 3.
     files::serial_fifo(&dirs.run, serial_name(), uid, order.caller)?;
     // Step 4.
@@ -451,8 +453,9 @@ fn run_jailer(jailer: &Path, args: &[String], id: &str) -> KResult<()> {
     Err(KernelError::other("run jailer", id, format!("{status}: {first}")))
 }
 
-/// Kills jail `id`'s VMM (the process `pid` names, the PID file's, any process left in the VM's
-/// cgroups), each only when it runs as `uid` and through a pidfd; waits for them; then removes
+/// Kills jail `id`'s VMM (the process `pid` names, then the PID file's, any process left in the
+/// VM's cgroups; the PID file only when `pid` is given), each only when it runs as `uid` and
+/// through a pidfd; waits for them; then removes
 /// the jail's tree (dropping `uid`'s ACL entries from linked files, never following a symlink),
 /// the VM's cgroups, and the user's parent cgroup when it is left empty. A jail or part of one
 /// that is not there counts as removed. Every step is tried; the first failure is returned.
@@ -487,7 +490,10 @@ pub fn remove(cfg: &JailConfig, id: &str, uid: u32, pid: Option<i32>) -> KResult
             format!("its cgroups hold processes {in_groups:?} and its uid is not known: nothing removed"),
         ));
     }
-    let pid_file = pid_file.filter(|_| !unknown);
+    // The PID file counts only beside the ledger's PID: without one (a leftover directory no
+    // entry holds) its uid may since have been given to another VM, whose VMM the PID file of
+    // this directory's jail uid could name.
+    let pid_file = pid_file.filter(|_| pid.is_some());
     let mut candidates: Vec<i32> = pid.into_iter().chain(pid_file).chain(in_groups.iter().copied()).collect();
     candidates.sort_unstable();
     candidates.dedup();
@@ -530,6 +536,13 @@ pub fn remove(cfg: &JailConfig, id: &str, uid: u32, pid: Option<i32>) -> KResult
         return Err(e);
     }
     let mut errors: Vec<KernelError> = Vec::new();
+    // The drives' ACL entries first, through the links the jail uid cannot reach: the VMM may
+    // have unlinked its own.
+    if let Some(jail) = exec_dir.as_ref().and_then(|d| tree::open_dir(d, id).ok())
+        && let Err(e) = files::release_drives(&jail, uid)
+    {
+        errors.push(KernelError::errno("release jail drives", id, e));
+    }
     if let Some(dir) = &exec_dir
         && let Err(e) = tree::remove_at(dir, id, uid)
     {

@@ -184,7 +184,9 @@ impl Order {
             }
             Order::Remove { id, uid, pid } => {
                 check_id(id)?;
-                if *uid == 0 {
+                // uid 0 is "not known" (a leftover directory whose jailer never gave it one):
+                // nothing is killed then, so no PID may come with it.
+                if *uid == 0 && pid.is_some() {
                     return Err(Malformed::Root(0));
                 }
                 check_pid(*pid)?;
@@ -450,7 +452,8 @@ mod tests {
         assert!(matches!(with(&|l| l.caller = 0), Err(Malformed::Root(0))));
         let remove = |id: &str, uid, pid| Order::Remove { id: id.into(), uid, pid }.check(0);
         assert_eq!(remove("bg-1", 900_001, Some(7)), Ok(()));
-        assert!(matches!(remove("bg-1", 0, None), Err(Malformed::Root(0))));
+        assert_eq!(remove("bg-1", 0, None), Ok(()), "a leftover directory of an unknown uid");
+        assert!(matches!(remove("bg-1", 0, Some(7)), Err(Malformed::Root(0))));
         assert!(matches!(remove("bg-1", 5, Some(0)), Err(Malformed::Pid(0))));
         assert!(matches!(remove("bg-1", 5, Some(-1)), Err(Malformed::Pid(-1))));
         assert!(matches!(remove("x y", 5, None), Err(Malformed::Id(_))));

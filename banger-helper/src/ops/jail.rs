@@ -15,7 +15,9 @@
 //! 3. the order ([`JailOrder`]) is built from derived and policy values only — id, jail uid,
 //!    caller, shape, the TAP, the caller's cgroup and totals, which descriptors came — and handed
 //!    with the descriptors to [`Jails::launch`], which builds the jail and starts the jailer; a
-//!    launch that fails leaves nothing, and the entry is taken back out;
+//!    launch that fails is undone again as a removal ([`Helper::remove_jail`]: the jail removed,
+//!    the TAP given back to whom a new TAP would be) and the entry taken back out only once that
+//!    succeeded (else the intent, and so the uid, stays for teardown and the reconcile);
 //! 4. the entry is settled with the VMM's PID, and the answer names the jail's root and API
 //!    socket on the host ([`Jails::root`], [`banger_protocol::jail_paths`]).
 //!
@@ -106,12 +108,24 @@ impl<K: Kernel> Helper<K> {
         let pid = match self.kernel.jails().launch(&order, fds).await {
             Ok(pid) => pid,
             Err(e) => {
-                if let Err(saved) = st.commit(|l| {
-                    l.remove(c.uid, c.install, vm, ObjectKind::Jail);
-                }) {
-                    tracing::error!(
-                        "jail {id}: its intent stays in the ledger for the next teardown: {saved}"
-                    );
+                // The launcher undid what it could, but only logs what it could not: the jail is
+                // removed again here and the TAP given to whom a new TAP would be (the launcher
+                // gave it to root), and the entry leaves the ledger, freeing the jail uid, only
+                // once both succeeded; else the intent stays for teardown and the reconcile.
+                match self.remove_jail(&entry, order.tap.as_deref()).await {
+                    Ok(()) => {
+                        if let Err(saved) = st.commit(|l| {
+                            l.remove(c.uid, c.install, vm, ObjectKind::Jail);
+                        }) {
+                            tracing::error!(
+                                "jail {id}: its intent stays in the ledger for the next teardown: {saved}"
+                            );
+                        }
+                    }
+                    Err(undo) => tracing::error!(
+                        "jail {id}: cannot undo a failed launch ({undo}); its intent, and so its uid, \
+                         stays in the ledger for the next teardown"
+                    ),
                 }
                 return Done::new(names, Err(e.into()));
             }
@@ -281,6 +295,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_launch_keeps_the_uid_until_the_jail_is_removed_and_gives_the_tap_back() {
+        for (mode, owner) in [(JailerMode::Allow, 1000), (JailerMode::Force, 0)] {
+            let t = helper(mode);
+            let p = t.peer(1000, "home");
+            let Response::Tap(tap) = t.req(&p, Request::TapCreate { vm: vm("dev") }).await else { panic!() };
+            // What the launcher does with the TAP of a failed launch: root's.
+            t.kernel.world().links.get_mut(&tap.name).unwrap().tap_owner = Some(0);
+            let id = VmKey::new(1000, p.install.as_ref().unwrap(), &vm("dev")).jail_id();
+            t.kernel.fail("jail_launch", &id, Errno::EIO, 1);
+            // The launcher could not remove the jail, nor can the helper now.
+            t.kernel.fail("jail_remove", &id, Errno::EBUSY, 1);
+            let r = t.req_fds(&p, launch("dev"), jail_fds(&t.kernel, 1000, 10)).await;
+            assert!(matches!(r, Response::Error(HelperError::Kernel { .. })), "{r:?}");
+            let calls = t.kernel.calls();
+            let removal = format!("jail_remove {id} uid={JAIL_FIRST} pid=None");
+            assert!(calls.contains(&removal), "{mode:?}: {calls:?}");
+            let l = t.helper.snapshot().await;
+            assert_eq!(l.jail_uids().into_iter().collect::<Vec<_>>(), vec![JAIL_FIRST], "{mode:?}");
+            let e = l.entries.iter().find(|e| matches!(e.object, Object::Jail { .. })).unwrap();
+            assert_eq!(e.state, EntryState::Intent);
+            // Another VM's jail does not get the held uid.
+            assert_eq!(launched(&t, &p, "other", 20).await.uid, JAIL_FIRST + 1, "{mode:?}");
+            // Teardown removes it and frees the uid.
+            let Response::Teardown(report) = t.req(&p, kill("dev")).await else { panic!() };
+            assert_eq!(report.torn_down, vec![vm("dev")], "{mode:?}");
+            assert_eq!(t.helper.snapshot().await.jail_uids().len(), 1, "{mode:?}");
+            // A failed launch whose removal works gives the TAP to whom a new TAP goes.
+            t.kernel.world().links.get_mut(&tap.name).unwrap().tap_owner = Some(0);
+            t.kernel.fail("jail_launch", &id, Errno::EIO, 1);
+            let r = t.req_fds(&p, launch("dev"), jail_fds(&t.kernel, 1000, 30)).await;
+            assert!(matches!(r, Response::Error(HelperError::Kernel { .. })), "{r:?}");
+            assert_eq!(t.kernel.world().links[&tap.name].tap_owner, Some(owner), "{mode:?}");
+            assert_eq!(t.helper.snapshot().await.jail_uids().len(), 1, "{mode:?}: only the other's");
+        }
+    }
+
+    #[tokio::test]
     async fn a_launcher_that_dies_takes_jails_out_of_hello_and_refuses_launches() {
         let t = helper(JailerMode::Allow);
         let p = t.peer(1000, "home");
@@ -434,6 +485,25 @@ mod tests {
         // No [jailer]: no jails, direct mode.
         let t = TestHelper::with_kernel(test_policy(), jail_kernel());
         assert!(!t.helper.capabilities().jailer && t.helper.capabilities().direct);
+    }
+
+    #[tokio::test]
+    async fn the_uid_of_a_live_jail_no_entry_holds_is_never_handed_out() {
+        let t = helper(JailerMode::Allow);
+        let p = t.peer(1000, "home");
+        let lost = launched(&t, &p, "lost", 10).await;
+        // The ledger lost its entry (an older ledger put back); its VMM runs on.
+        t.helper.state.lock().await.ledger.entries.clear();
+        let report = t.helper.reconcile().await;
+        assert_eq!(report.unknown, vec![format!("jail {}", lost.id)]);
+        assert!(t.kernel.world().jails.contains_key(&lost.id), "left alone");
+        let next = launched(&t, &t.peer(1001, "home"), "dev", 20).await;
+        assert_eq!(next.uid, lost.uid + 1, "the live jail's uid stays out of the pool");
+        // Once it no longer runs, the next reconcile removes it and its uid is free again.
+        t.kernel.world().jails.get_mut(&lost.id).unwrap().alive = false;
+        assert!(t.helper.reconcile().await.errors.is_empty());
+        assert!(!t.kernel.world().jails.contains_key(&lost.id));
+        assert_eq!(launched(&t, &p, "again", 30).await.uid, lost.uid);
     }
 
     #[tokio::test]

@@ -96,7 +96,11 @@ impl<K: Kernel> Helper<K> {
                     Err(err) => report.errors.push(format!("cannot remove jail {id}: {err}")),
                 }
             }
-            for j in jails.iter().filter(|j| !st.ledger.holds_jail(&j.id)) {
+            // A live jail no entry holds keeps its uid out of the pool: another VM given it
+            // could reach that VMM's files and process.
+            let unheld: Vec<_> = jails.iter().filter(|j| !st.ledger.holds_jail(&j.id)).collect();
+            st.ledger.unheld_jail_uids = unheld.iter().filter(|j| j.alive).filter_map(|j| j.uid).collect();
+            for j in unheld {
                 if j.alive {
                     tracing::warn!("jail {} is not in the ledger but its VMM runs; left alone", j.id);
                     report.unknown.push(format!("jail {}", j.id));

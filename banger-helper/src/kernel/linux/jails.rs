@@ -304,6 +304,9 @@ mod tests {
 
         assert_eq!(jails.remove("bg-a", 900_001, Some(99)).await, Ok(()));
         assert_eq!(backend.removed.lock().unwrap()[0], ("bg-a".to_owned(), 900_001, Some(99)));
+        // The reconcile's order for a leftover directory whose uid is not known.
+        assert_eq!(jails.remove("bg-b", 0, None).await, Ok(()));
+        assert_eq!(backend.removed.lock().unwrap()[1], ("bg-b".to_owned(), 0, None));
         assert_eq!(
             jails.list(),
             Ok(vec![JailState { id: "bg-a".into(), pid: Some(7), alive: true, uid: Some(900_000) }])
