@@ -264,11 +264,22 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
 
 /// The live process serving the VM's API socket: the scratch PID when it is one of the holders,
 /// else a holder whose command line names the socket, else the lowest holder.
+///
+/// The scratch PID is asked first, alone (its state and its own descriptors): searching every
+/// process's descriptors for the holders costs by the number of processes, so doing it for every
+/// VM made reconcile grow with the square of the number of VMs. Only a VM whose recorded PID
+/// does not serve its socket pays for the search.
 fn find_vmm(
     vm: &VmRuntime,
     hint: Option<i32>,
     procs: &dyn ProcessTable,
 ) -> Result<Option<i32>, LivenessError> {
+    if let Some(h) = hint
+        && matches!(procs.pid_state(h)?, PidState::Live(_))
+        && procs.pid_listens_at(h, &vm.api_socket)?
+    {
+        return Ok(Some(h));
+    }
     let mut holders = Vec::new();
     for pid in procs.listening_pids(&vm.api_socket)? {
         if matches!(procs.pid_state(pid)?, PidState::Live(_)) {
@@ -832,6 +843,28 @@ mod tests {
         assert_eq!(rediscover_handles(&vm, &procs).handles.pid, Some(301));
         handles::write_scratch(tmp.path(), &pid_handles(300)).unwrap();
         assert_eq!(rediscover_handles(&vm, &procs).handles.pid, Some(300));
+    }
+
+    #[test]
+    fn rediscover_asks_the_recorded_pid_alone_when_it_serves_the_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = vm_in(tmp.path(), VmState::Running);
+        handles::write_scratch(tmp.path(), &pid_handles(400)).unwrap();
+        let procs = FakeProcesses::new();
+        procs.add_vmm(400, &vm.api_socket);
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(400)));
+        // No search of every process's descriptors.
+        assert!(!procs.reads().iter().any(|r| matches!(r, Read::Listening(_))), "{:?}", procs.reads());
+        assert!(procs.reads().contains(&Read::ListensAt(400, vm.api_socket.clone())));
+
+        // A recorded PID that no longer serves the socket: the search finds the one that does.
+        procs.remove(400);
+        procs.add_vmm(401, &vm.api_socket);
+        procs.clear_reads();
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(401)));
+        assert!(procs.reads().contains(&Read::Listening(vm.api_socket.clone())));
     }
 
     #[test]
