@@ -229,12 +229,13 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
     let mut os_error = None;
     // A jailed VMM's descriptors are not the user's to see: its PID is the recorded one.
     let jailed = scratch.as_ref().is_some_and(|s| s.jail.is_some());
-    let os_pid = if jailed { Ok(None) } else { find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) };
-    let os_pid = match os_pid {
-        Ok(pid) => pid,
+    let found = if jailed { Ok(None) } else { find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) };
+    let (os_pid, verified) = match found {
+        Ok(Some(Found { pid, verified })) => (Some(pid), verified),
+        Ok(None) => (None, false),
         Err(e) => {
             os_error = Some(e);
-            None
+            (None, false)
         }
     };
     let (handles, source) = match (os_pid, scratch) {
@@ -249,7 +250,10 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
         (None, Some(h)) => (h, HandleSource::Scratch),
         (None, None) => (VmHandles::default(), HandleSource::None),
     };
-    let alive = match vm_liveness(vm, &handles, procs) {
+    // The recorded PID, found live and listening at the VM's socket, passed the liveness rule
+    // already: its socket table is not read twice.
+    let checked = if verified { Ok(vm.state.wants_running()) } else { vm_liveness(vm, &handles, procs) };
+    let alive = match checked {
         Ok(a) => a,
         Err(e) => {
             os_error.get_or_insert(e);
@@ -260,6 +264,13 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
     // jail's uid and the jail's socket answers).
     let source = if jailed && alive { HandleSource::Os } else { source };
     Rediscovered { handles, source, alive, scratch_error, os_error }
+}
+
+/// The VMM [`find_vmm`] found.
+struct Found {
+    pid: i32,
+    /// It passed the liveness rule on the way (the recorded PID, live and listening).
+    verified: bool,
 }
 
 /// The live process serving the VM's API socket: the scratch PID when it is one of the holders,
@@ -273,12 +284,12 @@ fn find_vmm(
     vm: &VmRuntime,
     hint: Option<i32>,
     procs: &dyn ProcessTable,
-) -> Result<Option<i32>, LivenessError> {
+) -> Result<Option<Found>, LivenessError> {
     if let Some(h) = hint
         && matches!(procs.pid_state(h)?, PidState::Live(_))
         && procs.pid_listens_at(h, &vm.api_socket)?
     {
-        return Ok(Some(h));
+        return Ok(Some(Found { pid: h, verified: true }));
     }
     let mut holders = Vec::new();
     for pid in procs.listening_pids(&vm.api_socket)? {
@@ -286,16 +297,17 @@ fn find_vmm(
             holders.push(pid);
         }
     }
+    let found = |pid| Some(Found { pid, verified: false });
     if let Some(h) = hint.filter(|h| holders.contains(h)) {
-        return Ok(Some(h));
+        return Ok(found(h));
     }
     let socket = vm.api_socket.as_os_str();
     for &pid in &holders {
         if procs.cmdline(pid)?.is_some_and(|args| args.iter().any(|a| a.as_os_str() == socket)) {
-            return Ok(Some(pid));
+            return Ok(found(pid));
         }
     }
-    Ok(holders.first().copied())
+    Ok(holders.first().copied().and_then(found))
 }
 
 /// [`ProcessTable`] over a `/proc` tree.
@@ -856,7 +868,9 @@ mod tests {
         assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(400)));
         // No search of every process's descriptors.
         assert!(!procs.reads().iter().any(|r| matches!(r, Read::Listening(_))), "{:?}", procs.reads());
-        assert!(procs.reads().contains(&Read::ListensAt(400, vm.api_socket.clone())));
+        let asked =
+            procs.reads().iter().filter(|r| **r == Read::ListensAt(400, vm.api_socket.clone())).count();
+        assert_eq!(asked, 1, "its socket table read once: {:?}", procs.reads());
 
         // A recorded PID that no longer serves the socket: the search finds the one that does.
         procs.remove(400);
