@@ -15,8 +15,9 @@
 //! against the helper's `list-owned` (reconcile).
 //!
 //! [`rediscover_handles`] rebuilds a VM's handles after a daemon restart. It asks the OS first
-//! (which process listens at the API socket; not for a jailed VMM, whose descriptors are not the
-//! user's to see), then merges in the scratch file, which is the only record of the TAP and
+//! (which process listens at the API socket: the PID the scratch file records, checked alone,
+//! and only when that one does not, every process; not for a jailed VMM, whose descriptors are
+//! not the user's to see), then merges in the scratch file, which is the only record of the TAP and
 //! loop names and of a jail. When the process is gone it still returns the scratch
 //! contents so that cleanup can tear down what the VMM held.
 //!
