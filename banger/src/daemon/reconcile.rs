@@ -188,8 +188,21 @@ impl<'a> Reconciler<'a> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs the steps in the module docs.
+    /// Runs the steps in the module docs, over one pass of the process table
+    /// ([`ProcessTable::one_pass`]) when it has one.
     pub async fn run(&self) -> Result<ReconcileReport, ReconcileError> {
+        let pass = self.procs.one_pass();
+        let this = Reconciler {
+            store: self.store,
+            cache: self.cache,
+            helper: self.helper,
+            procs: pass.as_deref().unwrap_or(self.procs),
+            kill_wait: self.kill_wait,
+        };
+        this.steps().await
+    }
+
+    async fn steps(&self) -> Result<ReconcileReport, ReconcileError> {
         let started = Instant::now();
         let mut report = ReconcileReport::default();
         // Step 1.

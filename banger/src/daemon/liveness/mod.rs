@@ -30,12 +30,14 @@
 //! Processes whose `fd` directory cannot be read (other users') are never counted as holders.
 //! [`fake::FakeProcesses`] is an in-memory, recording implementation for tests.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::daemon::handles::{self, HandlesError};
@@ -121,6 +123,12 @@ pub trait ProcessTable: Send + Sync {
     /// Sends SIGKILL to `pid` if, and only if, it still listens at `socket` (so a recycled PID
     /// is never signalled). Returns whether a signal was sent. Does not wait for the exit.
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError>;
+
+    /// The table to ask for one pass over many VMs (reconcile), when it can answer such a pass
+    /// for less than one question at a time ([`ProcFs::one_pass`]).
+    fn one_pass(&self) -> Option<Box<dyn ProcessTable>> {
+        None
+    }
 }
 
 /// The liveness rule (see the module docs), with errors from the process table surfaced.
@@ -311,10 +319,16 @@ fn find_vmm(
     Ok(holders.first().copied().and_then(found))
 }
 
+/// The listening unix sockets of one network namespace: (inode, path), read once.
+type Listeners = Arc<Vec<(u64, Vec<u8>)>>;
+
 /// [`ProcessTable`] over a `/proc` tree.
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
+    /// For one pass ([`ProcFs::one_pass`]): each network namespace's listening sockets, by the
+    /// namespace's identity (`net:[INODE]`), read from `net/unix` the first time they are needed.
+    tables: Option<Arc<Mutex<HashMap<PathBuf, Listeners>>>>,
 }
 
 impl Default for ProcFs {
@@ -326,20 +340,49 @@ impl Default for ProcFs {
 impl ProcFs {
     /// A process table read from `root` (normally `/proc`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), tables: None }
+    }
+
+    /// The same table for one pass over many VMs (reconcile): each network namespace's unix
+    /// socket table (`net/unix`, which lists every socket of the namespace, all the VMMs' among
+    /// them) is read once and the listening sockets kept, instead of once per question. Which
+    /// process holds a socket, and every process's state, are still read at each question.
+    pub fn one_pass(&self) -> Self {
+        Self { root: self.root.clone(), tables: Some(Arc::default()) }
     }
 
     fn proc_err(path: PathBuf) -> impl FnOnce(io::Error) -> LivenessError {
         move |source| LivenessError::Proc { path, source }
     }
 
-    /// Inodes of sockets listening at `socket` according to the `net/unix` file at `table`.
-    fn listening_inodes(table: &Path, socket: &Path) -> Result<Vec<u64>, LivenessError> {
-        let text = fs::read(table).map_err(Self::proc_err(table.to_owned()))?;
-        Ok(parse_net_unix(&text)
-            .filter(|e| e.flags & SO_ACCEPTCON != 0 && e.path == socket.as_os_str().as_bytes())
-            .map(|e| e.inode)
-            .collect())
+    /// Inodes of sockets listening at `socket` according to the `net/unix` file of `dir` (the
+    /// root, for this process's namespace, or a PID's directory), whose namespace link is `ns`.
+    fn listening_inodes(&self, dir: &Path, ns: &Path, socket: &Path) -> Result<Vec<u64>, LivenessError> {
+        let want = socket.as_os_str().as_bytes();
+        Ok(self.listeners(dir, ns)?.iter().filter(|(_, p)| p == want).map(|(i, _)| *i).collect())
+    }
+
+    /// The listening sockets of `dir`'s `net/unix`: from the pass's tables when this namespace
+    /// was read already.
+    fn listeners(&self, dir: &Path, ns: &Path) -> Result<Listeners, LivenessError> {
+        let key = self.tables.as_ref().and_then(|_| fs::read_link(ns).ok());
+        if let (Some(t), Some(k)) = (&self.tables, &key)
+            && let Some(hit) = t.lock().unwrap_or_else(|p| p.into_inner()).get(k)
+        {
+            return Ok(hit.clone());
+        }
+        let table = dir.join("net/unix");
+        let text = fs::read(&table).map_err(Self::proc_err(table.clone()))?;
+        let found: Listeners = Arc::new(
+            parse_net_unix(&text)
+                .filter(|e| e.flags & SO_ACCEPTCON != 0)
+                .map(|e| (e.inode, e.path.to_vec()))
+                .collect(),
+        );
+        if let (Some(t), Some(k)) = (&self.tables, key) {
+            t.lock().unwrap_or_else(|p| p.into_inner()).insert(k, found.clone());
+        }
+        Ok(found)
     }
 
     /// Whether any descriptor of `pid` is one of `inodes`. Unreadable or vanished processes
@@ -389,7 +432,7 @@ impl ProcessTable for ProcFs {
     }
 
     fn listening_pids(&self, socket: &Path) -> Result<Vec<i32>, LivenessError> {
-        let inodes = Self::listening_inodes(&self.root.join("net/unix"), socket)?;
+        let inodes = self.listening_inodes(&self.root, &self.root.join("self/ns/net"), socket)?;
         if inodes.is_empty() {
             return Ok(Vec::new());
         }
@@ -424,13 +467,17 @@ impl ProcessTable for ProcFs {
             return Ok(false);
         }
         // The PID's own view of unix sockets: right even when it lives in another netns.
-        let table = self.root.join(pid.to_string()).join("net/unix");
-        let inodes = match Self::listening_inodes(&table, socket) {
+        let dir = self.root.join(pid.to_string());
+        let inodes = match self.listening_inodes(&dir, &dir.join("ns/net"), socket) {
             Ok(i) => i,
             Err(LivenessError::Proc { source, .. }) if gone(&source) => return Ok(false),
             Err(e) => return Err(e),
         };
         Ok(!inodes.is_empty() && self.holds_any(pid, &inodes))
+    }
+
+    fn one_pass(&self) -> Option<Box<dyn ProcessTable>> {
+        Some(Box::new(ProcFs::one_pass(self)))
     }
 
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
@@ -687,6 +734,34 @@ mod tests {
         );
         assert_eq!(procs.cmdline(99).unwrap(), None);
         assert!(procs.listening_pids(Path::new("/run/none.sock")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_pass_reads_each_namespaces_socket_table_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let net = "0000000000000000: 00000002 00000000 00010000 0001 01 500 /run/a.sock\n\
+                   0000000000000000: 00000002 00000000 00010000 0001 01 501 /run/b.sock\n";
+        fake_tree(root, net, &[(10, 'S', &[500]), (11, 'S', &[501])]);
+        for dir in ["self", "10", "11"] {
+            fs::create_dir_all(root.join(dir).join("ns")).unwrap();
+            symlink("net:[4026531840]", root.join(dir).join("ns/net")).unwrap();
+        }
+        let (a, b) = (Path::new("/run/a.sock"), Path::new("/run/b.sock"));
+        let pass = ProcFs::new(root).one_pass();
+        assert!(pass.pid_listens_at(10, a).unwrap());
+        // Every table of the namespace is gone: the pass answers from what it read.
+        for dir in ["10", "11"] {
+            fs::remove_file(root.join(dir).join("net/unix")).unwrap();
+        }
+        fs::remove_file(root.join("net/unix")).unwrap();
+        assert!(pass.pid_listens_at(11, b).unwrap());
+        assert!(!pass.pid_listens_at(11, a).unwrap(), "11 does not hold a's socket");
+        assert_eq!(pass.listening_pids(b).unwrap(), [11]);
+        // Without a pass, each question reads the table again.
+        let plain = ProcFs::new(root);
+        assert!(!plain.pid_listens_at(11, b).unwrap(), "its table is gone");
+        assert!(plain.listening_pids(b).is_err());
     }
 
     #[test]
