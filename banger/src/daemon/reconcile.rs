@@ -9,8 +9,9 @@
 //! 2. Ask the helper once for everything this user owns (`ListOwned`). If it cannot be
 //!    reached, remember why and go on: liveness does not need it.
 //! 3. For each VM whose intent is to run (`starting`, `running`, `stopping`), rediscover its
-//!    handles ([`crate::daemon::liveness::rediscover_handles`]: the OS first, then `handles.json`) and
-//!    decide:
+//!    handles ([`crate::daemon::liveness::rediscover_handles`]: the OS first, then `handles.json`;
+//!    over one pass of the process table, which reads each network namespace's socket table once)
+//!    and decide:
 //!    - the process table cannot be read → *undetermined*: the VM is left exactly as it is and
 //!      its kernel objects are protected from step 5 (acting on an unknown answer could cut a
 //!      running VM off its network);
