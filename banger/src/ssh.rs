@@ -35,8 +35,11 @@ use crate::paths::Paths;
 
 /// How long one connection attempt of [`wait_for_ssh`] may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-/// The pause between attempts of [`wait_for_ssh`].
-const RETRY_PAUSE: Duration = Duration::from_millis(250);
+/// The pause between attempts of [`wait_for_ssh`] that failed at once (refused, closed): short,
+/// since `vm run` waits this long beyond the moment the guest's sshd listens, and a refused
+/// connection costs next to nothing. A guest whose network is not up yet makes the attempt itself
+/// wait (up to [`ATTEMPT_TIMEOUT`]), not this pause.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// How much a server may send before its identification line.
 const BANNER_LIMIT: u64 = 8192;
 
@@ -687,6 +690,26 @@ mod tests {
         assert_eq!(banner, "SSH-2.0-late");
         assert!(started.elapsed() >= Duration::from_millis(500));
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wait_for_ssh_tries_again_soon_after_a_failed_attempt() {
+        // A server that closes every connection without a banner: each accept is one attempt.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut at = Vec::new();
+            while at.len() < 6 {
+                drop(listener.accept().await.unwrap());
+                at.push(Instant::now());
+            }
+            at
+        });
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), wait_for_ssh(addr, Duration::from_secs(10))).await;
+        let at = server.await.unwrap();
+        let shortest = at.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+        assert!(shortest < Duration::from_millis(100), "attempts {shortest:?} apart at the closest");
     }
 
     #[tokio::test]

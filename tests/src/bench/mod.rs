@@ -2,6 +2,8 @@
 //! JSON line (`{"metric","value","unit","baseline","ratio","n"}`) for machines and in `bench`'s table
 //! for people. [`storage`] measures how long a VM's root takes to make, for each storage kind.
 
+pub mod figure;
+pub mod fleet;
 pub mod storage;
 
 use std::path::Path;

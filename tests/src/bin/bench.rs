@@ -21,9 +21,15 @@
 //! 2. The CLI's latency and the memory of bangerd and the helper with many VMs (100, 10 with
 //!    `--quick`; created, not started): `banger vm list` against a warm daemon, with
 //!    `banger --version` as its baseline; each process's resident set from `/proc/PID/status`.
-//! 3. The helper's figures (ping, one VM's host setup and teardown against shelling out and the
-//!    in-process floor, a bulk teardown): `helper-bench` run with `--json`, its lines passed on.
-//! 4. A VM's root creation time per storage kind and image size ([`banger_tests::bench::storage`]),
+//! 3. `vm run -- true` on a stopped VM (its wall time, the start inside it, the rest: the CLI, the
+//!    wait for SSH and the command), 50 VMs (5 with `--quick`) of one user started at once
+//!    (starts per second, each start's phases under that load, bangerd's and the helper's
+//!    resident sets with them running) and reconcile at daemon start over 1,000 VM rows (20
+//!    with `--quick`), half served by stub VMMs and half dead ([`banger_tests::bench::fleet`]).
+//! 4. The helper's figures (ping, one VM's host setup and teardown against shelling out and the
+//!    in-process floor, a bulk teardown, its resident set with 100 VMs of 10 users):
+//!    `helper-bench` run with `--json`, its lines passed on.
+//! 5. A VM's root creation time per storage kind and image size ([`banger_tests::bench::storage`]),
 //!    left out of `--quick` (its images take longer to write than the rest of a quick run);
 //!    `bench storage` measures only it, with its own options.
 
@@ -33,6 +39,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use banger::model::StorageKind;
+use banger_tests::bench::figure::{Figure as Metric, Phases, last_start_timings, round, rss_mib, time_ms};
+use banger_tests::bench::fleet;
 use banger_tests::bench::storage::{self, Plan, ScratchBtrfs};
 use banger_tests::e2e::{Who, World};
 use clap::Parser;
@@ -51,6 +59,13 @@ struct Args {
     /// --quick).
     #[arg(long)]
     vms: Option<usize>,
+    /// VMs started at once for the concurrent-start figure (default 50, 5 with --quick).
+    #[arg(long)]
+    concurrent: Option<usize>,
+    /// VM rows bangerd reconciles at start, half alive and half dead (default 1000, 20 with
+    /// --quick).
+    #[arg(long)]
+    reconcile_vms: Option<usize>,
     /// Leave out the helper's figures (`helper-bench`).
     #[arg(long)]
     no_helper: bool,
@@ -101,92 +116,6 @@ impl Default for StorageArgs {
     }
 }
 
-/// One figure.
-struct Metric {
-    name: String,
-    unit: &'static str,
-    samples: Vec<f64>,
-    baseline: Option<Vec<f64>>,
-}
-
-/// The `p`th percentile of `v` (nearest rank; `v` sorted).
-fn pct(v: &[f64], p: usize) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[(v.len() * p / 100).min(v.len() - 1)]
-}
-
-fn sorted(v: &[f64]) -> Vec<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v
-}
-
-impl Metric {
-    fn median(&self) -> f64 {
-        pct(&sorted(&self.samples), 50)
-    }
-
-    fn p90(&self) -> f64 {
-        pct(&sorted(&self.samples), 90)
-    }
-
-    fn baseline(&self) -> Option<f64> {
-        self.baseline.as_ref().map(|b| pct(&sorted(b), 50))
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let (value, baseline) = (self.median(), self.baseline());
-        serde_json::json!({
-            "metric": self.name,
-            "value": round(value),
-            "unit": self.unit,
-            "baseline": baseline.map(round),
-            "ratio": baseline.map(|b| round(value / b.max(1e-9))),
-            "n": self.samples.len(),
-            "p90": round(self.p90()),
-        })
-    }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
-/// The phases of one start, as the daemon logged them (`phase=MICROS,…`), and its total.
-#[derive(Debug, Default)]
-struct StartTimings {
-    total_us: f64,
-    phases: Vec<(String, f64)>,
-}
-
-/// The last `start timings` line of a daemon log.
-fn last_start_timings(log: &Path) -> anyhow::Result<StartTimings> {
-    let text = std::fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains("start timings"))
-        .with_context(|| format!("no `start timings` line in {}", log.display()))?;
-    parse_timings(line).with_context(|| format!("cannot parse {line:?}"))
-}
-
-fn parse_timings(line: &str) -> Option<StartTimings> {
-    let mut t = StartTimings::default();
-    for word in line.split_whitespace() {
-        if let Some(v) = word.strip_prefix("total_us=") {
-            t.total_us = v.parse().ok()?;
-        } else if let Some(v) = word.strip_prefix("phases=") {
-            for part in v.split(',') {
-                let (name, us) = part.split_once('=')?;
-                t.phases.push((name.replace('_', " "), us.parse().ok()?));
-            }
-        }
-    }
-    (t.total_us > 0.0).then_some(t)
-}
-
 /// The `vm start` control plane, round after round.
 fn vm_start(rounds: usize) -> anyhow::Result<Vec<Metric>> {
     let world = World::new();
@@ -195,7 +124,7 @@ fn vm_start(rounds: usize) -> anyhow::Result<Vec<Metric>> {
     let log = world.daemon_log(A);
     let mut total = Vec::new();
     let mut wall = Vec::new();
-    let mut phases: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut phases = Phases::default();
     // The first start makes the VM's root; one more warms the caches.
     let warmup = 2;
     for round in 0..rounds + warmup {
@@ -209,56 +138,15 @@ fn vm_start(rounds: usize) -> anyhow::Result<Vec<Metric>> {
         }
         wall.push(took.as_secs_f64() * 1e3);
         total.push(t.total_us / 1e3);
-        for (name, us) in t.phases {
-            match phases.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, v)) => v.push(us / 1e3),
-                None => phases.push((name, vec![us / 1e3])),
-            }
-        }
+        phases.add(&t);
     }
     world.banger_ok(A, &["vm", "delete", "bench"]);
     let mut out = vec![
-        Metric { name: "vm start control plane".into(), unit: "ms", samples: total, baseline: None },
-        Metric { name: "vm start wall (cli)".into(), unit: "ms", samples: wall, baseline: None },
+        Metric::new("vm start control plane", "ms", total),
+        Metric::new("vm start wall (cli)", "ms", wall),
     ];
-    out.extend(phases.into_iter().map(|(name, samples)| Metric {
-        name: format!("vm start: {name}"),
-        unit: "ms",
-        samples,
-        baseline: None,
-    }));
+    out.extend(phases.figures("vm start"));
     Ok(out)
-}
-
-/// Runs `cmd` to completion, quietly; its wall time in milliseconds.
-fn time_ms(mut cmd: Command) -> anyhow::Result<f64> {
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let at = Instant::now();
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
-    let took = at.elapsed().as_secs_f64() * 1e3;
-    if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(took)
-}
-
-/// The resident set of `pid` in MiB (`VmRSS` of `/proc/PID/status`).
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    parse_rss_mib(&text).with_context(|| format!("no VmRSS line in {path}"))
-}
-
-fn parse_rss_mib(status: &str) -> Option<f64> {
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 /// The CLI's latency and the processes' memory with `vms` VMs (created, not started), each
@@ -299,14 +187,10 @@ fn scale(vms: usize, rounds: usize) -> anyhow::Result<Vec<Metric>> {
     }
     let with_vms = sample_rss(daemon)?;
     let helper_rss = sample_rss(helper)?;
-    let mib = |name: String, samples| Metric { name, unit: "MiB", samples, baseline: None };
+    let mib = |name: String, samples| Metric::new(name, "MiB", samples);
     Ok(vec![
-        Metric {
-            name: format!("vm list wall (cli, {vms} vms) vs banger --version"),
-            unit: "ms",
-            samples: list,
-            baseline: Some(version),
-        },
+        Metric::new(format!("vm list wall (cli, {vms} vms) vs banger --version"), "ms", list)
+            .against(version),
         mib("bangerd rss idle".into(), idle),
         mib(format!("bangerd rss with {vms} vms"), with_vms),
         mib(format!("helper rss with {vms} vms (created)"), helper_rss),
@@ -323,6 +207,7 @@ fn helper_figures(quick: bool) -> anyhow::Result<Vec<serde_json::Value>> {
     cmd.arg("--json");
     if quick {
         cmd.args(["--rounds", "3", "--pings", "500", "--bulk-rounds", "1", "--bulk-vms", "5"]);
+        cmd.args(["--rss-users", "2", "--rss-vms-per-user", "2"]);
     }
     let out = cmd.output().with_context(|| format!("cannot run {}", exe.display()))?;
     if !out.status.success() {
@@ -387,6 +272,9 @@ fn storage_figures(args: &StorageArgs, quick: bool) -> anyhow::Result<Vec<serde_
 }
 
 fn main() -> anyhow::Result<()> {
+    if let Some(socket) = std::env::var_os(fleet::STUB_VMM_ENV) {
+        return fleet::stub_vmm(Path::new(&socket));
+    }
     let args = Args::parse();
     let started = Instant::now();
     if let Some(Only::Storage(storage)) = &args.only {
@@ -401,6 +289,14 @@ fn main() -> anyhow::Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 3 } else { 30 });
     let mut start = vm_start(rounds)?;
     start.extend(scale(args.vms.unwrap_or(if args.quick { 10 } else { 100 }), rounds)?);
+    {
+        let world = World::new();
+        start.extend(fleet::vm_run(&world, rounds)?);
+        let n = args.concurrent.unwrap_or(if args.quick { 5 } else { 50 });
+        start.extend(fleet::concurrent_starts(&world, n, if args.quick { 1 } else { 5 })?);
+    }
+    let n = args.reconcile_vms.unwrap_or(if args.quick { 20 } else { 1000 });
+    start.extend(fleet::reconcile(n, if args.quick { 2 } else { 10 })?);
     let mut other = if args.no_helper { Vec::new() } else { helper_figures(args.quick)? };
     if !args.quick && !args.no_storage {
         other.extend(storage_figures(&StorageArgs::default(), false)?);
@@ -415,12 +311,12 @@ fn print_report(start: &[Metric], other: &[serde_json::Value]) {
     let helper = other;
 
     println!();
-    println!("{:<50} {:>10} {:>10} {:>10} {:>7} {:>4}", "metric", "median", "p90", "baseline", "ratio", "n");
+    println!("{:<64} {:>10} {:>10} {:>10} {:>7} {:>4}", "metric", "median", "p90", "baseline", "ratio", "n");
     for m in start {
         let base = m.baseline().map_or("-".into(), |b| format!("{b:.2}"));
         let ratio = m.baseline().map_or("-".into(), |b| format!("{:.2}", m.median() / b));
         println!(
-            "{:<50} {:>7.2} {} {:>7.2} {} {:>10} {:>7} {:>4}",
+            "{:<64} {:>7.2} {} {:>7.2} {} {:>10} {:>7} {:>4}",
             m.name,
             m.median(),
             m.unit,
@@ -434,7 +330,7 @@ fn print_report(start: &[Metric], other: &[serde_json::Value]) {
     for v in helper {
         let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
         println!(
-            "{:<50} {:>7.3} {:<2} {:>10} {:>10} {:>7} {:>4}",
+            "{:<64} {:>7.3} {:<2} {:>10} {:>10} {:>7} {:>4}",
             v["metric"].as_str().unwrap_or_default(),
             f("value").unwrap_or(f64::NAN),
             v["unit"].as_str().unwrap_or_default(),
@@ -456,16 +352,6 @@ fn print_report(start: &[Metric], other: &[serde_json::Value]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_start_timings_line_is_read_back() {
-        let line = "2026-12-07T22:00:00.000Z  INFO banger::daemon::lifecycle::start: start timings vm=bench total_us=5321 phases=row_starting=120,image=40,helper=900,vmm_spawn_to_api_socket=2100";
-        let t = parse_timings(line).unwrap();
-        assert_eq!(t.total_us, 5321.0);
-        assert_eq!(t.phases[0], ("row starting".to_owned(), 120.0));
-        assert_eq!(t.phases[3], ("vmm spawn to api socket".to_owned(), 2100.0));
-        assert!(parse_timings("start timings vm=x").is_none());
-    }
 
     #[test]
     fn storage_is_a_selection_with_its_own_options() {
@@ -494,28 +380,5 @@ mod tests {
         assert_eq!(parsed, StorageArgs::default());
         let err = storage_kind("zfs").unwrap_err().to_string();
         assert!(err.contains("zfs") && err.contains("reflink"), "{err}");
-    }
-
-    #[test]
-    fn the_resident_set_is_read_from_proc_status() {
-        let status = "Name:\tbangerd\nVmPeak:\t  20000 kB\nVmRSS:\t    6144 kB\nThreads:\t3\n";
-        assert_eq!(parse_rss_mib(status), Some(6.0));
-        assert_eq!(parse_rss_mib("Name:\tx\n"), None);
-        let mine = rss_mib(std::process::id()).unwrap();
-        assert!(mine > 0.5 && mine < 4096.0, "{mine} MiB");
-    }
-
-    #[test]
-    fn medians_and_ratios() {
-        let m = Metric {
-            name: "x".into(),
-            unit: "ms",
-            samples: vec![5.0, 1.0, 3.0, 2.0, 4.0],
-            baseline: Some(vec![2.0, 2.0, 1.0]),
-        };
-        assert_eq!((m.median(), m.p90(), m.baseline()), (3.0, 5.0, Some(2.0)));
-        let j = m.json();
-        assert_eq!(j["ratio"], 1.5);
-        assert_eq!(j["n"], 5);
     }
 }

@@ -20,7 +20,9 @@
 //!    the first TAP, in a warm-up round) and its teardown (one `TeardownVms`, as bangerd sends
 //!    it; by shelling out, the same steps one command each), through the helper, by shelling out,
 //!    and in-process, the three alternating round by round;
-//! 3. tearing down 20 VMs in one request against tearing down one.
+//! 3. tearing down 20 VMs in one request against tearing down one;
+//! 4. the helper's resident set with 100 VMs (TAP and NAT) of 10 users connected at once, against
+//!    the same helper idle.
 //!
 //! Loop devices and dm targets are global: the benchmark removes whatever it made, even on
 //! failure.
@@ -43,6 +45,7 @@ use banger_helper::ops::Helper;
 use banger_policy::{Peer, Policy};
 use banger_protocol::frame::{recv_blocking, send_blocking};
 use banger_protocol::{InstallId, LoopRole, PROTOCOL_VERSION, Request, Response, VmId, min_cow_bytes};
+use banger_tests::bench::figure::Figure;
 use clap::Parser;
 
 /// Benchmark of banger-helper against shelling out and against the in-process floor.
@@ -60,6 +63,12 @@ struct Args {
     /// VMs in the bulk teardown.
     #[arg(long, default_value_t = 20)]
     bulk_vms: usize,
+    /// Users for the helper's memory figure, each with `--rss-vms-per-user` VMs (TAP and NAT).
+    #[arg(long, default_value_t = 10)]
+    rss_users: u32,
+    /// VMs per user for the helper's memory figure.
+    #[arg(long, default_value_t = 10)]
+    rss_vms_per_user: usize,
     /// The helper binary (default: `banger-helper` next to this program).
     #[arg(long)]
     helper: Option<PathBuf>,
@@ -73,12 +82,80 @@ const UPLINK: &str = "up0";
 
 /// The policy the helper (and the in-process floor) runs with: root may connect, room for the
 /// bulk teardown, no guest-to-host ports.
-fn policy_text(audit: &Path) -> String {
+fn policy_text(audit: &Path, users: u32) -> String {
+    let mut listed = vec!["\"0\"".to_owned()];
+    listed.extend((0..users).map(|i| format!("\"{}\"", RSS_UID + i)));
     format!(
-        "[access]\nusers = [\"0\"]\nsocket_group = \"0\"\n\n[quotas]\nmax_vms = 64\nmax_taps = 64\nmax_loops = 128\n\n\
+        "[access]\nusers = [{}]\nsocket_group = \"0\"\n\n[quotas]\nmax_vms = 64\nmax_taps = 64\nmax_loops = 128\n\n\
          [audit]\nlog = \"{}\"\n",
+        listed.join(", "),
         audit.display()
     )
+}
+
+/// The first uid of the memory figure's users (uids without an account, admitted by number).
+const RSS_UID: u32 = 2_000_000_000;
+
+/// Connects to the helper as `uid` (and says hello as install `install`): the connection is made
+/// on a thread of its own whose effective uid alone is changed (the raw system call changes only
+/// the calling thread's credentials, and the thread ends there), so the helper sees that uid as
+/// its peer.
+fn connect_as(socket: &Path, uid: u32, install: &str) -> anyhow::Result<Client> {
+    let (socket, install) = (socket.to_owned(), install.to_owned());
+    std::thread::spawn(move || -> anyhow::Result<Client> {
+        // SAFETY: setresuid with -1 for the real and saved uid changes only this thread's
+        // effective uid (the raw call, unlike libc's wrapper, is not broadcast to other threads).
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, -1i64, i64::from(uid), -1i64) };
+        if rc != 0 {
+            bail!("cannot take uid {uid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(Client::connect(&socket, &install)?.0)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+}
+
+/// `VmRSS` of `pid` in MiB, sampled `n` times 20 ms apart.
+fn rss_samples(pid: u32, n: usize) -> anyhow::Result<Vec<f64>> {
+    (0..n)
+        .map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            banger_tests::bench::figure::rss_mib(pid)
+        })
+        .collect()
+}
+
+/// The helper's resident set idle (one connection, nothing held) and with `users` users of
+/// `per_user` VMs each (their TAP and NAT made through the helper, the users connected), then
+/// every VM torn down; the idle figure is the baseline.
+fn helper_rss(socket: &Path, pid: u32, users: u32, per_user: usize) -> anyhow::Result<Figure> {
+    let idle = rss_samples(pid, 10)?;
+    let clients = (0..users)
+        .map(|i| connect_as(socket, RSS_UID + i, &format!("rss{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut made: Vec<(usize, Vec<VmId>)> = Vec::new();
+    let result = (|| -> anyhow::Result<Vec<f64>> {
+        for (u, client) in clients.iter().enumerate() {
+            made.push((u, Vec::new()));
+            for v in 0..per_user {
+                let id = format!("m{u}-{v}");
+                made.last_mut().expect("pushed").1.push(vm(&id));
+                for req in setup_requests(&id, false) {
+                    client.call(req, &[])?;
+                }
+            }
+        }
+        rss_samples(pid, 10)
+    })();
+    for (u, vms) in made {
+        if let Err(e) = clients[u].call(Request::TeardownVms { vms }, &[]) {
+            eprintln!("helper-bench: teardown of the memory figure's vms of user {u} failed: {e:#}");
+        }
+    }
+    let name = format!("helper rss with {} vms of {users} users vs idle", users as usize * per_user);
+    Ok(Figure::new(name, "MiB", result?).against(idle))
 }
 
 fn run(cmd: &[&str]) -> anyhow::Result<()> {
@@ -639,7 +716,7 @@ fn main() -> anyhow::Result<()> {
     let files = Files::create(work.path())?;
     let policy_file = work.path().join("policy.toml");
     let audit = work.path().join("audit.log");
-    std::fs::write(&policy_file, policy_text(&audit))?;
+    std::fs::write(&policy_file, policy_text(&audit, args.rss_users))?;
     let (helper_proc, socket) = HelperProcess::start(&helper_bin, work.path(), &policy_file, &helper_ns)?;
     println!(
         "helper-bench: helper {} in netns {}; shell in {}; in-process in {}; {} rounds",
@@ -734,6 +811,9 @@ fn main() -> anyhow::Result<()> {
     }
     let bulk = bulk.map(Stats::new);
 
+    // 4. The helper's memory with many VMs of many users.
+    let rss = helper_rss(&socket, helper_proc.child.id(), args.rss_users, args.rss_vms_per_user)?;
+
     let [h_s, sh_s, f_s] = &setup;
     let [h_t, sh_t, f_t] = &teardown;
     let mut out = std::io::stdout().lock();
@@ -807,6 +887,14 @@ fn main() -> anyhow::Result<()> {
         ms(bulk[3].median()),
         ratio(bulk[2].median(), bulk[3].median())
     )?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{}: {:.2} MiB (idle {:.2} MiB; target <= 10 MiB)",
+        rss.name,
+        rss.median(),
+        rss.baseline().unwrap_or(f64::NAN)
+    )?;
     if args.json {
         let lines = [
             json_line("helper ping round trip", 1e6, "us", &ping, None),
@@ -821,6 +909,7 @@ fn main() -> anyhow::Result<()> {
                 &bulk[0],
                 Some(&bulk[1]),
             ),
+            rss.json().to_string(),
         ];
         writeln!(out)?;
         for l in lines {

@@ -95,9 +95,9 @@ groups = ["{group}"]
 socket_group = "{group}"
 
 [quotas]
-max_vms = 32
-max_taps = 32
-max_loops = 64
+max_vms = 64
+max_taps = 64
+max_loops = 128
 {quotas}
 [network]
 pool = "172.30.0.0/16"
@@ -374,14 +374,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_policy_parses_allows_the_group_and_lifts_quotas_for_twenty_vms() {
+    fn the_policy_parses_allows_the_group_and_lifts_quotas_for_fifty_vms() {
         let spec =
             PolicySpec { group: "bge00000001".into(), audit_log: "/tmp/x/audit.log".into(), jailer: None };
         let p = banger_policy::Policy::from_toml("policy.toml", &spec.render()).unwrap();
         assert_eq!(p.access.groups, ["bge00000001"]);
         assert!(p.access.users.is_empty());
         assert_eq!(p.access.socket_group, "bge00000001");
-        assert!(p.quotas.max_vms >= 20 && p.quotas.max_taps >= 20);
+        assert!(p.quotas.max_vms >= 50 && p.quotas.max_taps >= 50);
         assert_eq!(p.network.uplink, banger_policy::Uplink::Auto);
         assert!(!p.network.guest_to_host.allow_all && p.network.guest_to_host.allow.is_empty());
         assert_eq!(p.audit.target, banger_policy::AuditTarget::File("/tmp/x/audit.log".into()));
@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(j.mode, banger_policy::JailerMode::Allow);
         assert_eq!(j.user_cgroup(1000), "banger-e2e-00000001/u1000");
         assert_eq!((p.quotas.max_vcpus, p.quotas.max_memory_mib), (3, 768));
-        assert_eq!(p.quotas.max_vms, 32);
+        assert_eq!(p.quotas.max_vms, 64);
     }
 
     #[test]

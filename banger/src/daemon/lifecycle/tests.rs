@@ -642,7 +642,7 @@ async fn vm_list_answers_from_the_rows_and_the_cache_with_one_liveness_check_per
     let mut expected = Vec::new();
     for vm in [&a, &b] {
         expected.push(Read::State(vm.pid.unwrap()));
-        expected.push(Read::Listening(vm.api_socket.clone()));
+        expected.push(Read::ListensAt(vm.pid.unwrap(), vm.api_socket.clone()));
     }
     expected.sort();
     assert_eq!(reads, expected, "one liveness check per running vm, none for the others");

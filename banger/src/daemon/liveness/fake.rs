@@ -37,8 +37,10 @@ pub enum Read {
     State(i32),
     /// [`ProcessTable::cmdline`] of this PID.
     Cmdline(i32),
-    /// [`ProcessTable::listening_pids`] at this socket.
+    /// [`ProcessTable::listening_pids`] at this socket: the whole process table searched.
     Listening(PathBuf),
+    /// [`ProcessTable::pid_listens_at`]: whether this one PID listens at this socket.
+    ListensAt(i32, PathBuf),
     /// [`ProcessTable::pid_uid`] of this PID.
     Uid(i32),
     /// [`ProcessTable::socket_answers`] at this socket.
@@ -157,6 +159,14 @@ impl ProcessTable for FakeProcesses {
             .filter(|(_, p)| p.listening.iter().any(|l| l == socket))
             .map(|(&pid, _)| pid)
             .collect())
+    }
+
+    fn pid_listens_at(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
+        Ok(self
+            .ask(Read::ListensAt(pid, socket.to_owned()))?
+            .procs
+            .get(&pid)
+            .is_some_and(|p| p.listening.iter().any(|l| l == socket)))
     }
 
     fn pid_uid(&self, pid: i32) -> Result<Option<u32>, LivenessError> {

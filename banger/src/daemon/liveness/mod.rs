@@ -15,8 +15,9 @@
 //! against the helper's `list-owned` (reconcile).
 //!
 //! [`rediscover_handles`] rebuilds a VM's handles after a daemon restart. It asks the OS first
-//! (which process listens at the API socket; not for a jailed VMM, whose descriptors are not the
-//! user's to see), then merges in the scratch file, which is the only record of the TAP and
+//! (which process listens at the API socket: the PID the scratch file records, checked alone,
+//! and only when that one does not, every process; not for a jailed VMM, whose descriptors are
+//! not the user's to see), then merges in the scratch file, which is the only record of the TAP and
 //! loop names and of a jail. When the process is gone it still returns the scratch
 //! contents so that cleanup can tear down what the VMM held.
 //!
@@ -29,12 +30,14 @@
 //! Processes whose `fd` directory cannot be read (other users') are never counted as holders.
 //! [`fake::FakeProcesses`] is an in-memory, recording implementation for tests.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::daemon::handles::{self, HandlesError};
@@ -126,6 +129,12 @@ pub trait ProcessTable: Send + Sync {
     /// Sends SIGKILL to `pid` if, and only if, it still listens at `socket` (so a recycled PID
     /// is never signalled). Returns whether a signal was sent. Does not wait for the exit.
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError>;
+
+    /// The table to ask for one pass over many VMs (reconcile), when it can answer such a pass
+    /// for less than one question at a time ([`ProcFs::one_pass`]).
+    fn one_pass(&self) -> Option<Box<dyn ProcessTable>> {
+        None
+    }
 }
 
 /// The liveness rule (see the module docs), with errors from the process table surfaced.
@@ -234,12 +243,13 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
     let mut os_error = None;
     // A jailed VMM's descriptors are not the user's to see: its PID is the recorded one.
     let jailed = scratch.as_ref().is_some_and(|s| s.jail.is_some());
-    let os_pid = if jailed { Ok(None) } else { find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) };
-    let os_pid = match os_pid {
-        Ok(pid) => pid,
+    let found = if jailed { Ok(None) } else { find_vmm(vm, scratch.as_ref().and_then(|s| s.pid), procs) };
+    let (os_pid, verified) = match found {
+        Ok(Some(Found { pid, verified })) => (Some(pid), verified),
+        Ok(None) => (None, false),
         Err(e) => {
             os_error = Some(e);
-            None
+            (None, false)
         }
     };
     let (handles, source) = match (os_pid, scratch) {
@@ -254,7 +264,10 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
         (None, Some(h)) => (h, HandleSource::Scratch),
         (None, None) => (VmHandles::default(), HandleSource::None),
     };
-    let alive = match vm_liveness(vm, &handles, procs) {
+    // The recorded PID, found live and listening at the VM's socket, passed the liveness rule
+    // already: its socket table is not read twice.
+    let checked = if verified { Ok(vm.state.wants_running()) } else { vm_liveness(vm, &handles, procs) };
+    let alive = match checked {
         Ok(a) => a,
         Err(e) => {
             os_error.get_or_insert(e);
@@ -267,35 +280,60 @@ pub fn rediscover_handles(vm: &VmRuntime, procs: &dyn ProcessTable) -> Rediscove
     Rediscovered { handles, source, alive, scratch_error, os_error }
 }
 
+/// The VMM [`find_vmm`] found.
+struct Found {
+    pid: i32,
+    /// It passed the liveness rule on the way (the recorded PID, live and listening).
+    verified: bool,
+}
+
 /// The live process serving the VM's API socket: the scratch PID when it is one of the holders,
 /// else a holder whose command line names the socket, else the lowest holder.
+///
+/// The scratch PID is asked first, alone (its state and its own descriptors): searching every
+/// process's descriptors for the holders costs by the number of processes, so doing it for every
+/// VM made reconcile grow with the square of the number of VMs. Only a VM whose recorded PID
+/// does not serve its socket pays for the search.
 fn find_vmm(
     vm: &VmRuntime,
     hint: Option<i32>,
     procs: &dyn ProcessTable,
-) -> Result<Option<i32>, LivenessError> {
+) -> Result<Option<Found>, LivenessError> {
+    if let Some(h) = hint
+        && matches!(procs.pid_state(h)?, PidState::Live(_))
+        && procs.pid_listens_at(h, &vm.api_socket)?
+    {
+        return Ok(Some(Found { pid: h, verified: true }));
+    }
     let mut holders = Vec::new();
     for pid in procs.listening_pids(&vm.api_socket)? {
         if matches!(procs.pid_state(pid)?, PidState::Live(_)) {
             holders.push(pid);
         }
     }
+    let found = |pid| Some(Found { pid, verified: false });
     if let Some(h) = hint.filter(|h| holders.contains(h)) {
-        return Ok(Some(h));
+        return Ok(found(h));
     }
     let socket = vm.api_socket.as_os_str();
     for &pid in &holders {
         if procs.cmdline(pid)?.is_some_and(|args| args.iter().any(|a| a.as_os_str() == socket)) {
-            return Ok(Some(pid));
+            return Ok(found(pid));
         }
     }
-    Ok(holders.first().copied())
+    Ok(holders.first().copied().and_then(found))
 }
+
+/// The listening unix sockets of one network namespace: (inode, path), read once.
+type Listeners = Arc<Vec<(u64, Vec<u8>)>>;
 
 /// [`ProcessTable`] over a `/proc` tree.
 #[derive(Debug, Clone)]
 pub struct ProcFs {
     root: PathBuf,
+    /// For one pass ([`ProcFs::one_pass`]): each network namespace's listening sockets, by the
+    /// namespace's identity (`net:[INODE]`), read from `net/unix` the first time they are needed.
+    tables: Option<Arc<Mutex<HashMap<PathBuf, Listeners>>>>,
 }
 
 impl Default for ProcFs {
@@ -307,20 +345,49 @@ impl Default for ProcFs {
 impl ProcFs {
     /// A process table read from `root` (normally `/proc`).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), tables: None }
+    }
+
+    /// The same table for one pass over many VMs (reconcile): each network namespace's unix
+    /// socket table (`net/unix`, which lists every socket of the namespace, all the VMMs' among
+    /// them) is read once and the listening sockets kept, instead of once per question. Which
+    /// process holds a socket, and every process's state, are still read at each question.
+    pub fn one_pass(&self) -> Self {
+        Self { root: self.root.clone(), tables: Some(Arc::default()) }
     }
 
     fn proc_err(path: PathBuf) -> impl FnOnce(io::Error) -> LivenessError {
         move |source| LivenessError::Proc { path, source }
     }
 
-    /// Inodes of sockets listening at `socket` according to the `net/unix` file at `table`.
-    fn listening_inodes(table: &Path, socket: &Path) -> Result<Vec<u64>, LivenessError> {
-        let text = fs::read(table).map_err(Self::proc_err(table.to_owned()))?;
-        Ok(parse_net_unix(&text)
-            .filter(|e| e.flags & SO_ACCEPTCON != 0 && e.path == socket.as_os_str().as_bytes())
-            .map(|e| e.inode)
-            .collect())
+    /// Inodes of sockets listening at `socket` according to the `net/unix` file of `dir` (the
+    /// root, for this process's namespace, or a PID's directory), whose namespace link is `ns`.
+    fn listening_inodes(&self, dir: &Path, ns: &Path, socket: &Path) -> Result<Vec<u64>, LivenessError> {
+        let want = socket.as_os_str().as_bytes();
+        Ok(self.listeners(dir, ns)?.iter().filter(|(_, p)| p == want).map(|(i, _)| *i).collect())
+    }
+
+    /// The listening sockets of `dir`'s `net/unix`: from the pass's tables when this namespace
+    /// was read already.
+    fn listeners(&self, dir: &Path, ns: &Path) -> Result<Listeners, LivenessError> {
+        let key = self.tables.as_ref().and_then(|_| fs::read_link(ns).ok());
+        if let (Some(t), Some(k)) = (&self.tables, &key)
+            && let Some(hit) = t.lock().unwrap_or_else(|p| p.into_inner()).get(k)
+        {
+            return Ok(hit.clone());
+        }
+        let table = dir.join("net/unix");
+        let text = fs::read(&table).map_err(Self::proc_err(table.clone()))?;
+        let found: Listeners = Arc::new(
+            parse_net_unix(&text)
+                .filter(|e| e.flags & SO_ACCEPTCON != 0)
+                .map(|e| (e.inode, e.path.to_vec()))
+                .collect(),
+        );
+        if let (Some(t), Some(k)) = (&self.tables, key) {
+            t.lock().unwrap_or_else(|p| p.into_inner()).insert(k, found.clone());
+        }
+        Ok(found)
     }
 
     /// Whether any descriptor of `pid` is one of `inodes`. Unreadable or vanished processes
@@ -370,7 +437,7 @@ impl ProcessTable for ProcFs {
     }
 
     fn listening_pids(&self, socket: &Path) -> Result<Vec<i32>, LivenessError> {
-        let inodes = Self::listening_inodes(&self.root.join("net/unix"), socket)?;
+        let inodes = self.listening_inodes(&self.root, &self.root.join("self/ns/net"), socket)?;
         if inodes.is_empty() {
             return Ok(Vec::new());
         }
@@ -423,13 +490,17 @@ impl ProcessTable for ProcFs {
             return Ok(false);
         }
         // The PID's own view of unix sockets: right even when it lives in another netns.
-        let table = self.root.join(pid.to_string()).join("net/unix");
-        let inodes = match Self::listening_inodes(&table, socket) {
+        let dir = self.root.join(pid.to_string());
+        let inodes = match self.listening_inodes(&dir, &dir.join("ns/net"), socket) {
             Ok(i) => i,
             Err(LivenessError::Proc { source, .. }) if gone(&source) => return Ok(false),
             Err(e) => return Err(e),
         };
         Ok(!inodes.is_empty() && self.holds_any(pid, &inodes))
+    }
+
+    fn one_pass(&self) -> Option<Box<dyn ProcessTable>> {
+        Some(Box::new(ProcFs::one_pass(self)))
     }
 
     fn kill_vmm(&self, pid: i32, socket: &Path) -> Result<bool, LivenessError> {
@@ -689,6 +760,34 @@ mod tests {
     }
 
     #[test]
+    fn one_pass_reads_each_namespaces_socket_table_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let net = "0000000000000000: 00000002 00000000 00010000 0001 01 500 /run/a.sock\n\
+                   0000000000000000: 00000002 00000000 00010000 0001 01 501 /run/b.sock\n";
+        fake_tree(root, net, &[(10, 'S', &[500]), (11, 'S', &[501])]);
+        for dir in ["self", "10", "11"] {
+            fs::create_dir_all(root.join(dir).join("ns")).unwrap();
+            symlink("net:[4026531840]", root.join(dir).join("ns/net")).unwrap();
+        }
+        let (a, b) = (Path::new("/run/a.sock"), Path::new("/run/b.sock"));
+        let pass = ProcFs::new(root).one_pass();
+        assert!(pass.pid_listens_at(10, a).unwrap());
+        // Every table of the namespace is gone: the pass answers from what it read.
+        for dir in ["10", "11"] {
+            fs::remove_file(root.join(dir).join("net/unix")).unwrap();
+        }
+        fs::remove_file(root.join("net/unix")).unwrap();
+        assert!(pass.pid_listens_at(11, b).unwrap());
+        assert!(!pass.pid_listens_at(11, a).unwrap(), "11 does not hold a's socket");
+        assert_eq!(pass.listening_pids(b).unwrap(), [11]);
+        // Without a pass, each question reads the table again.
+        let plain = ProcFs::new(root);
+        assert!(!plain.pid_listens_at(11, b).unwrap(), "its table is gone");
+        assert!(plain.listening_pids(b).is_err());
+    }
+
+    #[test]
     fn unreadable_proc_is_an_error_naming_the_file() {
         let tmp = tempfile::tempdir().unwrap();
         let procs = ProcFs::new(tmp.path().join("missing"));
@@ -880,6 +979,30 @@ mod tests {
         assert_eq!(rediscover_handles(&vm, &procs).handles.pid, Some(301));
         handles::write_scratch(tmp.path(), &pid_handles(300)).unwrap();
         assert_eq!(rediscover_handles(&vm, &procs).handles.pid, Some(300));
+    }
+
+    #[test]
+    fn rediscover_asks_the_recorded_pid_alone_when_it_serves_the_socket() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = vm_in(tmp.path(), VmState::Running);
+        handles::write_scratch(tmp.path(), &pid_handles(400)).unwrap();
+        let procs = FakeProcesses::new();
+        procs.add_vmm(400, &vm.api_socket);
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(400)));
+        // No search of every process's descriptors.
+        assert!(!procs.reads().iter().any(|r| matches!(r, Read::Listening(_))), "{:?}", procs.reads());
+        let asked =
+            procs.reads().iter().filter(|r| **r == Read::ListensAt(400, vm.api_socket.clone())).count();
+        assert_eq!(asked, 1, "its socket table read once: {:?}", procs.reads());
+
+        // A recorded PID that no longer serves the socket: the search finds the one that does.
+        procs.remove(400);
+        procs.add_vmm(401, &vm.api_socket);
+        procs.clear_reads();
+        let r = rediscover_handles(&vm, &procs);
+        assert_eq!((r.source, r.alive, r.handles.pid), (HandleSource::Os, true, Some(401)));
+        assert!(procs.reads().contains(&Read::Listening(vm.api_socket.clone())));
     }
 
     #[test]
