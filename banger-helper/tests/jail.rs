@@ -15,13 +15,13 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use banger_helper::jail::{self, JailConfig, acl};
 use banger_helper::kernel::{JailOrder, UserLimits};
 use banger_policy::{CgroupVersion, Jailer, JailerMode};
 use banger_protocol::{JailFiles, VmShape};
-use common::{Netns, root_or_skip};
+use common::{Netns, build, root_or_skip};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Gid, Uid, fork};
@@ -30,27 +30,6 @@ use nix::unistd::{ForkResult, Gid, Uid, fork};
 const CALLER: u32 = 62_301;
 const OTHER: u32 = 62_302;
 const JAIL_UID: u32 = 64_701;
-
-/// Builds a binary of `banger-tests` with cargo (a no-op when up to date) and returns its path.
-fn build(bin: &str, static_target: bool) -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace).args(["build", "-p", "banger-tests", "--bin", bin]);
-    cmd.args(["--message-format", "json-render-diagnostics"]).stdin(Stdio::null()).stderr(Stdio::inherit());
-    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
-    if static_target {
-        // As `tests/run` and the jailer tests build it: a jail has no dynamic loader.
-        cmd.env("RUSTFLAGS", "-C target-feature=+crt-static").args(["--target", "x86_64-unknown-linux-gnu"]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "building {bin} failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo built no {bin}"))
-}
 
 /// Runs `f` in a forked child as `uid` (gid `uid`, no groups); returns its exit code.
 fn as_uid(uid: u32, f: impl FnOnce() -> i32) -> i32 {

@@ -153,28 +153,6 @@ fn a_helper_whose_launcher_is_gone_refuses_launches_and_serves_on() {
     ns.finish();
 }
 
-/// Builds a binary of `banger-tests` with cargo (a no-op when up to date) and returns its path.
-fn build(bin: &str, static_target: bool) -> std::path::PathBuf {
-    use std::process::{Command, Stdio};
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace).args(["build", "-p", "banger-tests", "--bin", bin]);
-    cmd.args(["--message-format", "json-render-diagnostics"]).stdin(Stdio::null()).stderr(Stdio::inherit());
-    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
-    if static_target {
-        // A jail has no dynamic loader.
-        cmd.env("RUSTFLAGS", "-C target-feature=+crt-static").args(["--target", "x86_64-unknown-linux-gnu"]);
-    }
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "building {bin} failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
-        .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
-        .unwrap_or_else(|| panic!("cargo built no {bin}"))
-}
-
 /// A whole launch and removal through the forked, confined launcher, with the jailer double
 /// jailing the static Firecracker double (no TAP: nothing here touches the network): the
 /// launcher's capabilities, no-new-privileges flag and filters let the jail functions and the

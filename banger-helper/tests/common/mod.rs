@@ -747,3 +747,24 @@ pub fn node_owner(device: &str) -> (u32, u32) {
     let m = std::fs::metadata(device).unwrap();
     (m.uid(), m.mode() & 0o7777)
 }
+
+/// Builds a binary of `banger-tests` with cargo (a no-op when up to date) and returns its path.
+pub fn build(bin: &str, static_target: bool) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace).args(["build", "-p", "banger-tests", "--bin", bin]);
+    cmd.args(["--message-format", "json-render-diagnostics"]).stdin(Stdio::null()).stderr(Stdio::inherit());
+    cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    if static_target {
+        // As `tests/run` builds it: a jail has no dynamic loader.
+        cmd.env("RUSTFLAGS", "-C target-feature=+crt-static").args(["--target", "x86_64-unknown-linux-gnu"]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "building {bin} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == bin)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("cargo built no {bin}"))
+}
