@@ -335,9 +335,13 @@ impl<'a> Start<'a> {
         Ok(known)
     }
 
-    /// Whether the helper can make dm-snapshots here.
+    /// Whether the helper can make dm-snapshots this daemon can use: only where it hands the
+    /// user the dm node. A helper whose policy forces the jailer keeps every dm node root's, so
+    /// the VM's root could be neither personalized nor sent to its jail: such VMs get a root
+    /// file of their own instead.
     async fn device_mapper(&mut self) -> Result<bool, DaemonError> {
-        Ok(self.capabilities().await?.device_mapper)
+        let caps = self.capabilities().await?;
+        Ok(caps.device_mapper && caps.direct)
     }
 
     /// The launch mode of this start (see [`launch`]), recorded in the row when it changes.

@@ -12,6 +12,7 @@ use crate::config::{LaunchMode, Origin};
 use crate::daemon::helper_client::fake::{FAKE_JAIL_UID, JailLaunch};
 use crate::daemon::liveness::vm_alive;
 use crate::daemon::reconcile::Reconciler;
+use crate::model::StorageKind;
 
 /// A daemon whose user asks for `mode` and whose helper can launch through the jailer.
 fn mode_env(mode: LaunchMode) -> Env {
@@ -243,6 +244,27 @@ async fn the_mode_is_fixed_at_the_first_start_unless_the_helpers_policy_forces_t
     assert_eq!(e.vm("dev").launch, Some(LaunchMode::Jailer));
     assert_eq!(e.helper.jail_launches().len(), 1);
     assert!(kinds(&e.vmm.calls()).iter().all(|k| *k != "spawn"));
+}
+
+#[tokio::test]
+async fn where_the_jailer_is_forced_a_new_root_is_a_file_of_the_vms_own_not_a_dm_snapshot() {
+    // The helper keeps dm nodes root's when it forces the jailer: the daemon could neither
+    // personalize one nor send it to the jail.
+    let e = mode_env(LaunchMode::Jailer);
+    e.helper.set_device_mapper(true);
+    e.helper.set_direct(false);
+    e.daemon.create(create("dev")).await.unwrap();
+    let vm = e.daemon.start("dev").await.unwrap();
+    assert_eq!(vm.launch.as_deref(), Some("jailer"));
+    assert_ne!(e.vm("dev").storage, Some(StorageKind::DmSnapshot));
+    assert!(e.helper.owned().loops.is_empty() && e.helper.owned().dms.is_empty());
+    assert_eq!(e.helper.jail_launches().len(), 1);
+    // Where direct mode is allowed, the same helper's dm-snapshots are used.
+    let e = mode_env(LaunchMode::Direct);
+    e.helper.set_device_mapper(true);
+    e.daemon.create(create("dev")).await.unwrap();
+    e.daemon.start("dev").await.unwrap();
+    assert_eq!(e.vm("dev").storage, Some(StorageKind::DmSnapshot));
 }
 
 #[tokio::test]
