@@ -390,6 +390,7 @@ mod tests {
                     PortRule { proto: Proto::Tcp, port: 53 },
                 ],
             },
+            firewall: banger_policy::FirewallChoice::Auto,
         }
     }
 

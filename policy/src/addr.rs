@@ -113,6 +113,7 @@ mod tests {
             ipv6: false,
             guest_to_guest: false,
             guest_to_host: GuestToHost { allow_all: false, allow: Vec::new() },
+            firewall: crate::FirewallChoice::Auto,
         }
     }
 

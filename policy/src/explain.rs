@@ -9,7 +9,7 @@
 //! the very check the helper makes.
 
 use crate::authorize::{entry_names, is_account_id};
-use crate::{Admission, AuditTarget, Peer, Policy, Quotas, Uplink};
+use crate::{Admission, AuditTarget, FirewallChoice, Peer, Policy, Quotas, Uplink};
 
 /// Describes what the policy lets each user (or only `user`) do, one sentence per line.
 pub fn explain(policy: &Policy, user: Option<&str>) -> String {
@@ -242,6 +242,17 @@ fn network(policy: &Policy, lease_phrase: &str) -> Vec<String> {
             .to_owned(),
         Uplink::Named(name) => format!("Guest traffic leaves, masqueraded, through {name} (network.uplink)."),
     });
+    lines.push(match n.firewall {
+        FirewallChoice::Auto => "The helper writes guests' firewall rules in its own nftables table where the \
+                                 kernel has nf_tables, else with the iptables tools (network.firewall = \"auto\")."
+            .to_owned(),
+        FirewallChoice::Nftables => {
+            "The helper writes guests' firewall rules in its own nftables table (network.firewall).".to_owned()
+        }
+        FirewallChoice::Iptables => {
+            "The helper writes guests' firewall rules with the iptables tools (network.firewall).".to_owned()
+        }
+    });
     lines.push(
         if n.guest_to_guest { "Guests may reach each other." } else { "Guests may not reach each other." }
             .to_owned(),
@@ -342,6 +353,8 @@ log = "/var/log/banger/audit.log"
                 "Guests get addresses from 172.30.0.0/16: each user a /24 (64 VMs of a /30 each).",
                 "Guest traffic leaves, masqueraded, through the interface of the default route \
                  (network.uplink = \"auto\").",
+                "The helper writes guests' firewall rules in its own nftables table where the kernel has nf_tables, \
+                 else with the iptables tools (network.firewall = \"auto\").",
                 "Guests may not reach each other.",
                 "Guests may not open connections to the host; they only get replies to connections the host opens.",
                 "TAP devices have IPv6 turned off.",

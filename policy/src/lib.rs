@@ -34,6 +34,7 @@
 //! uplink = "auto"               # "auto" (default route's interface) or an interface name
 //! ipv6 = false                  # keep IPv6 on TAPs
 //! guest_to_guest = false        # let guests reach each other
+//! firewall = "auto"             # "auto" (nftables where the kernel has it), "nftables" or "iptables"
 //!
 //! [network.guest_to_host]       # new connections from a guest to the host itself
 //! allow_all = false

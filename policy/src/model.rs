@@ -146,6 +146,20 @@ pub struct Network {
     pub guest_to_guest: bool,
     /// What new connections a guest may open to the host itself.
     pub guest_to_host: GuestToHost,
+    /// Which firewall the helper writes its rules with.
+    pub firewall: FirewallChoice,
+}
+
+/// Which firewall the helper writes guests' rules with (`network.firewall`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirewallChoice {
+    /// nftables where the kernel has nf_tables, else the iptables tools (the default).
+    #[default]
+    Auto,
+    /// banger's own nftables table, over netlink.
+    Nftables,
+    /// The `iptables` tools, in banger's chains of the `filter` and `nat` tables.
+    Iptables,
 }
 
 /// Which interface is the uplink.

@@ -202,7 +202,7 @@ mod tests {
 
     fn response() -> impl Strategy<Value = Response> {
         prop_oneof![
-            (any::<u32>(), ".*", any::<[bool; 5]>()).prop_map(|(version, helper_version, c)| {
+            (any::<u32>(), ".*", any::<[bool; 6]>()).prop_map(|(version, helper_version, c)| {
                 Response::Hello(HelloReply {
                     version,
                     helper_version,
@@ -212,6 +212,7 @@ mod tests {
                         loop_configure: c[2],
                         ipv6: c[3],
                         direct: c[4],
+                        firewall: if c[5] { FirewallBackend::Nftables } else { FirewallBackend::Iptables },
                     },
                 })
             }),

@@ -24,13 +24,13 @@ pub mod message;
 pub use error::{ErrorCode, HelperError, quoted};
 pub use ids::{IdError, IfName, InstallId, VmId};
 pub use message::{
-    Capabilities, DmInfo, HelloReply, JailFiles, JailInfo, LeaseInfo, LoopInfo, LoopRole, NatInfo,
-    OwnedObjects, Request, Response, TapInfo, TeardownFailure, TeardownReport, VmShape, jail_paths,
+    Capabilities, DmInfo, FirewallBackend, HelloReply, JailFiles, JailInfo, LeaseInfo, LoopInfo, LoopRole,
+    NatInfo, OwnedObjects, Request, Response, TapInfo, TeardownFailure, TeardownReport, VmShape, jail_paths,
 };
 
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest message either side sends or accepts, in encoded bytes: the one size limit of the
 /// protocol. The frame layer checks it before allocating; the codec refuses to encode more and

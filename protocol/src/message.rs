@@ -244,12 +244,39 @@ pub struct Capabilities {
     /// forces the jailer: the helper then hands no TAP or dm node to a user, and a client
     /// launches every VM through [`Request::JailLaunch`].
     pub direct: bool,
+    /// Which firewall the helper writes guests' rules with, chosen once at its start.
+    pub firewall: FirewallBackend,
 }
 
 impl Default for Capabilities {
     /// Nothing optional offered; direct mode allowed (as by a policy without `[jailer]`).
     fn default() -> Self {
-        Capabilities { device_mapper: false, jailer: false, loop_configure: false, ipv6: false, direct: true }
+        Capabilities {
+            device_mapper: false,
+            jailer: false,
+            loop_configure: false,
+            ipv6: false,
+            direct: true,
+            firewall: FirewallBackend::Nftables,
+        }
+    }
+}
+
+/// The firewall a helper writes guests' rules with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FirewallBackend {
+    /// The helper's own nftables table (`ip banger`), changed over netlink.
+    Nftables,
+    /// The helper's chains in iptables' `filter` and `nat` tables, changed with `iptables-restore`.
+    Iptables,
+}
+
+impl std::fmt::Display for FirewallBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FirewallBackend::Nftables => "nftables",
+            FirewallBackend::Iptables => "iptables",
+        })
     }
 }
 

@@ -5,18 +5,21 @@
 //! killed there would), so rollback, idempotence, crash recovery and "keep going past a failure"
 //! can be tested without root.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
+use banger_policy::Network;
+use banger_protocol::FirewallBackend;
 use nix::errno::Errno;
 
 use super::{
     BackingFile, DevNum, Dm, DmStatus, Firewall, JailOrder, JailState, Jails, KResult, Kernel, KernelError,
     LinkOwner, Links, LoopStatus, Loops, NodeStatus, Sysctl, snapshot_params,
 };
-use crate::firewall::{Change, FirewallBatch, FirewallView};
+use crate::firewall::{Change, FirewallBatch, FirewallView, VmRules, plan_vm_rules, vm_rules};
+use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
 
 /// A TAP or other link in the fake.
@@ -295,19 +298,30 @@ impl Links for FakeKernel {
     }
 }
 
+/// The fake firewall keeps the iptables backend's rules ([`crate::firewall`]) in memory.
 impl Firewall for FakeKernel {
-    async fn read(&self) -> KResult<FirewallView> {
-        let w = self.call("firewall_read", "")?;
-        Ok(w.firewall.clone())
+    fn backend(&self) -> FirewallBackend {
+        FirewallBackend::Iptables
     }
 
-    async fn apply(&self, batch: &FirewallBatch) -> KResult<()> {
+    async fn vms(&self) -> KResult<BTreeSet<VmKey>> {
+        let w = self.call("firewall_read", "")?;
+        Ok(w.firewall.vms())
+    }
+
+    async fn update(&self, net: &Network, up: &[VmRules], down: &[VmKey]) -> KResult<bool> {
+        let view = self.call("firewall_read", "")?.firewall.clone();
+        let up: Vec<_> = up.iter().map(|r| (r.key.clone(), vm_rules(r, net))).collect();
+        let batch = plan_vm_rules(&view, &up, down);
+        if batch.is_empty() {
+            return Ok(false);
+        }
         let mut w = self.call("firewall_apply", &batch.render())?;
-        let next = apply_to_view(&w.firewall, batch)
+        let next = apply_to_view(&w.firewall, &batch)
             .map_err(|e| KernelError::other("iptables-restore", "banger chains", e))?;
         w.firewall = next;
         w.firewall_batches += 1;
-        Ok(())
+        Ok(true)
     }
 }
 

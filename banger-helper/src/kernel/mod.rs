@@ -4,7 +4,8 @@
 //!
 //! - [`Links`]: TAP creation (tun ioctls), addresses, link state and deletion (rtnetlink), the
 //!   default route's interface;
-//! - [`Firewall`]: reading the helper's chains and applying one batch of changes;
+//! - [`Firewall`]: guests' NAT and filter rules, by VM: which VMs have rules, and one atomic
+//!   change that puts some VMs' rules in place and takes others' out;
 //! - [`Loops`]: loop devices and their nodes, and inspecting a backing file descriptor;
 //! - [`Dm`]: device-mapper snapshot targets and the block device nodes the helper makes for them;
 //! - [`Sysctl`]: reading and writing `/proc/sys` keys;
@@ -13,14 +14,17 @@
 //!
 //! The traits take only names the helper derived itself; no method accepts a client's string.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::os::fd::{BorrowedFd, OwnedFd};
 
-use banger_protocol::{HelperError, JailFiles, VmShape};
+use banger_policy::Network;
+use banger_protocol::{FirewallBackend, HelperError, JailFiles, VmShape};
 use nix::errno::Errno;
 
-use crate::firewall::{FirewallBatch, FirewallView};
+use crate::firewall::VmRules;
+use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
 
 #[cfg(test)]
@@ -137,12 +141,21 @@ pub enum LinkOwner {
     Uid(u32),
 }
 
-/// The helper's firewall chains.
+/// Guests' firewall rules, by VM.
 pub trait Firewall: Send + Sync {
-    /// Reads the helper's chains, jumps and rules.
-    fn read(&self) -> impl Future<Output = KResult<FirewallView>> + Send;
-    /// Applies a batch atomically per table (one `iptables-restore --noflush` run).
-    fn apply(&self, batch: &FirewallBatch) -> impl Future<Output = KResult<()>> + Send;
+    /// Which backend this is.
+    fn backend(&self) -> FirewallBackend;
+    /// The VMs that have rules now.
+    fn vms(&self) -> impl Future<Output = KResult<BTreeSet<VmKey>>> + Send;
+    /// Makes the firewall hold exactly the rules of each VM in `up` (as `net` says guests' rules
+    /// look) and none of each VM in `down`, in one atomic change that leaves every other VM's
+    /// rules alone. Returns whether anything changed: nothing does when the rules already are so.
+    fn update(
+        &self,
+        net: &Network,
+        up: &[VmRules],
+        down: &[VmKey],
+    ) -> impl Future<Output = KResult<bool>> + Send;
 }
 
 /// An attached loop device's backing file, as `LOOP_GET_STATUS64` reports it.

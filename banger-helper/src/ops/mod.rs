@@ -33,7 +33,7 @@ use banger_protocol::{
 use tokio::sync::Mutex;
 
 use crate::audit::{AuditLog, Record};
-use crate::kernel::{Dm as _, Jails as _, Kernel, Loops as _};
+use crate::kernel::{Dm as _, Firewall as _, Jails as _, Kernel, Loops as _};
 use crate::ledger_store::LedgerStore;
 
 pub mod dm;
@@ -152,13 +152,15 @@ impl<K: Kernel> Helper<K> {
     ) -> Self {
         // What the helper can do here now: dm-snapshots only where the kernel has device-mapper
         // and the helper kept what it needs for it; jails where the policy has `[jailer]` and
-        // its launcher runs; direct mode unless the policy forces the jailer.
+        // its launcher runs; direct mode unless the policy forces the jailer; the firewall
+        // backend chosen at start.
         let capabilities = Capabilities {
             device_mapper: kernel.dm().probe(),
             jailer: policy.jailer.is_some() && kernel.jails().available(),
             loop_configure: kernel.loops().has_configure(),
             ipv6: policy.network.ipv6,
             direct: !policy.force_jailer(),
+            firewall: kernel.firewall().backend(),
         };
         let boot = crate::ledger_store::boot_epoch();
         let forwarding = store.as_ref().and_then(|s| {

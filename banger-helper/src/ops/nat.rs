@@ -4,8 +4,8 @@
 //! from the client). In order: the uplink is the policy's or the interface of the IPv4 default
 //! route, which must be an [`IfName`] (the policy's already is); `ip_forward` is turned on
 //! ([`super::forwarding`]: put back after the last NAT, and at once if this one fails); the
-//! helper reads its chains, works out the difference to the VM's rules
-//! ([`crate::firewall::vm_rules`]) and applies it as one batch — nothing when already in place;
+//! firewall is brought to hold the VM's rules ([`crate::kernel::Firewall::update`]) in one
+//! atomic change — nothing when already in place;
 //! the NAT is recorded. The rules go with [`super::teardown`], found by their tag.
 
 use std::net::Ipv4Addr;
@@ -14,7 +14,7 @@ use banger_policy::{LedgerEntry, Object, ObjectKind, Uplink};
 use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
-use crate::firewall::{VmRules, plan_vm_rules, vm_rules};
+use crate::firewall::VmRules;
 use crate::kernel::{Firewall as _, Kernel, Links as _};
 use crate::names::VmKey;
 
@@ -57,13 +57,9 @@ impl<K: Kernel> Helper<K> {
             names.push(uplink.to_string());
             self.enable_forwarding(st)?;
             let firewall = self.kernel.firewall();
-            let view = firewall.read().await?;
+            let net = &self.policy.network;
             let rules = VmRules { key: key.clone(), tap, guest_ip, host_ip, uplink: uplink.to_string() };
-            let wanted = vm_rules(&rules, &self.policy.network);
-            let batch = plan_vm_rules(&view, &[(key.clone(), wanted)], &[]);
-            if !batch.is_empty() {
-                firewall.apply(&batch).await?;
-            }
+            let changed = firewall.update(net, &[rules], &[]).await?;
             let object = Object::Nat { guest_ip, uplink: uplink.to_string() };
             let entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
             let had = st.ledger.find(c.uid, c.install, vm, ObjectKind::Nat).is_some();
@@ -72,14 +68,8 @@ impl<K: Kernel> Helper<K> {
             }) {
                 // Take the rules just added back out: they could not be recorded (unless the
                 // ledger already held this VM's NAT, which then stays as it was).
-                if !batch.is_empty() && !had {
-                    let undone = match firewall.read().await {
-                        Ok(after) => {
-                            firewall.apply(&plan_vm_rules(&after, &[], std::slice::from_ref(&key))).await
-                        }
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = undone {
+                if changed && !had {
+                    if let Err(e) = firewall.update(net, &[], std::slice::from_ref(&key)).await {
                         tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
                     }
                 }

@@ -63,7 +63,7 @@ impl<K: Kernel> Helper<K> {
                 None
             }
         };
-        let view = match self.kernel.firewall().read().await {
+        let with_rules = match self.kernel.firewall().vms().await {
             Ok(v) => Some(v),
             Err(e) => {
                 report.errors.push(format!("cannot read the firewall: {e}"));
@@ -139,7 +139,7 @@ impl<K: Kernel> Helper<K> {
                     }
                 }
                 Object::Nat { .. } => {
-                    if view.as_ref().is_some_and(|v| v.tagged(&key.rule_tag()).next().is_none()) {
+                    if with_rules.as_ref().is_some_and(|v| !v.contains(&key)) {
                         released.push((e, Release::Gone));
                     }
                 }
@@ -233,8 +233,8 @@ impl<K: Kernel> Helper<K> {
             }
             Err(e) => report.errors.push(format!("cannot list the node directory: {e}")),
         }
-        if let Some(v) = &view {
-            for key in v.vms() {
+        if let Some(v) = &with_rules {
+            for key in v {
                 if st.ledger.find(key.uid, &key.install, &key.vm, ObjectKind::Nat).is_none() {
                     tracing::warn!(
                         "firewall rules tagged `{}` are not in the ledger; left alone",

@@ -34,7 +34,6 @@ use super::dm::release_dm;
 use super::list::{CutFrom, fit_lists};
 use super::loopdev::{Release, describe, record_release, release_loop};
 use super::{Caller, Done, Helper, State};
-use crate::firewall::plan_vm_rules;
 use crate::kernel::{Firewall as _, KResult, Kernel, LinkOwner, Links as _};
 use crate::names::VmKey;
 
@@ -169,14 +168,7 @@ impl<K: Kernel> Helper<K> {
             }
         }
 
-        let firewall = async {
-            let view = self.kernel.firewall().read().await?;
-            let batch = plan_vm_rules(&view, &[], &keys);
-            if !batch.is_empty() {
-                self.kernel.firewall().apply(&batch).await?;
-            }
-            Ok::<_, crate::kernel::KernelError>(())
-        };
+        let firewall = self.kernel.firewall().update(&self.policy.network, &[], &keys);
         let links = self.kernel.links().delete(&doomed);
         let storage =
             futures::future::join_all(disks.into_iter().map(|(dm, loops)| self.release_disks(dm, loops)));
@@ -194,7 +186,7 @@ impl<K: Kernel> Helper<K> {
         let mut report = TeardownReport { failures: jail_failures, ..TeardownReport::default() };
         let mut nat_gone = false;
         match fw {
-            Ok(()) => nat_gone = true,
+            Ok(_) => nat_gone = true,
             Err(e) => report.failures.extend(keys.iter().map(|key| TeardownFailure {
                 vm: key.vm.clone(),
                 object: format!("nat {}", key.rule_tag()),

@@ -54,6 +54,7 @@ pub(crate) fn test_policy() -> Policy {
                 allow_all: false,
                 allow: vec![PortRule { proto: Proto::Udp, port: 53 }],
             },
+            firewall: banger_policy::FirewallChoice::Auto,
         },
         audit: Audit { target: AuditTarget::Stderr },
         jailer: None,

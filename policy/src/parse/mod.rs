@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use crate::{Access, Audit, AuditTarget, GuestToHost, Network, Policy, Quotas, Uplink};
+use crate::{Access, Audit, AuditTarget, FirewallChoice, GuestToHost, Network, Policy, Quotas, Uplink};
 
 mod access;
 mod audit;
@@ -111,6 +111,7 @@ impl Policy {
                 ipv6: false,
                 guest_to_guest: false,
                 guest_to_host: GuestToHost { allow_all: false, allow: Vec::new() },
+                firewall: FirewallChoice::Auto,
             },
             audit: Audit { target: AuditTarget::Stderr },
             jailer: None,
@@ -366,6 +367,7 @@ mod tests {
         assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (24, 30));
         assert_eq!(p.network.uplink, Uplink::Auto);
         assert!(!p.network.ipv6 && !p.network.guest_to_guest);
+        assert_eq!(p.network.firewall, FirewallChoice::Auto);
         assert_eq!(p.network.guest_to_host, GuestToHost { allow_all: false, allow: vec![] });
         assert_eq!(p.audit.target, AuditTarget::Stderr);
     }
@@ -397,6 +399,7 @@ vm_prefix = 29
 uplink = "eth0"
 ipv6 = true
 guest_to_guest = true
+firewall = "iptables"
 
 [network.guest_to_host]
 allow_all = false
@@ -425,6 +428,7 @@ log = "/var/log/banger/audit.log"
         assert_eq!((p.network.lease_prefix, p.network.vm_prefix), (26, 29));
         assert_eq!(p.network.uplink, Uplink::Named(IfName::new("eth0").unwrap()));
         assert!(p.network.ipv6 && p.network.guest_to_guest);
+        assert_eq!(p.network.firewall, FirewallChoice::Iptables);
         assert_eq!(
             p.network.guest_to_host.allow,
             [
@@ -636,6 +640,11 @@ key = \"a.b\"
             &["network.ipv6 must be true or false, got a string"],
         );
         assert_refused("[network]\nguest_to_guest = 0\n", 2, &["network.guest_to_guest"]);
+        assert_refused(
+            "[network]\nfirewall = \"ebtables\"\n",
+            2,
+            &["network.firewall", "\"auto\", \"nftables\" or \"iptables\"", "ebtables"],
+        );
         assert_refused("[network.guest_to_host]\nallow_all = 1\n", 2, &["allow_all"]);
     }
 

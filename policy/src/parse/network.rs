@@ -6,7 +6,7 @@ use banger_protocol::IfName;
 use ipnet::Ipv4Net;
 
 use super::{Doc, PolicyError, Value, sorted};
-use crate::{GuestToHost, Network, Policy, PortRule, Proto, Uplink};
+use crate::{FirewallChoice, GuestToHost, Network, Policy, PortRule, Proto, Uplink};
 
 /// Networks a pool must not overlap: guests there would shadow the host's own addressing.
 const RESERVED: [(&str, &str); 4] = [
@@ -17,7 +17,7 @@ const RESERVED: [(&str, &str); 4] = [
 ];
 
 const NETWORK_KEYS: &[&str] =
-    &["pool", "lease_prefix", "vm_prefix", "uplink", "ipv6", "guest_to_guest", "guest_to_host"];
+    &["pool", "lease_prefix", "vm_prefix", "uplink", "ipv6", "guest_to_guest", "guest_to_host", "firewall"];
 const GUEST_TO_HOST_KEYS: &[&str] = &["allow_all", "allow"];
 
 pub(super) fn read_network(doc: &Doc<'_>, value: &Value<'_>) -> Result<Network, PolicyError> {
@@ -43,6 +43,19 @@ pub(super) fn read_network(doc: &Doc<'_>, value: &Value<'_>) -> Result<Network, 
             "ipv6" => network.ipv6 = doc.boolean("network.ipv6", value)?,
             "guest_to_guest" => network.guest_to_guest = doc.boolean("network.guest_to_guest", value)?,
             "guest_to_host" => network.guest_to_host = read_guest_to_host(doc, value)?,
+            "firewall" => {
+                network.firewall = match doc.string("network.firewall", value)? {
+                    "auto" => FirewallChoice::Auto,
+                    "nftables" => FirewallChoice::Nftables,
+                    "iptables" => FirewallChoice::Iptables,
+                    other => {
+                        return Err(doc.at(
+                            &value.span(),
+                            format!("network.firewall must be \"auto\", \"nftables\" or \"iptables\", got {other:?}"),
+                        ));
+                    }
+                }
+            }
             _ => return Err(doc.unknown("network", key, NETWORK_KEYS)),
         }
     }

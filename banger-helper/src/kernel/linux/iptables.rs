@@ -13,8 +13,14 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use crate::firewall::{FirewallBatch, FirewallView};
+use std::collections::BTreeSet;
+
+use banger_policy::Network;
+use banger_protocol::FirewallBackend;
+
+use crate::firewall::{FirewallBatch, FirewallView, VmRules, plan_vm_rules, vm_rules};
 use crate::kernel::{Firewall, KResult, KernelError};
+use crate::names::VmKey;
 
 /// The directories the tools are looked up in, and the `PATH` they run with.
 pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -103,17 +109,41 @@ impl Iptables {
     }
 }
 
-impl Firewall for Iptables {
+impl Iptables {
+    /// Reads the helper's chains, jumps and rules (`iptables-save`).
     async fn read(&self) -> KResult<FirewallView> {
         let out = self.run("iptables-save", command(&self.save), None).await?;
         FirewallView::parse_save(&String::from_utf8_lossy(&out))
             .map_err(|e| KernelError::other("iptables-save", "banger chains", e.to_string()))
     }
 
+    /// Applies a batch, atomically per table (one `iptables-restore --noflush` run).
     async fn apply(&self, batch: &FirewallBatch) -> KResult<()> {
         let mut restore = command(&self.restore);
         restore.args(["--noflush", "--wait", "10"]);
         self.run("iptables-restore", restore, Some(&batch.render())).await.map(|_| ())
+    }
+}
+
+impl Firewall for Iptables {
+    fn backend(&self) -> FirewallBackend {
+        FirewallBackend::Iptables
+    }
+
+    async fn vms(&self) -> KResult<BTreeSet<VmKey>> {
+        Ok(self.read().await?.vms())
+    }
+
+    /// Reads the chains, works out the difference ([`plan_vm_rules`]) and applies it in one
+    /// `iptables-restore` run, or none when there is none.
+    async fn update(&self, net: &Network, up: &[VmRules], down: &[VmKey]) -> KResult<bool> {
+        let view = self.read().await?;
+        let up: Vec<_> = up.iter().map(|r| (r.key.clone(), vm_rules(r, net))).collect();
+        let batch = plan_vm_rules(&view, &up, down);
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        self.apply(&batch).await.map(|()| true)
     }
 }
 
