@@ -33,8 +33,9 @@ use nix::unistd::Group;
 
 use crate::audit::{AuditLog, AuditOpenError};
 use crate::hardening::{self, HardeningError, Sandbox};
+use crate::kernel::Firewall as _;
 use crate::kernel::linux::dm::Unavailable;
-use crate::kernel::linux::{Iptables, LinuxDm, LinuxJails, LinuxKernel, LinuxKernelError};
+use crate::kernel::linux::{LinuxDm, LinuxFirewall, LinuxJails, LinuxKernel};
 use crate::launcher::{self, LauncherError};
 use crate::ledger_store::{LedgerStore, StoreError};
 use crate::ops::Helper;
@@ -91,7 +92,7 @@ pub enum ServeError {
     Hardening(#[from] HardeningError),
     /// The kernel access could not be set up.
     #[error(transparent)]
-    Kernel(#[from] LinuxKernelError),
+    Kernel(#[from] crate::kernel::linux::LinuxKernelError),
     /// device-mapper is there, but the node directory is unusable.
     #[error(transparent)]
     NodeDir(#[from] crate::kernel::linux::dm::NodeDirError),
@@ -173,8 +174,9 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     listener.set_nonblocking(true).map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
     let (store, ledger) = LedgerStore::open(&opts.state_dir)?;
     let audit = AuditLog::open(&policy.audit.target)?;
-    let firewall = Iptables::locate().map_err(LinuxKernelError::from)?;
-    let xtables_lock = if firewall.legacy() {
+    let firewall = LinuxFirewall::choose(policy.network.firewall)?;
+    tracing::info!("firewall: {}", firewall.backend());
+    let xtables_lock = if firewall.legacy_iptables() {
         let lock = PathBuf::from("/run/xtables.lock");
         let _ = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock);
         Some(lock)

@@ -1,4 +1,5 @@
-//! NAT up and down through the real helper, checked with `iptables -S` inside the namespace.
+//! NAT up and down through the real helper, with each firewall backend: checked with
+//! `iptables -S` and `nft list table ip banger` inside the namespace.
 
 mod common;
 
@@ -7,15 +8,16 @@ use common::*;
 
 #[test]
 #[ignore = "needs root: network namespace, iptables and the real helper"]
-fn nat_up_is_idempotent_and_down_removes_everything() {
-    if !root_or_skip("nat_up_is_idempotent_and_down_removes_everything") {
+fn iptables_nat_up_is_idempotent_and_down_removes_everything() {
+    if !root_or_skip("iptables_nat_up_is_idempotent_and_down_removes_everything") {
         return;
     }
     let (a, b) = (61021, 61022);
     let ns = Netns::new("nat");
     let forwarding_before = ns.read("/proc/sys/net/ipv4/ip_forward");
     assert_eq!(forwarding_before.as_deref(), Some("0"), "a new namespace starts without forwarding");
-    let h = Helper::start(&ns, &policy(&[a, b], "[network.guest_to_host]\nallow = [\"udp/53\"]\n"));
+    let extra = "[network]\nfirewall = \"iptables\"\n[network.guest_to_host]\nallow = [\"udp/53\"]\n";
+    let h = Helper::start(&ns, &policy(&[a, b], extra));
     let r = session(
         &h,
         a,
@@ -121,6 +123,115 @@ fn teardown_of_many_vms_leaves_nothing() {
     assert!(t.failures.is_empty(), "{t:?}");
     assert_eq!(t.torn_down.len(), 8);
     assert!(ns.taps().is_empty(), "{:?}", ns.taps());
+    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
+    drop(h);
+    ns.finish();
+}
+
+/// The nftables backend: the helper's own table, whose per-VM part is set elements carrying the
+/// VM's tag as their comment; up twice changes nothing, an element someone removed comes back
+/// on the next up, another user's teardown touches nothing, and the table goes with the last VM.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables and the real helper"]
+fn nftables_nat_is_set_elements_and_the_table_goes_with_the_last_vm() {
+    if !root_or_skip("nftables_nat_is_set_elements_and_the_table_goes_with_the_last_vm") {
+        return;
+    }
+    let (a, b) = (61024, 61025);
+    let ns = Netns::new("natnft");
+    let extra = "[network]\nfirewall = \"nftables\"\n[network.guest_to_host]\nallow = [\"udp/53\"]\n";
+    let h = Helper::start(&ns, &policy(&[a, b], extra));
+    let reqs = vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }];
+    let r = session(&h, a, "n", reqs);
+    let Response::Hello(hello) = &r[0] else { panic!("{r:?}") };
+    assert_eq!(hello.capabilities.firewall, banger_protocol::FirewallBackend::Nftables);
+    let Response::Tap(tap) = &r[1] else { panic!("{r:?}") };
+    let Response::Nat(nat) = &r[2] else { panic!("{:?}\n{}", r[2], h.log_text()) };
+    assert_eq!(nat.uplink, "up0");
+    assert!(ns.sh(&["iptables-save"]).lines().all(|l| !l.contains("BANGER")), "no iptables rule");
+
+    let table = ns.nft_table();
+    let (t, g, gw) = (&tap.name, tap.guest_ip, tap.host_ip);
+    let tag = format!("comment \"banger uid={a} inst=n vm=web\"");
+    for want in [
+        format!("\"{t}\" {tag}"),
+        format!("\"{t}\" . {g} {tag}"),
+        format!("\"{t}\" . {g} . \"up0\" {tag}"),
+        format!("{g} . \"up0\" {tag}"),
+        format!("\"{t}\" . {g} . {gw} {tag}"),
+        "ip saddr . oifname @masq masquerade".to_owned(),
+        "iifname . ip saddr . oifname @egress accept".to_owned(),
+        "iifname @taps drop".to_owned(),
+        "oifname @taps drop".to_owned(),
+        "udp dport 53 accept".to_owned(),
+    ] {
+        assert!(table.contains(&want), "missing {want:?} in\n{table}");
+    }
+    assert!(!table.contains("@guests oifname @taps accept"), "guest_to_guest is off:\n{table}");
+
+    // Up again: nothing changes.
+    let r = session(&h, a, "n", vec![Request::NatUp { vm: vm("web") }]);
+    assert_eq!(&r[1], &Response::Nat(nat.clone()));
+    assert_eq!(ns.nft_table(), table, "up twice changed the table");
+
+    // Someone removes one element: the next up puts it back.
+    ns.sh(&["nft", "delete", "element", "ip", "banger", "taps", &format!("{{ \"{t}\" }}")]);
+    assert_ne!(ns.nft_table(), table);
+    let r = session(&h, a, "n", vec![Request::NatUp { vm: vm("web") }]);
+    assert_eq!(&r[1], &Response::Nat(nat.clone()));
+    assert_eq!(ns.nft_table(), table, "an outside change was not noticed");
+
+    // b's VM beside a's; b's teardown naming a's VM id touches only b's own.
+    let r = session(&h, b, "n", vec![Request::TapCreate { vm: vm("db") }, Request::NatUp { vm: vm("db") }]);
+    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    let both = ns.nft_table();
+    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert_eq!(ns.nft_table(), both, "b changed a's elements");
+    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("db")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert_eq!(ns.nft_table(), table, "b's teardown left a's elements as they were");
+
+    // The last VM's teardown takes the table with it.
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert_eq!(ns.nft_table(), "", "the table outlived its last VM");
+    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
+    drop(h);
+    ns.finish();
+}
+
+/// A helper started with another policy rewrites the nftables table's rules from it at start,
+/// keeping the running VMs' elements.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables and the real helper"]
+fn a_restarted_helper_rewrites_the_nftables_rules_from_its_policy() {
+    if !root_or_skip("a_restarted_helper_rewrites_the_nftables_rules_from_its_policy") {
+        return;
+    }
+    let a = 61026;
+    let ns = Netns::new("natpol");
+    let h = Helper::start(&ns, &policy(&[a], "[network]\nfirewall = \"nftables\"\n"));
+    let r = session(&h, a, "n", vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }]);
+    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    let before = ns.nft_table();
+    assert!(
+        !before.contains("@guests oifname @taps accept") && !before.contains("@guests accept"),
+        "{before}"
+    );
+
+    let dir = h.stop();
+    let open = "[network]\nfirewall = \"nftables\"\nguest_to_guest = true\n[network.guest_to_host]\nallow_all = true\n";
+    let h = Helper::start_in(&ns, dir, &policy(&[a], open));
+    let after = ns.nft_table();
+    for want in ["iifname . ip saddr @guests oifname @taps accept", "iifname . ip saddr @guests accept"] {
+        assert!(after.contains(want), "missing {want:?} in\n{after}\n{}", h.log_text());
+    }
+    let elements =
+        |t: &str| t.lines().filter(|l| l.contains("elements")).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(elements(&after), elements(&before), "the VM's elements changed");
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
     assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
     drop(h);
     ns.finish();

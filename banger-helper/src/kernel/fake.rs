@@ -18,7 +18,8 @@ use super::{
     BackingFile, DevNum, Dm, DmStatus, Firewall, JailOrder, JailState, Jails, KResult, Kernel, KernelError,
     LinkOwner, Links, LoopStatus, Loops, NodeStatus, Sysctl, snapshot_params,
 };
-use crate::firewall::{Change, FirewallBatch, FirewallView, VmRules, plan_vm_rules, vm_rules};
+use crate::firewall::VmRules;
+use crate::firewall::iptables::{Change, FirewallBatch, FirewallView, plan_vm_rules, vm_rules};
 use crate::names::VmKey;
 use crate::sysctl_key::SysctlKey;
 

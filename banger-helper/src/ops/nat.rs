@@ -68,10 +68,11 @@ impl<K: Kernel> Helper<K> {
             }) {
                 // Take the rules just added back out: they could not be recorded (unless the
                 // ledger already held this VM's NAT, which then stays as it was).
-                if changed && !had {
-                    if let Err(e) = firewall.update(net, &[], std::slice::from_ref(&key)).await {
-                        tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
-                    }
+                if changed
+                    && !had
+                    && let Err(e) = firewall.update(net, &[], std::slice::from_ref(&key)).await
+                {
+                    tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
                 }
                 return Err(e);
             }

@@ -19,6 +19,8 @@
 //!   released entry is released ([`super::loopdev::release_loop`]: detached, removed) and leaves
 //!   the ledger once the kernel has let the device go; an entry whose device is gone or holds
 //!   another file leaves the ledger;
+//! - first, the rules all VMs share are written from this helper's policy (the nftables table's,
+//!   if there is one; the iptables backend has none);
 //! - a NAT entry whose tagged rules are gone leaves the ledger;
 //! - a banger-named TAP or dm target, or a tagged rule, that the ledger does not know is reported
 //!   in the log, not touched: the helper never deletes what it cannot prove is its own;
@@ -63,6 +65,11 @@ impl<K: Kernel> Helper<K> {
                 None
             }
         };
+        // The rules every VM shares follow this helper's policy (the nftables table's are
+        // rewritten from it; the iptables backend writes each VM's own at its NAT up).
+        if let Err(e) = self.kernel.firewall().update(&self.policy.network, &[], &[]).await {
+            report.errors.push(format!("cannot write the firewall's rules: {e}"));
+        }
         let with_rules = match self.kernel.firewall().vms().await {
             Ok(v) => Some(v),
             Err(e) => {

@@ -99,7 +99,8 @@ impl Netns {
             .collect()
     }
 
-    /// Every iptables rule (both tables) that mentions banger.
+    /// Every iptables rule (both tables) that mentions banger, then the lines of the helper's
+    /// nftables table (`nft list table ip banger`), if there is one.
     pub fn banger_rules(&self) -> Vec<String> {
         let mut out = Vec::new();
         for table in ["filter", "nat"] {
@@ -110,7 +111,14 @@ impl Netns {
                     .map(str::to_owned),
             );
         }
+        out.extend(self.nft_table().lines().map(|l| format!("nft: {}", l.trim())));
         out
+    }
+
+    /// `nft list table ip banger` in the namespace; empty when there is no such table.
+    pub fn nft_table(&self) -> String {
+        let out = self.exec(&["nft", "list", "table", "ip", "banger"]);
+        if out.status.success() { String::from_utf8_lossy(&out.stdout).into_owned() } else { String::new() }
     }
 
     /// Deletes the namespace and proves it is gone.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger_helper::audit::AuditLog;
-use banger_helper::kernel::linux::{Iptables, LinuxDm, LinuxJails, LinuxKernel};
+use banger_helper::kernel::linux::{LinuxDm, LinuxFirewall, LinuxJails, LinuxKernel};
 use banger_helper::ledger_store::LedgerStore;
 use banger_helper::ops::Helper;
 use banger_policy::{AuditTarget, Peer, Policy};
@@ -66,7 +66,7 @@ pub fn median(samples: &[Duration]) -> Duration {
 
 /// A helper served in-process (no socket: the floor the benchmarks measure against) over this
 /// machine's kernel, made inside `rt`: `policy`, its ledger in `state`, its audit log at
-/// `audit`, device-mapper as `dm` gives it.
+/// `audit`, device-mapper as `dm` gives it, the firewall the policy's `network.firewall` chooses.
 pub fn in_process_helper(
     rt: &tokio::runtime::Runtime,
     policy: Policy,
@@ -76,7 +76,11 @@ pub fn in_process_helper(
 ) -> anyhow::Result<Arc<Helper<LinuxKernel>>> {
     let (store, ledger) = LedgerStore::open(state)?;
     let _guard = rt.enter();
-    let kernel = Arc::new(LinuxKernel::new(Iptables::locate()?, dm()?, LinuxJails::unavailable())?);
+    let kernel = Arc::new(LinuxKernel::new(
+        LinuxFirewall::choose(policy.network.firewall)?,
+        dm()?,
+        LinuxJails::unavailable(),
+    )?);
     let audit = AuditLog::open(&AuditTarget::File(audit.to_owned()))?;
     Ok(Arc::new(Helper::new(policy, kernel, ledger, Some(store), audit)))
 }

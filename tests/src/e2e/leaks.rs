@@ -3,7 +3,8 @@
 //!
 //! - TAP devices in the world's host namespace;
 //! - firewall rules or chains mentioning banger in that namespace (`iptables-save`, and
-//!   `iptables-legacy-save` where installed);
+//!   `iptables-legacy-save` where installed), and the helper's nftables table there
+//!   (`nft list table ip banger`);
 //! - loop devices whose backing file is under the world's temporary directory or the users'
 //!   homes;
 //! - processes of the world's users, or whose arguments, working directory or environment mention
@@ -61,12 +62,26 @@ pub fn firewall_lines(netns: &str) -> Vec<String> {
             );
         }
     }
+    lines.extend(
+        nft_table(netns).lines().filter(|l| l.contains("banger")).map(|l| format!("nft: {}", l.trim())),
+    );
     lines
 }
 
-/// The whole `iptables-save` output of `netns`, for reports.
+/// `nft list table ip banger` in `netns` (the helper's own table); empty when there is none.
+pub fn nft_table(netns: &str) -> String {
+    match root_unchecked("ip", &["netns", "exec", netns, "nft", "list", "table", "ip", "banger"]) {
+        Ok(out) if out.success() => out.stdout,
+        _ => String::new(),
+    }
+}
+
+/// The whole `iptables-save` output of `netns` and the helper's nftables table there, for reports.
 pub fn firewall_dump(netns: &str) -> String {
-    root_unchecked("ip", &["netns", "exec", netns, "iptables-save"]).map(|o| o.stdout).unwrap_or_default()
+    let save = root_unchecked("ip", &["netns", "exec", netns, "iptables-save"])
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    format!("{save}{}", nft_table(netns))
 }
 
 /// Loop devices whose backing file is under `dir`: `(device, backing file)`.

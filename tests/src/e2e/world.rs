@@ -584,7 +584,7 @@ impl World {
             let links =
                 root_unchecked("ip", &["-n", &ns, "-br", "addr"]).map(|o| o.stdout).unwrap_or_default();
             out += &format!(
-                "---- links in {ns}\n{links}\n---- iptables-save in {ns}\n{}\n",
+                "---- links in {ns}\n{links}\n---- iptables-save and nft list table ip banger in {ns}\n{}\n",
                 leaks::firewall_dump(&ns)
             );
         }

@@ -18,7 +18,8 @@ use std::collections::BTreeSet;
 use banger_policy::Network;
 use banger_protocol::FirewallBackend;
 
-use crate::firewall::{FirewallBatch, FirewallView, VmRules, plan_vm_rules, vm_rules};
+use crate::firewall::VmRules;
+use crate::firewall::iptables::{FirewallBatch, FirewallView, plan_vm_rules, vm_rules};
 use crate::kernel::{Firewall, KResult, KernelError};
 use crate::names::VmKey;
 

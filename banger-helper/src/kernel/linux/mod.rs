@@ -5,22 +5,31 @@ pub mod iptables;
 pub mod jails;
 pub mod links;
 pub mod loops;
+pub mod nftables;
 pub mod sysctl;
 
-use super::Kernel;
+use std::collections::BTreeSet;
+
+use banger_policy::{FirewallChoice, Network};
+use banger_protocol::FirewallBackend;
+
+use super::{Firewall, KResult, Kernel};
+use crate::firewall::VmRules;
+use crate::names::VmKey;
 pub use dm::LinuxDm;
 pub use iptables::Iptables;
 pub use jails::LinuxJails;
 pub use links::NetlinkLinks;
 pub use loops::LinuxLoops;
+pub use nftables::Nftables;
 pub use sysctl::ProcSysctl;
 
-/// The real kernel: rtnetlink and tun ioctls, the iptables tools, loop ioctls, device-mapper
-/// ioctls and nodes, `/proc/sys`, and the jail launcher.
+/// The real kernel: rtnetlink and tun ioctls, nf_tables over netlink or the iptables tools,
+/// loop ioctls, device-mapper ioctls and nodes, `/proc/sys`, and the jail launcher.
 #[derive(Debug)]
 pub struct LinuxKernel {
     links: NetlinkLinks,
-    firewall: Iptables,
+    firewall: LinuxFirewall,
     loops: LinuxLoops,
     dm: LinuxDm,
     sysctl: ProcSysctl,
@@ -36,15 +45,80 @@ pub enum LinuxKernelError {
     /// The iptables tools are missing.
     #[error(transparent)]
     Tools(#[from] iptables::ToolMissing),
+    /// The policy asks for nftables and the kernel has none.
+    #[error(
+        "network.firewall is \"nftables\", but nf_tables cannot be used here ({0}); load the nf_tables \
+         module, or set network.firewall to \"iptables\" or \"auto\""
+    )]
+    NoNftables(#[source] super::KernelError),
+}
+
+/// The firewall backend chosen at start.
+#[derive(Debug)]
+pub enum LinuxFirewall {
+    /// nf_tables over netlink.
+    Nftables(Nftables),
+    /// The iptables tools.
+    Iptables(Iptables),
+}
+
+impl LinuxFirewall {
+    /// The backend the policy asks for: nftables where the kernel has nf_tables (`auto`), else
+    /// the iptables tools.
+    pub fn choose(choice: FirewallChoice) -> Result<Self, LinuxKernelError> {
+        match choice {
+            FirewallChoice::Iptables => Ok(LinuxFirewall::Iptables(Iptables::locate()?)),
+            FirewallChoice::Nftables => {
+                Nftables::open().map(LinuxFirewall::Nftables).map_err(LinuxKernelError::NoNftables)
+            }
+            FirewallChoice::Auto => match Nftables::open() {
+                Ok(nft) => Ok(LinuxFirewall::Nftables(nft)),
+                Err(e) => {
+                    tracing::info!(
+                        "nf_tables cannot be used here ({e}); the firewall goes through the iptables tools"
+                    );
+                    Ok(LinuxFirewall::Iptables(Iptables::locate()?))
+                }
+            },
+        }
+    }
+
+    /// The iptables tools' backend is the legacy one (which locks `/run/xtables.lock`).
+    pub fn legacy_iptables(&self) -> bool {
+        matches!(self, LinuxFirewall::Iptables(i) if i.legacy())
+    }
+}
+
+impl Firewall for LinuxFirewall {
+    fn backend(&self) -> FirewallBackend {
+        match self {
+            LinuxFirewall::Nftables(f) => f.backend(),
+            LinuxFirewall::Iptables(f) => f.backend(),
+        }
+    }
+
+    async fn vms(&self) -> KResult<BTreeSet<VmKey>> {
+        match self {
+            LinuxFirewall::Nftables(f) => f.vms().await,
+            LinuxFirewall::Iptables(f) => f.vms().await,
+        }
+    }
+
+    async fn update(&self, net: &Network, up: &[VmRules], down: &[VmKey]) -> KResult<bool> {
+        match self {
+            LinuxFirewall::Nftables(f) => f.update(net, up, down).await,
+            LinuxFirewall::Iptables(f) => f.update(net, up, down).await,
+        }
+    }
 }
 
 impl LinuxKernel {
-    /// Opens everything in the calling thread's network namespace, with the firewall tools
-    /// located at start ([`Iptables::locate`]) and device-mapper as found at start
+    /// Opens everything in the calling thread's network namespace, with the firewall chosen at
+    /// start ([`LinuxFirewall::choose`]) and device-mapper as found at start
     /// ([`LinuxDm::detect`]) and jails as the launcher started at start makes them
     /// ([`LinuxJails::new`], or [`LinuxJails::unavailable`]); must run inside the tokio runtime
     /// (the rtnetlink connection is a task on it).
-    pub fn new(firewall: Iptables, dm: LinuxDm, jails: LinuxJails) -> Result<Self, LinuxKernelError> {
+    pub fn new(firewall: LinuxFirewall, dm: LinuxDm, jails: LinuxJails) -> Result<Self, LinuxKernelError> {
         Ok(LinuxKernel {
             links: NetlinkLinks::new().map_err(LinuxKernelError::Netlink)?,
             firewall,
@@ -58,7 +132,7 @@ impl LinuxKernel {
 
 impl Kernel for LinuxKernel {
     type Links = NetlinkLinks;
-    type Firewall = Iptables;
+    type Firewall = LinuxFirewall;
     type Loops = LinuxLoops;
     type Dm = LinuxDm;
     type Sysctl = ProcSysctl;
@@ -66,7 +140,7 @@ impl Kernel for LinuxKernel {
     fn links(&self) -> &NetlinkLinks {
         &self.links
     }
-    fn firewall(&self) -> &Iptables {
+    fn firewall(&self) -> &LinuxFirewall {
         &self.firewall
     }
     fn loops(&self) -> &LinuxLoops {

@@ -1,4 +1,4 @@
-//! The helper's firewall rules as data: what it reads back from `iptables-save`, what a VM's NAT
+//! The iptables backend's rules as data: what it reads back from `iptables-save`, what a VM's NAT
 //! should look like, and the batch of changes that takes one to the other.
 //!
 //! The helper only ever touches its own chains — `BANGER-FORWARD` and `BANGER-INPUT` in `filter`,
@@ -13,10 +13,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
 
 use banger_policy::{Network, Proto};
 
+use super::VmRules;
 use crate::names::VmKey;
 
 /// An iptables table the helper uses.
@@ -247,21 +247,6 @@ impl FirewallBatch {
     }
 }
 
-/// Everything needed to write one VM's rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmRules {
-    /// Whose VM.
-    pub key: VmKey,
-    /// Its TAP.
-    pub tap: String,
-    /// The guest's address.
-    pub guest_ip: Ipv4Addr,
-    /// The host side of the VM's subnet (the guest's gateway).
-    pub host_ip: Ipv4Addr,
-    /// The uplink.
-    pub uplink: String,
-}
-
 /// The rules one VM's NAT consists of, in `iptables-save`'s canonical form and in order:
 ///
 /// - nat: MASQUERADE what the guest sends out of the uplink;
@@ -371,6 +356,8 @@ pub fn plan_vm_rules(view: &FirewallView, up: &[(VmKey, Vec<Rule>)], down: &[VmK
 mod tests {
     use banger_policy::{GuestToHost, PortRule, Uplink};
     use banger_protocol::{InstallId, VmId};
+
+    use std::net::Ipv4Addr;
 
     use super::*;
     use crate::kernel::fake::apply_to_view;

@@ -1,0 +1,291 @@
+//! The firewall through nf_tables over netlink, in the helper's process: one netfilter netlink
+//! socket, opened at start in the helper's network namespace; dumps of the helper's sets to
+//! read, and one batch per change, which the kernel applies atomically or not at all. The
+//! rules themselves are data in [`crate::firewall::nft`].
+//!
+//! Every request asks for an acknowledgement, and every reply is matched to its request by
+//! sequence number; a reply that does not come within the time limit is an error (the socket is
+//! the helper's own, so nothing else answers on it).
+
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use banger_policy::Network;
+use banger_protocol::FirewallBackend;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::nftables::{
+    GenMessage, ListAttribute, NfTablesMessage, SetElementList, SetElementMessage,
+};
+use netlink_packet_netfilter::none::ControlMessage;
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
+use netlink_sys::Socket;
+use netlink_sys::protocols::NETLINK_NETFILTER;
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::firewall::VmRules;
+use crate::firewall::nft::{self, Element, Message, NftView, TABLE};
+use crate::kernel::{Firewall, KResult, KernelError};
+use crate::names::VmKey;
+
+/// The subsystem id of nf_tables in a batch's begin and end messages (`NFNL_SUBSYS_NFTABLES`).
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+
+/// How long the kernel may take to answer one request or batch.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The firewall through nf_tables.
+#[derive(Debug)]
+pub struct Nftables {
+    socket: Mutex<Socket>,
+    seq: AtomicU32,
+    /// This helper has written the table's rules (or made the table): later batches only
+    /// change elements.
+    rules_current: AtomicBool,
+}
+
+/// What one reply was.
+enum Reply {
+    /// An acknowledgement, or the end of a dump.
+    Done,
+    /// An error, as the kernel's errno.
+    Error(Errno),
+    /// Part of a dump.
+    Data(NfTablesMessage),
+}
+
+fn error(op: &'static str, detail: impl Into<String>) -> KernelError {
+    KernelError::other(op, format!("nftables table {TABLE}"), detail)
+}
+
+impl Nftables {
+    /// Opens the socket and asks the kernel for nf_tables' generation: an error when the kernel
+    /// has no nf_tables (or the helper may not use it).
+    pub fn open() -> KResult<Self> {
+        let io = |e: std::io::Error| KernelError::io("netfilter netlink socket", "nf_tables", e);
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
+        socket.bind_auto().map_err(io)?;
+        socket.set_ext_ack(true).map_err(io)?;
+        let nft = Nftables {
+            socket: Mutex::new(socket),
+            seq: AtomicU32::new(1),
+            rules_current: AtomicBool::new(false),
+        };
+        let get_gen = NfTablesMessage::GetGen(GenMessage { attributes: vec![] });
+        let mut answered = false;
+        nft.request("nf_tables generation", get_gen, NLM_F_REQUEST | NLM_F_ACK, |m| {
+            answered |= matches!(m, NfTablesMessage::NewGen(_));
+        })?;
+        if !answered {
+            return Err(error("nf_tables generation", "the kernel did not report one"));
+        }
+        Ok(nft)
+    }
+
+    fn socket(&self) -> std::sync::MutexGuard<'_, Socket> {
+        self.socket.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn message(inner: impl Into<NetfilterMessageInner>, res_id: u16, flags: u16, seq: u32) -> Vec<u8> {
+        let header = NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, res_id);
+        let mut m = NetlinkMessage::from(NetfilterMessage::new(header, inner));
+        m.header.flags = flags;
+        m.header.sequence_number = seq;
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    }
+
+    fn send(socket: &Socket, op: &'static str, bytes: &[u8]) -> KResult<()> {
+        let sent = socket.send(bytes, 0).map_err(|e| error(op, format!("send: {e}")))?;
+        if sent != bytes.len() {
+            return Err(error(op, format!("sent {sent} of {} bytes", bytes.len())));
+        }
+        Ok(())
+    }
+
+    /// Reads replies until `pending` holds no sequence number; each reply to one of them goes to
+    /// `each` (a dump's parts, then its end; an acknowledgement; an error). Replies to other
+    /// (earlier, timed-out) requests are dropped.
+    fn receive(
+        socket: &Socket,
+        op: &'static str,
+        pending: &mut BTreeSet<u32>,
+        mut each: impl FnMut(u32, Reply),
+    ) -> KResult<()> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let mut buf = Vec::with_capacity(1 << 16);
+        while !pending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
+            let ready = poll(&mut fds, PollTimeout::from(ms)).map_err(|e| error(op, format!("poll: {e}")))?;
+            if ready == 0 {
+                return Err(error(
+                    op,
+                    format!("no answer from the kernel within {} s", REPLY_TIMEOUT.as_secs()),
+                ));
+            }
+            buf.clear();
+            let n = socket.recv(&mut buf, 0).map_err(|e| error(op, format!("receive: {e}")))?;
+            let mut at = 0;
+            while at < n {
+                let m = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[at..n])
+                    .map_err(|e| error(op, format!("cannot read the kernel's answer: {e}")))?;
+                let len = usize::try_from(m.header.length).unwrap_or(usize::MAX);
+                if len == 0 {
+                    break;
+                }
+                at += len.next_multiple_of(4);
+                let seq = m.header.sequence_number;
+                if !pending.contains(&seq) {
+                    continue;
+                }
+                let reply = match m.payload {
+                    NetlinkPayload::Error(e) => match e.code {
+                        Some(code) => Reply::Error(Errno::from_raw(-code.get())),
+                        None => Reply::Done,
+                    },
+                    NetlinkPayload::Done(_) => Reply::Done,
+                    NetlinkPayload::InnerMessage(NetfilterMessage {
+                        inner: NetfilterMessageInner::NfTables(msg),
+                        ..
+                    }) => Reply::Data(msg),
+                    _ => continue,
+                };
+                if !matches!(reply, Reply::Data(_)) {
+                    pending.remove(&seq);
+                }
+                each(seq, reply);
+            }
+        }
+        Ok(())
+    }
+
+    /// One request (a dump or a single message) and its answer: its data go to `data`.
+    fn request(
+        &self,
+        op: &'static str,
+        msg: NfTablesMessage,
+        flags: u16,
+        mut data: impl FnMut(NfTablesMessage),
+    ) -> KResult<()> {
+        let socket = self.socket();
+        let seq = self.next_seq();
+        Self::send(&socket, op, &Self::message(msg, 0, flags, seq))?;
+        let mut failed = None;
+        Self::receive(&socket, op, &mut BTreeSet::from([seq]), |_, reply| match reply {
+            Reply::Data(m) => data(m),
+            Reply::Error(errno) => failed = Some(errno),
+            Reply::Done => {}
+        })?;
+        match failed {
+            Some(errno) => Err(KernelError::errno(op, format!("nftables table {TABLE}"), errno)),
+            None => Ok(()),
+        }
+    }
+
+    /// The elements of one of the helper's sets; `None` when the table (or the set) is missing.
+    fn dump_set(&self, set: &'static str) -> KResult<Option<Vec<Element>>> {
+        let msg = NfTablesMessage::GetSetElement(SetElementMessage {
+            attributes: vec![SetElementList::Table(TABLE.into()), SetElementList::Set(set.into())],
+        });
+        let mut elements = Vec::new();
+        let r = self.request("list set elements", msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP, |m| {
+            let NfTablesMessage::NewSetElement(m) = m else { return };
+            for a in m.attributes {
+                let SetElementList::Elements(list) = a else { continue };
+                for item in list {
+                    if let ListAttribute::Element(attrs) = item
+                        && let Some(e) = nft::element_of(set, &attrs)
+                    {
+                        elements.push(e);
+                    }
+                }
+            }
+        });
+        match r {
+            Ok(()) => Ok(Some(elements)),
+            Err(e) if e.errno_value() == Some(Errno::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the table holds now. A table missing any of the sets reads as absent only when it
+    /// is missing all of them; otherwise the sets it has are read (and the next batch makes
+    /// the others).
+    fn view(&self) -> KResult<NftView> {
+        let mut view = NftView::default();
+        for (set, _) in nft::SETS {
+            if let Some(elements) = self.dump_set(set)? {
+                view.present = true;
+                view.elements.extend(elements);
+            }
+        }
+        Ok(view)
+    }
+
+    /// Sends the messages as one batch and waits for every answer: all applied, or none.
+    fn batch(&self, op: &'static str, messages: Vec<Message>) -> KResult<()> {
+        let socket = self.socket();
+        let mut bytes =
+            Self::message(ControlMessage::BatchBegin, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, self.next_seq());
+        let mut pending = BTreeSet::new();
+        for (msg, flags) in messages {
+            let seq = self.next_seq();
+            pending.insert(seq);
+            bytes.extend(Self::message(msg, 0, flags, seq));
+        }
+        bytes.extend(Self::message(
+            ControlMessage::BatchEnd,
+            NFNL_SUBSYS_NFTABLES,
+            NLM_F_REQUEST,
+            self.next_seq(),
+        ));
+        Self::send(&socket, op, &bytes)?;
+        let mut failed = None;
+        Self::receive(&socket, op, &mut pending, |_, reply| {
+            if let Reply::Error(errno) = reply {
+                failed.get_or_insert(errno);
+            }
+        })?;
+        match failed {
+            Some(errno) => Err(KernelError::errno(op, format!("nftables table {TABLE}"), errno)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Firewall for Nftables {
+    fn backend(&self) -> FirewallBackend {
+        FirewallBackend::Nftables
+    }
+
+    async fn vms(&self) -> KResult<BTreeSet<VmKey>> {
+        Ok(self.view()?.vms())
+    }
+
+    /// Dumps the sets, works out the difference ([`nft::plan`]) and applies it as one batch, or
+    /// none when there is none. The first batch of this helper also rewrites the table's rules
+    /// from its policy.
+    async fn update(&self, net: &Network, up: &[VmRules], down: &[VmKey]) -> KResult<bool> {
+        let view = self.view()?;
+        let plan = nft::plan(&view, up, down, self.rules_current.load(Ordering::Relaxed));
+        if plan.is_empty() {
+            return Ok(false);
+        }
+        self.batch("nftables batch", plan.messages(net))?;
+        self.rules_current.store(!plan.delete, Ordering::Relaxed);
+        Ok(true)
+    }
+}
