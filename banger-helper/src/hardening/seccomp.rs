@@ -139,8 +139,9 @@ fn allowed() -> Vec<(i64, &'static str)> {
         (libc::SYS_waitid, "reaping the iptables tools"),
         (libc::SYS_pidfd_open, "tokio child reaping"),
         (libc::SYS_pidfd_send_signal, "tokio kill_on_drop"),
-        // Sockets: the helper socket, rtnetlink, NSS, the iptables tools (netlink, raw for legacy).
-        (libc::SYS_socket, "rtnetlink, NSS, iptables"),
+        // Sockets: the helper socket, rtnetlink, nf_tables (netfilter netlink), NSS, the iptables
+        // tools (netlink, raw for legacy).
+        (libc::SYS_socket, "rtnetlink, nf_tables, NSS, iptables"),
         (libc::SYS_socketpair, "tokio signal pipe"),
         (libc::SYS_bind, "netlink"),
         (libc::SYS_connect, "NSS daemons"),

@@ -168,10 +168,11 @@ pub async fn helper(host: &impl Host, setup: &Setup) -> Check {
             NAME,
             true,
             format!(
-                "banger-helper at {} admits {} (protocol {}; dm-snapshot roots {}); {}",
+                "banger-helper at {} admits {} (protocol {}; firewall {}; dm-snapshot roots {}); {}",
                 setup.helper_socket.display(),
                 host.user(),
                 facts.protocol,
+                facts.capabilities.firewall,
                 if facts.capabilities.device_mapper { "available" } else { "not available here" },
                 quota_left(&facts, host.limits())
             ),
@@ -631,11 +632,12 @@ mod tests {
             only(&checks, "kernel device-mapper").detail,
             "device-mapper snapshot target is a module the kernel loads on demand"
         );
+        let helper = &only(&checks, "helper").detail;
         assert!(
-            only(&checks, "helper")
-                .detail
-                .contains("quota left: 16 of 16 VMs, 16 of 16 TAPs, 32 of 32 loop devices")
+            helper.contains("quota left: 16 of 16 VMs, 16 of 16 TAPs, 32 of 32 loop devices"),
+            "{helper}"
         );
+        assert!(helper.contains("; firewall nftables;"), "{helper}");
     }
 
     #[test]
