@@ -35,10 +35,14 @@ use crate::paths::Paths;
 
 /// How long one connection attempt of [`wait_for_ssh`] may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the first attempt waits for the guest to answer its connection; each unanswered
+/// attempt doubles it, up to [`ATTEMPT_TIMEOUT`]. A connection to a guest whose network is not up
+/// yet gets no answer, and the kernel sends its SYN again only after a second.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_millis(100);
 /// The pause between attempts of [`wait_for_ssh`] that failed at once (refused, closed): short,
 /// since `vm run` waits this long beyond the moment the guest's sshd listens, and a refused
 /// connection costs next to nothing. A guest whose network is not up yet makes the attempt itself
-/// wait (up to [`ATTEMPT_TIMEOUT`]), not this pause.
+/// wait (see [`FIRST_CONNECT_WAIT`]), not this pause.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// How much a server may send before its identification line.
 const BANNER_LIMIT: u64 = 8192;
@@ -374,11 +378,8 @@ pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[Strin
     cmd
 }
 
-/// One attempt: connect and read lines until the SSH identification line. Sets `connected` when
-/// the TCP connection is made.
-async fn read_banner(addr: SocketAddr, connected: &mut bool) -> Result<String, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    *connected = true;
+/// Reads lines until the SSH identification line.
+async fn read_banner(stream: TcpStream) -> Result<String, String> {
     let mut reader = BufReader::new(stream.take(BANNER_LIMIT));
     let mut line = Vec::new();
     loop {
@@ -403,17 +404,30 @@ pub async fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<String,
     let deadline = Instant::now() + timeout;
     let mut last = String::from("nothing (not tried)");
     let mut connected = false;
+    let mut connect_wait = FIRST_CONNECT_WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(SshError::NotReady { addr, timeout, connected, last });
         }
-        let limit = left.min(ATTEMPT_TIMEOUT);
-        match tokio::time::timeout(limit, read_banner(addr, &mut connected)).await {
-            Ok(Ok(banner)) => return Ok(banner),
-            Ok(Err(why)) => last = why,
-            Err(_) if connected => last = "no ssh banner in time".into(),
-            Err(_) => last = "no tcp connection in time".into(),
+        match tokio::time::timeout(left.min(connect_wait), TcpStream::connect(addr)).await {
+            Err(_) => {
+                // Unanswered: a new connection sends a new SYN at once, where the kernel would
+                // wait a second before sending this one's again.
+                last = "no tcp connection in time".into();
+                connect_wait = (connect_wait * 2).min(ATTEMPT_TIMEOUT);
+                continue;
+            }
+            Ok(Err(e)) => last = format!("connect: {e}"),
+            Ok(Ok(stream)) => {
+                connected = true;
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left.min(ATTEMPT_TIMEOUT), read_banner(stream)).await {
+                    Ok(Ok(banner)) => return Ok(banner),
+                    Ok(Err(why)) => last = why,
+                    Err(_) => last = "no ssh banner in time".into(),
+                }
+            }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(left.min(RETRY_PAUSE)).await;
@@ -710,6 +724,35 @@ mod tests {
         let at = server.await.unwrap();
         let shortest = at.windows(2).map(|w| w[1] - w[0]).min().unwrap();
         assert!(shortest < Duration::from_millis(100), "attempts {shortest:?} apart at the closest");
+    }
+
+    /// A SYN that gets no answer (here: the listener's accept queue is full, so the kernel drops
+    /// it) is followed by a new connection within a fraction of a second, not by the kernel's
+    /// retransmission a second later.
+    #[tokio::test]
+    async fn wait_for_ssh_connects_again_soon_when_a_syn_gets_no_answer() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = socket.listen(0).unwrap();
+        // A backlog of 0 holds one connection; until it is accepted, SYNs are dropped.
+        let filler = TcpStream::connect(addr).await.unwrap();
+        let server = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(listener.accept().await.unwrap());
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"SSH-2.0-queued\r\n").await.unwrap();
+            s
+        });
+        let started = Instant::now();
+        let banner = wait_for_ssh(addr, Duration::from_secs(10)).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(banner, "SSH-2.0-queued");
+        assert!(
+            took < Duration::from_millis(800),
+            "banner after {took:?}: waited for the SYN's retransmission"
+        );
+        drop((filler, server.await.unwrap()));
     }
 
     #[tokio::test]
