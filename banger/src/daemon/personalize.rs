@@ -21,8 +21,10 @@
 //! the guest boot even if it is missing.
 //!
 //! Missing directories (`/etc`, `/etc/ssh`, `/root`) are created (0755, `/root` 0700); existing
-//! ones keep their mode. Running it again (every start) rewrites everything with the same host
-//! key, which the caller pins (see [`crate::ssh::pin_host_key`]).
+//! ones keep their mode. Running it again rewrites everything with the same host key, which the
+//! caller pins (see [`crate::ssh::pin_host_key`]). The daemon runs it at a VM's first start and
+//! again only when something written changes or the root is made again ([`stamp`]): between
+//! those, the guest's own changes to these files stay.
 //!
 //! Steps:
 //! 1. check the inputs (hostname a DNS label, keys one-line OpenSSH keys), that the root is a
@@ -215,6 +217,39 @@ pub struct Personalization<'a> {
     pub resolv_conf: Option<&'a str>,
     /// The VM's SSH host key, made once when the VM was created and kept in its directory.
     pub host_key: &'a HostKey,
+}
+
+/// The file in a VM's directory that records what its root was last personalized with
+/// ([`stamp`]).
+pub const STAMP_FILE: &str = "personalized";
+
+/// What personalizing the root whose own part is `overlay` with `p` comes to, as a digest of
+/// everything written and of that file's identity (device, inode and birth time: a root made
+/// again is another file). A start whose stamp equals the one recorded after the last
+/// personalization leaves the root alone, as the guest left it. `None` where the file's birth
+/// time cannot be read: every start then personalizes.
+pub fn stamp(overlay: &Path, p: &Personalization<'_>) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+
+    use sha2::{Digest, Sha256};
+    let meta = fs::metadata(overlay).ok()?;
+    let born = meta.created().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    };
+    field(b"personalization 1");
+    field(format!("{} {} {} {:?}", meta.dev(), meta.ino(), born.as_nanos(), p.form).as_bytes());
+    field(p.hostname.as_bytes());
+    for key in p.authorized_keys {
+        field(key.as_bytes());
+    }
+    field(if p.work_disk { b"work disk" } else { b"no work disk" });
+    field(p.resolv_conf.unwrap_or("(none)").as_bytes());
+    field(&p.host_key.private);
+    field(p.host_key.public.as_bytes());
+    Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Whether the file at `path` starts with an ext2/3/4 superblock.

@@ -15,7 +15,7 @@
 //! | base loop | dm-snapshot only: the image's rootfs opened read-only and attached read-only (helper), recorded | the helper's teardown |
 //! | cow loop | dm-snapshot only: the COW file opened read-write and attached read-write (helper), recorded | the helper's teardown |
 //! | snapshot | dm-snapshot only: the helper's snapshot over both loops (`DmCreate`); its name and node (the user's) recorded | the helper's teardown |
-//! | personalize | the user's key and the VM's host key read (both made at create; a VM made before host keys were kept gets its own here); hostname, keys, the host key and the work disk's mount written into the root (its file, or its dm node); the host key pinned unless it already is | the pin is removed, if this start wrote it |
+//! | personalize | the user's key and the VM's host key read (both made at create; a VM made before host keys were kept gets its own here); hostname, keys, the host key and the work disk's mount written into the root (its file, or its dm node), unless all that and the root are as at the last personalization (the stamp in the VM's directory); the host key pinned unless it already is | the pin is removed, if this start wrote it |
 //! | spawn | the serial log and the VMM log begun again ([`logs::begin_run`]); direct: the VMM started, its API socket answering; jailer: the kernel, initrd, root drive (file or dm node) and work disk opened and sent as descriptors with `JailLaunch` (the VM's vCPUs and memory as its shape), the jail's API socket answering; its PID (and jail) recorded in the handles | direct: the VMM killed (if it still serves the VM's socket) and its sockets removed; jailer: `JailKill` |
 //! | configure | direct: the VMM's own log (`PUT /logger`, apart from the console) and the metrics file; jailer: the console into the jail's named pipe (`PUT /serial`); machine, kernel and boot arguments, root drive (the root file or the dm node), the work disk as second drive, network interface, vsock sent through the VMM's API, with paths inside the jail in jailer mode ([`jail_paths`]) | none of its own: the configuration dies with the VMM |
 //! | boot | `InstanceStart`; jailer: the serial relay started on the jail's console pipe; the row says `running` | none of its own: as above |
@@ -57,7 +57,7 @@ use crate::daemon::helper_client::HelperClientError;
 use crate::daemon::images;
 use crate::daemon::launch;
 use crate::daemon::liveness::vm_alive;
-use crate::daemon::personalize::{Personalization, RootForm};
+use crate::daemon::personalize::{self, Personalization, RootForm};
 use crate::daemon::resolvers;
 use crate::daemon::storage::{self, RootPlan, StorageError};
 use crate::daemon::store::{ImageRecord, unix_now};
@@ -551,6 +551,8 @@ impl<'a> Start<'a> {
         let (root, form) = self.root();
         let (hostname, scratch) = (self.vm.name.clone(), self.vm.vm_dir.clone());
         let work_disk = self.vm.work_disk_path.is_some();
+        let (overlay, stamp_path) =
+            (self.vm.overlay_path.clone(), self.vm.vm_dir.join(personalize::STAMP_FILE));
         let host_public = blocking(move || {
             let keys = [user_key.public_key];
             let resolv = resolvers::guest_resolv_conf(
@@ -571,7 +573,18 @@ impl<'a> Start<'a> {
                 resolv_conf: resolv.as_deref(),
                 host_key: &host_key,
             };
-            prep.personalize(&root, &p)
+            // Nothing to write has changed since the last personalization of this root.
+            let stamp = personalize::stamp(&overlay, &p);
+            if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
+                return ssh::check_public_key(&host_key.public).map_err(DaemonError::from);
+            }
+            let public = prep.personalize(&root, &p)?;
+            if let Some(stamp) = stamp
+                && let Err(e) = crate::atomic_file::write(&stamp_path, stamp.as_bytes(), 0o600)
+            {
+                tracing::warn!("cannot record the personalization in {}: {e}", stamp_path.display());
+            }
+            Ok(public)
         })
         .await?;
         self.phases.record("personalization", at.elapsed());

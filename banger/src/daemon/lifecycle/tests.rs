@@ -321,21 +321,40 @@ async fn a_later_start_keeps_the_host_key_and_its_pin_and_makes_no_key() {
     let calls = e.prep.calls().len();
 
     e.daemon.start("dev").await.unwrap();
-    // The same host key, read from the VM's directory, written into the root again; the pin,
-    // already right, is not written again (no file replaced, no fsync).
+    // The same host key, read from the VM's directory; nothing to write has changed, so the
+    // root is left as the guest left it; the pin, already right, is not written again (no file
+    // replaced, no fsync).
     let host_key = created.vm_dir.join("ssh_host_ed25519_key");
-    assert_eq!(
-        e.prep.calls()[calls..],
-        [
-            PrepCall::UserKey,
-            PrepCall::HostKey(host_key),
-            PrepCall::Personalize(created.vm_dir.join("root.ext4"), written("dev", RootForm::File)),
-        ]
-    );
+    assert_eq!(e.prep.calls()[calls..], [PrepCall::UserKey, PrepCall::HostKey(host_key.clone())]);
     let after = std::fs::metadata(&known_hosts).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!((after.ino(), after.mtime_nsec()), (before.ino(), before.mtime_nsec()));
     assert!(e.pinned(&created.id));
+
+    // A root made again is another file: personalized again. So is one whose stamp is lost.
+    let root = created.vm_dir.join("root.ext4");
+    let personalized =
+        |e: &Env| e.prep.calls().iter().filter(|c| matches!(c, PrepCall::Personalize(..))).count();
+    for change in ["root made again", "stamp lost"] {
+        e.daemon.stop("dev", Shutdown::Kill).await.unwrap();
+        match change {
+            "root made again" => {
+                let len = std::fs::metadata(&root).unwrap().len();
+                std::fs::remove_file(&root).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                std::fs::File::create(&root).unwrap().set_len(len).unwrap();
+            }
+            _ => std::fs::remove_file(created.vm_dir.join("personalized")).unwrap(),
+        }
+        let before = personalized(&e);
+        e.daemon.start("dev").await.unwrap();
+        assert_eq!(personalized(&e), before + 1, "{change}");
+        assert_eq!(
+            e.prep.calls().last(),
+            Some(&PrepCall::Personalize(root.clone(), written("dev", RootForm::File))),
+            "{change}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -404,10 +423,10 @@ async fn restart_stops_then_starts_a_new_vmm() {
         ["spawn", "configure", "boot", "shutdown", "spawn", "configure", "boot"]
     );
     assert_eq!(e.ops(), ["ping", "tap-create", "nat-up", "teardown-vms", "ping", "tap-create", "nat-up"]);
-    // The root is made once; personalization runs at every start.
+    // The root is made and personalized once.
     let prepared = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::PrepareRoot(..))).count();
     let personalized = e.prep.calls().iter().filter(|c| matches!(c, PrepCall::Personalize(..))).count();
-    assert_eq!((prepared, personalized), (1, 2));
+    assert_eq!((prepared, personalized), (1, 1));
     let id: VmId = vm.id.parse().unwrap();
     assert_eq!(e.daemon.cache.get(&id).unwrap().pid, vm.pid);
     assert_eq!(e.scratch(&vm).unwrap().pid, vm.pid);
