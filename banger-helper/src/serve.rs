@@ -174,7 +174,8 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     listener.set_nonblocking(true).map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
     let (store, ledger) = LedgerStore::open(&opts.state_dir)?;
     let audit = AuditLog::open(&policy.audit.target)?;
-    let firewall = LinuxFirewall::choose(policy.network.firewall)?;
+    let running_nat = ledger.entries.iter().any(|e| e.kind() == banger_policy::ObjectKind::Nat);
+    let firewall = LinuxFirewall::choose(&policy.network, running_nat)?;
     tracing::info!("firewall: {}", firewall.backend());
     let xtables_lock = if firewall.legacy_iptables() {
         let lock = PathBuf::from("/run/xtables.lock");

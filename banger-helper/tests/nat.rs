@@ -236,3 +236,113 @@ fn a_restarted_helper_rewrites_the_nftables_rules_from_its_policy() {
     drop(h);
     ns.finish();
 }
+
+/// The table flushed or its rules edited behind the helper's back: the next change of any VM
+/// puts back every VM's elements the ledger holds and the policy's rules.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables and the real helper"]
+fn the_next_change_repairs_a_flushed_nftables_table_for_every_vm() {
+    if !root_or_skip("the_next_change_repairs_a_flushed_nftables_table_for_every_vm") {
+        return;
+    }
+    let (a, b) = (61027, 61028);
+    let ns = Netns::new("natfix");
+    let h = Helper::start(&ns, &policy(&[a, b], "[network]\nfirewall = \"nftables\"\n"));
+    for (uid, name) in [(a, "web"), (b, "db")] {
+        let r =
+            session(&h, uid, "n", vec![Request::TapCreate { vm: vm(name) }, Request::NatUp { vm: vm(name) }]);
+        assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    }
+    let table = ns.nft_table();
+
+    // A rule gone: b's next up writes the rules again.
+    ns.sh(&["nft", "flush", "chain", "ip", "banger", "input"]);
+    assert!(!ns.nft_table().contains("iifname @taps drop\n\t}\n}"), "{}", ns.nft_table());
+    let r = session(&h, b, "n", vec![Request::NatUp { vm: vm("db") }]);
+    assert!(matches!(r[1], Response::Nat(_)), "{r:?}");
+    assert_eq!(ns.nft_table(), table, "the rules were not written again");
+
+    // The whole table gone (e.g. `nft flush ruleset` of a firewall reload): b's next up brings
+    // back a's elements too, not only its own.
+    ns.sh(&["nft", "delete", "table", "ip", "banger"]);
+    let r = session(&h, b, "n", vec![Request::NatUp { vm: vm("db") }]);
+    assert!(matches!(r[1], Response::Nat(_)), "{r:?}");
+    assert_eq!(ns.nft_table(), table, "a's elements were not put back");
+
+    // So does a teardown: b's VM goes, a's elements come back.
+    ns.sh(&["nft", "delete", "table", "ip", "banger"]);
+    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("db")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    let left = ns.nft_table();
+    assert!(left.contains("vm=web") && !left.contains("vm=db"), "{left}");
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
+    drop(h);
+    ns.finish();
+}
+
+/// A table named `banger` that is not the helper's (a set of another type): NAT up fails with
+/// the kernel's error, records nothing and changes nothing.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables and the real helper"]
+fn a_foreign_banger_table_fails_nat_up_and_records_nothing() {
+    if !root_or_skip("a_foreign_banger_table_fails_nat_up_and_records_nothing") {
+        return;
+    }
+    let a = 61029;
+    let ns = Netns::new("natforeign");
+    let h = Helper::start(&ns, &policy(&[a], "[network]\nfirewall = \"nftables\"\n"));
+    ns.sh(&["nft", "add", "table", "ip", "banger"]);
+    ns.sh(&["nft", "add", "set", "ip", "banger", "taps", "{ type ipv4_addr; }"]);
+    ns.sh(&["nft", "add", "element", "ip", "banger", "taps", "{ 10.9.9.9 }"]);
+    let before = ns.nft_table();
+    let r = session(
+        &h,
+        a,
+        "n",
+        vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }, Request::ListOwned],
+    );
+    assert!(matches!(&r[2], Response::Error(HelperError::Kernel { .. })), "{:?}", r[2]);
+    let Response::Owned(o) = &r[3] else { panic!("{r:?}") };
+    assert!(o.nat.is_empty(), "{o:?}");
+    assert_eq!(ns.nft_table(), before, "the batch was applied in part");
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(_)), "{r:?}");
+    drop(h);
+    ns.sh(&["nft", "delete", "table", "ip", "banger"]);
+    ns.finish();
+}
+
+/// `auto` on a host whose ledger holds VMs' NAT in iptables rules (no nftables table): the
+/// helper keeps the iptables tools for them; started again without VMs, it uses nftables.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables, iptables and the real helper"]
+fn auto_keeps_iptables_while_vms_have_iptables_rules() {
+    if !root_or_skip("auto_keeps_iptables_while_vms_have_iptables_rules") {
+        return;
+    }
+    let a = 61030;
+    let ns = Netns::new("natauto");
+    let h = Helper::start(&ns, &policy(&[a], "[network]\nfirewall = \"iptables\"\n"));
+    let r = session(&h, a, "n", vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }]);
+    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    let rules = ns.banger_rules();
+    let firewall = |r: &[Response]| match &r[0] {
+        Response::Hello(h) => h.capabilities.firewall,
+        other => panic!("{other:?}"),
+    };
+    let h = Helper::start_in(&ns, h.stop(), &policy(&[a], ""));
+    let r = session(&h, a, "n", vec![Request::NatUp { vm: vm("web") }]);
+    assert_eq!(firewall(&r), banger_protocol::FirewallBackend::Iptables, "{}", h.log_text());
+    assert!(matches!(r[1], Response::Nat(_)), "{r:?}");
+    assert_eq!(ns.banger_rules(), rules, "the VM's rules moved");
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
+    let h = Helper::start_in(&ns, h.stop(), &policy(&[a], ""));
+    let r = session(&h, a, "n", vec![Request::Ping]);
+    assert_eq!(firewall(&r), banger_protocol::FirewallBackend::Nftables);
+    drop(h);
+    ns.finish();
+}

@@ -154,6 +154,8 @@ pub struct NftView {
     pub present: bool,
     /// The elements of its sets.
     pub elements: Vec<Element>,
+    /// Its rules, in order: chain and comment.
+    pub rules: Vec<(String, Option<String>)>,
 }
 
 impl NftView {
@@ -163,12 +165,29 @@ impl NftView {
     }
 }
 
+/// The rules `net` wants, as a dump reads them back: chain and comment. Each rule's comment
+/// names its place and a digest of the whole rule set (`banger rule 3/9 1f2e3d4c5b6a`), so a
+/// dump tells whether the table holds exactly these rules without comparing expressions.
+pub fn wanted_rules(net: &Network) -> Vec<(String, Option<String>)> {
+    use sha2::{Digest, Sha256};
+    let rules = rules(net);
+    let digest = Sha256::digest(format!("{rules:?}").as_bytes());
+    let digest: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    let n = rules.len();
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, (chain, _))| ((*chain).to_owned(), Some(format!("banger rule {}/{n} {digest}", i + 1))))
+        .collect()
+}
+
 /// The change that takes the table from a view to what is wanted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NftPlan {
     /// Create the table, its sets, chains and rules.
     pub create: bool,
-    /// Rewrite the rules of the existing table (from the policy this helper runs with).
+    /// Rewrite the rules of the existing table: they are not the ones the policy this helper
+    /// runs with wants (another policy, or changed behind the helper's back).
     pub refresh: bool,
     /// Delete the table: nothing is left in it.
     pub delete: bool,
@@ -181,10 +200,10 @@ pub struct NftPlan {
 /// Works out the change that makes the table hold exactly the elements of each VM in `up` and
 /// none of each VM in `down`, leaving other VMs' elements alone. An element with the key of one
 /// of `up`'s but another comment is a stale one (the ledger gives a guest address and a TAP
-/// name to one VM at a time) and is replaced. `rules_current`: this helper already wrote the
-/// table's rules; if not, a table it finds gets its rules rewritten from this helper's policy
-/// (even with no element to change). The table goes when no element is left in it.
-pub fn plan(view: &NftView, up: &[VmRules], down: &[VmKey], rules_current: bool) -> NftPlan {
+/// name to one VM at a time) and is replaced. A table whose rules are not the ones `net` wants
+/// ([`wanted_rules`]) gets them rewritten (even with no element to change). The table goes when
+/// no element is left in it.
+pub fn plan(view: &NftView, up: &[VmRules], down: &[VmKey], net: &Network) -> NftPlan {
     let wanted: Vec<Element> = up.iter().flat_map(vm_elements).collect();
     let touched: BTreeSet<String> = up.iter().map(|r| &r.key).chain(down).map(VmKey::rule_tag).collect();
     let wanted_keys: BTreeSet<(&str, &[u8])> = wanted.iter().map(|e| (e.set, e.key.as_slice())).collect();
@@ -204,7 +223,7 @@ pub fn plan(view: &NftView, up: &[VmRules], down: &[VmKey], rules_current: bool)
     }
     NftPlan {
         create: !view.present && !add.is_empty(),
-        refresh: view.present && !rules_current,
+        refresh: view.present && view.rules != wanted_rules(net),
         delete: false,
         del,
         add,
@@ -274,11 +293,12 @@ impl NftPlan {
                     out.push((NfTablesMessage::DeleteRule(RuleMessage { attributes }), DEL));
                 }
             }
-            for (chain, exprs) in rules(net) {
+            for ((chain, exprs), (_, tag)) in rules(net).into_iter().zip(wanted_rules(net)) {
                 let attributes = vec![
                     RuleAttribute::Table(TABLE.into()),
                     RuleAttribute::Chain(chain.into()),
                     RuleAttribute::Expressions(exprs),
+                    RuleAttribute::UserData(comment(tag.as_deref().unwrap_or_default())),
                 ];
                 out.push((NfTablesMessage::NewRule(RuleMessage { attributes }), NEW | NLM_F_APPEND));
             }
@@ -529,8 +549,13 @@ mod tests {
         }
     }
 
+    /// A table with these VMs' elements and the rules of `net(false, false)`.
     fn holding(vms: &[&VmRules]) -> NftView {
-        NftView { present: true, elements: vms.iter().flat_map(|v| vm_elements(v)).collect() }
+        NftView {
+            present: true,
+            elements: vms.iter().flat_map(|v| vm_elements(v)).collect(),
+            rules: wanted_rules(&net(false, false)),
+        }
     }
 
     #[test]
@@ -573,7 +598,8 @@ mod tests {
     #[test]
     fn the_first_vm_makes_the_table_and_the_last_one_takes_it() {
         let a = vm(1000, "a", 2);
-        let p = plan(&NftView::default(), std::slice::from_ref(&a), &[], false);
+        let n = net(false, false);
+        let p = plan(&NftView::default(), std::slice::from_ref(&a), &[], &n);
         assert!(p.create && !p.refresh && !p.delete && p.del.is_empty());
         assert_eq!(p.add, vm_elements(&a));
         let msgs = p.messages(&net(false, false));
@@ -599,31 +625,35 @@ mod tests {
         assert_eq!(kinds, want);
         assert!(msgs.iter().all(|(_, flags)| flags & NLM_F_ACK != 0), "every message is acknowledged");
 
-        let p = plan(&holding(&[&a]), &[], std::slice::from_ref(&a.key), true);
+        let p = plan(&holding(&[&a]), &[], std::slice::from_ref(&a.key), &n);
         assert_eq!(p, NftPlan { delete: true, ..NftPlan::default() });
         assert!(matches!(p.messages(&net(false, false))[..], [(NfTablesMessage::DeleteTable(_), _)]));
         // An empty table left behind goes too.
-        let p = plan(&NftView { present: true, elements: vec![] }, &[], std::slice::from_ref(&a.key), true);
+        let p = plan(&NftView { present: true, ..NftView::default() }, &[], std::slice::from_ref(&a.key), &n);
         assert!(p.delete);
         // Nothing to take down and no table: nothing at all.
-        assert!(plan(&NftView::default(), &[], std::slice::from_ref(&a.key), false).is_empty());
+        assert!(plan(&NftView::default(), &[], std::slice::from_ref(&a.key), &n).is_empty());
     }
 
     #[test]
     fn up_again_is_nothing_and_other_vms_are_left_alone() {
         let (a, b) = (vm(1000, "a", 2), vm(1001, "b", 6));
+        let n = net(false, false);
         let view = holding(&[&a, &b]);
-        assert!(plan(&view, std::slice::from_ref(&a), &[], true).is_empty());
-        // A new helper rewrites the rules of the table it finds, even with nothing else to do.
-        let p = plan(&view, &[], &[], false);
+        assert!(plan(&view, std::slice::from_ref(&a), &[], &n).is_empty());
+        // Rules of another policy, or one rule missing: rewritten, even with nothing else to do.
+        let p = plan(&view, &[], &[], &net(true, false));
         assert_eq!(p, NftPlan { refresh: true, ..NftPlan::default() });
-        let p = plan(&view, &[], std::slice::from_ref(&b.key), true);
+        let mut one_gone = view.clone();
+        one_gone.rules.remove(3);
+        assert_eq!(plan(&one_gone, &[], &[], &n), NftPlan { refresh: true, ..NftPlan::default() });
+        let p = plan(&view, &[], std::slice::from_ref(&b.key), &n);
         assert!(!p.delete && !p.create && !p.refresh && p.add.is_empty());
         assert_eq!(p.del, vm_elements(&b));
         // A missing element of a's comes back; b's stay as they are.
         let mut view = holding(&[&a, &b]);
         view.elements.remove(2);
-        let p = plan(&view, std::slice::from_ref(&a), &[], true);
+        let p = plan(&view, std::slice::from_ref(&a), &[], &n);
         assert_eq!((p.add.len(), p.del.len()), (1, 0));
         assert_eq!(p.add[0], vm_elements(&a)[2]);
     }
@@ -634,8 +664,9 @@ mod tests {
         // A leftover of a deleted VM with a's guest address and uplink, under its own tag.
         let mut stale = vm(1002, "old", 2);
         stale.tap = "bgold".into();
+        let n = net(false, false);
         let view = holding(&[&stale]);
-        let p = plan(&view, std::slice::from_ref(&a), &[], true);
+        let p = plan(&view, std::slice::from_ref(&a), &[], &n);
         let masq = |e: &&Element| e.set == "masq";
         assert_eq!(p.del.iter().filter(masq).count(), 1, "{p:?}");
         assert_eq!(p.del.iter().find(masq).unwrap().tag.as_deref(), Some(stale.key.rule_tag().as_str()));
@@ -643,9 +674,35 @@ mod tests {
         // a's uplink changed: its old elements go, the new ones come.
         let mut moved = a.clone();
         moved.uplink = "wan1".into();
-        let p = plan(&holding(&[&a]), std::slice::from_ref(&moved), &[], true);
+        let p = plan(&holding(&[&a]), std::slice::from_ref(&moved), &[], &n);
         assert_eq!(p.del.iter().map(|e| e.set).collect::<Vec<_>>(), ["egress", "masq"]);
         assert_eq!(p.add.iter().map(|e| e.set).collect::<Vec<_>>(), ["egress", "masq"]);
+    }
+
+    #[test]
+    fn each_rule_is_named_by_its_place_and_the_rule_sets_digest() {
+        let (closed, open) = (wanted_rules(&net(false, false)), wanted_rules(&net(true, true)));
+        assert_eq!(closed.len(), rules(&net(false, false)).len());
+        assert_eq!(closed[0], ("postrouting".into(), Some(format!("banger rule 1/9 {}", digest(&closed)))));
+        assert_ne!(digest(&closed), digest(&open), "another policy, another digest");
+        assert_eq!(wanted_rules(&net(false, false)), closed, "the same policy, the same names");
+        // The comment goes into each rule's user data.
+        let msgs = NftPlan { create: true, ..NftPlan::default() }.messages(&net(false, false));
+        let comments: Vec<Option<String>> = msgs
+            .iter()
+            .filter_map(|(m, _)| match m {
+                NfTablesMessage::NewRule(r) => Some(r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::UserData(d) => parse_comment(d),
+                    _ => None,
+                })),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(comments, closed.into_iter().map(|(_, c)| c).collect::<Vec<_>>());
+    }
+
+    fn digest(rules: &[(String, Option<String>)]) -> String {
+        rules[0].1.as_deref().unwrap().rsplit(' ').next().unwrap().to_owned()
     }
 
     #[test]

@@ -4,19 +4,47 @@
 //! from the client). In order: the uplink is the policy's or the interface of the IPv4 default
 //! route, which must be an [`IfName`] (the policy's already is); `ip_forward` is turned on
 //! ([`super::forwarding`]: put back after the last NAT, and at once if this one fails); the
-//! firewall is brought to hold the VM's rules ([`crate::kernel::Firewall::update`]) in one
-//! atomic change — nothing when already in place;
+//! firewall is brought to hold the VM's rules, and those of every other VM whose NAT the ledger
+//! holds ([`ledger_nats`]), in one atomic change ([`crate::kernel::Firewall::update`]) — nothing
+//! when already in place;
 //! the NAT is recorded. The rules go with [`super::teardown`], found by their tag.
 
 use std::net::Ipv4Addr;
 
-use banger_policy::{LedgerEntry, Object, ObjectKind, Uplink};
+use banger_policy::{Ledger, LedgerEntry, Object, ObjectKind, Uplink};
 use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
 use crate::firewall::VmRules;
 use crate::kernel::{Firewall as _, Kernel, Links as _};
 use crate::names::VmKey;
+
+/// The rules of every VM whose NAT the ledger holds (with its TAP's entry), but `except`'s:
+/// each firewall change also puts back what of theirs is missing (a table flushed behind the
+/// helper's back), so one VM's change never leaves the others unfiltered.
+pub(crate) fn ledger_nats(ledger: &Ledger, except: &[VmKey]) -> Vec<VmRules> {
+    ledger
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let Object::Nat { guest_ip, uplink } = &e.object else { return None };
+            let key = VmKey::new(e.uid, &e.install, &e.vm);
+            if except.contains(&key) {
+                return None;
+            }
+            match &ledger.find(e.uid, &e.install, &e.vm, ObjectKind::Tap)?.object {
+                Object::Tap { name, host_ip, .. } => Some(VmRules {
+                    key,
+                    tap: name.clone(),
+                    guest_ip: *guest_ip,
+                    host_ip: *host_ip,
+                    uplink: uplink.clone(),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
 
 impl<K: Kernel> Helper<K> {
     /// The interface guests' traffic leaves by.
@@ -59,7 +87,9 @@ impl<K: Kernel> Helper<K> {
             let firewall = self.kernel.firewall();
             let net = &self.policy.network;
             let rules = VmRules { key: key.clone(), tap, guest_ip, host_ip, uplink: uplink.to_string() };
-            let changed = firewall.update(net, &[rules], &[]).await?;
+            let mut up = vec![rules];
+            up.extend(ledger_nats(&st.ledger, std::slice::from_ref(&key)));
+            let changed = firewall.update(net, &up, &[]).await?;
             let object = Object::Nat { guest_ip, uplink: uplink.to_string() };
             let entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
             let had = st.ledger.find(c.uid, c.install, vm, ObjectKind::Nat).is_some();
@@ -70,7 +100,7 @@ impl<K: Kernel> Helper<K> {
                 // ledger already held this VM's NAT, which then stays as it was).
                 if changed
                     && !had
-                    && let Err(e) = firewall.update(net, &[], std::slice::from_ref(&key)).await
+                    && let Err(e) = firewall.update(net, &up[1..], std::slice::from_ref(&key)).await
                 {
                     tracing::error!("rollback: cannot remove the rules of {}: {e}", key.rule_tag());
                 }

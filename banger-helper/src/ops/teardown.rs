@@ -168,7 +168,8 @@ impl<K: Kernel> Helper<K> {
             }
         }
 
-        let firewall = self.kernel.firewall().update(&self.policy.network, &[], &keys);
+        let others = super::nat::ledger_nats(&st.ledger, &keys);
+        let firewall = self.kernel.firewall().update(&self.policy.network, &others, &keys);
         let links = self.kernel.links().delete(&doomed);
         let storage =
             futures::future::join_all(disks.into_iter().map(|(dm, loops)| self.release_disks(dm, loops)));

@@ -77,7 +77,7 @@ pub fn in_process_helper(
     let (store, ledger) = LedgerStore::open(state)?;
     let _guard = rt.enter();
     let kernel = Arc::new(LinuxKernel::new(
-        LinuxFirewall::choose(policy.network.firewall)?,
+        LinuxFirewall::choose(&policy.network, false)?,
         dm()?,
         LinuxJails::unavailable(),
     )?);

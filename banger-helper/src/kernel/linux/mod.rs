@@ -63,15 +63,27 @@ pub enum LinuxFirewall {
 }
 
 impl LinuxFirewall {
-    /// The backend the policy asks for: nftables where the kernel has nf_tables (`auto`), else
-    /// the iptables tools.
-    pub fn choose(choice: FirewallChoice) -> Result<Self, LinuxKernelError> {
-        match choice {
+    /// The backend `net.firewall` asks for. `auto`: nftables where the kernel has nf_tables and
+    /// everything the rules use, else the iptables tools — and the iptables tools while
+    /// `running_nat` (the ledger holds VMs' NAT) and the helper's nftables table is not there:
+    /// those VMs' rules are iptables rules (a helper of an earlier release, or one told to use
+    /// iptables), which stay theirs until they go; the next start without them moves to nftables.
+    pub fn choose(net: &Network, running_nat: bool) -> Result<Self, LinuxKernelError> {
+        match net.firewall {
             FirewallChoice::Iptables => Ok(LinuxFirewall::Iptables(Iptables::locate()?)),
             FirewallChoice::Nftables => {
-                Nftables::open().map(LinuxFirewall::Nftables).map_err(LinuxKernelError::NoNftables)
+                Nftables::open(net).map(LinuxFirewall::Nftables).map_err(LinuxKernelError::NoNftables)
             }
-            FirewallChoice::Auto => match Nftables::open() {
+            FirewallChoice::Auto => match Nftables::open(net) {
+                Ok(nft) if running_nat && !nft.table_present().unwrap_or(true) => match Iptables::locate() {
+                    Ok(iptables) => {
+                        tracing::info!(
+                            "VMs' NAT is in the ledger and banger's nftables table is not there: keeping the iptables tools until no VM runs"
+                        );
+                        Ok(LinuxFirewall::Iptables(iptables))
+                    }
+                    Err(_) => Ok(LinuxFirewall::Nftables(nft)),
+                },
                 Ok(nft) => Ok(LinuxFirewall::Nftables(nft)),
                 Err(e) => {
                     tracing::info!(

@@ -10,14 +10,16 @@
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use banger_policy::Network;
 use banger_protocol::FirewallBackend;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_netfilter::nftables::{
-    GenMessage, ListAttribute, NfTablesMessage, SetElementList, SetElementMessage,
+    GenMessage, ListAttribute, NfTablesMessage, RuleAttribute, RuleMessage, SetElementList, SetElementMessage,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -44,9 +46,6 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Nftables {
     socket: Mutex<Socket>,
     seq: AtomicU32,
-    /// This helper has written the table's rules (or made the table): later batches only
-    /// change elements.
-    rules_current: AtomicBool,
 }
 
 /// What one reply was.
@@ -57,25 +56,28 @@ enum Reply {
     Error(Errno),
     /// Part of a dump.
     Data(NfTablesMessage),
+    /// Part of a dump that the kernel says changed while it was being dumped.
+    Interrupted,
 }
+
+/// How often a dump that changed while being read is read again.
+const DUMP_TRIES: usize = 3;
 
 fn error(op: &'static str, detail: impl Into<String>) -> KernelError {
     KernelError::other(op, format!("nftables table {TABLE}"), detail)
 }
 
 impl Nftables {
-    /// Opens the socket and asks the kernel for nf_tables' generation: an error when the kernel
-    /// has no nf_tables (or the helper may not use it).
-    pub fn open() -> KResult<Self> {
+    /// Opens the socket, asks the kernel for nf_tables' generation, and has it check (and throw
+    /// away) the batch that would make the table with `net`'s rules: an error when the kernel
+    /// has no nf_tables, lacks something the rules use (the `nat` chain type, `ct`, `masq`,
+    /// concatenated sets), or the helper may not use it.
+    pub fn open(net: &Network) -> KResult<Self> {
         let io = |e: std::io::Error| KernelError::io("netfilter netlink socket", "nf_tables", e);
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
         socket.bind_auto().map_err(io)?;
         socket.set_ext_ack(true).map_err(io)?;
-        let nft = Nftables {
-            socket: Mutex::new(socket),
-            seq: AtomicU32::new(1),
-            rules_current: AtomicBool::new(false),
-        };
+        let nft = Nftables { socket: Mutex::new(socket), seq: AtomicU32::new(1) };
         let get_gen = NfTablesMessage::GetGen(GenMessage { attributes: vec![] });
         let mut answered = false;
         nft.request("nf_tables generation", get_gen, NLM_F_REQUEST | NLM_F_ACK, |m| {
@@ -84,7 +86,14 @@ impl Nftables {
         if !answered {
             return Err(error("nf_tables generation", "the kernel did not report one"));
         }
+        let table = nft::NftPlan { create: true, ..nft::NftPlan::default() }.messages(net);
+        nft.batch("nftables check", table, false)?;
         Ok(nft)
+    }
+
+    /// Whether the helper's table exists.
+    pub fn table_present(&self) -> KResult<bool> {
+        Ok(self.view()?.present)
     }
 
     fn socket(&self) -> std::sync::MutexGuard<'_, Socket> {
@@ -115,13 +124,16 @@ impl Nftables {
     }
 
     /// Reads replies until `pending` holds no sequence number; each reply to one of them goes to
-    /// `each` (a dump's parts, then its end; an acknowledgement; an error). Replies to other
+    /// `each` (a dump's parts, then its end; an acknowledgement; an error). An error answering
+    /// one of `fatal` (a batch's begin or end: the kernel did not apply the batch, and says so
+    /// before the messages' answers) goes to `each` and ends the wait. Replies to other
     /// (earlier, timed-out) requests are dropped.
     fn receive(
         socket: &Socket,
         op: &'static str,
         pending: &mut BTreeSet<u32>,
-        mut each: impl FnMut(u32, Reply),
+        fatal: &[u32],
+        mut each: impl FnMut(Reply),
     ) -> KResult<()> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut buf = Vec::with_capacity(1 << 16);
@@ -129,7 +141,11 @@ impl Nftables {
             let left = deadline.saturating_duration_since(Instant::now());
             let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
             let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
-            let ready = poll(&mut fds, PollTimeout::from(ms)).map_err(|e| error(op, format!("poll: {e}")))?;
+            let ready = match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(error(op, format!("poll: {e}"))),
+            };
             if ready == 0 {
                 return Err(error(
                     op,
@@ -148,14 +164,26 @@ impl Nftables {
                 }
                 at += len.next_multiple_of(4);
                 let seq = m.header.sequence_number;
+                if fatal.contains(&seq)
+                    && let NetlinkPayload::Error(e) = &m.payload
+                    && let Some(code) = e.code
+                {
+                    each(Reply::Error(Errno::from_raw(-code.get())));
+                    pending.clear();
+                    return Ok(());
+                }
                 if !pending.contains(&seq) {
                     continue;
+                }
+                if m.header.flags & NLM_F_DUMP_INTR != 0 {
+                    each(Reply::Interrupted);
                 }
                 let reply = match m.payload {
                     NetlinkPayload::Error(e) => match e.code {
                         Some(code) => Reply::Error(Errno::from_raw(-code.get())),
                         None => Reply::Done,
                     },
+                    NetlinkPayload::Done(d) if d.code < 0 => Reply::Error(Errno::from_raw(-d.code)),
                     NetlinkPayload::Done(_) => Reply::Done,
                     NetlinkPayload::InnerMessage(NetfilterMessage {
                         inner: NetfilterMessageInner::NfTables(msg),
@@ -166,13 +194,14 @@ impl Nftables {
                 if !matches!(reply, Reply::Data(_)) {
                     pending.remove(&seq);
                 }
-                each(seq, reply);
+                each(reply);
             }
         }
         Ok(())
     }
 
-    /// One request (a dump or a single message) and its answer: its data go to `data`.
+    /// One request (a dump or a single message) and its answer: its data go to `data`. A dump
+    /// the kernel says changed while it was read is an `EINTR` error.
     fn request(
         &self,
         op: &'static str,
@@ -184,9 +213,12 @@ impl Nftables {
         let seq = self.next_seq();
         Self::send(&socket, op, &Self::message(msg, 0, flags, seq))?;
         let mut failed = None;
-        Self::receive(&socket, op, &mut BTreeSet::from([seq]), |_, reply| match reply {
+        Self::receive(&socket, op, &mut BTreeSet::from([seq]), &[], |reply| match reply {
             Reply::Data(m) => data(m),
             Reply::Error(errno) => failed = Some(errno),
+            Reply::Interrupted => {
+                failed.get_or_insert(Errno::EINTR);
+            }
             Reply::Done => {}
         })?;
         match failed {
@@ -221,10 +253,40 @@ impl Nftables {
         }
     }
 
-    /// What the table holds now. A table missing any of the sets reads as absent only when it
-    /// is missing all of them; otherwise the sets it has are read (and the next batch makes
-    /// the others).
+    /// The table's rules: chain and comment, in order.
+    fn dump_rules(&self) -> KResult<Vec<(String, Option<String>)>> {
+        let msg =
+            NfTablesMessage::GetRule(RuleMessage { attributes: vec![RuleAttribute::Table(TABLE.into())] });
+        let mut rules = Vec::new();
+        self.request("list rules", msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP, |m| {
+            let NfTablesMessage::NewRule(m) = m else { return };
+            let (mut chain, mut tag) = (String::new(), None);
+            for a in m.attributes {
+                match a {
+                    RuleAttribute::Chain(c) => chain = c,
+                    RuleAttribute::UserData(d) => tag = nft::parse_comment(&d),
+                    _ => {}
+                }
+            }
+            rules.push((chain, tag));
+        })?;
+        Ok(rules)
+    }
+
+    /// What the table holds now, read again when the kernel says it changed while being read. A
+    /// table missing any of the sets reads as absent only when it is missing all of them;
+    /// otherwise the sets it has are read (and the next batch makes the others).
     fn view(&self) -> KResult<NftView> {
+        let mut tries = 1;
+        loop {
+            match self.read_view() {
+                Err(e) if e.errno_value() == Some(Errno::EINTR) && tries < DUMP_TRIES => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    fn read_view(&self) -> KResult<NftView> {
         let mut view = NftView::default();
         for (set, _) in nft::SETS {
             if let Some(elements) = self.dump_set(set)? {
@@ -232,29 +294,32 @@ impl Nftables {
                 view.elements.extend(elements);
             }
         }
+        if view.present {
+            view.rules = self.dump_rules()?;
+        }
         Ok(view)
     }
 
-    /// Sends the messages as one batch and waits for every answer: all applied, or none.
-    fn batch(&self, op: &'static str, messages: Vec<Message>) -> KResult<()> {
+    /// Sends the messages as one batch and waits for every answer: all applied, or none. Without
+    /// `commit` the batch has no end: the kernel checks every message, answers each, and throws
+    /// the batch away.
+    fn batch(&self, op: &'static str, messages: Vec<Message>, commit: bool) -> KResult<()> {
         let socket = self.socket();
-        let mut bytes =
-            Self::message(ControlMessage::BatchBegin, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, self.next_seq());
+        let begin = self.next_seq();
+        let mut bytes = Self::message(ControlMessage::BatchBegin, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, begin);
         let mut pending = BTreeSet::new();
         for (msg, flags) in messages {
             let seq = self.next_seq();
             pending.insert(seq);
             bytes.extend(Self::message(msg, 0, flags, seq));
         }
-        bytes.extend(Self::message(
-            ControlMessage::BatchEnd,
-            NFNL_SUBSYS_NFTABLES,
-            NLM_F_REQUEST,
-            self.next_seq(),
-        ));
+        let end = self.next_seq();
+        if commit {
+            bytes.extend(Self::message(ControlMessage::BatchEnd, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, end));
+        }
         Self::send(&socket, op, &bytes)?;
         let mut failed = None;
-        Self::receive(&socket, op, &mut pending, |_, reply| {
+        Self::receive(&socket, op, &mut pending, &[begin, end], |reply| {
             if let Reply::Error(errno) = reply {
                 failed.get_or_insert(errno);
             }
@@ -275,17 +340,15 @@ impl Firewall for Nftables {
         Ok(self.view()?.vms())
     }
 
-    /// Dumps the sets, works out the difference ([`nft::plan`]) and applies it as one batch, or
-    /// none when there is none. The first batch of this helper also rewrites the table's rules
-    /// from its policy.
+    /// Dumps the sets and rules, works out the difference ([`nft::plan`]: rules that are not
+    /// the policy's are written again) and applies it as one batch, or none when there is none.
     async fn update(&self, net: &Network, up: &[VmRules], down: &[VmKey]) -> KResult<bool> {
         let view = self.view()?;
-        let plan = nft::plan(&view, up, down, self.rules_current.load(Ordering::Relaxed));
+        let plan = nft::plan(&view, up, down, net);
         if plan.is_empty() {
             return Ok(false);
         }
-        self.batch("nftables batch", plan.messages(net))?;
-        self.rules_current.store(!plan.delete, Ordering::Relaxed);
+        self.batch("nftables batch", plan.messages(net), true)?;
         Ok(true)
     }
 }
