@@ -43,6 +43,9 @@ fn tap_create_and_teardown_as_an_unprivileged_uid() {
     assert!(addr.contains(&format!("inet {}/30", tap.host_ip)), "{addr}");
     assert_eq!(ns.read(&format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", tap.name)).as_deref(), Some("1"));
     assert_eq!(tap.guest_ip, std::net::Ipv4Addr::from(u32::from(tap.host_ip) + 1));
+    // The guest is at its MAC for good: the host never asks.
+    let neigh = ns.sh(&["ip", "-4", "neigh", "show", "dev", &tap.name]);
+    assert_eq!(neigh.trim(), format!("{} lladdr {} PERMANENT", tap.guest_ip, tap.guest_mac), "{neigh}");
 
     // Firecracker, running as a, can open it with its flags; nobody else can.
     assert_eq!(open_tap_as(&ns, &tap.name, a), Ok(()));

@@ -95,8 +95,13 @@ impl Network {
 /// four address bytes (a locally administered unicast address, the convention of Firecracker's
 /// network examples). Two guests never share a MAC because they never share an address.
 pub fn guest_mac(guest_ip: Ipv4Addr) -> String {
+    guest_mac_bytes(guest_ip).map(|b| format!("{b:02x}")).join(":")
+}
+
+/// [`guest_mac`] as bytes.
+pub fn guest_mac_bytes(guest_ip: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = guest_ip.octets();
-    format!("06:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    [0x06, 0x00, a, b, c, d]
 }
 
 #[cfg(test)]

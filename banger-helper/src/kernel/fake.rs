@@ -30,6 +30,8 @@ pub struct FakeLink {
     pub tap_owner: Option<u32>,
     /// Addresses.
     pub addresses: Vec<(Ipv4Addr, u8)>,
+    /// Permanent neighbour entries.
+    pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
     /// Up or not.
     pub up: bool,
 }
@@ -247,6 +249,14 @@ impl Links for FakeKernel {
         let link =
             w.links.get_mut(name).ok_or_else(|| KernelError::errno("add_address", name, Errno::ENODEV))?;
         link.addresses.push((addr, prefix));
+        Ok(())
+    }
+
+    async fn add_neighbour(&self, name: &str, addr: Ipv4Addr, mac: [u8; 6]) -> KResult<()> {
+        let mut w = self.call("add_neighbour", name)?;
+        let link =
+            w.links.get_mut(name).ok_or_else(|| KernelError::errno("add_neighbour", name, Errno::ENODEV))?;
+        link.neighbours.push((addr, mac));
         Ok(())
     }
 

@@ -116,6 +116,13 @@ pub trait Links: Send + Sync {
     -> impl Future<Output = KResult<()>> + Send;
     /// Sets the link up.
     fn set_up(&self, name: &str) -> impl Future<Output = KResult<()>> + Send;
+    /// Adds a permanent neighbour entry on the link: `addr` is at `mac` (the host never asks).
+    fn add_neighbour(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> impl Future<Output = KResult<()>> + Send;
     /// The names of every link.
     fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
     /// Hands the existing TAP `name` to `owner` (`TUNSETOWNER`); a link that is not there counts

@@ -13,7 +13,8 @@
 //! 3. the TAP is created persistent and owned by the caller (by root when the policy forces the
 //!    jailer: the jail's uid takes it at launch), with the flags Firecracker opens it
 //!    with; IPv6 is turned off on it unless the policy keeps it; it gets the host address of the
-//!    VM's point-to-point subnet and is set up;
+//!    VM's point-to-point subnet, a permanent neighbour entry for the guest's address at the
+//!    guest's MAC ([`banger_policy::addr::guest_mac`]), and is set up;
 //! 4. the entry is settled. A failure after the TAP exists deletes it and takes the entry (and a
 //!    lease taken for it) back out.
 //!
@@ -136,7 +137,7 @@ impl<K: Kernel> Helper<K> {
         object: Object,
         new_lease: Option<u32>,
     ) -> Result<TapInfo, HelperError> {
-        let Object::Tap { name, host_ip, .. } = object.clone() else {
+        let Object::Tap { name, host_ip, guest_ip, .. } = object.clone() else {
             return Err(HelperError::internal("make_tap was given another object"));
         };
         let mut entry = LedgerEntry::new(c.uid, c.install.clone(), vm.clone(), object);
@@ -148,7 +149,7 @@ impl<K: Kernel> Helper<K> {
             l.insert(entry.clone());
         })?;
         let mut undo = Rollback::new(self.kernel.clone());
-        let made = self.configure_tap(&mut undo, self.handed_owner(c.uid), &name, host_ip).await;
+        let made = self.configure_tap(&mut undo, self.handed_owner(c.uid), &name, host_ip, guest_ip).await;
         let settled = made.and_then(|()| {
             st.commit(|l| {
                 if let Some(e) = l.entries.iter_mut().find(|e| e.is(c.uid, c.install, vm, ObjectKind::Tap)) {
@@ -181,6 +182,7 @@ impl<K: Kernel> Helper<K> {
         owner: u32,
         name: &str,
         host_ip: std::net::Ipv4Addr,
+        guest_ip: std::net::Ipv4Addr,
     ) -> Result<(), HelperError> {
         let links = self.kernel.links();
         links.create_tap(name, owner).await?;
@@ -192,6 +194,9 @@ impl<K: Kernel> Helper<K> {
             }
         }
         links.add_address(name, host_ip, self.policy.network.vm_prefix).await?;
+        // The guest's MAC is fixed by its address: the host never has to ask for it, so its
+        // first packet to a guest still booting waits for no address resolution retry.
+        links.add_neighbour(name, guest_ip, banger_policy::addr::guest_mac_bytes(guest_ip)).await?;
         links.set_up(name).await?;
         Ok(())
     }
@@ -232,6 +237,8 @@ mod tests {
             let link = &w.links[&tap.name];
             assert_eq!(link.tap_owner, Some(1000));
             assert_eq!(link.addresses, vec![(tap.host_ip, 30)]);
+            assert_eq!(link.neighbours, vec![(tap.guest_ip, [0x06, 0x00, 172, 30, 0, 2])]);
+            assert_eq!(tap.guest_mac, "06:00:ac:1e:00:02");
             assert!(link.up);
             assert_eq!(w.sysctls[&format!("net.ipv6.conf.{}.disable_ipv6", tap.name)], "1");
         }

@@ -229,6 +229,18 @@ impl Links for NetlinkLinks {
         self.handle.link().change(msg).execute().await.map_err(|e| nl_err("RTM_NEWLINK up", name, e))
     }
 
+    async fn add_neighbour(&self, name: &str, addr: Ipv4Addr, mac: [u8; 6]) -> KResult<()> {
+        let index = self.index(name, "RTM_NEWNEIGH").await?;
+        // A new entry is permanent (NUD_PERMANENT) unless told otherwise.
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(addr))
+            .link_layer_address(&mac)
+            .execute()
+            .await
+            .map_err(|e| nl_err("RTM_NEWNEIGH", name, e))
+    }
+
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
         tap_owner(Path::new(SYS_CLASS_NET), name)
     }
