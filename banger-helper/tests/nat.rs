@@ -6,6 +6,26 @@ mod common;
 use banger_protocol::{HelperError, Request, Response};
 use common::*;
 
+/// `uid`'s VM `name` (install `n`) given its TAP and NAT.
+fn bring_up(h: &Helper, uid: u32, name: &str) {
+    let r = session(h, uid, "n", vec![Request::TapCreate { vm: vm(name) }, Request::NatUp { vm: vm(name) }]);
+    assert!(matches!(r[2], Response::Nat(_)), "{r:?}\n{}", h.log_text());
+}
+
+/// Proves neither iptables nor nftables holds a banger rule, then stops the helper and removes
+/// the namespace.
+fn no_rules_left(h: Helper, ns: Netns) {
+    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
+    drop(h);
+    ns.finish();
+}
+
+/// `uid`'s VM `name` (install `n`) torn down, without failures.
+fn tear_down(h: &Helper, uid: u32, name: &str) {
+    let r = session(h, uid, "n", vec![Request::TeardownVms { vms: vec![vm(name)] }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+}
+
 #[test]
 #[ignore = "needs root: network namespace, iptables and the real helper"]
 fn iptables_nat_up_is_idempotent_and_down_removes_everything() {
@@ -80,8 +100,7 @@ fn iptables_nat_up_is_idempotent_and_down_removes_everything() {
     assert_eq!(ns.banger_rules(), rules, "an outside change was not noticed");
 
     // b cannot remove a's rules, whatever it names.
-    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, b, "web");
     assert_eq!(ns.banger_rules(), rules, "b changed a's rules");
     // The helper turned forwarding on itself; no client can set a sysctl.
     assert_eq!(ns.read("/proc/sys/net/ipv4/ip_forward").as_deref(), Some("1"));
@@ -123,9 +142,7 @@ fn teardown_of_many_vms_leaves_nothing() {
     assert!(t.failures.is_empty(), "{t:?}");
     assert_eq!(t.torn_down.len(), 8);
     assert!(ns.taps().is_empty(), "{:?}", ns.taps());
-    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
-    drop(h);
-    ns.finish();
+    no_rules_left(h, ns);
 }
 
 /// The nftables backend: the helper's own table, whose per-VM part is set elements carrying the
@@ -182,23 +199,17 @@ fn nftables_nat_is_set_elements_and_the_table_goes_with_the_last_vm() {
     assert_eq!(ns.nft_table(), table, "an outside change was not noticed");
 
     // b's VM beside a's; b's teardown naming a's VM id touches only b's own.
-    let r = session(&h, b, "n", vec![Request::TapCreate { vm: vm("db") }, Request::NatUp { vm: vm("db") }]);
-    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    bring_up(&h, b, "db");
     let both = ns.nft_table();
-    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, b, "web");
     assert_eq!(ns.nft_table(), both, "b changed a's elements");
-    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("db")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, b, "db");
     assert_eq!(ns.nft_table(), table, "b's teardown left a's elements as they were");
 
     // The last VM's teardown takes the table with it.
-    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, a, "web");
     assert_eq!(ns.nft_table(), "", "the table outlived its last VM");
-    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
-    drop(h);
-    ns.finish();
+    no_rules_left(h, ns);
 }
 
 /// A helper started with another policy rewrites the nftables table's rules from it at start,
@@ -212,8 +223,7 @@ fn a_restarted_helper_rewrites_the_nftables_rules_from_its_policy() {
     let a = 61026;
     let ns = Netns::new("natpol");
     let h = Helper::start(&ns, &policy(&[a], "[network]\nfirewall = \"nftables\"\n"));
-    let r = session(&h, a, "n", vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }]);
-    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    bring_up(&h, a, "web");
     let before = ns.nft_table();
     assert!(
         !before.contains("@guests oifname @taps accept") && !before.contains("@guests accept"),
@@ -230,11 +240,8 @@ fn a_restarted_helper_rewrites_the_nftables_rules_from_its_policy() {
     let elements =
         |t: &str| t.lines().filter(|l| l.contains("elements")).map(str::to_owned).collect::<Vec<_>>();
     assert_eq!(elements(&after), elements(&before), "the VM's elements changed");
-    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
-    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
-    drop(h);
-    ns.finish();
+    tear_down(&h, a, "web");
+    no_rules_left(h, ns);
 }
 
 /// The table flushed or its rules edited behind the helper's back: the next change of any VM
@@ -271,15 +278,11 @@ fn the_next_change_repairs_a_flushed_nftables_table_for_every_vm() {
 
     // So does a teardown: b's VM goes, a's elements come back.
     ns.sh(&["nft", "delete", "table", "ip", "banger"]);
-    let r = session(&h, b, "n", vec![Request::TeardownVms { vms: vec![vm("db")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, b, "db");
     let left = ns.nft_table();
     assert!(left.contains("vm=web") && !left.contains("vm=db"), "{left}");
-    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
-    assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
-    drop(h);
-    ns.finish();
+    tear_down(&h, a, "web");
+    no_rules_left(h, ns);
 }
 
 /// A table named `banger` that is not the helper's (a set of another type): NAT up fails with
@@ -325,8 +328,7 @@ fn auto_keeps_iptables_while_vms_have_iptables_rules() {
     let a = 61030;
     let ns = Netns::new("natauto");
     let h = Helper::start(&ns, &policy(&[a], "[network]\nfirewall = \"iptables\"\n"));
-    let r = session(&h, a, "n", vec![Request::TapCreate { vm: vm("web") }, Request::NatUp { vm: vm("web") }]);
-    assert!(matches!(r[2], Response::Nat(_)), "{r:?}");
+    bring_up(&h, a, "web");
     let rules = ns.banger_rules();
     let firewall = |r: &[Response]| match &r[0] {
         Response::Hello(h) => h.capabilities.firewall,
@@ -337,8 +339,7 @@ fn auto_keeps_iptables_while_vms_have_iptables_rules() {
     assert_eq!(firewall(&r), banger_protocol::FirewallBackend::Iptables, "{}", h.log_text());
     assert!(matches!(r[1], Response::Nat(_)), "{r:?}");
     assert_eq!(ns.banger_rules(), rules, "the VM's rules moved");
-    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: vec![vm("web")] }]);
-    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    tear_down(&h, a, "web");
     assert!(ns.banger_rules().is_empty(), "{:?}", ns.banger_rules());
     let h = Helper::start_in(&ns, h.stop(), &policy(&[a], ""));
     let r = session(&h, a, "n", vec![Request::Ping]);

@@ -354,7 +354,7 @@ pub fn plan_vm_rules(view: &FirewallView, up: &[(VmKey, Vec<Rule>)], down: &[VmK
 
 #[cfg(test)]
 mod tests {
-    use banger_policy::{GuestToHost, PortRule, Uplink};
+    use banger_policy::PortRule;
     use banger_protocol::{InstallId, VmId};
 
     use std::net::Ipv4Addr;
@@ -362,23 +362,12 @@ mod tests {
     use super::*;
     use crate::kernel::fake::apply_to_view;
 
+    /// The test policy's network, with udp/53 and tcp/53 allowed to the host.
     fn net() -> Network {
-        Network {
-            pool: "172.30.0.0/16".parse().unwrap(),
-            lease_prefix: 24,
-            vm_prefix: 30,
-            uplink: Uplink::Auto,
-            ipv6: false,
-            guest_to_guest: false,
-            guest_to_host: GuestToHost {
-                allow_all: false,
-                allow: vec![
-                    PortRule { proto: Proto::Udp, port: 53 },
-                    PortRule { proto: Proto::Tcp, port: 53 },
-                ],
-            },
-            firewall: banger_policy::FirewallChoice::Auto,
-        }
+        let mut n = crate::ops::testing::test_policy().network;
+        n.guest_to_host.allow =
+            vec![PortRule { proto: Proto::Udp, port: 53 }, PortRule { proto: Proto::Tcp, port: 53 }];
+        n
     }
 
     fn key(vm: &str) -> VmKey {

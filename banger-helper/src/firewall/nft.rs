@@ -509,29 +509,23 @@ pub fn element_of(set: &'static str, attrs: &[SetElementAttribute]) -> Option<El
 mod tests {
     use std::net::Ipv4Addr;
 
-    use banger_policy::{FirewallChoice, GuestToHost, PortRule, Uplink};
+    use banger_policy::PortRule;
     use banger_protocol::{InstallId, VmId};
 
     use super::*;
 
+    /// The test policy's network, with guest to guest and allow_all as given and udp/53 (twice)
+    /// and tcp/53 allowed to the host.
     fn net(guest_to_guest: bool, allow_all: bool) -> Network {
-        Network {
-            pool: "172.30.0.0/16".parse().unwrap(),
-            lease_prefix: 24,
-            vm_prefix: 30,
-            uplink: Uplink::Auto,
-            ipv6: false,
-            guest_to_guest,
-            guest_to_host: GuestToHost {
-                allow_all,
-                allow: vec![
-                    PortRule { proto: Proto::Udp, port: 53 },
-                    PortRule { proto: Proto::Tcp, port: 53 },
-                    PortRule { proto: Proto::Udp, port: 53 },
-                ],
-            },
-            firewall: FirewallChoice::Nftables,
-        }
+        let mut n = crate::ops::testing::test_policy().network;
+        n.guest_to_guest = guest_to_guest;
+        n.guest_to_host.allow_all = allow_all;
+        n.guest_to_host.allow = vec![
+            PortRule { proto: Proto::Udp, port: 53 },
+            PortRule { proto: Proto::Tcp, port: 53 },
+            PortRule { proto: Proto::Udp, port: 53 },
+        ];
+        n
     }
 
     fn key(uid: u32, vm: &str) -> VmKey {
