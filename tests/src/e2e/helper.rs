@@ -95,13 +95,13 @@ groups = ["{group}"]
 socket_group = "{group}"
 
 [quotas]
-max_vms = 64
-max_taps = 64
-max_loops = 128
+max_vms = 128
+max_taps = 128
+max_loops = 256
 {quotas}
 [network]
 pool = "172.30.0.0/16"
-lease_prefix = 24
+lease_prefix = 23
 vm_prefix = 30
 uplink = "auto"
 
@@ -414,7 +414,7 @@ mod tests {
         assert_eq!(j.mode, banger_policy::JailerMode::Allow);
         assert_eq!(j.user_cgroup(1000), "banger-e2e-00000001/u1000");
         assert_eq!((p.quotas.max_vcpus, p.quotas.max_memory_mib), (3, 768));
-        assert_eq!(p.quotas.max_vms, 64);
+        assert_eq!(p.quotas.max_vms, 128);
     }
 
     #[test]
