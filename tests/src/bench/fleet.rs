@@ -2,7 +2,8 @@
 //! ([`crate::e2e::World`]) with the Firecracker test double as the VMM:
 //!
 //! - [`vm_run`]: `banger vm run -- true` on a stopped VM, its wall time, the start's control plane
-//!   inside it and what is outside the start (the CLI, waiting for SSH, the command over SSH);
+//!   inside it and what is outside the start (the CLI, waiting for SSH, the command over SSH),
+//!   and the guest's own boot to its SSH server (from its console) against the rest;
 //!   `banger vm ssh -- true` on the running VM beside it, the command alone;
 //! - [`concurrent_starts`]: N VMs of one user started at once, starts per second, each start's
 //!   phases under that load, and the resident sets of bangerd and the helper with the N running;
@@ -41,12 +42,24 @@ fn daemon_pid(world: &World, who: Who) -> anyhow::Result<u32> {
     }
 }
 
+/// When the guest's SSH server started, in seconds from its boot, as its console tells: the
+/// double's guest prints kernel-like `[    0.012345]` times; the last before dropbear's start line.
+fn guest_sshd_at(console: &str) -> Option<f64> {
+    let end = console.find("Started dropbear.service")?;
+    console[..end]
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('[')?.split_once(']')?.0.trim().parse::<f64>().ok())
+        .next_back()
+}
+
 /// `vm run -- true` on a stopped VM, round after round (two untimed rounds first: the first
-/// makes the VM's root), with `vm ssh -- true` on the running VM as the command alone.
+/// makes the VM's root), with `vm ssh -- true` on the running VM as the command alone, and the
+/// guest's own boot to its SSH server (its console's times) set apart from the rest.
 pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     world.banger_ok(A, &["vm", "create", "run"]);
     let log = world.daemon_log(A);
     let (mut wall, mut control, mut outside, mut ssh) = (vec![], vec![], vec![], vec![]);
+    let (mut boot, mut beyond) = (vec![], vec![]);
     for round in 0..rounds + 2 {
         let at = Instant::now();
         let out = world.vm_run(A, "run", &["true"]);
@@ -55,6 +68,12 @@ pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
             bail!("`vm run -- true` failed:\n{out}");
         }
         let t = last_start_timings(&log)?;
+        let vm_dir = world.show(A, "run").vm_dir.context("vm show gives no vm_dir")?;
+        let console = vm_dir.join("serial.log");
+        let console =
+            std::fs::read_to_string(&console).with_context(|| format!("read {}", console.display()))?;
+        let sshd_at = guest_sshd_at(&console)
+            .with_context(|| format!("no dropbear start with a time before it on the console:\n{console}"))?;
         let at = Instant::now();
         let out = world.ssh(A, "run", &["true"]);
         let alone = at.elapsed().as_secs_f64() * 1e3;
@@ -66,6 +85,8 @@ pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
             wall.push(took);
             control.push(t.total_us / 1e3);
             outside.push(took - t.total_us / 1e3);
+            boot.push(sshd_at * 1e3);
+            beyond.push(took - sshd_at * 1e3);
             ssh.push(alone);
         }
     }
@@ -74,6 +95,8 @@ pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
         Figure::new("vm run -- true wall (cli)", "ms", wall),
         Figure::new("vm run: start control plane", "ms", control),
         Figure::new("vm run: outside the start (cli, ssh wait, ssh)", "ms", outside),
+        Figure::new("vm run: guest boot to its ssh server (console)", "ms", boot),
+        Figure::new("vm run: beyond the guest's boot (wall - boot)", "ms", beyond),
         Figure::new("vm ssh -- true wall (cli, vm running)", "ms", ssh),
     ])
 }
@@ -358,6 +381,16 @@ pub fn reconcile(vms: usize, rounds: usize) -> anyhow::Result<Vec<Figure>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guests_ssh_start_is_read_off_its_console() {
+        let console = "[    0.000120] Linux version (double)\n[    0.004500] eth0: 172.30.0.2\n\
+                       [    0.031250] sshd: keys converted\n[  OK  ] Started dropbear.service - Lightweight SSH server.\n\
+                       [    0.040000] login:\n";
+        assert_eq!(guest_sshd_at(console), Some(0.03125));
+        assert_eq!(guest_sshd_at("[    0.1] no ssh server\n"), None);
+        assert_eq!(guest_sshd_at("[  OK  ] Started dropbear.service\n"), None);
+    }
 
     #[test]
     fn a_reconcile_line_is_read_back() {
