@@ -174,7 +174,11 @@ pub fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     listener.set_nonblocking(true).map_err(|source| SocketError::Io { path: opts.socket.clone(), source })?;
     let (store, ledger) = LedgerStore::open(&opts.state_dir)?;
     let audit = AuditLog::open(&policy.audit.target)?;
-    let running_nat = ledger.entries.iter().any(|e| e.kind() == banger_policy::ObjectKind::Nat);
+    // VMs whose NAT the ledger holds and whose TAP is there (after a reboot the ledger still
+    // lists the VMs that ran, but their TAPs and rules are gone).
+    let running_nat = crate::ops::nat::ledger_nats(&ledger, &[])
+        .iter()
+        .any(|r| Path::new("/sys/class/net").join(&r.tap).exists());
     let firewall = LinuxFirewall::choose(&policy.network, running_nat)?;
     tracing::info!("firewall: {}", firewall.backend());
     let xtables_lock = if firewall.legacy_iptables() {

@@ -347,3 +347,44 @@ fn auto_keeps_iptables_while_vms_have_iptables_rules() {
     drop(h);
     ns.finish();
 }
+
+/// A helper restarted after the firewall was flushed (a reboot-less `nft flush ruleset`) puts
+/// back at start the elements of every VM whose TAP is there — 250 of them, in one batch of
+/// many messages — and keeps their NAT.
+#[test]
+#[ignore = "needs root: network namespace, nf_tables and the real helper"]
+fn a_restarted_helper_puts_back_a_flushed_tables_vms_at_start() {
+    if !root_or_skip("a_restarted_helper_puts_back_a_flushed_tables_vms_at_start") {
+        return;
+    }
+    const N: usize = 250;
+    let a = 61031;
+    let ns = Netns::new("natboot");
+    let text = policy(
+        &[a],
+        "[quotas]\nmax_vms = 512\nmax_taps = 512\n[network]\nfirewall = \"nftables\"\nlease_prefix = 21\n",
+    );
+    let h = Helper::start(&ns, &text);
+    let names: Vec<String> = (0..N).map(|i| format!("vm{i}")).collect();
+    let mut reqs = Vec::new();
+    for n in &names {
+        reqs.push(Request::TapCreate { vm: vm(n) });
+        reqs.push(Request::NatUp { vm: vm(n) });
+    }
+    let r = session(&h, a, "n", reqs);
+    assert!(r[1..].iter().all(|x| matches!(x, Response::Tap(_) | Response::Nat(_))), "{:?}", r.last());
+    let count = |t: &str| t.matches(&format!("banger uid={a} inst=n vm=")).count();
+    let table = ns.nft_table();
+    assert_eq!(count(&table), 5 * N, "five elements per VM");
+
+    let dir = h.stop();
+    ns.sh(&["nft", "flush", "ruleset"]);
+    let h = Helper::start_in(&ns, dir, &text);
+    assert_eq!(count(&ns.nft_table()), 5 * N, "{}", h.log_text());
+    let r = session(&h, a, "n", vec![Request::ListOwned]);
+    let Response::Owned(o) = &r[1] else { panic!("{r:?}") };
+    assert_eq!(o.nat.len(), N, "the NAT entries stay");
+    let r = session(&h, a, "n", vec![Request::TeardownVms { vms: names.iter().map(|n| vm(n)).collect() }]);
+    assert!(matches!(&r[1], Response::Teardown(t) if t.failures.is_empty()), "{r:?}");
+    no_rules_left(h, ns);
+}

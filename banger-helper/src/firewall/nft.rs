@@ -37,7 +37,9 @@
 use std::collections::BTreeSet;
 
 use banger_policy::{Network, Proto};
-use netlink_packet_core::{DefaultNla, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST};
+use netlink_packet_core::{
+    DecodeError, DefaultNla, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NlasIterator,
+};
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions, Hook,
     HookNumber, Immediate, InetHookNumber, ListAttribute, Lookup, Meta, MetaKey, NfTablesMessage, Operator,
@@ -205,19 +207,21 @@ pub struct NftPlan {
 /// no element is left in it.
 pub fn plan(view: &NftView, up: &[VmRules], down: &[VmKey], net: &Network) -> NftPlan {
     let wanted: Vec<Element> = up.iter().flat_map(vm_elements).collect();
+    let wanted_set: BTreeSet<&Element> = wanted.iter().collect();
+    let have: BTreeSet<&Element> = view.elements.iter().collect();
     let touched: BTreeSet<String> = up.iter().map(|r| &r.key).chain(down).map(VmKey::rule_tag).collect();
     let wanted_keys: BTreeSet<(&str, &[u8])> = wanted.iter().map(|e| (e.set, e.key.as_slice())).collect();
     let del: Vec<Element> = view
         .elements
         .iter()
-        .filter(|e| !wanted.contains(e))
+        .filter(|e| !wanted_set.contains(e))
         .filter(|e| {
             e.tag.as_ref().is_some_and(|t| touched.contains(t))
                 || wanted_keys.contains(&(e.set, e.key.as_slice()))
         })
         .cloned()
         .collect();
-    let add: Vec<Element> = wanted.into_iter().filter(|w| !view.elements.contains(w)).collect();
+    let add: Vec<Element> = wanted.iter().filter(|w| !have.contains(w)).cloned().collect();
     if view.present && view.elements.len() - del.len() + add.len() == 0 {
         return NftPlan { delete: true, ..NftPlan::default() };
     }
@@ -234,6 +238,8 @@ pub fn plan(view: &NftView, up: &[VmRules], down: &[VmKey], net: &Network) -> Nf
 pub type Message = (NfTablesMessage, u16);
 
 const NEW: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+/// The most set elements one message carries.
+pub const ELEMENTS_PER_MESSAGE: usize = 100;
 const DEL: u16 = NLM_F_REQUEST | NLM_F_ACK;
 
 impl NftPlan {
@@ -316,20 +322,21 @@ impl NftPlan {
                         ListAttribute::Element(attrs)
                     })
                     .collect();
-                if list.is_empty() {
-                    continue;
+                // A netlink attribute's length is 16 bits: at most ELEMENTS_PER_MESSAGE
+                // elements (about 200 bytes each at most) go in one message.
+                for chunk in list.chunks(ELEMENTS_PER_MESSAGE) {
+                    let attributes = vec![
+                        SetElementList::Table(TABLE.into()),
+                        SetElementList::Set(set.into()),
+                        SetElementList::Elements(chunk.to_vec()),
+                    ];
+                    let message = SetElementMessage { attributes };
+                    out.push(if new {
+                        (NfTablesMessage::NewSetElement(message), NEW)
+                    } else {
+                        (NfTablesMessage::DeleteSetElement(message), DEL)
+                    });
                 }
-                let attributes = vec![
-                    SetElementList::Table(TABLE.into()),
-                    SetElementList::Set(set.into()),
-                    SetElementList::Elements(list),
-                ];
-                let message = SetElementMessage { attributes };
-                out.push(if new {
-                    (NfTablesMessage::NewSetElement(message), NEW)
-                } else {
-                    (NfTablesMessage::DeleteSetElement(message), DEL)
-                });
             }
         }
         out
@@ -491,18 +498,49 @@ pub fn rules(net: &Network) -> Vec<(&'static str, Vec<Expr>)> {
     out
 }
 
-/// Reads a set element's key and comment out of a dump's element attributes.
-pub fn element_of(set: &'static str, attrs: &[SetElementAttribute]) -> Option<Element> {
-    let mut key = None;
-    let mut tag = None;
-    for a in attrs {
-        match a {
-            SetElementAttribute::Key(DataAttribute::Value(k)) => key = Some(k.clone()),
-            SetElementAttribute::UserData(data) => tag = parse_comment(data),
-            _ => {}
+/// The elements in one message of a set's dump (the attributes after its netfilter header),
+/// read with the netlink crate's attribute iterator: the element list
+/// (`NFTA_SET_ELEM_LIST_ELEMENTS`) of elements (`NFTA_LIST_ELEM`), each with its key
+/// (`NFTA_SET_ELEM_KEY` holding `NFTA_DATA_VALUE`) and its comment (`NFTA_SET_ELEM_USERDATA`).
+pub fn elements_of(set: &'static str, attributes: &[u8]) -> Result<Vec<Element>, DecodeError> {
+    const LIST_ELEMENTS: u16 = 3;
+    const LIST_ELEM: u16 = 1;
+    const ELEM_KEY: u16 = 1;
+    const ELEM_USERDATA: u16 = 6;
+    const DATA_VALUE: u16 = 1;
+    let mut out = Vec::new();
+    for list in NlasIterator::new(attributes) {
+        let list = list?;
+        if list.kind() != LIST_ELEMENTS {
+            continue;
+        }
+        for item in NlasIterator::new(list.value()) {
+            let item = item?;
+            if item.kind() != LIST_ELEM {
+                continue;
+            }
+            let (mut key, mut tag) = (None, None);
+            for a in NlasIterator::new(item.value()) {
+                let a = a?;
+                match a.kind() {
+                    ELEM_KEY => {
+                        for d in NlasIterator::new(a.value()) {
+                            let d = d?;
+                            if d.kind() == DATA_VALUE {
+                                key = Some(d.value().to_vec());
+                            }
+                        }
+                    }
+                    ELEM_USERDATA => tag = parse_comment(a.value()),
+                    _ => {}
+                }
+            }
+            if let Some(key) = key {
+                out.push(Element { set, key, tag });
+            }
         }
     }
-    Some(Element { set, key: key?, tag })
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -627,6 +665,55 @@ mod tests {
         assert!(p.delete);
         // Nothing to take down and no table: nothing at all.
         assert!(plan(&NftView::default(), &[], std::slice::from_ref(&a.key), &n).is_empty());
+    }
+
+    /// What the batch writes is what a dump reads back: the elements' messages, emitted by the
+    /// netlink crate, read with [`elements_of`].
+    #[test]
+    fn elements_read_back_from_the_messages_that_add_them() {
+        use netlink_packet_core::Emitable as _;
+        let vms = [vm(1000, "a", 2), vm(1001, "b", 6)];
+        let p = NftPlan { add: vms.iter().flat_map(vm_elements).collect(), ..NftPlan::default() };
+        let mut read = Vec::new();
+        for (m, _) in p.messages(&net(false, false)) {
+            let NfTablesMessage::NewSetElement(m) = m else { panic!("{m:?}") };
+            let set = m.attributes.iter().find_map(|a| match a {
+                SetElementList::Set(s) => our_set(s),
+                _ => None,
+            });
+            let mut buf = vec![0; m.attributes.as_slice().buffer_len()];
+            m.attributes.as_slice().emit(&mut buf);
+            read.extend(elements_of(set.unwrap(), &buf).unwrap());
+        }
+        read.sort();
+        let mut want = p.add.clone();
+        want.sort();
+        assert_eq!(read, want);
+        assert!(elements_of("taps", &[9, 0, 3, 0, 1]).is_err(), "a cut attribute is an error");
+    }
+
+    #[test]
+    fn many_elements_go_in_messages_of_at_most_a_hundred() {
+        let vms: Vec<VmRules> = (0..250u32)
+            .map(|i| {
+                let mut v = vm(1000 + i, "a", 6);
+                v.guest_ip = Ipv4Addr::from(0xac1e_0002 + 4 * i);
+                v
+            })
+            .collect();
+        let p = plan(&NftView::default(), &vms, &[], &net(false, false));
+        let sizes: Vec<usize> = p
+            .messages(&net(false, false))
+            .iter()
+            .filter_map(|(m, _)| match m {
+                NfTablesMessage::NewSetElement(m) => m.attributes.iter().find_map(|a| match a {
+                    SetElementList::Elements(l) => Some(l.len()),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sizes, [100, 100, 50].repeat(5));
     }
 
     #[test]

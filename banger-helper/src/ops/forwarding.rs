@@ -158,11 +158,19 @@ mod tests {
         helper.reconcile().await;
         assert_eq!(kernel.world().sysctls["net.ipv4.ip_forward"], "1");
         drop(helper);
-        // The rules vanish while no helper runs: the next one's reconcile drops the NAT and puts
-        // forwarding back.
+        // The rules vanish while no helper runs: the next one's reconcile puts them back, since
+        // the VM's TAP is there; forwarding stays on.
         kernel.world().firewall = Default::default();
         let helper = open_helper(dir.path(), &kernel);
         helper.reconcile().await;
+        assert!(!kernel.world().firewall.rules.is_empty());
+        assert_eq!(kernel.world().sysctls["net.ipv4.ip_forward"], "1");
+        drop(helper);
+        // The TAP vanishes: the next reconcile drops the NAT, its rules and puts forwarding back.
+        kernel.world().links.retain(|name, _| !name.starts_with("bg"));
+        let helper = open_helper(dir.path(), &kernel);
+        helper.reconcile().await;
+        assert!(kernel.world().firewall.rules.is_empty());
         assert_eq!(kernel.world().sysctls["net.ipv4.ip_forward"], "0");
         assert!(!dir.path().join("forwarding.json").exists());
     }

@@ -11,7 +11,7 @@
 
 use std::net::Ipv4Addr;
 
-use banger_policy::{Ledger, LedgerEntry, Object, ObjectKind, Uplink};
+use banger_policy::{EntryState, Ledger, LedgerEntry, Object, ObjectKind, Uplink};
 use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
@@ -19,9 +19,10 @@ use crate::firewall::VmRules;
 use crate::kernel::{Firewall as _, Kernel, Links as _};
 use crate::names::VmKey;
 
-/// The rules of every VM whose NAT the ledger holds (with its TAP's entry), but `except`'s:
-/// each firewall change also puts back what of theirs is missing (a table flushed behind the
-/// helper's back), so one VM's change never leaves the others unfiltered.
+/// The rules of every VM whose NAT the ledger holds, with its TAP's entry settled and for the
+/// same guest address, but `except`'s: each firewall change also puts back what of theirs is
+/// missing (a table flushed behind the helper's back), so one VM's change never leaves the
+/// others unfiltered.
 pub(crate) fn ledger_nats(ledger: &Ledger, except: &[VmKey]) -> Vec<VmRules> {
     ledger
         .entries
@@ -32,14 +33,20 @@ pub(crate) fn ledger_nats(ledger: &Ledger, except: &[VmKey]) -> Vec<VmRules> {
             if except.contains(&key) {
                 return None;
             }
-            match &ledger.find(e.uid, &e.install, &e.vm, ObjectKind::Tap)?.object {
-                Object::Tap { name, host_ip, .. } => Some(VmRules {
-                    key,
-                    tap: name.clone(),
-                    guest_ip: *guest_ip,
-                    host_ip: *host_ip,
-                    uplink: uplink.clone(),
-                }),
+            let tap = ledger.find(e.uid, &e.install, &e.vm, ObjectKind::Tap)?;
+            if tap.state != EntryState::Settled {
+                return None;
+            }
+            match &tap.object {
+                Object::Tap { name, host_ip, guest_ip: tap_guest, .. } if tap_guest == guest_ip => {
+                    Some(VmRules {
+                        key,
+                        tap: name.clone(),
+                        guest_ip: *guest_ip,
+                        host_ip: *host_ip,
+                        uplink: uplink.clone(),
+                    })
+                }
                 _ => None,
             }
         })

@@ -19,9 +19,10 @@
 //!   released entry is released ([`super::loopdev::release_loop`]: detached, removed) and leaves
 //!   the ledger once the kernel has let the device go; an entry whose device is gone or holds
 //!   another file leaves the ledger;
-//! - first, the rules all VMs share are written from this helper's policy (the nftables table's,
-//!   if there is one; the iptables backend has none);
-//! - a NAT entry whose tagged rules are gone leaves the ledger;
+//! - first NAT: the firewall is brought to hold the rules of every VM whose NAT entry's TAP is
+//!   settled, for the same guest address, and there (put back if the firewall was flushed while
+//!   the helper was down; written from this helper's policy) and none of the others', whose NAT
+//!   entries then leave the ledger;
 //! - a banger-named TAP or dm target, or a tagged rule, that the ledger does not know is reported
 //!   in the log, not touched: the helper never deletes what it cannot prove is its own;
 //! - a node in the node directory that no dm entry names is taken back and unlinked: that
@@ -65,10 +66,26 @@ impl<K: Kernel> Helper<K> {
                 None
             }
         };
-        // The rules every VM shares follow this helper's policy (the nftables table's are
-        // rewritten from it; the iptables backend writes each VM's own at its NAT up).
-        if let Err(e) = self.kernel.firewall().update(&self.policy.network, &[], &[]).await {
-            report.errors.push(format!("cannot write the firewall's rules: {e}"));
+        let loops = self.kernel.loops();
+        let dm = self.kernel.dm();
+        // What releasing each entry came to: gone from the kernel, or held there.
+        let mut released: Vec<(LedgerEntry, Release)> = Vec::new();
+        // NAT: each VM's rules are put back where its TAP is there (the firewall may have been
+        // flushed while the helper was down), written from this helper's policy; a VM whose TAP
+        // is gone (or never settled) loses its rules, and then its entry.
+        let nat_rules = super::nat::ledger_nats(&st.ledger, &[]);
+        let (mut live, mut gone) = (Vec::new(), Vec::new());
+        for e in st.ledger.entries.iter().filter(|e| e.kind() == ObjectKind::Nat) {
+            let key = VmKey::new(e.uid, &e.install, &e.vm);
+            match nat_rules.iter().find(|r| r.key == key) {
+                Some(r) if links.as_ref().is_none_or(|l| l.contains(&r.tap)) => live.push(r.clone()),
+                _ => gone.push((key, e.clone())),
+            }
+        }
+        let gone_keys: Vec<VmKey> = gone.iter().map(|(k, _)| k.clone()).collect();
+        match self.kernel.firewall().update(&self.policy.network, &live, &gone_keys).await {
+            Ok(_) => released.extend(gone.into_iter().map(|(_, e)| (e, Release::Gone))),
+            Err(e) => report.errors.push(format!("cannot bring the firewall to the ledger's NAT: {e}")),
         }
         let with_rules = match self.kernel.firewall().vms().await {
             Ok(v) => Some(v),
@@ -77,10 +94,6 @@ impl<K: Kernel> Helper<K> {
                 None
             }
         };
-        let loops = self.kernel.loops();
-        let dm = self.kernel.dm();
-        // What releasing each entry came to: gone from the kernel, or held there.
-        let mut released: Vec<(LedgerEntry, Release)> = Vec::new();
         // Jails before anything else: a VMM holds its TAP and drives.
         let jails = match self.kernel.jails().list() {
             Ok(j) => Some(j),
@@ -129,9 +142,8 @@ impl<K: Kernel> Helper<K> {
         let mut entries = st.ledger.entries.clone();
         entries.sort_by_key(|e| e.kind() != ObjectKind::Dm);
         for e in entries {
-            let key = VmKey::new(e.uid, &e.install, &e.vm);
             match &e.object {
-                Object::Jail { .. } => {}
+                Object::Jail { .. } | Object::Nat { .. } => {}
                 Object::Tap { name, .. } if e.state != EntryState::Settled => {
                     match self.kernel.links().delete(std::slice::from_ref(name)).await.pop() {
                         Some(Err(err)) => {
@@ -142,11 +154,6 @@ impl<K: Kernel> Helper<K> {
                 }
                 Object::Tap { name, .. } => {
                     if links.as_ref().is_some_and(|l| !l.contains(name)) {
-                        released.push((e, Release::Gone));
-                    }
-                }
-                Object::Nat { .. } => {
-                    if with_rules.as_ref().is_some_and(|v| !v.contains(&key)) {
                         released.push((e, Release::Gone));
                     }
                 }
@@ -292,8 +299,9 @@ mod tests {
         let tap = |v: &str| owned.taps.iter().find(|x| x.vm == vm(v)).unwrap().name.clone();
         {
             let mut w = t.kernel.world();
-            // a's TAP vanished; the loop device now holds another file; b's rules were flushed;
-            // c's TAP was given away (it stays the ledger's); a stray banger-named TAP appeared.
+            // a's TAP vanished; the loop device now holds another file; b's rules were flushed
+            // (its TAP is there: they come back); c's TAP was given away (it stays the
+            // ledger's); a stray banger-named TAP appeared.
             w.links.remove(&tap("a"));
             w.loops.get_mut(&0).unwrap().status.as_mut().unwrap().backing_ino = 99;
             let tag_b = crate::names::VmKey::new(1000, p.install.as_ref().unwrap(), &vm("b")).rule_tag();
@@ -301,24 +309,35 @@ mod tests {
             w.links.get_mut(&tap("c")).unwrap().tap_owner = Some(1001);
             w.links.insert("bg0000000000000".into(), Default::default());
         }
+        let tag = |v: &str| crate::names::VmKey::new(1000, p.install.as_ref().unwrap(), &vm(v)).rule_tag();
         let report = t.helper.reconcile().await;
         assert_eq!(report.dropped.len(), 3, "{report:?}");
         assert!(report.dropped.contains(&format!("tap {}", tap("a"))));
+        assert!(report.dropped.contains(&"nat 172.30.0.2".to_owned()), "a's guest address: {report:?}");
         assert!(report.dropped.contains(&format!("loop {}", l.device)));
+        let rules = t.kernel.world().firewall.rules.clone();
+        assert!(rules.iter().any(|r| r.tag() == Some(tag("b").as_str())), "b's rules are back");
+        assert!(rules.iter().all(|r| r.tag() != Some(tag("a").as_str())), "a's rules went with its TAP");
         assert_eq!(report.unknown, vec!["tap bg0000000000000".to_owned()]);
         assert!(report.errors.is_empty());
         assert!(t.kernel.world().loops[&0].status.is_some(), "a device holding another file was touched");
         let ledger = t.helper.snapshot().await;
-        assert_eq!(ledger.entries.len(), 4, "b's and c's taps, a's and c's nat: {:?}", ledger.entries);
+        assert_eq!(ledger.entries.len(), 4, "b's and c's taps and nat: {:?}", ledger.entries);
         assert!(t.kernel.world().links.contains_key(&tap("c")));
-        // An intent that never settled: its TAP is removed, whoever the kernel says owns it.
+        // An intent that never settled: its TAP is removed, whoever the kernel says owns it, and
+        // its NAT goes with it.
         t.helper.state.lock().await.ledger.entries.iter_mut().for_each(|e| {
             if e.vm == vm("c") && matches!(e.object, banger_policy::Object::Tap { .. }) {
                 e.state = EntryState::Intent;
             }
         });
         let again = t.helper.reconcile().await;
-        assert_eq!(again.dropped, vec![format!("tap {}", tap("c"))], "{again:?}");
+        assert_eq!(
+            again.dropped,
+            vec!["nat 172.30.0.10".to_owned(), format!("tap {}", tap("c"))],
+            "{again:?}"
+        );
+        assert!(t.kernel.world().firewall.rules.iter().all(|r| r.tag() != Some(tag("c").as_str())));
         assert!(!t.kernel.world().links.contains_key(&tap("c")));
         assert!(t.helper.reconcile().await.dropped.is_empty(), "nothing changes on a third run");
     }

@@ -252,6 +252,17 @@ pub fn stamp(overlay: &Path, p: &Personalization<'_>) -> Option<String> {
     Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Forgets the last personalization of the VM whose directory is `vm_dir` (its root is made
+/// again, or is about to be written): the next start personalizes.
+pub fn forget_stamp(vm_dir: &Path) {
+    let path = vm_dir.join(STAMP_FILE);
+    if let Err(e) = fs::remove_file(&path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove {}: {e}; the next start may not personalize the root", path.display());
+    }
+}
+
 /// Whether the file at `path` starts with an ext2/3/4 superblock.
 pub fn is_ext_filesystem(path: &Path) -> io::Result<bool> {
     Ok(read_superblock(&mut File::open(path)?)?.is_some_and(|sb| magic(&sb) == EXT_MAGIC))

@@ -206,6 +206,20 @@ pub fn create_cow(path: &Path, bytes: u64) -> Result<(), StorageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(err)
 }
 
+/// Whether the copy-on-write file at `path` holds a persistent snapshot's header (the kernel
+/// writes it when the snapshot is first made over the file: a file without it holds nothing of
+/// the guest's yet).
+pub fn cow_has_header(path: &Path) -> std::io::Result<bool> {
+    use std::io::Read as _;
+    const SNAP_MAGIC: u32 = 0x7041_6e53;
+    let mut magic = [0u8; 4];
+    match std::fs::File::open(path)?.read_exact(&mut magic) {
+        Ok(()) => Ok(u32::from_le_bytes(magic) == SNAP_MAGIC),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Grows the copy-on-write file at `path` to at least `bytes` (a snapshot's exception store may
 /// grow; it never shrinks). Returns its length.
 pub fn ensure_cow_len(path: &Path, bytes: u64) -> Result<u64, StorageError> {
@@ -454,6 +468,21 @@ mod tests {
 
     fn allocated(path: &Path) -> u64 {
         fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn a_cow_has_a_header_only_once_a_snapshot_wrote_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cow = tmp.path().join("cow");
+        create_cow(&cow, MIB).unwrap();
+        assert!(!cow_has_header(&cow).unwrap(), "a new COW file is all holes");
+        // The persistent snapshot's header: magic, valid, version, chunk size (little-endian).
+        let header: Vec<u8> = [0x7041_6e53u32, 1, 1, 16].iter().flat_map(|w| w.to_le_bytes()).collect();
+        File::options().write(true).open(&cow).unwrap().write_all_at(&header, 0).unwrap();
+        assert!(cow_has_header(&cow).unwrap());
+        fs::write(&cow, b"ab").unwrap();
+        assert!(!cow_has_header(&cow).unwrap(), "too short");
+        assert!(cow_has_header(&tmp.path().join("none")).is_err());
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub enum LinuxFirewall {
 impl LinuxFirewall {
     /// The backend `net.firewall` asks for. `auto`: nftables where the kernel has nf_tables and
     /// everything the rules use, else the iptables tools — and the iptables tools while
-    /// `running_nat` (the ledger holds VMs' NAT) and the helper's nftables table is not there:
+    /// `running_nat` (the ledger holds NAT of VMs whose TAP is there) and the helper's nftables
+    /// table is not (or cannot be read):
     /// those VMs' rules are iptables rules (a helper of an earlier release, or one told to use
     /// iptables), which stay theirs until they go; the next start without them moves to nftables.
     pub fn choose(net: &Network, running_nat: bool) -> Result<Self, LinuxKernelError> {
@@ -75,7 +76,7 @@ impl LinuxFirewall {
                 Nftables::open(net).map(LinuxFirewall::Nftables).map_err(LinuxKernelError::NoNftables)
             }
             FirewallChoice::Auto => match Nftables::open(net) {
-                Ok(nft) if running_nat && !nft.table_present().unwrap_or(true) => match Iptables::locate() {
+                Ok(nft) if running_nat && !nft.table_present().unwrap_or(false) => match Iptables::locate() {
                     Ok(iptables) => {
                         tracing::info!(
                             "VMs' NAT is in the ledger and banger's nftables table is not there: keeping the iptables tools until no VM runs"

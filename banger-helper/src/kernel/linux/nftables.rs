@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use banger_policy::Network;
 use banger_protocol::FirewallBackend;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer,
+    NetlinkMessage, NetlinkPayload, ParseableParametrized,
 };
 use netlink_packet_netfilter::nftables::{
-    GenMessage, ListAttribute, NfTablesMessage, RuleAttribute, RuleMessage, SetElementList, SetElementMessage,
+    GenMessage, NfTablesMessage, RuleAttribute, RuleMessage, SetElementList, SetElementMessage,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -38,6 +39,12 @@ use crate::names::VmKey;
 /// The subsystem id of nf_tables in a batch's begin and end messages (`NFNL_SUBSYS_NFTABLES`).
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 
+/// The netfilter header before an nf_tables message's attributes (`struct nfgenmsg`).
+const NETFILTER_HEADER: usize = 4;
+/// nf_tables message types read from dumps.
+const NFT_MSG_NEWGEN: u8 = 15;
+const NFT_MSG_NEWSETELEM: u8 = 12;
+
 /// How long the kernel may take to answer one request or batch.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -54,11 +61,17 @@ enum Reply {
     Done,
     /// An error, as the kernel's errno.
     Error(Errno),
-    /// Part of a dump.
-    Data(NfTablesMessage),
+    /// Part of a dump: its nf_tables message type and its payload after the netfilter header,
+    /// read by the caller (a set's elements with the netlink crate's attribute iterator: the
+    /// netfilter crate's parser formats the whole element list once per element).
+    Data(u8, Vec<u8>),
     /// Part of a dump that the kernel says changed while it was being dumped.
     Interrupted,
 }
+
+/// The socket's send buffer: a batch is one message, and one that puts back every element of a
+/// thousand VMs is about 600 KiB.
+const SEND_BUFFER: usize = 4 << 20;
 
 /// How often a dump that changed while being read is read again.
 const DUMP_TRIES: usize = 3;
@@ -77,11 +90,14 @@ impl Nftables {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
         socket.bind_auto().map_err(io)?;
         socket.set_ext_ack(true).map_err(io)?;
+        // A batch goes out in one message: room for one that puts back a thousand VMs.
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::SndBufForce, &SEND_BUFFER)
+            .map_err(|e| io(e.into()))?;
         let nft = Nftables { socket: Mutex::new(socket), seq: AtomicU32::new(1) };
         let get_gen = NfTablesMessage::GetGen(GenMessage { attributes: vec![] });
         let mut answered = false;
-        nft.request("nf_tables generation", get_gen, NLM_F_REQUEST | NLM_F_ACK, |m| {
-            answered |= matches!(m, NfTablesMessage::NewGen(_));
+        nft.request("nf_tables generation", get_gen, NLM_F_REQUEST | NLM_F_ACK, |kind, _| {
+            answered |= kind == NFT_MSG_NEWGEN;
         })?;
         if !answered {
             return Err(error("nf_tables generation", "the kernel did not report one"));
@@ -125,9 +141,10 @@ impl Nftables {
 
     /// Reads replies until `pending` holds no sequence number; each reply to one of them goes to
     /// `each` (a dump's parts, then its end; an acknowledgement; an error). An error answering
-    /// one of `fatal` (a batch's begin or end: the kernel did not apply the batch, and says so
-    /// before the messages' answers) goes to `each` and ends the wait. Replies to other
-    /// (earlier, timed-out) requests are dropped.
+    /// one of `fatal` goes to `each` and ends the wait: the kernel answers a batch it could not
+    /// commit (or could not keep every answer of) with one error, against the batch's first
+    /// message, before anything else, and may send no other answer. Replies to other (earlier,
+    /// timed-out) requests are dropped.
     fn receive(
         socket: &Socket,
         op: &'static str,
@@ -156,14 +173,23 @@ impl Nftables {
             let n = socket.recv(&mut buf, 0).map_err(|e| error(op, format!("receive: {e}")))?;
             let mut at = 0;
             while at < n {
-                let m = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[at..n])
-                    .map_err(|e| error(op, format!("cannot read the kernel's answer: {e}")))?;
-                let len = usize::try_from(m.header.length).unwrap_or(usize::MAX);
-                if len == 0 {
-                    break;
-                }
+                let unreadable = |e| error(op, format!("cannot read the kernel's answer: {e}"));
+                let nb = NetlinkBuffer::new_checked(&buf[at..n]).map_err(unreadable)?;
+                let len = usize::try_from(nb.length()).unwrap_or(usize::MAX);
+                let (kind, flags, seq) = (nb.message_type(), nb.flags(), nb.sequence_number());
+                let this = &buf[at..at + len];
                 at += len.next_multiple_of(4);
-                let seq = m.header.sequence_number;
+                if kind != NLMSG_ERROR && kind != NLMSG_DONE {
+                    if pending.contains(&seq) {
+                        if flags & NLM_F_DUMP_INTR != 0 {
+                            each(Reply::Interrupted);
+                        }
+                        let payload = nb.payload().get(NETFILTER_HEADER..).unwrap_or_default();
+                        each(Reply::Data((kind & 0xff) as u8, payload.to_vec()));
+                    }
+                    continue;
+                }
+                let m = NetlinkMessage::<NetfilterMessage>::deserialize(this).map_err(unreadable)?;
                 if fatal.contains(&seq)
                     && let NetlinkPayload::Error(e) = &m.payload
                     && let Some(code) = e.code
@@ -175,46 +201,37 @@ impl Nftables {
                 if !pending.contains(&seq) {
                     continue;
                 }
-                if m.header.flags & NLM_F_DUMP_INTR != 0 {
-                    each(Reply::Interrupted);
-                }
                 let reply = match m.payload {
                     NetlinkPayload::Error(e) => match e.code {
                         Some(code) => Reply::Error(Errno::from_raw(-code.get())),
                         None => Reply::Done,
                     },
                     NetlinkPayload::Done(d) if d.code < 0 => Reply::Error(Errno::from_raw(-d.code)),
-                    NetlinkPayload::Done(_) => Reply::Done,
-                    NetlinkPayload::InnerMessage(NetfilterMessage {
-                        inner: NetfilterMessageInner::NfTables(msg),
-                        ..
-                    }) => Reply::Data(msg),
-                    _ => continue,
+                    _ => Reply::Done,
                 };
-                if !matches!(reply, Reply::Data(_)) {
-                    pending.remove(&seq);
-                }
+                pending.remove(&seq);
                 each(reply);
             }
         }
         Ok(())
     }
 
-    /// One request (a dump or a single message) and its answer: its data go to `data`. A dump
-    /// the kernel says changed while it was read is an `EINTR` error.
+    /// One request (a dump or a single message) and its answer: its data (message type and
+    /// payload) go to `data`. A dump the kernel says changed while it was read is an `EINTR`
+    /// error.
     fn request(
         &self,
         op: &'static str,
         msg: NfTablesMessage,
         flags: u16,
-        mut data: impl FnMut(NfTablesMessage),
+        mut data: impl FnMut(u8, &[u8]),
     ) -> KResult<()> {
         let socket = self.socket();
         let seq = self.next_seq();
         Self::send(&socket, op, &Self::message(msg, 0, flags, seq))?;
         let mut failed = None;
         Self::receive(&socket, op, &mut BTreeSet::from([seq]), &[], |reply| match reply {
-            Reply::Data(m) => data(m),
+            Reply::Data(kind, payload) => data(kind, &payload),
             Reply::Error(errno) => failed = Some(errno),
             Reply::Interrupted => {
                 failed.get_or_insert(Errno::EINTR);
@@ -233,19 +250,23 @@ impl Nftables {
             attributes: vec![SetElementList::Table(TABLE.into()), SetElementList::Set(set.into())],
         });
         let mut elements = Vec::new();
-        let r = self.request("list set elements", msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP, |m| {
-            let NfTablesMessage::NewSetElement(m) = m else { return };
-            for a in m.attributes {
-                let SetElementList::Elements(list) = a else { continue };
-                for item in list {
-                    if let ListAttribute::Element(attrs) = item
-                        && let Some(e) = nft::element_of(set, &attrs)
-                    {
-                        elements.push(e);
+        let mut unreadable = None;
+        let r = self.request(
+            "list set elements",
+            msg,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP,
+            |kind, payload| {
+                if kind == NFT_MSG_NEWSETELEM {
+                    match nft::elements_of(set, payload) {
+                        Ok(found) => elements.extend(found),
+                        Err(e) => unreadable = Some(e.to_string()),
                     }
                 }
-            }
-        });
+            },
+        );
+        if let Some(e) = unreadable {
+            return Err(error("list set elements", format!("cannot read the elements of set {set}: {e}")));
+        }
         match r {
             Ok(()) => Ok(Some(elements)),
             Err(e) if e.errno_value() == Some(Errno::ENOENT) => Ok(None),
@@ -258,8 +279,16 @@ impl Nftables {
         let msg =
             NfTablesMessage::GetRule(RuleMessage { attributes: vec![RuleAttribute::Table(TABLE.into())] });
         let mut rules = Vec::new();
-        self.request("list rules", msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP, |m| {
-            let NfTablesMessage::NewRule(m) = m else { return };
+        let mut unreadable = None;
+        self.request("list rules", msg, NLM_F_REQUEST | NLM_F_ACK | NLM_F_DUMP, |kind, payload| {
+            let m = match NfTablesMessage::parse_with_param(payload, kind) {
+                Ok(NfTablesMessage::NewRule(m)) => m,
+                Ok(_) => return,
+                Err(e) => {
+                    unreadable = Some(e.to_string());
+                    return;
+                }
+            };
             let (mut chain, mut tag) = (String::new(), None);
             for a in m.attributes {
                 match a {
@@ -270,6 +299,9 @@ impl Nftables {
             }
             rules.push((chain, tag));
         })?;
+        if let Some(e) = unreadable {
+            return Err(error("list rules", format!("cannot read a rule: {e}")));
+        }
         Ok(rules)
     }
 
@@ -313,13 +345,15 @@ impl Nftables {
             pending.insert(seq);
             bytes.extend(Self::message(msg, 0, flags, seq));
         }
+        let first = pending.first().copied();
         let end = self.next_seq();
         if commit {
             bytes.extend(Self::message(ControlMessage::BatchEnd, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST, end));
         }
         Self::send(&socket, op, &bytes)?;
         let mut failed = None;
-        Self::receive(&socket, op, &mut pending, &[begin, end], |reply| {
+        let fatal: Vec<u32> = [Some(begin), first, Some(end)].into_iter().flatten().collect();
+        Self::receive(&socket, op, &mut pending, &fatal, |reply| {
             if let Reply::Error(errno) = reply {
                 failed.get_or_insert(errno);
             }

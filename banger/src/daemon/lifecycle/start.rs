@@ -433,7 +433,16 @@ impl<'a> Start<'a> {
             Some(kind) if self.vm.overlay_path.exists() => {
                 if kind == StorageKind::DmSnapshot {
                     let (path, bytes) = (self.vm.overlay_path.clone(), min_cow_bytes(self.origin_bytes()?));
-                    blocking(move || storage::ensure_cow_len(&path, bytes)).await?;
+                    let vm_dir = self.vm.vm_dir.clone();
+                    blocking(move || {
+                        // A COW file without a snapshot's header holds none of the guest's
+                        // writes (made again, or emptied): its root is the image's, unwritten.
+                        if !storage::cow_has_header(&path).unwrap_or(false) {
+                            personalize::forget_stamp(&vm_dir);
+                        }
+                        storage::ensure_cow_len(&path, bytes)
+                    })
+                    .await?;
                 }
                 return Ok(());
             }
@@ -448,7 +457,9 @@ impl<'a> Start<'a> {
                 storage::choose(config.storage, &config.storage_origin, device_mapper)?
             }
         };
-        // A root whose kind is not recorded (or is missing) never booted: what is there goes.
+        // A root whose kind is not recorded (or is missing) never booted: what is there goes,
+        // and with it the record of its personalization.
+        personalize::forget_stamp(&self.vm.vm_dir);
         let (file, cow) = (d.paths.vm_root(&self.vm.id), d.paths.vm_cow(&self.vm.id));
         let (leftover_file, leftover_cow) = (file.clone(), cow.clone());
         blocking(move || {
@@ -578,6 +589,7 @@ impl<'a> Start<'a> {
             if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
                 return ssh::check_public_key(&host_key.public).map_err(DaemonError::from);
             }
+            personalize::forget_stamp(&scratch);
             let public = prep.personalize(&root, &p)?;
             if let Some(stamp) = stamp
                 && let Err(e) = crate::atomic_file::write(&stamp_path, stamp.as_bytes(), 0o600)

@@ -331,6 +331,16 @@ async fn a_later_start_keeps_the_host_key_and_its_pin_and_makes_no_key() {
     assert_eq!((after.ino(), after.mtime_nsec()), (before.ino(), before.mtime_nsec()));
     assert!(e.pinned(&created.id));
 
+    // A personalization that fails leaves no stamp: the next start writes the root again.
+    e.daemon.stop("dev", Shutdown::Kill).await.unwrap();
+    std::fs::write(created.vm_dir.join("personalized"), b"stale").unwrap();
+    e.prep.fail(Some(crate::daemon::guest_prep::fake::PrepOp::Personalize));
+    assert!(e.daemon.start("dev").await.is_err());
+    assert!(!created.vm_dir.join("personalized").exists(), "the stamp outlived a failed personalization");
+    e.prep.fail(None);
+    e.daemon.start("dev").await.unwrap();
+    assert!(created.vm_dir.join("personalized").exists());
+
     // A root made again is another file: personalized again. So is one whose stamp is lost.
     let root = created.vm_dir.join("root.ext4");
     let personalized =
