@@ -158,9 +158,10 @@ mod tests {
         helper.reconcile().await;
         assert_eq!(kernel.world().sysctls["net.ipv4.ip_forward"], "1");
         drop(helper);
-        // The rules vanish while no helper runs: the next one's reconcile puts them back, since
-        // the VM's TAP is there; forwarding stays on.
+        // The rules vanish and forwarding is turned off while no helper runs: the next one's
+        // reconcile puts both back, since the VM's TAP is there.
         kernel.world().firewall = Default::default();
+        kernel.world().sysctls.insert("net.ipv4.ip_forward".into(), "0".into());
         let helper = open_helper(dir.path(), &kernel);
         helper.reconcile().await;
         assert!(!kernel.world().firewall.rules.is_empty());

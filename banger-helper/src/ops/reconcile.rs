@@ -83,9 +83,25 @@ impl<K: Kernel> Helper<K> {
             }
         }
         let gone_keys: Vec<VmKey> = gone.iter().map(|(k, _)| k.clone()).collect();
-        match self.kernel.firewall().update(&self.policy.network, &live, &gone_keys).await {
-            Ok(_) => released.extend(gone.into_iter().map(|(_, e)| (e, Release::Gone))),
-            Err(e) => report.errors.push(format!("cannot bring the firewall to the ledger's NAT: {e}")),
+        let firewall = self.kernel.firewall();
+        let net = &self.policy.network;
+        let updated = match firewall.update(net, &live, &gone_keys).await {
+            Ok(_) => Ok(()),
+            // One VM's trouble must not keep the others' rules out: the gone ones alone.
+            Err(e) => {
+                report.errors.push(format!("cannot bring the firewall to the ledger's NAT: {e}"));
+                firewall.update(net, &[], &gone_keys).await.map(|_| ())
+            }
+        };
+        match updated {
+            Ok(()) => released.extend(gone.into_iter().map(|(_, e)| (e, Release::Gone))),
+            Err(e) => report.errors.push(format!("cannot remove the rules of VMs whose TAP is gone: {e}")),
+        }
+        // NAT kept needs forwarding, which may have been turned off meanwhile.
+        if !live.is_empty()
+            && let Err(e) = self.enable_forwarding(&mut st)
+        {
+            report.errors.push(format!("cannot turn net.ipv4.ip_forward on for the VMs' NAT: {e}"));
         }
         let with_rules = match self.kernel.firewall().vms().await {
             Ok(v) => Some(v),

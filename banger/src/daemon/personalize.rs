@@ -76,6 +76,15 @@ pub const WORK_DISK_DEVICE: &str = "/dev/vdb";
 /// Why a VM's root could not be personalized.
 #[derive(Debug, thiserror::Error)]
 pub enum PersonalizeError {
+    /// The record of the last personalization cannot be removed.
+    #[error("cannot remove {path}, the record of the vm root's last personalization: remove it by hand")]
+    Stamp {
+        /// The record.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The hostname is not a DNS label.
     #[error("invalid hostname {0:?}: use a vm name (lowercase letters, digits and '-')")]
     Hostname(String),
@@ -253,13 +262,13 @@ pub fn stamp(overlay: &Path, p: &Personalization<'_>) -> Option<String> {
 }
 
 /// Forgets the last personalization of the VM whose directory is `vm_dir` (its root is made
-/// again, or is about to be written): the next start personalizes.
-pub fn forget_stamp(vm_dir: &Path) {
+/// again, or is about to be written): the next start personalizes. A stamp that cannot be
+/// removed is an error: it could let a later start skip a root that needs writing.
+pub fn forget_stamp(vm_dir: &Path) -> Result<(), PersonalizeError> {
     let path = vm_dir.join(STAMP_FILE);
-    if let Err(e) = fs::remove_file(&path)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!("cannot remove {}: {e}; the next start may not personalize the root", path.display());
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PersonalizeError::Stamp { path, source: e }),
+        _ => Ok(()),
     }
 }
 

@@ -69,9 +69,9 @@ enum Reply {
     Interrupted,
 }
 
-/// The socket's send buffer: a batch is one message, and one that puts back every element of a
-/// thousand VMs is about 600 KiB.
-const SEND_BUFFER: usize = 4 << 20;
+/// The socket's send and receive buffers: a batch is one message (one that puts back every
+/// element of a thousand VMs is about 600 KiB), and each of its messages is answered.
+const SOCKET_BUFFER: usize = 4 << 20;
 
 /// How often a dump that changed while being read is read again.
 const DUMP_TRIES: usize = 3;
@@ -90,9 +90,16 @@ impl Nftables {
         let mut socket = Socket::new(NETLINK_NETFILTER).map_err(io)?;
         socket.bind_auto().map_err(io)?;
         socket.set_ext_ack(true).map_err(io)?;
-        // A batch goes out in one message: room for one that puts back a thousand VMs.
-        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::SndBufForce, &SEND_BUFFER)
-            .map_err(|e| io(e.into()))?;
+        // A batch goes out in one message: room for one that puts back a thousand VMs, and for
+        // the answers to its messages. Without the capability to force them, the usual limits.
+        use nix::sys::socket::{setsockopt, sockopt};
+        if let Err(e) = setsockopt(&socket, sockopt::SndBufForce, &SOCKET_BUFFER)
+            .and_then(|()| setsockopt(&socket, sockopt::RcvBufForce, &SOCKET_BUFFER))
+        {
+            tracing::warn!("cannot raise the netfilter socket's buffers ({e}); large batches may fail");
+            let _ = setsockopt(&socket, sockopt::SndBuf, &SOCKET_BUFFER);
+            let _ = setsockopt(&socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+        }
         let nft = Nftables { socket: Mutex::new(socket), seq: AtomicU32::new(1) };
         let get_gen = NfTablesMessage::GetGen(GenMessage { attributes: vec![] });
         let mut answered = false;
@@ -179,11 +186,12 @@ impl Nftables {
                 let (kind, flags, seq) = (nb.message_type(), nb.flags(), nb.sequence_number());
                 let this = &buf[at..at + len];
                 at += len.next_multiple_of(4);
+                // The kernel may say so on a dump's parts and on its end alike.
+                if pending.contains(&seq) && flags & NLM_F_DUMP_INTR != 0 {
+                    each(Reply::Interrupted);
+                }
                 if kind != NLMSG_ERROR && kind != NLMSG_DONE {
                     if pending.contains(&seq) {
-                        if flags & NLM_F_DUMP_INTR != 0 {
-                            each(Reply::Interrupted);
-                        }
                         let payload = nb.payload().get(NETFILTER_HEADER..).unwrap_or_default();
                         each(Reply::Data((kind & 0xff) as u8, payload.to_vec()));
                     }

@@ -438,9 +438,9 @@ impl<'a> Start<'a> {
                         // A COW file without a snapshot's header holds none of the guest's
                         // writes (made again, or emptied): its root is the image's, unwritten.
                         if !storage::cow_has_header(&path).unwrap_or(false) {
-                            personalize::forget_stamp(&vm_dir);
+                            personalize::forget_stamp(&vm_dir)?;
                         }
-                        storage::ensure_cow_len(&path, bytes)
+                        Ok::<_, DaemonError>(storage::ensure_cow_len(&path, bytes)?)
                     })
                     .await?;
                 }
@@ -459,7 +459,8 @@ impl<'a> Start<'a> {
         };
         // A root whose kind is not recorded (or is missing) never booted: what is there goes,
         // and with it the record of its personalization.
-        personalize::forget_stamp(&self.vm.vm_dir);
+        let vm_dir = self.vm.vm_dir.clone();
+        blocking(move || personalize::forget_stamp(&vm_dir)).await?;
         let (file, cow) = (d.paths.vm_root(&self.vm.id), d.paths.vm_cow(&self.vm.id));
         let (leftover_file, leftover_cow) = (file.clone(), cow.clone());
         blocking(move || {
@@ -589,7 +590,7 @@ impl<'a> Start<'a> {
             if stamp.is_some() && std::fs::read_to_string(&stamp_path).ok() == stamp {
                 return ssh::check_public_key(&host_key.public).map_err(DaemonError::from);
             }
-            personalize::forget_stamp(&scratch);
+            personalize::forget_stamp(&scratch)?;
             let public = prep.personalize(&root, &p)?;
             if let Some(stamp) = stamp
                 && let Err(e) = crate::atomic_file::write(&stamp_path, stamp.as_bytes(), 0o600)
