@@ -147,29 +147,25 @@ fn systemd_accepts_the_units() {
     std::fs::write(dir.path().join("banger-helper.service"), service).unwrap();
     std::fs::copy(repo().join("packaging/banger-helper.socket"), dir.path().join("banger-helper.socket"))
         .unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(dir.path().join("banger-helper.socket"))
-        .arg(dir.path().join("banger-helper.service"))
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
+    let verify = || {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join("banger-helper.socket"))
+            .arg(dir.path().join("banger-helper.service"))
+            .output()
+            .unwrap();
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = verify();
+    assert!(ok && text.trim().is_empty(), "systemd-analyze verify:\n{text}");
     // With the jailer drop-in beside it.
     let drop_ins = dir.path().join("banger-helper.service.d");
     std::fs::create_dir(&drop_ins).unwrap();
     std::fs::copy(repo().join("packaging/banger-helper-jailer.conf"), drop_ins.join("jailer.conf")).unwrap();
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(dir.path().join("banger-helper.socket"))
-        .arg(dir.path().join("banger-helper.service"))
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success() && text.trim().is_empty(),
-        "systemd-analyze verify with the jailer drop-in:\n{text}"
-    );
+    let (ok, text) = verify();
+    assert!(ok && text.trim().is_empty(), "systemd-analyze verify with the jailer drop-in:\n{text}");
 
     // bangerd's user unit, checked by a user manager's rules (which need a runtime directory);
     // verify only checks that the command exists, so any binary stands in for bangerd.

@@ -422,12 +422,7 @@ fn double_killed_leaves_socket_and_kills_guest() {
     write_test_kernel(Path::new(&f.path("vmlinux"))).unwrap();
     let mut double = DoubleProcess::spawn(BIN.as_ref(), &f.dir, "kill-1").unwrap();
     let sock = double.socket().to_path_buf();
-    let body = format!(r#"{{"kernel_image_path":"{}"}}"#, f.path("vmlinux"));
-    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).unwrap().0, 204);
-    assert_eq!(
-        api_call(&sock, "PUT", "/actions", Some(r#"{"action_type":"InstanceStart"}"#)).unwrap().0,
-        204
-    );
+    boot(&sock, &f.path("vmlinux"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut children = descendants(double.pid());
     while children.len() < 2 && std::time::Instant::now() < deadline {
@@ -450,6 +445,13 @@ fn double_killed_leaves_socket_and_kills_guest() {
 }
 
 /// Whether `pid` still runs (a zombie waiting for its reaper counts as gone).
+/// Sets the boot source to `kernel` and starts the instance, both answered 204.
+fn boot(sock: &Path, kernel: &str) {
+    let body = format!(r#"{{"kernel_image_path":"{kernel}"}}"#);
+    assert_eq!(api_call(sock, "PUT", "/boot-source", Some(&body)).unwrap().0, 204);
+    assert_eq!(api_call(sock, "PUT", "/actions", Some(r#"{"action_type":"InstanceStart"}"#)).unwrap().0, 204);
+}
+
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
@@ -500,12 +502,7 @@ fn without_user_namespaces_no_guest_is_emulated_and_the_vmm_runs_on() {
         });
     }
     let mut double = DoubleProcess::spawn_command(cmd, &sock, &console).unwrap();
-    let body = format!(r#"{{"kernel_image_path":"{}"}}"#, f.path("vmlinux"));
-    assert_eq!(api_call(&sock, "PUT", "/boot-source", Some(&body)).unwrap().0, 204);
-    assert_eq!(
-        api_call(&sock, "PUT", "/actions", Some(r#"{"action_type":"InstanceStart"}"#)).unwrap().0,
-        204
-    );
+    boot(&sock, &f.path("vmlinux"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut text = String::new();
     while !text.contains("no guest is emulated") && std::time::Instant::now() < deadline {

@@ -53,13 +53,6 @@ fn jail_root(vm: &VmView) -> PathBuf {
     api.parent().and_then(Path::parent).expect("a jail root above run/").to_path_buf()
 }
 
-#[track_caller]
-fn wait_dead(pid: u32) {
-    let dead =
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || (!proc::alive(pid)).then_some(()));
-    assert!(dead.is_some(), "process {pid} survived SIGKILL for 10 s");
-}
-
 /// The jail directories, cgroups, TAPs, firewall lines and loops of the world, for asserting
 /// that a step made none or left none.
 #[track_caller]
@@ -186,7 +179,7 @@ fn a_jailed_vm_runs_as_its_own_uid_in_its_chroot_under_the_cgroup_limits_of_its_
 
     // Stop: the VMM, its jail, its cgroups and TAP go; delete leaves nothing.
     world.banger_ok(A, &["vm", "stop", "e2e"]);
-    wait_dead(pid);
+    proc::wait_dead(pid);
     let stopped = world.show(A, "e2e");
     assert_eq!(stopped.state, "stopped", "{stopped:#?}");
     assert_eq!(stopped.extra.get("launch").and_then(|l| l.as_str()), Some("jailer"), "{stopped:#?}");
@@ -325,7 +318,7 @@ fn kill_9_of_the_daemon_and_of_the_jailed_vmm_then_reconcile_and_delete_leave_no
     let status = world.daemon_status(A);
     let daemon = status.get("pid").and_then(|p| p.as_u64()).expect("daemon pid") as u32;
     proc::kill9(daemon);
-    wait_dead(daemon);
+    proc::wait_dead(daemon);
     let vms = world.list(A);
     assert_eq!(vms.len(), 1, "{vms:#?}");
     assert_eq!((vms[0].state.as_str(), vms[0].pid), ("running", Some(pid)), "{vms:#?}");
@@ -338,7 +331,7 @@ fn kill_9_of_the_daemon_and_of_the_jailed_vmm_then_reconcile_and_delete_leave_no
     world.stop_daemon(A);
     assert!(proc::alive(pid), "`banger daemon stop` stopped the jailed VM too");
     proc::kill9(pid);
-    wait_dead(pid);
+    proc::wait_dead(pid);
     let vms = world.list(A);
     assert_eq!(vms.len(), 1, "{vms:#?}");
     assert_eq!(vms[0].state, "stopped", "the first call after the VMM died must show it stopped: {vms:#?}");
@@ -363,7 +356,7 @@ fn kill_9_of_the_daemon_and_of_the_jailed_vmm_then_reconcile_and_delete_leave_no
     assert!(proc::alive(again_pid), "{again:#?}");
     assert_eq!(jailing.jail_dirs().len(), 1);
     world.banger_ok(A, &["vm", "delete", "e2e", "--force"]);
-    wait_dead(again_pid);
+    proc::wait_dead(again_pid);
     assert_eq!(objects(&world), Vec::<String>::new(), "delete left objects");
     world.assert_no_leaks();
 }

@@ -2,9 +2,7 @@
 //! daemon is down, and a corrupt `handles.json` — each time the next CLI call starts a daemon
 //! that finds out what is really true.
 
-use std::time::Duration;
-
-use banger_tests::e2e::{VmView, Who, World, proc, run::wait_for};
+use banger_tests::e2e::{VmView, Who, World, proc};
 
 const A: Who = Who::A;
 
@@ -19,13 +17,6 @@ fn running_vm(world: &World) -> VmView {
     let tap = vm.tap.clone().unwrap_or_else(|| panic!("`vm show --json` has no tap: {vm:#?}"));
     assert!(world.link_exists(&tap), "TAP {tap} does not exist");
     vm
-}
-
-#[track_caller]
-fn wait_dead(pid: u32) {
-    let dead =
-        wait_for(Duration::from_secs(10), Duration::from_millis(20), || (!proc::alive(pid)).then_some(()));
-    assert!(dead.is_some(), "process {pid} survived SIGKILL for 10 s");
 }
 
 /// `handles.json` of `vm`, parsed.
@@ -50,7 +41,7 @@ fn kill_9_of_the_daemon_keeps_the_vm_and_the_next_call_restarts_the_daemon() {
         .unwrap_or_else(|| panic!("no pid in daemon status: {status:?}")) as u32;
     assert_eq!(world.daemon_pids(A), [daemon], "daemon status and the process table disagree");
     proc::kill9(daemon);
-    wait_dead(daemon);
+    proc::wait_dead(daemon);
 
     // The next call starts a new daemon, which finds the VM still running.
     let vms = world.list(A);
@@ -88,7 +79,7 @@ fn kill_9_of_the_vmm_while_the_daemon_is_down_is_found_and_cleaned_at_the_next_c
     world.stop_daemon(A);
     assert!(proc::alive(pid), "`banger daemon stop` stopped the VM too");
     proc::kill9(pid);
-    wait_dead(pid);
+    proc::wait_dead(pid);
 
     // The very next call reports the truth: stopped, with the reason.
     let vms = world.list(A);

@@ -101,11 +101,6 @@ pub struct Element {
     pub tag: Option<String>,
 }
 
-/// The set of that name, if it is one of the helper's.
-pub fn our_set(name: &str) -> Option<&'static str> {
-    SETS.iter().map(|(n, _)| *n).find(|n| *n == name)
-}
-
 fn ifname(name: &str) -> [u8; IFNAMSIZ] {
     let mut out = [0; IFNAMSIZ];
     let n = name.len().min(IFNAMSIZ - 1);
@@ -678,7 +673,7 @@ mod tests {
         for (m, _) in p.messages(&net(false, false)) {
             let NfTablesMessage::NewSetElement(m) = m else { panic!("{m:?}") };
             let set = m.attributes.iter().find_map(|a| match a {
-                SetElementList::Set(s) => our_set(s),
+                SetElementList::Set(s) => SETS.iter().map(|(n, _)| *n).find(|n| n == s),
                 _ => None,
             });
             let mut buf = vec![0; m.attributes.as_slice().buffer_len()];

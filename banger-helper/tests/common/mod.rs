@@ -239,7 +239,7 @@ impl Helper {
         soft_nofile: Option<u64>,
     ) -> Helper {
         let (socket, state) = (dir.path().join("helper.sock"), dir.path().join("state"));
-        Self::launch(ns, dir, policy, socket, state, soft_nofile)
+        Self::launch_with(ns, dir, policy, socket, state, soft_nofile, false)
     }
 
     /// Starts the helper with its policy and log in `dir`, on `socket`, with its state in `state`.
@@ -250,18 +250,7 @@ impl Helper {
         socket: PathBuf,
         state: PathBuf,
     ) -> Helper {
-        Self::launch(ns, dir, policy, socket, state, None)
-    }
-
-    fn launch(
-        ns: &Netns,
-        dir: tempfile::TempDir,
-        policy: &str,
-        socket: PathBuf,
-        state: PathBuf,
-        soft_nofile: Option<u64>,
-    ) -> Helper {
-        Self::launch_with(ns, dir, policy, socket, state, soft_nofile, false)
+        Self::launch_with(ns, dir, policy, socket, state, None, false)
     }
 
     fn launch_with(

@@ -87,6 +87,17 @@ pub fn alive(pid: u32) -> bool {
     ProcInfo::read(pid).is_some_and(|p| p.state != 'Z' && p.state != 'X')
 }
 
+/// Waits up to 10 s for `pid` to be gone (after a SIGKILL); panics naming it otherwise.
+#[track_caller]
+pub fn wait_dead(pid: u32) {
+    let dead = super::run::wait_for(
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_millis(20),
+        || (!alive(pid)).then_some(()),
+    );
+    assert!(dead.is_some(), "process {pid} survived SIGKILL for 10 s");
+}
+
 /// Sends SIGKILL to `pid` (no error if it is gone).
 pub fn kill9(pid: u32) {
     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);

@@ -545,20 +545,36 @@ fn without_guest(control: OwnedFd, console: &Console) -> i32 {
                 return 0;
             }
         }
-        let mut buf = [0u8; 64];
-        let n = match recv(control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-            Err(_) => 0,
+        let message = match read_control(&control) {
+            Received::Nothing => continue,
+            Received::Gone => return 0,
+            Received::Message(m) => m,
         };
-        if n == 0 {
-            return 0;
-        }
-        if Control::parse(&buf[..n]) == Some(Control::CtrlAltDel) {
+        if Control::parse(&message) == Some(Control::CtrlAltDel) {
             console.raw("\nReceived Ctrl+Alt+Del: rebooting\n");
             console.line("reboot: Restarting system");
             return 0;
         }
+    }
+}
+
+/// What one read of the control socket gave.
+enum Received {
+    /// Nothing yet (or interrupted).
+    Nothing,
+    /// The VMM went away (end of file, or the socket failed).
+    Gone,
+    /// A datagram.
+    Message(Vec<u8>),
+}
+
+fn read_control(control: &OwnedFd) -> Received {
+    let mut buf = [0u8; 64];
+    match recv(control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => Received::Gone,
+        Ok(n) => Received::Message(buf[..n].to_vec()),
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Received::Nothing,
+        Err(_) => Received::Gone,
     }
 }
 
@@ -576,17 +592,15 @@ fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console, ctrl_alt_de
                 return shutdown(console);
             }
         }
-        let mut buf = [0u8; 64];
-        let n = match recv(control.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-            Err(_) => 0,
+        let message = match read_control(&control) {
+            Received::Nothing => continue,
+            Received::Gone => {
+                console.line("init: the VMM went away");
+                return shutdown(console);
+            }
+            Received::Message(m) => m,
         };
-        if n == 0 {
-            console.line("init: the VMM went away");
-            return shutdown(console);
-        }
-        match Control::parse(&buf[..n]) {
+        match Control::parse(&message) {
             Some(Control::Pause) => {
                 let _ = kill(Pid::from_raw(-1), Signal::SIGSTOP);
             }
@@ -604,7 +618,7 @@ fn serve(control: OwnedFd, mut sshd: Option<Pid>, console: &Console, ctrl_alt_de
                 return shutdown(console);
             }
             Some(Control::Nics) | None => {
-                let text = String::from_utf8_lossy(&buf[..n]);
+                let text = String::from_utf8_lossy(&message);
                 console.line(&format!("init: unexpected control message {text:?}"));
             }
         }
