@@ -11,7 +11,11 @@
 //!   replace the file atomically, so VMs starting in parallel do not lose each other's pins.
 //! - [`ssh_command`] builds the `ssh` command line. It ignores the user's own ssh config
 //!   (`-F /dev/null`) and agent identities, so nothing outside banger changes how a guest is
-//!   reached. The remote command is sent as one string in which every argument is quoted for a
+//!   reached. ssh does not connect itself: its `ProxyCommand` is `banger ssh-dial ADDR`
+//!   ([`dial_for_ssh`]), which connects with Nagle's algorithm off and hands the socket back
+//!   (`ProxyUseFdpass`). OpenSSH turns Nagle off only for sessions with a terminal; with it on,
+//!   each of the key exchange's small messages that follows another waits for the guest's
+//!   delayed acknowledgement (40 ms on Linux), about 80 ms per login. The remote command is sent as one string in which every argument is quoted for a
 //!   POSIX shell: `banger vm ssh dev -- ls "my file"` lists the file named `my file`, and shell
 //!   syntax in an argument is never interpreted. Use `-- sh -c '...'` for pipelines.
 //! - [`wait_for_ssh`] retries a TCP connect and reads the server's identification line
@@ -19,8 +23,9 @@
 //!   deadline passes; the error says what the last attempt saw.
 
 use std::fs::{self, File, OpenOptions};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use banger_protocol::VmId;
 use nix::fcntl::{Flock, FlockArg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -46,6 +52,9 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_millis(100);
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
 /// How much a server may send before its identification line.
 const BANNER_LIMIT: u64 = 8192;
+/// How long [`dial_for_ssh`] waits for the guest to accept the connection (what ssh's own
+/// `ConnectTimeout` would be; ssh does not time a proxy's connect).
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an SSH-related step failed.
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +116,25 @@ pub enum SshError {
         connected: bool,
         /// What the last attempt saw.
         last: String,
+    },
+    /// `banger ssh-dial` could not connect to the guest's SSH server.
+    #[error("cannot connect to ssh on {addr}: check that the vm is running (`banger vm list`)")]
+    Dial {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `banger ssh-dial` could not hand its connection to ssh.
+    #[error(
+        "cannot hand the connection to ssh over standard output: `banger ssh-dial` is run by ssh \
+         (ProxyUseFdpass), not by hand"
+    )]
+    Pass {
+        /// Why.
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -348,8 +376,16 @@ pub enum Tty {
 
 /// The `ssh` command that logs into `vm` as root at `guest_ip` with the user's banger key and
 /// banger's known_hosts, running `remote` (each argument quoted for the remote shell) or, when
-/// `remote` is empty, a login shell.
-pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[String], tty: Tty) -> Command {
+/// `remote` is empty, a login shell. `dialer` is the `banger` executable whose `ssh-dial` makes
+/// the connection; without one (its path unknown) ssh connects by itself, Nagle's algorithm on.
+pub fn ssh_command(
+    paths: &Paths,
+    vm: &VmId,
+    guest_ip: Ipv4Addr,
+    remote: &[String],
+    tty: Tty,
+    dialer: Option<&str>,
+) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-F").arg("/dev/null").arg("-i").arg(paths.ssh_key());
     let mut known = std::ffi::OsString::from("UserKnownHostsFile=");
@@ -368,6 +404,12 @@ pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[Strin
     ] {
         cmd.arg("-o").arg(opt);
     }
+    if let Some(dialer) = dialer {
+        // ssh expands `%` tokens in the command before its shell reads it.
+        let exe = shell_quote(dialer).replace('%', "%%");
+        cmd.arg("-o").arg(format!("ProxyCommand={exe} ssh-dial {}", SocketAddr::from((guest_ip, 22))));
+        cmd.arg("-o").arg("ProxyUseFdpass=yes");
+    }
     if tty == Tty::Force {
         cmd.arg("-t");
     }
@@ -376,6 +418,25 @@ pub fn ssh_command(paths: &Paths, vm: &VmId, guest_ip: Ipv4Addr, remote: &[Strin
         cmd.arg(remote.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "));
     }
     cmd
+}
+
+/// Connects to `addr` with Nagle's algorithm off and hands the socket to the `ssh` that runs this
+/// process as its `ProxyCommand` with `ProxyUseFdpass=yes`: one byte on `to_ssh` (a Unix socket,
+/// the proxy's standard output) carrying the descriptor.
+pub fn dial_for_ssh(addr: SocketAddr, to_ssh: BorrowedFd<'_>) -> Result<(), SshError> {
+    let dial = |source| SshError::Dial { addr, source };
+    let stream = std::net::TcpStream::connect_timeout(&addr, DIAL_TIMEOUT).map_err(dial)?;
+    stream.set_nodelay(true).map_err(dial)?;
+    let fds = [stream.as_raw_fd()];
+    sendmsg::<()>(
+        to_ssh.as_raw_fd(),
+        &[IoSlice::new(&[0])],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(|e| SshError::Pass { source: e.into() })?;
+    Ok(())
 }
 
 /// Reads lines until the SSH identification line.
@@ -583,7 +644,7 @@ mod tests {
             ["printf", "%s\\n", "two words", "it's", "$(touch /tmp/pwned)", ";", "`id`", "", "a\nb", "-v"]
                 .map(String::from)
                 .to_vec();
-        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &remote, Tty::Auto);
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &remote, Tty::Auto, None);
         assert_eq!(cmd.get_program(), "ssh");
         let args: Vec<String> = cmd.get_args().map(|a| a.to_str().unwrap().to_owned()).collect();
         let expected_prefix = [
@@ -627,9 +688,24 @@ mod tests {
         assert!(!Path::new("/tmp/pwned").exists());
 
         // No remote command: a login shell; Tty::Force adds -t.
-        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force);
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force, None);
         let args: Vec<_> = cmd.get_args().collect();
         assert_eq!(&args[args.len() - 3..], ["-t", "--", "root@172.30.0.2"]);
+
+        // With a dialer, ssh runs it (quoted for the shell, `%` kept from ssh's tokens) and
+        // takes the socket it passes back.
+        let cmd = ssh_command(
+            &paths,
+            &id,
+            Ipv4Addr::new(172, 30, 0, 2),
+            &[],
+            Tty::Auto,
+            Some("/opt/my banger%h/banger"),
+        );
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
+        let proxy = args.iter().position(|a| a.starts_with("ProxyCommand=")).expect("a ProxyCommand");
+        assert_eq!(args[proxy], "ProxyCommand='/opt/my banger%%h/banger' ssh-dial 172.30.0.2:22");
+        assert_eq!(args[proxy + 1..proxy + 3], ["-o", "ProxyUseFdpass=yes"]);
 
         // OpenSSH itself accepts every option and resolves them as intended (`-G` prints the
         // effective configuration without connecting). It drops an identity file that does not
@@ -638,7 +714,8 @@ mod tests {
         let paths = Paths::under(tmp.path(), 1000).unwrap();
         fs::create_dir(paths.keys_dir()).unwrap();
         fs::write(paths.ssh_key(), "").unwrap();
-        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force);
+        let cmd =
+            ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force, Some("/opt/100%/banger"));
         let out = Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let effective = String::from_utf8(out.stdout).unwrap();
@@ -659,11 +736,67 @@ mod tests {
             "checkhostip no",
             "updatehostkeys false",
             "requesttty true",
+            // `-G` prints the command before ssh expands `%%` to `%`.
+            "proxycommand /opt/100%%/banger ssh-dial 172.30.0.2:22",
+            "proxyusefdpass yes",
         ] {
             assert!(effective.lines().any(|l| l == line), "missing {line:?} in:\n{effective}");
         }
         // Only banger's key is offered, never the user's default identities.
         assert_eq!(effective.lines().filter(|l| l.starts_with("identityfile ")).count(), 1, "{effective}");
+    }
+
+    #[test]
+    fn dial_for_ssh_passes_a_connected_socket_without_nagle() {
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (ssh_end, dialer_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        dial_for_ssh(addr, dialer_end.as_fd()).unwrap();
+        let (mut accepted, _) = listener.accept().unwrap();
+
+        let mut byte = [0u8; 1];
+        let mut iov = [io::IoSliceMut::new(&mut byte)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let msg = nix::sys::socket::recvmsg::<()>(
+            ssh_end.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .unwrap();
+        assert_eq!(msg.bytes, 1, "OpenSSH reads one byte with the descriptor");
+        let fds: Vec<RawFd> = msg
+            .cmsgs()
+            .unwrap()
+            .flat_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(fds) => fds,
+                other => panic!("unexpected control message {other:?}"),
+            })
+            .collect();
+        assert_eq!(fds.len(), 1);
+        // SAFETY: the descriptor was just received, so this process owns it and nothing else
+        // closes it.
+        let passed = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        assert!(passed.nodelay().unwrap(), "Nagle's algorithm must be off");
+        assert_eq!(passed.peer_addr().unwrap(), addr);
+        use std::io::{Read, Write};
+        (&passed).write_all(b"SSH-2.0-client\r\n").unwrap();
+        let mut got = [0u8; 16];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"SSH-2.0-client\r\n");
+
+        // Nothing listening: the error names the address.
+        drop(listener);
+        let err = dial_for_ssh(addr, dialer_end.as_fd()).unwrap_err();
+        assert!(matches!(err, SshError::Dial { addr: a, .. } if a == addr), "{err:?}");
+        assert!(err.to_string().contains(&addr.to_string()), "{err}");
+        // Run by hand, standard output is no socket.
+        let file = tempfile::tempfile().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = dial_for_ssh(listener.local_addr().unwrap(), file.as_fd()).unwrap_err();
+        assert!(matches!(err, SshError::Pass { .. }), "{err:?}");
     }
 
     #[test]

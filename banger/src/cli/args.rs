@@ -44,6 +44,13 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Connect to ADDR and hand the connection to the ssh that runs this as its ProxyCommand
+    /// (`ProxyUseFdpass`), with Nagle's algorithm off; `banger vm ssh` and `vm run` use it.
+    #[command(hide = true)]
+    SshDial {
+        /// The guest's SSH address, IP:PORT.
+        addr: std::net::SocketAddr,
+    },
     /// Check that this host and your user can run VMs: one line per check, with the fix for
     /// each failure; exits non-zero when a required check fails.
     Doctor {

@@ -21,7 +21,8 @@ use crate::ssh;
 
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // These only print what the command line is: no state, and root may run them (to package).
+    // These need no state. The first two only print what the command line is, and root may run
+    // them (to package); `ssh-dial` serves the ssh a `vm ssh` or `vm run` started.
     match &cli.command {
         Command::Completions { shell } => {
             completions(*shell, &mut std::io::stdout());
@@ -29,6 +30,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Man { dir } => {
             man_pages(dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::SshDial { addr } => {
+            use std::os::fd::AsFd;
+            ssh::dial_for_ssh(*addr, std::io::stdout().as_fd())?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -44,7 +50,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm(&ctx, cmd).await,
         Command::Image(cmd) => image(&ctx, cmd).await,
         Command::Doctor { json } => doctor(&ctx, json).await,
-        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
+        Command::Completions { .. } | Command::Man { .. } | Command::SshDial { .. } => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -483,7 +491,11 @@ fn running_ip(vm: &VmView) -> anyhow::Result<Ipv4Addr> {
 fn run_ssh(ctx: &Ctx, vm: &VmView, ip: Ipv4Addr, command: &[String]) -> anyhow::Result<ExitCode> {
     let id: banger_protocol::VmId =
         vm.id.parse().map_err(|e| anyhow!("the daemon returned a bad vm id {:?}: {e}", vm.id))?;
-    let mut cmd = ssh::ssh_command(&ctx.paths, &id, ip, command, ssh::Tty::Auto);
+    // A `banger` replaced since this one started reads `/usr/bin/banger (deleted)`: ssh then
+    // connects by itself.
+    let exe = std::env::current_exe().ok().filter(|p| p.exists());
+    let dialer = exe.as_deref().and_then(Path::to_str);
+    let mut cmd = ssh::ssh_command(&ctx.paths, &id, ip, command, ssh::Tty::Auto, dialer);
     let status = cmd.status().context("cannot run ssh (install openssh-client)")?;
     Ok(exit_code(status))
 }
