@@ -43,13 +43,16 @@ use crate::paths::Paths;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the first attempt waits for the guest to answer its connection; each unanswered
 /// attempt doubles it, up to [`ATTEMPT_TIMEOUT`]. A connection to a guest whose network is not up
-/// yet gets no answer, and the kernel sends its SYN again only after a second.
-const FIRST_CONNECT_WAIT: Duration = Duration::from_millis(100);
+/// yet gets no answer, and the kernel sends its SYN again only after a second; a guest on its TAP
+/// answers within microseconds, so `vm run` on a guest that just came up waits at most this long
+/// for nothing, and a guest that takes a second sees about seven SYNs.
+const FIRST_CONNECT_WAIT: Duration = Duration::from_millis(10);
 /// The pause between attempts of [`wait_for_ssh`] that failed at once (refused, closed): short,
-/// since `vm run` waits this long beyond the moment the guest's sshd listens, and a refused
-/// connection costs next to nothing. A guest whose network is not up yet makes the attempt itself
-/// wait (see [`FIRST_CONNECT_WAIT`]), not this pause.
-const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// since `vm run` waits up to this long beyond the moment the guest's sshd listens, and a refused
+/// connection costs next to nothing (a guest whose init takes a second to start sshd sees about
+/// 200). A guest whose network is not up yet makes the attempt itself wait (see
+/// [`FIRST_CONNECT_WAIT`]), not this pause.
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// How much a server may send before its identification line.
 const BANNER_LIMIT: u64 = 8192;
 /// How long [`dial_for_ssh`] waits for the guest to accept the connection (what ssh's own

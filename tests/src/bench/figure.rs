@@ -145,7 +145,7 @@ impl Phases {
 
 /// Runs `cmd` to completion, quietly; its wall time in milliseconds.
 pub fn time_ms(mut cmd: Command) -> anyhow::Result<f64> {
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     let at = Instant::now();
     let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     let took = at.elapsed().as_secs_f64() * 1e3;

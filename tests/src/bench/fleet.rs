@@ -1,7 +1,8 @@
 //! `bench`'s figures about many VMs and about `vm run`, in an end-to-end world
 //! ([`crate::e2e::World`]) with the Firecracker test double as the VMM:
 //!
-//! - [`vm_run`]: `banger vm run -- true` on a stopped VM, its wall time, the start's control plane
+//! - [`vm_run`]: `banger vm run -- true` on a stopped VM (run straight as the user, in the
+//!   world's network namespace, without the test launcher's processes), its wall time, the start's control plane
 //!   inside it and what is outside the start (the CLI, waiting for SSH, the command over SSH),
 //!   and the guest's own boot to its SSH server (from its console) against the rest;
 //!   `banger vm ssh -- true` on the running VM beside it, the command alone;
@@ -28,7 +29,7 @@ use banger::ids::new_vm_id;
 use banger::model::{VmHandles, VmRuntime, VmState};
 use banger::paths::Paths;
 
-use super::figure::{Figure, Phases, last_start_timings, rss_mib, start_timings};
+use super::figure::{Figure, Phases, last_start_timings, rss_mib, start_timings, time_ms};
 use crate::e2e::world::IMAGE;
 use crate::e2e::{Who, World};
 
@@ -60,13 +61,9 @@ pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
     let log = world.daemon_log(A);
     let (mut wall, mut control, mut outside, mut ssh) = (vec![], vec![], vec![], vec![]);
     let (mut boot, mut beyond) = (vec![], vec![]);
+    let cli = world.cli(A);
     for round in 0..rounds + 2 {
-        let at = Instant::now();
-        let out = world.vm_run(A, "run", &["true"]);
-        let took = at.elapsed().as_secs_f64() * 1e3;
-        if !out.success() {
-            bail!("`vm run -- true` failed:\n{out}");
-        }
+        let took = time_ms(cli.banger_in_place(&["vm", "run", "--name", "run", "--", "true"]))?;
         let t = last_start_timings(&log)?;
         let vm_dir = world.show(A, "run").vm_dir.context("vm show gives no vm_dir")?;
         let console = vm_dir.join("serial.log");
@@ -74,12 +71,7 @@ pub fn vm_run(world: &World, rounds: usize) -> anyhow::Result<Vec<Figure>> {
             std::fs::read_to_string(&console).with_context(|| format!("read {}", console.display()))?;
         let sshd_at = guest_sshd_at(&console)
             .with_context(|| format!("no dropbear start with a time before it on the console:\n{console}"))?;
-        let at = Instant::now();
-        let out = world.ssh(A, "run", &["true"]);
-        let alone = at.elapsed().as_secs_f64() * 1e3;
-        if !out.success() {
-            bail!("`vm ssh -- true` failed:\n{out}");
-        }
+        let alone = time_ms(cli.banger_in_place(&["vm", "ssh", "run", "--", "true"]))?;
         world.banger_ok(A, &["vm", "stop", "--force", "run"]);
         if round >= 2 {
             wall.push(took);

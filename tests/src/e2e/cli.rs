@@ -144,19 +144,33 @@ impl Cli {
         cmd
     }
 
-    /// `banger args…` as the user without the launcher: in the caller's namespaces, with the
-    /// user's uid, gid (no supplementary groups) and environment. Enough for a command that only
-    /// talks to a daemon already running (`vm list`), timed without the launcher's own processes.
+    /// `banger args…` as the user without the launcher: in the world's network namespace (so
+    /// guests are reachable) but the caller's other namespaces, with the user's uid, gid (no
+    /// supplementary groups) and environment. Enough for commands that talk to a daemon already
+    /// running (`vm list`, `vm start`) and reach guests (`vm ssh`, `vm run` of a created VM),
+    /// timed without the launcher's own processes.
     pub fn banger_in_place(&self, args: &[&str]) -> Command {
+        use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let l = &self.launch;
+        let ns_path = Path::new("/run/netns").join(&l.netns);
+        let netns = std::fs::File::open(&ns_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", ns_path.display()));
+        let (uid, gid) = (l.account.uid, l.account.gid);
         let mut cmd = Command::new(l.bin_dir.join("banger"));
-        cmd.args(args)
-            .env_clear()
-            .envs(self.environment())
-            .uid(l.account.uid)
-            .gid(l.account.gid)
-            .current_dir(&l.home);
+        cmd.args(args).env_clear().envs(self.environment()).current_dir(&l.home);
+        // SAFETY: setns, setgroups, setgid and setuid are async-signal-safe; the namespace file
+        // is moved into the closure, so it stays open until the child has entered it.
+        unsafe {
+            cmd.pre_exec(move || {
+                let check =
+                    |rc: libc::c_int| if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
+                check(libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET))?;
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))
+            });
+        }
         cmd
     }
 
