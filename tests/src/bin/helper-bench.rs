@@ -13,7 +13,10 @@
 //! route), which the benchmark enters before it starts anything, so the helper, the shell commands
 //! and the in-process operations all work in it. What is measured:
 //!
-//! 1. ping round trip through the socket (p50, p99);
+//! 1. ping round trip through the socket (p50, p99), against the same frame echoed by a process
+//!    that does nothing else (this program again, with `--echo`, reading its standard input), the
+//!    two alternating in blocks of 1,000: the floor any helper has on this machine, two processes
+//!    waking each other;
 //! 2. one VM's host setup (TAP, NAT up, and where the helper can make dm-snapshot roots two loop
 //!    attaches and the dm-snapshot with its node — where it cannot, it attaches no loop device
 //!    and bangerd copies the image instead, which is not the helper's work; the lease is taken by
@@ -76,6 +79,54 @@ struct Args {
     /// `n`, `p90`), as `bench` reads them.
     #[arg(long)]
     json: bool,
+    /// Echo every frame read on standard input (a Unix socket) back to it, until it closes: the
+    /// ping baseline's other process.
+    #[arg(long, hide = true)]
+    echo: bool,
+}
+
+/// `--echo`: the baseline's server.
+fn echo() -> anyhow::Result<()> {
+    use banger_protocol::frame::{FrameError, read_frame_blocking, write_frame_blocking};
+    let stdin = std::io::stdin();
+    loop {
+        match read_frame_blocking(stdin.as_fd()) {
+            Ok(frame) => write_frame_blocking(stdin.as_fd(), &frame.payload, &[])?,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// The baseline's client: a child process echoing frames ([`echo`]).
+struct Echo {
+    sock: UnixStream,
+    child: Child,
+}
+
+impl Echo {
+    fn spawn() -> anyhow::Result<Echo> {
+        let (sock, theirs) = UnixStream::pair()?;
+        let exe = std::env::current_exe().context("cannot find this program for --echo")?;
+        let child = Command::new(exe).arg("--echo").stdin(Stdio::from(OwnedFd::from(theirs))).spawn()?;
+        Ok(Echo { sock, child })
+    }
+
+    /// One `Ping` sent and its echo read back, as [`Client::call`] does.
+    fn ping(&self) -> anyhow::Result<()> {
+        send_blocking(self.sock.as_fd(), &Request::Ping, &[])?;
+        let (r, _) = recv_blocking::<Request>(self.sock.as_fd())?;
+        anyhow::ensure!(matches!(r, Request::Ping), "the echo sent back {r:?}");
+        Ok(())
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        let Echo { sock, mut child } = self;
+        drop(sock);
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "the echo process ended with {status}");
+        Ok(())
+    }
 }
 
 const UPLINK: &str = "up0";
@@ -693,6 +744,9 @@ fn json_line(metric: &str, scale: f64, unit: &str, value: &Stats, baseline: Opti
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.echo {
+        return echo();
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("helper-bench must run as root: it starts the helper and creates TAPs, rules and loop devices");
     }
@@ -746,17 +800,31 @@ fn main() -> anyhow::Result<()> {
     }
     let mut shell = Shell { devices: Vec::new(), target: None, dm, ns: shell_ns };
 
-    // 1. Ping.
+    // 1. Ping, against the bare echo, alternating block by block: a ping right after the other
+    // process's finds the CPUs awake, so alternating ping by ping would favour one of them.
+    let bare = Echo::spawn()?;
     for _ in 0..1000 {
         via.client.call(Request::Ping, &[])?;
+        bare.ping()?;
     }
-    let mut samples = Vec::with_capacity(args.pings);
-    for _ in 0..args.pings {
-        let t = Instant::now();
-        via.client.call(Request::Ping, &[])?;
-        samples.push(t.elapsed());
+    let (mut samples, mut bare_samples) = (Vec::with_capacity(args.pings), Vec::with_capacity(args.pings));
+    const BLOCK: usize = 5000;
+    while samples.len() < args.pings {
+        let n = BLOCK.min(args.pings - samples.len());
+        for _ in 0..n {
+            let t = Instant::now();
+            via.client.call(Request::Ping, &[])?;
+            samples.push(t.elapsed());
+        }
+        for _ in 0..n {
+            let t = Instant::now();
+            bare.ping()?;
+            bare_samples.push(t.elapsed());
+        }
     }
+    bare.stop()?;
     let ping = Stats::new(samples);
+    let bare = Stats::new(bare_samples);
 
     // 2. One VM, three ways, alternating.
     let mut setup: [Vec<Duration>; 3] = Default::default();
@@ -823,6 +891,13 @@ fn main() -> anyhow::Result<()> {
         "ping round trip:  p50 {}  p99 {}   (target p50 <= 50 µs, p99 <= 200 µs)",
         us(ping.median()),
         us(ping.pct(99))
+    )?;
+    writeln!(
+        out,
+        "  bare echo:       p50 {}  p99 {}   (helper / bare: {:.2}x)",
+        us(bare.median()),
+        us(bare.pct(99)),
+        ratio(ping.median(), bare.median())
     )?;
     writeln!(out)?;
     writeln!(out, "one VM (medians of {} rounds)   helper      shell       in-process", args.rounds)?;
@@ -897,7 +972,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     if args.json {
         let lines = [
-            json_line("helper ping round trip", 1e6, "us", &ping, None),
+            json_line("helper ping round trip vs bare echo", 1e6, "us", &ping, Some(&bare)),
             json_line("host setup: helper vs shell", 1e3, "ms", h_s, Some(sh_s)),
             json_line("host setup: helper vs in-process", 1e3, "ms", h_s, Some(f_s)),
             json_line("host teardown: helper vs shell", 1e3, "ms", h_t, Some(sh_t)),
