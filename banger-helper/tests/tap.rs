@@ -46,6 +46,16 @@ fn tap_create_and_teardown_as_an_unprivileged_uid() {
     // The guest is at its MAC for good: the host never asks.
     let neigh = ns.sh(&["ip", "-4", "neigh", "show", "dev", &tap.name]);
     assert_eq!(neigh.trim(), format!("{} lladdr {} PERMANENT", tap.guest_ip, tap.guest_mac), "{neigh}");
+    // The host acknowledges what the guest sends at once (`linkdown` until a VMM opens the TAP).
+    let route = ns.sh(&["ip", "-4", "route", "show", &format!("{}/32", tap.guest_ip)]);
+    assert_eq!(
+        route.trim(),
+        format!(
+            "{} dev {} proto static scope link src {} linkdown quickack 1",
+            tap.guest_ip, tap.name, tap.host_ip
+        ),
+        "{route}"
+    );
 
     // Firecracker, running as a, can open it with its flags; nobody else can.
     assert_eq!(open_tap_as(&ns, &tap.name, a), Ok(()));

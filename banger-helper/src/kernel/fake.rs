@@ -32,6 +32,8 @@ pub struct FakeLink {
     pub addresses: Vec<(Ipv4Addr, u8)>,
     /// Permanent neighbour entries.
     pub neighbours: Vec<(Ipv4Addr, [u8; 6])>,
+    /// Routes to a guest alone: (guest, source).
+    pub guest_routes: Vec<(Ipv4Addr, Ipv4Addr)>,
     /// Up or not.
     pub up: bool,
 }
@@ -257,6 +259,19 @@ impl Links for FakeKernel {
         let link =
             w.links.get_mut(name).ok_or_else(|| KernelError::errno("add_neighbour", name, Errno::ENODEV))?;
         link.neighbours.push((addr, mac));
+        Ok(())
+    }
+
+    async fn add_guest_route(&self, name: &str, guest: Ipv4Addr, host: Ipv4Addr) -> KResult<()> {
+        let mut w = self.call("add_guest_route", name)?;
+        let link = w
+            .links
+            .get_mut(name)
+            .ok_or_else(|| KernelError::errno("add_guest_route", name, Errno::ENODEV))?;
+        if !link.up {
+            return Err(KernelError::errno("add_guest_route", name, Errno::ENETDOWN));
+        }
+        link.guest_routes.push((guest, host));
         Ok(())
     }
 

@@ -123,6 +123,16 @@ pub trait Links: Send + Sync {
         addr: Ipv4Addr,
         mac: [u8; 6],
     ) -> impl Future<Output = KResult<()>> + Send;
+    /// Adds a route to `guest` alone through the (up) link, from `host`, with quick
+    /// acknowledgements (`RTAX_QUICKACK`): the host acknowledges each segment the guest sends at
+    /// once, so a guest's small write held back by Nagle's algorithm is not held for the host's
+    /// delayed acknowledgement.
+    fn add_guest_route(
+        &self,
+        name: &str,
+        guest: Ipv4Addr,
+        host: Ipv4Addr,
+    ) -> impl Future<Output = KResult<()>> + Send;
     /// The names of every link.
     fn list(&self) -> impl Future<Output = KResult<Vec<String>>> + Send;
     /// Hands the existing TAP `name` to `owner` (`TUNSETOWNER`); a link that is not there counts

@@ -613,14 +613,29 @@ impl Path3 for Shell {
     }
 
     fn setup(&mut self, id: &str, files: &Files) -> anyhow::Result<Duration> {
-        let (tap, host, _guest) = Self::addresses(id);
+        let (tap, host, guest) = Self::addresses(id);
         let base = files.base.to_string_lossy().into_owned();
         let cow = files.cow.to_string_lossy().into_owned();
         let start = Instant::now();
         self.run(&["ip", "tuntap", "add", "dev", &tap, "mode", "tap", "vnet_hdr", "user", "0"])?;
         self.run(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])?;
         self.run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &tap])?;
+        let mac = banger_policy::addr::guest_mac_bytes(guest).map(|b| format!("{b:02x}")).join(":");
+        let (guest, host_ip) = (guest.to_string(), host.to_string());
+        self.run(&["ip", "neigh", "add", &guest, "lladdr", &mac, "dev", &tap, "nud", "permanent"])?;
         self.run(&["ip", "link", "set", &tap, "up"])?;
+        self.run(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{guest}/32"),
+            "dev",
+            &tap,
+            "src",
+            &host_ip,
+            "quickack",
+            "1",
+        ])?;
         self.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
         for (table, chain, parent) in
             [("filter", SH_FWD, "FORWARD"), ("filter", SH_IN, "INPUT"), ("nat", SH_POST, "POSTROUTING")]

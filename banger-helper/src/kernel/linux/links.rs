@@ -1,6 +1,6 @@
 //! Links on Linux: TAPs are made with the tun driver's ioctls (the driver refuses creation over
-//! netlink); everything else — addresses, link state, deletion, the default route — goes over
-//! rtnetlink, on a connection opened in the helper's network namespace.
+//! netlink); everything else — addresses, neighbours, a guest's route, link state, deletion, the
+//! default route — goes over rtnetlink, on a connection opened in the helper's network namespace.
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -15,7 +15,7 @@ use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteHeader, RouteMetric, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::kernel::{KResult, KernelError, LinkOwner, Links};
@@ -239,6 +239,19 @@ impl Links for NetlinkLinks {
             .execute()
             .await
             .map_err(|e| nl_err("RTM_NEWNEIGH", name, e))
+    }
+
+    async fn add_guest_route(&self, name: &str, guest: Ipv4Addr, host: Ipv4Addr) -> KResult<()> {
+        let index = self.index(name, "RTM_NEWROUTE").await?;
+        let mut msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(guest, 32)
+            .output_interface(index)
+            .pref_source(host)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Static)
+            .build();
+        msg.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::QuickAck(1)]));
+        self.handle.route().add(msg).execute().await.map_err(|e| nl_err("RTM_NEWROUTE", name, e))
     }
 
     async fn owner(&self, name: &str) -> KResult<LinkOwner> {
