@@ -488,10 +488,7 @@ fn jail_launch(
         });
     };
     jail_files(ledger, uid, install, vm, files, observed)?;
-    let tap = match ledger.find(uid, install, vm, ObjectKind::Tap) {
-        Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
-        _ => None,
-    };
+    let tap = ledger.tap_name(uid, install, vm).map(str::to_owned);
     Ok(Grant::Jail(Box::new(JailGrant {
         jail_uid,
         tap,

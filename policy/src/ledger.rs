@@ -247,6 +247,14 @@ impl Ledger {
         self.entries.iter().find(|e| e.is(uid, install, vm, kind))
     }
 
+    /// The name of the TAP the ledger holds for `(uid, install, vm)`, if any.
+    pub fn tap_name(&self, uid: u32, install: &InstallId, vm: &VmId) -> Option<&str> {
+        match self.find(uid, install, vm, ObjectKind::Tap) {
+            Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name),
+            _ => None,
+        }
+    }
+
     /// Every object of `uid`, across its installs, in ledger order.
     pub fn entries_of(&self, uid: u32) -> impl Iterator<Item = &LedgerEntry> {
         self.entries.iter().filter(move |e| e.uid == uid)
@@ -557,6 +565,13 @@ mod tests {
         assert!(l.find(1001, &a, &v1, ObjectKind::Nat).is_none(), "another uid's key");
         assert!(l.find(1000, &install("c"), &v1, ObjectKind::Tap).is_none(), "another install");
         assert!(l.find(1000, &a, &vm("vm2"), ObjectKind::Tap).is_none(), "another vm");
+        // The TAP's name, only for a TAP of that very key.
+        let name = |uid, i: &str, v: &str| l.tap_name(uid, &install(i), &vm(v)).map(str::to_owned);
+        assert_eq!(name(1000, "a", "vm1").as_deref(), Some("bg1000vm1"));
+        assert_eq!(name(1001, "a", "vm1").as_deref(), Some("bg1001vm1"));
+        assert_eq!(name(1000, "b", "vm2"), None, "a VM with only a loop");
+        assert_eq!(name(1000, "c", "vm1"), None, "another install");
+        assert_eq!(name(1002, "a", "vm1"), None);
     }
 
     #[test]

@@ -205,10 +205,13 @@ impl JailConfig {
     }
 }
 
+/// The longest jail id (the jailer's own limit).
+pub const MAX_ID_LEN: usize = 64;
+
 /// Whether `id` is a jail id (the jailer's rule, narrowed to lowercase as the helper derives
-/// them): 1–64 of `[a-z0-9-]`.
+/// them): 1–[`MAX_ID_LEN`] of `[a-z0-9-]`.
 pub fn valid_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
+    (1..=MAX_ID_LEN).contains(&id.len())
         && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 

@@ -7,20 +7,16 @@
 //! counts are the helper's, but the launcher holds capabilities the helper dropped, so nothing it
 //! acts on is taken unchecked. A message that does not decode or check ends the conversation.
 
-use std::os::fd::OwnedFd;
-
 use banger_protocol::{IfName, JailFiles, VmShape};
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
+use crate::jail::MAX_ID_LEN;
 use crate::kernel::{JailOrder, JailState, KernelError, UserLimits};
 
 /// The most jails one [`Answer::Listed`] carries: with ids of at most [`MAX_ID_LEN`] bytes this
 /// keeps the answer well under a frame.
 pub const MAX_LISTED: usize = 512;
-
-/// The longest jail id (the jailer's own limit).
-pub const MAX_ID_LEN: usize = 64;
 
 /// The longest per-user cgroup path (relative to each hierarchy).
 pub const MAX_CGROUP_LEN: usize = 255;
@@ -140,14 +136,8 @@ pub enum Malformed {
     Pid(i32),
 }
 
-/// Whether `id` is a jail id the helper derives: 1–64 of `[a-z0-9-]`.
-pub fn valid_id(id: &str) -> bool {
-    (1..=MAX_ID_LEN).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 fn check_id(id: &str) -> Result<(), Malformed> {
-    if valid_id(id) { Ok(()) } else { Err(Malformed::Id(id.to_owned())) }
+    if crate::jail::valid_id(id) { Ok(()) } else { Err(Malformed::Id(id.to_owned())) }
 }
 
 fn check_cgroup(path: &str) -> Result<(), Malformed> {
@@ -317,12 +307,9 @@ impl Failure {
     }
 }
 
-/// Descriptors received with an order, as the jail functions take them.
-pub type Files = Vec<OwnedFd>;
-
 #[cfg(test)]
 mod tests {
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, OwnedFd};
     use std::os::unix::net::UnixStream;
 
     use banger_protocol::frame::{self, FrameError};

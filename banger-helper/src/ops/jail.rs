@@ -36,15 +36,12 @@ use super::{Caller, Done, Helper, State};
 use crate::kernel::{JailOrder, Jails as _, KResult, Kernel, Links as _, UserLimits};
 use crate::names::VmKey;
 
-/// The names an audit record of a jail carries: its id and its uid.
 /// The TAP the ledger holds for a jail entry's VM, if any.
 pub(crate) fn jail_tap(ledger: &Ledger, entry: &LedgerEntry) -> Option<String> {
-    match ledger.find(entry.uid, &entry.install, &entry.vm, ObjectKind::Tap) {
-        Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
-        _ => None,
-    }
+    ledger.tap_name(entry.uid, &entry.install, &entry.vm).map(str::to_owned)
 }
 
+/// The names an audit record of a jail carries: its id and its uid.
 pub(crate) fn jail_names(entry: &LedgerEntry) -> Vec<String> {
     match &entry.object {
         Object::Jail { id, jail_uid, .. } => vec![id.clone(), format!("uid={jail_uid}")],

@@ -127,10 +127,7 @@ impl<K: Kernel> Helper<K> {
         // Which TAPs go, by the rule above.
         let mut taps = Vec::new();
         for (vm, key) in vms.iter().zip(&keys) {
-            let held = match st.ledger.find(c.uid, c.install, vm, ObjectKind::Tap) {
-                Some(LedgerEntry { object: Object::Tap { name, .. }, .. }) => Some(name.clone()),
-                _ => None,
-            };
+            let held = st.ledger.tap_name(c.uid, c.install, vm).map(str::to_owned);
             let name = held.clone().unwrap_or_else(|| key.tap_name());
             names.push(name.clone());
             let doomed = match held {
