@@ -11,13 +11,16 @@
 //!   replace the file atomically, so VMs starting in parallel do not lose each other's pins.
 //! - [`ssh_command`] builds the `ssh` command line. It ignores the user's own ssh config
 //!   (`-F /dev/null`) and agent identities, so nothing outside banger changes how a guest is
-//!   reached. ssh does not connect itself: its `ProxyCommand` is `banger ssh-dial ADDR`
-//!   ([`dial_for_ssh`]), which connects with Nagle's algorithm off and hands the socket back
-//!   (`ProxyUseFdpass`). OpenSSH turns Nagle off only for sessions with a terminal; with it on,
-//!   each of the key exchange's small messages that follows another waits for the guest's
-//!   delayed acknowledgement (40 ms on Linux), about 80 ms per login. The remote command is sent as one string in which every argument is quoted for a
+//!   reached. The remote command is sent as one string in which every argument is quoted for a
 //!   POSIX shell: `banger vm ssh dev -- ls "my file"` lists the file named `my file`, and shell
 //!   syntax in an argument is never interpreted. Use `-- sh -c '...'` for pipelines.
+//! - ssh does not connect by itself: its `ProxyCommand` is `banger ssh-dial ADDR`
+//!   ([`dial_for_ssh`]), which connects with Nagle's algorithm off and hands the socket back
+//!   (`ProxyUseFdpass`). OpenSSH turns Nagle off only for sessions with a terminal; with it on,
+//!   each small message of the key exchange that follows another waits for the guest's delayed
+//!   acknowledgement (40 ms on Linux). ssh runs the command with `$SHELL -c`: banger gives it
+//!   `/bin/sh` whatever the user's login shell (whose startup files could write where the socket
+//!   is expected), and the dialer's path in `BANGER_SSH_DIALER`, so no path is ever quoted.
 //! - [`wait_for_ssh`] retries a TCP connect and reads the server's identification line
 //!   (`SSH-2.0-...`, possibly after other lines, as RFC 4253 allows) until it arrives or the
 //!   deadline passes; the error says what the last attempt saw.
@@ -55,9 +58,11 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_millis(10);
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
 /// How much a server may send before its identification line.
 const BANNER_LIMIT: u64 = 8192;
-/// How long [`dial_for_ssh`] waits for the guest to accept the connection (what ssh's own
-/// `ConnectTimeout` would be; ssh does not time a proxy's connect).
+/// How long [`dial_for_ssh`] waits for the guest to accept the connection (ssh does not time a
+/// proxy's connect), and ssh's `ConnectTimeout` for the banner exchange after it.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The environment variable that carries the dialer's path to ssh's `ProxyCommand`.
+const DIALER_ENV: &str = "BANGER_SSH_DIALER";
 
 /// Why an SSH-related step failed.
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +126,9 @@ pub enum SshError {
         last: String,
     },
     /// `banger ssh-dial` could not connect to the guest's SSH server.
-    #[error("cannot connect to ssh on {addr}: check that the vm is running (`banger vm list`)")]
+    #[error(
+        "the guest's ssh server at {addr} does not accept connections: see what the guest printed with `banger vm logs NAME`"
+    )]
     Dial {
         /// The address tried.
         addr: SocketAddr,
@@ -131,8 +138,8 @@ pub enum SshError {
     },
     /// `banger ssh-dial` could not hand its connection to ssh.
     #[error(
-        "cannot hand the connection to ssh over standard output: `banger ssh-dial` is run by ssh \
-         (ProxyUseFdpass), not by hand"
+        "cannot hand the connection to ssh over standard output: ssh gave up, or this was not run \
+         by ssh as its ProxyCommand with ProxyUseFdpass"
     )]
     Pass {
         /// Why.
@@ -387,7 +394,7 @@ pub fn ssh_command(
     guest_ip: Ipv4Addr,
     remote: &[String],
     tty: Tty,
-    dialer: Option<&str>,
+    dialer: Option<&Path>,
 ) -> Command {
     let mut cmd = Command::new("ssh");
     cmd.arg("-F").arg("/dev/null").arg("-i").arg(paths.ssh_key());
@@ -403,14 +410,14 @@ pub fn ssh_command(
         "IdentitiesOnly=yes".to_owned(),
         "BatchMode=yes".to_owned(),
         "LogLevel=ERROR".to_owned(),
-        "ConnectTimeout=10".to_owned(),
+        format!("ConnectTimeout={}", DIAL_TIMEOUT.as_secs()),
     ] {
         cmd.arg("-o").arg(opt);
     }
     if let Some(dialer) = dialer {
-        // ssh expands `%` tokens in the command before its shell reads it.
-        let exe = shell_quote(dialer).replace('%', "%%");
-        cmd.arg("-o").arg(format!("ProxyCommand={exe} ssh-dial {}", SocketAddr::from((guest_ip, 22))));
+        cmd.env("SHELL", "/bin/sh").env(DIALER_ENV, dialer);
+        let addr = SocketAddr::from((guest_ip, 22));
+        cmd.arg("-o").arg(format!("ProxyCommand=\"${DIALER_ENV}\" ssh-dial {addr}"));
         cmd.arg("-o").arg("ProxyUseFdpass=yes");
     }
     if tty == Tty::Force {
@@ -695,20 +702,17 @@ mod tests {
         let args: Vec<_> = cmd.get_args().collect();
         assert_eq!(&args[args.len() - 3..], ["-t", "--", "root@172.30.0.2"]);
 
-        // With a dialer, ssh runs it (quoted for the shell, `%` kept from ssh's tokens) and
-        // takes the socket it passes back.
-        let cmd = ssh_command(
-            &paths,
-            &id,
-            Ipv4Addr::new(172, 30, 0, 2),
-            &[],
-            Tty::Auto,
-            Some("/opt/my banger%h/banger"),
-        );
+        // With a dialer, ssh runs it through /bin/sh, its path from the environment, and takes
+        // the socket it passes back.
+        let dialer = Path::new("/opt/my 'banger'%h\\/banger");
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Auto, Some(dialer));
         let args: Vec<_> = cmd.get_args().map(|a| a.to_str().unwrap()).collect();
         let proxy = args.iter().position(|a| a.starts_with("ProxyCommand=")).expect("a ProxyCommand");
-        assert_eq!(args[proxy], "ProxyCommand='/opt/my banger%%h/banger' ssh-dial 172.30.0.2:22");
+        assert_eq!(args[proxy], "ProxyCommand=\"$BANGER_SSH_DIALER\" ssh-dial 172.30.0.2:22");
         assert_eq!(args[proxy + 1..proxy + 3], ["-o", "ProxyUseFdpass=yes"]);
+        let envs: Vec<_> = cmd.get_envs().collect();
+        assert!(envs.contains(&(std::ffi::OsStr::new("SHELL"), Some(std::ffi::OsStr::new("/bin/sh")))));
+        assert!(envs.contains(&(std::ffi::OsStr::new("BANGER_SSH_DIALER"), Some(dialer.as_os_str()))));
 
         // OpenSSH itself accepts every option and resolves them as intended (`-G` prints the
         // effective configuration without connecting). It drops an identity file that does not
@@ -717,8 +721,7 @@ mod tests {
         let paths = Paths::under(tmp.path(), 1000).unwrap();
         fs::create_dir(paths.keys_dir()).unwrap();
         fs::write(paths.ssh_key(), "").unwrap();
-        let cmd =
-            ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force, Some("/opt/100%/banger"));
+        let cmd = ssh_command(&paths, &id, Ipv4Addr::new(172, 30, 0, 2), &[], Tty::Force, Some(dialer));
         let out = Command::new("ssh").arg("-G").args(cmd.get_args()).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let effective = String::from_utf8(out.stdout).unwrap();
@@ -739,14 +742,41 @@ mod tests {
             "checkhostip no",
             "updatehostkeys false",
             "requesttty true",
-            // `-G` prints the command before ssh expands `%%` to `%`.
-            "proxycommand /opt/100%%/banger ssh-dial 172.30.0.2:22",
+            "proxycommand \"$BANGER_SSH_DIALER\" ssh-dial 172.30.0.2:22",
             "proxyusefdpass yes",
         ] {
             assert!(effective.lines().any(|l| l == line), "missing {line:?} in:\n{effective}");
         }
         // Only banger's key is offered, never the user's default identities.
         assert_eq!(effective.lines().filter(|l| l.starts_with("identityfile ")).count(), 1, "{effective}");
+    }
+
+    #[test]
+    fn ssh_runs_the_dialer_whatever_its_path() {
+        // A dialer in a directory whose name a shell or ssh would have to quote; it writes down
+        // its arguments and passes nothing back, so ssh then gives up.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("my 'banger'%h\\ $HOME");
+        fs::create_dir(&dir).unwrap();
+        let dialer = dir.join("banger");
+        let seen = tmp.path().join("seen");
+        fs::write(&dialer, format!("#!/bin/sh\necho \"$@\" > '{}'\n", seen.display())).unwrap();
+        fs::set_permissions(&dialer, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let paths = Paths::under(tmp.path(), 1000).unwrap();
+        let mut cmd = ssh_command(
+            &paths,
+            &vm("0123456789abcdef"),
+            Ipv4Addr::new(172, 30, 0, 2),
+            &[],
+            Tty::Auto,
+            Some(&dialer),
+        );
+        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success());
+        let args = fs::read_to_string(&seen).unwrap_or_else(|e| {
+            panic!("the dialer never ran ({e}): {}", String::from_utf8_lossy(&out.stderr))
+        });
+        assert_eq!(args, "ssh-dial 172.30.0.2:22\n");
     }
 
     #[test]

@@ -491,13 +491,18 @@ fn running_ip(vm: &VmView) -> anyhow::Result<Ipv4Addr> {
 fn run_ssh(ctx: &Ctx, vm: &VmView, ip: Ipv4Addr, command: &[String]) -> anyhow::Result<ExitCode> {
     let id: banger_protocol::VmId =
         vm.id.parse().map_err(|e| anyhow!("the daemon returned a bad vm id {:?}: {e}", vm.id))?;
-    // A `banger` replaced since this one started reads `/usr/bin/banger (deleted)`: ssh then
-    // connects by itself.
-    let exe = std::env::current_exe().ok().filter(|p| p.exists());
-    let dialer = exe.as_deref().and_then(Path::to_str);
-    let mut cmd = ssh::ssh_command(&ctx.paths, &id, ip, command, ssh::Tty::Auto, dialer);
+    let dialer = own_executable();
+    let mut cmd = ssh::ssh_command(&ctx.paths, &id, ip, command, ssh::Tty::Auto, dialer.as_deref());
     let status = cmd.status().context("cannot run ssh (install openssh-client)")?;
     Ok(exit_code(status))
+}
+
+/// This process's executable as a path another process can run while this one lives:
+/// `/proc/PID/exe`, which still opens this binary after an upgrade replaced its file. `None`
+/// without `/proc`.
+fn own_executable() -> Option<std::path::PathBuf> {
+    let exe = std::path::PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    exe.exists().then_some(exe)
 }
 
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
@@ -735,6 +740,13 @@ mod tests {
 
     fn shape() -> VmShape {
         VmShape { image: Some("base".into()), vcpus: None, memory_mib: None, disk_bytes: None }
+    }
+
+    #[test]
+    fn ssh_dials_through_this_very_executable() {
+        let exe = own_executable().expect("/proc/PID/exe");
+        assert_eq!(exe, std::path::PathBuf::from(format!("/proc/{}/exe", std::process::id())));
+        assert_eq!(std::fs::canonicalize(&exe).unwrap(), std::env::current_exe().unwrap());
     }
 
     #[tokio::test]

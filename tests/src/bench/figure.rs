@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
@@ -143,12 +143,33 @@ impl Phases {
     }
 }
 
-/// Runs `cmd` to completion, quietly; its wall time in milliseconds.
+/// How long a command [`time_ms`] runs may take before it is killed, with its process group.
+const TIMED_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `cmd` to completion, quietly, in a process group of its own (killed after
+/// [`TIMED_LIMIT`]); its wall time in milliseconds.
 pub fn time_ms(mut cmd: Command) -> anyhow::Result<f64> {
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).process_group(0);
     let at = Instant::now();
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (ended, ended_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        let late = ended_rx.recv_timeout(TIMED_LIMIT) == Err(std::sync::mpsc::RecvTimeoutError::Timeout);
+        if late {
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        }
+        late
+    });
+    let out = child.wait_with_output();
     let took = at.elapsed().as_secs_f64() * 1e3;
+    let _ = ended.send(());
+    let killed = watchdog.join().unwrap_or(false);
+    let out = out.with_context(|| format!("cannot wait for {cmd:?}"))?;
+    if killed {
+        bail!("{cmd:?} did not end within {} s: killed", TIMED_LIMIT.as_secs());
+    }
     if !out.status.success() {
         bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }

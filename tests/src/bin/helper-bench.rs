@@ -15,7 +15,7 @@
 //!
 //! 1. ping round trip through the socket (p50, p99), against the same frame echoed by a process
 //!    that does nothing else (this program again, with `--echo`, reading its standard input), the
-//!    two alternating in blocks of 1,000: the floor any helper has on this machine, two processes
+//!    two alternating in blocks of 5,000: the floor any helper has on this machine, two processes
 //!    waking each other;
 //! 2. one VM's host setup (TAP, NAT up, and where the helper can make dm-snapshot roots two loop
 //!    attaches and the dm-snapshot with its node — where it cannot, it attaches no loop device

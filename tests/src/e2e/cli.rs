@@ -148,12 +148,17 @@ impl Cli {
     /// guests are reachable) but the caller's other namespaces, with the user's uid, gid (no
     /// supplementary groups) and environment. Enough for commands that talk to a daemon already
     /// running (`vm list`, `vm start`) and reach guests (`vm ssh`, `vm run` of a created VM),
-    /// timed without the launcher's own processes.
+    /// timed without the launcher's own processes; a daemon it started would lack the launcher's
+    /// mount namespace.
     pub fn banger_in_place(&self, args: &[&str]) -> Command {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let l = &self.launch;
-        let ns_path = Path::new("/run/netns").join(&l.netns);
+        // A jailed world's commands run in the helper's namespaces.
+        let ns_path = match l.mount_ns_of {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+            None => Path::new("/run/netns").join(&l.netns),
+        };
         let netns = std::fs::File::open(&ns_path)
             .unwrap_or_else(|e| panic!("cannot open {}: {e}", ns_path.display()));
         let (uid, gid) = (l.account.uid, l.account.gid);
