@@ -25,7 +25,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // them (to package); `ssh-dial` serves the ssh a `vm ssh` or `vm run` started.
     match &cli.command {
         Command::Completions { shell } => {
-            completions(*shell, &mut std::io::stdout());
+            // Generated whole first: the generator panics on a write error (`| head`).
+            let mut script = Vec::new();
+            completions(*shell, &mut script);
+            use std::io::Write;
+            std::io::stdout().write_all(&script).context("cannot write the completion script")?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Man { dir } => {
@@ -56,10 +60,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `banger completions SHELL`: the completion script, generated from the clap definitions.
+/// `banger completions SHELL`: the completion script, generated from the clap definitions
+/// without the hidden commands (the generators would offer them).
 fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
     use clap::CommandFactory;
-    clap_complete::generate(shell, &mut Cli::command(), "banger", out);
+    let full = Cli::command();
+    let mut shown = clap::Command::new("banger")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    clap_complete::generate(shell, &mut shown, "banger", out);
 }
 
 /// `banger man --dir DIR`: one manual page per command, generated from the clap definitions.
@@ -827,6 +837,8 @@ mod tests {
                 text.contains("banger") && text.contains("force") && text.contains("completions"),
                 "{shell}: {text}"
             );
+            assert!(!text.contains("ssh-dial"), "{shell} offers a hidden command: {text}");
+            assert!(text.contains("doctor") && text.contains("version"), "{shell}: {text}");
         }
         let dir = tempfile::tempdir().unwrap();
         let man = dir.path().join("man1");
