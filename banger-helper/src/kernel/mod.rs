@@ -290,8 +290,9 @@ pub trait Sysctl: Send + Sync {
 }
 
 /// What the helper decided for one jailed VMM: every value derived by the helper or taken from
-/// the policy, none written by a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the policy, none written by a client. It travels to the launcher as it is (both ends are
+/// this binary), where [`crate::launcher::message::Order::check`] checks it again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JailOrder {
     /// The jailer's `--id` (1–64 of `[a-z0-9-]`), derived from the caller, install and VM.
     pub id: String,
@@ -312,7 +313,7 @@ pub struct JailOrder {
 }
 
 /// A user's totals over all of their jailed VMMs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UserLimits {
     /// vCPUs.
     pub vcpus: u32,
@@ -321,7 +322,7 @@ pub struct UserLimits {
 }
 
 /// A jail found under the chroot base.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JailState {
     /// Its id (the directory's name).
     pub id: String,

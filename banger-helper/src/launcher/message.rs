@@ -7,12 +7,12 @@
 //! counts are the helper's, but the launcher holds capabilities the helper dropped, so nothing it
 //! acts on is taken unchecked. A message that does not decode or check ends the conversation.
 
-use banger_protocol::{IfName, JailFiles, VmShape};
+use banger_protocol::IfName;
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
 use crate::jail::MAX_ID_LEN;
-use crate::kernel::{JailOrder, JailState, KernelError, UserLimits};
+use crate::kernel::{JailOrder, JailState, KernelError};
 
 /// The most jails one [`Answer::Listed`] carries: with ids of at most [`MAX_ID_LEN`] bytes this
 /// keeps the answer well under a frame.
@@ -28,8 +28,8 @@ pub const MAX_TEXT_LEN: usize = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Order {
     /// Build a jail and start the jailer in it; the files travel beside the frame, in
-    /// [`JailFiles`] order.
-    Launch(LaunchOrder),
+    /// [`banger_protocol::JailFiles`] order.
+    Launch(JailOrder),
     /// Kill a jail's VMM and remove the jail.
     Remove {
         /// The jail id.
@@ -43,29 +43,6 @@ pub enum Order {
     List,
 }
 
-/// [`JailOrder`] on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LaunchOrder {
-    /// The jail id.
-    pub id: String,
-    /// The jail's uid (and gid).
-    pub uid: u32,
-    /// The calling user.
-    pub caller: u32,
-    /// The VM's shape.
-    pub shape: VmShape,
-    /// The caller's parent cgroup.
-    pub user_cgroup: String,
-    /// The caller's total vCPUs.
-    pub user_vcpus: u32,
-    /// The caller's total memory in MiB.
-    pub user_mem_mib: u64,
-    /// The VM's TAP.
-    pub tap: Option<String>,
-    /// Which files travel beside the order.
-    pub files: JailFiles,
-}
-
 /// The launcher's answer to one [`Order`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
@@ -74,22 +51,9 @@ pub enum Answer {
     /// The jail is gone.
     Removed,
     /// The jails under the chroot base.
-    Listed(Vec<ListedJail>),
+    Listed(Vec<JailState>),
     /// The order failed.
     Failed(Failure),
-}
-
-/// [`JailState`] on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListedJail {
-    /// Its id.
-    pub id: String,
-    /// Its pid file's PID.
-    pub pid: Option<i32>,
-    /// Whether that process still runs as the jail's uid.
-    pub alive: bool,
-    /// The jail's uid, when its jailer gave it one of the policy's range.
-    pub uid: Option<u32>,
 }
 
 /// [`KernelError`] on the wire.
@@ -186,37 +150,6 @@ impl Order {
         };
         if fds == want { Ok(()) } else { Err(Malformed::Fds { got: fds, want }) }
     }
-
-    /// The order of a launch.
-    pub fn launch(order: &JailOrder) -> Order {
-        Order::Launch(LaunchOrder {
-            id: order.id.clone(),
-            uid: order.uid,
-            caller: order.caller,
-            shape: order.shape,
-            user_cgroup: order.user_cgroup.clone(),
-            user_vcpus: order.user_limits.vcpus,
-            user_mem_mib: order.user_limits.mem_mib,
-            tap: order.tap.clone(),
-            files: order.files,
-        })
-    }
-}
-
-impl LaunchOrder {
-    /// The order as the jail functions take it.
-    pub fn to_order(&self) -> JailOrder {
-        JailOrder {
-            id: self.id.clone(),
-            uid: self.uid,
-            caller: self.caller,
-            shape: self.shape,
-            user_cgroup: self.user_cgroup.clone(),
-            user_limits: UserLimits { vcpus: self.user_vcpus, mem_mib: self.user_mem_mib },
-            tap: self.tap.clone(),
-            files: self.files,
-        }
-    }
 }
 
 impl Answer {
@@ -252,19 +185,7 @@ impl Answer {
                 ),
             });
         }
-        Answer::Listed(
-            jails
-                .into_iter()
-                .map(|j| ListedJail { id: j.id, pid: j.pid, alive: j.alive, uid: j.uid })
-                .collect(),
-        )
-    }
-}
-
-impl ListedJail {
-    /// The jail state it carries.
-    pub fn into_state(self) -> JailState {
-        JailState { id: self.id, pid: self.pid, alive: self.alive, uid: self.uid }
+        Answer::Listed(jails)
     }
 }
 
@@ -313,20 +234,20 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     use banger_protocol::frame::{self, FrameError};
-    use banger_protocol::{MAX_FDS_PER_FRAME, MAX_FRAME_LEN, codec};
+    use banger_protocol::{JailFiles, MAX_FDS_PER_FRAME, MAX_FRAME_LEN, VmShape, codec};
     use proptest::prelude::*;
 
     use super::*;
+    use crate::kernel::UserLimits;
 
-    fn launch() -> LaunchOrder {
-        LaunchOrder {
+    fn launch() -> JailOrder {
+        JailOrder {
             id: "bg-0123abcd".to_owned(),
             uid: 900_001,
             caller: 1000,
             shape: VmShape { vcpus: 2, mem_mib: 512 },
             user_cgroup: "banger/u1000".to_owned(),
-            user_vcpus: 8,
-            user_mem_mib: 8192,
+            user_limits: UserLimits { vcpus: 8, mem_mib: 8192 },
             tap: Some("bgt0a1b2c3d".to_owned()),
             files: JailFiles { initrd: true, work: false },
         }
@@ -345,14 +266,13 @@ mod tests {
                 any::<bool>()
             )
                 .prop_map(|(id, uid, caller, vcpus, mem_mib, user_cgroup, initrd, work)| {
-                    Order::Launch(LaunchOrder {
+                    Order::Launch(JailOrder {
                         id,
                         uid,
                         caller,
                         shape: VmShape { vcpus, mem_mib },
                         user_cgroup,
-                        user_vcpus: 64,
-                        user_mem_mib: 1 << 20,
+                        user_limits: UserLimits { vcpus: 64, mem_mib: 1 << 20 },
                         tap: Some("bgtap0".to_owned()),
                         files: JailFiles { initrd, work },
                     })
@@ -376,7 +296,7 @@ mod tests {
             )
             .prop_map(|v| {
                 Answer::Listed(
-                    v.into_iter().map(|(id, pid, alive, uid)| ListedJail { id, pid, alive, uid }).collect(),
+                    v.into_iter().map(|(id, pid, alive, uid)| JailState { id, pid, alive, uid }).collect(),
                 )
             }),
             (".{0,40}", ".{0,40}", prop::option::of(1i32..200), ".{0,40}").prop_map(
@@ -411,15 +331,8 @@ mod tests {
     }
 
     #[test]
-    fn a_launch_order_survives_the_trip_to_a_jail_order() {
-        let l = launch();
-        let order = l.to_order();
-        assert_eq!(Order::launch(&order), Order::Launch(l));
-    }
-
-    #[test]
     fn orders_the_helper_never_makes_are_refused() {
-        let with = |f: &dyn Fn(&mut LaunchOrder)| {
+        let with = |f: &dyn Fn(&mut JailOrder)| {
             let mut l = launch();
             f(&mut l);
             Order::Launch(l).check(2)
@@ -451,10 +364,10 @@ mod tests {
     fn answers_the_launcher_never_gives_are_refused() {
         assert!(matches!(Answer::Launched(0).check(), Err(Malformed::Pid(0))));
         let many = (0..=MAX_LISTED)
-            .map(|i| ListedJail { id: format!("j{i}"), pid: None, alive: false, uid: None })
+            .map(|i| JailState { id: format!("j{i}"), pid: None, alive: false, uid: None })
             .collect();
         assert!(matches!(Answer::Listed(many).check(), Err(Malformed::TooMany(_))));
-        let bad = vec![ListedJail { id: "../x".into(), pid: None, alive: true, uid: None }];
+        let bad = vec![JailState { id: "../x".into(), pid: None, alive: true, uid: None }];
         assert!(matches!(Answer::Listed(bad).check(), Err(Malformed::Id(_))));
     }
 

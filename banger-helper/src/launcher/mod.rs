@@ -188,7 +188,7 @@ pub fn serve(backend: &impl Backend, channel: BorrowedFd<'_>) -> Result<(), Conv
 fn answer(backend: &impl Backend, order: Order, fds: Vec<OwnedFd>) -> Answer {
     let failed = |e: KernelError| Answer::Failed(Failure::from(e));
     match order {
-        Order::Launch(o) => backend.launch(&o.to_order(), fds).map_or_else(failed, Answer::Launched),
+        Order::Launch(o) => backend.launch(&o, fds).map_or_else(failed, Answer::Launched),
         Order::Remove { id, uid, pid } => {
             backend.remove(&id, uid, pid).map_or_else(failed, |()| Answer::Removed)
         }

@@ -163,7 +163,7 @@ impl Jails for LinuxJails {
         const OP: &str = "jail launch";
         let channel = self.channel(OP, &order.id)?;
         let id = order.id.clone();
-        let order = Order::launch(order);
+        let order = Order::Launch(order.clone());
         let answer = tokio::task::spawn_blocking(move || {
             let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
             channel.exchange(OP, &id, &order, &borrowed).map(|a| (a, id))
@@ -199,7 +199,7 @@ impl Jails for LinuxJails {
         }
         let channel = self.channel(OP, "the chroot base")?;
         match channel.exchange(OP, "the chroot base", &Order::List, &[])? {
-            Answer::Listed(jails) => Ok(jails.into_iter().map(|j| j.into_state()).collect()),
+            Answer::Listed(jails) => Ok(jails),
             Answer::Failed(f) => Err(f.into_kernel_error(OP)),
             other => Err(unexpected(OP, "the chroot base", &other)),
         }
