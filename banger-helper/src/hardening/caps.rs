@@ -40,21 +40,28 @@ pub fn kept(device_mapper: bool) -> CapsHashSet {
 /// Drops every capability the helper does not keep ([`kept`]) from every set, and every one but
 /// [`TOOLS`] from the bounding set; returns the names kept.
 pub fn drop_unneeded(device_mapper: bool) -> Result<Vec<String>, caps::errors::CapsError> {
-    let tools: CapsHashSet = TOOLS.into_iter().collect();
+    let keep = drop_to(&TOOLS.into_iter().collect(), &kept(device_mapper))?;
+    let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Drops from the bounding set every capability not in `bounding`, clears the ambient and
+/// inheritable sets, and leaves in the effective and permitted sets only what of `keep` this
+/// process has; returns that.
+pub fn drop_to(bounding: &CapsHashSet, keep: &CapsHashSet) -> Result<CapsHashSet, caps::errors::CapsError> {
     for cap in caps::all() {
-        if !tools.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap)? {
+        if !bounding.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap)? {
             caps::drop(None, CapSet::Bounding, cap)?;
         }
     }
     caps::clear(None, CapSet::Ambient)?;
     caps::clear(None, CapSet::Inheritable)?;
     let have = caps::read(None, CapSet::Permitted)?;
-    let keep: CapsHashSet = kept(device_mapper).intersection(&have).copied().collect();
+    let keep: CapsHashSet = keep.intersection(&have).copied().collect();
     caps::set(None, CapSet::Effective, &keep)?;
     caps::set(None, CapSet::Permitted, &keep)?;
-    let mut names: Vec<String> = keep.iter().map(|c| c.to_string()).collect();
-    names.sort();
-    Ok(names)
+    Ok(keep)
 }
 
 #[cfg(test)]

@@ -72,9 +72,14 @@ pub fn restrict(sandbox: &Sandbox) -> Result<String, HardeningError> {
         ruleset = ruleset.add_rules(path_beneath_rules([nodes], make)).map_err(err)?;
     }
     let status = ruleset.restrict_self().map_err(err)?;
-    Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => "fully enforced".to_owned(),
-        RulesetStatus::PartiallyEnforced => "partially enforced (older kernel)".to_owned(),
-        RulesetStatus::NotEnforced => "not enforced (kernel without landlock)".to_owned(),
-    })
+    Ok(describe(status.ruleset).to_owned())
+}
+
+/// What a landlock ruleset's status means, for the log.
+pub fn describe(status: RulesetStatus) -> &'static str {
+    match status {
+        RulesetStatus::FullyEnforced => "fully enforced",
+        RulesetStatus::PartiallyEnforced => "partially enforced (older kernel)",
+        RulesetStatus::NotEnforced => "not enforced (kernel without landlock)",
+    }
 }

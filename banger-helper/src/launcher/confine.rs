@@ -41,8 +41,8 @@
 
 use std::collections::BTreeMap;
 
-use caps::{CapSet, Capability, CapsHashSet};
-use landlock::{AccessNet, CompatLevel, Compatible, RulesetAttr, RulesetStatus, Scope};
+use caps::{Capability, CapsHashSet};
+use landlock::{AccessNet, CompatLevel, Compatible, RulesetAttr, Scope};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     TargetArch,
@@ -111,25 +111,11 @@ pub fn die_with(helper: nix::unistd::Pid) -> Result<(), ConfineError> {
 /// seccomp, in that order.
 pub fn confine() -> Result<Confined, ConfineError> {
     nix::sys::prctl::set_no_new_privs().map_err(ConfineError::NoNewPrivs)?;
-    drop_caps().map_err(ConfineError::Caps)?;
+    let keep: CapsHashSet = KEPT.into_iter().collect();
+    crate::hardening::caps::drop_to(&keep, &keep).map_err(ConfineError::Caps)?;
     let landlock = restrict().map_err(ConfineError::Landlock)?;
     let denied = install_filters().map_err(ConfineError::Seccomp)?;
     Ok(Confined { landlock, denied })
-}
-
-fn drop_caps() -> Result<(), caps::errors::CapsError> {
-    let keep: CapsHashSet = KEPT.into_iter().collect();
-    for cap in caps::all() {
-        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap)? {
-            caps::drop(None, CapSet::Bounding, cap)?;
-        }
-    }
-    caps::clear(None, CapSet::Ambient)?;
-    caps::clear(None, CapSet::Inheritable)?;
-    let have = caps::read(None, CapSet::Permitted)?;
-    let keep: CapsHashSet = keep.intersection(&have).copied().collect();
-    caps::set(None, CapSet::Effective, &keep)?;
-    caps::set(None, CapSet::Permitted, &keep)
 }
 
 fn restrict() -> Result<&'static str, landlock::RulesetError> {
@@ -139,11 +125,7 @@ fn restrict() -> Result<&'static str, landlock::RulesetError> {
         .scope(Scope::AbstractUnixSocket)?
         .create()?
         .restrict_self()?;
-    Ok(match status.ruleset {
-        RulesetStatus::FullyEnforced => "fully enforced",
-        RulesetStatus::PartiallyEnforced => "partially enforced (older kernel)",
-        RulesetStatus::NotEnforced => "not enforced (kernel without landlock)",
-    })
+    Ok(crate::hardening::landlock::describe(status.ruleset))
 }
 
 /// The system calls no launch uses, denied outright.
