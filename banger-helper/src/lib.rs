@@ -14,7 +14,7 @@
 //!   one task per connection;
 //! - [`launcher`]: the root process `serve` forks before confining itself when the policy has a
 //!   `[jailer]`, which builds jails ([`jail`]) and starts Firecracker's jailer for the helper;
-//! - [`ops`]: every operation, behind [`ops::Helper::handle`];
+//! - [`ops`]: every operation, behind [`ops::Helper::respond`];
 //! - [`jail`]: building jails, starting Firecracker's jailer in them, killing jailed VMMs and
 //!   removing their jails (blocking, run by the launcher process with root's privileges);
 //! - [`kernel`]: the narrow kernel traits with their Linux implementation (and, in the unit

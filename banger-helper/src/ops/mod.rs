@@ -1,6 +1,6 @@
 //! The helper's operations and the one function every request goes through.
 //!
-//! [`Helper::handle`] runs each request in the same order, whatever it is:
+//! [`Helper::respond`] runs each request in the same order, whatever it is:
 //!
 //! 1. it observes the request's inputs: how many descriptors came with it, whether the helper can
 //!    make dm-snapshot targets and jails here, and for a loop attach (where it can) the backing
@@ -238,7 +238,7 @@ impl<K: Kernel> Helper<K> {
         result
     }
 
-    /// The audit log (the server records refusals made before a request reaches [`Helper::handle`]).
+    /// The audit log (the server records refusals made before a request reaches [`Helper::respond`]).
     pub fn audit(&self) -> &AuditLog {
         &self.audit
     }
@@ -259,15 +259,16 @@ impl<K: Kernel> Helper<K> {
         })
     }
 
-    /// Handles one request of a peer (after its `Hello`, which [`Helper::hello`] answers), with
-    /// the descriptors that came with it, and writes its audit record.
+    /// [`Helper::respond`], writing the audit record at once: for callers without a connection
+    /// whose routine successes the server would summarise (benchmarks of the floor, tests).
     pub async fn handle(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> Response {
         let (response, record) = self.respond(peer, request, fds).await;
         self.audit.write(&record);
         response
     }
 
-    /// [`Helper::handle`], handing the audit record back instead of writing it (the server
+    /// Handles one request of a peer (after its `Hello`, which [`Helper::hello`] answers), with
+    /// the descriptors that came with it; hands its audit record back (the server writes it, or
     /// summarises a connection's routine successes, see [`crate::audit::Summaries`]).
     pub async fn respond(&self, peer: &Peer, request: Request, fds: Vec<OwnedFd>) -> (Response, Record) {
         let Done { names, result } = self.dispatch(peer, &request, fds).await;
