@@ -97,11 +97,6 @@ impl Acl {
         }
     }
 
-    /// The entries, in order.
-    pub fn entries(&self) -> &[Entry] {
-        &self.entries
-    }
-
     /// The permissions a named user has in this ACL, before the mask.
     pub fn user(&self, uid: u32) -> Option<u16> {
         self.entries.iter().find(|e| e.tag == Tag::User && e.id == Some(uid)).map(|e| e.perm)
@@ -121,12 +116,6 @@ impl Acl {
         let removed = self.entries.len() != before;
         self.normalize();
         removed
-    }
-
-    /// Whether only the owner, group and other entries are left (the kernel then drops the
-    /// attribute and keeps the mode).
-    pub fn is_minimal(&self) -> bool {
-        self.entries.iter().all(|e| matches!(e.tag, Tag::UserObj | Tag::GroupObj | Tag::Other))
     }
 
     /// Sorts, and keeps a mask that is the union of the group class (what `setfacl` computes)
@@ -267,6 +256,12 @@ pub fn revoke(fd: impl AsFd, uid: u32) -> Result<bool, Errno> {
 mod tests {
     use super::*;
 
+    /// Whether only the owner, group and other entries are left (the kernel then drops the
+    /// attribute and keeps the mode).
+    fn is_minimal(acl: &Acl) -> bool {
+        acl.entries.iter().all(|e| matches!(e.tag, Tag::UserObj | Tag::GroupObj | Tag::Other))
+    }
+
     /// `u:1234:rw` added to a 0644 file as `setfacl -m` does it, the bytes the kernel accepted
     /// and gave back on this machine's ext4.
     const SETFACL_RW_1234: &str =
@@ -288,7 +283,7 @@ mod tests {
         let mut acl = Acl::from_mode(0o640);
         acl.set_user(2000, R);
         acl.set_user(1000, R | W);
-        let tags: Vec<_> = acl.entries().iter().map(|e| (e.tag, e.id)).collect();
+        let tags: Vec<_> = acl.entries.iter().map(|e| (e.tag, e.id)).collect();
         assert_eq!(
             tags,
             [
@@ -302,17 +297,17 @@ mod tests {
         );
         assert_eq!(Acl::decode(&acl.encode()).unwrap(), acl);
         // The mask is the union of the group class: rw (1000) | r (2000) | r (group).
-        assert_eq!(acl.entries()[4].perm, R | W);
+        assert_eq!(acl.entries[4].perm, R | W);
     }
 
     #[test]
     fn removing_the_last_named_entry_drops_the_mask() {
         let mut acl = Acl::from_mode(0o600);
         acl.set_user(7, R | W);
-        assert!(!acl.is_minimal());
+        assert!(!is_minimal(&acl));
         assert!(acl.remove_user(7));
         assert!(!acl.remove_user(7), "gone already");
-        assert!(acl.is_minimal());
+        assert!(is_minimal(&acl));
         assert_eq!(acl, Acl::from_mode(0o600));
     }
 
@@ -322,7 +317,7 @@ mod tests {
         acl.set_user(9, R | W | X);
         acl.set_user(9, X);
         assert_eq!(acl.user(9), Some(X));
-        assert_eq!(acl.entries().len(), 5);
+        assert_eq!(acl.entries.len(), 5);
     }
 
     #[test]
@@ -338,7 +333,7 @@ mod tests {
     fn the_default_acl_grants_only_the_owner_and_the_named_users() {
         let acl = default_for(&[(1000, R | W)]);
         assert_eq!(acl.user(1000), Some(R | W));
-        let perms: Vec<_> = acl.entries().iter().map(|e| (e.tag, e.perm)).collect();
+        let perms: Vec<_> = acl.entries.iter().map(|e| (e.tag, e.perm)).collect();
         assert_eq!(
             perms,
             [(Tag::UserObj, 7), (Tag::User, 6), (Tag::GroupObj, 0), (Tag::Mask, 6), (Tag::Other, 0)]
