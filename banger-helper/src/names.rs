@@ -127,11 +127,6 @@ pub fn is_banger_dm_name(name: &str) -> bool {
     name.strip_prefix(DM_PREFIX).is_some_and(|h| h.len() == DM_HASH_DIGITS && lower_hex(h))
 }
 
-/// Whether `id` has the shape of a jail id the helper would derive (`bg-` + 32 lowercase hex).
-pub fn is_banger_jail_id(id: &str) -> bool {
-    id.strip_prefix(JAIL_PREFIX).is_some_and(|h| h.len() == JAIL_HASH_DIGITS && lower_hex(h))
-}
-
 /// Whether `name` has the shape of a TAP the helper would create (`bg` + 13 lowercase hex).
 pub fn is_banger_tap_name(name: &str) -> bool {
     name.len() == TAP_PREFIX.len() + TAP_HASH_DIGITS
@@ -144,6 +139,11 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    /// Whether `id` has the shape of a jail id the helper derives (`bg-` + 32 lowercase hex).
+    fn is_banger_jail_id(id: &str) -> bool {
+        id.strip_prefix(JAIL_PREFIX).is_some_and(|h| h.len() == JAIL_HASH_DIGITS && lower_hex(h))
+    }
 
     fn key(uid: u32, install: &str, vm: &str) -> VmKey {
         VmKey::new(uid, &InstallId::new(install).unwrap(), &VmId::new(vm).unwrap())

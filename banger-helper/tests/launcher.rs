@@ -66,7 +66,7 @@ fn the_launcher_runs_with_the_jailers_privileges_and_dies_with_the_helper() {
     assert_eq!(kids.len(), 1, "one launcher: {kids:?}");
     let launcher = kids[0];
     let l = status(launcher);
-    assert_eq!(field(&l, "Name:"), NAME);
+    assert_eq!(field(&l, "Name:"), NAME.to_str().unwrap());
     let kept = format!("{:016x}", confine::kept_bits());
     for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(field(&l, set), kept, "launcher {set}");

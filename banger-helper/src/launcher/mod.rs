@@ -31,7 +31,7 @@ use message::{Answer, Failure, Order};
 pub const JAILER_NOFILE: u64 = 2048;
 
 /// The name the launcher runs under (`/proc/<pid>/comm`).
-pub const NAME: &str = "banger-launcher";
+pub const NAME: &std::ffi::CStr = c"banger-launcher";
 
 /// Why the launcher could not start.
 #[derive(Debug, thiserror::Error)]
@@ -103,7 +103,7 @@ pub fn start(policy: &Jailer, close: &[BorrowedFd<'_>]) -> Result<Launcher, Laun
 
 /// The launcher's life: confine, then serve until the helper's end closes. Returns the exit code.
 fn run(helper: Pid, config: &JailConfig, channel: OwnedFd) -> i32 {
-    let _ = nix::sys::prctl::set_name(c"banger-launcher");
+    let _ = nix::sys::prctl::set_name(NAME);
     if let Err(e) = confine::die_with(helper) {
         tracing::error!("jail launcher: {e}");
         return 1;
@@ -276,7 +276,7 @@ mod tests {
         let s = wait_confined(pid);
         let field =
             |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).map(str::trim).unwrap_or("").to_owned();
-        assert_eq!(field("Name:"), NAME);
+        assert_eq!(field("Name:"), NAME.to_str().unwrap());
         let kept = format!("{:016x}", confine::kept_bits());
         for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
             assert_eq!(field(set), kept, "{set}");
