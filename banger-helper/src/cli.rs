@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Where the helper listens unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/banger/helper.sock";
+pub use banger_protocol::DEFAULT_SOCKET;
 /// Where the ledger lives unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/banger-helper";
 /// Where the helper makes the device nodes of dm-snapshot targets unless told otherwise: on

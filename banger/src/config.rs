@@ -42,8 +42,6 @@ pub const ENV_FIRECRACKER: &str = "BANGER_FIRECRACKER";
 /// The environment variable choosing how VM roots are made.
 pub const ENV_STORAGE: &str = "BANGER_STORAGE";
 
-/// The helper socket when nothing else is configured.
-pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
 /// The VMM binary when nothing else is configured (looked up on `PATH`).
 pub const DEFAULT_FIRECRACKER: &str = "firecracker";
 /// vCPUs of a new VM when neither the command nor the config says.
@@ -235,7 +233,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            helper_socket: PathBuf::from(DEFAULT_HELPER_SOCKET),
+            helper_socket: PathBuf::from(banger_protocol::DEFAULT_SOCKET),
             helper_socket_origin: Origin::Default,
             firecracker: PathBuf::from(DEFAULT_FIRECRACKER),
             firecracker_origin: Origin::Default,

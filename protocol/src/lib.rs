@@ -28,6 +28,10 @@ pub use message::{
     NatInfo, OwnedObjects, Request, Response, TapInfo, TeardownFailure, TeardownReport, VmShape, jail_paths,
 };
 
+/// Where the helper listens unless its unit, its `--socket` or bangerd's configuration says
+/// otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/banger/helper.sock";
+
 /// The protocol version this crate speaks. A helper answers a `Hello` carrying another version
 /// with [`HelperError::VersionMismatch`].
 pub const PROTOCOL_VERSION: u32 = 5;

@@ -39,9 +39,6 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::net::UnixStream;
 
-/// Where the helper listens unless configured otherwise.
-pub const DEFAULT_HELPER_SOCKET: &str = "/run/banger/helper.sock";
-
 /// How long one exchange with the helper may take by default. Generous: a teardown of many
 /// VMs runs the firewall tools.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
