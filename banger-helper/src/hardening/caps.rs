@@ -3,7 +3,7 @@
 //! what they need themselves:
 //!
 //! - `CAP_NET_ADMIN`: creating TAPs (TUNSETIFF, TUNSETOWNER, TUNSETPERSIST), rtnetlink changes
-//!   (addresses, link up, delete), the firewall (iptables-restore), network sysctls;
+//!   (addresses, neighbours, a guest's route, link up, delete), the firewall (iptables-restore), network sysctls;
 //! - `CAP_NET_RAW`: the iptables tools on the legacy backend talk to the kernel through a raw
 //!   socket;
 //! - `CAP_CHOWN`: giving a new loop device node to root, and a dm node to its user and back;

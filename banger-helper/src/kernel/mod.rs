@@ -2,8 +2,8 @@
 //! Linux implementation ([`linux`]) and, for the unit tests only, a recording fake (`fake`),
 //! passed in by the caller. Every kernel and filesystem probe goes through them.
 //!
-//! - [`Links`]: TAP creation (tun ioctls), addresses, link state and deletion (rtnetlink), the
-//!   default route's interface;
+//! - [`Links`]: TAP creation (tun ioctls), addresses, neighbour entries, a guest's route, link
+//!   state and deletion (rtnetlink), the default route's interface;
 //! - [`Firewall`]: guests' NAT and filter rules, by VM: which VMs have rules, and one atomic
 //!   change that puts some VMs' rules in place and takes others' out;
 //! - [`Loops`]: loop devices and their nodes, and inspecting a backing file descriptor;

@@ -14,7 +14,8 @@
 //!    jailer: the jail's uid takes it at launch), with the flags Firecracker opens it
 //!    with; IPv6 is turned off on it unless the policy keeps it; it gets the host address of the
 //!    VM's point-to-point subnet, a permanent neighbour entry for the guest's address at the
-//!    guest's MAC ([`banger_policy::addr::guest_mac`]), and is set up;
+//!    guest's MAC ([`banger_policy::addr::guest_mac`]), is set up, and gets a `/32` route to the
+//!    guest with quick acknowledgements;
 //! 4. the entry is settled. A failure after the TAP exists deletes it and takes the entry (and a
 //!    lease taken for it) back out.
 //!
@@ -271,19 +272,21 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_after_creation_rolls_back() {
-        let t = TestHelper::new();
-        t.kernel.fail("set_up", "bg", Errno::EIO, 1);
-        let p = t.peer(1000, "home");
-        let r = t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
-        assert!(
-            matches!(&r, Response::Error(HelperError::Kernel { op, errno: 5, .. }) if op == "set_up"),
-            "{r:?}"
-        );
-        assert_eq!(t.kernel.world().links.len(), 1, "only the uplink is left");
-        let ledger = t.helper.snapshot().await;
-        assert!(ledger.entries.is_empty());
-        assert!(ledger.leases.is_empty(), "the lease taken for it is returned");
-        assert!(matches!(t.req(&p, Request::TapCreate { vm: vm("dev") }).await, Response::Tap(_)));
+        for step in ["set_up", "add_guest_route"] {
+            let t = TestHelper::new();
+            t.kernel.fail(step, "bg", Errno::EIO, 1);
+            let p = t.peer(1000, "home");
+            let r = t.req(&p, Request::TapCreate { vm: vm("dev") }).await;
+            assert!(
+                matches!(&r, Response::Error(HelperError::Kernel { op, errno: 5, .. }) if op == step),
+                "{step}: {r:?}"
+            );
+            assert_eq!(t.kernel.world().links.len(), 1, "{step}: only the uplink is left");
+            let ledger = t.helper.snapshot().await;
+            assert!(ledger.entries.is_empty(), "{step}");
+            assert!(ledger.leases.is_empty(), "{step}: the lease taken for it is returned");
+            assert!(matches!(t.req(&p, Request::TapCreate { vm: vm("dev") }).await, Response::Tap(_)));
+        }
     }
 
     #[tokio::test]

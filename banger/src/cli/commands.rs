@@ -29,7 +29,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut script = Vec::new();
             completions(*shell, &mut script);
             use std::io::Write;
-            std::io::stdout().write_all(&script).context("cannot write the completion script")?;
+            match std::io::stdout().write_all(&script) {
+                // The reader stopped reading (`| head`): nothing more to say.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                written => written.context("cannot write the completion script")?,
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Command::Man { dir } => {
@@ -67,6 +71,9 @@ fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
     let full = Cli::command();
     let mut shown = clap::Command::new("banger")
         .version(env!("CARGO_PKG_VERSION"))
+        .propagate_version(true)
+        .about(full.get_about().cloned().unwrap_or_default())
+        .long_about(full.get_long_about().cloned().unwrap_or_default())
         .args(full.get_arguments().cloned())
         .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
     clap_complete::generate(shell, &mut shown, "banger", out);
@@ -838,7 +845,9 @@ mod tests {
                 "{shell}: {text}"
             );
             assert!(!text.contains("ssh-dial"), "{shell} offers a hidden command: {text}");
-            assert!(text.contains("doctor") && text.contains("version"), "{shell}: {text}");
+            // Every command's own options, and `--version` on the subcommands too.
+            assert!(text.contains("doctor") && text.contains("vcpus"), "{shell}: {text}");
+            assert!(text.matches("version").count() > 10, "{shell}: {text}");
         }
         let dir = tempfile::tempdir().unwrap();
         let man = dir.path().join("man1");
