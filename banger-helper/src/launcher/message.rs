@@ -3,11 +3,12 @@
 //! prefix, [`banger_protocol::MAX_FRAME_LEN`] at most, descriptors beside the frame as
 //! SCM_RIGHTS, at most [`banger_protocol::MAX_FDS_PER_FRAME`]).
 //!
-//! The launcher checks every order again after decoding it ([`Order::check`]): ids, names and
-//! counts are the helper's, but the launcher holds capabilities the helper dropped, so nothing it
-//! acts on is taken unchecked. A message that does not decode or check ends the conversation.
+//! The launcher checks every order again after decoding it ([`Order::check`]): ids, names,
+//! counts and a VM's shape within its user's totals (which become cgroup limits) are the
+//! helper's, but the launcher holds capabilities the helper dropped, so nothing it acts on is
+//! taken unchecked. A message that does not decode or check ends the conversation.
 
-use banger_protocol::IfName;
+use banger_protocol::{IfName, MAX_VCPUS, MIN_MEM_MIB};
 use nix::errno::Errno;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +99,16 @@ pub enum Malformed {
     /// A PID is not positive.
     #[error("PID {0} is not a process id")]
     Pid(i32),
+    /// A VM's shape is out of bounds or over the user's totals.
+    #[error(
+        "a vm of {vcpus} vcpus and {mem_mib} MiB is not 1-{MAX_VCPUS} vcpus and at least {MIN_MEM_MIB} MiB within the user's totals"
+    )]
+    Shape {
+        /// Its vCPUs.
+        vcpus: u8,
+        /// Its memory in MiB.
+        mem_mib: u32,
+    },
 }
 
 fn check_id(id: &str) -> Result<(), Malformed> {
@@ -126,6 +137,14 @@ impl Order {
             Order::Launch(o) => {
                 check_id(&o.id)?;
                 check_cgroup(&o.user_cgroup)?;
+                let (shape, totals) = (o.shape, o.user_limits);
+                if !(1..=MAX_VCPUS).contains(&shape.vcpus)
+                    || shape.mem_mib < MIN_MEM_MIB
+                    || u32::from(shape.vcpus) > totals.vcpus
+                    || u64::from(shape.mem_mib) > totals.mem_mib
+                {
+                    return Err(Malformed::Shape { vcpus: shape.vcpus, mem_mib: shape.mem_mib });
+                }
                 for uid in [o.uid, o.caller] {
                     if uid == 0 {
                         return Err(Malformed::Root(uid));
@@ -260,7 +279,7 @@ mod tests {
                 1u32..,
                 1u32..,
                 1u8..=32,
-                128u32..,
+                128u32..(1 << 20),
                 "[a-z0-9]{1,8}/u[0-9]{1,6}",
                 any::<bool>(),
                 any::<bool>()
@@ -344,6 +363,14 @@ mod tests {
         assert!(matches!(with(&|l| l.id = "a".repeat(65)), Err(Malformed::Id(_))));
         assert!(matches!(with(&|l| l.id = String::new()), Err(Malformed::Id(_))));
         assert!(matches!(with(&|l| l.user_cgroup = "../x".into()), Err(Malformed::Cgroup(_))));
+        assert!(matches!(with(&|l| l.shape.vcpus = 0), Err(Malformed::Shape { .. })));
+        assert!(matches!(with(&|l| l.shape.vcpus = MAX_VCPUS + 1), Err(Malformed::Shape { .. })));
+        assert!(matches!(with(&|l| l.shape.mem_mib = MIN_MEM_MIB - 1), Err(Malformed::Shape { .. })));
+        assert!(
+            matches!(with(&|l| l.user_limits.vcpus = 1), Err(Malformed::Shape { .. })),
+            "over the totals"
+        );
+        assert!(matches!(with(&|l| l.user_limits.mem_mib = 256), Err(Malformed::Shape { .. })));
         assert!(matches!(with(&|l| l.user_cgroup = "/banger/u1".into()), Err(Malformed::Cgroup(_))));
         assert!(matches!(with(&|l| l.user_cgroup = "banger//u1".into()), Err(Malformed::Cgroup(_))));
         assert!(matches!(with(&|l| l.tap = Some("a/b".into())), Err(Malformed::Tap(_))));
