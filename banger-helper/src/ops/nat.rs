@@ -11,12 +11,12 @@
 
 use std::net::Ipv4Addr;
 
-use banger_policy::{EntryState, Ledger, LedgerEntry, Object, ObjectKind, Uplink};
+use banger_policy::{EntryState, Ledger, LedgerEntry, Network, Object, ObjectKind, Uplink};
 use banger_protocol::{HelperError, IfName, NatInfo, VmId};
 
 use super::{Caller, Done, Helper, State};
 use crate::firewall::VmRules;
-use crate::kernel::{Firewall as _, Kernel, Links as _};
+use crate::kernel::{Firewall, KResult, Kernel, KernelError, Links as _};
 use crate::names::VmKey;
 
 /// The rules of every VM whose NAT the ledger holds, with its TAP's entry settled and for the
@@ -51,6 +51,22 @@ pub(crate) fn ledger_nats(ledger: &Ledger, except: &[VmKey]) -> Vec<VmRules> {
             }
         })
         .collect()
+}
+
+/// Takes the rules of `down` out of `firewall` while putting back those of `up` (the other VMs'
+/// NAT, [`ledger_nats`]), in one change; when that change fails, in a second one `down`'s alone:
+/// another VM's trouble never keeps a VM's rules in place. Returns the first change's error when
+/// the second one was needed, and the outcome for `down`.
+pub(crate) async fn take_out<F: Firewall>(
+    firewall: &F,
+    net: &Network,
+    up: &[VmRules],
+    down: &[VmKey],
+) -> (Option<KernelError>, KResult<()>) {
+    match firewall.update(net, up, down).await {
+        Ok(_) => (None, Ok(())),
+        Err(first) => (Some(first), firewall.update(net, &[], down).await.map(|_| ())),
+    }
 }
 
 impl<K: Kernel> Helper<K> {

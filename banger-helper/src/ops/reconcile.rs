@@ -85,14 +85,10 @@ impl<K: Kernel> Helper<K> {
         let gone_keys: Vec<VmKey> = gone.iter().map(|(k, _)| k.clone()).collect();
         let firewall = self.kernel.firewall();
         let net = &self.policy.network;
-        let updated = match firewall.update(net, &live, &gone_keys).await {
-            Ok(_) => Ok(()),
-            // One VM's trouble must not keep the others' rules out: the gone ones alone.
-            Err(e) => {
-                report.errors.push(format!("cannot bring the firewall to the ledger's NAT: {e}"));
-                firewall.update(net, &[], &gone_keys).await.map(|_| ())
-            }
-        };
+        let (first, updated) = super::nat::take_out(firewall, net, &live, &gone_keys).await;
+        if let Some(e) = first {
+            report.errors.push(format!("cannot bring the firewall to the ledger's NAT: {e}"));
+        }
         match updated {
             Ok(()) => released.extend(gone.into_iter().map(|(_, e)| (e, Release::Gone))),
             Err(e) => report.errors.push(format!("cannot remove the rules of VMs whose TAP is gone: {e}")),

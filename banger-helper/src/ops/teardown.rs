@@ -34,7 +34,7 @@ use super::dm::release_dm;
 use super::list::{CutFrom, fit_lists};
 use super::loopdev::{Release, describe, record_release, release_loop};
 use super::{Caller, Done, Helper, State};
-use crate::kernel::{Firewall as _, KResult, Kernel, LinkOwner, Links as _};
+use crate::kernel::{KResult, Kernel, LinkOwner, Links as _};
 use crate::names::VmKey;
 
 impl<K: Kernel> Helper<K> {
@@ -166,7 +166,7 @@ impl<K: Kernel> Helper<K> {
         }
 
         let others = super::nat::ledger_nats(&st.ledger, &keys);
-        let firewall = self.kernel.firewall().update(&self.policy.network, &others, &keys);
+        let firewall = super::nat::take_out(self.kernel.firewall(), &self.policy.network, &others, &keys);
         let links = self.kernel.links().delete(&doomed);
         let storage =
             futures::future::join_all(disks.into_iter().map(|(dm, loops)| self.release_disks(dm, loops)));
@@ -183,8 +183,14 @@ impl<K: Kernel> Helper<K> {
 
         let mut report = TeardownReport { failures: jail_failures, ..TeardownReport::default() };
         let mut nat_gone = false;
+        let (repair, fw) = fw;
+        if let Some(e) = repair {
+            tracing::warn!(
+                "putting back the other VMs' rules failed ({e}); these VMs' rules were taken out alone"
+            );
+        }
         match fw {
-            Ok(_) => nat_gone = true,
+            Ok(()) => nat_gone = true,
             Err(e) => report.failures.extend(keys.iter().map(|key| TeardownFailure {
                 vm: key.vm.clone(),
                 object: format!("nat {}", key.rule_tag()),
@@ -365,6 +371,29 @@ mod tests {
         };
         assert!(retry.failures.is_empty());
         assert!(t.helper.snapshot().await.entries.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_vms_rules_go_even_when_putting_back_anothers_fails() {
+        let t = TestHelper::new();
+        let p = t.peer(1000, "home");
+        make_vm(&t, &p, "a", 1).await;
+        make_vm(&t, &p, "b", 2).await;
+        let tag = |v: &str| crate::names::VmKey::new(1000, p.install.as_ref().unwrap(), &vm(v)).rule_tag();
+        // b's rules were flushed behind the helper's back, and putting them back fails once.
+        t.kernel.world().firewall.rules.retain(|r| r.tag() != Some(tag("b").as_str()));
+        t.kernel.fail("firewall_apply", &tag("b"), Errno::EIO, 1);
+        let Response::Teardown(report) = t.req(&p, Request::TeardownVms { vms: vec![vm("a")] }).await else {
+            panic!()
+        };
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert_eq!(report.torn_down, vec![vm("a")]);
+        assert!(t.kernel.world().firewall.rules.iter().all(|r| r.tag() != Some(tag("a").as_str())));
+        // The next change puts b's back.
+        let Response::Teardown(_) = t.req(&p, Request::TeardownVms { vms: vec![vm("a")] }).await else {
+            panic!()
+        };
+        assert!(t.kernel.world().firewall.rules.iter().any(|r| r.tag() == Some(tag("b").as_str())));
     }
 
     #[test]
