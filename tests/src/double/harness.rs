@@ -83,16 +83,18 @@ pub fn api_call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> 
     Ok((r.status, r.body))
 }
 
-/// Waits until `path` exists.
-pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+/// Waits until the Unix socket at `path` accepts a connection (its file appears at `bind`, a
+/// moment before the server listens).
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let accepts = || std::os::unix::net::UnixStream::connect(path).is_ok();
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if path.exists() {
+        if accepts() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    path.exists()
+    accepts()
 }
 
 /// A running double, killed (SIGKILL) and reaped on drop.
@@ -104,7 +106,7 @@ pub struct DoubleProcess {
 
 impl DoubleProcess {
     /// Starts `bin --api-sock <dir>/api.sock --id <id>` with stdout and stderr sent to
-    /// `<dir>/console.log`, and waits for the socket.
+    /// `<dir>/console.log`, and waits until the socket accepts connections.
     pub fn spawn(bin: &Path, dir: &Path, id: &str) -> io::Result<DoubleProcess> {
         let socket = dir.join("api.sock");
         let mut cmd = Command::new(bin);
@@ -118,10 +120,10 @@ impl DoubleProcess {
         let log = std::fs::File::create(console)?;
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         let mut me = DoubleProcess { child, socket: socket.to_path_buf() };
-        if !wait_for_path(socket, Duration::from_secs(10)) {
+        if !wait_for_socket(socket, Duration::from_secs(10)) {
             let status = me.child.try_wait()?;
             return Err(io::Error::other(format!(
-                "the double did not create {} (status {status:?})",
+                "the double did not serve {} (status {status:?})",
                 socket.display()
             )));
         }
